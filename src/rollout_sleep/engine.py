@@ -1,0 +1,469 @@
+"""The colocated vLLM engine: generate, sleep, and the memory-safe wake (weights → load → KV cache → reset).
+
+``Engine`` owns one in-process ``vllm.LLM`` and a small state machine (awake ↔ asleep(level)) that refuses
+the calls vLLM would get wrong silently: generating while asleep (on CPU vLLM blocks forever), waking from
+level 2 without new weights (vLLM would generate from discarded memory), reloading "nothing" (vLLM would
+reload the original checkpoint and drop the trained weights), sleeping twice, unknown levels.
+
+On CUDA, sleep uses vLLM's sleep allocator: level 1 offloads the weights to host memory and drops the
+KV cache, level 2 drops both, and the memory figures in each report show what was given back. On CPU vLLM
+has no sleep allocator: ``sleep()`` still calls vLLM's ``sleep(level)``, which pauses its scheduler, but
+no memory is released (reports show RSS, unchanged). The engine keeps the level-2 contract there too
+(the weights count as discarded and must be reloaded), so the same code is tested on CPU that runs on GPU.
+
+Example:
+    >>> eng = Engine("/path/to/checkpoint")                                      # doctest: +SKIP
+    >>> outs = eng.generate(["1+1="], max_tokens=8, temperature=0.0)             # doctest: +SKIP
+    >>> eng.sleep(level=2)                                                       # doctest: +SKIP
+    >>> report = eng.wake_up(weights=model.state_dict().items())                 # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .weights import TensorSpec, WeightMismatchError, check_weights, placements, read_checkpoint_spec, tied_embeddings
+
+LEVELS = (1, 2)
+
+
+class EngineStateError(RuntimeError):
+    """A call that is not allowed in the engine's current state; the state is unchanged."""
+
+
+class IncompleteWeightsError(EngineStateError):
+    """The last weight load did not finish: the engine holds a mix of old and new weights."""
+
+
+@dataclass
+class Completion:
+    """One sampled completion: token ids and the sampler's log-prob of each sampled token."""
+
+    prompt_index: int
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    logprobs: list[float] | None
+    text: str
+    finish_reason: str | None
+
+
+@dataclass
+class CycleReport:
+    """Seconds per phase and memory figures of one sleep or wake (GiB: free GPU memory, or RSS on CPU)."""
+
+    kind: str
+    level: int | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    memory_gib: dict[str, float] = field(default_factory=dict)
+    memory_kind: str = "cuda_free"
+
+    @property
+    def total_seconds(self) -> float:
+        return sum(self.seconds.values())
+
+    def as_dict(self, prefix: str = "") -> dict[str, float]:
+        out = {f"{prefix}{k}_s": v for k, v in self.seconds.items()}
+        out.update({f"{prefix}{self.memory_kind}_{k}_gib": v for k, v in self.memory_gib.items()})
+        return out
+
+
+def _memory_gib() -> tuple[str, float]:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        return "cuda_free", torch.cuda.mem_get_info()[0] / 2**30
+    import psutil
+
+    return "cpu_rss", psutil.Process().memory_info().rss / 2**30
+
+
+@contextmanager
+def _timed(report: CycleReport, phase: str):
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    yield
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    report.seconds[phase] = report.seconds.get(phase, 0.0) + time.perf_counter() - t0
+
+
+def _sleep_mode_available() -> bool:
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_sleep_mode_available())
+
+
+class Engine:
+    """An in-process vLLM engine with sleep mode and a checked sleep/wake/reload/reset cycle.
+
+    Args:
+        model: a local HF checkpoint directory (e.g. from :func:`rollout_sleep.checkpoints.make_checkpoint`).
+        dtype: *optional*, vLLM's dtype (``"auto"`` = the checkpoint's).
+        seed: *optional*, vLLM's seed.
+        max_model_len: *optional*, longest prompt + completion.
+        gpu_memory_utilization: *optional*, share of the GPU vLLM may take (CUDA).
+        kv_cache_bytes: *optional*, KV cache size in bytes (default 256 MiB on CPU).
+        load_method: *optional*, default way to push weights: ``"auto"``, ``"reload"``
+            (``collective_rpc("reload_weights")``), ``"load_weights"`` (one batched call) or ``"direct"``
+            (copy into vLLM's parameters; CUDA, TP=1). ``auto`` takes ``direct`` where it applies.
+        llm_kwargs: passed to ``vllm.LLM`` as they are.
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike,
+        *,
+        dtype: str = "auto",
+        seed: int = 0,
+        max_model_len: int | None = None,
+        gpu_memory_utilization: float | None = None,
+        kv_cache_bytes: int | None = None,
+        enable_prefix_caching: bool = True,
+        load_method: str = "auto",
+        **llm_kwargs: Any,
+    ):
+        # Weight pushes hand in-memory tensors to the worker: it must live in this process.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from vllm import LLM
+
+        self.model_path = str(Path(model).resolve())
+        if not Path(self.model_path, "config.json").exists():
+            raise FileNotFoundError(f"{model!r} is not a checkpoint directory (no config.json)")
+        self.spec: dict[str, TensorSpec] = read_checkpoint_spec(self.model_path)
+        self.tied = tied_embeddings(self.model_path)
+        self.sleep_mode = _sleep_mode_available()
+        self.on_cuda = torch.cuda.is_available()
+        self.load_method = load_method
+        kind, self.memory_before_gib = _memory_gib()
+        kwargs: dict[str, Any] = dict(
+            model=self.model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
+            enable_sleep_mode=self.sleep_mode, enable_prefix_caching=enable_prefix_caching,
+        )
+        if gpu_memory_utilization is not None:
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        if kv_cache_bytes is None and not self.on_cuda:
+            kv_cache_bytes = 256 << 20
+        if kv_cache_bytes is not None:
+            kwargs["kv_cache_memory_bytes"] = int(kv_cache_bytes)
+        kwargs.update(llm_kwargs)
+        t0 = time.perf_counter()
+        self.llm = LLM(**kwargs)
+        self.startup_seconds = time.perf_counter() - t0
+        self.memory_loaded_gib = _memory_gib()[1]
+        self.tokenizer = self.llm.get_tokenizer()
+        self._level: int | None = None  # None: awake
+        self._weights_complete = True
+        self._engine_params: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None
+        self._packed: dict[str, list[str]] = {}
+
+    # ------------------------------------------------------------------ state
+    @property
+    def state(self) -> str:
+        return "awake" if self._level is None else f"asleep(level={self._level})"
+
+    @property
+    def is_asleep(self) -> bool:
+        return self._level is not None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.llm.llm_engine.model_config.dtype
+
+    def _require_awake(self, what: str) -> None:
+        if self._level is not None:
+            raise EngineStateError(
+                f"cannot {what}: the engine is {self.state}; call wake_up(...) first "
+                "(vLLM would block or read discarded memory)")
+        if not self._weights_complete:
+            raise IncompleteWeightsError(
+                f"cannot {what}: the last weight load was interrupted, so the engine holds a mix of old and new "
+                "weights; call load_weights(...) with a complete set first")
+
+    # --------------------------------------------------------------- generate
+    def generate(self, prompts: Iterable[str] | Iterable[list[int]], sampling: Any = None, *,
+                 use_tqdm: bool = False, **sampling_kwargs: Any) -> list[Completion]:
+        """Sample completions for text prompts or token-id prompts.
+
+        Args:
+            prompts: strings, or lists of token ids.
+            sampling: *optional*, a ``vllm.SamplingParams``; otherwise ``sampling_kwargs`` build one
+                (``n``, ``max_tokens``, ``temperature``, ...). Log-probs of the sampled tokens are on by default.
+
+        Returns:
+            A flat list of :class:`Completion` (``n`` per prompt, in prompt order).
+        """
+        from vllm import SamplingParams
+
+        self._require_awake("generate")
+        if sampling is None:
+            sampling_kwargs.setdefault("logprobs", 0)
+            sampling = SamplingParams(**sampling_kwargs)
+        elif sampling_kwargs:
+            raise TypeError("pass either a SamplingParams or keyword arguments, not both")
+        inputs = []
+        for p in prompts:
+            if isinstance(p, str):
+                inputs.append(p)
+            else:
+                inputs.append({"prompt_token_ids": [int(t) for t in p]})
+        outputs = self.llm.generate(inputs, sampling, use_tqdm=use_tqdm)
+        result = []
+        for i, out in enumerate(outputs):
+            for c in out.outputs:
+                lps = None
+                if c.logprobs is not None:
+                    lps = [step[tok].logprob for step, tok in zip(c.logprobs, c.token_ids)]
+                result.append(Completion(i, list(out.prompt_token_ids), list(c.token_ids), lps, c.text,
+                                         c.finish_reason))
+        return result
+
+    # ------------------------------------------------------------------ sleep
+    def sleep(self, level: int = 2) -> CycleReport:
+        """Put the engine to sleep. Level 2 discards weights and KV cache (GPU memory returned); level 1
+        offloads the weights to host memory. On CPU the scheduler pauses and no memory is released."""
+        if level not in LEVELS:
+            raise ValueError(f"unknown sleep level {level!r}; vLLM supports levels {LEVELS}")
+        if self._level is not None:
+            raise EngineStateError(f"the engine is already {self.state}; wake it before sleeping again")
+        report = CycleReport("sleep", level)
+        report.memory_kind, report.memory_gib["before"] = _memory_gib()
+        with _timed(report, "sleep"):
+            self.llm.sleep(level=level)
+        self._level = level
+        report.memory_gib["asleep"] = _memory_gib()[1]
+        return report
+
+    # ------------------------------------------------------------------- wake
+    def wake_up(self, weights: Any = None, *, reload_checkpoint: bool = False, method: str | None = None,
+                strict: bool = True) -> CycleReport:
+        """Wake in the memory-safe order: weights buffers → load → KV cache → reset the prefix cache.
+
+        Args:
+            weights: the new weights: an iterable or mapping of ``(name, tensor)`` in checkpoint names
+                (the RL case), or a checkpoint directory. Required after a level-2 sleep.
+            reload_checkpoint: *optional*, reload the engine's original checkpoint (explicit opt-in: in RL
+                this throws the trained weights away).
+            method / strict: see :meth:`load_weights`.
+
+        Returns:
+            A :class:`CycleReport` with ``wake_weights``, ``load``, ``wake_kv_cache`` and ``reset`` seconds.
+        """
+        if self._level is None:
+            raise EngineStateError("the engine is already awake; use load_weights(...) to update its weights")
+        if weights is not None and reload_checkpoint:
+            raise ValueError("pass weights or reload_checkpoint=True, not both")
+        if reload_checkpoint:
+            weights = self.model_path
+        if self._level == 2 and weights is None:
+            raise EngineStateError(
+                "waking from level 2 needs new weights: level 2 discarded them, and vLLM would generate from "
+                "freed memory. Pass weights=... (the trainer's), or reload_checkpoint=True to reload the "
+                f"original checkpoint {self.model_path}")
+        prepared = self._prepare(weights, strict) if weights is not None else None  # validate before waking
+        report = CycleReport("wake", self._level)
+        report.memory_kind, report.memory_gib["asleep"] = _memory_gib()
+        with _timed(report, "wake_weights"):
+            self.llm.wake_up(tags=["weights"])
+        try:
+            if prepared is not None:
+                with _timed(report, "load"):
+                    self._load(prepared, method)
+        finally:
+            # Whatever happened to the load, finish the wake so the engine is in a known state.
+            with _timed(report, "wake_kv_cache"):
+                awake = self.llm.wake_up(tags=["kv_cache"])
+            self._level = None
+            if awake is False:
+                raise EngineStateError("vLLM reports it is not fully awake after waking weights and KV cache")
+            with _timed(report, "reset"):
+                self._reset_prefix_cache()
+        report.memory_gib["awake"] = _memory_gib()[1]
+        return report
+
+    def load_weights(self, weights: Any, *, method: str | None = None, strict: bool = True) -> CycleReport:
+        """Replace the weights of an awake engine, then reset its prefix cache.
+
+        Args:
+            weights: as in :meth:`wake_up`.
+            method: *optional*, ``reload`` / ``load_weights`` / ``direct`` / ``auto`` (the engine's default).
+            strict: *optional*, every tensor of the model must be given (a full sync). ``False`` allows
+                updating a subset (method ``reload`` is then not used: vLLM's layerwise reload expects
+                whole layers).
+        """
+        if self._level is not None:
+            raise EngineStateError(f"the engine is {self.state}; use wake_up(weights=...) instead")
+        prepared = self._prepare(weights, strict)
+        report = CycleReport("load")
+        with _timed(report, "load"):
+            self._load(prepared, method)
+        with _timed(report, "reset"):
+            self._reset_prefix_cache()
+        return report
+
+    def reset_prefix_cache(self) -> None:
+        """Drop cached prefixes (computed with the previous weights)."""
+        self._require_awake("reset the prefix cache")
+        self._reset_prefix_cache()
+
+    def _reset_prefix_cache(self) -> None:
+        ok = self.llm.reset_prefix_cache()
+        if ok is False:  # newer vLLM: False while blocks are still held by running requests
+            raise EngineStateError("vLLM refused to reset the prefix cache (requests still hold blocks)")
+
+    # ---------------------------------------------------------------- loading
+    def _prepare(self, weights: Any, strict: bool) -> Any:
+        """Validate what can be validated before the engine is touched."""
+        if isinstance(weights, (str, os.PathLike)):
+            path = Path(weights)
+            if not path.is_dir():
+                raise FileNotFoundError(f"weights path {str(weights)!r} is not a checkpoint directory")
+            check_weights({n: (s.shape, s.dtype) for n, s in read_checkpoint_spec(path).items()}, self.spec,
+                          optional=self._optional(), strict=True)
+            return path
+        if isinstance(weights, Mapping):
+            weights = list(weights.items())
+        if isinstance(weights, (list, tuple)):
+            offered = {}
+            for item in weights:
+                name, tensor = item
+                offered[name] = (tuple(tensor.shape), tensor.dtype)
+            check_weights(offered, self.spec, optional=self._optional(), strict=strict)
+            return ("checked", weights, strict)
+        if hasattr(weights, "spec") and callable(weights.spec):  # a stream that knows its contents
+            check_weights(weights.spec(), self.spec, optional=self._optional(), strict=strict)
+            return ("checked", weights, strict)
+        if isinstance(weights, Iterable):
+            return ("stream", weights, strict)
+        raise TypeError(f"weights must be a checkpoint path, a mapping or an iterable of (name, tensor); "
+                        f"got {type(weights).__name__}")
+
+    def _optional(self) -> set[str]:
+        return {"lm_head.weight"} if self.tied else set()
+
+    def _load(self, prepared: Any, method: str | None) -> None:
+        self._weights_complete = False
+        if isinstance(prepared, Path):
+            self._load_path(prepared)
+        else:
+            how, weights, strict = prepared
+            items: Iterable = weights if how == "checked" else self._checked_stream(weights)
+            self._push(items, self._resolve_method(method, strict))
+        self._weights_complete = True
+
+    def _checked_stream(self, weights: Iterable) -> Iterator[tuple[str, torch.Tensor]]:
+        """Check each tensor as it streams by; an error mid-way leaves the engine marked incomplete."""
+        optional = self._optional()
+        for name, tensor in weights:
+            check_weights({name: (tuple(tensor.shape), tensor.dtype)}, self.spec, optional=optional,
+                          strict=False)
+            yield name, tensor
+
+    def _resolve_method(self, method: str | None, strict: bool) -> str:
+        method = method or self.load_method
+        if method not in ("auto", "reload", "load_weights", "direct"):
+            raise ValueError(f"unknown load method {method!r}; use auto, reload, load_weights or direct")
+        if method == "auto":
+            if self.on_cuda and self._direct_supported():
+                return "direct"
+            return "reload" if strict else "load_weights"
+        if method in ("direct", "load_weights") and not self.on_cuda:
+            raise ValueError(f"load method {method!r} needs CUDA: vLLM's CPU kernels repack linear weights, "
+                             "only 'reload' writes them correctly there")
+        if method == "direct" and not self._direct_supported():
+            raise ValueError("load method 'direct' does not apply to this model (tensor parallel > 1, or "
+                             "weights vLLM stores in another layout); use 'reload'")
+        return method
+
+    def _push(self, items: Iterable[tuple[str, torch.Tensor]], method: str) -> None:
+        dtype = self.dtype
+        if method == "reload":
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(items),
+                                                             "is_checkpoint_format": True})
+        elif method == "load_weights":
+            self.llm.apply_model(lambda model: model.load_weights(iter(items)))
+        else:
+            plan = self._placements()
+            skip_head = self.tied
+
+            def copy(model: torch.nn.Module) -> None:
+                params = dict(model.named_parameters())
+                with torch.no_grad():
+                    for name, tensor in items:
+                        if skip_head and name == "lm_head.weight":
+                            continue
+                        where = plan[name]
+                        dst = params[where.param].data
+                        rows = tensor.shape[0]
+                        dst[where.row: where.row + rows].copy_(tensor.to(dst.device, dtype), non_blocking=True)
+
+            self.llm.apply_model(copy)
+
+    def _load_path(self, path: Path) -> None:
+        if self.tied and not self.sleep_mode:
+            # vLLM's CPU path reload of a tied model keeps a stale packed LM head: stream the files instead,
+            # with the head given explicitly.
+            from safetensors import safe_open
+
+            def stream() -> Iterator[tuple[str, torch.Tensor]]:
+                for f in sorted(path.glob("*.safetensors")):
+                    with safe_open(str(f), "pt") as fh:
+                        for name in fh.keys():
+                            t = fh.get_tensor(name)
+                            yield name, t
+                            if name == "model.embed_tokens.weight":
+                                yield "lm_head.weight", t
+
+            self._push(stream(), "reload")
+        else:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(path),
+                                                             "is_checkpoint_format": True})
+
+    # ------------------------------------------------- the engine's own view
+    def _inspect(self) -> None:
+        if self._engine_params is None:
+            def describe(model: torch.nn.Module):
+                return ({n: (tuple(p.shape), p.dtype) for n, p in model.named_parameters()},
+                        dict(getattr(model, "packed_modules_mapping", {}) or {}))
+
+            self._engine_params, self._packed = self.llm.apply_model(describe)[0]
+
+    def _placements(self):
+        self._inspect()
+        return placements(self.spec, self._packed, set(self._engine_params), self.tied)
+
+    def _direct_supported(self) -> bool:
+        cfg = self.llm.llm_engine.vllm_config
+        if cfg.parallel_config.tensor_parallel_size != 1 or cfg.model_config.quantization is not None:
+            return False
+        plan = self._placements()
+        names = set(self.spec) - self._optional()
+        if not names <= set(plan):
+            return False
+        for name in names:  # every placed slice must fit its parameter
+            shape, _ = self._engine_params[plan[name].param]
+            want = self.spec[name].shape
+            if len(shape) != len(want) or tuple(shape[1:]) != tuple(want[1:]) or plan[name].row + want[0] > shape[0]:
+                return False
+        return True
+
+    def run_on_model(self, fn: Callable[[torch.nn.Module], Any]) -> Any:
+        """Run ``fn(model)`` on vLLM's model in this process (tensor parallel rank 0) and return its result."""
+        return self.llm.apply_model(fn)[0]
+
+    def close(self) -> None:
+        """Shut the engine down (vLLM does not give GPU memory back in-process; see the README)."""
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            engine = getattr(llm, "llm_engine", None)
+            core = getattr(engine, "engine_core", None)
+            if core is not None and hasattr(core, "shutdown"):
+                core.shutdown()
+        del llm
