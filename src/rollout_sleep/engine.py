@@ -95,6 +95,11 @@ def _timed(report: CycleReport, phase: str):
     report.seconds[phase] = report.seconds.get(phase, 0.0) + time.perf_counter() - t0
 
 
+def _distributed_world() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_available() and \
+        torch.distributed.is_initialized() else 1
+
+
 def _sleep_mode_available() -> bool:
     from vllm.platforms import current_platform
 
@@ -153,6 +158,9 @@ class Engine:
             kv_cache_bytes = 256 << 20
         if kv_cache_bytes is not None:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_bytes)
+        if _distributed_world() > 1 and "distributed_executor_backend" not in llm_kwargs:
+            # One engine per trainer rank, inside the trainer's process group (as TRL's colocate mode does).
+            kwargs["distributed_executor_backend"] = "external_launcher"
         kwargs.update(llm_kwargs)
         t0 = time.perf_counter()
         self.llm = LLM(**kwargs)
@@ -163,6 +171,8 @@ class Engine:
         self._weights_complete = True
         self._engine_params: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None
         self._packed: dict[str, list[str]] = {}
+        self._targets: dict[str, torch.Tensor] | None = None
+        self._direct_ok: bool | None = None
 
     # ------------------------------------------------------------------ state
     @property
@@ -224,6 +234,20 @@ class Engine:
                 result.append(Completion(i, list(out.prompt_token_ids), list(c.token_ids), lps, c.text,
                                          c.finish_reason))
         return result
+
+    def score(self, sequences: Iterable[list[int]]) -> list[list[float]]:
+        """Log-prob of every token of each sequence given its prefix (the first token has none).
+
+        Teacher-forced, so it compares two engines' weights without the sampling noise of greedy decoding.
+        """
+        from vllm import SamplingParams
+
+        self._require_awake("score")
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        outs = self.llm.generate([{"prompt_token_ids": list(map(int, s))} for s in sequences], params,
+                                 use_tqdm=False)
+        return [[step[tok].logprob for step, tok in zip(o.prompt_logprobs[1:], o.prompt_token_ids[1:])]
+                for o in outs]
 
     # ------------------------------------------------------------------ sleep
     def sleep(self, level: int = 2) -> CycleReport:
@@ -351,6 +375,7 @@ class Engine:
     def _load(self, prepared: Any, method: str | None) -> None:
         self._weights_complete = False
         if isinstance(prepared, Path):
+            self._targets = None
             self._load_path(prepared)
         else:
             how, weights, strict = prepared
@@ -390,21 +415,14 @@ class Engine:
         elif method == "load_weights":
             self.llm.apply_model(lambda model: model.load_weights(iter(items)))
         else:
-            plan = self._placements()
-            skip_head = self.tied
-
-            def copy(model: torch.nn.Module) -> None:
-                params = dict(model.named_parameters())
-                with torch.no_grad():
-                    for name, tensor in items:
-                        if skip_head and name == "lm_head.weight":
-                            continue
-                        where = plan[name]
-                        dst = params[where.param].data
-                        rows = tensor.shape[0]
-                        dst[where.row: where.row + rows].copy_(tensor.to(dst.device, dtype), non_blocking=True)
-
-            self.llm.apply_model(copy)
+            targets = self._direct_targets()
+            with torch.no_grad():
+                for name, tensor in items:
+                    dst = targets.get(name)
+                    if dst is not None:  # None: a tied head, held by the embedding
+                        dst.copy_(tensor, non_blocking=True)
+        if method != "direct":
+            self._targets = None  # vLLM's reload may re-create parameters: rebuild the views next time
 
     def _load_path(self, path: Path) -> None:
         if self.tied and not self.sleep_mode:
@@ -439,7 +457,26 @@ class Engine:
         self._inspect()
         return placements(self.spec, self._packed, set(self._engine_params), self.tied)
 
+    def _direct_targets(self) -> dict[str, torch.Tensor]:
+        """Views into vLLM's parameters, one per checkpoint tensor (built once; sleep/wake keeps addresses)."""
+        if self._targets is None:
+            plan = self._placements()
+            spec = self.spec
+
+            def views(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+                params = dict(model.named_parameters())
+                return {name: params[w.param].data.narrow(0, w.row, spec[name].shape[0])
+                        for name, w in plan.items() if name in spec}
+
+            self._targets = self.llm.apply_model(views)[0]
+        return self._targets
+
     def _direct_supported(self) -> bool:
+        if self._direct_ok is None:
+            self._direct_ok = self._check_direct()
+        return self._direct_ok
+
+    def _check_direct(self) -> bool:
         cfg = self.llm.llm_engine.vllm_config
         if cfg.parallel_config.tensor_parallel_size != 1 or cfg.model_config.quantization is not None:
             return False

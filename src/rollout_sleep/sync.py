@@ -77,6 +77,8 @@ class WeightStream:
         self.skipped: dict[str, str] = {}
         self.entries = self._walk(include_tied_head)
         self.peak_bucket_bytes = 0
+        self._spec: dict | None = None
+        self._buckets: list[list[_Entry]] | None = None
 
     def _walk(self, include_tied_head: bool) -> list[_Entry]:
         model = self.model
@@ -114,9 +116,16 @@ class WeightStream:
 
     def spec(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Checkpoint names → (full shape, dtype pushed), without gathering anything."""
-        return {e.name: (_full_shape(e.param), self.dtype or e.param.dtype) for e in self.entries}
+        if self._spec is None:
+            self._spec = {e.name: (_full_shape(e.param), self.dtype or e.param.dtype) for e in self.entries}
+        return self._spec
 
     def buckets(self) -> list[list[_Entry]]:
+        if self._buckets is None:
+            self._buckets = self._make_buckets()
+        return self._buckets
+
+    def _make_buckets(self) -> list[list[_Entry]]:
         out, cur, size = [], [], 0
         for e in self.entries:
             nbytes = int(torch.Size(_full_shape(e.param)).numel()) * (self.dtype or e.param.dtype).itemsize
