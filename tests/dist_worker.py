@@ -1,0 +1,46 @@
+"""Run by tests/test_distributed.py under torchrun (2 processes, gloo): one engine per rank, a trainer
+wrapped in DDP or sharded with FSDP2, a training step, a sync from the wrapped model, verify on every rank."""
+
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+mode, ckpt_engine, ckpt_trainer = sys.argv[1:4]
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+
+from rollout_sleep.engine import Engine  # noqa: E402
+from rollout_sleep.sync import WeightStream, verify  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+engine = Engine(ckpt_engine, dtype="float32", seed=0)  # external_launcher: inside this process group
+model = AutoModelForCausalLM.from_pretrained(ckpt_trainer, dtype=torch.float32)
+if mode == "ddp":
+    wrapped = torch.nn.parallel.DistributedDataParallel(model)
+else:
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.model.layers:
+        fully_shard(layer)
+    wrapped = fully_shard(model)
+opt = torch.optim.SGD(wrapped.parameters(), lr=0.05)
+torch.manual_seed(rank)  # each rank its own data: gradients must be reduced for ranks to agree
+ids = torch.randint(1, 250, (2, 16))
+wrapped(input_ids=ids, labels=ids).loss.backward()
+opt.step()
+
+engine.sleep(level=2)
+stream = WeightStream(wrapped, dtype=engine.dtype, bucket_bytes=128 << 10)
+engine.wake_up(weights=stream)
+report = verify(engine, stream)
+tokens = engine.generate([[5, 6, 7, 8]], max_tokens=8, temperature=0.0)[0].token_ids
+gathered = [None, None]
+dist.all_gather_object(gathered, tokens)
+sharded = any(hasattr(p, "full_tensor") for p in wrapped.parameters())
+print("RESULT " + json.dumps({"rank": rank, "ok": report.ok, "compared": report.compared,
+                              "same_tokens_on_ranks": gathered[0] == gathered[1], "sharded": sharded}),
+      flush=True)
+os._exit(0)  # vLLM's teardown would destroy the trainer's process group under it

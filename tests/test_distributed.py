@@ -1,0 +1,37 @@
+"""Sync from DDP and FSDP2 trainers: 2 processes over gloo, one real engine per rank."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+WORKER = Path(__file__).with_name("dist_worker.py")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_worker(mode: str, ckpts) -> list[dict]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           str(WORKER), mode, ckpts["tied0"], ckpts["tied1"]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    rows = [json.loads(line.split("RESULT ", 1)[1]) for line in proc.stdout.splitlines() if "RESULT " in line]
+    assert len(rows) == 2, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return rows
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_sync_from_wrapped_trainer_verifies_on_every_rank(mode, ckpts):
+    rows = run_worker(mode, ckpts)
+    for row in rows:
+        assert row["ok"] and row["compared"] == 25, row
+        assert row["same_tokens_on_ranks"], row
+        assert row["sharded"] == (mode == "fsdp2")
