@@ -1,0 +1,40 @@
+"""``rollout-sleep``: command-line entry points (argument parsing only)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rollout-sleep", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="GRPO on the embedded tiny model (CPU, ~1 minute)")
+    demo.add_argument("--steps", type=int, default=12)
+    demo.add_argument("--seed", type=int, default=0)
+    make = sub.add_parser("make-checkpoint", help="write a random-weight Qwen3 checkpoint")
+    make.add_argument("path")
+    make.add_argument("--size", default="tiny")
+    make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--dtype", default="bfloat16")
+    make.add_argument("--untied", action="store_true", help="untie the embedding and the LM head")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    if args.command == "demo":
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        from .demo import run_demo
+
+        run_demo(steps=args.steps, seed=args.seed)
+        sys.stdout.flush()
+        os._exit(0)  # vLLM's teardown is slow and noisy; everything is written by now
+    if args.command == "make-checkpoint":
+        from .checkpoints import make_checkpoint
+
+        print(make_checkpoint(args.path, args.size, seed=args.seed, dtype=args.dtype,
+                              tie_word_embeddings=False if args.untied else None))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

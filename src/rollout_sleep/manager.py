@@ -1,0 +1,111 @@
+"""The alternation loop as a small object: rollout (engine awake) → training (engine asleep) → sync.
+
+Usable from any PyTorch loop::
+
+    manager = RolloutManager(engine, model, sleep_level=2)
+    for step in range(steps):
+        completions = manager.rollout(prompts, n=8, max_tokens=128)   # wakes + syncs first if needed
+        with manager.training():                                    # engine sleeps, trainer owns the GPU
+            loss.backward(); optimizer.step()
+        manager.sync()                                              # wake → load → KV cache → reset
+        log(manager.end_step())                                     # per-phase seconds, memory, tokens/s
+
+If the training phase raises, the engine stays asleep and the next ``sync()`` (or ``rollout()``) wakes it
+with whatever weights the trainer then holds, so the loop can resume.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+import torch
+
+from .engine import Completion, Engine
+from .sync import WeightStream, verify
+
+PHASES = ("generate", "sleep", "train", "wake_weights", "load", "wake_kv_cache", "reset", "verify")
+
+
+class RolloutManager:
+    """Args:
+        engine: the colocated :class:`~rollout_sleep.engine.Engine`.
+        model: the trainer's model (plain, DDP/accelerate, FSDP2, ZeRO-3 or PEFT).
+        sleep_level: *optional*, 2 (drop weights and KV cache) or 1 (offload weights to host memory).
+        bucket_bytes: *optional*, the sync's gather/cast bucket.
+        verify_every: *optional*, run :func:`~rollout_sleep.sync.verify` after every N-th sync (0: never).
+        load_method: *optional*, the engine's weight-load route (``auto`` by default).
+    """
+
+    def __init__(self, engine: Engine, model: torch.nn.Module, *, sleep_level: int = 2,
+                 bucket_bytes: int = 512 << 20, verify_every: int = 0, load_method: str | None = None):
+        if sleep_level not in (1, 2):
+            raise ValueError(f"sleep_level must be 1 or 2, got {sleep_level!r}")
+        self.engine = engine
+        self.stream = WeightStream(model, dtype=engine.dtype, bucket_bytes=bucket_bytes)
+        self.sleep_level = sleep_level
+        self.verify_every = verify_every
+        self.load_method = load_method
+        self.syncs = 0
+        self._step: dict[str, float] = {}
+
+    def _add(self, key: str, value: float) -> None:
+        self._step[key] = self._step.get(key, 0.0) + value
+
+    def rollout(self, prompts, **sampling) -> list[Completion]:
+        """Generate with the engine (syncing the trainer's weights first if it is asleep)."""
+        if self.engine.is_asleep:
+            self.sync()
+        t0 = time.perf_counter()
+        out = self.engine.generate(prompts, **sampling)
+        dt = time.perf_counter() - t0
+        self._add("generate_s", dt)
+        tokens = sum(len(c.token_ids) for c in out)
+        self._add("generated_tokens", tokens)
+        self._step["tokens_per_s"] = self._step["generated_tokens"] / max(self._step["generate_s"], 1e-9)
+        return out
+
+    @contextmanager
+    def training(self):
+        """Put the engine to sleep for the block; the trainer owns the device inside it."""
+        report = self.engine.sleep(level=self.sleep_level)
+        self._add("sleep_s", report.seconds["sleep"])
+        mem = report.memory_gib
+        self._step[f"{report.memory_kind}_before_sleep_gib"] = mem["before"]
+        self._step[f"{report.memory_kind}_asleep_gib"] = mem["asleep"]
+        if report.memory_kind == "cuda_free":
+            self._step["memory_freed_gib"] = mem["asleep"] - mem["before"]
+        t0 = time.perf_counter()
+        try:
+            yield self
+        except torch.cuda.OutOfMemoryError as err:
+            free = torch.cuda.mem_get_info()[0] / 2**30 if torch.cuda.is_available() else float("nan")
+            raise torch.cuda.OutOfMemoryError(
+                f"the trainer ran out of GPU memory while the engine slept at level {self.sleep_level} "
+                f"(free before sleep {mem['before']:.2f} GiB, after sleep {mem['asleep']:.2f} GiB, now "
+                f"{free:.2f} GiB). Lower the batch or sequence length, or use sleep level 2.") from err
+        finally:
+            self._add("train_s", time.perf_counter() - t0)
+
+    def sync(self) -> None:
+        """Wake the engine with the trainer's weights (weights → load → KV cache → reset), verify if due."""
+        if not self.engine.is_asleep:
+            report = self.engine.load_weights(self.stream, method=self.load_method)
+        else:
+            report = self.engine.wake_up(weights=self.stream, method=self.load_method)
+        for k, v in report.seconds.items():
+            self._add(f"{k}_s", v)
+        if "awake" in report.memory_gib:
+            self._step[f"{report.memory_kind}_awake_gib"] = report.memory_gib["awake"]
+        self.syncs += 1
+        if self.verify_every and self.syncs % self.verify_every == 0:
+            result = verify(self.engine, self.stream)
+            self._add("verify_s", result.seconds)
+            result.raise_if_failed()
+
+    def end_step(self) -> dict[str, float]:
+        """This step's metrics (seconds per phase, memory, tokens/s); starts the next step's."""
+        out, self._step = self._step, {}
+        out["cycle_overhead_s"] = sum(out.get(f"{p}_s", 0.0) for p in
+                                      ("sleep", "wake_weights", "load", "wake_kv_cache", "reset"))
+        return out

@@ -1,0 +1,40 @@
+"""The demo end to end (real engine, CPU) and the pure pieces it uses."""
+
+import subprocess
+import sys
+
+import torch
+
+from rollout_sleep.grpo import group_advantages, grpo_loss, pad_batch
+from rollout_sleep.rewards import score
+
+
+def test_demo_reward_rises():
+    # A subprocess: the demo starts its own engine (one vLLM engine per process).
+    code = ("from rollout_sleep.demo import run_demo; import json, os; "
+            "r = run_demo(steps=12, quiet=True); print('RESULT', json.dumps(r['rewards'])); os._exit(0)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
+    assert line, proc.stderr[-3000:]
+    import json
+
+    rewards = json.loads(line[0].split(" ", 1)[1])
+    # Measured: first-3 mean 0.03, last-3 mean 0.57 (seed 0). A random tiny model starts near 0.03
+    # (~10 digit tokens of 320); require a clear rise, well above step-to-step noise (~0.05).
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.2, rewards
+
+
+def test_grpo_pieces():
+    adv = group_advantages(torch.tensor([1.0, 1.0, 0.0, 2.0]), group_size=2)
+    assert adv[:2].abs().max() == 0 and adv[2] < 0 < adv[3]
+    ids, attn, mask = pad_batch([[1, 2], [3]], [[4, 5, 6], [7]], pad_id=0)
+    assert ids.tolist() == [[1, 2, 4, 5, 6], [3, 7, 0, 0, 0]]
+    assert mask.tolist() == [[0, 1, 1, 1], [1, 0, 0, 0]]
+    logp = torch.zeros(2, 4, requires_grad=True)
+    loss, stats = grpo_loss(logp, logp.detach(), torch.tensor([1.0, -1.0]), mask)
+    loss.backward()
+    assert logp.grad[0, 1] < 0 < logp.grad[1, 0] and stats["clip_frac"] == 0.0
+
+
+def test_rewards_sum_by_name():
+    assert score(["arithmetic_exact", "digits_format"], ["7", "x"], [{"answer": "7"}, {"answer": "1"}]) == [2.0, 0.0]
