@@ -1,0 +1,1 @@
+"""Optional integrations (W&B, TRL): each imports its library lazily."""
