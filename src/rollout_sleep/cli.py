@@ -13,6 +13,12 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="GRPO on the embedded tiny model (CPU, ~1 minute)")
     demo.add_argument("--steps", type=int, default=12)
     demo.add_argument("--seed", type=int, default=0)
+    soak = sub.add_parser("soak", help="N checked cycles (verify + stale-prefix probe), memory per cycle")
+    soak.add_argument("--cycles", type=int, default=50)
+    soak.add_argument("--size", default="tiny")
+    soak.add_argument("--warmup", type=int, default=10)
+    soak.add_argument("--max-growth-mib", type=float, default=64.0)
+    soak.add_argument("--out", help="write the per-cycle JSON here")
     make = sub.add_parser("make-checkpoint", help="write a random-weight Qwen3 checkpoint")
     make.add_argument("path")
     make.add_argument("--size", default="tiny")
@@ -28,6 +34,20 @@ def main(argv: list[str] | None = None) -> int:
         run_demo(steps=args.steps, seed=args.seed)
         sys.stdout.flush()
         os._exit(0)  # vLLM's teardown is slow and noisy; everything is written by now
+    if args.command == "soak":
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        from .soak import run_soak
+
+        code = 0
+        try:
+            run_soak(args.cycles, size=args.size, warmup=args.warmup, max_growth_mib=args.max_growth_mib,
+                     out=args.out)
+        except AssertionError as err:
+            print(f"soak failed: {err}", file=sys.stderr)
+            code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     if args.command == "make-checkpoint":
         from .checkpoints import make_checkpoint
 

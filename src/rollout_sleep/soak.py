@@ -1,0 +1,93 @@
+"""``rollout-sleep soak``: many full cycles, checked every time, with memory tracked per cycle.
+
+Each cycle: generate → sleep → one training step (the trainer's model moves) → wake + sync → reset →
+``verify`` (the engine holds exactly the trainer's weights) → a stale-prefix probe (a fixed long prompt,
+cached before the sync, must now give the new weights' greedy output, checked teacher-forced against the
+trainer) → generate. Memory per cycle: free GPU memory on CUDA, process RSS on CPU. Fails at the first
+mismatch, or when memory after warm-up moves by more than the allowed bound.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+
+def run_soak(cycles: int = 50, *, size: str = "tiny", warmup: int = 10, max_growth_mib: float = 64.0,
+             out: str | None = None, dtype: str | None = None, quiet: bool = False, awake_every: int = 4) -> dict:
+    """Every ``awake_every``-th cycle updates the weights without sleeping (``load_weights`` on the awake
+    engine): there vLLM does not drop its prefix cache by itself, so only the engine's reset keeps the
+    probe from reading KV computed with the old weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .checkpoints import make_checkpoint
+    from .engine import Engine, _memory_gib
+    from .sync import WeightStream, verify
+
+    cuda = torch.cuda.is_available()
+    dtype = dtype or ("bfloat16" if cuda else "float32")
+    work = Path(tempfile.mkdtemp(prefix="rollout-sleep-soak-"))
+    ckpt = make_checkpoint(work / "model", size, seed=0, dtype=dtype)
+    engine = Engine(ckpt, dtype=dtype, seed=0, **({"gpu_memory_utilization": 0.35} if cuda else {}))
+    device = "cuda" if cuda else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=getattr(torch, dtype)).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    # engine vs trainer log-prob agreement: ~1e-5 in fp32 (both on the same weights); bf16 is coarser
+    tol = 1e-3 if dtype == "float32" else 5e-2
+    stream = WeightStream(model, dtype=engine.dtype)
+    probe = [[(13 * j) % 240 + 5 for j in range(160)]]  # 10 full KV blocks: the prefix cache keeps it
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    kind, _ = _memory_gib()
+    for i in range(cycles):
+        t0 = time.perf_counter()
+        engine.generate(probe, max_tokens=4, temperature=0.0)  # puts the probe's prefix in the cache
+        awake = bool(awake_every) and (i + 1) % awake_every == 0
+        s = None if awake else engine.sleep(level=2)
+        ids = torch.randint(1, 250, (4, 32), generator=gen).to(device)
+        model.train()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        model.eval()
+        w = engine.load_weights(stream) if awake else engine.wake_up(weights=stream)
+        report = verify(engine, stream)
+        if not report.ok:
+            raise AssertionError(f"cycle {i + 1}: verify failed: {sorted(report.mismatched)[:5]}")
+        probe_out = engine.generate(probe, max_tokens=4, temperature=0.0)[0]
+        got = probe_out.token_ids
+        with torch.no_grad():  # the probe must follow the new weights: its log-probs, scored by the trainer
+            seq = torch.tensor([probe[0] + got], device=device)
+            logits = model(seq).logits[0, len(probe[0]) - 1: -1].float()
+            want = torch.log_softmax(logits, -1).gather(1, torch.tensor(got, device=device)[:, None])[:, 0]
+        gap = max(abs(a - b) for a, b in zip(probe_out.logprobs, want.tolist()))
+        if gap > tol:  # KV of the cached prefix was computed with the old weights
+            raise AssertionError(f"cycle {i + 1}: stale prefix: the probe's log-probs differ from the trainer's "
+                                 f"by {gap:.3g} (tolerance {tol})")
+        rows.append({"cycle": i + 1, "seconds": time.perf_counter() - t0, "awake_update": awake,
+                     "sleep_s": s.seconds["sleep"] if s else 0.0,
+                     **{f"{k}_s": v for k, v in w.seconds.items()}, "verify_s": report.seconds,
+                     "memory_gib": _memory_gib()[1]})
+        if not quiet and (i + 1) % max(1, cycles // 10) == 0:
+            print(f"cycle {i + 1}/{cycles}: {rows[-1]['seconds'] * 1e3:.1f} ms, {kind} {rows[-1]['memory_gib']:.3f} GiB",
+                  flush=True)
+    base = rows[min(warmup, len(rows) - 1)]["memory_gib"]
+    growth_mib = (rows[-1]["memory_gib"] - base) * 1024 * (-1 if kind == "cuda_free" else 1)
+    secs = sorted(r["seconds"] for r in rows[warmup:]) or [r["seconds"] for r in rows]
+    result = {"cycles": cycles, "size": size, "device": torch.cuda.get_device_name() if cuda else "cpu",
+              "memory_kind": kind, "warmup_cycles": warmup, "memory_growth_after_warmup_mib": growth_mib,
+              "max_growth_mib": max_growth_mib, "p50_s": statistics.median(secs),
+              "p99_s": secs[min(len(secs) - 1, int(0.99 * len(secs)))], "verify_passed": len(rows), "rows": rows}
+    if out:
+        Path(out).write_text(json.dumps(result, indent=1))
+    if growth_mib > max_growth_mib:
+        raise AssertionError(f"memory grew {growth_mib:.1f} MiB after cycle {warmup} (bound {max_growth_mib} MiB)")
+    if not quiet:
+        print(f"{cycles} cycles, verify passed on every one; p50 {result['p50_s'] * 1e3:.1f} ms, "
+              f"p99 {result['p99_s'] * 1e3:.1f} ms; {kind} growth after warm-up {growth_mib:.1f} MiB")
+    return result

@@ -1,0 +1,51 @@
+"""The rollout manager's loop and its fault handling, on the real engine."""
+
+import pytest
+import torch
+
+from conftest import PROMPTS, assert_follows, hf_model
+from rollout_sleep.engine import EngineStateError
+from rollout_sleep.manager import RolloutManager
+
+
+def test_loop_metrics(engine, ckpts):
+    model = hf_model(ckpts["tied1"])
+    mgr = RolloutManager(engine, model, verify_every=1)
+    mgr.sync()  # awake engine: an in-place update, verified
+    comps = mgr.rollout(PROMPTS, n=2, max_tokens=4, temperature=1.0)
+    assert len(comps) == 16
+    with mgr.training():
+        assert engine.is_asleep
+    mgr.sync()
+    m = mgr.end_step()
+    for key in ("generate_s", "sleep_s", "train_s", "wake_weights_s", "load_s", "wake_kv_cache_s", "reset_s",
+                "verify_s", "tokens_per_s", "cycle_overhead_s"):
+        assert key in m, key
+    assert m["generated_tokens"] == 64 and mgr.end_step()["cycle_overhead_s"] == 0.0
+
+
+@pytest.mark.parametrize("error", [RuntimeError("loss is nan"), KeyboardInterrupt()])
+def test_error_in_training_leaves_a_resumable_loop(engine, ckpts, error):
+    model = hf_model(ckpts["tied1"])
+    mgr = RolloutManager(engine, model, verify_every=1)
+    with pytest.raises(type(error)):
+        with mgr.training():
+            raise error
+    assert engine.is_asleep  # still asleep: nothing half-done
+    with pytest.raises(EngineStateError):
+        engine.generate(PROMPTS, max_tokens=1)
+    mgr.rollout(PROMPTS, max_tokens=2)  # wakes with the trainer's weights (verified), loop goes on
+    assert_follows(engine, model)
+
+
+def test_out_of_memory_in_training_names_the_memory(engine, ckpts):
+    mgr = RolloutManager(engine, hf_model(ckpts["tied1"]))
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="while the engine slept at level 2"):
+        with mgr.training():
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+    mgr.sync()
+
+
+def test_bad_sleep_level():
+    with pytest.raises(ValueError, match="sleep_level"):
+        RolloutManager(None, torch.nn.Linear(1, 1), sleep_level=3)
