@@ -174,6 +174,43 @@ class Engine:
         self._targets: dict[str, torch.Tensor] | None = None
         self._direct_ok: bool | None = None
 
+    @classmethod
+    def attach(cls, llm: Any, model_path: str | os.PathLike, load_method: str = "auto") -> "Engine":
+        """Wrap an existing in-process ``vllm.LLM`` (built by another library, e.g. TRL) without rebuilding it.
+
+        The other library keeps driving sleep and wake; use :meth:`push` to load weights into it.
+        """
+        self = cls.__new__(cls)
+        self.model_path = str(Path(model_path).resolve())
+        self.spec = read_checkpoint_spec(self.model_path)
+        self.tied = tied_embeddings(self.model_path)
+        self.sleep_mode = _sleep_mode_available()
+        self.on_cuda = torch.cuda.is_available()
+        self.load_method = load_method
+        self.memory_before_gib = self.memory_loaded_gib = _memory_gib()[1]
+        self.startup_seconds = 0.0
+        self.llm = llm
+        self.tokenizer = llm.get_tokenizer()
+        self._level = None
+        self._weights_complete = True
+        self._engine_params, self._packed = None, {}
+        self._targets, self._direct_ok = None, None
+        return self
+
+    def push(self, weights: Any, *, method: str | None = None, strict: bool = True) -> CycleReport:
+        """Validate and load weights, then reset the prefix cache, without touching the sleep state.
+
+        For integrations that call vLLM's ``sleep``/``wake_up`` themselves: the weights buffers must be
+        awake. Use :meth:`wake_up` / :meth:`load_weights` otherwise.
+        """
+        prepared = self._prepare(weights, strict)
+        report = CycleReport("push")
+        with _timed(report, "load"):
+            self._load(prepared, method)
+        with _timed(report, "reset"):
+            self._reset_prefix_cache()
+        return report
+
     # ------------------------------------------------------------------ state
     @property
     def state(self) -> str:

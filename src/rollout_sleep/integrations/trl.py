@@ -1,0 +1,82 @@
+"""One line makes TRL's ``GRPOTrainer`` (colocate mode) use rollout_sleep's weight sync::
+
+    trainer = GRPOTrainer(model=..., args=GRPOConfig(use_vllm=True, vllm_mode="colocate", ...), ...)
+    rollout_sleep.integrations.trl.patch(trainer)      # the one line
+    trainer.train()
+
+Why a ``patch(trainer)`` and not a subclass or a callback: TRL builds its vLLM engine inside
+``GRPOTrainer.__init__`` and calls ``trainer.vllm_generation.sync_weights()`` itself before each
+generation; no callback runs at that point, and a subclass would have to re-implement ``__init__``. The
+engine TRL built is kept; only its sync is replaced (an instance attribute, nothing global), so the patch
+works on a trainer built by any script, including subclasses.
+
+With the patch:
+- the sync is ours: the trainer's parameters (plain, DDP/accelerate, FSDP2, ZeRO-3, PEFT merged under the
+  base names, a tied ``lm_head.weight`` included) are validated against the checkpoint's names, shapes and
+  dtypes, then streamed in buckets through the fastest route that is right on this device (direct copies
+  on CUDA, vLLM's layerwise ``reload_weights`` on CPU) instead of TRL's per-parameter ``load_weights`` loop;
+- the prefix cache is reset after every sync and the result is checked;
+- ``verify`` runs every ``verify_every`` syncs (bitwise: the engine holds exactly the trainer's weights);
+- vLLM sleeps at ``sleep_level`` (TRL always asks for 2) where sleep mode is enabled;
+- timings go into TRL's logs: ``rollout_sleep/sync_s``, ``rollout_sleep/verify_s``,
+  ``rollout_sleep/verify_max_abs_diff`` (and so to W&B with ``report_to="wandb"``).
+Server mode (``vllm_mode="server"``) and ``use_vllm=False`` are refused with an error.
+On CPU, use ``vllm_enable_sleep_mode=False`` (vLLM has no sleep allocator there); stock TRL then fails at
+its first sync (its per-parameter load breaks on vLLM's repacked CPU weights), the patched trainer runs.
+"""
+
+from __future__ import annotations
+
+import time
+
+from ..engine import Engine
+from ..sync import WeightStream, verify
+
+
+def patch(trainer, *, sleep_level: int = 2, verify_every: int = 1, bucket_bytes: int = 512 << 20,
+          load_method: str = "auto"):
+    """Make ``trainer`` (a TRL ``GRPOTrainer`` in colocate mode) sync and sleep the rollout_sleep way.
+
+    Returns the trainer. Raises ``ValueError`` for configurations it cannot serve.
+    """
+    args = trainer.args
+    if not getattr(args, "use_vllm", False):
+        raise ValueError("rollout_sleep.integrations.trl.patch needs GRPOConfig(use_vllm=True)")
+    if getattr(args, "vllm_mode", None) != "colocate":
+        raise ValueError(f"rollout_sleep.integrations.trl.patch supports vllm_mode='colocate' only, got "
+                         f"{args.vllm_mode!r}: in server mode the engine lives in another process; use "
+                         "rollout_sleep.server instead")
+    if sleep_level not in (1, 2):
+        raise ValueError(f"sleep_level must be 1 or 2, got {sleep_level!r}")
+    gen = getattr(trainer, "vllm_generation", None)
+    if gen is None or getattr(gen, "llm", None) is None:
+        raise ValueError("this GRPOTrainer has no colocated vLLM engine (trainer.vllm_generation.llm)")
+    model = trainer.model_wrapped if getattr(trainer, "model_wrapped", None) is not None else trainer.model
+    base = getattr(model, "module", model)
+    path = getattr(getattr(base, "config", None), "_name_or_path", None) or gen.llm.llm_engine.model_config.model
+    engine = Engine.attach(gen.llm, path, load_method=load_method)
+    stream = WeightStream(model, dtype=engine.dtype, bucket_bytes=bucket_bytes)
+    state = {"syncs": 0}
+
+    def sync_weights():
+        t0 = time.perf_counter()
+        if gen.enable_sleep_mode:
+            gen.llm.wake_up(tags=["weights"])  # TRL's order: weights first, KV cache at generation
+            gen._llm_weights_sleeping = False
+        engine.push(stream)
+        metrics = {"rollout_sleep/sync_s": time.perf_counter() - t0}
+        state["syncs"] += 1
+        if verify_every and state["syncs"] % verify_every == 0:  # reads weights only: the KV cache may sleep
+            report = verify(engine, stream).raise_if_failed()
+            metrics.update({"rollout_sleep/verify_s": report.seconds,
+                            "rollout_sleep/verify_max_abs_diff": report.max_abs_diff})
+        for k, v in metrics.items():
+            trainer._metrics["train"][k].append(v)
+
+    gen.sync_weights = sync_weights
+    if sleep_level != 2:
+        original_sleep = gen.llm.sleep
+        gen.llm.sleep = lambda level=2, **kw: original_sleep(level=sleep_level, **kw)
+    trainer.rollout_sleep_engine = engine
+    return trainer
+

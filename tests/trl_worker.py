@@ -1,0 +1,40 @@
+"""Run by tests/test_trl_plugin.py: a few GRPO steps of TRL's own GRPOTrainer on CPU, with or without
+the rollout_sleep patch. Prints one RESULT line (JSON)."""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+from transformers import AutoTokenizer  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+
+from rollout_sleep.data import synthetic_arithmetic  # noqa: E402
+from rollout_sleep.rewards import digits_format  # noqa: E402
+
+ckpt, out, patched = sys.argv[1], sys.argv[2], sys.argv[3] == "patched"
+
+
+def reward(prompts, completions, **kw):
+    return [digits_format(c, {}) for c in completions]
+
+
+args = GRPOConfig(output_dir=out, use_cpu=True, per_device_train_batch_size=8, gradient_accumulation_steps=1,
+                  num_generations=4, max_completion_length=8, learning_rate=1e-2, max_steps=4, logging_steps=1,
+                  report_to="none", save_strategy="no", use_vllm=True, vllm_mode="colocate",
+                  vllm_enable_sleep_mode=False, vllm_max_model_length=256, seed=0, bf16=False)
+trainer = GRPOTrainer(model=ckpt, reward_funcs=[reward], args=args, train_dataset=synthetic_arithmetic(64),
+                      processing_class=AutoTokenizer.from_pretrained(ckpt))
+if patched:
+    from rollout_sleep.integrations.trl import patch
+
+    patch(trainer)  # the one line
+try:
+    trainer.train()
+    ok, error = True, None
+except Exception as err:  # stock TRL on CPU: expected to fail at the first weight sync
+    ok, error = False, f"{type(err).__name__}: {err}"
+print("RESULT " + json.dumps({"ok": ok, "error": error, "log": trainer.state.log_history}), flush=True)
+os._exit(0)
