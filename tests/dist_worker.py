@@ -8,7 +8,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-mode, ckpt_engine, ckpt_trainer = sys.argv[1:4]
+mode, ckpt_engine, ckpt_trainer, out_dir = sys.argv[1:5]
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 
@@ -40,7 +40,7 @@ tokens = engine.generate([[5, 6, 7, 8]], max_tokens=8, temperature=0.0)[0].token
 gathered = [None, None]
 dist.all_gather_object(gathered, tokens)
 sharded = any(hasattr(p, "full_tensor") for p in wrapped.parameters())
-print("RESULT " + json.dumps({"rank": rank, "ok": report.ok, "compared": report.compared,
-                              "same_tokens_on_ranks": gathered[0] == gathered[1], "sharded": sharded}),
-      flush=True)
+with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:  # files: the ranks' stdout interleaves
+    json.dump({"rank": rank, "ok": report.ok, "compared": report.compared,
+               "same_tokens_on_ranks": gathered[0] == gathered[1], "sharded": sharded}, fh)
 os._exit(0)  # vLLM's teardown would destroy the trainer's process group under it

@@ -18,19 +18,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_worker(mode: str, ckpts) -> list[dict]:
+def run_worker(mode: str, ckpts, out: Path) -> list[dict]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           str(WORKER), mode, ckpts["tied0"], ckpts["tied1"]]
+           str(WORKER), mode, ckpts["tied0"], ckpts["tied1"], str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    rows = [json.loads(line.split("RESULT ", 1)[1]) for line in proc.stdout.splitlines() if "RESULT " in line]
+    rows = [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
     assert len(rows) == 2, proc.stdout[-2000:] + proc.stderr[-4000:]
     return rows
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
-def test_sync_from_wrapped_trainer_verifies_on_every_rank(mode, ckpts):
-    rows = run_worker(mode, ckpts)
+def test_sync_from_wrapped_trainer_verifies_on_every_rank(mode, ckpts, tmp_path):
+    rows = run_worker(mode, ckpts, tmp_path)
     for row in rows:
         assert row["ok"] and row["compared"] == 25, row
         assert row["same_tokens_on_ranks"], row

@@ -12,7 +12,7 @@ def test_loop_metrics(engine, ckpts):
     model = hf_model(ckpts["tied1"])
     mgr = RolloutManager(engine, model, verify_every=1)
     mgr.sync()  # awake engine: an in-place update, verified
-    comps = mgr.rollout(PROMPTS, n=2, max_tokens=4, temperature=1.0)
+    comps = mgr.rollout(PROMPTS, n=2, max_tokens=4, min_tokens=4, temperature=1.0)
     assert len(comps) == 16
     with mgr.training():
         assert engine.is_asleep
