@@ -361,12 +361,8 @@ class Engine:
         """
         if self._level is not None:
             raise EngineStateError(f"the engine is {self.state}; use wake_up(weights=...) instead")
-        prepared = self._prepare(weights, strict)
-        report = CycleReport("load")
-        with _timed(report, "load"):
-            self._load(prepared, method)
-        with _timed(report, "reset"):
-            self._reset_prefix_cache()
+        report = self.push(weights, method=method, strict=strict)
+        report.kind = "load"
         return report
 
     def reset_prefix_cache(self) -> None:
