@@ -1,5 +1,5 @@
 """Run by tests/test_distributed.py under torchrun (2 processes, gloo): one engine per rank, a trainer
-wrapped in DDP or sharded with FSDP2, a training step, a sync from the wrapped model, verify on every rank."""
+wrapped in DDP or sharded with FSDP2 / DeepSpeed ZeRO-3, a training step, a sync from the wrapped model, verify on every rank."""
 
 import json
 import os
@@ -13,24 +13,34 @@ dist.init_process_group("gloo")
 rank = dist.get_rank()
 
 from rollout_sleep.engine import Engine  # noqa: E402
-from rollout_sleep.sync import WeightStream, verify  # noqa: E402
+from rollout_sleep.sync import WeightStream, unwrap, verify  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 engine = Engine(ckpt_engine, dtype="float32", seed=0)  # external_launcher: inside this process group
 model = AutoModelForCausalLM.from_pretrained(ckpt_trainer, dtype=torch.float32)
-if mode == "ddp":
-    wrapped = torch.nn.parallel.DistributedDataParallel(model)
-else:
-    from torch.distributed.fsdp import fully_shard
-
-    for layer in model.model.layers:
-        fully_shard(layer)
-    wrapped = fully_shard(model)
-opt = torch.optim.SGD(wrapped.parameters(), lr=0.05)
 torch.manual_seed(rank)  # each rank its own data: gradients must be reduced for ranks to agree
 ids = torch.randint(1, 250, (2, 16))
-wrapped(input_ids=ids, labels=ids).loss.backward()
-opt.step()
+if mode == "zero3":
+    import deepspeed
+
+    ds_config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+                 "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+                 "optimizer": {"type": "SGD", "params": {"lr": 0.05}}, "zero_allow_untested_optimizer": True}
+    wrapped, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    wrapped.backward(wrapped(input_ids=ids, labels=ids).loss)
+    wrapped.step()
+else:
+    if mode == "ddp":
+        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+    else:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.model.layers:
+            fully_shard(layer)
+        wrapped = fully_shard(model)
+    opt = torch.optim.SGD(wrapped.parameters(), lr=0.05)
+    wrapped(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
 
 engine.sleep(level=2)
 stream = WeightStream(wrapped, dtype=engine.dtype, bucket_bytes=128 << 10)
@@ -39,8 +49,22 @@ report = verify(engine, stream)
 tokens = engine.generate([[5, 6, 7, 8]], max_tokens=8, temperature=0.0)[0].token_ids
 gathered = [None, None]
 dist.all_gather_object(gathered, tokens)
-sharded = any(hasattr(p, "full_tensor") for p in wrapped.parameters())
+# a deliberate corruption of one trainer tensor, as each setup holds it: verify must name it
+target = "model.layers.0.mlp.down_proj.weight"
+param = dict(unwrap(wrapped).named_parameters())[target]
+with torch.no_grad():
+    if hasattr(param, "ds_id"):
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            if rank == 0:
+                param.data[0, 0] += 1.0
+    elif hasattr(param, "full_tensor"):
+        param.to_local().add_(1.0)  # every rank's shard
+    else:
+        param[0, 0] += 1.0
+bad = verify(engine, WeightStream(wrapped, dtype=engine.dtype))
+sharded = any(hasattr(p, "full_tensor") or hasattr(p, "ds_id") for p in wrapped.parameters())
 with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:  # files: the ranks' stdout interleaves
     json.dump({"rank": rank, "ok": report.ok, "compared": report.compared,
-               "same_tokens_on_ranks": gathered[0] == gathered[1], "sharded": sharded}, fh)
+               "same_tokens_on_ranks": gathered[0] == gathered[1], "sharded": sharded,
+               "corrupted_ok": bad.ok, "corrupted_named": sorted(bad.mismatched)}, fh)
 os._exit(0)  # vLLM's teardown would destroy the trainer's process group under it

@@ -1,4 +1,4 @@
-"""Sync from DDP and FSDP2 trainers: 2 processes over gloo, one real engine per rank."""
+"""Sync from DDP, FSDP2 and DeepSpeed ZeRO-3 trainers: 2 processes over gloo, one real engine per rank."""
 
 import json
 import subprocess
@@ -28,10 +28,18 @@ def run_worker(mode: str, ckpts, out: Path) -> list[dict]:
     return rows
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def _has_deepspeed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("deepspeed") is not None
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2", pytest.param("zero3", marks=pytest.mark.skipif(
+    not _has_deepspeed(), reason="deepspeed not installed (the test extra installs it)"))])
 def test_sync_from_wrapped_trainer_verifies_on_every_rank(mode, ckpts, tmp_path):
     rows = run_worker(mode, ckpts, tmp_path)
     for row in rows:
         assert row["ok"] and row["compared"] == 25, row
         assert row["same_tokens_on_ranks"], row
-        assert row["sharded"] == (mode == "fsdp2")
+        assert row["sharded"] == (mode != "ddp")
+        assert not row["corrupted_ok"] and row["corrupted_named"] == ["model.layers.0.mlp.down_proj.weight"], row

@@ -29,6 +29,18 @@ def test_generate_returns_tokens_and_logprobs(engine):
     assert text[0].prompt_token_ids == engine.tokenizer("12+7=").input_ids
 
 
+def test_fast_output_path_equals_vllms_own_detokenized_output(engine):
+    """generate() asks vLLM for no per-step detokenization and flat log-probs, then decodes once:
+    tokens, log-probs and texts must equal what vLLM's default (per-token dicts, incremental text) gives."""
+    kw = dict(n=16, max_tokens=40, temperature=1.0, seed=7)
+    fast = engine.generate(PROMPTS[:4], **kw)
+    slow = engine.generate(PROMPTS[:4], detokenize=True, flat_logprobs=False, **kw)
+    assert [c.token_ids for c in fast] == [c.token_ids for c in slow]
+    assert [c.logprobs for c in fast] == [c.logprobs for c in slow]
+    assert [c.text for c in fast] == [c.text for c in slow]
+    assert any(c.text for c in fast)
+
+
 def test_wake_with_new_weights_follows_them(engine, ckpts):
     before = greedy(engine)
     new = hf_model(ckpts["tied1"])

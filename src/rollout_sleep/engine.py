@@ -75,6 +75,18 @@ class CycleReport:
         return out
 
 
+def _sampled_logprobs(logprobs: Any, token_ids: list[int]) -> list[float]:
+    """The sampler's log-prob of each sampled token, from vLLM's per-token dicts or its flat lists."""
+    if hasattr(logprobs, "start_indices"):  # FlatLogprobs
+        out = []
+        for pos, tok in enumerate(token_ids):
+            start, end = logprobs.start_indices[pos], logprobs.end_indices[pos]
+            j = start if logprobs.token_ids[start] == tok else logprobs.token_ids.index(tok, start, end)
+            out.append(logprobs.logprobs[j])
+        return out
+    return [step[tok].logprob for step, tok in zip(logprobs, token_ids)]
+
+
 def _memory_gib() -> tuple[str, float]:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -250,8 +262,17 @@ class Engine:
         from vllm import SamplingParams
 
         self._require_awake("generate")
+        decode_here = False
         if sampling is None:
             sampling_kwargs.setdefault("logprobs", 0)
+            fields = getattr(SamplingParams, "__struct_fields__", ())
+            if "flat_logprobs" in fields:  # one flat list per request instead of a dict per token
+                sampling_kwargs.setdefault("flat_logprobs", True)
+            if not sampling_kwargs.get("stop") and "detokenize" not in sampling_kwargs:
+                # vLLM detokenizes every request at every step (and each log-prob token too), on the
+                # engine's thread when it runs in-process: one batched decode at the end is far cheaper.
+                sampling_kwargs["detokenize"] = False
+                decode_here = True
             sampling = SamplingParams(**sampling_kwargs)
         elif sampling_kwargs:
             raise TypeError("pass either a SamplingParams or keyword arguments, not both")
@@ -265,11 +286,13 @@ class Engine:
         result = []
         for i, out in enumerate(outputs):
             for c in out.outputs:
-                lps = None
-                if c.logprobs is not None:
-                    lps = [step[tok].logprob for step, tok in zip(c.logprobs, c.token_ids)]
+                lps = None if c.logprobs is None else _sampled_logprobs(c.logprobs, c.token_ids)
                 result.append(Completion(i, list(out.prompt_token_ids), list(c.token_ids), lps, c.text,
                                          c.finish_reason))
+        if decode_here and result:
+            texts = self.tokenizer.batch_decode([c.token_ids for c in result], skip_special_tokens=True)
+            for c, text in zip(result, texts):
+                c.text = text.rstrip("\ufffd")  # as vLLM's incremental detokenizer: no incomplete UTF-8 tail
         return result
 
     def score(self, sequences: Iterable[list[int]]) -> list[list[float]]:

@@ -16,6 +16,13 @@ import time
 from pathlib import Path
 
 
+def _versions() -> dict:
+    import torch
+    import vllm
+
+    return {"vllm": vllm.__version__, "torch": torch.__version__}
+
+
 def run_soak(cycles: int = 50, *, size: str = "tiny", warmup: int = 10, max_growth_mib: float = 64.0,
              out: str | None = None, dtype: str | None = None, quiet: bool = False, awake_every: int = 4) -> dict:
     """Every ``awake_every``-th cycle updates the weights without sleeping (``load_weights`` on the awake
@@ -72,17 +79,22 @@ def run_soak(cycles: int = 50, *, size: str = "tiny", warmup: int = 10, max_grow
         rows.append({"cycle": i + 1, "seconds": time.perf_counter() - t0, "awake_update": awake,
                      "sleep_s": s.seconds["sleep"] if s else 0.0,
                      **{f"{k}_s": v for k, v in w.seconds.items()}, "verify_s": report.seconds,
-                     "memory_gib": _memory_gib()[1]})
+                     "memory_gib": _memory_gib()[1],
+                     **({f"sleep_{k}_gib": v for k, v in s.memory_gib.items()} if s else {})})
         if not quiet and (i + 1) % max(1, cycles // 10) == 0:
             print(f"cycle {i + 1}/{cycles}: {rows[-1]['seconds'] * 1e3:.1f} ms, {kind} {rows[-1]['memory_gib']:.3f} GiB",
                   flush=True)
     base = rows[min(warmup, len(rows) - 1)]["memory_gib"]
-    growth_mib = (rows[-1]["memory_gib"] - base) * 1024 * (-1 if kind == "cuda_free" else 1)
+    sign = -1 if kind == "cuda_free" else 1  # less free GPU memory / more RSS = growth
+    growth_mib = (rows[-1]["memory_gib"] - base) * 1024 * sign
+    since_first_mib = (rows[-1]["memory_gib"] - rows[0]["memory_gib"]) * 1024 * sign
     secs = sorted(r["seconds"] for r in rows[warmup:]) or [r["seconds"] for r in rows]
     result = {"cycles": cycles, "size": size, "device": torch.cuda.get_device_name() if cuda else "cpu",
               "memory_kind": kind, "warmup_cycles": warmup, "memory_growth_after_warmup_mib": growth_mib,
+              "memory_growth_since_cycle_1_mib": since_first_mib,
               "max_growth_mib": max_growth_mib, "p50_s": statistics.median(secs),
-              "p99_s": secs[min(len(secs) - 1, int(0.99 * len(secs)))], "verify_passed": len(rows), "rows": rows}
+              "p99_s": secs[min(len(secs) - 1, int(0.99 * len(secs)))], "verify_passed": len(rows),
+              "versions": _versions(), "rows": rows}
     if out:
         Path(out).write_text(json.dumps(result, indent=1))
     if growth_mib > max_growth_mib:
