@@ -1,6 +1,13 @@
-"""Our GRPO recipe vs TRL's GRPOTrainer (colocate, sleep mode on), the same work, one run, one GPU.
+"""Our GRPO recipe vs TRL's GRPOTrainer (colocate, sleep mode on), stock and with our plugin, the same
+work, one run, one GPU.
 
     python benchmarks/grpo_vs_trl.py --size qwen3-0.6b --steps 12 --out results/h100/grpo_vs_trl_qwen3-0.6b.json
+
+Arms, each in its own process (one vLLM engine per process): ``ours`` (recipes/grpo.py with TRL's knobs),
+``ours_tuned`` (the same work using the memory the sleeping engine gives back: bigger micro-batches, no
+gradient checkpointing), ``trl`` (stock GRPOTrainer) and ``trl_plugin`` (the same trainer plus
+``rollout_sleep.integrations.trl.patch``, verify off while timing). Peak GPU memory of every arm is
+sampled device-wide by this parent process (every 20 ms, ``cudaMemGetInfo``), so all arms are measured alike.
 
 Same work on both sides: a random-weight checkpoint of the shape (bf16 weights, no autocast), the synthetic
 arithmetic prompts, 16 prompts x 8 generations per step, up to 128 completion tokens, temperature 1,
@@ -22,6 +29,37 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+TUNED = {"qwen3-0.6b": ("train.micro_batch=128", "train.gradient_checkpointing=false"),
+         "qwen3-4b": ("train.micro_batch=32", "train.gradient_checkpointing=false"),
+         "qwen3-8b": ("train.micro_batch=16", "train.gradient_checkpointing=false")}
+
+
+class PeakMemory:
+    """Device-wide peak of GPU memory in use while the block runs, above what was in use before it."""
+
+    def __init__(self, period_s: float = 0.02):
+        import threading
+
+        import torch
+
+        self.torch, self.period = torch, period_s
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self):
+        while not self.stop.is_set():
+            self.min_free = min(self.min_free, self.torch.cuda.mem_get_info()[0])
+            time.sleep(self.period)
+
+    def __enter__(self):
+        self.base_free = self.min_free = self.torch.cuda.mem_get_info()[0]
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+        self.peak_gib = (self.base_free - self.min_free) / 2**30
 sys.path.insert(0, str(ROOT / "src"))
 WARMUP = 2
 
@@ -32,14 +70,15 @@ def run_ours(size: str, steps: int, workdir: Path, name: str = "ours", extra: tu
            f"output_dir={out}", f"train.steps={steps}", "wandb.mode=disabled", "resume=false",
            "engine.verify_every=0", *extra]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    with PeakMemory() as mem:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     if proc.returncode != 0:
-        raise SystemExit(proc.stdout[-2000:] + proc.stderr[-4000:])
+        return {"error": proc.stdout[-2000:] + proc.stderr[-4000:]}
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steady = rows[WARMUP:]
     phases = {k: statistics.median(r.get(f"{k}_s", 0.0) for r in steady)
               for k in ("generate", "sleep", "wake_weights", "load", "wake_kv_cache", "reset", "train")}
-    return {"wall_s": time.perf_counter() - t0, "step_s": [r["step_s"] for r in rows],
+    return {"wall_s": time.perf_counter() - t0, "peak_gpu_used_gib": mem.peak_gib, "step_s": [r["step_s"] for r in rows],
             "median_step_s": statistics.median(r["step_s"] for r in steady),
             "tokens_per_step": statistics.median(r["generated_tokens"] for r in steady),
             "phases_median_s": phases,
@@ -47,8 +86,8 @@ def run_ours(size: str, steps: int, workdir: Path, name: str = "ours", extra: tu
             + phases["reset"]}
 
 
-def run_trl(size: str, steps: int, workdir: Path) -> None:
-    """In a child process: TRL GRPOTrainer on the same work; prints one RESULT line."""
+def run_trl(size: str, steps: int, workdir: Path, plugin: bool) -> None:
+    """In a child process: TRL GRPOTrainer on the same work (``plugin``: with our patch); prints one RESULT line."""
     import torch
     from transformers import AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -104,6 +143,10 @@ def run_trl(size: str, steps: int, workdir: Path) -> None:
     trainer = GRPOTrainer(model=ckpt, reward_funcs=[reward_digits, reward_exact], args=args, train_dataset=ds,
                           processing_class=tok, callbacks=[StepTimer()])
     init_s = time.perf_counter() - t_init
+    if plugin:
+        from rollout_sleep.integrations.trl import patch
+
+        patch(trainer, verify_every=0)
     gen = trainer.vllm_generation
     wrap(gen, "sync_weights", "sync")  # includes its wake_up(["weights"]) and reset_prefix_cache()
     for name in ("sleep", "wake_up", "generate", "reset_prefix_cache"):
@@ -129,44 +172,63 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--out", required=True)
     ap.add_argument("--workdir", default="/tmp/rs-grpo-bench")
-    ap.add_argument("--trl-child", action="store_true")
+    ap.add_argument("--trl-child", choices=["stock", "plugin"])
+    ap.add_argument("--arms", default="ours,ours_tuned,trl,trl_plugin")
     args = ap.parse_args()
     work = Path(args.workdir) / args.size
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     if args.trl_child:
-        return run_trl(args.size, args.steps, work)
+        return run_trl(args.size, args.steps, work, args.trl_child == "plugin")
     import torch
 
-    result = {"size": args.size, "steps": args.steps, "device": torch.cuda.get_device_name(),
-              "work": "16 prompts x 8 generations, <=128 tokens, bf16, AdamW 1e-6, grad ckpt, micro-batch 32"}
-    result["ours"] = run_ours(args.size, args.steps, work)
-    print("ours:", json.dumps(result["ours"]["phases_median_s"]), result["ours"]["median_step_s"], flush=True)
+    # an existing --out of the same size on the same card gains the arms run now (arms split over calls)
+    prev = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
+    same = prev.get("size") == args.size and prev.get("device") == torch.cuda.get_device_name()
+    result = prev if same else {}
+    result.update({"size": args.size, "steps": args.steps, "device": torch.cuda.get_device_name(),
+              "versions": {"vllm": _version("vllm"), "torch": torch.__version__, "trl": _version("trl")},
+              "work": "16 prompts x 8 generations, <=128 tokens, bf16, AdamW 1e-6, grad ckpt, micro-batch 32",
+              "tuned_overrides": list(TUNED.get(args.size, ()))})
+    arms = args.arms.split(",")
+    for arm in arms:
+        if arm == "ours":
+            result[arm] = run_ours(args.size, args.steps, work)
+        elif arm == "ours_tuned":
+            result[arm] = run_ours(args.size, args.steps, work, arm, TUNED.get(args.size, ()))
+        else:
+            result[arm] = run_trl_child(args, "plugin" if arm == "trl_plugin" else "stock")
+        r = result[arm]
+        print(arm, "error" if "error" in r else f"{r['median_step_s']:.3f} s/step peak {r['peak_gpu_used_gib']:.1f} GiB "
+              + json.dumps({k: round(v, 4) for k, v in r["phases_median_s"].items()}), flush=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    ok = {a: result[a] for a in ("ours", "ours_tuned", "trl", "trl_plugin")
+          if a in result and "error" not in result[a]}
+    if "trl" in ok:
+        t = ok["trl"]
+        result["trl_step_s_over"] = {a: t["median_step_s"] / r["median_step_s"] for a, r in ok.items()}
+        result["cycle_overhead_over_trl"] = {a: r["cycle_overhead_s"] / t["cycle_overhead_s"] for a, r in ok.items()}
+        print("TRL step time / arm step time:", json.dumps(result["trl_step_s_over"]), flush=True)
+        print("arm cycle overhead / TRL's:", json.dumps(result["cycle_overhead_over_trl"]), flush=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
-    # The same work using the memory the sleeping engine gives back: all 128 completions in one
-    # micro-batch, no gradient checkpointing (same gradients, same optimizer step).
-    result["ours_tuned"] = run_ours(args.size, args.steps, work, "ours_tuned",
-                                    ("train.micro_batch=128", "train.gradient_checkpointing=false"))
-    print("ours tuned:", json.dumps(result["ours_tuned"]["phases_median_s"]), result["ours_tuned"]["median_step_s"],
-          flush=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    proc = subprocess.run([sys.executable, __file__, "--size", args.size, "--steps", str(args.steps), "--out", "-",
-                           "--workdir", args.workdir, "--trl-child"], capture_output=True, text=True, timeout=1200)
+
+
+def _version(name: str) -> str:
+    from importlib.metadata import version
+
+    return version(name)
+
+
+def run_trl_child(args, mode: str) -> dict:
+    cmd = [sys.executable, __file__, "--size", args.size, "--steps", str(args.steps), "--out", "-",
+           "--workdir", args.workdir, "--trl-child", mode]
+    with PeakMemory() as mem:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if not line:
-        result["trl_error"] = proc.stderr[-4000:]
-        print(proc.stderr[-4000:])
-    else:
-        trl = json.loads(line[-1][7:])
-        result["trl"] = {"init_s": trl["init_s"], **summarize_trl(trl["rows"], None)}
-        o, t = result["ours"], result["trl"]
-        result["speedup_step_time"] = t["median_step_s"] / o["median_step_s"]
-        result["speedup_step_time_tuned"] = t["median_step_s"] / result["ours_tuned"]["median_step_s"]
-        result["overhead_ratio_ours_over_trl"] = o["cycle_overhead_s"] / t["cycle_overhead_s"]
-        print(f"TRL: {t['median_step_s']:.3f} s/step, ours {o['median_step_s']:.3f} s/step "
-              f"-> {result['speedup_step_time']:.2f}x (tuned {result['speedup_step_time_tuned']:.2f}x); cycle overhead ours {o['cycle_overhead_s'] * 1e3:.1f} ms "
-              f"vs TRL {t['cycle_overhead_s'] * 1e3:.1f} ms", flush=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+        return {"error": proc.stderr[-4000:]}
+    trl = json.loads(line[-1][7:])
+    return {"init_s": trl["init_s"], "peak_gpu_used_gib": mem.peak_gib, **summarize_trl(trl["rows"], None)}
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ With the patch:
 - the prefix cache is reset after every sync and the result is checked;
 - ``verify`` runs every ``verify_every`` syncs (bitwise: the engine holds exactly the trainer's weights);
 - vLLM sleeps at ``sleep_level`` (TRL always asks for 2) where sleep mode is enabled;
+- ``fast_outputs``: vLLM skips its per-step detokenization and returns flat log-probs (TRL decodes the
+  completion ids itself and never reads vLLM's text), unless the config sets stop strings;
 - timings go into TRL's logs: ``rollout_sleep/sync_s``, ``rollout_sleep/verify_s``,
   ``rollout_sleep/verify_max_abs_diff`` (and so to W&B with ``report_to="wandb"``).
 Server mode (``vllm_mode="server"``) and ``use_vllm=False`` are refused with an error.
@@ -34,7 +36,7 @@ from ..sync import WeightStream, verify
 
 
 def patch(trainer, *, sleep_level: int = 2, verify_every: int = 1, bucket_bytes: int = 512 << 20,
-          load_method: str = "auto"):
+          load_method: str = "auto", fast_outputs: bool = True):
     """Make ``trainer`` (a TRL ``GRPOTrainer`` in colocate mode) sync and sleep the rollout_sleep way.
 
     Returns the trainer. Raises ``ValueError`` for configurations it cannot serve.
@@ -74,6 +76,13 @@ def patch(trainer, *, sleep_level: int = 2, verify_every: int = 1, bucket_bytes:
             trainer._metrics["train"][k].append(v)
 
     gen.sync_weights = sync_weights
+    if fast_outputs and not (gen.generation_kwargs or {}).get("stop"):
+        from vllm import SamplingParams
+
+        gen.generation_kwargs = dict(gen.generation_kwargs or {})
+        gen.generation_kwargs.setdefault("detokenize", False)
+        if "flat_logprobs" in getattr(SamplingParams, "__struct_fields__", ()):
+            gen.generation_kwargs.setdefault("flat_logprobs", True)
     if sleep_level != 2:
         original_sleep = gen.llm.sleep
         gen.llm.sleep = lambda level=2, **kw: original_sleep(level=sleep_level, **kw)
