@@ -19,6 +19,14 @@ def main(argv: list[str] | None = None) -> int:
     soak.add_argument("--warmup", type=int, default=10)
     soak.add_argument("--max-growth-mib", type=float, default=64.0)
     soak.add_argument("--out", help="write the per-cycle JSON here")
+    sw = sub.add_parser("switch-bench", help="two vllm serve models switched A<->B: level 1, level 2, cold restart")
+    sw.add_argument("--models", nargs=2, default=["tiny", "tiny"],
+                    help="checkpoint directories, or model-factory shapes (tiny, qwen3-0.6b, ...) built under --out")
+    sw.add_argument("--switches", type=int, default=5)
+    sw.add_argument("--modes", default="level1,level2,cold")
+    sw.add_argument("--max-tokens", type=int, default=32)
+    sw.add_argument("--gpu-memory-utilization", type=float, default=0.4)
+    sw.add_argument("--out", default="runs/switch-bench")
     make = sub.add_parser("make-checkpoint", help="write a random-weight Qwen3 checkpoint")
     make.add_argument("path")
     make.add_argument("--size", default="tiny")
@@ -48,6 +56,14 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+    if args.command == "switch-bench":
+        from .switch_bench import prepare_models, run_switch_bench
+        from .server import sleep_mode_available
+
+        kw = {"gpu_memory_utilization": args.gpu_memory_utilization} if sleep_mode_available() else {}
+        run_switch_bench(prepare_models(args.models, args.out), args.out, switches=args.switches,
+                         modes=args.modes.split(","), max_tokens=args.max_tokens, server_kwargs=kw)
+        return 0
     if args.command == "make-checkpoint":
         from .checkpoints import make_checkpoint
 

@@ -86,11 +86,6 @@ class RolloutManager:
                 f"{free:.2f} GiB). Lower the micro-batch or sequence length, enable gradient checkpointing"
                 + (", or sleep at level 2." if self.sleep_level == 1 else ".")) from err
         finally:
-            if torch.cuda.is_available():
-                # Hand the trainer's cached blocks back to the driver: vLLM's wake maps its weights and KV
-                # cache outside PyTorch's allocator and fails with "out of memory" if the cache keeps them
-                # (seen on an H100: a 128-completion micro-batch left too little for the wake).
-                torch.cuda.empty_cache()
             self._add("train_s", time.perf_counter() - t0)
 
     def sync(self) -> None:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import time
 
-from ..engine import Engine
+from ..engine import Engine, release_cached_memory
 from ..sync import WeightStream, verify
 
 
@@ -63,6 +63,7 @@ def patch(trainer, *, sleep_level: int = 2, verify_every: int = 1, bucket_bytes:
     def sync_weights():
         t0 = time.perf_counter()
         if gen.enable_sleep_mode:
+            release_cached_memory()
             gen.llm.wake_up(tags=["weights"])  # TRL's order: weights first, KV cache at generation
             gen._llm_weights_sleeping = False
         engine.push(stream)
