@@ -90,9 +90,10 @@ def run_switch_bench(models: list[str], out_dir: str | Path, *, switches: int = 
             for mode in sleep_modes:
                 level = int(mode[-1])
                 other = engines[1 - current]
-                if other.sleep_level != level:  # the sleeper must be asleep at this mode's level (untimed)
+                if other.sleep_level != level:  # an untimed switch leaves the sleeper at this mode's level
+                    engines[current].sleep(level=level)  # (never two awake: they need not fit together)
                     other.wake_up(reload_checkpoint=other.sleep_level == 2)
-                    other.sleep(level=level)
+                    current = 1 - current
                 rows = []
                 for s in range(switches):
                     nxt = 1 - current
@@ -105,6 +106,7 @@ def run_switch_bench(models: list[str], out_dir: str | Path, *, switches: int = 
                                  "first_inference_s": _infer(engines[nxt], s, max_tokens)})
                     current = nxt
                 result["modes"][mode] = _summarize(rows)
+                (out / "switch_bench.json").write_text(json.dumps(result, indent=1))
                 print(f"{mode}: median switch {result['modes'][mode]['median_switch_s']:.3f} s", flush=True)
             servers[1 - current].stop()  # cold starts from the server left awake
         if "cold" in modes:
