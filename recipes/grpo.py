@@ -69,6 +69,9 @@ class GRPORecipe:
             model.gradient_checkpointing_enable()
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        self.layout = {"processes": self.acc.num_processes, "distributed_type": self.acc.distributed_type.value,
+                       "trainer_sharded": any(hasattr(p, "full_tensor") or hasattr(p, "ds_id")
+                                              for p in self.model.parameters())}
         self.ref_model = None
         if cfg.train.kl_coef > 0:
             self.ref_model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype).to(self.acc.device)
@@ -140,7 +143,8 @@ class GRPORecipe:
             all_rewards = self.acc.gather(rewards.to(self.acc.device)).float()
             metrics = {"step": self.step, "first_prompt_index": idx[0], "reward_mean": float(all_rewards.mean()),
                        "reward_std": float(all_rewards.std()), "completion_len_mean": float(lengths.mean()),
-                       **stats, **phases, "step_s": time.perf_counter() - t0}
+                       "rollouts": int(all_rewards.numel()), **self.layout, **stats, **phases,
+                       "step_s": time.perf_counter() - t0}
             self.timeline.append({k: v for k, v in phases.items() if k.endswith("_s")})
             if self.main:
                 with open(self.out / "metrics.jsonl", "a") as fh:
