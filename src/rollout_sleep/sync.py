@@ -241,6 +241,10 @@ def verify(engine, model: nn.Module | WeightStream) -> VerifyReport:
 
     stream = model if isinstance(model, WeightStream) else WeightStream(model, dtype=engine.dtype)
     engine._require_awake("verify weights")
+    tp = engine.llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size
+    if tp != 1:  # each rank holds a shard; comparing it with the full tensor would report false mismatches
+        raise NotImplementedError(f"verify compares full tensors; this engine is tensor parallel ({tp} shards per "
+                                  "weight). Check a tensor-parallel engine by its outputs (Engine.score) instead")
     t0 = time.perf_counter()
 
     def compare(vmodel: nn.Module) -> VerifyReport:
