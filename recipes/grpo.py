@@ -34,7 +34,7 @@ from accelerate.utils import set_seed  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from rollout_sleep.checkpoints import SHAPES, make_checkpoint  # noqa: E402
-from rollout_sleep.config import RecipeConfig, load_config  # noqa: E402
+from rollout_sleep.config import ConfigError, RecipeConfig, load_config  # noqa: E402
 from rollout_sleep.data import load_prompts  # noqa: E402
 from rollout_sleep.engine import Engine  # noqa: E402
 from rollout_sleep.grpo import grpo_update  # noqa: E402
@@ -59,7 +59,15 @@ class GRPORecipe:
         dtype = getattr(torch, cfg.model.dtype)
         # The engine first, while the GPU is empty: vLLM sizes its KV cache from the free memory it sees.
         engine_kw = {"gpu_memory_utilization": cfg.engine.gpu_memory_utilization} if torch.cuda.is_available() else {}
-        self.engine = Engine(self.model_path, dtype=cfg.model.dtype, seed=cfg.train.seed + self.acc.process_index,
+        self.tp = cfg.engine.tensor_parallel_size
+        if self.tp not in (1, self.acc.num_processes):
+            raise ConfigError(f"engine.tensor_parallel_size must be 1 (an engine per rank) or the number of processes "
+                              f"({self.acc.num_processes}, one engine across ranks), got {self.tp}")
+        if self.tp > 1 and cfg.engine.verify_every:
+            raise ConfigError("verify compares full tensors and is not available for a tensor-parallel engine yet; "
+                              "set engine.verify_every=0 with engine.tensor_parallel_size > 1")
+        seed = cfg.train.seed + (self.acc.process_index if self.tp == 1 else 0)  # a TP engine samples alike on all ranks
+        self.engine = Engine(self.model_path, dtype=cfg.model.dtype, seed=seed, tensor_parallel_size=self.tp,
                              max_model_len=cfg.engine.max_model_len, kv_cache_bytes=cfg.engine.kv_cache_bytes,
                              load_method=cfg.engine.load_method, enforce_eager=cfg.engine.enforce_eager,
                              **engine_kw)
@@ -125,10 +133,20 @@ class GRPORecipe:
         while self.step < t.steps:
             t0 = time.perf_counter()
             idx = [self.order[(self.step * t.prompts_per_step + i) % len(self.order)] for i in range(t.prompts_per_step)]
-            examples = [self.data[i] for i in idx[rank::world]]  # data-parallel rollouts
+            # an engine per rank: each rolls out its share of the prompts; one TP engine: all ranks submit the
+            # same prompts (vLLM requires it) and each then trains on its share of the groups
+            examples = [self.data[i] for i in (idx[rank::world] if self.tp == 1 else idx)]
             prompt_ids = [self.tokenizer(ex["prompt"]).input_ids for ex in examples]
             comps = self.manager.rollout(prompt_ids, n=t.generations, max_tokens=t.max_tokens,
                                          temperature=t.temperature)
+            if self.tp > 1:
+                mine = set(range(rank, len(examples), world))
+                comps = [c for c in comps if c.prompt_index in mine]
+                order = sorted(mine)
+                examples, prompt_ids = [examples[i] for i in order], [prompt_ids[i] for i in order]
+                remap = {old: new for new, old in enumerate(order)}
+                for c in comps:
+                    c.prompt_index = remap[c.prompt_index]
             rewards = torch.tensor(score(cfg.rewards, [c.text for c in comps], [examples[c.prompt_index] for c in comps]),
                                    dtype=torch.float32)
             with self.manager.training():

@@ -8,6 +8,7 @@ back that way after each test, whatever the test did.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -108,3 +109,11 @@ def assert_follows(engine, model, prompts=PROMPTS, n_tokens: int = 16) -> None:
     assert max(diffs) < 1e-3, f"teacher-forced log-probs differ by up to {max(diffs):.3g}"
     assert all(g[:8] == w[:8] for g, w in zip(got, want)), (got, want)
     assert sum(g == w for g, w in zip(got, want)) >= len(prompts) - 1, (got, want)
+
+
+def clear_cpu_tp_shm() -> None:
+    """vLLM's CPU tensor-parallel groups under external_launcher make shared-memory files with fixed names
+    (``-tp:0-[0-1]-cpushm_<rank>``); the workers exit without vLLM's teardown, and a leftover file makes
+    the next group fail with EEXIST."""
+    for f in Path("/dev/shm").glob("*cpushm*"):
+        f.unlink(missing_ok=True)

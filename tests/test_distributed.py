@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import clear_cpu_tp_shm
+
 WORKER = Path(__file__).with_name("dist_worker.py")
 TP_WORKER = Path(__file__).with_name("tp_worker.py")
 
@@ -17,14 +19,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def clear_cpu_tp_shm() -> None:
-    """vLLM's CPU tensor-parallel groups under external_launcher make shared-memory files with fixed names
-    (``-tp:0-[0-1]-cpushm_<rank>``); the workers exit without vLLM's teardown, and a leftover file makes
-    the next group fail with EEXIST."""
-    for f in Path("/dev/shm").glob("*cpushm*"):
-        f.unlink(missing_ok=True)
 
 
 def run_worker(mode: str, ckpts, out: Path) -> list[dict]:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import clear_cpu_tp_shm
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "grpo.py"
 CONFIG = ROOT / "configs" / "tiny-cpu.yaml"
@@ -83,22 +85,29 @@ def test_reward_rises_on_the_synthetic_task(tmp_path, seed):
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.2, rewards
 
 
-def test_two_processes_each_with_its_engine(tmp_path):
-    """2 processes over gloo (torchrun: accelerate's launcher runs one process with --cpu): a DDP trainer,
-    one engine per rank (TP=1, data-parallel rollouts), verify after every sync on every rank (a failed
-    verify fails the run). accelerate enables FSDP only on accelerators; the FSDP2 sync itself is tested
-    with 2 processes in test_distributed.py."""
-    out = tmp_path / "ddp"
+@pytest.mark.parametrize("tp", [1, 2])
+def test_two_processes_ddp_trainer(tp, tmp_path):
+    """2 processes over gloo (torchrun: accelerate's launcher runs one process with --cpu), a DDP trainer, and
+    either an engine per rank (TP=1, data-parallel rollouts, verify after every sync on every rank: a failed
+    verify fails the run) or one TP=2 engine across both ranks (same prompts on both, each rank trains on
+    half of the groups). accelerate enables FSDP only on accelerators; the FSDP2 sync itself is tested with
+    2 processes in test_distributed.py."""
+    out = tmp_path / f"tp{tp}"
     port = str(random.randint(20000, 40000))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", port, str(RECIPE), "--config", str(CONFIG), f"output_dir={out}", "train.steps=3",
-           "wandb.mode=disabled", "save_every=0", "engine.verify_every=1"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
+           "wandb.mode=disabled", "save_every=0", f"engine.verify_every={int(tp == 1)}",
+           f"engine.tensor_parallel_size={tp}"]
+    clear_cpu_tp_shm()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
+    finally:
+        clear_cpu_tp_shm()
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3]
     for r in rows:
         assert r["processes"] == 2 and r["distributed_type"] == "MULTI_CPU" and not r["trainer_sharded"], r
         assert r["rollouts"] == 8 * 8  # both ranks' completions: each rank rolled out half the prompts
-        assert r["verify_s"] > 0
+        assert (r.get("verify_s", 0) > 0) == (tp == 1)

@@ -42,6 +42,9 @@ class EngineConfig:
     load_method: str = "auto"
     verify_every: int = 1  # run verify after every N-th sync (0: never)
     enforce_eager: bool = False
+    # 1: an engine per rank (data-parallel rollouts); = the number of processes: one tensor-parallel engine
+    # across all ranks (every rank sees the same completions and trains on its share of the groups)
+    tensor_parallel_size: int = 1
 
 
 @dataclass
