@@ -75,6 +75,25 @@ class CycleReport:
         return out
 
 
+class SleepState:
+    """The awake / asleep(level) state shared by the in-process and the remote engine."""
+
+    _level: int | None = None  # None while awake
+
+    @property
+    def state(self) -> str:
+        return "awake" if self._level is None else f"asleep(level={self._level})"
+
+    @property
+    def is_asleep(self) -> bool:
+        return self._level is not None
+
+    @property
+    def sleep_level(self) -> int | None:
+        """The level the engine sleeps at, or ``None`` while awake."""
+        return self._level
+
+
 def release_cached_memory() -> None:
     """Hand PyTorch's cached free blocks (the trainer's) back to the driver before vLLM wakes: vLLM maps its
     weights and KV cache outside PyTorch's allocator, so blocks the cache keeps are memory it cannot map
@@ -126,7 +145,7 @@ def _sleep_mode_available() -> bool:
     return bool(current_platform.is_sleep_mode_available())
 
 
-class Engine:
+class Engine(SleepState):
     """An in-process vLLM engine with sleep mode and a checked sleep/wake/reload/reset cycle.
 
     Args:
@@ -232,14 +251,6 @@ class Engine:
         return report
 
     # ------------------------------------------------------------------ state
-    @property
-    def state(self) -> str:
-        return "awake" if self._level is None else f"asleep(level={self._level})"
-
-    @property
-    def is_asleep(self) -> bool:
-        return self._level is not None
-
     @property
     def dtype(self) -> torch.dtype:
         return self.llm.llm_engine.model_config.dtype

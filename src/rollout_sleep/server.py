@@ -33,7 +33,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Iterable
 
-from .engine import LEVELS, Completion, CycleReport, EngineStateError
+from .engine import LEVELS, Completion, CycleReport, EngineStateError, SleepState
 from .weights import check_weights, read_checkpoint_spec
 
 LOOPBACK = "127.0.0.1"
@@ -334,7 +334,7 @@ def _stop_all() -> None:
 
 
 # --------------------------------------------------------------------------------------------- engine
-class RemoteEngine:
+class RemoteEngine(SleepState):
     """The engine interface over HTTP: generate, sleep, wake up (with a reload from a checkpoint path)
     and reset, with the in-process engine's state machine and errors. Weights travel as a checkpoint
     directory the server can read (a remote server cannot take in-memory tensors).
@@ -355,19 +355,6 @@ class RemoteEngine:
         if client.is_sleeping():
             raise EngineStateError(f"the server at {client.base_url} is asleep; wake it before attaching "
                                    "(its sleep level is unknown to this client)")
-
-    @property
-    def state(self) -> str:
-        return "awake" if self._level is None else f"asleep(level={self._level})"
-
-    @property
-    def is_asleep(self) -> bool:
-        return self._level is not None
-
-    @property
-    def sleep_level(self) -> int | None:
-        """The level the server sleeps at, or ``None`` while awake."""
-        return self._level
 
     def _require_awake(self, what: str) -> None:
         if self._level is not None:
