@@ -63,9 +63,6 @@ class GRPORecipe:
         if self.tp not in (1, self.acc.num_processes):
             raise ConfigError(f"engine.tensor_parallel_size must be 1 (an engine per rank) or the number of processes "
                               f"({self.acc.num_processes}, one engine across ranks), got {self.tp}")
-        if self.tp > 1 and cfg.engine.verify_every:
-            raise ConfigError("verify compares full tensors and is not available for a tensor-parallel engine yet; "
-                              "set engine.verify_every=0 with engine.tensor_parallel_size > 1")
         seed = cfg.train.seed + (self.acc.process_index if self.tp == 1 else 0)  # a TP engine samples alike on all ranks
         self.engine = Engine(self.model_path, dtype=cfg.model.dtype, seed=seed, tensor_parallel_size=self.tp,
                              max_model_len=cfg.engine.max_model_len, kv_cache_bytes=cfg.engine.kv_cache_bytes,

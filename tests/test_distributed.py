@@ -62,5 +62,12 @@ def test_tensor_parallel_engine_across_two_ranks_follows_the_trainer(ckpts, tmp_
         assert row["after"] != row["before"]
         assert row["after"] == row["hf"], row  # greedy, 4 prompts x 8 tokens, fp32
         assert row["logprob_gap"] < 1e-3, row  # teacher-forced, same bound as conftest.assert_follows
-        assert "tensor parallel" in row["verify_error"]  # refused, not a false mismatch
+        assert row["verify_ok"] and row["compared"] == 25, row  # each rank's shards, cut as vLLM cuts them
+        # row 0 of down_proj (row parallel: its columns are split) lives on rank 0 only; the last row of
+        # k_proj is in the second rank's slice of the fused qkv_proj
+        assert not row["corrupted_ok"]
+        assert set(row["corrupted_named"]) <= {"model.layers.0.mlp.down_proj.weight",
+                                               "model.layers.1.self_attn.k_proj.weight"}, row
+    named = set(rows[0]["corrupted_named"]) | set(rows[1]["corrupted_named"])
+    assert named == {"model.layers.0.mlp.down_proj.weight", "model.layers.1.self_attn.k_proj.weight"}, rows
     assert rows[0]["after"] == rows[1]["after"]

@@ -88,15 +88,15 @@ def test_reward_rises_on_the_synthetic_task(tmp_path, seed):
 @pytest.mark.parametrize("tp", [1, 2])
 def test_two_processes_ddp_trainer(tp, tmp_path):
     """2 processes over gloo (torchrun: accelerate's launcher runs one process with --cpu), a DDP trainer, and
-    either an engine per rank (TP=1, data-parallel rollouts, verify after every sync on every rank: a failed
-    verify fails the run) or one TP=2 engine across both ranks (same prompts on both, each rank trains on
-    half of the groups). accelerate enables FSDP only on accelerators; the FSDP2 sync itself is tested with
+    either an engine per rank (TP=1, data-parallel rollouts) or one TP=2 engine across both ranks (same
+    prompts on both, each rank trains on half of the groups); verify after every sync on every rank (a
+    failed verify fails the run). accelerate enables FSDP only on accelerators; the FSDP2 sync itself is tested with
     2 processes in test_distributed.py."""
     out = tmp_path / f"tp{tp}"
     port = str(random.randint(20000, 40000))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", port, str(RECIPE), "--config", str(CONFIG), f"output_dir={out}", "train.steps=3",
-           "wandb.mode=disabled", "save_every=0", f"engine.verify_every={int(tp == 1)}",
+           "wandb.mode=disabled", "save_every=0", "engine.verify_every=1",
            f"engine.tensor_parallel_size={tp}"]
     clear_cpu_tp_shm()
     try:
@@ -110,4 +110,4 @@ def test_two_processes_ddp_trainer(tp, tmp_path):
     for r in rows:
         assert r["processes"] == 2 and r["distributed_type"] == "MULTI_CPU" and not r["trainer_sharded"], r
         assert r["rollouts"] == 8 * 8  # both ranks' completions: each rank rolled out half the prompts
-        assert (r.get("verify_s", 0) > 0) == (tp == 1)
+        assert r["verify_s"] > 0  # on a TP engine each rank checks its own shards

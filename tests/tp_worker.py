@@ -1,6 +1,7 @@
 """Run by tests/test_distributed.py under torchrun (2 processes, gloo): ONE tensor-parallel engine across the
 two ranks (TP=2, vLLM's external_launcher), a sleep → wake with the trainer's weights → reset cycle, and the
-engine's greedy tokens and teacher-forced log-probs compared with transformers on the new weights."""
+engine's greedy tokens and teacher-forced log-probs compared with transformers on the new weights, and
+``verify`` on each rank's shards (intact, then with two trainer tensors corrupted)."""
 
 import json
 import os
@@ -32,12 +33,14 @@ with torch.no_grad():
             .gather(1, torch.tensor(s[1:])[:, None])[:, 0].tolist() for s in seqs]
 got = engine.score(seqs)
 gap = max(abs(a - b) for g, w in zip(got, want) for a, b in zip(g, w))
-try:
-    verify(engine, model)
-    verify_error = None
-except NotImplementedError as err:
-    verify_error = str(err)
+checked = verify(engine, model)
+with torch.no_grad():  # a deliberate corruption of one trainer tensor: each rank's check must name it
+    model.model.layers[0].mlp.down_proj.weight[0, 0] += 1.0
+    model.model.layers[1].self_attn.k_proj.weight[-1, -1] += 1.0
+bad = verify(engine, model)
 with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
     json.dump({"rank": rank, "before": before, "after": after, "hf": hf, "logprob_gap": gap,
-               "phases": list(report.seconds), "verify_error": verify_error}, fh)
+               "phases": list(report.seconds),
+               "verify_ok": checked.ok, "compared": checked.compared, "verify_mismatched": sorted(checked.mismatched),
+               "corrupted_ok": bad.ok, "corrupted_named": sorted(bad.mismatched)}, fh)
 os._exit(0)

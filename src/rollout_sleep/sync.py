@@ -231,26 +231,54 @@ def _effective(module: nn.Module, p: torch.Tensor) -> torch.Tensor:
     return p
 
 
+def _rank_part(module: nn.Module, leaf: str, name: str, want: torch.Tensor, packed: dict) -> tuple[int, torch.Tensor]:
+    """On a tensor-parallel engine: (row offset in this rank's parameter, the part of the full checkpoint
+    tensor ``want`` that this rank holds), cut as vLLM's parallel layers cut it."""
+    kinds = {c.__name__ for c in type(module).__mro__}
+    rank = getattr(module, "tp_rank", 0)
+    if hasattr(module, "shard_indices"):  # VocabParallelEmbedding / ParallelLMHead: a range of the vocabulary
+        si = module.shard_indices
+        return 0, want[si.org_vocab_start_index: si.org_vocab_end_index]
+    if "RowParallelLinear" in kinds:  # input features split; the bias is whole
+        n = module.input_size_per_partition
+        return 0, want[:, rank * n: (rank + 1) * n] if want.ndim == 2 else want
+    subs = packed.get(leaf) or []  # leaf: the vLLM module's own name, e.g. qkv_proj
+    sub = name.split(".")[-2]
+    if sub in subs:  # fused: this rank's slice of each shard, concatenated in packed order
+        i = subs.index(sub)
+        if "QKVParallelLinear" in kinds:
+            hs, rep = module.head_size, getattr(module, "num_kv_head_replicas", 1)
+            sizes = [module.num_heads * hs, module.num_kv_heads * hs, module.num_kv_heads * hs]
+            starts = [rank * sizes[0], (rank // rep) * sizes[1], (rank // rep) * sizes[2]]
+        else:  # MergedColumnParallelLinear
+            sizes = [o // module.tp_size for o in module.output_sizes]
+            starts = [rank * n for n in sizes]
+        return sum(sizes[:i]), want[starts[i]: starts[i] + sizes[i]]
+    if "ColumnParallelLinear" in kinds:
+        n = module.output_size_per_partition
+        return 0, want[rank * n: (rank + 1) * n]
+    return 0, want  # replicated (norms)
+
+
 def verify(engine, model: nn.Module | WeightStream) -> VerifyReport:
     """Prove the engine holds exactly the trainer's weights, on the device, one tensor at a time.
 
     Fused vLLM parameters (``qkv_proj``, ``gate_up_proj``) are compared slice by slice with the
-    checkpoint tensors that were loaded into them, so the check covers what vLLM actually holds.
+    checkpoint tensors that were loaded into them, so the check covers what vLLM actually holds. On a
+    tensor-parallel engine each rank checks its own shards, cut as vLLM's parallel layers cut them.
     """
     import time
 
     stream = model if isinstance(model, WeightStream) else WeightStream(model, dtype=engine.dtype)
     engine._require_awake("verify weights")
-    tp = engine.llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size
-    if tp != 1:  # each rank holds a shard; comparing it with the full tensor would report false mismatches
-        raise NotImplementedError(f"verify compares full tensors; this engine is tensor parallel ({tp} shards per "
-                                  "weight). Check a tensor-parallel engine by its outputs (Engine.score) instead")
+    sharded = engine.llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size != 1
     t0 = time.perf_counter()
 
     def compare(vmodel: nn.Module) -> VerifyReport:
         params = dict(vmodel.named_parameters())
         modules = dict(vmodel.named_modules())
-        plan = placements(engine.spec, getattr(vmodel, "packed_modules_mapping", {}) or {}, set(params), engine.tied)
+        packed = getattr(vmodel, "packed_modules_mapping", {}) or {}
+        plan = placements(engine.spec, packed, set(params), engine.tied)
         report = VerifyReport(ok=True, compared=0)
         cache: tuple[str, torch.Tensor] | None = None
         with torch.no_grad():
@@ -265,7 +293,11 @@ def verify(engine, model: nn.Module | WeightStream) -> VerifyReport:
                     owner = "lm_head"
                 if cache is None or cache[0] != owner:
                     cache = (owner, _effective(modules[owner], params[where.param]))
-                got = cache[1][where.row: where.row + want.shape[0]]
+                row = where.row
+                if sharded:  # this rank's shard of the tensor, where this rank keeps it
+                    module_name = where.param.rpartition(".")[0]
+                    row, want = _rank_part(modules[module_name], module_name.rpartition(".")[2], name, want, packed)
+                got = cache[1][row: row + want.shape[0]]
                 cast = want.to(got.device, got.dtype)
                 report.compared += 1
                 diff = (got.float() - want.to(got.device).float()).abs().max().item() if got.numel() else 0.0
