@@ -187,7 +187,7 @@ def main() -> None:
     same = prev.get("size") == args.size and prev.get("device") == torch.cuda.get_device_name()
     result = prev if same else {}
     result.update({"size": args.size, "steps": args.steps, "device": torch.cuda.get_device_name(),
-              "versions": {"vllm": _version("vllm"), "torch": torch.__version__, "trl": _version("trl")},
+              "versions": versions("vllm", "torch", "trl"),
               "work": "16 prompts x 8 generations, <=128 tokens, bf16, AdamW 1e-6, grad ckpt, micro-batch 32",
               "tuned_overrides": list(TUNED.get(args.size, ()))})
     arms = args.arms.split(",")
@@ -211,12 +211,6 @@ def main() -> None:
         print("TRL step time / arm step time:", json.dumps(result["trl_step_s_over"]), flush=True)
         print("arm cycle overhead / TRL's:", json.dumps(result["cycle_overhead_over_trl"]), flush=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
-
-
-def _version(name: str) -> str:
-    from importlib.metadata import version
-
-    return version(name)
 
 
 def run_trl_child(args, mode: str) -> dict:

@@ -8,17 +8,10 @@ from pathlib import Path
 import pytest
 
 from conftest import clear_cpu_tp_shm
+from rollout_sleep.server import free_port
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 TP_WORKER = Path(__file__).with_name("tp_worker.py")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_worker(mode: str, ckpts, out: Path) -> list[dict]:

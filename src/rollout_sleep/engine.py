@@ -30,7 +30,8 @@ from typing import Any, Callable
 
 import torch
 
-from .weights import TensorSpec, WeightMismatchError, check_weights, placements, read_checkpoint_spec, tied_embeddings
+from .weights import (TensorSpec, WeightMismatchError, check_checkpoint_dir, check_weights, placements,
+                      read_checkpoint_spec, tied_embeddings)
 
 LEVELS = (1, 2)
 
@@ -100,6 +101,22 @@ def release_cached_memory() -> None:
     (seen on an H100: out of memory at wake after a 128-completion micro-batch, or a higher peak)."""
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def fast_output_kwargs(sampling_kwargs: dict) -> dict:
+    """``SamplingParams`` keyword arguments with vLLM's cheap output path where the caller left it open:
+    flat log-probs (one list per request instead of a dict per token, where the version has them) and no
+    detokenization (vLLM decodes every request at every step, and each log-prob token too, on the engine's
+    thread when it runs in-process; one batched decode afterwards is far cheaper). Stop strings need
+    vLLM's text, so they keep it."""
+    from vllm import SamplingParams
+
+    out = dict(sampling_kwargs)
+    if "flat_logprobs" in getattr(SamplingParams, "__struct_fields__", ()):
+        out.setdefault("flat_logprobs", True)
+    if not out.get("stop"):
+        out.setdefault("detokenize", False)
+    return out
 
 
 def _sampled_logprobs(logprobs: Any, token_ids: list[int]) -> list[float]:
@@ -178,15 +195,9 @@ class Engine(SleepState):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
 
-        self.model_path = str(Path(model).resolve())
-        if not Path(self.model_path, "config.json").exists():
+        if not Path(model, "config.json").exists():
             raise FileNotFoundError(f"{model!r} is not a checkpoint directory (no config.json)")
-        self.spec: dict[str, TensorSpec] = read_checkpoint_spec(self.model_path)
-        self.tied = tied_embeddings(self.model_path)
-        self.sleep_mode = _sleep_mode_available()
-        self.on_cuda = torch.cuda.is_available()
-        self.load_method = load_method
-        kind, self.memory_before_gib = _memory_gib()
+        self._describe(model, load_method)
         kwargs: dict[str, Any] = dict(
             model=self.model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
             enable_sleep_mode=self.sleep_mode, enable_prefix_caching=enable_prefix_caching,
@@ -202,11 +213,26 @@ class Engine(SleepState):
             kwargs["distributed_executor_backend"] = "external_launcher"
         kwargs.update(llm_kwargs)
         t0 = time.perf_counter()
-        self.llm = LLM(**kwargs)
-        self.startup_seconds = time.perf_counter() - t0
+        llm = LLM(**kwargs)
+        self._bind(llm, startup_seconds=time.perf_counter() - t0)
+
+    def _describe(self, model_path: str | os.PathLike, load_method: str) -> None:
+        """What the engine knows of its checkpoint and device before holding a ``vllm.LLM``."""
+        self.model_path = str(Path(model_path).resolve())
+        self.spec: dict[str, TensorSpec] = read_checkpoint_spec(self.model_path)
+        self.tied = tied_embeddings(self.model_path)
+        self.sleep_mode = _sleep_mode_available()
+        self.on_cuda = torch.cuda.is_available()
+        self.load_method = load_method
+        self.memory_before_gib = _memory_gib()[1]
+
+    def _bind(self, llm: Any, startup_seconds: float) -> None:
+        """Take ``llm`` as this engine's vLLM, awake, with complete weights."""
+        self.llm = llm
+        self.startup_seconds = startup_seconds
         self.memory_loaded_gib = _memory_gib()[1]
-        self.tokenizer = self.llm.get_tokenizer()
-        self._level: int | None = None  # None: awake
+        self.tokenizer = llm.get_tokenizer()
+        self._level = None
         self._weights_complete = True
         self._engine_params: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None
         self._packed: dict[str, list[str]] = {}
@@ -220,20 +246,8 @@ class Engine(SleepState):
         The other library keeps driving sleep and wake; use :meth:`push` to load weights into it.
         """
         self = cls.__new__(cls)
-        self.model_path = str(Path(model_path).resolve())
-        self.spec = read_checkpoint_spec(self.model_path)
-        self.tied = tied_embeddings(self.model_path)
-        self.sleep_mode = _sleep_mode_available()
-        self.on_cuda = torch.cuda.is_available()
-        self.load_method = load_method
-        self.memory_before_gib = self.memory_loaded_gib = _memory_gib()[1]
-        self.startup_seconds = 0.0
-        self.llm = llm
-        self.tokenizer = llm.get_tokenizer()
-        self._level = None
-        self._weights_complete = True
-        self._engine_params, self._packed = None, {}
-        self._targets, self._direct_ok = None, None
+        self._describe(model_path, load_method)
+        self._bind(llm, startup_seconds=0.0)
         return self
 
     def push(self, weights: Any, *, method: str | None = None, strict: bool = True) -> CycleReport:
@@ -284,15 +298,8 @@ class Engine(SleepState):
         decode_here = False
         if sampling is None:
             sampling_kwargs.setdefault("logprobs", 0)
-            fields = getattr(SamplingParams, "__struct_fields__", ())
-            if "flat_logprobs" in fields:  # one flat list per request instead of a dict per token
-                sampling_kwargs.setdefault("flat_logprobs", True)
-            if not sampling_kwargs.get("stop") and "detokenize" not in sampling_kwargs:
-                # vLLM detokenizes every request at every step (and each log-prob token too), on the
-                # engine's thread when it runs in-process: one batched decode at the end is far cheaper.
-                sampling_kwargs["detokenize"] = False
-                decode_here = True
-            sampling = SamplingParams(**sampling_kwargs)
+            decode_here = "detokenize" not in sampling_kwargs and not sampling_kwargs.get("stop")
+            sampling = SamplingParams(**fast_output_kwargs(sampling_kwargs))
         elif sampling_kwargs:
             raise TypeError("pass either a SamplingParams or keyword arguments, not both")
         inputs = []
@@ -422,12 +429,7 @@ class Engine(SleepState):
     def _prepare(self, weights: Any, strict: bool) -> Any:
         """Validate what can be validated before the engine is touched."""
         if isinstance(weights, (str, os.PathLike)):
-            path = Path(weights)
-            if not path.is_dir():
-                raise FileNotFoundError(f"weights path {str(weights)!r} is not a checkpoint directory")
-            check_weights({n: (s.shape, s.dtype) for n, s in read_checkpoint_spec(path).items()}, self.spec,
-                          optional=self._optional(), strict=True)
-            return path
+            return check_checkpoint_dir(weights, self.spec, optional=self._optional())
         if isinstance(weights, Mapping):
             weights = list(weights.items())
         if isinstance(weights, (list, tuple)):

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .engine import LEVELS, Completion, CycleReport, EngineStateError, SleepState
-from .weights import check_weights, read_checkpoint_spec
+from .weights import check_checkpoint_dir, read_checkpoint_spec
 
 LOOPBACK = "127.0.0.1"
 
@@ -370,14 +370,17 @@ class RemoteEngine(SleepState):
                 "return_token_ids": True, **params}
         if seed is not None:
             body["seed"] = seed
+        texts = [p for p in prompts if isinstance(p, str)]
+        if texts and len(texts) != len(prompts):
+            raise TypeError("prompts must be all strings or all token-id lists (one batched request)")
+        batch = texts or [[int(t) for t in p] for p in prompts]
+        # one request for the whole batch, so the server batches it; choice k belongs to prompt k // n
+        resp = self.client.completions(batch, model=self.model_id, **body)
         out = []
-        for i, prompt in enumerate(prompts):  # one request per prompt: choices map to their prompt
-            resp = self.client.completions(prompt if isinstance(prompt, str) else [int(t) for t in prompt],
-                                           model=self.model_id, **body)
-            for c in sorted(resp["choices"], key=lambda c: c["index"]):
-                lps = (c.get("logprobs") or {}).get("token_logprobs")
-                out.append(Completion(i, list(c.get("prompt_token_ids") or []), list(c.get("token_ids") or []),
-                                      lps, c["text"], c.get("finish_reason")))
+        for c in sorted(resp["choices"], key=lambda c: c["index"]):
+            lps = (c.get("logprobs") or {}).get("token_logprobs")
+            out.append(Completion(c["index"] // n, list(c.get("prompt_token_ids") or []),
+                                  list(c.get("token_ids") or []), lps, c["text"], c.get("finish_reason")))
         return out
 
     def sleep(self, level: int = 2) -> CycleReport:
@@ -441,12 +444,6 @@ class RemoteEngine(SleepState):
         report.seconds[phase] = time.perf_counter() - t0
 
     def _validate(self, path: str | os.PathLike) -> None:
-        p = Path(path)
-        if not p.is_dir() or not any(p.glob("*.safetensors")):
-            raise FileNotFoundError(f"weights path {str(path)!r} is not a checkpoint directory with safetensors "
-                                    "files (a reload from it would leave the server half-loaded)")
         if self._spec is None and Path(self.model_path).is_dir():
             self._spec = read_checkpoint_spec(self.model_path)
-        if self._spec is not None:
-            offered = {n: (s.shape, s.dtype) for n, s in read_checkpoint_spec(p).items()}
-            check_weights(offered, self._spec, strict=True)
+        check_checkpoint_dir(path, self._spec)

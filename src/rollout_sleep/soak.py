@@ -17,12 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-
-def _versions() -> dict:
-    import torch
-    import vllm
-
-    return {"vllm": vllm.__version__, "torch": torch.__version__}
+from . import versions
 
 
 def summarize(rows: list[dict], warmup: int, kind: str) -> dict:
@@ -133,7 +128,7 @@ def run_soak(cycles: int = 50, *, size: str = "tiny", warmup: int = 10, max_grow
               "memory_kind": kind, "warmup_cycles": warmup, "max_growth_mib": max_growth_mib,
               "probe": {"stale_gap": stale_gap, "fresh_gap": fresh_gap, "tolerance": tol,
                         "max_gap": max(r["probe_gap"] for r in rows)},
-              "verify_passed": len(rows), "versions": _versions(), "rows": rows}
+              "verify_passed": len(rows), "versions": versions(), "rows": rows}
     result.update(summarize(rows, warmup, kind))
     growth_mib = result["memory_growth_after_warmup_mib"]
     if out:

