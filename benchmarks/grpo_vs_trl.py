@@ -11,8 +11,11 @@ sampled device-wide by this parent process (every 20 ms, ``cudaMemGetInfo``), so
 
 Same work on both sides: a random-weight checkpoint of the shape (bf16 weights, no autocast), the synthetic
 arithmetic prompts, 16 prompts x 8 generations per step, up to 128 completion tokens, temperature 1,
-AdamW lr 1e-6, micro-batches of 32 completions (TRL: per-device batch 32 x 4 accumulation steps, one
-generation per optimizer step), gradient checkpointing, no KL (beta 0), vLLM at 30% of the GPU.
+AdamW lr 1e-6 (fused on both sides), micro-batches of 32 completions (TRL: per-device batch 32 x 4
+accumulation steps, one generation per optimizer step), gradient checkpointing, no KL (beta 0), vLLM at 30%
+of the GPU, the loss corrected for the vLLM/trainer mismatch (TRL's default: sequence-level importance
+ratio, above 3 masked; both sides). TRL recomputes the trainer's log-probs for that correction in an extra
+forward pass; the recipe takes them from its training forward (one optimizer step per batch: the same values).
 Each side runs in its own process (one vLLM engine per process). Steady state = steps after the first 2.
 TRL's phases are timed by wrapping its vLLM calls (sync_weights, sleep, wake_up, generate, reset).
 """
@@ -61,6 +64,8 @@ class PeakMemory:
         self.thread.join()
         self.peak_gib = (self.base_free - self.min_free) / 2**30
 sys.path.insert(0, str(ROOT / "src"))
+
+from rollout_sleep import versions  # noqa: E402
 WARMUP = 2
 
 
@@ -81,6 +86,7 @@ def run_ours(size: str, steps: int, workdir: Path, name: str = "ours", extra: tu
     return {"wall_s": time.perf_counter() - t0, "peak_gpu_used_gib": mem.peak_gib, "step_s": [r["step_s"] for r in rows],
             "median_step_s": statistics.median(r["step_s"] for r in steady),
             "tokens_per_step": statistics.median(r["generated_tokens"] for r in steady),
+            "cache_released_steps": sum(r.get("cache_released", 0.0) for r in rows),
             "phases_median_s": phases,
             "cycle_overhead_s": phases["sleep"] + phases["wake_weights"] + phases["load"] + phases["wake_kv_cache"]
             + phases["reset"]}
@@ -113,6 +119,7 @@ def run_trl(size: str, steps: int, workdir: Path, plugin: bool) -> None:
         vllm_max_model_length=1024, max_steps=steps, logging_steps=1, report_to="none", save_strategy="no",
         seed=0)
     timers: dict[str, float] = {}
+    outer: list[str] = []  # the timed call in progress: a call inside it (sync_weights -> wake_up) is part of it
 
     def wrap(obj, name, key):
         fn = getattr(obj, name)
@@ -120,11 +127,14 @@ def run_trl(size: str, steps: int, workdir: Path, plugin: bool) -> None:
         def timed(*a, **k):
             torch.cuda.synchronize()
             t = time.perf_counter()
+            label = f"{outer[0]}.{key}" if outer else key  # nested: recorded apart, not counted twice
+            outer.append(key)
             try:
                 return fn(*a, **k)
             finally:
+                outer.pop()
                 torch.cuda.synchronize()
-                timers[key] = timers.get(key, 0.0) + time.perf_counter() - t
+                timers[label] = timers.get(label, 0.0) + time.perf_counter() - t
         setattr(obj, name, timed)
 
     rows: list[dict] = []
@@ -152,17 +162,20 @@ def run_trl(size: str, steps: int, workdir: Path, plugin: bool) -> None:
     for name in ("sleep", "wake_up", "generate", "reset_prefix_cache"):
         wrap(gen.llm, name, name)
     trainer.train()
-    print("RESULT " + json.dumps({"init_s": init_s, "rows": rows}), flush=True)
+    settings = {k: str(getattr(args, k)) for k in ("optim", "loss_type", "vllm_importance_sampling_correction",
+                                                   "vllm_importance_sampling_mode", "vllm_importance_sampling_clip_max")}
+    print("RESULT " + json.dumps({"init_s": init_s, "rows": rows, "settings": settings}), flush=True)
     os._exit(0)
 
 
 def summarize_trl(rows: list[dict], completion_tokens: float | None) -> dict:
     steady = rows[WARMUP:]
-    keys = ("sync", "sleep", "wake_up", "generate", "reset_prefix_cache")
+    keys = ("sync", "sleep", "wake_up", "generate", "reset_prefix_cache", "sync.wake_up", "sync.reset_prefix_cache")
     phases = {k: statistics.median(r.get(k, 0.0) for r in steady) for k in keys}
     return {"step_s": [r["step_s"] for r in rows], "median_step_s": statistics.median(r["step_s"] for r in steady),
             "phases_median_s": phases,
-            # sync_weights wraps one wake_up(["weights"]); wake_up counts both wake_ups
+            # sync = wake_up(["weights"]) + per-parameter load_weights + reset_prefix_cache (its parts are
+            # recorded as sync.*, and not counted again); wake_up = the KV-cache wake before generating
             "cycle_overhead_s": phases["sync"] + phases["sleep"] + phases["wake_up"]}
 
 
@@ -188,7 +201,8 @@ def main() -> None:
     result = prev if same else {}
     result.update({"size": args.size, "steps": args.steps, "device": torch.cuda.get_device_name(),
               "versions": versions("vllm", "torch", "trl"),
-              "work": "16 prompts x 8 generations, <=128 tokens, bf16, AdamW 1e-6, grad ckpt, micro-batch 32",
+              "work": "16 prompts x 8 generations, <=128 tokens, bf16, fused AdamW 1e-6, grad ckpt, micro-batch 32, "
+                      "sequence_mask sampling correction (cap 3)",
               "tuned_overrides": list(TUNED.get(args.size, ()))})
     arms = args.arms.split(",")
     for arm in arms:
@@ -222,7 +236,8 @@ def run_trl_child(args, mode: str) -> dict:
     if not line:
         return {"error": proc.stderr[-4000:]}
     trl = json.loads(line[-1][7:])
-    return {"init_s": trl["init_s"], "peak_gpu_used_gib": mem.peak_gib, **summarize_trl(trl["rows"], None)}
+    return {"init_s": trl["init_s"], "peak_gpu_used_gib": mem.peak_gib, "settings": trl.get("settings"),
+            **summarize_trl(trl["rows"], None)}
 
 
 if __name__ == "__main__":

@@ -14,12 +14,15 @@ Launch (one process, or several: each rank gets its own engine and a share of th
     python recipes/grpo.py --config configs/tiny-cpu.yaml train.steps=20 wandb.mode=disabled
 
 What it simplifies: one optimizer step per rollout batch (so the "old" policy is the current one and the
-clipping ratio is 1 at the step; the vLLM-vs-trainer ratio is logged instead), no reward model.
+clipping ratio is 1 at the step), no reward model. The vLLM-vs-trainer probability ratio is logged and, by
+default, corrects the loss as TRL does (``train.sampling_correction``: sequence-level, ratios above 3 masked);
+with one step per batch the trainer's old log-probs are its current ones, so this costs no extra forward pass.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -72,7 +75,9 @@ class GRPORecipe:
         model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
         if cfg.train.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        # fused on GPU: one kernel for all parameters (TRL/transformers' default optimizer too)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                                      fused=torch.cuda.is_available() or None)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         self.layout = {"processes": self.acc.num_processes, "distributed_type": self.acc.distributed_type.value,
                        "trainer_sharded": any(hasattr(p, "full_tensor") or hasattr(p, "ds_id")
@@ -93,6 +98,11 @@ class GRPORecipe:
                                     config=cfg.to_dict(), name=cfg.wandb.run_name, directory=self.out,
                                     resume_id=run_id)
         self.timeline: list[dict] = []
+        # Everything loaded so far lives for the whole run: keep it out of Python's garbage collector,
+        # as vLLM does for its own startup heap. vLLM runs a full collection at every sleep; with the
+        # trainer's heap (model, optimizer, data, W&B) frozen it stays short.
+        gc.collect()
+        gc.freeze()
 
     def _model_path(self) -> str:
         cfg = self.cfg.model
@@ -150,7 +160,9 @@ class GRPORecipe:
                 stats = grpo_update(self.model, self.optimizer, prompt_ids, comps, rewards, group_size=t.generations,
                                     pad_id=self.tokenizer.pad_token_id, clip_eps=t.clip_eps, micro_batch=t.micro_batch,
                                     ref_model=self.ref_model, kl_coef=t.kl_coef, max_grad_norm=t.max_grad_norm,
-                                    backward=self.acc.backward, autocast=self.acc.autocast)
+                                    backward=self.acc.backward, autocast=self.acc.autocast,
+                                    sampling_correction_mode=t.sampling_correction,
+                                    sampling_clip_min=t.sampling_clip_min, sampling_clip_max=t.sampling_clip_max)
             self.manager.sync()
             self.step += 1
             phases = self.manager.end_step()

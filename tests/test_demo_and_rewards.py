@@ -27,13 +27,14 @@ def test_demo_reward_rises():
 def test_grpo_pieces():
     adv = group_advantages(torch.tensor([1.0, 1.0, 0.0, 2.0]), group_size=2)
     assert adv[:2].abs().max() == 0 and adv[2] < 0 < adv[3]
-    ids, attn, mask = pad_batch([[1, 2], [3]], [[4, 5, 6], [7]], pad_id=0)
-    assert ids.tolist() == [[1, 2, 4, 5, 6], [3, 7, 0, 0, 0]]
-    assert mask.tolist() == [[0, 1, 1, 1], [1, 0, 0, 0]]
-    logp = torch.zeros(2, 4, requires_grad=True)
+    ids, attn, positions, mask = pad_batch([[1, 2], [3]], [[4, 5, 6], [7]], pad_id=0)
+    assert ids.tolist() == [[1, 2, 4, 5, 6], [0, 3, 7, 0, 0]]  # completions start at one column
+    assert positions[1, 1:3].tolist() == [0, 1] and attn[1].tolist() == [0, 1, 1, 0, 0]
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    logp = torch.zeros(2, 3, requires_grad=True)
     loss, stats = grpo_loss(logp, logp.detach(), torch.tensor([1.0, -1.0]), mask)
     loss.backward()
-    assert logp.grad[0, 1] < 0 < logp.grad[1, 0] and stats["clip_frac"] == 0.0
+    assert logp.grad[0, 1] < 0 < logp.grad[1, 0] and logp.grad[1, 1] == 0 and stats["clip_frac"] == 0.0
 
 
 def test_rewards_sum_by_name():

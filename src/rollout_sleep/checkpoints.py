@@ -67,6 +67,33 @@ def build_tokenizer():
     )
 
 
+def qwen3_config(size: str = "tiny", dtype: str = "bfloat16", tie_word_embeddings: bool | None = None):
+    """The ``Qwen3Config`` of a shape (see ``SHAPES``), with the byte-level tokenizer's special tokens."""
+    from transformers import Qwen3Config
+
+    if size not in SHAPES:
+        raise ValueError(f"unknown checkpoint size {size!r}; choose one of {sorted(SHAPES)}")
+    shape = SHAPES[size]
+    tie = shape.tie_word_embeddings if tie_word_embeddings is None else tie_word_embeddings
+    tokenizer = build_tokenizer()
+    return Qwen3Config(
+        vocab_size=shape.vocab_size or -(-len(tokenizer) // 64) * 64,
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_hidden_layers,
+        num_attention_heads=shape.num_attention_heads,
+        num_key_value_heads=shape.num_key_value_heads,
+        head_dim=shape.head_dim,
+        max_position_embeddings=shape.max_position_embeddings,
+        rope_theta=1_000_000.0,
+        tie_word_embeddings=tie,
+        torch_dtype=dtype,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
 def make_checkpoint(
     path: str | os.PathLike,
     size: str = "tiny",
@@ -93,30 +120,10 @@ def make_checkpoint(
         The directory, as a string.
     """
     import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen3ForCausalLM
 
-    if size not in SHAPES:
-        raise ValueError(f"unknown checkpoint size {size!r}; choose one of {sorted(SHAPES)}")
-    shape = SHAPES[size]
-    tie = shape.tie_word_embeddings if tie_word_embeddings is None else tie_word_embeddings
+    config = qwen3_config(size, dtype, tie_word_embeddings)
     tokenizer = build_tokenizer()
-    vocab_size = shape.vocab_size or -(-len(tokenizer) // 64) * 64
-    config = Qwen3Config(
-        vocab_size=vocab_size,
-        hidden_size=shape.hidden_size,
-        intermediate_size=shape.intermediate_size,
-        num_hidden_layers=shape.num_hidden_layers,
-        num_attention_heads=shape.num_attention_heads,
-        num_key_value_heads=shape.num_key_value_heads,
-        head_dim=shape.head_dim,
-        max_position_embeddings=shape.max_position_embeddings,
-        rope_theta=1_000_000.0,
-        tie_word_embeddings=tie,
-        torch_dtype=dtype,
-        bos_token_id=None,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
     std = init_std if init_std is not None else (0.3 if size == "tiny" else config.initializer_range)
     torch_dtype = getattr(torch, dtype)
     with torch.device("meta"):
@@ -130,7 +137,7 @@ def make_checkpoint(
                 p.fill_(1.0)
             else:
                 p.copy_(torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32) * std)
-    if tie:
+    if config.tie_word_embeddings:
         model.tie_weights()
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)

@@ -69,6 +69,10 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     mixed_precision: str = "no"  # no / bf16 / fp16 (accelerate)
     gradient_checkpointing: bool = False
+    # reweight the loss by the trainer/vLLM probability ratio (TRL's vllm_importance_sampling_* and defaults)
+    sampling_correction: str = "sequence_mask"  # none / token_truncate / token_mask / sequence_truncate / ..._mask
+    sampling_clip_min: float | None = None
+    sampling_clip_max: float | None = 3.0
     seed: int = 0
 
 
@@ -151,6 +155,11 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RecipeCon
         _set(cfg, key.strip(), value)
     if cfg.engine.sleep_level not in (1, 2):
         raise ConfigError(f"engine.sleep_level must be 1 or 2, got {cfg.engine.sleep_level}")
+    from .grpo import SAMPLING_CORRECTIONS
+
+    if cfg.train.sampling_correction not in SAMPLING_CORRECTIONS:
+        raise ConfigError(f"train.sampling_correction must be one of {', '.join(SAMPLING_CORRECTIONS)}, "
+                          f"got {cfg.train.sampling_correction!r}")
     if cfg.wandb.mode not in ("offline", "online", "disabled"):
         raise ConfigError(f"wandb.mode must be offline, online or disabled, got {cfg.wandb.mode!r}")
     return cfg

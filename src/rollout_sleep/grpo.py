@@ -20,98 +20,192 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4, 
 
 
 def pad_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int):
-    """Right-padded ``input_ids``, ``attention_mask`` and a mask of completion positions (targets)."""
-    seqs = [p + c for p, c in zip(prompts, completions)]
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(seqs), width), dtype=torch.long)
-    target = torch.zeros((len(seqs), width - 1), dtype=torch.float32)
-    for i, (p, c) in enumerate(zip(prompts, completions)):
-        ids[i, : len(p) + len(c)] = torch.tensor(p + c)
-        attn[i, : len(p) + len(c)] = 1
-        target[i, len(p) - 1: len(p) + len(c) - 1] = 1.0
-    return ids, attn, target
+    """Prompts left-padded to a common width, completions right-padded after them (so every completion
+    starts at the same column and the model needs logits for the completion columns only).
 
-
-def token_logprobs(model, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-    """Log-prob of each next token (shape ``[batch, len-1]``) under ``model``.
-
-    One row at a time in float32: never materializes float32 logits for the whole batch
-    (``batch x len x vocab``; 2.9 GB for 32 x 150 tokens of a 152k vocabulary).
+    Returns ``ids`` and ``attention_mask`` (``[batch, P + C]``), ``position_ids`` that count real tokens
+    only (left padding must not shift positions) and ``mask`` (``[batch, C]``): 1 at completion tokens.
     """
-    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
-    targets = ids[:, 1:]
-    rows = [torch.log_softmax(logits[i].float(), -1).gather(1, targets[i, :, None])[:, 0]
-            for i in range(logits.shape[0])]
-    return torch.stack(rows)
+    width_p, width_c = max(len(p) for p in prompts), max(len(c) for c in completions)
+    ids = torch.full((len(prompts), width_p + width_c), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        ids[i, width_p - len(p): width_p + len(c)] = torch.tensor(list(p) + list(c), dtype=torch.long)
+        attn[i, width_p - len(p): width_p + len(c)] = 1
+    positions = (attn.cumsum(1) - 1).clamp(min=0)
+    return ids, attn, positions, attn[:, width_p:].float()
+
+
+class _SelectedLogProbs(torch.autograd.Function):
+    """``log_softmax(logits.float())`` at the target tokens, computed in row chunks: float32 never exists for
+    more than a chunk, and backward recomputes the softmax from the (bf16) logits instead of keeping
+    float32 copies (``batch x len x vocab`` x 4 bytes: 2.5 GB for 32 x 128 tokens of a 152k vocabulary)."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, n):  # logits [B, T, V]; positions [:, :n] predict targets [B, n]
+        rows = _chunk_rows(logits, n)
+        out = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
+        lse = torch.empty_like(out)
+        for b in range(0, logits.shape[0], rows):
+            x = logits[b: b + rows, :n].float()
+            lse[b: b + rows] = torch.logsumexp(x, -1)
+            out[b: b + rows] = x.gather(-1, targets[b: b + rows, :, None])[..., 0] - lse[b: b + rows]
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.n = n
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, targets, lse = ctx.saved_tensors
+        n, rows = ctx.n, _chunk_rows(logits, ctx.n)
+        grad = torch.zeros_like(logits)
+        for b in range(0, logits.shape[0], rows):
+            g = grad_out[b: b + rows, :, None].float()
+            d = (logits[b: b + rows, :n].float() - lse[b: b + rows, :, None]).exp_().mul_(-g)  # -g * softmax
+            d.scatter_add_(-1, targets[b: b + rows, :, None], g)
+            grad[b: b + rows, :n] = d
+        return grad, None, None
+
+
+def _chunk_rows(logits: torch.Tensor, n: int, budget_bytes: int = 256 * 2**20) -> int:
+    return max(1, budget_bytes // max(1, n * logits.shape[-1] * 4))
+
+
+def selected_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Float32 log-prob of ``targets`` (``[B, n]``) under ``logits`` (``[B, T >= n, V]``, positions ``:n``)."""
+    return _SelectedLogProbs.apply(logits, targets, targets.shape[1])
+
+
+def _keeps_logits(model) -> bool:
+    """Whether the model under its wrappers (DDP, DeepSpeed, PEFT, ``torch.compile``) takes
+    ``logits_to_keep`` (Hugging Face causal LMs do; the wrappers pass keyword arguments through)."""
+    import inspect
+
+    for _ in range(8):
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        elif isinstance(getattr(model, "module", None), torch.nn.Module):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+            model = model._orig_mod
+        else:
+            break
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def completion_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, positions: torch.Tensor,
+                        n: int) -> torch.Tensor:
+    """Log-probs (``[batch, n]``, float32) of the last ``n`` columns of ``ids`` (the completions of
+    :func:`pad_batch`) under ``model``; the LM head runs on those columns only where the model allows."""
+    kw = {"logits_to_keep": n + 1} if _keeps_logits(model) else {}
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=positions, **kw).logits
+    return selected_logprobs(logits[:, -(n + 1):], ids[:, -n:])
+
+
+SAMPLING_CORRECTIONS = ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+
+def sampling_correction(logp: torch.Tensor, sampling_logp: torch.Tensor, mask: torch.Tensor, mode: str,
+                        clip_min: float | None = None, clip_max: float | None = 3.0) -> torch.Tensor | None:
+    """Importance weights for the trainer-vs-sampler (vLLM) mismatch, as TRL's ``vllm_importance_sampling_*``.
+
+    ``exp(logp - sampling_logp)`` per token, or per sequence (the sum over its tokens) for ``sequence_*``;
+    ``*_truncate`` clamps it to ``[clip_min, clip_max]``, ``*_mask`` sets ratios outside it to 0. NaN
+    sampling log-probs (none returned) count as no mismatch. ``none``: ``None`` (no correction).
+    """
+    if mode not in SAMPLING_CORRECTIONS:
+        raise ValueError(f"unknown sampling correction {mode!r}; choose one of {SAMPLING_CORRECTIONS}")
+    if mode == "none":
+        return None
+    diff = torch.nan_to_num((logp - sampling_logp) * mask, nan=0.0)
+    if mode.startswith("sequence"):
+        diff = diff.sum(-1, keepdim=True)
+    ratio = diff.exp()
+    lo = -float("inf") if clip_min is None else clip_min
+    hi = float("inf") if clip_max is None else clip_max
+    if mode.endswith("truncate"):
+        return ratio.clamp(min=lo, max=hi)
+    return ratio.masked_fill((ratio < lo) | (ratio > hi), 0.0)
 
 
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
-              clip_eps: float = 0.2, ref_logp: torch.Tensor | None = None, kl_coef: float = 0.0):
+              clip_eps: float = 0.2, ref_logp: torch.Tensor | None = None, kl_coef: float = 0.0,
+              weights: torch.Tensor | None = None):
     """Clipped policy-gradient loss averaged over completion tokens, plus an optional k3 KL to a reference.
 
-    Returns ``(loss, stats)`` with ``clip_frac`` and ``kl``.
+    ``weights`` (e.g. :func:`sampling_correction`) scale the policy term per token or per sequence.
+    Returns ``(loss, stats)``: ``clip_frac`` and ``kl`` as 0-d tensors (no device sync).
     """
     ratio = torch.exp(logp - old_logp)
     a = adv[:, None]
     per_token = -torch.min(ratio * a, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * a)
+    if weights is not None:
+        per_token = per_token * weights
     stats = {"clip_frac": ((ratio - 1).abs() > clip_eps).float().mul(mask).sum() / mask.sum().clamp(min=1)}
     if ref_logp is not None:
         kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
         stats["kl"] = (kl * mask).sum() / mask.sum().clamp(min=1)
         per_token = per_token + kl_coef * kl
     loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
-    return loss, {k: float(v) for k, v in stats.items()}
+    return loss, {k: v.detach() for k, v in stats.items()}
 
 
 def grpo_update(model, optimizer, prompts: list[list[int]], completions, rewards: torch.Tensor, *,
                 group_size: int, pad_id: int, clip_eps: float = 0.2, micro_batch: int = 16,
                 ref_model=None, kl_coef: float = 0.0, max_grad_norm: float = 1.0, backward=None,
-                autocast=None) -> dict[str, float]:
+                autocast=None, sampling_correction_mode: str = "none", sampling_clip_min: float | None = None,
+                sampling_clip_max: float | None = 3.0) -> dict[str, float]:
     """One GRPO optimizer step on a rollout batch (``completions``: :class:`~rollout_sleep.engine.Completion`).
 
     Log-probs of the sampled tokens are recomputed by the trainer; the mean |trainer − vLLM| log-prob
-    gap and the mean importance ratio between them are returned with the loss statistics.
-    ``backward`` (e.g. ``accelerator.backward``) and ``autocast`` (a context factory) are optional hooks.
+    gap and the mean importance ratio between them are returned with the loss statistics, and
+    ``sampling_correction_mode`` (see :func:`sampling_correction`) reweights the loss by that ratio. One
+    optimizer step per batch: the trainer's "old" log-probs are the current ones, so the correction
+    needs no extra forward pass. ``backward`` (e.g. ``accelerator.backward``) and ``autocast`` (a context
+    factory) are optional hooks. Statistics stay on the device until the end (no sync per micro-batch).
     """
     import contextlib
 
     device = next(model.parameters()).device
     adv_all = group_advantages(rewards, group_size).to(device)
     n = len(completions)
-    stats = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "sampling_logp_diff": 0.0, "sampling_ratio": 0.0}
+    keys = ("loss", "clip_frac", "kl", "sampling_logp_diff", "sampling_ratio", "sampling_weight_mean")
+    totals = torch.zeros(len(keys), device=device)
     model.train()
     autocast = autocast or contextlib.nullcontext
     for start in range(0, n, micro_batch):
         chunk = completions[start: start + micro_batch]
-        ids, attn, mask = pad_batch([prompts[c.prompt_index] for c in chunk], [c.token_ids for c in chunk], pad_id)
-        ids, attn, mask = ids.to(device), attn.to(device), mask.to(device)
+        batch = pad_batch([prompts[c.prompt_index] for c in chunk], [c.token_ids for c in chunk], pad_id)
+        sampled = torch.full(batch[3].shape, float("nan"))  # vLLM's log-probs; NaN where it gave none
+        for i, c in enumerate(chunk):
+            if c.logprobs is not None:
+                sampled[i, : len(c.logprobs)] = torch.tensor(c.logprobs, dtype=torch.float32)
+        ids, attn, positions, mask, sampled = (t.to(device, non_blocking=True) for t in (*batch, sampled))
+        width = mask.shape[1]
         with autocast():
-            logp = token_logprobs(model, ids, attn)
+            logp = completion_logprobs(model, ids, attn, positions, width)
             ref = None
             if ref_model is not None and kl_coef > 0:
                 with torch.no_grad():
-                    ref = token_logprobs(ref_model, ids, attn)
+                    ref = completion_logprobs(ref_model, ids, attn, positions, width)
+            weights = sampling_correction(logp.detach(), sampled, mask, sampling_correction_mode,
+                                          sampling_clip_min, sampling_clip_max)
             loss, s = grpo_loss(logp, logp.detach(), adv_all[start: start + len(chunk)], mask, clip_eps,
-                                ref, kl_coef)
-        weight = len(chunk) / n
-        (backward or torch.Tensor.backward)(loss * weight)
+                                ref, kl_coef, weights)
+        share = len(chunk) / n
+        (backward or torch.Tensor.backward)(loss * share)
         with torch.no_grad():
-            vllm_lp = torch.zeros_like(logp)
-            for i, c in enumerate(chunk):
-                if c.logprobs is not None:
-                    p = len(prompts[c.prompt_index])
-                    vllm_lp[i, p - 1: p - 1 + len(c.logprobs)] = torch.tensor(c.logprobs, device=device)
-            gap = (logp.detach() - vllm_lp)
+            gap = torch.nan_to_num(logp.detach() - sampled, nan=0.0)
             denom = mask.sum().clamp(min=1)
-            stats["sampling_logp_diff"] += float((gap.abs() * mask).sum() / denom) * weight
-            stats["sampling_ratio"] += float((torch.exp(gap) * mask).sum() / denom) * weight
-        stats["loss"] += loss.item() * weight
-        for k, v in s.items():
-            stats[k] += v * weight
+            w = torch.ones(()) if weights is None else (weights.expand_as(mask) * mask).sum() / denom
+            totals += share * torch.stack([loss.detach(), s["clip_frac"], s.get("kl", torch.zeros((), device=device)),
+                                           (gap.abs() * mask).sum() / denom, (gap.exp() * mask).sum() / denom,
+                                           w.to(device)]).float()
     params = [p for p in model.parameters() if p.requires_grad]
-    stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     model.eval()
+    stats = dict(zip(keys, totals.tolist()))
+    stats["grad_norm"] = float(grad_norm)
     return stats

@@ -98,6 +98,8 @@ class RolloutManager:
             self._add(f"{k}_s", v)
         if "awake" in report.memory_gib:
             self._step[f"{report.memory_kind}_awake_gib"] = report.memory_gib["awake"]
+        if report.memory_kind == "cuda_free" and report.kind == "wake":
+            self._step["cache_released"] = float(report.cache_released)  # PyTorch's cache emptied before waking
         self.syncs += 1
         if self.verify_every and self.syncs % self.verify_every == 0:
             result = verify(self.engine, self.stream)

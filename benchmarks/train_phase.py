@@ -1,0 +1,97 @@
+"""Time one GRPO training phase (``grpo_update``) on a model shape, by log-prob path and optimizer.
+
+    python benchmarks/train_phase.py --size qwen3-4b --out results/h100/train_phase_qwen3-4b.json
+
+The work of one recipe step (16 prompts x 8 completions of 128 tokens, bf16 weights, AdamW, micro-batches
+of 32, gradient checkpointing), on random token ids, without the engine. Variants:
+``completion`` (logits for completion columns only, chunked float32 log-softmax; the recipe's path) vs
+``full_rowwise`` (logits for every column, one float32 log-softmax per row: the previous path), and fused vs
+foreach AdamW. Warm-up, then ``--repeats`` timed runs each (CUDA synchronized), median; peak memory each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from rollout_sleep import grpo, versions  # noqa: E402
+from rollout_sleep.checkpoints import SHAPES, qwen3_config  # noqa: E402
+from rollout_sleep.engine import Completion  # noqa: E402
+
+
+def full_rowwise(model, ids, attn, positions, n):
+    """The previous path: logits for every column, float32 log-softmax one row at a time."""
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=positions).logits[:, -(n + 1):-1]
+    targets = ids[:, -n:]
+    return torch.stack([torch.log_softmax(logits[i].float(), -1).gather(1, targets[i, :, None])[:, 0]
+                        for i in range(logits.shape[0])])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", default="qwen3-4b", choices=sorted(SHAPES))
+    ap.add_argument("--repeats", type=int, default=4)
+    ap.add_argument("--micro-batch", type=int, default=32)
+    ap.add_argument("--no-gradient-checkpointing", action="store_true")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    from transformers import AutoModelForCausalLM
+
+    cuda = torch.cuda.is_available()
+    dev = torch.device("cuda" if cuda else "cpu")
+    cfg = qwen3_config(args.size)
+    torch.manual_seed(0)
+    with dev:
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    if not args.no_gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    vocab = cfg.vocab_size
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(10, vocab, (int(torch.randint(18, 30, (1,), generator=g)),), generator=g).tolist()
+               for _ in range(16)]
+    comps = [Completion(i // 8, prompts[i // 8], torch.randint(10, vocab, (128,), generator=g).tolist(),
+                        [-1.0] * 128, "", "length") for i in range(128)]
+    rewards = torch.rand(128, generator=g)
+    result = {"size": args.size, "device": torch.cuda.get_device_name() if cuda else "cpu",
+              "versions": versions("torch", "transformers"), "micro_batch": args.micro_batch,
+              "gradient_checkpointing": not args.no_gradient_checkpointing, "variants": {}}
+    original = grpo.completion_logprobs
+    for path in ("completion", "full_rowwise"):
+        for fused in (True, False):
+            grpo.completion_logprobs = original if path == "completion" else full_rowwise
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-9, fused=fused, foreach=None if fused else True)
+            times = []
+            for r in range(args.repeats + 1):
+                if cuda:
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                t0 = time.perf_counter()
+                grpo.grpo_update(model, opt, prompts, comps, rewards, group_size=8, pad_id=0,
+                                 micro_batch=args.micro_batch)
+                if cuda:
+                    torch.cuda.synchronize()
+                if r:
+                    times.append(time.perf_counter() - t0)
+            name = f"{path}+{'fused' if fused else 'foreach'}"
+            result["variants"][name] = {"seconds": times, "median_s": statistics.median(times),
+                                        "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
+            print(name, json.dumps(result["variants"][name]), flush=True)
+            del opt
+            model.zero_grad(set_to_none=True)
+            if cuda:
+                torch.cuda.empty_cache()
+    grpo.completion_logprobs = original
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
