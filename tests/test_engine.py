@@ -187,3 +187,16 @@ def test_cpu_memory_report_says_what_it_measures(engine):
     assert rep.memory_kind == ("cuda_free" if torch.cuda.is_available() else "cpu_rss")
     assert set(rep.memory_gib) == {"before", "asleep"}
     engine.wake_up(reload_checkpoint=True)
+
+
+def test_release_cached_memory_only_when_short(monkeypatch):
+    """Pure logic (no GPU here): empty PyTorch's cache only if free memory can't hold what the engine maps back."""
+    import rollout_sleep.engine as eng_mod
+
+    emptied = []
+    monkeypatch.setattr(eng_mod.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(eng_mod.torch.cuda, "mem_get_info", lambda: (10 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(eng_mod.torch.cuda, "empty_cache", lambda: emptied.append(1))
+    assert eng_mod.release_cached_memory(8.5) is False and not emptied      # 10 GiB free >= 8.5 + 1 margin
+    assert eng_mod.release_cached_memory(9.5) is True and len(emptied) == 1  # short by the margin
+    assert eng_mod.release_cached_memory(None) is True and len(emptied) == 2  # need unknown: always
