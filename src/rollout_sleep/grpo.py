@@ -1,4 +1,4 @@
-"""GRPO's pieces (group-normalized advantages, token log-probs, clipped loss), as plain functions.
+"""GRPO's pieces (group-normalized advantages, completion log-probs, the vLLM-mismatch correction, clipped loss).
 
 >>> import torch
 >>> [round(a, 3) for a in group_advantages(torch.tensor([1.0, 0.0, 1.0, 1.0]), group_size=2).tolist()]
