@@ -13,13 +13,25 @@ dist.init_process_group("gloo")
 rank = dist.get_rank()
 
 from rollout_sleep.engine import Engine  # noqa: E402
+from rollout_sleep.grpo import _keeps_logits, completion_logprobs, pad_batch  # noqa: E402
 from rollout_sleep.sync import WeightStream, unwrap, verify  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 engine = Engine(ckpt_engine, dtype="float32", seed=0)  # external_launcher: inside this process group
 model = AutoModelForCausalLM.from_pretrained(ckpt_trainer, dtype=torch.float32)
 torch.manual_seed(rank)  # each rank its own data: gradients must be reduced for ranks to agree
-ids = torch.randint(1, 250, (2, 16))
+# the recipe's training forward: left-padded prompts, position ids, logits for the completion columns only
+prompts = [torch.randint(1, 250, (n,)).tolist() for n in (3, 7)]
+completions = [torch.randint(1, 250, (n,)).tolist() for n in (9, 4)]
+ids, attn, positions, mask = pad_batch(prompts, completions, pad_id=0)
+
+
+def train_loss(m):
+    assert _keeps_logits(m), f"{mode}: logits_to_keep not seen through the wrapper"
+    logp = completion_logprobs(m, ids, attn, positions, mask.shape[1])
+    return -(logp * mask).sum() / mask.sum()
+
+
 if mode == "zero3":
     import deepspeed
 
@@ -27,7 +39,7 @@ if mode == "zero3":
                  "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
                  "optimizer": {"type": "SGD", "params": {"lr": 0.05}}, "zero_allow_untested_optimizer": True}
     wrapped, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
-    wrapped.backward(wrapped(input_ids=ids, labels=ids).loss)
+    wrapped.backward(train_loss(wrapped))
     wrapped.step()
 else:
     if mode == "ddp":
@@ -39,7 +51,7 @@ else:
             fully_shard(layer)
         wrapped = fully_shard(model)
     opt = torch.optim.SGD(wrapped.parameters(), lr=0.05)
-    wrapped(input_ids=ids, labels=ids).loss.backward()
+    train_loss(wrapped).backward()
     opt.step()
 
 engine.sleep(level=2)
