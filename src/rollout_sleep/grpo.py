@@ -58,7 +58,8 @@ class _SelectedLogProbs(torch.autograd.Function):
     def backward(ctx, grad_out):
         logits, targets, lse = ctx.saved_tensors
         n, rows = ctx.n, _chunk_rows(logits, ctx.n)
-        grad = torch.zeros_like(logits)
+        grad = torch.empty_like(logits)
+        grad[:, n:].zero_()  # positions past n predict nothing here; the rest is written below
         for b in range(0, logits.shape[0], rows):
             g = grad_out[b: b + rows, :, None].float()
             d = (logits[b: b + rows, :n].float() - lse[b: b + rows, :, None]).exp_().mul_(-g)  # -g * softmax
@@ -77,19 +78,15 @@ def selected_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tens
 
 
 def _keeps_logits(model) -> bool:
-    """Whether the model under its wrappers (DDP, DeepSpeed, PEFT, ``torch.compile``) takes
-    ``logits_to_keep`` (Hugging Face causal LMs do; the wrappers pass keyword arguments through)."""
+    """Whether the model under its wrappers (DDP, DeepSpeed, ``torch.compile``, PEFT) takes ``logits_to_keep``
+    (Hugging Face causal LMs do; the wrappers pass keyword arguments through)."""
     import inspect
 
-    for _ in range(8):
-        if hasattr(model, "get_base_model"):
-            model = model.get_base_model()
-        elif isinstance(getattr(model, "module", None), torch.nn.Module):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
-            model = model._orig_mod
-        else:
-            break
+    from .sync import unwrap
+
+    model = unwrap(model)
+    if hasattr(model, "get_base_model"):  # PEFT
+        model = unwrap(model.get_base_model())
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
