@@ -69,11 +69,19 @@ from rollout_sleep import versions  # noqa: E402
 WARMUP = 2
 
 
+def engine_settings(args: list[str]) -> dict:
+    """The recipe's engine settings for ``--config FILE`` + overrides (as the run resolved them)."""
+    from rollout_sleep.config import load_config
+
+    cfg = load_config(args[0], args[1:]).engine
+    return {k: getattr(cfg, k) for k in ("kv_cache", "kv_cache_bytes", "gpu_memory_utilization", "keep_trainer_cache")}
+
+
 def run_ours(size: str, steps: int, workdir: Path, name: str = "ours", extra: tuple[str, ...] = ()) -> dict:
     out = workdir / name
     cmd = [sys.executable, str(ROOT / "recipes" / "grpo.py"), "--config", str(ROOT / "configs" / f"{size}.yaml"),
            f"output_dir={out}", f"train.steps={steps}", "wandb.mode=disabled", "resume=false",
-           "engine.verify_every=0", *extra]
+           "engine.verify_every=0", "save_final=false", *extra]
     t0 = time.perf_counter()
     with PeakMemory() as mem:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
@@ -87,7 +95,9 @@ def run_ours(size: str, steps: int, workdir: Path, name: str = "ours", extra: tu
             "median_step_s": statistics.median(r["step_s"] for r in steady),
             "tokens_per_step": statistics.median(r["generated_tokens"] for r in steady),
             "cache_released_steps": sum(r.get("cache_released", 0.0) for r in rows),
-            "phases_median_s": phases,
+            "phases_median_s": phases, "engine_settings": engine_settings(cmd[3:]),
+            "vllm_maps_at_wake_gib": statistics.median([r["cuda_free_asleep_gib"] - r["cuda_free_awake_gib"]
+                                                        for r in steady if "cuda_free_awake_gib" in r] or [0.0]),
             "cycle_overhead_s": phases["sleep"] + phases["wake_weights"] + phases["load"] + phases["wake_kv_cache"]
             + phases["reset"]}
 

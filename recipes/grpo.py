@@ -34,12 +34,12 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from accelerate.utils import set_seed  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from rollout_sleep.checkpoints import SHAPES, make_checkpoint  # noqa: E402
 from rollout_sleep.config import ConfigError, RecipeConfig, load_config  # noqa: E402
 from rollout_sleep.data import load_prompts  # noqa: E402
-from rollout_sleep.engine import Engine  # noqa: E402
+from rollout_sleep.engine import Engine, kv_cache_bytes_for  # noqa: E402
 from rollout_sleep.grpo import grpo_update  # noqa: E402
 from rollout_sleep.integrations.wandb import make_tracker  # noqa: E402
 from rollout_sleep.manager import RolloutManager  # noqa: E402
@@ -58,18 +58,23 @@ class GRPORecipe:
         self.acc = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available())
         set_seed(cfg.train.seed)
         self.main = self.acc.is_main_process
+        self.out.mkdir(parents=True, exist_ok=True)
         self.model_path = self._model_path()
         dtype = getattr(torch, cfg.model.dtype)
-        # The engine first, while the GPU is empty: vLLM sizes its KV cache from the free memory it sees.
-        engine_kw = {"gpu_memory_utilization": cfg.engine.gpu_memory_utilization} if torch.cuda.is_available() else {}
         self.tp = cfg.engine.tensor_parallel_size
         if self.tp not in (1, self.acc.num_processes):
             raise ConfigError(f"engine.tensor_parallel_size must be 1 (an engine per rank) or the number of processes "
                               f"({self.acc.num_processes}, one engine across ranks), got {self.tp}")
+        self.data = load_prompts(cfg.data.dataset, prompt_column=cfg.data.prompt_column,
+                                 n=cfg.data.num_prompts or cfg.train.steps * cfg.train.prompts_per_step,
+                                 seed=cfg.train.seed)
+        # The engine first, while the GPU is empty: vLLM sizes its KV cache from the free memory it sees.
+        engine_kw = {"gpu_memory_utilization": cfg.engine.gpu_memory_utilization} if torch.cuda.is_available() else {}
         seed = cfg.train.seed + (self.acc.process_index if self.tp == 1 else 0)  # a TP engine samples alike on all ranks
         self.engine = Engine(self.model_path, dtype=cfg.model.dtype, seed=seed, tensor_parallel_size=self.tp,
-                             max_model_len=cfg.engine.max_model_len, kv_cache_bytes=cfg.engine.kv_cache_bytes,
+                             max_model_len=cfg.engine.max_model_len, kv_cache_bytes=self._kv_cache_bytes(),
                              load_method=cfg.engine.load_method, enforce_eager=cfg.engine.enforce_eager,
+                             keep_trainer_cache=cfg.engine.keep_trainer_cache,
                              **engine_kw)
         self.tokenizer = self.engine.tokenizer
         model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
@@ -88,9 +93,6 @@ class GRPORecipe:
             self.ref_model.eval().requires_grad_(False)
         self.manager = RolloutManager(self.engine, self.model, sleep_level=cfg.engine.sleep_level,
                                       verify_every=cfg.engine.verify_every)
-        self.data = load_prompts(cfg.data.dataset, prompt_column=cfg.data.prompt_column,
-                                 n=cfg.data.num_prompts or cfg.train.steps * cfg.train.prompts_per_step,
-                                 seed=cfg.train.seed)
         self.order = list(range(len(self.data)))
         random.Random(cfg.train.seed).shuffle(self.order)  # the data order: a function of the seed only
         run_id = self._resume()
@@ -113,6 +115,19 @@ class GRPORecipe:
             make_checkpoint(path, cfg.path, seed=cfg.seed, dtype=cfg.dtype, tie_word_embeddings=cfg.tie_word_embeddings)
         self.acc.wait_for_everyone()
         return str(path)
+
+    def _kv_cache_bytes(self) -> int | None:
+        """The engine's KV cache size: ``engine.kv_cache_bytes`` if set; on GPU with ``engine.kv_cache: step``,
+        one step's sequences on this engine (longest prompt of the data + ``max_tokens`` each) plus 25%, so a
+        wake maps back only that; otherwise ``None`` (vLLM's share of the GPU, or the engine's CPU default)."""
+        cfg, t = self.cfg.engine, self.cfg.train
+        if cfg.kv_cache_bytes is not None or cfg.kv_cache != "step" or not torch.cuda.is_available():
+            return cfg.kv_cache_bytes
+        tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        longest = max(len(ids) for ids in tokenizer(list(self.data["prompt"])).input_ids)
+        prompts = t.prompts_per_step if self.tp > 1 else -(-t.prompts_per_step // self.acc.num_processes)
+        tokens = max(prompts * t.generations * (longest + t.max_tokens + 16), cfg.max_model_len or 0)
+        return kv_cache_bytes_for(self.model_path, int(tokens * 1.25), self.cfg.model.dtype) // self.tp
 
     def _resume(self) -> str | None:
         """Load the newest saved state (if resuming); returns the W&B run id to continue."""
@@ -179,7 +194,7 @@ class GRPORecipe:
                 self.tracker.log(metrics, step=self.step)
                 self.acc.print(f"step {self.step}/{t.steps} reward {metrics['reward_mean']:.3f} "
                                f"loss {stats['loss']:.4f} step {metrics['step_s']:.2f}s")
-            if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == t.steps:
+            if (cfg.save_every and self.step % cfg.save_every == 0) or (cfg.save_final and self.step == t.steps):
                 self.save()
 
     def save(self) -> None:

@@ -21,6 +21,9 @@ from typing import Any
 import yaml
 
 
+KV_CACHE_SIZING = ("step", "gpu_share")
+
+
 class ConfigError(ValueError):
     """A malformed config: unknown key, wrong type, unreadable file."""
 
@@ -36,12 +39,16 @@ class ModelConfig:
 @dataclass
 class EngineConfig:
     gpu_memory_utilization: float = 0.35
+    # KV cache size on GPU: "step" = what one step's sequences need (+25%), so vLLM maps back only that at
+    # every wake; "gpu_share" = vLLM's own sizing from gpu_memory_utilization; kv_cache_bytes wins over both
+    kv_cache: str = "step"
     kv_cache_bytes: int | None = None
     max_model_len: int | None = 1024
     sleep_level: int = 2
     load_method: str = "auto"
     verify_every: int = 1  # run verify after every N-th sync (0: never)
     enforce_eager: bool = False
+    keep_trainer_cache: bool = True  # sleep without emptying PyTorch's cache (the trainer's; see Engine)
     # 1: an engine per rank (data-parallel rollouts); = the number of processes: one tensor-parallel engine
     # across all ranks (every rank sees the same completions and trains on its share of the groups)
     tensor_parallel_size: int = 1
@@ -93,6 +100,7 @@ class RecipeConfig:
     rewards: list[str] = field(default_factory=lambda: ["digits_format", "arithmetic_exact"])
     output_dir: str = "runs/grpo"
     save_every: int = 0  # save accelerate state every N steps (0: only at the end)
+    save_final: bool = True  # save the state after the last step (benchmarks turn it off)
     resume: bool = True  # continue from the newest saved state in output_dir
 
     def to_dict(self) -> dict[str, Any]:
@@ -153,6 +161,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RecipeCon
             raise ConfigError(f"override {item!r} must look like section.key=value")
         key, value = item.split("=", 1)
         _set(cfg, key.strip(), value)
+    if cfg.engine.kv_cache not in KV_CACHE_SIZING:
+        raise ConfigError(f"engine.kv_cache must be one of {', '.join(KV_CACHE_SIZING)}, got {cfg.engine.kv_cache!r}")
     if cfg.engine.sleep_level not in (1, 2):
         raise ConfigError(f"engine.sleep_level must be 1 or 2, got {cfg.engine.sleep_level}")
     from .grpo import SAMPLING_CORRECTIONS

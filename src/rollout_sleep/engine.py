@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -116,6 +116,36 @@ def release_cached_memory(needed_gib: float | None = None, margin_gib: float = 1
     return True
 
 
+@contextmanager
+def _cache_kept():
+    """Inside the block ``torch.cuda.empty_cache`` does nothing: vLLM's sleep ends with one, which would hand
+    the trainer's cached working set back to the driver only for the trainer to allocate it again."""
+    empty_cache = torch.cuda.empty_cache
+    torch.cuda.empty_cache = lambda: None
+    try:
+        yield
+    finally:
+        torch.cuda.empty_cache = empty_cache
+
+
+def kv_cache_bytes_for(model_path: str | os.PathLike, tokens: int, dtype: torch.dtype | str = "auto",
+                       block_size: int = 16) -> int:
+    """Bytes of a KV cache holding ``tokens`` tokens of the checkpoint's model (full attention, K and V per
+    layer), rounded up to whole blocks of ``block_size`` tokens; ``dtype="auto"``: the checkpoint's."""
+    import json
+
+    cfg = json.loads(Path(model_path, "config.json").read_text())
+    cfg = cfg.get("text_config", cfg)
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    kv_heads = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    if dtype == "auto":
+        dtype = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    per_token = cfg["num_hidden_layers"] * 2 * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+    return -(-tokens // block_size) * block_size * per_token
+
+
 def fast_output_kwargs(sampling_kwargs: dict) -> dict:
     """``SamplingParams`` keyword arguments with vLLM's cheap output path where the caller left it open:
     flat log-probs (one list per request instead of a dict per token, where the version has them) and no
@@ -190,10 +220,14 @@ class Engine(SleepState):
         load_method: *optional*, default way to push weights: ``"auto"``, ``"reload"``
             (``collective_rpc("reload_weights")``), ``"load_weights"`` (one batched call) or ``"direct"``
             (copy into vLLM's parameters; CUDA, TP=1). ``auto`` takes ``direct`` where it applies.
+        keep_trainer_cache: *optional*, leave PyTorch's cached blocks (the trainer's working set) in place
+            when sleeping, instead of vLLM's ``empty_cache`` at every sleep; a wake still releases them
+            when vLLM would not fit beside them (see :func:`release_cached_memory`).
         llm_kwargs: passed to ``vllm.LLM`` as they are.
     """
 
-    _wake_need_gib: float | None = None  # GPU memory the last sleep freed (None: unknown, always release)
+    _wake_need_gib: float | None = None  # GPU memory a wake maps (measured at the last wake; None: release)
+    keep_trainer_cache = False
 
     def __init__(
         self,
@@ -206,6 +240,7 @@ class Engine(SleepState):
         kv_cache_bytes: int | None = None,
         enable_prefix_caching: bool = True,
         load_method: str = "auto",
+        keep_trainer_cache: bool = False,
         **llm_kwargs: Any,
     ):
         # Weight pushes hand in-memory tensors to the worker: it must live in this process.
@@ -215,6 +250,7 @@ class Engine(SleepState):
         if not Path(model, "config.json").exists():
             raise FileNotFoundError(f"{model!r} is not a checkpoint directory (no config.json)")
         self._describe(model, load_method)
+        self.keep_trainer_cache = keep_trainer_cache
         kwargs: dict[str, Any] = dict(
             model=self.model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
             enable_sleep_mode=self.sleep_mode, enable_prefix_caching=enable_prefix_caching,
@@ -362,11 +398,14 @@ class Engine(SleepState):
             raise EngineStateError(f"the engine is already {self.state}; wake it before sleeping again")
         report = CycleReport("sleep", level)
         report.memory_kind, report.memory_gib["before"] = _memory_gib()
-        with _timed(report, "sleep"):
+        keep = _cache_kept() if self.keep_trainer_cache and report.memory_kind == "cuda_free" else nullcontext()
+        with _timed(report, "sleep"), keep:
             self.llm.sleep(level=level)
         self._level = level
         report.memory_gib["asleep"] = _memory_gib()[1]
-        if report.memory_kind == "cuda_free":  # what waking will map back: the memory this sleep freed
+        if report.memory_kind == "cuda_free" and self._wake_need_gib is None:
+            # what waking will map back, until a wake measures it: the memory this sleep freed (more, if
+            # vLLM's empty_cache also released cached trainer blocks: then the first wake releases too)
             self._wake_need_gib = max(0.0, report.memory_gib["asleep"] - report.memory_gib["before"])
         return report
 
@@ -399,9 +438,11 @@ class Engine(SleepState):
         prepared = self._prepare(weights, strict) if weights is not None else None  # validate before waking
         report = CycleReport("wake", self._level)
         report.memory_kind, report.memory_gib["asleep"] = _memory_gib()
+        free_before_map = None
         with _timed(report, "wake_weights"):
             if report.memory_kind == "cuda_free":
                 report.cache_released = release_cached_memory(self._wake_need_gib)
+                free_before_map = torch.cuda.mem_get_info()[0] / 2**30
             self.llm.wake_up(tags=["weights"])
         try:
             if prepared is not None:
@@ -417,6 +458,8 @@ class Engine(SleepState):
             with _timed(report, "reset"):
                 self._reset_prefix_cache()
         report.memory_gib["awake"] = _memory_gib()[1]
+        if free_before_map is not None:  # what this wake took: the next wake's need
+            self._wake_need_gib = max(0.0, free_before_map - report.memory_gib["awake"])
         return report
 
     def load_weights(self, weights: Any, *, method: str | None = None, strict: bool = True) -> CycleReport:
