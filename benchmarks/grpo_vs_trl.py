@@ -96,8 +96,8 @@ def run_ours(size: str, steps: int, workdir: Path, name: str = "ours", extra: tu
             "tokens_per_step": statistics.median(r["generated_tokens"] for r in steady),
             "cache_released_steps": sum(r.get("cache_released", 0.0) for r in rows),
             "phases_median_s": phases, "engine_settings": engine_settings(cmd[3:]),
-            "vllm_maps_at_wake_gib": statistics.median([r["cuda_free_asleep_gib"] - r["cuda_free_awake_gib"]
-                                                        for r in steady if "cuda_free_awake_gib" in r] or [0.0]),
+            "memory_taken_by_wake_gib": statistics.median([r["memory_taken_by_wake_gib"] for r in steady
+                                                           if "memory_taken_by_wake_gib" in r] or [float("nan")]),
             "cycle_overhead_s": phases["sleep"] + phases["wake_weights"] + phases["load"] + phases["wake_kv_cache"]
             + phases["reset"]}
 

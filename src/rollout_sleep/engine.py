@@ -459,6 +459,7 @@ class Engine(SleepState):
                 self._reset_prefix_cache()
         report.memory_gib["awake"] = _memory_gib()[1]
         if free_before_map is not None:  # what this wake took: the next wake's need
+            report.memory_gib["before_map"] = free_before_map
             self._wake_need_gib = max(0.0, free_before_map - report.memory_gib["awake"])
         return report
 

@@ -100,6 +100,8 @@ class RolloutManager:
             self._step[f"{report.memory_kind}_awake_gib"] = report.memory_gib["awake"]
         if report.memory_kind == "cuda_free" and report.kind == "wake":
             self._step["cache_released"] = float(report.cache_released)  # PyTorch's cache emptied before waking
+            if "before_map" in report.memory_gib:  # what vLLM mapped back (weights, KV cache) and the load used
+                self._step["memory_taken_by_wake_gib"] = report.memory_gib["before_map"] - report.memory_gib["awake"]
         self.syncs += 1
         if self.verify_every and self.syncs % self.verify_every == 0:
             result = verify(self.engine, self.stream)
