@@ -2,18 +2,17 @@
 
     python benchmarks/sleep_anatomy.py --size qwen3-4b --steps 7 --out results/h100/sleep_anatomy_qwen3-4b.json
 
-Runs ``recipes/grpo.py`` (one process per variant: one vLLM engine per process) with timers around the
-calls vLLM's sleep and wake make: ``gc.collect``, ``torch.cuda.empty_cache``, and the allocator's
-per-allocation unmap / map. Variants:
+Runs ``recipes/grpo.py`` (one process per variant: one vLLM engine per process), optionally with timers
+around the calls vLLM's sleep and wake make (``gc.collect``, ``torch.cuda.empty_cache``, the allocator's
+per-allocation unmap / map). Variants (engine settings):
 
-- ``default``: the recipe as configured;
-- ``keep_cache``: the engine's ``keep_trainer_cache`` on (vLLM's sleep leaves PyTorch's cached blocks, the
-  trainer's working set, where they are; the wake releases them only if vLLM would not fit), with vLLM at
-  20% of the GPU so that it fits beside them;
-- ``expandable``: ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` for the trainer;
-- ``kv4g``: a 4 GiB KV cache (what a step's 128 sequences need, with room) instead of vLLM's share of the GPU;
-- ``kv4g_keep_cache``: both.
+- ``gpu_share``: KV cache from vLLM's share of the GPU, vLLM's sleep empties PyTorch's cache (vLLM's way);
+- ``gpu_share_keep_cache``: the trainer's cached blocks kept through the sleep, vLLM at 20% of the GPU;
+- ``expandable``: ``gpu_share`` with ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``;
+- ``step``: KV cache sized to one step's sequences, cache emptied at sleep;
+- ``step_keep_cache``: both (the recipe's default).
 
+Device-wide peak GPU memory of each variant is sampled by this parent process.
 ``--no-timers`` leaves vLLM's calls unwrapped (the timers synchronize the device at each of ~190 calls).
 
 Steady state = the steps after the first 2; medians per phase and per timer.
@@ -22,6 +21,7 @@ Steady state = the steps after the first 2; medians per phase and per timer.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -33,12 +33,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 WARMUP = 2
-KV_4G = "engine.kv_cache_bytes=4294967296"
-VARIANTS = {"default": ({}, ()),
-            "keep_cache": ({}, ("engine.keep_trainer_cache=true", "engine.gpu_memory_utilization=0.2")),
-            "expandable": ({"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}, ()),
-            "kv4g": ({}, (KV_4G,)),
-            "kv4g_keep_cache": ({}, (KV_4G, "engine.keep_trainer_cache=true"))}
+VARIANTS = {  # engine settings spelled out, whatever the config's defaults
+    "gpu_share": ({}, ("engine.kv_cache=gpu_share", "engine.keep_trainer_cache=false")),
+    "gpu_share_keep_cache": ({}, ("engine.kv_cache=gpu_share", "engine.keep_trainer_cache=true",
+                                  "engine.gpu_memory_utilization=0.2")),
+    "expandable": ({"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"},
+                   ("engine.kv_cache=gpu_share", "engine.keep_trainer_cache=false")),
+    "step": ({}, ("engine.kv_cache=step", "engine.keep_trainer_cache=false")),
+    "step_keep_cache": ({}, ("engine.kv_cache=step", "engine.keep_trainer_cache=true")),
+}
 
 
 def child(args) -> None:
@@ -117,6 +120,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT / "src"))
     import torch
 
+    from grpo_vs_trl import PeakMemory
     from rollout_sleep import versions
 
     result = {"size": args.size, "steps": args.steps, "warmup_steps": WARMUP,
@@ -134,7 +138,9 @@ def main() -> None:
                f"output_dir={out}", f"train.steps={args.steps}", "wandb.mode=disabled", "resume=false",
                "engine.verify_every=0", "save_final=false", *shared_model, *args.overrides, *extra]
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env_extra}, timeout=900)
+        mem = PeakMemory() if torch.cuda.is_available() else None
+        with mem or contextlib.nullcontext():
+            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env_extra}, timeout=900)
         if proc.returncode != 0:
             result["variants"][name] = {"error": proc.stderr[-3000:]}
             print(name, "failed:", proc.stderr[-3000:], flush=True)
@@ -145,6 +151,7 @@ def main() -> None:
         timer_rows = json.loads(timers.read_text())
         result["variants"][name] = {
             "wall_s": time.perf_counter() - t0, "env": env_extra, "overrides": list(extra),
+            "peak_gpu_used_gib": mem and mem.peak_gib,
             "phases_median": summarize([{k: v for k, v in m.items() if k.endswith("_s") or k == "cache_released"}
                                         for m in metrics]),
             "timers_median": summarize(timer_rows), "steps": metrics, "timers": timer_rows}
