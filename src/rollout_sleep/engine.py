@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import torch
 
-from .weights import (TensorSpec, WeightMismatchError, check_checkpoint_dir, check_weights, placements,
+from .weights import (TensorSpec, check_checkpoint_dir, check_weights, placements,
                       read_checkpoint_spec, tied_embeddings)
 
 LEVELS = (1, 2)
