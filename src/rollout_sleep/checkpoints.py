@@ -67,15 +67,17 @@ def build_tokenizer():
     )
 
 
-def qwen3_config(size: str = "tiny", dtype: str = "bfloat16", tie_word_embeddings: bool | None = None):
-    """The ``Qwen3Config`` of a shape (see ``SHAPES``), with the byte-level tokenizer's special tokens."""
+def qwen3_config(size: str = "tiny", dtype: str = "bfloat16", tie_word_embeddings: bool | None = None,
+                 tokenizer=None):
+    """The ``Qwen3Config`` of a shape (see ``SHAPES``), with the byte-level tokenizer's special tokens
+    (``tokenizer``: one already built by :func:`build_tokenizer`)."""
     from transformers import Qwen3Config
 
     if size not in SHAPES:
         raise ValueError(f"unknown checkpoint size {size!r}; choose one of {sorted(SHAPES)}")
     shape = SHAPES[size]
     tie = shape.tie_word_embeddings if tie_word_embeddings is None else tie_word_embeddings
-    tokenizer = build_tokenizer()
+    tokenizer = tokenizer or build_tokenizer()
     return Qwen3Config(
         vocab_size=shape.vocab_size or -(-len(tokenizer) // 64) * 64,
         hidden_size=shape.hidden_size,
@@ -122,8 +124,8 @@ def make_checkpoint(
     import torch
     from transformers import Qwen3ForCausalLM
 
-    config = qwen3_config(size, dtype, tie_word_embeddings)
     tokenizer = build_tokenizer()
+    config = qwen3_config(size, dtype, tie_word_embeddings, tokenizer)
     std = init_std if init_std is not None else (0.3 if size == "tiny" else config.initializer_range)
     torch_dtype = getattr(torch, dtype)
     with torch.device("meta"):

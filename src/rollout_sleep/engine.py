@@ -103,10 +103,9 @@ def release_cached_memory(needed_gib: float | None = None, margin_gib: float = 1
     weights and KV cache outside PyTorch's allocator, so blocks the cache keeps are memory it cannot map
     (seen on an H100: out of memory at wake after a 128-completion micro-batch, or a higher peak).
 
-    With ``needed_gib`` (what the engine maps back on waking) the cache is released only when the free
-    memory falls short of it plus ``margin_gib``: releasing it at every wake made the 4B weights wake take
-    116 ms instead of ~32 ms on an H100 (vLLM's own sleep empties the cache anyway). Returns whether it
-    released.
+    With ``needed_gib`` (what the engine maps back on waking: what its last wake took) the cache is
+    released only when the free memory falls short of it plus ``margin_gib``: releasing it at every wake
+    made the 4B weights wake take 116 ms instead of ~32 ms on an H100. Returns whether it released.
     """
     if not torch.cuda.is_available():
         return False
@@ -119,7 +118,8 @@ def release_cached_memory(needed_gib: float | None = None, margin_gib: float = 1
 @contextmanager
 def _cache_kept():
     """Inside the block ``torch.cuda.empty_cache`` does nothing: vLLM's sleep ends with one, which would hand
-    the trainer's cached working set back to the driver only for the trainer to allocate it again."""
+    the trainer's cached working set back to the driver only for the trainer to allocate it again (vLLM
+    has no setting for it). Process-wide while the block runs: a call from another thread is skipped too."""
     empty_cache = torch.cuda.empty_cache
     torch.cuda.empty_cache = lambda: None
     try:

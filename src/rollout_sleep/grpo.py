@@ -7,6 +7,9 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 
 
@@ -80,14 +83,17 @@ def selected_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tens
 def _keeps_logits(model) -> bool:
     """Whether the model under its wrappers (DDP, DeepSpeed, ``torch.compile``, PEFT) takes ``logits_to_keep``
     (Hugging Face causal LMs do; the wrappers pass keyword arguments through)."""
-    import inspect
-
     from .sync import unwrap
 
     model = unwrap(model)
     if hasattr(model, "get_base_model"):  # PEFT
         model = unwrap(model.get_base_model())
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+    return _takes_logits_to_keep(getattr(model.forward, "__func__", model.forward))
+
+
+@functools.lru_cache(maxsize=64)
+def _takes_logits_to_keep(forward) -> bool:  # once per forward function, not per micro-batch
+    return "logits_to_keep" in inspect.signature(forward).parameters
 
 
 def completion_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, positions: torch.Tensor,
