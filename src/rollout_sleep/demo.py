@@ -73,9 +73,10 @@ def run_demo(steps: int = 12, prompts_per_step: int = 8, generations: int = 8, m
 
 def print_table(rows: list[dict]) -> None:
     """Median seconds per phase over the steps (the first step included, it is the warm-up)."""
-    phases = ["generate", "sleep", "train", "wake_weights", "load", "wake_kv_cache", "reset", "verify"]
+    from .manager import PHASES
+
     print(f"\n{'phase':<15}{'median ms':>12}{'total s':>10}")
-    for p in phases:
+    for p in PHASES:
         vals = [r.get(f"{p}_s", 0.0) for r in rows]
         print(f"{p:<15}{statistics.median(vals) * 1e3:>12.2f}{sum(vals):>10.2f}")
     tps = statistics.median(r.get("tokens_per_s", 0.0) for r in rows)
