@@ -58,9 +58,13 @@ def test_logger_rank_zero_and_benign_filter(monkeypatch):
         assert lines == ["rollout_sleep: load route: reload",
                          "vllm: warning: QKVParallelLinear: Failed to load weights"], lines
 
+        assert os.environ.get("VLLM_CONFIGURE_LOGGING") == "0" or "VLLM_CONFIGURE_LOGGING" in env_before
+
         out = io.StringIO()
         monkeypatch.setenv("RANK", "1")
-        log.configure(verbose=True, stream=out)
+        log.configure(verbose=True, stream=out)  # the last call wins: vLLM is left as it configures itself
+        assert not any(getattr(h, log._HANDLER_TAG, False) for h in logging.getLogger("vllm").handlers)
+        assert os.environ.get("VLLM_CONFIGURE_LOGGING") == env_before.get("VLLM_CONFIGURE_LOGGING")
         logging.getLogger("rollout_sleep.sync").info("rank 1 info: hidden")
         logging.getLogger("rollout_sleep.sync").warning("fell back to the reload route")
         assert out.getvalue().splitlines() == ["rollout_sleep[rank 1]: warning: fell back to the reload route"]

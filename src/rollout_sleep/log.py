@@ -161,9 +161,28 @@ def configure(verbose: bool = False, *, rank_zero_only: bool = True, stream=None
     logger.setLevel(level)
     logger.propagate = False
     _own_handler(logger, level, stream)
-    if not verbose:
+    if verbose:
+        _undo_quiet()
+    else:
         _quiet_libraries(stream)
     return logger
+
+
+def _undo_quiet() -> None:
+    """Take back what an earlier quiet configure() installed (its environment switches, the vLLM handler,
+    the filters); switches already read by an imported library stay as they were read."""
+    for var, value in list(ENV_SET.items()):
+        if os.environ.get(var) == value:
+            del os.environ[var]
+        del ENV_SET[var]
+    vllm_logger = logging.getLogger("vllm")
+    for h in list(vllm_logger.handlers):
+        if getattr(h, _HANDLER_TAG, False):
+            vllm_logger.removeHandler(h)
+            vllm_logger.setLevel(logging.NOTSET)
+            vllm_logger.propagate = True
+    for name in {e.logger for e in BENIGN.entries}:
+        logging.getLogger(name).removeFilter(BENIGN)
 
 
 def _setdefault_env(var: str, value: str) -> str:
