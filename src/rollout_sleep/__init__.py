@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-# Public name -> the module (under rollout_sleep) that defines it. Adding a name is one line here.
+# Public name -> the module (under rollout_sleep) that defines it, or "module:attribute" where the public
+# name differs. Adding a name is one line here (and one in the TYPE_CHECKING block below).
 _EXPORTS: dict[str, str] = {
     # the colocated engine
     "Engine": "engine",
@@ -38,8 +39,8 @@ _EXPORTS: dict[str, str] = {
     "ConfigError": "config",
     "RecipeConfig": "config",
     "grpo_update": "grpo",
-    "score": "rewards",
-    "register": "rewards",
+    "score_rewards": "rewards:score",
+    "register_reward": "rewards:register",
     # random-weight checkpoints (no downloads)
     "make_checkpoint": "checkpoints",
     # `vllm serve` over HTTP
@@ -61,7 +62,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time names load lazily t
     from .log import configure as configure_logging
     from .log import get_logger
     from .manager import RolloutManager
-    from .rewards import register, score
+    from .rewards import register as register_reward
+    from .rewards import score as score_rewards
     from .server import RemoteEngine, ServerError, ServerProcess
     from .sync import VerifyReport, WeightStream, trainer_weights, verify
     from .weights import WeightMismatchError
