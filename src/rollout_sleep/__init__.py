@@ -1,6 +1,86 @@
-"""rollout_sleep: a vLLM generator and a PyTorch trainer on the same GPUs, alternating."""
+"""rollout_sleep: a vLLM generator and a PyTorch trainer on the same GPUs, alternating.
+
+The public API is importable from here (``from rollout_sleep import Engine, WeightStream, verify``).
+Names are resolved on first use, so ``import rollout_sleep`` imports neither vLLM, torch, transformers
+nor wandb: the CLI starts fast and a worker process can read ``rollout_sleep.versions()`` cheaply.
+
+>>> import rollout_sleep
+>>> "Engine" in rollout_sleep.__all__ and rollout_sleep.__version__ == "0.1.0"
+True
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# Public name -> the module (under rollout_sleep) that defines it, or "module:attribute" where the public
+# name differs. Adding a name is one line here (and one in the TYPE_CHECKING block below).
+_EXPORTS: dict[str, str] = {
+    # the colocated engine
+    "Engine": "engine",
+    "EngineStateError": "engine",
+    "IncompleteWeightsError": "engine",
+    "CycleReport": "engine",
+    "Completion": "engine",
+    "kv_cache_bytes_for": "engine",
+    # trainer -> engine
+    "WeightStream": "sync",
+    "trainer_weights": "sync",
+    "verify": "sync",
+    "VerifyReport": "sync",
+    "WeightMismatchError": "weights",
+    # the alternation loop
+    "RolloutManager": "manager",
+    # GRPO recipe pieces
+    "load_config": "config",
+    "ConfigError": "config",
+    "RecipeConfig": "config",
+    "grpo_update": "grpo",
+    "score_rewards": "rewards:score",
+    "register_reward": "rewards:register",
+    # random-weight checkpoints (no downloads)
+    "make_checkpoint": "checkpoints",
+    # `vllm serve` over HTTP
+    "ServerProcess": "server",
+    "RemoteEngine": "server",
+    "ServerError": "server",
+    # logging
+    "configure_logging": "log:configure",
+    "get_logger": "log",
+}
+
+__all__ = sorted([*_EXPORTS, "versions"])
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time names load lazily through __getattr__
+    from .checkpoints import make_checkpoint
+    from .config import ConfigError, RecipeConfig, load_config
+    from .engine import Completion, CycleReport, Engine, EngineStateError, IncompleteWeightsError, kv_cache_bytes_for
+    from .grpo import grpo_update
+    from .log import configure as configure_logging
+    from .log import get_logger
+    from .manager import RolloutManager
+    from .rewards import register as register_reward
+    from .rewards import score as score_rewards
+    from .server import RemoteEngine, ServerError, ServerProcess
+    from .sync import VerifyReport, WeightStream, trainer_weights, verify
+    from .weights import WeightMismatchError
+
+
+def __getattr__(name: str) -> Any:
+    target = _EXPORTS.get(name)
+    if target is None:
+        raise AttributeError(f"module 'rollout_sleep' has no attribute {name!r}")
+    module, _, attr = target.partition(":")
+    value = getattr(import_module(f".{module}", __name__), attr or name)
+    globals()[name] = value  # resolve once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
 
 
 def versions(*names: str) -> dict[str, str]:

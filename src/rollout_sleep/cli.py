@@ -9,17 +9,24 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rollout-sleep", description=__doc__)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", "-v", action="store_true",
+                        help="show every library's logs and warnings (vLLM's included) and debug logs")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="GRPO on the embedded tiny model (CPU, ~1 minute)")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:  # every subcommand takes --verbose
+        return sub.add_parser(name, help=help, parents=[common])
+
+    demo = command("demo", "GRPO on the embedded tiny model (CPU, ~1 minute)")
     demo.add_argument("--steps", type=int, default=12)
     demo.add_argument("--seed", type=int, default=0)
-    soak = sub.add_parser("soak", help="N checked cycles (verify + stale-prefix probe), memory per cycle")
+    soak = command("soak", "N checked cycles (verify + stale-prefix probe), memory per cycle")
     soak.add_argument("--cycles", type=int, default=50)
     soak.add_argument("--size", default="tiny")
     soak.add_argument("--warmup", type=int, default=10)
     soak.add_argument("--max-growth-mib", type=float, default=64.0)
     soak.add_argument("--out", help="write the per-cycle JSON here")
-    sw = sub.add_parser("switch-bench", help="two vllm serve models switched A<->B: level 1, level 2, cold restart")
+    sw = command("switch-bench", "two vllm serve models switched A<->B: level 1, level 2, cold restart")
     sw.add_argument("--models", nargs=2, default=["tiny", "tiny"],
                     help="checkpoint directories, or model-factory shapes (tiny, qwen3-0.6b, ...) built under --out")
     sw.add_argument("--switches", type=int, default=5)
@@ -27,23 +34,24 @@ def main(argv: list[str] | None = None) -> int:
     sw.add_argument("--max-tokens", type=int, default=32)
     sw.add_argument("--gpu-memory-utilization", type=float, default=0.4)
     sw.add_argument("--out", default="runs/switch-bench")
-    make = sub.add_parser("make-checkpoint", help="write a random-weight Qwen3 checkpoint")
+    make = command("make-checkpoint", "write a random-weight Qwen3 checkpoint")
     make.add_argument("path")
     make.add_argument("--size", default="tiny")
     make.add_argument("--seed", type=int, default=0)
     make.add_argument("--dtype", default="bfloat16")
     make.add_argument("--untied", action="store_true", help="untie the embedding and the LM head")
     args = parser.parse_args(argv)
+    from .log import configure
+
+    configure(args.verbose)  # before vLLM / torch are imported: they read their switches then
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     if args.command == "demo":
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from .demo import run_demo
 
-        run_demo(steps=args.steps, seed=args.seed)
+        run_demo(steps=args.steps, seed=args.seed, verbose=args.verbose)
         sys.stdout.flush()
         os._exit(0)  # vLLM's teardown is slow and noisy; everything is written by now
     if args.command == "soak":
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from .soak import run_soak
 
         code = 0

@@ -13,8 +13,18 @@ from pathlib import Path
 
 
 def run_demo(steps: int = 12, prompts_per_step: int = 8, generations: int = 8, max_tokens: int = 8,
-             lr: float = 3e-3, seed: int = 0, workdir: str | None = None, quiet: bool = False) -> dict:
-    """Run the demo; returns ``{"rewards": [...], "steps": [per-step metrics]}``."""
+             lr: float = 3e-3, seed: int = 0, workdir: str | None = None, quiet: bool = False,
+             verbose: bool | None = None) -> dict:
+    """Run the demo; returns ``{"rewards": [...], "steps": [per-step metrics]}``.
+
+    ``quiet`` hides the demo's own progress bar and table. ``verbose`` configures logging
+    (:func:`rollout_sleep.log.configure`): False hides the libraries' benign warnings and progress bars,
+    True shows everything; None (the default) leaves logging as the caller set it.
+    """
+    if verbose is not None:
+        from .log import configure
+
+        configure(verbose)
     import torch
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM
@@ -29,7 +39,7 @@ def run_demo(steps: int = 12, prompts_per_step: int = 8, generations: int = 8, m
     torch.manual_seed(seed)
     work = Path(workdir or tempfile.mkdtemp(prefix="rollout-sleep-demo-"))
     ckpt = make_checkpoint(work / "tiny", "tiny", seed=seed, dtype="float32")
-    engine = Engine(ckpt, dtype="float32", seed=seed)
+    engine = Engine(ckpt, dtype="float32", seed=seed, use_tqdm_on_load=bool(verbose))
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     manager = RolloutManager(engine, model, sleep_level=2, verify_every=1)
@@ -63,9 +73,10 @@ def run_demo(steps: int = 12, prompts_per_step: int = 8, generations: int = 8, m
 
 def print_table(rows: list[dict]) -> None:
     """Median seconds per phase over the steps (the first step included, it is the warm-up)."""
-    phases = ["generate", "sleep", "train", "wake_weights", "load", "wake_kv_cache", "reset", "verify"]
+    from .manager import PHASES
+
     print(f"\n{'phase':<15}{'median ms':>12}{'total s':>10}")
-    for p in phases:
+    for p in PHASES:
         vals = [r.get(f"{p}_s", 0.0) for r in rows]
         print(f"{p:<15}{statistics.median(vals) * 1e3:>12.2f}{sum(vals):>10.2f}")
     tps = statistics.median(r.get("tokens_per_s", 0.0) for r in rows)

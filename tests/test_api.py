@@ -1,0 +1,79 @@
+"""The public API: ``import rollout_sleep`` is light, every exported name resolves; the logger's set-up."""
+
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+import warnings
+
+import rollout_sleep
+from rollout_sleep import log
+
+
+def test_import_is_light_and_every_export_resolves():
+    # A fresh interpreter: this one has torch, vLLM, ... loaded by other tests already.
+    code = (
+        "import json, sys, rollout_sleep; "
+        "heavy = sorted(m for m in ('vllm', 'torch', 'transformers', 'wandb', 'trl', 'accelerate', 'datasets') "
+        "if m in sys.modules); "
+        "print(json.dumps(heavy))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+    for name in rollout_sleep.__all__:
+        assert getattr(rollout_sleep, name) is not None, name
+    assert rollout_sleep.Engine.__module__.startswith("rollout_sleep.")
+    try:
+        rollout_sleep.NotAThing
+    except AttributeError as err:
+        assert "NotAThing" in str(err)
+    else:
+        raise AssertionError("an unknown name must raise AttributeError")
+
+
+def test_logger_rank_zero_and_benign_filter(monkeypatch):
+    # configure() changes process-wide state: put it all back for the tests that follow.
+    saved = {name: (logging.getLogger(name).handlers[:], logging.getLogger(name).level,
+                    logging.getLogger(name).propagate) for name in ("rollout_sleep", "vllm")}
+    env_before = dict(os.environ)
+    catch = warnings.catch_warnings()
+    catch.__enter__()
+    try:
+        out = io.StringIO()
+        monkeypatch.setenv("RANK", "0")
+        configure_once = log.configure(verbose=False, stream=out)
+        log.configure(verbose=False, stream=out)  # idempotent: still one handler
+        assert len([h for h in configure_once.handlers if getattr(h, log._HANDLER_TAG, False)]) == 1
+        logging.getLogger("rollout_sleep.engine").info("load route: reload")
+        logging.getLogger("rollout_sleep.engine").debug("hidden unless verbose")
+        vllm = logging.getLogger("vllm.v1.worker.cpu_worker")
+        vllm.warning("sleep mode is not supported on CPU, ignore it.")  # benign: dropped
+        vllm.info("an info line")  # below WARNING: dropped
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").warning(
+            "QKVParallelLinear: Failed to load weights")  # not benign: shown
+        lines = out.getvalue().splitlines()
+        assert lines == ["rollout_sleep: load route: reload",
+                         "vllm: warning: QKVParallelLinear: Failed to load weights"], lines
+
+        assert os.environ.get("VLLM_CONFIGURE_LOGGING") == "0" or "VLLM_CONFIGURE_LOGGING" in env_before
+
+        out = io.StringIO()
+        monkeypatch.setenv("RANK", "1")
+        log.configure(verbose=True, stream=out)  # the last call wins: vLLM is left as it configures itself
+        assert not any(getattr(h, log._HANDLER_TAG, False) for h in logging.getLogger("vllm").handlers)
+        assert os.environ.get("VLLM_CONFIGURE_LOGGING") == env_before.get("VLLM_CONFIGURE_LOGGING")
+        logging.getLogger("rollout_sleep.sync").info("rank 1 info: hidden")
+        logging.getLogger("rollout_sleep.sync").warning("fell back to the reload route")
+        assert out.getvalue().splitlines() == ["rollout_sleep[rank 1]: warning: fell back to the reload route"]
+    finally:
+        catch.__exit__(None, None, None)
+        for var in set(os.environ) - set(env_before):
+            del os.environ[var]
+        for name, (handlers, level, propagate) in saved.items():
+            lg = logging.getLogger(name)
+            lg.handlers[:] = handlers
+            lg.setLevel(level)
+            lg.propagate = propagate
