@@ -18,7 +18,7 @@ def test_engine_cache_settings_defaults_and_overrides():
     ("engine.kv_cache=all", "engine.kv_cache must be one of step, gpu_share, got 'all'"),
     ("engine.keep_trainer_cache=maybe", "engine.keep_trainer_cache must be true or false"),
     ("engine.kv_cache_bites=1", "unknown key 'engine.kv_cache_bites'; engine has: "),
-    ("train.steps=many", "train.steps must be a number"),
+    ("train.steps=many", "train.steps must be an integer"),
 ])
 def test_malformed_overrides_name_the_problem(override, message):
     with pytest.raises(ConfigError, match=message):
