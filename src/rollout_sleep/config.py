@@ -145,6 +145,9 @@ class RecipeConfig:
     save_every: int = 0  # save accelerate state every N steps (0: only at the end)
     save_final: bool = True  # save the state after the last step (benchmarks turn it off)
     resume: bool = True  # continue from the newest complete saved state in output_dir
+    # with resume=false, an output_dir that holds a run is refused unless overwrite=true (then its metrics
+    # and checkpoints are deleted first, said in the log)
+    overwrite: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -156,7 +159,7 @@ def _describe(tp: Any) -> str:
     if type(None) in args:
         return " or ".join(_describe(a) for a in args if a is not type(None)) + " or null"
     if typing.get_origin(tp) is list:
-        return f"a list of {_describe(args[0])}s" if args else "a list"
+        return f"a list of {_describe(args[0]).split(' ', 1)[1]}s" if args else "a list"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
 
 
@@ -226,8 +229,9 @@ def _set(obj: Any, dotted: str, value: Any, problems: list[str], from_text: bool
             _set(current, str(k), v, problems)
         return
     tp = typing.get_type_hints(type(obj))[part]
-    if from_text and tp is not str:
-        value = _parse(value)
+    if from_text:  # text for a string field stays text ("null" for an optional one is None)
+        takes_str = tp is str or (typing.get_origin(tp) is not list and str in typing.get_args(tp))
+        value = (None if value in ("null", "~") and tp is not str else value) if takes_str else _parse(value)
     try:
         setattr(obj, part, _convert(value, tp))
     except TypeError:
@@ -354,8 +358,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RecipeCon
             continue
         key, value = item.split("=", 1)
         _set(cfg, key.strip(), value, problems, from_text=True)
-    if not problems:  # value checks need well-typed values
-        problems += _check_values(cfg) + validate_rewards(cfg.rewards)
+    # a field with a wrong type kept its default, so the value checks below still apply to the rest
+    problems += _check_values(cfg) + validate_rewards(cfg.rewards)
     if problems:
         raise ConfigError(problems)
     return cfg

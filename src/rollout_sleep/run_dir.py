@@ -33,8 +33,7 @@ STAGING_PREFIX = ".partial-"
 _STEP = re.compile(r"step_(\d+)$")
 # Settings that define a run (its model, data, data order, groups, rewards): a resume with other values
 # would continue a different run in the same folder.
-IDENTITY_KEYS = ("model", "data", "rewards", "train.seed", "train.prompts_per_step", "train.generations",
-                 "train.max_tokens")
+IDENTITY_KEYS = ("model", "data", "rewards", "train.seed", "train.prompts_per_step", "train.generations")
 
 
 class RunDirError(RuntimeError):
@@ -69,10 +68,10 @@ def logged_steps(log: Path) -> list[int]:
     return steps
 
 
-def check_output_dir(out: Path, config: dict, resume: bool) -> None:
+def check_output_dir(out: Path, config: dict, resume: bool, overwrite: bool = False) -> None:
     """Raise :class:`RunDirError` if starting here would overwrite part of another run. Reads only."""
     steps, saved = logged_steps(out / "metrics.jsonl"), saved_steps(out / "checkpoints")
-    if not resume and (steps or saved):
+    if not resume and not overwrite and (steps or saved):
         held = []
         if steps:
             held.append(f"metrics for steps {min(steps)}-{max(steps)}")
@@ -80,7 +79,7 @@ def check_output_dir(out: Path, config: dict, resume: bool) -> None:
             held.append("checkpoints " + ", ".join(p.name for p in saved))
         raise RunDirError(f"output_dir {str(out)!r} already holds a run ({'; '.join(held)}); resume=false would "
                           "start over in it and mix the two runs. Use a new output_dir, set resume=true to "
-                          "continue that run, or move the folder away yourself.")
+                          "continue that run, or overwrite=true to delete it first.")
     previous = out / RUN_CONFIG
     if resume and previous.exists():
         try:
@@ -93,6 +92,42 @@ def check_output_dir(out: Path, config: dict, resume: bool) -> None:
             raise RunDirError(f"output_dir {str(out)!r} holds a different run: " + "; ".join(differ) +
                               ". Resuming would continue it with other settings. Use a new output_dir for this "
                               "run, or restore those settings to resume it.")
+        old_steps, new_steps = _lookup(old, "train.steps"), _lookup(config, "train.steps")
+        if _lookup(config, "data.num_prompts") is None and old_steps != new_steps and (steps or saved):
+            logger.warning("data.num_prompts is unset, so the prompts are train.steps x train.prompts_per_step: "
+                           "train.steps changed from %s to %s, which changes the data order from here on; set "
+                           "data.num_prompts to %s to keep the earlier order", old_steps, new_steps,
+                           old_steps * _lookup(config, "train.prompts_per_step"))
+
+
+def clear_run(out: Path, config: dict) -> list[str]:
+    """``overwrite=true``: delete an earlier run's metrics, checkpoints and settings (and the random-weight
+    model it built, if the model settings changed). Returns what was deleted."""
+    gone = []
+    old = None
+    if (out / RUN_CONFIG).exists():
+        try:
+            old = json.loads((out / RUN_CONFIG).read_text())
+        except ValueError:
+            pass
+    names = ["metrics.jsonl", "metrics.superseded.jsonl", "checkpoints", RUN_CONFIG]
+    from .checkpoints import SHAPES
+
+    built = config.get("model", {}).get("path") in SHAPES  # out/model is the recipe's random-weight build
+    if built and (old is None or old.get("model") != config.get("model")):
+        names.append("model")
+    for name in names:
+        p = out / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+        else:
+            continue
+        gone.append(name)
+    if gone:
+        logger.warning("overwrite=true: deleted %s from %s", ", ".join(gone), out)
+    return gone
 
 
 def write_run_config(out: Path, config: dict) -> None:

@@ -52,7 +52,8 @@ class Watchdog:
         timeouts: seconds per phase name (0 or absent: not watched).
         rank, world: this process's rank and the number of processes (for the message).
         grace_s: *optional*, how much later the GIL-free faulthandler backstop fires.
-        hint: *optional*, appended to the message (e.g. which setting raises the limit).
+        hint: *optional*, appended to the message (e.g. which setting raises the limit); ``{phase}`` is
+            replaced by the phase's name.
     """
 
     def __init__(self, timeouts: dict[str, float], *, rank: int = 0, world: int = 1, grace_s: float = 30.0,
@@ -138,7 +139,7 @@ class Watchdog:
         who = f"rank {self.rank} of {self.world}" if self.world > 1 else "the process"
         msg = (f"\nrollout_sleep watchdog: {who} spent more than {w.timeout:g} s in phase '{w.phase}' "
                f"(waiting for {w.waiting_for}); stopping the run (exit code {EXIT_CODE}). If this phase "
-               f"legitimately takes longer, {self.hint}. Every thread's stack follows.\n")
+               f"legitimately takes longer, {self.hint.format(phase=w.phase)}. Every thread's stack follows.\n")
         try:
             sys.stdout.flush()
             sys.__stderr__.write(msg)
