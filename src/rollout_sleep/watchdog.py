@@ -81,6 +81,7 @@ class Watchdog:
         """Watch the block as phase ``name`` (``timeout`` overrides the configured one)."""
         limit = self.timeouts.get(name, 0.0) if timeout is None else float(timeout)
         if limit <= 0:
+            self._maybe_stall(name)
             yield
             return
         key = next(self._ids)
@@ -90,14 +91,17 @@ class Watchdog:
             self._cond.notify()
         self._arm_backstop()
         try:
-            if self._stall and self._stall[0] == name:
-                time.sleep(self._stall[1])
+            self._maybe_stall(name)
             yield
         finally:
             with self._cond:
                 self._active.pop(key, None)
                 self._cond.notify()
             self._arm_backstop()
+
+    def _maybe_stall(self, name: str) -> None:
+        if self._stall and self._stall[0] == name:
+            time.sleep(self._stall[1])
 
     def close(self) -> None:
         """Stop watching (the run ended)."""
