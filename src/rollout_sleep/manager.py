@@ -46,6 +46,7 @@ class RolloutManager:
         if sleep_level not in (1, 2):
             raise ValueError(f"sleep_level must be 1 or 2, got {sleep_level!r}")
         self.engine = engine
+        self.model = model
         self.stream = WeightStream(model, dtype=engine.dtype, bucket_bytes=bucket_bytes)
         self.sleep_level = sleep_level
         self.verify_every = verify_every
@@ -120,7 +121,25 @@ class RolloutManager:
             with self._phase("verify", "the bitwise comparison of vLLM's weights with the trainer's"):
                 result = verify(self.engine, self.stream)
             self._add("verify_s", result.seconds)
+            if not result.ok:
+                self._blame_non_finite_weights()
             result.raise_if_failed()
+
+    def _blame_non_finite_weights(self) -> None:
+        """A failed verify on weights that hold NaN/inf (NaN never equals NaN) is a training problem, not a
+        sync fault: say so, naming the trainer's parameters (this rank's shards; no collective)."""
+        bad = []
+        for name, p in self.model.named_parameters():
+            local = p.to_local() if hasattr(p, "to_local") else p
+            if local.numel() and not bool(torch.isfinite(local.detach()).all()):
+                bad.append(name)
+        if bad:
+            from .nonfinite import NonFiniteError
+
+            raise NonFiniteError(f"the trainer's weights hold NaN/inf in {len(bad)} parameter(s) ("
+                                 + ", ".join(bad[:8]) + (" ..." if len(bad) > 8 else "") + "): the engine "
+                                 "received them as they are, so verify cannot match them bitwise (NaN != NaN). "
+                                 "This came from training (a non-finite loss or gradient), not from the sync.")
 
     def end_step(self) -> dict[str, float]:
         """This step's metrics (seconds per phase, memory, tokens/s); starts the next step's."""
