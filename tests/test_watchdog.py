@@ -47,3 +47,28 @@ def test_a_stalled_rank_stops_the_run_with_the_phase_and_stacks(generate_s, coll
     assert "most recent call first" in out and "watchdog_worker.py" in out, out[-3000:]  # faulthandler's stacks
     assert seconds < 90, seconds  # the timeout plus start-up, not the 600 s stall nor torch's own timeout
 
+
+
+@pytest.mark.slow
+def test_recipe_rank_stalled_in_generate_stops_the_run(tmp_path):
+    """The real recipe under torchrun (2 ranks, an engine each): rank 1 hangs in generate; the run ends
+    within watchdog.generate_s (plus start-up) with the phase named, instead of rank 0 waiting forever."""
+    from conftest import clear_cpu_tp_shm
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), str(root / "recipes" / "grpo.py"), "--config",
+           str(root / "configs" / "tiny-cpu.yaml"), f"output_dir={tmp_path / 'run'}", "train.steps=3",
+           "wandb.mode=disabled", "watchdog.generate_s=60"]
+    clear_cpu_tp_shm()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
+                              env={**os.environ, STALL_ENV: "1:generate:900", "VLLM_LOGGING_LEVEL": "WARNING"})
+    finally:
+        clear_cpu_tp_shm()
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    assert "watchdog: rank 1 of 2 spent more than 60 s in phase 'generate' (waiting for vLLM to generate for " \
+           "4 prompt(s), n=8)" in out, out[-3000:]
+    assert "in rollout" in out and "most recent call first" in out  # the stalled thread's stack
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # stopped at its first generate
