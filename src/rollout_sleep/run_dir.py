@@ -248,7 +248,7 @@ def set_aside(path: Path, reason: str) -> Path:
     if target.exists():
         target = target_dir / f"{path.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     os.replace(path, target)
-    logger.warning("moved %s to %s: %s", path, target, reason)
+    logger.info("moved %s to %s: %s", path, target, reason)
     return target
 
 
