@@ -106,6 +106,8 @@ class GRPORecipe:
                 gone = run_dir.clear_run(self.out, cfg.to_dict())
                 if gone:
                     self.acc.print(f"overwrite=true: deleted {', '.join(gone)} of the earlier run in {self.out}")
+            elif run_dir.drop_stale_model(self.out, cfg.to_dict()):
+                self.acc.print(f"deleted {self.out / 'model'}: built with other model settings; building it again")
             self.out.mkdir(parents=True, exist_ok=True)
             run_dir.write_run_config(self.out, cfg.to_dict())
         with self._collective("the start of the run"):

@@ -145,8 +145,9 @@ def test_output_dir_policy_and_superseded_metrics(tmp_path):
     assert run_dir.logged_steps(out / "metrics.jsonl") == [1, 2]
     assert run_dir.logged_steps(out / "metrics.superseded.jsonl") == [3, 4]  # kept, not deleted
     (out / "model").mkdir()
-    assert run_dir.clear_run(out, other) == ["metrics.jsonl", "metrics.superseded.jsonl", "run_config.json",
-                                             "model"]  # overwrite=true, said in the log
+    assert not run_dir.drop_stale_model(out, cfg) and (out / "model").is_dir()  # same model settings: reused
+    assert run_dir.clear_run(out, other) == ["model", "metrics.jsonl", "metrics.superseded.jsonl",
+                                             "run_config.json"]  # overwrite=true, said in the log
 
 
 def test_non_finite_gradients_stop_the_step_before_the_optimizer():

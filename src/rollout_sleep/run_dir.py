@@ -80,12 +80,8 @@ def check_output_dir(out: Path, config: dict, resume: bool, overwrite: bool = Fa
         raise RunDirError(f"output_dir {str(out)!r} already holds a run ({'; '.join(held)}); resume=false would "
                           "start over in it and mix the two runs. Use a new output_dir, set resume=true to "
                           "continue that run, or overwrite=true to delete it first.")
-    previous = out / RUN_CONFIG
-    if resume and previous.exists():
-        try:
-            old = json.loads(previous.read_text())
-        except ValueError:
-            return
+    old = _previous_config(out)
+    if resume and old is not None:
         differ = [f"{key}: {_lookup(old, key)!r} -> {_lookup(config, key)!r}" for key in IDENTITY_KEYS
                   if _lookup(old, key) != _lookup(config, key)]
         if differ and (steps or saved):
@@ -100,33 +96,46 @@ def check_output_dir(out: Path, config: dict, resume: bool, overwrite: bool = Fa
                            old_steps * _lookup(config, "train.prompts_per_step"))
 
 
+def _previous_config(out: Path) -> dict | None:
+    try:
+        return json.loads((out / RUN_CONFIG).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _remove(p: Path) -> bool:
+    if p.is_dir():
+        shutil.rmtree(p)
+    elif p.exists():
+        p.unlink()
+    else:
+        return False
+    return True
+
+
+def drop_stale_model(out: Path, config: dict) -> bool:
+    """Delete ``out/model`` (the random-weight checkpoint the recipe builds for a size) when the earlier
+    run in ``out`` built it with other model settings: it would otherwise be reused silently."""
+    from .checkpoints import SHAPES
+
+    old = _previous_config(out)
+    if config.get("model", {}).get("path") not in SHAPES or old is None or old.get("model") == config.get("model"):
+        return False
+    if _remove(out / "model"):
+        logger.warning("deleted %s: built with the earlier model settings %s", out / "model", old.get("model"))
+        return True
+    return False
+
+
 def clear_run(out: Path, config: dict) -> list[str]:
     """``overwrite=true``: delete an earlier run's metrics, checkpoints and settings (and the random-weight
     model it built, if the model settings changed). Returns what was deleted."""
-    gone = []
-    old = None
-    if (out / RUN_CONFIG).exists():
-        try:
-            old = json.loads((out / RUN_CONFIG).read_text())
-        except ValueError:
-            pass
-    names = ["metrics.jsonl", "metrics.superseded.jsonl", "checkpoints", RUN_CONFIG]
-    from .checkpoints import SHAPES
-
-    built = config.get("model", {}).get("path") in SHAPES  # out/model is the recipe's random-weight build
-    if built and (old is None or old.get("model") != config.get("model")):
-        names.append("model")
-    for name in names:
-        p = out / name
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
-        else:
-            continue
-        gone.append(name)
+    gone = ["model"] if drop_stale_model(out, config) else []
+    for name in ["metrics.jsonl", "metrics.superseded.jsonl", "checkpoints", RUN_CONFIG]:
+        if _remove(out / name):
+            gone.append(name)
     if gone:
-        logger.warning("overwrite=true: deleted %s from %s", ", ".join(gone), out)
+        logger.info("overwrite=true: deleted %s from %s", ", ".join(gone), out)
     return gone
 
 
