@@ -27,10 +27,10 @@ with one step per batch the trainer's old log-probs are its current ones, so thi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import json
-import math
 import os
 import random
 import sys
@@ -234,25 +234,15 @@ class GRPORecipe:
                     c.prompt_index = remap[c.prompt_index]
             rewards = torch.tensor(score(cfg.rewards, [c.text for c in comps], [examples[c.prompt_index] for c in comps]),
                                    dtype=torch.float32)
-            try:
-                check_finite(f"rewards of step {self.step + 1}", rewards)
-            except NonFiniteError as err:
-                raise NonFiniteError(f"{err}: reward functions {cfg.rewards} must return finite numbers; nothing "
-                                     f"was trained at step {self.step + 1}") from None
-            try:
-                with self.manager.training():
-                    stats = grpo_update(self.model, self.optimizer, prompt_ids, comps, rewards, group_size=t.generations,
+            self._check_rewards(rewards)
+            with self._stop_on_non_finite(), self.manager.training():
+                stats = grpo_update(self.model, self.optimizer, prompt_ids, comps, rewards, group_size=t.generations,
                                     pad_id=self.tokenizer.pad_token_id, clip_eps=t.clip_eps, micro_batch=t.micro_batch,
                                     ref_model=self.ref_model, kl_coef=t.kl_coef, max_grad_norm=t.max_grad_norm,
                                     backward=self.acc.backward, autocast=self.acc.autocast,
                                     sampling_correction_mode=t.sampling_correction,
                                     sampling_clip_min=t.sampling_clip_min, sampling_clip_max=t.sampling_clip_max)
-                bad = {k: stats[k] for k in ("loss", "grad_norm") if k in stats and not math.isfinite(stats[k])}
-                if bad:
-                    raise NonFiniteError(f"{', '.join(f'{k} = {v}' for k, v in bad.items())}")
-            except NonFiniteError as err:
-                raise NonFiniteError(f"step {self.step + 1}: {err}. The run stops before this step's weights reach "
-                                     f"the engine or a checkpoint; {self._last_saved()}") from None
+                check_finite("loss and grad_norm", torch.tensor([stats["loss"], stats["grad_norm"]]))
             self.manager.sync()
             self.step += 1
             phases = self.manager.end_step()
@@ -288,6 +278,23 @@ class GRPORecipe:
             print(f"saved {path}", flush=True)
         with self._collective(f"the commit of {path.name}"):
             self.acc.wait_for_everyone()
+
+    def _check_rewards(self, rewards: torch.Tensor) -> None:
+        try:
+            check_finite(f"rewards of step {self.step + 1}", rewards)
+        except NonFiniteError as err:
+            raise NonFiniteError(f"{err}: reward functions {self.cfg.rewards} must return finite numbers; nothing "
+                                 f"was trained at step {self.step + 1}") from None
+
+    @contextlib.contextmanager
+    def _stop_on_non_finite(self):
+        """A NaN/inf in the training step (the optimizer's guard, or the returned loss) stops the run with the
+        step named, before the step's weights reach the engine or a checkpoint."""
+        try:
+            yield
+        except NonFiniteError as err:
+            raise NonFiniteError(f"step {self.step + 1}: {err}. The run stops before this step's weights reach the "
+                                 f"engine or a checkpoint; {self._last_saved()}") from None
 
     def _last_saved(self) -> str:
         saved = run_dir.saved_steps(self.out / "checkpoints")
