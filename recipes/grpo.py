@@ -293,7 +293,7 @@ class GRPORecipe:
         try:
             yield
         except NonFiniteError as err:
-            raise NonFiniteError(f"step {self.step + 1}: {err}. The run stops before this step's weights reach the "
+            raise NonFiniteError(f"step {self.step + 1}: {str(err).rstrip('.')}. The run stops before this step's weights reach the "
                                  f"engine or a checkpoint; {self._last_saved()}") from None
 
     def _last_saved(self) -> str:

@@ -64,6 +64,27 @@ def test_recipe_refuses_bad_input_before_the_engine_starts(tmp_path):
     assert time.perf_counter() - t0 < 120  # imports only: no engine start (~30 s each) happened
 
 
+def test_diverged_training_stops_before_a_nan_reaches_the_engine_or_a_checkpoint(tmp_path):
+    """lr=1e30: step 1 makes the weights huge, step 2's loss and gradients are NaN. The optimizer's guard
+    stops step 2 before it applies (on the old code the NaN step was applied, synced, blamed on verify and
+    saved); the message names the step, the quantity and the newest (finite) checkpoint."""
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(RECIPE), "--config", str(CONFIG), f"output_dir={out}",
+                           "train.steps=3", "save_every=1", "train.lr=1e30", "train.prompts_per_step=4",
+                           "wandb.mode=disabled", "engine.verify_every=1"], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 1, log[-3000:]
+    assert "error: step 2: the gradient norm is nan before the optimizer step; the step was not applied" in log
+    assert f"the newest checkpoint is {out / 'checkpoints' / 'step_1'}" in log and "Traceback" not in log
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_1"]  # no NaN checkpoint
+    assert run_dir.logged_steps(out / "metrics.jsonl") == [1]
+    from safetensors.torch import load_file
+
+    saved = load_file(out / "checkpoints" / "step_1" / "model.safetensors")
+    assert all(bool(torch.isfinite(t).all()) for t in saved.values())
+
+
 def _save(final: Path, step: int, legacy: bool = False) -> Path:
     """A checkpoint as accelerate writes it (model.safetensors, optimizer.bin, random_states_0.pkl), made
     atomic by run_dir.stage/commit (``legacy``: the old way, recipe_state.json without a file list)."""
