@@ -80,7 +80,7 @@ def engine_settings(args: list[str]) -> dict:
 def run_ours(size: str, steps: int, workdir: Path, name: str = "ours", extra: tuple[str, ...] = ()) -> dict:
     out = workdir / name
     cmd = [sys.executable, str(ROOT / "recipes" / "grpo.py"), "--config", str(ROOT / "configs" / f"{size}.yaml"),
-           f"output_dir={out}", f"train.steps={steps}", "wandb.mode=disabled", "resume=false",
+           f"output_dir={out}", f"train.steps={steps}", "wandb.mode=disabled", "resume=false", "overwrite=true",
            "engine.verify_every=0", "save_final=false", *extra]
     t0 = time.perf_counter()
     with PeakMemory() as mem:

@@ -135,7 +135,7 @@ def main() -> None:
         timers = work / f"{name}_timers.json"
         cmd = [sys.executable, __file__, "--child", "--size", args.size, "--timers", str(timers), "--out", args.out,
                *([] if args.timers_on else ["--no-timers"]),
-               f"output_dir={out}", f"train.steps={args.steps}", "wandb.mode=disabled", "resume=false",
+               f"output_dir={out}", f"train.steps={args.steps}", "wandb.mode=disabled", "resume=false", "overwrite=true",
                "engine.verify_every=0", "save_final=false", *shared_model, *args.overrides, *extra]
         t0 = time.perf_counter()
         mem = PeakMemory() if torch.cuda.is_available() else None

@@ -4,8 +4,13 @@ Each step: rollout (engine awake: ``generations`` completions per prompt) → tr
 ``engine.sleep_level``; the trainer recomputes the sampled tokens' log-probs, group-normalized advantages,
 clipped policy-gradient loss, optional KL to a frozen reference) → sync (wake → load → KV cache → reset,
 ``verify`` every ``engine.verify_every`` syncs). Per-step metrics go to ``<output_dir>/metrics.jsonl`` and
-W&B (offline by default); the state is saved with accelerate every ``save_every`` steps, and a rerun with
-the same ``output_dir`` resumes from the newest saved step with the same data order.
+W&B (offline by default); the state is saved with accelerate every ``save_every`` steps (atomically: a
+staging folder renamed once complete), and a rerun with the same ``output_dir`` resumes from the newest
+complete saved step with the same data order (newer incomplete ones are moved to ``checkpoints/incomplete``).
+
+Nothing silent: the whole config is checked before anything starts; an ``output_dir`` holding another run is
+refused; a NaN/inf reward or gradient stops the step before the optimizer applies it; every phase (setup,
+generate, sleep, train, wake, verify, save, waits for other ranks) has a watchdog timeout (``watchdog.*``).
 
 Launch (one process, or several: each rank gets its own engine and a share of the prompts):
 
@@ -22,28 +27,35 @@ with one step per batch the trainer's old log-probs are its current ones, so thi
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import gc
 import json
 import os
 import random
+import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
-from accelerate.utils import set_seed  # noqa: E402
+from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_seed  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from rollout_sleep.checkpoints import SHAPES, make_checkpoint  # noqa: E402
-from rollout_sleep.config import ConfigError, RecipeConfig, load_config  # noqa: E402
+from rollout_sleep import run_dir  # noqa: E402
+from rollout_sleep.config import ConfigError, RecipeConfig, load_config, validate_rewards  # noqa: E402
 from rollout_sleep.data import load_prompts  # noqa: E402
 from rollout_sleep.engine import Engine, kv_cache_bytes_for  # noqa: E402
 from rollout_sleep.grpo import grpo_update  # noqa: E402
 from rollout_sleep.integrations.wandb import make_tracker  # noqa: E402
 from rollout_sleep.manager import RolloutManager  # noqa: E402
+from rollout_sleep.nonfinite import NonFiniteError, check_finite, guard_optimizer  # noqa: E402
 from rollout_sleep.rewards import score  # noqa: E402
+from rollout_sleep.watchdog import Watchdog  # noqa: E402
 
 
 class GRPORecipe:
@@ -55,19 +67,54 @@ class GRPORecipe:
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         cfg = self.cfg
-        self.acc = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available())
-        set_seed(cfg.train.seed)
+        # read-only checks first (every rank alike): nothing is written before they pass
+        run_dir.check_output_dir(self.out, cfg.to_dict(), cfg.resume, cfg.overwrite)
+        w = cfg.watchdog
+        pg = [InitProcessGroupKwargs(timeout=timedelta(seconds=w.collective_s + 60))] \
+            if w.enabled and w.collective_s > 0 else []  # torch.distributed's own timeout: a backstop to ours
+        self.acc = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available(),
+                               kwargs_handlers=pg)
         self.main = self.acc.is_main_process
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.model_path = self._model_path()
-        dtype = getattr(torch, cfg.model.dtype)
+        timeouts = {f.name[:-2]: getattr(w, f.name) for f in dataclasses.fields(w) if f.name.endswith("_s")}
+        self.watchdog = Watchdog(timeouts if w.enabled else {}, rank=self.acc.process_index,
+                                 world=self.acc.num_processes, hint="set watchdog.{phase}_s higher (0: no limit)")
+        with self.watchdog.phase("setup", "the data, the engine's start, the model's load and the resume"):
+            self._setup()
+
+    def _collective(self, what: str):
+        """A watched wait for every rank (watchdog.collective_s)."""
+        return self.watchdog.phase("collective", f"all {self.acc.num_processes} ranks to reach {what}")
+
+    def _setup(self) -> None:
+        cfg = self.cfg
+        set_seed(cfg.train.seed)
         self.tp = cfg.engine.tensor_parallel_size
         if self.tp not in (1, self.acc.num_processes):
             raise ConfigError(f"engine.tensor_parallel_size must be 1 (an engine per rank) or the number of processes "
                               f"({self.acc.num_processes}, one engine across ranks), got {self.tp}")
-        self.data = load_prompts(cfg.data.dataset, prompt_column=cfg.data.prompt_column,
-                                 n=cfg.data.num_prompts or cfg.train.steps * cfg.train.prompts_per_step,
-                                 seed=cfg.train.seed)
+        try:
+            self.data = load_prompts(cfg.data.dataset, prompt_column=cfg.data.prompt_column,
+                                     n=cfg.data.num_prompts or cfg.train.steps * cfg.train.prompts_per_step,
+                                     seed=cfg.train.seed)
+        except (OSError, KeyError, ValueError) as err:
+            raise ConfigError(f"data.dataset {cfg.data.dataset!r} cannot be used: {err}") from err
+        problems = validate_rewards(cfg.rewards, columns=list(self.data.column_names))
+        if problems:
+            raise ConfigError(problems)
+        if self.main:
+            if cfg.overwrite and not cfg.resume:
+                gone = run_dir.clear_run(self.out, cfg.to_dict())
+                if gone:
+                    self.acc.print(f"overwrite=true: deleted {', '.join(gone)} of the earlier run in {self.out}")
+            elif run_dir.drop_stale_model(self.out, cfg.to_dict()):
+                self.acc.print(f"deleted {self.out / 'model'}: built with other model settings; building it again")
+            self.out.mkdir(parents=True, exist_ok=True)
+            run_dir.write_run_config(self.out, cfg.to_dict())
+        with self._collective("the start of the run"):
+            self.acc.wait_for_everyone()
+        self.model_path = self._model_path()
+        dtype = getattr(torch, cfg.model.dtype)
+        self.acc.print(f"starting the vLLM engine ({self.model_path})")
         # The engine first, while the GPU is empty: vLLM sizes its KV cache from the free memory it sees.
         engine_kw = {"gpu_memory_utilization": cfg.engine.gpu_memory_utilization} if torch.cuda.is_available() else {}
         seed = cfg.train.seed + (self.acc.process_index if self.tp == 1 else 0)  # a TP engine samples alike on all ranks
@@ -84,6 +131,7 @@ class GRPORecipe:
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                                       fused=torch.cuda.is_available() or None)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        guard_optimizer(self.optimizer, self.model)  # a non-finite gradient stops the step before it applies
         self.layout = {"processes": self.acc.num_processes, "distributed_type": self.acc.distributed_type.value,
                        "trainer_sharded": any(hasattr(p, "full_tensor") or hasattr(p, "ds_id")
                                               for p in self.model.parameters())}
@@ -92,7 +140,7 @@ class GRPORecipe:
             self.ref_model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype).to(self.acc.device)
             self.ref_model.eval().requires_grad_(False)
         self.manager = RolloutManager(self.engine, self.model, sleep_level=cfg.engine.sleep_level,
-                                      verify_every=cfg.engine.verify_every)
+                                      verify_every=cfg.engine.verify_every, watchdog=self.watchdog)
         self.order = list(range(len(self.data)))
         random.Random(cfg.train.seed).shuffle(self.order)  # the data order: a function of the seed only
         run_id = self._resume()
@@ -113,7 +161,8 @@ class GRPORecipe:
         path = self.out / "model"
         if self.main and not (path / "config.json").exists():
             make_checkpoint(path, cfg.path, seed=cfg.seed, dtype=cfg.dtype, tie_word_embeddings=cfg.tie_word_embeddings)
-        self.acc.wait_for_everyone()
+        with self._collective("the built model"):
+            self.acc.wait_for_everyone()
         return str(path)
 
     def _kv_cache_bytes(self) -> int | None:
@@ -130,22 +179,36 @@ class GRPORecipe:
         return kv_cache_bytes_for(self.model_path, int(tokens * 1.25), self.cfg.model.dtype) // self.tp
 
     def _resume(self) -> str | None:
-        """Load the newest saved state (if resuming); returns the W&B run id to continue."""
-        saved = sorted((self.out / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
-        if not (self.cfg.resume and saved):
-            if self.main and (self.out / "metrics.jsonl").exists():
-                (self.out / "metrics.jsonl").unlink()
+        """Load the newest complete saved state (if resuming); returns the W&B run id to continue. Newer
+        incomplete checkpoints are moved to ``checkpoints/incomplete`` (said in the log); metrics lines of
+        steps after the resumed one move to ``metrics.superseded.jsonl`` (those steps run again)."""
+        ckpts = self.out / "checkpoints"
+        chosen = [None]
+        if self.main:
+            run_dir.clear_staging(ckpts)
+            if self.cfg.resume:
+                found, skipped = run_dir.newest_complete(ckpts)
+                for path, why in skipped:
+                    moved = run_dir.set_aside(path, why)
+                    self.acc.print(f"skipping checkpoint {path.name}: {why} (moved to {moved})")
+                if skipped and found is None:
+                    self.acc.print("no complete checkpoint to resume from: starting at step 0")
+                chosen = [str(found) if found else None]
+        with self._collective("the choice of the checkpoint to resume from"):
+            chosen = broadcast_object_list(chosen)
+        path = Path(chosen[0]) if chosen[0] else None
+        state = json.loads((path / run_dir.STATE_FILE).read_text()) if path else {}
+        self.step = int(state.get("step", 0))
+        if self.main:
+            moved = run_dir.supersede_metrics(self.out / "metrics.jsonl", self.step)
+            if moved:
+                self.acc.print(f"moved {moved} metrics line(s) of steps after step {self.step} to "
+                               "metrics.superseded.jsonl: those steps run again")
+        if path is None:
             return None
-        self.acc.load_state(str(saved[-1]))
-        state = json.loads((saved[-1] / "recipe_state.json").read_text())
-        self.step = state["step"]
-        if self.main:  # drop log lines of steps after the saved one: they will run again
-            log = self.out / "metrics.jsonl"
-            if log.exists():
-                keep = [ln for ln in log.read_text().splitlines() if json.loads(ln)["step"] <= self.step]
-                log.write_text("".join(ln + "\n" for ln in keep))
+        self.acc.load_state(str(path))
         self.engine.load_weights(self.manager.stream)  # the engine must hold the restored weights
-        self.acc.print(f"resumed from {saved[-1]} (step {self.step})")
+        self.acc.print(f"resumed from {path} (step {self.step})")
         return state.get("wandb_id")
 
     # ------------------------------------------------------------------ train
@@ -171,18 +234,21 @@ class GRPORecipe:
                     c.prompt_index = remap[c.prompt_index]
             rewards = torch.tensor(score(cfg.rewards, [c.text for c in comps], [examples[c.prompt_index] for c in comps]),
                                    dtype=torch.float32)
-            with self.manager.training():
+            self._check_rewards(rewards)
+            with self._stop_on_non_finite(), self.manager.training():
                 stats = grpo_update(self.model, self.optimizer, prompt_ids, comps, rewards, group_size=t.generations,
                                     pad_id=self.tokenizer.pad_token_id, clip_eps=t.clip_eps, micro_batch=t.micro_batch,
                                     ref_model=self.ref_model, kl_coef=t.kl_coef, max_grad_norm=t.max_grad_norm,
                                     backward=self.acc.backward, autocast=self.acc.autocast,
                                     sampling_correction_mode=t.sampling_correction,
                                     sampling_clip_min=t.sampling_clip_min, sampling_clip_max=t.sampling_clip_max)
+                check_finite("loss and grad_norm", torch.tensor([stats["loss"], stats["grad_norm"]]))
             self.manager.sync()
             self.step += 1
             phases = self.manager.end_step()
             lengths = torch.tensor([len(c.token_ids) for c in comps], dtype=torch.float32)
-            all_rewards = self.acc.gather(rewards.to(self.acc.device)).float()
+            with self._collective(f"the reward gather of step {self.step}"):
+                all_rewards = self.acc.gather(rewards.to(self.acc.device)).float()
             metrics = {"step": self.step, "first_prompt_index": idx[0], "reward_mean": float(all_rewards.mean()),
                        "reward_std": float(all_rewards.std()), "completion_len_mean": float(lengths.mean()),
                        "rollouts": int(all_rewards.numel()), **self.layout, **stats, **phases,
@@ -198,13 +264,41 @@ class GRPORecipe:
                 self.save()
 
     def save(self) -> None:
+        """Every rank writes into a staging folder; the main process then records the step and every file's
+        size and renames it to ``step_N``: a ``step_N`` folder is always complete."""
         path = self.out / "checkpoints" / f"step_{self.step}"
-        self.acc.save_state(str(path))
+        staging = run_dir.stage(path)
+        with self.watchdog.phase("save", f"accelerate to save the state of step {self.step} into {staging}"):
+            self.acc.save_state(str(staging))
+        with self._collective(f"the end of the save of step {self.step}"):
+            self.acc.wait_for_everyone()
         if self.main:
-            (path / "recipe_state.json").write_text(json.dumps({"step": self.step,
-                                                                "wandb_id": getattr(self.tracker, "id", None)}))
+            with self.watchdog.phase("save", f"the commit of {path}"):
+                run_dir.commit(staging, path, {"step": self.step, "wandb_id": getattr(self.tracker, "id", None)})
             print(f"saved {path}", flush=True)
-        self.acc.wait_for_everyone()
+        with self._collective(f"the commit of {path.name}"):
+            self.acc.wait_for_everyone()
+
+    def _check_rewards(self, rewards: torch.Tensor) -> None:
+        try:
+            check_finite(f"rewards of step {self.step + 1}", rewards)
+        except NonFiniteError as err:
+            raise NonFiniteError(f"{err}: reward functions {self.cfg.rewards} must return finite numbers; nothing "
+                                 f"was trained at step {self.step + 1}") from None
+
+    @contextlib.contextmanager
+    def _stop_on_non_finite(self):
+        """A NaN/inf in the training step (the optimizer's guard, or the returned loss) stops the run with the
+        step named, before the step's weights reach the engine or a checkpoint."""
+        try:
+            yield
+        except NonFiniteError as err:
+            raise NonFiniteError(f"step {self.step + 1}: {str(err).rstrip('.')}. The run stops before this step's weights reach the "
+                                 f"engine or a checkpoint; {self._last_saved()}") from None
+
+    def _last_saved(self) -> str:
+        saved = run_dir.saved_steps(self.out / "checkpoints")
+        return f"the newest checkpoint is {saved[-1]}" if saved else "no checkpoint was saved yet"
 
     # ---------------------------------------------------------------- cleanup
     def cleanup(self) -> None:
@@ -213,6 +307,7 @@ class GRPORecipe:
             if png is not None:
                 self.tracker.log_image("phase_timeline", png, step=self.step)
         self.tracker.finish()
+        self.watchdog.close()
 
 
 def phase_timeline(rows: list[dict], path: Path) -> Path | None:
@@ -245,9 +340,15 @@ def main() -> None:
     parser.add_argument("--config", help="YAML config (see configs/)")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args()
-    recipe = GRPORecipe(load_config(args.config, args.overrides))
-    recipe.setup()
-    recipe.train()
+    try:
+        recipe = GRPORecipe(load_config(args.config, args.overrides))
+        recipe.setup()
+        recipe.train()
+    except (ConfigError, run_dir.RunDirError, NonFiniteError) as err:
+        # problems the recipe explains itself: the message, not a traceback
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(2 if isinstance(err, ConfigError) else 1)
     recipe.cleanup()
     os._exit(0)  # vLLM's in-process teardown is slow and would tear down accelerate's process group
 

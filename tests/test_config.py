@@ -18,7 +18,7 @@ def test_engine_cache_settings_defaults_and_overrides():
     ("engine.kv_cache=all", "engine.kv_cache must be one of step, gpu_share, got 'all'"),
     ("engine.keep_trainer_cache=maybe", "engine.keep_trainer_cache must be true or false"),
     ("engine.kv_cache_bites=1", "unknown key 'engine.kv_cache_bites'; engine has: "),
-    ("train.steps=many", "train.steps must be a number"),
+    ("train.steps=many", "train.steps must be an integer"),
 ])
 def test_malformed_overrides_name_the_problem(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -32,3 +32,42 @@ def test_unreadable_and_non_mapping_files(tmp_path):
     bad.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="must be a mapping of sections"):
         load_config(bad)
+
+
+# Each of these reached the run on the old code (a raw error after vLLM started, or a silent no-op / NaN run).
+@pytest.mark.parametrize("override, message", [
+    ("engine.kv_cache_bytes=abc", "engine.kv_cache_bytes must be an integer or null, got 'abc'"),
+    ("model.dtype=float64x", "model.dtype must be one of float32, bfloat16, float16, got 'float64x'"),
+    ("train.steps=-1", "train.steps must be >= 1, got -1"),
+    ("engine.load_method=bogus", "engine.load_method must be one of auto, reload, load_weights, direct"),
+    ("rewards=[arithmetic_exact, nope]", "unknown reward 'nope'; known: arithmetic_exact, digits_format"),
+    ("train.generations=1", "train.generations must be >= 2, got 1: .* a group of one has none"),
+    ("train.sampling_clip_min=abc", "train.sampling_clip_min must be a number or null, got 'abc'"),
+    ("engine.max_model_len=0", "engine.max_model_len must be >= 1"),
+    ("train.lr=nan", "train.lr must be > 0, got nan"),
+    ("train.mixed_precision=fp8", "train.mixed_precision must be one of no, bf16, fp16"),
+    ("engine.gpu_memory_utilization=1.5", r"engine.gpu_memory_utilization must be in \(0, 1\]"),
+    ("data.dataset=no/such/file.jsonl", "data.dataset 'no/such/file.jsonl' not found"),
+    ("model.path=./no-such-model", "model.path './no-such-model' is neither a size"),
+    ("watchdog.generate_s=-5", "watchdog.generate_s must be >= 0"),
+    ("rewards=arithmetic_exact", "rewards must be a list of strings"),
+])
+def test_every_field_is_checked_up_front(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_one_error_lists_every_problem(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("engine: {kv_cache_bytes: abc, load_method: bogus}\ntrain: {steps: 0}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg, ["model.dtype=float64x", "train.stepz=3"])
+    assert len(err.value.problems) == 5, err.value.problems
+    assert str(err.value).startswith("5 problems in the config:\n  - ")
+
+
+def test_optional_fields_take_values_and_null():
+    cfg = load_config(None, ["engine.kv_cache_bytes=1e9", "data.num_prompts=null", "wandb.run_name=5",
+                             "train.sampling_clip_min=0.5", "engine.max_model_len=null"])
+    assert (cfg.engine.kv_cache_bytes, cfg.data.num_prompts, cfg.wandb.run_name) == (10**9, None, "5")
+    assert (cfg.train.sampling_clip_min, cfg.engine.max_model_len) == (0.5, None)

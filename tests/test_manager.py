@@ -49,3 +49,44 @@ def test_out_of_memory_in_training_names_the_memory(engine, ckpts):
 def test_bad_sleep_level():
     with pytest.raises(ValueError, match="sleep_level"):
         RolloutManager(None, torch.nn.Linear(1, 1), sleep_level=3)
+
+
+def test_nan_weights_are_blamed_on_training_not_the_sync(engine, ckpts):
+    from rollout_sleep.nonfinite import NonFiniteError
+
+    model = hf_model(ckpts["tied1"])
+    mgr = RolloutManager(engine, model, verify_every=1)
+    name, param = next(iter(model.named_parameters()))
+    keep = param.detach().clone()
+    with torch.no_grad():
+        param[0, 0] = float("nan")  # what an unguarded NaN optimizer step leaves
+    try:
+        with pytest.raises(NonFiniteError, match=rf"the trainer's weights hold NaN/inf in 1 parameter\(s\) \({name}\)"
+                                                 r".*came from training .*not from the sync"):
+            mgr.sync()
+    finally:
+        with torch.no_grad():
+            param.copy_(keep)
+    mgr.sync()  # finite again: verified, the engine follows the trainer
+    assert_follows(engine, model)
+
+
+def test_each_phase_is_watched(engine, ckpts):
+    from contextlib import contextmanager
+
+    class Recording:  # the watchdog's interface; the real one (timeouts, exit) is tested in test_watchdog.py
+        phases: list[str] = []
+
+        @contextmanager
+        def phase(self, name, waiting_for):
+            assert waiting_for
+            self.phases.append(name)
+            yield
+
+    watchdog = Recording()
+    mgr = RolloutManager(engine, hf_model(ckpts["tied1"]), verify_every=1, watchdog=watchdog)
+    mgr.rollout(PROMPTS, n=1, max_tokens=2)
+    with mgr.training():
+        pass
+    mgr.sync()
+    assert watchdog.phases == ["generate", "sleep", "train", "wake", "verify"]

@@ -65,10 +65,20 @@ def test_kill_and_resume_continues_at_the_saved_step(tmp_path):
     proc.wait(timeout=60)
     assert proc.returncode != 0
     assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4]
+    ckpts = out / "checkpoints"
+    (ckpts / "step_7").mkdir()  # a newer checkpoint that is not complete: skipped, said, kept aside
+    (ckpts / ".partial-step_6").mkdir()  # a save that died before its rename: never a checkpoint
     log = finish(launch(out, *args, accelerate=False))
-    assert "(step 3)" in log  # resumed from the newest saved state
+    assert "skipping checkpoint step_7: no recipe_state.json (the save did not finish)" in log, log[-3000:]
+    assert "(step 3)" in log  # resumed from the newest complete saved state
+    assert "moved 1 metrics line(s) of steps after step 3 to metrics.superseded.jsonl" in log
     rows = metrics(out)
     assert [r["step"] for r in rows] == list(range(1, 9))  # nothing lost, nothing repeated
+    assert [json.loads(ln)["step"] for ln in (out / "metrics.superseded.jsonl").read_text().splitlines()] == [4]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["incomplete", "step_3", "step_6", "step_8"]
+    assert [p.name for p in (ckpts / "incomplete").iterdir()] == ["step_7"]
+    state = json.loads((ckpts / "step_8" / "recipe_state.json").read_text())
+    assert state["step"] == 8 and state["files"]["model.safetensors"] > 0  # saved whole, with its file list
     order = list(range(64))
     random.Random(0).shuffle(order)
     assert [r["first_prompt_index"] for r in rows] == [order[8 * k] for k in range(8)]  # same data order

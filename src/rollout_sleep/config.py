@@ -1,6 +1,8 @@
 """Recipe configuration: dataclasses, YAML files, and ``section.key=value`` overrides.
 
-Unknown keys fail loudly, naming the key and the keys that exist.
+:func:`load_config` checks everything that can be known before the run starts (keys, types of every
+field including optional ones, choices, ranges, reward names, the dataset's path) and raises one
+:class:`ConfigError` listing every problem, each with what is allowed.
 
 >>> cfg = load_config(None, ["train.steps=3", "engine.sleep_level=1"])
 >>> cfg.train.steps, cfg.engine.sleep_level
@@ -9,11 +11,19 @@ Unknown keys fail loudly, naming the key and the keys that exist.
 Traceback (most recent call last):
 ...
 rollout_sleep.config.ConfigError: unknown key 'train.stepz'; train has: ...
+>>> load_config(None, ["train.steps=-1", "model.dtype=float64x"])
+Traceback (most recent call last):
+...
+rollout_sleep.config.ConfigError: 2 problems in the config:
+  - model.dtype must be one of float32, bfloat16, float16, got 'float64x'
+  - train.steps must be >= 1, got -1
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,17 +32,33 @@ import yaml
 
 
 KV_CACHE_SIZING = ("step", "gpu_share")
+DTYPES = ("float32", "bfloat16", "float16")
+LOAD_METHODS = ("auto", "reload", "load_weights", "direct")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+WANDB_MODES = ("offline", "online", "disabled")
+DATASET_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+# The example columns each built-in reward reads (rewards.py's registry has no such metadata today).
+REWARD_COLUMNS: dict[str, tuple[str, ...]] = {"arithmetic_exact": ("answer",)}
 
 
 class ConfigError(ValueError):
-    """A malformed config: unknown key, wrong type, unreadable file."""
+    """A malformed config: unknown key, wrong type, value out of range, unreadable file. ``problems``
+    lists each one."""
+
+    def __init__(self, problems: str | list[str]):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        if len(self.problems) == 1:
+            msg = self.problems[0]
+        else:
+            msg = f"{len(self.problems)} problems in the config:\n" + "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(msg)
 
 
 @dataclass
 class ModelConfig:
     path: str = "tiny"  # a local HF checkpoint, or a size from checkpoints.SHAPES (built with random weights)
     seed: int = 0  # seed of the random weights when ``path`` is a size
-    dtype: str = "float32"  # trainer and engine dtype: float32 / bfloat16
+    dtype: str = "float32"  # trainer and engine dtype: float32 / bfloat16 / float16
     tie_word_embeddings: bool | None = None
 
 
@@ -91,62 +117,232 @@ class WandbConfig:
 
 
 @dataclass
+class WatchdogConfig:
+    """Seconds each phase may take before the run stops with the phase, the rank, what it waited for and
+    every thread's stack (0: no limit for that phase). ``collective_s`` also sets torch.distributed's
+    timeout for the process group."""
+    enabled: bool = True
+    setup_s: float = 1800.0  # engine start, model load, resume
+    generate_s: float = 1800.0
+    sleep_s: float = 600.0
+    wake_s: float = 1200.0  # wake → load → KV cache → reset (a load while awake too)
+    verify_s: float = 1200.0
+    train_s: float = 3600.0
+    save_s: float = 3600.0
+    collective_s: float = 1800.0  # any wait for the other ranks (barriers, gathers)
+
+
+@dataclass
 class RecipeConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
     rewards: list[str] = field(default_factory=lambda: ["digits_format", "arithmetic_exact"])
     output_dir: str = "runs/grpo"
     save_every: int = 0  # save accelerate state every N steps (0: only at the end)
     save_final: bool = True  # save the state after the last step (benchmarks turn it off)
-    resume: bool = True  # continue from the newest saved state in output_dir
+    resume: bool = True  # continue from the newest complete saved state in output_dir
+    # with resume=false, an output_dir that holds a run is refused unless overwrite=true (then its metrics
+    # and checkpoints are deleted first, said in the log)
+    overwrite: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-def _coerce(value: Any, current: Any, key: str) -> Any:
-    if isinstance(value, str) and not isinstance(current, str):
-        value = yaml.safe_load(value)  # "3" -> 3, "true" -> True, "[a, b]" -> list, "null" -> None
-    if current is not None and value is not None:
-        if isinstance(current, bool) and not isinstance(value, bool):
-            raise ConfigError(f"{key} must be true or false, got {value!r}")
-        if isinstance(current, (int, float)) and not isinstance(current, bool):
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
-                raise ConfigError(f"{key} must be a number, got {value!r}")
-            value = type(current)(value) if isinstance(current, float) else value
-        if isinstance(current, list) and not isinstance(value, list):
-            raise ConfigError(f"{key} must be a list, got {value!r}")
-    return value
+# ---------------------------------------------------------------------------------------------- types
+def _describe(tp: Any) -> str:
+    args = typing.get_args(tp)
+    if type(None) in args:
+        return " or ".join(_describe(a) for a in args if a is not type(None)) + " or null"
+    if typing.get_origin(tp) is list:
+        return f"a list of {_describe(args[0]).split(' ', 1)[1]}s" if args else "a list"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
 
 
-def _set(obj: Any, dotted: str, value: Any) -> None:
+def _convert(value: Any, tp: Any) -> Any:
+    """``value`` as type ``tp`` (bool/int/float/str, ``X | None``, ``list[X]``); raises TypeError."""
+    args = typing.get_args(tp)
+    if type(None) in args:
+        if value is None:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(value, inner)
+    if typing.get_origin(tp) is list:
+        if not isinstance(value, list):
+            raise TypeError
+        return [_convert(v, args[0]) for v in value] if args else value
+    if tp in (int, float) and isinstance(value, str):
+        try:  # YAML reads 1e9 as a string
+            value = float(value)
+        except ValueError:
+            raise TypeError from None
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise TypeError
+
+
+def _parse(text: str) -> Any:
+    """An override's value as YAML: "3" -> 3, "true" -> True, "[a, b]" -> list, "null" -> None."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _set(obj: Any, dotted: str, value: Any, problems: list[str], from_text: bool = False) -> None:
     parts = dotted.split(".")
     for i, part in enumerate(parts):
         names = [f.name for f in dataclasses.fields(obj)]
         if part not in names:
             where = ".".join(parts[:i]) or "the config"
-            raise ConfigError(f"unknown key {dotted!r}; {where} has: {', '.join(names)}")
-        if i == len(parts) - 1:
-            current = getattr(obj, part)
-            if dataclasses.is_dataclass(current):
-                if not isinstance(value, dict):
-                    raise ConfigError(f"{dotted} is a section; give it a mapping, got {value!r}")
-                for k, v in value.items():
-                    _set(current, k, v)
-            else:
-                setattr(obj, part, _coerce(value, current, dotted))
-        else:
+            problems.append(f"unknown key {dotted!r}; {where} has: {', '.join(names)}")
+            return
+        if i < len(parts) - 1:
             obj = getattr(obj, part)
             if not dataclasses.is_dataclass(obj):
-                raise ConfigError(f"{'.'.join(parts[:i + 1])} is not a section (in {dotted!r})")
+                problems.append(f"{'.'.join(parts[:i + 1])} is not a section (in {dotted!r})")
+                return
+    current = getattr(obj, part)
+    if dataclasses.is_dataclass(current):
+        if from_text:
+            value = _parse(value)
+        if not isinstance(value, dict):
+            problems.append(f"{dotted} is a section; give it a mapping, got {value!r}")
+            return
+        for k, v in value.items():
+            _set(current, str(k), v, problems)
+        return
+    tp = typing.get_type_hints(type(obj))[part]
+    if from_text:  # text for a string field stays text ("null" for an optional one is None)
+        takes_str = tp is str or (typing.get_origin(tp) is not list and str in typing.get_args(tp))
+        value = (None if value in ("null", "~") and tp is not str else value) if takes_str else _parse(value)
+    try:
+        setattr(obj, part, _convert(value, tp))
+    except TypeError:
+        problems.append(f"{dotted} must be {_describe(tp)}, got {value!r}")
+
+
+# ------------------------------------------------------------------------------------- value checks
+def _check_values(cfg: RecipeConfig) -> list[str]:
+    """Choices and ranges of every field."""
+    from .checkpoints import SHAPES
+    from .grpo import SAMPLING_CORRECTIONS
+
+    out: list[str] = []
+
+    def choice(key: str, value: Any, allowed: tuple) -> None:
+        if value not in allowed:
+            out.append(f"{key} must be one of {', '.join(map(str, allowed))}, got {value!r}")
+
+    def at_least(key: str, value: Any, low: float, optional: bool = False) -> None:
+        if value is None and optional:
+            return
+        if not math.isfinite(value) or value < low:
+            out.append(f"{key} must be >= {low}, got {value!r}")
+
+    m, e, d, t, w = cfg.model, cfg.engine, cfg.data, cfg.train, cfg.watchdog
+    if m.path not in SHAPES and not Path(m.path).expanduser().is_dir() and \
+            (m.path.startswith(("/", ".", "~")) or m.path.count("/") != 1):
+        out.append(f"model.path {m.path!r} is neither a size ({', '.join(SHAPES)}) nor a local checkpoint "
+                   "folder (nor a hub id like org/name)")
+    choice("model.dtype", m.dtype, DTYPES)
+    at_least("model.seed", m.seed, 0)
+    if not (0 < e.gpu_memory_utilization <= 1):
+        out.append(f"engine.gpu_memory_utilization must be in (0, 1], got {e.gpu_memory_utilization!r}")
+    choice("engine.kv_cache", e.kv_cache, KV_CACHE_SIZING)
+    at_least("engine.kv_cache_bytes", e.kv_cache_bytes, 1, optional=True)
+    at_least("engine.max_model_len", e.max_model_len, 1, optional=True)
+    if e.sleep_level not in (1, 2):
+        out.append(f"engine.sleep_level must be 1 or 2, got {e.sleep_level!r}")
+    choice("engine.load_method", e.load_method, LOAD_METHODS)
+    at_least("engine.verify_every", e.verify_every, 0)
+    at_least("engine.tensor_parallel_size", e.tensor_parallel_size, 1)
+    if d.dataset != "synthetic":
+        path = Path(d.dataset).expanduser()
+        if not path.exists():
+            out.append(f"data.dataset {d.dataset!r} not found (use 'synthetic' or a local folder or file)")
+        elif path.is_file() and path.suffix not in DATASET_SUFFIXES:
+            out.append(f"data.dataset {path.name!r} has an unsupported suffix; use one of "
+                       f"{', '.join(DATASET_SUFFIXES)} (or a folder load_dataset reads)")
+    at_least("data.num_prompts", d.num_prompts, 1, optional=True)
+    for key in ("steps", "prompts_per_step", "max_tokens", "micro_batch"):
+        at_least(f"train.{key}", getattr(t, key), 1)
+    if t.generations < 2:
+        out.append(f"train.generations must be >= 2, got {t.generations}: GRPO's advantage is a completion's "
+                   "reward minus its group's mean, over the group's standard deviation; a group of one has "
+                   "none (every loss would be NaN)")
+    if not (math.isfinite(t.temperature) and t.temperature > 0):
+        out.append(f"train.temperature must be > 0, got {t.temperature!r}")
+    if not (math.isfinite(t.lr) and t.lr > 0):
+        out.append(f"train.lr must be > 0, got {t.lr!r}")
+    for key in ("weight_decay", "clip_eps", "kl_coef"):
+        at_least(f"train.{key}", getattr(t, key), 0)
+    if not (math.isfinite(t.max_grad_norm) and t.max_grad_norm > 0):
+        out.append(f"train.max_grad_norm must be > 0, got {t.max_grad_norm!r}")
+    choice("train.mixed_precision", t.mixed_precision, MIXED_PRECISION)
+    choice("train.sampling_correction", t.sampling_correction, SAMPLING_CORRECTIONS)
+    at_least("train.sampling_clip_min", t.sampling_clip_min, 0, optional=True)
+    at_least("train.sampling_clip_max", t.sampling_clip_max, 0, optional=True)
+    if t.sampling_clip_min is not None and t.sampling_clip_max is not None and \
+            t.sampling_clip_min > t.sampling_clip_max:
+        out.append(f"train.sampling_clip_min ({t.sampling_clip_min}) must not exceed train.sampling_clip_max "
+                   f"({t.sampling_clip_max})")
+    choice("wandb.mode", cfg.wandb.mode, WANDB_MODES)
+    for f in dataclasses.fields(w):
+        if f.name.endswith("_s"):
+            at_least(f"watchdog.{f.name}", getattr(w, f.name), 0)
+    at_least("save_every", cfg.save_every, 0)
+    if not cfg.output_dir.strip():
+        out.append("output_dir must not be empty")
+    return out
+
+
+def validate_rewards(names: list[str], columns: list[str] | None = None) -> list[str]:
+    """Problems with the reward names (unknown ones) and, given the dataset's ``columns``, the columns the
+    rewards read that it lacks.
+
+    >>> for problem in validate_rewards(["arithmetic_exact", "nope"], columns=["prompt"]):
+    ...     print(problem)
+    reward 'arithmetic_exact' reads the dataset column 'answer', which the dataset lacks (columns: prompt)
+    unknown reward 'nope'; known: arithmetic_exact, digits_format, length_target
+    """
+    from .rewards import REWARDS
+
+    out = []
+    if not names:
+        out.append("rewards is empty; name at least one of " + ", ".join(sorted(REWARDS)))
+    for name in names:
+        if name not in REWARDS:
+            out.append(f"unknown reward {name!r}; known: {', '.join(sorted(REWARDS))}")
+        elif columns is not None:
+            for col in REWARD_COLUMNS.get(name, ()):
+                if col not in columns:
+                    out.append(f"reward {name!r} reads the dataset column {col!r}, which the dataset lacks "
+                               f"(columns: {', '.join(columns)})")
+    return out
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RecipeConfig:
-    """Defaults, then the YAML file (if any), then ``key=value`` overrides, in that order."""
+    """Defaults, then the YAML file (if any), then ``key=value`` overrides, in that order; then every check.
+    Raises :class:`ConfigError` listing every problem found."""
     cfg = RecipeConfig()
+    problems: list[str] = []
     if path is not None:
         try:
             data = yaml.safe_load(Path(path).read_text()) or {}
@@ -155,21 +351,15 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RecipeCon
         if not isinstance(data, dict):
             raise ConfigError(f"config {str(path)!r} must be a mapping of sections, got {type(data).__name__}")
         for key, value in data.items():
-            _set(cfg, key, value)
+            _set(cfg, str(key), value, problems)
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like section.key=value")
+            problems.append(f"override {item!r} must look like section.key=value")
+            continue
         key, value = item.split("=", 1)
-        _set(cfg, key.strip(), value)
-    if cfg.engine.kv_cache not in KV_CACHE_SIZING:
-        raise ConfigError(f"engine.kv_cache must be one of {', '.join(KV_CACHE_SIZING)}, got {cfg.engine.kv_cache!r}")
-    if cfg.engine.sleep_level not in (1, 2):
-        raise ConfigError(f"engine.sleep_level must be 1 or 2, got {cfg.engine.sleep_level}")
-    from .grpo import SAMPLING_CORRECTIONS
-
-    if cfg.train.sampling_correction not in SAMPLING_CORRECTIONS:
-        raise ConfigError(f"train.sampling_correction must be one of {', '.join(SAMPLING_CORRECTIONS)}, "
-                          f"got {cfg.train.sampling_correction!r}")
-    if cfg.wandb.mode not in ("offline", "online", "disabled"):
-        raise ConfigError(f"wandb.mode must be offline, online or disabled, got {cfg.wandb.mode!r}")
+        _set(cfg, key.strip(), value, problems, from_text=True)
+    # a field with a wrong type kept its default, so the value checks below still apply to the rest
+    problems += _check_values(cfg) + validate_rewards(cfg.rewards)
+    if problems:
+        raise ConfigError(problems)
     return cfg

@@ -17,7 +17,7 @@ with whatever weights the trainer then holds, so the loop can resume.
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -35,19 +35,28 @@ class RolloutManager:
         bucket_bytes: *optional*, the sync's gather/cast bucket.
         verify_every: *optional*, run :func:`~rollout_sleep.sync.verify` after every N-th sync (0: never).
         load_method: *optional*, the engine's weight-load route (``auto`` by default).
+        watchdog: *optional*, a :class:`~rollout_sleep.watchdog.Watchdog`: phases ``generate``, ``sleep``,
+            ``train`` (the :meth:`training` block), ``wake`` (wake → load → KV cache → reset, or a load while
+            awake) and ``verify`` stop the process if they outlast its timeouts.
     """
 
     def __init__(self, engine: Engine, model: torch.nn.Module, *, sleep_level: int = 2,
-                 bucket_bytes: int = 512 << 20, verify_every: int = 0, load_method: str | None = None):
+                 bucket_bytes: int = 512 << 20, verify_every: int = 0, load_method: str | None = None,
+                 watchdog=None):
         if sleep_level not in (1, 2):
             raise ValueError(f"sleep_level must be 1 or 2, got {sleep_level!r}")
         self.engine = engine
+        self.model = model
         self.stream = WeightStream(model, dtype=engine.dtype, bucket_bytes=bucket_bytes)
         self.sleep_level = sleep_level
         self.verify_every = verify_every
         self.load_method = load_method
         self.syncs = 0
+        self.watchdog = watchdog
         self._step: dict[str, float] = {}
+
+    def _phase(self, name: str, waiting_for: str):
+        return self.watchdog.phase(name, waiting_for) if self.watchdog is not None else nullcontext()
 
     def _add(self, key: str, value: float) -> None:
         self._step[key] = self._step.get(key, 0.0) + value
@@ -57,7 +66,8 @@ class RolloutManager:
         if self.engine.is_asleep:
             self.sync()
         t0 = time.perf_counter()
-        out = self.engine.generate(prompts, **sampling)
+        with self._phase("generate", f"vLLM to generate for {len(prompts)} prompt(s), n={sampling.get('n', 1)}"):
+            out = self.engine.generate(prompts, **sampling)
         dt = time.perf_counter() - t0
         self._add("generate_s", dt)
         tokens = sum(len(c.token_ids) for c in out)
@@ -68,7 +78,8 @@ class RolloutManager:
     @contextmanager
     def training(self):
         """Put the engine to sleep for the block; the trainer owns the device inside it."""
-        report = self.engine.sleep(level=self.sleep_level)
+        with self._phase("sleep", f"vLLM to sleep at level {self.sleep_level}"):
+            report = self.engine.sleep(level=self.sleep_level)
         self._add("sleep_s", report.seconds["sleep"])
         mem = report.memory_gib
         self._step[f"{report.memory_kind}_before_sleep_gib"] = mem["before"]
@@ -77,7 +88,8 @@ class RolloutManager:
             self._step["memory_freed_gib"] = mem["asleep"] - mem["before"]
         t0 = time.perf_counter()
         try:
-            yield self
+            with self._phase("train", "the training block (forward, backward, optimizer step) to finish"):
+                yield self
         except torch.cuda.OutOfMemoryError as err:
             free = torch.cuda.mem_get_info()[0] / 2**30 if torch.cuda.is_available() else float("nan")
             raise torch.cuda.OutOfMemoryError(
@@ -91,9 +103,11 @@ class RolloutManager:
     def sync(self) -> None:
         """Wake the engine with the trainer's weights (weights → load → KV cache → reset), verify if due."""
         if not self.engine.is_asleep:
-            report = self.engine.load_weights(self.stream, method=self.load_method)
+            with self._phase("wake", "vLLM to load the trainer's weights"):
+                report = self.engine.load_weights(self.stream, method=self.load_method)
         else:
-            report = self.engine.wake_up(weights=self.stream, method=self.load_method)
+            with self._phase("wake", "vLLM to wake up, load the trainer's weights and map its KV cache back"):
+                report = self.engine.wake_up(weights=self.stream, method=self.load_method)
         for k, v in report.seconds.items():
             self._add(f"{k}_s", v)
         if "awake" in report.memory_gib:
@@ -104,9 +118,28 @@ class RolloutManager:
                 self._step["memory_taken_by_wake_gib"] = report.memory_gib["before_map"] - report.memory_gib["awake"]
         self.syncs += 1
         if self.verify_every and self.syncs % self.verify_every == 0:
-            result = verify(self.engine, self.stream)
+            with self._phase("verify", "the bitwise comparison of vLLM's weights with the trainer's"):
+                result = verify(self.engine, self.stream)
             self._add("verify_s", result.seconds)
+            if not result.ok:
+                self._blame_non_finite_weights()
             result.raise_if_failed()
+
+    def _blame_non_finite_weights(self) -> None:
+        """A failed verify on weights that hold NaN/inf (NaN never equals NaN) is a training problem, not a
+        sync fault: say so, naming the trainer's parameters (this rank's shards; no collective)."""
+        bad = []
+        for name, p in self.model.named_parameters():
+            local = p.to_local() if hasattr(p, "to_local") else p
+            if local.numel() and not bool(torch.isfinite(local.detach()).all()):
+                bad.append(name)
+        if bad:
+            from .nonfinite import NonFiniteError
+
+            raise NonFiniteError(f"the trainer's weights hold NaN/inf in {len(bad)} parameter(s) ("
+                                 + ", ".join(bad[:8]) + (" ..." if len(bad) > 8 else "") + "): the engine "
+                                 "received them as they are, so verify cannot match them bitwise (NaN != NaN). "
+                                 "This came from training (a non-finite loss or gradient), not from the sync.")
 
     def end_step(self) -> dict[str, float]:
         """This step's metrics (seconds per phase, memory, tokens/s); starts the next step's."""

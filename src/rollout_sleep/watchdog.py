@@ -1,0 +1,154 @@
+"""A per-phase timeout: a run that stalls (a hung generate, a wake that never returns, a rank that never
+reaches a collective) stops with a message naming the phase, the rank and what it waited for, followed by
+every thread's stack, instead of hanging for days.
+
+    watchdog = Watchdog({"generate": 1800, "collective": 600}, rank=0, world=2)
+    with watchdog.phase("generate", "vLLM to finish 64 completions"):
+        engine.generate(...)
+
+A Python thread watches the deadlines; on expiry it writes the message, dumps every thread's stack with
+:func:`faulthandler.dump_traceback` and ends the process with :data:`EXIT_CODE` (``os._exit``: nothing
+that hangs can block it; a launcher like torchrun then stops the other ranks). In case that thread cannot
+run (a C call holding the GIL), :func:`faulthandler.dump_traceback_later` is armed as a backstop
+``grace_s`` later. A phase with no timeout (0 or missing) is not watched.
+
+For tests only: ``ROLLOUT_SLEEP_TEST_STALL=<rank>:<phase>:<seconds>`` makes that rank sleep inside that
+phase (after the deadline is armed), to prove the stall is caught.
+
+>>> wd = Watchdog({"generate": 5.0})
+>>> with wd.phase("generate", "a quick thing"):
+...     pass
+>>> wd.close()
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import itertools
+import logging
+import os
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+logger = logging.getLogger(__name__)
+
+EXIT_CODE = 75  # distinct from a Python error (1) and a signal kill
+STALL_ENV = "ROLLOUT_SLEEP_TEST_STALL"
+
+
+@dataclass
+class _Watch:
+    phase: str
+    waiting_for: str
+    timeout: float
+    deadline: float
+
+
+class Watchdog:
+    """Args:
+        timeouts: seconds per phase name (0 or absent: not watched).
+        rank, world: this process's rank and the number of processes (for the message).
+        grace_s: *optional*, how much later the GIL-free faulthandler backstop fires.
+        hint: *optional*, appended to the message (e.g. which setting raises the limit); ``{phase}`` is
+            replaced by the phase's name.
+    """
+
+    def __init__(self, timeouts: dict[str, float], *, rank: int = 0, world: int = 1, grace_s: float = 30.0,
+                 hint: str = "raise the phase's timeout if it legitimately takes longer"):
+        self.timeouts = {k: float(v) for k, v in timeouts.items() if v and v > 0}
+        self.rank, self.world, self.grace_s, self.hint = rank, world, grace_s, hint
+        self._active: dict[int, _Watch] = {}
+        self._ids = itertools.count()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._stall = self._parse_stall(os.environ.get(STALL_ENV, ""))
+
+    def _parse_stall(self, spec: str) -> tuple[str, float] | None:
+        if not spec:
+            return None
+        try:
+            rank, phase, seconds = spec.split(":")
+            return (phase, float(seconds)) if int(rank) == self.rank else None
+        except ValueError:
+            raise ValueError(f"{STALL_ENV}={spec!r} must look like <rank>:<phase>:<seconds>") from None
+
+    @contextmanager
+    def phase(self, name: str, waiting_for: str, timeout: float | None = None):
+        """Watch the block as phase ``name`` (``timeout`` overrides the configured one)."""
+        limit = self.timeouts.get(name, 0.0) if timeout is None else float(timeout)
+        if limit <= 0:
+            self._maybe_stall(name)
+            yield
+            return
+        key = next(self._ids)
+        with self._cond:
+            self._active[key] = _Watch(name, waiting_for, limit, time.monotonic() + limit)
+            self._start()
+            self._cond.notify()
+        self._arm_backstop()
+        try:
+            self._maybe_stall(name)
+            yield
+        finally:
+            with self._cond:
+                self._active.pop(key, None)
+                self._cond.notify()
+            self._arm_backstop()
+
+    def _maybe_stall(self, name: str) -> None:
+        if self._stall and self._stall[0] == name:
+            time.sleep(self._stall[1])
+
+    def close(self) -> None:
+        """Stop watching (the run ended)."""
+        with self._cond:
+            self._closed = True
+            self._active.clear()
+            self._cond.notify()
+        faulthandler.cancel_dump_traceback_later()
+
+    # ------------------------------------------------------------------------------------- internals
+    def _start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._watch, name="rollout-sleep-watchdog", daemon=True)
+            self._thread.start()
+
+    def _arm_backstop(self) -> None:
+        with self._cond:
+            soonest = min((w.deadline for w in self._active.values()), default=None)
+        try:
+            if soonest is None:
+                faulthandler.cancel_dump_traceback_later()
+            else:
+                faulthandler.dump_traceback_later(max(soonest - time.monotonic(), 0.0) + self.grace_s, exit=True,
+                                                  file=sys.__stderr__)
+        except (AttributeError, ValueError, OSError):  # no real stderr to write to: the thread alone watches
+            pass
+
+    def _watch(self) -> None:
+        with self._cond:
+            while not self._closed:
+                now = time.monotonic()
+                expired = [w for w in self._active.values() if w.deadline <= now]
+                if expired:
+                    self._expire(min(expired, key=lambda w: w.deadline))
+                soonest = min((w.deadline for w in self._active.values()), default=None)
+                self._cond.wait(None if soonest is None else max(soonest - now, 0.01))
+
+    def _expire(self, w: _Watch) -> None:
+        who = f"rank {self.rank} of {self.world}" if self.world > 1 else "the process"
+        msg = (f"\nrollout_sleep watchdog: {who} spent more than {w.timeout:g} s in phase '{w.phase}' "
+               f"(waiting for {w.waiting_for}); stopping the run (exit code {EXIT_CODE}). If this phase "
+               f"legitimately takes longer, {self.hint.format(phase=w.phase)}. Every thread's stack follows.\n")
+        try:
+            sys.stdout.flush()
+            sys.__stderr__.write(msg)
+            sys.__stderr__.flush()
+            faulthandler.dump_traceback(file=sys.__stderr__, all_threads=True)
+            sys.__stderr__.flush()
+        finally:
+            os._exit(EXIT_CODE)
