@@ -59,6 +59,10 @@ class DataConfig:
     dataset: str = "synthetic"  # or a local path (folder, .jsonl, .json, .parquet, .csv)
     prompt_column: str = "prompt"
     num_prompts: int | None = None
+    # conversational prompts (lists of messages) always get the tokenizer's chat template; these two
+    # turn plain text prompts into user messages first (system_prompt also goes before conversations)
+    chat_template: bool = False
+    system_prompt: str | None = None
 
 
 @dataclass
@@ -97,7 +101,9 @@ class RecipeConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    # built-in names, import paths (module:function, file.py:function) or reward-model checkpoint directories
     rewards: list[str] = field(default_factory=lambda: ["digits_format", "arithmetic_exact"])
+    reward_weights: list[float] | None = None  # one per reward (TRL's reward_weights); default 1.0 each
     output_dir: str = "runs/grpo"
     save_every: int = 0  # save accelerate state every N steps (0: only at the end)
     save_final: bool = True  # save the state after the last step (benchmarks turn it off)
