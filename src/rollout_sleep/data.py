@@ -91,10 +91,11 @@ def prepare_prompts(ds, tokenizer, *, chat_template: bool = False, system_prompt
 def prompt_token_ids(tokenizer, prompts: list) -> list[list[int]]:
     """Token ids of each prompt as TRL's GRPOTrainer makes them: the chat template with the generation
     prompt for conversations, the tokenizer alone for text."""
+    prompts = list(prompts)
     if prompts and isinstance(prompts[0], list):
         return [list(ids) for ids in tokenizer.apply_chat_template(prompts, add_generation_prompt=True, tokenize=True,
                                                                    return_dict=True)["input_ids"]]
-    return tokenizer(text=list(prompts)).input_ids
+    return tokenizer(text=prompts).input_ids
 
 
 def completions_for_rewards(texts: list[str], conversational: bool) -> list:
