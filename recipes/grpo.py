@@ -208,7 +208,7 @@ class GRPORecipe:
                        "reward_std": float(scored.std()), "completion_len_mean": float(lengths.mean()),
                        "rollouts": int(all_rewards.numel()), "unscorable": int(all_rewards.numel() - scored.numel()),
                        **reward_metrics(self.rewards, self.acc.gather(table.to(self.acc.device)).float().cpu()),
-                       "reward_s": reward_s, **self.layout, **stats, **phases,
+                       "reward_s": reward_s, **self.layout, **stats, **phases, **cuda_peak(),
                        "step_s": time.perf_counter() - t0}
             self.timeline.append({k: v for k, v in phases.items() if k.endswith("_s")})
             if self.main:
@@ -249,6 +249,11 @@ class GRPORecipe:
             if png is not None:
                 self.tracker.log_image("phase_timeline", png, step=self.step)
         self.tracker.finish()
+
+
+def cuda_peak() -> dict:
+    """The trainer side's (PyTorch allocator: policy, optimizer, reward models) peak GPU memory so far."""
+    return {"cuda_peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30} if torch.cuda.is_available() else {}
 
 
 def phase_timeline(rows: list[dict], path: Path) -> Path | None:

@@ -184,9 +184,11 @@ def test_bad_rewards_fail_before_the_engine_starts(in_root, tmp_path, monkeypatc
         raise AssertionError("the engine was built before the rewards were checked")
 
     monkeypatch.setattr(recipe, "Engine", no_engine)
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text('{"prompt": [{"role": "user", "content": "2+2?"}], "solution": "4"}\n')
     for overrides, message in [
-        ([f"rewards=[{REWARDS}:gsm8k_correct]", "data.dataset=synthetic"], r"needs dataset column\(s\) \['answer'\]"),
-        ([f"rewards=[{REWARDS}:gsm8k_corect]"], "has no 'gsm8k_corect'"),
+        ([f"data.dataset={questions}"], r"needs dataset column\(s\) \['answer'\]"),
+        ([f"rewards=[{REWARDS}:gsm8k_corect, digits_format]"], "has no 'gsm8k_corect'"),
         (["reward_weights=[1.0]"], "reward_weights has 1 entries but rewards has 2"),
     ]:
         cfg = recipe.load_config(str(CONFIG), [f"output_dir={tmp_path / 'run'}", *overrides])
@@ -202,10 +204,10 @@ def run_json(cmd: list[str], tag: str) -> dict:
     return json.loads(line[-1][len(tag):])
 
 
-def test_same_files_run_in_trl_and_in_the_recipe(in_root, tmp_path, ckpts, reward_ckpt):
+@pytest.mark.slow  # ~2 min alone on 2 cores (TRL's trainer + vLLM in a subprocess); the recipe run below is in CI
+def test_same_files_run_in_trl_as_in_the_recipe(in_root, tmp_path, ckpts, reward_ckpt):
     """The example's JSONL and reward module, unchanged, with a reward model beside them: TRL's GRPOTrainer
-    trains on them, our scoring reproduces TRL's rewards and advantages on TRL's own batch, and the recipe
-    runs the example config end to end."""
+    trains on them, and our scoring reproduces TRL's rewards and advantages on TRL's own batch."""
     trl = run_json([sys.executable, str(ROOT / "tests" / "trl_own_task_worker.py"), ckpts["tied0"],
                     str(tmp_path / "trl"), DATA, REWARDS, reward_ckpt], "RESULT ")
     assert trl["ok"], trl["error"]
@@ -221,6 +223,9 @@ def test_same_files_run_in_trl_and_in_the_recipe(in_root, tmp_path, ckpts, rewar
     adv = group_advantages(combine(table, [r.weight for r in rewards]), group_size=4)
     assert adv.tolist() == pytest.approx(batch["advantages"], abs=1e-3)
 
+
+def test_example_runs_end_to_end_with_a_reward_model(in_root, tmp_path, reward_ckpt):
+    """The example config (the same files TRL trained on above), plus the reward model, through the recipe."""
     out = tmp_path / "recipe"
     proc = subprocess.run([sys.executable, str(ROOT / "recipes" / "grpo.py"), "--config", str(CONFIG),
                            f"output_dir={out}", "train.steps=2", "reward_weights=[1.0, 0.2, 0.5]",
