@@ -116,7 +116,8 @@ def run_arm(name: str, args, policy: str, rewards: list[str], weights: list[floa
         "steps_run": len(rows),
         "step_s_median": median(steady, "step_s"),
         "reward_s_median": median(steady, "reward_s"),
-        "cuda_peak_allocated_gib": max((r.get("cuda_peak_allocated_gib", 0) for r in rows), default=None),
+        "cuda_peak_allocated_gib": max((r["cuda_peak_allocated_gib"] for r in rows if "cuda_peak_allocated_gib" in r),
+                                       default=None),
         **{f"{k}_median": median(steady, k) for k in ("generate_s", "sleep_s", "train_s", "wake_weights_s", "load_s",
                                                       "wake_kv_cache_s", "reset_s", "cycle_overhead_s")},
     }

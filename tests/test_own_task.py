@@ -48,13 +48,15 @@ def test_reward_specs_resolve_or_fail_with_a_clear_error(in_root, tmp_path, ckpt
         "def strict(prompts, completions, answer):\n    return [0.0] * len(completions)\n"
         "def odd(text):\n    return 1.0\n"
         "CONSTANT = 3\n"
+        "async def later(prompts, completions, **kw):\n    return [1.0] * len(completions)\n"
         "def broken(prompts, completions, **kw):\n    raise RuntimeError('boom')\n")
     os.chdir(tmp_path)  # a dotted module next to the run imports as with `python -m`
     assert resolve_rewards(["my_task_rewards:strict"], columns=cols)[0].name == "strict"
     cases = {
-        "my_task_rewards:nope": "has no 'nope'; its callables: ['broken', 'odd', 'strict']",
+        "my_task_rewards:nope": "has no 'nope'; its callables: ['broken', 'later', 'odd', 'strict']",
         "my_task_rewards:CONSTANT": "is a int, not a function",
         "my_task_rewards:odd": "signature odd(text)",
+        "my_task_rewards:later": "is async",
         "no_such_module:f": "cannot import module 'no_such_module'",
         "missing/file.py:f": "file 'missing/file.py' not found",
         "digit_format": "unknown reward 'digit_format'",

@@ -79,6 +79,8 @@ def as_conversation(ds, system_prompt: str | None = None):
 def prepare_prompts(ds, tokenizer, *, chat_template: bool = False, system_prompt: str | None = None):
     """The dataset the recipe trains on: conversational when the data is, or when ``chat_template`` or a
     ``system_prompt`` asks for it; a clear error if it then needs a chat template the tokenizer lacks."""
+    if system_prompt is not None and not isinstance(system_prompt, str):
+        raise ValueError(f"data.system_prompt must be text, got {system_prompt!r} (quote it in YAML or overrides)")
     if chat_template or system_prompt is not None:
         ds = as_conversation(ds, system_prompt)
     if is_conversational(ds) and not getattr(tokenizer, "chat_template", None):

@@ -151,6 +151,8 @@ def _import(spec: str) -> Callable:
 
 def _describe(name: str, fn: Callable, weight: float) -> Reward:
     """Classify ``fn`` by its signature: TRL's batched one or ours; raise when it is neither."""
+    if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None)):
+        raise RewardError(f"reward {name!r} is async; the recipe calls rewards synchronously: make it a plain function")
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError) as err:
