@@ -105,6 +105,12 @@ def test_scoring_follows_trl(in_root):
     adv = group_advantages(total, group_size=4)  # the unscorable completion: no advantage, not in the baseline
     assert adv[1] == 0 and adv[2] < 0 < adv[0] and adv[0] == adv[3]
 
+    def lengths(completions):  # no **kwargs: given only what it names
+        return [len(c[0]["content"]) for c in completions]
+
+    assert score_rewards([rw._describe("lengths", lengths, 1.0)], [r["prompt"] for r in rows], completions,
+                         rows)[:, 0].tolist() == [1.0] * 4
+
     def fails_on_one(prompts, completions, answer, **kwargs):
         return [1.0 / (int(a) - 2) for a in answer]
 

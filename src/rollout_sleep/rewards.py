@@ -268,11 +268,11 @@ def score_rewards(rewards: list[Reward], prompts: list, completions: list, examp
              "log_extra": lambda column, values: None, "log_metric": log_metric or (lambda name, value: None)}
     for j, r in enumerate(rewards):
         if r.batched:
-            kwargs = {**columns, **extra}
+            kwargs = {"prompts": prompts, "completions": completions, **columns, **extra}
             if not r.accepts_any_column and r.accepted:
                 kwargs = {k: v for k, v in kwargs.items() if k in r.accepted}
             try:
-                values = r.fn(prompts=prompts, completions=completions, **kwargs)
+                values = r.fn(**kwargs)
             except RewardError:
                 raise
             except Exception as err:
@@ -295,7 +295,7 @@ def _locate(r: Reward, err: Exception, prompts, completions, examples, kwargs) -
     for i in range(len(completions)):
         one = {k: (v[i:i + 1] if isinstance(v, list) and len(v) == len(completions) else v) for k, v in kwargs.items()}
         try:
-            r.fn(prompts=prompts[i:i + 1], completions=completions[i:i + 1], **one)
+            r.fn(**one)
         except Exception as row_err:
             return RewardError(f"reward {r.name!r} raised {type(row_err).__name__}: {row_err} on completion {i}: "
                                f"{_example_text(prompts[i], completions[i], examples[i])}")
