@@ -7,6 +7,11 @@ clipped policy-gradient loss, optional KL to a frozen reference) → sync (wake 
 W&B (offline by default); the state is saved with accelerate every ``save_every`` steps, and a rerun with
 the same ``output_dir`` resumes from the newest saved step with the same data order.
 
+Data and rewards: any local dataset in TRL's formats (text or conversational prompts, chat template applied),
+reward functions by built-in name or import path (TRL's ``fn(prompts, completions, **columns)`` or
+``fn(completion, example)``), reward models (local sequence-classification checkpoints), ``reward_weights``;
+all checked before vLLM starts. See docs/your-own-task.md and configs/example-gsm8k.yaml.
+
 Launch (one process, or several: each rank gets its own engine and a share of the prompts):
 
     accelerate launch recipes/grpo.py --config configs/tiny-cpu.yaml

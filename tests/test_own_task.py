@@ -115,8 +115,9 @@ def test_scoring_follows_trl(in_root):
         return [1.0 / (int(a) - 2) for a in answer]
 
     for fn, message in [
-        (fails_on_one, r"reward 'fails_on_one' raised ZeroDivisionError: .* on completion 2: prompt=\[\{'role': 'user', "
-                       r"'content': 'q2'\}\], completion='2', columns=\{'answer': '2', 'level': 'skip'\}"),
+        (fails_on_one, r"reward 'fails_on_one' raised ZeroDivisionError: .* on completion 2: "
+                       r"prompt=\[\{'role': 'user', 'content': 'q2'\}\], completion='2', "
+                       r"columns=\{'answer': '2', 'level': 'skip'\}"),
         (lambda prompts, completions, **kw: [1.0], r"returned 1 rewards for 4 completions"),
         (lambda prompts, completions, **kw: ["1"] * 4, r"returned '1' \(a str\) for completion 0"),
     ]:
@@ -159,7 +160,8 @@ def test_conversational_data_through_the_engine(in_root, engine, reward_ckpt):
     assert tok.decode(ids[0]) == f"<|im_start|>user\n{ds[0]['prompt'][0]['content']}<|im_end|>\n<|im_start|>assistant\n"
     plain = prepare_prompts(synthetic_arithmetic(2), tok, system_prompt="Answer with a number.")
     assert tok.decode(prompt_token_ids(tok, plain["prompt"])[0]) == (
-        "<|im_start|>system\nAnswer with a number.<|im_end|>\n<|im_start|>user\n6+6=<|im_end|>\n<|im_start|>assistant\n")
+        "<|im_start|>system\nAnswer with a number.<|im_end|>\n<|im_start|>user\n6+6=<|im_end|>\n"
+        "<|im_start|>assistant\n")
     assert prompt_token_ids(tok, ["6+6="]) == [tok("6+6=").input_ids]  # plain text: no template
     tok.chat_template = None
     with pytest.raises(ValueError, match="has no chat template"):

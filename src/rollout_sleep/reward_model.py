@@ -49,7 +49,8 @@ class RewardModel:
             raise RewardError(f"reward model {self.path!r}: not a loadable checkpoint ({err})") from err
         archs = config.architectures or []
         if not any(a.endswith("ForSequenceClassification") for a in archs):
-            raise RewardError(f"reward model {self.path!r} is a {archs or 'checkpoint without architectures'}; a reward "
+            what = archs or "checkpoint without architectures"
+            raise RewardError(f"reward model {self.path!r} is a {what}; a reward "
                               f"model is a sequence-classification checkpoint (one label), e.g. "
                               f"XForSequenceClassification saved with save_pretrained")
         if getattr(config, "num_labels", 1) != 1:
@@ -81,7 +82,8 @@ class RewardModel:
         if prompts and isinstance(prompts[0], list):
             from trl.data_utils import apply_chat_template
 
-            return [apply_chat_template({"messages": p + c}, self.tokenizer)["text"] for p, c in zip(prompts, completions)]
+            return [apply_chat_template({"messages": p + c}, self.tokenizer)["text"]
+                    for p, c in zip(prompts, completions)]
         return [p + c for p, c in zip(prompts, completions)]
 
     @torch.inference_mode()
