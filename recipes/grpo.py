@@ -12,6 +12,11 @@ Nothing silent: the whole config is checked before anything starts; an ``output_
 refused; a NaN/inf reward or gradient stops the step before the optimizer applies it; every phase (setup,
 generate, sleep, train, wake, verify, save, waits for other ranks) has a watchdog timeout (``watchdog.*``).
 
+Data and rewards: any local dataset in TRL's formats (text or conversational prompts, chat template applied),
+reward functions by built-in name or import path (TRL's ``fn(prompts, completions, **columns)`` or
+``fn(completion, example)``), reward models (local sequence-classification checkpoints), ``reward_weights``;
+all checked before vLLM starts. See docs/your-own-task.md and configs/example-gsm8k.yaml.
+
 Launch (one process, or several: each rank gets its own engine and a share of the prompts):
 
     accelerate launch recipes/grpo.py --config configs/tiny-cpu.yaml
@@ -19,7 +24,7 @@ Launch (one process, or several: each rank gets its own engine and a share of th
     python recipes/grpo.py --config configs/tiny-cpu.yaml train.steps=20 wandb.mode=disabled
 
 What it simplifies: one optimizer step per rollout batch (so the "old" policy is the current one and the
-clipping ratio is 1 at the step), no reward model. The vLLM-vs-trainer probability ratio is logged and, by
+clipping ratio is 1 at the step). The vLLM-vs-trainer probability ratio is logged and, by
 default, corrects the loss as TRL does (``train.sampling_correction``: sequence-level, ratios above 3 masked);
 with one step per batch the trainer's old log-probs are its current ones, so this costs no extra forward pass.
 """
@@ -48,13 +53,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from rollout_sleep.checkpoints import SHAPES, make_checkpoint  # noqa: E402
 from rollout_sleep import run_dir  # noqa: E402
 from rollout_sleep.config import ConfigError, RecipeConfig, load_config, validate_rewards  # noqa: E402
-from rollout_sleep.data import load_prompts  # noqa: E402
+from rollout_sleep.data import (completions_for_rewards, is_conversational, load_prompts,  # noqa: E402
+                                prepare_prompts, prompt_token_ids)
 from rollout_sleep.engine import Engine, kv_cache_bytes_for  # noqa: E402
 from rollout_sleep.grpo import grpo_update  # noqa: E402
 from rollout_sleep.integrations.wandb import make_tracker  # noqa: E402
 from rollout_sleep.manager import RolloutManager  # noqa: E402
-from rollout_sleep.nonfinite import NonFiniteError, check_finite, guard_optimizer  # noqa: E402
-from rollout_sleep.rewards import score  # noqa: E402
+from rollout_sleep.nonfinite import NonFiniteError, guard_optimizer  # noqa: E402
+from rollout_sleep.rewards import RewardError, combine, resolve_rewards, reward_metrics, score_rewards  # noqa: E402
 from rollout_sleep.watchdog import Watchdog  # noqa: E402
 
 
@@ -98,7 +104,7 @@ class GRPORecipe:
                                      seed=cfg.train.seed)
         except (OSError, KeyError, ValueError) as err:
             raise ConfigError(f"data.dataset {cfg.data.dataset!r} cannot be used: {err}") from err
-        problems = validate_rewards(cfg.rewards, columns=list(self.data.column_names))
+        problems = validate_rewards(cfg.rewards, columns=list(self.data.column_names), weights=cfg.reward_weights)
         if problems:
             raise ConfigError(problems)
         if self.main:
@@ -113,6 +119,7 @@ class GRPORecipe:
         with self._collective("the start of the run"):
             self.acc.wait_for_everyone()
         self.model_path = self._model_path()
+        self._setup_task()
         dtype = getattr(torch, cfg.model.dtype)
         self.acc.print(f"starting the vLLM engine ({self.model_path})")
         # The engine first, while the GPU is empty: vLLM sizes its KV cache from the free memory it sees.
@@ -124,6 +131,10 @@ class GRPORecipe:
                              keep_trainer_cache=cfg.engine.keep_trainer_cache,
                              **engine_kw)
         self.tokenizer = self.engine.tokenizer
+        for r in self.rewards:  # reward models: loaded beside the trainer, once the engine has sized its cache
+            if hasattr(r.fn, "load"):
+                r.fn.dtype = getattr(torch, cfg.model.dtype)
+                r.fn.load(self.acc.device)
         model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
         if cfg.train.gradient_checkpointing:
             model.gradient_checkpointing_enable()
@@ -154,6 +165,21 @@ class GRPORecipe:
         gc.collect()
         gc.freeze()
 
+    def _setup_task(self) -> None:
+        """Prompts in their format (chat template when conversational) and the rewards resolved and checked
+        against the dataset's columns: every mistake here is reported before vLLM starts."""
+        cfg = self.cfg
+        self.prompt_tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        try:
+            self.data = prepare_prompts(self.data, self.prompt_tokenizer, chat_template=cfg.data.chat_template,
+                                        system_prompt=cfg.data.system_prompt)
+            self.rewards = resolve_rewards(cfg.rewards, cfg.reward_weights, columns=self.data.column_names,
+                                           load_models=False)
+        except (RewardError, ValueError) as err:
+            raise ConfigError(str(err)) from err
+        self.conversational = is_conversational(self.data)
+        self.reward_weights = [r.weight for r in self.rewards]
+
     def _model_path(self) -> str:
         cfg = self.cfg.model
         if cfg.path not in SHAPES:
@@ -172,8 +198,7 @@ class GRPORecipe:
         cfg, t = self.cfg.engine, self.cfg.train
         if cfg.kv_cache_bytes is not None or cfg.kv_cache != "step" or not torch.cuda.is_available():
             return cfg.kv_cache_bytes
-        tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        longest = max(len(ids) for ids in tokenizer(list(self.data["prompt"])).input_ids)
+        longest = max(len(ids) for ids in prompt_token_ids(self.prompt_tokenizer, list(self.data["prompt"])))
         prompts = t.prompts_per_step if self.tp > 1 else -(-t.prompts_per_step // self.acc.num_processes)
         tokens = max(prompts * t.generations * (longest + t.max_tokens + 16), cfg.max_model_len or 0)
         return kv_cache_bytes_for(self.model_path, int(tokens * 1.25), self.cfg.model.dtype) // self.tp
@@ -221,7 +246,7 @@ class GRPORecipe:
             # an engine per rank: each rolls out its share of the prompts; one TP engine: all ranks submit the
             # same prompts (vLLM requires it) and each then trains on its share of the groups
             examples = [self.data[i] for i in (idx[rank::world] if self.tp == 1 else idx)]
-            prompt_ids = [self.tokenizer(ex["prompt"]).input_ids for ex in examples]
+            prompt_ids = prompt_token_ids(self.prompt_tokenizer, [ex["prompt"] for ex in examples])
             comps = self.manager.rollout(prompt_ids, n=t.generations, max_tokens=t.max_tokens,
                                          temperature=t.temperature)
             if self.tp > 1:
@@ -232,10 +257,10 @@ class GRPORecipe:
                 remap = {old: new for new, old in enumerate(order)}
                 for c in comps:
                     c.prompt_index = remap[c.prompt_index]
-            rewards = torch.tensor(score(cfg.rewards, [c.text for c in comps], [examples[c.prompt_index] for c in comps]),
-                                   dtype=torch.float32)
-            self._check_rewards(rewards)
             with self._stop_on_non_finite(), self.manager.training():
+                # rewards while the engine sleeps: a reward model's forward then uses memory vLLM released
+                rewards, table, reward_s = self._score(examples, comps)
+                self._check_rewards(rewards)
                 stats = grpo_update(self.model, self.optimizer, prompt_ids, comps, rewards, group_size=t.generations,
                                     pad_id=self.tokenizer.pad_token_id, clip_eps=t.clip_eps, micro_batch=t.micro_batch,
                                     ref_model=self.ref_model, kl_coef=t.kl_coef, max_grad_norm=t.max_grad_norm,
@@ -249,9 +274,13 @@ class GRPORecipe:
             lengths = torch.tensor([len(c.token_ids) for c in comps], dtype=torch.float32)
             with self._collective(f"the reward gather of step {self.step}"):
                 all_rewards = self.acc.gather(rewards.to(self.acc.device)).float()
-            metrics = {"step": self.step, "first_prompt_index": idx[0], "reward_mean": float(all_rewards.mean()),
-                       "reward_std": float(all_rewards.std()), "completion_len_mean": float(lengths.mean()),
-                       "rollouts": int(all_rewards.numel()), **self.layout, **stats, **phases,
+                all_table = self.acc.gather(table.to(self.acc.device)).float().cpu()
+            scored = all_rewards[~torch.isnan(all_rewards)]
+            metrics = {"step": self.step, "first_prompt_index": idx[0], "reward_mean": float(scored.mean()),
+                       "reward_std": float(scored.std()), "completion_len_mean": float(lengths.mean()),
+                       "rollouts": int(all_rewards.numel()), "unscorable": int(all_rewards.numel() - scored.numel()),
+                       **reward_metrics(self.rewards, all_table),
+                       "reward_s": reward_s, **self.layout, **stats, **phases, **cuda_peak(),
                        "step_s": time.perf_counter() - t0}
             self.timeline.append({k: v for k, v in phases.items() if k.endswith("_s")})
             if self.main:
@@ -262,6 +291,19 @@ class GRPORecipe:
                                f"loss {stats['loss']:.4f} step {metrics['step_s']:.2f}s")
             if (cfg.save_every and self.step % cfg.save_every == 0) or (cfg.save_final and self.step == t.steps):
                 self.save()
+
+    def _score(self, examples: list[dict], comps) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Every reward on this rank's completions, in the data's format (TRL's call): the weighted sum
+        (NaN where no reward applied), the per-reward table, and the seconds it took."""
+        t0 = time.perf_counter()
+        rows = [examples[c.prompt_index] for c in comps]
+        from transformers import TrainerState
+
+        table = score_rewards(self.rewards, [ex["prompt"] for ex in rows],
+                              completions_for_rewards([c.text for c in comps], self.conversational), rows,
+                              completion_ids=[list(c.token_ids) for c in comps],
+                              trainer_state=TrainerState(global_step=self.step, max_steps=self.cfg.train.steps))
+        return combine(table, self.reward_weights), table, time.perf_counter() - t0
 
     def save(self) -> None:
         """Every rank writes into a staging folder; the main process then records the step and every file's
@@ -280,11 +322,16 @@ class GRPORecipe:
             self.acc.wait_for_everyone()
 
     def _check_rewards(self, rewards: torch.Tensor) -> None:
-        try:
-            check_finite(f"rewards of step {self.step + 1}", rewards)
-        except NonFiniteError as err:
-            raise NonFiniteError(f"{err}: reward functions {self.cfg.rewards} must return finite numbers; nothing "
-                                 f"was trained at step {self.step + 1}") from None
+        """NaN marks a completion no reward applied to (a reward returned ``None``, as in TRL); infinities,
+        or a step where no completion could be scored at all, stop the run before anything is trained."""
+        if bool(torch.isinf(rewards).any()):
+            raise NonFiniteError(f"{int(torch.isinf(rewards).sum())} of {rewards.numel()} rewards of step "
+                                 f"{self.step + 1} are infinite: reward functions {self.cfg.rewards} must return finite "
+                                 f"numbers (or None to skip a completion); nothing was trained at step {self.step + 1}")
+        if rewards.numel() and bool(torch.isnan(rewards).all()):
+            raise NonFiniteError(f"no completion of step {self.step + 1} could be scored: every reward in "
+                                 f"{self.cfg.rewards} returned None or NaN for all {rewards.numel()} of them; nothing "
+                                 f"was trained at step {self.step + 1}")
 
     @contextlib.contextmanager
     def _stop_on_non_finite(self):
@@ -308,6 +355,11 @@ class GRPORecipe:
                 self.tracker.log_image("phase_timeline", png, step=self.step)
         self.tracker.finish()
         self.watchdog.close()
+
+
+def cuda_peak() -> dict:
+    """The trainer side's (PyTorch allocator: policy, optimizer, reward models) peak GPU memory so far."""
+    return {"cuda_peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30} if torch.cuda.is_available() else {}
 
 
 def phase_timeline(rows: list[dict], path: Path) -> Path | None:

@@ -40,7 +40,7 @@ def test_unreadable_and_non_mapping_files(tmp_path):
     ("model.dtype=float64x", "model.dtype must be one of float32, bfloat16, float16, got 'float64x'"),
     ("train.steps=-1", "train.steps must be >= 1, got -1"),
     ("engine.load_method=bogus", "engine.load_method must be one of auto, reload, load_weights, direct"),
-    ("rewards=[arithmetic_exact, nope]", "unknown reward 'nope'; known: arithmetic_exact, digits_format"),
+    ("rewards=[arithmetic_exact, nope]", r"unknown reward 'nope': not a built-in \(arithmetic_exact, digits_format"),
     ("train.generations=1", "train.generations must be >= 2, got 1: .* a group of one has none"),
     ("train.sampling_clip_min=abc", "train.sampling_clip_min must be a number or null, got 'abc'"),
     ("engine.max_model_len=0", "engine.max_model_len must be >= 1"),

@@ -39,8 +39,10 @@ _EXPORTS: dict[str, str] = {
     "ConfigError": "config",
     "RecipeConfig": "config",
     "grpo_update": "grpo",
-    "score_rewards": "rewards:score",
+    "resolve_rewards": "rewards",
+    "score_rewards": "rewards",
     "register_reward": "rewards:register",
+    "RewardModel": "reward_model",
     # random-weight checkpoints (no downloads)
     "make_checkpoint": "checkpoints",
     # `vllm serve` over HTTP
@@ -62,8 +64,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time names load lazily t
     from .log import configure as configure_logging
     from .log import get_logger
     from .manager import RolloutManager
+    from .reward_model import RewardModel
     from .rewards import register as register_reward
-    from .rewards import score as score_rewards
+    from .rewards import resolve_rewards, score_rewards
     from .server import RemoteEngine, ServerError, ServerProcess
     from .sync import VerifyReport, WeightStream, trainer_weights, verify
     from .weights import WeightMismatchError

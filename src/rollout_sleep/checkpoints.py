@@ -20,6 +20,12 @@ from pathlib import Path
 # Special tokens of the byte-level tokenizer; Qwen-style names so chat-like prompts read naturally.
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
+# Qwen's ChatML layout (without tools or thinking), so conversational data renders as it would for Qwen.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
 
 @dataclass(frozen=True)
 class Shape:
@@ -64,6 +70,7 @@ def build_tokenizer():
         bos_token=None,
         unk_token=None,
         model_max_length=1 << 20,
+        chat_template=CHAT_TEMPLATE,
     )
 
 
@@ -149,4 +156,34 @@ def make_checkpoint(
     cfg = json.loads(config_file.read_text())
     cfg["rollout_sleep"] = {"size": size, "seed": seed, "random_weights": True}
     config_file.write_text(json.dumps(cfg, indent=2))
+    return str(out)
+
+
+def make_reward_checkpoint(path: str | os.PathLike, size: str = "tiny", seed: int = 0, dtype: str = "bfloat16",
+                           device: str | None = None) -> str:
+    """Write a random-weight Qwen3 sequence classifier with one label (a reward model's layout: what
+    ``AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)`` and TRL load) to ``path``."""
+    import torch
+    from transformers import Qwen3ForSequenceClassification
+
+    tokenizer = build_tokenizer()
+    config = qwen3_config(size, dtype, False, tokenizer)
+    config.num_labels = 1
+    std = 0.3 if size == "tiny" else config.initializer_range  # as make_checkpoint: tiny scores then spread
+    torch_dtype = getattr(torch, dtype)
+    with torch.device("meta"):
+        model = Qwen3ForSequenceClassification(config)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = model.to_empty(device=device).to(torch_dtype)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32) * std)
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, max_shard_size="5GB")
+    tokenizer.save_pretrained(out)
     return str(out)

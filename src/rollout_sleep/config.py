@@ -37,8 +37,6 @@ LOAD_METHODS = ("auto", "reload", "load_weights", "direct")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 WANDB_MODES = ("offline", "online", "disabled")
 DATASET_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
-# The example columns each built-in reward reads (rewards.py's registry has no such metadata today).
-REWARD_COLUMNS: dict[str, tuple[str, ...]] = {"arithmetic_exact": ("answer",)}
 
 
 class ConfigError(ValueError):
@@ -85,6 +83,10 @@ class DataConfig:
     dataset: str = "synthetic"  # or a local path (folder, .jsonl, .json, .parquet, .csv)
     prompt_column: str = "prompt"
     num_prompts: int | None = None
+    # conversational prompts (lists of messages) always get the tokenizer's chat template; these two
+    # turn plain text prompts into user messages first (system_prompt also goes before conversations)
+    chat_template: bool = False
+    system_prompt: str | None = None
 
 
 @dataclass
@@ -140,7 +142,9 @@ class RecipeConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
+    # built-in names, import paths (module:function, file.py:function) or reward-model checkpoint directories
     rewards: list[str] = field(default_factory=lambda: ["digits_format", "arithmetic_exact"])
+    reward_weights: list[float] | None = None  # one per reward (TRL's reward_weights); default 1.0 each
     output_dir: str = "runs/grpo"
     save_every: int = 0  # save accelerate state every N steps (0: only at the end)
     save_final: bool = True  # save the state after the last step (benchmarks turn it off)
@@ -313,29 +317,25 @@ def _check_values(cfg: RecipeConfig) -> list[str]:
     return out
 
 
-def validate_rewards(names: list[str], columns: list[str] | None = None) -> list[str]:
-    """Problems with the reward names (unknown ones) and, given the dataset's ``columns``, the columns the
-    rewards read that it lacks.
+def validate_rewards(names: list[str], columns: list[str] | None = None,
+                     weights: list[float] | None = None) -> list[str]:
+    """Problems with the rewards a config names (unknown names, import paths that do not resolve, bad
+    signatures, weights that do not match) and, given the dataset's ``columns``, the columns they need that it
+    lacks. Reward models are only checked, not loaded.
 
-    >>> for problem in validate_rewards(["arithmetic_exact", "nope"], columns=["prompt"]):
+    >>> for problem in validate_rewards(["arithmetic_exact"], columns=["prompt"]):
     ...     print(problem)
-    reward 'arithmetic_exact' reads the dataset column 'answer', which the dataset lacks (columns: prompt)
-    unknown reward 'nope'; known: arithmetic_exact, digits_format, length_target
+    reward 'arithmetic_exact' needs dataset column(s) ['answer']; the dataset has ['prompt']
     """
-    from .rewards import REWARDS
+    from .rewards import RewardError, check_columns, resolve_rewards
 
-    out = []
-    if not names:
-        out.append("rewards is empty; name at least one of " + ", ".join(sorted(REWARDS)))
-    for name in names:
-        if name not in REWARDS:
-            out.append(f"unknown reward {name!r}; known: {', '.join(sorted(REWARDS))}")
-        elif columns is not None:
-            for col in REWARD_COLUMNS.get(name, ()):
-                if col not in columns:
-                    out.append(f"reward {name!r} reads the dataset column {col!r}, which the dataset lacks "
-                               f"(columns: {', '.join(columns)})")
-    return out
+    try:
+        rewards = resolve_rewards(list(names), weights, load_models=False)
+        if columns is not None:
+            check_columns(rewards, list(columns))
+    except RewardError as err:
+        return [str(err)]
+    return []
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RecipeConfig:
@@ -359,7 +359,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RecipeCon
         key, value = item.split("=", 1)
         _set(cfg, key.strip(), value, problems, from_text=True)
     # a field with a wrong type kept its default, so the value checks below still apply to the rest
-    problems += _check_values(cfg) + validate_rewards(cfg.rewards)
+    problems += _check_values(cfg) + validate_rewards(cfg.rewards, weights=cfg.reward_weights)
     if problems:
         raise ConfigError(problems)
     return cfg

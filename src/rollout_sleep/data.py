@@ -1,8 +1,15 @@
-"""Prompts as ``datasets.Dataset``: the embedded synthetic arithmetic task, or any local dataset.
+"""Prompts as ``datasets.Dataset``: the embedded synthetic arithmetic task, or any local dataset, in TRL's
+formats: standard (``prompt`` is text) or conversational (``prompt`` is a list of ``{"role", "content"}``
+messages, rendered with the tokenizer's chat template). Completions reach the rewards in the same format:
+text, or ``[{"role": "assistant", "content": text}]``.
 
 >>> ds = synthetic_arithmetic(4, seed=0)
 >>> sorted(ds.column_names)
 ['answer', 'prompt']
+>>> as_conversation(ds, system_prompt="Answer with a number.")[0]["prompt"]
+[{'role': 'system', 'content': 'Answer with a number.'}, {'role': 'user', 'content': '6+6='}]
+>>> completions_for_rewards(["12"], conversational=True)
+[[{'role': 'assistant', 'content': '12'}]]
 """
 
 from __future__ import annotations
@@ -46,3 +53,53 @@ def load_prompts(source: str, *, prompt_column: str = "prompt", split: str = "tr
     if prompt_column != "prompt":
         ds = ds.rename_column(prompt_column, "prompt")
     return ds.select(range(min(n, len(ds)))) if n else ds
+
+
+def is_conversational(ds) -> bool:
+    """Whether the dataset's prompts are lists of messages (TRL's test, on the first row)."""
+    from trl.data_utils import is_conversational as trl_is_conversational
+
+    return len(ds) > 0 and trl_is_conversational({"prompt": ds[0]["prompt"]})
+
+
+def as_conversation(ds, system_prompt: str | None = None):
+    """Plain prompts become one user message each; ``system_prompt`` (if given) is put first in every
+    conversation that has no system message yet."""
+    conversational = is_conversational(ds)
+
+    def convert(example):
+        messages = list(example["prompt"]) if conversational else [{"role": "user", "content": example["prompt"]}]
+        if system_prompt is not None and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": system_prompt}] + messages
+        return {"prompt": messages}
+
+    return ds.map(convert)
+
+
+def prepare_prompts(ds, tokenizer, *, chat_template: bool = False, system_prompt: str | None = None):
+    """The dataset the recipe trains on: conversational when the data is, or when ``chat_template`` or a
+    ``system_prompt`` asks for it; a clear error if it then needs a chat template the tokenizer lacks."""
+    if system_prompt is not None and not isinstance(system_prompt, str):
+        raise ValueError(f"data.system_prompt must be text, got {system_prompt!r} (quote it in YAML or overrides)")
+    if chat_template or system_prompt is not None:
+        ds = as_conversation(ds, system_prompt)
+    if is_conversational(ds) and not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"the prompts are conversations but the tokenizer of {tokenizer.name_or_path!r} has no chat "
+                         f"template: use an instruct/chat checkpoint, set tokenizer.chat_template, or give plain "
+                         f"text prompts (data.chat_template: false, no data.system_prompt)")
+    return ds
+
+
+def prompt_token_ids(tokenizer, prompts: list) -> list[list[int]]:
+    """Token ids of each prompt as TRL's GRPOTrainer makes them: the chat template with the generation
+    prompt for conversations, the tokenizer alone for text."""
+    prompts = list(prompts)
+    if prompts and isinstance(prompts[0], list):
+        return [list(ids) for ids in tokenizer.apply_chat_template(prompts, add_generation_prompt=True, tokenize=True,
+                                                                   return_dict=True)["input_ids"]]
+    return tokenizer(text=prompts).input_ids
+
+
+def completions_for_rewards(texts: list[str], conversational: bool) -> list:
+    """Completions in the prompts' format, as TRL hands them to reward functions."""
+    return [[{"role": "assistant", "content": t}] for t in texts] if conversational else list(texts)

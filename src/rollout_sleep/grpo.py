@@ -14,12 +14,16 @@ import torch
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4, scale: bool = True) -> torch.Tensor:
-    """Reward minus its group's mean (divided by the group's std when ``scale``); groups are consecutive."""
+    """Reward minus its group's mean (divided by the group's std when ``scale``); groups are consecutive.
+    NaN rewards (completions no reward scored) stay out of their group's mean and std and get advantage 0 (TRL)."""
     g = rewards.view(-1, group_size)
-    adv = g - g.mean(1, keepdim=True)
+    mean = g.nanmean(1, keepdim=True)
+    adv = g - mean
     if scale:
-        adv = adv / (g.std(1, keepdim=True) + eps)
-    return adv.view(-1)
+        count = (~torch.isnan(g)).sum(1, keepdim=True)
+        std = (adv.square().nansum(1, keepdim=True) / (count - 1).clamp(min=1)).sqrt()
+        adv = adv / (std + eps)
+    return adv.nan_to_num(0.0).view(-1)
 
 
 def pad_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int):
