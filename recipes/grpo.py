@@ -177,7 +177,9 @@ class GRPORecipe:
                                     ref_model=self.ref_model, kl_coef=t.kl_coef, max_grad_norm=t.max_grad_norm,
                                     backward=self.acc.backward, autocast=self.acc.autocast,
                                     sampling_correction_mode=t.sampling_correction,
-                                    sampling_clip_min=t.sampling_clip_min, sampling_clip_max=t.sampling_clip_max)
+                                    sampling_clip_min=t.sampling_clip_min, sampling_clip_max=t.sampling_clip_max,
+                                    loss_type=t.loss, temperature=t.temperature, max_completion_length=t.max_tokens,
+                                    kl_bias_correction=t.kl_bias_correction)
             self.manager.sync()
             self.step += 1
             phases = self.manager.end_step()

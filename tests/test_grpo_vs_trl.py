@@ -129,3 +129,14 @@ def test_engine_logprobs_are_the_trainers_at_temperature(engine):
                         torch.arange(len(comps), dtype=torch.float32), group_size=4, pad_id=0, micro_batch=5,
                         temperature=0.7)
     assert stats["sampling_logp_diff"] < 1e-4, stats
+
+
+def test_recipe_config_loss_and_temperature():
+    from rollout_sleep.config import ConfigError, load_config
+
+    assert load_config(None, ["train.loss=dr_grpo"]).train.loss == "dr_grpo"
+    assert load_config(None, []).train.loss == "dapo" and load_config(None, []).train.kl_bias_correction
+    with pytest.raises(ConfigError, match="train.loss must be one of dapo, grpo, dr_grpo, bnpo"):
+        load_config(None, ["train.loss=ppo"])
+    with pytest.raises(ConfigError, match="train.temperature must be > 0"):
+        load_config(None, ["train.temperature=0"])

@@ -72,6 +72,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     clip_eps: float = 0.2
     kl_coef: float = 0.0
+    kl_bias_correction: bool = True  # TRL's use_bias_correction_kl (its default): the KL times the policy ratio
+    # how token losses are summed, TRL's loss_type names and formulas: dapo (TRL's default) / grpo / dr_grpo / bnpo
+    loss: str = "dapo"
     micro_batch: int = 64
     max_grad_norm: float = 1.0
     mixed_precision: str = "no"  # no / bf16 / fp16 (accelerate)
@@ -170,6 +173,12 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RecipeCon
     if cfg.train.sampling_correction not in SAMPLING_CORRECTIONS:
         raise ConfigError(f"train.sampling_correction must be one of {', '.join(SAMPLING_CORRECTIONS)}, "
                           f"got {cfg.train.sampling_correction!r}")
+    from .grpo import LOSS_TYPES
+
+    if cfg.train.loss not in LOSS_TYPES:
+        raise ConfigError(f"train.loss must be one of {', '.join(LOSS_TYPES)} (TRL's loss_type), got {cfg.train.loss!r}")
+    if not cfg.train.temperature > 0:
+        raise ConfigError(f"train.temperature must be > 0 (the trainer scores tokens at it), got {cfg.train.temperature}")
     if cfg.wandb.mode not in ("offline", "online", "disabled"):
         raise ConfigError(f"wandb.mode must be offline, online or disabled, got {cfg.wandb.mode!r}")
     return cfg
