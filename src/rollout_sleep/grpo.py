@@ -176,8 +176,7 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mas
         raise ValueError(f"unknown loss type {loss_type!r}; choose one of {LOSS_TYPES}")
     if loss_type == "dr_grpo" and not max_completion_length:
         raise ValueError("loss_type 'dr_grpo' divides by max_completion_length: pass it (the sampling max_tokens)")
-    log_ratio = logp - old_logp
-    ratio = torch.exp(log_ratio)
+    ratio = torch.exp(logp - old_logp)
     a = adv[:, None]
     per_token = -torch.min(ratio * a, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * a)
     if weights is not None:
