@@ -30,7 +30,7 @@ def test_loss_types_hand_computed():
     for loss_type, value in want.items():
         loss, _ = grpo_loss(logp, old, adv, mask, loss_type=loss_type, max_completion_length=4)
         assert abs(float(loss) - value) < 1e-6, (loss_type, float(loss), value)
-    # normalizers from the whole batch (what grpo_update passes each micro-batch): 10 tokens, 4 sequences, 2 micro-batches
+    # normalizers of a whole batch (what grpo_update passes each micro-batch): 10 tokens, 4 sequences, 2 micro-batches
     assert abs(float(grpo_loss(logp, old, adv, mask, normalizer=10)[0]) - 0.23) < 1e-6
     assert abs(float(grpo_loss(logp, old, adv, mask, loss_type="grpo", normalizer=4)[0]) - 0.4) < 1e-6
     assert abs(float(grpo_loss(logp, old, adv, mask, loss_type="bnpo", normalizer=2)[0]) - 0.23) < 1e-6

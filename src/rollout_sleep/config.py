@@ -176,9 +176,11 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RecipeCon
     from .grpo import LOSS_TYPES
 
     if cfg.train.loss not in LOSS_TYPES:
-        raise ConfigError(f"train.loss must be one of {', '.join(LOSS_TYPES)} (TRL's loss_type), got {cfg.train.loss!r}")
+        raise ConfigError(f"train.loss must be one of {', '.join(LOSS_TYPES)} (TRL's loss_type), "
+                          f"got {cfg.train.loss!r}")
     if not cfg.train.temperature > 0:
-        raise ConfigError(f"train.temperature must be > 0 (the trainer scores tokens at it), got {cfg.train.temperature}")
+        raise ConfigError(f"train.temperature must be > 0 (the trainer scores tokens at it), "
+                          f"got {cfg.train.temperature}")
     if cfg.wandb.mode not in ("offline", "online", "disabled"):
         raise ConfigError(f"wandb.mode must be offline, online or disabled, got {cfg.wandb.mode!r}")
     return cfg
