@@ -27,11 +27,11 @@ from rollout_sleep.checkpoints import SHAPES, qwen3_config  # noqa: E402
 from rollout_sleep.engine import Completion  # noqa: E402
 
 
-def full_rowwise(model, ids, attn, positions, n):
+def full_rowwise(model, ids, attn, positions, n, temperature=1.0):
     """The previous path: logits for every column, float32 log-softmax one row at a time."""
     logits = model(input_ids=ids, attention_mask=attn, position_ids=positions).logits[:, -(n + 1):-1]
     targets = ids[:, -n:]
-    return torch.stack([torch.log_softmax(logits[i].float(), -1).gather(1, targets[i, :, None])[:, 0]
+    return torch.stack([torch.log_softmax(logits[i].float() / temperature, -1).gather(1, targets[i, :, None])[:, 0]
                         for i in range(logits.shape[0])])
 
 

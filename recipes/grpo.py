@@ -59,7 +59,7 @@ from rollout_sleep.engine import Engine, kv_cache_bytes_for  # noqa: E402
 from rollout_sleep.grpo import grpo_update  # noqa: E402
 from rollout_sleep.integrations.wandb import make_tracker  # noqa: E402
 from rollout_sleep.manager import RolloutManager  # noqa: E402
-from rollout_sleep.nonfinite import NonFiniteError, guard_optimizer  # noqa: E402
+from rollout_sleep.nonfinite import NonFiniteError, check_finite, guard_optimizer  # noqa: E402
 from rollout_sleep.rewards import RewardError, combine, resolve_rewards, reward_metrics, score_rewards  # noqa: E402
 from rollout_sleep.watchdog import Watchdog  # noqa: E402
 
@@ -266,7 +266,9 @@ class GRPORecipe:
                                     ref_model=self.ref_model, kl_coef=t.kl_coef, max_grad_norm=t.max_grad_norm,
                                     backward=self.acc.backward, autocast=self.acc.autocast,
                                     sampling_correction_mode=t.sampling_correction,
-                                    sampling_clip_min=t.sampling_clip_min, sampling_clip_max=t.sampling_clip_max)
+                                    sampling_clip_min=t.sampling_clip_min, sampling_clip_max=t.sampling_clip_max,
+                                    loss_type=t.loss, temperature=t.temperature, max_completion_length=t.max_tokens,
+                                    kl_bias_correction=t.kl_bias_correction)
                 check_finite("loss and grad_norm", torch.tensor([stats["loss"], stats["grad_norm"]]))
             self.manager.sync()
             self.step += 1

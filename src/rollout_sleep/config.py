@@ -100,6 +100,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     clip_eps: float = 0.2
     kl_coef: float = 0.0
+    kl_bias_correction: bool = True  # TRL's use_bias_correction_kl (its default): the KL times the policy ratio
+    # how token losses are summed, TRL's loss_type names and formulas: dapo (TRL's default) / grpo / dr_grpo / bnpo
+    loss: str = "dapo"
     micro_batch: int = 64
     max_grad_norm: float = 1.0
     mixed_precision: str = "no"  # no / bf16 / fp16 (accelerate)
@@ -246,7 +249,7 @@ def _set(obj: Any, dotted: str, value: Any, problems: list[str], from_text: bool
 def _check_values(cfg: RecipeConfig) -> list[str]:
     """Choices and ranges of every field."""
     from .checkpoints import SHAPES
-    from .grpo import SAMPLING_CORRECTIONS
+    from .grpo import LOSS_TYPES, SAMPLING_CORRECTIONS
 
     out: list[str] = []
 
@@ -301,6 +304,7 @@ def _check_values(cfg: RecipeConfig) -> list[str]:
         out.append(f"train.max_grad_norm must be > 0, got {t.max_grad_norm!r}")
     choice("train.mixed_precision", t.mixed_precision, MIXED_PRECISION)
     choice("train.sampling_correction", t.sampling_correction, SAMPLING_CORRECTIONS)
+    choice("train.loss", t.loss, LOSS_TYPES)
     at_least("train.sampling_clip_min", t.sampling_clip_min, 0, optional=True)
     at_least("train.sampling_clip_max", t.sampling_clip_max, 0, optional=True)
     if t.sampling_clip_min is not None and t.sampling_clip_max is not None and \

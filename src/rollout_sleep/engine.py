@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -245,7 +246,7 @@ class Engine(SleepState):
     ):
         # Weight pushes hand in-memory tensors to the worker: it must live in this process.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        from vllm import LLM
+        from vllm import LLM, EngineArgs
 
         if not Path(model, "config.json").exists():
             raise FileNotFoundError(f"{model!r} is not a checkpoint directory (no config.json)")
@@ -261,6 +262,9 @@ class Engine(SleepState):
             kv_cache_bytes = 256 << 20
         if kv_cache_bytes is not None:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_bytes)
+        if "logprobs_mode" in {f.name for f in dataclasses.fields(EngineArgs)}:
+            # sampled tokens' log-probs after temperature (what was sampled from; TRL asks the same)
+            kwargs["logprobs_mode"] = "processed_logprobs"
         if _distributed_world() > 1 and "distributed_executor_backend" not in llm_kwargs:
             # One engine per trainer rank, inside the trainer's process group (as TRL's colocate mode does).
             kwargs["distributed_executor_backend"] = "external_launcher"
