@@ -45,6 +45,10 @@ from pathlib import Path
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
+from rollout_sleep.log import configure  # noqa: E402  (light: imports neither torch nor vLLM)
+
+configure(verbose="--verbose" in sys.argv)  # before torch / transformers / vLLM read their switches
+
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_seed  # noqa: E402
@@ -393,6 +397,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="GRPO with a sleeping colocated vLLM engine")
     parser.add_argument("--config", help="YAML config (see configs/)")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
+    parser.add_argument("--verbose", action="store_true", help="show every library's logs and warnings")
     args = parser.parse_args()
     try:
         recipe = GRPORecipe(load_config(args.config, args.overrides))
