@@ -92,7 +92,7 @@ def run_soak(cycles: int = 50, *, size: str = "tiny", warmup: int = 10, max_grow
     # floor) and on deliberately stale KV (an awake update without a reset, vLLM's own reset after it).
     engine.generate(probe, max_tokens=4, temperature=0.0)
     train_step()
-    engine._load(engine._prepare(stream, True), None)  # new weights, prefix cache left stale on purpose
+    engine._load(engine._prepare(stream, True))  # new weights, prefix cache left stale on purpose
     stale_gap = probe_gap()
     engine.llm.reset_prefix_cache()
     fresh_gap = probe_gap()
