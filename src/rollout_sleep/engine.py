@@ -293,6 +293,7 @@ class _Feed:
         self.last: str | None = None
         self.source_error: Exception | None = None
         self.problems: list[str] = []
+        self.hint = ""
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
         pending: list[tuple[str, torch.Tensor]] = []
@@ -316,6 +317,7 @@ class _Feed:
                                   strict=False, dtype=self.dtype)
                 except WeightMismatchError as err:
                     self.problems += err.problems
+                    self.hint = err.hint
                     break
             if self.check_values and tensor.is_floating_point() and tensor.numel():
                 # queued on the tensor's device before it is handed on: reads it while it is valid
@@ -353,7 +355,7 @@ class _Feed:
             out.__cause__ = err
             return out
         if self.problems:
-            return WeightMismatchError(self.problems, loaded=self.count)
+            return WeightMismatchError(self.problems, loaded=self.count, hint=self.hint)
         if self.strict:
             missing = sorted(set(spec) - self.seen - optional)
             if missing:
@@ -694,6 +696,9 @@ class Engine(SleepState):
             except StopIteration:
                 raise WeightMismatchError(["the weight stream is empty: nothing to load (a generator already "
                                            "consumed by an earlier load? build a new one for each load)"]) from None
+            name, tensor = first  # a wrong name, shape or dtype shows at once: refused before anything is touched
+            check_weights({name: (tuple(tensor.shape), tensor.dtype)}, self.spec, optional=self._optional(),
+                          strict=False, dtype=dtype)
             return _Prepared("stream", itertools.chain([first], it), strict, resolved)
         raise TypeError(f"weights must be a checkpoint path, a mapping or an iterable of (name, tensor); "
                         f"got {type(weights).__name__}")

@@ -30,6 +30,7 @@ class WeightMismatchError(ValueError):
     def __init__(self, problems: list[str], *, loaded: int | None = None, hint: str = ""):
         self.problems = problems
         self.loaded = loaded
+        self.hint = hint
         shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
         if loaded is None:
             state = "nothing was loaded, the engine was left untouched"
