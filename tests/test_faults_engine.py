@@ -170,8 +170,8 @@ def test_a_wrong_dtype_mid_stream_names_the_tensor_and_the_fix(engine, tied1):
     model, sd = tied1
     mixed = dict(sd)
     mixed["model.layers.1.mlp.up_proj.weight"] = sd["model.layers.1.mlp.up_proj.weight"].to(torch.float16)
-    with pytest.raises(WeightMismatchError, match=r"'model.layers.1.mlp.up_proj.weight'.*float16(.|\n)*"
-                                                  r"incomplete(.|\n)*dtype=engine.dtype"):
+    with pytest.raises(WeightMismatchError, match=r"incomplete(.|\n)*'model.layers.1.mlp.up_proj.weight'.*"
+                                                  r"float16(.|\n)*dtype=engine.dtype"):
         engine.load_weights(item for item in mixed.items())
     with pytest.raises(IncompleteWeightsError, match="up_proj"):
         engine.generate(PROMPTS[:1], max_tokens=2)
