@@ -526,13 +526,23 @@ class RemoteEngine(SleepState):
             self._validate(path)
         report = CycleReport("wake", self._level, memory_kind="none")
         self._timed(report, "wake_weights", lambda: self.client.wake_up(["weights"]))
-        try:
-            if path is not None:
+        load_error = None
+        if path is not None:
+            try:
                 self._timed(report, "load", lambda: self.client.reload_weights(str(path)))
-        finally:
+            except BaseException as err:
+                load_error = err
+        try:  # whatever happened to the load, finish the wake so the server is in a known state
             self._timed(report, "wake_kv_cache", lambda: self.client.wake_up(["kv_cache"]))
             self._level = None
             self._timed(report, "reset", self._reset)
+        except Exception as wake_error:
+            if load_error is None:
+                raise
+            load_error.add_note(f"finishing the wake after the failed reload also failed: "
+                                f"{type(wake_error).__name__}: {wake_error}")
+        if load_error is not None:
+            raise load_error
         return report
 
     def load_weights(self, weights: str | os.PathLike) -> CycleReport:
