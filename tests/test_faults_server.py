@@ -65,9 +65,18 @@ def test_sleeping_server_is_reported_at_once_and_the_server_dies_with_its_owner(
         assert engine.generate([[5, 6, 7]], max_tokens=2)
         client.sleep(1)  # someone else puts it to sleep
         t0 = time.perf_counter()
-        with pytest.raises(EngineStateError, match="asleep, put to sleep by another client"):
+        failures = []
+        try:
             engine.generate([[5, 6, 7]], max_tokens=2)
-        assert time.perf_counter() - t0 < 5  # at once, not after the client's timeout
+            failures.append("generate on a sleeping server returned")
+        except EngineStateError as err:
+            if "asleep, put to sleep by another client" not in str(err):
+                failures.append(f"unclear error: {err}")
+        except Exception as err:  # noqa: BLE001 - recorded, the kill check below still runs
+            failures.append(f"{type(err).__name__}: {err}")
+        seconds = time.perf_counter() - t0
+        if seconds >= 5:
+            failures.append(f"the sleeping server was reported after {seconds:.0f} s, not at once")
         client.wake_up()
         assert engine.generate([[5, 6, 7]], max_tokens=2)
 
@@ -76,8 +85,9 @@ def test_sleeping_server_is_reported_at_once_and_the_server_dies_with_its_owner(
         deadline = time.monotonic() + 60
         while _group_alive(pgid) and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert not _group_alive(pgid), "server, engine core or worker outlived their owner"
-        assert not client.health(timeout=2)
+        if _group_alive(pgid) or client.health(timeout=2):
+            failures.append("server, engine core or worker outlived their owner (kill -9)")
+        assert not failures, failures
     finally:
         if owner.poll() is None:
             owner.kill()
