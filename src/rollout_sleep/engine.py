@@ -241,6 +241,14 @@ def _sleep_mode_available() -> bool:
     return bool(current_platform.is_sleep_mode_available())
 
 
+def add_note(err: BaseException, note: str) -> None:
+    """``err.add_note(note)`` (Python 3.11+; on 3.10 the note is kept in ``__notes__`` only)."""
+    if hasattr(err, "add_note"):
+        err.add_note(note)
+    else:
+        err.__notes__ = [*getattr(err, "__notes__", []), note]
+
+
 def _non_finite(items: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
     """Names of the floating tensors holding a NaN or Inf: one ``isfinite`` reduction per tensor on its
     device, stacked, then one sync per device (not one per tensor)."""
@@ -625,8 +633,8 @@ class Engine(SleepState):
             if load_error is None:
                 raise
             # the load's error is the one to see; the failed wake is attached to it
-            load_error.add_note(f"finishing the wake after the failed load also failed: "
-                                f"{type(wake_error).__name__}: {wake_error} (the engine is {self.state})")
+            add_note(load_error, f"finishing the wake after the failed load also failed: "
+                                 f"{type(wake_error).__name__}: {wake_error} (the engine is {self.state})")
         if load_error is not None:
             raise load_error
         report.memory_gib["awake"] = _memory_gib()[1]

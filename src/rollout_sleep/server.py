@@ -37,7 +37,7 @@ import logging
 from pathlib import Path
 from typing import Any, Iterable
 
-from .engine import LEVELS, Completion, CycleReport, EngineStateError, SleepState
+from .engine import LEVELS, Completion, CycleReport, EngineStateError, SleepState, add_note
 from .weights import check_checkpoint_dir, read_checkpoint_spec
 
 LOOPBACK = "127.0.0.1"
@@ -332,7 +332,7 @@ class ServerProcess:
             # its own process group (stop() and the watchdog reach the engine core and workers); same session
             # so that the watchdog may join the group
             self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                         process_group=0)
+                                         **_in_group(0))
         _LIVE.add(self)
         self._start_watchdog()
         probe = self.client(retries=0)
@@ -356,7 +356,7 @@ class ServerProcess:
         try:
             self.watchdog = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(grace)], stdin=subprocess.PIPE,
                                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                             process_group=self.proc.pid)
+                                             **_in_group(self.proc.pid))
         except OSError as err:  # e.g. the server exited at once: start() reports it with its log
             logger.warning("no watchdog for the vLLM server (pid %s): %s", self.proc.pid, err)
             self.watchdog = None
@@ -402,6 +402,13 @@ class ServerProcess:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+def _in_group(pgid: int) -> dict:
+    """Popen arguments that put the child in process group ``pgid`` (0: a new group led by the child)."""
+    if sys.version_info >= (3, 11):
+        return {"process_group": pgid}
+    return {"preexec_fn": lambda: os.setpgid(0, pgid)}
 
 
 def _signal_group(pgid: int, sig: int) -> None:
@@ -539,8 +546,8 @@ class RemoteEngine(SleepState):
         except Exception as wake_error:
             if load_error is None:
                 raise
-            load_error.add_note(f"finishing the wake after the failed reload also failed: "
-                                f"{type(wake_error).__name__}: {wake_error}")
+            add_note(load_error, f"finishing the wake after the failed reload also failed: "
+                                 f"{type(wake_error).__name__}: {wake_error}")
         if load_error is not None:
             raise load_error
         return report
