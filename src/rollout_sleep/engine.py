@@ -249,18 +249,25 @@ def add_note(err: BaseException, note: str) -> None:
         err.__notes__ = [*getattr(err, "__notes__", []), note]
 
 
+def _finite_probe(t: torch.Tensor) -> torch.Tensor:
+    """A 0-d tensor on ``t``'s device that is finite iff ``t`` is: its sum, accumulated in fp32 (fp64 for
+    fp64). One read of the tensor, no temporary of its size, no sync. (A sum could overflow only for
+    weights near 1e38, which are not sane weights either.)"""
+    return t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
+
+
 def _non_finite(items: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
-    """Names of the floating tensors holding a NaN or Inf: one ``isfinite`` reduction per tensor on its
-    device, stacked, then one sync per device (not one per tensor)."""
-    flags: dict[torch.device, tuple[list[str], list[torch.Tensor]]] = {}
+    """Names of the floating tensors holding a NaN or Inf: one reduction per tensor on its device, stacked,
+    then one sync per device (not one per tensor)."""
+    probes: dict[torch.device, tuple[list[str], list[torch.Tensor]]] = {}
     for name, t in items:
         if t.is_floating_point() and t.numel():
-            names, oks = flags.setdefault(t.device, ([], []))
+            names, sums = probes.setdefault(t.device, ([], []))
             names.append(name)
-            oks.append(torch.isfinite(t).all())
+            sums.append(_finite_probe(t).double())
     bad = []
-    for names, oks in flags.values():
-        ok = torch.stack(oks)
+    for names, sums in probes.values():
+        ok = torch.isfinite(torch.stack(sums))
         if not bool(ok.all()):
             bad += [n for n, good in zip(names, ok.tolist()) if not good]
     return bad
@@ -329,7 +336,7 @@ class _Feed:
                     break
             if self.check_values and tensor.is_floating_point() and tensor.numel():
                 # queued on the tensor's device before it is handed on: reads it while it is valid
-                pending.append((name, torch.isfinite(tensor).all().reshape(())))
+                pending.append((name, _finite_probe(tensor).double()))
                 pending_bytes += tensor.numel() * tensor.element_size()
             self.seen.add(name)
             self.count += 1
@@ -345,7 +352,7 @@ class _Feed:
     def _all_finite(self, pending: list[tuple[str, torch.Tensor]]) -> bool:
         if not pending:
             return True
-        ok = torch.stack([flag.to(pending[0][1].device) for _, flag in pending])
+        ok = torch.isfinite(torch.stack([p.to(pending[0][1].device) for _, p in pending]))
         if bool(ok.all()):
             return True
         self.problems += [_non_finite_problem(n) for (n, _), good in zip(pending, ok.tolist()) if not good]
@@ -395,6 +402,7 @@ class Engine(SleepState):
 
     _wake_need_gib: float | None = None  # GPU memory a wake maps (measured at the last wake; None: release)
     keep_trainer_cache = False
+    check_finite = True  # refuse weights holding NaN/Inf (one read of every tensor per load; False skips it)
 
     def __init__(
         self,
@@ -690,7 +698,7 @@ class Engine(SleepState):
                 name, tensor = item
                 offered[name] = (tuple(tensor.shape), tensor.dtype)
             check_weights(offered, self.spec, optional=self._optional(), strict=strict, dtype=dtype)
-            bad = _non_finite(weights)
+            bad = _non_finite(weights) if self.check_finite else []
             if bad:
                 raise WeightMismatchError([_non_finite_problem(n) for n in bad])
             return _Prepared("checked", weights, strict, resolved)
@@ -726,7 +734,8 @@ class Engine(SleepState):
             self._load_path(prepared.weights)
             self._weights_complete = True
             return
-        feed = _Feed(prepared.weights, check_names=prepared.kind == "stream", check_values=prepared.kind != "checked",
+        feed = _Feed(prepared.weights, check_names=prepared.kind == "stream",
+                     check_values=prepared.kind != "checked" and self.check_finite,
                      spec=self.spec, optional=self._optional(), strict=prepared.strict,
                      dtype=self.dtype if prepared.strict else None)
         self._push(feed, prepared.method or self._resolve_method(method, prepared.strict))
