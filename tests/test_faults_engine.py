@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import PROMPTS, assert_follows, hf_model
-from rollout_sleep.engine import EngineStateError, IncompleteWeightsError
+from rollout_sleep.engine import IncompleteWeightsError
 from rollout_sleep.weights import WeightMismatchError
 
 
