@@ -72,8 +72,8 @@ class CycleReport:
     memory_gib: dict[str, float] = field(default_factory=dict)
     memory_kind: str = "cuda_free"
     cache_released: bool = False  # a wake that emptied PyTorch's cache first (see release_cached_memory)
-    # with keep_trainer_cache on CUDA: whether PyTorch's reserved memory (the trainer's cache) was still there
-    # after the call, measured with torch.cuda.memory_reserved() around it; None where not asked or not CUDA
+    # with keep_trainer_cache on CUDA: whether PyTorch's cached free memory (reserved - allocated: the trainer's
+    # cache) was still there after the call, measured around it; None where not asked or not CUDA
     trainer_cache_kept: bool | None = None
 
     @property
@@ -144,22 +144,30 @@ def _cache_kept():
             mod.empty_cache = fn
 
 
+def _cached_free_bytes() -> int:
+    """Bytes PyTorch's allocator holds but no tensor uses: the trainer's cache (vLLM's weights and KV cache
+    are live tensors, so they count as allocated, asleep or not)."""
+    return torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+
+
 @contextmanager
 def _keeping_cache(report: "CycleReport", keep: bool):
     """``_cache_kept`` when ``keep`` (on CUDA), and the truth in ``report.trainer_cache_kept``: whether the
-    memory PyTorch reserved before the block is still reserved after it (whatever path vLLM took)."""
+    cached free memory PyTorch held before the block is still held after it (whatever path vLLM took;
+    a tolerance of 5% or 64 MiB for blocks vLLM itself frees or reuses)."""
     if not (keep and report.memory_kind == "cuda_free"):
         yield
         return
-    before = torch.cuda.memory_reserved()
+    before = _cached_free_bytes()
     with _cache_kept():
         yield
-    kept = torch.cuda.memory_reserved() >= before
+    after = _cached_free_bytes()
+    kept = after >= before - max(64 << 20, 0.05 * before)
     report.trainer_cache_kept = kept if report.trainer_cache_kept is None else report.trainer_cache_kept and kept
     if not kept:
-        logger.warning("keep_trainer_cache: PyTorch's reserved memory fell from %.2f to %.2f GiB during the %s "
-                       "(this vLLM version empties the cache some other way)", before / 2**30,
-                       torch.cuda.memory_reserved() / 2**30, report.kind)
+        logger.warning("keep_trainer_cache: PyTorch's cached free memory fell from %.2f to %.2f GiB during the "
+                       "%s (this vLLM version empties the cache some other way)", before / 2**30, after / 2**30,
+                       report.kind)
 
 
 def kv_cache_bytes_for(model_path: str | os.PathLike, tokens: int, dtype: torch.dtype | str = "auto",
