@@ -94,3 +94,34 @@ def test_sleeping_server_is_reported_at_once_and_the_server_dies_with_its_owner(
             owner.wait(10)
         if pgid is not None and _group_alive(pgid):
             os.killpg(pgid, signal.SIGKILL)
+
+
+def test_remote_wake_keeps_the_reload_error_when_finishing_the_wake_fails(ckpts):
+    """Pure logic (a stand-in client): the reload's error is raised, the failed finish is attached to it."""
+    from rollout_sleep.server import ServerError
+
+    class Client:
+        base_url, timeout = "http://stand-in", 5.0
+
+        def models(self):
+            return ["m"]
+
+        def is_sleeping(self):
+            return False
+
+        def sleep(self, level):
+            return {}
+
+        def wake_up(self, tags=None):
+            if tags == ["kv_cache"]:
+                raise ServerError("KV cache wake failed")
+            return {}
+
+        def reload_weights(self, path=None):
+            raise ServerError("reload failed: bad file")
+
+    engine = RemoteEngine(Client(), ckpts["untied0"])
+    engine.sleep(level=2)
+    with pytest.raises(ServerError, match="reload failed") as err:
+        engine.wake_up(weights=ckpts["untied1"])
+    assert any("KV cache wake failed" in note for note in getattr(err.value, "__notes__", []))
