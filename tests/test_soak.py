@@ -1,13 +1,16 @@
 """The soak: a CI-sized run, and proof that its stale-prefix probe catches a missing cache reset."""
 
 import json
+import os
 import subprocess
 import sys
 
+import pytest
 
-def run(code: str) -> str:
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900,
-                          env={**__import__("os").environ, "VLLM_LOGGING_LEVEL": "WARNING"})
+
+def run(code: str, tmp=None) -> str:
+    env = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING", **({"TMPDIR": str(tmp)} if tmp else {})}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=env)
     return proc.stdout + proc.stderr
 
 
@@ -23,9 +26,17 @@ def test_soak_50_cycles_verify_each_and_bounded_rss(tmp_path):
     assert sum(r["awake_update"] for r in result["rows"]) == 12  # every 4th cycle updates awake
 
 
-def test_soak_probe_catches_a_missing_prefix_cache_reset():
+def test_soak_probe_catches_a_missing_prefix_cache_reset(tmp_path):
     log = run("import os\nfrom rollout_sleep import engine\nengine.Engine._reset_prefix_cache = lambda self: None\n"
               "from rollout_sleep.soak import run_soak\n"
               "try:\n    run_soak(8, quiet=True, warmup=0)\n    print('NOT CAUGHT')\n"
-              "except AssertionError as e:\n    print('CAUGHT', e)\nos._exit(0)")
+              "except AssertionError as e:\n    print('CAUGHT', e)\nos._exit(0)", tmp=tmp_path)
     assert "CAUGHT cycle 4: stale prefix" in log, log[-3000:]
+    assert not list(tmp_path.glob("rollout-sleep-soak-*")), "the soak left its checkpoint in the temp folder"
+
+
+def test_soak_refuses_zero_cycles_before_building_anything():
+    from rollout_sleep.soak import run_soak
+
+    with pytest.raises(ValueError, match="cycles must be at least 1, got 0"):
+        run_soak(0)

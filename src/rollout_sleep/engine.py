@@ -21,20 +21,26 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import logging
 import os
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from .weights import (TensorSpec, check_checkpoint_dir, check_weights, placements,
+from .weights import (TensorSpec, WeightMismatchError, check_checkpoint_dir, check_weights, placements,
                       read_checkpoint_spec, tied_embeddings)
 
 LEVELS = (1, 2)
+METHODS = ("auto", "reload", "load_weights", "direct")
+FINITE_CHECK_BYTES = 256 << 20  # a stream's tensors are checked for NaN/Inf with one device sync per this many bytes
+
+logger = logging.getLogger(__name__)
 
 
 class EngineStateError(RuntimeError):
@@ -67,6 +73,9 @@ class CycleReport:
     memory_gib: dict[str, float] = field(default_factory=dict)
     memory_kind: str = "cuda_free"
     cache_released: bool = False  # a wake that emptied PyTorch's cache first (see release_cached_memory)
+    # with keep_trainer_cache on CUDA: whether PyTorch's cached free memory (reserved - allocated: the trainer's
+    # cache) was still there after the call, measured around it; None where not asked or not CUDA
+    trainer_cache_kept: bool | None = None
 
     @property
     def total_seconds(self) -> float:
@@ -77,6 +86,8 @@ class CycleReport:
         out.update({f"{prefix}{self.memory_kind}_{k}_gib": v for k, v in self.memory_gib.items()})
         if self.kind == "wake":
             out[f"{prefix}cache_released"] = self.cache_released
+        if self.trainer_cache_kept is not None:
+            out[f"{prefix}trainer_cache_kept"] = self.trainer_cache_kept
         return out
 
 
@@ -118,15 +129,46 @@ def release_cached_memory(needed_gib: float | None = None, margin_gib: float = 1
 
 @contextmanager
 def _cache_kept():
-    """Inside the block ``torch.cuda.empty_cache`` does nothing: vLLM's sleep ends with one, which would hand
-    the trainer's cached working set back to the driver only for the trainer to allocate it again (vLLM
-    has no setting for it). Process-wide while the block runs: a call from another thread is skipped too."""
-    empty_cache = torch.cuda.empty_cache
-    torch.cuda.empty_cache = lambda: None
+    """Inside the block ``torch.cuda.empty_cache`` and ``torch.accelerator.empty_cache`` do nothing: vLLM's
+    sleep ends with one and its wake (0.32) starts with one, which would hand the trainer's cached working
+    set back to the driver only for the trainer to allocate it again (vLLM has no setting for it; whether
+    the wake needs the room is decided before it, by :func:`release_cached_memory`). Process-wide while
+    the block runs: a call from another thread is skipped too."""
+    saved = [(mod, mod.empty_cache) for mod in (torch.cuda, getattr(torch, "accelerator", None))
+             if mod is not None and hasattr(mod, "empty_cache")]
+    for mod, _ in saved:
+        mod.empty_cache = lambda *a, **k: None
     try:
         yield
     finally:
-        torch.cuda.empty_cache = empty_cache
+        for mod, fn in saved:
+            mod.empty_cache = fn
+
+
+def _cached_free_bytes() -> int:
+    """Bytes PyTorch's allocator holds but no tensor uses: the trainer's cache (vLLM's weights and KV cache
+    are live tensors, so they count as allocated, asleep or not)."""
+    return torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+
+
+@contextmanager
+def _keeping_cache(report: "CycleReport", keep: bool):
+    """``_cache_kept`` when ``keep`` (on CUDA), and the truth in ``report.trainer_cache_kept``: whether the
+    cached free memory PyTorch held before the block is still held after it (whatever path vLLM took;
+    a tolerance of 5% or 64 MiB for blocks vLLM itself frees or reuses)."""
+    if not (keep and report.memory_kind == "cuda_free"):
+        yield
+        return
+    before = _cached_free_bytes()
+    with _cache_kept():
+        yield
+    after = _cached_free_bytes()
+    kept = after >= before - max(64 << 20, 0.05 * before)
+    report.trainer_cache_kept = kept if report.trainer_cache_kept is None else report.trainer_cache_kept and kept
+    if not kept:
+        logger.warning("keep_trainer_cache: PyTorch's cached free memory fell from %.2f to %.2f GiB during the "
+                       "%s (this vLLM version empties the cache some other way)", before / 2**30, after / 2**30,
+                       report.kind)
 
 
 def kv_cache_bytes_for(model_path: str | os.PathLike, tokens: int, dtype: torch.dtype | str = "auto",
@@ -208,6 +250,146 @@ def _sleep_mode_available() -> bool:
     return bool(current_platform.is_sleep_mode_available())
 
 
+def add_note(err: BaseException, note: str) -> None:
+    """``err.add_note(note)`` (Python 3.11+; on 3.10 the note is kept in ``__notes__`` only)."""
+    if hasattr(err, "add_note"):
+        err.add_note(note)
+    else:
+        err.__notes__ = [*getattr(err, "__notes__", []), note]
+
+
+def _finite_probe(t: torch.Tensor) -> torch.Tensor:
+    """A 0-d tensor on ``t``'s device that is finite iff ``t`` is: its sum, accumulated in fp32 (fp64 for
+    fp64). One read of the tensor, no temporary of its size, no sync. (A sum could overflow only for
+    weights near 1e38, which are not sane weights either.)"""
+    return t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
+
+
+def _non_finite(items: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+    """Names of the floating tensors holding a NaN or Inf: one reduction per tensor on its device, stacked,
+    then one sync per device (not one per tensor)."""
+    probes: dict[torch.device, tuple[list[str], list[torch.Tensor]]] = {}
+    for name, t in items:
+        if t.is_floating_point() and t.numel():
+            names, sums = probes.setdefault(t.device, ([], []))
+            names.append(name)
+            sums.append(_finite_probe(t).double())
+    bad = []
+    for names, sums in probes.values():
+        ok = torch.isfinite(torch.stack(sums))
+        if not bool(ok.all()):
+            bad += [n for n, good in zip(names, ok.tolist()) if not good]
+    return bad
+
+
+def _non_finite_problem(name: str) -> str:
+    return (f"non-finite values (NaN or Inf) in {name!r}: the trainer's weights diverged (check the loss, lower "
+            "the learning rate, clip gradients); vLLM would generate garbage from them")
+
+
+@dataclass
+class _Prepared:
+    """Weights validated by ``Engine._prepare``: ``kind`` is path / checked (in memory, fully checked) /
+    spec (a stream whose names were checked) / stream (checked as it passes)."""
+
+    kind: str
+    weights: Any
+    strict: bool
+    method: str | None
+
+
+class _Feed:
+    """The tensors of one load on their way to vLLM, checked as they pass: names, shapes and dtypes (for a
+    stream that did not declare them), duplicates, and NaN/Inf (one sync per ``FINITE_CHECK_BYTES``).
+
+    It never raises into vLLM: on a broken source or a bad tensor it ends the stream, so vLLM finishes
+    its layerwise reload and puts back what it did not receive (an exception mid-layer left vLLM's
+    reload state half-built, and the next complete load failed with ``AttributeError: 'Parameter' object
+    has no attribute 'weight_loader'``). :meth:`error_after_load` then says what went wrong.
+    """
+
+    def __init__(self, items: Iterable, *, check_names: bool, check_values: bool, spec: dict[str, TensorSpec],
+                 optional: set[str], strict: bool, dtype: torch.dtype | None):
+        self.items, self.check_names, self.check_values = items, check_names, check_values
+        self.spec, self.optional, self.strict, self.dtype = spec, optional, strict, dtype
+        self.seen: set[str] = set()
+        self.count = 0  # tensors handed to vLLM
+        self.last: str | None = None
+        self.source_error: Exception | None = None
+        self.problems: list[str] = []
+        self.hint = ""
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        pending: list[tuple[str, torch.Tensor]] = []
+        pending_bytes = 0
+        source = iter(self.items)
+        while True:
+            try:
+                name, tensor = next(source)
+            except StopIteration:
+                break
+            except Exception as err:  # the trainer's side broke mid-stream
+                self.source_error = err
+                break
+            if name in self.seen:
+                self.problems.append(f"weight {name!r} given twice in one load (vLLM counts each layer's "
+                                     "elements: a repeat would finish a layer before all its tensors arrived)")
+                break
+            if self.check_names:
+                try:
+                    check_weights({name: (tuple(tensor.shape), tensor.dtype)}, self.spec, optional=self.optional,
+                                  strict=False, dtype=self.dtype)
+                except WeightMismatchError as err:
+                    self.problems += err.problems
+                    self.hint = err.hint
+                    break
+            if self.check_values and tensor.is_floating_point() and tensor.numel():
+                # queued on the tensor's device before it is handed on: reads it while it is valid
+                pending.append((name, _finite_probe(tensor).double()))
+                pending_bytes += tensor.numel() * tensor.element_size()
+            self.seen.add(name)
+            self.count += 1
+            self.last = name
+            yield name, tensor
+            if pending_bytes >= FINITE_CHECK_BYTES:
+                if not self._all_finite(pending):
+                    return
+                pending, pending_bytes = [], 0
+        if not self.problems and self.source_error is None:
+            self._all_finite(pending)
+
+    def _all_finite(self, pending: list[tuple[str, torch.Tensor]]) -> bool:
+        if not pending:
+            return True
+        ok = torch.isfinite(torch.stack([p.to(pending[0][1].device) for _, p in pending]))
+        if bool(ok.all()):
+            return True
+        self.problems += [_non_finite_problem(n) for (n, _), good in zip(pending, ok.tolist()) if not good]
+        return False
+
+    def error_after_load(self, spec: dict[str, TensorSpec], optional: set[str]) -> Exception | None:
+        """The error to raise once vLLM has finished with the stream (None: the load was complete)."""
+        if self.source_error is not None:
+            err = self.source_error
+            where = f"after {self.count} tensor(s)" + (f" (the last: {self.last!r})" if self.last else "")
+            out = IncompleteWeightsError(
+                f"the weight stream broke {where}: {type(err).__name__}: {err}. The engine is marked incomplete "
+                "(part of it holds new weights) and refuses to generate until a complete load_weights(...) / "
+                "wake_up(weights=...); the next complete load works")
+            out.__cause__ = err
+            return out
+        if self.problems:
+            return WeightMismatchError(self.problems, loaded=self.count, hint=self.hint)
+        if self.strict:
+            missing = sorted(set(spec) - self.seen - optional)
+            if missing:
+                return WeightMismatchError(
+                    [f"missing weight {n!r} (shape {list(spec[n].shape)})" for n in missing], loaded=self.count,
+                    hint="The stream ended early: a generator cut short or partly consumed before? With "
+                         "strict=True every weight must come in one load (strict=False allows a subset).")
+        return None
+
+
 class Engine(SleepState):
     """An in-process vLLM engine with sleep mode and a checked sleep/wake/reload/reset cycle.
 
@@ -229,6 +411,7 @@ class Engine(SleepState):
 
     _wake_need_gib: float | None = None  # GPU memory a wake maps (measured at the last wake; None: release)
     keep_trainer_cache = False
+    check_finite = True  # refuse weights holding NaN/Inf (one read of every tensor per load; False skips it)
 
     def __init__(
         self,
@@ -291,6 +474,7 @@ class Engine(SleepState):
         self.tokenizer = llm.get_tokenizer()
         self._level = None
         self._weights_complete = True
+        self._incomplete_reason = ""
         self._engine_params: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None
         self._packed: dict[str, list[str]] = {}
         self._targets: dict[str, torch.Tensor] | None = None
@@ -313,10 +497,10 @@ class Engine(SleepState):
         For integrations that call vLLM's ``sleep``/``wake_up`` themselves: the weights buffers must be
         awake. Use :meth:`wake_up` / :meth:`load_weights` otherwise.
         """
-        prepared = self._prepare(weights, strict)
+        prepared = self._prepare(weights, strict, method)
         report = CycleReport("push")
         with _timed(report, "load"):
-            self._load(prepared, method)
+            self._load(prepared)
         with _timed(report, "reset"):
             self._reset_prefix_cache()
         return report
@@ -333,8 +517,8 @@ class Engine(SleepState):
                 "(vLLM would block or read discarded memory)")
         if not self._weights_complete:
             raise IncompleteWeightsError(
-                f"cannot {what}: the last weight load was interrupted, so the engine holds a mix of old and new "
-                "weights; call load_weights(...) with a complete set first")
+                f"cannot {what}: the last weight load was interrupted or incomplete ({self._incomplete_reason}), "
+                "so the engine holds a mix of old and new weights; call load_weights(...) with a complete set first")
 
     # --------------------------------------------------------------- generate
     def generate(self, prompts: Iterable[str] | Iterable[list[int]], sampling: Any = None, *,
@@ -402,8 +586,7 @@ class Engine(SleepState):
             raise EngineStateError(f"the engine is already {self.state}; wake it before sleeping again")
         report = CycleReport("sleep", level)
         report.memory_kind, report.memory_gib["before"] = _memory_gib()
-        keep = _cache_kept() if self.keep_trainer_cache and report.memory_kind == "cuda_free" else nullcontext()
-        with _timed(report, "sleep"), keep:
+        with _timed(report, "sleep"), _keeping_cache(report, self.keep_trainer_cache):
             self.llm.sleep(level=level)
         self._level = level
         report.memory_gib["asleep"] = _memory_gib()[1]
@@ -439,7 +622,8 @@ class Engine(SleepState):
                 "waking from level 2 needs new weights: level 2 discarded them, and vLLM would generate from "
                 "freed memory. Pass weights=... (the trainer's), or reload_checkpoint=True to reload the "
                 f"original checkpoint {self.model_path}")
-        prepared = self._prepare(weights, strict) if weights is not None else None  # validate before waking
+        # validate before waking: names, shapes, dtypes, values, the method
+        prepared = self._prepare(weights, strict, method) if weights is not None else None
         report = CycleReport("wake", self._level)
         report.memory_kind, report.memory_gib["asleep"] = _memory_gib()
         free_before_map = None
@@ -447,20 +631,32 @@ class Engine(SleepState):
             if report.memory_kind == "cuda_free":
                 report.cache_released = release_cached_memory(self._wake_need_gib)
                 free_before_map = torch.cuda.mem_get_info()[0] / 2**30
-            self.llm.wake_up(tags=["weights"])
-        try:
-            if prepared is not None:
+            with _keeping_cache(report, self.keep_trainer_cache and not report.cache_released):
+                self.llm.wake_up(tags=["weights"])
+        load_error = None
+        if prepared is not None:
+            try:
                 with _timed(report, "load"):
-                    self._load(prepared, method)
-        finally:
+                    self._load(prepared)
+            except BaseException as err:
+                load_error = err
+        try:
             # Whatever happened to the load, finish the wake so the engine is in a known state.
-            with _timed(report, "wake_kv_cache"):
+            with _timed(report, "wake_kv_cache"), _keeping_cache(report, self.keep_trainer_cache):
                 awake = self.llm.wake_up(tags=["kv_cache"])
             self._level = None
             if awake is False:
                 raise EngineStateError("vLLM reports it is not fully awake after waking weights and KV cache")
             with _timed(report, "reset"):
                 self._reset_prefix_cache()
+        except Exception as wake_error:
+            if load_error is None:
+                raise
+            # the load's error is the one to see; the failed wake is attached to it
+            add_note(load_error, f"finishing the wake after the failed load also failed: "
+                                 f"{type(wake_error).__name__}: {wake_error} (the engine is {self.state})")
+        if load_error is not None:
+            raise load_error
         report.memory_gib["awake"] = _memory_gib()[1]
         if free_before_map is not None:  # what this wake took: the next wake's need
             report.memory_gib["before_map"] = free_before_map
@@ -494,10 +690,18 @@ class Engine(SleepState):
             raise EngineStateError("vLLM refused to reset the prefix cache (requests still hold blocks)")
 
     # ---------------------------------------------------------------- loading
-    def _prepare(self, weights: Any, strict: bool) -> Any:
-        """Validate what can be validated before the engine is touched."""
+    def _prepare(self, weights: Any, strict: bool, method: str | None = None) -> "_Prepared":
+        """Validate what can be validated before the engine is touched: the method, and for tensors held in
+        memory (a mapping or list) their names, shapes, dtypes and values; a stream that knows its spec
+        (:class:`~rollout_sleep.sync.WeightStream`) is checked by name here and by value as it passes, any
+        other iterable as it passes (and must not be empty)."""
+        if method is not None and method not in METHODS or self.load_method not in METHODS:
+            bad = method if method is not None and method not in METHODS else self.load_method
+            raise ValueError(f"unknown load method {bad!r}; use {', '.join(METHODS)}")
         if isinstance(weights, (str, os.PathLike)):
-            return check_checkpoint_dir(weights, self.spec, optional=self._optional())
+            return _Prepared("path", check_checkpoint_dir(weights, self.spec, optional=self._optional()), strict, None)
+        resolved = self._resolve_method(method, strict)
+        dtype = self.dtype if strict else None
         if isinstance(weights, Mapping):
             weights = list(weights.items())
         if isinstance(weights, (list, tuple)):
@@ -505,42 +709,60 @@ class Engine(SleepState):
             for item in weights:
                 name, tensor = item
                 offered[name] = (tuple(tensor.shape), tensor.dtype)
-            check_weights(offered, self.spec, optional=self._optional(), strict=strict)
-            return ("checked", weights, strict)
+            check_weights(offered, self.spec, optional=self._optional(), strict=strict, dtype=dtype)
+            bad = _non_finite(weights) if self.check_finite else []
+            if bad:
+                raise WeightMismatchError([_non_finite_problem(n) for n in bad])
+            return _Prepared("checked", weights, strict, resolved)
         if hasattr(weights, "spec") and callable(weights.spec):  # a stream that knows its contents
-            check_weights(weights.spec(), self.spec, optional=self._optional(), strict=strict)
-            return ("checked", weights, strict)
+            check_weights(weights.spec(), self.spec, optional=self._optional(), strict=strict, dtype=dtype)
+            return _Prepared("spec", weights, strict, resolved)
         if isinstance(weights, Iterable):
-            return ("stream", weights, strict)
+            it = iter(weights)
+            try:
+                first = next(it)
+            except StopIteration:
+                raise WeightMismatchError(["the weight stream is empty: nothing to load (a generator already "
+                                           "consumed by an earlier load? build a new one for each load)"]) from None
+            name, tensor = first  # a wrong name, shape or dtype shows at once: refused before anything is touched
+            check_weights({name: (tuple(tensor.shape), tensor.dtype)}, self.spec, optional=self._optional(),
+                          strict=False, dtype=dtype)
+            return _Prepared("stream", itertools.chain([first], it), strict, resolved)
         raise TypeError(f"weights must be a checkpoint path, a mapping or an iterable of (name, tensor); "
                         f"got {type(weights).__name__}")
 
     def _optional(self) -> set[str]:
         return {"lm_head.weight"} if self.tied else set()
 
-    def _load(self, prepared: Any, method: str | None) -> None:
+    def _load(self, prepared: "_Prepared", method: str | None = None) -> None:
+        """Load prepared weights. A stream is fed to vLLM through a :class:`_Feed`, which ends the stream
+        early (never raising into vLLM, so its layerwise reload finishes and the next load starts clean)
+        when the source breaks or a tensor is wrong; the error is raised here afterwards, with the engine
+        marked incomplete."""
         self._weights_complete = False
-        if isinstance(prepared, Path):
+        self._incomplete_reason = "a load was interrupted"
+        if prepared.kind == "path":
             self._targets = None
-            self._load_path(prepared)
-        else:
-            how, weights, strict = prepared
-            items: Iterable = weights if how == "checked" else self._checked_stream(weights)
-            self._push(items, self._resolve_method(method, strict))
+            self._load_path(prepared.weights)
+            self._weights_complete = True
+            return
+        feed = _Feed(prepared.weights, check_names=prepared.kind == "stream",
+                     check_values=prepared.kind != "checked" and self.check_finite,
+                     spec=self.spec, optional=self._optional(), strict=prepared.strict,
+                     dtype=self.dtype if prepared.strict else None)
+        self._push(feed, prepared.method or self._resolve_method(method, prepared.strict))
+        error = feed.error_after_load(self.spec, self._optional())
+        if error is not None:
+            problems = getattr(error, "problems", None)
+            self._incomplete_reason = (problems[0] + (f"; and {len(problems) - 1} more" if len(problems) > 1 else "")
+                                       if problems else str(error).split(". ")[0])[:300]
+            raise error
         self._weights_complete = True
-
-    def _checked_stream(self, weights: Iterable) -> Iterator[tuple[str, torch.Tensor]]:
-        """Check each tensor as it streams by; an error mid-way leaves the engine marked incomplete."""
-        optional = self._optional()
-        for name, tensor in weights:
-            check_weights({name: (tuple(tensor.shape), tensor.dtype)}, self.spec, optional=optional,
-                          strict=False)
-            yield name, tensor
 
     def _resolve_method(self, method: str | None, strict: bool) -> str:
         method = method or self.load_method
-        if method not in ("auto", "reload", "load_weights", "direct"):
-            raise ValueError(f"unknown load method {method!r}; use auto, reload, load_weights or direct")
+        if method not in METHODS:
+            raise ValueError(f"unknown load method {method!r}; use {', '.join(METHODS)}")
         if method == "auto":
             if self.on_cuda and self._direct_supported():
                 return "direct"

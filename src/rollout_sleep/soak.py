@@ -12,6 +12,7 @@ mismatch, or when memory after warm-up moves by more than the allowed bound.
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import tempfile
 import time
@@ -50,7 +51,22 @@ def run_soak(cycles: int = 50, *, size: str = "tiny", warmup: int = 10, max_grow
              out: str | None = None, dtype: str | None = None, quiet: bool = False, awake_every: int = 4) -> dict:
     """Every ``awake_every``-th cycle updates the weights without sleeping (``load_weights`` on the awake
     engine): there vLLM does not drop its prefix cache by itself, so only the engine's reset keeps the
-    probe from reading KV computed with the old weights."""
+    probe from reading KV computed with the old weights. The checkpoint it builds in a temporary folder is
+    deleted at the end, whatever the outcome."""
+    if int(cycles) < 1:
+        raise ValueError(f"cycles must be at least 1, got {cycles!r}: a soak of no cycles checks nothing")
+    if warmup < 0 or awake_every < 0:
+        raise ValueError(f"warmup and awake_every must be >= 0, got {warmup!r} and {awake_every!r}")
+    work = Path(tempfile.mkdtemp(prefix="rollout-sleep-soak-"))
+    try:
+        return _soak(int(cycles), size=size, warmup=warmup, max_growth_mib=max_growth_mib, out=out, dtype=dtype,
+                     quiet=quiet, awake_every=awake_every, work=work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # GBs at 4B
+
+
+def _soak(cycles: int, *, size: str, warmup: int, max_growth_mib: float, out: str | None, dtype: str | None,
+          quiet: bool, awake_every: int, work: Path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -60,7 +76,6 @@ def run_soak(cycles: int = 50, *, size: str = "tiny", warmup: int = 10, max_grow
 
     cuda = torch.cuda.is_available()
     dtype = dtype or ("bfloat16" if cuda else "float32")
-    work = Path(tempfile.mkdtemp(prefix="rollout-sleep-soak-"))
     ckpt = make_checkpoint(work / "model", size, seed=0, dtype=dtype)
     engine = Engine(ckpt, dtype=dtype, seed=0, **({"gpu_memory_utilization": 0.35} if cuda else {}))
     device = "cuda" if cuda else "cpu"
@@ -92,7 +107,7 @@ def run_soak(cycles: int = 50, *, size: str = "tiny", warmup: int = 10, max_grow
     # floor) and on deliberately stale KV (an awake update without a reset, vLLM's own reset after it).
     engine.generate(probe, max_tokens=4, temperature=0.0)
     train_step()
-    engine._load(engine._prepare(stream, True), None)  # new weights, prefix cache left stale on purpose
+    engine._load(engine._prepare(stream, True))  # new weights, prefix cache left stale on purpose
     stale_gap = probe_gap()
     engine.llm.reset_prefix_cache()
     fresh_gap = probe_gap()

@@ -20,12 +20,24 @@ _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "
 
 
 class WeightMismatchError(ValueError):
-    """Weights offered to the engine do not match what it holds; nothing was loaded."""
+    """Weights offered to the engine do not match what it holds.
 
-    def __init__(self, problems: list[str]):
+    ``loaded`` is ``None`` when the problem was found before anything was loaded (the engine is unchanged),
+    else the number of tensors already loaded (a stream checked as it passes): the engine is then marked
+    incomplete and refuses to generate until a complete load.
+    """
+
+    def __init__(self, problems: list[str], *, loaded: int | None = None, hint: str = ""):
         self.problems = problems
+        self.loaded = loaded
+        self.hint = hint
         shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
-        super().__init__(f"{len(problems)} weight problem(s); the engine was left untouched:\n  {shown}")
+        if loaded is None:
+            state = "nothing was loaded, the engine was left untouched"
+        else:
+            state = (f"found after {loaded} tensor(s) of the stream were loaded: the engine is marked incomplete "
+                     "and refuses to generate until a complete load_weights(...) / wake_up(weights=...)")
+        super().__init__(f"{len(problems)} weight problem(s); {state}:\n  {shown}" + (f"\n{hint}" if hint else ""))
 
 
 @dataclass(frozen=True)
@@ -63,15 +75,20 @@ def check_weights(
     *,
     optional: Iterable[str] = (),
     strict: bool = True,
+    dtype: torch.dtype | None = None,
+    loaded: int | None = None,
 ) -> None:
     """Raise :class:`WeightMismatchError` listing every unknown, missing, mis-shaped or non-float tensor.
 
     ``optional`` names may be offered or not (e.g. ``lm_head.weight`` of a tied model). With ``strict``
-    every expected name must be offered (a full sync); otherwise a subset is fine.
+    every expected name must be offered (a full sync); otherwise a subset is fine. With ``dtype`` (the
+    engine's; callers pass it under strict) every floating tensor must have it (vLLM would cast silently). ``loaded``:
+    see :class:`WeightMismatchError`.
     """
     optional = set(optional)
     problems = []
-    for name, (shape, dtype) in offered.items():
+    wrong_dtype = False
+    for name, (shape, _) in offered.items():
         want = expected.get(name)
         if want is None:
             if name not in optional:
@@ -79,13 +96,20 @@ def check_weights(
             continue
         if tuple(shape) != want.shape:
             problems.append(f"shape mismatch for {name!r}: got {list(shape)}, the model has {list(want.shape)}")
-        if dtype.is_floating_point != want.dtype.is_floating_point:
-            problems.append(f"dtype mismatch for {name!r}: got {dtype}, the model holds {want.dtype}")
+        got = offered[name][1]
+        if got.is_floating_point != want.dtype.is_floating_point:
+            problems.append(f"dtype mismatch for {name!r}: got {got}, the model holds {want.dtype}")
+        elif dtype is not None and got.is_floating_point and got != dtype:
+            problems.append(f"dtype mismatch for {name!r}: got {got}, the engine computes in {dtype} "
+                            "(vLLM would cast it silently)")
+            wrong_dtype = True
     if strict:
         missing = sorted(set(expected) - set(offered) - optional)
         problems += [f"missing weight {name!r} (shape {list(expected[name].shape)})" for name in missing]
     if problems:
-        raise WeightMismatchError(problems)
+        hint = ("Cast to the engine's dtype: WeightStream(model, dtype=engine.dtype), or tensor.to(engine.dtype); "
+                "strict=False lets vLLM cast.") if wrong_dtype else ""
+        raise WeightMismatchError(problems, loaded=loaded, hint=hint)
 
 
 @dataclass(frozen=True)

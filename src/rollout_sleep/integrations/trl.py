@@ -11,7 +11,9 @@ engine TRL built is kept; only its sync is replaced (an instance attribute, noth
 works on a trainer built by any script, including subclasses.
 
 With the patch:
-- the sync is ours: the trainer's parameters (plain, DDP/accelerate, FSDP2, ZeRO-3, PEFT merged under the
+- the sync is ours: the parameters the trainer trains, read at each sync from ``trainer.model_wrapped`` (after
+  accelerate's ``prepare`` has replaced them for FSDP2 / ZeRO-3; a stream built at ``patch()`` time would push
+  and verify the parameters the model had before), the trainer's parameters (plain, DDP/accelerate, FSDP2, ZeRO-3, PEFT merged under the
   base names, a tied ``lm_head.weight`` included) are validated against the checkpoint's names, shapes and
   dtypes, then streamed in buckets through the fastest route that is right on this device (direct copies
   on CUDA, vLLM's layerwise ``reload_weights`` on CPU) instead of TRL's per-parameter ``load_weights`` loop;
@@ -57,8 +59,13 @@ def patch(trainer, *, sleep_level: int = 2, verify_every: int = 1, bucket_bytes:
     base = getattr(model, "module", model)
     path = getattr(getattr(base, "config", None), "_name_or_path", None) or gen.llm.llm_engine.model_config.model
     engine = Engine.attach(gen.llm, path, load_method=load_method)
-    stream = WeightStream(model, dtype=engine.dtype, bucket_bytes=bucket_bytes)
     state = {"syncs": 0}
+
+    def current_stream() -> WeightStream:
+        """The parameters the trainer holds now: ``prepare`` (FSDP2, ZeRO-3) replaces them after ``patch``."""
+        wrapped = getattr(trainer, "model_wrapped", None)
+        return WeightStream(wrapped if wrapped is not None else trainer.model, dtype=engine.dtype,
+                            bucket_bytes=bucket_bytes)
 
     def sync_weights():
         t0 = time.perf_counter()
@@ -66,6 +73,7 @@ def patch(trainer, *, sleep_level: int = 2, verify_every: int = 1, bucket_bytes:
             release_cached_memory()
             gen.llm.wake_up(tags=["weights"])  # TRL's order: weights first, KV cache at generation
             gen._llm_weights_sleeping = False
+        stream = current_stream()
         engine.push(stream)
         metrics = {"rollout_sleep/sync_s": time.perf_counter() - t0}
         state["syncs"] += 1
