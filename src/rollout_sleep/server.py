@@ -327,6 +327,10 @@ class ServerProcess:
             return self
         env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1"}
         env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # set for our in-process engines; a server runs its own way
+        from .log import ENV_SET
+
+        for var in ENV_SET:  # our quiet switches: the server's captured log keeps vLLM's own logging
+            env.pop(var, None)
         t0 = time.perf_counter()
         with open(self.log_path, "ab") as log:
             # its own process group (stop() and the watchdog reach the engine core and workers); same session
