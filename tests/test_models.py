@@ -181,3 +181,25 @@ def test_family_sync_verify_and_logprobs(matrix, family):
         assert _max_diff(scores, fresh_b) <= TOLERANCE, f"{route}: synced vs fresh {_max_diff(scores, fresh_b):.3g}"
     assert _max_diff(after_step, fresh_c) <= TOLERANCE, _max_diff(after_step, fresh_c)
     assert _max_diff(fresh_b, fresh_c) > 100 * TOLERANCE  # the comparison can tell B from C
+
+
+def test_read_checkpoint_spec_sharded_index_and_fp8(tmp_path):
+    """Shapes and dtypes come from safetensors' own reader: shards named by the index, fp8 included."""
+    from safetensors.torch import save_file
+
+    from rollout_sleep.weights import read_checkpoint_spec
+
+    save_file({"a.weight": torch.zeros(3, 4, dtype=torch.bfloat16)}, tmp_path / "model-00001-of-00002.safetensors")
+    save_file({"b.weight": torch.zeros(5, dtype=torch.float8_e4m3fn),
+               "b.scale": torch.zeros((), dtype=torch.float32)}, tmp_path / "model-00002-of-00002.safetensors")
+    save_file({"stale.weight": torch.zeros(1)}, tmp_path / "old-consolidated.safetensors")  # not in the index
+    index = {"metadata": {}, "weight_map": {"a.weight": "model-00001-of-00002.safetensors",
+                                            "b.weight": "model-00002-of-00002.safetensors",
+                                            "b.scale": "model-00002-of-00002.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    spec = read_checkpoint_spec(tmp_path)
+    assert {n: (s.shape, s.dtype) for n, s in spec.items()} == {
+        "a.weight": ((3, 4), torch.bfloat16), "b.weight": ((5,), torch.float8_e4m3fn), "b.scale": ((), torch.float32)}
+    (tmp_path / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model-00002-of-00002"):
+        read_checkpoint_spec(tmp_path)

@@ -101,6 +101,9 @@ FAMILIES: dict[str, Family] = {
             "gemma2-2b": dict(hidden_size=2304, num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4,
                               head_dim=256, intermediate_size=9216, vocab_size=256000, query_pre_attn_scalar=256,
                               sliding_window=4096),
+            "gemma2-9b": dict(hidden_size=3584, num_hidden_layers=42, num_attention_heads=16, num_key_value_heads=8,
+                              head_dim=256, intermediate_size=14336, vocab_size=256000, query_pre_attn_scalar=256,
+                              sliding_window=4096),
         }, tied=True),
     "gemma3": Family(
         "gemma3_text", "(1 + w) norms, q/k norms, scaled embedding, tied head",
@@ -119,9 +122,10 @@ FAMILIES: dict[str, Family] = {
     "qwen3-moe": Family(
         "qwen3_moe", "mixture of experts (vLLM stacks the experts: w13 / w2), q/k norms", dict(rope_theta=1_000_000.0), {
             "tiny": _TINY_MOE,
-            "qwen3-moe-2b": dict(hidden_size=1024, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=4,
-                                 head_dim=128, intermediate_size=3072, moe_intermediate_size=768, num_experts=32,
-                                 num_experts_per_tok=4, vocab_size=151936),
+            # a few B in total (~3.2B, ~0.5B active): Qwen3-30B-A3B's expert width, fewer layers and experts
+            "qwen3-moe-3b": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=4,
+                                 head_dim=128, intermediate_size=3072, moe_intermediate_size=768, num_experts=48,
+                                 num_experts_per_tok=8, vocab_size=151936),
             "qwen3-30b-a3b": dict(hidden_size=2048, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
                                   head_dim=128, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
                                   num_experts_per_tok=8, vocab_size=151936),
@@ -129,9 +133,10 @@ FAMILIES: dict[str, Family] = {
     "mixtral": Family(
         "mixtral", "mixture of experts (w1/w2/w3 per expert, stacked by vLLM), untied", dict(rope_theta=1_000_000.0), {
             "tiny": dict(_TINY, num_local_experts=4, num_experts_per_tok=2),
-            "mixtral-2b": dict(hidden_size=1024, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=8,
-                               head_dim=64, intermediate_size=2048, num_local_experts=8, num_experts_per_tok=2,
-                               vocab_size=32000),
+            # ~3.5B in total: Mixtral's 8 experts / top-2 at a quarter of its width
+            "mixtral-3.5b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=8,
+                                 head_dim=128, intermediate_size=4096, num_local_experts=8, num_experts_per_tok=2,
+                                 vocab_size=32000),
         }),
 }
 

@@ -608,8 +608,11 @@ class Engine(SleepState):
         if self._direct_ok is None:
             why = self._check_direct()
             self._direct_ok = why is None
-            if why is not None:
-                _log.info("load route: 'direct' does not apply to %s (%s); weights go through vLLM's loader "
+            if why is None:
+                _log.info("load route: 'direct' maps every checkpoint tensor of %s exactly; 'auto' copies into "
+                          "vLLM's parameters", self.model_path)
+            else:
+                _log.info("load route: 'direct' does not apply to %s (%s); 'auto' loads through vLLM's loader "
                           "('reload' / 'load_weights')", self.model_path, why)
         return self._direct_ok
 
@@ -625,6 +628,10 @@ class Engine(SleepState):
         unplaced = sorted(set(self.spec) - self._optional() - set(plan))
         if unplaced:
             return f"{len(unplaced)} checkpoint tensor(s) have no known place in vLLM's layout, e.g. {unplaced[0]!r}"
+        experts = [n for n, w in plan.items() if w.expert is not None]
+        if experts:  # e.g. FlashInfer's MoE kernels reorder w1/w3 or pad after loading: only vLLM's loader knows
+            return (f"{len(experts)} stacked MoE expert tensor(s) (vLLM's fused-MoE backends may re-layout them "
+                    "after loading)")
         bad = layout.fits(plan, self.spec, engine)
         if bad:
             return f"{len(bad)} tensor(s) are stored in another layout (e.g. repacked), e.g. {bad[0]!r}"

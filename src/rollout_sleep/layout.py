@@ -164,7 +164,7 @@ def effective(module: nn.Module, leaf: str, p: torch.Tensor) -> torch.Tensor:
     weight is recovered exactly through the layer's own kernel (identity input: every product is w·1 or
     w·0); biases and everything else are read as they are."""
     if leaf == "weight" and repacked(module) and p.ndim <= 2:  # repacked: the parameter itself is empty
-        k = p.shape[1] if p.numel() else module.input_size_per_partition
+        k = p.shape[1] if p.numel() else getattr(module, "input_size_per_partition", None) or module.input_size
         eye = torch.eye(k, dtype=p.dtype, device=p.device)
         return module.cpu_linear(eye, p, None).t()
     return p
@@ -238,8 +238,12 @@ class EngineLayout:
         module = self.modules.get(owner)
         key = f"{owner}.{leaf}"
         if self._cache is None or self._cache[0] != key:
-            self._cache = (key, effective(module, leaf, self.params[param_name]) if module is not None
-                           else self.params[param_name])
+            try:
+                self._cache = (key, effective(module, leaf, self.params[param_name]) if module is not None
+                               else self.params[param_name])
+            except Exception as e:  # a layer whose held weight cannot be read back: named, not guessed
+                self._cache = None
+                return f"placed in {param_name}, but its held tensor could not be read ({type(e).__name__}: {e})"
         got = self._cache[1]
         if where.expert is not None:
             got = got[where.expert]

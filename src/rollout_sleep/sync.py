@@ -292,7 +292,10 @@ def verify(engine, model: nn.Module | WeightStream) -> VerifyReport:
         report = VerifyReport(ok=True, compared=0)
         with torch.no_grad():
             for name, want in stream:
-                held = layout.held(name, want)
+                try:
+                    held = layout.held(name, want)
+                except Exception as e:  # never crash on a layout: name the tensor and why
+                    held = f"{type(e).__name__}: {e}"
                 if isinstance(held, str):
                     report.ok = False
                     report.unplaced[name] = held
