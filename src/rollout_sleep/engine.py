@@ -517,6 +517,7 @@ class Engine(SleepState):
         return {"lm_head.weight"} if self.tied else set()
 
     def _load(self, prepared: Any, method: str | None) -> None:
+        self._check_loadable()  # before anything is written
         self._weights_complete = False
         if isinstance(prepared, Path):
             self._targets = None
@@ -552,6 +553,10 @@ class Engine(SleepState):
         return method
 
     def _push(self, items: Iterable[tuple[str, torch.Tensor]], method: str) -> None:
+        if self.tied:
+            self._inspect()
+            if not self._has_head:  # e.g. Gemma: vLLM computes logits with the embedding, its loader has no head
+                items = ((n, t) for n, t in items if n != "lm_head.weight")
         if method == "reload":
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(items),
                                                              "is_checkpoint_format": True})
@@ -590,7 +595,7 @@ class Engine(SleepState):
     # ------------------------------------------------- the engine's own view
     def _inspect(self) -> None:
         if self._engine_params is None:
-            self._engine_params, self._packed = self.llm.apply_model(layout.describe)[0]
+            self._engine_params, self._packed, self._has_head = self.llm.apply_model(layout.describe)[0]
 
     def _placements(self):
         self._inspect()
@@ -615,6 +620,18 @@ class Engine(SleepState):
                 _log.info("load route: 'direct' does not apply to %s (%s); 'auto' loads through vLLM's loader "
                           "('reload' / 'load_weights')", self.model_path, why)
         return self._direct_ok
+
+    def _check_loadable(self) -> None:
+        """Refuse a weight load that no route makes right on this platform."""
+        if self.on_cuda:
+            return
+        experts = [n for n, w in self._placements().items() if w.expert is not None]
+        if experts:
+            raise ValueError(
+                "loading weights into a running mixture-of-experts model is not supported on vLLM CPU: its MoE "
+                "kernel prepacks the stacked experts when the engine starts, and reload_weights leaves them "
+                f"unpacked (the engine would silently compute garbage; e.g. {experts[0]!r}). Start a fresh engine "
+                "from a saved checkpoint instead, or run on a GPU")
 
     def _check_direct(self) -> str | None:
         """Why the ``direct`` route cannot map this model's weights exactly (``None``: it can)."""

@@ -11,7 +11,8 @@ elsewhere:
   ``e`` of ``experts.w2_weight``;
 - a tied LM head is the embedding;
 - with tensor parallelism each rank holds a cut of each tensor (:func:`rank_part`);
-- vLLM's CPU linears compute with a packed copy made at load time (:func:`effective`).
+- vLLM's CPU linears compute with a packed copy made at load time (:func:`effective`); its CPU MoE
+  kernel prepacks the stacked experts in place, which cannot be read back (reported as not placed).
 
 The ``direct`` loader writes through :func:`placements` and :func:`views`; ``verify`` reads through
 :func:`placements`, :func:`rank_part` and :func:`effective`. A tensor that none of these rules places is
@@ -148,10 +149,13 @@ def views(vmodel: nn.Module, plan: Mapping[str, Placement]) -> dict[str, torch.T
     return {name: view(params[w.param], w) for name, w in plan.items()}
 
 
-def describe(vmodel: nn.Module) -> tuple[dict[str, tuple[tuple[int, ...], torch.dtype]], dict[str, list[str]]]:
-    """vLLM's parameters (name → shape, dtype) and its ``packed_modules_mapping``: all the layout needs."""
+def describe(vmodel: nn.Module) -> tuple[dict[str, tuple[tuple[int, ...], torch.dtype]], dict[str, list[str]], bool]:
+    """vLLM's parameters (name → shape, dtype), its ``packed_modules_mapping``, and whether it has an
+    ``lm_head`` at all (a tied head may be the embedding module; Gemma has none, and its loader rejects
+    ``lm_head.weight``): all the layout needs."""
     return ({n: (tuple(p.shape), p.dtype) for n, p in vmodel.named_parameters()},
-            {k: list(v) for k, v in (getattr(vmodel, "packed_modules_mapping", {}) or {}).items()})
+            {k: list(v) for k, v in (getattr(vmodel, "packed_modules_mapping", {}) or {}).items()},
+            hasattr(vmodel, "lm_head"))
 
 
 def repacked(module: nn.Module) -> bool:
@@ -232,6 +236,9 @@ class EngineLayout:
         if where is None:
             return "no vLLM parameter holds it under the known layouts"
         param_name = where.param
+        if where.expert is not None and self.params[param_name].device.type == "cpu":
+            return ("vLLM's CPU MoE kernel computes with a prepacked copy of the stacked experts, which cannot be "
+                    "read back")
         owner, _, leaf = param_name.rpartition(".")
         if name == "lm_head.weight" and "lm_head" in self.modules and param_name != "lm_head.weight":
             owner, leaf = "lm_head", "weight"  # tied: vLLM's head module may compute with its own packed copy
