@@ -625,7 +625,9 @@ class Engine(SleepState):
         """Refuse a weight load that no route makes right on this platform."""
         if self.on_cuda:
             return
-        experts = [n for n, w in self._placements().items() if w.expert is not None]
+        if "_cpu_experts" not in self.__dict__:  # the model's layout does not change: look once
+            self._cpu_experts = [n for n, w in self._placements().items() if w.expert is not None]
+        experts = self._cpu_experts
         if experts:
             raise ValueError(
                 "loading weights into a running mixture-of-experts model is not supported on vLLM CPU: its MoE "
