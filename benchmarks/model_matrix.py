@@ -7,13 +7,13 @@
 
 Per family (random weights, built with ``rollout_sleep.checkpoints``; ``enforce_eager=True``), in a
 child process each (an in-process vLLM never gives its GPU memory back):
-1. the trainer (seeded random weights, on the GPU) saves checkpoint B; the engine starts on B's config
-   with vLLM's dummy weights (``load_format="dummy"``: "checkpoint A"), and ``verify`` must fail;
+1. checkpoint A (seed 0) for the engine, the trainer (seed 1, on the GPU) saves checkpoint B; the engine
+   starts on A, and ``verify`` against the trainer must fail;
 2. the floor: one device-to-device copy of every weight byte;
 3. for every load route that applies (``direct``, ``load_weights``, ``reload`` of the trainer's stream,
    and B's directory by path): ``sleep(2)`` → ``wake_up(weights=...)`` → ``verify`` → teacher-forced
    log-probs; plus which route ``auto`` takes and, where ``direct`` does not apply, why;
-4. one optimizer step on the trainer, an awake ``load_weights`` (``auto``), ``verify``, log-probs, and
+4. one optimizer step on the trainer (Adam's first step), an awake ``load_weights`` (``auto``), ``verify``, log-probs, and
    the trainer saves checkpoint C;
 then a fresh process starts engines from B, C and B again (the fresh-vs-fresh noise floor) and the
 family's JSON gets the log-prob differences synced-vs-fresh. Each family writes ``DIR/<family>.json`` as
@@ -75,10 +75,16 @@ def run_family(family: str, size: str, work: Path, out: dict, util: float) -> No
     tok = build_tokenizer()
     cfg = family_config(family, size, str(dtype).replace("torch.", ""), tokenizer=tok)
     t0 = time.perf_counter()
+    path_a, path_b, path_c = work / "A", work / "B", work / "C"
+    model_a = random_model(cfg, seed=0, device=device, dtype=dtype)  # the engine's checkpoint
+    model_a.save_pretrained(path_a)
+    tok.save_pretrained(path_a)
+    del model_a
+    if cuda:
+        torch.cuda.empty_cache()  # vLLM sizes itself from the free memory
     trainer = random_model(cfg, seed=1, device=device, dtype=dtype)
     out["params"] = sum(p.numel() for p in trainer.parameters())
     out["gib"] = sum(p.numel() * p.element_size() for p in trainer.parameters()) / 2**30
-    path_b, path_c = work / "B", work / "C"
     trainer.save_pretrained(path_b)
     tok.save_pretrained(path_b)
     out["build_and_save_s"] = time.perf_counter() - t0
@@ -97,8 +103,7 @@ def run_family(family: str, size: str, work: Path, out: dict, util: float) -> No
 
     kw = dict(gpu_memory_utilization=util) if cuda else dict(kv_cache_bytes=64 << 20)
     t = time.perf_counter()
-    eng = Engine(path_b, dtype=str(dtype).replace("torch.", ""), seed=0, max_model_len=256, enforce_eager=True,
-                 load_format="dummy", **kw)
+    eng = Engine(path_a, dtype=str(dtype).replace("torch.", ""), seed=0, max_model_len=256, enforce_eager=True, **kw)
     out["engine_start_s"] = time.perf_counter() - t
     direct_why = eng._check_direct()
     out["direct"] = "applies" if direct_why is None else f"does not apply: {direct_why}"
@@ -129,13 +134,15 @@ def run_family(family: str, size: str, work: Path, out: dict, util: float) -> No
             rec["verify"] = {"ok": v.ok, "compared": v.compared, "mismatched": dict(list(v.mismatched.items())[:10]),
                              "unplaced": dict(list(v.unplaced.items())[:10]), "seconds": v.seconds}
             rec["scores"] = eng.score(SEQUENCES)
-        except Exception as e:  # recorded; the engine is brought back awake for the next route
+        except Exception as e:  # recorded; the engine is brought back awake, complete, for the next route
             rec["error"] = f"{type(e).__name__}: {e}"[:2000]
-            if eng.is_asleep:
-                try:
-                    eng.wake_up(weights=path_b)
-                except Exception as e2:
-                    rec["recover_error"] = f"{type(e2).__name__}: {e2}"[:1000]
+            try:
+                if eng.is_asleep:
+                    eng.wake_up(weights=WeightStream(trainer, dtype=eng.dtype), method="reload")
+                else:
+                    eng.push(WeightStream(trainer, dtype=eng.dtype), method="reload")
+            except Exception as e2:
+                rec["recover_error"] = f"{type(e2).__name__}: {e2}"[:1000]
 
     out["routes"] = {}
     for route in ROUTES:
@@ -143,12 +150,16 @@ def run_family(family: str, size: str, work: Path, out: dict, util: float) -> No
     synced("path", str(path_b), None)
 
     # one optimizer step, then an awake load (auto route)
+    # Adam's first step (lr * sign(grad)) without its state memory: every weight with a gradient moves
+    # (plain SGD on random small-init weights can leave bf16 weights, and the log-probs, unchanged)
     trainer.train()
-    opt = torch.optim.SGD(trainer.parameters(), lr=1e-2)
     ids = torch.tensor(SEQUENCES[:4], device=device)
     trainer(input_ids=ids, labels=ids).loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for p in trainer.parameters():
+            if p.grad is not None:
+                p.add_(p.grad.sign(), alpha=-1e-3)
+                p.grad = None
     trainer.eval()
     step: dict = {}
     out["after_step"] = step
