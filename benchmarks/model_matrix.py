@@ -281,6 +281,12 @@ def main() -> None:
     outdir.mkdir(parents=True, exist_ok=True)
     device = _device()
     summary = {"device": device, "size": args.size, "families": {}}
+    previous = outdir / "matrix.json"
+    if previous.exists():  # calls split by --families add up in one summary
+        try:
+            summary["families"] = json.loads(previous.read_text()).get("families", {})
+        except ValueError:
+            pass
     for fam in families:
         size = "tiny" if args.size == "tiny" else SIZES[args.size][fam]
         t0 = time.perf_counter()

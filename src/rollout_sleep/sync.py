@@ -65,15 +65,21 @@ def checkpoint_layout(model: nn.Module) -> dict[str, dict[str, tuple[int, ...]]]
     reverts). Empty for models saved as they are held."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import PrefixChange, revert_weight_conversion
+        from transformers.core_model_loading import revert_weight_conversion
     except ImportError:  # older transformers: no conversions, names are the checkpoint's
         return {}
     try:
-        conversions = [c for c in get_model_conversion_mapping(model, add_legacy=False)
-                       if not isinstance(c, PrefixChange)]
+        from transformers.core_model_loading import PrefixChange
+    except ImportError:
+        PrefixChange = ()  # noqa: N806
+    try:
+        try:
+            conversions = get_model_conversion_mapping(model, add_legacy=False)
+        except TypeError:  # a transformers without the legacy switch
+            conversions = get_model_conversion_mapping(model)
     except Exception:  # not a transformers model
         return {}
-    if not conversions:
+    if not [c for c in conversions or () if not isinstance(c, PrefixChange)]:
         return {}
     out = {}
     for name, p in model.named_parameters():
@@ -276,9 +282,11 @@ class VerifyReport:
 def verify(engine, model: nn.Module | WeightStream) -> VerifyReport:
     """Prove the engine holds exactly the trainer's weights, on the device, one tensor at a time.
 
-    Fused vLLM parameters (``qkv_proj``, ``gate_up_proj``) are compared slice by slice with the
-    checkpoint tensors that were loaded into them, so the check covers what vLLM actually holds. On a
-    tensor-parallel engine each rank checks its own shards, cut as vLLM's parallel layers cut them.
+    Fused vLLM parameters (``qkv_proj``, ``gate_up_proj``, stacked MoE experts) are compared slice by
+    slice with the checkpoint tensors that were loaded into them (:mod:`rollout_sleep.layout`), so the
+    check covers what vLLM actually holds. On a tensor-parallel engine each rank checks its own shards,
+    cut as vLLM's parallel layers cut them. It never raises on a layout: a tensor it cannot place makes
+    it fail (``ok=False``), named in ``report.unplaced`` with the reason.
     """
     import time
 
