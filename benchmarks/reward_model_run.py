@@ -97,7 +97,7 @@ def run_arm(name: str, args, policy: str, rewards: list[str], weights: list[floa
         overrides.append(f"engine.gpu_memory_utilization={args.gpu_memory_utilization}")
     cmd = [sys.executable, str(ROOT / "recipes" / "grpo.py"), "--config", str(ROOT / "configs" / "example-gsm8k.yaml"),
            *overrides]
-    env = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING", "PYTHONPATH": str(ROOT / "src")}
+    env = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING", "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
     t0 = time.perf_counter()
     with GpuMemorySampler() as sampler:
         try:
