@@ -318,6 +318,30 @@ def _check_values(cfg: RecipeConfig) -> list[str]:
     at_least("save_every", cfg.save_every, 0)
     if not cfg.output_dir.strip():
         out.append("output_dir must not be empty")
+    elif Path(cfg.output_dir).expanduser().exists() and not Path(cfg.output_dir).expanduser().is_dir():
+        out.append(f"output_dir {cfg.output_dir!r} is a file, not a folder: give a new or existing folder")
+    if cfg.reward_weights is not None and not all(math.isfinite(x) for x in cfg.reward_weights):
+        out.append(f"reward_weights must be finite numbers, got {cfg.reward_weights!r}: a NaN weight would zero "
+                   "every reward it scales (NaN rewards are skipped), an infinite one stops the first step")
+    return out
+
+
+def check_processes(cfg: RecipeConfig, processes: int) -> list[str]:
+    """Problems of the config with ``processes`` ranks (known once the launcher started them): the
+    tensor-parallel size, and prompts that do not split evenly (every rank must train equal shares, or the
+    reward gathers would wait forever).
+
+    >>> check_processes(RecipeConfig(), 3)
+    ['train.prompts_per_step (8) must be a multiple of the number of processes (3): each rank rolls out and trains an equal share']
+    """
+    out = []
+    tp = cfg.engine.tensor_parallel_size
+    if tp not in (1, processes):
+        out.append(f"engine.tensor_parallel_size must be 1 (an engine per rank) or the number of processes "
+                   f"({processes}, one engine across ranks), got {tp}")
+    if cfg.train.prompts_per_step % processes:
+        out.append(f"train.prompts_per_step ({cfg.train.prompts_per_step}) must be a multiple of the number of "
+                   f"processes ({processes}): each rank rolls out and trains an equal share")
     return out
 
 

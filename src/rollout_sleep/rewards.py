@@ -215,6 +215,11 @@ def check_columns(rewards: list[Reward], columns: list[str]) -> None:
     """Each function's named columns are in the dataset, and TRL-style functions accept every column (TRL
     passes them all: one without ``**kwargs`` would fail at the first step)."""
     extra = [c for c in columns if c != "prompt"]
+    clash = [c for c in extra if c in TRL_ARGS and c not in ("completion_ids", "environments")]  # those two are not passed
+    if clash and any(r.batched for r in rewards):
+        raise RewardError(f"dataset column(s) {clash} have the names of arguments rewards receive from the "
+                          f"trainer (prompts, completions, trainer_state, log_extra, log_metric); every column is "
+                          f"passed by name too (as TRL does), so they would collide: rename them in the dataset")
     for r in rewards:
         missing = [c for c in r.required_columns if c not in columns]
         if missing:

@@ -81,6 +81,10 @@ def check_output_dir(out: Path, config: dict, resume: bool, overwrite: bool = Fa
                           "start over in it and mix the two runs. Use a new output_dir, set resume=true to "
                           "continue that run, or overwrite=true to delete it first.")
     old = _previous_config(out)
+    if not resume and overwrite and old is None and _run_files(out):
+        raise RunDirError(f"output_dir {str(out)!r} holds {', '.join(_run_files(out))} but no {RUN_CONFIG}: it is not "
+                          "a run of this recipe, so overwrite=true will not delete anything in it. Use a new (or "
+                          "empty) output_dir.")
     if resume and old is not None:
         differ = [f"{key}: {_lookup(old, key)!r} -> {_lookup(config, key)!r}" for key in IDENTITY_KEYS
                   if _lookup(old, key) != _lookup(config, key)]
@@ -94,6 +98,34 @@ def check_output_dir(out: Path, config: dict, resume: bool, overwrite: bool = Fa
                            "train.steps changed from %s to %s, which changes the data order from here on; set "
                            "data.num_prompts to %s to keep the earlier order", old_steps, new_steps,
                            old_steps * _lookup(config, "train.prompts_per_step"))
+
+
+def lock(out: Path):
+    """Create ``out`` and lock it for this process (an exclusive ``flock`` on ``out/.lock``, released when the
+    returned file is closed or the process ends, even killed); raise :class:`RunDirError` if another process
+    holds it: two runs writing into one folder would mix their metrics and checkpoints."""
+    import fcntl
+
+    out.mkdir(parents=True, exist_ok=True)
+    fh = open(out / ".lock", "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.seek(0)
+        holder = fh.read().strip() or "another process"
+        fh.close()
+        raise RunDirError(f"output_dir {str(out)!r} is in use by {holder}: two runs in one folder would mix their "
+                          "metrics and checkpoints. Wait for it to end, or use another output_dir.") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"process {os.getpid()} on {os.uname().nodename}\n")
+    fh.flush()
+    return fh
+
+
+def _run_files(out: Path) -> list[str]:
+    """Which of the names a run writes (metrics, checkpoints) exist in ``out``."""
+    return [n for n in ("metrics.jsonl", "metrics.superseded.jsonl", "checkpoints") if (out / n).exists()]
 
 
 def _previous_config(out: Path) -> dict | None:
@@ -121,6 +153,8 @@ def drop_stale_model(out: Path, config: dict) -> bool:
     old = _previous_config(out)
     if config.get("model", {}).get("path") not in SHAPES or old is None or old.get("model") == config.get("model"):
         return False
+    if (old.get("model") or {}).get("path") not in SHAPES:  # the earlier run did not build out/model: not ours
+        return False
     if _remove(out / "model"):
         logger.warning("deleted %s: built with the earlier model settings %s", out / "model", old.get("model"))
         return True
@@ -130,9 +164,19 @@ def drop_stale_model(out: Path, config: dict) -> bool:
 def clear_run(out: Path, config: dict) -> list[str]:
     """``overwrite=true``: delete an earlier run's metrics, checkpoints and settings (and the random-weight
     model it built, if the model settings changed). Returns what was deleted."""
+    if _previous_config(out) is None:  # not a run of this recipe (check_output_dir refuses those): touch nothing
+        return []
     gone = ["model"] if drop_stale_model(out, config) else []
     for name in ["metrics.jsonl", "metrics.superseded.jsonl", "checkpoints", RUN_CONFIG]:
-        if _remove(out / name):
+        if name == "checkpoints":  # only what the recipe writes there; anything else stays
+            ckpts = out / name
+            ours = [p for p in ckpts.iterdir() if _STEP.match(p.name) or p.name.startswith(STAGING_PREFIX)
+                    or p.name == "incomplete"] if ckpts.is_dir() else []
+            if [_remove(p) for p in ours]:
+                gone.append(name)
+            if ckpts.is_dir() and not any(ckpts.iterdir()):
+                ckpts.rmdir()
+        elif _remove(out / name):
             gone.append(name)
     if gone:
         logger.info("overwrite=true: deleted %s from %s", ", ".join(gone), out)
