@@ -156,3 +156,41 @@ def test_recipe_refuses_an_empty_dataset_and_a_busy_output_dir_before_the_engine
         assert procs[name].returncode == code and message in outs[name], (name, outs[name][-3000:])
         assert ENGINE_START not in outs[name] and "Traceback" not in outs[name], (name, outs[name][-3000:])
     assert sorted(p.name for p in busy.iterdir()) == [".lock"]  # the busy folder was not written into
+
+
+def test_rewards_as_users_write_them(tmp_path, monkeypatch):
+    """What TRL accepts is accepted (a numpy array, 0-d tensors and numpy scalars); a file reward imports the
+    modules beside it (as ``python file.py`` would); a per-example reward that needs a third argument is
+    refused up front, not at step 1; a reward named twice keeps two metrics. (The old code refused the first
+    two, accepted the third until the first step, and logged one metric for both of the last.)"""
+    import numpy as np
+    import torch
+
+    from rollout_sleep.rewards import reward_metrics, resolve_rewards, score_rewards
+
+    task = tmp_path / "task"
+    task.mkdir()
+    (task / "helpers.py").write_text("def target():\n    return 'b'\n")
+    (task / "rw.py").write_text(textwrap.dedent("""
+        import numpy as np
+        import torch
+        from helpers import target
+
+        def as_array(prompts, completions, **kwargs):
+            return np.array([float(c == target()) for c in completions])
+
+        def as_scalars(completion, example):
+            return torch.tensor(0.5) if completion == "a" else np.float32(0.25)
+
+        def needs_more(completion, example, scale):
+            return scale
+    """))
+    monkeypatch.chdir(tmp_path)
+    rewards = resolve_rewards(["task/rw.py:as_array", "task/rw.py:as_scalars"])
+    table = score_rewards(rewards, ["p"] * 2, ["a", "b"], [{"prompt": "p"}] * 2)
+    assert table.tolist() == [[0.0, 0.5], [1.0, 0.25]]
+    assert validate_rewards(["task/rw.py:needs_more"])[0].startswith(
+        "reward 'needs_more' has signature needs_more(completion, example, scale)")
+    twice = resolve_rewards(["digits_format", "digits_format"], [1.0, -1.0])
+    metrics = reward_metrics(twice, torch.tensor([[1.0, 0.0], [1.0, 0.0]]))
+    assert metrics["rewards/digits_format/mean"] == 1.0 and metrics["rewards/digits_format_2/mean"] == 0.0
