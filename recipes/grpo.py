@@ -238,6 +238,9 @@ class GRPORecipe:
                                "metrics.superseded.jsonl: those steps run again")
         if path is None:
             return None
+        if self.step >= self.cfg.train.steps:
+            self.acc.print(f"the run in {self.out} is already at step {self.step} (train.steps={self.cfg.train.steps}): "
+                           "nothing to train; raise train.steps to continue it")
         self.acc.load_state(str(path))
         self.engine.load_weights(self.manager.stream)  # the engine must hold the restored weights
         self.acc.print(f"resumed from {path} (step {self.step})")

@@ -194,3 +194,31 @@ def test_rewards_as_users_write_them(tmp_path, monkeypatch):
     twice = resolve_rewards(["digits_format", "digits_format"], [1.0, -1.0])
     metrics = reward_metrics(twice, torch.tensor([[1.0, 0.0], [1.0, 0.0]]))
     assert metrics["rewards/digits_format/mean"] == 1.0 and metrics["rewards/digits_format_2/mean"] == 0.0
+
+
+def test_a_save_killed_between_its_last_write_and_its_rename_is_not_lost(tmp_path):
+    """The save of step 4 wrote everything (its recipe_state.json too), set an earlier save of step 4 aside, and
+    was killed before the rename: the staging folder is the only complete copy of step 4, so the next start
+    renames it instead of deleting it (the old code deleted it and resumed from an older step). An incomplete
+    staging folder is still deleted."""
+    import torch
+    from safetensors.torch import save_file
+
+    ckpts = tmp_path / "checkpoints"
+    for step in (2, 4):
+        staging = run_dir.stage(ckpts / f"step_{step}")
+        staging.mkdir(parents=True)
+        save_file({"w": torch.ones(3)}, str(staging / "model.safetensors"))
+        run_dir.commit(staging, ckpts / f"step_{step}", {"step": step})
+    os.replace(ckpts / "step_4", run_dir.stage(ckpts / "step_4"))  # killed before the rename
+    (ckpts / ".partial-step_6").mkdir()  # killed while writing
+    (ckpts / ".partial-step_6" / "model.safetensors").write_bytes(b"\0" * 4)
+    assert run_dir.clear_staging(ckpts) == [ckpts / ".partial-step_6"]
+    assert run_dir.newest_complete(ckpts) == (ckpts / "step_4", [])
+
+
+def test_overwrite_without_resume_false_is_refused():
+    """overwrite=true alone (resume defaults to true) used to resume the earlier run, silently ignoring it."""
+    with pytest.raises(ConfigError, match="pass resume=false with overwrite=true"):
+        load_config(None, ["overwrite=true"])
+    load_config(None, ["overwrite=true", "resume=false"])

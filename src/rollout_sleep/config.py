@@ -316,6 +316,9 @@ def _check_values(cfg: RecipeConfig) -> list[str]:
         if f.name.endswith("_s"):
             at_least(f"watchdog.{f.name}", getattr(w, f.name), 0)
     at_least("save_every", cfg.save_every, 0)
+    if cfg.overwrite and cfg.resume:
+        out.append("overwrite=true deletes the earlier run in output_dir, but resume=true (the default) would "
+                   "continue it: pass resume=false with overwrite=true to start over")
     if not cfg.output_dir.strip():
         out.append("output_dir must not be empty")
     elif Path(cfg.output_dir).expanduser().exists() and not Path(cfg.output_dir).expanduser().is_dir():

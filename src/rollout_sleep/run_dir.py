@@ -306,12 +306,20 @@ def set_aside(path: Path, reason: str) -> Path:
 
 
 def clear_staging(ckpt_dir: Path) -> list[Path]:
-    """Delete staging folders left by saves that crashed (never a checkpoint: their step was not renamed)."""
+    """Delete staging folders left by saves that crashed (never a checkpoint: their step was not renamed).
+    One that is complete (the crash came between its ``recipe_state.json`` and its rename) is renamed instead:
+    it may be the only copy of that step (:func:`commit` sets an earlier save of the step aside first)."""
     gone = []
     if ckpt_dir.is_dir():
-        for p in ckpt_dir.iterdir():
-            if p.name.startswith(STAGING_PREFIX):
-                shutil.rmtree(p)
+        for p in list(ckpt_dir.iterdir()):
+            if not p.name.startswith(STAGING_PREFIX):
+                continue
+            final = p.parent / p.name[len(STAGING_PREFIX):]
+            if _STEP.match(final.name) and not final.exists() and checkpoint_problem(p) is None:
+                os.replace(p, final)
+                logger.warning("renamed %s to %s: a complete save whose rename did not happen", p, final)
+            else:
+                _remove(p)
                 gone.append(p)
                 logger.warning("deleted %s: a save that did not finish", p)
     return gone
