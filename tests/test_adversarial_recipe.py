@@ -222,3 +222,20 @@ def test_overwrite_without_resume_false_is_refused():
     with pytest.raises(ConfigError, match="pass resume=false with overwrite=true"):
         load_config(None, ["overwrite=true"])
     load_config(None, ["overwrite=true", "resume=false"])
+
+
+def test_yaml_mistakes_are_named_in_full(tmp_path):
+    """A key given twice in the YAML was silently dropped (PyYAML keeps the last: ``train: {steps: 3}`` then
+    ``train: {lr: 1}`` ran 12 steps); a wrong value inside a section was named without its section."""
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("train: {steps: 3}\nmodel: {path: tiny}\ntrain: {lr: 1.0}\n")
+    with pytest.raises(ConfigError, match="key 'train' is given twice"):
+        load_config(twice)
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("train:\n  steps: [3]\n  stepz: 3\ndata: {system_prompt: 42}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(nested)
+    assert err.value.problems[:2] == ["train.steps must be an integer, got [3]",
+                                      "unknown key 'train.stepz'; train has: " + ", ".join(
+                                          f.name for f in __import__("dataclasses").fields(RecipeConfig().train))]
+    assert err.value.problems[2] == "data.system_prompt must be a string or null, got 42"

@@ -212,7 +212,23 @@ def _parse(text: str) -> Any:
         return text
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, but a key given twice in one mapping is an error (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _set(obj: Any, dotted: str, value: Any, problems: list[str], from_text: bool = False) -> None:
+    """Set ``dotted`` in the config ``obj`` (a mapping for a section sets each of its keys)."""
+    root = obj
     parts = dotted.split(".")
     for i, part in enumerate(parts):
         names = [f.name for f in dataclasses.fields(obj)]
@@ -232,8 +248,8 @@ def _set(obj: Any, dotted: str, value: Any, problems: list[str], from_text: bool
         if not isinstance(value, dict):
             problems.append(f"{dotted} is a section; give it a mapping, got {value!r}")
             return
-        for k, v in value.items():
-            _set(current, str(k), v, problems)
+        for k, v in value.items():  # from the root, so that messages name the whole key (train.steps)
+            _set(root, f"{dotted}.{k}", v, problems)
         return
     tp = typing.get_type_hints(type(obj))[part]
     if from_text:  # text for a string field stays text ("null" for an optional one is None)
@@ -376,7 +392,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RecipeCon
     problems: list[str] = []
     if path is not None:
         try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
+            data = yaml.load(Path(path).read_text(), Loader=_UniqueKeyLoader) or {}
         except (OSError, yaml.YAMLError) as err:
             raise ConfigError(f"cannot read config {str(path)!r}: {err}") from err
         if not isinstance(data, dict):
