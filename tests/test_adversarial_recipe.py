@@ -239,3 +239,14 @@ def test_yaml_mistakes_are_named_in_full(tmp_path):
                                       "unknown key 'train.stepz'; train has: " + ", ".join(
                                           f.name for f in __import__("dataclasses").fields(RecipeConfig().train))]
     assert err.value.problems[2] == "data.system_prompt must be a string or null, got 42"
+
+
+def test_a_resume_with_other_reward_weights_is_another_run(tmp_path):
+    """The weights define the objective as much as the rewards do (the old code let a resume change them
+    silently); writing out the default weights is not a change."""
+    cfg = RecipeConfig().to_dict()
+    run_dir.write_run_config(tmp_path, cfg)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    run_dir.check_output_dir(tmp_path, {**cfg, "reward_weights": [1.0, 1.0]}, resume=True)
+    with pytest.raises(run_dir.RunDirError, match=r"holds a different run: reward_weights: \[1.0, 1.0\] -> \[1.0, 0.1\]"):
+        run_dir.check_output_dir(tmp_path, {**cfg, "reward_weights": [1.0, 0.1]}, resume=True)

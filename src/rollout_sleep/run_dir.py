@@ -33,7 +33,8 @@ STAGING_PREFIX = ".partial-"
 _STEP = re.compile(r"step_(\d+)$")
 # Settings that define a run (its model, data, data order, groups, rewards): a resume with other values
 # would continue a different run in the same folder.
-IDENTITY_KEYS = ("model", "data", "rewards", "train.seed", "train.prompts_per_step", "train.generations")
+IDENTITY_KEYS = ("model", "data", "rewards", "reward_weights", "train.seed", "train.prompts_per_step",
+                 "train.generations")
 
 
 class RunDirError(RuntimeError):
@@ -42,6 +43,8 @@ class RunDirError(RuntimeError):
 
 # ----------------------------------------------------------------------------------- output folder
 def _lookup(cfg: dict, dotted: str) -> Any:
+    if dotted == "reward_weights" and cfg.get("reward_weights") is None:  # unset: 1.0 each
+        return [1.0] * len(cfg.get("rewards") or [])
     for part in dotted.split("."):
         cfg = cfg.get(part) if isinstance(cfg, dict) else None
     return cfg
