@@ -250,3 +250,17 @@ def test_a_resume_with_other_reward_weights_is_another_run(tmp_path):
     run_dir.check_output_dir(tmp_path, {**cfg, "reward_weights": [1.0, 1.0]}, resume=True)
     with pytest.raises(run_dir.RunDirError, match=r"holds a different run: reward_weights: \[1.0, 1.0\] -> \[1.0, 0.1\]"):
         run_dir.check_output_dir(tmp_path, {**cfg, "reward_weights": [1.0, 0.1]}, resume=True)
+
+
+def test_a_huge_watchdog_timeout_means_no_limit_not_a_crash():
+    """``watchdog.train_s=1e12`` ("never") overflowed the timers: the first watched phase raised OverflowError
+    and the watchdog's thread died (no phase was watched any more)."""
+    from rollout_sleep.watchdog import Watchdog
+
+    wd = Watchdog({"train": 1e12, "save": 1.0})
+    with wd.phase("train", "a long thing"):
+        pass
+    with wd.phase("save", "a short thing", timeout=1e300):
+        pass
+    assert wd._thread.is_alive()
+    wd.close()
