@@ -115,7 +115,10 @@ def check_prompts(ds, tokenizer, max_model_len: int | None, max_tokens: int) -> 
                          "; ".join(f"row {i} {why}" for i, why in bad[:3]))
     if max_model_len is None:
         return
-    lengths = [len(ids) for ids in prompt_token_ids(tokenizer, list(ds["prompt"]))]
+    try:
+        lengths = [len(ids) for ids in prompt_token_ids(tokenizer, list(ds["prompt"]))]
+    except Exception as err:  # e.g. a chat template that refuses the roles' order (jinja2's TemplateError)
+        raise ValueError(f"the prompts cannot be tokenized: {type(err).__name__}: {err}") from err
     long = [(i, n) for i, n in enumerate(lengths) if n >= max_model_len]
     if long:
         raise ValueError(f"{len(long)} prompt(s) have >= engine.max_model_len ({max_model_len}) tokens, leaving no "
