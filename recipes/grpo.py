@@ -108,7 +108,8 @@ class GRPORecipe:
                                      n=cfg.data.num_prompts or cfg.train.steps * cfg.train.prompts_per_step,
                                      seed=cfg.train.seed)
         except (OSError, KeyError, ValueError, StopIteration) as err:  # StopIteration: an empty file
-            raise ConfigError(f"data.dataset {cfg.data.dataset!r} cannot be used: {str(err) or 'it has no rows'}") from err
+            why = str(err) or "it has no rows"  # an empty file: datasets raises a bare StopIteration
+            raise ConfigError(f"data.dataset {cfg.data.dataset!r} cannot be used: {why}") from err
         problems = validate_rewards(cfg.rewards, columns=list(self.data.column_names), weights=cfg.reward_weights)
         if problems:
             raise ConfigError(problems)
