@@ -270,3 +270,17 @@ def test_a_huge_watchdog_timeout_means_no_limit_not_a_crash():
         pass
     assert wd._thread.is_alive()
     wd.close()
+
+
+def test_a_reward_model_with_two_labels_is_refused_before_the_engine(tmp_path):
+    """The old code only warned ("the reward is label 0's logit") and then failed to load it after vLLM had
+    started (num_labels=1, as TRL loads it, does not fit a two-row score head)."""
+    from rollout_sleep.checkpoints import make_reward_checkpoint
+
+    path = Path(make_reward_checkpoint(tmp_path / "rm", "tiny", seed=0, dtype="float32"))
+    assert validate_rewards([str(path)]) == []
+    config = json.loads((path / "config.json").read_text())
+    config["id2label"], config["label2id"] = {"0": "bad", "1": "good"}, {"bad": 0, "good": 1}
+    (path / "config.json").write_text(json.dumps(config))
+    (problem,) = validate_rewards([str(path)])
+    assert problem.startswith(f"reward model {str(path)!r} has 2 labels; a reward model has one")
