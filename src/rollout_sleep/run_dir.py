@@ -89,6 +89,11 @@ def check_output_dir(out: Path, config: dict, resume: bool, overwrite: bool = Fa
                           "a run of this recipe, so overwrite=true will not delete anything in it. Use a new (or "
                           "empty) output_dir.")
     if resume and old is not None:
+        # num_prompts unset meant steps x prompts_per_step: giving that number now is the same data
+        old_data, new_data = old.get("data") or {}, config.get("data") or {}
+        implied = (_lookup(old, "train.steps") or 0) * (_lookup(old, "train.prompts_per_step") or 0)
+        if old_data.get("num_prompts") is None and new_data.get("num_prompts") == implied:
+            old = {**old, "data": {**old_data, "num_prompts": implied}}
         differ = [f"{key}: {_lookup(old, key)!r} -> {_lookup(config, key)!r}" for key in IDENTITY_KEYS
                   if _lookup(old, key) != _lookup(config, key)]
         if differ and (steps or saved):
