@@ -118,12 +118,15 @@ def lock(out: Path):
     fh = open(out / ".lock", "a+")
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:
         fh.seek(0)
         holder = fh.read().strip() or "another process"
         fh.close()
         raise RunDirError(f"output_dir {str(out)!r} is in use by {holder}: two runs in one folder would mix their "
                           "metrics and checkpoints. Wait for it to end, or use another output_dir.") from None
+    except OSError as err:  # a file system without locks (some network or FUSE mounts): run unguarded, say so
+        logger.warning("cannot lock %s (%s): nothing stops a second run from writing into it at the same time",
+                       out, err)
     fh.seek(0)
     fh.truncate()
     fh.write(f"process {os.getpid()} on {os.uname().nodename}\n")
