@@ -31,7 +31,7 @@ def test_overwrite_deletes_only_what_a_run_wrote(tmp_path):
     (home / "checkpoints" / "thesis.pdf").write_text("precious")
     (home / "metrics.jsonl").write_text('{"accuracy": 0.9}\n')
     cfg = RecipeConfig().to_dict()
-    with pytest.raises(run_dir.RunDirError, match="not a run of this recipe, so overwrite=true will not delete"):
+    with pytest.raises(run_dir.RunDirError, match="not a run of this recipe .* so overwrite=true will not delete"):
         run_dir.check_output_dir(home, cfg, resume=False, overwrite=True)
     assert run_dir.clear_run(home, cfg) == []
     assert (home / "checkpoints" / "thesis.pdf").read_text() == "precious" and (home / "metrics.jsonl").exists()
@@ -302,3 +302,12 @@ def test_the_warnings_advice_on_resume_is_accepted(tmp_path, caplog):
     longer["data"]["num_prompts"] = 50
     with pytest.raises(run_dir.RunDirError, match="holds a different run: data: "):
         run_dir.check_output_dir(tmp_path, longer, resume=True)
+
+
+def test_resume_into_a_folder_that_is_not_a_run_is_refused(tmp_path):
+    """resume=true (the default) into another tool's folder with ``metrics.jsonl`` and ``checkpoints/step_5``:
+    the old code moved step_5 into checkpoints/incomplete, rewrote the metrics file and appended to it."""
+    (tmp_path / "checkpoints" / "step_5").mkdir(parents=True)
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    with pytest.raises(run_dir.RunDirError, match="not a run of this recipe .* so the run would move its checkpoints"):
+        run_dir.check_output_dir(tmp_path, RecipeConfig().to_dict(), resume=True)

@@ -84,9 +84,11 @@ def check_output_dir(out: Path, config: dict, resume: bool, overwrite: bool = Fa
                           "start over in it and mix the two runs. Use a new output_dir, set resume=true to "
                           "continue that run, or overwrite=true to delete it first.")
     old = _previous_config(out)
-    if not resume and overwrite and old is None and _run_files(out):
+    if old is None and _run_files(out):  # every run writes its settings before its first metrics or checkpoint
+        what = "overwrite=true will not delete anything in it" if overwrite and not resume else \
+            "the run would move its checkpoints aside and write into its metrics"
         raise RunDirError(f"output_dir {str(out)!r} holds {', '.join(_run_files(out))} but no {RUN_CONFIG}: it is not "
-                          "a run of this recipe, so overwrite=true will not delete anything in it. Use a new (or "
+                          f"a run of this recipe (or one from before {RUN_CONFIG} existed), so {what}. Use a new (or "
                           "empty) output_dir.")
     if resume and old is not None:
         # num_prompts unset meant steps x prompts_per_step: giving that number now is the same data
