@@ -56,9 +56,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from rollout_sleep.checkpoints import SHAPES, make_checkpoint  # noqa: E402
 from rollout_sleep import run_dir  # noqa: E402
-from rollout_sleep.config import ConfigError, RecipeConfig, load_config, validate_rewards  # noqa: E402
-from rollout_sleep.data import (completions_for_rewards, is_conversational, load_prompts,  # noqa: E402
-                                prepare_prompts, prompt_token_ids)
+from rollout_sleep.config import (ConfigError, RecipeConfig, check_processes, load_config,  # noqa: E402
+                                  validate_rewards)
+from rollout_sleep.data import (check_prompts, completions_for_rewards, is_conversational,  # noqa: E402
+                                load_prompts, prepare_prompts, prompt_token_ids)
 from rollout_sleep.engine import Engine, kv_cache_bytes_for  # noqa: E402
 from rollout_sleep.grpo import grpo_update  # noqa: E402
 from rollout_sleep.integrations.wandb import make_tracker  # noqa: E402
@@ -71,7 +72,7 @@ from rollout_sleep.watchdog import Watchdog  # noqa: E402
 class GRPORecipe:
     def __init__(self, cfg: RecipeConfig):
         self.cfg = cfg
-        self.out = Path(cfg.output_dir)
+        self.out = Path(cfg.output_dir).expanduser()
         self.step = 0
 
     # ------------------------------------------------------------------ setup
@@ -99,19 +100,21 @@ class GRPORecipe:
         cfg = self.cfg
         set_seed(cfg.train.seed)
         self.tp = cfg.engine.tensor_parallel_size
-        if self.tp not in (1, self.acc.num_processes):
-            raise ConfigError(f"engine.tensor_parallel_size must be 1 (an engine per rank) or the number of processes "
-                              f"({self.acc.num_processes}, one engine across ranks), got {self.tp}")
+        problems = check_processes(cfg, self.acc.num_processes)
+        if problems:
+            raise ConfigError(problems)
         try:
             self.data = load_prompts(cfg.data.dataset, prompt_column=cfg.data.prompt_column,
                                      n=cfg.data.num_prompts or cfg.train.steps * cfg.train.prompts_per_step,
                                      seed=cfg.train.seed)
-        except (OSError, KeyError, ValueError) as err:
-            raise ConfigError(f"data.dataset {cfg.data.dataset!r} cannot be used: {err}") from err
+        except (OSError, KeyError, ValueError, StopIteration) as err:  # StopIteration: an empty file
+            why = str(err) or "it has no rows"  # an empty file: datasets raises a bare StopIteration
+            raise ConfigError(f"data.dataset {cfg.data.dataset!r} cannot be used: {why}") from err
         problems = validate_rewards(cfg.rewards, columns=list(self.data.column_names), weights=cfg.reward_weights)
         if problems:
             raise ConfigError(problems)
         if self.main:
+            self.lock = run_dir.lock(self.out)  # held until the process ends: one run at a time in output_dir
             if cfg.overwrite and not cfg.resume:
                 gone = run_dir.clear_run(self.out, cfg.to_dict())
                 if gone:
@@ -177,6 +180,7 @@ class GRPORecipe:
         try:
             self.data = prepare_prompts(self.data, self.prompt_tokenizer, chat_template=cfg.data.chat_template,
                                         system_prompt=cfg.data.system_prompt)
+            check_prompts(self.data, self.prompt_tokenizer, cfg.engine.max_model_len, cfg.train.max_tokens)
             self.rewards = resolve_rewards(cfg.rewards, cfg.reward_weights, columns=self.data.column_names,
                                            load_models=False)
         except (RewardError, ValueError) as err:
@@ -235,6 +239,9 @@ class GRPORecipe:
                                "metrics.superseded.jsonl: those steps run again")
         if path is None:
             return None
+        if self.step >= self.cfg.train.steps:
+            self.acc.print(f"the run in {self.out} is already at step {self.step} (train.steps={self.cfg.train.steps}): "
+                           "nothing to train; raise train.steps to continue it")
         self.acc.load_state(str(path))
         self.engine.load_weights(self.manager.stream)  # the engine must hold the restored weights
         self.acc.print(f"resumed from {path} (step {self.step})")

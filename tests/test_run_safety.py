@@ -42,7 +42,7 @@ def test_recipe_refuses_bad_input_before_the_engine_starts(tmp_path):
                     "model.dtype must be one of", "train.steps must be >= 1", "engine.load_method must be one of",
                     "unknown reward 'nope'", "train.generations must be >= 2"]),
         "columns": ([f"output_dir={tmp_path / 'b'}", f"data.dataset={data}"], 2,
-                    ["reward 'arithmetic_exact' reads the dataset column 'answer', which the dataset lacks"]),
+                    ["reward 'arithmetic_exact' needs dataset column(s) ['answer']; the dataset has ['prompt']"]),
         "earlier run": ([f"output_dir={earlier}", "resume=false"], 1,
                         ["already holds a run (metrics for steps 1-3; checkpoints step_2)", "overwrite=true"]),
     }

@@ -212,7 +212,23 @@ def _parse(text: str) -> Any:
         return text
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, but a key given twice in one mapping is an error (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _set(obj: Any, dotted: str, value: Any, problems: list[str], from_text: bool = False) -> None:
+    """Set ``dotted`` in the config ``obj`` (a mapping for a section sets each of its keys)."""
+    root = obj
     parts = dotted.split(".")
     for i, part in enumerate(parts):
         names = [f.name for f in dataclasses.fields(obj)]
@@ -232,8 +248,8 @@ def _set(obj: Any, dotted: str, value: Any, problems: list[str], from_text: bool
         if not isinstance(value, dict):
             problems.append(f"{dotted} is a section; give it a mapping, got {value!r}")
             return
-        for k, v in value.items():
-            _set(current, str(k), v, problems)
+        for k, v in value.items():  # from the root, so that messages name the whole key (train.steps)
+            _set(root, f"{dotted}.{k}", v, problems)
         return
     tp = typing.get_type_hints(type(obj))[part]
     if from_text:  # text for a string field stays text ("null" for an optional one is None)
@@ -316,8 +332,35 @@ def _check_values(cfg: RecipeConfig) -> list[str]:
         if f.name.endswith("_s"):
             at_least(f"watchdog.{f.name}", getattr(w, f.name), 0)
     at_least("save_every", cfg.save_every, 0)
+    if cfg.overwrite and cfg.resume:
+        out.append("overwrite=true deletes the earlier run in output_dir, but resume=true (the default) would "
+                   "continue it: pass resume=false with overwrite=true to start over")
     if not cfg.output_dir.strip():
         out.append("output_dir must not be empty")
+    elif Path(cfg.output_dir).expanduser().exists() and not Path(cfg.output_dir).expanduser().is_dir():
+        out.append(f"output_dir {cfg.output_dir!r} is a file, not a folder: give a new or existing folder")
+    if cfg.reward_weights is not None and not all(math.isfinite(x) for x in cfg.reward_weights):
+        out.append(f"reward_weights must be finite numbers, got {cfg.reward_weights!r}: a NaN weight would zero "
+                   "every reward it scales (NaN rewards are skipped), an infinite one stops the first step")
+    return out
+
+
+def check_processes(cfg: RecipeConfig, processes: int) -> list[str]:
+    """Problems of the config with ``processes`` ranks (known once the launcher started them): the
+    tensor-parallel size, and prompts that do not split evenly (every rank must train equal shares, or the
+    reward gathers would wait forever).
+
+    >>> check_processes(RecipeConfig(), 3)
+    ['train.prompts_per_step (8) must be a multiple of the number of processes (3): each rank rolls out and trains an equal share']
+    """
+    out = []
+    tp = cfg.engine.tensor_parallel_size
+    if tp not in (1, processes):
+        out.append(f"engine.tensor_parallel_size must be 1 (an engine per rank) or the number of processes "
+                   f"({processes}, one engine across ranks), got {tp}")
+    if cfg.train.prompts_per_step % processes:
+        out.append(f"train.prompts_per_step ({cfg.train.prompts_per_step}) must be a multiple of the number of "
+                   f"processes ({processes}): each rank rolls out and trains an equal share")
     return out
 
 
@@ -349,7 +392,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RecipeCon
     problems: list[str] = []
     if path is not None:
         try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
+            data = yaml.load(Path(path).read_text(), Loader=_UniqueKeyLoader) or {}
         except (OSError, yaml.YAMLError) as err:
             raise ConfigError(f"cannot read config {str(path)!r}: {err}") from err
         if not isinstance(data, dict):

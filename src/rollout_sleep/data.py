@@ -38,7 +38,7 @@ def load_prompts(source: str, *, prompt_column: str = "prompt", split: str = "tr
         return synthetic_arithmetic(n or 1024, seed)
     from datasets import load_dataset
 
-    path = Path(source)
+    path = Path(source).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"dataset {source!r} not found (use 'synthetic' or a local path)")
     kinds = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -88,6 +88,46 @@ def prepare_prompts(ds, tokenizer, *, chat_template: bool = False, system_prompt
                          f"template: use an instruct/chat checkpoint, set tokenizer.chat_template, or give plain "
                          f"text prompts (data.chat_template: false, no data.system_prompt)")
     return ds
+
+
+def _prompt_problem(prompt) -> str | None:
+    if isinstance(prompt, str):
+        return None if prompt else "is empty"
+    if not isinstance(prompt, list) or not prompt:
+        return f"is a {type(prompt).__name__} ({prompt!r:.80}), not text or a non-empty list of messages"
+    for m in prompt:
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            return f"has a message without a text 'role' and 'content': {m!r:.80}"
+    return None
+
+
+def check_prompts(ds, tokenizer, max_model_len: int | None, max_tokens: int) -> None:
+    """Raise ``ValueError`` naming the rows the recipe could not generate from, before the engine starts: an
+    empty dataset, a prompt that is neither text nor messages with a ``role`` and ``content`` each, or a
+    prompt whose tokens leave no room for a completion within ``max_model_len``."""
+    import logging
+
+    if len(ds) == 0:
+        raise ValueError("the dataset has no rows")
+    bad = [(i, why) for i, p in enumerate(ds["prompt"]) if (why := _prompt_problem(p))]
+    if bad:
+        raise ValueError(f"{len(bad)} prompt(s) cannot be used, e.g. " +
+                         "; ".join(f"row {i} {why}" for i, why in bad[:3]))
+    if max_model_len is None:
+        return
+    try:
+        lengths = [len(ids) for ids in prompt_token_ids(tokenizer, list(ds["prompt"]))]
+    except Exception as err:  # e.g. a chat template that refuses the roles' order (jinja2's TemplateError)
+        raise ValueError(f"the prompts cannot be tokenized: {type(err).__name__}: {err}") from err
+    long = [(i, n) for i, n in enumerate(lengths) if n >= max_model_len]
+    if long:
+        raise ValueError(f"{len(long)} prompt(s) have >= engine.max_model_len ({max_model_len}) tokens, leaving no "
+                         f"room for a completion, e.g. " + ", ".join(f"row {i}: {n} tokens" for i, n in long[:3]) +
+                         ": raise engine.max_model_len, or filter or shorten those prompts")
+    if max(lengths) + max_tokens > max_model_len:
+        logging.getLogger(__name__).warning(
+            "the longest prompt has %d tokens: with train.max_tokens=%d its completions are cut at "
+            "engine.max_model_len=%d", max(lengths), max_tokens, max_model_len)
 
 
 def prompt_token_ids(tokenizer, prompts: list) -> list[list[int]]:

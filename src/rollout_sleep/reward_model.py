@@ -22,6 +22,17 @@ import torch
 logger = logging.getLogger(__name__)
 
 
+def _saved_labels(path: Path) -> int | None:
+    """How many labels the checkpoint's config.json declares (``id2label`` or ``num_labels``), if it says."""
+    import json
+
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return len(raw["id2label"]) if isinstance(raw.get("id2label"), dict) else raw.get("num_labels")
+
+
 class RewardModel:
     """TRL's reward-function signature: ``model(prompts, completions, **kwargs) -> list[float]``.
 
@@ -53,9 +64,11 @@ class RewardModel:
             raise RewardError(f"reward model {self.path!r} is a {what}; a reward "
                               f"model is a sequence-classification checkpoint (one label), e.g. "
                               f"XForSequenceClassification saved with save_pretrained")
-        if getattr(config, "num_labels", 1) != 1:
-            logger.warning("reward model %s has %d labels: the reward is label 0's logit, as in TRL",
-                           self.path, config.num_labels)
+        labels = _saved_labels(Path(self.path))  # transformers' default (2) when the file names none does not count
+        if labels not in (None, 1):  # TRL loads it with num_labels=1 too, which then fails
+            raise RewardError(f"reward model {self.path!r} has {labels} labels; a reward model has one "
+                              f"(its score head's single logit is the reward): loading it with num_labels=1, as TRL "
+                              f"does, fails on the head's size")
         self.model = None
         self.tokenizer = None
         if load:

@@ -128,6 +128,8 @@ def _import(spec: str) -> Callable:
         name = f"rollout_sleep_user_rewards.{path.stem}"
         module = sys.modules.get(name)
         if module is None or getattr(module, "__file__", None) != str(path.resolve()):
+            if str(path.resolve().parent) not in sys.path:  # as `python file.py`: modules beside it import
+                sys.path.insert(0, str(path.resolve().parent))
             loader = importlib.util.spec_from_file_location(name, path.resolve())
             module = importlib.util.module_from_spec(loader)
             sys.modules[name] = module
@@ -169,7 +171,9 @@ def _describe(name: str, fn: Callable, weight: float) -> Reward:
         return Reward(name, fn, weight, batched=True, required_columns=required, accepts_any_column=var_kw,
                       accepted=tuple(named))
     positional = [n for n, p in params.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if positional[:1] == ["completion"] and len(positional) >= 2:
+    required = [n for n, p in params.items() if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL,
+                                                                                          p.VAR_KEYWORD)]
+    if positional[:1] == ["completion"] and len(positional) >= 2 and len(required) <= 2:
         return Reward(name, fn, weight, batched=False, required_columns=tuple(getattr(fn, "columns", ())))
     raise RewardError(f"reward {name!r} has signature {name.split(':')[-1]}{inspect.signature(fn)}; a reward takes "
                       f"TRL's `(prompts, completions, **kwargs) -> list[float | None]` (batched) or "
@@ -206,6 +210,11 @@ def resolve_rewards(specs: list, weights: list[float] | None = None, *, columns:
         else:
             raise RewardError(f"unknown reward {spec!r}: not a built-in ({', '.join(sorted(REWARDS))}), not an import "
                               f"path ('module:function', 'file.py:function') and not a local checkpoint directory")
+    seen: dict[str, int] = {}
+    for r in out:  # one metric per reward: a name used again (same function twice, two lambdas) gets a suffix
+        seen[r.name] = seen.get(r.name, 0) + 1
+        if seen[r.name] > 1:
+            r.name = f"{r.name}_{seen[r.name]}"
     if columns is not None:
         check_columns(out, columns)
     return out
@@ -215,6 +224,11 @@ def check_columns(rewards: list[Reward], columns: list[str]) -> None:
     """Each function's named columns are in the dataset, and TRL-style functions accept every column (TRL
     passes them all: one without ``**kwargs`` would fail at the first step)."""
     extra = [c for c in columns if c != "prompt"]
+    clash = [c for c in extra if c in TRL_ARGS and c not in ("completion_ids", "environments")]  # those two are not passed
+    if clash and any(r.batched for r in rewards):
+        raise RewardError(f"dataset column(s) {clash} have the names of arguments rewards receive from the "
+                          f"trainer (prompts, completions, trainer_state, log_extra, log_metric); every column is "
+                          f"passed by name too (as TRL does), so they would collide: rename them in the dataset")
     for r in rewards:
         missing = [c for c in r.required_columns if c not in columns]
         if missing:
@@ -232,15 +246,19 @@ def _text(completion) -> str:
 
 
 def _check_values(r: Reward, values, n: int) -> list[float]:
-    if not isinstance(values, (list, tuple)) and not (isinstance(values, torch.Tensor) and values.dim() == 1):
+    if getattr(values, "ndim", None) == 1 and hasattr(values, "tolist"):  # a 1-d torch tensor or numpy array
+        values = values.tolist()
+    if not isinstance(values, (list, tuple)):
         raise RewardError(f"reward {r.name!r} returned {type(values).__name__}; it must return a list with one "
                           f"float (or None) per completion")
-    values = values.tolist() if isinstance(values, torch.Tensor) else list(values)
+    values = list(values)
     if len(values) != n:
         raise RewardError(f"reward {r.name!r} returned {len(values)} rewards for {n} completions; it must return "
                           f"exactly one per completion")
     out = []
     for i, v in enumerate(values):
+        if getattr(v, "ndim", None) == 0 and hasattr(v, "item"):  # a 0-d tensor or numpy scalar
+            v = v.item()
         if v is None:
             out.append(math.nan)
         elif isinstance(v, numbers.Real):

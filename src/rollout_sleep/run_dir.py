@@ -33,7 +33,8 @@ STAGING_PREFIX = ".partial-"
 _STEP = re.compile(r"step_(\d+)$")
 # Settings that define a run (its model, data, data order, groups, rewards): a resume with other values
 # would continue a different run in the same folder.
-IDENTITY_KEYS = ("model", "data", "rewards", "train.seed", "train.prompts_per_step", "train.generations")
+IDENTITY_KEYS = ("model", "data", "rewards", "reward_weights", "train.seed", "train.prompts_per_step",
+                 "train.generations")
 
 
 class RunDirError(RuntimeError):
@@ -42,6 +43,8 @@ class RunDirError(RuntimeError):
 
 # ----------------------------------------------------------------------------------- output folder
 def _lookup(cfg: dict, dotted: str) -> Any:
+    if dotted == "reward_weights" and cfg.get("reward_weights") is None:  # unset: 1.0 each
+        return [1.0] * len(cfg.get("rewards") or [])
     for part in dotted.split("."):
         cfg = cfg.get(part) if isinstance(cfg, dict) else None
     return cfg
@@ -81,7 +84,18 @@ def check_output_dir(out: Path, config: dict, resume: bool, overwrite: bool = Fa
                           "start over in it and mix the two runs. Use a new output_dir, set resume=true to "
                           "continue that run, or overwrite=true to delete it first.")
     old = _previous_config(out)
+    if old is None and _run_files(out):  # every run writes its settings before its first metrics or checkpoint
+        what = "overwrite=true will not delete anything in it" if overwrite and not resume else \
+            "the run would move its checkpoints aside and write into its metrics"
+        raise RunDirError(f"output_dir {str(out)!r} holds {', '.join(_run_files(out))} but no {RUN_CONFIG}: it is not "
+                          f"a run of this recipe (or one from before {RUN_CONFIG} existed), so {what}. Use a new (or "
+                          "empty) output_dir.")
     if resume and old is not None:
+        # num_prompts unset meant steps x prompts_per_step: giving that number now is the same data
+        old_data, new_data = old.get("data") or {}, config.get("data") or {}
+        implied = (_lookup(old, "train.steps") or 0) * (_lookup(old, "train.prompts_per_step") or 0)
+        if old_data.get("num_prompts") is None and new_data.get("num_prompts") == implied:
+            old = {**old, "data": {**old_data, "num_prompts": implied}}
         differ = [f"{key}: {_lookup(old, key)!r} -> {_lookup(config, key)!r}" for key in IDENTITY_KEYS
                   if _lookup(old, key) != _lookup(config, key)]
         if differ and (steps or saved):
@@ -94,6 +108,37 @@ def check_output_dir(out: Path, config: dict, resume: bool, overwrite: bool = Fa
                            "train.steps changed from %s to %s, which changes the data order from here on; set "
                            "data.num_prompts to %s to keep the earlier order", old_steps, new_steps,
                            old_steps * _lookup(config, "train.prompts_per_step"))
+
+
+def lock(out: Path):
+    """Create ``out`` and lock it for this process (an exclusive ``flock`` on ``out/.lock``, released when the
+    returned file is closed or the process ends, even killed); raise :class:`RunDirError` if another process
+    holds it: two runs writing into one folder would mix their metrics and checkpoints."""
+    import fcntl
+
+    out.mkdir(parents=True, exist_ok=True)
+    fh = open(out / ".lock", "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "another process"
+        fh.close()
+        raise RunDirError(f"output_dir {str(out)!r} is in use by {holder}: two runs in one folder would mix their "
+                          "metrics and checkpoints. Wait for it to end, or use another output_dir.") from None
+    except OSError as err:  # a file system without locks (some network or FUSE mounts): run unguarded, say so
+        logger.warning("cannot lock %s (%s): nothing stops a second run from writing into it at the same time",
+                       out, err)
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"process {os.getpid()} on {os.uname().nodename}\n")
+    fh.flush()
+    return fh
+
+
+def _run_files(out: Path) -> list[str]:
+    """Which of the names a run writes (metrics, checkpoints) exist in ``out``."""
+    return [n for n in ("metrics.jsonl", "metrics.superseded.jsonl", "checkpoints") if (out / n).exists()]
 
 
 def _previous_config(out: Path) -> dict | None:
@@ -121,6 +166,8 @@ def drop_stale_model(out: Path, config: dict) -> bool:
     old = _previous_config(out)
     if config.get("model", {}).get("path") not in SHAPES or old is None or old.get("model") == config.get("model"):
         return False
+    if (old.get("model") or {}).get("path") not in SHAPES:  # the earlier run did not build out/model: not ours
+        return False
     if _remove(out / "model"):
         logger.warning("deleted %s: built with the earlier model settings %s", out / "model", old.get("model"))
         return True
@@ -130,9 +177,19 @@ def drop_stale_model(out: Path, config: dict) -> bool:
 def clear_run(out: Path, config: dict) -> list[str]:
     """``overwrite=true``: delete an earlier run's metrics, checkpoints and settings (and the random-weight
     model it built, if the model settings changed). Returns what was deleted."""
+    if _previous_config(out) is None:  # not a run of this recipe (check_output_dir refuses those): touch nothing
+        return []
     gone = ["model"] if drop_stale_model(out, config) else []
     for name in ["metrics.jsonl", "metrics.superseded.jsonl", "checkpoints", RUN_CONFIG]:
-        if _remove(out / name):
+        if name == "checkpoints":  # only what the recipe writes there; anything else stays
+            ckpts = out / name
+            ours = [p for p in ckpts.iterdir() if _STEP.match(p.name) or p.name.startswith(STAGING_PREFIX)
+                    or p.name == "incomplete"] if ckpts.is_dir() else []
+            if [_remove(p) for p in ours]:
+                gone.append(name)
+            if ckpts.is_dir() and not any(ckpts.iterdir()):
+                ckpts.rmdir()
+        elif _remove(out / name):
             gone.append(name)
     if gone:
         logger.info("overwrite=true: deleted %s from %s", ", ".join(gone), out)
@@ -262,12 +319,20 @@ def set_aside(path: Path, reason: str) -> Path:
 
 
 def clear_staging(ckpt_dir: Path) -> list[Path]:
-    """Delete staging folders left by saves that crashed (never a checkpoint: their step was not renamed)."""
+    """Delete staging folders left by saves that crashed (never a checkpoint: their step was not renamed).
+    One that is complete (the crash came between its ``recipe_state.json`` and its rename) is renamed instead:
+    it may be the only copy of that step (:func:`commit` sets an earlier save of the step aside first)."""
     gone = []
     if ckpt_dir.is_dir():
-        for p in ckpt_dir.iterdir():
-            if p.name.startswith(STAGING_PREFIX):
-                shutil.rmtree(p)
+        for p in list(ckpt_dir.iterdir()):
+            if not p.name.startswith(STAGING_PREFIX):
+                continue
+            final = p.parent / p.name[len(STAGING_PREFIX):]
+            if _STEP.match(final.name) and not final.exists() and checkpoint_problem(p) is None:
+                os.replace(p, final)
+                logger.warning("renamed %s to %s: a complete save whose rename did not happen", p, final)
+            else:
+                _remove(p)
                 gone.append(p)
                 logger.warning("deleted %s: a save that did not finish", p)
     return gone

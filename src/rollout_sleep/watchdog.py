@@ -36,6 +36,8 @@ from dataclasses import dataclass
 logger = logging.getLogger(__name__)
 
 EXIT_CODE = 75  # distinct from a Python error (1) and a signal kill
+# Longer timeouts (1e10 s and up overflow the timers) are clamped to this, over three years: the same as none.
+MAX_TIMEOUT_S = 1e8
 STALL_ENV = "ROLLOUT_SLEEP_TEST_STALL"
 
 
@@ -58,7 +60,7 @@ class Watchdog:
 
     def __init__(self, timeouts: dict[str, float], *, rank: int = 0, world: int = 1, grace_s: float = 30.0,
                  hint: str = "raise the phase's timeout if it legitimately takes longer"):
-        self.timeouts = {k: float(v) for k, v in timeouts.items() if v and v > 0}
+        self.timeouts = {k: min(float(v), MAX_TIMEOUT_S) for k, v in timeouts.items() if v and v > 0}
         self.rank, self.world, self.grace_s, self.hint = rank, world, grace_s, hint
         self._active: dict[int, _Watch] = {}
         self._ids = itertools.count()
@@ -79,7 +81,7 @@ class Watchdog:
     @contextmanager
     def phase(self, name: str, waiting_for: str, timeout: float | None = None):
         """Watch the block as phase ``name`` (``timeout`` overrides the configured one)."""
-        limit = self.timeouts.get(name, 0.0) if timeout is None else float(timeout)
+        limit = self.timeouts.get(name, 0.0) if timeout is None else min(float(timeout), MAX_TIMEOUT_S)
         if limit <= 0:
             self._maybe_stall(name)
             yield
