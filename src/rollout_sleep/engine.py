@@ -282,6 +282,24 @@ def _non_finite(items: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
     return bad
 
 
+def _pair_problem(item: Any) -> str | None:
+    """What is wrong with one ``(name, tensor)`` item of a load, or None: checked before vLLM sees it (a
+    malformed item or a tensor without data raised inside vLLM's layerwise reload and broke the engine
+    for every later load)."""
+    if not (isinstance(item, (tuple, list)) and len(item) == 2):
+        return (f"each weight must be a (name, tensor) pair; got {type(item).__name__}"
+                + (f" of length {len(item)}" if isinstance(item, (tuple, list)) else "")
+                + " (pass model.state_dict() / named_parameters() or a WeightStream)")
+    name, tensor = item
+    if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
+        return (f"each weight must be a (name: str, tensor: torch.Tensor) pair; got ({type(name).__name__}, "
+                f"{type(tensor).__name__}) (numpy arrays: torch.from_numpy)")
+    if tensor.is_meta:
+        return (f"weight {name!r} is on the meta device (no data): materialize the model first "
+                "(to_empty(...) and load its weights)")
+    return None
+
+
 def _non_finite_problem(name: str) -> str:
     return (f"non-finite values (NaN or Inf) in {name!r}: the trainer's weights diverged (check the loss, lower "
             "the learning rate, clip gradients); vLLM would generate garbage from them")
@@ -309,13 +327,14 @@ class _Feed:
     """
 
     def __init__(self, items: Iterable, *, check_names: bool, check_values: bool, spec: dict[str, TensorSpec],
-                 optional: set[str], strict: bool, dtype: torch.dtype | None):
+                 optional: set[str], strict: bool, dtype: torch.dtype | None, tie_head: bool = False):
         self.items, self.check_names, self.check_values = items, check_names, check_values
+        self.tie_head = tie_head  # a tied model on CPU: give vLLM the head (the embedding) if the source did not
         self.spec, self.optional, self.strict, self.dtype = spec, optional, strict, dtype
         self.seen: set[str] = set()
         self.count = 0  # tensors handed to vLLM
         self.last: str | None = None
-        self.source_error: Exception | None = None
+        self.source_error: BaseException | None = None
         self.problems: list[str] = []
         self.hint = ""
 
@@ -325,12 +344,17 @@ class _Feed:
         source = iter(self.items)
         while True:
             try:
-                name, tensor = next(source)
+                item = next(source)
             except StopIteration:
                 break
-            except Exception as err:  # the trainer's side broke mid-stream
+            except BaseException as err:  # the trainer's side broke mid-stream (Ctrl-C included: re-raised after)
                 self.source_error = err
                 break
+            problem = _pair_problem(item)
+            if problem:
+                self.problems.append(problem)
+                break
+            name, tensor = item
             if name in self.seen:
                 self.problems.append(f"weight {name!r} given twice in one load (vLLM counts each layer's "
                                      "elements: a repeat would finish a layer before all its tensors arrived)")
@@ -350,13 +374,18 @@ class _Feed:
             self.seen.add(name)
             self.count += 1
             self.last = name
+            if name == "model.embed_tokens.weight" and self.tie_head:
+                embedding = tensor
             yield name, tensor
             if pending_bytes >= FINITE_CHECK_BYTES:
                 if not self._all_finite(pending):
                     return
                 pending, pending_bytes = [], 0
-        if not self.problems and self.source_error is None:
-            self._all_finite(pending)
+        if not self.problems and self.source_error is None and self._all_finite(pending) and self.tie_head \
+                and "lm_head.weight" not in self.seen and "model.embed_tokens.weight" in self.seen:
+            # vLLM's CPU kernels keep a packed copy of a tied head: without it the head stays stale (silently)
+            self.seen.add("lm_head.weight")
+            yield "lm_head.weight", embedding
 
     def _all_finite(self, pending: list[tuple[str, torch.Tensor]]) -> bool:
         if not pending:
@@ -371,6 +400,10 @@ class _Feed:
         """The error to raise once vLLM has finished with the stream (None: the load was complete)."""
         if self.source_error is not None:
             err = self.source_error
+            if not isinstance(err, Exception):  # KeyboardInterrupt / SystemExit: the user's stop, kept as it is
+                add_note(err, f"raised by the weight stream after {self.count} tensor(s): the engine is marked "
+                              "incomplete; the next complete load works")
+                return err
             where = f"after {self.count} tensor(s)" + (f" (the last: {self.last!r})" if self.last else "")
             out = IncompleteWeightsError(
                 f"the weight stream broke {where}: {type(err).__name__}: {err}. The engine is marked incomplete "
@@ -580,7 +613,7 @@ class Engine(SleepState):
     def sleep(self, level: int = 2) -> CycleReport:
         """Put the engine to sleep. Level 2 discards weights and KV cache (GPU memory returned); level 1
         offloads the weights to host memory. On CPU the scheduler pauses and no memory is released."""
-        if level not in LEVELS:
+        if isinstance(level, bool) or level not in LEVELS:
             raise ValueError(f"unknown sleep level {level!r}; vLLM supports levels {LEVELS}")
         if self._level is not None:
             raise EngineStateError(f"the engine is already {self.state}; wake it before sleeping again")
@@ -707,7 +740,12 @@ class Engine(SleepState):
         if isinstance(weights, (list, tuple)):
             offered = {}
             for item in weights:
+                problem = _pair_problem(item)
+                if problem:
+                    raise WeightMismatchError([problem])
                 name, tensor = item
+                if name in offered:
+                    raise WeightMismatchError([f"weight {name!r} given twice in one load"])
                 offered[name] = (tuple(tensor.shape), tensor.dtype)
             check_weights(offered, self.spec, optional=self._optional(), strict=strict, dtype=dtype)
             bad = _non_finite(weights) if self.check_finite else []
@@ -724,6 +762,9 @@ class Engine(SleepState):
             except StopIteration:
                 raise WeightMismatchError(["the weight stream is empty: nothing to load (a generator already "
                                            "consumed by an earlier load? build a new one for each load)"]) from None
+            problem = _pair_problem(first)
+            if problem:
+                raise WeightMismatchError([problem])
             name, tensor = first  # a wrong name, shape or dtype shows at once: refused before anything is touched
             check_weights({name: (tuple(tensor.shape), tensor.dtype)}, self.spec, optional=self._optional(),
                           strict=False, dtype=dtype)
@@ -749,13 +790,14 @@ class Engine(SleepState):
         feed = _Feed(prepared.weights, check_names=prepared.kind == "stream",
                      check_values=prepared.kind != "checked" and self.check_finite,
                      spec=self.spec, optional=self._optional(), strict=prepared.strict,
-                     dtype=self.dtype if prepared.strict else None)
+                     dtype=self.dtype if prepared.strict else None, tie_head=self.tied and not self.sleep_mode)
         self._push(feed, prepared.method or self._resolve_method(method, prepared.strict))
         error = feed.error_after_load(self.spec, self._optional())
         if error is not None:
             problems = getattr(error, "problems", None)
             self._incomplete_reason = (problems[0] + (f"; and {len(problems) - 1} more" if len(problems) > 1 else "")
-                                       if problems else str(error).split(". ")[0])[:300]
+                                       if problems else str(error).split(". ")[0] or
+                                       f"the weight stream raised {type(error).__name__}")[:300]
             raise error
         self._weights_complete = True
 
