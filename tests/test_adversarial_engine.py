@@ -121,3 +121,34 @@ def test_an_abbreviated_config_flag_is_still_checked(tmp_path):
     with pytest.raises(ValueError, match="sets host"):
         _check_extra_args(["--conf", str(cfg)])
     _check_extra_args(["--max-num-seqs", "4", "--uvicorn-log-level", "warning"])  # ordinary flags pass
+
+
+def test_a_subset_loads_whole_fused_groups_or_is_refused(engine, tied1, ckpts):
+    """strict=False on CPU: ``auto`` took ``load_weights`` (AttributeError inside vLLM, engine incomplete);
+    an explicit ``reload`` of v_proj alone rebuilt qkv_proj with q and k wrong, silently."""
+    model, sd = tied1
+    hybrid = hf_model(ckpts["tied0"])
+    layer0 = {k: v for k, v in sd.items() if ".layers.0." in k}
+    hybrid.load_state_dict(layer0, strict=False)
+    before = greedy(engine)
+    for method in (None, "reload"):
+        with pytest.raises(WeightMismatchError, match=r"(?s)nothing was loaded.*fused .*qkv_proj"):
+            engine.load_weights({"model.layers.0.self_attn.v_proj.weight": layer0["model.layers.0.self_attn.v_proj.weight"]},
+                                strict=False, method=method)
+        assert greedy(engine) == before
+    engine.load_weights(layer0, strict=False)  # whole layer: loaded, the rest kept
+    assert verify(engine, hybrid).ok
+
+
+def test_an_untied_head_is_refused_by_a_tied_engine(engine, ckpts):
+    """An untied model's weights into a tied engine: vLLM kept a head matching neither model, silently."""
+    untied = dict(hf_model(ckpts["untied1"]).state_dict())
+    before = greedy(engine)
+    with pytest.raises(WeightMismatchError, match=r"(?s)nothing was loaded.*ties them") as err:
+        engine.load_weights(untied)
+    assert "nothing was loaded" in str(err.value) and "tie_word_embeddings" in str(err.value)
+    assert greedy(engine) == before
+    with pytest.raises(WeightMismatchError, match="differs from 'model.embed_tokens.weight'"):
+        engine.load_weights(iter(untied.items()))  # a stream: found when the head arrives, nothing half-done after
+    with pytest.raises(IncompleteWeightsError):
+        engine.generate(PROMPTS[:1], max_tokens=2)

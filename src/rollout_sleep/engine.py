@@ -300,6 +300,22 @@ def _pair_problem(item: Any) -> str | None:
     return None
 
 
+_TIED = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+def _tie_sample(t: torch.Tensor) -> torch.Tensor:
+    """A few thousand evenly spread elements of ``t`` (a copy): enough to tell an untied head from the
+    embedding without holding a second vocabulary-sized tensor."""
+    flat = t.detach().reshape(-1)
+    return flat[:: max(1, flat.numel() // 4096)].clone()
+
+
+def _untied_problem() -> str:
+    return ("'lm_head.weight' differs from 'model.embed_tokens.weight', but the engine's model ties them "
+            "(tie_word_embeddings=True): the trainer's model is untied, or its head was trained apart. Build the "
+            "engine from a checkpoint with tie_word_embeddings=False, or keep the trainer's head tied")
+
+
 def _non_finite_problem(name: str) -> str:
     return (f"non-finite values (NaN or Inf) in {name!r}: the trainer's weights diverged (check the loss, lower "
             "the learning rate, clip gradients); vLLM would generate garbage from them")
@@ -327,9 +343,12 @@ class _Feed:
     """
 
     def __init__(self, items: Iterable, *, check_names: bool, check_values: bool, spec: dict[str, TensorSpec],
-                 optional: set[str], strict: bool, dtype: torch.dtype | None, tie_head: bool = False):
+                 optional: set[str], strict: bool, dtype: torch.dtype | None, tie_head: bool = False,
+                 check_tie: bool = False):
         self.items, self.check_names, self.check_values = items, check_names, check_values
         self.tie_head = tie_head  # a tied model on CPU: give vLLM the head (the embedding) if the source did not
+        self.check_tie = check_tie  # a tied model: a head given must equal the embedding
+        self.tie_samples: dict[str, torch.Tensor] = {}
         self.spec, self.optional, self.strict, self.dtype = spec, optional, strict, dtype
         self.seen: set[str] = set()
         self.count = 0  # tensors handed to vLLM
@@ -371,6 +390,11 @@ class _Feed:
                 # queued on the tensor's device before it is handed on: reads it while it is valid
                 pending.append((name, _finite_probe(tensor).double()))
                 pending_bytes += tensor.numel() * tensor.element_size()
+            if self.check_tie and name in _TIED:
+                self.tie_samples[name] = _tie_sample(tensor)
+                if len(self.tie_samples) == 2 and not torch.equal(*(self.tie_samples[n] for n in _TIED)):
+                    self.problems.append(_untied_problem())
+                    break
             self.seen.add(name)
             self.count += 1
             self.last = name
@@ -703,8 +727,8 @@ class Engine(SleepState):
             weights: as in :meth:`wake_up`.
             method: *optional*, ``reload`` / ``load_weights`` / ``direct`` / ``auto`` (the engine's default).
             strict: *optional*, every tensor of the model must be given (a full sync). ``False`` allows
-                updating a subset (method ``reload`` is then not used: vLLM's layerwise reload expects
-                whole layers).
+                updating a subset (``auto`` then takes ``load_weights`` on CUDA; on CPU ``reload``, which
+                needs every part of a fused parameter it touches: q/k/v together, gate/up together).
         """
         if self._level is not None:
             raise EngineStateError(f"the engine is {self.state}; use wake_up(weights=...) instead")
@@ -747,13 +771,19 @@ class Engine(SleepState):
                 if name in offered:
                     raise WeightMismatchError([f"weight {name!r} given twice in one load"])
                 offered[name] = (tuple(tensor.shape), tensor.dtype)
+            given = dict(weights)
+            if self.tied and all(n in given for n in _TIED) and given[_TIED[0]].shape == given[_TIED[1]].shape \
+                    and not torch.equal(given[_TIED[0]], given[_TIED[1]]):
+                raise WeightMismatchError([_untied_problem()])
             check_weights(offered, self.spec, optional=self._optional(), strict=strict, dtype=dtype)
             bad = _non_finite(weights) if self.check_finite else []
             if bad:
                 raise WeightMismatchError([_non_finite_problem(n) for n in bad])
+            self._check_whole_groups([n for n, _ in weights], strict, resolved, loaded=None)
             return _Prepared("checked", weights, strict, resolved)
         if hasattr(weights, "spec") and callable(weights.spec):  # a stream that knows its contents
             check_weights(weights.spec(), self.spec, optional=self._optional(), strict=strict, dtype=dtype)
+            self._check_whole_groups(list(weights.spec()), strict, resolved, loaded=None)
             return _Prepared("spec", weights, strict, resolved)
         if isinstance(weights, Iterable):
             it = iter(weights)
@@ -790,9 +820,15 @@ class Engine(SleepState):
         feed = _Feed(prepared.weights, check_names=prepared.kind == "stream",
                      check_values=prepared.kind != "checked" and self.check_finite,
                      spec=self.spec, optional=self._optional(), strict=prepared.strict,
-                     dtype=self.dtype if prepared.strict else None, tie_head=self.tied and not self.sleep_mode)
+                     dtype=self.dtype if prepared.strict else None, tie_head=self.tied and not self.sleep_mode,
+                     check_tie=self.tied and prepared.kind != "checked")
         self._push(feed, prepared.method or self._resolve_method(method, prepared.strict))
         error = feed.error_after_load(self.spec, self._optional())
+        if error is None and prepared.kind == "stream":
+            try:
+                self._check_whole_groups(feed.seen, prepared.strict, prepared.method or "", loaded=feed.count)
+            except WeightMismatchError as err:
+                error = err
         if error is not None:
             problems = getattr(error, "problems", None)
             self._incomplete_reason = (problems[0] + (f"; and {len(problems) - 1} more" if len(problems) > 1 else "")
@@ -801,6 +837,26 @@ class Engine(SleepState):
             raise error
         self._weights_complete = True
 
+    def _check_whole_groups(self, names: Iterable[str], strict: bool, method: str, loaded: int | None) -> None:
+        """A subset pushed through vLLM's layerwise reload must hold every shard of each fused parameter it
+        touches (q/k/v, gate/up): given only v_proj, the reload rebuilt qkv_proj with q and k wrong, silently."""
+        if strict or method != "reload":
+            return
+        self._inspect()
+        given, problems = set(names), []
+        for name in sorted(given):
+            module, _, leaf = name.rpartition(".")
+            parent, _, sub = module.rpartition(".")
+            for fused, shards in self._packed.items():
+                if sub in shards:
+                    missing = [f"{parent}.{s}.{leaf}" for s in shards if f"{parent}.{s}.{leaf}" not in given]
+                    if missing and name == min(n for n in (f"{parent}.{s}.{leaf}" for s in shards) if n in given):
+                        problems.append(f"{name!r} is part of vLLM's fused {parent}.{fused}, but {missing} were not "
+                                        "given: vLLM reloads the fused parameter whole (the rest would be wrong). "
+                                        "Give all its parts")
+        if problems:
+            raise WeightMismatchError(problems, loaded=loaded)
+
     def _resolve_method(self, method: str | None, strict: bool) -> str:
         method = method or self.load_method
         if method not in METHODS:
@@ -808,7 +864,8 @@ class Engine(SleepState):
         if method == "auto":
             if self.on_cuda and self._direct_supported():
                 return "direct"
-            return "reload" if strict else "load_weights"
+            # on CPU only vLLM's layerwise reload writes the repacked linears (a subset: whole fused groups)
+            return "reload" if strict or not self.on_cuda else "load_weights"
         if method in ("direct", "load_weights") and not self.on_cuda:
             raise ValueError(f"load method {method!r} needs CUDA: vLLM's CPU kernels repack linear weights, "
                              "only 'reload' writes them correctly there")
