@@ -148,6 +148,12 @@ def test_an_untied_head_is_refused_by_a_tied_engine(engine, ckpts):
         engine.load_weights(untied)
     assert "nothing was loaded" in str(err.value) and "tie_word_embeddings" in str(err.value)
     assert greedy(engine) == before
+    with pytest.raises(WeightMismatchError, match=r"(?s)nothing was loaded.*ties them"):
+        engine.load_weights(ckpts["untied1"])  # a checkpoint directory too (CPU loaded its head by accident; GPU skips it)
+    for level in (True, 2.0):  # bool is an int, 2.0 == 2: both passed the level check
+        with pytest.raises(ValueError, match="unknown sleep level"):
+            engine.sleep(level=level)
+    assert greedy(engine) == before
     with pytest.raises(WeightMismatchError, match="differs from 'model.embed_tokens.weight'"):
         engine.load_weights(iter(untied.items()))  # a stream: found when the head arrives, nothing half-done after
     with pytest.raises(IncompleteWeightsError):

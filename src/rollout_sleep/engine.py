@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import numbers
 import os
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -637,8 +638,9 @@ class Engine(SleepState):
     def sleep(self, level: int = 2) -> CycleReport:
         """Put the engine to sleep. Level 2 discards weights and KV cache (GPU memory returned); level 1
         offloads the weights to host memory. On CPU the scheduler pauses and no memory is released."""
-        if isinstance(level, bool) or level not in LEVELS:
+        if isinstance(level, bool) or not isinstance(level, numbers.Integral) or level not in LEVELS:
             raise ValueError(f"unknown sleep level {level!r}; vLLM supports levels {LEVELS}")
+        level = int(level)
         if self._level is not None:
             raise EngineStateError(f"the engine is already {self.state}; wake it before sleeping again")
         report = CycleReport("sleep", level)
@@ -756,7 +758,10 @@ class Engine(SleepState):
             bad = method if method is not None and method not in METHODS else self.load_method
             raise ValueError(f"unknown load method {bad!r}; use {', '.join(METHODS)}")
         if isinstance(weights, (str, os.PathLike)):
-            return _Prepared("path", check_checkpoint_dir(weights, self.spec, optional=self._optional()), strict, None)
+            path = check_checkpoint_dir(weights, self.spec, optional=self._optional())
+            if self.tied:
+                self._check_tied_dir(path)
+            return _Prepared("path", path, strict, None)
         resolved = self._resolve_method(method, strict)
         dtype = self.dtype if strict else None
         if isinstance(weights, Mapping):
@@ -801,6 +806,18 @@ class Engine(SleepState):
             return _Prepared("stream", itertools.chain([first], it), strict, resolved)
         raise TypeError(f"weights must be a checkpoint path, a mapping or an iterable of (name, tensor); "
                         f"got {type(weights).__name__}")
+
+    @staticmethod
+    def _check_tied_dir(path: Path) -> None:
+        """A checkpoint with its own ``lm_head.weight`` for a tied engine: it must equal the embedding."""
+        from safetensors import safe_open
+
+        found = {}
+        for f in sorted(path.glob("*.safetensors")):
+            with safe_open(str(f), "pt") as fh:
+                found.update({n: fh.get_tensor(n) for n in _TIED if n in fh.keys()})
+        if len(found) == 2 and not torch.equal(*(found[n] for n in _TIED)):
+            raise WeightMismatchError([_untied_problem()])
 
     def _optional(self) -> set[str]:
         return {"lm_head.weight"} if self.tied else set()
