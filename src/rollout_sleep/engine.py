@@ -311,6 +311,11 @@ def _tie_sample(t: torch.Tensor) -> torch.Tensor:
     return flat[:: max(1, flat.numel() // 4096)].clone()
 
 
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise-equal values, NaN equal to NaN (a diverged tied embedding is still tied: the NaN check names it)."""
+    return a.shape == b.shape and torch.allclose(a, b.to(a.device, a.dtype), rtol=0, atol=0, equal_nan=True)
+
+
 def _untied_problem() -> str:
     return ("'lm_head.weight' differs from 'model.embed_tokens.weight', but the engine's model ties them "
             "(tie_word_embeddings=True): the trainer's model is untied, or its head was trained apart. Build the "
@@ -393,7 +398,7 @@ class _Feed:
                 pending_bytes += tensor.numel() * tensor.element_size()
             if self.check_tie and name in _TIED:
                 self.tie_samples[name] = _tie_sample(tensor)
-                if len(self.tie_samples) == 2 and not torch.equal(*(self.tie_samples[n] for n in _TIED)):
+                if len(self.tie_samples) == 2 and not _same(*(self.tie_samples[n] for n in _TIED)):
                     self.problems.append(_untied_problem())
                     break
             self.seen.add(name)
@@ -776,14 +781,13 @@ class Engine(SleepState):
                 if name in offered:
                     raise WeightMismatchError([f"weight {name!r} given twice in one load"])
                 offered[name] = (tuple(tensor.shape), tensor.dtype)
-            given = dict(weights)
-            if self.tied and all(n in given for n in _TIED) and given[_TIED[0]].shape == given[_TIED[1]].shape \
-                    and not torch.equal(given[_TIED[0]], given[_TIED[1]]):
-                raise WeightMismatchError([_untied_problem()])
             check_weights(offered, self.spec, optional=self._optional(), strict=strict, dtype=dtype)
             bad = _non_finite(weights) if self.check_finite else []
             if bad:
                 raise WeightMismatchError([_non_finite_problem(n) for n in bad])
+            given = dict(weights)
+            if self.tied and all(n in given for n in _TIED) and not _same(given[_TIED[0]], given[_TIED[1]]):
+                raise WeightMismatchError([_untied_problem()])
             self._check_whole_groups([n for n, _ in weights], strict, resolved, loaded=None)
             return _Prepared("checked", weights, strict, resolved)
         if hasattr(weights, "spec") and callable(weights.spec):  # a stream that knows its contents
@@ -816,7 +820,7 @@ class Engine(SleepState):
         for f in sorted(path.glob("*.safetensors")):
             with safe_open(str(f), "pt") as fh:
                 found.update({n: fh.get_tensor(n) for n in _TIED if n in fh.keys()})
-        if len(found) == 2 and not torch.equal(*(found[n] for n in _TIED)):
+        if len(found) == 2 and not _same(*(found[n] for n in _TIED)):
             raise WeightMismatchError([_untied_problem()])
 
     def _optional(self) -> set[str]:
