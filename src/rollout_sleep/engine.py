@@ -34,8 +34,9 @@ from typing import Any, Callable
 
 import torch
 
-from .weights import (TensorSpec, WeightMismatchError, check_checkpoint_dir, check_weights, placements,
-                      read_checkpoint_spec, tied_embeddings)
+from . import layout
+from .weights import (TensorSpec, WeightMismatchError, check_checkpoint_dir, check_weights, read_checkpoint_spec,
+                      tied_embeddings)
 
 LEVELS = (1, 2)
 METHODS = ("auto", "reload", "load_weights", "direct")
@@ -831,6 +832,7 @@ class Engine(SleepState):
         early (never raising into vLLM, so its layerwise reload finishes and the next load starts clean)
         when the source breaks or a tensor is wrong; the error is raised here afterwards, with the engine
         marked incomplete."""
+        self._check_loadable()  # before anything is written
         self._weights_complete = False
         self._incomplete_reason = "a load was interrupted"
         if prepared.kind == "path":
@@ -886,16 +888,20 @@ class Engine(SleepState):
             if self.on_cuda and self._direct_supported():
                 return "direct"
             # on CPU only vLLM's layerwise reload writes the repacked linears (a subset: whole fused groups)
-            return "reload" if strict or not self.on_cuda else "load_weights"
+            return "reload" if strict or not self.on_cuda else "load_weights"  # _direct_supported logged why not direct
         if method in ("direct", "load_weights") and not self.on_cuda:
             raise ValueError(f"load method {method!r} needs CUDA: vLLM's CPU kernels repack linear weights, "
                              "only 'reload' writes them correctly there")
         if method == "direct" and not self._direct_supported():
-            raise ValueError("load method 'direct' does not apply to this model (tensor parallel > 1, or "
-                             "weights vLLM stores in another layout); use 'reload'")
+            raise ValueError(f"load method 'direct' does not apply to this model ({self._check_direct()}); "
+                             "use 'reload'")
         return method
 
     def _push(self, items: Iterable[tuple[str, torch.Tensor]], method: str) -> None:
+        if self.tied:
+            self._inspect()
+            if not self._has_head:  # e.g. Gemma: vLLM computes logits with the embedding, its loader has no head
+                items = ((n, t) for n, t in items if n != "lm_head.weight")
         if method == "reload":
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(items),
                                                              "is_checkpoint_format": True})
@@ -934,49 +940,69 @@ class Engine(SleepState):
     # ------------------------------------------------- the engine's own view
     def _inspect(self) -> None:
         if self._engine_params is None:
-            def describe(model: torch.nn.Module):
-                return ({n: (tuple(p.shape), p.dtype) for n, p in model.named_parameters()},
-                        dict(getattr(model, "packed_modules_mapping", {}) or {}))
-
-            self._engine_params, self._packed = self.llm.apply_model(describe)[0]
+            self._engine_params, self._packed, self._has_head = self.llm.apply_model(layout.describe)[0]
 
     def _placements(self):
         self._inspect()
-        return placements(self.spec, self._packed, set(self._engine_params), self.tied)
+        return layout.placements(self.spec, self._packed, {n: s for n, (s, _) in self._engine_params.items()},
+                                 self.tied)
 
     def _direct_targets(self) -> dict[str, torch.Tensor]:
         """Views into vLLM's parameters, one per checkpoint tensor (built once; sleep/wake keeps addresses)."""
         if self._targets is None:
-            plan = self._placements()
-            spec = self.spec
-
-            def views(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-                params = dict(model.named_parameters())
-                return {name: params[w.param].data.narrow(0, w.row, spec[name].shape[0])
-                        for name, w in plan.items() if name in spec}
-
-            self._targets = self.llm.apply_model(views)[0]
+            plan = {n: w for n, w in self._placements().items() if n in self.spec}  # a tied head: the embedding's
+            self._targets = self.llm.apply_model(lambda model: layout.views(model, plan))[0]
         return self._targets
 
     def _direct_supported(self) -> bool:
         if self._direct_ok is None:
-            self._direct_ok = self._check_direct()
+            why = self._check_direct()
+            self._direct_ok = why is None
+            if why is None:
+                logger.info("load route: 'direct' maps every checkpoint tensor of %s exactly; 'auto' copies into "
+                          "vLLM's parameters", self.model_path)
+            else:
+                logger.info("load route: 'direct' does not apply to %s (%s); 'auto' loads through vLLM's loader "
+                          "('reload' / 'load_weights')", self.model_path, why)
         return self._direct_ok
 
-    def _check_direct(self) -> bool:
+    def _check_loadable(self) -> None:
+        """Refuse a weight load that no route makes right on this platform."""
+        if self.on_cuda:
+            return
+        if "_cpu_experts" not in self.__dict__:  # the model's layout does not change: look once
+            self._cpu_experts = [n for n, w in self._placements().items() if w.expert is not None]
+        experts = self._cpu_experts
+        if experts:
+            raise ValueError(
+                "loading weights into a running mixture-of-experts model is not supported on vLLM CPU: its MoE "
+                "kernel prepacks the stacked experts when the engine starts, and reload_weights leaves them "
+                f"unpacked (the engine would silently compute garbage; e.g. {experts[0]!r}). Start a fresh engine "
+                "from a saved checkpoint instead, or run on a GPU")
+
+    def _check_direct(self) -> str | None:
+        """Why the ``direct`` route cannot map this model's weights exactly (``None``: it can)."""
         cfg = self.llm.llm_engine.vllm_config
-        if cfg.parallel_config.tensor_parallel_size != 1 or cfg.model_config.quantization is not None:
-            return False
+        if cfg.parallel_config.tensor_parallel_size != 1:
+            return "tensor parallel > 1"
+        if cfg.model_config.quantization is not None:
+            return f"quantized weights ({cfg.model_config.quantization})"
         plan = self._placements()
-        names = set(self.spec) - self._optional()
-        if not names <= set(plan):
-            return False
-        for name in names:  # every placed slice must fit its parameter
-            shape, _ = self._engine_params[plan[name].param]
-            want = self.spec[name].shape
-            if len(shape) != len(want) or tuple(shape[1:]) != tuple(want[1:]) or plan[name].row + want[0] > shape[0]:
-                return False
-        return True
+        engine = {n: s for n, (s, _) in self._engine_params.items()}
+        unplaced = sorted(set(self.spec) - self._optional() - set(plan))
+        if unplaced:
+            return f"{len(unplaced)} checkpoint tensor(s) have no known place in vLLM's layout, e.g. {unplaced[0]!r}"
+        experts = [n for n, w in plan.items() if w.expert is not None]
+        if experts:  # e.g. FlashInfer's MoE kernels reorder w1/w3 or pad after loading: only vLLM's loader knows
+            return (f"{len(experts)} stacked MoE expert tensor(s) (vLLM's fused-MoE backends may re-layout them "
+                    "after loading)")
+        bad = layout.fits(plan, self.spec, engine)
+        if bad:
+            return f"{len(bad)} tensor(s) are stored in another layout (e.g. repacked), e.g. {bad[0]!r}"
+        dtypes = {self._engine_params[w.param][1] for w in plan.values()}
+        if any(not dt.is_floating_point for dt in dtypes):
+            return "vLLM holds some weights in a non-float (packed) dtype"
+        return None
 
     def run_on_model(self, fn: Callable[[torch.nn.Module], Any]) -> Any:
         """Run ``fn(model)`` on vLLM's model in this process (tensor parallel rank 0) and return its result."""

@@ -4,8 +4,10 @@ buckets, and prove the engine holds exactly them.
 Supported trainer models: a plain ``nn.Module`` / ``PreTrainedModel``; wrapped by DDP / accelerate /
 ``torch.compile`` (unwrapped); FSDP2 (``fully_shard``: DTensor parameters gathered bucket by bucket);
 DeepSpeed ZeRO-3 (partitioned parameters gathered bucket by bucket); PEFT LoRA (the merged weight is
-pushed under the base name, the adapter stays unmerged in the trainer). Buffers (rotary tables) are
-not weights vLLM loads and are skipped with a reason.
+pushed under the base name, the adapter stays unmerged in the trainer). Parameters that transformers
+holds in another layout than its checkpoints (MoE experts fused in memory) are pushed under their
+checkpoint names, as ``save_pretrained`` would write them. Buffers (rotary tables) are not weights vLLM
+loads and are skipped with a reason.
 
 Example:
     >>> stream = trainer_weights(model, dtype=engine.dtype)      # doctest: +SKIP
@@ -21,7 +23,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .weights import placements
+from .layout import EngineLayout
 
 _PEFT_PREFIX = "base_model.model."
 
@@ -50,9 +52,41 @@ def _full_shape(p: torch.Tensor) -> tuple[int, ...]:
 
 @dataclass
 class _Entry:
-    name: str  # checkpoint name pushed to vLLM
+    name: str  # checkpoint name pushed to vLLM (the in-memory name where ``outputs`` is set)
     param: torch.Tensor
     lora: nn.Module | None = None  # PEFT LoRA layer whose delta is added to ``param``
+    outputs: dict[str, tuple[int, ...]] | None = None  # checkpoint names → shapes this parameter is saved as
+
+
+def checkpoint_layout(model: nn.Module) -> dict[str, dict[str, tuple[int, ...]]]:
+    """For parameters that transformers holds in another layout than its checkpoints (transformers 5 fuses
+    MoE experts in memory: ``mlp.experts.gate_up_proj`` [experts, 2 x inter, hidden]), the checkpoint names
+    and shapes each is saved as, from transformers' own conversion mapping (what ``save_pretrained``
+    reverts). Empty for models saved as they are held."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # older transformers: no conversions, names are the checkpoint's
+        return {}
+    try:
+        from transformers.core_model_loading import PrefixChange
+    except ImportError:
+        PrefixChange = ()  # noqa: N806
+    try:
+        try:
+            conversions = get_model_conversion_mapping(model, add_legacy=False)
+        except TypeError:  # a transformers without the legacy switch
+            conversions = get_model_conversion_mapping(model)
+    except Exception:  # not a transformers model
+        return {}
+    if not [c for c in conversions or () if not isinstance(c, PrefixChange)]:
+        return {}
+    out = {}
+    for name, p in model.named_parameters():
+        reverted = revert_weight_conversion(model, {name: torch.empty(_full_shape(p), device="meta")})
+        if list(reverted) != [name]:
+            out[name] = {n: tuple(t.shape) for n, t in reverted.items()}
+    return out
 
 
 class WeightStream:
@@ -100,6 +134,10 @@ class WeightStream:
                 entries.append(_Entry(name, p, lora))
             else:
                 entries.append(_Entry(name, p))
+        if not peft:
+            converted = checkpoint_layout(model)
+            for e in entries:
+                e.outputs = converted.get(e.name)
         for bname, _ in model.named_buffers():
             self.skipped[bname] = "buffer: not a checkpoint weight (vLLM computes it itself)"
         names = {e.name for e in entries}
@@ -117,7 +155,11 @@ class WeightStream:
     def spec(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Checkpoint names → (full shape, dtype pushed), without gathering anything."""
         if self._spec is None:
-            self._spec = {e.name: (_full_shape(e.param), self.dtype or e.param.dtype) for e in self.entries}
+            spec = {}
+            for e in self.entries:
+                for name, shape in (e.outputs or {e.name: _full_shape(e.param)}).items():
+                    spec[name] = (shape, self.dtype or e.param.dtype)
+            self._spec = spec
         return self._spec
 
     def buckets(self) -> list[list[_Entry]]:
@@ -141,9 +183,18 @@ class WeightStream:
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
         for bucket in self.buckets():
             with _gathered([e.param for e in bucket]):
-                tensors = [(e.name, self._materialize(e)) for e in bucket]
-                extra = sum(t.numel() * t.element_size() for (_, t), e in zip(tensors, bucket)
-                            if not _shares_storage(t, e.param))
+                tensors, extra = [], 0
+                for e in bucket:
+                    t = self._materialize(e)
+                    if not _shares_storage(t, e.param):
+                        extra += t.numel() * t.element_size()
+                    if e.outputs is None:
+                        tensors.append((e.name, t))
+                    else:  # checkpoint layout (per-expert tensors), as save_pretrained writes it
+                        from transformers.core_model_loading import revert_weight_conversion
+
+                        parts = revert_weight_conversion(self.model, {e.name: t})
+                        tensors += [(n, parts[n]) for n in e.outputs]
                 self.peak_bucket_bytes = max(self.peak_bucket_bytes, extra)
                 yield from tensors
                 del tensors
@@ -203,69 +254,39 @@ def trainer_weights(model: nn.Module, **kwargs) -> WeightStream:
 # ----------------------------------------------------------------------------- verification
 @dataclass
 class VerifyReport:
-    """Result of :func:`verify`: ``ok`` when every compared tensor is bitwise equal to the trainer's
-    weight cast to the engine's dtype; ``max_abs_diff`` against the uncast trainer weight."""
+    """Result of :func:`verify`: ``ok`` when every tensor was placed in vLLM's layout and is bitwise equal
+    to the trainer's weight cast to the engine's dtype; ``max_abs_diff`` against the uncast trainer weight.
+    ``unplaced`` names the tensors verify could not find in the engine (and why): they count as failures."""
 
     ok: bool
     compared: int
     mismatched: dict[str, float] = field(default_factory=dict)
+    unplaced: dict[str, str] = field(default_factory=dict)
     max_abs_diff: float = 0.0
     seconds: float = 0.0
 
     def raise_if_failed(self) -> "VerifyReport":
         if not self.ok:
             worst = sorted(self.mismatched.items(), key=lambda kv: -kv[1])[:10]
-            raise AssertionError(f"engine weights differ from the trainer's in {len(self.mismatched)} tensor(s): "
-                                 + ", ".join(f"{n} (max abs diff {d:.3g})" for n, d in worst))
+            parts = []
+            if self.mismatched:
+                parts.append(f"engine weights differ from the trainer's in {len(self.mismatched)} tensor(s): "
+                             + ", ".join(f"{n} (max abs diff {d:.3g})" for n, d in worst))
+            if self.unplaced:
+                parts.append(f"{len(self.unplaced)} tensor(s) could not be placed in vLLM's layout: "
+                             + ", ".join(f"{n} ({why})" for n, why in list(self.unplaced.items())[:10]))
+            raise AssertionError("; ".join(parts))
         return self
-
-
-def _effective(module: nn.Module, p: torch.Tensor) -> torch.Tensor:
-    """The weight a layer computes with. vLLM's CPU linears (and LM head) compute with a packed copy made
-    at load time: recover it exactly through the layer's own kernel (identity input: every product is
-    w·1 or w·0). An embedding lookup reads ``weight`` itself."""
-    if hasattr(module, "cpu_linear") and type(module).__name__ != "VocabParallelEmbedding" and p.ndim <= 2:
-        k = p.shape[1] if p.numel() else module.input_size_per_partition
-        eye = torch.eye(k, dtype=p.dtype, device=p.device)
-        return module.cpu_linear(eye, p, None).t()
-    return p
-
-
-def _rank_part(module: nn.Module, leaf: str, name: str, want: torch.Tensor, packed: dict) -> tuple[int, torch.Tensor]:
-    """On a tensor-parallel engine: (row offset in this rank's parameter, the part of the full checkpoint
-    tensor ``want`` that this rank holds), cut as vLLM's parallel layers cut it."""
-    kinds = {c.__name__ for c in type(module).__mro__}
-    rank = getattr(module, "tp_rank", 0)
-    if hasattr(module, "shard_indices"):  # VocabParallelEmbedding / ParallelLMHead: a range of the vocabulary
-        si = module.shard_indices
-        return 0, want[si.org_vocab_start_index: si.org_vocab_end_index]
-    if "RowParallelLinear" in kinds:  # input features split; the bias is whole
-        n = module.input_size_per_partition
-        return 0, want[:, rank * n: (rank + 1) * n] if want.ndim == 2 else want
-    subs = packed.get(leaf) or []  # leaf: the vLLM module's own name, e.g. qkv_proj
-    sub = name.split(".")[-2]
-    if sub in subs:  # fused: this rank's slice of each shard, concatenated in packed order
-        i = subs.index(sub)
-        if "QKVParallelLinear" in kinds:
-            hs, rep = module.head_size, getattr(module, "num_kv_head_replicas", 1)
-            sizes = [module.num_heads * hs, module.num_kv_heads * hs, module.num_kv_heads * hs]
-            starts = [rank * sizes[0], (rank // rep) * sizes[1], (rank // rep) * sizes[2]]
-        else:  # MergedColumnParallelLinear
-            sizes = [o // module.tp_size for o in module.output_sizes]
-            starts = [rank * n for n in sizes]
-        return sum(sizes[:i]), want[starts[i]: starts[i] + sizes[i]]
-    if "ColumnParallelLinear" in kinds:
-        n = module.output_size_per_partition
-        return 0, want[rank * n: (rank + 1) * n]
-    return 0, want  # replicated (norms)
 
 
 def verify(engine, model: nn.Module | WeightStream) -> VerifyReport:
     """Prove the engine holds exactly the trainer's weights, on the device, one tensor at a time.
 
-    Fused vLLM parameters (``qkv_proj``, ``gate_up_proj``) are compared slice by slice with the
-    checkpoint tensors that were loaded into them, so the check covers what vLLM actually holds. On a
-    tensor-parallel engine each rank checks its own shards, cut as vLLM's parallel layers cut them.
+    Fused vLLM parameters (``qkv_proj``, ``gate_up_proj``, stacked MoE experts) are compared slice by
+    slice with the checkpoint tensors that were loaded into them (:mod:`rollout_sleep.layout`), so the
+    check covers what vLLM actually holds. On a tensor-parallel engine each rank checks its own shards,
+    cut as vLLM's parallel layers cut them. It never raises on a layout: a tensor it cannot place makes
+    it fail (``ok=False``), named in ``report.unplaced`` with the reason.
     """
     import time
 
@@ -275,34 +296,24 @@ def verify(engine, model: nn.Module | WeightStream) -> VerifyReport:
     t0 = time.perf_counter()
 
     def compare(vmodel: nn.Module) -> VerifyReport:
-        params = dict(vmodel.named_parameters())
-        modules = dict(vmodel.named_modules())
-        packed = getattr(vmodel, "packed_modules_mapping", {}) or {}
-        plan = placements(engine.spec, packed, set(params), engine.tied)
+        layout = EngineLayout(vmodel, engine.spec, engine.tied, sharded=sharded)
         report = VerifyReport(ok=True, compared=0)
-        cache: tuple[str, torch.Tensor] | None = None
         with torch.no_grad():
             for name, want in stream:
-                where = plan.get(name)
-                if where is None:
+                try:
+                    held = layout.held(name, want)
+                except Exception as e:  # never crash on a layout: name the tensor and why
+                    held = f"{type(e).__name__}: {e}"
+                if isinstance(held, str):
                     report.ok = False
-                    report.mismatched[name] = float("inf")
+                    report.unplaced[name] = held
                     continue
-                owner = where.param.rpartition(".")[0]
-                if name == "lm_head.weight" and "lm_head" in modules:  # tied: vLLM's head module
-                    owner = "lm_head"
-                if cache is None or cache[0] != owner:
-                    cache = (owner, _effective(modules[owner], params[where.param]))
-                row = where.row
-                if sharded:  # this rank's shard of the tensor, where this rank keeps it
-                    module_name = where.param.rpartition(".")[0]
-                    row, want = _rank_part(modules[module_name], module_name.rpartition(".")[2], name, want, packed)
-                got = cache[1][row: row + want.shape[0]]
+                got, want = held
                 cast = want.to(got.device, got.dtype)
                 report.compared += 1
                 diff = (got.float() - want.to(got.device).float()).abs().max().item() if got.numel() else 0.0
                 report.max_abs_diff = max(report.max_abs_diff, diff)
-                if got.shape != cast.shape or not torch.equal(got, cast):
+                if not torch.equal(got, cast):
                     report.ok = False
                     report.mismatched[name] = diff
         return report

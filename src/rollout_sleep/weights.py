@@ -1,9 +1,5 @@
-"""What the engine's weights look like: the checkpoint's spec, name checks, and vLLM's fused layout.
-
-vLLM loads checkpoint-format names (``model.layers.0.self_attn.q_proj.weight``) but stores some of them
-fused (``qkv_proj``, ``gate_up_proj``) as declared by the model class's ``packed_modules_mapping``. This
-module maps one to the other (tensor parallel size 1), so weights can be validated before a load,
-copied straight into vLLM's parameters, and compared after it.
+"""What the engine's weights are: the checkpoint's spec (names, shapes, dtypes) and the checks of weights
+offered against it, before anything is loaded. Where vLLM keeps each tensor is :mod:`rollout_sleep.layout`.
 """
 
 from __future__ import annotations
@@ -14,9 +10,6 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
-
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-           "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "I8": torch.int8, "BOOL": torch.bool}
 
 
 class WeightMismatchError(ValueError):
@@ -46,21 +39,57 @@ class TensorSpec:
     dtype: torch.dtype
 
 
-def read_checkpoint_spec(path: str | Path) -> dict[str, TensorSpec]:
-    """Names, shapes and dtypes of every tensor in a safetensors checkpoint, from the headers only."""
+def checkpoint_files(path: str | Path) -> list[Path]:
+    """The safetensors files of a checkpoint: those its index (``model.safetensors.index.json``) names,
+    else every ``*.safetensors`` in the directory (or ``path`` itself, a single file)."""
     path = Path(path)
-    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+    if not path.is_dir():
+        return [path]
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        files = [path / f for f in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise FileNotFoundError(f"{index} names shard(s) that are not there: {missing}")
+        return files
+    files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {path}")
+    return files
+
+
+def read_checkpoint_spec(path: str | Path) -> dict[str, TensorSpec]:
+    """Names, shapes and dtypes of every tensor in a safetensors checkpoint (sharded or not), read
+    through ``safetensors.safe_open`` without loading any tensor (every dtype, fp8 included)."""
+    from safetensors import safe_open
+
     spec: dict[str, TensorSpec] = {}
-    for f in files:
-        with open(f, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            header = json.loads(fh.read(n))
-        for name, info in header.items():
-            if name != "__metadata__":
-                spec[name] = TensorSpec(tuple(info["shape"]), _DTYPES[info["dtype"]])
+    for f in checkpoint_files(path):
+        with safe_open(str(f), framework="pt") as fh:
+            for name in fh.keys():
+                s = fh.get_slice(name)
+                spec[name] = TensorSpec(tuple(s.get_shape()), _torch_dtype(s.get_dtype()))
     return spec
+
+
+# safetensors' dtype names → torch dtype attribute names (those this torch lacks are skipped)
+_DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
+                "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu", "I64": "int64", "I32": "int32", "I16": "int16",
+                "I8": "int8", "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
+                "C64": "complex64"}
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    """safetensors' dtype names (``BF16``, ``F8_E4M3``, ...) as torch dtypes.
+
+    >>> _torch_dtype("F8_E4M3")
+    torch.float8_e4m3fn
+    """
+    dtype = getattr(torch, _DTYPE_NAMES.get(name, ""), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"safetensors dtype {name!r} has no torch dtype in this torch ({torch.__version__})")
+    return dtype
 
 
 def tied_embeddings(model_dir: str | Path) -> bool:
@@ -112,14 +141,6 @@ def check_weights(
         raise WeightMismatchError(problems, loaded=loaded, hint=hint)
 
 
-@dataclass(frozen=True)
-class Placement:
-    """Where a checkpoint tensor lives inside vLLM: parameter name and row offset along dim 0."""
-
-    param: str
-    row: int
-
-
 def check_checkpoint_dir(path: str | Path, expected: dict[str, TensorSpec] | None, *,
                          optional: Iterable[str] = ()) -> Path:
     """A weights path must be a checkpoint directory whose tensors match ``expected`` (skipped when
@@ -150,33 +171,9 @@ def _described_size(f: Path) -> int:
     return 8 + n + max(ends, default=0)
 
 
-def placements(checkpoint_names: dict[str, TensorSpec], packed: dict[str, list[str]],
-               engine_params: set[str], tied: bool) -> dict[str, Placement]:
-    """Map each checkpoint name to the vLLM parameter (and row offset) that holds it (TP=1 layout).
+def __getattr__(name: str):  # moved to :mod:`rollout_sleep.layout`; kept importable from here
+    if name in ("Placement", "placements"):
+        from . import layout
 
-    Fused parameters are the row-wise concatenation of their shards in ``packed`` order, as vLLM's
-    ``QKVParallelLinear`` / ``MergedColumnParallelLinear`` store them with one tensor-parallel rank.
-    Names that vLLM does not hold as a parameter are left out (the caller reports them).
-    """
-    out: dict[str, Placement] = {}
-    names = list(checkpoint_names) + (["lm_head.weight"] if tied and "lm_head.weight" not in checkpoint_names else [])
-    for name in names:
-        if name in engine_params:
-            out[name] = Placement(name, 0)
-            continue
-        if tied and name == "lm_head.weight" and "model.embed_tokens.weight" in engine_params:
-            out[name] = Placement("model.embed_tokens.weight", 0)
-            continue
-        module, _, leaf = name.rpartition(".")
-        parent, _, sub = module.rpartition(".")
-        for fused, shards in packed.items():
-            if sub in shards:
-                fused_name = f"{parent}.{fused}.{leaf}"
-                if fused_name not in engine_params:
-                    break
-                row = 0
-                for shard in shards[: shards.index(sub)]:
-                    row += checkpoint_names[f"{parent}.{shard}.{leaf}"].shape[0]
-                out[name] = Placement(fused_name, row)
-                break
-    return out
+        return getattr(layout, name)
+    raise AttributeError(name)
