@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import numbers
 import os
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -283,6 +284,45 @@ def _non_finite(items: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
     return bad
 
 
+def _pair_problem(item: Any) -> str | None:
+    """What is wrong with one ``(name, tensor)`` item of a load, or None: checked before vLLM sees it (a
+    malformed item or a tensor without data raised inside vLLM's layerwise reload and broke the engine
+    for every later load)."""
+    if not (isinstance(item, (tuple, list)) and len(item) == 2):
+        return (f"each weight must be a (name, tensor) pair; got {type(item).__name__}"
+                + (f" of length {len(item)}" if isinstance(item, (tuple, list)) else "")
+                + " (pass model.state_dict() / named_parameters() or a WeightStream)")
+    name, tensor = item
+    if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
+        return (f"each weight must be a (name: str, tensor: torch.Tensor) pair; got ({type(name).__name__}, "
+                f"{type(tensor).__name__}) (numpy arrays: torch.from_numpy)")
+    if tensor.is_meta:
+        return (f"weight {name!r} is on the meta device (no data): materialize the model first "
+                "(to_empty(...) and load its weights)")
+    return None
+
+
+_TIED = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+def _tie_sample(t: torch.Tensor) -> torch.Tensor:
+    """A few thousand evenly spread elements of ``t`` (a copy): enough to tell an untied head from the
+    embedding without holding a second vocabulary-sized tensor."""
+    flat = t.detach().reshape(-1)
+    return flat[:: max(1, flat.numel() // 4096)].clone()
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise-equal values, NaN equal to NaN (a diverged tied embedding is still tied: the NaN check names it)."""
+    return a.shape == b.shape and torch.allclose(a, b.to(a.device, a.dtype), rtol=0, atol=0, equal_nan=True)
+
+
+def _untied_problem() -> str:
+    return ("'lm_head.weight' differs from 'model.embed_tokens.weight', but the engine's model ties them "
+            "(tie_word_embeddings=True): the trainer's model is untied, or its head was trained apart. Build the "
+            "engine from a checkpoint with tie_word_embeddings=False, or keep the trainer's head tied")
+
+
 def _non_finite_problem(name: str) -> str:
     return (f"non-finite values (NaN or Inf) in {name!r}: the trainer's weights diverged (check the loss, lower "
             "the learning rate, clip gradients); vLLM would generate garbage from them")
@@ -310,13 +350,17 @@ class _Feed:
     """
 
     def __init__(self, items: Iterable, *, check_names: bool, check_values: bool, spec: dict[str, TensorSpec],
-                 optional: set[str], strict: bool, dtype: torch.dtype | None):
+                 optional: set[str], strict: bool, dtype: torch.dtype | None, tie_head: bool = False,
+                 check_tie: bool = False):
         self.items, self.check_names, self.check_values = items, check_names, check_values
+        self.tie_head = tie_head  # a tied model on CPU: give vLLM the head (the embedding) if the source did not
+        self.check_tie = check_tie  # a tied model: a head given must equal the embedding
+        self.tie_samples: dict[str, torch.Tensor] = {}
         self.spec, self.optional, self.strict, self.dtype = spec, optional, strict, dtype
         self.seen: set[str] = set()
         self.count = 0  # tensors handed to vLLM
         self.last: str | None = None
-        self.source_error: Exception | None = None
+        self.source_error: BaseException | None = None
         self.problems: list[str] = []
         self.hint = ""
 
@@ -326,12 +370,17 @@ class _Feed:
         source = iter(self.items)
         while True:
             try:
-                name, tensor = next(source)
+                item = next(source)
             except StopIteration:
                 break
-            except Exception as err:  # the trainer's side broke mid-stream
+            except BaseException as err:  # the trainer's side broke mid-stream (Ctrl-C included: re-raised after)
                 self.source_error = err
                 break
+            problem = _pair_problem(item)
+            if problem:
+                self.problems.append(problem)
+                break
+            name, tensor = item
             if name in self.seen:
                 self.problems.append(f"weight {name!r} given twice in one load (vLLM counts each layer's "
                                      "elements: a repeat would finish a layer before all its tensors arrived)")
@@ -348,16 +397,26 @@ class _Feed:
                 # queued on the tensor's device before it is handed on: reads it while it is valid
                 pending.append((name, _finite_probe(tensor).double()))
                 pending_bytes += tensor.numel() * tensor.element_size()
+            if self.check_tie and name in _TIED:
+                self.tie_samples[name] = _tie_sample(tensor)
+                if len(self.tie_samples) == 2 and not _same(*(self.tie_samples[n] for n in _TIED)):
+                    self.problems.append(_untied_problem())
+                    break
             self.seen.add(name)
             self.count += 1
             self.last = name
+            if name == "model.embed_tokens.weight" and self.tie_head:
+                embedding = tensor
             yield name, tensor
             if pending_bytes >= FINITE_CHECK_BYTES:
                 if not self._all_finite(pending):
                     return
                 pending, pending_bytes = [], 0
-        if not self.problems and self.source_error is None:
-            self._all_finite(pending)
+        if not self.problems and self.source_error is None and self._all_finite(pending) and self.tie_head \
+                and "lm_head.weight" not in self.seen and "model.embed_tokens.weight" in self.seen:
+            # vLLM's CPU kernels keep a packed copy of a tied head: without it the head stays stale (silently)
+            self.seen.add("lm_head.weight")
+            yield "lm_head.weight", embedding
 
     def _all_finite(self, pending: list[tuple[str, torch.Tensor]]) -> bool:
         if not pending:
@@ -372,6 +431,10 @@ class _Feed:
         """The error to raise once vLLM has finished with the stream (None: the load was complete)."""
         if self.source_error is not None:
             err = self.source_error
+            if not isinstance(err, Exception):  # KeyboardInterrupt / SystemExit: the user's stop, kept as it is
+                add_note(err, f"raised by the weight stream after {self.count} tensor(s): the engine is marked "
+                              "incomplete; the next complete load works")
+                return err
             where = f"after {self.count} tensor(s)" + (f" (the last: {self.last!r})" if self.last else "")
             out = IncompleteWeightsError(
                 f"the weight stream broke {where}: {type(err).__name__}: {err}. The engine is marked incomplete "
@@ -581,8 +644,9 @@ class Engine(SleepState):
     def sleep(self, level: int = 2) -> CycleReport:
         """Put the engine to sleep. Level 2 discards weights and KV cache (GPU memory returned); level 1
         offloads the weights to host memory. On CPU the scheduler pauses and no memory is released."""
-        if level not in LEVELS:
+        if isinstance(level, bool) or not isinstance(level, numbers.Integral) or level not in LEVELS:
             raise ValueError(f"unknown sleep level {level!r}; vLLM supports levels {LEVELS}")
+        level = int(level)
         if self._level is not None:
             raise EngineStateError(f"the engine is already {self.state}; wake it before sleeping again")
         report = CycleReport("sleep", level)
@@ -671,8 +735,8 @@ class Engine(SleepState):
             weights: as in :meth:`wake_up`.
             method: *optional*, ``reload`` / ``load_weights`` / ``direct`` / ``auto`` (the engine's default).
             strict: *optional*, every tensor of the model must be given (a full sync). ``False`` allows
-                updating a subset (method ``reload`` is then not used: vLLM's layerwise reload expects
-                whole layers).
+                updating a subset (``auto`` then takes ``load_weights`` on CUDA; on CPU ``reload``, which
+                needs every part of a fused parameter it touches: q/k/v together, gate/up together).
         """
         if self._level is not None:
             raise EngineStateError(f"the engine is {self.state}; use wake_up(weights=...) instead")
@@ -700,7 +764,10 @@ class Engine(SleepState):
             bad = method if method is not None and method not in METHODS else self.load_method
             raise ValueError(f"unknown load method {bad!r}; use {', '.join(METHODS)}")
         if isinstance(weights, (str, os.PathLike)):
-            return _Prepared("path", check_checkpoint_dir(weights, self.spec, optional=self._optional()), strict, None)
+            path = check_checkpoint_dir(weights, self.spec, optional=self._optional())
+            if self.tied:
+                self._check_tied_dir(path)
+            return _Prepared("path", path, strict, None)
         resolved = self._resolve_method(method, strict)
         dtype = self.dtype if strict else None
         if isinstance(weights, Mapping):
@@ -708,15 +775,25 @@ class Engine(SleepState):
         if isinstance(weights, (list, tuple)):
             offered = {}
             for item in weights:
+                problem = _pair_problem(item)
+                if problem:
+                    raise WeightMismatchError([problem])
                 name, tensor = item
+                if name in offered:
+                    raise WeightMismatchError([f"weight {name!r} given twice in one load"])
                 offered[name] = (tuple(tensor.shape), tensor.dtype)
             check_weights(offered, self.spec, optional=self._optional(), strict=strict, dtype=dtype)
             bad = _non_finite(weights) if self.check_finite else []
             if bad:
                 raise WeightMismatchError([_non_finite_problem(n) for n in bad])
+            given = dict(weights)
+            if self.tied and all(n in given for n in _TIED) and not _same(given[_TIED[0]], given[_TIED[1]]):
+                raise WeightMismatchError([_untied_problem()])
+            self._check_whole_groups([n for n, _ in weights], strict, resolved, loaded=None)
             return _Prepared("checked", weights, strict, resolved)
         if hasattr(weights, "spec") and callable(weights.spec):  # a stream that knows its contents
             check_weights(weights.spec(), self.spec, optional=self._optional(), strict=strict, dtype=dtype)
+            self._check_whole_groups(list(weights.spec()), strict, resolved, loaded=None)
             return _Prepared("spec", weights, strict, resolved)
         if isinstance(weights, Iterable):
             it = iter(weights)
@@ -725,12 +802,27 @@ class Engine(SleepState):
             except StopIteration:
                 raise WeightMismatchError(["the weight stream is empty: nothing to load (a generator already "
                                            "consumed by an earlier load? build a new one for each load)"]) from None
+            problem = _pair_problem(first)
+            if problem:
+                raise WeightMismatchError([problem])
             name, tensor = first  # a wrong name, shape or dtype shows at once: refused before anything is touched
             check_weights({name: (tuple(tensor.shape), tensor.dtype)}, self.spec, optional=self._optional(),
                           strict=False, dtype=dtype)
             return _Prepared("stream", itertools.chain([first], it), strict, resolved)
         raise TypeError(f"weights must be a checkpoint path, a mapping or an iterable of (name, tensor); "
                         f"got {type(weights).__name__}")
+
+    @staticmethod
+    def _check_tied_dir(path: Path) -> None:
+        """A checkpoint with its own ``lm_head.weight`` for a tied engine: it must equal the embedding."""
+        from safetensors import safe_open
+
+        found = {}
+        for f in sorted(path.glob("*.safetensors")):
+            with safe_open(str(f), "pt") as fh:
+                found.update({n: fh.get_tensor(n) for n in _TIED if n in fh.keys()})
+        if len(found) == 2 and not _same(*(found[n] for n in _TIED)):
+            raise WeightMismatchError([_untied_problem()])
 
     def _optional(self) -> set[str]:
         return {"lm_head.weight"} if self.tied else set()
@@ -751,15 +843,42 @@ class Engine(SleepState):
         feed = _Feed(prepared.weights, check_names=prepared.kind == "stream",
                      check_values=prepared.kind != "checked" and self.check_finite,
                      spec=self.spec, optional=self._optional(), strict=prepared.strict,
-                     dtype=self.dtype if prepared.strict else None)
+                     dtype=self.dtype if prepared.strict else None, tie_head=self.tied and not self.sleep_mode,
+                     check_tie=self.tied and prepared.kind != "checked")
         self._push(feed, prepared.method or self._resolve_method(method, prepared.strict))
         error = feed.error_after_load(self.spec, self._optional())
+        if error is None and prepared.kind == "stream":
+            try:
+                self._check_whole_groups(feed.seen, prepared.strict, prepared.method or "", loaded=feed.count)
+            except WeightMismatchError as err:
+                error = err
         if error is not None:
             problems = getattr(error, "problems", None)
             self._incomplete_reason = (problems[0] + (f"; and {len(problems) - 1} more" if len(problems) > 1 else "")
-                                       if problems else str(error).split(". ")[0])[:300]
+                                       if problems else str(error).split(". ")[0] or
+                                       f"the weight stream raised {type(error).__name__}")[:300]
             raise error
         self._weights_complete = True
+
+    def _check_whole_groups(self, names: Iterable[str], strict: bool, method: str, loaded: int | None) -> None:
+        """A subset pushed through vLLM's layerwise reload must hold every shard of each fused parameter it
+        touches (q/k/v, gate/up): given only v_proj, the reload rebuilt qkv_proj with q and k wrong, silently."""
+        if strict or method != "reload":
+            return
+        self._inspect()
+        given, problems = set(names), []
+        for name in sorted(given):
+            module, _, leaf = name.rpartition(".")
+            parent, _, sub = module.rpartition(".")
+            for fused, shards in self._packed.items():
+                if sub in shards:
+                    missing = [f"{parent}.{s}.{leaf}" for s in shards if f"{parent}.{s}.{leaf}" not in given]
+                    if missing and name == min(n for n in (f"{parent}.{s}.{leaf}" for s in shards) if n in given):
+                        problems.append(f"{name!r} is part of vLLM's fused {parent}.{fused}, but {missing} were not "
+                                        "given: vLLM reloads the fused parameter whole (the rest would be wrong). "
+                                        "Give all its parts")
+        if problems:
+            raise WeightMismatchError(problems, loaded=loaded)
 
     def _resolve_method(self, method: str | None, strict: bool) -> str:
         method = method or self.load_method
@@ -768,7 +887,8 @@ class Engine(SleepState):
         if method == "auto":
             if self.on_cuda and self._direct_supported():
                 return "direct"
-            return "reload" if strict else "load_weights"  # _direct_supported logged why not direct
+            # on CPU only vLLM's layerwise reload writes the repacked linears (a subset: whole fused groups)
+            return "reload" if strict or not self.on_cuda else "load_weights"  # _direct_supported logged why not direct
         if method in ("direct", "load_weights") and not self.on_cuda:
             raise ValueError(f"load method {method!r} needs CUDA: vLLM's CPU kernels repack linear weights, "
                              "only 'reload' writes them correctly there")
