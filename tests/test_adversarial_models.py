@@ -20,14 +20,17 @@ from rollout_sleep.sync import WeightStream, verify
 SEQUENCES = [[(11 * i + 5 * j) % 250 + 1 for j in range(20)] for i in range(3)]
 
 
-@pytest.mark.parametrize("variant", [{}, {"use_dora": True}, {"lora_bias": True}])
-def test_peft_stream_equals_peft_merge_on_biased_family(variant):
+@pytest.mark.parametrize("family,targets,variant", [
+    ("qwen2.5", ["q_proj", "k_proj", "v_proj"], {}), ("qwen2.5", ["q_proj", "k_proj", "v_proj"], {"use_dora": True}),
+    ("qwen2.5", ["q_proj", "k_proj", "v_proj"], {"lora_bias": True}), ("phi3", ["qkv_proj", "gate_up_proj"], {})])
+def test_peft_stream_equals_peft_merge_on_biased_family(family, targets, variant):
     """LoRA on Qwen2.5's biased q/k/v: each pushed tensor is bitwise PEFT's merged one (weights and biases),
-    with plain LoRA, DoRA and lora_bias; the adapter stays unmerged in the trainer."""
+    with plain LoRA, DoRA and lora_bias; Phi-3's pre-fused qkv_proj / gate_up_proj too. The adapter stays
+    unmerged in the trainer."""
     from peft import LoraConfig, get_peft_model
 
-    base = random_model(family_config("qwen2.5", "tiny", "float32"), seed=0, std=0.3, dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"],
+    base = random_model(family_config(family, "tiny", "float32"), seed=0, std=0.3, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=targets,
                                             init_lora_weights=False, **variant))
     with torch.no_grad():  # a trained-looking adapter: nonzero lora_B bias / magnitude away from the norm
         for name, p in model.named_parameters():
@@ -39,8 +42,8 @@ def test_peft_stream_equals_peft_merge_on_biased_family(variant):
     wrong = [n for n in want if got[n].shape != want[n].shape or not torch.equal(got[n], want[n])]
     assert not wrong, wrong
     assert not any(getattr(m, "merged", False) for m in model.modules())
-    assert not torch.equal(got["model.layers.0.self_attn.q_proj.weight"],
-                           base.get_submodule("model.layers.0.self_attn.q_proj").base_layer.weight)
+    first = f"model.layers.0.self_attn.{targets[0]}"
+    assert not torch.equal(got[first + ".weight"], base.get_submodule(first).base_layer.weight)
 
 
 def _opt_config(tokenizer):
@@ -75,7 +78,6 @@ def test_tied_head_of_a_non_llama_embedding_name(tmp_path):
         random_model(config, seed=seed, std=0.3, dtype=torch.float32).save_pretrained(tmp_path / name)
         tokenizer.save_pretrained(tmp_path / name)
     trainer = random_model(config, seed=1, std=0.3, dtype=torch.float32)
-    assert "lm_head.weight" in WeightStream(trainer).spec()  # the tied head, pushed and checked
     want = _hf_logprobs(trainer, SEQUENCES)
     eng = Engine(str(tmp_path / "A"), dtype="float32", seed=0, max_model_len=256, kv_cache_bytes=32 << 20,
                  enforce_eager=True)
@@ -89,6 +91,16 @@ def test_tied_head_of_a_non_llama_embedding_name(tmp_path):
             diff = max(abs(x - y) for ra, rb in zip(got, want) for x, y in zip(ra, rb))
             assert report.ok, (type(weights).__name__, report.mismatched, report.unplaced)
             assert diff <= 1e-3, f"{type(weights).__name__}: vLLM vs the trainer {diff:.3g} with verify ok"
+        assert "lm_head.weight" in WeightStream(trainer).spec()  # the tied head, pushed and checked
+        # one tensor off inside a fused group (OPT's k bias in qkv_proj), or a square matrix transposed:
+        # verify names exactly that tensor
+        for name, change in (("model.decoder.layers.1.self_attn.k_proj.bias", lambda t: t.add_(1e-3)),
+                             ("model.decoder.layers.0.self_attn.out_proj.weight", lambda t: t.copy_(t.t().clone()))):
+            other = copy.deepcopy(trainer)
+            with torch.no_grad():
+                change(other.get_parameter(name))
+            report = verify(eng, other)
+            assert not report.ok and set(report.mismatched) == {name} and not report.unplaced, report
     finally:
         eng.close()
 
