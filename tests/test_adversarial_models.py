@@ -121,3 +121,23 @@ def test_random_model_computes_as_its_saved_checkpoint(tmp_path, dtype):
         loaded = AutoModelForCausalLM.from_pretrained(tmp_path / family, dtype=dtype).eval()
         with torch.no_grad():
             assert torch.equal(model(input_ids=ids).logits, loaded(input_ids=ids).logits), family
+
+
+def test_checkpoint_with_rotary_tables_and_shards_takes_a_trainer_sync(tmp_path):
+    """An old-style checkpoint that also stores ``rotary_emb.inv_freq`` (vLLM drops it at load), saved in
+    shards with an index: the trainer's stream (which never holds those buffers) must pass the strict check
+    (it was refused as 'missing weight ...inv_freq')."""
+    from safetensors.torch import load_file, save_file
+
+    from rollout_sleep.weights import check_weights, read_checkpoint_spec
+
+    model = random_model(family_config("qwen2.5", "tiny", "float32"), seed=0, std=0.3, dtype=torch.float32)
+    model.save_pretrained(tmp_path, max_shard_size="100KB")
+    shards = sorted(tmp_path.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "model.safetensors.index.json").exists()
+    tensors = load_file(shards[0])
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(16)
+    save_file(tensors, shards[0], metadata={"format": "pt"})
+    spec = read_checkpoint_spec(tmp_path)
+    assert "model.layers.0.self_attn.rotary_emb.inv_freq" not in spec
+    check_weights(WeightStream(model).spec(), spec, strict=True, dtype=torch.float32)
