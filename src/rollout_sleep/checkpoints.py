@@ -284,9 +284,13 @@ def random_model(config, *, seed: int = 0, std: float | None = None, device: str
 
     dtype = dtype or getattr(torch, str(getattr(config, "torch_dtype", None) or getattr(config, "dtype", "float32"))
                              .replace("torch.", ""))
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    model = model.to_empty(device=device).to(dtype)
+    with torch.device("meta"):  # built in ``dtype`` as from_pretrained builds it (rotary tables stay fp32)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = model.to_empty(device=device)
+    with torch.no_grad():  # to_empty leaves non-persistent buffers (rotary tables) uninitialized: garbage, NaN
+        for module in model.modules():
+            if any(n in module._non_persistent_buffers_set for n, _ in module.named_buffers(recurse=False)):
+                model._init_weights(module)
     std = config.initializer_range if std is None else std
     gemma_norm = config.model_type.startswith("gemma")
     if norm_noise is None:

@@ -57,25 +57,34 @@ def _shape(x: Any) -> tuple[int, ...]:
 
 
 def placements(spec: Mapping[str, Any], packed: Mapping[str, list[str]], engine_params: Mapping[str, Any],
-               tied: bool) -> dict[str, Placement]:
+               tied: bool, embedding: str = "model.embed_tokens.weight") -> dict[str, Placement]:
     """Map each checkpoint name of ``spec`` (name → shape or TensorSpec) to where vLLM holds it (TP=1
-    layout; ``engine_params``: vLLM parameter name → shape). Names no rule places are left out (the
-    caller reports them)."""
+    layout; ``engine_params``: vLLM parameter name → shape). A tied ``lm_head.weight`` is placed at
+    ``embedding`` (the parameter vLLM's head shares, :func:`tied_embedding`). Names no rule places are
+    left out (the caller reports them)."""
     out: dict[str, Placement] = {}
     names = list(spec) + (["lm_head.weight"] if tied and "lm_head.weight" not in spec else [])
-    embed_rows = _shape(spec["model.embed_tokens.weight"])[0] if "model.embed_tokens.weight" in spec else 0
+    embed_rows = _shape(spec[embedding])[0] if embedding in spec else 0
     for name in names:
         rows = _shape(spec[name])[0] if name in spec else embed_rows
         if name in engine_params:
             out[name] = Placement(name, 0, rows)
             continue
-        if tied and name == "lm_head.weight" and "model.embed_tokens.weight" in engine_params:
-            out[name] = Placement("model.embed_tokens.weight", 0, rows)
+        if tied and name == "lm_head.weight" and embedding in engine_params:
+            out[name] = Placement(embedding, 0, rows)
             continue
         where = _expert_placement(name, spec, engine_params) or _packed_placement(name, spec, packed, engine_params)
         if where is not None:
             out[name] = where
     return out
+
+
+def tied_embedding(vmodel: nn.Module) -> str:
+    """The name of the parameter vLLM's tied LM head shares (``model.embed_tokens.weight`` in Llama-style
+    models, ``model.decoder.embed_tokens.weight`` in OPT, ``transformer.wte.weight`` in GPT-2)."""
+    head = getattr(getattr(vmodel, "lm_head", None), "weight", None)
+    found = next((n for n, p in vmodel.named_parameters() if head is not None and p is head), None)
+    return found or "model.embed_tokens.weight"
 
 
 def _packed_placement(name: str, spec: Mapping[str, Any], packed: Mapping[str, list[str]],
@@ -225,7 +234,8 @@ class EngineLayout:
         self.params = dict(vmodel.named_parameters())
         self.modules = dict(vmodel.named_modules())
         self.packed = {k: list(v) for k, v in (getattr(vmodel, "packed_modules_mapping", {}) or {}).items()}
-        self.plan = placements(spec, self.packed, {n: p.shape for n, p in self.params.items()}, tied)
+        self.plan = placements(spec, self.packed, {n: p.shape for n, p in self.params.items()}, tied,
+                               tied_embedding(vmodel))
         self.sharded = sharded
         self._cache: tuple[str, torch.Tensor] | None = None
 

@@ -58,6 +58,18 @@ class _Entry:
     outputs: dict[str, tuple[int, ...]] | None = None  # checkpoint names → shapes this parameter is saved as
 
 
+def _tied_embedding(base: nn.Module, entries: list[_Entry]) -> _Entry | None:
+    """The entry of the input embedding a tied head shares: found through the model's own
+    ``get_input_embeddings`` (``model.embed_tokens`` / OPT's ``model.decoder.embed_tokens`` / GPT-2's
+    ``transformer.wte``), else by Llama-style name."""
+    try:
+        weight = base.get_input_embeddings().weight
+    except Exception:
+        weight = None
+    return next((e for e in entries if weight is not None and e.param is weight), None) or \
+        next((e for e in entries if e.name == "model.embed_tokens.weight"), None)
+
+
 def checkpoint_layout(model: nn.Module) -> dict[str, dict[str, tuple[int, ...]]]:
     """For parameters that transformers holds in another layout than its checkpoints (transformers 5 fuses
     MoE experts in memory: ``mlp.experts.gate_up_proj`` [experts, 2 x inter, hidden]), the checkpoint names
@@ -144,12 +156,12 @@ class WeightStream:
         base = model.get_base_model() if peft else model
         config = getattr(base, "config", None)
         tied = bool(getattr(config, "tie_word_embeddings", False))
-        if tied and "lm_head.weight" not in names and "model.embed_tokens.weight" in names:
-            head = next(e for e in entries if e.name == "model.embed_tokens.weight")
-            if include_tied_head:
-                entries.append(_Entry("lm_head.weight", head.param, None))
+        embedding = _tied_embedding(base, entries) if tied else None
+        if embedding is not None and "lm_head.weight" not in names:
+            if include_tied_head:  # under the checkpoint's head name, whatever the embedding is called
+                entries.append(_Entry("lm_head.weight", embedding.param, None))
             else:
-                self.skipped["lm_head.weight"] = "tied to model.embed_tokens.weight"
+                self.skipped["lm_head.weight"] = f"tied to {embedding.name}"
         return entries
 
     def spec(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -204,7 +216,7 @@ class WeightStream:
         if hasattr(t, "full_tensor"):  # FSDP2 / DTensor: gather the full tensor
             t = t.full_tensor()
         if e.lora is not None:
-            t = t + _lora_delta(e.lora).to(t.dtype)
+            t = _merged(e.lora, e.name.rpartition(".")[2], t)
         if self.dtype is not None and t.dtype != self.dtype:
             t = t.to(self.dtype)
         return t
@@ -217,14 +229,21 @@ def _shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
         return False
 
 
-def _lora_delta(layer: nn.Module) -> torch.Tensor:
-    """Sum of the active adapters' deltas (B @ A * scaling), as PEFT computes it for a merge."""
-    delta = None
+def _merged(layer: nn.Module, leaf: str, t: torch.Tensor) -> torch.Tensor:
+    """The base layer's ``weight`` / ``bias`` (``t``) with the active adapters merged in, as PEFT's ``merge``
+    computes it, without touching the layer: plain LoRA adds ``B @ A * scaling``; variants (DoRA) merge
+    through PEFT's own ``merge_safe``; ``lora_bias`` adds ``lora_B``'s bias to the base bias."""
     for adapter in layer.active_adapters:
-        if adapter in getattr(layer, "lora_A", {}):
-            d = layer.get_delta_weight(adapter)
-            delta = d if delta is None else delta + d
-    return delta if delta is not None else torch.zeros((), device=layer.weight.device)
+        if adapter not in getattr(layer, "lora_A", {}):
+            continue
+        if leaf == "bias":
+            if getattr(layer, "lora_bias", {}).get(adapter):
+                t = t + (layer.lora_B[adapter].bias * layer.scaling[adapter]).to(t.dtype)
+            continue
+        variant = getattr(layer, "lora_variant", {}).get(adapter)
+        t = t + layer.get_delta_weight(adapter).to(t.dtype) if variant is None else \
+            variant.merge_safe(layer, adapter, t).to(t.dtype)
+    return t
 
 
 class _gathered:

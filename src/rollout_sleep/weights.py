@@ -59,15 +59,34 @@ def checkpoint_files(path: str | Path) -> list[Path]:
     return files
 
 
+def _unused_by_vllm() -> tuple[str, ...]:
+    """Name parts of checkpoint tensors vLLM's loaders drop (rotary tables saved by old trainers), from
+    vLLM's own list where it is loaded (a client process need not import vLLM)."""
+    import sys
+
+    try:
+        if "vllm" not in sys.modules:
+            raise ImportError
+        from vllm.model_executor.models.utils import AutoWeightsLoader
+
+        return tuple(AutoWeightsLoader.REMOVE_UNUSED_ROTARY_EMBEDS_MAPPER.orig_to_new_substr)
+    except Exception:  # another vLLM: the names it has dropped for years
+        return ("rotary_pos_emb.inv_freq", "rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+
+
 def read_checkpoint_spec(path: str | Path) -> dict[str, TensorSpec]:
     """Names, shapes and dtypes of every tensor in a safetensors checkpoint (sharded or not), read
-    through ``safetensors.safe_open`` without loading any tensor (every dtype, fp8 included)."""
+    through ``safetensors.safe_open`` without loading any tensor (every dtype, fp8 included). Tensors
+    vLLM drops at load (``rotary_emb.inv_freq`` of old checkpoints) are not weights and are left out."""
     from safetensors import safe_open
 
+    unused = _unused_by_vllm()
     spec: dict[str, TensorSpec] = {}
     for f in checkpoint_files(path):
         with safe_open(str(f), framework="pt") as fh:
             for name in fh.keys():
+                if any(u in name for u in unused):
+                    continue
                 s = fh.get_slice(name)
                 spec[name] = TensorSpec(tuple(s.get_shape()), _torch_dtype(s.get_dtype()))
     return spec
