@@ -73,7 +73,7 @@ def run_demo(steps: int = 12, prompts_per_step: int = 8, generations: int = 8, m
 
 def print_table(rows: list[dict]) -> None:
     """Median seconds per phase over the steps (the first step included, it is the warm-up)."""
-    from .manager import PHASES
+    from .phases import PHASES
 
     print(f"\n{'phase':<15}{'median ms':>12}{'total s':>10}")
     for p in PHASES:

@@ -1,0 +1,390 @@
+"""The load routes: weights validated before the engine is touched, then pushed into vLLM by one of
+``reload`` (``collective_rpc("reload_weights")``), ``load_weights`` (vLLM's model loader in one call) or
+``direct`` (copies into vLLM's parameters, CUDA and TP=1), with streams checked as they pass.
+
+:class:`Loader` is held by the :class:`~rollout_sleep.engine.Engine` (``engine.loader``); it owns what it
+learns of vLLM's model once (its parameters, packed modules, the direct route's views) and whether the
+last load completed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import layout
+from .state import IncompleteWeightsError
+from .weights import TensorSpec, WeightMismatchError, check_checkpoint_dir, check_weights
+
+METHODS = ("auto", "reload", "load_weights", "direct")
+FINITE_CHECK_BYTES = 256 << 20  # a stream's tensors are checked for NaN/Inf with one device sync per this many bytes
+
+logger = logging.getLogger(__name__)
+
+
+def _finite_probe(t: torch.Tensor) -> torch.Tensor:
+    """A 0-d tensor on ``t``'s device that is finite iff ``t`` is: its sum, accumulated in fp32 (fp64 for
+    fp64). One read of the tensor, no temporary of its size, no sync. (A sum could overflow only for
+    weights near 1e38, which are not sane weights either.)"""
+    return t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
+
+
+def _non_finite(items: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+    """Names of the floating tensors holding a NaN or Inf: one reduction per tensor on its device, stacked,
+    then one sync per device (not one per tensor)."""
+    probes: dict[torch.device, tuple[list[str], list[torch.Tensor]]] = {}
+    for name, t in items:
+        if t.is_floating_point() and t.numel():
+            names, sums = probes.setdefault(t.device, ([], []))
+            names.append(name)
+            sums.append(_finite_probe(t).double())
+    bad = []
+    for names, sums in probes.values():
+        ok = torch.isfinite(torch.stack(sums))
+        if not bool(ok.all()):
+            bad += [n for n, good in zip(names, ok.tolist()) if not good]
+    return bad
+
+
+def _non_finite_problem(name: str) -> str:
+    return (f"non-finite values (NaN or Inf) in {name!r}: the trainer's weights diverged (check the loss, lower "
+            "the learning rate, clip gradients); vLLM would generate garbage from them")
+
+
+@dataclass
+class Prepared:
+    """Weights validated by ``Loader.prepare``: ``kind`` is path / checked (in memory, fully checked) /
+    spec (a stream whose names were checked) / stream (checked as it passes)."""
+
+    kind: str
+    weights: Any
+    strict: bool
+    method: str | None
+
+
+class Feed:
+    """The tensors of one load on their way to vLLM, checked as they pass: names, shapes and dtypes (for a
+    stream that did not declare them), duplicates, and NaN/Inf (one sync per ``FINITE_CHECK_BYTES``).
+
+    It never raises into vLLM: on a broken source or a bad tensor it ends the stream, so vLLM finishes
+    its layerwise reload and puts back what it did not receive (an exception mid-layer left vLLM's
+    reload state half-built, and the next complete load failed with ``AttributeError: 'Parameter' object
+    has no attribute 'weight_loader'``). :meth:`error_after_load` then says what went wrong.
+    """
+
+    def __init__(self, items: Iterable, *, check_names: bool, check_values: bool, spec: dict[str, TensorSpec],
+                 optional: set[str], strict: bool, dtype: torch.dtype | None):
+        self.items, self.check_names, self.check_values = items, check_names, check_values
+        self.spec, self.optional, self.strict, self.dtype = spec, optional, strict, dtype
+        self.seen: set[str] = set()
+        self.count = 0  # tensors handed to vLLM
+        self.last: str | None = None
+        self.source_error: Exception | None = None
+        self.problems: list[str] = []
+        self.hint = ""
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        pending: list[tuple[str, torch.Tensor]] = []
+        pending_bytes = 0
+        source = iter(self.items)
+        while True:
+            try:
+                name, tensor = next(source)
+            except StopIteration:
+                break
+            except Exception as err:  # the trainer's side broke mid-stream
+                self.source_error = err
+                break
+            if name in self.seen:
+                self.problems.append(f"weight {name!r} given twice in one load (vLLM counts each layer's "
+                                     "elements: a repeat would finish a layer before all its tensors arrived)")
+                break
+            if self.check_names:
+                try:
+                    check_weights({name: (tuple(tensor.shape), tensor.dtype)}, self.spec, optional=self.optional,
+                                  strict=False, dtype=self.dtype)
+                except WeightMismatchError as err:
+                    self.problems += err.problems
+                    self.hint = err.hint
+                    break
+            if self.check_values and tensor.is_floating_point() and tensor.numel():
+                # queued on the tensor's device before it is handed on: reads it while it is valid
+                pending.append((name, _finite_probe(tensor).double()))
+                pending_bytes += tensor.numel() * tensor.element_size()
+            self.seen.add(name)
+            self.count += 1
+            self.last = name
+            yield name, tensor
+            if pending_bytes >= FINITE_CHECK_BYTES:
+                if not self._all_finite(pending):
+                    return
+                pending, pending_bytes = [], 0
+        if not self.problems and self.source_error is None:
+            self._all_finite(pending)
+
+    def _all_finite(self, pending: list[tuple[str, torch.Tensor]]) -> bool:
+        if not pending:
+            return True
+        ok = torch.isfinite(torch.stack([p.to(pending[0][1].device) for _, p in pending]))
+        if bool(ok.all()):
+            return True
+        self.problems += [_non_finite_problem(n) for (n, _), good in zip(pending, ok.tolist()) if not good]
+        return False
+
+    def error_after_load(self, spec: dict[str, TensorSpec], optional: set[str]) -> Exception | None:
+        """The error to raise once vLLM has finished with the stream (None: the load was complete)."""
+        if self.source_error is not None:
+            err = self.source_error
+            where = f"after {self.count} tensor(s)" + (f" (the last: {self.last!r})" if self.last else "")
+            out = IncompleteWeightsError(
+                f"the weight stream broke {where}: {type(err).__name__}: {err}. The engine is marked incomplete "
+                "(part of it holds new weights) and refuses to generate until a complete load_weights(...) / "
+                "wake_up(weights=...); the next complete load works")
+            out.__cause__ = err
+            return out
+        if self.problems:
+            return WeightMismatchError(self.problems, loaded=self.count, hint=self.hint)
+        if self.strict:
+            missing = sorted(set(spec) - self.seen - optional)
+            if missing:
+                return WeightMismatchError(
+                    [f"missing weight {n!r} (shape {list(spec[n].shape)})" for n in missing], loaded=self.count,
+                    hint="The stream ended early: a generator cut short or partly consumed before? With "
+                         "strict=True every weight must come in one load (strict=False allows a subset).")
+        return None
+
+
+class Loader:
+    """Validates and loads weights into one ``vllm.LLM``.
+
+    Args:
+        model_path / spec / tied: the engine's checkpoint, its tensor spec and whether its LM head is tied.
+        on_cuda / sleep_mode: the platform (CPU: only ``reload`` writes linears right; no sleep allocator).
+        load_method: the default route (``auto`` / ``reload`` / ``load_weights`` / ``direct``).
+    """
+
+    check_finite = True  # refuse weights holding NaN/Inf (one read of every tensor per load; False skips it)
+
+    def __init__(self, *, model_path: str, spec: dict[str, TensorSpec], tied: bool, on_cuda: bool,
+                 sleep_mode: bool, load_method: str = "auto"):
+        self.model_path, self.spec, self.tied = model_path, spec, tied
+        self.on_cuda, self.sleep_mode, self.load_method = on_cuda, sleep_mode, load_method
+        self.llm: Any = None
+
+    def bind(self, llm: Any) -> None:
+        """Load into ``llm`` (its weights complete); forget what was learnt of a previous one."""
+        self.llm = llm
+        self.complete = True  # False after an interrupted or incomplete load, until a complete one
+        self.incomplete_reason = ""
+        self._engine_params: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None
+        self._packed: dict[str, list[str]] = {}
+        self._has_head = True
+        self._targets: dict[str, torch.Tensor] | None = None
+        self._direct_ok: bool | None = None
+        self._cpu_experts: list[str] | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.llm.llm_engine.model_config.dtype
+
+    def prepare(self, weights: Any, strict: bool, method: str | None = None) -> Prepared:
+        """Validate what can be validated before the engine is touched: the method, and for tensors held in
+        memory (a mapping or list) their names, shapes, dtypes and values; a stream that knows its spec
+        (:class:`~rollout_sleep.sync.WeightStream`) is checked by name here and by value as it passes, any
+        other iterable as it passes (and must not be empty)."""
+        if method is not None and method not in METHODS or self.load_method not in METHODS:
+            bad = method if method is not None and method not in METHODS else self.load_method
+            raise ValueError(f"unknown load method {bad!r}; use {', '.join(METHODS)}")
+        if isinstance(weights, (str, os.PathLike)):
+            return Prepared("path", check_checkpoint_dir(weights, self.spec, optional=self.optional()), strict, None)
+        resolved = self.resolve_method(method, strict)
+        dtype = self.dtype if strict else None
+        if isinstance(weights, Mapping):
+            weights = list(weights.items())
+        if isinstance(weights, (list, tuple)):
+            offered = {}
+            for item in weights:
+                name, tensor = item
+                offered[name] = (tuple(tensor.shape), tensor.dtype)
+            check_weights(offered, self.spec, optional=self.optional(), strict=strict, dtype=dtype)
+            bad = _non_finite(weights) if self.check_finite else []
+            if bad:
+                raise WeightMismatchError([_non_finite_problem(n) for n in bad])
+            return Prepared("checked", weights, strict, resolved)
+        if hasattr(weights, "spec") and callable(weights.spec):  # a stream that knows its contents
+            check_weights(weights.spec(), self.spec, optional=self.optional(), strict=strict, dtype=dtype)
+            return Prepared("spec", weights, strict, resolved)
+        if isinstance(weights, Iterable):
+            it = iter(weights)
+            try:
+                first = next(it)
+            except StopIteration:
+                raise WeightMismatchError(["the weight stream is empty: nothing to load (a generator already "
+                                           "consumed by an earlier load? build a new one for each load)"]) from None
+            name, tensor = first  # a wrong name, shape or dtype shows at once: refused before anything is touched
+            check_weights({name: (tuple(tensor.shape), tensor.dtype)}, self.spec, optional=self.optional(),
+                          strict=False, dtype=dtype)
+            return Prepared("stream", itertools.chain([first], it), strict, resolved)
+        raise TypeError(f"weights must be a checkpoint path, a mapping or an iterable of (name, tensor); "
+                        f"got {type(weights).__name__}")
+
+    def optional(self) -> set[str]:
+        """Checkpoint tensors a load may leave out (a tied LM head: the embedding holds it)."""
+        return {"lm_head.weight"} if self.tied else set()
+
+    def load(self, prepared: Prepared, method: str | None = None) -> None:
+        """Load prepared weights. A stream is fed to vLLM through a :class:`Feed`, which ends the stream
+        early (never raising into vLLM, so its layerwise reload finishes and the next load starts clean)
+        when the source breaks or a tensor is wrong; the error is raised here afterwards, with the engine
+        marked incomplete."""
+        self._check_loadable()  # before anything is written
+        self.complete = False
+        self.incomplete_reason = "a load was interrupted"
+        if prepared.kind == "path":
+            self._targets = None
+            self._load_path(prepared.weights)
+            self.complete = True
+            return
+        feed = Feed(prepared.weights, check_names=prepared.kind == "stream",
+                     check_values=prepared.kind != "checked" and self.check_finite,
+                     spec=self.spec, optional=self.optional(), strict=prepared.strict,
+                     dtype=self.dtype if prepared.strict else None)
+        self._push(feed, prepared.method or self.resolve_method(method, prepared.strict))
+        error = feed.error_after_load(self.spec, self.optional())
+        if error is not None:
+            problems = getattr(error, "problems", None)
+            self.incomplete_reason = (problems[0] + (f"; and {len(problems) - 1} more" if len(problems) > 1 else "")
+                                       if problems else str(error).split(". ")[0])[:300]
+            raise error
+        self.complete = True
+
+    def resolve_method(self, method: str | None, strict: bool) -> str:
+        method = method or self.load_method
+        if method not in METHODS:
+            raise ValueError(f"unknown load method {method!r}; use {', '.join(METHODS)}")
+        if method == "auto":
+            if self.on_cuda and self.direct_supported():
+                return "direct"
+            return "reload" if strict else "load_weights"  # direct_supported logged why not direct
+        if method in ("direct", "load_weights") and not self.on_cuda:
+            raise ValueError(f"load method {method!r} needs CUDA: vLLM's CPU kernels repack linear weights, "
+                             "only 'reload' writes them correctly there")
+        if method == "direct" and not self.direct_supported():
+            raise ValueError(f"load method 'direct' does not apply to this model ({self.why_not_direct()}); "
+                             "use 'reload'")
+        return method
+
+    def _push(self, items: Iterable[tuple[str, torch.Tensor]], method: str) -> None:
+        if self.tied:
+            self._inspect()
+            if not self._has_head:  # e.g. Gemma: vLLM computes logits with the embedding, its loader has no head
+                items = ((n, t) for n, t in items if n != "lm_head.weight")
+        if method == "reload":
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(items),
+                                                             "is_checkpoint_format": True})
+        elif method == "load_weights":
+            self.llm.apply_model(lambda model: model.load_weights(iter(items)))
+        else:
+            targets = self._direct_targets()
+            with torch.no_grad():
+                for name, tensor in items:
+                    dst = targets.get(name)
+                    if dst is not None:  # None: a tied head, held by the embedding
+                        dst.copy_(tensor, non_blocking=True)
+        if method != "direct":
+            self._targets = None  # vLLM's reload may re-create parameters: rebuild the views next time
+
+    def _load_path(self, path: Path) -> None:
+        if self.tied and not self.sleep_mode:
+            # vLLM's CPU path reload of a tied model keeps a stale packed LM head: stream the files instead,
+            # with the head given explicitly.
+            from safetensors import safe_open
+
+            def stream() -> Iterator[tuple[str, torch.Tensor]]:
+                for f in sorted(path.glob("*.safetensors")):
+                    with safe_open(str(f), "pt") as fh:
+                        for name in fh.keys():
+                            t = fh.get_tensor(name)
+                            yield name, t
+                            if name == "model.embed_tokens.weight":
+                                yield "lm_head.weight", t
+
+            self._push(stream(), "reload")
+        else:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(path),
+                                                             "is_checkpoint_format": True})
+
+    # ------------------------------------------------- vLLM's view of the model
+    def _inspect(self) -> None:
+        if self._engine_params is None:
+            self._engine_params, self._packed, self._has_head = self.llm.apply_model(layout.describe)[0]
+
+    def _placements(self):
+        self._inspect()
+        return layout.placements(self.spec, self._packed, {n: s for n, (s, _) in self._engine_params.items()},
+                                 self.tied)
+
+    def _direct_targets(self) -> dict[str, torch.Tensor]:
+        """Views into vLLM's parameters, one per checkpoint tensor (built once; sleep/wake keeps addresses)."""
+        if self._targets is None:
+            plan = {n: w for n, w in self._placements().items() if n in self.spec}  # a tied head: the embedding's
+            self._targets = self.llm.apply_model(lambda model: layout.views(model, plan))[0]
+        return self._targets
+
+    def direct_supported(self) -> bool:
+        """Whether the ``direct`` route maps every checkpoint tensor exactly (decided once, logged)."""
+        if self._direct_ok is None:
+            why = self.why_not_direct()
+            self._direct_ok = why is None
+            if why is None:
+                logger.info("load route: 'direct' maps every checkpoint tensor of %s exactly; 'auto' copies into "
+                          "vLLM's parameters", self.model_path)
+            else:
+                logger.info("load route: 'direct' does not apply to %s (%s); 'auto' loads through vLLM's loader "
+                          "('reload' / 'load_weights')", self.model_path, why)
+        return self._direct_ok
+
+    def _check_loadable(self) -> None:
+        """Refuse a weight load that no route makes right on this platform."""
+        if self.on_cuda:
+            return
+        if self._cpu_experts is None:  # the model's layout does not change: look once
+            self._cpu_experts = [n for n, w in self._placements().items() if w.expert is not None]
+        experts = self._cpu_experts
+        if experts:
+            raise ValueError(
+                "loading weights into a running mixture-of-experts model is not supported on vLLM CPU: its MoE "
+                "kernel prepacks the stacked experts when the engine starts, and reload_weights leaves them "
+                f"unpacked (the engine would silently compute garbage; e.g. {experts[0]!r}). Start a fresh engine "
+                "from a saved checkpoint instead, or run on a GPU")
+
+    def why_not_direct(self) -> str | None:
+        """Why the ``direct`` route cannot map this model's weights exactly (``None``: it can)."""
+        cfg = self.llm.llm_engine.vllm_config
+        if cfg.parallel_config.tensor_parallel_size != 1:
+            return "tensor parallel > 1"
+        if cfg.model_config.quantization is not None:
+            return f"quantized weights ({cfg.model_config.quantization})"
+        plan = self._placements()
+        engine = {n: s for n, (s, _) in self._engine_params.items()}
+        unplaced = sorted(set(self.spec) - self.optional() - set(plan))
+        if unplaced:
+            return f"{len(unplaced)} checkpoint tensor(s) have no known place in vLLM's layout, e.g. {unplaced[0]!r}"
+        experts = [n for n, w in plan.items() if w.expert is not None]
+        if experts:  # e.g. FlashInfer's MoE kernels reorder w1/w3 or pad after loading: only vLLM's loader knows
+            return (f"{len(experts)} stacked MoE expert tensor(s) (vLLM's fused-MoE backends may re-layout them "
+                    "after loading)")
+        bad = layout.fits(plan, self.spec, engine)
+        if bad:
+            return f"{len(bad)} tensor(s) are stored in another layout (e.g. repacked), e.g. {bad[0]!r}"
+        dtypes = {self._engine_params[w.param][1] for w in plan.values()}
+        if any(not dt.is_floating_point for dt in dtypes):
+            return "vLLM holds some weights in a non-float (packed) dtype"
+        return None
