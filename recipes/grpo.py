@@ -294,6 +294,8 @@ class GRPORecipe:
                                     pad_id=self.tokenizer.pad_token_id, clip_eps=t.clip_eps, micro_batch=t.micro_batch,
                                     ref_model=self.ref_model, kl_coef=t.kl_coef, max_grad_norm=t.max_grad_norm,
                                     backward=self.acc.backward, autocast=self.acc.autocast,
+                                    clip_grad_norm=self.acc.clip_grad_norm_,
+                                    no_sync=lambda: self.acc.no_sync(self.model),  # one all-reduce per step
                                     sampling_correction_mode=t.sampling_correction,
                                     sampling_clip_min=t.sampling_clip_min, sampling_clip_max=t.sampling_clip_max,
                                     loss_type=t.loss, temperature=t.temperature, max_completion_length=t.max_tokens,
