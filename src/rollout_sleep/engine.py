@@ -302,7 +302,7 @@ class Engine(SleepState):
     def sleep(self, level: int = 2) -> CycleReport:
         """Put the engine to sleep. Level 2 discards weights and KV cache (GPU memory returned); level 1
         offloads the weights to host memory. On CPU the scheduler pauses and no memory is released."""
-        self.check_sleep(level)
+        level = self.check_sleep(level)
         report = CycleReport("sleep", level)
         report.memory_kind, report.memory_gib["before"] = memory_gib()
         with timed(report, "sleep"), keeping_cache(report, self.keep_trainer_cache):
@@ -376,8 +376,8 @@ class Engine(SleepState):
             weights: as in :meth:`wake_up`.
             method: *optional*, ``reload`` / ``load_weights`` / ``direct`` / ``auto`` (the engine's default).
             strict: *optional*, every tensor of the model must be given (a full sync). ``False`` allows
-                updating a subset (method ``reload`` is then not used: vLLM's layerwise reload expects
-                whole layers).
+                updating a subset (``auto`` then takes ``load_weights`` on CUDA; on CPU ``reload``, which
+                needs every part of a fused parameter it touches: q/k/v together, gate/up together).
             reset_prefix_cache: *optional*, ``False`` leaves cached prefixes stale (a test of stale KV only).
         """
         self.check_awake_for_load()

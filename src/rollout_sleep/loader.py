@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from . import layout
-from .feed import Feed, non_finite, non_finite_problem
+from .feed import TIED, Feed, non_finite, non_finite_problem, pair_problem, same, untied_problem
 from .weights import TensorSpec, WeightMismatchError, check_checkpoint_dir, check_weights
 
 METHODS = ("auto", "reload", "load_weights", "direct")
@@ -81,7 +81,10 @@ class Loader:
             bad = method if method is not None and method not in METHODS else self.load_method
             raise ValueError(f"unknown load method {bad!r}; use {', '.join(METHODS)}")
         if isinstance(weights, (str, os.PathLike)):
-            return Prepared("path", check_checkpoint_dir(weights, self.spec, optional=self.optional()), strict, None)
+            path = check_checkpoint_dir(weights, self.spec, optional=self.optional())
+            if self.tied:
+                self._check_tied_dir(path)
+            return Prepared("path", path, strict, None)
         resolved = self.resolve_method(method, strict)
         dtype = self.dtype if strict else None
         if isinstance(weights, Mapping):
@@ -89,15 +92,25 @@ class Loader:
         if isinstance(weights, (list, tuple)):
             offered = {}
             for item in weights:
+                problem = pair_problem(item)
+                if problem:
+                    raise WeightMismatchError([problem])
                 name, tensor = item
+                if name in offered:
+                    raise WeightMismatchError([f"weight {name!r} given twice in one load"])
                 offered[name] = (tuple(tensor.shape), tensor.dtype)
             check_weights(offered, self.spec, optional=self.optional(), strict=strict, dtype=dtype)
             bad = non_finite(weights) if self.check_finite else []
             if bad:
                 raise WeightMismatchError([non_finite_problem(n) for n in bad])
+            given = dict(weights)
+            if self.tied and all(n in given for n in TIED) and not same(given[TIED[0]], given[TIED[1]]):
+                raise WeightMismatchError([untied_problem()])
+            self._check_whole_groups([n for n, _ in weights], strict, resolved, loaded=None)
             return Prepared("checked", weights, strict, resolved)
         if hasattr(weights, "spec") and callable(weights.spec):  # a stream that knows its contents
             check_weights(weights.spec(), self.spec, optional=self.optional(), strict=strict, dtype=dtype)
+            self._check_whole_groups(list(weights.spec()), strict, resolved, loaded=None)
             return Prepared("spec", weights, strict, resolved)
         if isinstance(weights, Iterable):
             it = iter(weights)
@@ -106,12 +119,27 @@ class Loader:
             except StopIteration:
                 raise WeightMismatchError(["the weight stream is empty: nothing to load (a generator already "
                                            "consumed by an earlier load? build a new one for each load)"]) from None
+            problem = pair_problem(first)
+            if problem:
+                raise WeightMismatchError([problem])
             name, tensor = first  # a wrong name, shape or dtype shows at once: refused before anything is touched
             check_weights({name: (tuple(tensor.shape), tensor.dtype)}, self.spec, optional=self.optional(),
                           strict=False, dtype=dtype)
             return Prepared("stream", itertools.chain([first], it), strict, resolved)
         raise TypeError(f"weights must be a checkpoint path, a mapping or an iterable of (name, tensor); "
                         f"got {type(weights).__name__}")
+
+    @staticmethod
+    def _check_tied_dir(path: Path) -> None:
+        """A checkpoint with its own ``lm_head.weight`` for a tied engine: it must equal the embedding."""
+        from safetensors import safe_open
+
+        found = {}
+        for f in sorted(path.glob("*.safetensors")):
+            with safe_open(str(f), "pt") as fh:
+                found.update({n: fh.get_tensor(n) for n in TIED if n in fh.keys()})
+        if len(found) == 2 and not same(*(found[n] for n in TIED)):
+            raise WeightMismatchError([untied_problem()])
 
     def optional(self) -> set[str]:
         """Checkpoint tensors a load may leave out (a tied LM head: the embedding holds it)."""
@@ -131,17 +159,44 @@ class Loader:
             self.complete = True
             return
         feed = Feed(prepared.weights, check_names=prepared.kind == "stream",
-                     check_values=prepared.kind != "checked" and self.check_finite,
-                     spec=self.spec, optional=self.optional(), strict=prepared.strict,
-                     dtype=self.dtype if prepared.strict else None)
+                    check_values=prepared.kind != "checked" and self.check_finite,
+                    spec=self.spec, optional=self.optional(), strict=prepared.strict,
+                    dtype=self.dtype if prepared.strict else None, tie_head=self.tied and not self.sleep_mode,
+                    check_tie=self.tied and prepared.kind != "checked")
         self._push(feed, prepared.method or self.resolve_method(method, prepared.strict))
         error = feed.error_after_load(self.spec, self.optional())
+        if error is None and prepared.kind == "stream":
+            try:
+                self._check_whole_groups(feed.seen, prepared.strict, prepared.method or "", loaded=feed.count)
+            except WeightMismatchError as err:
+                error = err
         if error is not None:
             problems = getattr(error, "problems", None)
             self.incomplete_reason = (problems[0] + (f"; and {len(problems) - 1} more" if len(problems) > 1 else "")
-                                       if problems else str(error).split(". ")[0])[:300]
+                                      if problems else str(error).split(". ")[0] or
+                                      f"the weight stream raised {type(error).__name__}")[:300]
             raise error
         self.complete = True
+
+    def _check_whole_groups(self, names: Iterable[str], strict: bool, method: str, loaded: int | None) -> None:
+        """A subset pushed through vLLM's layerwise reload must hold every shard of each fused parameter it
+        touches (q/k/v, gate/up): given only v_proj, the reload rebuilt qkv_proj with q and k wrong, silently."""
+        if strict or method != "reload":
+            return
+        self._inspect()
+        given, problems = set(names), []
+        for name in sorted(given):
+            module, _, leaf = name.rpartition(".")
+            parent, _, sub = module.rpartition(".")
+            for fused, shards in self._packed.items():
+                if sub in shards:
+                    missing = [f"{parent}.{s}.{leaf}" for s in shards if f"{parent}.{s}.{leaf}" not in given]
+                    if missing and name == min(n for n in (f"{parent}.{s}.{leaf}" for s in shards) if n in given):
+                        problems.append(f"{name!r} is part of vLLM's fused {parent}.{fused}, but {missing} were not "
+                                        "given: vLLM reloads the fused parameter whole (the rest would be wrong). "
+                                        "Give all its parts")
+        if problems:
+            raise WeightMismatchError(problems, loaded=loaded)
 
     def resolve_method(self, method: str | None, strict: bool) -> str:
         method = method or self.load_method
@@ -150,7 +205,8 @@ class Loader:
         if method == "auto":
             if self.on_cuda and self.direct_supported():
                 return "direct"
-            return "reload" if strict else "load_weights"  # direct_supported logged why not direct
+            # on CPU only vLLM's layerwise reload writes the repacked linears (a subset: whole fused groups)
+            return "reload" if strict or not self.on_cuda else "load_weights"  # direct_supported logged why not direct
         if method in ("direct", "load_weights") and not self.on_cuda:
             raise ValueError(f"load method {method!r} needs CUDA: vLLM's CPU kernels repack linear weights, "
                              "only 'reload' writes them correctly there")

@@ -115,6 +115,9 @@ BENIGN = BenignFilter((
            "torch probing for triton kernels on a CPU machine without triton (see above)."),
     Benign("DeepSpeed", "Setting accelerator to CPU",
            "DeepSpeed (installed for the ZeRO-3 sync tests) found no GPU and chose the CPU, as it should."),
+    Benign("vllm", "Triton kernel JIT compilation during inference",
+           "On a GPU, vLLM compiles its log-softmax kernel for the log-probs the engine asks for at the first "
+           "rollout (seen on an H100, vLLM 0.26): a one-time cost of the first step, not of every step."),
 ))
 
 # Python warnings (``warnings.warn``) known to be benign, as (message regex, category, why).
@@ -122,6 +125,9 @@ BENIGN_PY_WARNINGS = (
     (r".*torch\.distributed\.reduce_op.*deprecated", FutureWarning,
      "vLLM's triton_utils dispatcher scans torch.distributed's attributes and touches the deprecated alias "
      "`reduce_op`; nothing here uses it."),
+    (r"TensorFloat32 tensor cores for float32 matrix multiplication available but not enabled", UserWarning,
+     "torch inductor's hint while vLLM compiles on a GPU; the demo and tests run float32 on purpose (exact "
+     "comparisons), and bf16 runs do not use float32 matmuls."),
 )
 
 

@@ -25,6 +25,7 @@ from .engine import Completion, Engine
 from .phases import CYCLE_PHASES, PHASES  # noqa: F401  (PHASES: re-exported, its old home)
 from .sync import WeightStream
 from .verification import verify
+from .weights import WeightMismatchError
 
 
 class RolloutManager:
@@ -102,12 +103,16 @@ class RolloutManager:
 
     def sync(self) -> None:
         """Wake the engine with the trainer's weights (weights → load → KV cache → reset), verify if due."""
-        if not self.engine.is_asleep:
-            with self._phase("wake", "vLLM to load the trainer's weights"):
-                report = self.engine.load_weights(self.stream, method=self.load_method)
-        else:
-            with self._phase("wake", "vLLM to wake up, load the trainer's weights and map its KV cache back"):
-                report = self.engine.wake_up(weights=self.stream, method=self.load_method)
+        try:
+            if not self.engine.is_asleep:
+                with self._phase("wake", "vLLM to load the trainer's weights"):
+                    report = self.engine.load_weights(self.stream, method=self.load_method)
+            else:
+                with self._phase("wake", "vLLM to wake up, load the trainer's weights and map its KV cache back"):
+                    report = self.engine.wake_up(weights=self.stream, method=self.load_method)
+        except WeightMismatchError:
+            self._blame_non_finite_weights()  # the engine refuses NaN/inf weights: say where they came from
+            raise
         for k, v in report.seconds.items():
             self._add(f"{k}_s", v)
         if "awake" in report.memory_gib:
@@ -126,8 +131,9 @@ class RolloutManager:
             result.raise_if_failed()
 
     def _blame_non_finite_weights(self) -> None:
-        """A failed verify on weights that hold NaN/inf (NaN never equals NaN) is a training problem, not a
-        sync fault: say so, naming the trainer's parameters (this rank's shards; no collective)."""
+        """Weights that hold NaN/inf (refused by the engine's load, or failing verify: NaN never equals NaN)
+        are a training problem, not a sync fault: say so, naming the trainer's parameters (this rank's
+        shards; no collective)."""
         bad = []
         for name, p in self.model.named_parameters():
             local = p.to_local() if hasattr(p, "to_local") else p

@@ -90,7 +90,7 @@ class RemoteEngine(SleepState):
         return out
 
     def sleep(self, level: int = 2) -> CycleReport:
-        self.check_sleep(level)
+        level = self.check_sleep(level)
         report = CycleReport("sleep", level, memory_kind="none")
         with timed(report, "sleep", sync=False):
             self.client.sleep(level)

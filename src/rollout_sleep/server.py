@@ -61,7 +61,7 @@ def _check_extra_args(extra_args: list[str]) -> None:
     managed process's own settings (``--host``, ``--port``, ``--api-key``, ``--model``, also inside a
     ``--config`` YAML file)."""
     for i, arg in enumerate(extra_args):
-        flag = arg.split("=", 1)[0]
+        flag = _guarded_flag(arg.split("=", 1)[0])
         if flag in _GUARDED_ARGS:
             raise ValueError(f"{flag} is not allowed in extra_args: pass it as ServerProcess({flag[2:].replace('-', '_')}=...) "
                              "so the loopback guard sees it (another host needs allow_remote=True and an api_key)")
@@ -78,6 +78,18 @@ def _check_extra_args(extra_args: list[str]) -> None:
             if bad:
                 raise ValueError(f"the --config file {path!r} sets {', '.join(bad)}: pass these as ServerProcess "
                                  "arguments instead, so the loopback guard sees them")
+
+
+def _guarded_flag(flag: str) -> str:
+    """The guarded flag (or ``--config``) that vLLM's parser would read ``flag`` as: it turns ``_`` into ``-``
+    and argparse takes any unambiguous prefix (``--hos 0.0.0.0`` is ``--host``); other flags unchanged."""
+    if not flag.startswith("--") or len(flag) < 3:
+        return flag
+    name = flag.replace("_", "-")
+    for guarded in (*_GUARDED_ARGS, "--config"):
+        if guarded.startswith(name):
+            return guarded
+    return flag
 
 
 def _is_loopback(host: str) -> bool:

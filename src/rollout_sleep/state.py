@@ -4,6 +4,7 @@ and the errors they raise (the state is unchanged when one is raised)."""
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 LEVELS = (1, 2)
@@ -54,12 +55,14 @@ class SleepState:
             raise EngineStateError(f"cannot {what}: the {self.subject} is {self.state}; call wake_up(...) first "
                                    f"({self.asleep_risk})")
 
-    def check_sleep(self, level: int) -> None:
-        """A sleep at ``level`` is allowed: a level vLLM knows, and not asleep already."""
-        if level not in LEVELS:
+    def check_sleep(self, level: int) -> int:
+        """A sleep at ``level`` is allowed: a level vLLM knows (an integer: ``True`` / ``2.0`` are refused),
+        and not asleep already. Returns the level as an ``int``."""
+        if isinstance(level, bool) or not isinstance(level, numbers.Integral) or level not in LEVELS:
             raise ValueError(f"unknown sleep level {level!r}; vLLM supports levels {LEVELS}")
         if self._level is not None:
             raise EngineStateError(f"the {self.subject} is already {self.state}; wake it before sleeping again")
+        return int(level)
 
     def check_wake(self, weights: Any, reload_checkpoint: bool, *, awake_hint: str, level2_hint: str) -> Any:
         """A wake is allowed (asleep; weights or a reload, not both; level 2 has something to load); returns

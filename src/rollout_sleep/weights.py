@@ -149,10 +149,26 @@ def check_checkpoint_dir(path: str | Path, expected: dict[str, TensorSpec] | Non
     if not p.is_dir() or not any(p.glob("*.safetensors")):
         raise FileNotFoundError(f"weights path {str(path)!r} is not a checkpoint directory with safetensors files "
                                 "(a reload from it would leave vLLM half-loaded)")
+    short = [f"{f.name}: {f.stat().st_size} bytes, its header describes {size}" for f in sorted(p.glob("*.safetensors"))
+             if (size := _described_size(f)) > f.stat().st_size]
+    if short:
+        raise WeightMismatchError([f"truncated checkpoint file {s} (an interrupted copy or save?)" for s in short])
     if expected is not None:
         check_weights({n: (s.shape, s.dtype) for n, s in read_checkpoint_spec(p).items()}, expected,
                       optional=optional, strict=True)
     return p
+
+
+def _described_size(f: Path) -> int:
+    """The size in bytes a safetensors file must have, from its header (8 + header + the data's end)."""
+    with open(f, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        try:
+            header = json.loads(fh.read(n))
+        except ValueError:
+            return 1 << 62  # the header itself is cut or corrupt
+    ends = [info["data_offsets"][1] for name, info in header.items() if name != "__metadata__"]
+    return 8 + n + max(ends, default=0)
 
 
 def __getattr__(name: str):  # moved to :mod:`rollout_sleep.layout`; kept importable from here
