@@ -17,7 +17,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-collect_ignore = ["dist_worker.py", "trl_worker.py", "tp_worker.py", "trl_own_task_worker.py"]  # scripts the tests launch, not test modules
+collect_ignore_glob = ["*_worker.py"]  # scripts the tests launch, not test modules
 
 DTYPE = "float32"  # fp32 on CPU: vLLM and transformers then agree token for token
 
