@@ -37,7 +37,7 @@ _EXPORTS: dict[str, str] = {
     # GRPO recipe pieces
     "load_config": "config",
     "ConfigError": "config",
-    "RecipeConfig": "config",
+    "RecipeConfig": "config_schema",
     "grpo_update": "grpo",
     "resolve_rewards": "rewards",
     "score_rewards": "rewards",
@@ -58,7 +58,8 @@ __all__ = sorted([*_EXPORTS, "versions"])
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time names load lazily through __getattr__
     from .checkpoints import make_checkpoint
-    from .config import ConfigError, RecipeConfig, load_config
+    from .config import ConfigError, load_config
+    from .config_schema import RecipeConfig
     from .engine import Completion, Engine
     from .memory import kv_cache_bytes_for
     from .phases import CycleReport
