@@ -105,9 +105,9 @@ def run_family(family: str, size: str, work: Path, out: dict, util: float) -> No
     t = time.perf_counter()
     eng = Engine(path_a, dtype=str(dtype).replace("torch.", ""), seed=0, max_model_len=256, enforce_eager=True, **kw)
     out["engine_start_s"] = time.perf_counter() - t
-    direct_why = eng._check_direct()
+    direct_why = eng.loader.why_not_direct()
     out["direct"] = "applies" if direct_why is None else f"does not apply: {direct_why}"
-    out["auto_route"] = eng._resolve_method(None, True)
+    out["auto_route"] = eng.loader.resolve_method(None, True)
     before = verify(eng, trainer)
     out["verify_before_sync"] = {"ok": before.ok, "mismatched": len(before.mismatched),
                                  "unplaced": before.unplaced}
@@ -117,7 +117,7 @@ def run_family(family: str, size: str, work: Path, out: dict, util: float) -> No
         out["routes"][label] = rec
         if method is not None:
             try:
-                eng._resolve_method(method, True)
+                eng.loader.resolve_method(method, True)
             except ValueError as e:
                 rec["not_applicable"] = str(e)
                 return

@@ -49,6 +49,23 @@ from rollout_sleep.log import configure  # noqa: E402  (light: imports neither t
 
 configure(verbose="--verbose" in sys.argv)  # before torch / transformers / vLLM read their switches
 
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; ``--help`` lists every config key with its default and meaning (from the config's
+    dataclasses, :mod:`rollout_sleep.config_schema`)."""
+    from rollout_sleep.config_schema import help_text
+
+    parser = argparse.ArgumentParser(description="GRPO with a sleeping colocated vLLM engine", epilog=help_text(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML config (see configs/)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value (the keys below)")
+    parser.add_argument("--verbose", action="store_true", help="show every library's logs and warnings")
+    return parser
+
+
+if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):
+    build_parser().parse_args()  # prints the help and exits, before torch, transformers and vLLM load
+
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_seed  # noqa: E402
@@ -60,7 +77,8 @@ from rollout_sleep.config import (ConfigError, RecipeConfig, check_processes, lo
                                   validate_rewards)
 from rollout_sleep.data import (check_prompts, completions_for_rewards, is_conversational,  # noqa: E402
                                 load_prompts, prepare_prompts, prompt_token_ids)
-from rollout_sleep.engine import Engine, kv_cache_bytes_for  # noqa: E402
+from rollout_sleep.engine import Engine  # noqa: E402
+from rollout_sleep.memory import kv_cache_bytes_for  # noqa: E402
 from rollout_sleep.grpo import grpo_update  # noqa: E402
 from rollout_sleep.integrations.wandb import make_tracker  # noqa: E402
 from rollout_sleep.manager import RolloutManager  # noqa: E402
@@ -276,6 +294,8 @@ class GRPORecipe:
                                     pad_id=self.tokenizer.pad_token_id, clip_eps=t.clip_eps, micro_batch=t.micro_batch,
                                     ref_model=self.ref_model, kl_coef=t.kl_coef, max_grad_norm=t.max_grad_norm,
                                     backward=self.acc.backward, autocast=self.acc.autocast,
+                                    clip_grad_norm=self.acc.clip_grad_norm_,
+                                    no_sync=lambda: self.acc.no_sync(self.model),  # one all-reduce per step
                                     sampling_correction_mode=t.sampling_correction,
                                     sampling_clip_min=t.sampling_clip_min, sampling_clip_max=t.sampling_clip_max,
                                     loss_type=t.loss, temperature=t.temperature, max_completion_length=t.max_tokens,
@@ -384,7 +404,9 @@ def phase_timeline(rows: list[dict], path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    phases = ["generate_s", "sleep_s", "train_s", "wake_weights_s", "load_s", "wake_kv_cache_s", "reset_s", "verify_s"]
+    from rollout_sleep.phases import PHASES
+
+    phases = [f"{p}_s" for p in PHASES]
     fig, ax = plt.subplots(figsize=(8, 3.5))
     bottom = [0.0] * len(rows)
     for p in phases:
@@ -401,11 +423,7 @@ def phase_timeline(rows: list[dict], path: Path) -> Path | None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="GRPO with a sleeping colocated vLLM engine")
-    parser.add_argument("--config", help="YAML config (see configs/)")
-    parser.add_argument("overrides", nargs="*", help="section.key=value")
-    parser.add_argument("--verbose", action="store_true", help="show every library's logs and warnings")
-    args = parser.parse_args()
+    args = build_parser().parse_args()
     try:
         recipe = GRPORecipe(load_config(args.config, args.overrides))
         recipe.setup()

@@ -66,7 +66,7 @@ class _Recorder:
 
 
 def recipe_step(model, ref_model, rows: list[int], ids, logprobs, *, loss_type: str, micro_batch: int,
-                temperature: float, beta: float, backward=None, grad_model=None):
+                temperature: float, beta: float, backward=None, grad_model=None, no_sync=None):
     """The recipe's loss and gradient on ``rows`` of the batch (its ``grpo_update``, TRL's defaults: sequence-level
     correction masked above 3, clip 0.2, bias-corrected KL). Returns ``(loss, {name: grad})``."""
     from rollout_sleep.engine import Completion
@@ -79,7 +79,8 @@ def recipe_step(model, ref_model, rows: list[int], ids, logprobs, *, loss_type: 
     stats = grpo_update(model, recorder, [PROMPTS[g] for g in groups], comps,
                         torch.tensor([REWARDS[r] for r in rows]), group_size=GROUP, pad_id=0,
                         micro_batch=micro_batch, ref_model=ref_model, kl_coef=beta, max_grad_norm=float("inf"),
-                        backward=backward, sampling_correction_mode="sequence_mask", sampling_clip_max=3.0,
+                        backward=backward, no_sync=no_sync, sampling_correction_mode="sequence_mask",
+                        sampling_clip_max=3.0,
                         loss_type=loss_type, temperature=temperature, max_completion_length=MAX_TOKENS)
     return stats["loss"], recorder.grads, stats
 

@@ -191,20 +191,20 @@ def test_cpu_memory_report_says_what_it_measures(engine):
 
 def test_release_cached_memory_only_when_short(monkeypatch):
     """Pure logic (no GPU here): empty PyTorch's cache only if free memory can't hold what the engine maps back."""
-    import rollout_sleep.engine as eng_mod
+    import rollout_sleep.memory as mem_mod
 
     emptied = []
-    monkeypatch.setattr(eng_mod.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(eng_mod.torch.cuda, "mem_get_info", lambda: (10 * 2**30, 80 * 2**30))
-    monkeypatch.setattr(eng_mod.torch.cuda, "empty_cache", lambda: emptied.append(1))
-    assert eng_mod.release_cached_memory(8.5) is False and not emptied      # 10 GiB free >= 8.5 + 1 margin
-    assert eng_mod.release_cached_memory(9.5) is True and len(emptied) == 1  # short by the margin
-    assert eng_mod.release_cached_memory(None) is True and len(emptied) == 2  # need unknown: always
+    monkeypatch.setattr(mem_mod.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(mem_mod.torch.cuda, "mem_get_info", lambda: (10 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(mem_mod.torch.cuda, "empty_cache", lambda: emptied.append(1))
+    assert mem_mod.release_cached_memory(8.5) is False and not emptied      # 10 GiB free >= 8.5 + 1 margin
+    assert mem_mod.release_cached_memory(9.5) is True and len(emptied) == 1  # short by the margin
+    assert mem_mod.release_cached_memory(None) is True and len(emptied) == 2  # need unknown: always
 
 
 def test_kv_cache_bytes_for_matches_vllms_cache(engine):
     """vLLM turns the engine's KV-cache bytes into blocks; our per-token size must give the same token count."""
-    from rollout_sleep.engine import kv_cache_bytes_for
+    from rollout_sleep.memory import kv_cache_bytes_for
 
     cache = engine.llm.llm_engine.vllm_config.cache_config
     tokens = cache.num_gpu_blocks * cache.block_size
@@ -214,16 +214,16 @@ def test_kv_cache_bytes_for_matches_vllms_cache(engine):
 
 def test_sleep_keeping_the_trainer_cache_suppresses_only_the_sleeps_empty_cache(monkeypatch):
     """Pure logic (no GPU here): inside the sleep, vLLM's ``empty_cache`` is a no-op; after it, the real one."""
-    import rollout_sleep.engine as eng_mod
+    import rollout_sleep.memory as mem_mod
 
     calls = []
-    monkeypatch.setattr(eng_mod.torch.cuda, "empty_cache", lambda: calls.append("emptied"))
-    with eng_mod._cache_kept():
-        eng_mod.torch.cuda.empty_cache()
+    monkeypatch.setattr(mem_mod.torch.cuda, "empty_cache", lambda: calls.append("emptied"))
+    with mem_mod.cache_kept():
+        mem_mod.torch.cuda.empty_cache()
     assert calls == []
-    eng_mod.torch.cuda.empty_cache()
+    mem_mod.torch.cuda.empty_cache()
     assert calls == ["emptied"]
-    with pytest.raises(RuntimeError), eng_mod._cache_kept():
+    with pytest.raises(RuntimeError), mem_mod.cache_kept():
         raise RuntimeError("vLLM failed mid-sleep")
-    eng_mod.torch.cuda.empty_cache()
+    mem_mod.torch.cuda.empty_cache()
     assert calls == ["emptied", "emptied"]

@@ -153,12 +153,12 @@ def test_a_failing_wake_does_not_hide_the_load_error(engine, tied1, monkeypatch)
 
 def test_keeping_the_trainer_cache_also_blocks_torch_accelerator_empty_cache(monkeypatch):
     """Pure logic (no GPU here): vLLM 0.32 empties the cache at wake through ``torch.accelerator``."""
-    import rollout_sleep.engine as eng_mod
+    import rollout_sleep.memory as mem_mod
 
     calls = []
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("cuda"))
     monkeypatch.setattr(torch.accelerator, "empty_cache", lambda: calls.append("accelerator"))
-    with eng_mod._cache_kept():
+    with mem_mod.cache_kept():
         torch.cuda.empty_cache()
         torch.accelerator.empty_cache()
     assert calls == []
@@ -182,21 +182,22 @@ def test_a_wrong_dtype_mid_stream_names_the_tensor_and_the_fix(engine, tied1):
 def test_keep_trainer_cache_reports_what_happened(monkeypatch):
     """Pure logic (no GPU here): the report says whether PyTorch's cached free memory survived the call,
     whichever way vLLM released it (one it does not go through ``empty_cache`` for is caught too)."""
-    import rollout_sleep.engine as eng_mod
+    import rollout_sleep.memory as mem_mod
+    from rollout_sleep.phases import CycleReport
 
     mem = {"reserved": 10 << 30, "allocated": 6 << 30}
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda: mem["reserved"])
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda: mem["allocated"])
     monkeypatch.setattr(torch.accelerator, "empty_cache", lambda: mem.update(reserved=mem["allocated"]))
-    kept = eng_mod.CycleReport("sleep", memory_kind="cuda_free")
-    with eng_mod._keeping_cache(kept, True):
+    kept = CycleReport("sleep", memory_kind="cuda_free")
+    with mem_mod.keeping_cache(kept, True):
         torch.accelerator.empty_cache()  # vLLM 0.32's wake: blocked
     assert kept.trainer_cache_kept is True and mem["reserved"] == 10 << 30
-    lost = eng_mod.CycleReport("wake", memory_kind="cuda_free")
-    with eng_mod._keeping_cache(lost, True):
+    lost = CycleReport("wake", memory_kind="cuda_free")
+    with mem_mod.keeping_cache(lost, True):
         mem["reserved"] = mem["allocated"]  # released some other way
     assert lost.trainer_cache_kept is False and lost.as_dict()["trainer_cache_kept"] is False
-    off = eng_mod.CycleReport("sleep", memory_kind="cuda_free")
-    with eng_mod._keeping_cache(off, False):
+    off = CycleReport("sleep", memory_kind="cuda_free")
+    with mem_mod.keeping_cache(off, False):
         pass
     assert off.trainer_cache_kept is None and "trainer_cache_kept" not in off.as_dict()

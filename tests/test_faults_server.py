@@ -14,7 +14,9 @@ import time
 import pytest
 
 from rollout_sleep.engine import EngineStateError
-from rollout_sleep.server import RemoteEngine, ServerClient, ServerProcess, _group_alive
+from rollout_sleep.procgroup import group_alive
+from rollout_sleep.remote import RemoteEngine
+from rollout_sleep.server import ServerClient, ServerProcess
 
 OWNER = """
 import json, sys, time
@@ -83,16 +85,16 @@ def test_sleeping_server_is_reported_at_once_and_the_server_dies_with_its_owner(
         os.kill(owner.pid, signal.SIGKILL)  # no atexit, no stop(): only the watchdog is left to act
         owner.wait(10)
         deadline = time.monotonic() + 60
-        while _group_alive(pgid) and time.monotonic() < deadline:
+        while group_alive(pgid) and time.monotonic() < deadline:
             time.sleep(0.5)
-        if _group_alive(pgid) or client.health(timeout=2):
+        if group_alive(pgid) or client.health(timeout=2):
             failures.append("server, engine core or worker outlived their owner (kill -9)")
         assert not failures, failures
     finally:
         if owner.poll() is None:
             owner.kill()
             owner.wait(10)
-        if pgid is not None and _group_alive(pgid):
+        if pgid is not None and group_alive(pgid):
             os.killpg(pgid, signal.SIGKILL)
 
 

@@ -94,7 +94,8 @@ def test_update_equals_trl(setup, tmp_path_factory, loss_type, micro_batch, temp
 
 def test_two_processes_equal_trl(setup, tmp_path, tmp_path_factory):
     """Two processes over gloo, DDP, one prompt group each (their token counts differ): after DDP's all-reduce
-    each rank holds TRL's full-batch gradient, and the mean of the ranks' losses is TRL's loss, for each loss type."""
+    each rank holds TRL's full-batch gradient, and the mean of the ranks' losses is TRL's loss, for each loss type;
+    with ``no_sync`` (as the recipe passes accelerate's) DDP all-reduces once per optimizer step, not per micro-batch."""
     path, _ = setup
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), str(DIST_WORKER), path, str(tmp_path)]
@@ -102,6 +103,9 @@ def test_two_processes_equal_trl(setup, tmp_path, tmp_path_factory):
     ranks = [tmp_path / f"rank{r}.pt" for r in range(2)]
     assert all(p.exists() for p in ranks), proc.stdout[-2000:] + proc.stderr[-4000:]
     rows = [torch.load(p) for p in ranks]
+    for row in rows:  # 8 rows per rank in micro-batches of 4: no_sync makes it one all-reduce per step, not 2
+        assert row["allreduce_rounds_without_no_sync"] == 2, row["allreduce_rounds_without_no_sync"]
+        assert [row[t]["allreduce_rounds"] for t in LOSS_TYPES] == [1] * len(LOSS_TYPES)
     for loss_type in LOSS_TYPES:
         trl_loss, trl_grads = _trl(path, loss_type, 4, 0.7, 0.04, str(tmp_path_factory.mktemp("trl")))
         mean_loss = sum(r[loss_type]["loss"] for r in rows) / 2

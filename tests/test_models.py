@@ -149,8 +149,8 @@ def test_family_sync_verify_and_logprobs(matrix, family, caplog):
         stream = WeightStream(trainer, dtype=eng.dtype)
         assert set(stream.spec()) - {"lm_head.weight"} == set(eng.spec) - {"lm_head.weight"}, \
             "the trainer's stream must use the checkpoint's names"
-        with caplog.at_level(logging.INFO, logger="rollout_sleep.engine"):  # the route decision, logged
-            assert not eng._direct_supported()
+        with caplog.at_level(logging.INFO, logger="rollout_sleep.loader"):  # the route decision, logged
+            assert not eng.loader.direct_supported()
         why = "stacked MoE expert" if family in CPU_NO_SYNC else "stored in another layout (e.g. repacked)"
         assert "load route: 'direct' does not apply" in caplog.text and why in caplog.text
         held_a = verify(eng, trainer)

@@ -12,8 +12,9 @@ import pytest
 
 from conftest import PROMPTS, hf_greedy, hf_model
 from rollout_sleep.engine import EngineStateError
-from rollout_sleep.server import (RemoteEngine, ServerClient, ServerProcess, ServerUnreachableError, _group_alive,
-                                  free_port)
+from rollout_sleep.procgroup import group_alive
+from rollout_sleep.remote import RemoteEngine
+from rollout_sleep.server import ServerClient, ServerProcess, ServerUnreachableError, free_port
 from rollout_sleep.weights import WeightMismatchError
 
 N = 12
@@ -26,7 +27,7 @@ def server(ckpts):
     yield srv
     pgid = srv.pid
     srv.stop()
-    assert not _group_alive(pgid), "the server left processes behind"
+    assert not group_alive(pgid), "the server left processes behind"
 
 
 def greedy(engine, prompts):

@@ -14,25 +14,25 @@ def run(code: str, tmp=None) -> str:
     return proc.stdout + proc.stderr
 
 
-def test_soak_50_cycles_verify_each_and_bounded_rss(tmp_path):
-    out = tmp_path / "soak.json"
+def test_soak_50_cycles_then_its_probe_catches_a_missing_prefix_cache_reset(tmp_path):
+    """One interpreter for both soaks (vLLM, torch and transformers load once): a CI-sized run (verify on
+    every cycle, bounded RSS), then the same soak with the engine's prefix-cache reset disabled, which its
+    stale-prefix probe must catch."""
+    out, work = tmp_path / "soak.json", tmp_path / "work"
+    work.mkdir()
     log = run(f"from rollout_sleep.soak import run_soak; import os; run_soak(50, out={str(out)!r}, quiet=True); "
-              "print('SOAK OK'); os._exit(0)")
+              "print('SOAK OK', flush=True)\n"
+              "from rollout_sleep import engine\nengine.Engine._reset_prefix_cache = lambda self: None\n"
+              "try:\n    run_soak(8, quiet=True, warmup=0)\n    print('NOT CAUGHT')\n"
+              "except AssertionError as e:\n    print('CAUGHT', e)\nos._exit(0)", tmp=work)
     assert "SOAK OK" in log, log[-3000:]
     result = json.loads(out.read_text())
     assert result["verify_passed"] == 50
     # Bound: 64 MiB of RSS growth after 10 warm-up cycles (measured 0.0 MiB over 60 and 1000 cycles).
     assert result["memory_growth_after_warmup_mib"] <= 64
     assert sum(r["awake_update"] for r in result["rows"]) == 12  # every 4th cycle updates awake
-
-
-def test_soak_probe_catches_a_missing_prefix_cache_reset(tmp_path):
-    log = run("import os\nfrom rollout_sleep import engine\nengine.Engine._reset_prefix_cache = lambda self: None\n"
-              "from rollout_sleep.soak import run_soak\n"
-              "try:\n    run_soak(8, quiet=True, warmup=0)\n    print('NOT CAUGHT')\n"
-              "except AssertionError as e:\n    print('CAUGHT', e)\nos._exit(0)", tmp=tmp_path)
     assert "CAUGHT cycle 4: stale prefix" in log, log[-3000:]
-    assert not list(tmp_path.glob("rollout-sleep-soak-*")), "the soak left its checkpoint in the temp folder"
+    assert not list(work.glob("rollout-sleep-soak-*")), "the soak left its checkpoint in the temp folder"
 
 
 def test_soak_refuses_zero_cycles_before_building_anything():

@@ -21,23 +21,23 @@ __version__ = "0.1.0"
 _EXPORTS: dict[str, str] = {
     # the colocated engine
     "Engine": "engine",
-    "EngineStateError": "engine",
-    "IncompleteWeightsError": "engine",
-    "CycleReport": "engine",
+    "EngineStateError": "state",
+    "IncompleteWeightsError": "state",
+    "CycleReport": "phases",
     "Completion": "engine",
-    "kv_cache_bytes_for": "engine",
+    "kv_cache_bytes_for": "memory",
     # trainer -> engine
     "WeightStream": "sync",
     "trainer_weights": "sync",
-    "verify": "sync",
-    "VerifyReport": "sync",
+    "verify": "verification",
+    "VerifyReport": "verification",
     "WeightMismatchError": "weights",
     # the alternation loop
     "RolloutManager": "manager",
     # GRPO recipe pieces
     "load_config": "config",
     "ConfigError": "config",
-    "RecipeConfig": "config",
+    "RecipeConfig": "config_schema",
     "grpo_update": "grpo",
     "resolve_rewards": "rewards",
     "score_rewards": "rewards",
@@ -47,7 +47,7 @@ _EXPORTS: dict[str, str] = {
     "make_checkpoint": "checkpoints",
     # `vllm serve` over HTTP
     "ServerProcess": "server",
-    "RemoteEngine": "server",
+    "RemoteEngine": "remote",
     "ServerError": "server",
     # logging
     "configure_logging": "log:configure",
@@ -58,8 +58,12 @@ __all__ = sorted([*_EXPORTS, "versions"])
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time names load lazily through __getattr__
     from .checkpoints import make_checkpoint
-    from .config import ConfigError, RecipeConfig, load_config
-    from .engine import Completion, CycleReport, Engine, EngineStateError, IncompleteWeightsError, kv_cache_bytes_for
+    from .config import ConfigError, load_config
+    from .config_schema import RecipeConfig
+    from .engine import Completion, Engine
+    from .memory import kv_cache_bytes_for
+    from .phases import CycleReport
+    from .state import EngineStateError, IncompleteWeightsError
     from .grpo import grpo_update
     from .log import configure as configure_logging
     from .log import get_logger
@@ -67,8 +71,10 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time names load lazily t
     from .reward_model import RewardModel
     from .rewards import register as register_reward
     from .rewards import resolve_rewards, score_rewards
-    from .server import RemoteEngine, ServerError, ServerProcess
-    from .sync import VerifyReport, WeightStream, trainer_weights, verify
+    from .remote import RemoteEngine
+    from .server import ServerError, ServerProcess
+    from .sync import WeightStream, trainer_weights
+    from .verification import VerifyReport, verify
     from .weights import WeightMismatchError
 
 

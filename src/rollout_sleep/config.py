@@ -1,4 +1,5 @@
-"""Recipe configuration: dataclasses, YAML files, and ``section.key=value`` overrides.
+"""Recipe configuration: YAML files and ``section.key=value`` overrides onto the dataclasses of
+:mod:`rollout_sleep.config_schema` (every key, its default and meaning; re-exported here).
 
 :func:`load_config` checks everything that can be known before the run starts (keys, types of every
 field including optional ones, choices, ranges, reward names, the dataset's path) and raises one
@@ -24,12 +25,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from .config_schema import (DataConfig, EngineConfig, ModelConfig, RecipeConfig, TrainConfig,  # noqa: F401
+                            WandbConfig, WatchdogConfig, describe, help_text)
 
 KV_CACHE_SIZING = ("step", "gpu_share")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -50,114 +52,6 @@ class ConfigError(ValueError):
         else:
             msg = f"{len(self.problems)} problems in the config:\n" + "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(msg)
-
-
-@dataclass
-class ModelConfig:
-    path: str = "tiny"  # a local HF checkpoint, or a size from checkpoints.SHAPES (built with random weights)
-    seed: int = 0  # seed of the random weights when ``path`` is a size
-    dtype: str = "float32"  # trainer and engine dtype: float32 / bfloat16 / float16
-    tie_word_embeddings: bool | None = None
-
-
-@dataclass
-class EngineConfig:
-    gpu_memory_utilization: float = 0.35
-    # KV cache size on GPU: "step" = what one step's sequences need (+25%), so vLLM maps back only that at
-    # every wake; "gpu_share" = vLLM's own sizing from gpu_memory_utilization; kv_cache_bytes wins over both
-    kv_cache: str = "step"
-    kv_cache_bytes: int | None = None
-    max_model_len: int | None = 1024
-    sleep_level: int = 2
-    load_method: str = "auto"
-    verify_every: int = 1  # run verify after every N-th sync (0: never)
-    enforce_eager: bool = False
-    keep_trainer_cache: bool = True  # sleep without emptying PyTorch's cache (the trainer's; see Engine)
-    # 1: an engine per rank (data-parallel rollouts); = the number of processes: one tensor-parallel engine
-    # across all ranks (every rank sees the same completions and trains on its share of the groups)
-    tensor_parallel_size: int = 1
-
-
-@dataclass
-class DataConfig:
-    dataset: str = "synthetic"  # or a local path (folder, .jsonl, .json, .parquet, .csv)
-    prompt_column: str = "prompt"
-    num_prompts: int | None = None
-    # conversational prompts (lists of messages) always get the tokenizer's chat template; these two
-    # turn plain text prompts into user messages first (system_prompt also goes before conversations)
-    chat_template: bool = False
-    system_prompt: str | None = None
-
-
-@dataclass
-class TrainConfig:
-    steps: int = 12
-    prompts_per_step: int = 8
-    generations: int = 8  # completions per prompt (the GRPO group)
-    max_tokens: int = 8
-    temperature: float = 1.0
-    lr: float = 3e-3
-    weight_decay: float = 0.0
-    clip_eps: float = 0.2
-    kl_coef: float = 0.0
-    kl_bias_correction: bool = True  # TRL's use_bias_correction_kl (its default): the KL times the policy ratio
-    # how token losses are summed, TRL's loss_type names and formulas: dapo (TRL's default) / grpo / dr_grpo / bnpo
-    loss: str = "dapo"
-    micro_batch: int = 64
-    max_grad_norm: float = 1.0
-    mixed_precision: str = "no"  # no / bf16 / fp16 (accelerate)
-    gradient_checkpointing: bool = False
-    # reweight the loss by the trainer/vLLM probability ratio (TRL's vllm_importance_sampling_* and defaults)
-    sampling_correction: str = "sequence_mask"  # none / token_truncate / token_mask / sequence_truncate / ..._mask
-    sampling_clip_min: float | None = None
-    sampling_clip_max: float | None = 3.0
-    seed: int = 0
-
-
-@dataclass
-class WandbConfig:
-    mode: str = "offline"  # offline / online / disabled
-    project: str = "rollout-sleep"
-    run_name: str | None = None
-
-
-@dataclass
-class WatchdogConfig:
-    """Seconds each phase may take before the run stops with the phase, the rank, what it waited for and
-    every thread's stack (0: no limit for that phase). ``collective_s`` also sets torch.distributed's
-    timeout for the process group."""
-    enabled: bool = True
-    setup_s: float = 1800.0  # engine start, model load, resume
-    generate_s: float = 1800.0
-    sleep_s: float = 600.0
-    wake_s: float = 1200.0  # wake → load → KV cache → reset (a load while awake too)
-    verify_s: float = 1200.0
-    train_s: float = 3600.0
-    save_s: float = 3600.0
-    collective_s: float = 1800.0  # any wait for the other ranks (barriers, gathers)
-
-
-@dataclass
-class RecipeConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    wandb: WandbConfig = field(default_factory=WandbConfig)
-    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
-    # built-in names, import paths (module:function, file.py:function) or reward-model checkpoint directories
-    rewards: list[str] = field(default_factory=lambda: ["digits_format", "arithmetic_exact"])
-    reward_weights: list[float] | None = None  # one per reward (TRL's reward_weights); default 1.0 each
-    output_dir: str = "runs/grpo"
-    save_every: int = 0  # save accelerate state every N steps (0: only at the end)
-    save_final: bool = True  # save the state after the last step (benchmarks turn it off)
-    resume: bool = True  # continue from the newest complete saved state in output_dir
-    # with resume=false, an output_dir that holds a run is refused unless overwrite=true (then its metrics
-    # and checkpoints are deleted first, said in the log)
-    overwrite: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 # ---------------------------------------------------------------------------------------------- types

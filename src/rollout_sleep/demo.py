@@ -31,7 +31,8 @@ def run_demo(steps: int = 12, prompts_per_step: int = 8, generations: int = 8, m
 
     from .checkpoints import make_checkpoint
     from .data import synthetic_arithmetic
-    from .engine import Engine, kv_cache_bytes_for
+    from .engine import Engine
+    from .memory import kv_cache_bytes_for
     from .grpo import grpo_update
     from .manager import RolloutManager
     from .rewards import score
@@ -76,7 +77,7 @@ def run_demo(steps: int = 12, prompts_per_step: int = 8, generations: int = 8, m
 
 def print_table(rows: list[dict]) -> None:
     """Median seconds per phase over the steps (the first step included, it is the warm-up)."""
-    from .manager import PHASES
+    from .phases import PHASES
 
     print(f"\n{'phase':<15}{'median ms':>12}{'total s':>10}")
     for p in PHASES:

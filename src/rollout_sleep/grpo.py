@@ -230,7 +230,8 @@ def grpo_update(model, optimizer, prompts: list[list[int]], completions, rewards
                 ref_model=None, kl_coef: float = 0.0, max_grad_norm: float = 1.0, backward=None,
                 autocast=None, sampling_correction_mode: str = "none", sampling_clip_min: float | None = None,
                 sampling_clip_max: float | None = 3.0, loss_type: str = "dapo", temperature: float = 1.0,
-                max_completion_length: int | None = None, kl_bias_correction: bool = True) -> dict[str, float]:
+                max_completion_length: int | None = None, kl_bias_correction: bool = True, clip_grad_norm=None,
+                no_sync=None) -> dict[str, float]:
     """One GRPO optimizer step on a rollout batch (``completions``: :class:`~rollout_sleep.engine.Completion`),
     the gradient of TRL's loss (:func:`grpo_loss`, ``loss_type``) on the whole batch whatever ``micro_batch``
     and however many processes share the batch (see :func:`loss_normalizers`).
@@ -240,7 +241,10 @@ def grpo_update(model, optimizer, prompts: list[list[int]], completions, rewards
     statistics, and ``sampling_correction_mode`` (see :func:`sampling_correction`) reweights the loss by that
     ratio. One optimizer step per batch: the trainer's "old" log-probs are the current ones, so the correction
     needs no extra forward pass. ``backward`` (e.g. ``accelerator.backward``) and ``autocast`` (a context
-    factory) are optional hooks. Statistics stay on the device until the end (no sync per micro-batch);
+    factory) are optional hooks, and so are ``clip_grad_norm(params, max_norm) -> norm`` (e.g.
+    ``accelerator.clip_grad_norm_``: unscales fp16 gradients first, clips FSDP/DeepSpeed shards right) and
+    ``no_sync`` (a context factory, e.g. ``lambda: accelerator.no_sync(model)``): every micro-batch but the
+    last runs inside it, so DDP all-reduces the accumulated gradient once per step. Statistics stay on the device until the end (no sync per micro-batch);
     ``loss`` is this process's loss (the sum of what its micro-batches back-propagated), the others are
     token means over this process's batch.
     """
@@ -259,7 +263,9 @@ def grpo_update(model, optimizer, prompts: list[list[int]], completions, rewards
     tokens = torch.zeros((), device=device)
     model.train()
     autocast = autocast or contextlib.nullcontext
+    last = (n - 1) // micro_batch * micro_batch  # the last micro-batch's start: its backward synchronizes
     for start in range(0, n, micro_batch):
+        accumulate = no_sync() if no_sync is not None and start != last else contextlib.nullcontext()
         chunk = completions[start: start + micro_batch]
         batch = pad_batch([prompts[c.prompt_index] for c in chunk], [c.token_ids for c in chunk], pad_id)
         sampled = torch.full(batch[3].shape, float("nan"))  # vLLM's log-probs; NaN where it gave none
@@ -268,18 +274,19 @@ def grpo_update(model, optimizer, prompts: list[list[int]], completions, rewards
                 sampled[i, : len(c.logprobs)] = torch.tensor(c.logprobs, dtype=torch.float32)
         ids, attn, positions, mask, sampled = (t.to(device, non_blocking=True) for t in (*batch, sampled))
         width = mask.shape[1]
-        with autocast():
-            logp = completion_logprobs(model, ids, attn, positions, width, temperature)
-            ref = None
-            if ref_model is not None and kl_coef > 0:
-                with torch.no_grad():
-                    ref = completion_logprobs(ref_model, ids, attn, positions, width, temperature)
-            weights = sampling_correction(logp.detach(), sampled, mask, sampling_correction_mode,
-                                          sampling_clip_min, sampling_clip_max)
-            loss, s = grpo_loss(logp, logp.detach(), adv_all[start: start + len(chunk)], mask, clip_eps,
-                                ref, kl_coef, weights, loss_type=loss_type, normalizer=normalizer,
-                                max_completion_length=max_completion_length, kl_bias_correction=kl_bias_correction)
-        (backward or torch.Tensor.backward)(loss)
+        with accumulate:  # no_sync: forward and backward both inside (DDP's rule)
+            with autocast():
+                logp = completion_logprobs(model, ids, attn, positions, width, temperature)
+                ref = None
+                if ref_model is not None and kl_coef > 0:
+                    with torch.no_grad():
+                        ref = completion_logprobs(ref_model, ids, attn, positions, width, temperature)
+                weights = sampling_correction(logp.detach(), sampled, mask, sampling_correction_mode,
+                                              sampling_clip_min, sampling_clip_max)
+                loss, s = grpo_loss(logp, logp.detach(), adv_all[start: start + len(chunk)], mask, clip_eps,
+                                    ref, kl_coef, weights, loss_type=loss_type, normalizer=normalizer,
+                                    max_completion_length=max_completion_length, kl_bias_correction=kl_bias_correction)
+            (backward or torch.Tensor.backward)(loss)
         with torch.no_grad():
             gap = torch.nan_to_num(logp.detach() - sampled, nan=0.0)
             count = mask.sum()
@@ -289,7 +296,7 @@ def grpo_update(model, optimizer, prompts: list[list[int]], completions, rewards
                                    (gap.abs() * mask).sum(), (gap.exp() * mask).sum(), w.to(device)]).float()
             tokens += count
     params = [p for p in model.parameters() if p.requires_grad]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    grad_norm = (clip_grad_norm or torch.nn.utils.clip_grad_norm_)(params, max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     model.eval()

@@ -22,10 +22,10 @@ from contextlib import contextmanager, nullcontext
 import torch
 
 from .engine import Completion, Engine
-from .sync import WeightStream, verify
+from .phases import CYCLE_PHASES, PHASES  # noqa: F401  (PHASES: re-exported, its old home)
+from .sync import WeightStream
+from .verification import verify
 from .weights import WeightMismatchError
-
-PHASES = ("generate", "sleep", "train", "wake_weights", "load", "wake_kv_cache", "reset", "verify")
 
 
 class RolloutManager:
@@ -150,6 +150,5 @@ class RolloutManager:
     def end_step(self) -> dict[str, float]:
         """This step's metrics (seconds per phase, memory, tokens/s); starts the next step's."""
         out, self._step = self._step, {}
-        out["cycle_overhead_s"] = sum(out.get(f"{p}_s", 0.0) for p in
-                                      ("sleep", "wake_weights", "load", "wake_kv_cache", "reset"))
+        out["cycle_overhead_s"] = sum(out.get(f"{p}_s", 0.0) for p in CYCLE_PHASES)
         return out

@@ -1,5 +1,5 @@
-"""Drive ``vllm serve`` over HTTP: a managed server process, a client for its sleep-mode dev endpoints,
-and :class:`RemoteEngine`, the in-process :class:`~rollout_sleep.engine.Engine`'s interface over HTTP.
+"""Drive ``vllm serve`` over HTTP: a managed server process and a client for its sleep-mode dev endpoints
+(:class:`~rollout_sleep.remote.RemoteEngine`, the engine interface over HTTP, is in :mod:`rollout_sleep.remote`).
 
     >>> with ServerProcess("/ckpt/a") as server:                        # doctest: +SKIP
     ...     engine = RemoteEngine(server.client(), "/ckpt/a")
@@ -37,48 +37,12 @@ import logging
 from pathlib import Path
 from typing import Any, Iterable
 
-from .engine import LEVELS, Completion, CycleReport, EngineStateError, SleepState, add_note
-from .weights import check_checkpoint_dir, read_checkpoint_spec
+from .procgroup import WATCHDOG_SCRIPT, group_alive, in_group, signal_group
 
 LOOPBACK = "127.0.0.1"
 _GUARDED_ARGS = ("--host", "--port", "--api-key", "--model")  # set through ServerProcess's own arguments
 
 logger = logging.getLogger(__name__)
-
-# Runs in the server's process group. It reads its stdin, a pipe whose write end only the owner holds: EOF
-# means the owner closed it (stop()) or died (any way, kill -9 included). It then stops the whole group:
-# SIGTERM, up to GRACE seconds for the others to exit, SIGKILL (itself included).
-_WATCHDOG = r"""
-import os, signal, sys, time
-signal.signal(signal.SIGTERM, signal.SIG_IGN)
-signal.signal(signal.SIGINT, signal.SIG_IGN)
-GRACE = float(sys.argv[1])
-pgid, me = os.getpgid(0), os.getpid()
-sys.stdin.buffer.read()
-
-def others():
-    alive = []
-    for d in os.listdir("/proc"):
-        if d.isdigit() and int(d) != me:
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid and fields[0] not in "ZX":
-                alive.append(d)
-    return alive
-
-try:
-    os.killpg(pgid, signal.SIGTERM)
-except OSError:
-    pass
-deadline = time.monotonic() + GRACE
-while others() and time.monotonic() < deadline:
-    time.sleep(0.2)
-os.killpg(pgid, signal.SIGKILL)
-"""
-
 
 class ServerError(RuntimeError):
     """The server answered with an error status."""
@@ -348,7 +312,7 @@ class ServerProcess:
             # its own process group (stop() and the watchdog reach the engine core and workers); same session
             # so that the watchdog may join the group
             self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                         **_in_group(0))
+                                         **in_group(0))
         _LIVE.add(self)
         self._start_watchdog()
         probe = self.client(retries=0)
@@ -370,9 +334,9 @@ class ServerProcess:
     def _start_watchdog(self, grace: float = 10.0) -> None:
         """A tiny process in the server's group that stops the group when this process lets go of its pipe."""
         try:
-            self.watchdog = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(grace)], stdin=subprocess.PIPE,
+            self.watchdog = subprocess.Popen([sys.executable, "-c", WATCHDOG_SCRIPT, str(grace)], stdin=subprocess.PIPE,
                                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                             **_in_group(self.proc.pid))
+                                             **in_group(self.proc.pid))
         except OSError as err:  # e.g. the server exited at once: start() reports it with its log
             logger.warning("no watchdog for the vLLM server (pid %s): %s", self.proc.pid, err)
             self.watchdog = None
@@ -390,20 +354,20 @@ class ServerProcess:
                 pass
         if proc is None:
             return
-        _signal_group(proc.pid, signal.SIGTERM)
+        signal_group(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            _signal_group(proc.pid, signal.SIGKILL)
+            signal_group(proc.pid, signal.SIGKILL)
             proc.wait(10.0)
         deadline, killed = time.monotonic() + timeout, False
-        while _group_alive(proc.pid):  # children may outlive the leader for a moment
+        while group_alive(proc.pid):  # children may outlive the leader for a moment
             if watchdog is not None:
                 watchdog.poll()  # reap it once it exits (a zombie still counts as a member)
             if time.monotonic() > deadline:
                 if killed:  # only unreaped zombies can be left: nothing more to do
                     break
-                _signal_group(proc.pid, signal.SIGKILL)
+                signal_group(proc.pid, signal.SIGKILL)
                 deadline, killed = time.monotonic() + 10.0, True
             time.sleep(0.2)
         if watchdog is not None:
@@ -420,28 +384,6 @@ class ServerProcess:
         self.stop()
 
 
-def _in_group(pgid: int) -> dict:
-    """Popen arguments that put the child in process group ``pgid`` (0: a new group led by the child)."""
-    if sys.version_info >= (3, 11):
-        return {"process_group": pgid}
-    return {"preexec_fn": lambda: os.setpgid(0, pgid)}
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except (ProcessLookupError, PermissionError):
-        return False
-
-
 _LIVE: set[ServerProcess] = set()
 
 
@@ -451,148 +393,10 @@ def _stop_all() -> None:
         server.stop(timeout=10.0)
 
 
-# --------------------------------------------------------------------------------------------- engine
-class RemoteEngine(SleepState):
-    """The engine interface over HTTP: generate, sleep, wake up (with a reload from a checkpoint path)
-    and reset, with the in-process engine's state machine and errors. Weights travel as a checkpoint
-    directory the server can read (a remote server cannot take in-memory tensors).
+def __getattr__(name: str):
+    """``RemoteEngine`` moved to :mod:`rollout_sleep.remote`; still importable from here."""
+    if name == "RemoteEngine":
+        from .remote import RemoteEngine
 
-    Args:
-        client: a :class:`ServerClient`.
-        model_path: *optional*, the served checkpoint (default: the server's model id), used to validate
-            reload paths (names, shapes and dtypes) before asking the server: a bad reload leaves vLLM
-            half-loaded and kills it at the next request.
-    """
-
-    def __init__(self, client: ServerClient, model_path: str | os.PathLike | None = None):
-        self.client = client
-        self.model_id = client.models()[0]
-        self.model_path = str(model_path or self.model_id)
-        self._spec = None
-        self._level: int | None = None
-        if client.is_sleeping():
-            raise EngineStateError(f"the server at {client.base_url} is asleep; wake it before attaching "
-                                   "(its sleep level is unknown to this client)")
-
-    def _require_awake(self, what: str) -> None:
-        if self._level is not None:
-            raise EngineStateError(f"cannot {what}: the server is {self.state} (a request would hang until it "
-                                   "wakes); call wake_up(...) first")
-
-    def _require_server_awake(self, what: str, cause: Exception | None = None) -> None:
-        """The server itself must be awake: another client may have put it to sleep (a request would then
-        wait, silently, until it wakes or the client times out)."""
-        try:
-            asleep = self.client.request("GET", "/is_sleeping", timeout=min(10.0, self.client.timeout))["is_sleeping"]
-        except ServerError:
-            if cause is None:
-                return  # the request itself will say what is wrong
-            raise cause from None
-        if asleep:
-            raise EngineStateError(
-                f"cannot {what}: the server at {self.client.base_url} is asleep, put to sleep by another client "
-                "(this RemoteEngine did not): a request would wait until it wakes. Whoever put it to sleep must "
-                "wake it (POST /wake_up; after a level-2 sleep also reload its weights), or do it here: "
-                "client.wake_up(), then engine.load_weights(<checkpoint>)") from cause
-
-    def generate(self, prompts: Iterable[str] | Iterable[list[int]], *, max_tokens: int = 16,
-                 temperature: float = 1.0, n: int = 1, seed: int | None = None, **params: Any) -> list[Completion]:
-        """Completions with token ids and the sampler's log-probs, ``n`` per prompt, in prompt order."""
-        self._require_awake("generate")
-        self._require_server_awake("generate")
-        prompts = list(prompts)
-        body = {"max_tokens": max_tokens, "temperature": temperature, "n": n, "logprobs": 0,
-                "return_token_ids": True, **params}
-        if seed is not None:
-            body["seed"] = seed
-        texts = [p for p in prompts if isinstance(p, str)]
-        if texts and len(texts) != len(prompts):
-            raise TypeError("prompts must be all strings or all token-id lists (one batched request)")
-        batch = texts or [[int(t) for t in p] for p in prompts]
-        # one request for the whole batch, so the server batches it; choice k belongs to prompt k // n
-        try:
-            resp = self.client.completions(batch, model=self.model_id, **body)
-        except ServerUnreachableError as err:  # e.g. put to sleep by someone else while we waited
-            self._require_server_awake("generate", cause=err)
-            raise
-        out = []
-        for c in sorted(resp["choices"], key=lambda c: c["index"]):
-            lps = (c.get("logprobs") or {}).get("token_logprobs")
-            out.append(Completion(c["index"] // n, list(c.get("prompt_token_ids") or []),
-                                  list(c.get("token_ids") or []), lps, c["text"], c.get("finish_reason")))
-        return out
-
-    def sleep(self, level: int = 2) -> CycleReport:
-        if level not in LEVELS:
-            raise ValueError(f"unknown sleep level {level!r}; vLLM supports levels {LEVELS}")
-        if self._level is not None:
-            raise EngineStateError(f"the server is already {self.state}; wake it before sleeping again")
-        report = CycleReport("sleep", level, memory_kind="none")
-        t0 = time.perf_counter()
-        self.client.sleep(level)
-        report.seconds["sleep"] = time.perf_counter() - t0
-        self._level = level
-        return report
-
-    def wake_up(self, weights: str | os.PathLike | None = None, *, reload_checkpoint: bool = False) -> CycleReport:
-        """Wake in the memory-safe order: weights → reload (from ``weights``, a checkpoint directory) →
-        KV cache → reset the prefix cache. Level 2 needs ``weights`` or ``reload_checkpoint=True``."""
-        if self._level is None:
-            raise EngineStateError("the server is already awake; use load_weights(path) to reload it")
-        if weights is not None and reload_checkpoint:
-            raise ValueError("pass weights or reload_checkpoint=True, not both")
-        path = self.model_path if reload_checkpoint else weights
-        if self._level == 2 and path is None:
-            raise EngineStateError("waking from level 2 needs weights: level 2 discarded them. Pass weights=<checkpoint "
-                                   f"directory>, or reload_checkpoint=True to reload {self.model_path}")
-        if path is not None:
-            self._validate(path)
-        report = CycleReport("wake", self._level, memory_kind="none")
-        self._timed(report, "wake_weights", lambda: self.client.wake_up(["weights"]))
-        load_error = None
-        if path is not None:
-            try:
-                self._timed(report, "load", lambda: self.client.reload_weights(str(path)))
-            except BaseException as err:
-                load_error = err
-        try:  # whatever happened to the load, finish the wake so the server is in a known state
-            self._timed(report, "wake_kv_cache", lambda: self.client.wake_up(["kv_cache"]))
-            self._level = None
-            self._timed(report, "reset", self._reset)
-        except Exception as wake_error:
-            if load_error is None:
-                raise
-            add_note(load_error, f"finishing the wake after the failed reload also failed: "
-                                 f"{type(wake_error).__name__}: {wake_error}")
-        if load_error is not None:
-            raise load_error
-        return report
-
-    def load_weights(self, weights: str | os.PathLike) -> CycleReport:
-        """Reload an awake server from a checkpoint directory, then reset its prefix cache."""
-        if self._level is not None:
-            raise EngineStateError(f"the server is {self.state}; use wake_up(weights=...) instead")
-        self._validate(weights)
-        report = CycleReport("load", memory_kind="none")
-        self._timed(report, "load", lambda: self.client.reload_weights(str(weights)))
-        self._timed(report, "reset", self._reset)
-        return report
-
-    def reset_prefix_cache(self) -> None:
-        self._require_awake("reset the prefix cache")
-        self._reset()
-
-    def _reset(self) -> None:
-        if not self.client.reset_prefix_cache():
-            raise EngineStateError("the server refused to reset its prefix cache (requests still hold blocks)")
-
-    @staticmethod
-    def _timed(report: CycleReport, phase: str, fn) -> None:
-        t0 = time.perf_counter()
-        fn()
-        report.seconds[phase] = time.perf_counter() - t0
-
-    def _validate(self, path: str | os.PathLike) -> None:
-        if self._spec is None and Path(self.model_path).is_dir():
-            self._spec = read_checkpoint_spec(self.model_path)
-        check_checkpoint_dir(path, self._spec)
+        return RemoteEngine
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

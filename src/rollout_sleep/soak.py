@@ -71,8 +71,10 @@ def _soak(cycles: int, *, size: str, warmup: int, max_growth_mib: float, out: st
     from transformers import AutoModelForCausalLM
 
     from .checkpoints import make_checkpoint
-    from .engine import Engine, _memory_gib
-    from .sync import WeightStream, verify
+    from .engine import Engine
+    from .memory import memory_gib
+    from .sync import WeightStream
+    from .verification import verify
 
     cuda = torch.cuda.is_available()
     dtype = dtype or ("bfloat16" if cuda else "float32")
@@ -107,16 +109,16 @@ def _soak(cycles: int, *, size: str, warmup: int, max_growth_mib: float, out: st
     # floor) and on deliberately stale KV (an awake update without a reset, vLLM's own reset after it).
     engine.generate(probe, max_tokens=4, temperature=0.0)
     train_step()
-    engine._load(engine._prepare(stream, True))  # new weights, prefix cache left stale on purpose
+    engine.load_weights(stream, reset_prefix_cache=False)  # new weights, prefix cache left stale on purpose
     stale_gap = probe_gap()
-    engine.llm.reset_prefix_cache()
+    engine.llm.reset_prefix_cache()  # vLLM's own reset: the calibration must not rely on the engine's under test
     fresh_gap = probe_gap()
     tol = max(1e-3 if dtype == "float32" else 1e-2, 3 * fresh_gap)
     if stale_gap <= tol:
         raise AssertionError(f"the stale-prefix probe cannot tell stale from fresh KV here: gap {stale_gap:.3g} "
                              f"stale vs {fresh_gap:.3g} fresh (tolerance {tol:.3g})")
     rows = []
-    kind, _ = _memory_gib()
+    kind, _ = memory_gib()
     for i in range(cycles):
         t0 = time.perf_counter()
         engine.generate(probe, max_tokens=4, temperature=0.0)  # puts the probe's prefix in the cache
@@ -134,7 +136,7 @@ def _soak(cycles: int, *, size: str, warmup: int, max_growth_mib: float, out: st
         rows.append({"cycle": i + 1, "seconds": time.perf_counter() - t0, "awake_update": awake, "probe_gap": gap,
                      "sleep_s": s.seconds["sleep"] if s else 0.0,
                      **{f"{k}_s": v for k, v in w.seconds.items()}, "verify_s": report.seconds,
-                     "memory_gib": _memory_gib()[1],
+                     "memory_gib": memory_gib()[1],
                      **({f"sleep_{k}_gib": v for k, v in s.memory_gib.items()} if s else {})})
         if not quiet and (i + 1) % max(1, cycles // 10) == 0:
             print(f"cycle {i + 1}/{cycles}: {rows[-1]['seconds'] * 1e3:.1f} ms, {kind} {rows[-1]['memory_gib']:.3f} GiB",

@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 
 from . import versions
-from .server import RemoteEngine, ServerProcess
+from .remote import RemoteEngine
+from .server import ServerProcess
 
 MODES = ("level1", "level2", "cold")
 

@@ -1,5 +1,5 @@
 """Trainer → engine: walk the trainer's parameters as users really hold them, stream them in bounded
-buckets, and prove the engine holds exactly them.
+buckets (the proof that the engine holds exactly them: :mod:`rollout_sleep.verification`).
 
 Supported trainer models: a plain ``nn.Module`` / ``PreTrainedModel``; wrapped by DDP / accelerate /
 ``torch.compile`` (unwrapped); FSDP2 (``fully_shard``: DTensor parameters gathered bucket by bucket);
@@ -12,18 +12,16 @@ loads and are skipped with a reason.
 Example:
     >>> stream = trainer_weights(model, dtype=engine.dtype)      # doctest: +SKIP
     >>> engine.wake_up(weights=stream)                            # doctest: +SKIP
-    >>> verify(engine, model).raise_if_failed()                   # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 from torch import nn
 
-from .layout import EngineLayout
 
 _PEFT_PREFIX = "base_model.model."
 
@@ -270,73 +268,10 @@ def trainer_weights(model: nn.Module, **kwargs) -> WeightStream:
     return WeightStream(model, **kwargs)
 
 
-# ----------------------------------------------------------------------------- verification
-@dataclass
-class VerifyReport:
-    """Result of :func:`verify`: ``ok`` when every tensor was placed in vLLM's layout and is bitwise equal
-    to the trainer's weight cast to the engine's dtype; ``max_abs_diff`` against the uncast trainer weight.
-    ``unplaced`` names the tensors verify could not find in the engine (and why): they count as failures."""
+def __getattr__(name: str):
+    """``verify`` / ``VerifyReport`` moved to :mod:`rollout_sleep.verification`; still importable from here."""
+    if name in ("verify", "VerifyReport"):
+        from . import verification
 
-    ok: bool
-    compared: int
-    mismatched: dict[str, float] = field(default_factory=dict)
-    unplaced: dict[str, str] = field(default_factory=dict)
-    max_abs_diff: float = 0.0
-    seconds: float = 0.0
-
-    def raise_if_failed(self) -> "VerifyReport":
-        if not self.ok:
-            worst = sorted(self.mismatched.items(), key=lambda kv: -kv[1])[:10]
-            parts = []
-            if self.mismatched:
-                parts.append(f"engine weights differ from the trainer's in {len(self.mismatched)} tensor(s): "
-                             + ", ".join(f"{n} (max abs diff {d:.3g})" for n, d in worst))
-            if self.unplaced:
-                parts.append(f"{len(self.unplaced)} tensor(s) could not be placed in vLLM's layout: "
-                             + ", ".join(f"{n} ({why})" for n, why in list(self.unplaced.items())[:10]))
-            raise AssertionError("; ".join(parts))
-        return self
-
-
-def verify(engine, model: nn.Module | WeightStream) -> VerifyReport:
-    """Prove the engine holds exactly the trainer's weights, on the device, one tensor at a time.
-
-    Fused vLLM parameters (``qkv_proj``, ``gate_up_proj``, stacked MoE experts) are compared slice by
-    slice with the checkpoint tensors that were loaded into them (:mod:`rollout_sleep.layout`), so the
-    check covers what vLLM actually holds. On a tensor-parallel engine each rank checks its own shards,
-    cut as vLLM's parallel layers cut them. It never raises on a layout: a tensor it cannot place makes
-    it fail (``ok=False``), named in ``report.unplaced`` with the reason.
-    """
-    import time
-
-    stream = model if isinstance(model, WeightStream) else WeightStream(model, dtype=engine.dtype)
-    engine._require_awake("verify weights")
-    sharded = engine.llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size != 1
-    t0 = time.perf_counter()
-
-    def compare(vmodel: nn.Module) -> VerifyReport:
-        layout = EngineLayout(vmodel, engine.spec, engine.tied, sharded=sharded)
-        report = VerifyReport(ok=True, compared=0)
-        with torch.no_grad():
-            for name, want in stream:
-                try:
-                    held = layout.held(name, want)
-                except Exception as e:  # never crash on a layout: name the tensor and why
-                    held = f"{type(e).__name__}: {e}"
-                if isinstance(held, str):
-                    report.ok = False
-                    report.unplaced[name] = held
-                    continue
-                got, want = held
-                cast = want.to(got.device, got.dtype)
-                report.compared += 1
-                diff = (got.float() - want.to(got.device).float()).abs().max().item() if got.numel() else 0.0
-                report.max_abs_diff = max(report.max_abs_diff, diff)
-                if not torch.equal(got, cast):
-                    report.ok = False
-                    report.mismatched[name] = diff
-        return report
-
-    report = engine.run_on_model(compare)
-    report.seconds = time.perf_counter() - t0
-    return report
+        return getattr(verification, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

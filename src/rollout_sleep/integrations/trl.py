@@ -33,8 +33,10 @@ from __future__ import annotations
 
 import time
 
-from ..engine import Engine, fast_output_kwargs, release_cached_memory
-from ..sync import WeightStream, verify
+from ..engine import Engine, fast_output_kwargs
+from ..memory import release_cached_memory
+from ..sync import WeightStream
+from ..verification import verify
 
 
 def patch(trainer, *, sleep_level: int = 2, verify_every: int = 1, bucket_bytes: int = 512 << 20,
