@@ -115,6 +115,10 @@ BENIGN = BenignFilter((
            "torch probing for triton kernels on a CPU machine without triton (see above)."),
     Benign("DeepSpeed", "Setting accelerator to CPU",
            "DeepSpeed (installed for the ZeRO-3 sync tests) found no GPU and chose the CPU, as it should."),
+    Benign("vllm", "Unknown vLLM environment variable detected: VLLM_DIST_IDENT",
+           "vLLM sets VLLM_DIST_IDENT in its own process when it builds an in-process engine; a child process "
+           "started from there (a test, a server, the demo run by a test) inherits it, and vLLM's check for "
+           "misspelt VLLM_* variables does not list its own."),
     Benign("vllm", "Triton kernel JIT compilation during inference",
            "On a GPU, vLLM compiles its log-softmax kernel for the log-probs the engine asks for at the first "
            "rollout (seen on an H100, vLLM 0.26): a one-time cost of the first step, not of every step."),
