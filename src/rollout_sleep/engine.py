@@ -24,7 +24,6 @@ import dataclasses
 import logging
 import os
 import time
-import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,10 +91,6 @@ def _sleep_mode_available() -> bool:
     from vllm.platforms import current_platform
 
     return bool(current_platform.is_sleep_mode_available())
-
-
-_OPEN: "weakref.WeakSet[Engine]" = weakref.WeakSet()  # the open engines of this process (see Engine.close)
-_SET_ASIDE: list = []  # LLMs of engines closed while others were open: their shutdown would break the others
 
 
 class Engine(SleepState):
@@ -176,7 +171,6 @@ class Engine(SleepState):
     def _bind(self, llm: Any, startup_seconds: float) -> None:
         """Take ``llm`` as this engine's vLLM, awake, with complete weights."""
         self.llm = llm
-        _OPEN.add(self)
         self._wake_budget = WakeBudget()  # GPU memory a wake maps (measured at the last wake)
         self.startup_seconds = startup_seconds
         self.memory_loaded_gib = memory_gib()[1]
@@ -406,16 +400,9 @@ class Engine(SleepState):
         return self.llm.apply_model(fn)[0]
 
     def close(self) -> None:
-        """Shut the engine down (vLLM does not give GPU memory back in-process; see the README).
-
-        vLLM's in-process shutdown (explicit, or its finalizer when the ``LLM`` is garbage-collected) also
-        tears down its process-wide parallel groups, which every other engine of this process uses too:
-        while another engine is open, this one's ``LLM`` is set aside (kept referenced) instead."""
+        """Shut the engine down (vLLM does not give GPU memory back in-process; see the README)."""
         llm, self.llm = getattr(self, "llm", None), None
-        _OPEN.discard(self)
-        if llm is not None and _OPEN:
-            _SET_ASIDE.append(llm)
-        elif llm is not None:
+        if llm is not None:
             engine = getattr(llm, "llm_engine", None)
             core = getattr(engine, "engine_core", None)
             if core is not None and hasattr(core, "shutdown"):
