@@ -39,14 +39,26 @@ def ckpts(tmp_path_factory):
 def _session_engine(ckpts):
     from rollout_sleep.engine import Engine
 
-    eng = Engine(ckpts["tied0"], dtype=DTYPE, seed=0)
-    yield eng
-    eng.close()
+    holder = {"engine": Engine(ckpts["tied0"], dtype=DTYPE, seed=0)}
+    yield holder
+    holder["engine"].close()
+
+
+def _vllm_groups_alive() -> bool:
+    """vLLM's in-process shutdown of another engine (a test that builds and closes its own) tears down the
+    process-wide parallel groups the shared engine uses; the shared engine is then rebuilt."""
+    from vllm.distributed import parallel_state
+
+    return getattr(parallel_state, "_PP", None) is not None
 
 
 @pytest.fixture()
-def engine(_session_engine):
-    eng = _session_engine
+def engine(_session_engine, ckpts):
+    from rollout_sleep.engine import Engine
+
+    if not _vllm_groups_alive():
+        _session_engine["engine"] = Engine(ckpts["tied0"], dtype=DTYPE, seed=0)
+    eng = _session_engine["engine"]
     _restore(eng)
     yield eng
     _restore(eng)
