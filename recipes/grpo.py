@@ -78,7 +78,9 @@ from rollout_sleep.config import (ConfigError, RecipeConfig, check_processes, lo
 from rollout_sleep.data import (check_prompts, completions_for_rewards, is_conversational,  # noqa: E402
                                 load_prompts, prepare_prompts, prompt_token_ids)
 from rollout_sleep.engine import Engine  # noqa: E402
-from rollout_sleep.memory import kv_cache_bytes_for  # noqa: E402
+from rollout_sleep.memory import PhasePeaks, kv_cache_bytes_for  # noqa: E402
+from rollout_sleep import memory_plan  # noqa: E402
+from rollout_sleep.optim import OptimizerOffload, build_optimizer, resident_state_bytes  # noqa: E402
 from rollout_sleep.grpo import grpo_update  # noqa: E402
 from rollout_sleep.integrations.wandb import make_tracker  # noqa: E402
 from rollout_sleep.manager import RolloutManager  # noqa: E402
@@ -146,16 +148,19 @@ class GRPORecipe:
         self.model_path = self._model_path()
         self._setup_task()
         dtype = getattr(torch, cfg.model.dtype)
+        kv_bytes = self._kv_cache_bytes()
+        self.plan = self._memory_plan(kv_bytes)  # printed; a phase that does not fit stops the run here
         self.acc.print(f"starting the vLLM engine ({self.model_path})")
         # The engine first, while the GPU is empty: vLLM sizes its KV cache from the free memory it sees.
         engine_kw = {"gpu_memory_utilization": cfg.engine.gpu_memory_utilization} if torch.cuda.is_available() else {}
         seed = cfg.train.seed + (self.acc.process_index if self.tp == 1 else 0)  # a TP engine samples alike on all ranks
         self.engine = Engine(self.model_path, dtype=cfg.model.dtype, seed=seed, tensor_parallel_size=self.tp,
-                             max_model_len=cfg.engine.max_model_len, kv_cache_bytes=self._kv_cache_bytes(),
+                             max_model_len=cfg.engine.max_model_len, kv_cache_bytes=kv_bytes,
                              load_method=cfg.engine.load_method, enforce_eager=cfg.engine.enforce_eager,
                              keep_trainer_cache=cfg.engine.keep_trainer_cache,
                              **engine_kw)
         self.tokenizer = self.engine.tokenizer
+        self._check_plan_with_engine()
         for r in self.rewards:  # reward models: loaded beside the trainer, once the engine has sized its cache
             if hasattr(r.fn, "load"):
                 r.fn.dtype = getattr(torch, cfg.model.dtype)
@@ -163,11 +168,13 @@ class GRPORecipe:
         model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
         if cfg.train.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        # fused on GPU: one kernel for all parameters (TRL/transformers' default optimizer too)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                                      fused=torch.cuda.is_available() or None)
+        # adamw: fused on GPU, one kernel for all parameters (TRL/transformers' default optimizer too)
+        optimizer = build_optimizer(cfg.train.optimizer, model.parameters(), lr=cfg.train.lr,
+                                    weight_decay=cfg.train.weight_decay, fused=torch.cuda.is_available() or None)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         guard_optimizer(self.optimizer, self.model)  # a non-finite gradient stops the step before it applies
+        # after the guard: a refused step leaves the state where it was
+        self.offload = OptimizerOffload(self.optimizer) if cfg.train.offload_optimizer else None
         self.layout = {"processes": self.acc.num_processes, "distributed_type": self.acc.distributed_type.value,
                        "trainer_sharded": any(hasattr(p, "full_tensor") or hasattr(p, "ds_id")
                                               for p in self.model.parameters())}
@@ -180,9 +187,18 @@ class GRPORecipe:
         self.order = list(range(len(self.data)))
         random.Random(cfg.train.seed).shuffle(self.order)  # the data order: a function of the seed only
         run_id = self._resume()
+        if self.offload is not None:
+            self.offload.offload()  # a resumed state is loaded onto the device: off it before the first rollout
         self.tracker = make_tracker(cfg.wandb.mode, main_process=self.main, project=cfg.wandb.project,
                                     config=cfg.to_dict(), name=cfg.wandb.run_name, directory=self.out,
                                     resume_id=run_id)
+        if self.plan is not None:
+            self.tracker.log_table("memory_plan", ["component", *memory_plan.PHASES], self.plan.rows())
+            self.tracker.update_summary({f"memory_plan/{p}_gib": self.plan.total(p) / 2**30 for p in memory_plan.PHASES})
+        # per-phase peaks over the first steps (the optimizer's state exists from step 1's update on), then the
+        # comparison with the plan
+        self.peaks = PhasePeaks(self.plan_base_free).start() \
+            if self.plan is not None and self.step < MEASURED_STEPS else None
         self.timeline: list[dict] = []
         # Everything loaded so far lives for the whole run: keep it out of Python's garbage collector,
         # as vLLM does for its own startup heap. vLLM runs a full collection at every sleep; with the
@@ -224,10 +240,94 @@ class GRPORecipe:
         cfg, t = self.cfg.engine, self.cfg.train
         if cfg.kv_cache_bytes is not None or cfg.kv_cache != "step" or not torch.cuda.is_available():
             return cfg.kv_cache_bytes
-        longest = max(len(ids) for ids in prompt_token_ids(self.prompt_tokenizer, list(self.data["prompt"])))
+        longest = self._longest_prompt()
         prompts = t.prompts_per_step if self.tp > 1 else -(-t.prompts_per_step // self.acc.num_processes)
         tokens = max(prompts * t.generations * (longest + t.max_tokens + 16), cfg.max_model_len or 0)
         return kv_cache_bytes_for(self.model_path, int(tokens * 1.25), self.cfg.model.dtype) // self.tp
+
+    def _longest_prompt(self) -> int:
+        if not hasattr(self, "_longest"):
+            self._longest = max(len(ids) for ids in prompt_token_ids(self.prompt_tokenizer, list(self.data["prompt"])))
+        return self._longest
+
+    def _memory_plan(self, kv_bytes: int | None) -> memory_plan.MemoryPlan | None:
+        """The per-phase memory plan (:mod:`rollout_sleep.memory_plan`), printed; with ``train.memory_plan=refuse``
+        a phase that does not fit stops the run here, before vLLM starts."""
+        cfg, t = self.cfg, self.cfg.train
+        self.plan_base_free = None
+        if t.memory_plan == "off":
+            return None
+        GIB = memory_plan.GIB
+        cuda = torch.cuda.is_available()
+        notes = []
+        if cuda:
+            torch.cuda.empty_cache()  # blocks cached while the checkpoint was built are not the run's
+            free, total = torch.cuda.mem_get_info()
+            self.plan_base_free = free
+        budget = int(t.memory_budget_gib * GIB) if t.memory_budget_gib is not None else (free if cuda else None)
+        if budget is None:
+            notes.append("no GPU: the plan is printed, not checked (train.memory_budget_gib checks it against a budget)")
+        b = torch.empty((), dtype=getattr(torch, cfg.model.dtype)).element_size()
+        shape = memory_plan.ModelShape.from_checkpoint(self.model_path)
+        sequences = t.prompts_per_step // self.acc.num_processes * t.generations  # a rank's completions per step
+        inputs = memory_plan.PlanInputs(
+            shape, dtype_bytes=b, optimizer=t.optimizer, offload_optimizer=t.offload_optimizer,
+            micro_batch=min(t.micro_batch, sequences), seq_len=self._longest_prompt() + t.max_tokens,
+            completion_len=t.max_tokens, gradient_checkpointing=t.gradient_checkpointing,
+            autocast=t.mixed_precision != "no" and b == 4, reference_model=t.kl_coef > 0,
+            reward_model_bytes=sum(memory_plan.checkpoint_params(r.fn.path) * b for r in self.rewards
+                                   if hasattr(r.fn, "load")),
+            kv_cache_bytes=kv_bytes if kv_bytes is not None else 0, shards=self._shards(), engine_shards=self.tp)
+        if kv_bytes is None and cuda:  # vLLM's own sizing: its share of the GPU less its weights and workspace
+            engine = int(cfg.engine.gpu_memory_utilization * total)
+            kv = engine - shape.params * b // self.tp - memory_plan.estimate_engine_workspace(shape, b)
+            inputs = dataclasses.replace(inputs, kv_cache_bytes=max(0, kv))
+            notes.append(f"engine.kv_cache=gpu_share: vLLM takes {cfg.engine.gpu_memory_utilization} of "
+                         f"{total / GIB:.1f} GiB, the KV cache what its weights and workspace leave")
+        elif kv_bytes is None:
+            inputs = dataclasses.replace(inputs, kv_cache_bytes=256 << 20)  # the engine's CPU default
+        plan = memory_plan.plan_memory(inputs, budget, int(t.memory_headroom_gib * GIB), tuple(notes))
+        self.acc.print(plan.table())
+        if self.main:
+            (self.out / "memory_plan.json").write_text(json.dumps({"plan": plan.as_dict()}, indent=2))
+        self._enforce(plan)
+        return plan
+
+    def _enforce(self, plan: memory_plan.MemoryPlan, when: str = "") -> None:
+        found = memory_plan.problems(plan)
+        if not found:
+            return
+        if self.cfg.train.memory_plan == "refuse":
+            raise memory_plan.MemoryPlanError([f"{p} ({when})" if when else p for p in found])
+        for p in found:
+            self.acc.print(f"warning (train.memory_plan=warn, running anyway): the memory plan does not fit: {p}")
+
+    def _shards(self) -> tuple[int, int, int]:
+        """How many ways the trainer's (weights, gradients, optimizer state) are split across ranks."""
+        n, kind = self.acc.num_processes, self.acc.distributed_type.value
+        if kind == "FSDP":
+            return n, n, n
+        if kind == "DEEPSPEED":
+            stage = getattr(self.acc.state.deepspeed_plugin, "zero_stage", 0) or 0
+            return (n if stage >= 3 else 1), (n if stage >= 2 else 1), (n if stage >= 1 else 1)
+        return 1, 1, 1
+
+    def _check_plan_with_engine(self) -> None:
+        """The plan again with what vLLM took at its start measured (weights, KV cache, workspace) in place of
+        the estimate: a misfit stops the run before the trainer's model loads, not by running out of memory in
+        a step."""
+        if self.plan is None or self.plan_base_free is None or not self.engine.on_cuda:
+            return
+        GIB = memory_plan.GIB
+        taken = int((self.engine.memory_before_gib - self.engine.memory_loaded_gib) * GIB)
+        r = self.plan.phases["rollout"]
+        workspace = max(0, taken - r["engine_weights"] - r["kv_cache"])
+        self.engine_taken = taken
+        self.plan = memory_plan.plan_memory(dataclasses.replace(self.plan.inputs, engine_workspace_bytes=workspace),
+                                            self.plan.budget_bytes, self.plan.headroom_bytes,
+                                            self.plan.notes + (f"engine workspace measured at its start: {workspace / GIB:.2f} "
+                                                               f"GiB (estimated {r['engine_workspace'] / GIB:.2f})",))
+        self._enforce(self.plan, "with the engine's memory measured at its start")
 
     def _resume(self) -> str | None:
         """Load the newest complete saved state (if resuming); returns the W&B run id to continue. Newer
@@ -276,8 +376,12 @@ class GRPORecipe:
             # same prompts (vLLM requires it) and each then trains on its share of the groups
             examples = [self.data[i] for i in (idx[rank::world] if self.tp == 1 else idx)]
             prompt_ids = prompt_token_ids(self.prompt_tokenizer, [ex["prompt"] for ex in examples])
-            comps = self.manager.rollout(prompt_ids, n=t.generations, max_tokens=t.max_tokens,
-                                         temperature=t.temperature)
+            measuring = self.peaks is not None and self.step < MEASURED_STEPS
+            if measuring:
+                self._note_resident()
+            with self._peak("rollout"):
+                comps = self.manager.rollout(prompt_ids, n=t.generations, max_tokens=t.max_tokens,
+                                             temperature=t.temperature)
             if self.tp > 1:
                 mine = set(range(rank, len(examples), world))
                 comps = [c for c in comps if c.prompt_index in mine]
@@ -286,7 +390,7 @@ class GRPORecipe:
                 remap = {old: new for new, old in enumerate(order)}
                 for c in comps:
                     c.prompt_index = remap[c.prompt_index]
-            with self._stop_on_non_finite(), self.manager.training():
+            with self._stop_on_non_finite(), self.manager.training(), self._peak("training"):
                 # rewards while the engine sleeps: a reward model's forward then uses memory vLLM released
                 rewards, table, reward_s = self._score(examples, comps)
                 self._check_rewards(rewards)
@@ -301,9 +405,12 @@ class GRPORecipe:
                                     loss_type=t.loss, temperature=t.temperature, max_completion_length=t.max_tokens,
                                     kl_bias_correction=t.kl_bias_correction)
                 check_finite("loss and grad_norm", torch.tensor([stats["loss"], stats["grad_norm"]]))
-            self.manager.sync()
+            with self._peak("rollout"):  # the wake maps vLLM back beside the trainer's state
+                self.manager.sync()
             self.step += 1
             phases = self.manager.end_step()
+            if self.offload is not None:
+                phases.update(self.offload.pop_timings())
             lengths = torch.tensor([len(c.token_ids) for c in comps], dtype=torch.float32)
             with self._collective(f"the reward gather of step {self.step}"):
                 all_rewards = self.acc.gather(rewards.to(self.acc.device)).float()
@@ -313,8 +420,11 @@ class GRPORecipe:
                        "reward_std": float(scored.std()), "completion_len_mean": float(lengths.mean()),
                        "rollouts": int(all_rewards.numel()), "unscorable": int(all_rewards.numel() - scored.numel()),
                        **reward_metrics(self.rewards, all_table),
-                       "reward_s": reward_s, **self.layout, **stats, **phases, **cuda_peak(),
+                       "reward_s": reward_s, **self.layout, **stats, **phases,
+                       **cuda_peak(self.peaks.run_allocated_peak if self.peaks else 0),
                        "step_s": time.perf_counter() - t0}
+            if measuring and self.step in (MEASURED_STEPS, t.steps):
+                metrics.update(self._plan_vs_actual(phases))
             self.timeline.append({k: v for k, v in phases.items() if k.endswith("_s")})
             if self.main:
                 with open(self.out / "metrics.jsonl", "a") as fh:
@@ -324,6 +434,61 @@ class GRPORecipe:
                                f"loss {stats['loss']:.4f} step {metrics['step_s']:.2f}s")
             if (cfg.save_every and self.step % cfg.save_every == 0) or (cfg.save_final and self.step == t.steps):
                 self.save()
+
+    def _peak(self, phase: str):
+        return self.peaks.phase(phase) if self.peaks is not None else contextlib.nullcontext()
+
+    def _note_resident(self) -> None:
+        """What the trainer holds as a rollout starts: gradients (freed after each step: 0) and optimizer state."""
+        grads = sum(_local(p.grad).numel() * p.grad.element_size() for p in self.model.parameters()
+                    if p.grad is not None)
+        state = resident_state_bytes(self.optimizer, self.acc.device.type)
+        seen = getattr(self, "_resident", {"gradients": 0, "optimizer_state": 0})
+        self._resident = {"gradients": max(seen["gradients"], grads), "optimizer_state": max(seen["optimizer_state"], state)}
+
+    def _plan_vs_actual(self, phases: dict) -> dict:
+        """The plan against what the first steps measured (written to memory_plan.json, logged to W&B); returns the
+        flat metrics for this step's line. Exact on any device: the trainer's weights, its optimizer state, the
+        gradients left at a rollout. On CUDA also: each phase's device-wide peak, the engine's memory awake (at its
+        start) and asleep, the activations (PyTorch's peak in training less what it held before and the gradients)."""
+        GIB = memory_plan.GIB
+        dev = self.acc.device.type
+        weights = sum(_local(p).numel() * p.element_size() for p in self.model.parameters())
+        state = resident_state_bytes(self.optimizer, dev)
+        if self.offload is not None and self.offload.active:
+            state = int(phases.get("optimizer_offload_gib", 0.0) * GIB)  # what went to the host: the whole state
+        rollout = {"trainer_weights": weights / GIB, "gradients": self._resident["gradients"] / GIB,
+                   "optimizer_state": self._resident["optimizer_state"] / GIB}
+        training = {"trainer_weights": weights / GIB, "optimizer_state": state / GIB}
+        p = self.peaks
+        if p is not None and p.active:
+            self.peaks.stop()
+            rollout["total"] = p.used.get("rollout", 0) / GIB
+            training["total"] = p.used.get("training", 0) / GIB
+            if hasattr(self, "engine_taken"):
+                rollout["engine"] = self.engine_taken / GIB
+                if "memory_freed_gib" in phases:
+                    training["engine_asleep"] = self.engine_taken / GIB - phases["memory_freed_gib"]
+            if self.offload is None and "training" in p.allocated:
+                grads = sum(_local(q).numel() * q.element_size() for q in self.model.parameters() if q.requires_grad)
+                training["activations"] = (p.allocated["training"] - p.allocated_at_start["training"] - grads) / GIB
+        measured = {"rollout": rollout, "training": training}
+        comparison = memory_plan.compare(self.plan, measured)
+        flat = {f"memory/{ph}/{name}_{k}": v for ph, rows in comparison.items() for name, row in rows.items()
+                for k, v in row.items()}
+        if self.main:
+            (self.out / "memory_plan.json").write_text(json.dumps(
+                {"plan": self.plan.as_dict(), "measured_gib": measured, "measured_at_step": self.step,
+                 "comparison": comparison}, indent=2))
+            self.tracker.log_table("memory_plan_vs_actual", ["phase", "component", "plan_gib", "measured_gib", "diff_gib"],
+                                   [[ph, name, row["plan_gib"], row["measured_gib"], row["diff_gib"]]
+                                    for ph, rows in comparison.items() for name, row in rows.items()])
+            self.tracker.update_summary(flat)
+            totals = [f"{ph} {rows['total']['plan_gib']:.2f} planned / {rows['total']['measured_gib']:.2f} measured"
+                      for ph, rows in comparison.items() if "total" in rows]
+            self.acc.print(f"memory plan vs measured (GiB, steps 1-{self.step}): "
+                           + ("; ".join(totals) or "no device-wide figures off CUDA") + f" (memory_plan.json)")
+        return flat
 
     def _score(self, examples: list[dict], comps) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Every reward on this rank's completions, in the data's format (TRL's call): the weighted sum
@@ -390,9 +555,20 @@ class GRPORecipe:
         self.watchdog.close()
 
 
-def cuda_peak() -> dict:
-    """The trainer side's (PyTorch allocator: policy, optimizer, reward models) peak GPU memory so far."""
-    return {"cuda_peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30} if torch.cuda.is_available() else {}
+MEASURED_STEPS = 2  # the plan is compared with steps 1-2: the optimizer's state appears at step 1's update
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP2 DTensor (the tensor itself otherwise)."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def cuda_peak(floor: int = 0) -> dict:
+    """PyTorch's allocator peak GPU memory so far (the trainer's tensors, and the vLLM tensors it books), at
+    least ``floor`` (a peak kept across ``reset_peak_memory_stats``)."""
+    if not torch.cuda.is_available():
+        return {}
+    return {"cuda_peak_allocated_gib": max(torch.cuda.max_memory_allocated(), floor) / 2**30}
 
 
 def phase_timeline(rows: list[dict], path: Path) -> Path | None:

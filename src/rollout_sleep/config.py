@@ -38,6 +38,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 LOAD_METHODS = ("auto", "reload", "load_weights", "direct")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 WANDB_MODES = ("offline", "online", "disabled")
+MEMORY_PLAN_MODES = ("refuse", "warn", "off")
 DATASET_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
 
@@ -160,6 +161,7 @@ def _check_values(cfg: RecipeConfig) -> list[str]:
     """Choices and ranges of every field."""
     from .checkpoints import SHAPES
     from .grpo import LOSS_TYPES, SAMPLING_CORRECTIONS
+    from .optim import OPTIMIZERS, missing_package
 
     out: list[str] = []
 
@@ -213,6 +215,13 @@ def _check_values(cfg: RecipeConfig) -> list[str]:
     if not (math.isfinite(t.max_grad_norm) and t.max_grad_norm > 0):
         out.append(f"train.max_grad_norm must be > 0, got {t.max_grad_norm!r}")
     choice("train.mixed_precision", t.mixed_precision, MIXED_PRECISION)
+    choice("train.optimizer", t.optimizer, OPTIMIZERS)
+    if t.optimizer in OPTIMIZERS and missing_package(t.optimizer):
+        out.append(missing_package(t.optimizer))
+    choice("train.memory_plan", t.memory_plan, MEMORY_PLAN_MODES)
+    if t.memory_budget_gib is not None and not (math.isfinite(t.memory_budget_gib) and t.memory_budget_gib > 0):
+        out.append(f"train.memory_budget_gib must be > 0 (or null: the free GPU memory), got {t.memory_budget_gib!r}")
+    at_least("train.memory_headroom_gib", t.memory_headroom_gib, 0)
     choice("train.sampling_correction", t.sampling_correction, SAMPLING_CORRECTIONS)
     choice("train.loss", t.loss, LOSS_TYPES)
     at_least("train.sampling_clip_min", t.sampling_clip_min, 0, optional=True)

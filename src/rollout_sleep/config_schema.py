@@ -86,6 +86,19 @@ class TrainConfig:
     max_grad_norm: float = _opt(1.0, "clip the gradients' global norm to this")
     mixed_precision: str = _opt("no", "no / bf16 / fp16 (accelerate)")
     gradient_checkpointing: bool = _opt(False, "recompute activations in the backward pass (less memory)")
+    optimizer: str = _opt("adamw", "adamw: PyTorch's AdamW (fused on GPU; its moments take the weights' dtype: 4 "
+                                   "bytes of state per bf16 parameter) / adamw8bit: bitsandbytes' AdamW8bit (~2 "
+                                   "bytes per parameter; needs pip install bitsandbytes)")
+    offload_optimizer: bool = _opt(False, "keep the optimizer state in pinned host memory except during the "
+                                          "optimizer step (frees it for the rollout and the activations; costs a "
+                                          "copy each way per step, logged as optimizer_offload_s / _reload_s)")
+    memory_plan: str = _opt("refuse", "the per-phase GPU memory plan printed before vLLM starts: refuse = stop "
+                                      "with the knobs to turn when a phase does not fit / warn = say so and run "
+                                      "anyway / off = no plan")
+    memory_budget_gib: float | None = _opt(None, "GPU memory the plan must fit, in GiB (null: the free memory at "
+                                                 "start; on CPU the plan is then printed but not checked)")
+    memory_headroom_gib: float = _opt(2.0, "GiB each phase must leave free in the plan (the estimates' error, "
+                                           "the allocator's fragmentation)")
     sampling_correction: str = _opt("sequence_mask", "reweight the loss by the trainer/vLLM probability ratio "
                                                      "(TRL's vllm_importance_sampling_*): none / token_truncate / "
                                                      "token_mask / sequence_truncate / sequence_mask")

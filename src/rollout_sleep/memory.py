@@ -130,3 +130,68 @@ class WakeBudget:
         if free_before_map is not None:  # what this wake took: the next wake's need
             report.memory_gib["before_map"] = free_before_map
             self.need_gib = max(0.0, free_before_map - report.memory_gib["awake"])
+
+
+class PhasePeaks:
+    """Peak GPU memory per named phase (CUDA; inert elsewhere): device-wide, as ``base_free`` minus the least free
+    memory a thread sees (sampled every ``period_s`` while started, and at each phase's edges), so vLLM's
+    allocations outside PyTorch count; and PyTorch's allocator peak within the phase (``reset_peak_memory_stats``
+    at its start; ``run_allocated_peak`` keeps the peak over the whole run for the caller)."""
+
+    def __init__(self, base_free: int | None = None, period_s: float = 0.01):
+        import threading
+
+        self.active = torch.cuda.is_available()
+        self.base_free = base_free if base_free is not None or not self.active else torch.cuda.mem_get_info()[0]
+        self.period = period_s
+        self.used: dict[str, int] = {}
+        self.allocated: dict[str, int] = {}
+        self.allocated_at_start: dict[str, int] = {}
+        self.run_allocated_peak = 0
+        self._phase: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True, name="rollout-sleep-phase-peaks")
+
+    def start(self) -> "PhasePeaks":
+        if self.active:
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        if self.active:
+            self.run_allocated_peak = max(self.run_allocated_peak, torch.cuda.max_memory_allocated())
+
+    def _sample(self) -> None:
+        phase = self._phase
+        if phase is not None:
+            used = self.base_free - torch.cuda.mem_get_info()[0]
+            self.used[phase] = max(self.used.get(phase, used), used)
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.period):
+            self._sample()
+
+    @contextmanager
+    def phase(self, name: str):
+        """Attribute the block's memory to ``name`` (its peaks are the maxima over every block of that name)."""
+        if not self.active or self._stop.is_set():
+            yield
+            return
+        torch.cuda.synchronize()
+        self.run_allocated_peak = max(self.run_allocated_peak, torch.cuda.max_memory_allocated())
+        torch.cuda.reset_peak_memory_stats()
+        self.allocated_at_start[name] = torch.cuda.memory_allocated()
+        self._phase = name
+        self._sample()
+        try:
+            yield
+        finally:
+            torch.cuda.synchronize()
+            self._sample()
+            self._phase = None
+            peak = torch.cuda.max_memory_allocated()
+            self.allocated[name] = max(self.allocated.get(name, 0), peak)
+            self.run_allocated_peak = max(self.run_allocated_peak, peak)

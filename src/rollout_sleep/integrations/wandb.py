@@ -17,6 +17,12 @@ class NullTracker:
     def log_image(self, key: str, path: str | Path, step: int | None = None) -> None:
         pass
 
+    def log_table(self, key: str, columns: list[str], rows: list[list]) -> None:
+        pass
+
+    def update_summary(self, values: dict[str, Any]) -> None:
+        pass
+
     def finish(self) -> None:
         pass
 
@@ -38,6 +44,13 @@ class WandbTracker:
 
     def log_image(self, key: str, path: str | Path, step: int | None = None) -> None:
         self.run.log({key: self._wandb.Image(str(path))}, step=step)
+
+    def log_table(self, key: str, columns: list[str], rows: list[list]) -> None:
+        """A table (e.g. the memory plan), logged once with the next step's metrics."""
+        self.run.log({key: self._wandb.Table(columns=columns, data=rows)}, commit=False)
+
+    def update_summary(self, values: dict[str, Any]) -> None:
+        self.run.summary.update(values)
 
     def finish(self) -> None:
         self.run.finish()
