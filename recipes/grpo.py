@@ -288,8 +288,10 @@ class GRPORecipe:
             inputs = dataclasses.replace(inputs, kv_cache_bytes=256 << 20)  # the engine's CPU default
         plan = memory_plan.plan_memory(inputs, budget, int(t.memory_headroom_gib * GIB), tuple(notes))
         self.acc.print(plan.table())
-        if self.main:
-            (self.out / "memory_plan.json").write_text(json.dumps({"plan": plan.as_dict()}, indent=2))
+        if self.main:  # a resumed run keeps the comparison its first steps measured
+            path = self.out / "memory_plan.json"
+            earlier = json.loads(path.read_text()) if path.exists() else {}
+            path.write_text(json.dumps({**earlier, "plan": plan.as_dict()}, indent=2))
         self._enforce(plan)
         return plan
 

@@ -75,7 +75,7 @@ def test_accelerate_launch_learns_and_writes_wandb_run_metrics_and_checkpoints(t
     # seed 1 0.06 -> 0.60, seed 2 0.04 -> 0.44. The threshold, +0.2, is half the smallest gain seen and
     # ~4x the step-to-step noise; a recipe that does not learn stays near the random model's 0.03.
     out = tmp_path / "run"
-    finish(launch(out, "train.seed=1", "model.seed=1", "save_every=6"))
+    log = finish(launch(out, "train.seed=1", "model.seed=1", "save_every=6"))
     rows = metrics(out)
     assert [r["step"] for r in rows] == list(range(1, 13))
     rewards = [r["reward_mean"] for r in rows]
@@ -88,6 +88,19 @@ def test_accelerate_launch_learns_and_writes_wandb_run_metrics_and_checkpoints(t
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
     assert (out / "phase_timeline.png").stat().st_size > 1000
+    # the memory plan: printed before the engine (not checked on CPU), compared with steps 1-2, in W&B as tables;
+    # the trainer's weights and its AdamW state (fp32: 8 bytes a parameter and a step counter) exactly as planned
+    assert log.index("memory plan:") < log.index("starting the vLLM engine") and "not checked" in log
+    plan = json.loads((out / "memory_plan.json").read_text())
+    assert plan["measured_at_step"] == 2 and plan["plan"]["inputs"]["optimizer"] == "adamw"
+    cmp = plan["comparison"]
+    for phase, name in [("rollout", "trainer_weights"), ("rollout", "optimizer_state"), ("rollout", "gradients"),
+                        ("training", "optimizer_state")]:
+        assert cmp[phase][name]["diff_gib"] == 0.0, (phase, name, cmp[phase][name])
+    assert cmp["rollout"]["optimizer_state"]["measured_gib"] > 0 and cmp["rollout"]["gradients"]["measured_gib"] == 0
+    assert rows[1]["memory/rollout/trainer_weights_measured_gib"] > 0
+    tables = sorted(p.name.rsplit("_", 2)[0] for p in runs[0].glob("files/media/table/*.table.json"))
+    assert tables == ["memory_plan", "memory_plan_vs_actual"], tables
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_12", "step_6"]
 
 

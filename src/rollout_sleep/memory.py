@@ -142,6 +142,7 @@ class PhasePeaks:
         import threading
 
         self.active = torch.cuda.is_available()
+        self.device = torch.cuda.current_device() if self.active else None  # the thread asks about this rank's GPU
         self.base_free = base_free if base_free is not None or not self.active else torch.cuda.mem_get_info()[0]
         self.period = period_s
         self.used: dict[str, int] = {}
@@ -167,7 +168,7 @@ class PhasePeaks:
     def _sample(self) -> None:
         phase = self._phase
         if phase is not None:
-            used = self.base_free - torch.cuda.mem_get_info()[0]
+            used = self.base_free - torch.cuda.mem_get_info(self.device)[0]
             self.used[phase] = max(self.used.get(phase, used), used)
 
     def _poll(self) -> None:

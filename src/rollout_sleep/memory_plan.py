@@ -78,7 +78,7 @@ class ModelShape:
     def _dims(cls, cfg: dict, numels) -> "ModelShape":
         cfg = cfg.get("text_config", cfg)
         heads = cfg["num_attention_heads"]
-        return cls(tuple(int(n) for n in numels), cfg["hidden_size"], cfg["num_hidden_layers"], heads,
+        return cls(tuple(sorted(int(n) for n in numels)), cfg["hidden_size"], cfg["num_hidden_layers"], heads,
                    cfg.get("num_key_value_heads") or heads, cfg.get("head_dim") or cfg["hidden_size"] // heads,
                    cfg.get("intermediate_size") or 4 * cfg["hidden_size"], cfg["vocab_size"])
 
@@ -267,7 +267,8 @@ def plan_memory(i: PlanInputs, budget_bytes: int | None = None, headroom_bytes: 
         resident["reference_model"] = ref
     if i.reward_model_bytes:
         resident["reward_models"] = i.reward_model_bytes
-    rollout = {**resident, "engine_weights": -(-s.params * eb // i.engine_shards), "kv_cache": i.kv_cache_bytes, "engine_workspace": workspace}
+    rollout = {**resident, "engine_weights": -(-s.params * eb // i.engine_shards), "kv_cache": i.kv_cache_bytes,
+               "engine_workspace": workspace}
     acts = activation_bytes(i) + (s.params * 2 if i.autocast else 0)
     training = {**resident, "optimizer_state": state, "gradients": -(-s.params * b // gs), "activations": acts,
                 "engine_asleep": i.engine_asleep_bytes}
@@ -341,8 +342,9 @@ def compare(plan: MemoryPlan, measured: dict[str, dict[str, float]]) -> dict[str
     ``diff`` = measured - planned.
 
     >>> plan = MemoryPlan(PlanInputs(None), {"rollout": {"engine_weights": GIB, "kv_cache": GIB}, "training": {}})
-    >>> compare(plan, {"rollout": {"engine": 2.5, "total": 2.0, "unplanned": 1.0}})
-    {'rollout': {'engine': {'plan_gib': 2.0, 'measured_gib': 2.5, 'diff_gib': 0.5}, 'total': {'plan_gib': 2.0, 'measured_gib': 2.0, 'diff_gib': 0.0}}}
+    >>> rows = compare(plan, {"rollout": {"engine": 2.5, "total": 2.0, "unplanned": 1.0}})["rollout"]
+    >>> rows["engine"], sorted(rows)
+    ({'plan_gib': 2.0, 'measured_gib': 2.5, 'diff_gib': 0.5}, ['engine', 'total'])
     """
     out: dict[str, dict[str, float]] = {}
     for phase, values in measured.items():

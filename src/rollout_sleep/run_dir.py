@@ -180,7 +180,7 @@ def clear_run(out: Path, config: dict) -> list[str]:
     if _previous_config(out) is None:  # not a run of this recipe (check_output_dir refuses those): touch nothing
         return []
     gone = ["model"] if drop_stale_model(out, config) else []
-    for name in ["metrics.jsonl", "metrics.superseded.jsonl", "checkpoints", RUN_CONFIG]:
+    for name in ["metrics.jsonl", "metrics.superseded.jsonl", "checkpoints", RUN_CONFIG, "memory_plan.json"]:
         if name == "checkpoints":  # only what the recipe writes there; anything else stays
             ckpts = out / name
             ours = [p for p in ckpts.iterdir() if _STEP.match(p.name) or p.name.startswith(STAGING_PREFIX)

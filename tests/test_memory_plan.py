@@ -1,0 +1,158 @@
+"""The memory plan's arithmetic (dtypes, optimizers, knobs, the 8B verdicts), its refusal before vLLM starts, the
+optimizer settings' checks, and the optimizer state's offload (a real transfer on CUDA; nothing to move on CPU)."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from rollout_sleep.checkpoints import qwen3_config
+from rollout_sleep.config import ConfigError, load_config
+from rollout_sleep.memory_plan import (GIB, MemoryPlanError, ModelShape, PlanInputs, activation_bytes, check,
+                                       plan_memory, problems)
+from rollout_sleep.optim import OptimizerOffload, build_optimizer, optimizer_state_bytes, resident_state_bytes
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "tiny-cpu.yaml"
+
+
+def test_plan_arithmetic_follows_the_dtypes_and_the_knobs(ckpts):
+    """Counts from a checkpoint's headers equal the model's (tied head once); weights and gradients take the
+    dtype, PyTorch AdamW's moments the weights' dtype (bf16: 4 bytes a parameter, not fp32 Adam's 8), AdamW8bit
+    ~2; gradients are freed for the rollout; offload takes the state out of the rollout and keeps it apart from
+    the activations in training; checkpointing and smaller micro-batches lower the activations."""
+    shape = ModelShape.from_checkpoint(ckpts["tied0"])
+    assert shape == ModelShape.from_config(qwen3_config("tiny"))
+    n, tensors = shape.params, len(shape.tensor_numels)
+    for b in (2, 4):
+        plan = plan_memory(PlanInputs(shape, dtype_bytes=b, optimizer="adamw"))
+        r, t = plan.phases["rollout"], plan.phases["training"]
+        assert r["trainer_weights"] == t["trainer_weights"] == t["gradients"] == n * b and r["gradients"] == 0
+        assert r["optimizer_state"] == t["optimizer_state"] == 2 * b * n + 4 * tensors
+        assert plan.total("training") == sum(t.values()) and plan.total("rollout") == sum(r.values())
+    big = [(10**6, 2)]
+    assert optimizer_state_bytes("adamw8bit", big) / 10**6 == pytest.approx(2.03, abs=0.01)
+    assert optimizer_state_bytes("adamw", big) / 10**6 == pytest.approx(4.0, abs=0.01)
+
+    base = PlanInputs(shape, dtype_bytes=2, micro_batch=64, seq_len=512, completion_len=256,
+                      gradient_checkpointing=False)
+    off = plan_memory(dataclasses.replace(base, offload_optimizer=True))
+    on = plan_memory(base)
+    assert off.phases["rollout"]["optimizer_state"] == 0 and on.phases["rollout"]["optimizer_state"] > 0
+    t = off.phases["training"]
+    assert off.total("training") == on.total("training") - min(t["activations"], t["optimizer_state"])
+    assert activation_bytes(dataclasses.replace(base, gradient_checkpointing=True)) < activation_bytes(base)
+    assert activation_bytes(dataclasses.replace(base, micro_batch=32)) < activation_bytes(base)
+
+
+def test_8b_on_an_80gb_card_verdicts_and_refusal_message():
+    """Qwen3-8B on the free memory of an 80 GB H100 (78.5 GiB): fp32 weights with AdamW are refused, naming the
+    phase, the excess and the knobs with what each makes of it; bf16 with AdamW8bit fits; gradient checkpointing
+    off at micro-batch 32 does not, and the message names the micro-batch that does."""
+    shape = ModelShape.from_config(qwen3_config("qwen3-8b"))
+    assert shape.params == 8_190_735_360  # Qwen3-8B (untied head)
+    kv = 4 * GIB
+    inputs = PlanInputs(shape, dtype_bytes=4, optimizer="adamw", micro_batch=32, seq_len=168, completion_len=128,
+                        kv_cache_bytes=kv)
+    plan = plan_memory(inputs, budget_bytes=int(78.5 * GIB))
+    assert plan.phases["training"]["optimizer_state"] / GIB == pytest.approx(61.0, abs=0.1)  # fp32 Adam: 8 B/param
+    with pytest.raises(MemoryPlanError) as err:
+        check(plan)
+    msg = str(err.value)
+    assert msg.startswith("the memory plan does not fit in 2 phases")
+    assert "training needs" in msg and "GiB over" in msg and "train.optimizer=adamw8bit ->" in msg
+    assert "train.offload_optimizer=true ->" in msg and "train.memory_plan=warn" in msg
+    lean = plan_memory(dataclasses.replace(inputs, dtype_bytes=2, optimizer="adamw8bit"), int(78.5 * GIB))
+    assert lean.fits() and problems(lean) == []
+    assert lean.phases["training"]["optimizer_state"] / GIB == pytest.approx(15.6, abs=0.2)
+    no_ckpt = plan_memory(dataclasses.replace(inputs, dtype_bytes=2, optimizer="adamw8bit",
+                                              gradient_checkpointing=False), int(78.5 * GIB))
+    (only,) = problems(no_ckpt)
+    assert only.startswith("training needs") and "train.gradient_checkpointing=true ->" in only
+    assert "(the largest that fits, halving)" in only
+
+
+def test_recipe_prints_the_plan_and_refuses_before_the_engine_starts(tmp_path, monkeypatch, capsys):
+    """On CPU the plan is printed and checked only against ``train.memory_budget_gib``: a budget too small stops
+    setup with the plan's message before the engine is built; ``warn`` goes on to the engine."""
+    spec = importlib.util.spec_from_file_location("grpo_recipe", ROOT / "recipes" / "grpo.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    built = []
+
+    def no_engine(*args, **kwargs):
+        built.append(kwargs)
+        raise RuntimeError("the engine was reached")
+
+    monkeypatch.setattr(recipe, "Engine", no_engine)
+    args = [f"output_dir={tmp_path / 'run'}", "train.memory_budget_gib=0.5", "train.memory_headroom_gib=0.1"]
+    with pytest.raises(recipe.ConfigError, match=r"(?s)the memory plan does not fit.*rollout needs .* GiB of the 0.50 GiB"):
+        recipe.GRPORecipe(recipe.load_config(str(CONFIG), args)).setup()
+    assert built == []
+    printed = capsys.readouterr().out
+    assert "memory plan:" in printed and "free of 0.50" in printed
+    assert (tmp_path / "run" / "memory_plan.json").exists()
+    with pytest.raises(RuntimeError, match="the engine was reached"):
+        warn = [f"output_dir={tmp_path / 'warn'}", *args[1:], "train.memory_plan=warn"]
+        recipe.GRPORecipe(recipe.load_config(str(CONFIG), warn)).setup()
+    assert len(built) == 1 and "running anyway" in capsys.readouterr().out
+
+
+def test_optimizer_settings_are_checked_up_front(monkeypatch):
+    assert load_config(None, ["train.optimizer=adamw", "train.offload_optimizer=true"]).train.offload_optimizer
+    for override, message in [("train.optimizer=sgd", "train.optimizer must be one of adamw, adamw8bit"),
+                              ("train.memory_plan=maybe", "train.memory_plan must be one of refuse, warn, off"),
+                              ("train.memory_budget_gib=0", "train.memory_budget_gib must be > 0"),
+                              ("train.memory_headroom_gib=-1", "train.memory_headroom_gib must be >= 0")]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, [override])
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"needs bitsandbytes, which is not installed: pip install bitsandbytes"):
+        load_config(None, ["train.optimizer=adamw8bit"])
+    with pytest.raises(ImportError, match="pip install bitsandbytes"):
+        build_optimizer("adamw8bit", torch.nn.Linear(2, 2).parameters(), lr=1e-3, weight_decay=0.0)
+
+
+def _steps(model, opt, offload, n=3):
+    g = torch.Generator(device=next(model.parameters()).device).manual_seed(0)
+    for _ in range(n):
+        x = torch.randn(8, 64, generator=g, device=g.device)
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if offload is not None:
+            assert resident_state_bytes(opt, g.device.type) == 0 or g.device.type == "cpu"
+
+
+def test_offload_is_a_no_op_where_the_parameters_live_on_the_host():
+    model = torch.nn.Linear(64, 64)
+    opt = build_optimizer("adamw", model.parameters(), lr=1e-2, weight_decay=0.0)
+    offload = OptimizerOffload(opt)
+    _steps(model, opt, offload)
+    assert not offload.active and offload.pop_timings() == {} and offload.offload() == 0
+    assert resident_state_bytes(opt, "cpu") == optimizer_state_bytes("adamw", [(64 * 64, 4), (64, 4)])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_offload_moves_the_state_off_the_gpu_between_steps_and_changes_nothing():
+    """Fused AdamW on CUDA: with the state offloaded the weights after 3 steps are bitwise those without; between
+    steps no state is on the GPU, and the timings report what moved."""
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(64, 64).cuda()
+    model = torch.nn.Linear(64, 64).cuda()
+    model.load_state_dict(ref.state_dict())
+    opt_ref = build_optimizer("adamw", ref.parameters(), lr=1e-2, weight_decay=0.1, fused=True)
+    opt = build_optimizer("adamw", model.parameters(), lr=1e-2, weight_decay=0.1, fused=True)
+    offload = OptimizerOffload(opt)
+    _steps(ref, opt_ref, None)
+    _steps(model, opt, offload)
+    assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), model.parameters()))
+    assert resident_state_bytes(opt, "cuda") == 0 and resident_state_bytes(opt, "cpu") > 0
+    t = offload.pop_timings()
+    assert t["optimizer_offload_s"] > 0 and t["optimizer_reload_s"] > 0 and t["optimizer_offload_gib"] > 0
