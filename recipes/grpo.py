@@ -267,11 +267,13 @@ class GRPORecipe:
         budget = int(t.memory_budget_gib * GIB) if t.memory_budget_gib is not None else (free if cuda else None)
         if budget is None:
             notes.append("no GPU: the plan is printed, not checked (train.memory_budget_gib checks it against a budget)")
+        if t.offload_optimizer and not cuda:
+            notes.append("train.offload_optimizer: the parameters live in host memory already; nothing moves")
         b = torch.empty((), dtype=getattr(torch, cfg.model.dtype)).element_size()
         shape = memory_plan.ModelShape.from_checkpoint(self.model_path)
         sequences = t.prompts_per_step // self.acc.num_processes * t.generations  # a rank's completions per step
         inputs = memory_plan.PlanInputs(
-            shape, dtype_bytes=b, optimizer=t.optimizer, offload_optimizer=t.offload_optimizer,
+            shape, dtype_bytes=b, optimizer=t.optimizer, offload_optimizer=t.offload_optimizer and cuda,
             micro_batch=min(t.micro_batch, sequences), seq_len=self._longest_prompt() + t.max_tokens,
             completion_len=t.max_tokens, gradient_checkpointing=t.gradient_checkpointing,
             autocast=t.mixed_precision != "no" and b == 4, reference_model=t.kl_coef > 0,
