@@ -373,10 +373,12 @@ def table_row(size: str, result: dict, arm: str = "ours") -> dict:
     """One row of the largest-model table: the arm's step time, peak, headroom and knobs."""
     r = result.get(arm, {})
     plan = (r.get("memory_plan") or {}).get("plan", {})
+    measured = (r.get("memory_plan") or {}).get("comparison", {})
     return {"size": size, "arm": arm, "median_step_s": r.get("median_step_s"), "peak_gpu_used_gib": r.get("peak_gpu_used_gib"),
             "headroom_gib": r.get("headroom_gib"), "knobs": {**result.get("config_knobs", {}),
                                                             "overrides": r.get("overrides")},
             "plan_gib": {p: v.get("total") for p, v in plan.get("phases", {}).items()},
+            "measured_gib": {p: v["total"]["measured_gib"] for p, v in measured.items() if "total" in v},
             "status": "ok" if "median_step_s" in r else "refused" if "refused" in r else "failed"}
 
 

@@ -78,7 +78,7 @@ from rollout_sleep.config import (ConfigError, RecipeConfig, check_processes, lo
 from rollout_sleep.data import (check_prompts, completions_for_rewards, is_conversational,  # noqa: E402
                                 load_prompts, prepare_prompts, prompt_token_ids)
 from rollout_sleep.engine import Engine  # noqa: E402
-from rollout_sleep.memory import PhasePeaks, kv_cache_bytes_for  # noqa: E402
+from rollout_sleep.memory import PhasePeaks, cached_free_bytes, kv_cache_bytes_for  # noqa: E402
 from rollout_sleep import memory_plan  # noqa: E402
 from rollout_sleep.optim import OptimizerOffload, build_optimizer, resident_state_bytes  # noqa: E402
 from rollout_sleep.grpo import grpo_update  # noqa: E402
@@ -447,8 +447,12 @@ class GRPORecipe:
         grads = sum(_local(p.grad).numel() * p.grad.element_size() for p in self.model.parameters()
                     if p.grad is not None)
         state = resident_state_bytes(self.optimizer, self.acc.device.type)
-        seen = getattr(self, "_resident", {"gradients": 0, "optimizer_state": 0})
-        self._resident = {"gradients": max(seen["gradients"], grads), "optimizer_state": max(seen["optimizer_state"], state)}
+        # PyTorch's cached free blocks (the trainer's last activations, kept while they leave vLLM room to wake:
+        # engine.keep_trainer_cache): in the device-wide figure, not in the plan
+        cache = cached_free_bytes() if torch.cuda.is_available() else 0
+        now = {"gradients": grads, "optimizer_state": state, "pytorch_cached_free": cache}
+        seen = getattr(self, "_resident", now)
+        self._resident = {k: max(v, seen[k]) for k, v in now.items()}
 
     def _plan_vs_actual(self, phases: dict) -> dict:
         """The plan against what the first steps measured (written to memory_plan.json, logged to W&B); returns the
@@ -463,6 +467,8 @@ class GRPORecipe:
             state = int(phases.get("optimizer_offload_gib", 0.0) * GIB)  # what went to the host: the whole state
         rollout = {"trainer_weights": weights / GIB, "gradients": self._resident["gradients"] / GIB,
                    "optimizer_state": self._resident["optimizer_state"] / GIB}
+        if torch.cuda.is_available():
+            rollout["pytorch_cached_free"] = self._resident["pytorch_cached_free"] / GIB
         training = {"trainer_weights": weights / GIB, "optimizer_state": state / GIB}
         p = self.peaks
         if p is not None and p.active:
