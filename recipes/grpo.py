@@ -170,7 +170,8 @@ class GRPORecipe:
             model.gradient_checkpointing_enable()
         # adamw: fused on GPU, one kernel for all parameters (TRL/transformers' default optimizer too)
         optimizer = build_optimizer(cfg.train.optimizer, model.parameters(), lr=cfg.train.lr,
-                                    weight_decay=cfg.train.weight_decay, fused=torch.cuda.is_available() or None)
+                                    weight_decay=cfg.train.weight_decay, fused=torch.cuda.is_available() or None,
+                                    model=model)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         guard_optimizer(self.optimizer, self.model)  # a non-finite gradient stops the step before it applies
         # after the guard: a refused step leaves the state where it was

@@ -69,18 +69,20 @@ class ModelShape:
     head_dim: int
     intermediate_size: int
     vocab_size: int
+    embedding_numels: tuple[int, ...] = ()  # the input embeddings (adamw8bit keeps their state in float32)
 
     @property
     def params(self) -> int:
         return sum(self.tensor_numels)
 
     @classmethod
-    def _dims(cls, cfg: dict, numels) -> "ModelShape":
+    def _dims(cls, cfg: dict, numels, embeddings=()) -> "ModelShape":
         cfg = cfg.get("text_config", cfg)
         heads = cfg["num_attention_heads"]
         return cls(tuple(sorted(int(n) for n in numels)), cfg["hidden_size"], cfg["num_hidden_layers"], heads,
                    cfg.get("num_key_value_heads") or heads, cfg.get("head_dim") or cfg["hidden_size"] // heads,
-                   cfg.get("intermediate_size") or 4 * cfg["hidden_size"], cfg["vocab_size"])
+                   cfg.get("intermediate_size") or 4 * cfg["hidden_size"], cfg["vocab_size"],
+                   tuple(sorted(int(n) for n in embeddings)))
 
     @classmethod
     def from_checkpoint(cls, path: str | Path) -> "ModelShape":
@@ -89,7 +91,8 @@ class ModelShape:
 
         spec = read_checkpoint_spec(path)
         numels = [_numel(s.shape) for s in spec.values()]
-        return cls._dims(json.loads(Path(path, "config.json").read_text()), numels)
+        embeddings = [_numel(s.shape) for name, s in spec.items() if name.endswith("embed_tokens.weight")]
+        return cls._dims(json.loads(Path(path, "config.json").read_text()), numels, embeddings)
 
     @classmethod
     def from_config(cls, config) -> "ModelShape":
@@ -99,7 +102,8 @@ class ModelShape:
 
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
-        return cls._dims(config.to_dict(), [p.numel() for p in model.parameters()])
+        embeddings = [m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+        return cls._dims(config.to_dict(), [p.numel() for p in model.parameters()], embeddings)
 
 
 def checkpoint_params(path: str | Path) -> int:
@@ -259,7 +263,7 @@ def plan_memory(i: PlanInputs, budget_bytes: int | None = None, headroom_bytes: 
     eb = i.engine_dtype_bytes or b
     ws, gs, os_ = i.shards
     weights = -(-s.params * b // ws)
-    state = -(-optimizer_state_bytes(i.optimizer, [(n, b) for n in s.tensor_numels]) // os_)
+    state = -(-optimizer_state_bytes(i.optimizer, [(n, b) for n in s.tensor_numels], s.embedding_numels) // os_)
     ref = s.params * b if i.reference_model else 0
     workspace = estimate_engine_workspace(s, eb) if i.engine_workspace_bytes is None else i.engine_workspace_bytes
     resident = {"trainer_weights": weights, "optimizer_state": 0 if i.offload_optimizer else state, "gradients": 0}

@@ -3,7 +3,8 @@
 ``train.optimizer``: ``adamw`` (PyTorch's AdamW, fused on CUDA; its two moments take the parameters' dtype,
 so bf16 weights carry 4 bytes of state per parameter, float32 weights 8) or ``adamw8bit`` (bitsandbytes'
 ``AdamW8bit``, imported only when asked: two uint8 moments with a float32 scale per 256-element block; tensors
-under 4096 elements keep float32 moments).
+under 4096 elements keep float32 moments, and so do the embeddings, as transformers' Trainer (and so TRL) sets
+up its 8-bit AdamW for stability).
 
 >>> optimizer_state_bytes("adamw", [(1000, 2)])  # 1000 bf16 parameters: two bf16 moments and a float32 step
 4004
@@ -38,9 +39,16 @@ def missing_package(kind: str) -> str | None:
     return None
 
 
-def optimizer_state_bytes(kind: str, tensors) -> int:
-    """Bytes of optimizer state for parameters given as ``(numel, element_size)`` pairs, one per tensor."""
+def optimizer_state_bytes(kind: str, tensors, state32=()) -> int:
+    """Bytes of optimizer state for parameters given as ``(numel, element_size)`` pairs, one per tensor;
+    ``state32``: the element counts of tensors among them whose 8-bit state is kept in float32 (embeddings)."""
     total = 2 * 256 * 4 if kind == "adamw8bit" else 0  # bitsandbytes' two quantization maps, shared
+    tensors = list(tensors)
+    if kind == "adamw8bit":
+        for numel in state32:
+            size = next(sz for n, sz in tensors if n == numel)
+            tensors.remove((numel, size))
+            total += 2 * numel * 4
     for numel, size in tensors:
         if kind == "adamw":
             total += 2 * numel * size + 4  # two moments, and its float32 step counter
@@ -54,9 +62,10 @@ def optimizer_state_bytes(kind: str, tensors) -> int:
     return total
 
 
-def build_optimizer(kind: str, params, *, lr: float, weight_decay: float,
-                    fused: bool | None = None) -> torch.optim.Optimizer:
-    """The optimizer ``kind`` (see :data:`OPTIMIZERS`) over ``params`` (``fused``: PyTorch AdamW's)."""
+def build_optimizer(kind: str, params, *, lr: float, weight_decay: float, fused: bool | None = None,
+                    model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+    """The optimizer ``kind`` (see :data:`OPTIMIZERS`) over ``params`` (``fused``: PyTorch AdamW's). For
+    ``adamw8bit``, ``model``'s embeddings keep 32-bit state (transformers' Trainer does the same)."""
     if kind == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
     if kind == "adamw8bit":
@@ -65,7 +74,13 @@ def build_optimizer(kind: str, params, *, lr: float, weight_decay: float,
             raise ImportError(problem)
         import bitsandbytes as bnb
 
-        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
+        optimizer = bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
+        if model is not None:
+            manager = bnb.optim.GlobalOptimManager.get_instance()
+            for module in model.modules():
+                if isinstance(module, torch.nn.Embedding):
+                    manager.register_module_override(module, "weight", {"optim_bits": 32})
+        return optimizer
     raise ValueError(f"unknown optimizer {kind!r}; choose one of {', '.join(OPTIMIZERS)}")
 
 
