@@ -30,11 +30,22 @@ rewards, verify runs (``--verify-every``), and the device-wide peak and the head
 (out of memory) records the innermost frames where it did. ``--sizes a,b`` runs the arms for each size into one JSON
 with a table (step time, peak, headroom, knobs).
 
+One call each (<= 10 min; 8B needs bitsandbytes for its config's AdamW8bit; arms of one size merge into --out):
+
+    # 8B, the config's knobs, 20 steps, verify every 10th sync (+ the no-checkpointing refusal, seconds)
     python benchmarks/grpo_vs_trl.py --size qwen3-8b --steps 20 --arms ours,ours_no_ckpt --verify-every 10 \
+        --arm-timeout 500 --out results/h100/grpo_vs_trl_qwen3-8b.json
+    # TRL 1.16 with the same optimizer (adamw_bnb_8bit), micro-batch and checkpointing; an OOM is recorded with where
+    python benchmarks/grpo_vs_trl.py --size qwen3-8b --steps 12 --arms trl --arm-timeout 540 \
         --out results/h100/grpo_vs_trl_qwen3-8b.json
-    python benchmarks/grpo_vs_trl.py --size qwen3-8b --steps 12 --arms trl --out results/h100/grpo_vs_trl_qwen3-8b.json
-    python benchmarks/grpo_vs_trl.py --sizes qwen3-0.6b,qwen3-4b --steps 20 --arms ours --out results/h100/largest_model.json
-    python benchmarks/grpo_vs_trl.py --size tiny --steps 3 --arms ours,ours_offload,trl --out /tmp/tiny.json   # CPU
+    # the knobs measured: state offloaded (transfer seconds per step), plain AdamW (bf16 moments)
+    python benchmarks/grpo_vs_trl.py --size qwen3-8b --steps 10 --arms ours_offload,ours_adamw --arm-timeout 270 \
+        --out results/h100/grpo_vs_trl_qwen3-8b.json
+    # the largest-model table's other rows (their fastest fitting knobs: ours_tuned; ours = the configs' knobs)
+    python benchmarks/grpo_vs_trl.py --sizes qwen3-0.6b,qwen3-4b --steps 20 --arms ours_tuned --verify-every 10 \
+        --arm-timeout 270 --out results/h100/largest_model.json
+    # CPU path (tiny model; TRL fails there, recorded with where)
+    python benchmarks/grpo_vs_trl.py --size tiny --steps 3 --arms ours,ours_offload,trl --out /tmp/tiny.json
 """
 
 from __future__ import annotations
