@@ -71,7 +71,7 @@ def test_sharded_engines_hold_the_trained_weights_on_gpus(tmp_path):
     from rollout_sleep.checkpoints import make_checkpoint
 
     ckpt = make_checkpoint(tmp_path / "ckpt", "tiny", seed=0, dtype="bfloat16")
-    cases = run_cases(["fsdp2", "zero3", "fsdp2-stale"], ckpt, tmp_path / "out", timeout=480)
+    cases = run_cases(["fsdp2", "zero3", "fsdp2-stale"], ckpt, tmp_path / "out", timeout=250)
     assert_engines_follow_training(cases["fsdp2"], "FSDP", sharded=True)
     assert_engines_follow_training(cases["zero3"], "DEEPSPEED", sharded=True)
     assert cases["fsdp2-stale"]["verdict"] == "stale detected", json.dumps(cases["fsdp2-stale"], indent=1)[-6000:]

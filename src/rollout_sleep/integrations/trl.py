@@ -24,6 +24,10 @@ With the patch:
   completion ids itself and never reads vLLM's text), unless the config sets stop strings;
 - timings go into TRL's logs: ``rollout_sleep/sync_s``, ``rollout_sleep/verify_s``,
   ``rollout_sleep/verify_max_abs_diff`` (and so to W&B with ``report_to="wandb"``).
+Several processes (``accelerate launch``, DDP / FSDP2 / ZeRO-3): TRL builds one engine per rank; patch the
+trainer on every rank, each rank's engine then gets the full gathered weights at each sync (checked by
+``benchmarks/trl_plugin_dist.py``; on CPU accelerate has DeepSpeed only with ``use_cpu=False,
+ddp_backend="gloo"`` and no FSDP: see docs/troubleshooting.md).
 Server mode (``vllm_mode="server"``) and ``use_vllm=False`` are refused with an error.
 On CPU, use ``vllm_enable_sleep_mode=False`` (vLLM has no sleep allocator there); stock TRL then fails at
 its first sync (its per-parameter load breaks on vLLM's repacked CPU weights), the patched trainer runs.
