@@ -2,7 +2,7 @@
 accelerate config (DDP, FSDP2, DeepSpeed ZeRO-3): does each rank's engine hold exactly the parameters the
 trainer trains, after accelerate's ``prepare`` and after each optimizer step?
 
-    python benchmarks/trl_plugin_dist.py --out results/h100x2/trl_plugin_dist --cases fsdp2,zero3,fsdp2-stale
+    python benchmarks/trl_plugin_dist.py --out results/h100x2/trl_plugin_dist --cases fsdp2,fsdp2-stale,zero3
     python benchmarks/trl_plugin_dist.py --out results/h100x2/trl_plugin_dist_more --cases zero3-stale,ddp
     python benchmarks/trl_plugin_dist.py --out /tmp/trl-dist                       # CPU: zero3, zero3-stale, ddp
 
@@ -18,14 +18,17 @@ Variant ``stale`` (cases ``fsdp2-stale``, ``zero3-stale``) is the negative contr
 a stream built at ``patch()`` time, before ``prepare`` (the plugin's old behaviour); where ``prepare`` replaces
 the parameters (FSDP2) the check must fail. Under ZeRO-3 the parameters are partitioned in place (transformers'
 ZeRO-3 init at load, the same objects after ``prepare``), so a patch-time stream still reads the trained
-weights and ``zero3-stale`` passes its checks (verdict ``stale not detected``, measured on CPU). The worker records the distributed type accelerate chose and a
-case whose sharding did not happen is reported ``unsupported``, not passed. On CPU, ZeRO-3 runs (gloo, with
-``GRPOConfig(use_cpu=False, ddp_backend="gloo")``); FSDP does not (accelerate enables it for accelerator
-device types only, on CPU the trainer would not even be sharded).
+weights and ``zero3-stale`` passes its checks (verdict ``stale not detected``, measured on CPU).
 
-Writes ``<out>/trl_plugin_dist.json`` (rewritten after every case): device, versions, per case and rank the
-checks, the plugin's logged sync/verify figures, timings, and any error. A failing case is recorded and the
-rest continue; each launch is bounded by ``--timeout`` (its whole process group is killed past it).
+The worker records the distributed type accelerate chose; a case whose sharding did not happen is reported
+``unsupported``, not passed. On CPU, ZeRO-3 runs (gloo, with ``GRPOConfig(use_cpu=False,
+ddp_backend="gloo")``); FSDP does not (accelerate enables it for accelerator device types only: on CPU the
+trainer would not be sharded at all).
+
+Writes ``<out>/trl_plugin_dist.json`` (rewritten after every case; the only file written there): device,
+versions, per case and rank the checks, the plugin's logged sync/verify figures, timings, and any error
+with the tail of the launch log (the ranks' files and logs stay in ``--workdir``). A failing case is
+recorded and the rest continue; each launch is bounded by ``--timeout`` (its process group is killed past it).
 """
 
 from __future__ import annotations
@@ -37,13 +40,14 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-CASES = {"fsdp2": ("fsdp2", "plugin"), "zero3": ("zero3", "plugin"), "fsdp2-stale": ("fsdp2", "stale"),
+CASES = {"fsdp2": ("fsdp2", "plugin"), "fsdp2-stale": ("fsdp2", "stale"), "zero3": ("zero3", "plugin"),
          "zero3-stale": ("zero3", "stale"), "ddp": ("ddp", "plugin")}  # the order they run in by default
 SHARDED = {"fsdp2": "FSDP", "zero3": "DEEPSPEED"}  # accelerate's distributed type each backend must get
 
@@ -265,10 +269,12 @@ def _verdict(variant: str, ranks: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", help="folder for trl_plugin_dist.json")
-    ap.add_argument("--cases", default=None,
-                    help="comma-separated, of " + ", ".join(CASES) + " (default: all on CUDA; on CPU all but the FSDP2 ones)")
-    ap.add_argument("--ckpt", help="checkpoint to train (default: a tiny random-weight one built in --out)")
+    ap.add_argument("--out", help="folder for trl_plugin_dist.json (the only file written there)")
+    ap.add_argument("--workdir",
+                    help="folder for the checkpoint, the ranks' files and logs (default: a new temporary one)")
+    ap.add_argument("--cases", default=None, help="comma-separated, of " + ", ".join(CASES)
+                    + " (default: all on CUDA; on CPU all but the FSDP2 ones)")
+    ap.add_argument("--ckpt", help="checkpoint to train (default: a tiny random-weight one built in --workdir)")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=300, help="seconds per case launch")
     ap.add_argument("--rank-worker", action="store_true", help=argparse.SUPPRESS)
@@ -286,6 +292,7 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    work = Path(a.workdir or tempfile.mkdtemp(prefix="trl-plugin-dist-"))
     cases = (a.cases or ",".join(c for c in CASES if cuda or not c.startswith("fsdp2"))).split(",")
     unknown = [c for c in cases if c not in CASES]
     if unknown:
@@ -294,12 +301,12 @@ def main() -> None:
     if ckpt is None:
         from rollout_sleep.checkpoints import make_checkpoint
 
-        ckpt = str(make_checkpoint(out / "ckpt", "tiny", seed=0, dtype="bfloat16" if cuda else "float32"))
+        ckpt = str(make_checkpoint(work / "ckpt", "tiny", seed=0, dtype="bfloat16" if cuda else "float32"))
     report = {"device": torch.cuda.get_device_name(0) if cuda else "cpu",
               "gpus": torch.cuda.device_count() if cuda else 0, "versions": _versions(), "steps": a.steps,
               "cases": []}
     for case in cases:
-        report["cases"].append(_launch(case, ckpt, out / case, a.steps, a.timeout))
+        report["cases"].append(_launch(case, ckpt, work / case, a.steps, a.timeout))
         (out / "trl_plugin_dist.json").write_text(json.dumps(report, indent=1))
         print(f"{case}: {report['cases'][-1]['verdict']} ({report['cases'][-1]['wall_s']:.0f} s)", flush=True)
 

@@ -12,11 +12,12 @@ works on a trainer built by any script, including subclasses.
 
 With the patch:
 - the sync is ours: the parameters the trainer trains, read at each sync from ``trainer.model_wrapped`` (after
-  accelerate's ``prepare`` has replaced them for FSDP2 / ZeRO-3; a stream built at ``patch()`` time would push
-  and verify the parameters the model had before), the trainer's parameters (plain, DDP/accelerate, FSDP2, ZeRO-3, PEFT merged under the
-  base names, a tied ``lm_head.weight`` included) are validated against the checkpoint's names, shapes and
-  dtypes, then streamed in buckets through the fastest route that is right on this device (direct copies
-  on CUDA, vLLM's layerwise ``reload_weights`` on CPU) instead of TRL's per-parameter ``load_weights`` loop;
+  accelerate's ``prepare`` has replaced them for FSDP2; a stream built at ``patch()`` time would push and
+  verify the parameters the model had before), the trainer's parameters (plain, DDP/accelerate, FSDP2,
+  ZeRO-3, PEFT merged under the base names, a tied ``lm_head.weight`` included) are validated against the
+  checkpoint's names, shapes and dtypes, then streamed in buckets through the fastest route that is right
+  on this device (direct copies on CUDA, vLLM's layerwise ``reload_weights`` on CPU) instead of TRL's
+  per-parameter ``load_weights`` loop;
 - the prefix cache is reset after every sync and the result is checked;
 - ``verify`` runs every ``verify_every`` syncs (bitwise: the engine holds exactly the trainer's weights);
 - vLLM sleeps at ``sleep_level`` (TRL always asks for 2) where sleep mode is enabled;
