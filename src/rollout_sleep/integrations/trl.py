@@ -12,11 +12,12 @@ works on a trainer built by any script, including subclasses.
 
 With the patch:
 - the sync is ours: the parameters the trainer trains, read at each sync from ``trainer.model_wrapped`` (after
-  accelerate's ``prepare`` has replaced them for FSDP2 / ZeRO-3; a stream built at ``patch()`` time would push
-  and verify the parameters the model had before), the trainer's parameters (plain, DDP/accelerate, FSDP2, ZeRO-3, PEFT merged under the
-  base names, a tied ``lm_head.weight`` included) are validated against the checkpoint's names, shapes and
-  dtypes, then streamed in buckets through the fastest route that is right on this device (direct copies
-  on CUDA, vLLM's layerwise ``reload_weights`` on CPU) instead of TRL's per-parameter ``load_weights`` loop;
+  accelerate's ``prepare`` has replaced them for FSDP2; a stream built at ``patch()`` time would push and
+  verify the parameters the model had before), the trainer's parameters (plain, DDP/accelerate, FSDP2,
+  ZeRO-3, PEFT merged under the base names, a tied ``lm_head.weight`` included) are validated against the
+  checkpoint's names, shapes and dtypes, then streamed in buckets through the fastest route that is right
+  on this device (direct copies on CUDA, vLLM's layerwise ``reload_weights`` on CPU) instead of TRL's
+  per-parameter ``load_weights`` loop;
 - the prefix cache is reset after every sync and the result is checked;
 - ``verify`` runs every ``verify_every`` syncs (bitwise: the engine holds exactly the trainer's weights);
 - vLLM sleeps at ``sleep_level`` (TRL always asks for 2) where sleep mode is enabled;
@@ -24,6 +25,10 @@ With the patch:
   completion ids itself and never reads vLLM's text), unless the config sets stop strings;
 - timings go into TRL's logs: ``rollout_sleep/sync_s``, ``rollout_sleep/verify_s``,
   ``rollout_sleep/verify_max_abs_diff`` (and so to W&B with ``report_to="wandb"``).
+Several processes (``accelerate launch``, DDP / FSDP2 / ZeRO-3): TRL builds one engine per rank; patch the
+trainer on every rank, each rank's engine then gets the full gathered weights at each sync (checked by
+``benchmarks/trl_plugin_dist.py``; on CPU accelerate has DeepSpeed only with ``use_cpu=False,
+ddp_backend="gloo"`` and no FSDP: see docs/troubleshooting.md).
 Server mode (``vllm_mode="server"``) and ``use_vllm=False`` are refused with an error.
 On CPU, use ``vllm_enable_sleep_mode=False`` (vLLM has no sleep allocator there); stock TRL then fails at
 its first sync (its per-parameter load breaks on vLLM's repacked CPU weights), the patched trainer runs.
