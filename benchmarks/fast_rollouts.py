@@ -174,7 +174,7 @@ def child(args: argparse.Namespace, engines: int, extra: dict) -> dict:
                     loads.append(pool.load_weights(trainer).as_dict())
                 loads = loads[1:]
                 res["awake_sync"] = loads
-                res["median_awake_sync_total_s"] = statistics.median(r["total_s"] for r in loads)
+                res["median_awake_sync_total_s"] = statistics.median(r["wall_s"] for r in loads)
                 res["median_awake_sync_pack_s"] = statistics.median(r["pack_s"] for r in loads)
                 res["median_awake_sync_load_s"] = statistics.median(r["load_s"] for r in loads)
                 if cuda:
@@ -189,7 +189,7 @@ def child(args: argparse.Namespace, engines: int, extra: dict) -> dict:
                                        ("wake", "wake_kv_cache"), ("wake", "reset"))
                                       if f"engine{j}_{ph}_s" in cy[kind]) for cy in cycles)
                 for j in range(engines)]
-            res["median_cycle_wall_s"] = statistics.median(cy["sleep"]["total_s"] + cy["wake"]["total_s"]
+            res["median_cycle_wall_s"] = statistics.median(cy["sleep"]["wall_s"] + cy["wake"]["wall_s"]
                                                            for cy in cycles)
             # the engines' own view of async scheduling (None: this vLLM has no such option)
             res["async_scheduling"] = [m.info.get("async_scheduling") for m in pool.members]

@@ -212,21 +212,31 @@ class EngineProcess:
             raise value
         return value
 
+    def request_close(self) -> None:
+        """Ask the engine to shut down (without waiting: :meth:`close` waits)."""
+        try:
+            if self.process is not None and self.process.is_alive() and not getattr(self, "_closing", False):
+                self._conn.send(("close", ()))
+                self._closing = True
+        except (OSError, EOFError, BrokenPipeError):
+            pass
+
     def close(self, timeout: float = 30.0) -> None:
-        """Ask the engine to shut down; stop the process if it does not within ``timeout`` seconds."""
+        """Shut the engine down; stop the process if it has not exited within ``timeout`` seconds."""
+        self.request_close()
         proc, self.process = self.process, None
         if proc is None:
             return
         atexit.unregister(self.close)
         try:
-            if proc.is_alive():
-                self._conn.send(("close", ()))
-                if self._conn.poll(timeout):
-                    self._conn.recv()
+            if getattr(self, "_closing", False) and self._conn.poll(timeout):
+                self._conn.recv()
         except (OSError, EOFError, BrokenPipeError):
             pass
         proc.join(timeout)
         if proc.is_alive():
+            logger.warning("engine process %d (pid %s) did not exit within %.0f s: terminating it", self.index,
+                           proc.pid, timeout)
             proc.terminate()
             proc.join(5)
         if proc.is_alive():

@@ -67,18 +67,16 @@ def split(n: int, k: int) -> list[tuple[int, int]]:
 
 @dataclass
 class PoolReport(CycleReport):
-    """A sleep or wake of every engine: ``seconds`` holds the pool's wall time per phase (``pack``: the
-    trainer's weights into the shared buffer; the engines' phases: the slowest engine's) and ``total`` (wall
-    time of the whole call); ``engines`` each engine's own :class:`CycleReport`."""
+    """A sleep or wake of every engine: ``seconds`` per phase (``pack``: the trainer's weights into the shared
+    buffer; each engine phase: the slowest engine's), ``wall_seconds`` the whole call as the caller waited for
+    it (engines work at the same time), ``engines`` each engine's own :class:`CycleReport`."""
 
     engines: list[CycleReport] = field(default_factory=list)
-
-    @property
-    def total_seconds(self) -> float:
-        return self.seconds.get("total", super().total_seconds)
+    wall_seconds: float = 0.0
 
     def as_dict(self, prefix: str = "") -> dict[str, float]:
         out = super().as_dict(prefix)
+        out[f"{prefix}wall_s"] = self.wall_seconds
         for j, r in enumerate(self.engines):
             out.update({f"{prefix}engine{j}_{k}_s": v for k, v in r.seconds.items()})
         return out
@@ -134,6 +132,8 @@ class EnginePool:
                 for m in group:
                     m.wait_ready(start_timeout_s)
         except BaseException:
+            for m in members:
+                m.request_close()
             for m in members:
                 m.close(timeout=10)
             raise
@@ -253,7 +253,7 @@ class EnginePool:
             raise
         self._level = level
         report.seconds["sleep"] = max(r.seconds.get("sleep", 0.0) for r in report.engines)
-        report.seconds["total"] = time.perf_counter() - t0
+        report.wall_seconds = time.perf_counter() - t0
         report.memory_gib["asleep"] = memory_gib()[1]
         return report
 
@@ -295,7 +295,7 @@ class EnginePool:
         for r in report.engines:
             for k, v in r.seconds.items():
                 report.seconds[k] = max(report.seconds.get(k, 0.0), v)
-        report.seconds["total"] = time.perf_counter() - t0
+        report.wall_seconds = time.perf_counter() - t0
         report.memory_gib["awake"] = memory_gib()[1]
         return report
 
@@ -393,9 +393,11 @@ class EnginePool:
 
     def close(self) -> None:
         """Shut every engine down (engine processes exit and give their GPU memory back)."""
-        for m in getattr(self, "members", []):
-            if isinstance(m, EngineProcess):
-                m.close()
+        processes = [m for m in getattr(self, "members", []) if isinstance(m, EngineProcess)]
+        for m in processes:  # all shut down at once, then each is waited for
+            m.request_close()
+        for m in processes:
+            m.close()
         self.members = []
         if getattr(self, "_packed", None) is not None:
             self._packed.release()
