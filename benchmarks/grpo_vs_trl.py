@@ -90,7 +90,7 @@ def run_ours(size: str, steps: int, workdir: Path, name: str = "ours", extra: tu
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steady = rows[WARMUP:]
     phases = {k: statistics.median(r.get(f"{k}_s", 0.0) for r in steady)
-              for k in ("generate", "sleep", "wake_weights", "load", "wake_kv_cache", "reset", "train")}
+              for k in ("generate", "sleep", "wake_weights", "pack", "load", "wake_kv_cache", "reset", "train")}
     return {"wall_s": time.perf_counter() - t0, "peak_gpu_used_gib": mem.peak_gib, "step_s": [r["step_s"] for r in rows],
             "median_step_s": statistics.median(r["step_s"] for r in steady),
             "tokens_per_step": statistics.median(r["generated_tokens"] for r in steady),
@@ -98,8 +98,8 @@ def run_ours(size: str, steps: int, workdir: Path, name: str = "ours", extra: tu
             "phases_median_s": phases, "engine_settings": engine_settings(cmd[3:]),
             "memory_taken_by_wake_gib": statistics.median([r["memory_taken_by_wake_gib"] for r in steady
                                                            if "memory_taken_by_wake_gib" in r] or [float("nan")]),
-            "cycle_overhead_s": phases["sleep"] + phases["wake_weights"] + phases["load"] + phases["wake_kv_cache"]
-            + phases["reset"]}
+            "cycle_overhead_s": phases["sleep"] + phases["wake_weights"] + phases["pack"] + phases["load"]
+            + phases["wake_kv_cache"] + phases["reset"]}
 
 
 def run_trl(size: str, steps: int, workdir: Path, plugin: bool) -> None:
@@ -196,7 +196,9 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--workdir", default="/tmp/rs-grpo-bench")
     ap.add_argument("--trl-child", choices=["stock", "plugin"])
-    ap.add_argument("--arms", default="ours,ours_tuned,trl,trl_plugin")
+    ap.add_argument("--arms", default="ours,ours_tuned,trl,trl_plugin",
+                    help="comma-separated: ours, ours_tuned, trl, trl_plugin, and ours_dpK / ours_tuned_dpK (K engine "
+                         "processes on the GPU)")
     args = ap.parse_args()
     work = Path(args.workdir) / args.size
     work.mkdir(parents=True, exist_ok=True)
@@ -216,18 +218,21 @@ def main() -> None:
               "tuned_overrides": list(TUNED.get(args.size, ()))})
     arms = args.arms.split(",")
     for arm in arms:
-        if arm == "ours":
-            result[arm] = run_ours(args.size, args.steps, work)
-        elif arm == "ours_tuned":
-            result[arm] = run_ours(args.size, args.steps, work, arm, TUNED.get(args.size, ()))
+        # ours_dpK / ours_tuned_dpK: the same with K engine processes on the GPU (engine.processes=K)
+        base, _, dp = arm.partition("_dp")
+        processes = (f"engine.processes={int(dp)}",) if dp else ()
+        if base == "ours":
+            result[arm] = run_ours(args.size, args.steps, work, arm, processes)
+        elif base == "ours_tuned":
+            result[arm] = run_ours(args.size, args.steps, work, arm, TUNED.get(args.size, ()) + processes)
         else:
             result[arm] = run_trl_child(args, "plugin" if arm == "trl_plugin" else "stock")
         r = result[arm]
         print(arm, "error" if "error" in r else f"{r['median_step_s']:.3f} s/step peak {r['peak_gpu_used_gib']:.1f} GiB "
               + json.dumps({k: round(v, 4) for k, v in r["phases_median_s"].items()}), flush=True)
         Path(args.out).write_text(json.dumps(result, indent=2))
-    ok = {a: result[a] for a in ("ours", "ours_tuned", "trl", "trl_plugin")
-          if a in result and "error" not in result[a]}
+    ok = {a: r for a, r in result.items() if (a.startswith("ours") or a in ("trl", "trl_plugin"))
+          and isinstance(r, dict) and "error" not in r}
     if "trl" in ok:
         t = ok["trl"]
         result["trl_step_s_over"] = {a: t["median_step_s"] / r["median_step_s"] for a, r in ok.items()}
