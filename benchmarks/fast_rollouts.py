@@ -1,21 +1,23 @@
 """Rollouts at the GPU's speed: one engine vs ``k`` engine processes on one GPU, and the packed IPC sync.
 
-    python benchmarks/fast_rollouts.py --out results/h100/fast_rollouts --size qwen3-0.6b --engines 1,2,4
+    python benchmarks/fast_rollouts.py --out results/h100/fast_rollouts --size qwen3-0.6b --engines 0,1,2,4
     python benchmarks/fast_rollouts.py --out results/h100/fast_rollouts --size qwen3-4b --engines 1,2,3 \
         --async-scheduling
-    python benchmarks/fast_rollouts.py --out /tmp/fr --size tiny --engines 1,2 --quick      # CPU smoke path
+    python benchmarks/fast_rollouts.py --out /tmp/fr --size tiny --engines 0,1,2 --quick      # CPU smoke path
 
 Each configuration runs in its own subprocess, bounded in time (``--config-timeout``, and the whole call by
 ``--budget``); a failing one is recorded with the tail of its output and the rest continue; the JSON
 (``DIR/fast_rollouts_<size>.json``) is rewritten after every configuration. Per configuration:
 
-1. an :class:`EnginePool` of ``k`` engine processes (k=1 included: the same process layout), the first
-   engine started alone (fills vLLM's compile cache), the others at once; start seconds;
+1. an :class:`EnginePool` of ``k`` engine processes (k=1 included), the first engine started alone (it
+   fills vLLM's compile cache), the others at once; start seconds. ``k=0`` is the baseline: one engine in
+   the benchmark's own process (today's layout; the sync still goes through the packed buffer);
 2. the rollout work of the GRPO benchmarks: 16 prompts x 8 completions x 128 tokens, temperature 1,
    sampled-token log-probs, no detokenization; 1 warm-up + ``--repeats`` timed calls (median), each
    engine's own seconds, the tokens generated;
-3. a trainer model (random weights, another seed than the engines' checkpoint) on the same GPU; the floor
-   (one device-to-device copy of every weight byte); ``--cycles`` level-2 cycles: sleep → wake with the
+3. a trainer model (random weights, another seed than the engines' checkpoint), built first on the same
+   GPU, and the floor (one device-to-device copy of every weight byte, before the engines start);
+   ``--cycles`` level-2 cycles: sleep → wake with the
    trainer's weights (pack into one buffer, one IPC handle, every engine loads from views of it) →
    :func:`verify` on every engine; then the same sync while awake (``load_weights``), ``--repeats`` times;
    per-engine phase seconds; the first generate after each wake;
@@ -106,13 +108,27 @@ def child(args: argparse.Namespace, engines: int, extra: dict) -> dict:
     path = str(Path(args.workdir) / args.size / "model")
     n_prompts, n, max_tokens = (4, 2, 16) if args.quick else (16, 8, 128)
     dtype = "bfloat16" if cuda else "float32"
-    seqs = -(-n_prompts * n // engines)
+    seqs = -(-n_prompts * n // max(engines, 1))
     kv = kv_cache_bytes_for(path, tokens=seqs * (64 + max_tokens) * 2, dtype=dtype) if cuda else 256 << 20
     res: dict = {"engines": engines, "extra": extra, "kv_cache_bytes_per_engine": kv,
                  "work": f"{n_prompts} prompts x {n} completions x {max_tokens} tokens, temperature 1, log-probs"}
     with PeakMemory() as peak:
+        # the trainer first (as in RL), and the floor while nothing else holds the GPU
+        config = AutoConfig.from_pretrained(path)
+        trainer = random_model(config, seed=1, device="cuda" if cuda else "cpu", dtype=getattr(torch, dtype))
+        nbytes = sum(p.numel() * p.element_size() for p in trainer.parameters())
+        res["weight_bytes"] = nbytes
+        if cuda:
+            res["d2d_floor_s"] = d2d_floor(nbytes)
         t0 = time.perf_counter()
-        pool = EnginePool(path, engines=engines, dtype=dtype, max_model_len=1024, kv_cache_bytes=kv, **extra)
+        if engines == 0:  # today's layout: one engine in this (the trainer's) process
+            from rollout_sleep.engine import Engine
+
+            share = {"gpu_memory_utilization": 0.9 * torch.cuda.mem_get_info()[0] / torch.cuda.mem_get_info()[1]} \
+                if cuda else {}  # vLLM checks that this much is free at start (the trainer holds some)
+            pool = EnginePool.of([Engine(path, dtype=dtype, max_model_len=1024, kv_cache_bytes=kv, **share, **extra)])
+        else:
+            pool = EnginePool(path, engines=engines, dtype=dtype, max_model_len=1024, kv_cache_bytes=kv, **extra)
         res["start_s"] = time.perf_counter() - t0
         try:
             from transformers import AutoTokenizer
@@ -137,12 +153,6 @@ def child(args: argparse.Namespace, engines: int, extra: dict) -> dict:
             res["tokens"] = runs[0][1]
             res["tokens_per_s"] = res["tokens"] / res["median_generate_s"]
 
-            config = AutoConfig.from_pretrained(path)
-            trainer = random_model(config, seed=1, device="cuda" if cuda else "cpu", dtype=getattr(torch, dtype))
-            nbytes = sum(p.numel() * p.element_size() for p in trainer.parameters())
-            res["weight_bytes"] = nbytes
-            if cuda:
-                res["d2d_floor_s"] = d2d_floor(nbytes)
             cycles, loads = [], []
             for c in range(args.cycles):
                 with torch.no_grad():  # a stand-in for a training step: every weight changes
@@ -156,7 +166,7 @@ def child(args: argparse.Namespace, engines: int, extra: dict) -> dict:
                     w = pool.wake_up(weights=path)  # the disk route (engines reload the checkpoint)
                     res["sync_route"] = "checkpoint directory"
                 else:
-                    res["sync_route"] = "packed CUDA IPC buffer"
+                    res["sync_route"] = "packed buffer" + (", one CUDA IPC handle" if engines else ", in-process")
                 t = time.perf_counter()
                 pool.generate(prompts, **sampling)
                 first = time.perf_counter() - t
@@ -180,7 +190,7 @@ def child(args: argparse.Namespace, engines: int, extra: dict) -> dict:
                 if cuda:
                     res["sync_over_floor"] = res["median_awake_sync_total_s"] / res["d2d_floor_s"]
                     res["sync_over_floor_per_copy"] = res["median_awake_sync_total_s"] / (
-                        res["d2d_floor_s"] * (engines + 1))  # the pack + one copy per engine
+                        res["d2d_floor_s"] * (max(engines, 1) + 1))  # the pack + one copy per engine
                 v = verify(pool, trainer)
                 res["verify_after_awake_syncs"] = {"ok": v.ok, "per_engine_ok": [e.ok for e in v.engines]}
             res["median_cycle_overhead_per_engine_s"] = [
@@ -188,12 +198,15 @@ def child(args: argparse.Namespace, engines: int, extra: dict) -> dict:
                                       (("sleep", "sleep"), ("wake", "wake_weights"), ("wake", "load"),
                                        ("wake", "wake_kv_cache"), ("wake", "reset"))
                                       if f"engine{j}_{ph}_s" in cy[kind]) for cy in cycles)
-                for j in range(engines)]
+                for j in range(max(engines, 1))]
             res["median_cycle_wall_s"] = statistics.median(cy["sleep"]["wall_s"] + cy["wake"]["wall_s"]
                                                            for cy in cycles)
             # the engines' own view of async scheduling (None: this vLLM has no such option)
-            res["async_scheduling"] = [m.info.get("async_scheduling") for m in pool.members]
+            res["async_scheduling"] = [(getattr(m, "info", None) or m.commands.info()).get("async_scheduling")
+                                       for m in pool.members]
         finally:
+            if engines == 0:
+                pool.members[0].close()
             pool.close()
     res["device_peak_used_gib"] = peak.peak_gib if cuda else None
     return res
@@ -224,7 +237,7 @@ def run_bounded(cmd: list[str], timeout: float) -> tuple[int | None, str, str]:
 def configs(args: argparse.Namespace) -> list[tuple[str, int, dict]]:
     out = []
     for k in [int(x) for x in args.engines.split(",") if x]:
-        out.append((f"engines={k}", k, {"enforce_eager": True} if args.eager else {}))
+        out.append(("in-process" if k == 0 else f"engines={k}", k, {"enforce_eager": True} if args.eager else {}))
     if args.async_scheduling:
         from vllm import EngineArgs
         import dataclasses
@@ -241,7 +254,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="directory for fast_rollouts_<size>.json")
     ap.add_argument("--size", default="qwen3-0.6b", help="tiny (CPU), qwen3-0.6b, qwen3-4b, qwen3-8b")
-    ap.add_argument("--engines", default="1,2,4", help="comma-separated engine counts")
+    ap.add_argument("--engines", default="0,1,2,4",
+                    help="comma-separated engine-process counts; 0: one engine in the benchmark's own process "
+                         "(today's layout, the baseline)")
     ap.add_argument("--async-scheduling", action="store_true", help="also k=1 with async_scheduling on and off")
     ap.add_argument("--eager", action="store_true", help="enforce_eager=True (no CUDA graphs)")
     ap.add_argument("--repeats", type=int, default=5)

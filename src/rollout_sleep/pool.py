@@ -97,8 +97,9 @@ class EnginePool:
         model: a checkpoint directory (every engine starts from it).
         engines: *optional*, how many engine processes (default 2).
         seed: *optional*, engine ``j`` samples with seed ``seed + j`` (their streams differ).
-        gpu_memory_utilization: *optional*, each engine's share of the GPU (default ``0.85 / engines`` on CUDA);
-            pass ``kv_cache_bytes`` to size each engine's KV cache exactly.
+        gpu_memory_utilization: *optional*, each engine's share of the GPU (default: 90% of the memory free now,
+            split ``engines`` ways). Pass ``kv_cache_bytes`` too: each engine's KV cache is then sized exactly
+            (vLLM's own sizing profiles memory, which other engines starting at the same time disturb).
         stagger: *optional*, start the first engine alone (it fills vLLM's compile cache), then the others
             at once (default on CUDA with several engines; starts are then ~2 cold starts, not ``k``).
         start_timeout_s: *optional*, how long an engine may take to start.
@@ -116,8 +117,9 @@ class EnginePool:
         if not Path(model, "config.json").exists():
             raise FileNotFoundError(f"{model!r} is not a checkpoint directory (no config.json)")
         on_cuda = torch.cuda.is_available()
-        if gpu_memory_utilization is None and on_cuda:
-            gpu_memory_utilization = 0.85 / engines
+        if gpu_memory_utilization is None and on_cuda:  # a share of what is free now (a trainer may hold some)
+            free, total = torch.cuda.mem_get_info()
+            gpu_memory_utilization = 0.9 * free / total / engines
         if gpu_memory_utilization is not None:
             engine_kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         members = [EngineProcess(str(Path(model).resolve()), j, dict(engine_kwargs, seed=seed + j))
