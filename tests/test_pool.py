@@ -8,7 +8,7 @@ import types
 import pytest
 import torch
 
-from conftest import DTYPE, PROMPTS, assert_follows, hf_model
+from conftest import DTYPE, PROMPTS, hf_model
 from rollout_sleep.engine_process import EngineProcess, EngineProcessError
 from rollout_sleep.packing import IPCUnavailableError, PackedWeights
 from rollout_sleep.pool import EnginePool
@@ -45,8 +45,7 @@ def test_pool_sync_packs_once_and_verify_checks_the_buffer_and_every_engine(engi
     assert not pool.is_asleep and not engine.is_asleep
     assert report.seconds["pack"] > 0 and "load" in report.engines[0].seconds
     assert "engine0_load_s" in report.as_dict() and report.wall_seconds >= report.seconds["pack"]
-    assert_follows(engine, model)
-    ok = verify(pool, model)
+    ok = verify(pool, model)  # (that the direct route's weights are what vLLM computes with: test_sync)
     assert ok.ok and ok.engines[0].ok and ok.compared == ok.engines[0].compared > 0, ok
     # the trainer moved on after the sync: the buffer (and so every engine) no longer holds its weights
     with torch.no_grad():

@@ -18,7 +18,7 @@ import time
 import traceback
 from typing import Any
 
-from .packing import Shared, slot_views
+from .packing import Shared, open_handle, slot_views
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +40,9 @@ class Commands:
     def _weights(self, weights: Any) -> Any:
         if not isinstance(weights, Shared):
             return weights  # a checkpoint path (or in-process weights)
-        if weights.buffer is not None:
-            self.mapped = {weights.buffer_id: weights.buffer}  # a new buffer replaces the old one
+        if weights.local is not None or weights.handle is not None:  # a new buffer replaces the old one
+            self.mapped = {weights.buffer_id: weights.local if weights.local is not None else
+                           open_handle(weights.handle)}
         elif weights.buffer_id not in self.mapped:
             raise EngineProcessError(f"packed buffer {weights.buffer_id} was never sent to this engine")
         return slot_views(self.mapped[weights.buffer_id], weights.slots)
@@ -114,8 +115,15 @@ class LocalMember:
         self.commands.engine.close()
 
 
-def _serve(conn: Any, model: str, kwargs: dict) -> None:
+# set by a launcher (torchrun / accelerate) for the trainer's rank; the engine process is a world of one
+LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _serve(conn: Any, model: str, kwargs: dict, env: dict) -> None:
     """The engine process: build the engine, then answer commands until ``close``."""
+    for name in LAUNCHER_ENV:
+        os.environ.pop(name, None)
+    os.environ.update(env)  # before CUDA starts: the trainer's GPU is this process's only one
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     import torch.multiprocessing  # noqa: F401  (CUDA tensors arrive as IPC handles)
 
@@ -158,6 +166,19 @@ def _portable(err: BaseException) -> BaseException:
     return out
 
 
+def _device_env() -> dict:
+    """``CUDA_VISIBLE_DEVICES`` naming this process's current GPU alone (an engine process uses the GPU of
+    the trainer rank that started it); empty without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    index = torch.cuda.current_device()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [v.strip() for v in visible.split(",") if v.strip()] if visible else []
+    return {"CUDA_VISIBLE_DEVICES": ids[index] if index < len(ids) else str(index)}
+
+
 class EngineProcess:
     """A pool member whose engine lives in a spawned process (its own CUDA context and sleep allocator).
 
@@ -175,7 +196,7 @@ class EngineProcess:
 
         ctx = tmp.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_serve, args=(child, self.model, self.engine_kwargs),
+        self.process = ctx.Process(target=_serve, args=(child, self.model, self.engine_kwargs, _device_env()),
                                    name=f"rollout-engine-{self.index}", daemon=False)
         self.process.start()
         child.close()

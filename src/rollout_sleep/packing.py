@@ -57,12 +57,27 @@ class Slot:
 
 @dataclass(frozen=True)
 class Shared:
-    """What an engine process receives: the buffer (pickled as a CUDA IPC handle by torch's multiprocessing
-    reductions, sent once per buffer) or only its ``buffer_id`` (already mapped there), and the slots."""
+    """What an engine receives: the buffer's id, its slots, and the buffer itself as a CUDA IPC ``handle``
+    (``torch.multiprocessing``'s ``reduce_tensor``: sent once, then ``None`` while the engine keeps it mapped)
+    or, for an engine in the same process, the ``local`` tensor."""
 
     buffer_id: int
     slots: tuple[Slot, ...]
-    buffer: torch.Tensor | None = None
+    handle: tuple | None = None
+    local: torch.Tensor | None = None
+
+
+def open_handle(handle: tuple) -> torch.Tensor:
+    """The buffer behind an IPC ``handle``, mapped in this process on its current CUDA device (the sender's
+    device index may differ: engine processes see only their own GPU)."""
+    import inspect
+
+    func, args = handle
+    args = list(args)
+    names = list(inspect.signature(func).parameters)
+    if "storage_device" in names:
+        args[names.index("storage_device")] = torch.cuda.current_device()
+    return func(*args)
 
 
 def require_ipc(device: torch.device | None = None) -> None:
@@ -158,9 +173,17 @@ class PackedWeights:
     def share(self, receiver: int) -> Shared:
         """What to send to engine process ``receiver``: the buffer's IPC handle the first time, its id after."""
         require_ipc(self.buffer.device)
-        first = receiver not in self.sent_to
-        self.sent_to.add(receiver)
-        return Shared(self.buffer_id, self.slots, self.buffer if first else None)
+        handle = None
+        if receiver not in self.sent_to:
+            from torch.multiprocessing.reductions import reduce_tensor
+
+            handle = reduce_tensor(self.buffer)
+            self.sent_to.add(receiver)
+        return Shared(self.buffer_id, self.slots, handle=handle)
+
+    def local(self) -> Shared:
+        """What an engine in this process receives: the buffer itself."""
+        return Shared(self.buffer_id, self.slots, local=self.buffer)
 
     def release(self) -> None:
         """Drop the buffer (receivers must have dropped their mapping first)."""

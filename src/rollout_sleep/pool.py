@@ -343,7 +343,7 @@ class EnginePool:
         self._packed.pack(source)
         seconds["pack"] = time.perf_counter() - t0
         return [self._packed.share(j) if isinstance(m, EngineProcess) else
-                Shared(self._packed.buffer_id, self._packed.slots, self._packed.buffer)
+                self._packed.local()
                 for j, m in enumerate(self.members)]
 
     def release_buffer(self) -> None:
@@ -376,12 +376,15 @@ class EnginePool:
                 if name in self._packed.skip:
                     continue
                 held = views.get(name)
-                if held is None or held.shape != tensor.shape or not torch.equal(held, tensor.to(held.device, held.dtype)):
+                if held is None or held.shape != tensor.shape:
                     report.ok = False
-                    report.mismatched[f"buffer:{name}"] = float("inf") if held is None or held.shape != tensor.shape \
-                        else (held.float() - tensor.to(held.device).float()).abs().max().item()
+                    report.mismatched[f"buffer:{name}"] = float("inf")
+                elif not torch.equal(held, tensor.to(held.device, held.dtype)):
+                    report.ok = False
+                    report.mismatched[f"buffer:{name}"] = \
+                        (held.float() - tensor.to(held.device).float()).abs().max().item()
         shared = [self._packed.share(j) if isinstance(m, EngineProcess) else
-                  Shared(self._packed.buffer_id, self._packed.slots, self._packed.buffer)
+                  self._packed.local()
                   for j, m in enumerate(self.members)]
         report.engines = self._fan_out("verify", lambda j: (shared[j],))
         for j, r in enumerate(report.engines):
