@@ -19,8 +19,10 @@ Each configuration runs in its own subprocess, bounded in time (``--config-timeo
    GPU, and the floor (one device-to-device copy of every weight byte, before the engines start);
    ``--cycles`` level-2 cycles: sleep → wake with the
    trainer's weights (pack into one buffer, one IPC handle, every engine loads from views of it) →
-   :func:`verify` on every engine; then the same sync while awake (``load_weights``), ``--repeats`` times;
-   per-engine phase seconds; the first generate after each wake;
+   :func:`verify` on every engine; then the same sync while awake (``load_weights``), ``--repeats`` times,
+   and again after ``pool.adopt(trainer)`` (the trainer's parameters live in the shared buffer: nothing is
+   packed, the engines copy from the trainer's own memory); per-engine phase seconds; the first generate
+   after each wake;
 4. device-wide peak GPU memory (``mem_get_info`` polled every 20 ms in this configuration's process).
 
 ``--async-scheduling`` adds k=1 runs with vLLM's ``async_scheduling`` forced on and off (if the installed
@@ -193,6 +195,20 @@ def child(args: argparse.Namespace, engines: int, extra: dict) -> dict:
                         res["d2d_floor_s"] * (max(engines, 1) + 1))  # the pack + one copy per engine
                 v = verify(pool, trainer)
                 res["verify_after_awake_syncs"] = {"ok": v.ok, "per_engine_ok": [e.ok for e in v.engines]}
+                # the trainer's parameters moved into the shared buffer: a sync is the engines' copies alone
+                res["adopted_params"] = len(pool.adopt(trainer))
+                adopted = []
+                for _ in range(args.repeats + 1):
+                    with torch.no_grad():
+                        for p in trainer.parameters():
+                            p.mul_(1.0 + 2.0 ** -6)
+                    adopted.append(pool.load_weights(trainer).as_dict())
+                res["awake_sync_adopted"] = adopted[1:]
+                res["median_awake_sync_adopted_s"] = statistics.median(r["wall_s"] for r in adopted[1:])
+                if cuda:
+                    res["adopted_sync_over_floor"] = res["median_awake_sync_adopted_s"] / res["d2d_floor_s"]
+                v = verify(pool, trainer)
+                res["verify_after_adopted_syncs"] = {"ok": v.ok, "per_engine_ok": [e.ok for e in v.engines]}
             res["median_cycle_overhead_per_engine_s"] = [
                 statistics.median(sum(cy[kind][f"engine{j}_{ph}_s"] for kind, ph in
                                       (("sleep", "sleep"), ("wake", "wake_weights"), ("wake", "load"),
@@ -313,7 +329,8 @@ def main() -> None:
         r["wall_s"] = time.monotonic() - t0
         result["configs"][name] = r
         summary = {key: r.get(key) for key in ("median_generate_s", "tokens", "start_s", "median_awake_sync_total_s",
-                                                 "d2d_floor_s", "sync_over_floor", "device_peak_used_gib", "error")
+                                                 "median_awake_sync_adopted_s", "d2d_floor_s", "sync_over_floor",
+                                                 "adopted_sync_over_floor", "device_peak_used_gib", "error")
                    if r.get(key) is not None}
         print(name, json.dumps(summary, default=str), flush=True)
         out_file.write_text(json.dumps(result, indent=2, default=str))

@@ -178,6 +178,9 @@ class GRPORecipe:
                 r.fn.dtype = getattr(torch, cfg.model.dtype)
                 r.fn.load(self.acc.device)
         model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
+        if isinstance(self.engine, EnginePool) and self.acc.num_processes == 1:
+            # the parameters live in the buffer the engine processes load from: a sync packs nothing
+            self.engine.adopt(model.to(self.acc.device))
         if cfg.train.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         # fused on GPU: one kernel for all parameters (TRL/transformers' default optimizer too)

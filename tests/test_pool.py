@@ -56,6 +56,14 @@ def test_pool_sync_packs_once_and_verify_checks_the_buffer_and_every_engine(engi
     buffer_id = pool._packed.buffer_id
     pool.load_weights(model)
     assert pool._packed.buffer_id == buffer_id and verify(pool, model).ok
+    # the trainer's parameters moved into the buffer: a training step writes there, a sync copies nothing
+    adopted = pool.adopt(model)
+    assert "model.norm.weight" in adopted and "lm_head.weight" not in adopted
+    assert model.model.norm.weight.data_ptr() == dict(pool._packed.views())["model.norm.weight"].data_ptr()
+    with torch.no_grad():
+        model.model.norm.weight.add_(1.0)
+    pool.load_weights(model)
+    assert verify(pool, model).ok
     # an engine changed behind the pool's back: verify names that engine's tensors
     engine.load_weights(ckpts["tied0"])
     behind = verify(pool, model)

@@ -91,6 +91,10 @@ def require_ipc(device: torch.device | None = None) -> None:
             "in-process engines (EnginePool.of([...]) / Engine)")
 
 
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.device == b.device and a.dtype == b.dtype and a.data_ptr() == b.data_ptr() and a.stride() == b.stride()
+
+
 def slot_views(buffer: torch.Tensor, slots: Iterable[Slot]) -> list[tuple[str, torch.Tensor]]:
     """``(name, tensor)`` views of ``buffer`` (flat ``uint8``), one per slot."""
     out = []
@@ -158,7 +162,8 @@ class PackedWeights:
             if tuple(tensor.shape) != tuple(target.shape):
                 raise WeightMismatchError([f"weight {name!r} has shape {list(tensor.shape)}, its slot "
                                            f"{list(target.shape)}"])
-            target.copy_(tensor.detach(), non_blocking=True)
+            if not _same_memory(tensor, target):  # an adopted parameter is its slot: nothing to copy
+                target.copy_(tensor.detach(), non_blocking=True)
             seen.add(name)
         missing = [n for n in views if n not in seen]
         if missing:
@@ -169,6 +174,22 @@ class PackedWeights:
                 raise WeightMismatchError([non_finite_problem(n) for n in bad])
         if self.buffer.is_cuda:
             torch.cuda.current_stream(self.buffer.device).synchronize()  # receivers read on their own streams
+
+    def adopt(self, params: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+        """Make each parameter's data its slot of the buffer (copied in once): later packs find it in place
+        and copy nothing. Only plain tensors of the slot's shape, dtype and device are adopted (not FSDP /
+        ZeRO shards, not a dtype the engines cast to). Returns the names adopted."""
+        views, done = dict(self._views), []
+        for name, p in params:
+            v = views.get(name)
+            if v is None or tuple(p.shape) != tuple(v.shape) or p.dtype != v.dtype or p.device != v.device or \
+                    hasattr(p, "full_tensor") or hasattr(p, "ds_id") or not isinstance(p, torch.nn.Parameter):
+                continue
+            with torch.no_grad():
+                v.copy_(p.data)
+            p.data = v
+            done.append(name)
+        return done
 
     def share(self, receiver: int) -> Shared:
         """What to send to engine process ``receiver``: the buffer's IPC handle the first time, its id after."""
@@ -186,7 +207,8 @@ class PackedWeights:
         return Shared(self.buffer_id, self.slots, local=self.buffer)
 
     def release(self) -> None:
-        """Drop the buffer (receivers must have dropped their mapping first)."""
+        """Drop the buffer (receivers must have dropped their mapping first; adopted parameters keep their
+        memory, and the next buffer packs them by copy again)."""
         self.buffer = torch.empty(0, dtype=torch.uint8)
         self._views = []
         self.sent_to.clear()

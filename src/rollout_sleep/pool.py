@@ -331,20 +331,38 @@ class EnginePool:
         source, spec = self._source(weights)
         optional = {"lm_head.weight"} if self.tied else set()
         check_weights(spec, self.spec, optional=optional, strict=strict)
-        # a tied head is the embedding in vLLM: not copied twice (CPU engines feed it from the embedding)
-        skip = {"lm_head.weight"} if self.tied else set()
-        keys = [(n, tuple(s), dt) for n, (s, dt) in spec.items() if n not in skip]
-        if self._packed is None or self._packed_keys != keys:
-            if self._packed is not None:
-                self.release_buffer()
-            self._packed = PackedWeights.for_spec(spec, dtype=self.dtype, skip=skip)
-            self._packed_keys = keys
+        self._ensure_buffer(spec)
         t0 = time.perf_counter()
         self._packed.pack(source)
         seconds["pack"] = time.perf_counter() - t0
         return [self._packed.share(j) if isinstance(m, EngineProcess) else
                 self._packed.local()
                 for j, m in enumerate(self.members)]
+
+    def adopt(self, model: nn.Module) -> list[str]:
+        """Move the trainer's parameters into the shared buffer (each parameter's data becomes a view of its
+        slot), so that a sync copies nothing on the trainer's side: the engines copy straight from the
+        trainer's own memory. For plain (unsharded) parameters already in the engines' dtype; call it before
+        building the optimizer and before DDP/FSDP wrapping. Returns the names adopted (the others are
+        packed at each sync as usual)."""
+        stream = WeightStream(model, include_tied_head=False)
+        spec = stream.spec()
+        optional = {"lm_head.weight"} if self.tied else set()
+        check_weights(spec, self.spec, optional=optional, strict=True)
+        self._ensure_buffer(spec)
+        done = self._packed.adopt((e.name, e.param) for e in stream.entries if e.outputs is None and e.lora is None)
+        logger.info("%d of %d trainer parameters now live in the shared weight buffer", len(done), len(spec))
+        return done
+
+    def _ensure_buffer(self, spec: dict) -> None:
+        """A packed buffer laid out for ``spec`` (the one in place if it already is)."""
+        skip = {"lm_head.weight"} if self.tied else set()  # a tied head is the embedding in vLLM
+        keys = [(n, tuple(s), dt.is_floating_point) for n, (s, dt) in spec.items() if n not in skip]  # floats: one dtype
+        if self._packed is None or self._packed_keys != keys:
+            if self._packed is not None:
+                self.release_buffer()
+            self._packed = PackedWeights.for_spec(spec, dtype=self.dtype, skip=skip)
+            self._packed_keys = keys
 
     def release_buffer(self) -> None:
         """Free the shared buffer (each engine unmaps it first); the next in-memory load packs a new one."""
