@@ -27,7 +27,6 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -36,10 +35,10 @@ from torch import nn
 from .engine_process import EngineProcess, LocalMember
 from .memory import memory_gib
 from .packing import PackedWeights, Shared, require_ipc
-from .phases import CycleReport
+from .phases import PoolReport
 from .state import EngineStateError
 from .sync import WeightStream
-from .verification import VerifyReport
+from .verification import PoolVerifyReport
 from .weights import TensorSpec, WeightMismatchError, check_weights
 
 logger = logging.getLogger(__name__)
@@ -63,31 +62,6 @@ def split(n: int, k: int) -> list[tuple[int, int]]:
         out.append((start, end))
         start = end
     return out
-
-
-@dataclass
-class PoolReport(CycleReport):
-    """A sleep or wake of every engine: ``seconds`` per phase (``pack``: the trainer's weights into the shared
-    buffer; each engine phase: the slowest engine's), ``wall_seconds`` the whole call as the caller waited for
-    it (engines work at the same time), ``engines`` each engine's own :class:`CycleReport`."""
-
-    engines: list[CycleReport] = field(default_factory=list)
-    wall_seconds: float = 0.0
-
-    def as_dict(self, prefix: str = "") -> dict[str, float]:
-        out = super().as_dict(prefix)
-        out[f"{prefix}wall_s"] = self.wall_seconds
-        for j, r in enumerate(self.engines):
-            out.update({f"{prefix}engine{j}_{k}_s": v for k, v in r.seconds.items()})
-        return out
-
-
-@dataclass
-class PoolVerifyReport(VerifyReport):
-    """:func:`verify` over a pool: ``ok`` when the shared buffer equals the trainer's weights (cast to the
-    engines' dtype) and every engine equals the buffer; ``engines``: each engine's own report."""
-
-    engines: list[VerifyReport] = field(default_factory=list)
 
 
 class EnginePool:

@@ -47,6 +47,14 @@ class VerifyReport:
         return self
 
 
+@dataclass
+class PoolVerifyReport(VerifyReport):
+    """:func:`verify` over a pool: ``ok`` when the shared buffer equals the trainer's weights (cast to the
+    engines' dtype) and every engine equals the buffer; ``engines``: each engine's own report."""
+
+    engines: list[VerifyReport] = field(default_factory=list)
+
+
 def verify(engine, model: nn.Module | WeightStream | list[tuple[str, torch.Tensor]]) -> VerifyReport:
     """Prove the engine holds exactly the trainer's weights, on the device, one tensor at a time.
 
