@@ -95,7 +95,13 @@ def d2d_floor(nbytes: int, repeats: int = 5) -> float:
     return statistics.median(times[1:])
 
 
-def child(args: argparse.Namespace, engines: int, extra: dict) -> dict:
+def emit(res: dict) -> None:
+    """What this configuration measured so far (the parent keeps the last, should it be stopped)."""
+    print("PARTIAL " + json.dumps(res, default=str), flush=True)
+
+
+def child(args: argparse.Namespace, engines: int, extra: dict, res: dict) -> dict:
+    """One configuration; fills ``res`` as it goes (what was measured before a failure is kept)."""
     import torch
     from transformers import AutoConfig
 
@@ -112,8 +118,8 @@ def child(args: argparse.Namespace, engines: int, extra: dict) -> dict:
     dtype = "bfloat16" if cuda else "float32"
     seqs = -(-n_prompts * n // max(engines, 1))
     kv = kv_cache_bytes_for(path, tokens=seqs * (64 + max_tokens) * 2, dtype=dtype) if cuda else 256 << 20
-    res: dict = {"engines": engines, "extra": extra, "kv_cache_bytes_per_engine": kv,
-                 "work": f"{n_prompts} prompts x {n} completions x {max_tokens} tokens, temperature 1, log-probs"}
+    res.update({"engines": engines, "extra": extra, "kv_cache_bytes_per_engine": kv,
+                "work": f"{n_prompts} prompts x {n} completions x {max_tokens} tokens, temperature 1, log-probs"})
     with PeakMemory() as peak:
         # the trainer first (as in RL), and the floor while nothing else holds the GPU
         config = AutoConfig.from_pretrained(path)
@@ -155,7 +161,9 @@ def child(args: argparse.Namespace, engines: int, extra: dict) -> dict:
             res["tokens"] = runs[0][1]
             res["tokens_per_s"] = res["tokens"] / res["median_generate_s"]
 
+            emit(res)
             cycles, loads = [], []
+            res["cycles"] = cycles
             for c in range(args.cycles):
                 with torch.no_grad():  # a stand-in for a training step: every weight changes
                     for p in trainer.parameters():
@@ -180,7 +188,7 @@ def child(args: argparse.Namespace, engines: int, extra: dict) -> dict:
                                        "per_engine_compared": [e.compared for e in v.engines],
                                        "mismatched": dict(list(v.mismatched.items())[:5])}
                 cycles.append(entry)
-            res["cycles"] = cycles
+                emit(res)
             if res["sync_route"].startswith("packed"):
                 for _ in range(args.repeats + 1):
                     loads.append(pool.load_weights(trainer).as_dict())
@@ -195,6 +203,7 @@ def child(args: argparse.Namespace, engines: int, extra: dict) -> dict:
                         res["d2d_floor_s"] * (max(engines, 1) + 1))  # the pack + one copy per engine
                 v = verify(pool, trainer)
                 res["verify_after_awake_syncs"] = {"ok": v.ok, "per_engine_ok": [e.ok for e in v.engines]}
+                emit(res)
                 # the trainer's parameters moved into the shared buffer: a sync is the engines' copies alone
                 res["adopted_params"] = len(pool.adopt(trainer))
                 adopted = []
@@ -285,10 +294,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         spec = json.loads(args.child)
+        res: dict = {}
         try:
-            res = child(args, spec["engines"], spec["extra"])
-        except BaseException as err:
-            res = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-6000:]}
+            child(args, spec["engines"], spec["extra"], res)
+        except BaseException as err:  # what was measured before stays in res
+            res.update({"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-6000:]})
         print("RESULT " + json.dumps(res, default=str), flush=True)
         os._exit(0)
 
@@ -322,10 +332,13 @@ def main() -> None:
         t0 = time.monotonic()
         code, stdout, stderr = run_bounded(cmd, timeout)
         lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
-        r = json.loads(lines[-1][7:]) if lines else {
-            "error": f"timed out after {timeout:.0f} s" if code is None else f"exit code {code}, no result"}
+        partial = [ln for ln in stdout.splitlines() if ln.startswith("PARTIAL ")]
+        r = json.loads(lines[-1][7:]) if lines else json.loads(partial[-1][8:]) if partial else {}
+        if not lines:
+            r["error"] = f"timed out after {timeout:.0f} s" if code is None else f"exit code {code}, no result"
         if "error" in r:
-            r["output_tail"] = stdout[-2000:] + "\n" + stderr[-5000:]
+            clean = "\n".join(ln for ln in stdout.splitlines() if not ln.startswith(("PARTIAL ", "RESULT ")))
+            r["output_tail"] = clean[-2000:] + "\n" + stderr[-5000:]
         r["wall_s"] = time.monotonic() - t0
         result["configs"][name] = r
         summary = {key: r.get(key) for key in ("median_generate_s", "tokens", "start_s", "median_awake_sync_total_s",
