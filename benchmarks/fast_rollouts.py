@@ -244,7 +244,8 @@ def run_bounded(cmd: list[str], timeout: float) -> tuple[int | None, str, str]:
     import tempfile
 
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, start_new_session=True,
+                                env=dict(os.environ, PYTHONUNBUFFERED="1"))  # a stopped child's output is kept
         try:
             code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
