@@ -81,6 +81,7 @@ from rollout_sleep.engine import Engine  # noqa: E402
 from rollout_sleep.memory import PhasePeaks, cached_free_bytes, kv_cache_bytes_for  # noqa: E402
 from rollout_sleep import memory_plan  # noqa: E402
 from rollout_sleep.optim import OptimizerOffload, build_optimizer, resident_state_bytes  # noqa: E402
+from rollout_sleep.pool import EnginePool  # noqa: E402
 from rollout_sleep.grpo import grpo_update  # noqa: E402
 from rollout_sleep.integrations.wandb import make_tracker  # noqa: E402
 from rollout_sleep.manager import RolloutManager  # noqa: E402
@@ -154,18 +155,37 @@ class GRPORecipe:
         # The engine first, while the GPU is empty: vLLM sizes its KV cache from the free memory it sees.
         engine_kw = {"gpu_memory_utilization": cfg.engine.gpu_memory_utilization} if torch.cuda.is_available() else {}
         seed = cfg.train.seed + (self.acc.process_index if self.tp == 1 else 0)  # a TP engine samples alike on all ranks
-        self.engine = Engine(self.model_path, dtype=cfg.model.dtype, seed=seed, tensor_parallel_size=self.tp,
-                             max_model_len=cfg.engine.max_model_len, kv_cache_bytes=kv_bytes,
-                             load_method=cfg.engine.load_method, enforce_eager=cfg.engine.enforce_eager,
-                             keep_trainer_cache=cfg.engine.keep_trainer_cache,
-                             **engine_kw)
-        self.tokenizer = self.engine.tokenizer
+        if cfg.engine.processes > 1:  # data-parallel rollouts on this rank's GPU: k engine processes
+            if not torch.cuda.is_available():
+                raise ConfigError(f"engine.processes={cfg.engine.processes} needs a CUDA GPU: the trainer's weights "
+                                  "reach engine processes through CUDA IPC. Use engine.processes=1 on CPU")
+            k = cfg.engine.processes
+            kv = kv_bytes
+            if kv is not None:  # each engine holds a k-th of the sequences, and at least one of max_model_len
+                kv = max(-(-kv // k), kv_cache_bytes_for(self.model_path, int((cfg.engine.max_model_len or 0) * 1.25),
+                                                         cfg.model.dtype))
+            self.engine = EnginePool(self.model_path, engines=k, dtype=cfg.model.dtype,
+                                     seed=cfg.train.seed + self.acc.process_index * k,  # engine j: seed + j
+                                     max_model_len=cfg.engine.max_model_len, kv_cache_bytes=kv,
+                                     gpu_memory_utilization=cfg.engine.gpu_memory_utilization / k,
+                                     load_method=cfg.engine.load_method, enforce_eager=cfg.engine.enforce_eager)
+            self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        else:
+            self.engine = Engine(self.model_path, dtype=cfg.model.dtype, seed=seed, tensor_parallel_size=self.tp,
+                                 max_model_len=cfg.engine.max_model_len, kv_cache_bytes=kv_bytes,
+                                 load_method=cfg.engine.load_method, enforce_eager=cfg.engine.enforce_eager,
+                                 keep_trainer_cache=cfg.engine.keep_trainer_cache,
+                                 **engine_kw)
+            self.tokenizer = self.engine.tokenizer
         self._check_plan_with_engine()
         for r in self.rewards:  # reward models: loaded beside the trainer, once the engine has sized its cache
             if hasattr(r.fn, "load"):
                 r.fn.dtype = getattr(torch, cfg.model.dtype)
                 r.fn.load(self.acc.device)
         model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
+        if isinstance(self.engine, EnginePool) and self.acc.num_processes == 1:
+            # the parameters live in the buffer the engine processes load from: a sync packs nothing
+            self.engine.adopt(model.to(self.acc.device))
         if cfg.train.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         # adamw: fused on GPU, one kernel for all parameters (TRL/transformers' default optimizer too)
@@ -564,6 +584,8 @@ class GRPORecipe:
                 self.tracker.log_image("phase_timeline", png, step=self.step)
         self.tracker.finish()
         self.watchdog.close()
+        if isinstance(getattr(self, "engine", None), EnginePool):
+            self.engine.close()  # engine processes exit and give their GPU memory back
 
 
 MEASURED_STEPS = 2  # the plan is compared with steps 1-2: the optimizer's state appears at step 1's update

@@ -26,6 +26,9 @@ _EXPORTS: dict[str, str] = {
     "CycleReport": "phases",
     "Completion": "engine",
     "kv_cache_bytes_for": "memory",
+    # several engine processes on one GPU (data-parallel rollouts)
+    "EnginePool": "pool",
+    "IPCUnavailableError": "packing",
     # trainer -> engine
     "WeightStream": "sync",
     "trainer_weights": "sync",
@@ -62,6 +65,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time names load lazily t
     from .config_schema import RecipeConfig
     from .engine import Completion, Engine
     from .memory import kv_cache_bytes_for
+    from .packing import IPCUnavailableError
+    from .pool import EnginePool
     from .phases import CycleReport
     from .state import EngineStateError, IncompleteWeightsError
     from .grpo import grpo_update

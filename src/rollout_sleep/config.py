@@ -192,6 +192,10 @@ def _check_values(cfg: RecipeConfig) -> list[str]:
     choice("engine.load_method", e.load_method, LOAD_METHODS)
     at_least("engine.verify_every", e.verify_every, 0)
     at_least("engine.tensor_parallel_size", e.tensor_parallel_size, 1)
+    at_least("engine.processes", e.processes, 1)
+    if e.processes > 1 and e.tensor_parallel_size > 1:
+        out.append(f"engine.processes ({e.processes}) > 1 needs engine.tensor_parallel_size 1, got "
+                   f"{e.tensor_parallel_size}: each engine process holds the whole model")
     if d.dataset != "synthetic":
         path = Path(d.dataset).expanduser()
         if not path.exists():

@@ -54,6 +54,9 @@ class EngineConfig:
     tensor_parallel_size: int = _opt(1, "1: an engine per rank (data-parallel rollouts); = the number of "
                                         "processes: one tensor-parallel engine across all ranks (every rank sees "
                                         "the same completions and trains on its share of the groups)")
+    processes: int = _opt(1, "engine processes per rank on its GPU, each generating a share of the rank's prompts "
+                             "(EnginePool: vLLM's per-step Python runs on several cores; CUDA only, "
+                             "tensor_parallel_size 1; the trainer's weights reach them through one CUDA IPC buffer)")
 
 
 @dataclass

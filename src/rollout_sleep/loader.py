@@ -39,6 +39,42 @@ class Prepared:
     method: str | None
 
 
+def copy_all(pairs: Iterable[tuple[torch.Tensor | None, torch.Tensor]], flush_bytes: int = 256 << 20) -> int:
+    """Copy each ``(dst, src)`` pair (``dst`` None: skipped), batched into ``torch._foreach_copy_`` calls of up
+    to ``flush_bytes`` (a few kernel launches instead of one per tensor; sources are held no longer than one
+    batch). Returns the number of tensors copied.
+
+    >>> a, b = torch.zeros(4), torch.zeros(2, 3)
+    >>> copy_all([(a, torch.ones(4)), (None, torch.ones(1)), (b[1:], torch.full((1, 3), 2.0))])
+    2
+    >>> a.tolist(), b.tolist()
+    ([1.0, 1.0, 1.0, 1.0], [[0.0, 0.0, 0.0], [2.0, 2.0, 2.0]])
+    """
+    dsts: list[torch.Tensor] = []
+    srcs: list[torch.Tensor] = []
+    held = count = 0
+
+    def flush() -> None:
+        if dsts:
+            torch._foreach_copy_(dsts, srcs, non_blocking=True)
+            dsts.clear()
+            srcs.clear()
+
+    with torch.no_grad():
+        for dst, src in pairs:
+            if dst is None:
+                continue
+            dsts.append(dst)
+            srcs.append(src)
+            count += 1
+            held += src.numel() * src.element_size()
+            if held >= flush_bytes:
+                flush()
+                held = 0
+        flush()
+    return count
+
+
 class Loader:
     """Validates and loads weights into one ``vllm.LLM``.
 
@@ -227,11 +263,7 @@ class Loader:
             self.llm.apply_model(lambda model: model.load_weights(iter(items)))
         else:
             targets = self._direct_targets()
-            with torch.no_grad():
-                for name, tensor in items:
-                    dst = targets.get(name)
-                    if dst is not None:  # None: a tied head, held by the embedding
-                        dst.copy_(tensor, non_blocking=True)
+            copy_all(((targets.get(name), tensor) for name, tensor in items))  # None: a tied head (the embedding)
         if method != "direct":
             self._targets = None  # vLLM's reload may re-create parameters: rebuild the views next time
 

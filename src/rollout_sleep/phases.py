@@ -42,6 +42,23 @@ class CycleReport:
         return out
 
 
+@dataclass
+class PoolReport(CycleReport):
+    """A sleep or wake of every engine: ``seconds`` per phase (``pack``: the trainer's weights into the shared
+    buffer; each engine phase: the slowest engine's), ``wall_seconds`` the whole call as the caller waited for
+    it (engines work at the same time), ``engines`` each engine's own :class:`CycleReport`."""
+
+    engines: list[CycleReport] = field(default_factory=list)
+    wall_seconds: float = 0.0
+
+    def as_dict(self, prefix: str = "") -> dict[str, float]:
+        out = super().as_dict(prefix)
+        out[f"{prefix}wall_s"] = self.wall_seconds
+        for j, r in enumerate(self.engines):
+            out.update({f"{prefix}engine{j}_{k}_s": v for k, v in r.seconds.items()})
+        return out
+
+
 @contextmanager
 def timed(report: CycleReport, phase: str, sync: bool = True):
     """Add the block's seconds to ``report.seconds[phase]``; with ``sync`` (in-process), CUDA work queued

@@ -47,16 +47,28 @@ class VerifyReport:
         return self
 
 
-def verify(engine, model: nn.Module | WeightStream) -> VerifyReport:
+@dataclass
+class PoolVerifyReport(VerifyReport):
+    """:func:`verify` over a pool: ``ok`` when the shared buffer equals the trainer's weights (cast to the
+    engines' dtype) and every engine equals the buffer; ``engines``: each engine's own report."""
+
+    engines: list[VerifyReport] = field(default_factory=list)
+
+
+def verify(engine, model: nn.Module | WeightStream | list[tuple[str, torch.Tensor]]) -> VerifyReport:
     """Prove the engine holds exactly the trainer's weights, on the device, one tensor at a time.
 
     Fused vLLM parameters (``qkv_proj``, ``gate_up_proj``, stacked MoE experts) are compared slice by
     slice with the checkpoint tensors that were loaded into them (:mod:`rollout_sleep.layout`), so the
     check covers what vLLM actually holds. On a tensor-parallel engine each rank checks its own shards,
     cut as vLLM's parallel layers cut them. It never raises on a layout: a tensor it cannot place makes
-    it fail (``ok=False``), named in ``report.unplaced`` with the reason.
+    it fail (``ok=False``), named in ``report.unplaced`` with the reason. On an
+    :class:`~rollout_sleep.pool.EnginePool` every engine is checked (:meth:`EnginePool.verify_weights`).
     """
-    stream = model if isinstance(model, WeightStream) else WeightStream(model, dtype=engine.dtype)
+    if hasattr(engine, "verify_weights"):  # an EnginePool: the shared buffer, then every engine against it
+        return engine.verify_weights(model)
+    # a model, its WeightStream, or (name, tensor) pairs (an engine process checks views of the shared buffer)
+    stream = WeightStream(model, dtype=engine.dtype) if isinstance(model, nn.Module) else model
     engine.require_awake("verify weights")
     sharded = engine.tensor_parallel_size != 1
     t0 = time.perf_counter()
