@@ -246,11 +246,11 @@ def ablation_figures(result: dict) -> dict:
     wake and first inference after a wake, the later inference, 5-switch total (switch + first inference)
     and that total with the initial load."""
     level1 = result["modes"]["level1"]
-    per = level1["per_model_median"]
-    a, b = result["models"]
+    nan = {"wake_s": float("nan"), "first_inference_s": float("nan")}  # a model never switched to
+    a, b = (level1["per_model_median"].get(m, nan) for m in result["models"])
     load = sum(result["initial_load_s"])
-    return {"initial_load_s": load, "wake_s": [per[a]["wake_s"], per[b]["wake_s"]],
-            "first_inference_s": [per[a]["first_inference_s"], per[b]["first_inference_s"]],
+    return {"initial_load_s": load, "wake_s": [a["wake_s"], b["wake_s"]],
+            "first_inference_s": [a["first_inference_s"], b["first_inference_s"]],
             "later_inference_s": level1["median_second_inference_s"], "switches_total_s": level1["total_s"],
             "total_s": load + level1["total_s"]}
 
@@ -296,7 +296,7 @@ def ablation_markdown(arms: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def ablation_chart(arms: dict[str, dict], path: Path) -> bool:
+def ablation_chart(arms: dict[str, dict], path: Path, device: str = "ours") -> bool:
     """Bars of wake and first-inference times per model, article vs ours, for both ablations (matplotlib;
     ``False`` where it is not installed)."""
     try:
@@ -312,15 +312,15 @@ def ablation_chart(arms: dict[str, dict], path: Path) -> bool:
         panels.append(("first inference after a wake (s)", "first_inference_s",
                        [("A100 warm-up", art["warmup"]["on"]["first_inference_s"]),
                         ("A100 none", art["warmup"]["off"]["first_inference_s"]),
-                        ("H100 warm-up", arms["bf16_warmup"]["first_inference_s"]),
-                        ("H100 none", arms["bf16_no_warmup"]["first_inference_s"])]))
+                        ("ours warm-up", arms["bf16_warmup"]["first_inference_s"]),
+                        ("ours none", arms["bf16_no_warmup"]["first_inference_s"])]))
     if "bf16_warmup" in arms and "fp8_warmup" in arms:
         for title, k, art_k in (("wake (s)", "wake_s", "wake_s"),
                                 ("first inference after a wake (s)", "first_inference_s", "inference_s")):
             panels.append((f"bf16 vs FP8: {title}", k,
                            [("A100 bf16", art["quantization"]["bf16"][art_k]),
                             ("A100 FP8", art["quantization"]["fp8"][art_k]),
-                            ("H100 bf16", arms["bf16_warmup"][k]), ("H100 FP8", arms["fp8_warmup"][k])]))
+                            ("ours bf16", arms["bf16_warmup"][k]), ("ours FP8", arms["fp8_warmup"][k])]))
     if not panels:
         return False
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
@@ -332,7 +332,7 @@ def ablation_chart(arms: dict[str, dict], path: Path) -> bool:
         ax.set_xticks([i + 0.4 - width / 2 for i in range(2)], ["model A", "model B"])
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=8)
-    fig.suptitle("sleep-mode ablations: article (A100: Qwen3-0.6B <-> Phi-3-vision) vs ours", fontsize=10)
+    fig.suptitle(f"sleep-mode ablations: article (A100, Qwen3-0.6B <-> Phi-3-vision) vs ours ({device})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

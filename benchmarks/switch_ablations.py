@@ -1,0 +1,91 @@
+"""The sleep-mode article's two ablations with ``rollout-sleep switch-bench``, beside its A100 figures.
+
+    python benchmarks/switch_ablations.py --out results/h100/switch_bench/ablations
+    python benchmarks/switch_ablations.py --out /tmp/abl --quick      # CPU: tiny models, FP8 refused
+
+Arms (the article's: sleep level 1, 5 switches, A = the smaller model), each a ``switch-bench`` run in
+its own process with two freshly started servers: ``bf16_warmup`` (a one-token request to each server
+right after it starts), ``bf16_no_warmup``, ``fp8_warmup`` (``--quantization fp8``: vLLM's online FP8 of
+the bf16 checkpoints). Writes ``<arm>/switch_bench.json`` per arm as it goes, then ``ablations.json``
+(every arm's figures and the article's), ``ablations.md`` (the side-by-side tables) and ``ablations.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+ARMS = {"bf16_warmup": ("on", "none"), "bf16_no_warmup": ("off", "none"), "fp8_warmup": ("on", "fp8")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--models", nargs=2, default=["qwen3-0.6b", "qwen3-4b"])
+    ap.add_argument("--arms", default=",".join(ARMS))
+    ap.add_argument("--switches", type=int, default=5)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--arm-timeout", type=int, default=400)
+    ap.add_argument("--quick", action="store_true", help="tiny models, 1 switch (the CPU check)")
+    args = ap.parse_args()
+    if args.quick:
+        args.models, args.switches, args.max_tokens = ["tiny", "tiny"], 2, 8
+    from rollout_sleep import switch_bench as sb
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    models = sb.prepare_models(args.models, out)  # built once, shared by the arms
+    path = out / "ablations.json"
+    prev = json.loads(path.read_text()) if path.exists() else {}
+    result = prev if prev.get("models") == models else {"models": models}
+    result.update({"article": sb.ARTICLE_A100, "switches": args.switches, "max_tokens": args.max_tokens})
+    result.setdefault("arms", {})
+    for arm in args.arms.split(","):
+        warmup, quant = ARMS[arm]
+        arm_out = out / arm
+        cmd = [sys.executable, "-m", "rollout_sleep.cli", "switch-bench", "--models", *models, "--modes", "level1",
+               "--switches", str(args.switches), "--max-tokens", str(args.max_tokens), "--warmup", warmup,
+               "--quantization", quant, "--out", str(arm_out)]
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.arm_timeout,
+                                  env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
+            rc, err = proc.returncode, proc.stderr
+        except subprocess.TimeoutExpired:
+            rc, err = "timeout", f"timed out after {args.arm_timeout} s"
+        entry: dict = {"command": cmd[2:], "wall_s": time.perf_counter() - t0}
+        raw = arm_out / "switch_bench.json"
+        if rc == 0 and raw.exists():
+            run = json.loads(raw.read_text())
+            entry.update({"device": run["device"], "versions": run["versions"], "startup_s": run["startup_s"],
+                          "warmup_s": run["warmup_s"]})
+            try:
+                entry["figures"] = sb.ablation_figures(run)
+            except Exception as e:  # the raw JSON stays; the figures can be recomputed from it
+                entry["error"], entry["refused"] = f"figures: {type(e).__name__}: {e}", False
+        else:
+            entry["error"] = f"exit {rc}: {err[-3000:]}"
+            entry["refused"] = "is not available here" in err
+        result["arms"][arm] = entry
+        path.write_text(json.dumps(result, indent=1))
+        print(arm, json.dumps(entry.get("figures")) if "figures" in entry else
+              ("refused: " if entry["refused"] else "ERROR: ") + entry["error"][-500:], flush=True)
+    figures = {a: e["figures"] for a, e in result["arms"].items() if "figures" in e}
+    table = sb.ablation_markdown(figures)
+    (out / "ablations.md").write_text(table + "\n")
+    device = next((e["device"] for e in result["arms"].values() if "device" in e), "ours")
+    result["chart"] = sb.ablation_chart(figures, out / "ablations.png", device)
+    path.write_text(json.dumps(result, indent=1))
+    print(table, flush=True)
+
+
+if __name__ == "__main__":
+    main()
