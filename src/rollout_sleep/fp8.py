@@ -19,10 +19,10 @@ make), else :func:`quantize_reference`, the formula above in PyTorch (tested bit
 Example:
     >>> w = torch.tensor([[0.5, -2.0], [1.0, 0.25]], dtype=torch.bfloat16)
     >>> q, scale = quantize_reference(w)
-    >>> scale.item() == 2.0 / 448, q.dtype
+    >>> bool(scale == torch.tensor([2.0]) / 448), q.dtype
     (True, torch.float8_e4m3fn)
-    >>> (q.float() * scale).tolist()
-    [[0.5, -2.0], [1.0, 0.25]]
+    >>> q.float().tolist()
+    [[112.0, -448.0], [224.0, 56.0]]
 """
 
 from __future__ import annotations
@@ -49,8 +49,10 @@ def quantize_reference(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     x = weight.float()
     amax = x.abs().amax() if x.numel() else torch.zeros((), device=x.device)
     scale = (amax / FP8_MAX).reshape(1)
-    r = torch.fmax(torch.fmin(x * (1.0 / scale), torch.tensor(FP8_MAX)), torch.tensor(-FP8_MAX))  # fminf/fmaxf,
-    return r.to(FP8), scale  # as the kernel: NaN-ignoring (an all-zero weight gives 0 * inf → 448, as there)
+    bound = torch.tensor(FP8_MAX, device=x.device)
+    # fmin/fmax ignore NaN as the kernel's fminf/fmaxf do: an all-zero weight (0 * inf) gives 448, as there
+    r = torch.fmax(torch.fmin(x * (1.0 / scale), bound), -bound)
+    return r.to(FP8), scale
 
 
 def _vllm_quant():
