@@ -287,6 +287,8 @@ def main() -> None:
     model_path = make_checkpoint(work / "model", args.size, seed=0, dtype="bfloat16") \
         if not (work / "model" / "config.json").exists() else str(work / "model")
     result["checkpoint_s"] = time.perf_counter() - t0
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the checkpoint was drawn on the GPU: hand its cached blocks back to the arms
     for part in args.parts.split(","):
         t = time.perf_counter()
         result[part] = run_check(args, model_path, work) if part == "check" else run_arm(args, part, model_path, work)

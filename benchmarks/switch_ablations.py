@@ -43,6 +43,10 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     models = sb.prepare_models(args.models, out)  # built once, shared by the arms
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # drawn on the GPU: give the cached blocks back before the servers start
     path = out / "ablations.json"
     prev = json.loads(path.read_text()) if path.exists() else {}
     result = prev if prev.get("models") == models else {"models": models}
