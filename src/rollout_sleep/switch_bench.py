@@ -65,8 +65,16 @@ def prepare_models(models: list[str], out_dir: str | Path) -> list[str]:
         if not (dest / "config.json").exists():
             make_checkpoint(dest, m, seed=i, tie_word_embeddings=False if m == "tiny" else None,
                             dtype="float32" if m == "tiny" else "bfloat16")
+            _release_gpu_cache()  # drawn on the GPU: its cached blocks would shrink what the servers see
         paths.append(str(dest))
     return paths
+
+
+def _release_gpu_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _gpu_used_mib() -> float | None:
