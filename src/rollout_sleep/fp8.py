@@ -176,6 +176,7 @@ class Assembler:
         got = self.pending.setdefault(g.param, {})
         got[name] = tensor
         if len(got) < len(g.shards):
+            got[name] = tensor.detach().clone()  # held past its item: a ZeRO-3 gather frees it after its bucket
             return None
         del self.pending[g.param]
         parts = [got[n] for n in g.shards]
