@@ -146,7 +146,7 @@ def test_fp8_refused_on_cpu_before_vllm_starts(ckpts, tmp_path):
     from rollout_sleep.engine import Engine
     from rollout_sleep.switch_bench import run_switch_bench
 
-    with pytest.raises(ValueError, match="quantization='fp8' is not available here: vLLM on cpu has no FP8"):
+    with pytest.raises(ValueError, match="quantization='fp8' is not available here: vLLM's CPU build has no FP8"):
         Engine(ckpts["tied0"], dtype="bfloat16", quantization="fp8")
     with pytest.raises(ValueError, match="unknown engine quantization 'int4'"):
         Engine(ckpts["tied0"], quantization="int4")

@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -55,23 +56,16 @@ def quantize_reference(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return r.to(FP8), scale
 
 
+@functools.lru_cache(maxsize=None)
 def _vllm_quant():
-    """vLLM's ``scaled_fp8_quant`` where this build implements it for the weight's device, else ``None``."""
+    """vLLM's ``scaled_fp8_quant`` (its CUDA kernel), or ``None`` where vLLM's custom ops do not import."""
     try:
         from vllm import _custom_ops as ops
-    except Exception:  # no vLLM, or a build without custom ops
+
+        return ops.scaled_fp8_quant
+    except Exception as e:  # no vLLM, or a build without custom ops
+        logger.warning("vLLM's scaled_fp8_quant is not importable (%s); quantizing with the PyTorch formula", e)
         return None
-    fn = getattr(ops, "scaled_fp8_quant", None)
-    return fn if fn is not None and _op_implemented("dynamic_scaled_fp8_quant") else None
-
-
-def _op_implemented(name: str) -> bool:
-    """vLLM's CPU build registers its FP8 quant ops as stubs with no arguments (``_C::x() -> ()``)."""
-    try:
-        op = getattr(torch.ops._C, name)
-        return len(op.default._schema.arguments) > 0
-    except Exception:
-        return False
 
 
 def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,7 +74,8 @@ def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if weight.is_cuda:
         fn = _vllm_quant()
         if fn is not None:
-            return fn(weight.contiguous(), scale=None)
+            q, scale = fn(weight.contiguous(), scale=None)
+            return q, scale.reshape(1)
     return quantize_reference(weight)
 
 
@@ -89,9 +84,10 @@ def fp8_problem() -> str | None:
     ``quantization="fp8"`` and then fails inside its loader: its FP8 quant kernels are stubs."""
     from vllm.platforms import current_platform
 
+    if current_platform.is_cpu():
+        return "vLLM's CPU build has no FP8 weight kernels (its scaled_fp8_quant ops are stubs)"
     if not current_platform.is_cuda():
-        return (f"vLLM on {current_platform.device_type or 'this platform'} has no FP8 weight kernels (its "
-                "scaled_fp8_quant is a stub outside CUDA)")
+        return f"FP8 engines are driven on CUDA only here (this vLLM runs on {current_platform.device_type})"
     return None
 
 
