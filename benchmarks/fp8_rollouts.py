@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -40,6 +39,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from switch_ablations import run_bounded  # noqa: E402
 
 WARMUP = 2
 PHASES = ("generate", "sleep", "wake_weights", "load", "wake_kv_cache", "reset", "train", "verify")
@@ -69,18 +70,15 @@ def run_arm(args, arm: str, model_path: str, work: Path) -> dict:
         cmd.append("engine.quantization=fp8")
     t0 = time.perf_counter()
     with peak_memory() as mem:
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.arm_timeout)
-        except subprocess.TimeoutExpired as e:
-            return {"error": f"timed out after {args.arm_timeout} s", "stdout_tail": str(e.stdout)[-2000:]}
+        rc, stdout, stderr = run_bounded(cmd, args.arm_timeout)
     result: dict = {"command": cmd[1:], "wall_s": time.perf_counter() - t0}
     if mem is not None:
         result["peak_gpu_used_gib"] = mem.peak_gib
     metrics = out / "metrics.jsonl"
     rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
-    if proc.returncode != 0:
-        result["error"] = (proc.stderr or proc.stdout)[-3000:]
-        result["refused"] = "quantization='fp8' is not available here" in proc.stderr
+    if rc != 0:
+        result["error"] = f"exit {rc}: " + (stderr or stdout)[-3000:]
+        result["refused"] = "quantization='fp8' is not available here" in stderr
     if not rows:
         return result
     steady = rows[WARMUP:] or rows
@@ -236,12 +234,7 @@ def run_check(args, model_path: str, work: Path) -> dict:
     out_json = work / "check.json"
     out_json.unlink(missing_ok=True)
     cmd = [sys.executable, __file__, "--child-check", model_path, "--out", str(out_json)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.arm_timeout,
-                              env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
-        rc, err = proc.returncode, proc.stderr
-    except subprocess.TimeoutExpired:
-        rc, err = "timeout", f"timed out after {args.arm_timeout} s"
+    rc, _, err = run_bounded(cmd, args.arm_timeout, env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
     result = json.loads(out_json.read_text()) if out_json.exists() else {}
     if rc != 0:
         result["error"] = f"exit {rc}: " + (err or "")[-3000:]

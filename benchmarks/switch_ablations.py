@@ -6,8 +6,10 @@
 Arms (the article's: sleep level 1, 5 switches, A = the smaller model), each a ``switch-bench`` run in
 its own process with two freshly started servers: ``bf16_warmup`` (a one-token request to each server
 right after it starts), ``bf16_no_warmup``, ``fp8_warmup`` (``--quantization fp8``: vLLM's online FP8 of
-the bf16 checkpoints). Writes ``<arm>/switch_bench.json`` per arm as it goes, then ``ablations.json``
-(every arm's figures and the article's), ``ablations.md`` (the side-by-side tables) and ``ablations.png``.
+the bf16 checkpoints). The checkpoints, server logs and each arm's own output stay under ``--workdir``;
+``--out`` gets three files, rewritten as each arm finishes: ``ablations.json`` (every arm's figures and
+raw switch-bench result, and the article's figures), ``ablations.md`` (the side-by-side tables) and
+``ablations.png``.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ def main() -> None:
     ap.add_argument("--switches", type=int, default=5)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--arm-timeout", type=int, default=400)
+    ap.add_argument("--workdir", default="/tmp/rs-switch-ablations")
     ap.add_argument("--quick", action="store_true", help="tiny models, 1 switch (the CPU check)")
     args = ap.parse_args()
     if args.quick:
@@ -42,7 +45,8 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    models = sb.prepare_models(args.models, out)  # built once, shared by the arms
+    work = Path(args.workdir)
+    models = sb.prepare_models(args.models, work)  # built once, shared by the arms
     import torch
 
     if torch.cuda.is_available():
@@ -50,27 +54,23 @@ def main() -> None:
     path = out / "ablations.json"
     prev = json.loads(path.read_text()) if path.exists() else {}
     result = prev if prev.get("models") == models else {"models": models}
+    result["model_shapes"] = args.models
     result.update({"article": sb.ARTICLE_A100, "switches": args.switches, "max_tokens": args.max_tokens})
     result.setdefault("arms", {})
     for arm in args.arms.split(","):
         warmup, quant = ARMS[arm]
-        arm_out = out / arm
+        arm_out = work / arm
         cmd = [sys.executable, "-m", "rollout_sleep.cli", "switch-bench", "--models", *models, "--modes", "level1",
                "--switches", str(args.switches), "--max-tokens", str(args.max_tokens), "--warmup", warmup,
                "--quantization", quant, "--out", str(arm_out)]
         t0 = time.perf_counter()
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.arm_timeout,
-                                  env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
-            rc, err = proc.returncode, proc.stderr
-        except subprocess.TimeoutExpired:
-            rc, err = "timeout", f"timed out after {args.arm_timeout} s"
+        rc, _, err = run_bounded(cmd, args.arm_timeout, env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
         entry: dict = {"command": cmd[2:], "wall_s": time.perf_counter() - t0}
         raw = arm_out / "switch_bench.json"
         if rc == 0 and raw.exists():
             run = json.loads(raw.read_text())
             entry.update({"device": run["device"], "versions": run["versions"], "startup_s": run["startup_s"],
-                          "warmup_s": run["warmup_s"]})
+                          "warmup_s": run["warmup_s"], "raw": run})
             try:
                 entry["figures"] = sb.ablation_figures(run)
             except Exception as e:  # the raw JSON stays; the figures can be recomputed from it
@@ -79,16 +79,61 @@ def main() -> None:
             entry["error"] = f"exit {rc}: {err[-3000:]}"
             entry["refused"] = "is not available here" in err
         result["arms"][arm] = entry
-        path.write_text(json.dumps(result, indent=1))
+        table = write_tables(result, out)
         print(arm, json.dumps(entry.get("figures")) if "figures" in entry else
               ("refused: " if entry["refused"] else "ERROR: ") + entry["error"][-500:], flush=True)
+    print(table, flush=True)
+
+
+def write_tables(result: dict, out: Path) -> str:
+    """ablations.md and .png from the arms done so far, and ablations.json (with the chart's status)."""
+    from rollout_sleep import switch_bench as sb
+
     figures = {a: e["figures"] for a, e in result["arms"].items() if "figures" in e}
     table = sb.ablation_markdown(figures)
     (out / "ablations.md").write_text(table + "\n")
     device = next((e["device"] for e in result["arms"].values() if "device" in e), "ours")
     result["chart"] = sb.ablation_chart(figures, out / "ablations.png", device)
-    path.write_text(json.dumps(result, indent=1))
-    print(table, flush=True)
+    (out / "ablations.json").write_text(json.dumps(result, indent=1))
+    return table
+
+
+def run_bounded(cmd: list[str], timeout: float, env: dict | None = None) -> tuple[int | str, str, str]:
+    """Run ``cmd`` in its own process group; past ``timeout``, or when this process is told to stop
+    (SIGTERM, e.g. an outer ``timeout``), the whole group is stopped: servers and engines it started
+    included, which would otherwise keep their GPU memory. Returns ``(rc or "timeout", out, err)``."""
+    import signal
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+
+    def stop_group() -> tuple[str, str]:
+        out = err = ""
+        for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                out, err = proc.communicate(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+        return out or "", err or ""
+
+    def on_term(signum, frame):
+        stop_group()
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        return proc.returncode, out, err
+    except subprocess.TimeoutExpired:
+        out, err = stop_group()
+        return "timeout", out, f"timed out after {timeout} s\n" + err[-2000:]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
