@@ -69,10 +69,16 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.flush()
         os._exit(code)
     if args.command == "switch-bench":
+        from .fp8 import check_quantization
         from .switch_bench import prepare_models, run_switch_bench
         from .server import sleep_mode_available
 
         kw = {"gpu_memory_utilization": args.gpu_memory_utilization} if sleep_mode_available() else {}
+        try:
+            check_quantization(None if args.quantization == "none" else args.quantization)
+        except ValueError as err:  # e.g. FP8 on vLLM's CPU build: said plainly, before anything starts
+            print(f"switch-bench: {err}", file=sys.stderr)
+            return 2
         run_switch_bench(prepare_models(args.models, args.out), args.out, switches=args.switches,
                          modes=args.modes.split(","), max_tokens=args.max_tokens, server_kwargs=kw,
                          warmup=args.warmup == "on",
