@@ -3,6 +3,11 @@
     python benchmarks/fp8_rollouts.py --out results/h100/fp8_rollouts --size qwen3-4b --steps 20
     python benchmarks/fp8_rollouts.py --out /tmp/fp8q --quick          # CPU: the FP8 parts refused, bf16 runs
 
+On the H100 (one device call, ~7-8 min: 4B checkpoint ~0.5 min, check ~1.5 min, each arm ~2.5-3 min;
+the JSON is rewritten after each part, so a cut-off run keeps what finished):
+
+    timeout -k 30 560 python benchmarks/fp8_rollouts.py --out $OUT --size qwen3-4b --steps 20 --arm-timeout 250
+
 Parts, each in its own process (one vLLM engine per process), written to ``DIR/fp8_rollouts_<size>.json``
 as they finish (``--parts`` picks some; a later call adds its parts to an existing JSON of the same size
 and card):

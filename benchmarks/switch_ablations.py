@@ -3,6 +3,12 @@
     python benchmarks/switch_ablations.py --out results/h100/switch_bench/ablations
     python benchmarks/switch_ablations.py --out /tmp/abl --quick      # CPU: tiny models, FP8 refused
 
+On the H100 (one device call, ~8 min: two checkpoints ~0.7 min, each arm two server starts ~1.5-3 min):
+
+    timeout -k 30 560 python benchmarks/switch_ablations.py --out $OUT --arm-timeout 200
+
+A later call can add a missing arm (``--arms fp8_warmup``) to an ``ablations.json`` copied back into ``--out``.
+
 Arms (the article's: sleep level 1, 5 switches, A = the smaller model), each a ``switch-bench`` run in
 its own process with two freshly started servers: ``bf16_warmup`` (a one-token request to each server
 right after it starts), ``bf16_no_warmup``, ``fp8_warmup`` (``--quantization fp8``: vLLM's online FP8 of
