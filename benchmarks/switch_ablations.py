@@ -3,16 +3,17 @@
     python benchmarks/switch_ablations.py --out results/h100/switch_bench/ablations
     python benchmarks/switch_ablations.py --out /tmp/abl --quick      # CPU: tiny models, FP8 refused
 
-On the H100 (one device call, ~8 min: two checkpoints ~0.7 min, each arm two server starts ~1.5-3 min):
+On the H100 (one device call, ~8 min: two checkpoints ~0.7 min, then per arm two server starts: ~3 min
+each for the first two arms, which compile their graphs, ~2 min for the last):
 
-    timeout -k 30 560 python benchmarks/switch_ablations.py --out $OUT --arm-timeout 200
+    timeout -k 30 560 python benchmarks/switch_ablations.py --out $OUT --arm-timeout 230
 
 A later call can add a missing arm (``--arms fp8_warmup``) to an ``ablations.json`` copied back into ``--out``.
 
 Arms (the article's: sleep level 1, 5 switches, A = the smaller model), each a ``switch-bench`` run in
 its own process with two freshly started servers: ``bf16_warmup`` (a one-token request to each server
-right after it starts), ``bf16_no_warmup``, ``fp8_warmup`` (``--quantization fp8``: vLLM's online FP8 of
-the bf16 checkpoints). The checkpoints, server logs and each arm's own output stay under ``--workdir``;
+right after it starts), ``fp8_warmup`` (``--quantization fp8``: vLLM's online FP8 of the bf16
+checkpoints), ``bf16_no_warmup``. The checkpoints, server logs and each arm's own output stay under ``--workdir``;
 ``--out`` gets three files, rewritten as each arm finishes: ``ablations.json`` (every arm's figures and
 raw switch-bench result, and the article's figures), ``ablations.md`` (the side-by-side tables) and
 ``ablations.png``.
@@ -31,7 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-ARMS = {"bf16_warmup": ("on", "none"), "bf16_no_warmup": ("off", "none"), "fp8_warmup": ("on", "fp8")}
+# in this order: the bf16 no-warm-up arm last, its models' compiled graphs then cached by the first arm
+ARMS = {"bf16_warmup": ("on", "none"), "fp8_warmup": ("on", "fp8"), "bf16_no_warmup": ("off", "none")}
 
 
 def main() -> None:
