@@ -37,12 +37,13 @@ def test_ablation_tables_put_ours_beside_the_articles_figures(tmp_path):
                 for m, f in (("A", first_a), ("B", first_b))]
         per = {r["to"]: {k: r[k] for k in ("switch_s", "wake_s", "first_inference_s", "second_inference_s")}
                for r in rows}
-        return {"models": ["A", "B"], "initial_load_s": [load, load],
+        return {"models": ["A", "B"], "initial_load_s": [load, load], "warmup_s": [1.0, 2.0],
                 "modes": {"level1": {"rows": rows, "total_s": 1.0, "median_second_inference_s": 0.1,
                                      "per_model_median": per}}}
 
     on, off = ablation_figures(run(0.5, 1.0, 40.0)), ablation_figures(run(2.0, 5.0, 30.0))
     assert on["first_inference_s"] == [0.5, 1.0] and on["initial_load_s"] == 80.0 and on["total_s"] == 81.0
+    assert on["warmup_s"] == 3.0
     table = ablation_markdown({"bf16_warmup": on, "bf16_no_warmup": off, "fp8_warmup": on})
     assert "| first inference after a wake, A / B (s) | 0.45 / 0.93 | 2.59 / 6.61 | 5.76x / 7.11x | " \
            "0.50 / 1.00 | 2.00 / 5.00 | 4.00x / 5.00x |" in table
