@@ -77,11 +77,13 @@ FUSED = {f"{L}self_attn.qkv_proj": 16, f"{L}self_attn.o_proj": 8, f"{L}mlp.gate_
 
 def _fake_fp8_vllm() -> nn.Module:
     """vLLM 0.26's FP8 Qwen3 layer layout: fused linears holding ``weight`` as an [in, out] view of [out, in]
-    FP8 data and a [1] float32 ``weight_scale``; the norm in bf16."""
+    FP8 data (CUTLASS) and a [1] float32 ``weight_scale``; the norm in bf16. ``down_proj`` holds its weight
+    [out, in] as another kernel could."""
     named = {}
     for module, out in FUSED.items():
         inp = 12 if module.endswith("down_proj") else 8
-        named[f"{module}.weight"] = torch.zeros(out, inp, dtype=FP8).t()
+        w = torch.zeros(out, inp, dtype=FP8)
+        named[f"{module}.weight"] = w if module.endswith("down_proj") else w.t()
         named[f"{module}.weight_scale"] = torch.zeros(1)
     named["model.norm.weight"] = torch.zeros(8, dtype=torch.bfloat16)
     return _tree(named, packed_modules_mapping={"qkv_proj": ["q_proj", "k_proj", "v_proj"],
@@ -116,6 +118,9 @@ def test_fp8_direct_load_and_verify_through_vllms_fp8_layout():
     q, scale = quantize_reference(torch.cat([weights[f"{L}self_attn.{p}_proj.weight"] for p in "qkv"]))
     assert torch.equal(qkv.weight.t().view(torch.uint8), q.view(torch.uint8)) and torch.equal(qkv.weight_scale, scale)
     assert qkv.weight.shape == (8, 16)  # still vLLM's transposed [in, out] view, written through
+    down = modules[f"{L}mlp.down_proj"]
+    assert torch.equal(down.weight.view(torch.uint8), quantize_reference(weights[f"{L}mlp.down_proj.weight"])[0]
+                       .view(torch.uint8))  # held [out, in]: written as it is
     assert torch.equal(modules["model.norm"].weight, weights["model.norm.weight"])
 
     engine = SimpleNamespace(spec=spec, tied=False, dtype=torch.bfloat16, tensor_parallel_size=1,

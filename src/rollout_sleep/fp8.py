@@ -115,6 +115,14 @@ def is_fp8_linear(module: nn.Module) -> bool:
         and s.numel() == 1
 
 
+def out_in(weight: torch.Tensor) -> torch.Tensor:
+    """An FP8 linear's weight as ``[out, in]``: vLLM's FP8 GEMM kernels (CUTLASS, PyTorch's) hold it as the
+    transposed ``[in, out]`` view of ``[out, in]`` data, which this undoes; a weight held ``[out, in]``
+    (contiguous) is returned as it is."""
+    transposed = weight.ndim == 2 and weight.shape[0] > 1 and weight.stride() == (1, weight.shape[0])
+    return weight.t() if transposed else weight
+
+
 @dataclass
 class Group:
     """The checkpoint tensors one FP8 linear is quantized from: its vLLM parameter (``...weight``), the
@@ -139,7 +147,7 @@ def groups(vmodel: nn.Module, plan: Mapping, spec: Mapping) -> tuple[dict[str, G
     problems = []
     for param, rows in by_param.items():
         module = modules[param.rpartition(".")[0]]
-        k, n = module.weight.shape  # stored transposed: [in, out]
+        n, k = out_in(module.weight).shape
         rows.sort()
         tiled = [r for r, _, _ in rows] == [sum(x for _, x, _ in rows[:i]) for i in range(len(rows))] and \
             sum(x for _, x, _ in rows) == n
@@ -156,7 +164,7 @@ def groups(vmodel: nn.Module, plan: Mapping, spec: Mapping) -> tuple[dict[str, G
 def engine_tensors(vmodel: nn.Module, param: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(weight as [out, in] fp8, weight_scale [1])`` of an FP8 linear: writable views of what it holds."""
     module = vmodel.get_submodule(param.rpartition(".")[0])
-    return module.weight.data.t(), module.weight_scale.data
+    return out_in(module.weight.data), module.weight_scale.data
 
 
 class Assembler:
