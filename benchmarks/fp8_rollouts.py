@@ -24,7 +24,8 @@ and card):
   Medians of the steps after the first 2: generate, sync (load), the sleep/wake cycle, step; device-wide
   peak GPU memory (sampled by this parent every 20 ms) and the trainer's allocator peak; the trainer/vLLM
   mismatch of every step (``sampling_logp_diff``: mean |trainer - vLLM| log-prob of the sampled tokens;
-  ``sampling_ratio``: mean exp(trainer - vLLM)).
+  ``sampling_ratio``: mean exp(trainer - vLLM); ``sampling_weight_mean``: the mean weight the recipe's
+  correction gave the tokens, 0 where a sequence's ratio was masked).
 
 On a machine where vLLM has no FP8 kernels (vLLM CPU), ``check`` and ``fp8`` record the refusal and the
 quantization arithmetic is checked on its own.
@@ -96,12 +97,14 @@ def run_arm(args, arm: str, model_path: str, work: Path) -> dict:
         "median_generate_s": med["generate"],
         "tokens_per_step": statistics.median(r.get("generated_tokens", 0) for r in steady),
         "trainer_peak_allocated_gib": max((r.get("cuda_peak_allocated_gib", 0.0) for r in rows), default=0.0),
-        "mismatch": {k: _stats([r[k] for r in rows if k in r]) for k in ("sampling_logp_diff", "sampling_ratio")},
+        "mismatch": {k: _stats([r[k] for r in rows if k in r])
+                     for k in ("sampling_logp_diff", "sampling_ratio", "sampling_weight_mean")},
         "reward_mean_first3_last3": [statistics.mean(r["reward_mean"] for r in rows[:3]),
                                      statistics.mean(r["reward_mean"] for r in rows[-3:])],
         "verify_steps": [r["step"] for r in rows if r.get("verify_s")],
         "rows": [{k: r.get(k) for k in ("step", "step_s", "generate_s", "load_s", "cycle_overhead_s", "verify_s",
-                                         "sampling_logp_diff", "sampling_ratio", "reward_mean", "generated_tokens")}
+                                         "sampling_logp_diff", "sampling_ratio", "sampling_weight_mean",
+                                         "reward_mean", "generated_tokens")}
                  for r in rows]})
     return result
 
