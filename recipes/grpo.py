@@ -175,7 +175,7 @@ class GRPORecipe:
                                  max_model_len=cfg.engine.max_model_len, kv_cache_bytes=kv_bytes,
                                  load_method=cfg.engine.load_method, enforce_eager=cfg.engine.enforce_eager,
                                  keep_trainer_cache=cfg.engine.keep_trainer_cache,
-                                 **engine_kw)
+                                 quantization=cfg.engine.quantization, **engine_kw)
             self.tokenizer = self.engine.tokenizer
         self._check_plan_with_engine()
         for r in self.rewards:  # reward models: loaded beside the trainer, once the engine has sized its cache

@@ -33,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     sw.add_argument("--modes", default="level1,level2,cold")
     sw.add_argument("--max-tokens", type=int, default=32)
     sw.add_argument("--gpu-memory-utilization", type=float, default=0.4)
+    sw.add_argument("--warmup", choices=["on", "off"], default="off",
+                    help="on: a one-token request to each server right after it starts (before its first sleep)")
+    sw.add_argument("--quantization", choices=["none", "fp8"], default="none",
+                    help="fp8: serve both models with vLLM's online FP8 (CUDA; refused where vLLM has no FP8)")
     sw.add_argument("--out", default="runs/switch-bench")
     make = command("make-checkpoint", "write a random-weight Qwen3 checkpoint")
     make.add_argument("path")
@@ -65,12 +69,20 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.flush()
         os._exit(code)
     if args.command == "switch-bench":
+        from .fp8 import check_quantization
         from .switch_bench import prepare_models, run_switch_bench
         from .server import sleep_mode_available
 
         kw = {"gpu_memory_utilization": args.gpu_memory_utilization} if sleep_mode_available() else {}
+        try:
+            check_quantization(None if args.quantization == "none" else args.quantization)
+        except ValueError as err:  # e.g. FP8 on vLLM's CPU build: said plainly, before anything starts
+            print(f"switch-bench: {err}", file=sys.stderr)
+            return 2
         run_switch_bench(prepare_models(args.models, args.out), args.out, switches=args.switches,
-                         modes=args.modes.split(","), max_tokens=args.max_tokens, server_kwargs=kw)
+                         modes=args.modes.split(","), max_tokens=args.max_tokens, server_kwargs=kw,
+                         warmup=args.warmup == "on",
+                         quantization=None if args.quantization == "none" else args.quantization)
         return 0
     if args.command == "make-checkpoint":
         from .checkpoints import make_checkpoint

@@ -190,6 +190,14 @@ def _check_values(cfg: RecipeConfig) -> list[str]:
     if e.sleep_level not in (1, 2):
         out.append(f"engine.sleep_level must be 1 or 2, got {e.sleep_level!r}")
     choice("engine.load_method", e.load_method, LOAD_METHODS)
+    if e.quantization is not None:
+        choice("engine.quantization", e.quantization, ("fp8",))
+        if e.quantization == "fp8" and cfg.model.dtype not in ("bfloat16", "float16"):
+            out.append(f"engine.quantization=fp8 quantizes a bf16/fp16 model (vLLM's FP8 kernels take bf16/fp16 "
+                       f"activations), but model.dtype is {cfg.model.dtype!r}: set model.dtype=bfloat16")
+        if e.quantization == "fp8" and e.load_method == "load_weights":
+            out.append("engine.load_method=load_weights cannot write an FP8 engine's quantized linears: use auto, "
+                       "direct or reload")
     at_least("engine.verify_every", e.verify_every, 0)
     at_least("engine.tensor_parallel_size", e.tensor_parallel_size, 1)
     at_least("engine.processes", e.processes, 1)

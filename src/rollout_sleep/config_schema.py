@@ -48,6 +48,9 @@ class EngineConfig:
                                "weights to host memory")
     load_method: str = _opt("auto", "weight-load route: auto / reload / load_weights / direct (auto takes "
                                     "direct where it maps every tensor exactly)")
+    quantization: str | None = _opt(None, "null: the engine computes in model.dtype; fp8: vLLM's online FP8 of the "
+                                          "linear layers (bf16 trainer, FP8 rollouts; CUDA only), each sync "
+                                          "quantizing the trainer's weights as vLLM's loader does")
     verify_every: int = _opt(1, "run verify after every N-th sync (0: never)")
     enforce_eager: bool = _opt(False, "vLLM without CUDA graphs (faster start, slower generation)")
     keep_trainer_cache: bool = _opt(True, "sleep without emptying PyTorch's cache (the trainer's; see Engine)")
