@@ -134,8 +134,12 @@ def _install(worker, lora_id: int, tensors: dict[str, torch.Tensor], config: dic
     mapper = getattr(model, "hf_to_vllm_mapper", None)
     if mapper is not None and hasattr(mapper, "get_rename_mapper"):
         mapper = mapper.get_rename_mapper()
-    kwargs = dict(device="cpu" if str(lm.device) == "cpu" else lm.device, dtype=lm.lora_config.lora_dtype,
-                  model_vocab_size=lm.vocab_size, weights_mapper=mapper)
+    import inspect
+
+    kwargs = dict(device=str(lm.device), dtype=lm.lora_config.lora_dtype,
+                  model_vocab_size=getattr(lm, "vocab_size", None), weights_mapper=mapper)
+    accepted = inspect.signature(LoRAModel.from_lora_tensors).parameters  # versions differ in what they take
+    kwargs = {k: v for k, v in kwargs.items() if k in accepted and v is not None}
     # vLLM scales lora_b in place (``optimize``): it must never hold the trainer's own tensors
     lora = LoRAModel.from_lora_tensors(lora_id, {k: v.detach().clone() for k, v in tensors.items()}, helper,
                                        **kwargs)
@@ -390,9 +394,7 @@ def trainer_from_engine(engine, settings: LoraSettings, *, gradient_checkpointin
     the part of vLLM's parameter that holds it (fused ``qkv_proj`` / ``gate_up_proj`` rows are contiguous
     slices; a tied head is the embedding). Rotary tables are computed on the GPU. Raises where a parameter
     has no exact view (``engine.loader.why_not_direct()`` names why)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .checkpoints import init_nonpersistent_buffers
+    from transformers import AutoConfig
 
     if not engine.on_cuda:
         raise ValueError("sharing the base with vLLM needs CUDA: vLLM's CPU kernels repack linear weights "
@@ -400,38 +402,47 @@ def trainer_from_engine(engine, settings: LoraSettings, *, gradient_checkpointin
     why = engine.loader.why_not_direct()
     if why is not None:
         raise ValueError(f"the trainer cannot view vLLM's weights exactly: {why}")
-    targets = engine.loader._direct_targets()
-    config = AutoConfig.from_pretrained(engine.model_path)
+    model = model_on_views(AutoConfig.from_pretrained(engine.model_path), engine.loader._direct_targets(),
+                           engine.dtype)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    from peft import get_peft_model
+
+    return get_peft_model(model, settings.peft_config())
+
+
+def model_on_views(config, targets: dict[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:
+    """A frozen transformers causal LM of ``config`` whose parameters are the given tensors (checkpoint name →
+    tensor; a tied head may be left out: it is the embedding), built on the meta device so that nothing of
+    the base is allocated; rotary tables are computed on the tensors' device."""
+    from transformers import AutoModelForCausalLM
+
+    from .checkpoints import init_nonpersistent_buffers
+
+    tied = bool(getattr(config, "tie_word_embeddings", False))
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=engine.dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     problems = []
     for name, p in list(model.named_parameters(remove_duplicate=False)):
         view = targets.get(name)
-        if view is None and name == "lm_head.weight" and engine.tied:
+        if view is None and name == "lm_head.weight" and tied:
             view = targets.get("model.embed_tokens.weight")
         if view is None:
-            problems.append(f"{name}: no view into vLLM's weights")
+            problems.append(f"{name}: no tensor for it")
             continue
         if tuple(view.shape) != tuple(p.shape) or view.dtype != p.dtype:
-            problems.append(f"{name}: vLLM holds {tuple(view.shape)} {view.dtype}, the model wants "
+            problems.append(f"{name}: given {tuple(view.shape)} {view.dtype}, the model wants "
                             f"{tuple(p.shape)} {p.dtype}")
             continue
         owner, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(owner), leaf, nn.Parameter(view, requires_grad=False))
     if problems:
         raise ValueError("cannot build the trainer from vLLM's weights: " + "; ".join(problems[:8]))
-    if getattr(config, "tie_word_embeddings", False):
+    if tied:
         model.tie_weights()
-    device = next(iter(targets.values())).device
-    init_nonpersistent_buffers(model, device)
-    model.requires_grad_(False)
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.enable_input_require_grads()
-    from peft import get_peft_model
-
-    peft_model = get_peft_model(model, settings.peft_config())
-    return peft_model
+    init_nonpersistent_buffers(model, next(iter(targets.values())).device)
+    return model.requires_grad_(False).eval()
 
 
 def shares_storage_with_engine(engine, model: nn.Module) -> tuple[int, int]:
