@@ -78,6 +78,7 @@ from rollout_sleep.config import (ConfigError, RecipeConfig, check_processes, lo
 from rollout_sleep.data import (check_prompts, completions_for_rewards, is_conversational,  # noqa: E402
                                 load_prompts, prepare_prompts, prompt_token_ids)
 from rollout_sleep.engine import Engine  # noqa: E402
+from rollout_sleep.lora import AdapterSync, LoraSettings, trainer_from_engine  # noqa: E402
 from rollout_sleep.memory import kv_cache_bytes_for  # noqa: E402
 from rollout_sleep.grpo import grpo_update  # noqa: E402
 from rollout_sleep.integrations.wandb import make_tracker  # noqa: E402
@@ -150,6 +151,10 @@ class GRPORecipe:
         # The engine first, while the GPU is empty: vLLM sizes its KV cache from the free memory it sees.
         engine_kw = {"gpu_memory_utilization": cfg.engine.gpu_memory_utilization} if torch.cuda.is_available() else {}
         seed = cfg.train.seed + (self.acc.process_index if self.tp == 1 else 0)  # a TP engine samples alike on all ranks
+        lo = cfg.model.lora
+        self.lora = LoraSettings(lo.rank, lo.alpha, list(lo.targets)) if lo.rank else None
+        if self.lora is not None:
+            engine_kw.update(self.lora.engine_kwargs())
         self.engine = Engine(self.model_path, dtype=cfg.model.dtype, seed=seed, tensor_parallel_size=self.tp,
                              max_model_len=cfg.engine.max_model_len, kv_cache_bytes=self._kv_cache_bytes(),
                              load_method=cfg.engine.load_method, enforce_eager=cfg.engine.enforce_eager,
@@ -160,12 +165,10 @@ class GRPORecipe:
             if hasattr(r.fn, "load"):
                 r.fn.dtype = getattr(torch, cfg.model.dtype)
                 r.fn.load(self.acc.device)
-        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
-        if cfg.train.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+        model = self._build_model(dtype)
         # fused on GPU: one kernel for all parameters (TRL/transformers' default optimizer too)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                                      fused=torch.cuda.is_available() or None)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr,
+                                      weight_decay=cfg.train.weight_decay, fused=torch.cuda.is_available() or None)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         guard_optimizer(self.optimizer, self.model)  # a non-finite gradient stops the step before it applies
         self.layout = {"processes": self.acc.num_processes, "distributed_type": self.acc.distributed_type.value,
@@ -175,8 +178,12 @@ class GRPORecipe:
         if cfg.train.kl_coef > 0:
             self.ref_model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype).to(self.acc.device)
             self.ref_model.eval().requires_grad_(False)
-        self.manager = RolloutManager(self.engine, self.model, sleep_level=cfg.engine.sleep_level,
-                                      verify_every=cfg.engine.verify_every, watchdog=self.watchdog)
+        adapter = AdapterSync(self.engine, self.model) if self.lora is not None else None
+        self.manager = RolloutManager(self.engine, self.model, verify_every=cfg.engine.verify_every,
+                                      watchdog=self.watchdog, adapter=adapter,
+                                      sleep_level=0 if adapter is not None else cfg.engine.sleep_level)
+        if adapter is not None:
+            self.layout["lora_base_shared"] = self.manager.base_shared
         self.order = list(range(len(self.data)))
         random.Random(cfg.train.seed).shuffle(self.order)  # the data order: a function of the seed only
         run_id = self._resume()
@@ -189,6 +196,26 @@ class GRPORecipe:
         # trainer's heap (model, optimizer, data, W&B) frozen it stays short.
         gc.collect()
         gc.freeze()
+
+    def _build_model(self, dtype: torch.dtype):
+        """The policy: the whole model, or (``model.lora``) a PEFT adapter on a frozen base. On CUDA with one
+        engine per process the base is a view of the engine's weights (held once); elsewhere (CPU: vLLM
+        repacks its linears) the trainer loads its own."""
+        cfg = self.cfg
+        checkpointing = cfg.train.gradient_checkpointing
+        if self.lora is not None and self.engine.on_cuda and self.engine.sleep_mode and self.tp == 1:
+            self.acc.print("LoRA: the trainer's base is a view of the engine's weights (one copy on the GPU)")
+            return trainer_from_engine(self.engine, self.lora, gradient_checkpointing=checkpointing)
+        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+            if self.lora is not None:
+                model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need a grad path
+        if self.lora is None:
+            return model
+        from peft import get_peft_model
+
+        return get_peft_model(model, self.lora.peft_config())
 
     def _setup_task(self) -> None:
         """Prompts in their format (chat template when conversational) and the rewards resolved and checked
@@ -261,7 +288,10 @@ class GRPORecipe:
             self.acc.print(f"the run in {self.out} is already at step {self.step} (train.steps={self.cfg.train.steps}): "
                            "nothing to train; raise train.steps to continue it")
         self.acc.load_state(str(path))
-        self.engine.load_weights(self.manager.stream)  # the engine must hold the restored weights
+        if self.manager.adapter is not None:
+            self.manager.adapter.push()  # the engine must serve the restored adapter
+        else:
+            self.engine.load_weights(self.manager.stream)  # the engine must hold the restored weights
         self.acc.print(f"resumed from {path} (step {self.step})")
         return state.get("wandb_id")
 
