@@ -2,7 +2,7 @@
 the merged model pushed every step) vs TRL + PEFT colocate, the same work on one GPU.
 
     python benchmarks/lora_shared.py --out results/h100/lora --size qwen3-8b
-    python benchmarks/lora_shared.py --out results/h100/lora --size qwen3-32b --arms shared,fullsync,fold_drift
+    python benchmarks/lora_shared.py --out results/h100/lora --size qwen3-32b --arms shared,recipe,fullsync
     python benchmarks/lora_shared.py --out /tmp/lora-quick --quick        # CPU: tiny shape, every arm's code path
 
 Arms, each in its own process (one vLLM engine per process), results merged into ``DIR/lora_<size>.json``
@@ -15,6 +15,7 @@ Arms, each in its own process (one vLLM engine per process), results merged into
 - ``fullsync``: the existing path: a PEFT trainer with its own base, vLLM without LoRA, level-2 sleep, the
   merged weights pushed at every sync (verified bitwise). At 32B two copies cannot fit: recorded as the error.
 - ``trl``: TRL GRPOTrainer + ``peft_config``, colocate, sleep mode (merge -> push -> unmerge each step).
+- ``recipe``: ``recipes/grpo.py`` itself with ``model.lora`` (``--steps`` steps, verify after every sync).
 - ``fold_drift``: what folding the adapter into a bf16 base (W += s*B*A before a rollout, -= after) would
   cost: bf16 drift over 1,000 steps against an exact reference (why ``shared`` serves the adapter instead).
 
@@ -250,6 +251,9 @@ def run_trl(args) -> dict:
 
     if not torch.cuda.is_available():
         return {"skipped": "TRL's colocate sleep mode needs CUDA (vLLM CPU has no sleep allocator)"}
+    if args.size == "qwen3-32b":
+        return {"skipped": "TRL loads the model from a checkpoint on disk (64 GB at 32B, more than the disk holds); "
+                           "and its two copies of the base (trainer + vLLM, ~122 GiB) cannot fit one 80 GB GPU"}
     w = work_settings(args)
     work = Path(args.workdir)
     path = model_dir(args.size, work, weights=True)
@@ -341,8 +345,43 @@ def fold_drift(args) -> dict:
     return out
 
 
+def run_recipe(args) -> dict:
+    """In a child process: recipes/grpo.py itself with ``model.lora`` (on CUDA: the base drawn by vLLM from a
+    config alone and viewed by the trainer), verify after every sync; its metrics.jsonl summarized."""
+    import torch
+
+    w = work_settings(args)
+    out = Path(args.workdir) / f"recipe-{args.size}"
+    overrides = [f"model.path={args.size}", f"model.dtype={'bfloat16' if torch.cuda.is_available() else 'float32'}",
+                 f"model.lora.rank={w['rank']}", f"model.lora.alpha={w['alpha']}", f"train.steps={args.steps}",
+                 f"train.prompts_per_step={w['prompts']}", f"train.generations={w['generations']}",
+                 f"train.max_tokens={w['max_tokens']}", f"train.lr={w['lr']}", f"train.micro_batch={w['micro_batch']}",
+                 f"train.gradient_checkpointing={str(torch.cuda.is_available()).lower()}", "engine.verify_every=1",
+                 f"engine.enforce_eager={str(args.eager).lower()}", f"output_dir={out}", "wandb.mode=disabled",
+                 "save_every=0", "save_final=false", "resume=false", "overwrite=true"]
+    if SIZES[args.size]["util"]:
+        overrides.append(f"engine.gpu_memory_utilization={SIZES[args.size]['util']}")
+    cmd = [sys.executable, str(ROOT / "recipes" / "grpo.py"), "--config", str(ROOT / "configs" / "tiny-cpu.yaml"),
+           *overrides]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    if proc.returncode != 0:
+        return {"error": f"recipe exited {proc.returncode}", "stderr": proc.stderr[-5000:], "stdout": proc.stdout[-2000:]}
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steady = rows[WARMUP:] or rows
+    keys = sorted({k for r in steady for k, v in r.items() if k.endswith("_s") and isinstance(v, (int, float))})
+    from rollout_sleep.weights import read_checkpoint_spec
+
+    spec = read_checkpoint_spec(out / "model")
+    base = sum(int(torch.Size(t.shape).numel()) * t.dtype.itemsize for t in spec.values())
+    return {"arm": "recipe", "overrides": overrides, "steps_run": len(rows), "base_bytes": base,
+            "verified_every_sync": all(r.get("verify_s", 0) > 0 for r in rows),
+            "base_shared": rows[-1].get("lora_base_shared"), "reward_mean": [r["reward_mean"] for r in rows],
+            "median": {k: statistics.median(r[k] for r in steady if k in r) for k in keys},
+            "cuda_peak_allocated_gib": max((r.get("cuda_peak_allocated_gib", 0.0) for r in rows), default=None)}
+
+
 CHILD = {"shared": lambda a: run_ours("shared", a), "fullsync": lambda a: run_ours("fullsync", a),
-         "trl": run_trl, "fold_drift": fold_drift}
+         "trl": run_trl, "fold_drift": fold_drift, "recipe": run_recipe}
 
 
 def child_main(args) -> None:
@@ -377,8 +416,8 @@ def run_child(arm: str, args) -> dict:
 
 def summarize(result: dict) -> dict:
     s: dict = {}
-    sh, fs, trl = (result.get(a, {}) for a in ("shared", "fullsync", "trl"))
-    ok = {a: r for a, r in (("shared", sh), ("fullsync", fs), ("trl", trl)) if r and "median" in r}
+    sh, fs, trl, rec = (result.get(a, {}) for a in ("shared", "fullsync", "trl", "recipe"))
+    ok = {a: r for a, r in (("shared", sh), ("fullsync", fs), ("trl", trl), ("recipe", rec)) if r and "median" in r}
     for a, r in ok.items():
         s[f"{a}_median_step_s"] = r["median"].get("step_s")
         if "device_peak_used_gib" in r:
@@ -393,6 +432,9 @@ def summarize(result: dict) -> dict:
     if "shared" in ok and "fullsync" in ok:
         s["generate_lora_over_merged"] = sh["generate_bench"]["median_s"] / fs["generate_bench"]["median_s"]
         s["fullsync_device_peak_minus_base_gib"] = fs.get("device_peak_minus_base_gib")
+    if "recipe" in ok:
+        s["recipe_steps_verified"] = rec["steps_run"] if rec.get("verified_every_sync") else 0
+        s["recipe_device_peak_minus_base_gib"] = rec.get("device_peak_minus_base_gib")
     if "shared" in ok and "trl" in ok:
         s["trl_step_over_shared_step"] = trl["median"]["step_s"] / sh["median"]["step_s"]
     return s

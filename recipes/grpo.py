@@ -71,7 +71,7 @@ from accelerate import Accelerator  # noqa: E402
 from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_seed  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from rollout_sleep.checkpoints import SHAPES, make_checkpoint  # noqa: E402
+from rollout_sleep.checkpoints import SHAPES, make_checkpoint, make_config_dir  # noqa: E402
 from rollout_sleep import run_dir  # noqa: E402
 from rollout_sleep.config import (ConfigError, RecipeConfig, check_processes, load_config,  # noqa: E402
                                   validate_rewards)
@@ -155,6 +155,11 @@ class GRPORecipe:
         self.lora = LoraSettings(lo.rank, lo.alpha, list(lo.targets)) if lo.rank else None
         if self.lora is not None:
             engine_kw.update(self.lora.engine_kwargs())
+        if not any(Path(self.model_path).glob("*.safetensors")):
+            if not self._shares_base():
+                raise ConfigError(f"{self.model_path} holds no weights (*.safetensors): only a LoRA run on CUDA "
+                                  "(the trainer viewing vLLM's randomly drawn base) can start from a config alone")
+            engine_kw["load_format"] = "dummy"
         self.engine = Engine(self.model_path, dtype=cfg.model.dtype, seed=seed, tensor_parallel_size=self.tp,
                              max_model_len=cfg.engine.max_model_len, kv_cache_bytes=self._kv_cache_bytes(),
                              load_method=cfg.engine.load_method, enforce_eager=cfg.engine.enforce_eager,
@@ -203,7 +208,7 @@ class GRPORecipe:
         repacks its linears) the trainer loads its own."""
         cfg = self.cfg
         checkpointing = cfg.train.gradient_checkpointing
-        if self.lora is not None and self.engine.on_cuda and self.engine.sleep_mode and self.tp == 1:
+        if self._shares_base():
             self.acc.print("LoRA: the trainer's base is a view of the engine's weights (one copy on the GPU)")
             return trainer_from_engine(self.engine, self.lora, gradient_checkpointing=checkpointing)
         model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
@@ -233,13 +238,22 @@ class GRPORecipe:
         self.conversational = is_conversational(self.data)
         self.reward_weights = [r.weight for r in self.rewards]
 
+    def _shares_base(self) -> bool:
+        """LoRA on CUDA with an engine per process: the trainer's base will be a view of the engine's weights."""
+        return bool(self.cfg.model.lora.rank) and torch.cuda.is_available() and self.cfg.engine.tensor_parallel_size == 1
+
     def _model_path(self) -> str:
         cfg = self.cfg.model
         if cfg.path not in SHAPES:
             return cfg.path
         path = self.out / "model"
         if self.main and not (path / "config.json").exists():
-            make_checkpoint(path, cfg.path, seed=cfg.seed, dtype=cfg.dtype, tie_word_embeddings=cfg.tie_word_embeddings)
+            if self._shares_base():  # random weights drawn by vLLM (load_format="dummy"), viewed by the trainer:
+                make_config_dir(path, cfg.path, dtype=cfg.dtype,  # a 32B shape needs no 64 GB on disk
+                                tie_word_embeddings=cfg.tie_word_embeddings)
+            else:
+                make_checkpoint(path, cfg.path, seed=cfg.seed, dtype=cfg.dtype,
+                                tie_word_embeddings=cfg.tie_word_embeddings)
         with self._collective("the built model"):
             self.acc.wait_for_everyone()
         return str(path)

@@ -113,7 +113,10 @@ def _peft_config_dict(model: nn.Module, adapter: str) -> dict:
 
 # ------------------------------------------------------------------------------------- worker side
 def _adapter_manager(worker) -> Any:
-    lm = getattr(worker.model_runner, "lora_manager", None)
+    runner = worker.model_runner
+    lm = getattr(runner, "lora_manager", None)
+    if lm is None:  # another model runner: its worker-side adapter manager under another attribute
+        lm = next((v for v in vars(runner).values() if type(v).__name__.endswith("WorkerLoRAManager")), None)
     if lm is None:
         raise RuntimeError("the engine has no LoRA manager: start it with enable_lora=True "
                            "(LoraSettings.engine_kwargs())")
@@ -291,8 +294,9 @@ class AdapterSync:
         held = self.engine.llm.collective_rpc(lambda worker: _install(worker, lora_id, tensors, config))
         if any(lora_id not in h for h in held):
             raise RuntimeError(f"vLLM did not take the adapter (held: {held})")
-        # the path is never read: the adapter is already held under this id
-        self.request = LoRARequest(f"rollout_sleep_{lora_id}", lora_id, "in-memory://rollout_sleep")
+        # The path is never read for weights (the adapter is already held under this id); vLLM may look there
+        # for a tokenizer of the adapter: the base's folder has the base's tokenizer.
+        self.request = LoRARequest(f"rollout_sleep_{lora_id}", lora_id, self.engine.model_path)
         self._slots_ready = self._bind_slots()
 
     def _bind_slots(self) -> bool:
