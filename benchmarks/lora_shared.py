@@ -231,7 +231,14 @@ def run_ours(arm: str, args) -> dict:
         res["cuda_max_allocated_gib"] = gib(torch.cuda.max_memory_allocated())
     # the same tokens in every arm: LoRA engine with the adapter / without it; the merged engine (fullsync)
     prompt_ids = prompt_token_ids(tok, [data[i]["prompt"] for i in range(w["prompts"])])
-    if arm == "shared":
+    if arm == "shared":  # the adapter sync alone, repeated (finite check + slot copies + sync), then verified
+        pushes = [adapter.push() for _ in range(20)]
+        res["adapter_push_bench"] = {"method": pushes[-1]["adapter_method"],
+                                     "ms": [1e3 * p["adapter_sync_s"] for p in pushes],
+                                     "median_ms": statistics.median(1e3 * p["adapter_sync_s"] for p in pushes),
+                                     "verified_after": adapter.verify().ok,
+                                     "adapter_bytes_in_engine_dtype": sum(
+                                         (t.A.numel() + t.B.numel()) * engine.dtype.itemsize for t in adapter.targets)}
         res["generate_bench"] = generate_bench(engine, prompt_ids, w, adapter.request)
         res["generate_bench_no_adapter"] = generate_bench(engine, prompt_ids, w, None)
     else:
@@ -425,6 +432,8 @@ def summarize(result: dict) -> dict:
     if "shared" in ok:
         m = sh["median"]
         s["shared_adapter_sync_ms"] = 1e3 * m.get("adapter_sync_s", float("nan"))
+        s["shared_adapter_push_bench_median_ms"] = sh.get("adapter_push_bench", {}).get("median_ms")
+        s["shared_adapter_push_method"] = sh.get("adapter_push_bench", {}).get("method")
         s["shared_cycle_overhead_ms"] = 1e3 * m.get("cycle_overhead_s", float("nan"))
         s["shared_wake_mapped_gib"] = m.get("memory_taken_by_wake_gib")
         s["shared_base_held_once"] = sh.get("base_shared")

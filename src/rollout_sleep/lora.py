@@ -213,14 +213,18 @@ class AdapterSync:
         method: *optional*, ``auto`` (first push through vLLM's adapter manager, then direct slot copies on
             TP=1), ``install`` (vLLM's adapter manager every time) or ``slots`` (direct copies; needs an
             installed adapter).
+        cuda_graph: *optional*, replay the slot copies as one captured CUDA graph (CUDA only).
     """
 
     METHODS = ("auto", "install", "slots")
 
-    def __init__(self, engine, model: nn.Module, *, adapter: str = "default", method: str = "auto"):
+    def __init__(self, engine, model: nn.Module, *, adapter: str = "default", method: str = "auto",
+                 cuda_graph: bool = True):
         if method not in self.METHODS:
             raise ValueError(f"unknown adapter sync method {method!r}; use {', '.join(self.METHODS)}")
         self.engine, self.model, self.adapter, self.method = engine, model, adapter, method
+        self.cuda_graph = cuda_graph
+        self._graph = None
         layers = adapter_layers(model, adapter)
         self.config = _peft_config_dict(model, adapter)
         self.targets = [_Target(name, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight,
@@ -252,12 +256,17 @@ class AdapterSync:
         return out
 
     def _check_finite(self) -> None:
+        """Refuse an adapter holding NaN/Inf before it reaches vLLM: one fused norm over all its tensors and
+        one sync (the tensors are named only when one is bad)."""
         from .feed import non_finite, non_finite_problem
         from .weights import WeightMismatchError
 
+        tensors = [t.A.detach() for t in self.targets] + [t.B.detach() for t in self.targets]
+        if bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all()):
+            return
         bad = non_finite(self.tensors().items())
-        if bad:
-            raise WeightMismatchError([non_finite_problem(n) for n in bad])
+        raise WeightMismatchError([non_finite_problem(n) for n in bad] or
+                                  ["the adapter's norm is not finite (a value too large to sum)"])
 
     def push(self) -> dict[str, float]:
         """Put the trainer's current adapter into the engine's slot (engine awake or asleep at level 0: the
@@ -268,16 +277,20 @@ class AdapterSync:
 
             raise EngineStateError(f"the engine is {self.engine.state}: its weights (and the adapter slot) are not "
                                    "mapped; LoRA training sleeps at level 0 (KV cache only)")
+        t0 = time.perf_counter()
         if self.engine.check_finite:
             self._check_finite()
-        t0 = time.perf_counter()
         method = self.method
         if method == "auto":
             method = "slots" if self._slots_ready else "install"
         if method == "slots":
             if not self._slots_ready:
                 raise RuntimeError("method 'slots' needs an adapter installed first (push once with 'install')")
-            self._copy_into_slots()
+            if self._graph is not None and self._graph_sources_unchanged():
+                self._graph.replay()
+                method = "slots_graph"
+            else:
+                self._copy_into_slots()
         else:
             self._install()
         if self.engine.on_cuda:
@@ -331,11 +344,37 @@ class AdapterSync:
             bound.append((t, a[:r], b[:, :r]))
         for t, a, b in bound:
             t.slot_a, t.slot_b = a, b
+        self._src_ptrs = [(t.A.data_ptr(), t.B.data_ptr()) for t in self.targets]
         self._groups = {}
         for t in self.targets:  # B is scaled in place after its copy, as vLLM's optimize() does: one group per scale
             self._groups.setdefault(t.scaling, []).append(t.slot_b)
         self._dst = [t.slot_a for t in self.targets] + [t.slot_b for t in self.targets]
+        self._graph = self._capture() if self.cuda_graph else None
         return True
+
+    def _capture(self):
+        """On CUDA: the slot copies as one CUDA graph (hundreds of small copies, cast and scaled, replayed with
+        one launch). Every address is fixed: vLLM's slot buffers, and the trainer's adapter parameters, which
+        the optimizer updates in place. ``None`` (eager copies) where capture is not possible."""
+        if not self.engine.on_cuda:
+            return None
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._copy_into_slots()  # warm-up outside the capture (the values are the current adapter's)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._copy_into_slots()
+            return graph
+        except Exception as err:  # noqa: BLE001 - a capture that fails leaves the eager copies, said in the log
+            logger.info("adapter sync: CUDA graph capture failed (%s: %s); eager slot copies", type(err).__name__, err)
+            return None
+
+    def _graph_sources_unchanged(self) -> bool:
+        """The adapter parameters still live where the graph reads them (a model reloaded out of place would not)."""
+        return all(t.A.data_ptr() == a and t.B.data_ptr() == b for t, (a, b) in zip(self.targets, self._src_ptrs))
 
     def _copy_into_slots(self) -> None:
         src = [t.A.detach() for t in self.targets] + [t.B.detach() for t in self.targets]
