@@ -320,7 +320,10 @@ def run_trl(args) -> dict:
     trainer.train()
     steady = rows[WARMUP:] or rows
     keys = sorted({k for r in steady for k in r})
-    return {"arm": "trl", "init_s": init_s, "rows": rows, "work": w,
+    from rollout_sleep.weights import read_checkpoint_spec
+
+    base = sum(int(torch.Size(t.shape).numel()) * t.dtype.itemsize for t in read_checkpoint_spec(path).values())
+    return {"arm": "trl", "init_s": init_s, "rows": rows, "work": w, "base_bytes": base,
             "median": {k: statistics.median(r.get(k, 0.0) for r in steady) for k in keys},
             "cuda_max_allocated_gib": gib(torch.cuda.max_memory_allocated())}
 
@@ -444,6 +447,8 @@ def summarize(result: dict) -> dict:
     if "recipe" in ok:
         s["recipe_steps_verified"] = rec["steps_run"] if rec.get("verified_every_sync") else 0
         s["recipe_device_peak_minus_base_gib"] = rec.get("device_peak_minus_base_gib")
+    if "trl" in ok:
+        s["trl_device_peak_minus_base_gib"] = trl.get("device_peak_minus_base_gib")
     if "shared" in ok and "trl" in ok:
         s["trl_step_over_shared_step"] = trl["median"]["step_s"] / sh["median"]["step_s"]
     return s
