@@ -261,6 +261,9 @@ def _check_lora(cfg: RecipeConfig) -> list[str]:
     if lora.rank and cfg.train.kl_coef > 0:
         out.append("train.kl_coef > 0 with model.lora is not supported yet (the reference would be the base with "
                    "the adapter off): set train.kl_coef=0 or model.lora.rank=0")
+    if lora.rank and cfg.engine.tensor_parallel_size > 1:
+        out.append("model.lora with engine.tensor_parallel_size > 1 is not supported yet (each rank holds a cut of "
+                   "the adapter; its sync and verify are TP=1 only): use engine.tensor_parallel_size=1")
     return out
 
 

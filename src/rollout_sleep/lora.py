@@ -222,6 +222,9 @@ class AdapterSync:
                  cuda_graph: bool = True):
         if method not in self.METHODS:
             raise ValueError(f"unknown adapter sync method {method!r}; use {', '.join(self.METHODS)}")
+        if engine.tensor_parallel_size != 1:
+            raise ValueError(f"AdapterSync serves a TP=1 engine (this one has tensor_parallel_size="
+                             f"{engine.tensor_parallel_size}): each rank would hold a cut of the adapter")
         self.engine, self.model, self.adapter, self.method = engine, model, adapter, method
         self.cuda_graph = cuda_graph
         self._graph = None
