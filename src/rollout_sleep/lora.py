@@ -504,3 +504,38 @@ def shares_storage_with_engine(engine, model: nn.Module) -> tuple[int, int]:
         ptr = p.data_ptr()
         shared += any(lo <= ptr < hi for lo, hi in spans)
     return shared, n
+
+
+def share_base(engine, model: nn.Module) -> int:
+    """Rebind the trainer's frozen base parameters (a PEFT model that loaded its own base) to views of the
+    engine's weights, after checking they hold the same values: the trainer's copy is then free memory and
+    the base is held once (CUDA, TP=1). Returns the bytes the trainer no longer holds."""
+    from .sync import WeightStream
+
+    if not engine.on_cuda:
+        raise ValueError("sharing the base with vLLM needs CUDA: vLLM's CPU kernels repack linear weights")
+    why = engine.loader.why_not_direct()
+    if why is not None:
+        raise ValueError(f"the trainer cannot view vLLM's weights exactly: {why}")
+    targets = engine.loader._direct_targets()
+    stream = WeightStream(model, merge_adapters=False)
+    freed, problems, seen = 0, [], set()
+    with torch.no_grad():
+        for e in stream.entries:
+            p = e.param
+            if id(p) in seen or p.requires_grad:
+                continue
+            view = targets.get(e.name)
+            if view is None and e.name == "lm_head.weight" and engine.tied:
+                view = targets.get("model.embed_tokens.weight")
+            if view is None or view.shape != p.shape or view.dtype != p.dtype or not torch.equal(view, p):
+                problems.append(e.name)
+                continue
+            seen.add(id(p))
+            if p.data_ptr() != view.data_ptr():
+                freed += p.numel() * p.element_size()
+                p.data = view
+    if problems:
+        raise ValueError(f"{len(problems)} base tensor(s) of the trainer differ from the engine's (or have no exact "
+                         f"place in it), e.g. {problems[:4]}: load the same checkpoint on both sides")
+    return freed
