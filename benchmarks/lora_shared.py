@@ -15,6 +15,8 @@ Arms, each in its own process (one vLLM engine per process), results merged into
 - ``fullsync``: the existing path: a PEFT trainer with its own base, vLLM without LoRA, level-2 sleep, the
   merged weights pushed at every sync (verified bitwise). At 32B two copies cannot fit: recorded as the error.
 - ``trl``: TRL GRPOTrainer + ``peft_config``, colocate, sleep mode (merge -> push -> unmerge each step).
+- ``trl_lora_plugin``: the same TRL trainer built inside ``integrations.trl.lora_engine`` and patched: vLLM
+  serves the adapter, the trainer's base is rebound to vLLM's weights, verify after every sync.
 - ``recipe``: ``recipes/grpo.py`` itself with ``model.lora`` (``--steps`` steps, verify after every sync).
 - ``fold_drift``: what folding the adapter into a bf16 base (W += s*B*A before a rollout, -= after) would
   cost: bf16 drift over 1,000 steps against an exact reference (why ``shared`` serves the adapter instead).
@@ -246,8 +248,9 @@ def run_ours(arm: str, args) -> dict:
     return res
 
 
-def run_trl(args) -> dict:
-    """In a child process: TRL GRPOTrainer + PEFT LoRA, colocate, sleep mode, the same work."""
+def run_trl(args, plugin: bool = False) -> dict:
+    """In a child process: TRL GRPOTrainer + PEFT LoRA, colocate, sleep mode, the same work (``plugin``: built
+    inside ``lora_engine`` and patched: vLLM serves the adapter, base held once, verify every sync)."""
     import torch
     from peft import LoraConfig
     from transformers import AutoTokenizer, TrainerCallback
@@ -308,10 +311,17 @@ def run_trl(args) -> dict:
             torch.cuda.synchronize()
             rows.append({"step_s": time.perf_counter() - self.t0, **{f"{k}_s": v for k, v in timers.items()}})
 
+    import contextlib
+
+    from rollout_sleep.integrations.trl import lora_engine, patch
+
     t0 = time.perf_counter()
-    trainer = GRPOTrainer(model=path, reward_funcs=[reward_digits, reward_exact], args=cfg, train_dataset=ds,
-                          processing_class=AutoTokenizer.from_pretrained(path), callbacks=[StepTimer()],
-                          peft_config=peft_config)
+    with lora_engine(rank=w["rank"]) if plugin else contextlib.nullcontext():
+        trainer = GRPOTrainer(model=path, reward_funcs=[reward_digits, reward_exact], args=cfg, train_dataset=ds,
+                              processing_class=AutoTokenizer.from_pretrained(path), callbacks=[StepTimer()],
+                              peft_config=peft_config)
+    if plugin:
+        patch(trainer, verify_every=1)
     init_s = time.perf_counter() - t0
     gen = trainer.vllm_generation
     wrap(gen, "sync_weights", "sync")
@@ -323,7 +333,8 @@ def run_trl(args) -> dict:
     from rollout_sleep.weights import read_checkpoint_spec
 
     base = sum(int(torch.Size(t.shape).numel()) * t.dtype.itemsize for t in read_checkpoint_spec(path).values())
-    return {"arm": "trl", "init_s": init_s, "rows": rows, "work": w, "base_bytes": base,
+    return {"arm": "trl_lora_plugin" if plugin else "trl", "init_s": init_s, "rows": rows, "work": w,
+            "base_bytes": base, "base_freed_by_plugin_bytes": getattr(trainer, "rollout_sleep_base_freed_bytes", None),
             "median": {k: statistics.median(r.get(k, 0.0) for r in steady) for k in keys},
             "cuda_max_allocated_gib": gib(torch.cuda.max_memory_allocated())}
 
@@ -391,7 +402,8 @@ def run_recipe(args) -> dict:
 
 
 CHILD = {"shared": lambda a: run_ours("shared", a), "fullsync": lambda a: run_ours("fullsync", a),
-         "trl": run_trl, "fold_drift": fold_drift, "recipe": run_recipe}
+         "trl": run_trl, "trl_lora_plugin": lambda a: run_trl(a, plugin=True), "fold_drift": fold_drift,
+         "recipe": run_recipe}
 
 
 def child_main(args) -> None:
@@ -447,6 +459,12 @@ def summarize(result: dict) -> dict:
     if "recipe" in ok:
         s["recipe_steps_verified"] = rec["steps_run"] if rec.get("verified_every_sync") else 0
         s["recipe_device_peak_minus_base_gib"] = rec.get("device_peak_minus_base_gib")
+    tp = result.get("trl_lora_plugin", {})
+    if tp and "median" in tp:
+        s["trl_lora_plugin_median_step_s"] = tp["median"].get("step_s")
+        s["trl_lora_plugin_device_peak_minus_base_gib"] = tp.get("device_peak_minus_base_gib")
+        if "trl" in ok:
+            s["trl_step_over_trl_lora_plugin_step"] = trl["median"]["step_s"] / tp["median"]["step_s"]
     if "trl" in ok:
         s["trl_device_peak_minus_base_gib"] = trl.get("device_peak_minus_base_gib")
     if "shared" in ok and "trl" in ok:

@@ -154,14 +154,19 @@ def _patch_lora(trainer, gen, engine: Engine, verify_every: int, fast_outputs: b
 
         torch.cuda.empty_cache()  # the trainer's own copy of the base goes back to the driver
 
-        def sleep(level: int = 2, **kw):
-            llm.reset_prefix_cache()
-            llm.collective_rpc(release_kv_cache)
+        state["kv_mapped"] = True
 
-        def wake_up(tags=None, **kw):
-            if tags is None or "kv_cache" in tags:
+        def sleep(level: int = 2, **kw):  # whatever level TRL asks for: the KV cache only
+            if state["kv_mapped"]:
+                llm.reset_prefix_cache()
+                llm.collective_rpc(release_kv_cache)
+                state["kv_mapped"] = False
+
+        def wake_up(tags=None, **kw):  # the weights never left; the KV cache is mapped back once
+            if (tags is None or "kv_cache" in tags) and not state["kv_mapped"]:
                 release_cached_memory()
                 llm.collective_rpc(map_kv_cache)
+                state["kv_mapped"] = True
                 llm.reset_prefix_cache()
 
         llm.sleep, llm.wake_up = sleep, wake_up
