@@ -30,7 +30,7 @@ if sys.argv[3] == "lora":  # a PEFT trainer whose adapter vLLM serves (rollout_s
 
     from rollout_sleep.integrations.trl import lora_engine, patch
 
-    args.max_steps, args.learning_rate = 3, 5e-2
+    args.max_steps, args.learning_rate = 2, 5e-2
     with lora_engine(rank=8):
         trainer = GRPOTrainer(model=ckpt, reward_funcs=[reward], args=args, train_dataset=synthetic_arithmetic(64),
                               processing_class=AutoTokenizer.from_pretrained(ckpt),
