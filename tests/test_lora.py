@@ -136,3 +136,47 @@ def test_model_on_views_holds_no_copy_and_computes_alike(ckpts):
     with pytest.raises(ValueError, match="lm_head.weight: no tensor"):
         model_on_views(AutoConfig.from_pretrained(ckpts["untied0"]),
                        {n: t for n, t in targets.items() if n != "lm_head.weight"}, getattr(torch, DTYPE))
+
+
+def test_level0_releases_the_kv_cache_only(monkeypatch):
+    """Level 0 on CUDA (logic only; CPU has no sleep allocator): only the allocations vLLM's sleep allocator
+    tagged ``kv_cache`` are unmapped, the weights (which the trainer views) stay mapped, with either allocator
+    generation (with ``discard`` / ``is_asleep``, or without), and the wake maps the KV cache back only."""
+    from types import SimpleNamespace
+
+    import vllm.device_allocator.cumem as cumem
+
+    from rollout_sleep.engine import map_kv_cache, release_kv_cache
+
+    unmapped = []
+    monkeypatch.setattr(cumem, "unmap_and_release", lambda handle: unmapped.append(handle))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+
+    def allocator(style: str):
+        data = {1: SimpleNamespace(tag="weights", handle=("w", 100)),
+                2: SimpleNamespace(tag="kv_cache", handle=("kv0", 30)),
+                3: SimpleNamespace(tag="kv_cache", handle=("kv1", 20))}
+        alloc = SimpleNamespace(pointer_to_data=data, woken=[])
+        alloc.wake_up = lambda tags=None: alloc.woken.append(tags)
+        if style != "old":
+            for d in data.values():
+                d.is_asleep = False
+        if style == "discard":
+            def discard(tags):
+                for d in data.values():
+                    if d.tag in tags:
+                        unmapped.append(d.handle)
+                        d.is_asleep = True
+            alloc.discard = discard
+        return alloc
+
+    for style in ("old", "is_asleep", "discard"):
+        unmapped.clear()
+        alloc = allocator(style)
+        monkeypatch.setattr(cumem.CuMemAllocator, "get_instance", staticmethod(lambda: alloc))
+        assert release_kv_cache(None) == 50, style
+        assert sorted(unmapped) == [("kv0", 30), ("kv1", 20)], style  # never the weights
+        if style == "is_asleep":
+            assert release_kv_cache(None) == 0 and len(unmapped) == 2  # already released: nothing twice
+        map_kv_cache(None)
+        assert alloc.woken == [["kv_cache"]], style
