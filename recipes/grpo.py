@@ -71,7 +71,7 @@ from accelerate import Accelerator  # noqa: E402
 from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_seed  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from rollout_sleep.checkpoints import SHAPES, make_checkpoint  # noqa: E402
+from rollout_sleep.checkpoints import SHAPES, make_checkpoint, make_config_dir  # noqa: E402
 from rollout_sleep import run_dir  # noqa: E402
 from rollout_sleep.config import (ConfigError, RecipeConfig, check_processes, load_config,  # noqa: E402
                                   validate_rewards)
@@ -82,6 +82,7 @@ from rollout_sleep.memory import PhasePeaks, cached_free_bytes, kv_cache_bytes_f
 from rollout_sleep import memory_plan  # noqa: E402
 from rollout_sleep.optim import OptimizerOffload, build_optimizer, resident_state_bytes  # noqa: E402
 from rollout_sleep.pool import EnginePool  # noqa: E402
+from rollout_sleep.lora import AdapterSync, LoraSettings, trainer_from_engine  # noqa: E402
 from rollout_sleep.grpo import grpo_update  # noqa: E402
 from rollout_sleep.integrations.wandb import make_tracker  # noqa: E402
 from rollout_sleep.manager import RolloutManager  # noqa: E402
@@ -155,6 +156,15 @@ class GRPORecipe:
         # The engine first, while the GPU is empty: vLLM sizes its KV cache from the free memory it sees.
         engine_kw = {"gpu_memory_utilization": cfg.engine.gpu_memory_utilization} if torch.cuda.is_available() else {}
         seed = cfg.train.seed + (self.acc.process_index if self.tp == 1 else 0)  # a TP engine samples alike on all ranks
+        lo = cfg.model.lora
+        self.lora = LoraSettings(lo.rank, lo.alpha, list(lo.targets)) if lo.rank else None
+        if self.lora is not None:
+            engine_kw.update(self.lora.engine_kwargs())
+        if not any(Path(self.model_path).glob("*.safetensors")):
+            if not self._shares_base():
+                raise ConfigError(f"{self.model_path} holds no weights (*.safetensors): only a LoRA run on CUDA "
+                                  "(the trainer viewing vLLM's randomly drawn base) can start from a config alone")
+            engine_kw["load_format"] = "dummy"
         if cfg.engine.processes > 1:  # data-parallel rollouts on this rank's GPU: k engine processes
             if not torch.cuda.is_available():
                 raise ConfigError(f"engine.processes={cfg.engine.processes} needs a CUDA GPU: the trainer's weights "
@@ -182,16 +192,14 @@ class GRPORecipe:
             if hasattr(r.fn, "load"):
                 r.fn.dtype = getattr(torch, cfg.model.dtype)
                 r.fn.load(self.acc.device)
-        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
+        model = self._build_model(dtype)
         if isinstance(self.engine, EnginePool) and self.acc.num_processes == 1:
             # the parameters live in the buffer the engine processes load from: a sync packs nothing
             self.engine.adopt(model.to(self.acc.device))
-        if cfg.train.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
         # adamw: fused on GPU, one kernel for all parameters (TRL/transformers' default optimizer too)
-        optimizer = build_optimizer(cfg.train.optimizer, model.parameters(), lr=cfg.train.lr,
-                                    weight_decay=cfg.train.weight_decay, fused=torch.cuda.is_available() or None,
-                                    model=model)
+        optimizer = build_optimizer(cfg.train.optimizer, [p for p in model.parameters() if p.requires_grad],
+                                    lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                                    fused=torch.cuda.is_available() or None, model=model)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         guard_optimizer(self.optimizer, self.model)  # a non-finite gradient stops the step before it applies
         # after the guard: a refused step leaves the state where it was
@@ -203,8 +211,12 @@ class GRPORecipe:
         if cfg.train.kl_coef > 0:
             self.ref_model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype).to(self.acc.device)
             self.ref_model.eval().requires_grad_(False)
-        self.manager = RolloutManager(self.engine, self.model, sleep_level=cfg.engine.sleep_level,
-                                      verify_every=cfg.engine.verify_every, watchdog=self.watchdog)
+        adapter = AdapterSync(self.engine, self.model) if self.lora is not None else None
+        self.manager = RolloutManager(self.engine, self.model, verify_every=cfg.engine.verify_every,
+                                      watchdog=self.watchdog, adapter=adapter,
+                                      sleep_level=0 if adapter is not None else cfg.engine.sleep_level)
+        if adapter is not None:
+            self.layout["lora_base_shared"] = self.manager.base_shared
         self.order = list(range(len(self.data)))
         random.Random(cfg.train.seed).shuffle(self.order)  # the data order: a function of the seed only
         run_id = self._resume()
@@ -227,6 +239,26 @@ class GRPORecipe:
         gc.collect()
         gc.freeze()
 
+    def _build_model(self, dtype: torch.dtype):
+        """The policy: the whole model, or (``model.lora``) a PEFT adapter on a frozen base. On CUDA with one
+        engine per process the base is a view of the engine's weights (held once); elsewhere (CPU: vLLM
+        repacks its linears) the trainer loads its own."""
+        cfg = self.cfg
+        checkpointing = cfg.train.gradient_checkpointing
+        if self._shares_base():
+            self.acc.print("LoRA: the trainer's base is a view of the engine's weights (one copy on the GPU)")
+            return trainer_from_engine(self.engine, self.lora, gradient_checkpointing=checkpointing)
+        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+            if self.lora is not None:
+                model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need a grad path
+        if self.lora is None:
+            return model
+        from peft import get_peft_model
+
+        return get_peft_model(model, self.lora.peft_config())
+
     def _setup_task(self) -> None:
         """Prompts in their format (chat template when conversational) and the rewards resolved and checked
         against the dataset's columns: every mistake here is reported before vLLM starts."""
@@ -243,13 +275,22 @@ class GRPORecipe:
         self.conversational = is_conversational(self.data)
         self.reward_weights = [r.weight for r in self.rewards]
 
+    def _shares_base(self) -> bool:
+        """LoRA on CUDA with an engine per process: the trainer's base will be a view of the engine's weights."""
+        return bool(self.cfg.model.lora.rank) and torch.cuda.is_available() and self.cfg.engine.tensor_parallel_size == 1
+
     def _model_path(self) -> str:
         cfg = self.cfg.model
         if cfg.path not in SHAPES:
             return cfg.path
         path = self.out / "model"
         if self.main and not (path / "config.json").exists():
-            make_checkpoint(path, cfg.path, seed=cfg.seed, dtype=cfg.dtype, tie_word_embeddings=cfg.tie_word_embeddings)
+            if self._shares_base():  # random weights drawn by vLLM (load_format="dummy"), viewed by the trainer:
+                make_config_dir(path, cfg.path, dtype=cfg.dtype,  # a 32B shape needs no 64 GB on disk
+                                tie_word_embeddings=cfg.tie_word_embeddings)
+            else:
+                make_checkpoint(path, cfg.path, seed=cfg.seed, dtype=cfg.dtype,
+                                tie_word_embeddings=cfg.tie_word_embeddings)
         with self._collective("the built model"):
             self.acc.wait_for_everyone()
         return str(path)
@@ -386,7 +427,10 @@ class GRPORecipe:
             self.acc.print(f"the run in {self.out} is already at step {self.step} (train.steps={self.cfg.train.steps}): "
                            "nothing to train; raise train.steps to continue it")
         self.acc.load_state(str(path))
-        self.engine.load_weights(self.manager.stream)  # the engine must hold the restored weights
+        if self.manager.adapter is not None:
+            self.manager.adapter.push()  # the engine must serve the restored adapter
+        else:
+            self.engine.load_weights(self.manager.stream)  # the engine must hold the restored weights
         self.acc.print(f"resumed from {path} (step {self.step})")
         return state.get("wandb_id")
 

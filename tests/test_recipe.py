@@ -130,3 +130,22 @@ def test_two_processes_ddp_trainer(tp, tmp_path):
         assert r["processes"] == 2 and r["distributed_type"] == "MULTI_CPU" and not r["trainer_sharded"], r
         assert r["rollouts"] == 8 * 8  # both ranks' completions: each rank rolled out half the prompts
         assert r["verify_s"] > 0  # on a TP engine each rank checks its own shards
+
+
+def test_lora_recipe_learns_and_moves_only_the_adapter(tmp_path):
+    """``model.lora``: vLLM serves the trainer's adapter (its base never reloaded), the engine sleeps at level 0,
+    each sync moves only the adapter (the first through vLLM's adapter manager, then slot copies), verify after
+    every sync (adapter bitwise + base bitwise on CPU) and the reward rises as in the full-parameter run."""
+    # Measured (6 steps, 8 prompts x 8 completions, rank 8, lr 0.05; mean of first 3 -> last 3 steps): seed 0
+    # 0.045 -> 0.75; seed 1 (lr 0.03, 12 steps) reached 1.0 at step 7; a run that does not learn stays near 0.05.
+    out = tmp_path / "lora"
+    finish(launch(out, "model.lora.rank=8", "train.lr=0.05", "train.steps=6", "save_every=0", "save_final=false",
+                  "wandb.mode=disabled", accelerate=False))
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    rewards = [r["reward_mean"] for r in rows]
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.2, rewards
+    for r in rows:
+        assert r["verify_s"] > 0 and r["adapter_sync_s"] > 0 and r["load_s"] == r["adapter_sync_s"], r
+        assert r["sampling_logp_diff"] < 1e-3, r  # vLLM's LoRA and PEFT score the sampled tokens alike (fp32)
+        assert "lora_base_shared" in r and not r["lora_base_shared"]  # CPU: vLLM repacks, the trainer holds its own

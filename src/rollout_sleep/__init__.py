@@ -37,6 +37,10 @@ _EXPORTS: dict[str, str] = {
     "WeightMismatchError": "weights",
     # the alternation loop
     "RolloutManager": "manager",
+    # LoRA with one copy of the base
+    "LoraSettings": "lora",
+    "AdapterSync": "lora",
+    "trainer_from_engine": "lora",
     # GRPO recipe pieces
     "load_config": "config",
     "ConfigError": "config",
@@ -48,6 +52,7 @@ _EXPORTS: dict[str, str] = {
     "RewardModel": "reward_model",
     # random-weight checkpoints (no downloads)
     "make_checkpoint": "checkpoints",
+    "make_config_dir": "checkpoints",
     # `vllm serve` over HTTP
     "ServerProcess": "server",
     "RemoteEngine": "remote",
@@ -60,7 +65,7 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted([*_EXPORTS, "versions"])
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time names load lazily through __getattr__
-    from .checkpoints import make_checkpoint
+    from .checkpoints import make_checkpoint, make_config_dir
     from .config import ConfigError, load_config
     from .config_schema import RecipeConfig
     from .engine import Completion, Engine
@@ -72,6 +77,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time names load lazily t
     from .grpo import grpo_update
     from .log import configure as configure_logging
     from .log import get_logger
+    from .lora import AdapterSync, LoraSettings, trainer_from_engine
     from .manager import RolloutManager
     from .reward_model import RewardModel
     from .rewards import register as register_reward

@@ -52,6 +52,7 @@ SHAPES: dict[str, Shape] = {
     "qwen3-0.6b": Shape(1024, 28, 16, 8, 128, 3072, 151936, True),
     "qwen3-4b": Shape(2560, 36, 32, 8, 128, 9728, 151936, True),
     "qwen3-8b": Shape(4096, 36, 32, 8, 128, 12288, 151936, False),
+    "qwen3-32b": Shape(5120, 64, 64, 8, 128, 25600, 151936, False),  # make_config_dir: too big to write
 }
 
 
@@ -274,6 +275,46 @@ def make_checkpoint(
     return str(out)
 
 
+def init_nonpersistent_buffers(model, device) -> None:
+    """Compute the non-persistent buffers (rotary tables) of a model built on the meta device (or moved with
+    ``to_empty``, which leaves them uninitialized: garbage, NaN) on ``device``; parameters are not touched."""
+    import torch
+
+    device = torch.device(device)
+    with torch.no_grad():
+        for module in model.modules():
+            if any(n in module._non_persistent_buffers_set for n, _ in module.named_buffers(recurse=False)):
+                for n, b in list(module.named_buffers(recurse=False)):
+                    if b.is_meta or b.device.type != device.type:
+                        module.register_buffer(n, torch.empty_like(b, device=device),
+                                               persistent=n not in module._non_persistent_buffers_set)
+                model._init_weights(module)
+
+
+def make_config_dir(path: str | os.PathLike, size: str = "tiny", dtype: str = "bfloat16",
+                    tie_word_embeddings: bool | None = None, family: str = "qwen3") -> str:
+    """Write only the config and tokenizer of a shape to ``path``: no weights. vLLM builds random weights
+    from it with ``load_format="dummy"``, and a trainer can view those (``lora.trainer_from_engine``): a
+    32B shape needs no 64 GB checkpoint on disk.
+
+    >>> import tempfile, json, pathlib
+    >>> d = make_config_dir(tempfile.mkdtemp(), "tiny")
+    >>> sorted(p.name for p in pathlib.Path(d).iterdir() if p.suffix == ".safetensors")
+    []
+    """
+    tokenizer = build_tokenizer()
+    config = family_config(family, size, dtype, tie_word_embeddings, tokenizer)
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    config_file = out / "config.json"
+    cfg = json.loads(config_file.read_text())
+    cfg["rollout_sleep"] = {"family": family, "size": size, "random_weights": True, "weights": "none (dummy load)"}
+    config_file.write_text(json.dumps(cfg, indent=2))
+    return str(out)
+
+
 def random_model(config, *, seed: int = 0, std: float | None = None, device: str = "cpu", dtype=None,
                  norm_noise: float | None = None):
     """A transformers causal LM of ``config`` with seeded random weights, built on ``device`` without a
@@ -287,10 +328,7 @@ def random_model(config, *, seed: int = 0, std: float | None = None, device: str
     with torch.device("meta"):  # built in ``dtype`` as from_pretrained builds it (rotary tables stay fp32)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model = model.to_empty(device=device)
-    with torch.no_grad():  # to_empty leaves non-persistent buffers (rotary tables) uninitialized: garbage, NaN
-        for module in model.modules():
-            if any(n in module._non_persistent_buffers_set for n, _ in module.named_buffers(recurse=False)):
-                model._init_weights(module)
+    init_nonpersistent_buffers(model, device)
     std = config.initializer_range if std is None else std
     gemma_norm = config.model_type.startswith("gemma")
     if norm_noise is None:

@@ -30,8 +30,8 @@ from typing import Any
 
 import yaml
 
-from .config_schema import (DataConfig, EngineConfig, ModelConfig, RecipeConfig, TrainConfig,  # noqa: F401
-                            WandbConfig, WatchdogConfig, describe, help_text)
+from .config_schema import (DataConfig, EngineConfig, ModelConfig, ModelLoraConfig, RecipeConfig,  # noqa: F401
+                            TrainConfig, WandbConfig, WatchdogConfig, describe, help_text)
 
 KV_CACHE_SIZING = ("step", "gpu_share")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -182,6 +182,7 @@ def _check_values(cfg: RecipeConfig) -> list[str]:
                    "folder (nor a hub id like org/name)")
     choice("model.dtype", m.dtype, DTYPES)
     at_least("model.seed", m.seed, 0)
+    out += _check_lora(cfg)
     if not (0 < e.gpu_memory_utilization <= 1):
         out.append(f"engine.gpu_memory_utilization must be in (0, 1], got {e.gpu_memory_utilization!r}")
     choice("engine.kv_cache", e.kv_cache, KV_CACHE_SIZING)
@@ -257,6 +258,33 @@ def _check_values(cfg: RecipeConfig) -> list[str]:
     if cfg.reward_weights is not None and not all(math.isfinite(x) for x in cfg.reward_weights):
         out.append(f"reward_weights must be finite numbers, got {cfg.reward_weights!r}: a NaN weight would zero "
                    "every reward it scales (NaN rewards are skipped), an infinite one stops the first step")
+    return out
+
+
+def _check_lora(cfg: RecipeConfig) -> list[str]:
+    """``model.lora``: a rank vLLM can serve, a positive alpha, targets; and what LoRA training does not do.
+
+    >>> _check_lora(load_config(None, ["model.lora.rank=16"]))
+    []
+    >>> _check_lora(RecipeConfig(model=ModelConfig(lora=ModelLoraConfig(rank=1024, alpha=-1.0, targets=[]))))
+    ["model.lora.rank must be between 0 (off) and 512 (vLLM's largest max_lora_rank), got 1024", 'model.lora.alpha must be > 0, got -1.0', 'model.lora.targets must name at least one module (or all-linear)']
+    """
+    from .lora import VLLM_LORA_RANKS
+
+    lora, out = cfg.model.lora, []
+    if not 0 <= lora.rank <= VLLM_LORA_RANKS[-1]:
+        out.append(f"model.lora.rank must be between 0 (off) and {VLLM_LORA_RANKS[-1]} (vLLM's largest "
+                   f"max_lora_rank), got {lora.rank}")
+    if lora.alpha is not None and not (math.isfinite(lora.alpha) and lora.alpha > 0):
+        out.append(f"model.lora.alpha must be > 0, got {lora.alpha!r}")
+    if not lora.targets:
+        out.append("model.lora.targets must name at least one module (or all-linear)")
+    if lora.rank and cfg.train.kl_coef > 0:
+        out.append("train.kl_coef > 0 with model.lora is not supported yet (the reference would be the base with "
+                   "the adapter off): set train.kl_coef=0 or model.lora.rank=0")
+    if lora.rank and cfg.engine.tensor_parallel_size > 1:
+        out.append("model.lora with engine.tensor_parallel_size > 1 is not supported yet (each rank holds a cut of "
+                   "the adapter; its sync and verify are TP=1 only): use engine.tensor_parallel_size=1")
     return out
 
 

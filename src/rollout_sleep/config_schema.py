@@ -27,12 +27,23 @@ def _section(cls: type, help: str) -> Any:
 
 
 @dataclass
+class ModelLoraConfig:
+    rank: int = _opt(0, "LoRA rank (0: train every parameter). With a rank only the adapter trains and moves: "
+                        "vLLM serves it (enable_lora) from the one copy of the base it holds, and on CUDA the "
+                        "trainer's frozen base is a view of vLLM's weights (docs/lora.md)")
+    alpha: float | None = _opt(None, "LoRA alpha: the adapter is scaled by alpha / rank (null: 2 x rank)")
+    targets: list[str] = _opt_list(lambda: ["all-linear"], "modules the adapter adapts (PEFT's target_modules: "
+                                                          "names such as q_proj, or all-linear)")
+
+
+@dataclass
 class ModelConfig:
     path: str = _opt("tiny", "a local HF checkpoint, or a size from checkpoints.SHAPES (built with random weights)")
     seed: int = _opt(0, "seed of the random weights when path is a size")
     dtype: str = _opt("float32", "trainer and engine dtype: float32 / bfloat16 / float16")
     tie_word_embeddings: bool | None = _opt(None, "tie the LM head to the embedding when path is a size "
                                                   "(null: the size's own choice)")
+    lora: ModelLoraConfig = _section(ModelLoraConfig, "a LoRA adapter instead of full-parameter training")
 
 
 @dataclass

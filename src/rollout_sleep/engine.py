@@ -117,6 +117,8 @@ class Engine(SleepState):
     """
 
     keep_trainer_cache = False
+    # 0: the KV cache only (weights stay mapped: a trainer sharing them, LoRA); 1, 2: vLLM's own levels
+    levels = (0, *LEVELS)
 
     def __init__(
         self,
@@ -257,13 +259,14 @@ class Engine(SleepState):
 
     # --------------------------------------------------------------- generate
     def generate(self, prompts: Iterable[str] | Iterable[list[int]], sampling: Any = None, *,
-                 use_tqdm: bool = False, **sampling_kwargs: Any) -> list[Completion]:
+                 use_tqdm: bool = False, lora_request: Any = None, **sampling_kwargs: Any) -> list[Completion]:
         """Sample completions for text prompts or token-id prompts.
 
         Args:
             prompts: strings, or lists of token ids.
             sampling: *optional*, a ``vllm.SamplingParams``; otherwise ``sampling_kwargs`` build one
                 (``n``, ``max_tokens``, ``temperature``, ...). Log-probs of the sampled tokens are on by default.
+            lora_request: *optional*, generate through this LoRA adapter (:class:`rollout_sleep.lora.AdapterSync`).
 
         Returns:
             A flat list of :class:`Completion` (``n`` per prompt, in prompt order).
@@ -284,7 +287,8 @@ class Engine(SleepState):
                 inputs.append(p)
             else:
                 inputs.append({"prompt_token_ids": [int(t) for t in p]})
-        outputs = self.llm.generate(inputs, sampling, use_tqdm=use_tqdm)
+        extra = {"lora_request": lora_request} if lora_request is not None else {}
+        outputs = self.llm.generate(inputs, sampling, use_tqdm=use_tqdm, **extra)
         result = []
         for i, out in enumerate(outputs):
             for c in out.outputs:
@@ -314,12 +318,18 @@ class Engine(SleepState):
     # ------------------------------------------------------------------ sleep
     def sleep(self, level: int = 2) -> CycleReport:
         """Put the engine to sleep. Level 2 discards weights and KV cache (GPU memory returned); level 1
-        offloads the weights to host memory. On CPU the scheduler pauses and no memory is released."""
+        offloads the weights to host memory; level 0 releases the KV cache only and leaves the weights
+        mapped where they are (a trainer may hold views of them: :func:`rollout_sleep.lora.trainer_from_engine`).
+        On CPU the scheduler pauses and no memory is released."""
         level = self.check_sleep(level)
         report = CycleReport("sleep", level)
         report.memory_kind, report.memory_gib["before"] = memory_gib()
         with timed(report, "sleep"), keeping_cache(report, self.keep_trainer_cache):
-            self.llm.sleep(level=level)
+            if level == 0 and self.sleep_mode:
+                self._reset_prefix_cache()  # the cached blocks are about to be unmapped
+                self.llm.collective_rpc(release_kv_cache)
+            else:  # on CPU level 0 is vLLM's level 1 (its scheduler pauses; no memory moves there)
+                self.llm.sleep(level=max(level, 1))
         self._level = level
         report.memory_gib["asleep"] = memory_gib()[1]
         self._wake_budget.after_sleep(report)
@@ -349,10 +359,12 @@ class Engine(SleepState):
         prepared = self.loader.prepare(weights, strict, method) if weights is not None else None
         report = CycleReport("wake", self._level)
         report.memory_kind, report.memory_gib["asleep"] = memory_gib()
+        kv_only = self._level == 0 and self.sleep_mode  # the weights never left: map the KV cache back only
         with timed(report, "wake_weights"):
             free_before_map = self._wake_budget.before_wake(report)
-            with keeping_cache(report, self.keep_trainer_cache and not report.cache_released):
-                self.llm.wake_up(tags=["weights"])
+            if not kv_only:
+                with keeping_cache(report, self.keep_trainer_cache and not report.cache_released):
+                    self.llm.wake_up(tags=["weights"])
         load_error = None
         if prepared is not None:
             try:
@@ -363,7 +375,11 @@ class Engine(SleepState):
         try:
             # Whatever happened to the load, finish the wake so the engine is in a known state.
             with timed(report, "wake_kv_cache"), keeping_cache(report, self.keep_trainer_cache):
-                awake = self.llm.wake_up(tags=["kv_cache"])
+                if kv_only:
+                    self.llm.collective_rpc(map_kv_cache)
+                    awake = True
+                else:
+                    awake = self.llm.wake_up(tags=["kv_cache"])
             self._level = None
             if awake is False:
                 raise EngineStateError("vLLM reports it is not fully awake after waking weights and KV cache")
@@ -421,3 +437,35 @@ class Engine(SleepState):
             if core is not None and hasattr(core, "shutdown"):
                 core.shutdown()
         del llm
+
+
+def release_kv_cache(worker: Any) -> int:
+    """On a worker: unmap the KV cache's memory (vLLM's sleep allocator, tag ``kv_cache``) and nothing else;
+    the weights stay mapped. vLLM's own ``sleep`` releases every allocation (level 1 copies the weights to
+    host memory first), which would pull the memory from under a trainer that views the weights. Returns
+    the bytes released."""
+    from vllm.device_allocator.cumem import CuMemAllocator, unmap_and_release
+
+    allocator = CuMemAllocator.get_instance()
+    torch.cuda.synchronize()
+    released = 0
+    if hasattr(allocator, "discard"):  # newer vLLM: a tag-wise release of its own
+        released = sum(d.handle[1] for d in allocator.pointer_to_data.values()
+                       if d.tag == "kv_cache" and not getattr(d, "is_asleep", False))
+        allocator.discard(("kv_cache",))
+        return released
+    for data in allocator.pointer_to_data.values():
+        if data.tag != "kv_cache" or getattr(data, "is_asleep", False):
+            continue
+        unmap_and_release(data.handle)
+        if hasattr(data, "is_asleep"):
+            data.is_asleep = True
+        released += data.handle[1]
+    return released
+
+
+def map_kv_cache(worker: Any) -> None:
+    """On a worker: map the KV cache's memory back (its contents are gone: the prefix cache is reset after)."""
+    from vllm.device_allocator.cumem import CuMemAllocator
+
+    CuMemAllocator.get_instance().wake_up(tags=["kv_cache"])

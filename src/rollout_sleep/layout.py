@@ -79,11 +79,26 @@ def placements(spec: Mapping[str, Any], packed: Mapping[str, list[str]], engine_
     return out
 
 
+def named_parameters(vmodel: nn.Module) -> dict[str, nn.Parameter]:
+    """vLLM's parameters by the names of a model without LoRA: with ``enable_lora`` vLLM wraps each
+    adapted layer and the wrapped layer's parameters are ``<layer>.base_layer.<leaf>``; those are the base
+    weights, named here as ``<layer>.<leaf>``. (The LoRA slot buffers are not parameters.)"""
+    return {n.replace(".base_layer.", "."): p for n, p in vmodel.named_parameters()}
+
+
+def named_modules(vmodel: nn.Module) -> dict[str, nn.Module]:
+    """vLLM's modules by the names of a model without LoRA: a LoRA-wrapped layer's name gives the wrapped
+    (base) layer, the one that holds the weights and the CPU kernel that computes with them."""
+    out = dict(vmodel.named_modules())
+    out.update({n[: -len(".base_layer")]: m for n, m in list(out.items()) if n.endswith(".base_layer")})
+    return out
+
+
 def tied_embedding(vmodel: nn.Module) -> str:
     """The name of the parameter vLLM's tied LM head shares (``model.embed_tokens.weight`` in Llama-style
     models, ``model.decoder.embed_tokens.weight`` in OPT, ``transformer.wte.weight`` in GPT-2)."""
     head = getattr(getattr(vmodel, "lm_head", None), "weight", None)
-    found = next((n for n, p in vmodel.named_parameters() if head is not None and p is head), None)
+    found = next((n for n, p in named_parameters(vmodel).items() if head is not None and p is head), None)
     return found or "model.embed_tokens.weight"
 
 
@@ -154,7 +169,7 @@ def view(param: torch.Tensor, where: Placement) -> torch.Tensor:
 def views(vmodel: nn.Module, plan: Mapping[str, Placement]) -> dict[str, torch.Tensor]:
     """Writable views into vLLM's parameters, one per placed checkpoint name (the ``direct`` loader's
     targets; a tied head shares the embedding's view)."""
-    params = dict(vmodel.named_parameters())
+    params = named_parameters(vmodel)
     return {name: view(params[w.param], w) for name, w in plan.items()}
 
 
@@ -162,7 +177,7 @@ def describe(vmodel: nn.Module) -> tuple[dict[str, tuple[tuple[int, ...], torch.
     """vLLM's parameters (name → shape, dtype), its ``packed_modules_mapping``, and whether it has an
     ``lm_head`` at all (a tied head may be the embedding module; Gemma has none, and its loader rejects
     ``lm_head.weight``): all the layout needs."""
-    return ({n: (tuple(p.shape), p.dtype) for n, p in vmodel.named_parameters()},
+    return ({n: (tuple(p.shape), p.dtype) for n, p in named_parameters(vmodel).items()},
             {k: list(v) for k, v in (getattr(vmodel, "packed_modules_mapping", {}) or {}).items()},
             hasattr(vmodel, "lm_head"))
 
@@ -231,8 +246,8 @@ class EngineLayout:
     """
 
     def __init__(self, vmodel: nn.Module, spec: Mapping[str, Any], tied: bool, sharded: bool = False):
-        self.params = dict(vmodel.named_parameters())
-        self.modules = dict(vmodel.named_modules())
+        self.params = named_parameters(vmodel)
+        self.modules = named_modules(vmodel)
         self.packed = {k: list(v) for k, v in (getattr(vmodel, "packed_modules_mapping", {}) or {}).items()}
         self.plan = placements(spec, self.packed, {n: p.shape for n, p in self.params.items()}, tied,
                                tied_embedding(vmodel))

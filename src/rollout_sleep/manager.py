@@ -39,16 +39,31 @@ class RolloutManager:
         watchdog: *optional*, a :class:`~rollout_sleep.watchdog.Watchdog`: phases ``generate``, ``sleep``,
             ``train`` (the :meth:`training` block), ``wake`` (wake → load → KV cache → reset, or a load while
             awake) and ``verify`` stop the process if they outlast its timeouts.
+        adapter: *optional*, a :class:`~rollout_sleep.lora.AdapterSync` (LoRA: the engine serves the adapter
+            and keeps its base; ``sleep_level`` 0): a sync moves only the adapter, rollouts go through it,
+            and verify checks the adapter bitwise and the base (bitwise, or shared memory on CUDA).
     """
 
     def __init__(self, engine: Engine, model: torch.nn.Module, *, sleep_level: int = 2,
                  bucket_bytes: int = 512 << 20, verify_every: int = 0, load_method: str | None = None,
-                 watchdog=None):
-        if sleep_level not in (1, 2):
+                 watchdog=None, adapter=None):
+        if adapter is not None and sleep_level != 0:
+            raise ValueError(f"with an adapter (LoRA) the engine keeps its base weights: sleep_level must be 0 "
+                             f"(the KV cache only), got {sleep_level!r}")
+        if adapter is None and sleep_level not in (1, 2):
             raise ValueError(f"sleep_level must be 1 or 2, got {sleep_level!r}")
         self.engine = engine
         self.model = model
-        self.stream = WeightStream(model, dtype=engine.dtype, bucket_bytes=bucket_bytes)
+        self.adapter = adapter
+        # LoRA: the stream is the base alone (verify proves vLLM's base is the trainer's, untouched)
+        self.stream = WeightStream(model, dtype=engine.dtype, bucket_bytes=bucket_bytes,
+                                   merge_adapters=adapter is None)
+        self.base_shared = False
+        if adapter is not None and engine.on_cuda:
+            from .lora import shares_storage_with_engine
+
+            shared, total = shares_storage_with_engine(engine, model)
+            self.base_shared = shared == total > 0
         self.sleep_level = sleep_level
         self.verify_every = verify_every
         self.load_method = load_method
@@ -67,6 +82,10 @@ class RolloutManager:
         if self.engine.is_asleep:
             self.sync()
         t0 = time.perf_counter()
+        if self.adapter is not None:
+            if self.adapter.request is None:
+                self.sync()  # the first rollout goes through the trainer's adapter too
+            sampling = {**sampling, "lora_request": self.adapter.request}
         with self._phase("generate", f"vLLM to generate for {len(prompts)} prompt(s), n={sampling.get('n', 1)}"):
             out = self.engine.generate(prompts, **sampling)
         dt = time.perf_counter() - t0
@@ -103,6 +122,8 @@ class RolloutManager:
 
     def sync(self) -> None:
         """Wake the engine with the trainer's weights (weights → load → KV cache → reset), verify if due."""
+        if self.adapter is not None:
+            return self._sync_adapter()
         try:
             if not self.engine.is_asleep:
                 with self._phase("wake", "vLLM to load the trainer's weights"):
@@ -129,6 +150,45 @@ class RolloutManager:
             if not result.ok:
                 self._blame_non_finite_weights()
             result.raise_if_failed()
+
+    def _sync_adapter(self) -> None:
+        """LoRA: map the KV cache back (the base never left), put the trainer's adapter into vLLM's slot, verify
+        if due (the adapter bitwise; the base bitwise, or on CUDA that the trainer's base is vLLM's memory)."""
+        if self.engine.is_asleep:
+            with self._phase("wake", "vLLM to map its KV cache back"):
+                report = self.engine.wake_up()
+            for k, v in report.seconds.items():
+                self._add(f"{k}_s", v)
+            if report.memory_kind == "cuda_free" and "before_map" in report.memory_gib:
+                self._step["memory_taken_by_wake_gib"] = report.memory_gib["before_map"] - report.memory_gib["awake"]
+        with self._phase("wake", "the adapter's copy into vLLM's LoRA slot"):
+            try:
+                pushed = self.adapter.push()
+            except WeightMismatchError:
+                self._blame_non_finite_weights()
+                raise
+        self._add("load_s", pushed["adapter_sync_s"])
+        self._add("adapter_sync_s", pushed["adapter_sync_s"])
+        self.syncs += 1
+        if self.verify_every and self.syncs % self.verify_every == 0:
+            with self._phase("verify", "the bitwise comparison of vLLM's adapter (and base) with the trainer's"):
+                result = self.adapter.verify()
+                seconds = result.seconds
+                if not result.ok:
+                    self._blame_non_finite_weights()
+                result.raise_if_failed()
+                if self.base_shared:
+                    from .lora import shares_storage_with_engine
+
+                    shared, total = shares_storage_with_engine(self.engine, self.model)
+                    if shared != total:
+                        raise AssertionError(f"{total - shared} of {total} base parameters of the trainer no longer "
+                                             "lie in vLLM's weights (the base is held twice)")
+                else:
+                    base = verify(self.engine, self.stream)
+                    seconds += base.seconds
+                    base.raise_if_failed()
+            self._add("verify_s", seconds)
 
     def _blame_non_finite_weights(self) -> None:
         """Weights that hold NaN/inf (refused by the engine's load, or failing verify: NaN never equals NaN)

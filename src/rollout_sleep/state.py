@@ -33,6 +33,7 @@ class SleepState:
     """
 
     _level: int | None = None  # None while awake
+    levels: tuple[int, ...] = LEVELS  # the sleep levels this engine takes
     subject = "engine"
     asleep_risk = "vLLM would block or read discarded memory"  # what a request while asleep would do
 
@@ -58,8 +59,8 @@ class SleepState:
     def check_sleep(self, level: int) -> int:
         """A sleep at ``level`` is allowed: a level vLLM knows (an integer: ``True`` / ``2.0`` are refused),
         and not asleep already. Returns the level as an ``int``."""
-        if isinstance(level, bool) or not isinstance(level, numbers.Integral) or level not in LEVELS:
-            raise ValueError(f"unknown sleep level {level!r}; vLLM supports levels {LEVELS}")
+        if isinstance(level, bool) or not isinstance(level, numbers.Integral) or level not in self.levels:
+            raise ValueError(f"unknown sleep level {level!r}; the {self.subject} supports levels {self.levels}")
         if self._level is not None:
             raise EngineStateError(f"the {self.subject} is already {self.state}; wake it before sleeping again")
         return int(level)

@@ -111,11 +111,15 @@ class WeightStream:
         bucket_bytes: *optional*, at most this many bytes gathered/cast at once (default 512 MiB).
         include_tied_head: *optional*, also push ``lm_head.weight`` of a tied model (vLLM's CPU kernels
             keep their own copy of the head; on GPU it is skipped by the engine).
+        merge_adapters: *optional*, a PEFT model's LoRA delta merged into each base weight (``True``: an engine
+            without LoRA) or the base weights alone (``False``: an engine that serves the adapter itself,
+            :mod:`rollout_sleep.lora`).
     """
 
     def __init__(self, model: nn.Module, *, dtype: torch.dtype | None = None, bucket_bytes: int = 512 << 20,
-                 include_tied_head: bool = True):
+                 include_tied_head: bool = True, merge_adapters: bool = True):
         self.model = unwrap(model)
+        self.merge_adapters = merge_adapters
         self.dtype = dtype
         self.bucket_bytes = int(bucket_bytes)
         self.skipped: dict[str, str] = {}
@@ -137,7 +141,7 @@ class WeightStream:
                 lora = None
                 if ".base_layer." in name:
                     owner = modules[module_name.rpartition(".")[0]]
-                    lora = owner if not getattr(owner, "merged", False) else None
+                    lora = owner if self.merge_adapters and not getattr(owner, "merged", False) else None
                 name = name.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")
                 if name.startswith(_PEFT_PREFIX):
                     name = name[len(_PEFT_PREFIX):]

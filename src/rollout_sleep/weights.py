@@ -80,6 +80,8 @@ def read_checkpoint_spec(path: str | Path) -> dict[str, TensorSpec]:
     vLLM drops at load (``rotary_emb.inv_freq`` of old checkpoints) are not weights and are left out."""
     from safetensors import safe_open
 
+    if Path(path).is_dir() and not any(Path(path).glob("*.safetensors")) and Path(path, "config.json").exists():
+        return config_spec(path)  # weights built by vLLM (load_format="dummy"): the names the model saves
     unused = _unused_by_vllm()
     spec: dict[str, TensorSpec] = {}
     for f in checkpoint_files(path):
@@ -89,6 +91,24 @@ def read_checkpoint_spec(path: str | Path) -> dict[str, TensorSpec]:
                     continue
                 s = fh.get_slice(name)
                 spec[name] = TensorSpec(tuple(s.get_shape()), _torch_dtype(s.get_dtype()))
+    return spec
+
+
+def config_spec(path: str | Path) -> dict[str, TensorSpec]:
+    """The tensors a checkpoint of ``path``'s config would hold (a model built on the meta device: no memory),
+    for a folder with a config and no weights (vLLM's ``load_format="dummy"``)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(path))
+    dtype = getattr(config, "torch_dtype", None) or getattr(config, "dtype", None) or torch.float32
+    dtype = getattr(torch, str(dtype).replace("torch.", "")) if not isinstance(dtype, torch.dtype) else dtype
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    spec = {n: TensorSpec(tuple(t.shape), t.dtype) for n, t in model.state_dict().items()
+            if not any(u in n for u in _unused_by_vllm())}
+    if getattr(config, "tie_word_embeddings", False):
+        spec.pop("lm_head.weight", None)  # save_pretrained leaves a tied head out
     return spec
 
 

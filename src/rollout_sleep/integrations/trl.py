@@ -30,12 +30,24 @@ trainer on every rank, each rank's engine then gets the full gathered weights at
 ``benchmarks/trl_plugin_dist.py``; on CPU accelerate has DeepSpeed only with ``use_cpu=False,
 ddp_backend="gloo"`` and no FSDP: see docs/troubleshooting.md).
 Server mode (``vllm_mode="server"``) and ``use_vllm=False`` are refused with an error.
+
+LoRA with one copy of the base (a PEFT ``GRPOTrainer``, ``peft_config=...``): build the trainer inside
+``lora_engine(rank)`` (TRL's engine then starts with vLLM's LoRA serving) and ``patch(trainer)``. vLLM serves the
+trainer's adapter itself: a sync copies only the adapter into vLLM's slot (``rollout_sleep.lora.AdapterSync``)
+and verifies it bitwise, the engine sleeps at level 0 (KV cache only: TRL's ``sleep(level=2)`` is turned into
+that) and, on CUDA, the trainer's frozen base is rebound to views of vLLM's weights (one copy on the GPU)::
+
+    with lora_engine(rank=16):
+        trainer = GRPOTrainer(model=..., args=GRPOConfig(use_vllm=True, vllm_mode="colocate", ...),
+                              peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"), ...)
+    patch(trainer)
 On CPU, use ``vllm_enable_sleep_mode=False`` (vLLM has no sleep allocator there); stock TRL then fails at
 its first sync (its per-parameter load breaks on vLLM's repacked CPU weights), the patched trainer runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 from ..engine import Engine, fast_output_kwargs
@@ -66,6 +78,8 @@ def patch(trainer, *, sleep_level: int = 2, verify_every: int = 1, bucket_bytes:
     base = getattr(model, "module", model)
     path = getattr(getattr(base, "config", None), "_name_or_path", None) or gen.llm.llm_engine.model_config.model
     engine = Engine.attach(gen.llm, path, load_method=load_method)
+    if getattr(gen.llm.llm_engine.vllm_config, "lora_config", None) is not None:
+        return _patch_lora(trainer, gen, engine, verify_every, fast_outputs)
     state = {"syncs": 0}
 
     def current_stream() -> WeightStream:
@@ -100,3 +114,89 @@ def patch(trainer, *, sleep_level: int = 2, verify_every: int = 1, bucket_bytes:
     trainer.rollout_sleep_engine = engine
     return trainer
 
+
+
+@contextlib.contextmanager
+def lora_engine(rank: int, max_loras: int = 1):
+    """Inside the block, TRL's colocated engine is started with vLLM's LoRA serving (``enable_lora``, one slot
+    of ``rank``): wrap the ``GRPOTrainer(...)`` call, then :func:`patch` the trainer."""
+    import trl.generation.vllm_generation as vg
+
+    from ..lora import LoraSettings
+
+    settings = LoraSettings(rank=rank)
+    original = vg.LLM
+
+    def llm_with_lora(*args, **kwargs):
+        kwargs.update(settings.engine_kwargs(), max_loras=max_loras)
+        return original(*args, **kwargs)
+
+    vg.LLM = llm_with_lora
+    try:
+        yield settings
+    finally:
+        vg.LLM = original
+
+
+def _patch_lora(trainer, gen, engine: Engine, verify_every: int, fast_outputs: bool):
+    """The LoRA route of :func:`patch`: adapter-only syncs, level-0 sleep, the base viewed from vLLM on CUDA."""
+    from ..engine import map_kv_cache, release_kv_cache
+    from ..lora import AdapterSync, share_base
+
+    model = trainer.model_wrapped if getattr(trainer, "model_wrapped", None) is not None else trainer.model
+    adapter = AdapterSync(engine, model)  # raises unless the trainer is a PEFT model
+    llm = gen.llm
+    original_generate, original_wake = llm.generate, llm.wake_up
+    state = {"syncs": 0, "freed_bytes": 0}
+    if gen.enable_sleep_mode:
+        # TRL slept at level 2 right after building the engine: the base is gone. Map it back, fill it with the
+        # trainer's base, map the KV cache (vLLM is then fully awake), and from now on release the KV cache only.
+        original_wake(tags=["weights"])
+        engine.push(WeightStream(model, dtype=engine.dtype, merge_adapters=False))
+        original_wake(tags=["kv_cache"])
+        state["freed_bytes"] = share_base(engine, model)
+        import torch
+
+        torch.cuda.empty_cache()  # the trainer's own copy of the base goes back to the driver
+
+        state["kv_mapped"] = True
+
+        def sleep(level: int = 2, **kw):  # whatever level TRL asks for: the KV cache only
+            if state["kv_mapped"]:
+                llm.reset_prefix_cache()
+                llm.collective_rpc(release_kv_cache)
+                state["kv_mapped"] = False
+
+        def wake_up(tags=None, **kw):  # the weights never left; the KV cache is mapped back once
+            if (tags is None or "kv_cache" in tags) and not state["kv_mapped"]:
+                release_cached_memory()
+                llm.collective_rpc(map_kv_cache)
+                state["kv_mapped"] = True
+                llm.reset_prefix_cache()
+
+        llm.sleep, llm.wake_up = sleep, wake_up
+
+    def generate(*args, **kwargs):
+        kwargs.setdefault("lora_request", adapter.request)
+        return original_generate(*args, **kwargs)
+
+    def sync_weights():
+        pushed = adapter.push()
+        gen._llm_weights_sleeping = False
+        metrics = {"rollout_sleep/sync_s": pushed["adapter_sync_s"]}
+        state["syncs"] += 1
+        if verify_every and state["syncs"] % verify_every == 0:
+            report = adapter.verify().raise_if_failed()
+            metrics["rollout_sleep/verify_s"] = report.seconds
+            metrics["rollout_sleep/verify_max_abs_diff"] = 0.0
+        for k, v in metrics.items():
+            trainer._metrics["train"][k].append(v)
+
+    llm.generate = generate
+    gen.sync_weights = sync_weights
+    if fast_outputs:
+        gen.generation_kwargs = fast_output_kwargs(gen.generation_kwargs or {})
+    trainer.rollout_sleep_engine = engine
+    trainer.rollout_sleep_adapter = adapter
+    trainer.rollout_sleep_base_freed_bytes = state["freed_bytes"]
+    return trainer
