@@ -92,7 +92,7 @@ def innermost_optimizer(optimizer) -> torch.optim.Optimizer:
             found = optimizer
         optimizer = getattr(optimizer, "optimizer", None)
     if found is None:
-        raise TypeError(f"{type(optimizer).__name__} wraps no torch.optim.Optimizer: nothing to hook the update check on")
+        raise TypeError("the optimizer wraps no torch.optim.Optimizer: nothing to hook the update check on")
     return found
 
 
@@ -214,7 +214,8 @@ class UpdateCheck:
         fraction = float(changed.sum() / total.sum())
         names = [str(d).removeprefix("torch.") for d in SLOTS] + ["other"]
         metrics = {METRIC: fraction}
-        metrics.update({f"{METRIC}/{names[s]}": float(changed[s] / total[s]) for s in range(len(names)) if total[s] > 0})
+        metrics.update({f"{METRIC}/{names[s]}": float(changed[s] / total[s])
+                        for s in range(len(names)) if total[s] > 0})
         if self.checks == 1 and warn and fraction < self.threshold and grad_norm > 0 and self.lr > 0:
             logger.warning(self._explain(step, changed, total, names))
         return metrics
@@ -223,7 +224,7 @@ class UpdateCheck:
         """Which dtype's sampled weights stayed, and why: rounding (lr under half the spacing) or not."""
         slot = int(torch.argmax(total - changed))  # the dtype with the most unchanged sampled weights
         unchanged = 100 * float((total[slot] - changed[slot]) / total[slot])
-        head = (f"{unchanged:.0f}% of the sampled {names[slot]} weights (those with a non-zero gradient) did not "
+        head = (f"{unchanged:.1f}% of the sampled {names[slot]} weights (those with a non-zero gradient) did not "
                 f"change at step {step}")
         magnitude = self._magnitude.get(slot)
         if magnitude is None or slot >= len(SLOTS):
