@@ -36,6 +36,7 @@ import contextlib
 import dataclasses
 import gc
 import json
+import logging
 import os
 import random
 import sys
@@ -87,6 +88,7 @@ from rollout_sleep.grpo import grpo_update  # noqa: E402
 from rollout_sleep.integrations.wandb import make_tracker  # noqa: E402
 from rollout_sleep.manager import RolloutManager  # noqa: E402
 from rollout_sleep.nonfinite import NonFiniteError, check_finite, guard_optimizer  # noqa: E402
+from rollout_sleep.update_check import UpdateCheck, checkpoint_magnitude, lr_note  # noqa: E402
 from rollout_sleep.rewards import RewardError, combine, resolve_rewards, reward_metrics, score_rewards  # noqa: E402
 from rollout_sleep.watchdog import Watchdog  # noqa: E402
 
@@ -152,6 +154,7 @@ class GRPORecipe:
         dtype = getattr(torch, cfg.model.dtype)
         kv_bytes = self._kv_cache_bytes()
         self.plan = self._memory_plan(kv_bytes)  # printed; a phase that does not fit stops the run here
+        self._note_low_precision_lr()
         self.acc.print(f"starting the vLLM engine ({self.model_path})")
         # The engine first, while the GPU is empty: vLLM sizes its KV cache from the free memory it sees.
         engine_kw = {"gpu_memory_utilization": cfg.engine.gpu_memory_utilization} if torch.cuda.is_available() else {}
@@ -202,6 +205,9 @@ class GRPORecipe:
                                     fused=torch.cuda.is_available() or None, model=model)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         guard_optimizer(self.optimizer, self.model)  # a non-finite gradient stops the step before it applies
+        # after the guard (a refused step is not measured): the share of sampled weights each checked step changes
+        self.update_check = UpdateCheck(self.optimizer, every=cfg.train.update_check_every, seed=cfg.train.seed) \
+            if cfg.train.update_check_every else None
         # after the guard: a refused step leaves the state where it was
         self.offload = OptimizerOffload(self.optimizer) if cfg.train.offload_optimizer else None
         self.layout = {"processes": self.acc.num_processes, "distributed_type": self.acc.distributed_type.value,
@@ -278,6 +284,18 @@ class GRPORecipe:
     def _shares_base(self) -> bool:
         """LoRA on CUDA with an engine per process: the trainer's base will be a view of the engine's weights."""
         return bool(self.cfg.model.lora.rank) and torch.cuda.is_available() and self.cfg.engine.tensor_parallel_size == 1
+
+    def _note_low_precision_lr(self) -> None:
+        """Before vLLM starts: a warning when the trainer steps bf16/fp16 weights in place (one process or DDP;
+        FSDP and DeepSpeed may keep float32 master weights) with an lr under half the dtype's spacing near the
+        checkpoint's typical |w|. The first optimizer step then measures it (:mod:`rollout_sleep.update_check`)."""
+        t = self.cfg.train
+        if not self.main or self.acc.distributed_type.value not in ("NO", "MULTI_GPU", "MULTI_CPU"):
+            return
+        magnitude = checkpoint_magnitude(self.model_path) if self.cfg.model.dtype != "float32" else None
+        note = lr_note(t.lr, getattr(torch, self.cfg.model.dtype), magnitude) if magnitude else None
+        if note:
+            logging.getLogger("rollout_sleep.update_check").warning(note)
 
     def _model_path(self) -> str:
         cfg = self.cfg.model
@@ -463,6 +481,7 @@ class GRPORecipe:
                 # rewards while the engine sleeps: a reward model's forward then uses memory vLLM released
                 rewards, table, reward_s = self._score(examples, comps)
                 self._check_rewards(rewards)
+                checking = self.update_check is not None and self.update_check.arm(self.step + 1)
                 stats = grpo_update(self.model, self.optimizer, prompt_ids, comps, rewards, group_size=t.generations,
                                     pad_id=self.tokenizer.pad_token_id, clip_eps=t.clip_eps, micro_batch=t.micro_batch,
                                     ref_model=self.ref_model, kl_coef=t.kl_coef, max_grad_norm=t.max_grad_norm,
@@ -474,6 +493,11 @@ class GRPORecipe:
                                     loss_type=t.loss, temperature=t.temperature, max_completion_length=t.max_tokens,
                                     kl_bias_correction=t.kl_bias_correction)
                 check_finite("loss and grad_norm", torch.tensor([stats["loss"], stats["grad_norm"]]))
+            if checking:  # every rank: the counts are summed over the ranks' shards
+                with self._collective(f"the update check of step {self.step + 1}"):
+                    stats.update(self.update_check.result(
+                        self.step + 1, stats["grad_norm"], warn=self.main,
+                        reduce=lambda c: self.acc.reduce(c.to(self.acc.device), "sum")))
             with self._peak("rollout"):  # the wake maps vLLM back beside the trainer's state
                 self.manager.sync()
             self.step += 1

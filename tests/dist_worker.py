@@ -15,6 +15,7 @@ rank = dist.get_rank()
 from rollout_sleep.engine import Engine  # noqa: E402
 from rollout_sleep.grpo import _keeps_logits, completion_logprobs, pad_batch  # noqa: E402
 from rollout_sleep.sync import WeightStream, unwrap, verify  # noqa: E402
+from rollout_sleep.update_check import UpdateCheck  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 engine = Engine(ckpt_engine, dtype="float32", seed=0)  # external_launcher: inside this process group
@@ -39,6 +40,8 @@ if mode == "zero3":
                  "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
                  "optimizer": {"type": "SGD", "params": {"lr": 0.05}}, "zero_allow_untested_optimizer": True}
     wrapped, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    check = UpdateCheck(wrapped.optimizer, every=1)  # hooks the torch SGD inside ZeRO-3: its fp32 partitions
+    check.arm(1)
     wrapped.backward(train_loss(wrapped))
     wrapped.step()
 else:
@@ -51,8 +54,11 @@ else:
             fully_shard(layer)
         wrapped = fully_shard(model)
     opt = torch.optim.SGD(wrapped.parameters(), lr=0.05)
+    check = UpdateCheck(opt, every=1)  # FSDP2: each DTensor's local shard
+    check.arm(1)
     train_loss(wrapped).backward()
     opt.step()
+updated = check.result(1, grad_norm=1.0)  # this rank's own sample (no reduce): its shards were read
 
 engine.sleep(level=2)
 stream = WeightStream(wrapped, dtype=engine.dtype, bucket_bytes=128 << 10)
@@ -78,5 +84,6 @@ sharded = any(hasattr(p, "full_tensor") or hasattr(p, "ds_id") for p in wrapped.
 with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:  # files: the ranks' stdout interleaves
     json.dump({"rank": rank, "ok": report.ok, "compared": report.compared,
                "same_tokens_on_ranks": gathered[0] == gathered[1], "sharded": sharded,
-               "corrupted_ok": bad.ok, "corrupted_named": sorted(bad.mismatched)}, fh)
+               "corrupted_ok": bad.ok, "corrupted_named": sorted(bad.mismatched), "updated": updated,
+               "sampled": check.sampled_elements()}, fh)
 os._exit(0)  # vLLM's teardown would destroy the trainer's process group under it

@@ -56,6 +56,7 @@ def test_unreadable_and_non_mapping_files(tmp_path):
     ("data.dataset=no/such/file.jsonl", "data.dataset 'no/such/file.jsonl' not found"),
     ("model.path=./no-such-model", "model.path './no-such-model' is neither a size"),
     ("watchdog.generate_s=-5", "watchdog.generate_s must be >= 0"),
+    ("train.update_check_every=-1", "train.update_check_every must be >= 0, got -1"),
     ("rewards=arithmetic_exact", "rewards must be a list of strings"),
     ("engine.processes=0", "engine.processes must be >= 1, got 0"),
 ])

@@ -44,6 +44,8 @@ def test_sync_from_wrapped_trainer_verifies_on_every_rank(mode, ckpts, tmp_path)
         assert row["same_tokens_on_ranks"], row
         assert row["sharded"] == (mode != "ddp")
         assert not row["corrupted_ok"] and row["corrupted_named"] == ["model.layers.0.mlp.down_proj.weight"], row
+        # the update check read this rank's stepped weights around the real step (fp32, SGD lr 0.05: they move)
+        assert row["sampled"] > 0 and row["updated"]["train/updated_fraction/float32"] > 0.9, row
 
 
 def test_tensor_parallel_engine_across_two_ranks_follows_the_trainer(ckpts, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import logging
 from pathlib import Path
 
 import pytest
@@ -103,10 +104,21 @@ def test_recipe_prints_the_plan_and_refuses_before_the_engine_starts(tmp_path, m
     printed = capsys.readouterr().out
     assert "memory plan:" in printed and "free of 0.50" in printed
     assert (tmp_path / "run" / "memory_plan.json").exists()
-    with pytest.raises(RuntimeError, match="the engine was reached"):
-        warn = [f"output_dir={tmp_path / 'warn'}", *args[1:], "train.memory_plan=warn"]
-        recipe.GRPORecipe(recipe.load_config(str(CONFIG), warn)).setup()
+    # pure bf16 with TRL's lr: before the engine, the note that its updates round away (rollout_sleep.update_check)
+    notes = []
+    handler = logging.Handler()
+    handler.emit = notes.append
+    logging.getLogger("rollout_sleep.update_check").addHandler(handler)
+    try:
+        with pytest.raises(RuntimeError, match="the engine was reached"):
+            warn = [f"output_dir={tmp_path / 'warn'}", *args[1:], "train.memory_plan=warn", "model.dtype=bfloat16",
+                    "train.lr=1e-6"]
+            recipe.GRPORecipe(recipe.load_config(str(CONFIG), warn)).setup()
+    finally:
+        logging.getLogger("rollout_sleep.update_check").removeHandler(handler)
     assert len(built) == 1 and "running anyway" in capsys.readouterr().out
+    assert [r.levelname for r in notes] == ["WARNING"], notes
+    assert "train.lr=1e-06 is below half of bfloat16's spacing near |w|~" in notes[0].getMessage()
 
 
 def test_optimizer_settings_are_checked_up_front(monkeypatch):

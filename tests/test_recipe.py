@@ -40,7 +40,7 @@ def metrics(out: Path) -> list[dict]:
 
 def test_kill_and_resume_continues_at_the_saved_step(tmp_path):
     out = tmp_path / "run"
-    args = ("train.steps=8", "save_every=3", "data.num_prompts=64", "wandb.mode=disabled")
+    args = ("train.steps=8", "save_every=3", "data.num_prompts=64", "wandb.mode=disabled", "train.update_check_every=3")
     proc = launch(out, *args, accelerate=False)
     for line in proc.stdout:  # kill it hard once step 4 ran (step 3 is saved, step 4 is not)
         if line.startswith("step 4/8"):
@@ -66,6 +66,9 @@ def test_kill_and_resume_continues_at_the_saved_step(tmp_path):
     order = list(range(64))
     random.Random(0).shuffle(order)
     assert [r["first_prompt_index"] for r in rows] == [order[8 * k] for k in range(8)]  # same data order
+    # the update check: each process's first step (1, and 4 after the resume) and every 3rd; fp32 weights all move
+    checked = [r["step"] for r in rows if "train/updated_fraction" in r]
+    assert checked == [1, 3, 4, 6] and all(r["train/updated_fraction"] > 0.9 for r in rows if r["step"] in checked)
 
 
 def test_accelerate_launch_learns_and_writes_wandb_run_metrics_and_checkpoints(tmp_path):
@@ -85,6 +88,9 @@ def test_accelerate_launch_learns_and_writes_wandb_run_metrics_and_checkpoints(t
                 "sampling_logp_diff"):
         assert key in rows[-1], key
     assert rows[-1]["sampling_logp_diff"] < 1e-3  # trainer and vLLM score the sampled tokens alike (fp32)
+    # the update check (every 50 steps by default: step 1 only), through accelerate's optimizer wrapper
+    assert rows[0]["train/updated_fraction/float32"] > 0.9 and "did not change" not in log, rows[0]
+    assert [r["step"] for r in rows if "train/updated_fraction" in r] == [1]
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
     assert (out / "phase_timeline.png").stat().st_size > 1000

@@ -232,6 +232,7 @@ def _check_values(cfg: RecipeConfig) -> list[str]:
     if t.optimizer in OPTIMIZERS and missing_package(t.optimizer):
         out.append(missing_package(t.optimizer))
     choice("train.memory_plan", t.memory_plan, MEMORY_PLAN_MODES)
+    at_least("train.update_check_every", t.update_check_every, 0)
     if t.memory_budget_gib is not None and not (math.isfinite(t.memory_budget_gib) and t.memory_budget_gib > 0):
         out.append(f"train.memory_budget_gib must be > 0 (or null: the free GPU memory), got {t.memory_budget_gib!r}")
     at_least("train.memory_headroom_gib", t.memory_headroom_gib, 0)

@@ -121,6 +121,11 @@ class TrainConfig:
                                                      "token_mask / sequence_truncate / sequence_mask")
     sampling_clip_min: float | None = _opt(None, "lower bound of the sampling correction's ratio (null: none)")
     sampling_clip_max: float | None = _opt(3.0, "upper bound of the sampling correction's ratio (null: none)")
+    update_check_every: int = _opt(50, "compare a fixed sample of each trained tensor's weights before and after "
+                                       "the optimizer step, at the first step and every N-th: logs "
+                                       "train/updated_fraction (the share of sampled weights with a gradient "
+                                       "that changed) and warns when the first step changed almost none "
+                                       "(bf16 weights with a small lr: the updates round away); 0: off")
     seed: int = _opt(0, "seed of sampling, data order and initialisation")
 
 
