@@ -7,6 +7,7 @@ back that way after each test, whatever the test did.
 
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 
@@ -57,6 +58,12 @@ def engine(_session_engine, ckpts):
     from rollout_sleep.engine import Engine
 
     if not _vllm_groups_alive():
+        # shut the stale engine down before building its replacement: left to the garbage collector, its
+        # shutdown would run at some later point and tear down the new engine's groups mid-test
+        stale = _session_engine.pop("engine")
+        stale.close()
+        del stale
+        gc.collect()
         _session_engine["engine"] = Engine(ckpts["tied0"], dtype=DTYPE, seed=0)
     eng = _session_engine["engine"]
     _restore(eng)
