@@ -182,7 +182,7 @@ def test_level0_releases_the_kv_cache_only(monkeypatch):
         assert alloc.woken == [["kv_cache"]], style
 
 
-def test_adapter_modules_keep_their_names_whatever_vllm_calls_the_rename_mapper():
+def test_adapter_modules_keep_their_names_whatever_vllm_calls_the_rename_mapper(monkeypatch):
     """vLLM 0.32 reduces the model's hf_to_vllm_mapper to its renames with ``get_rename_mapper``, 0.26 with
     ``get_unstacked_mapper``: under either (or neither) the trainer's q/k/v adapters stay three modules that
     vLLM's packing puts into the three slices of ``qkv_proj`` (the full mapper would merge them: refused by name)."""
@@ -193,7 +193,7 @@ def test_adapter_modules_keep_their_names_whatever_vllm_calls_the_rename_mapper(
     from vllm.lora.peft_helper import PEFTHelper
     from vllm.model_executor.models.utils import WeightsMapper
 
-    from rollout_sleep.lora import _check_distinct_modules, _naming_mapper
+    from rollout_sleep.lora import _build_lora_model, _check_distinct_modules, _naming_mapper
 
     stacked = {".q_proj": (".qkv_proj", "q"), ".k_proj": (".qkv_proj", "k"), ".v_proj": (".qkv_proj", "v"),
                ".gate_proj": (".gate_up_proj", 0), ".up_proj": (".gate_up_proj", 1)}
@@ -248,3 +248,9 @@ def test_adapter_modules_keep_their_names_whatever_vllm_calls_the_rename_mapper(
             assert [a.shape for a in packed.lora_a] == [(r, hidden)] * len(subs)
             assert all(torch.equal(a, tensors[f"{w}.lora_A.weight"]) for a, w in zip(packed.lora_a, want))
             assert all(torch.equal(b, tensors[f"{w}.lora_B.weight"] * 2.0) for b, w in zip(packed.lora_b, want))
+
+    # a vLLM whose PEFT helper has no rank/alpha patterns (0.26) would serve one scale for all: refused first
+    config = {"r": r, "lora_alpha": 2 * r, "target_modules": list(shapes), "alpha_pattern": {"q_proj": 16}}
+    monkeypatch.delattr(PEFTHelper, "get_rank_and_scaling")
+    with pytest.raises(ValueError, match="sets alpha_pattern, which this vLLM's LoRA ignores"):
+        _build_lora_model(None, 1, tensors, config)

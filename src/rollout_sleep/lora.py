@@ -170,6 +170,10 @@ def _build_lora_model(lm, lora_id: int, tensors: dict[str, torch.Tensor], config
     from vllm.lora.lora_model import LoRAModel
     from vllm.lora.peft_helper import PEFTHelper
 
+    patterns = [k for k in ("rank_pattern", "alpha_pattern") if config.get(k)]
+    if patterns and not hasattr(PEFTHelper, "get_rank_and_scaling"):  # vLLM 0.26: one rank/alpha for all
+        raise ValueError(f"the adapter sets {' and '.join(patterns)}, which this vLLM's LoRA ignores (one rank and "
+                         "alpha for every module: it would serve another adapter): use one rank and alpha")
     helper = PEFTHelper.from_dict(dict(config))
     helper.validate_legal(lm.lora_config)
     mapper = _naming_mapper(getattr(lm._adapter_manager.model, "hf_to_vllm_mapper", None))
