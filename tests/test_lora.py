@@ -180,3 +180,77 @@ def test_level0_releases_the_kv_cache_only(monkeypatch):
             assert release_kv_cache(None) == 0 and len(unmapped) == 2  # already released: nothing twice
         map_kv_cache(None)
         assert alloc.woken == [["kv_cache"]], style
+
+
+def test_adapter_modules_keep_their_names_whatever_vllm_calls_the_rename_mapper(monkeypatch):
+    """vLLM 0.32 reduces the model's hf_to_vllm_mapper to its renames with ``get_rename_mapper``, 0.26 with
+    ``get_unstacked_mapper``: under either (or neither) the trainer's q/k/v adapters stay three modules that
+    vLLM's packing puts into the three slices of ``qkv_proj`` (the full mapper would merge them: refused by name)."""
+    import dataclasses
+
+    from vllm.lora.lora_model import LoRAModel
+    from vllm.lora.lora_weights import PackedLoRALayerWeights
+    from vllm.lora.peft_helper import PEFTHelper
+    from vllm.model_executor.models.utils import WeightsMapper
+
+    from rollout_sleep.lora import _build_lora_model, _check_distinct_modules, _naming_mapper
+
+    stacked = {".q_proj": (".qkv_proj", "q"), ".k_proj": (".qkv_proj", "k"), ".v_proj": (".qkv_proj", "v"),
+               ".gate_proj": (".gate_up_proj", 0), ".up_proj": (".gate_up_proj", 1)}
+    renames = {"model.language_model.": "model."}  # a genuine rename (as in multimodal wrappers) must survive
+
+    class Unstacked:  # vLLM 0.26's spelling of the reduction
+        def __init__(self, **kw):
+            self.full = WeightsMapper(**kw)
+            self.orig_to_new_stacked = self.full.orig_to_new_stacked
+
+        def _map_name(self, key):
+            return self.full._map_name(key)
+
+        def get_unstacked_mapper(self):
+            return dataclasses.replace(self.full, orig_to_new_stacked={})
+
+    @dataclasses.dataclass
+    class Bare:  # no reduction method at all: the stacked maps are dropped by rollout_sleep
+        orig_to_new_prefix: dict
+        orig_to_new_stacked: dict
+
+        def _map_name(self, key):
+            return WeightsMapper(orig_to_new_prefix=self.orig_to_new_prefix,
+                                 orig_to_new_stacked=self.orig_to_new_stacked)._map_name(key)
+
+    g = torch.Generator().manual_seed(0)
+    r, hidden, q_out, kv_out, inter = 4, 16, 32, 8, 24
+    shapes = {"self_attn.q_proj": q_out, "self_attn.k_proj": kv_out, "self_attn.v_proj": kv_out,
+              "mlp.gate_proj": inter, "mlp.up_proj": inter}
+    tensors = {}
+    for sub, out in shapes.items():
+        tensors[f"base_model.model.model.language_model.layers.0.{sub}.lora_A.weight"] = torch.randn(r, hidden, generator=g)
+        tensors[f"base_model.model.model.language_model.layers.0.{sub}.lora_B.weight"] = torch.randn(out, r, generator=g)
+    helper = PEFTHelper.from_dict({"r": r, "lora_alpha": 2 * r, "target_modules": list(shapes)})
+    for full in (WeightsMapper(orig_to_new_prefix=renames, orig_to_new_stacked=stacked),
+                 Unstacked(orig_to_new_prefix=renames, orig_to_new_stacked=stacked),
+                 Bare(renames, stacked)):
+        with pytest.raises(RuntimeError, match=r"onto one module model\.layers\.0\.self_attn\.qkv_proj"):
+            _check_distinct_modules(tensors, full)  # what the H100 (0.26) got: q, k, v merged, IndexError later
+        mapper = _naming_mapper(full)
+        _check_distinct_modules(tensors, mapper)
+        lora = LoRAModel.from_lora_tensors(1, {k: v.clone() for k, v in tensors.items()}, helper, device="cpu",
+                                           dtype=torch.float32, weights_mapper=mapper)
+        assert sorted(lora.loras) == sorted(f"model.layers.0.{sub}" for sub in shapes), type(full).__name__
+        for fused, subs in (("self_attn.qkv_proj", ["q_proj", "k_proj", "v_proj"]),
+                            ("mlp.gate_up_proj", ["gate_proj", "up_proj"])):
+            parent = fused.split(".")[0]
+            packed = PackedLoRALayerWeights.pack([lora.loras[f"model.layers.0.{parent}.{s}"] for s in subs])
+            want = [f"base_model.model.model.language_model.layers.0.{parent}.{s}" for s in subs]
+            # one [r, in] A and one [out, r] B (scaled by alpha / r) per slice: what set_lora copies into
+            # lora_{a,b}_stacked[i], and what AdapterSync's slot copies and verify expect there
+            assert [a.shape for a in packed.lora_a] == [(r, hidden)] * len(subs)
+            assert all(torch.equal(a, tensors[f"{w}.lora_A.weight"]) for a, w in zip(packed.lora_a, want))
+            assert all(torch.equal(b, tensors[f"{w}.lora_B.weight"] * 2.0) for b, w in zip(packed.lora_b, want))
+
+    # a vLLM whose PEFT helper has no rank/alpha patterns (0.26) would serve one scale for all: refused first
+    config = {"r": r, "lora_alpha": 2 * r, "target_modules": list(shapes), "alpha_pattern": {"q_proj": 16}}
+    monkeypatch.delattr(PEFTHelper, "get_rank_and_scaling")
+    with pytest.raises(ValueError, match="sets alpha_pattern, which this vLLM's LoRA ignores"):
+        _build_lora_model(None, 1, tensors, config)
