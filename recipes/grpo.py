@@ -360,6 +360,11 @@ class GRPORecipe:
             reward_model_bytes=sum(memory_plan.checkpoint_params(r.fn.path) * b for r in self.rewards
                                    if hasattr(r.fn, "load")),
             kv_cache_bytes=kv_bytes if kv_bytes is not None else 0, shards=self._shards(), engine_shards=self.tp)
+        lora = cfg.model.lora
+        if lora.rank:  # only the adapter trains; the base is vLLM's (a view) on CUDA, the trainer's own elsewhere
+            inputs = dataclasses.replace(inputs, base_shared=self._shares_base(),
+                                         adapter_numels=memory_plan.lora_adapter_numels(shape, lora.rank,
+                                                                                        list(lora.targets)))
         if kv_bytes is None and cuda:  # vLLM's own sizing: its share of the GPU less its weights and workspace
             engine = int(cfg.engine.gpu_memory_utilization * total)
             kv = engine - shape.params * b // self.tp - memory_plan.estimate_engine_workspace(shape, b)

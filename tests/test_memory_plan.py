@@ -175,3 +175,25 @@ def test_offload_moves_the_state_off_the_gpu_between_steps_and_changes_nothing()
     assert resident_state_bytes(opt, "cuda") == 0 and resident_state_bytes(opt, "cpu") > 0
     t = offload.pop_timings()
     assert t["optimizer_offload_s"] > 0 and t["optimizer_reload_s"] > 0 and t["optimizer_offload_gib"] > 0
+
+
+def test_lora_plan_holds_the_base_once_and_trains_only_the_adapter():
+    """LoRA (rank 16 on every linear layer) of a Qwen3-32B shape on an 80 GB card: only the adapter has gradients
+    and optimizer state; the engine keeps its weights through training (level 0); with the base shared (the
+    trainer's base a view of vLLM's weights) it fits at micro-batch 8, with two copies it is refused."""
+    from rollout_sleep.memory_plan import lora_adapter_numels
+
+    shape = ModelShape.from_config(qwen3_config("qwen3-32b"))
+    adapter = lora_adapter_numels(shape, 16, ["all-linear"])
+    per_layer = 16 * (2 * (5120 + 64 * 128) + 2 * (5120 + 8 * 128) + 3 * (5120 + 25600))
+    assert sum(adapter) == 64 * per_layer
+    shared = plan_memory(PlanInputs(shape, dtype_bytes=2, micro_batch=8, kv_cache_bytes=4 * GIB,
+                                    adapter_numels=adapter, base_shared=True), 78 * GIB, 4 * GIB)
+    r, t = shared.phases["rollout"], shared.phases["training"]
+    assert r["trainer_weights"] == t["trainer_weights"] == t["gradients"] == sum(adapter) * 2
+    assert r["optimizer_state"] == optimizer_state_bytes("adamw", [(n, 2) for n in adapter])
+    assert t["engine_weights"] == r["engine_weights"] == shape.params * 2 and "engine_asleep" not in t
+    assert shared.fits() and "LoRA" in shared.table() and "held once" in shared.table()
+    two = plan_memory(dataclasses.replace(shared.inputs, base_shared=False), 78 * GIB, 4 * GIB)
+    assert two.phases["rollout"]["trainer_weights"] == (shape.params + sum(adapter)) * 2
+    assert not two.fits() and two.over("rollout") > 50 * GIB

@@ -35,7 +35,7 @@ from .fp8 import check_quantization
 from .loader import Loader
 from .memory import WakeBudget, keeping_cache, kv_cache_bytes_for, memory_gib, release_cached_memory  # noqa: F401
 from .phases import CycleReport, timed  # CycleReport, the errors, LEVELS: also importable from here
-from .state import LEVELS, EngineStateError, IncompleteWeightsError, SleepState, add_note  # noqa: F401
+from .state import LEVELS, EngineStateError, IncompleteWeightsError, SleepState, add_note, load_then_finish  # noqa: F401
 from .weights import TensorSpec, read_checkpoint_spec, tied_embeddings
 
 logger = logging.getLogger(__name__)
@@ -365,15 +365,11 @@ class Engine(SleepState):
             if not kv_only:
                 with keeping_cache(report, self.keep_trainer_cache and not report.cache_released):
                     self.llm.wake_up(tags=["weights"])
-        load_error = None
-        if prepared is not None:
-            try:
-                with timed(report, "load"):
-                    self.loader.load(prepared)
-            except BaseException as err:
-                load_error = err
-        try:
-            # Whatever happened to the load, finish the wake so the engine is in a known state.
+        def load():
+            with timed(report, "load"):
+                self.loader.load(prepared)
+
+        def finish():
             with timed(report, "wake_kv_cache"), keeping_cache(report, self.keep_trainer_cache):
                 if kv_only:
                     self.llm.collective_rpc(map_kv_cache)
@@ -385,14 +381,9 @@ class Engine(SleepState):
                 raise EngineStateError("vLLM reports it is not fully awake after waking weights and KV cache")
             with timed(report, "reset"):
                 self._reset_prefix_cache()
-        except Exception as wake_error:
-            if load_error is None:
-                raise
-            # the load's error is the one to see; the failed wake is attached to it
-            add_note(load_error, f"finishing the wake after the failed load also failed: "
-                                 f"{type(wake_error).__name__}: {wake_error} (the engine is {self.state})")
-        if load_error is not None:
-            raise load_error
+
+        # whatever happened to the load, the wake is finished so the engine is in a known state
+        load_then_finish(load if prepared is not None else None, finish, state=lambda: self.state)
         report.memory_gib["awake"] = memory_gib()[1]
         self._wake_budget.after_wake(report, free_before_map)
         return report

@@ -89,6 +89,10 @@ class ModelShape:
         """From a checkpoint folder: its config.json and its safetensors headers (no tensor is read)."""
         from .weights import read_checkpoint_spec
 
+        if not any(Path(path).glob("*.safetensors")):  # a config alone (LoRA drawing its base in vLLM)
+            from transformers import AutoConfig
+
+            return cls.from_config(AutoConfig.from_pretrained(path))
         spec = read_checkpoint_spec(path)
         numels = [_numel(s.shape) for s in spec.values()]
         embeddings = [_numel(s.shape) for name, s in spec.items() if name.endswith("embed_tokens.weight")]
@@ -104,6 +108,22 @@ class ModelShape:
             model = AutoModelForCausalLM.from_config(config)
         embeddings = [m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding)]
         return cls._dims(config.to_dict(), [p.numel() for p in model.parameters()], embeddings)
+
+
+def lora_adapter_numels(s: ModelShape, rank: int, targets) -> tuple[int, ...]:
+    """Element counts of a LoRA adapter's tensors (``A``: rank x in, ``B``: out x rank) on a Llama/Qwen-style
+    decoder: ``targets`` names among q/k/v/o_proj, gate/up/down_proj, or ``all-linear`` (every one of them).
+
+    >>> s = ModelShape((1,), 8, 2, 2, 1, 4, 16, 32)
+    >>> sum(lora_adapter_numels(s, 2, ["q_proj"]))  # 2 layers x rank 2 x (8 in + 8 out)
+    64
+    """
+    q, kv = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+    dims = {"q_proj": (s.hidden_size, q), "k_proj": (s.hidden_size, kv), "v_proj": (s.hidden_size, kv),
+            "o_proj": (q, s.hidden_size), "gate_proj": (s.hidden_size, s.intermediate_size),
+            "up_proj": (s.hidden_size, s.intermediate_size), "down_proj": (s.intermediate_size, s.hidden_size)}
+    names = list(dims) if targets in ("all-linear", ["all-linear"]) else [t for t in targets if t in dims]
+    return tuple(n for _ in range(s.num_layers) for t in names for n in (rank * dims[t][0], dims[t][1] * rank))
 
 
 def checkpoint_params(path: str | Path) -> int:
@@ -146,6 +166,10 @@ class PlanInputs:
     engine_asleep_bytes: int = ENGINE_ASLEEP_BYTES
     shards: tuple[int, int, int] = (1, 1, 1)
     engine_shards: int = 1  # vLLM's tensor-parallel size: its weights split that many ways (kv_cache_bytes is per rank)
+    # LoRA (``model.lora``): only the adapter trains; its tensors' element counts. The engine then sleeps at
+    # level 0 (its weights stay), and with ``base_shared`` the trainer's frozen base is a view of them (held once).
+    adapter_numels: tuple[int, ...] | None = None
+    base_shared: bool = False
 
 
 def layer_activation_bytes_per_token(s: ModelShape, b: int) -> int:
@@ -243,6 +267,10 @@ class MemoryPlan:
                 f"{i.optimizer}{' (state offloaded during rollouts)' if i.offload_optimizer else ''}, micro-batch "
                 f"{i.micro_batch} x {i.seq_len} tokens, gradient checkpointing "
                 f"{'on' if i.gradient_checkpointing else 'off'}")
+        if i.adapter_numels is not None:
+            head += (f"; LoRA: {sum(i.adapter_numels) / 1e6:.1f}M adapter parameters train, the base "
+                     f"{'is held once (the trainer views the engine' + chr(39) + 's weights)' if i.base_shared else 'is held twice (trainer and engine)'}"
+                     ", the engine sleeps at level 0 (KV cache only)")
         lines = [head, f"  {'GiB':<18}{'rollout':>10}{'training':>10}"]
         for name, *vals in self.rows():
             lines.append(f"  {name:<18}" + "".join(f"{v:>10.2f}" for v in vals))
@@ -262,8 +290,11 @@ def plan_memory(i: PlanInputs, budget_bytes: int | None = None, headroom_bytes: 
     s, b = i.shape, i.dtype_bytes
     eb = i.engine_dtype_bytes or b
     ws, gs, os_ = i.shards
-    weights = -(-s.params * b // ws)
-    state = -(-optimizer_state_bytes(i.optimizer, [(n, b) for n in s.tensor_numels], s.embedding_numels) // os_)
+    trained = s.tensor_numels if i.adapter_numels is None else i.adapter_numels
+    base = 0 if i.adapter_numels is None else (0 if i.base_shared else s.params * b)
+    weights = -(-(sum(trained) * b + base) // ws)
+    state = -(-optimizer_state_bytes(i.optimizer, [(n, b) for n in trained],
+                                     s.embedding_numels if i.adapter_numels is None else ()) // os_)
     ref = s.params * b if i.reference_model else 0
     workspace = estimate_engine_workspace(s, eb) if i.engine_workspace_bytes is None else i.engine_workspace_bytes
     resident = {"trainer_weights": weights, "optimizer_state": 0 if i.offload_optimizer else state, "gradients": 0}
@@ -274,8 +305,12 @@ def plan_memory(i: PlanInputs, budget_bytes: int | None = None, headroom_bytes: 
     rollout = {**resident, "engine_weights": -(-s.params * eb // i.engine_shards), "kv_cache": i.kv_cache_bytes,
                "engine_workspace": workspace}
     acts = activation_bytes(i) + (s.params * 2 if i.autocast else 0)
-    training = {**resident, "optimizer_state": state, "gradients": -(-s.params * b // gs), "activations": acts,
-                "engine_asleep": i.engine_asleep_bytes}
+    training = {**resident, "optimizer_state": state, "gradients": -(-sum(trained) * b // gs), "activations": acts}
+    if i.adapter_numels is None:
+        training["engine_asleep"] = i.engine_asleep_bytes
+    else:  # LoRA: the engine sleeps at level 0, releasing its KV cache only; its weights (the shared base) stay
+        training["engine_weights"] = rollout["engine_weights"]
+        training["engine_workspace"] = workspace
     return MemoryPlan(i, {"rollout": rollout, "training": training}, budget_bytes, headroom_bytes, tuple(notes))
 
 

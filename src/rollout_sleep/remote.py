@@ -18,7 +18,7 @@ from typing import Any, Iterable
 from .engine import Completion
 from .phases import CycleReport, timed
 from .server import ServerClient, ServerError, ServerUnreachableError
-from .state import EngineStateError, SleepState, add_note
+from .state import EngineStateError, SleepState, load_then_finish
 from .weights import check_checkpoint_dir, read_checkpoint_spec
 
 
@@ -109,26 +109,19 @@ class RemoteEngine(SleepState):
         report = CycleReport("wake", self._level, memory_kind="none")
         with timed(report, "wake_weights", sync=False):
             self.client.wake_up(["weights"])
-        load_error = None
-        if path is not None:
-            try:
-                with timed(report, "load", sync=False):
-                    self.client.reload_weights(str(path))
-            except BaseException as err:
-                load_error = err
-        try:  # whatever happened to the load, finish the wake so the server is in a known state
+        def load():
+            with timed(report, "load", sync=False):
+                self.client.reload_weights(str(path))
+
+        def finish():
             with timed(report, "wake_kv_cache", sync=False):
                 self.client.wake_up(["kv_cache"])
             self._level = None
             with timed(report, "reset", sync=False):
                 self._reset()
-        except Exception as wake_error:
-            if load_error is None:
-                raise
-            add_note(load_error, f"finishing the wake after the failed reload also failed: "
-                                 f"{type(wake_error).__name__}: {wake_error}")
-        if load_error is not None:
-            raise load_error
+
+        # whatever happened to the reload, the wake is finished so the server is in a known state
+        load_then_finish(load if path is not None else None, finish, what="reload")
         return report
 
     def load_weights(self, weights: str | os.PathLike) -> CycleReport:

@@ -26,6 +26,36 @@ def add_note(err: BaseException, note: str) -> None:
         err.__notes__ = [*getattr(err, "__notes__", []), note]
 
 
+def load_then_finish(load, finish, what: str = "load", state=lambda: "") -> None:
+    """Run ``load`` (may be ``None``), then ``finish`` (the rest of the wake) whatever happened to it, so the engine
+    ends in a known state; the load's error is the one raised, a failing ``finish`` attached to it as a note.
+
+    >>> def load(): raise ValueError("bad tensor")
+    >>> def finish(): raise RuntimeError("wake failed")
+    >>> try:
+    ...     load_then_finish(load, finish)
+    ... except ValueError as err:
+    ...     print(err, "|", err.__notes__[0])
+    bad tensor | finishing the wake after the failed load also failed: RuntimeError: wake failed
+    """
+    load_error = None
+    if load is not None:
+        try:
+            load()
+        except BaseException as err:  # noqa: BLE001  (Ctrl-C included: the wake is still finished)
+            load_error = err
+    try:
+        finish()
+    except Exception as wake_error:
+        if load_error is None:
+            raise
+        where = state()
+        add_note(load_error, f"finishing the wake after the failed {what} also failed: "
+                             f"{type(wake_error).__name__}: {wake_error}" + (f" (the engine is {where})" if where else ""))
+    if load_error is not None:
+        raise load_error
+
+
 class SleepState:
     """The awake / asleep(level) state shared by the in-process and the remote engine.
 
