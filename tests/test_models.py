@@ -166,7 +166,17 @@ def test_family_sync_verify_and_logprobs(matrix, family, caplog):
         assert report.ok and report.compared == len(stream.spec()), (report.mismatched, report.unplaced)
         routes["stream"] = eng.score(SEQUENCES)
         eng.sleep(level=2)
-        eng.wake_up(weights=paths["B"])  # the trainer's saved checkpoint, by path
+        rpcs = []  # which reload the path took: vLLM's own path reload, or (tied head on CPU) the files streamed
+        rpc = eng.llm.collective_rpc
+        eng.llm.collective_rpc = lambda method, *a, **kw: rpcs.append((method, sorted(kw.get("kwargs") or {}))) \
+            or rpc(method, *a, **kw)
+        try:
+            eng.wake_up(weights=paths["B"])  # the trainer's saved checkpoint, by path
+        finally:
+            del eng.llm.collective_rpc
+        path_route = ("reload_weights", ["is_checkpoint_format", "weights_path"])
+        # vLLM's CPU path reload keeps a tied head's stale packed copy: only there are the files streamed
+        assert (path_route in rpcs) == (not (eng.loader.tied and not eng.loader.sleep_mode)), rpcs
         assert verify(eng, trainer).ok
         routes["path"] = eng.score(SEQUENCES)
 

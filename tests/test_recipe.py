@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import clear_cpu_tp_shm
+from rollout_sleep.server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "grpo.py"
@@ -118,7 +119,7 @@ def test_two_processes_ddp_trainer(tp, tmp_path):
     failed verify fails the run). accelerate enables FSDP only on accelerators; the FSDP2 sync itself is tested with
     2 processes in test_distributed.py."""
     out = tmp_path / f"tp{tp}"
-    port = str(random.randint(20000, 40000))
+    port = str(free_port())
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", port, str(RECIPE), "--config", str(CONFIG), f"output_dir={out}", "train.steps=3",
            "wandb.mode=disabled", "save_every=0", "engine.verify_every=1",
