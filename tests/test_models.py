@@ -137,7 +137,7 @@ def _max_diff(a: list[list[float]], b: list[list[float]]) -> float:
 
 
 @pytest.mark.parametrize("family", CPU_FAMILIES)
-def test_family_sync_verify_and_logprobs(matrix, family, caplog):
+def test_family_sync_verify_and_logprobs(matrix, family, caplog, monkeypatch):
     from rollout_sleep.engine import Engine
 
     if family in CPU_SKIPS:
@@ -166,16 +166,18 @@ def test_family_sync_verify_and_logprobs(matrix, family, caplog):
         assert report.ok and report.compared == len(stream.spec()), (report.mismatched, report.unplaced)
         routes["stream"] = eng.score(SEQUENCES)
         eng.sleep(level=2)
-        rpcs = []  # which reload the path took: vLLM's own path reload, or (tied head on CPU) the files streamed
-        rpc = eng.llm.collective_rpc
-        eng.llm.collective_rpc = lambda method, *a, **kw: rpcs.append((method, sorted(kw.get("kwargs") or {}))) \
-            or rpc(method, *a, **kw)
-        try:
-            eng.wake_up(weights=paths["B"])  # the trainer's saved checkpoint, by path
-        finally:
-            del eng.llm.collective_rpc
+        rpcs, rpc = [], eng.llm.collective_rpc  # which reload the path takes
+
+        def spy(method, *args, **kwargs):
+            rpcs.append((method, sorted(kwargs.get("kwargs") or {})))
+            return rpc(method, *args, **kwargs)
+
+        monkeypatch.setattr(eng.llm, "collective_rpc", spy)
+        eng.wake_up(weights=paths["B"])  # the trainer's saved checkpoint, by path
+        monkeypatch.undo()
+        # vLLM's own path reload, except for a tied head on CPU (vLLM keeps its stale packed copy there): the
+        # files are then streamed with the head given
         path_route = ("reload_weights", ["is_checkpoint_format", "weights_path"])
-        # vLLM's CPU path reload keeps a tied head's stale packed copy: only there are the files streamed
         assert (path_route in rpcs) == (not (eng.loader.tied and not eng.loader.sleep_mode)), rpcs
         assert verify(eng, trainer).ok
         routes["path"] = eng.score(SEQUENCES)
