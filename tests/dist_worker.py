@@ -99,7 +99,7 @@ def run(mode: str) -> dict:
 for mode in modes.split(","):
     try:
         row = run(mode)
-    except Exception as e:  # recorded (a failure on one rank only leaves the other in a collective: the launch times out)
+    except Exception as e:  # recorded; a failure on one rank only leaves the other in a collective (timeout)
         row = {"rank": rank, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
     with open(os.path.join(out_dir, f"{mode}_rank{rank}.json"), "w") as fh:  # files: the ranks' stdout interleaves
         json.dump(row, fh)
