@@ -1,4 +1,5 @@
-"""Sync from DDP, FSDP2 and DeepSpeed ZeRO-3 trainers: 2 processes over gloo, one real engine per rank."""
+"""Sync from DDP, FSDP2 and DeepSpeed ZeRO-3 trainers: 2 processes over gloo, one real engine per rank (one
+launch serves the three trainers: CI time); and a TP=2 engine across the two ranks (its own launch)."""
 
 import json
 import subprocess
@@ -14,8 +15,8 @@ WORKER = Path(__file__).with_name("dist_worker.py")
 TP_WORKER = Path(__file__).with_name("tp_worker.py")
 
 
-def run_worker(mode: str, ckpts, out: Path) -> list[dict]:
-    script = [str(TP_WORKER)] if mode == "tp2" else [str(WORKER), mode]
+def launch(script: list[str], ckpts, out: Path) -> str:
+    """torchrun, 2 processes over gloo; returns the output's tail (for failure messages)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            *script, ckpts["tied0"], ckpts["tied1"], str(out)]
@@ -24,9 +25,7 @@ def run_worker(mode: str, ckpts, out: Path) -> list[dict]:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     finally:
         clear_cpu_tp_shm()
-    rows = [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
-    assert len(rows) == 2, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return rows
+    return proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
 def _has_deepspeed() -> bool:
@@ -35,11 +34,27 @@ def _has_deepspeed() -> bool:
     return importlib.util.find_spec("deepspeed") is not None
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp2", pytest.param("zero3", marks=pytest.mark.skipif(
-    not _has_deepspeed(), reason="deepspeed not installed (the test extra installs it)"))])
-def test_sync_from_wrapped_trainer_verifies_on_every_rank(mode, ckpts, tmp_path):
-    rows = run_worker(mode, ckpts, tmp_path)
+MODES = ["ddp", "fsdp2", pytest.param("zero3", marks=pytest.mark.skipif(
+    not _has_deepspeed(), reason="deepspeed not installed (the test extra installs it)"))]
+
+
+@pytest.fixture(scope="module")
+def wrapped_runs(request, ckpts, tmp_path_factory):
+    """One launch for every trainer mode this session selected: ``{mode: (rank rows, output tail)}``."""
+    selected = [item.callspec.params["mode"] for item in request.session.items
+                if item.module.__name__ == __name__ and hasattr(item, "callspec") and "mode" in item.callspec.params]
+    selected = [m for m in ("ddp", "fsdp2", "zero3") if m in selected and (m != "zero3" or _has_deepspeed())]
+    out = tmp_path_factory.mktemp("wrapped")
+    tail = launch([str(WORKER), ",".join(selected)], ckpts, out)
+    return {m: ([json.loads(p.read_text()) for p in sorted(out.glob(f"{m}_rank*.json"))], tail) for m in selected}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sync_from_wrapped_trainer_verifies_on_every_rank(mode, wrapped_runs):
+    rows, tail = wrapped_runs[mode]
+    assert len(rows) == 2, tail
     for row in rows:
+        assert "error" not in row, row
         assert row["ok"] and row["compared"] == 25, row
         assert row["same_tokens_on_ranks"], row
         assert row["sharded"] == (mode != "ddp")
@@ -51,7 +66,9 @@ def test_sync_from_wrapped_trainer_verifies_on_every_rank(mode, ckpts, tmp_path)
 def test_tensor_parallel_engine_across_two_ranks_follows_the_trainer(ckpts, tmp_path):
     """One TP=2 engine over both ranks: sleep, wake with the trainer's weights (each rank streams the full
     tensors, vLLM's loaders keep each rank's shard), reset; then the engine computes with the new weights."""
-    rows = run_worker("tp2", ckpts, tmp_path)
+    tail = launch([str(TP_WORKER)], ckpts, tmp_path)
+    rows = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank*.json"))]
+    assert len(rows) == 2, tail
     for row in rows:
         assert row["phases"] == ["wake_weights", "load", "wake_kv_cache", "reset"]
         assert row["after"] != row["before"]

@@ -88,6 +88,8 @@ def test_reload_from_checkpoint_path(engine, ckpts):
     assert greedy(engine) == before
 
 
+@pytest.mark.slow  # duplicate (CI time): test_models[qwen3-untied] wakes an untied engine from a path, asserts
+# vLLM's path reload was the route, verifies bitwise and compares log-probs with a fresh engine on those weights
 def test_untied_model_path_reload_uses_vllm_path_route(ckpts):
     """vLLM's own path reload (untied model). In a subprocess: one vLLM engine per process."""
     import subprocess

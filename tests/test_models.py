@@ -137,7 +137,7 @@ def _max_diff(a: list[list[float]], b: list[list[float]]) -> float:
 
 
 @pytest.mark.parametrize("family", CPU_FAMILIES)
-def test_family_sync_verify_and_logprobs(matrix, family, caplog):
+def test_family_sync_verify_and_logprobs(matrix, family, caplog, monkeypatch):
     from rollout_sleep.engine import Engine
 
     if family in CPU_SKIPS:
@@ -166,7 +166,19 @@ def test_family_sync_verify_and_logprobs(matrix, family, caplog):
         assert report.ok and report.compared == len(stream.spec()), (report.mismatched, report.unplaced)
         routes["stream"] = eng.score(SEQUENCES)
         eng.sleep(level=2)
+        rpcs, rpc = [], eng.llm.collective_rpc  # which reload the path takes
+
+        def spy(method, *args, **kwargs):
+            rpcs.append((method, sorted(kwargs.get("kwargs") or {})))
+            return rpc(method, *args, **kwargs)
+
+        monkeypatch.setattr(eng.llm, "collective_rpc", spy)
         eng.wake_up(weights=paths["B"])  # the trainer's saved checkpoint, by path
+        monkeypatch.undo()
+        # vLLM's own path reload, except for a tied head on CPU (vLLM keeps its stale packed copy there): the
+        # files are then streamed with the head given
+        path_route = ("reload_weights", ["is_checkpoint_format", "weights_path"])
+        assert (path_route in rpcs) == (not (eng.loader.tied and not eng.loader.sleep_mode)), rpcs
         assert verify(eng, trainer).ok
         routes["path"] = eng.score(SEQUENCES)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import clear_cpu_tp_shm
+from rollout_sleep.server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "grpo.py"
@@ -118,9 +119,9 @@ def test_two_processes_ddp_trainer(tp, tmp_path):
     failed verify fails the run). accelerate enables FSDP only on accelerators; the FSDP2 sync itself is tested with
     2 processes in test_distributed.py."""
     out = tmp_path / f"tp{tp}"
-    port = str(random.randint(20000, 40000))
+    port = str(free_port())
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", port, str(RECIPE), "--config", str(CONFIG), f"output_dir={out}", "train.steps=3",
+           "--master_port", port, str(RECIPE), "--config", str(CONFIG), f"output_dir={out}", "train.steps=2",
            "wandb.mode=disabled", "save_every=0", "engine.verify_every=1",
            f"engine.tensor_parallel_size={tp}"]
     clear_cpu_tp_shm()
@@ -131,7 +132,7 @@ def test_two_processes_ddp_trainer(tp, tmp_path):
         clear_cpu_tp_shm()
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     rows = metrics(out)
-    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert [r["step"] for r in rows] == [1, 2]  # two syncs, each verified on both ranks (steps: CI time)
     for r in rows:
         assert r["processes"] == 2 and r["distributed_type"] == "MULTI_CPU" and not r["trainer_sharded"], r
         assert r["rollouts"] == 8 * 8  # both ranks' completions: each rank rolled out half the prompts
