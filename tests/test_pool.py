@@ -114,3 +114,27 @@ def test_engine_processes_generate_in_order_and_load_from_disk_on_cpu(ckpts):
         assert len(got) == 4 and [c.prompt_index for c in got] == [0, 1, 2, 3]
         processes = [m.process for m in pool.members]
     assert all(not p.is_alive() for p in processes)
+
+
+def test_an_engine_process_that_never_answers_raises_a_named_timeout_and_dumps_its_stacks(capfd):
+    """Every exchange with an engine process is bounded: the error names the engine, the command and the
+    phase it is stuck in; its stacks reach its stderr; the member refuses further commands; close stops it."""
+    import time
+
+    import silent_engine
+
+    member = EngineProcess("unused", 3, {}, timeout_s=2)
+    member.start(target=silent_engine.serve)
+    process = member.process
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(EngineProcessError, match=r"engine process 3 \(pid \d+\) did not answer 'start' "
+                                                     r"within 2 s \(phase: 'stuck in a test'\)"):
+            member.wait_ready(2)
+        assert time.monotonic() - t0 < 15 and member.broken
+        with pytest.raises(EngineProcessError, match="engine process 3 .* is unusable"):
+            member.submit("info")
+    finally:
+        member.close(timeout=5)
+    assert not process.is_alive()
+    assert "silent_engine.py" in capfd.readouterr().err  # faulthandler's dump of the stuck process

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .engine_process import EngineProcess, LocalMember
+from .engine_process import RESULT_TIMEOUT_S, EngineProcess, LocalMember
 from .memory import memory_gib
 from .packing import PackedWeights, Shared, require_ipc
 from .phases import PoolReport
@@ -77,13 +77,17 @@ class EnginePool:
         stagger: *optional*, start the first engine alone (it fills vLLM's compile cache), then the others
             at once (default on CUDA with several engines; starts are then ~2 cold starts, not ``k``).
         start_timeout_s: *optional*, how long an engine may take to start.
+        command_timeout_s: *optional*, how long one command (generate, sleep, wake, load, verify) may take on
+            an engine process before :class:`~rollout_sleep.engine_process.EngineProcessError` names the
+            engine, the command and the phase it is stuck in (default 1800 s).
         engine_kwargs: passed to each :class:`~rollout_sleep.engine.Engine` (``dtype``, ``max_model_len``,
             ``kv_cache_bytes``, ``enforce_eager``, ...).
     """
 
     def __init__(self, model: str | os.PathLike, engines: int = 2, *, seed: int = 0,
                  gpu_memory_utilization: float | None = None, stagger: bool | None = None,
-                 start_timeout_s: float = 900.0, **engine_kwargs: Any):
+                 start_timeout_s: float = 900.0, command_timeout_s: float = RESULT_TIMEOUT_S,
+                 **engine_kwargs: Any):
         if not isinstance(engines, int) or isinstance(engines, bool) or engines < 1:
             raise ValueError(f"engines must be a positive integer, got {engines!r}")
         from pathlib import Path
@@ -96,8 +100,8 @@ class EnginePool:
             gpu_memory_utilization = 0.9 * free / total / engines
         if gpu_memory_utilization is not None:
             engine_kwargs["gpu_memory_utilization"] = gpu_memory_utilization
-        members = [EngineProcess(str(Path(model).resolve()), j, dict(engine_kwargs, seed=seed + j))
-                   for j in range(engines)]
+        members = [EngineProcess(str(Path(model).resolve()), j, dict(engine_kwargs, seed=seed + j),
+                                 timeout_s=command_timeout_s) for j in range(engines)]
         t0 = time.perf_counter()
         try:
             stagger = on_cuda and engines > 1 if stagger is None else stagger
