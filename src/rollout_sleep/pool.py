@@ -64,6 +64,17 @@ def split(n: int, k: int) -> list[tuple[int, int]]:
     return out
 
 
+def _plain_pairs(stream: WeightStream) -> Any:
+    """``stream`` itself, or, when every entry is a plain parameter (nothing to gather, merge, cast or split),
+    its ``(name, parameter)`` pairs straight away (no per-tensor trip through the stream's gather machinery:
+    the pack casts as it copies)."""
+    entries = stream.entries
+    if stream.dtype is None and all(e.outputs is None and e.lora is None and not hasattr(e.param, "full_tensor")
+                                    and not hasattr(e.param, "ds_id") for e in entries):
+        return [(e.name, e.param.detach()) for e in entries]
+    return stream
+
+
 class EnginePool:
     """``engines`` engine processes on this process's GPU, generating data-parallel.
 
@@ -283,9 +294,9 @@ class EnginePool:
     def _source(self, weights: Any) -> tuple[Any, dict]:
         """(iterable of (name, tensor), its spec) for in-memory weights."""
         if isinstance(weights, nn.Module):
-            weights = WeightStream(weights, include_tied_head=False)
+            weights = self._stream(weights)
         if isinstance(weights, WeightStream):
-            return weights, weights.spec()
+            return _plain_pairs(weights), weights.spec()
         if isinstance(weights, Mapping):
             weights = list(weights.items())
         if not isinstance(weights, (list, tuple)):
@@ -299,6 +310,23 @@ class EnginePool:
         if problems:
             raise WeightMismatchError(problems[:1])
         return weights, {n: (tuple(t.shape), t.dtype) for n, t in weights}
+
+    def _stream(self, model: nn.Module) -> WeightStream:
+        """The :class:`WeightStream` of ``model``, kept from one sync to the next (walking a model costs ~300
+        of transformers' conversion look-ups, several ms per sync) while ``model`` holds the same parameter
+        objects. PEFT models get a new one at each sync (merging adapters depends on their state)."""
+        from .sync import _is_peft, unwrap
+
+        key = tuple(map(id, model.parameters()))
+        cached = getattr(self, "_cached_stream", None)
+        if cached is not None and cached[0]() is model and cached[1] == key:
+            return cached[2]
+        stream = WeightStream(model, include_tied_head=False)
+        if not _is_peft(unwrap(model)):
+            import weakref
+
+            self._cached_stream = (weakref.ref(model), key, stream)
+        return stream
 
     def _pack(self, weights: Any, strict: bool, seconds: dict) -> list[Shared]:
         """Validate in-memory weights against the checkpoint (nothing is touched if they do not fit), pack
@@ -323,7 +351,7 @@ class EnginePool:
         trainer's own memory. For plain (unsharded) parameters already in the engines' dtype; call it before
         building the optimizer and before DDP/FSDP wrapping. Returns the names adopted (the others are
         packed at each sync as usual)."""
-        stream = WeightStream(model, include_tied_head=False)
+        stream = self._stream(model)
         spec = stream.spec()
         optional = {"lm_head.weight"} if self.tied else set()
         check_weights(spec, self.spec, optional=optional, strict=True)
