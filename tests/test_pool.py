@@ -64,10 +64,28 @@ def test_pool_sync_packs_once_and_verify_checks_the_buffer_and_every_engine(engi
         model.model.norm.weight.add_(1.0)
     pool.load_weights(model)
     assert verify(pool, model).ok
+    # the trainer replaced a parameter object: the WeightStream the pool keeps is rebuilt, the new one packed
+    model.model.norm.weight = torch.nn.Parameter(model.model.norm.weight.detach() + 1.0)
+    pool.load_weights(model)
+    held = dict(pool._packed.views())["model.norm.weight"]
+    assert torch.equal(held, model.model.norm.weight.detach().to(held.dtype)) and verify(engine, model).ok
     # an engine changed behind the pool's back: verify names that engine's tensors
     engine.load_weights(ckpts["tied0"])
     behind = verify(pool, model)
     assert not behind.ok and any(k.startswith("engine0:") for k in behind.mismatched), behind.mismatched
+
+
+def test_pack_probes_each_run_of_slots_once_and_names_a_non_finite_tensor():
+    spec = {"a": ((3,), torch.float32), "i": ((2,), torch.int64), "b": ((5,), torch.float32),
+            "c": ((4,), torch.bfloat16)}
+    packed = PackedWeights.for_spec(spec)
+    assert [names for *_, names in packed._runs] == [["a"], ["b"], ["c"]]  # an integer slot splits a run
+    weights = {"a": torch.ones(3), "i": torch.arange(2), "b": torch.ones(5), "c": torch.ones(4, dtype=torch.bfloat16)}
+    packed.pack(weights.items())
+    assert packed.non_finite() == []
+    with pytest.raises(WeightMismatchError, match=r"non-finite values \(NaN or Inf\) in 'b'") as err:
+        packed.pack(dict(weights, b=torch.tensor([1.0, float("inf"), 1, 1, 1])).items())
+    assert "'a'" not in str(err.value) and "'c'" not in str(err.value)
 
 
 def test_in_memory_weights_for_engine_processes_need_cuda(engine):
