@@ -71,7 +71,7 @@ def _plain_pairs(stream: WeightStream) -> Any:
     entries = stream.entries
     if stream.dtype is None and all(e.outputs is None and e.lora is None and not hasattr(e.param, "full_tensor")
                                     and not hasattr(e.param, "ds_id") for e in entries):
-        return [(e.name, e.param.detach()) for e in entries]
+        return [(e.name, e.param) for e in entries]  # (the pack detaches what it copies)
     return stream
 
 
@@ -313,19 +313,25 @@ class EnginePool:
 
     def _stream(self, model: nn.Module) -> WeightStream:
         """The :class:`WeightStream` of ``model``, kept from one sync to the next (walking a model costs ~300
-        of transformers' conversion look-ups, several ms per sync) while ``model`` holds the same parameter
-        objects. PEFT models get a new one at each sync (merging adapters depends on their state)."""
+        of transformers' conversion look-ups, several ms per sync) while each of its parameters is still the
+        one its module holds (one dict look-up each). PEFT models get a new one at each sync (merging adapters
+        depends on their state)."""
         from .sync import _is_peft, unwrap
 
-        key = tuple(map(id, model.parameters()))
         cached = getattr(self, "_cached_stream", None)
-        if cached is not None and cached[0]() is model and cached[1] == key:
+        if cached is not None and cached[0]() is model and all(m._parameters.get(leaf) is p for m, leaf, p in cached[1]):
             return cached[2]
         stream = WeightStream(model, include_tied_head=False)
-        if not _is_peft(unwrap(model)):
+        base = unwrap(model)
+        if not _is_peft(base):
             import weakref
 
-            self._cached_stream = (weakref.ref(model), key, stream)
+            try:
+                owners = [(base.get_submodule(e.name.rpartition(".")[0]), e.name.rpartition(".")[2], e.param)
+                          for e in stream.entries]
+            except AttributeError:  # a name that is not a module path: no keeping
+                return stream
+            self._cached_stream = (weakref.ref(model), owners, stream)
         return stream
 
     def _pack(self, weights: Any, strict: bool, seconds: dict) -> list[Shared]:
