@@ -100,6 +100,11 @@ def emit(res: dict) -> None:
     print("PARTIAL " + json.dumps(res, default=str), flush=True)
 
 
+def step(what: str) -> None:
+    """Where this configuration is (the output tail of a configuration that timed out ends with it)."""
+    print(f"STEP {time.strftime('%H:%M:%S')} {what}", flush=True)
+
+
 def child(args: argparse.Namespace, engines: int, extra: dict, res: dict) -> dict:
     """One configuration; fills ``res`` as it goes (what was measured before a failure is kept)."""
     import torch
@@ -128,6 +133,7 @@ def child(args: argparse.Namespace, engines: int, extra: dict, res: dict) -> dic
         res["weight_bytes"] = nbytes
         if cuda:
             res["d2d_floor_s"] = d2d_floor(nbytes)
+        step(f"trainer built; starting {engines or 'in-process'} engine(s)")
         t0 = time.perf_counter()
         if engines == 0:  # today's layout: one engine in this (the trainer's) process
             from rollout_sleep.engine import Engine
@@ -136,8 +142,12 @@ def child(args: argparse.Namespace, engines: int, extra: dict, res: dict) -> dic
                 if cuda else {}  # vLLM checks that this much is free at start (the trainer holds some)
             pool = EnginePool.of([Engine(path, dtype=dtype, max_model_len=1024, kv_cache_bytes=kv, **share, **extra)])
         else:
-            pool = EnginePool(path, engines=engines, dtype=dtype, max_model_len=1024, kv_cache_bytes=kv, **extra)
+            pool = EnginePool(path, engines=engines, dtype=dtype, max_model_len=1024, kv_cache_bytes=kv,
+                              start_timeout_s=args.command_timeout * 2, command_timeout_s=args.command_timeout,
+                              **extra)
         res["start_s"] = time.perf_counter() - t0
+        step(f"engines started in {res['start_s']:.1f} s")
+        emit(res)
         try:
             from transformers import AutoTokenizer
 
@@ -153,7 +163,9 @@ def child(args: argparse.Namespace, engines: int, extra: dict, res: dict) -> dic
                 assert order == sorted(order) and len(outs) == n_prompts * n, "completions out of prompt order"
                 return dt, sum(len(c.token_ids) for c in outs), list(pool.last_generate_seconds)
 
+            step("warm-up generate")
             rollout()
+            step("timed generates")
             runs = [rollout() for _ in range(args.repeats)]
             res["generate_s"] = [r[0] for r in runs]
             res["median_generate_s"] = statistics.median(res["generate_s"])
@@ -168,6 +180,7 @@ def child(args: argparse.Namespace, engines: int, extra: dict, res: dict) -> dic
                 with torch.no_grad():  # a stand-in for a training step: every weight changes
                     for p in trainer.parameters():
                         p.mul_(1.0 + 2.0 ** -6 * (1 if c % 2 else -1))
+                step(f"cycle {c}: sleep, wake with the trainer's weights, generate, verify")
                 s = pool.sleep(level=2)
                 try:
                     w = pool.wake_up(weights=trainer)
@@ -190,6 +203,7 @@ def child(args: argparse.Namespace, engines: int, extra: dict, res: dict) -> dic
                 cycles.append(entry)
                 emit(res)
             if res["sync_route"].startswith("packed"):
+                step("awake syncs")
                 for _ in range(args.repeats + 1):
                     loads.append(pool.load_weights(trainer).as_dict())
                 loads = loads[1:]
@@ -205,6 +219,7 @@ def child(args: argparse.Namespace, engines: int, extra: dict, res: dict) -> dic
                 res["verify_after_awake_syncs"] = {"ok": v.ok, "per_engine_ok": [e.ok for e in v.engines]}
                 emit(res)
                 # the trainer's parameters moved into the shared buffer: a sync is the engines' copies alone
+                step("adopted syncs")
                 res["adopted_params"] = len(pool.adopt(trainer))
                 adopted = []
                 for _ in range(args.repeats + 1):
@@ -237,19 +252,28 @@ def child(args: argparse.Namespace, engines: int, extra: dict, res: dict) -> dic
     return res
 
 
-def run_bounded(cmd: list[str], timeout: float) -> tuple[int | None, str, str]:
-    """Run ``cmd`` in its own process group; past ``timeout`` kill the whole group (its engine processes
-    too, which would otherwise keep their GPU memory). Returns (exit code or None on timeout, out, err)."""
+def run_bounded(cmd: list[str], timeout: float) -> tuple[int | None, str, str, str]:
+    """Run ``cmd`` in its own process group; past ``timeout`` ask every process of the group for its Python
+    stacks (``SIGUSR1``: the configuration's process and its engine processes registered ``faulthandler``
+    for it), then kill the whole group (its engine processes too, which would otherwise keep their GPU
+    memory). Returns (exit code or None on timeout, out, err, the stacks written at the timeout)."""
     import signal
     import tempfile
 
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, start_new_session=True,
                                 env=dict(os.environ, PYTHONUNBUFFERED="1"))  # a stopped child's output is kept
+        stacks_from = None
         try:
             code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             code = None
+            stacks_from = os.fstat(err.fileno()).st_size
+            try:
+                os.killpg(proc.pid, signal.SIGUSR1)
+                time.sleep(3)
+            except ProcessLookupError:
+                pass
         try:  # the config's engine processes are in its group: none may outlive it
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -257,7 +281,9 @@ def run_bounded(cmd: list[str], timeout: float) -> tuple[int | None, str, str]:
         proc.wait()
         out.seek(0)
         err.seek(0)
-        return code, out.read(), err.read()
+        stderr = err.read()
+        stacks = stderr.encode()[stacks_from:].decode(errors="replace") if stacks_from is not None else ""
+        return code, out.read(), stderr, stacks
 
 
 def configs(args: argparse.Namespace) -> list[tuple[str, int, dict]]:
@@ -290,10 +316,22 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="4 prompts x 2 x 16 tokens (the CPU smoke path)")
     ap.add_argument("--budget", type=float, default=540.0, help="seconds for the whole call")
     ap.add_argument("--config-timeout", type=float, default=300.0, help="seconds for one configuration")
+    ap.add_argument("--command-timeout", type=float, default=None,
+                    help="seconds one engine-process command may take before the pool names it and its phase "
+                         "(default: a third of --config-timeout; engines get twice that to start)")
     ap.add_argument("--workdir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "rs-fast-rollouts"))
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.command_timeout is None:
+        args.command_timeout = args.config_timeout / 3
     if args.child:
+        import faulthandler
+        import logging
+        import signal
+
+        faulthandler.register(signal.SIGUSR1, all_threads=True)  # the parent asks for stacks before a kill
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        logging.getLogger("rollout_sleep").setLevel(logging.INFO)
         spec = json.loads(args.child)
         res: dict = {}
         try:
@@ -328,10 +366,11 @@ def main() -> None:
             continue
         timeout = min(args.config_timeout, left)
         cmd = [sys.executable, __file__, "--out", args.out, "--size", args.size, "--repeats", str(args.repeats),
-               "--cycles", str(args.cycles), "--workdir", args.workdir, "--child", json.dumps(
+               "--cycles", str(args.cycles), "--workdir", args.workdir,
+               "--command-timeout", str(min(args.command_timeout, timeout / 3)), "--child", json.dumps(
                    {"engines": k, "extra": extra})] + (["--quick"] if args.quick else [])
         t0 = time.monotonic()
-        code, stdout, stderr = run_bounded(cmd, timeout)
+        code, stdout, stderr, stacks = run_bounded(cmd, timeout)
         lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
         partial = [ln for ln in stdout.splitlines() if ln.startswith("PARTIAL ")]
         r = json.loads(lines[-1][7:]) if lines else json.loads(partial[-1][8:]) if partial else {}
@@ -339,7 +378,11 @@ def main() -> None:
             r["error"] = f"timed out after {timeout:.0f} s" if code is None else f"exit code {code}, no result"
         if "error" in r:
             clean = "\n".join(ln for ln in stdout.splitlines() if not ln.startswith(("PARTIAL ", "RESULT ")))
-            r["output_tail"] = clean[-2000:] + "\n" + stderr[-5000:]
+            before = stderr[:len(stderr) - len(stacks)] if stacks else stderr
+            r["output_tail"] = clean[-3000:] + "\n" + before[-8000:]
+            r["steps"] = [ln for ln in stdout.splitlines() if ln.startswith("STEP ")]
+        if stacks:
+            r["stacks_at_timeout"] = stacks[-30000:]
         r["wall_s"] = time.monotonic() - t0
         result["configs"][name] = r
         summary = {key: r.get(key) for key in ("median_generate_s", "tokens", "start_s", "median_awake_sync_total_s",

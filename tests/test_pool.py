@@ -64,10 +64,28 @@ def test_pool_sync_packs_once_and_verify_checks_the_buffer_and_every_engine(engi
         model.model.norm.weight.add_(1.0)
     pool.load_weights(model)
     assert verify(pool, model).ok
+    # the trainer replaced a parameter object: the WeightStream the pool keeps is rebuilt, the new one packed
+    model.model.norm.weight = torch.nn.Parameter(model.model.norm.weight.detach() + 1.0)
+    pool.load_weights(model)
+    held = dict(pool._packed.views())["model.norm.weight"]
+    assert torch.equal(held, model.model.norm.weight.detach().to(held.dtype)) and verify(engine, model).ok
     # an engine changed behind the pool's back: verify names that engine's tensors
     engine.load_weights(ckpts["tied0"])
     behind = verify(pool, model)
     assert not behind.ok and any(k.startswith("engine0:") for k in behind.mismatched), behind.mismatched
+
+
+def test_pack_probes_each_run_of_slots_once_and_names_a_non_finite_tensor():
+    spec = {"a": ((3,), torch.float32), "i": ((2,), torch.int64), "b": ((5,), torch.float32),
+            "c": ((4,), torch.bfloat16)}
+    packed = PackedWeights.for_spec(spec)
+    assert [names for *_, names in packed._runs] == [["a"], ["b"], ["c"]]  # an integer slot splits a run
+    weights = {"a": torch.ones(3), "i": torch.arange(2), "b": torch.ones(5), "c": torch.ones(4, dtype=torch.bfloat16)}
+    packed.pack(weights.items())
+    assert packed.non_finite() == []
+    with pytest.raises(WeightMismatchError, match=r"non-finite values \(NaN or Inf\) in 'b'") as err:
+        packed.pack(dict(weights, b=torch.tensor([1.0, float("inf"), 1, 1, 1])).items())
+    assert "'a'" not in str(err.value) and "'c'" not in str(err.value)
 
 
 def test_in_memory_weights_for_engine_processes_need_cuda(engine):
@@ -114,3 +132,27 @@ def test_engine_processes_generate_in_order_and_load_from_disk_on_cpu(ckpts):
         assert len(got) == 4 and [c.prompt_index for c in got] == [0, 1, 2, 3]
         processes = [m.process for m in pool.members]
     assert all(not p.is_alive() for p in processes)
+
+
+def test_an_engine_process_that_never_answers_raises_a_named_timeout_and_dumps_its_stacks(capfd):
+    """Every exchange with an engine process is bounded: the error names the engine, the command and the
+    phase it is stuck in; its stacks reach its stderr; the member refuses further commands; close stops it."""
+    import time
+
+    import silent_engine
+
+    member = EngineProcess("unused", 3, {}, timeout_s=2)
+    member.start(target=silent_engine.serve)
+    process = member.process
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(EngineProcessError, match=r"engine process 3 \(pid \d+\) did not answer 'start' "
+                                                     r"within 2 s \(phase: 'stuck in a test'\)"):
+            member.wait_ready(2)
+        assert time.monotonic() - t0 < 15 and member.broken
+        with pytest.raises(EngineProcessError, match="engine process 3 .* is unusable"):
+            member.submit("info")
+    finally:
+        member.close(timeout=5)
+    assert not process.is_alive()
+    assert "silent_engine.py" in capfd.readouterr().err  # faulthandler's dump of the stuck process

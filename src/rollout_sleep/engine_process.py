@@ -22,7 +22,9 @@ from .packing import Shared, open_handle, slot_views
 
 logger = logging.getLogger(__name__)
 
-RESULT_TIMEOUT_S = 1800.0  # no single command (generate, wake, verify) should take this long
+RESULT_TIMEOUT_S = 1800.0  # default bound on one command (generate, wake, verify); EnginePool(command_timeout_s=)
+SEND_TIMEOUT_S = 60.0  # bound on handing one command to the engine process (it reads as soon as it is idle)
+PHASE_BYTES = 200  # the shared buffer the engine process writes its current phase into
 
 
 class EngineProcessError(RuntimeError):
@@ -32,20 +34,31 @@ class EngineProcessError(RuntimeError):
 class Commands:
     """What an engine member does, on the engine it holds (in whichever process that is)."""
 
-    def __init__(self, engine: Any):
+    def __init__(self, engine: Any, phase: Any = None):
         self.engine = engine
-        self.mapped: dict[int, Any] = {}  # buffer id → the packed buffer, mapped once (CUDA IPC) and kept
+        self.phase = phase  # a shared char buffer (engine processes): where this engine is, for the pool's errors
+        self.mapped: dict[int, tuple[Any, tuple]] = {}  # buffer id → (buffer, its slots): mapped once and kept
         self.last_generate_s = 0.0
+
+    def at(self, phase: str) -> None:
+        """Record where this engine is (read by the pool when a command does not answer in time)."""
+        if self.phase is not None:
+            self.phase.value = phase.encode()[:PHASE_BYTES - 1]
 
     def _weights(self, weights: Any) -> Any:
         if not isinstance(weights, Shared):
             return weights  # a checkpoint path (or in-process weights)
         if weights.local is not None or weights.handle is not None:  # a new buffer replaces the old one
-            self.mapped = {weights.buffer_id: weights.local if weights.local is not None else
-                           open_handle(weights.handle)}
+            if weights.slots is None:
+                raise EngineProcessError(f"packed buffer {weights.buffer_id} arrived without its layout")
+            self.at("opening the packed buffer's CUDA IPC handle" if weights.handle is not None else "mapping")
+            self.mapped = {weights.buffer_id: (weights.local if weights.local is not None else
+                                               open_handle(weights.handle), weights.slots)}
         elif weights.buffer_id not in self.mapped:
             raise EngineProcessError(f"packed buffer {weights.buffer_id} was never sent to this engine")
-        return slot_views(self.mapped[weights.buffer_id], weights.slots)
+        buffer, slots = self.mapped[weights.buffer_id]
+        self.at("using views of the packed buffer")
+        return slot_views(buffer, slots)
 
     def _load(self, fn, weights: Any, **kw: Any) -> Any:
         if not isinstance(weights, Shared):
@@ -119,35 +132,60 @@ class LocalMember:
 LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
-def _serve(conn: Any, model: str, kwargs: dict, env: dict) -> None:
-    """The engine process: build the engine, then answer commands until ``close``."""
+def _serve(conn: Any, model: str, kwargs: dict, env: dict, phase: Any = None) -> None:
+    """The engine process: build the engine, then answer commands until ``close``. Each reply carries the
+    sequence number of its command; ``phase`` (shared with the pool) says what the process is doing; on
+    ``SIGUSR1`` every thread's Python stack goes to stderr (the pool sends it to an engine that does not
+    answer in time)."""
+    import faulthandler
+    import signal
+
+    if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     for name in LAUNCHER_ENV:
         os.environ.pop(name, None)
     os.environ.update(env)  # before CUDA starts: the trainer's GPU is this process's only one
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    holder = Commands(None, phase)
+    holder.at("importing vLLM")
     import torch.multiprocessing  # noqa: F401  (CUDA tensors arrive as IPC handles)
 
     from .engine import Engine
 
     try:
-        commands = Commands(Engine(model, **kwargs))
-        conn.send((True, commands.info()))
+        holder.at("building the engine (vLLM start)")
+        holder.engine = Engine(model, **kwargs)
+        commands = holder
+        commands.at("sending 'start' reply")
+        conn.send((0, True, commands.info()))
     except BaseException as err:
-        conn.send((False, _portable(err)))
+        holder.at("sending 'start' error")
+        conn.send((0, False, _portable(err)))
         return
     while True:
+        commands.at("idle (waiting for a command)")
         try:
-            cmd, args = conn.recv()
+            seq, cmd, args = conn.recv()
         except (EOFError, OSError):  # the pool's process is gone
             break
         if cmd == "close":
+            commands.at("closing the engine")
             commands.engine.close()
-            conn.send((True, None))
+            conn.send((seq, True, None))
             break
+        commands.at(f"running {cmd!r}")
         try:
-            conn.send((True, getattr(commands, cmd)(*args)))
+            reply = (seq, True, getattr(commands, cmd)(*args))
         except BaseException as err:
-            conn.send((False, _portable(err)))
+            reply = (seq, False, _portable(err))
+        commands.at(f"sending the reply to {cmd!r}")
+        try:
+            conn.send(reply)
+        except (EOFError, OSError, BrokenPipeError):
+            break
+        except BaseException as err:  # the result did not pickle: say so rather than leave the pool waiting
+            conn.send((seq, False, _portable(EngineProcessError(f"the result of {cmd!r} could not be sent: "
+                                                                f"{type(err).__name__}: {err}"))))
 
 
 def _portable(err: BaseException) -> BaseException:
@@ -183,24 +221,46 @@ class EngineProcess:
     """A pool member whose engine lives in a spawned process (its own CUDA context and sleep allocator).
 
     ``start`` spawns it; ``wait_ready`` waits for the engine to be built. Commands are submitted to all
-    members first and their results collected afterwards, so the engines work at the same time.
+    members first and their results collected afterwards, so the engines work at the same time. Every
+    exchange is bounded in time: a command not handed over within ``SEND_TIMEOUT_S`` or not answered within
+    its timeout raises :class:`EngineProcessError` naming the engine, the command and the phase the engine
+    process was in (its Python stacks are written to its stderr first), and the member is then *broken*:
+    it refuses further commands (its pipe may hold a late reply) until the pool is rebuilt.
     """
 
-    def __init__(self, model: str, index: int, engine_kwargs: dict):
+    def __init__(self, model: str, index: int, engine_kwargs: dict, timeout_s: float = RESULT_TIMEOUT_S):
         self.model, self.index, self.engine_kwargs = model, index, engine_kwargs
+        self.timeout_s = timeout_s  # default bound on one command's answer
         self.process = None
         self.info: dict = {}
+        self.broken: str | None = None  # why this member no longer takes commands
+        self._seq = 0  # sequence number of the last command sent (0: the start)
+        self._cmd = "start"
+        self._phase = None
 
-    def start(self) -> None:
+    def start(self, target: Any = None) -> None:
+        """Spawn the engine process (``target``: another function of ``(conn, model, kwargs, env, phase)``,
+        for tests of the pool's side)."""
         import torch.multiprocessing as tmp
 
         ctx = tmp.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_serve, args=(child, self.model, self.engine_kwargs, _device_env()),
+        self._phase = ctx.Array("c", PHASE_BYTES, lock=False)
+        self._phase.value = b"starting the process"
+        self.process = ctx.Process(target=target or _serve,
+                                   args=(child, self.model, self.engine_kwargs, _device_env(), self._phase),
                                    name=f"rollout-engine-{self.index}", daemon=False)
         self.process.start()
         child.close()
         atexit.register(self.close)
+
+    @property
+    def phase(self) -> str:
+        """What the engine process last said it was doing."""
+        try:
+            return self._phase.value.decode(errors="replace") if self._phase is not None else "not started"
+        except Exception:  # noqa: BLE001  (a diagnostic only)
+            return "unknown"
 
     def wait_ready(self, timeout: float) -> dict:
         self.info = self.result(timeout, what="start")
@@ -208,36 +268,67 @@ class EngineProcess:
                     self.info["startup_s"])
         return self.info
 
+    def _name(self) -> str:
+        return f"engine process {self.index} (pid {getattr(self.process, 'pid', None)})"
+
+    def _fail(self, why: str) -> EngineProcessError:
+        """Mark this member broken, ask the engine process for its stacks, and the error to raise."""
+        self.broken = why
+        if self.process is not None and self.process.is_alive():
+            dump_stacks(self.process.pid)
+        logger.error("%s", why)
+        return EngineProcessError(why + "; its Python stacks were written to its stderr (SIGUSR1); close this "
+                                        "pool and build a new one")
+
     def submit(self, cmd: str, *args: Any) -> None:
+        if self.broken is not None:
+            raise EngineProcessError(f"{self._name()} is unusable ({self.broken}); build a new pool")
         if self.process is None or not self.process.is_alive():
-            raise EngineProcessError(f"engine process {self.index} is not running (exit code "
+            raise EngineProcessError(f"{self._name()} is not running (exit code "
                                      f"{getattr(self.process, 'exitcode', None)}); build a new pool")
+        self._seq += 1
         self._cmd = cmd
-        self._conn.send((cmd, args))
+        send_bounded(self._conn, (self._seq, cmd, args), SEND_TIMEOUT_S,
+                     on_timeout=lambda: self._fail(
+                         f"{self._name()} did not take command {cmd!r} within {SEND_TIMEOUT_S:.0f} s (phase: "
+                         f"{self.phase!r})"))
 
     def result(self, timeout: float | None = None, what: str | None = None) -> Any:
-        what = what or getattr(self, "_cmd", "command")
-        deadline = time.monotonic() + (RESULT_TIMEOUT_S if timeout is None else timeout)
-        while not self._conn.poll(1.0):
-            if not self.process.is_alive():
-                raise EngineProcessError(f"engine process {self.index} (pid {self.process.pid}) died during "
-                                         f"{what!r} (exit code {self.process.exitcode}); see its log above")
-            if time.monotonic() > deadline:
-                raise EngineProcessError(f"engine process {self.index} (pid {self.process.pid}) did not answer "
-                                         f"{what!r} within {timeout or RESULT_TIMEOUT_S:.0f} s")
-        ok, value = self._conn.recv()
+        what = what or self._cmd
+        limit = self.timeout_s if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        while True:
+            while not self._conn.poll(min(1.0, max(0.0, deadline - time.monotonic()))):
+                if not self.process.is_alive():
+                    self.broken = f"died during {what!r}"
+                    raise EngineProcessError(f"{self._name()} died during {what!r} (exit code "
+                                             f"{self.process.exitcode}, phase: {self.phase!r}); see its log above")
+                if time.monotonic() >= deadline:
+                    raise self._fail(f"{self._name()} did not answer {what!r} within {limit:.0f} s (phase: "
+                                     f"{self.phase!r})")
+            try:
+                seq, ok, value = self._conn.recv()
+            except (EOFError, OSError) as err:
+                self.broken = f"its pipe closed during {what!r}"
+                raise EngineProcessError(f"{self._name()} closed its pipe during {what!r} ({err}; exit code "
+                                         f"{self.process.exitcode})") from err
+            if seq == self._seq:
+                break
+            logger.warning("%s: dropped a stale reply (to command %d, waiting for %d)", self._name(), seq, self._seq)
         if not ok:
             from .state import add_note
 
-            add_note(value, f"raised by engine process {self.index} (pid {self.process.pid}) during {what!r}")
+            add_note(value, f"raised by {self._name()} during {what!r}")
             raise value
         return value
 
     def request_close(self) -> None:
         """Ask the engine to shut down (without waiting: :meth:`close` waits)."""
         try:
-            if self.process is not None and self.process.is_alive() and not getattr(self, "_closing", False):
-                self._conn.send(("close", ()))
+            if self.process is not None and self.process.is_alive() and not getattr(self, "_closing", False) \
+                    and self.broken is None:
+                self._seq += 1
+                send_bounded(self._conn, (self._seq, "close", ()), 5.0, on_timeout=lambda: None)
                 self._closing = True
         except (OSError, EOFError, BrokenPipeError):
             pass
@@ -254,13 +345,59 @@ class EngineProcess:
                 self._conn.recv()
         except (OSError, EOFError, BrokenPipeError):
             pass
-        proc.join(timeout)
+        proc.join(timeout if self.broken is None else 1.0)
         if proc.is_alive():
-            logger.warning("engine process %d (pid %s) did not exit within %.0f s: terminating it", self.index,
-                           proc.pid, timeout)
+            logger.warning("engine process %d (pid %s) did not exit in time: terminating it", self.index, proc.pid)
             proc.terminate()
             proc.join(5)
         if proc.is_alive():
             proc.kill()
             proc.join(5)
         self._conn.close()
+
+
+def dump_stacks(pid: int) -> bool:
+    """Ask process ``pid`` (an engine process: it registered ``faulthandler`` on ``SIGUSR1``) to write every
+    thread's Python stack to its stderr; wait a moment for it. False where the signal could not be sent."""
+    import signal
+
+    if not hasattr(signal, "SIGUSR1"):
+        return False
+    try:
+        os.kill(pid, signal.SIGUSR1)
+    except OSError:
+        return False
+    time.sleep(0.5)
+    return True
+
+
+def send_bounded(conn: Any, message: Any, timeout: float, on_timeout: Any) -> None:
+    """``conn.send(message)``, bounded in time: a message larger than a pipe's buffer blocks the sender until
+    the receiver reads it, so those go through a helper thread; past ``timeout`` ``on_timeout()`` is raised
+    (or, if it returns ``None``, the send is abandoned)."""
+    import threading
+
+    from multiprocessing.reduction import ForkingPickler
+
+    data = bytes(ForkingPickler.dumps(message))
+    if len(data) <= 16384:  # fits in an empty pipe: does not block
+        conn.send_bytes(data)
+        return
+    errors: list[BaseException] = []
+
+    def send() -> None:
+        try:
+            conn.send_bytes(data)
+        except BaseException as err:  # noqa: BLE001  (re-raised in the caller)
+            errors.append(err)
+
+    thread = threading.Thread(target=send, name="engine-process-send", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        err = on_timeout()
+        if err is not None:
+            raise err
+        return
+    if errors:
+        raise errors[0]

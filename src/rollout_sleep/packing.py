@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .feed import non_finite, non_finite_problem
+from .feed import _finite_probe, non_finite, non_finite_problem
 from .weights import WeightMismatchError
 
 ALIGN = 256  # bytes: every slot starts at a multiple (vectorized copies, any dtype's alignment)
@@ -62,7 +62,7 @@ class Shared:
     or, for an engine in the same process, the ``local`` tensor."""
 
     buffer_id: int
-    slots: tuple[Slot, ...]
+    slots: tuple[Slot, ...] | None  # sent with the handle only: the engine keeps them with the mapped buffer
     handle: tuple | None = None
     local: torch.Tensor | None = None
 
@@ -104,6 +104,27 @@ def slot_views(buffer: torch.Tensor, slots: Iterable[Slot]) -> list[tuple[str, t
     return out
 
 
+def float_runs(slots: Iterable[Slot]) -> list[tuple[torch.dtype, int, int, list[str]]]:
+    """``(dtype, start byte, end byte, names)`` of each run of consecutive floating slots of one dtype (the
+    padding between them is zero, so a run reads as one flat tensor of that dtype).
+
+    >>> s = [Slot("a", 0, (3,), torch.bfloat16), Slot("b", 256, (2,), torch.bfloat16), Slot("i", 512, (1,), torch.int64)]
+    >>> [(d, a, b, n) for d, a, b, n in float_runs(s)]
+    [(torch.bfloat16, 0, 260, ['a', 'b'])]
+    """
+    runs: list[tuple[torch.dtype, int, int, list[str]]] = []
+    for s in slots:
+        if not s.dtype.is_floating_point or s.nbytes == 0:
+            runs.append(None)  # breaks a run
+            continue
+        last = runs[-1] if runs else None
+        if last is not None and last[0] == s.dtype:
+            runs[-1] = (s.dtype, last[1], s.offset + s.nbytes, last[3] + [s.name])
+        else:
+            runs.append((s.dtype, s.offset, s.offset + s.nbytes, [s.name]))
+    return [r for r in runs if r is not None]
+
+
 class PackedWeights:
     """One flat buffer holding every tensor of a weight spec (name → (shape, dtype)).
 
@@ -120,10 +141,12 @@ class PackedWeights:
         self.nbytes = -(-end // ALIGN) * ALIGN
         device = torch.device(device) if device is not None else \
             torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        self.buffer = torch.empty(self.nbytes, dtype=torch.uint8, device=device)
+        # zeroed: the padding between slots stays finite, so one probe can read a run of slots at once
+        self.buffer = torch.zeros(self.nbytes, dtype=torch.uint8, device=device)
         self.buffer_id = next(_ids)
         self.sent_to: set[int] = set()  # receivers that hold the mapped buffer already
         self._views = slot_views(self.buffer, self.slots)
+        self._runs = float_runs(self.slots)
 
     @classmethod
     def for_spec(cls, spec: Mapping[str, tuple[tuple[int, ...], torch.dtype]], dtype: torch.dtype | None = None,
@@ -146,35 +169,58 @@ class PackedWeights:
         return list(self._views)
 
     def pack(self, weights: Iterable[tuple[str, torch.Tensor]], check_finite: bool = True) -> None:
-        """Copy (and cast) ``weights`` into their slots; every slot must be filled, each once. Then, with
-        ``check_finite``, one NaN/Inf probe per tensor and one device sync for all (engines may skip theirs)."""
+        """Copy (and cast) ``weights`` into their slots; every slot must be filled, each once. The copies go
+        out in a few ``_foreach_copy_`` batches; then, with ``check_finite``, one NaN/Inf probe per run of
+        same-dtype slots (one, usually) and one device sync for all (engines may skip theirs)."""
+        from .loader import copy_all
+
         seen: set[str] = set()
         views = dict(self._views)
-        for name, tensor in weights:
-            if name in self.skip:
-                continue
-            if name not in views:
-                raise WeightMismatchError([f"weight {name!r} has no slot in the packed buffer (not in the spec "
-                                           "it was sized for)"])
-            if name in seen:
-                raise WeightMismatchError([f"weight {name!r} given twice in one pack"])
-            target = views[name]
-            if tuple(tensor.shape) != tuple(target.shape):
-                raise WeightMismatchError([f"weight {name!r} has shape {list(tensor.shape)}, its slot "
-                                           f"{list(target.shape)}"])
-            if not _same_memory(tensor, target):  # an adopted parameter is its slot: nothing to copy
-                target.copy_(tensor.detach(), non_blocking=True)
-            seen.add(name)
+
+        def pairs():
+            for name, tensor in weights:
+                if name in self.skip:
+                    continue
+                if name not in views:
+                    raise WeightMismatchError([f"weight {name!r} has no slot in the packed buffer (not in the spec "
+                                               "it was sized for)"])
+                if name in seen:
+                    raise WeightMismatchError([f"weight {name!r} given twice in one pack"])
+                target = views[name]
+                if tuple(tensor.shape) != tuple(target.shape):
+                    raise WeightMismatchError([f"weight {name!r} has shape {list(tensor.shape)}, its slot "
+                                               f"{list(target.shape)}"])
+                seen.add(name)
+                if not _same_memory(tensor, target):  # an adopted parameter is its slot: nothing to copy
+                    yield target, tensor.detach()
+
+        copy_all(pairs())
         missing = [n for n in views if n not in seen]
         if missing:
             raise WeightMismatchError([f"missing weight {n!r} in the pack" for n in missing[:20]])
         if check_finite:
-            bad = non_finite(self._views)
+            bad = self.non_finite()
             if bad:
                 raise WeightMismatchError([non_finite_problem(n) for n in bad])
         if self.buffer.is_cuda:
             torch.cuda.current_stream(self.buffer.device).synchronize()  # receivers read on their own streams
 
+    def non_finite(self) -> list[str]:
+        """Names of the slots holding a NaN or Inf: one min/max reduction per run of same-dtype floating slots
+        (read straight from the buffer, no temporary of its size) and one sync; the slots are probed one by
+        one only when a run is not finite (to name them)."""
+        probes = []
+        for dtype, start, end, _ in self._runs:
+            flat = self.buffer.narrow(0, start, end - start).view(dtype)
+            try:
+                probes.extend(torch.aminmax(flat))
+            except (RuntimeError, NotImplementedError):  # a dtype without min/max kernels: a sum is finite iff
+                probes.append(_finite_probe(flat))      # every element is (short of overflow near 1e38)
+        if not probes:
+            return []
+        if bool(torch.isfinite(torch.stack([p.float() for p in probes])).all()):  # the one sync
+            return []
+        return non_finite(self._views)
     def adopt(self, params: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
         """Make each parameter's data its slot of the buffer (copied in once): later packs find it in place
         and copy nothing. Only plain tensors of the slot's shape, dtype and device are adopted (not FSDP /
@@ -192,7 +238,8 @@ class PackedWeights:
         return done
 
     def share(self, receiver: int) -> Shared:
-        """What to send to engine process ``receiver``: the buffer's IPC handle the first time, its id after."""
+        """What to send to engine process ``receiver``: the buffer's IPC handle and layout the first time, its
+        id alone after (a sync then pickles a few bytes, not hundreds of slots)."""
         require_ipc(self.buffer.device)
         handle = None
         if receiver not in self.sent_to:
@@ -200,7 +247,7 @@ class PackedWeights:
 
             handle = reduce_tensor(self.buffer)
             self.sent_to.add(receiver)
-        return Shared(self.buffer_id, self.slots, handle=handle)
+        return Shared(self.buffer_id, self.slots if handle is not None else None, handle=handle)
 
     def local(self) -> Shared:
         """What an engine in this process receives: the buffer itself."""

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .engine_process import EngineProcess, LocalMember
+from .engine_process import RESULT_TIMEOUT_S, EngineProcess, LocalMember
 from .memory import memory_gib
 from .packing import PackedWeights, Shared, require_ipc
 from .phases import PoolReport
@@ -64,6 +64,17 @@ def split(n: int, k: int) -> list[tuple[int, int]]:
     return out
 
 
+def _plain_pairs(stream: WeightStream) -> Any:
+    """``stream`` itself, or, when every entry is a plain parameter (nothing to gather, merge, cast or split),
+    its ``(name, parameter)`` pairs straight away (no per-tensor trip through the stream's gather machinery:
+    the pack casts as it copies)."""
+    entries = stream.entries
+    if stream.dtype is None and all(e.outputs is None and e.lora is None and not hasattr(e.param, "full_tensor")
+                                    and not hasattr(e.param, "ds_id") for e in entries):
+        return [(e.name, e.param) for e in entries]  # (the pack detaches what it copies)
+    return stream
+
+
 class EnginePool:
     """``engines`` engine processes on this process's GPU, generating data-parallel.
 
@@ -77,13 +88,17 @@ class EnginePool:
         stagger: *optional*, start the first engine alone (it fills vLLM's compile cache), then the others
             at once (default on CUDA with several engines; starts are then ~2 cold starts, not ``k``).
         start_timeout_s: *optional*, how long an engine may take to start.
+        command_timeout_s: *optional*, how long one command (generate, sleep, wake, load, verify) may take on
+            an engine process before :class:`~rollout_sleep.engine_process.EngineProcessError` names the
+            engine, the command and the phase it is stuck in (default 1800 s).
         engine_kwargs: passed to each :class:`~rollout_sleep.engine.Engine` (``dtype``, ``max_model_len``,
             ``kv_cache_bytes``, ``enforce_eager``, ...).
     """
 
     def __init__(self, model: str | os.PathLike, engines: int = 2, *, seed: int = 0,
                  gpu_memory_utilization: float | None = None, stagger: bool | None = None,
-                 start_timeout_s: float = 900.0, **engine_kwargs: Any):
+                 start_timeout_s: float = 900.0, command_timeout_s: float = RESULT_TIMEOUT_S,
+                 **engine_kwargs: Any):
         if not isinstance(engines, int) or isinstance(engines, bool) or engines < 1:
             raise ValueError(f"engines must be a positive integer, got {engines!r}")
         from pathlib import Path
@@ -96,8 +111,8 @@ class EnginePool:
             gpu_memory_utilization = 0.9 * free / total / engines
         if gpu_memory_utilization is not None:
             engine_kwargs["gpu_memory_utilization"] = gpu_memory_utilization
-        members = [EngineProcess(str(Path(model).resolve()), j, dict(engine_kwargs, seed=seed + j))
-                   for j in range(engines)]
+        members = [EngineProcess(str(Path(model).resolve()), j, dict(engine_kwargs, seed=seed + j),
+                                 timeout_s=command_timeout_s) for j in range(engines)]
         t0 = time.perf_counter()
         try:
             stagger = on_cuda and engines > 1 if stagger is None else stagger
@@ -279,9 +294,9 @@ class EnginePool:
     def _source(self, weights: Any) -> tuple[Any, dict]:
         """(iterable of (name, tensor), its spec) for in-memory weights."""
         if isinstance(weights, nn.Module):
-            weights = WeightStream(weights, include_tied_head=False)
+            weights = self._stream(weights)
         if isinstance(weights, WeightStream):
-            return weights, weights.spec()
+            return _plain_pairs(weights), weights.spec()
         if isinstance(weights, Mapping):
             weights = list(weights.items())
         if not isinstance(weights, (list, tuple)):
@@ -295,6 +310,29 @@ class EnginePool:
         if problems:
             raise WeightMismatchError(problems[:1])
         return weights, {n: (tuple(t.shape), t.dtype) for n, t in weights}
+
+    def _stream(self, model: nn.Module) -> WeightStream:
+        """The :class:`WeightStream` of ``model``, kept from one sync to the next (walking a model costs ~300
+        of transformers' conversion look-ups, several ms per sync) while each of its parameters is still the
+        one its module holds (one dict look-up each). PEFT models get a new one at each sync (merging adapters
+        depends on their state)."""
+        from .sync import _is_peft, unwrap
+
+        cached = getattr(self, "_cached_stream", None)
+        if cached is not None and cached[0]() is model and all(m._parameters.get(leaf) is p for m, leaf, p in cached[1]):
+            return cached[2]
+        stream = WeightStream(model, include_tied_head=False)
+        base = unwrap(model)
+        if not _is_peft(base):
+            import weakref
+
+            try:
+                owners = [(base.get_submodule(e.name.rpartition(".")[0]), e.name.rpartition(".")[2], e.param)
+                          for e in stream.entries]
+            except AttributeError:  # a name that is not a module path: no keeping
+                return stream
+            self._cached_stream = (weakref.ref(model), owners, stream)
+        return stream
 
     def _pack(self, weights: Any, strict: bool, seconds: dict) -> list[Shared]:
         """Validate in-memory weights against the checkpoint (nothing is touched if they do not fit), pack
@@ -319,7 +357,7 @@ class EnginePool:
         trainer's own memory. For plain (unsharded) parameters already in the engines' dtype; call it before
         building the optimizer and before DDP/FSDP wrapping. Returns the names adopted (the others are
         packed at each sync as usual)."""
-        stream = WeightStream(model, include_tied_head=False)
+        stream = self._stream(model)
         spec = stream.spec()
         optional = {"lm_head.weight"} if self.tied else set()
         check_weights(spec, self.spec, optional=optional, strict=True)
