@@ -36,7 +36,7 @@ from .engine_process import RESULT_TIMEOUT_S, EngineProcess, LocalMember
 from .memory import memory_gib
 from .packing import PackedWeights, Shared, require_ipc
 from .phases import PoolReport
-from .state import EngineStateError
+from .state import EngineStateError, SleepState
 from .sync import WeightStream
 from .verification import PoolVerifyReport
 from .weights import TensorSpec, WeightMismatchError, check_weights
@@ -75,7 +75,7 @@ def _plain_pairs(stream: WeightStream) -> Any:
     return stream
 
 
-class EnginePool:
+class EnginePool(SleepState):
     """``engines`` engine processes on this process's GPU, generating data-parallel.
 
     Args:
@@ -161,18 +161,6 @@ class EnginePool:
     @property
     def engines(self) -> int:
         return len(self.members)
-
-    @property
-    def is_asleep(self) -> bool:
-        return self._level is not None
-
-    @property
-    def sleep_level(self) -> int | None:
-        return self._level
-
-    @property
-    def state(self) -> str:
-        return "awake" if self._level is None else f"asleep(level={self._level})"
 
     def _fan_out(self, cmd: str, args_for: Any, members: list | None = None) -> list:
         """Submit ``cmd`` to every member (``args_for(j)`` → its arguments), then collect every result;
