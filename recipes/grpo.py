@@ -70,7 +70,7 @@ if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_seed  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from rollout_sleep.checkpoints import SHAPES, make_checkpoint, make_config_dir  # noqa: E402
 from rollout_sleep import run_dir  # noqa: E402
@@ -363,8 +363,9 @@ class GRPORecipe:
         lora = cfg.model.lora
         if lora.rank:  # only the adapter trains; the base is vLLM's (a view) on CUDA, the trainer's own elsewhere
             inputs = dataclasses.replace(inputs, base_shared=self._shares_base(),
-                                         adapter_numels=memory_plan.lora_adapter_numels(shape, lora.rank,
-                                                                                        list(lora.targets)))
+                                         adapter_numels=memory_plan.lora_adapter_numels(
+                                             AutoConfig.from_pretrained(self.model_path), lora.rank,
+                                             list(lora.targets)))
         if kv_bytes is None and cuda:  # vLLM's own sizing: its share of the GPU less its weights and workspace
             engine = int(cfg.engine.gpu_memory_utilization * total)
             kv = engine - shape.params * b // self.tp - memory_plan.estimate_engine_workspace(shape, b)

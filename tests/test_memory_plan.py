@@ -184,7 +184,7 @@ def test_lora_plan_holds_the_base_once_and_trains_only_the_adapter():
     from rollout_sleep.memory_plan import lora_adapter_numels
 
     shape = ModelShape.from_config(qwen3_config("qwen3-32b"))
-    adapter = lora_adapter_numels(shape, 16, ["all-linear"])
+    adapter = lora_adapter_numels(qwen3_config("qwen3-32b"), 16, ["all-linear"])
     per_layer = 16 * (2 * (5120 + 64 * 128) + 2 * (5120 + 8 * 128) + 3 * (5120 + 25600))
     assert sum(adapter) == 64 * per_layer
     shared = plan_memory(PlanInputs(shape, dtype_bytes=2, micro_batch=8, kv_cache_bytes=4 * GIB,
@@ -197,3 +197,27 @@ def test_lora_plan_holds_the_base_once_and_trains_only_the_adapter():
     two = plan_memory(dataclasses.replace(shared.inputs, base_shared=False), 78 * GIB, 4 * GIB)
     assert two.phases["rollout"]["trainer_weights"] == (shape.params + sum(adapter)) * 2
     assert not two.fits() and two.over("rollout") > 50 * GIB
+
+
+def test_lora_adapter_counts_peft_modules_fused_and_moe_and_rejects_unknown_targets():
+    """The adapter the plan counts is PEFT's own: Phi-3's fused qkv_proj / gate_up_proj (one A per fused linear),
+    MoE experts (one adapter per expert), prefixed names; a target naming no module fails before vLLM starts
+    (it used to count 0 parameters silently)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from rollout_sleep.checkpoints import family_config
+    from rollout_sleep.memory_plan import lora_adapter_numels
+
+    def peft_count(cfg, targets):
+        with torch.device("meta"):
+            m = get_peft_model(AutoModelForCausalLM.from_config(cfg), LoraConfig(r=4, target_modules=targets))
+        return sum(p.numel() for n, p in m.named_parameters() if "lora_" in n)
+
+    for family in ("phi3", "mixtral"):
+        cfg = family_config(family, "tiny")
+        assert sum(lora_adapter_numels(cfg, 4, ["all-linear"])) == peft_count(cfg, "all-linear")
+    cfg = qwen3_config("tiny")
+    assert sum(lora_adapter_numels(cfg, 4, ["self_attn.q_proj"])) == sum(lora_adapter_numels(cfg, 4, ["q_proj"])) > 0
+    with pytest.raises(ValueError, match="q_prj"):
+        lora_adapter_numels(cfg, 4, ["q_prj"])

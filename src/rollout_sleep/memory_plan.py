@@ -110,20 +110,25 @@ class ModelShape:
         return cls._dims(config.to_dict(), [p.numel() for p in model.parameters()], embeddings)
 
 
-def lora_adapter_numels(s: ModelShape, rank: int, targets) -> tuple[int, ...]:
-    """Element counts of a LoRA adapter's tensors (``A``: rank x in, ``B``: out x rank) on a Llama/Qwen-style
-    decoder: ``targets`` names among q/k/v/o_proj, gate/up/down_proj, or ``all-linear`` (every one of them).
+def lora_adapter_numels(config, rank: int, targets) -> tuple[int, ...]:
+    """Element counts of the LoRA adapter's tensors that PEFT puts on the model of transformers ``config`` (built on
+    the meta device, no memory): ``targets`` as ``model.lora.targets`` (names such as ``q_proj``, or ``all-linear``).
+    Counting PEFT's own adapter covers fused projections (Phi-3's ``qkv_proj``) and MoE experts, and a target that
+    names no module fails here, before vLLM starts, with PEFT's message.
 
-    >>> s = ModelShape((1,), 8, 2, 2, 1, 4, 16, 32)
-    >>> sum(lora_adapter_numels(s, 2, ["q_proj"]))  # 2 layers x rank 2 x (8 in + 8 out)
-    64
+    >>> sum(lora_adapter_numels(_tiny_config(), 2, ["q_proj"]))  # 2 layers x rank 2 x (128 in + 128 out)
+    1024
     """
-    q, kv = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
-    dims = {"q_proj": (s.hidden_size, q), "k_proj": (s.hidden_size, kv), "v_proj": (s.hidden_size, kv),
-            "o_proj": (q, s.hidden_size), "gate_proj": (s.hidden_size, s.intermediate_size),
-            "up_proj": (s.hidden_size, s.intermediate_size), "down_proj": (s.intermediate_size, s.hidden_size)}
-    names = list(dims) if targets in ("all-linear", ["all-linear"]) else [t for t in targets if t in dims]
-    return tuple(n for _ in range(s.num_layers) for t in names for n in (rank * dims[t][0], dims[t][1] * rank))
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from .lora import LoraSettings
+
+    with torch.device("meta"):
+        model = get_peft_model(AutoModelForCausalLM.from_config(config),
+                               LoraSettings(rank, targets=targets).peft_config())
+    return tuple(p.numel() for name, p in model.named_parameters() if "lora_" in name)
 
 
 def checkpoint_params(path: str | Path) -> int:
