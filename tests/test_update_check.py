@@ -101,3 +101,18 @@ def test_lr_note_reads_the_checkpoint(tmp_path):
     assert 0.01 < magnitude < 0.017, magnitude  # the median |w| of N(0, 0.02): 0.0135; the embedding is left out
     assert "train.lr=1e-06 is below half of bfloat16's spacing" in lr_note(1e-6, torch.bfloat16, magnitude)
     assert checkpoint_magnitude(tmp_path / "nope") is None
+
+
+def test_a_parameter_resized_between_checks_gets_new_positions():
+    """``p.data = smaller`` keeps the Parameter (and its id) but shrinks it: the sampled positions drawn for the old
+    size used to index past the end (IndexError inside optimizer.step)."""
+    p = torch.nn.Parameter(torch.randn(5000))
+    opt = torch.optim.SGD([p], lr=0.1)
+    check = UpdateCheck(opt, every=1, sample=64)
+    for step, n in enumerate((5000, 10)):
+        p.data = torch.randn(n)
+        p.grad = torch.ones_like(p)
+        check.arm(step)
+        opt.step()
+        assert check.result(step, 1.0)[METRIC] == 1.0
+    assert check.sampled_elements() == 10

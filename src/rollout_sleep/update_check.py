@@ -123,6 +123,7 @@ class UpdateCheck:
         self.optimizer = innermost_optimizer(optimizer)
         self.every, self.sample, self.threshold, self.seed = every, sample, threshold, seed
         self.indices: dict[int, torch.Tensor] = {}  # id(tensor) -> its fixed flat positions
+        self._sizes: dict[int, int] = {}  # id(tensor) -> its element count when they were drawn
         self.checks = 0  # steps measured so far (with a sampled gradient)
         self.lr = 0.0
         self._armed = False
@@ -146,9 +147,10 @@ class UpdateCheck:
         return sum(i.numel() for i in self.indices.values())
 
     def _positions(self, p: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
-        index = self.indices.get(id(p))
-        if index is None or index.device != data.device:
-            n = data.numel()
+        index, n = self.indices.get(id(p)), data.numel()
+        # a tensor resized in place (``p.data = ...``) or a new one under a freed one's id: draw its positions anew
+        if index is None or index.device != data.device or self._sizes.get(id(p)) != n:
+            self._sizes[id(p)] = n
             if n <= self.sample:
                 index = torch.arange(n)
             else:
