@@ -221,3 +221,34 @@ def test_lora_adapter_counts_peft_modules_fused_and_moe_and_rejects_unknown_targ
     assert sum(lora_adapter_numels(cfg, 4, ["self_attn.q_proj"])) == sum(lora_adapter_numels(cfg, 4, ["q_proj"])) > 0
     with pytest.raises(ValueError, match="q_prj"):
         lora_adapter_numels(cfg, 4, ["q_prj"])
+
+
+def test_offload_refuses_optimizers_it_cannot_move_with_the_knob_to_use():
+    """A wrapper holding no torch.optim.Optimizer (DeepSpeed's ZeRO optimizer) used to fail with an AttributeError
+    (no step hooks), and FSDP2's DTensor state with 'mixed torch.Tensor and DTensor' at the first offload: both are
+    refused where the offload is set up, naming the knob."""
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    class ZeroLike:  # DeepSpeed's optimizer: param_groups and state, but not a torch.optim.Optimizer
+        def __init__(self, params):
+            self.param_groups, self.state = [{"params": params}], {}
+
+    class Wrapper:  # accelerate's AcceleratedOptimizer keeps the real one as .optimizer
+        def __init__(self, inner):
+            self.optimizer = inner
+
+    with pytest.raises(ValueError, match="train.offload_optimizer.*ZeroLike.*offload_optimizer"):
+        OptimizerOffload(Wrapper(ZeroLike([torch.nn.Parameter(torch.zeros(2))])))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29733")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        p = torch.nn.Parameter(distribute_tensor(torch.randn(8), init_device_mesh("cpu", (1,)), [Shard(0)]))
+        with pytest.raises(ValueError, match="DTensor"):
+            OptimizerOffload(torch.optim.AdamW([p]))
+    finally:
+        dist.destroy_process_group()

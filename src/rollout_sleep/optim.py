@@ -112,7 +112,14 @@ class OptimizerOffload:
 
     def __init__(self, optimizer: torch.optim.Optimizer):
         self.optimizer = getattr(optimizer, "optimizer", optimizer)
+        if not isinstance(self.optimizer, torch.optim.Optimizer):  # DeepSpeed's ZeRO optimizer: no step hooks
+            raise ValueError(f"train.offload_optimizer moves a torch.optim.Optimizer's state, not a "
+                             f"{type(self.optimizer).__name__}'s: with DeepSpeed set its own offload_optimizer "
+                             "(zero_optimization.offload_optimizer.device=cpu) and train.offload_optimizer=false")
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if any(hasattr(p, "full_tensor") for p in params):  # a DTensor's state cannot be swapped for host tensors
+            raise ValueError("train.offload_optimizer does not move FSDP2's sharded (DTensor) optimizer state: use "
+                             "FSDP's own CPU offload (fsdp_offload_params) and train.offload_optimizer=false")
         self.device = params[0].device if params else torch.device("cpu")
         self.active = self.device.type != "cpu"
         self._host: dict[tuple[int, str], torch.Tensor] = {}
