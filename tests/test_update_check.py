@@ -116,3 +116,20 @@ def test_a_parameter_resized_between_checks_gets_new_positions():
         opt.step()
         assert check.result(step, 1.0)[METRIC] == 1.0
     assert check.sampled_elements() == 10
+
+
+def test_lr_note_ignores_non_finite_weights(tmp_path):
+    """A NaN or inf among the sampled weights made the median NaN, and the config-time note then crashed the recipe
+    ('cannot convert float NaN to integer' in spacing); the hint now reads the finite values only."""
+    from safetensors.torch import save_file
+
+    w = torch.randn(64, 128) * 0.02
+    w[0, :3] = torch.tensor([float("nan"), float("inf"), float("nan")])
+    save_file({"model.layers.0.mlp.down_proj.weight": w}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text("{}")
+    magnitude = checkpoint_magnitude(tmp_path)
+    assert 0.01 < magnitude < 0.017, magnitude
+    assert lr_note(1e-6, torch.bfloat16, magnitude) is not None
+    save_file({"model.layers.0.mlp.down_proj.weight": torch.full((4, 4), float("nan"))},
+              str(tmp_path / "model.safetensors"))
+    assert checkpoint_magnitude(tmp_path) is None

@@ -79,7 +79,9 @@ def checkpoint_magnitude(path: str | Path, tensors: int = 4, elements: int = 1 <
     except Exception as err:  # an unreadable checkpoint is reported where it is loaded; this is only a hint
         logger.info("the typical weight magnitude of %s could not be read (%s): no config-time lr note", path, err)
         return None
-    return float(torch.cat(values).median()) if values else None
+    sampled = torch.cat(values) if values else torch.empty(0)
+    finite = sampled[sampled.isfinite()]  # a NaN or inf is the loader's to report; this is only a hint
+    return float(finite.median()) if finite.numel() else None
 
 
 def innermost_optimizer(optimizer) -> torch.optim.Optimizer:
