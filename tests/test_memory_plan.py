@@ -223,7 +223,7 @@ def test_lora_adapter_counts_peft_modules_fused_and_moe_and_rejects_unknown_targ
         lora_adapter_numels(cfg, 4, ["q_prj"])
 
 
-def test_offload_refuses_optimizers_it_cannot_move_with_the_knob_to_use():
+def test_offload_refuses_optimizers_it_cannot_move_with_the_knob_to_use(monkeypatch):
     """A wrapper holding no torch.optim.Optimizer (DeepSpeed's ZeRO optimizer) used to fail with an AttributeError
     (no step hooks), and FSDP2's DTensor state with 'mixed torch.Tensor and DTensor' at the first offload: both are
     refused where the offload is set up, naming the knob."""
@@ -243,12 +243,25 @@ def test_offload_refuses_optimizers_it_cannot_move_with_the_knob_to_use():
 
     with pytest.raises(ValueError, match="train.offload_optimizer.*ZeroLike.*offload_optimizer"):
         OptimizerOffload(Wrapper(ZeroLike([torch.nn.Parameter(torch.zeros(2))])))
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29733")
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    # an in-process vLLM engine (the session's) may already hold this process's default group (world size 1)
+    created = not dist.is_initialized()
+    if created:
+        monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+        monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+        dist.init_process_group("gloo", rank=0, world_size=1)
     try:
-        p = torch.nn.Parameter(distribute_tensor(torch.randn(8), init_device_mesh("cpu", (1,)), [Shard(0)]))
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        p = torch.nn.Parameter(distribute_tensor(torch.randn(8), mesh, [Shard(0)]))
         with pytest.raises(ValueError, match="DTensor"):
             OptimizerOffload(torch.optim.AdamW([p]))
     finally:
-        dist.destroy_process_group()
+        if created:
+            dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
