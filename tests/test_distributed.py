@@ -42,7 +42,8 @@ MODES = ["ddp", "fsdp2", pytest.param("zero3", marks=pytest.mark.skipif(
 def wrapped_runs(request, ckpts, tmp_path_factory):
     """One launch for every trainer mode this session selected: ``{mode: (rank rows, output tail)}``."""
     selected = [item.callspec.params["mode"] for item in request.session.items
-                if item.module.__name__ == __name__ and hasattr(item, "callspec") and "mode" in item.callspec.params]
+                if getattr(item, "module", None) is not None and item.module.__name__ == __name__
+                and "mode" in getattr(getattr(item, "callspec", None), "params", {})]
     selected = [m for m in ("ddp", "fsdp2", "zero3") if m in selected and (m != "zero3" or _has_deepspeed())]
     out = tmp_path_factory.mktemp("wrapped")
     tail = launch([str(WORKER), ",".join(selected)], ckpts, out)
