@@ -36,7 +36,8 @@ def child(size: str, mode: str, workdir: Path, repeats: int) -> dict:
 
     from rollout_sleep.checkpoints import make_checkpoint
     from rollout_sleep.data import synthetic_arithmetic
-    from rollout_sleep.engine import Engine, fast_output_kwargs
+    from rollout_sleep.completion import fast_output_kwargs
+    from rollout_sleep.engine import Engine
 
     path = workdir / "model"
     if not (path / "config.json").exists():

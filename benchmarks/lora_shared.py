@@ -148,7 +148,8 @@ def run_ours(arm: str, args) -> dict:
 
     from rollout_sleep.data import prompt_token_ids, synthetic_arithmetic
     from rollout_sleep.grpo import grpo_update
-    from rollout_sleep.lora import AdapterSync, LoraSettings, trainer_from_engine
+    from rollout_sleep.lora import AdapterSync, LoraSettings
+    from rollout_sleep.shared_base import trainer_from_engine
     from rollout_sleep.manager import RolloutManager
     from rollout_sleep.rewards import score
 

@@ -83,7 +83,8 @@ from rollout_sleep.memory import PhasePeaks, cached_free_bytes, kv_cache_bytes_f
 from rollout_sleep import memory_plan  # noqa: E402
 from rollout_sleep.optim import OptimizerOffload, build_optimizer, resident_state_bytes  # noqa: E402
 from rollout_sleep.pool import EnginePool  # noqa: E402
-from rollout_sleep.lora import AdapterSync, LoraSettings, trainer_from_engine  # noqa: E402
+from rollout_sleep.lora import AdapterSync, LoraSettings  # noqa: E402
+from rollout_sleep.shared_base import trainer_from_engine  # noqa: E402
 from rollout_sleep.grpo import grpo_update  # noqa: E402
 from rollout_sleep.integrations.wandb import make_tracker  # noqa: E402
 from rollout_sleep.manager import RolloutManager  # noqa: E402
@@ -592,7 +593,7 @@ class GRPORecipe:
             totals = [f"{ph} {rows['total']['plan_gib']:.2f} planned / {rows['total']['measured_gib']:.2f} measured"
                       for ph, rows in comparison.items() if "total" in rows]
             self.acc.print(f"memory plan vs measured (GiB, steps 1-{self.step}): "
-                           + ("; ".join(totals) or "no device-wide figures off CUDA") + f" (memory_plan.json)")
+                           + ("; ".join(totals) or "no device-wide figures off CUDA") + " (memory_plan.json)")
         return flat
 
     def _score(self, examples: list[dict], comps) -> tuple[torch.Tensor, torch.Tensor, float]:

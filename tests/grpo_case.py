@@ -69,7 +69,7 @@ def recipe_step(model, ref_model, rows: list[int], ids, logprobs, *, loss_type: 
                 temperature: float, beta: float, backward=None, grad_model=None, no_sync=None):
     """The recipe's loss and gradient on ``rows`` of the batch (its ``grpo_update``, TRL's defaults: sequence-level
     correction masked above 3, clip 0.2, bias-corrected KL). Returns ``(loss, {name: grad})``."""
-    from rollout_sleep.engine import Completion
+    from rollout_sleep.completion import Completion
     from rollout_sleep.grpo import grpo_update
 
     groups = sorted({r // GROUP for r in rows})

@@ -123,7 +123,7 @@ def test_model_on_views_holds_no_copy_and_computes_alike(ckpts):
     from transformers import AutoConfig
 
     from conftest import hf_model
-    from rollout_sleep.lora import model_on_views
+    from rollout_sleep.shared_base import model_on_views
 
     ref = hf_model(ckpts["untied0"])
     targets = dict(ref.state_dict())
@@ -146,7 +146,7 @@ def test_level0_releases_the_kv_cache_only(monkeypatch):
 
     import vllm.device_allocator.cumem as cumem
 
-    from rollout_sleep.engine import map_kv_cache, release_kv_cache
+    from rollout_sleep.memory import map_kv_cache, release_kv_cache
 
     unmapped = []
     monkeypatch.setattr(cumem, "unmap_and_release", lambda handle: unmapped.append(handle))
@@ -193,7 +193,7 @@ def test_adapter_modules_keep_their_names_whatever_vllm_calls_the_rename_mapper(
     from vllm.lora.peft_helper import PEFTHelper
     from vllm.model_executor.models.utils import WeightsMapper
 
-    from rollout_sleep.lora import _build_lora_model, _check_distinct_modules, _naming_mapper
+    from rollout_sleep.lora_worker import build_lora_model, check_distinct_modules, naming_mapper
 
     stacked = {".q_proj": (".qkv_proj", "q"), ".k_proj": (".qkv_proj", "k"), ".v_proj": (".qkv_proj", "v"),
                ".gate_proj": (".gate_up_proj", 0), ".up_proj": (".gate_up_proj", 1)}
@@ -232,9 +232,9 @@ def test_adapter_modules_keep_their_names_whatever_vllm_calls_the_rename_mapper(
                  Unstacked(orig_to_new_prefix=renames, orig_to_new_stacked=stacked),
                  Bare(renames, stacked)):
         with pytest.raises(RuntimeError, match=r"onto one module model\.layers\.0\.self_attn\.qkv_proj"):
-            _check_distinct_modules(tensors, full)  # what the H100 (0.26) got: q, k, v merged, IndexError later
-        mapper = _naming_mapper(full)
-        _check_distinct_modules(tensors, mapper)
+            check_distinct_modules(tensors, full)  # what the H100 (0.26) got: q, k, v merged, IndexError later
+        mapper = naming_mapper(full)
+        check_distinct_modules(tensors, mapper)
         lora = LoRAModel.from_lora_tensors(1, {k: v.clone() for k, v in tensors.items()}, helper, device="cpu",
                                            dtype=torch.float32, weights_mapper=mapper)
         assert sorted(lora.loras) == sorted(f"model.layers.0.{sub}" for sub in shapes), type(full).__name__
@@ -253,4 +253,4 @@ def test_adapter_modules_keep_their_names_whatever_vllm_calls_the_rename_mapper(
     config = {"r": r, "lora_alpha": 2 * r, "target_modules": list(shapes), "alpha_pattern": {"q_proj": 16}}
     monkeypatch.delattr(PEFTHelper, "get_rank_and_scaling")
     with pytest.raises(ValueError, match="sets alpha_pattern, which this vLLM's LoRA ignores"):
-        _build_lora_model(None, 1, tensors, config)
+        build_lora_model(None, 1, tensors, config)

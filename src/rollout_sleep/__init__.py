@@ -24,7 +24,7 @@ _EXPORTS: dict[str, str] = {
     "EngineStateError": "state",
     "IncompleteWeightsError": "state",
     "CycleReport": "phases",
-    "Completion": "engine",
+    "Completion": "completion",
     "kv_cache_bytes_for": "memory",
     # several engine processes on one GPU (data-parallel rollouts)
     "EnginePool": "pool",
@@ -40,7 +40,7 @@ _EXPORTS: dict[str, str] = {
     # LoRA with one copy of the base
     "LoraSettings": "lora",
     "AdapterSync": "lora",
-    "trainer_from_engine": "lora",
+    "trainer_from_engine": "shared_base",
     # GRPO recipe pieces
     "load_config": "config",
     "ConfigError": "config",
@@ -68,7 +68,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time names load lazily t
     from .checkpoints import make_checkpoint, make_config_dir
     from .config import ConfigError, load_config
     from .config_schema import RecipeConfig
-    from .engine import Completion, Engine
+    from .completion import Completion
+    from .engine import Engine
     from .memory import kv_cache_bytes_for
     from .packing import IPCUnavailableError
     from .pool import EnginePool
@@ -77,7 +78,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time names load lazily t
     from .grpo import grpo_update
     from .log import configure as configure_logging
     from .log import get_logger
-    from .lora import AdapterSync, LoraSettings, trainer_from_engine
+    from .lora import AdapterSync, LoraSettings
+    from .shared_base import trainer_from_engine
     from .manager import RolloutManager
     from .reward_model import RewardModel
     from .rewards import register as register_reward

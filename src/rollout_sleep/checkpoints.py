@@ -294,7 +294,7 @@ def init_nonpersistent_buffers(model, device) -> None:
 def make_config_dir(path: str | os.PathLike, size: str = "tiny", dtype: str = "bfloat16",
                     tie_word_embeddings: bool | None = None, family: str = "qwen3") -> str:
     """Write only the config and tokenizer of a shape to ``path``: no weights. vLLM builds random weights
-    from it with ``load_format="dummy"``, and a trainer can view those (``lora.trainer_from_engine``): a
+    from it with ``load_format="dummy"``, and a trainer can view those (``shared_base.trainer_from_engine``): a
     32B shape needs no 64 GB checkpoint on disk.
 
     >>> import tempfile, json, pathlib

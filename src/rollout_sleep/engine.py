@@ -25,62 +25,21 @@ import logging
 import os
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from .completion import Completion, fast_output_kwargs, sampled_logprobs
 from .fp8 import check_quantization
 from .loader import Loader
-from .memory import WakeBudget, keeping_cache, kv_cache_bytes_for, memory_gib, release_cached_memory  # noqa: F401
+from .memory import (WakeBudget, keeping_cache, kv_cache_bytes_for, map_kv_cache, memory_gib,  # noqa: F401
+                     release_cached_memory, release_kv_cache)
 from .phases import CycleReport, timed  # CycleReport, the errors, LEVELS: also importable from here
 from .state import LEVELS, EngineStateError, IncompleteWeightsError, SleepState, add_note, load_then_finish  # noqa: F401
 from .weights import TensorSpec, read_checkpoint_spec, tied_embeddings
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class Completion:
-    """One sampled completion: token ids and the sampler's log-prob of each sampled token."""
-
-    prompt_index: int
-    prompt_token_ids: list[int]
-    token_ids: list[int]
-    logprobs: list[float] | None
-    text: str
-    finish_reason: str | None
-
-
-def fast_output_kwargs(sampling_kwargs: dict) -> dict:
-    """``SamplingParams`` keyword arguments with vLLM's cheap output path where the caller left it open:
-    flat log-probs (one list per request instead of a dict per token, where the version has them) and no
-    detokenization (vLLM decodes every request at every step, and each log-prob token too, on the engine's
-    thread when it runs in-process; one batched decode afterwards is far cheaper). Stop strings need
-    vLLM's text, so they keep it."""
-    from vllm import SamplingParams
-
-    out = dict(sampling_kwargs)
-    if "flat_logprobs" in getattr(SamplingParams, "__struct_fields__", ()):
-        out.setdefault("flat_logprobs", True)
-    if not out.get("stop"):
-        out.setdefault("detokenize", False)
-    return out
-
-
-def _sampled_logprobs(logprobs: Any, token_ids: list[int]) -> list[float]:
-    """The sampler's log-prob of each sampled token, from vLLM's per-token dicts or its flat lists."""
-    if hasattr(logprobs, "start_indices"):  # FlatLogprobs
-        if len(logprobs.logprobs) == len(token_ids) and logprobs.token_ids == token_ids:
-            return list(logprobs.logprobs)  # logprobs=0: exactly the sampled tokens, one per position
-        out = []
-        for pos, tok in enumerate(token_ids):
-            start, end = logprobs.start_indices[pos], logprobs.end_indices[pos]
-            j = start if logprobs.token_ids[start] == tok else logprobs.token_ids.index(tok, start, end)
-            out.append(logprobs.logprobs[j])
-        return out
-    return [step[tok].logprob for step, tok in zip(logprobs, token_ids)]
 
 
 def _distributed_world() -> int:
@@ -292,7 +251,7 @@ class Engine(SleepState):
         result = []
         for i, out in enumerate(outputs):
             for c in out.outputs:
-                lps = None if c.logprobs is None else _sampled_logprobs(c.logprobs, c.token_ids)
+                lps = None if c.logprobs is None else sampled_logprobs(c.logprobs, c.token_ids)
                 result.append(Completion(i, list(out.prompt_token_ids), list(c.token_ids), lps, c.text,
                                          c.finish_reason))
         if decode_here and result:
@@ -319,7 +278,7 @@ class Engine(SleepState):
     def sleep(self, level: int = 2) -> CycleReport:
         """Put the engine to sleep. Level 2 discards weights and KV cache (GPU memory returned); level 1
         offloads the weights to host memory; level 0 releases the KV cache only and leaves the weights
-        mapped where they are (a trainer may hold views of them: :func:`rollout_sleep.lora.trainer_from_engine`).
+        mapped where they are (a trainer may hold views of them: :func:`rollout_sleep.shared_base.trainer_from_engine`).
         On CPU the scheduler pauses and no memory is released."""
         level = self.check_sleep(level)
         report = CycleReport("sleep", level)
@@ -428,35 +387,3 @@ class Engine(SleepState):
             if core is not None and hasattr(core, "shutdown"):
                 core.shutdown()
         del llm
-
-
-def release_kv_cache(worker: Any) -> int:
-    """On a worker: unmap the KV cache's memory (vLLM's sleep allocator, tag ``kv_cache``) and nothing else;
-    the weights stay mapped. vLLM's own ``sleep`` releases every allocation (level 1 copies the weights to
-    host memory first), which would pull the memory from under a trainer that views the weights. Returns
-    the bytes released."""
-    from vllm.device_allocator.cumem import CuMemAllocator, unmap_and_release
-
-    allocator = CuMemAllocator.get_instance()
-    torch.cuda.synchronize()
-    released = 0
-    if hasattr(allocator, "discard"):  # newer vLLM: a tag-wise release of its own
-        released = sum(d.handle[1] for d in allocator.pointer_to_data.values()
-                       if d.tag == "kv_cache" and not getattr(d, "is_asleep", False))
-        allocator.discard(("kv_cache",))
-        return released
-    for data in allocator.pointer_to_data.values():
-        if data.tag != "kv_cache" or getattr(data, "is_asleep", False):
-            continue
-        unmap_and_release(data.handle)
-        if hasattr(data, "is_asleep"):
-            data.is_asleep = True
-        released += data.handle[1]
-    return released
-
-
-def map_kv_cache(worker: Any) -> None:
-    """On a worker: map the KV cache's memory back (its contents are gone: the prefix cache is reset after)."""
-    from vllm.device_allocator.cumem import CuMemAllocator
-
-    CuMemAllocator.get_instance().wake_up(tags=["kv_cache"])

@@ -272,7 +272,7 @@ class Loader:
         elif method == "load_weights":
             self.llm.apply_model(lambda model: model.load_weights(iter(items)))
         else:
-            targets = self._direct_targets()
+            targets = self.direct_targets()
             groups = self._fp8_groups()[0]
             if not groups:  # no FP8 linear: every tensor is a plain copy, batched
                 copy_all(((targets.get(name), tensor) for name, tensor in items))  # None: a tied head (the embedding)
@@ -328,7 +328,7 @@ class Loader:
         return layout.placements(self.spec, self._packed, {n: s for n, (s, _) in self._engine_params.items()},
                                  self.tied)
 
-    def _direct_targets(self) -> dict[str, Any]:
+    def direct_targets(self) -> dict[str, Any]:
         """Views into vLLM's parameters, one per checkpoint tensor, and for each FP8 linear its parameter name →
         (``[out, in]`` weight, scale) (built once; sleep/wake keeps addresses)."""
         if self._targets is None:

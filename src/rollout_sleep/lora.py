@@ -36,6 +36,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .lora_worker import adapter_slots, install_adapter, packed_modules
+
 logger = logging.getLogger(__name__)
 
 # vLLM's allowed ``max_lora_rank`` values (vllm.config.lora.MaxLoRARanks)
@@ -109,117 +111,6 @@ def _peft_config_dict(model: nn.Module, adapter: str) -> dict:
         if isinstance(value, set):
             d[key] = sorted(value)
     return d
-
-
-# ------------------------------------------------------------------------------------- worker side
-def _adapter_manager(worker) -> Any:
-    runner = worker.model_runner
-    lm = getattr(runner, "lora_manager", None)
-    if lm is None:  # another model runner: its worker-side adapter manager under another attribute
-        lm = next((v for v in vars(runner).values() if type(v).__name__.endswith("WorkerLoRAManager")), None)
-    if lm is None:
-        raise RuntimeError("the engine has no LoRA manager: start it with enable_lora=True "
-                           "(LoraSettings.engine_kwargs())")
-    return lm
-
-
-def _naming_mapper(mapper):
-    """The model's checkpoint→vLLM weight-name mapper reduced to what naming adapter modules needs: renames
-    kept, stacked maps (``q_proj`` → ``qkv_proj``, ``gate_proj`` → ``gate_up_proj``) dropped, so that each
-    projection's adapter keeps its own name and vLLM packs them into the fused module's slices itself (as its
-    worker does for an adapter read from disk). vLLM names this ``get_rename_mapper`` (0.32) or
-    ``get_unstacked_mapper`` (0.26); a mapper with neither has its stacked maps dropped here. The whole mapper
-    would put q/k/v onto one ``qkv_proj`` module: the last wins and the packed slot cannot take it."""
-    if mapper is None:
-        return None
-    for method in ("get_rename_mapper", "get_unstacked_mapper"):
-        reduce = getattr(mapper, method, None)
-        if callable(reduce):
-            return reduce()
-    if getattr(mapper, "orig_to_new_stacked", None):
-        import copy
-
-        mapper = copy.copy(mapper)
-        mapper.orig_to_new_stacked = {}
-    return mapper
-
-
-def _check_distinct_modules(tensors: dict[str, torch.Tensor], mapper) -> None:
-    """Raise (before vLLM's adapter state is touched) when two adapter modules get one vLLM module name: vLLM
-    would keep one of them and serve an adapter that is not the trainer's."""
-    from vllm.lora.utils import parse_fine_tuned_lora_name
-
-    where: dict[str, list[str]] = {}
-    for name in tensors:
-        if name.endswith(".lora_A.weight"):
-            where.setdefault(parse_fine_tuned_lora_name(name, mapper)[0], []).append(name[:-len(".lora_A.weight")])
-    merged = {vllm_name: peft for vllm_name, peft in where.items() if len(peft) > 1}
-    if merged:
-        vllm_name, peft = next(iter(merged.items()))
-        raise RuntimeError(f"vLLM's weight-name mapper puts {len(peft)} adapter modules ({', '.join(peft)}) onto one "
-                           f"module {vllm_name} ({len(merged)} such case(s)): the stacked maps of the model's "
-                           "hf_to_vllm_mapper were not dropped (rollout_sleep.lora._naming_mapper does not know "
-                           "this vLLM's mapper)")
-
-
-def _build_lora_model(lm, lora_id: int, tensors: dict[str, torch.Tensor], config: dict):
-    """On the worker: a vLLM ``LoRAModel`` of the trainer's adapter, built from in-memory tensors the way
-    vLLM's worker builds one from a checkpoint (its PEFT helper, the model's renames, its LoRA dtype)."""
-    import inspect
-
-    from vllm.lora.lora_model import LoRAModel
-    from vllm.lora.peft_helper import PEFTHelper
-
-    patterns = [k for k in ("rank_pattern", "alpha_pattern") if config.get(k)]
-    if patterns and not hasattr(PEFTHelper, "get_rank_and_scaling"):  # vLLM 0.26: one rank/alpha for all
-        raise ValueError(f"the adapter sets {' and '.join(patterns)}, which this vLLM's LoRA ignores (one rank and "
-                         "alpha for every module: it would serve another adapter): use one rank and alpha")
-    helper = PEFTHelper.from_dict(dict(config))
-    helper.validate_legal(lm.lora_config)
-    mapper = _naming_mapper(getattr(lm._adapter_manager.model, "hf_to_vllm_mapper", None))
-    _check_distinct_modules(tensors, mapper)
-    kwargs = dict(device=str(lm.device), dtype=lm.lora_config.lora_dtype,
-                  model_vocab_size=getattr(lm, "vocab_size", None), weights_mapper=mapper)
-    accepted = inspect.signature(LoRAModel.from_lora_tensors).parameters  # versions differ in what they take
-    kwargs = {k: v for k, v in kwargs.items() if k in accepted and v is not None}
-    # vLLM scales lora_b in place (``optimize``): it must never hold the trainer's own tensors
-    return LoRAModel.from_lora_tensors(lora_id, {k: v.detach().clone() for k, v in tensors.items()}, helper,
-                                       **kwargs)
-
-
-def _install(worker, lora_id: int, tensors: dict[str, torch.Tensor], config: dict) -> list[int]:
-    """On the worker: build a LoRAModel from in-memory tensors (vLLM's own path), replace any adapter held,
-    and activate it in a slot (vLLM packs q/k/v and gate/up into the fused modules' slices as it adds it).
-    Returns the adapter ids now held."""
-    lm = _adapter_manager(worker)
-    am = lm._adapter_manager
-    lora = _build_lora_model(lm, lora_id, tensors, config)
-    am.remove_all_adapters()
-    am.add_adapter(lora)
-    am.activate_adapter(lora_id)
-    return sorted(am.list_adapters())
-
-
-def _slots(worker, lora_id: int) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
-    """On the worker: the slot buffers holding adapter ``lora_id``: vLLM module name → one (A, B) pair of
-    views per packed slice (q/k/v of ``qkv_proj``, gate/up of ``gate_up_proj``), each ``[max_rank, in]`` /
-    ``[out, max_rank]``."""
-    am = _adapter_manager(worker)._adapter_manager
-    index = list(am.lora_index_to_id).index(lora_id)
-    out = {}
-    for name, module in am.modules.items():
-        a, b = getattr(module, "lora_a_stacked", None), getattr(module, "lora_b_stacked", None)
-        if not isinstance(a, (tuple, list)) or not isinstance(b, (tuple, list)) or len(a) != len(b):
-            continue
-        if any(t.ndim != 4 for t in (*a, *b)):
-            continue
-        out[name] = [(ta[index, 0], tb[index, 0]) for ta, tb in zip(a, b)]
-    return out
-
-
-def _packed(worker) -> dict[str, list[str]]:
-    am = _adapter_manager(worker)._adapter_manager
-    return {k: list(v) for k, v in (getattr(am, "packed_modules_mapping", None) or {}).items()}
 
 
 @dataclass
@@ -355,7 +246,7 @@ class AdapterSync:
         self.lora_id += 1
         tensors = self.tensors()
         lora_id, config = self.lora_id, self.config
-        held = self.engine.llm.collective_rpc(lambda worker: _install(worker, lora_id, tensors, config))
+        held = self.engine.llm.collective_rpc(lambda worker: install_adapter(worker, lora_id, tensors, config))
         if any(lora_id not in h for h in held):
             raise RuntimeError(f"vLLM did not take the adapter (held: {held})")
         # The path is never read for weights (the adapter is already held under this id); vLLM may look there
@@ -368,8 +259,8 @@ class AdapterSync:
         if self.engine.tensor_parallel_size != 1:
             return False
         lora_id = self.lora_id
-        slots = self.engine.llm.collective_rpc(lambda worker: _slots(worker, lora_id))[0]
-        packed = self.engine.llm.collective_rpc(_packed)[0]
+        slots = self.engine.llm.collective_rpc(lambda worker: adapter_slots(worker, lora_id))[0]
+        packed = self.engine.llm.collective_rpc(packed_modules)[0]
         bound = []
         for t in self.targets:
             parent, _, sub = t.name.rpartition(".")
@@ -447,8 +338,8 @@ class AdapterSync:
             return AdapterVerifyReport(False, 0, {"<no adapter pushed yet>": float("inf")})
         t0 = time.perf_counter()
         lora_id = self.lora_id
-        slots = self.engine.llm.collective_rpc(lambda worker: _slots(worker, lora_id))[0]
-        packed = self.engine.llm.collective_rpc(_packed)[0]
+        slots = self.engine.llm.collective_rpc(lambda worker: adapter_slots(worker, lora_id))[0]
+        packed = self.engine.llm.collective_rpc(packed_modules)[0]
         report = AdapterVerifyReport(ok=True, compared=0)
         dtype = self.dtype
         with torch.no_grad():
@@ -477,113 +368,3 @@ class AdapterSync:
                         report.mismatched[f"{t.name}.{label}"] = max(diff, float(rest.abs().max()) if rest.numel() else 0.0)
         report.seconds = time.perf_counter() - t0
         return report
-
-
-# ------------------------------------------------------------------------------- one copy of the base
-def trainer_from_engine(engine, settings: LoraSettings, *, gradient_checkpointing: bool = False) -> nn.Module:
-    """A PEFT model whose frozen base parameters are views of the engine's weight tensors (CUDA, TP=1): the
-    base is held once on the GPU. Only the adapter (created by PEFT on the GPU) is the trainer's own.
-
-    The model is built on the meta device from the checkpoint's config, then every base parameter is bound to
-    the part of vLLM's parameter that holds it (fused ``qkv_proj`` / ``gate_up_proj`` rows are contiguous
-    slices; a tied head is the embedding). Rotary tables are computed on the GPU. Raises where a parameter
-    has no exact view (``engine.loader.why_not_direct()`` names why)."""
-    from transformers import AutoConfig
-
-    if not engine.on_cuda:
-        raise ValueError("sharing the base with vLLM needs CUDA: vLLM's CPU kernels repack linear weights "
-                         "(build the trainer with from_pretrained + get_peft_model there)")
-    why = engine.loader.why_not_direct()
-    if why is not None:
-        raise ValueError(f"the trainer cannot view vLLM's weights exactly: {why}")
-    model = model_on_views(AutoConfig.from_pretrained(engine.model_path), engine.loader._direct_targets(),
-                           engine.dtype)
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.enable_input_require_grads()
-    from peft import get_peft_model
-
-    return get_peft_model(model, settings.peft_config())
-
-
-def model_on_views(config, targets: dict[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:
-    """A frozen transformers causal LM of ``config`` whose parameters are the given tensors (checkpoint name →
-    tensor; a tied head may be left out: it is the embedding), built on the meta device so that nothing of
-    the base is allocated; rotary tables are computed on the tensors' device."""
-    from transformers import AutoModelForCausalLM
-
-    from .checkpoints import init_nonpersistent_buffers
-
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    problems = []
-    for name, p in list(model.named_parameters(remove_duplicate=False)):
-        view = targets.get(name)
-        if view is None and name == "lm_head.weight" and tied:
-            view = targets.get("model.embed_tokens.weight")
-        if view is None:
-            problems.append(f"{name}: no tensor for it")
-            continue
-        if tuple(view.shape) != tuple(p.shape) or view.dtype != p.dtype:
-            problems.append(f"{name}: given {tuple(view.shape)} {view.dtype}, the model wants "
-                            f"{tuple(p.shape)} {p.dtype}")
-            continue
-        owner, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(owner), leaf, nn.Parameter(view, requires_grad=False))
-    if problems:
-        raise ValueError("cannot build the trainer from vLLM's weights: " + "; ".join(problems[:8]))
-    if tied:
-        model.tie_weights()
-    init_nonpersistent_buffers(model, next(iter(targets.values())).device)
-    return model.requires_grad_(False).eval()
-
-
-def shares_storage_with_engine(engine, model: nn.Module) -> tuple[int, int]:
-    """(base parameters of ``model`` whose memory lies inside one of vLLM's parameters, base parameters in
-    all): the proof the base is held once."""
-    spans = engine.run_on_model(lambda vm: [(p.data_ptr(), p.data_ptr() + p.numel() * p.element_size())
-                                            for p in vm.parameters()])
-    n = shared = 0
-    for name, p in model.named_parameters():
-        if p.requires_grad or ".lora_" in name:
-            continue
-        n += 1
-        ptr = p.data_ptr()
-        shared += any(lo <= ptr < hi for lo, hi in spans)
-    return shared, n
-
-
-def share_base(engine, model: nn.Module) -> int:
-    """Rebind the trainer's frozen base parameters (a PEFT model that loaded its own base) to views of the
-    engine's weights, after checking they hold the same values: the trainer's copy is then free memory and
-    the base is held once (CUDA, TP=1). Returns the bytes the trainer no longer holds."""
-    from .sync import WeightStream
-
-    if not engine.on_cuda:
-        raise ValueError("sharing the base with vLLM needs CUDA: vLLM's CPU kernels repack linear weights")
-    why = engine.loader.why_not_direct()
-    if why is not None:
-        raise ValueError(f"the trainer cannot view vLLM's weights exactly: {why}")
-    targets = engine.loader._direct_targets()
-    stream = WeightStream(model, merge_adapters=False)
-    freed, problems, seen = 0, [], set()
-    with torch.no_grad():
-        for e in stream.entries:
-            p = e.param
-            if id(p) in seen or p.requires_grad:
-                continue
-            view = targets.get(e.name)
-            if view is None and e.name == "lm_head.weight" and engine.tied:
-                view = targets.get("model.embed_tokens.weight")
-            if view is None or view.shape != p.shape or view.dtype != p.dtype or not torch.equal(view, p):
-                problems.append(e.name)
-                continue
-            seen.add(id(p))
-            if p.data_ptr() != view.data_ptr():
-                freed += p.numel() * p.element_size()
-                p.data = view
-    if problems:
-        raise ValueError(f"{len(problems)} base tensor(s) of the trainer differ from the engine's (or have no exact "
-                         f"place in it), e.g. {problems[:4]}: load the same checkpoint on both sides")
-    return freed

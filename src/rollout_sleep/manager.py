@@ -21,7 +21,8 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
-from .engine import Completion, Engine
+from .completion import Completion
+from .engine import Engine
 from .phases import CYCLE_PHASES, PHASES  # noqa: F401  (PHASES: re-exported, its old home)
 from .sync import WeightStream
 from .verification import verify
@@ -60,7 +61,7 @@ class RolloutManager:
                                    merge_adapters=adapter is None)
         self.base_shared = False
         if adapter is not None and engine.on_cuda:
-            from .lora import shares_storage_with_engine
+            from .shared_base import shares_storage_with_engine
 
             shared, total = shares_storage_with_engine(engine, model)
             self.base_shared = shared == total > 0
@@ -178,7 +179,7 @@ class RolloutManager:
                     self._blame_non_finite_weights()
                 result.raise_if_failed()
                 if self.base_shared:
-                    from .lora import shares_storage_with_engine
+                    from .shared_base import shares_storage_with_engine
 
                     shared, total = shares_storage_with_engine(self.engine, self.model)
                     if shared != total:

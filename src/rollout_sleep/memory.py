@@ -9,6 +9,7 @@ import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -196,3 +197,35 @@ class PhasePeaks:
             peak = torch.cuda.max_memory_allocated()
             self.allocated[name] = max(self.allocated.get(name, 0), peak)
             self.run_allocated_peak = max(self.run_allocated_peak, peak)
+
+
+def release_kv_cache(worker: Any) -> int:
+    """On a worker: unmap the KV cache's memory (vLLM's sleep allocator, tag ``kv_cache``) and nothing else;
+    the weights stay mapped. vLLM's own ``sleep`` releases every allocation (level 1 copies the weights to
+    host memory first), which would pull the memory from under a trainer that views the weights. Returns
+    the bytes released."""
+    from vllm.device_allocator.cumem import CuMemAllocator, unmap_and_release
+
+    allocator = CuMemAllocator.get_instance()
+    torch.cuda.synchronize()
+    released = 0
+    if hasattr(allocator, "discard"):  # newer vLLM: a tag-wise release of its own
+        released = sum(d.handle[1] for d in allocator.pointer_to_data.values()
+                       if d.tag == "kv_cache" and not getattr(d, "is_asleep", False))
+        allocator.discard(("kv_cache",))
+        return released
+    for data in allocator.pointer_to_data.values():
+        if data.tag != "kv_cache" or getattr(data, "is_asleep", False):
+            continue
+        unmap_and_release(data.handle)
+        if hasattr(data, "is_asleep"):
+            data.is_asleep = True
+        released += data.handle[1]
+    return released
+
+
+def map_kv_cache(worker: Any) -> None:
+    """On a worker: map the KV cache's memory back (its contents are gone: the prefix cache is reset after)."""
+    from vllm.device_allocator.cumem import CuMemAllocator
+
+    CuMemAllocator.get_instance().wake_up(tags=["kv_cache"])

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-from .engine import Completion
+from .completion import Completion
 from .phases import CycleReport, timed
 from .server import ServerClient, ServerError, ServerUnreachableError
 from .state import EngineStateError, SleepState, load_then_finish

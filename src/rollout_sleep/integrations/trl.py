@@ -50,7 +50,8 @@ from __future__ import annotations
 import contextlib
 import time
 
-from ..engine import Engine, fast_output_kwargs
+from ..completion import fast_output_kwargs
+from ..engine import Engine
 from ..memory import release_cached_memory
 from ..sync import WeightStream
 from ..verification import verify
@@ -140,8 +141,9 @@ def lora_engine(rank: int, max_loras: int = 1):
 
 def _patch_lora(trainer, gen, engine: Engine, verify_every: int, fast_outputs: bool):
     """The LoRA route of :func:`patch`: adapter-only syncs, level-0 sleep, the base viewed from vLLM on CUDA."""
-    from ..engine import map_kv_cache, release_kv_cache
-    from ..lora import AdapterSync, share_base
+    from ..memory import map_kv_cache, release_kv_cache
+    from ..lora import AdapterSync
+    from ..shared_base import share_base
 
     model = trainer.model_wrapped if getattr(trainer, "model_wrapped", None) is not None else trainer.model
     adapter = AdapterSync(engine, model)  # raises unless the trainer is a PEFT model
