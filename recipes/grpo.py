@@ -70,7 +70,7 @@ if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_seed  # noqa: E402
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from rollout_sleep.checkpoints import SHAPES, make_checkpoint, make_config_dir  # noqa: E402
 from rollout_sleep import run_dir  # noqa: E402
@@ -79,15 +79,16 @@ from rollout_sleep.config import (ConfigError, RecipeConfig, check_processes, lo
 from rollout_sleep.data import (check_prompts, completions_for_rewards, is_conversational,  # noqa: E402
                                 load_prompts, prepare_prompts, prompt_token_ids)
 from rollout_sleep.engine import Engine  # noqa: E402
-from rollout_sleep.memory import PhasePeaks, cached_free_bytes, kv_cache_bytes_for  # noqa: E402
-from rollout_sleep import memory_plan  # noqa: E402
-from rollout_sleep.optim import OptimizerOffload, build_optimizer, resident_state_bytes  # noqa: E402
+from rollout_sleep.memory import PhasePeaks, kv_cache_bytes_for  # noqa: E402
+from rollout_sleep import memory_plan, run_memory  # noqa: E402
+from rollout_sleep.optim import OptimizerOffload, build_optimizer  # noqa: E402
 from rollout_sleep.pool import EnginePool  # noqa: E402
 from rollout_sleep.lora import AdapterSync, LoraSettings  # noqa: E402
 from rollout_sleep.shared_base import trainer_from_engine  # noqa: E402
 from rollout_sleep.grpo import grpo_update  # noqa: E402
 from rollout_sleep.integrations.wandb import make_tracker  # noqa: E402
 from rollout_sleep.manager import RolloutManager  # noqa: E402
+from rollout_sleep.phases import plot_timeline  # noqa: E402
 from rollout_sleep.nonfinite import NonFiniteError, check_finite, guard_optimizer  # noqa: E402
 from rollout_sleep.update_check import UpdateCheck, checkpoint_magnitude, lr_note  # noqa: E402
 from rollout_sleep.rewards import RewardError, combine, resolve_rewards, reward_metrics, score_rewards  # noqa: E402
@@ -237,8 +238,9 @@ class GRPORecipe:
             self.tracker.update_summary({f"memory_plan/{p}_gib": self.plan.total(p) / 2**30 for p in memory_plan.PHASES})
         # per-phase peaks over the first steps (the optimizer's state exists from step 1's update on), then the
         # comparison with the plan
+        self.resident = run_memory.Resident()
         self.peaks = PhasePeaks(self.plan_base_free).start() \
-            if self.plan is not None and self.step < MEASURED_STEPS else None
+            if self.plan is not None and self.step < run_memory.MEASURED_STEPS else None
         self.timeline: list[dict] = []
         # Everything loaded so far lives for the whole run: keep it out of Python's garbage collector,
         # as vLLM does for its own startup heap. vLLM runs a full collection at every sleep; with the
@@ -332,93 +334,36 @@ class GRPORecipe:
         return self._longest
 
     def _memory_plan(self, kv_bytes: int | None) -> memory_plan.MemoryPlan | None:
-        """The per-phase memory plan (:mod:`rollout_sleep.memory_plan`), printed; with ``train.memory_plan=refuse``
-        a phase that does not fit stops the run here, before vLLM starts."""
-        cfg, t = self.cfg, self.cfg.train
+        """The per-phase memory plan (:mod:`rollout_sleep.run_memory`), printed and written to memory_plan.json;
+        with ``train.memory_plan=refuse`` a phase that does not fit stops the run here, before vLLM starts."""
         self.plan_base_free = None
-        if t.memory_plan == "off":
+        if self.cfg.train.memory_plan == "off":
             return None
-        GIB = memory_plan.GIB
-        cuda = torch.cuda.is_available()
-        notes = []
-        if cuda:
-            torch.cuda.empty_cache()  # blocks cached while the checkpoint was built are not the run's
-            free, total = torch.cuda.mem_get_info()
-            self.plan_base_free = free
-        budget = int(t.memory_budget_gib * GIB) if t.memory_budget_gib is not None else (free if cuda else None)
-        if budget is None:
-            notes.append("no GPU: the plan is printed, not checked (train.memory_budget_gib checks it against a budget)")
-        if t.offload_optimizer and not cuda:
-            notes.append("train.offload_optimizer: the parameters live in host memory already; nothing moves")
-        b = torch.empty((), dtype=getattr(torch, cfg.model.dtype)).element_size()
-        shape = memory_plan.ModelShape.from_checkpoint(self.model_path)
-        sequences = t.prompts_per_step // self.acc.num_processes * t.generations  # a rank's completions per step
-        inputs = memory_plan.PlanInputs(
-            shape, dtype_bytes=b, optimizer=t.optimizer, offload_optimizer=t.offload_optimizer and cuda,
-            micro_batch=min(t.micro_batch, sequences), seq_len=self._longest_prompt() + t.max_tokens,
-            completion_len=t.max_tokens, gradient_checkpointing=t.gradient_checkpointing,
-            autocast=t.mixed_precision != "no" and b == 4, reference_model=t.kl_coef > 0,
-            reward_model_bytes=sum(memory_plan.checkpoint_params(r.fn.path) * b for r in self.rewards
-                                   if hasattr(r.fn, "load")),
-            kv_cache_bytes=kv_bytes if kv_bytes is not None else 0, shards=self._shards(), engine_shards=self.tp)
-        lora = cfg.model.lora
-        if lora.rank:  # only the adapter trains; the base is vLLM's (a view) on CUDA, the trainer's own elsewhere
-            inputs = dataclasses.replace(inputs, base_shared=self._shares_base(),
-                                         adapter_numels=memory_plan.lora_adapter_numels(
-                                             AutoConfig.from_pretrained(self.model_path), lora.rank,
-                                             list(lora.targets)))
-        if kv_bytes is None and cuda:  # vLLM's own sizing: its share of the GPU less its weights and workspace
-            engine = int(cfg.engine.gpu_memory_utilization * total)
-            kv = engine - shape.params * b // self.tp - memory_plan.estimate_engine_workspace(shape, b)
-            inputs = dataclasses.replace(inputs, kv_cache_bytes=max(0, kv))
-            notes.append(f"engine.kv_cache=gpu_share: vLLM takes {cfg.engine.gpu_memory_utilization} of "
-                         f"{total / GIB:.1f} GiB, the KV cache what its weights and workspace leave")
-        elif kv_bytes is None:
-            inputs = dataclasses.replace(inputs, kv_cache_bytes=256 << 20)  # the engine's CPU default
-        plan = memory_plan.plan_memory(inputs, budget, int(t.memory_headroom_gib * GIB), tuple(notes))
+        b = torch.empty((), dtype=getattr(torch, self.cfg.model.dtype)).element_size()
+        reward_bytes = sum(memory_plan.checkpoint_params(r.fn.path) * b for r in self.rewards if hasattr(r.fn, "load"))
+        stage = getattr(getattr(self.acc.state, "deepspeed_plugin", None), "zero_stage", 0) or 0
+        shards = run_memory.trainer_shards(self.acc.num_processes, self.acc.distributed_type.value, stage)
+        plan, self.plan_base_free = run_memory.plan_run(
+            self.cfg, self.model_path, processes=self.acc.num_processes, shards=shards,
+            longest_prompt=self._longest_prompt(), kv_bytes=kv_bytes, reward_bytes=reward_bytes,
+            base_shared=self._shares_base())
         self.acc.print(plan.table())
         if self.main:  # a resumed run keeps the comparison its first steps measured
             path = self.out / "memory_plan.json"
             earlier = json.loads(path.read_text()) if path.exists() else {}
             path.write_text(json.dumps({**earlier, "plan": plan.as_dict()}, indent=2))
-        self._enforce(plan)
+        run_memory.enforce(plan, self.cfg.train.memory_plan, self.acc.print)
         return plan
 
-    def _enforce(self, plan: memory_plan.MemoryPlan, when: str = "") -> None:
-        found = memory_plan.problems(plan)
-        if not found:
-            return
-        if self.cfg.train.memory_plan == "refuse":
-            raise memory_plan.MemoryPlanError([f"{p} ({when})" if when else p for p in found])
-        for p in found:
-            self.acc.print(f"warning (train.memory_plan=warn, running anyway): the memory plan does not fit: {p}")
-
-    def _shards(self) -> tuple[int, int, int]:
-        """How many ways the trainer's (weights, gradients, optimizer state) are split across ranks."""
-        n, kind = self.acc.num_processes, self.acc.distributed_type.value
-        if kind == "FSDP":
-            return n, n, n
-        if kind == "DEEPSPEED":
-            stage = getattr(self.acc.state.deepspeed_plugin, "zero_stage", 0) or 0
-            return (n if stage >= 3 else 1), (n if stage >= 2 else 1), (n if stage >= 1 else 1)
-        return 1, 1, 1
-
     def _check_plan_with_engine(self) -> None:
-        """The plan again with what vLLM took at its start measured (weights, KV cache, workspace) in place of
-        the estimate: a misfit stops the run before the trainer's model loads, not by running out of memory in
-        a step."""
+        """The plan again with what vLLM took at its start measured: a misfit stops the run before the trainer's
+        model loads, not by running out of memory in a step."""
         if self.plan is None or self.plan_base_free is None or not self.engine.on_cuda:
             return
-        GIB = memory_plan.GIB
-        taken = int((self.engine.memory_before_gib - self.engine.memory_loaded_gib) * GIB)
-        r = self.plan.phases["rollout"]
-        workspace = max(0, taken - r["engine_weights"] - r["kv_cache"])
-        self.engine_taken = taken
-        self.plan = memory_plan.plan_memory(dataclasses.replace(self.plan.inputs, engine_workspace_bytes=workspace),
-                                            self.plan.budget_bytes, self.plan.headroom_bytes,
-                                            self.plan.notes + (f"engine workspace measured at its start: {workspace / GIB:.2f} "
-                                                               f"GiB (estimated {r['engine_workspace'] / GIB:.2f})",))
-        self._enforce(self.plan, "with the engine's memory measured at its start")
+        self.engine_taken = int((self.engine.memory_before_gib - self.engine.memory_loaded_gib) * memory_plan.GIB)
+        self.plan = run_memory.with_engine_measured(self.plan, self.engine_taken)
+        run_memory.enforce(self.plan, self.cfg.train.memory_plan, self.acc.print,
+                           "with the engine's memory measured at its start")
 
     def _resume(self) -> str | None:
         """Load the newest complete saved state (if resuming); returns the W&B run id to continue. Newer
@@ -470,9 +415,9 @@ class GRPORecipe:
             # same prompts (vLLM requires it) and each then trains on its share of the groups
             examples = [self.data[i] for i in (idx[rank::world] if self.tp == 1 else idx)]
             prompt_ids = prompt_token_ids(self.prompt_tokenizer, [ex["prompt"] for ex in examples])
-            measuring = self.peaks is not None and self.step < MEASURED_STEPS
+            measuring = self.peaks is not None and self.step < run_memory.MEASURED_STEPS
             if measuring:
-                self._note_resident()
+                self.resident.note(self.model, self.optimizer, self.acc.device.type)
             with self._peak("rollout"):
                 comps = self.manager.rollout(prompt_ids, n=t.generations, max_tokens=t.max_tokens,
                                              temperature=t.temperature)
@@ -521,9 +466,9 @@ class GRPORecipe:
                        "rollouts": int(all_rewards.numel()), "unscorable": int(all_rewards.numel() - scored.numel()),
                        **reward_metrics(self.rewards, all_table),
                        "reward_s": reward_s, **self.layout, **stats, **phases,
-                       **cuda_peak(self.peaks.run_allocated_peak if self.peaks else 0),
+                       **run_memory.cuda_peak(self.peaks.run_allocated_peak if self.peaks else 0),
                        "step_s": time.perf_counter() - t0}
-            if measuring and self.step in (MEASURED_STEPS, t.steps):
+            if measuring and self.step in (run_memory.MEASURED_STEPS, t.steps):
                 metrics.update(self._plan_vs_actual(phases))
             self.timeline.append({k: v for k, v in phases.items() if k.endswith("_s")})
             if self.main:
@@ -538,47 +483,15 @@ class GRPORecipe:
     def _peak(self, phase: str):
         return self.peaks.phase(phase) if self.peaks is not None else contextlib.nullcontext()
 
-    def _note_resident(self) -> None:
-        """What the trainer holds as a rollout starts: gradients (freed after each step: 0) and optimizer state."""
-        grads = sum(_local(p.grad).numel() * p.grad.element_size() for p in self.model.parameters()
-                    if p.grad is not None)
-        state = resident_state_bytes(self.optimizer, self.acc.device.type)
-        # PyTorch's cached free blocks (the trainer's last activations, kept while they leave vLLM room to wake:
-        # engine.keep_trainer_cache): in the device-wide figure, not in the plan
-        cache = cached_free_bytes() if torch.cuda.is_available() else 0
-        now = {"gradients": grads, "optimizer_state": state, "pytorch_cached_free": cache}
-        seen = getattr(self, "_resident", now)
-        self._resident = {k: max(v, seen[k]) for k, v in now.items()}
-
     def _plan_vs_actual(self, phases: dict) -> dict:
-        """The plan against what the first steps measured (written to memory_plan.json, logged to W&B); returns the
-        flat metrics for this step's line. Exact on any device: the trainer's weights, its optimizer state, the
-        gradients left at a rollout. On CUDA also: each phase's device-wide peak, the engine's memory awake (at its
-        start) and asleep, the activations (PyTorch's peak in training less what it held before and the gradients)."""
-        GIB = memory_plan.GIB
-        dev = self.acc.device.type
-        weights = sum(_local(p).numel() * p.element_size() for p in self.model.parameters())
-        state = resident_state_bytes(self.optimizer, dev)
-        if self.offload is not None and self.offload.active:
-            state = int(phases.get("optimizer_offload_gib", 0.0) * GIB)  # what went to the host: the whole state
-        rollout = {"trainer_weights": weights / GIB, "gradients": self._resident["gradients"] / GIB,
-                   "optimizer_state": self._resident["optimizer_state"] / GIB}
-        if torch.cuda.is_available():
-            rollout["pytorch_cached_free"] = self._resident["pytorch_cached_free"] / GIB
-        training = {"trainer_weights": weights / GIB, "optimizer_state": state / GIB}
-        p = self.peaks
-        if p is not None and p.active:
-            self.peaks.stop()
-            rollout["total"] = p.used.get("rollout", 0) / GIB
-            training["total"] = p.used.get("training", 0) / GIB
-            if hasattr(self, "engine_taken"):
-                rollout["engine"] = self.engine_taken / GIB
-                if "memory_freed_gib" in phases:
-                    training["engine_asleep"] = self.engine_taken / GIB - phases["memory_freed_gib"]
-            if self.offload is None and "training" in p.allocated:
-                grads = sum(_local(q).numel() * q.element_size() for q in self.model.parameters() if q.requires_grad)
-                training["activations"] = (p.allocated["training"] - p.allocated_at_start["training"] - grads) / GIB
-        measured = {"rollout": rollout, "training": training}
+        """The plan against what the first steps measured (:func:`rollout_sleep.run_memory.measured_gib`), written
+        to memory_plan.json and logged to W&B; returns the flat metrics for this step's line."""
+        offloaded = self.offload is not None and self.offload.active
+        measured = run_memory.measured_gib(
+            self.model, self.optimizer, self.acc.device.type, self.resident,
+            offloaded_gib=phases.get("optimizer_offload_gib", 0.0) if offloaded else None, peaks=self.peaks,
+            engine_taken=getattr(self, "engine_taken", None), engine_freed_gib=phases.get("memory_freed_gib"),
+            activations=self.offload is None)
         comparison = memory_plan.compare(self.plan, measured)
         flat = {f"memory/{ph}/{name}_{k}": v for ph, rows in comparison.items() for name, row in rows.items()
                 for k, v in row.items()}
@@ -654,56 +567,13 @@ class GRPORecipe:
     # ---------------------------------------------------------------- cleanup
     def cleanup(self) -> None:
         if self.main and self.timeline:
-            png = phase_timeline(self.timeline, self.out / "phase_timeline.png")
+            png = plot_timeline(self.timeline, self.out / "phase_timeline.png")
             if png is not None:
                 self.tracker.log_image("phase_timeline", png, step=self.step)
         self.tracker.finish()
         self.watchdog.close()
         if isinstance(getattr(self, "engine", None), EnginePool):
             self.engine.close()  # engine processes exit and give their GPU memory back
-
-
-MEASURED_STEPS = 2  # the plan is compared with steps 1-2: the optimizer's state appears at step 1's update
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of an FSDP2 DTensor (the tensor itself otherwise)."""
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
-def cuda_peak(floor: int = 0) -> dict:
-    """PyTorch's allocator peak GPU memory so far (the trainer's tensors, and the vLLM tensors it books), at
-    least ``floor`` (a peak kept across ``reset_peak_memory_stats``)."""
-    if not torch.cuda.is_available():
-        return {}
-    return {"cuda_peak_allocated_gib": max(torch.cuda.max_memory_allocated(), floor) / 2**30}
-
-
-def phase_timeline(rows: list[dict], path: Path) -> Path | None:
-    """Stacked bars: seconds per phase for each step."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    from rollout_sleep.phases import PHASES
-
-    phases = [f"{p}_s" for p in PHASES]
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    bottom = [0.0] * len(rows)
-    for p in phases:
-        vals = [r.get(p, 0.0) for r in rows]
-        ax.bar(range(1, len(rows) + 1), vals, bottom=bottom, label=p[:-2])
-        bottom = [b + v for b, v in zip(bottom, vals)]
-    ax.set_xlabel("step")
-    ax.set_ylabel("seconds")
-    ax.legend(fontsize=7, ncol=4)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
 
 
 def main() -> None:

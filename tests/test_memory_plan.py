@@ -265,3 +265,12 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def test_trainer_shards_follow_the_distributed_type_and_zero_stage():
+    from rollout_sleep.run_memory import trainer_shards
+
+    assert trainer_shards(4, "NO") == (1, 1, 1) and trainer_shards(4, "MULTI_GPU") == (1, 1, 1)
+    assert trainer_shards(4, "FSDP") == (4, 4, 4)
+    assert [trainer_shards(4, "DEEPSPEED", s) for s in (0, 1, 2, 3)] == \
+        [(1, 1, 1), (1, 1, 4), (1, 4, 4), (4, 4, 4)]  # (weights, gradients, optimizer state)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 CYCLE_PHASES = ("sleep", "wake_weights", "load", "wake_kv_cache", "reset")
 PHASES = ("generate", "sleep", "train", "wake_weights", "load", "wake_kv_cache", "reset", "verify")
@@ -75,3 +76,29 @@ def timed(report: CycleReport, phase: str, sync: bool = True):
     if cuda:
         torch.cuda.synchronize()
     report.seconds[phase] = report.seconds.get(phase, 0.0) + time.perf_counter() - t0
+
+
+def plot_timeline(rows: list[dict], path: Path) -> Path | None:
+    """Stacked bars of seconds per phase for each step (rows: one dict of ``<phase>_s`` per step), saved to
+    ``path``; ``None`` without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    phases = [f"{p}_s" for p in PHASES]
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    bottom = [0.0] * len(rows)
+    for p in phases:
+        vals = [r.get(p, 0.0) for r in rows]
+        ax.bar(range(1, len(rows) + 1), vals, bottom=bottom, label=p[:-2])
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax.set_xlabel("step")
+    ax.set_ylabel("seconds")
+    ax.legend(fontsize=7, ncol=4)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
