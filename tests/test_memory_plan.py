@@ -71,7 +71,13 @@ def test_8b_on_an_80gb_card_verdicts_and_refusal_message():
         check(plan)
     msg = str(err.value)
     assert msg.startswith("the memory plan does not fit in 2 phases")
-    assert "training needs" in msg and "GiB over" in msg and "train.optimizer=adamw8bit ->" in msg
+    assert "training needs" in msg and "GiB over" in msg and "train.optimizer=adamw8bit" in msg
+    # the suggestion says what it needs where bitsandbytes is missing, and only there
+    from rollout_sleep.optim import missing_package
+
+    needs = "train.optimizer=adamw8bit (needs bitsandbytes: pip install bitsandbytes) ->"
+    assert (needs in msg) == bool(missing_package("adamw8bit")), msg
+    assert (needs in msg) or "train.optimizer=adamw8bit ->" in msg
     assert "train.offload_optimizer=true ->" in msg and "train.memory_plan=warn" in msg
     lean = plan_memory(dataclasses.replace(inputs, dtype_bytes=2, optimizer="adamw8bit"), int(78.5 * GIB))
     assert lean.fits() and problems(lean) == []
@@ -274,3 +280,17 @@ def test_trainer_shards_follow_the_distributed_type_and_zero_stage():
     assert trainer_shards(4, "FSDP") == (4, 4, 4)
     assert [trainer_shards(4, "DEEPSPEED", s) for s in (0, 1, 2, 3)] == \
         [(1, 1, 1), (1, 1, 4), (1, 4, 4), (4, 4, 4)]  # (weights, gradients, optimizer state)
+
+
+def test_moe_activations_count_the_experts_each_token_visits():
+    """Mixtral's intermediate_size is one expert's and two run per token; Qwen3-MoE's routed experts are
+    moe_intermediate_size wide (top 8 of them), with a dense intermediate_size that no token uses."""
+    from rollout_sleep.memory_plan import mlp_width
+
+    base = dict(hidden_size=64)
+    assert mlp_width({**base, "intermediate_size": 128}) == 128
+    assert mlp_width({**base, "intermediate_size": 14336, "num_local_experts": 8, "num_experts_per_tok": 2}) == 28672
+    assert mlp_width({**base, "intermediate_size": 6144, "moe_intermediate_size": 768, "num_experts": 128,
+                      "num_experts_per_tok": 8}) == 6144
+    assert mlp_width({**base, "intermediate_size": 5632, "moe_intermediate_size": 1408, "num_experts": 60,
+                      "num_experts_per_tok": 4, "shared_expert_intermediate_size": 5632}) == 4 * 1408 + 5632

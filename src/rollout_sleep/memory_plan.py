@@ -56,6 +56,20 @@ class MemoryPlanError(ConfigError):
                          + "\n".join(f"  - {p}" for p in self.problems),)
 
 
+def mlp_width(cfg: dict) -> int:
+    """The MLP width a token passes through (what its activations scale with): ``intermediate_size`` for a dense
+    model; for a mixture of experts, the routed experts each token visits (``num_experts_per_tok`` x the expert
+    width) plus any shared experts. Mixtral's ``intermediate_size`` is one expert's: two of them run per token."""
+    dense = cfg.get("intermediate_size") or 4 * cfg["hidden_size"]
+    top_k = cfg.get("num_experts_per_tok")
+    experts = cfg.get("num_experts") or cfg.get("num_local_experts") or cfg.get("n_routed_experts")
+    if not top_k or not experts:
+        return dense
+    expert = cfg.get("moe_intermediate_size") or dense
+    shared = cfg.get("shared_expert_intermediate_size") or (cfg.get("n_shared_experts") or 0) * expert
+    return top_k * expert + shared
+
+
 @dataclass(frozen=True)
 class ModelShape:
     """What the plan needs of a model: every parameter tensor's element count (tied weights once) and the
@@ -67,7 +81,7 @@ class ModelShape:
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    intermediate_size: int
+    intermediate_size: int  # the MLP width a token passes through (:func:`mlp_width`: routed experts for MoE)
     vocab_size: int
     embedding_numels: tuple[int, ...] = ()  # the input embeddings (adamw8bit keeps their state in float32)
 
@@ -81,8 +95,7 @@ class ModelShape:
         heads = cfg["num_attention_heads"]
         return cls(tuple(sorted(int(n) for n in numels)), cfg["hidden_size"], cfg["num_hidden_layers"], heads,
                    cfg.get("num_key_value_heads") or heads, cfg.get("head_dim") or cfg["hidden_size"] // heads,
-                   cfg.get("intermediate_size") or 4 * cfg["hidden_size"], cfg["vocab_size"],
-                   tuple(sorted(int(n) for n in embeddings)))
+                   mlp_width(cfg), cfg["vocab_size"], tuple(sorted(int(n) for n in embeddings)))
 
     @classmethod
     def from_checkpoint(cls, path: str | Path) -> "ModelShape":
@@ -321,9 +334,12 @@ def plan_memory(i: PlanInputs, budget_bytes: int | None = None, headroom_bytes: 
 
 def knob_alternatives(i: PlanInputs) -> list[tuple[str, PlanInputs]]:
     """The settings that lower the plan, each as ``(override, inputs with it)``."""
+    from .optim import missing_package
+
     out = []
     if i.optimizer == "adamw":
-        out.append(("train.optimizer=adamw8bit", dataclasses.replace(i, optimizer="adamw8bit")))
+        needs = " (needs bitsandbytes: pip install bitsandbytes)" if missing_package("adamw8bit") else ""
+        out.append((f"train.optimizer=adamw8bit{needs}", dataclasses.replace(i, optimizer="adamw8bit")))
     if not i.offload_optimizer:
         out.append(("train.offload_optimizer=true", dataclasses.replace(i, offload_optimizer=True)))
     if not i.gradient_checkpointing:
