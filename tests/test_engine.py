@@ -45,7 +45,7 @@ def test_wake_with_new_weights_follows_them(engine, ckpts):
     before = greedy(engine)
     new = hf_model(ckpts["tied1"])
     sleep = engine.sleep(level=2)
-    assert engine.state == "asleep(level=2)" and sleep.seconds["sleep"] >= 0
+    assert engine.state == "asleep(level=2)" and sleep.seconds["sleep"] > 0  # timed
     report = engine.wake_up(weights=WeightStream(new, dtype=engine.dtype))
     assert list(report.seconds) == ["wake_weights", "load", "wake_kv_cache", "reset"]  # the safe order
     after = greedy(engine)
