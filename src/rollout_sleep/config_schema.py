@@ -63,7 +63,9 @@ class EngineConfig:
                                           "linear layers (bf16 trainer, FP8 rollouts; CUDA only), each sync "
                                           "quantizing the trainer's weights as vLLM's loader does")
     verify_every: int = _opt(1, "run verify after every N-th sync (0: never)")
-    enforce_eager: bool = _opt(False, "vLLM without CUDA graphs (faster start, slower generation)")
+    enforce_eager: bool | None = _opt(None, "vLLM without torch.compile and CUDA graphs (faster start, slower "
+                                            "generation); null: eager on CPU (compiling costs ~15-20 s at each "
+                                            "start there), compiled on GPU")
     keep_trainer_cache: bool = _opt(True, "sleep without emptying PyTorch's cache (the trainer's; see Engine)")
     tensor_parallel_size: int = _opt(1, "1: an engine per rank (data-parallel rollouts); = the number of "
                                         "processes: one tensor-parallel engine across all ranks (every rank sees "

