@@ -13,6 +13,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 from datasets import load_dataset  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+from trl_cpu import eager_trl_engine  # noqa: E402
 
 from rollout_sleep.integrations.trl import patch  # noqa: E402
 
@@ -21,6 +22,7 @@ spec = importlib.util.spec_from_file_location("user_rewards", reward_file)
 user_rewards = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(user_rewards)
 
+eager_trl_engine()
 args = GRPOConfig(output_dir=out, use_cpu=True, per_device_train_batch_size=8, gradient_accumulation_steps=1,
                   num_generations=4, max_completion_length=16, learning_rate=1e-2, max_steps=2, logging_steps=1,
                   report_to="none", save_strategy="no", use_vllm=True, vllm_mode="colocate",

@@ -10,6 +10,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 from transformers import AutoTokenizer  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+from trl_cpu import eager_trl_engine  # noqa: E402
 
 from rollout_sleep.data import synthetic_arithmetic  # noqa: E402
 from rollout_sleep.rewards import digits_format  # noqa: E402
@@ -21,6 +22,7 @@ def reward(prompts, completions, **kw):
     return [digits_format(c, {}) for c in completions]
 
 
+eager_trl_engine()
 args = GRPOConfig(output_dir=out, use_cpu=True, per_device_train_batch_size=8, gradient_accumulation_steps=1,
                   num_generations=4, max_completion_length=8, learning_rate=1e-2, max_steps=4, logging_steps=1,
                   report_to="none", save_strategy="no", use_vllm=True, vllm_mode="colocate",
