@@ -77,3 +77,29 @@ def test_logger_rank_zero_and_benign_filter(monkeypatch):
             lg.handlers[:] = handlers
             lg.setLevel(level)
             lg.propagate = propagate
+
+
+def test_no_private_name_used_across_modules():
+    # One home per concept, and each module's underscore names are its own: no module of the package imports
+    # another's private name, nor reaches one through a module object (``feed._finite_probe``).
+    import ast
+    from pathlib import Path
+
+    root = Path(rollout_sleep.__file__).parent
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        ours = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("rollout_sleep")):
+                for a in node.names:
+                    if a.name.startswith("_") and not a.name.startswith("__"):
+                        found.append(f"{path.relative_to(root)}:{node.lineno} imports {node.module}.{a.name}")
+                    ours.add(a.asname or a.name)
+            elif isinstance(node, ast.Import):
+                ours.update(a.asname or a.name for a in node.names if a.name.startswith("rollout_sleep"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in ours \
+                    and node.attr.startswith("_") and not node.attr.startswith("__"):
+                found.append(f"{path.relative_to(root)}:{node.lineno} uses {node.value.id}.{node.attr}")
+    assert not found, found
