@@ -73,8 +73,9 @@ class Engine(SleepState):
             when sleeping, instead of vLLM's ``empty_cache`` at every sleep; a wake still releases them
             when vLLM would not fit beside them (see :func:`release_cached_memory`).
         llm_kwargs: passed to ``vllm.LLM`` as they are; ``enforce_eager`` left out (or ``None``) is ``True`` on
-            CPU (unless ``compilation_config`` or ``optimization_level`` asks for compilation), where vLLM's build compiles with inductor at every start (~15-20 s of a tiny model's ~30 s) and
-            has no CUDA graphs to gain, and vLLM's default (compiled, CUDA graphs) on a GPU.
+            CPU (unless ``compilation_config`` or ``optimization_level`` asks for compilation), where vLLM's
+            build compiles with inductor at every start (~15-20 s of a tiny model's ~30 s) and has no CUDA graphs
+            to gain, and vLLM's default (compiled, CUDA graphs) on a GPU.
     """
 
     keep_trainer_cache = False
