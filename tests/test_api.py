@@ -77,3 +77,45 @@ def test_logger_rank_zero_and_benign_filter(monkeypatch):
             lg.handlers[:] = handlers
             lg.setLevel(level)
             lg.propagate = propagate
+
+
+def test_no_private_name_used_across_modules():
+    # One home per concept, and each module's underscore names are its own: no module of the package imports
+    # another's private name, nor reaches one through a module object (``feed._finite_probe``).
+    import ast
+    from pathlib import Path
+
+    root = Path(rollout_sleep.__file__).parent
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        ours = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("rollout_sleep")):
+                for a in node.names:
+                    if a.name.startswith("_") and not a.name.startswith("__"):
+                        found.append(f"{path.relative_to(root)}:{node.lineno} imports {node.module}.{a.name}")
+                    ours.add(a.asname or a.name)
+            elif isinstance(node, ast.Import):
+                ours.update(a.asname or a.name for a in node.names if a.name.startswith("rollout_sleep"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in ours \
+                    and node.attr.startswith("_") and not node.attr.startswith("__"):
+                found.append(f"{path.relative_to(root)}:{node.lineno} uses {node.value.id}.{node.attr}")
+    assert not found, found
+
+
+def test_plot_timeline_leaves_the_callers_matplotlib_backend(tmp_path):
+    # A library function: it draws its PNG without switching the process's backend (a notebook's inline one).
+    matplotlib = __import__("pytest").importorskip("matplotlib")
+    from rollout_sleep.phases import plot_timeline
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        png = plot_timeline([{"generate_s": 1.0, "train_s": 2.0}, {"generate_s": 0.5, "sleep_s": 0.1}],
+                            tmp_path / "t.png")
+        assert png is not None and png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 1000
+        assert matplotlib.get_backend().lower() == "svg"
+    finally:
+        matplotlib.use(before)

@@ -229,3 +229,31 @@ def test_sleep_keeping_the_trainer_cache_suppresses_only_the_sleeps_empty_cache(
         raise RuntimeError("vLLM failed mid-sleep")
     mem_mod.torch.cuda.empty_cache()
     assert calls == ["emptied", "emptied"]
+
+
+def test_enforce_eager_default_yields_to_an_explicit_compile_request(ckpts, monkeypatch):
+    # enforce_eager=True makes vLLM drop torch.compile whatever compilation_config says: the CPU default (eager)
+    # applies only where the caller asked nothing about compilation, as ServerProcess does.
+    import vllm
+
+    from rollout_sleep.engine import Engine
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_llm(**kwargs):  # the arguments Engine hands vLLM, no engine started
+        seen.append(kwargs.get("enforce_eager"))
+        raise Stop
+
+    monkeypatch.setattr(vllm, "LLM", fake_llm)
+    cases = [({}, True), ({"enforce_eager": None}, True), ({"enforce_eager": False}, False),
+             ({"compilation_config": {"mode": 3}}, False), ({"compilation_config": 3}, False),
+             ({"optimization_level": 2}, False), ({"enforce_eager": True, "compilation_config": 3}, True)]
+    for kwargs, _ in cases:
+        with pytest.raises(Stop):
+            Engine(ckpts["untied0"], dtype="float32", **kwargs)
+    # on a GPU: vLLM's default (compiled) unless asked
+    want = [bool(kw.get("enforce_eager")) if torch.cuda.is_available() else eager for kw, eager in cases]
+    assert seen == want, list(zip(cases, seen))

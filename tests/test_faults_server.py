@@ -42,6 +42,28 @@ def test_a_config_file_cannot_bypass_the_loopback_guard(ckpts, tmp_path):
     ServerProcess(ckpts["untied0"], extra_args=[f"--config={cfg}"])  # harmless settings pass
 
 
+def test_enforce_eager_reaches_vllm_serve_once_and_never_against_the_caller(ckpts):
+    # CPU (no sleep mode): eager by default, unless extra_args say anything about eager mode or compilation,
+    # in any spelling vLLM's parser reads (underscores, a prefix, -cc / -O / --optimization-level, dotted keys).
+    def eager_flags(**kw):
+        cmd = ServerProcess(ckpts["untied0"], **kw).command
+        return [a for a in cmd if "enforce" in a.replace("_", "-")]
+
+    assert eager_flags() == ["--enforce-eager"]
+    assert eager_flags(enforce_eager=False) == []
+    for extra in (["--enforce-eager"], ["--enforce_eager"], ["--enforce"]):
+        assert len(eager_flags(extra_args=extra)) == 1, extra
+        assert len(eager_flags(enforce_eager=True, extra_args=extra)) == 1, extra
+    assert eager_flags(extra_args=["--no-enforce-eager"]) == ["--no-enforce-eager"]
+    for extra in (["-O3"], ["-O", "2"], ["--optimization-level", "2"], ["--compilation-config", '{"mode": 3}'],
+                  ["--compilation_config={}"], ["-cc.mode=3"], ["--compilation-config.mode=3"]):
+        assert eager_flags(extra_args=extra) == [], extra
+    for kw in (dict(enforce_eager=False, extra_args=["--enforce-eager"]),
+               dict(enforce_eager=True, extra_args=["--no-enforce-eager"])):
+        with pytest.raises(ValueError, match="enforce_eager"):
+            ServerProcess(ckpts["untied0"], **kw)
+
+
 def _read_ready(owner: subprocess.Popen, timeout: float = 400.0) -> dict:
     deadline = time.monotonic() + timeout
     lines = []

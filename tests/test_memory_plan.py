@@ -294,3 +294,41 @@ def test_moe_activations_count_the_experts_each_token_visits():
                       "num_experts_per_tok": 8}) == 6144
     assert mlp_width({**base, "intermediate_size": 5632, "moe_intermediate_size": 1408, "num_experts": 60,
                       "num_experts_per_tok": 4, "shared_expert_intermediate_size": 5632}) == 4 * 1408 + 5632
+
+
+@pytest.mark.parametrize("family, shape", [
+    # Qwen3-30B-A3B's proportions at a quarter width (8 of the experts per token, experts 3/4 of hidden wide)
+    ("qwen3-moe", dict(hidden_size=256, moe_intermediate_size=192, num_experts=16, num_experts_per_tok=8,
+                       intermediate_size=768, head_dim=64, num_attention_heads=4, num_key_value_heads=1)),
+    # Mixtral's: top 2 of 8 experts, each twice the hidden width
+    ("mixtral", dict(hidden_size=256, intermediate_size=512, num_local_experts=8, num_experts_per_tok=2,
+                     head_dim=64, num_attention_heads=4, num_key_value_heads=2)),
+])
+def test_moe_layer_activations_match_what_transformers_saves_for_backward(family, shape):
+    """A decoder layer's activations as the plan counts them against the bytes autograd actually saves in one
+    layer of the transformers model (float32, random weights): each routed expert also keeps the token's gathered
+    copy and its output, hidden-wide, which with 8 experts per token is ~40% of Qwen3-MoE's layer."""
+    from rollout_sleep.checkpoints import family_config, random_model
+    from rollout_sleep.memory_plan import ModelShape, layer_activation_bytes_per_token
+
+    cfg = family_config(family, "tiny", dtype="float32")
+    for k, v in shape.items():
+        setattr(cfg, k, v)
+    layer = random_model(cfg, dtype=torch.float32).train()
+    batch, tokens = 2, 256
+    hidden = torch.randn(batch, tokens, cfg.hidden_size, requires_grad=True)
+    positions = torch.arange(tokens)[None].expand(batch, tokens)
+    rotary = layer.model.rotary_emb(hidden, positions)
+    skip = {p.untyped_storage().data_ptr() for p in layer.parameters()} | {hidden.untyped_storage().data_ptr()}
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in skip:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer.model.layers[0](hidden, position_embeddings=rotary, attention_mask=None, position_ids=positions)
+    measured = sum(saved.values()) / (batch * tokens)
+    planned = layer_activation_bytes_per_token(ModelShape.from_config(cfg), 4)
+    assert 0.8 <= measured / planned <= 1.2, (measured, planned)

@@ -73,8 +73,9 @@ class Engine(SleepState):
             when sleeping, instead of vLLM's ``empty_cache`` at every sleep; a wake still releases them
             when vLLM would not fit beside them (see :func:`release_cached_memory`).
         llm_kwargs: passed to ``vllm.LLM`` as they are; ``enforce_eager`` left out (or ``None``) is ``True`` on
-            CPU, where vLLM's build compiles with inductor at every start (~15-20 s of a tiny model's ~30 s) and
-            has no CUDA graphs to gain, and vLLM's default (compiled, CUDA graphs) on a GPU.
+            CPU (unless ``compilation_config`` or ``optimization_level`` asks for compilation), where vLLM's
+            build compiles with inductor at every start (~15-20 s of a tiny model's ~30 s) and has no CUDA graphs
+            to gain, and vLLM's default (compiled, CUDA graphs) on a GPU.
     """
 
     keep_trainer_cache = False
@@ -126,8 +127,10 @@ class Engine(SleepState):
         kwargs.update(llm_kwargs)
         if kwargs.get("enforce_eager") is None:
             # vLLM's CPU build compiles with inductor at every start (~15-20 s for a tiny model, most of the start)
-            # and has no CUDA graphs to gain: eager there unless asked; on a GPU vLLM's own default (compiled)
-            kwargs["enforce_eager"] = not self.on_cuda
+            # and has no CUDA graphs to gain: eager there unless asked (eager would override an explicit
+            # compilation_config / optimization_level); on a GPU vLLM's own default (compiled)
+            asked = any(kwargs.get(k) is not None for k in ("compilation_config", "optimization_level"))
+            kwargs["enforce_eager"] = not self.on_cuda and not asked
         t0 = time.perf_counter()
         llm = LLM(**kwargs)
         self._bind(llm, startup_seconds=time.perf_counter() - t0)

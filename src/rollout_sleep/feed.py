@@ -14,7 +14,7 @@ from .weights import TensorSpec, WeightMismatchError, check_weights
 FINITE_CHECK_BYTES = 256 << 20  # a stream's tensors are checked for NaN/Inf with one device sync per this many bytes
 
 
-def _finite_probe(t: torch.Tensor) -> torch.Tensor:
+def finite_probe(t: torch.Tensor) -> torch.Tensor:
     """A 0-d tensor on ``t``'s device that is finite iff ``t`` is: its sum, accumulated in fp32 (fp64 for
     fp64). One read of the tensor, no temporary of its size, no sync. (A sum could overflow only for
     weights near 1e38, which are not sane weights either.)"""
@@ -29,7 +29,7 @@ def non_finite(items: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
         if t.is_floating_point() and t.numel():
             names, sums = probes.setdefault(t.device, ([], []))
             names.append(name)
-            sums.append(_finite_probe(t).double())
+            sums.append(finite_probe(t).double())
     bad = []
     for names, sums in probes.values():
         ok = torch.isfinite(torch.stack(sums))
@@ -138,7 +138,7 @@ class Feed:
                     break
             if self.check_values and tensor.is_floating_point() and tensor.numel():
                 # queued on the tensor's device before it is handed on: reads it while it is valid
-                pending.append((name, _finite_probe(tensor).double()))
+                pending.append((name, finite_probe(tensor).double()))
                 pending_bytes += tensor.numel() * tensor.element_size()
             if self.check_tie and name in TIED:
                 self.tie_samples[name] = _tie_sample(tensor)

@@ -122,6 +122,11 @@ BENIGN = BenignFilter((
     Benign("vllm", "Triton kernel JIT compilation during inference",
            "On a GPU, vLLM compiles its log-softmax kernel for the log-probs the engine asks for at the first "
            "rollout (seen on an H100, vLLM 0.26): a one-time cost of the first step, not of every step."),
+    Benign("vllm", "Enforce eager set, disabling torch.compile",
+           "The engine runs vLLM eager on CPU unless asked otherwise (engine.enforce_eager: its CPU build compiles "
+           "at every start, ~15-20 s of a tiny model's ~30 s); elsewhere eager is what the caller asked for."),
+    Benign("vllm", "Inductor compilation was disabled by user settings",
+           "Same cause (eager mode): vLLM notes that its inductor-only optimizations are then off."),
 ))
 
 # Python warnings (``warnings.warn``) known to be benign, as (message regex, category, why).

@@ -82,16 +82,12 @@ class LoraSettings:
                 "max_lora_rank": next(r for r in VLLM_LORA_RANKS if r >= self.rank)}
 
 
-def _is_peft(model: nn.Module) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
-
-
 def adapter_layers(model: nn.Module, adapter: str = "default") -> dict[str, nn.Module]:
     """PEFT LoRA layers holding ``adapter``, by checkpoint module name (``model.layers.0.self_attn.q_proj``)."""
-    from .sync import unwrap
+    from .sync import is_peft, unwrap
 
     model = unwrap(model)
-    if not _is_peft(model):
+    if not is_peft(model):
         raise TypeError(f"expected a PEFT model (get_peft_model(...)), got {type(model).__name__}")
     out = {}
     for name, module in model.named_modules():

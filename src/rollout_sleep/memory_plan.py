@@ -70,6 +70,12 @@ def mlp_width(cfg: dict) -> int:
     return top_k * expert + shared
 
 
+def experts_per_token(cfg: dict) -> int:
+    """The routed experts each token visits (``num_experts_per_tok``) in a mixture of experts; 0 for a dense model."""
+    experts = cfg.get("num_experts") or cfg.get("num_local_experts") or cfg.get("n_routed_experts")
+    return int(cfg.get("num_experts_per_tok") or 0) if experts else 0
+
+
 @dataclass(frozen=True)
 class ModelShape:
     """What the plan needs of a model: every parameter tensor's element count (tied weights once) and the
@@ -84,6 +90,7 @@ class ModelShape:
     intermediate_size: int  # the MLP width a token passes through (:func:`mlp_width`: routed experts for MoE)
     vocab_size: int
     embedding_numels: tuple[int, ...] = ()  # the input embeddings (adamw8bit keeps their state in float32)
+    experts_per_token: int = 0  # a mixture of experts: the routed experts each token visits (0: dense)
 
     @property
     def params(self) -> int:
@@ -95,7 +102,8 @@ class ModelShape:
         heads = cfg["num_attention_heads"]
         return cls(tuple(sorted(int(n) for n in numels)), cfg["hidden_size"], cfg["num_hidden_layers"], heads,
                    cfg.get("num_key_value_heads") or heads, cfg.get("head_dim") or cfg["hidden_size"] // heads,
-                   mlp_width(cfg), cfg["vocab_size"], tuple(sorted(int(n) for n in embeddings)))
+                   mlp_width(cfg), cfg["vocab_size"], tuple(sorted(int(n) for n in embeddings)),
+                   experts_per_token(cfg))
 
     @classmethod
     def from_checkpoint(cls, path: str | Path) -> "ModelShape":
@@ -194,11 +202,14 @@ def layer_activation_bytes_per_token(s: ModelShape, b: int) -> int:
     """Bytes one decoder layer saves for its backward pass per token (a Llama/Qwen-style layer, transformers'
     eager modules, SDPA attention): two RMSNorms (their float32 input and their output), q/k norms likewise,
     the rotary halves, attention's q, k, v (k and v repeated to every head when a padding mask is given) and its
-    output, o_proj's input, and the MLP's gate, activation, up and product."""
+    output, o_proj's input, and the MLP's gate, activation, up and product. A mixture of experts also keeps, for
+    each expert a token visits, the token's copy gathered for it and the expert's output before its routing
+    weight scales it (transformers' expert loop): two hidden-wide tensors per routed expert."""
     qk = (s.num_heads + s.num_kv_heads) * s.head_dim
     norms = 2 * (4 * s.hidden_size + b * s.hidden_size) + 4 * qk + b * qk
     attention = b * qk + b * 4 * s.num_heads * s.head_dim + b * s.num_heads * s.head_dim
-    return norms + attention + 4 * b * s.intermediate_size
+    routed = 2 * b * s.experts_per_token * s.hidden_size
+    return norms + attention + 4 * b * s.intermediate_size + routed
 
 
 def activation_bytes(i: PlanInputs) -> int:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .feed import _finite_probe, non_finite, non_finite_problem
+from .feed import finite_probe, non_finite, non_finite_problem
 from .weights import WeightMismatchError
 
 ALIGN = 256  # bytes: every slot starts at a multiple (vectorized copies, any dtype's alignment)
@@ -215,7 +215,7 @@ class PackedWeights:
             try:
                 probes.extend(torch.aminmax(flat))
             except (RuntimeError, NotImplementedError):  # a dtype without min/max kernels: a sum is finite iff
-                probes.append(_finite_probe(flat))      # every element is (short of overflow near 1e38)
+                probes.append(finite_probe(flat))      # every element is (short of overflow near 1e38)
         if not probes:
             return []
         if bool(torch.isfinite(torch.stack([p.float() for p in probes])).all()):  # the one sync

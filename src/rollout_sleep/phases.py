@@ -82,14 +82,12 @@ def plot_timeline(rows: list[dict], path: Path) -> Path | None:
     """Stacked bars of seconds per phase for each step (rows: one dict of ``<phase>_s`` per step), saved to
     ``path``; ``None`` without matplotlib."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # no pyplot: the caller's backend stays as it is
     except ImportError:
         return None
     phases = [f"{p}_s" for p in PHASES]
-    fig, ax = plt.subplots(figsize=(8, 3.5))
+    fig = Figure(figsize=(8, 3.5))
+    ax = fig.subplots()
     bottom = [0.0] * len(rows)
     for p in phases:
         vals = [r.get(p, 0.0) for r in rows]
@@ -100,5 +98,4 @@ def plot_timeline(rows: list[dict], path: Path) -> Path | None:
     ax.legend(fontsize=7, ncol=4)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path

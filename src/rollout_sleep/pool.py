@@ -304,14 +304,14 @@ class EnginePool(SleepState):
         of transformers' conversion look-ups, several ms per sync) while each of its parameters is still the
         one its module holds (one dict look-up each). PEFT models get a new one at each sync (merging adapters
         depends on their state)."""
-        from .sync import _is_peft, unwrap
+        from .sync import is_peft, unwrap
 
         cached = getattr(self, "_cached_stream", None)
         if cached is not None and cached[0]() is model and all(m._parameters.get(leaf) is p for m, leaf, p in cached[1]):
             return cached[2]
         stream = WeightStream(model, include_tied_head=False)
         base = unwrap(model)
-        if not _is_peft(base):
+        if not is_peft(base):
             import weakref
 
             try:

