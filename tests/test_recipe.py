@@ -41,35 +41,35 @@ def metrics(out: Path) -> list[dict]:
 
 def test_kill_and_resume_continues_at_the_saved_step(tmp_path):
     out = tmp_path / "run"
-    args = ("train.steps=8", "save_every=3", "data.num_prompts=64", "wandb.mode=disabled", "train.update_check_every=3")
+    args = ("train.steps=6", "save_every=2", "data.num_prompts=48", "wandb.mode=disabled", "train.update_check_every=4")
     proc = launch(out, *args, accelerate=False)
-    for line in proc.stdout:  # kill it hard once step 4 ran (step 3 is saved, step 4 is not)
-        if line.startswith("step 4/8"):
+    for line in proc.stdout:  # kill it hard once step 3 ran (step 2 is saved, step 3 is not)
+        if line.startswith("step 3/6"):
             os.killpg(proc.pid, signal.SIGKILL)
             break
     proc.wait(timeout=60)
     assert proc.returncode != 0
-    assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4]
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3]
     ckpts = out / "checkpoints"
-    (ckpts / "step_7").mkdir()  # a newer checkpoint that is not complete: skipped, said, kept aside
-    (ckpts / ".partial-step_6").mkdir()  # a save that died before its rename: never a checkpoint
+    (ckpts / "step_5").mkdir()  # a newer checkpoint that is not complete: skipped, said, kept aside
+    (ckpts / ".partial-step_4").mkdir()  # a save that died before its rename: never a checkpoint
     log = finish(launch(out, *args, accelerate=False))
-    assert "skipping checkpoint step_7: no recipe_state.json (the save did not finish)" in log, log[-3000:]
-    assert "(step 3)" in log  # resumed from the newest complete saved state
-    assert "moved 1 metrics line(s) of steps after step 3 to metrics.superseded.jsonl" in log
+    assert "skipping checkpoint step_5: no recipe_state.json (the save did not finish)" in log, log[-3000:]
+    assert "(step 2)" in log  # resumed from the newest complete saved state
+    assert "moved 1 metrics line(s) of steps after step 2 to metrics.superseded.jsonl" in log
     rows = metrics(out)
-    assert [r["step"] for r in rows] == list(range(1, 9))  # nothing lost, nothing repeated
-    assert [json.loads(ln)["step"] for ln in (out / "metrics.superseded.jsonl").read_text().splitlines()] == [4]
-    assert sorted(p.name for p in ckpts.iterdir()) == ["incomplete", "step_3", "step_6", "step_8"]
-    assert [p.name for p in (ckpts / "incomplete").iterdir()] == ["step_7"]
-    state = json.loads((ckpts / "step_8" / "recipe_state.json").read_text())
-    assert state["step"] == 8 and state["files"]["model.safetensors"] > 0  # saved whole, with its file list
-    order = list(range(64))
+    assert [r["step"] for r in rows] == list(range(1, 7))  # nothing lost, nothing repeated
+    assert [json.loads(ln)["step"] for ln in (out / "metrics.superseded.jsonl").read_text().splitlines()] == [3]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["incomplete", "step_2", "step_4", "step_6"]
+    assert [p.name for p in (ckpts / "incomplete").iterdir()] == ["step_5"]
+    state = json.loads((ckpts / "step_6" / "recipe_state.json").read_text())
+    assert state["step"] == 6 and state["files"]["model.safetensors"] > 0  # saved whole, with its file list
+    order = list(range(48))
     random.Random(0).shuffle(order)
-    assert [r["first_prompt_index"] for r in rows] == [order[8 * k] for k in range(8)]  # same data order
-    # the update check: each process's first step (1, and 4 after the resume) and every 3rd; fp32 weights all move
+    assert [r["first_prompt_index"] for r in rows] == [order[8 * k] for k in range(6)]  # same data order
+    # the update check: each process's first step (1, and 3 after the resume) and every 4th; fp32 weights all move
     checked = [r["step"] for r in rows if "train/updated_fraction" in r]
-    assert checked == [1, 3, 4, 6] and all(r["train/updated_fraction"] > 0.9 for r in rows if r["step"] in checked)
+    assert checked == [1, 3, 4] and all(r["train/updated_fraction"] > 0.9 for r in rows if r["step"] in checked)
 
 
 def test_accelerate_launch_learns_and_writes_wandb_run_metrics_and_checkpoints(tmp_path):
