@@ -13,7 +13,7 @@ import torch
 
 from conftest import PROMPTS, hf_greedy, hf_model
 from rollout_sleep.engine import IncompleteWeightsError
-from rollout_sleep.server import _check_extra_args
+from rollout_sleep.serve_args import check_extra_args
 from rollout_sleep.sync import verify
 from rollout_sleep.weights import WeightMismatchError
 
@@ -112,15 +112,15 @@ def test_a_truncated_checkpoint_is_refused_before_loading(engine, ckpts, tmp_pat
 def test_abbreviated_or_underscored_guarded_flags_are_refused(args):
     """vLLM's parser turns ``_`` into ``-`` and argparse accepts unambiguous prefixes: both reached --host."""
     with pytest.raises(ValueError, match="not allowed in extra_args"):
-        _check_extra_args(args)
+        check_extra_args(args)
 
 
 def test_an_abbreviated_config_flag_is_still_checked(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("host: 0.0.0.0\n")
     with pytest.raises(ValueError, match="sets host"):
-        _check_extra_args(["--conf", str(cfg)])
-    _check_extra_args(["--max-num-seqs", "4", "--uvicorn-log-level", "warning"])  # ordinary flags pass
+        check_extra_args(["--conf", str(cfg)])
+    check_extra_args(["--max-num-seqs", "4", "--uvicorn-log-level", "warning"])  # ordinary flags pass
 
 
 def test_a_subset_loads_whole_fused_groups_or_is_refused(engine, tied1, ckpts):

@@ -21,7 +21,6 @@ on GPU (the cycle, reload and prefix-cache reset are real; no memory is given ba
 from __future__ import annotations
 
 import atexit
-import ipaddress
 import json
 import os
 import signal
@@ -38,9 +37,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .procgroup import WATCHDOG_SCRIPT, group_alive, in_group, signal_group
+from .serve_args import LOOPBACK, check_extra_args, compile_args, is_loopback
 
-LOOPBACK = "127.0.0.1"
-_GUARDED_ARGS = ("--host", "--port", "--api-key", "--model")  # set through ServerProcess's own arguments
 
 logger = logging.getLogger(__name__)
 
@@ -54,70 +52,6 @@ class ServerUnreachableError(ServerError):
 
 class ServerStartError(ServerError):
     """The managed server exited or did not become healthy in time (the message ends with its log)."""
-
-
-def _check_extra_args(extra_args: list[str]) -> None:
-    """Refuse ``vllm serve`` arguments that would bypass the loopback/API-key guard or contradict the
-    managed process's own settings (``--host``, ``--port``, ``--api-key``, ``--model``, also inside a
-    ``--config`` YAML file)."""
-    for i, arg in enumerate(extra_args):
-        flag = _guarded_flag(arg.split("=", 1)[0])
-        if flag in _GUARDED_ARGS:
-            raise ValueError(f"{flag} is not allowed in extra_args: pass it as ServerProcess({flag[2:].replace('-', '_')}=...) "
-                             "so the loopback guard sees it (another host needs allow_remote=True and an api_key)")
-        if flag == "--config":
-            path = arg.split("=", 1)[1] if "=" in arg else (extra_args[i + 1] if i + 1 < len(extra_args) else "")
-            try:
-                import yaml
-
-                cfg = yaml.safe_load(Path(path).read_text()) or {}
-            except Exception as err:
-                raise ValueError(f"cannot read the --config file {path!r} to check it for host/api-key: {err}") from None
-            keys = {k.replace("_", "-") for k in cfg} if isinstance(cfg, dict) else set()
-            bad = sorted(keys & {a[2:] for a in _GUARDED_ARGS})
-            if bad:
-                raise ValueError(f"the --config file {path!r} sets {', '.join(bad)}: pass these as ServerProcess "
-                                 "arguments instead, so the loopback guard sees them")
-
-
-def _guarded_flag(flag: str) -> str:
-    """The guarded flag (or ``--config``) that vLLM's parser would read ``flag`` as: it turns ``_`` into ``-``
-    and argparse takes any unambiguous prefix (``--hos 0.0.0.0`` is ``--host``); other flags unchanged."""
-    if not flag.startswith("--") or len(flag) < 3:
-        return flag
-    name = flag.replace("_", "-")
-    for guarded in (*_GUARDED_ARGS, "--config"):
-        if guarded.startswith(name):
-            return guarded
-    return flag
-
-
-def _compile_args(extra_args: list[str]) -> tuple[list[str], list[str]]:
-    """The ``extra_args`` that set eager mode (``--enforce-eager`` / ``--no-enforce-eager``, as vLLM's parser reads
-    them: ``_`` for ``-``, a prefix) and those that set compilation (``-O``, ``--optimization-level``,
-    ``--compilation-config`` / ``-cc``, dotted keys included), each as vLLM reads it."""
-    eager, compile_ = [], []
-    for arg in extra_args:
-        name = arg.split("=", 1)[0]
-        if name.startswith("--"):
-            name = name.replace("_", "-")
-        head = name.split(".", 1)[0]
-        for flag in ("--enforce-eager", "--no-enforce-eager"):
-            if len(name) >= len(flag) - len("-eager") and flag.startswith(name):
-                eager.append(flag)
-        if head in ("-O", "--optimization-level", "--compilation-config", "-cc") or \
-                (name.startswith("-O") and not name.startswith("--")):
-            compile_.append(head)
-    return eager, compile_
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def free_port(host: str = LOOPBACK) -> int:
@@ -256,7 +190,7 @@ class ServerProcess:
                  dtype: str | None = None, seed: int = 0, kv_cache_bytes: int | None = None, extra_args: Iterable[str] = (),
                  startup_timeout: float = 600.0, log_path: str | os.PathLike | None = None,
                  enforce_eager: bool | None = None):
-        if not _is_loopback(host):
+        if not is_loopback(host):
             if not allow_remote:
                 raise ValueError(f"refusing to bind the dev endpoints (/sleep, /wake_up, /collective_rpc) to {host!r}: "
                                  "they can wreck a running server. Pass allow_remote=True and an api_key to do it "
@@ -264,14 +198,14 @@ class ServerProcess:
             if not api_key:
                 raise ValueError(f"binding to {host!r} needs an api_key as well as allow_remote=True")
         extra_args = [str(a) for a in extra_args]
-        _check_extra_args(extra_args)
+        check_extra_args(extra_args)
         available = sleep_mode_available()
         if sleep_mode and not available:
             raise ValueError("this vLLM build has no sleep mode (vLLM's CPU build refuses --enable-sleep-mode); "
                              "leave sleep_mode unset to run without it")
         self.model = str(model)
         self.host = host
-        self.port = port or free_port(host if _is_loopback(host) else "")
+        self.port = port or free_port(host if is_loopback(host) else "")
         self.api_key = api_key
         self.sleep_mode = available if sleep_mode is None else sleep_mode
         self.startup_timeout = startup_timeout
@@ -291,9 +225,9 @@ class ServerProcess:
             args += ["--kv-cache-memory-bytes", str(int(kv_cache_bytes))]
         if dtype is not None:
             args += ["--dtype", dtype]
-        eager_args, compile_args = _compile_args(extra_args)
+        eager_args, compile_flags = compile_args(extra_args)
         if enforce_eager is None:  # as Engine: eager on CPU (vLLM compiles at every start there), compiled on GPU
-            enforce_eager = not available and not eager_args and not compile_args
+            enforce_eager = not available and not eager_args and not compile_flags
         elif eager_args:  # said twice: once is enough, a contradiction is refused
             if enforce_eager != (not eager_args[-1].startswith("--no")):
                 raise ValueError(f"enforce_eager={enforce_eager} contradicts {eager_args[-1]} in extra_args: "
@@ -309,7 +243,7 @@ class ServerProcess:
 
     @property
     def url(self) -> str:
-        host = self.host if _is_loopback(self.host) else LOOPBACK
+        host = self.host if is_loopback(self.host) else LOOPBACK
         return f"http://{host}:{self.port}"
 
     @property
