@@ -273,6 +273,20 @@ def _ratio(x, y) -> str:
     return f"{y / x:.2f}x" if x else "-"
 
 
+def _side_by_side(title: str, names: tuple[str, str], art_a: dict, art_b: dict, ours_a: dict, ours_b: dict,
+                  rows) -> list[str]:
+    """One markdown table: the article's two arms, then ours, each with the second / first ratio; ``rows``:
+    ``(label, article key, our key)``."""
+    first, second = names
+    lines = ["", title, "",
+             f"| metric | article: {first} | {second} | {second}/{first} | ours: {first} | {second} | {second}/{first} |",
+             "|---|---|---|---|---|---|---|"]
+    for label, k, ours_k in rows:
+        lines.append(f"| {label} | {_pair(art_a[k])} | {_pair(art_b[k])} | {_ratio(art_a[k], art_b[k])} | "
+                     f"{_pair(ours_a[ours_k])} | {_pair(ours_b[ours_k])} | {_ratio(ours_a[ours_k], ours_b[ours_k])} |")
+    return lines
+
+
 def ablation_markdown(arms: dict[str, dict]) -> str:
     """Side-by-side tables of the article's A100 figures and ours; ``arms``: ``bf16_warmup``,
     ``bf16_no_warmup``, ``fp8_warmup`` → :func:`ablation_figures` (missing arms are left out)."""
@@ -283,28 +297,22 @@ def ablation_markdown(arms: dict[str, dict]) -> str:
              "warm-up's own cost)."]
     on, off, fp8 = (arms.get(k) for k in ("bf16_warmup", "bf16_no_warmup", "fp8_warmup"))
     if on and off:
-        lines += ["", "Warm-up (one-token request after each server starts) on vs off:", "",
-                  "| metric | article: with | without | without/with | ours: with | without | without/with |",
-                  "|---|---|---|---|---|---|---|"]
-        a_on, a_off = art["warmup"]["on"], art["warmup"]["off"]
-        for label, k, ours_k in (("initial load, both models (s)", "initial_load_s", "initial_load_s"),
-                                 ("of which the warm-up requests (s)", "warmup_s", "warmup_s"),
-                                 ("first inference after a wake, A / B (s)", "first_inference_s", "first_inference_s"),
-                                 ("later inferences (s)", "later_inference_s", "later_inference_s"),
-                                 ("total (s; ours: initial load + 5 switches)", "total_s", "total_s")):
-            lines.append(f"| {label} | {_pair(a_on[k])} | {_pair(a_off[k])} | {_ratio(a_on[k], a_off[k])} | "
-                         f"{_pair(on[ours_k])} | {_pair(off[ours_k])} | {_ratio(on[ours_k], off[ours_k])} |")
+        lines += _side_by_side(
+            "Warm-up (one-token request after each server starts) on vs off:", ("with", "without"),
+            art["warmup"]["on"], art["warmup"]["off"], on, off,
+            (("initial load, both models (s)", "initial_load_s", "initial_load_s"),
+             ("of which the warm-up requests (s)", "warmup_s", "warmup_s"),
+             ("first inference after a wake, A / B (s)", "first_inference_s", "first_inference_s"),
+             ("later inferences (s)", "later_inference_s", "later_inference_s"),
+             ("total (s; ours: initial load + 5 switches)", "total_s", "total_s")))
     if on and fp8:
-        lines += ["", "FP8 (vLLM's online FP8 of the bf16 checkpoints) vs bf16, both with warm-up:", "",
-                  "| metric | article: bf16 | FP8 | FP8/bf16 | ours: bf16 | FP8 | FP8/bf16 |",
-                  "|---|---|---|---|---|---|---|"]
-        a_bf, a_fp = art["quantization"]["bf16"], art["quantization"]["fp8"]
-        for label, k, ours_k in (("wake, A / B (s)", "wake_s", "wake_s"),
-                                 ("first inference after a wake, A / B (s)", "inference_s", "first_inference_s"),
-                                 ("initial load, both models (s)", "initial_load_s", "initial_load_s"),
-                                 ("total (s; ours: initial load + 5 switches)", "total_s", "total_s")):
-            lines.append(f"| {label} | {_pair(a_bf[k])} | {_pair(a_fp[k])} | {_ratio(a_bf[k], a_fp[k])} | "
-                         f"{_pair(on[ours_k])} | {_pair(fp8[ours_k])} | {_ratio(on[ours_k], fp8[ours_k])} |")
+        lines += _side_by_side(
+            "FP8 (vLLM's online FP8 of the bf16 checkpoints) vs bf16, both with warm-up:", ("bf16", "FP8"),
+            art["quantization"]["bf16"], art["quantization"]["fp8"], on, fp8,
+            (("wake, A / B (s)", "wake_s", "wake_s"),
+             ("first inference after a wake, A / B (s)", "inference_s", "first_inference_s"),
+             ("initial load, both models (s)", "initial_load_s", "initial_load_s"),
+             ("total (s; ours: initial load + 5 switches)", "total_s", "total_s")))
     return "\n".join(lines)
 
 
