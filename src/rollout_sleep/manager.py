@@ -24,7 +24,7 @@ import torch
 from .completion import Completion
 from .engine import Engine
 from .phases import CYCLE_PHASES, PHASES  # noqa: F401  (PHASES: re-exported, its old home)
-from .sync import WeightStream
+from .sync import WeightStream, local_shard
 from .verification import verify
 from .weights import WeightMismatchError
 
@@ -197,7 +197,7 @@ class RolloutManager:
         shards; no collective)."""
         bad = []
         for name, p in self.model.named_parameters():
-            local = p.to_local() if hasattr(p, "to_local") else p
+            local = local_shard(p)
             if local.numel() and not bool(torch.isfinite(local.detach()).all()):
                 bad.append(name)
         if bad:

@@ -16,13 +16,9 @@ from . import memory_plan
 from .memory import cached_free_bytes
 from .memory_plan import GIB, MemoryPlan
 from .optim import resident_state_bytes
+from .sync import local_shard
 
 MEASURED_STEPS = 2  # the plan is compared with steps 1-2: the optimizer's state appears at step 1's update
-
-
-def local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of an FSDP2 DTensor (the tensor itself otherwise)."""
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def trainer_shards(processes: int, distributed_type: str, zero_stage: int = 0) -> tuple[int, int, int]:
@@ -107,7 +103,7 @@ class Resident:
         self.bytes: dict[str, int] = {}
 
     def note(self, model: torch.nn.Module, optimizer: Any, device_type: str) -> None:
-        grads = sum(local(p.grad).numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+        grads = sum(local_shard(p.grad).numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
         now = {"gradients": grads, "optimizer_state": resident_state_bytes(optimizer, device_type),
                "pytorch_cached_free": cached_free_bytes() if torch.cuda.is_available() else 0}
         self.bytes = {k: max(v, self.bytes.get(k, 0)) for k, v in now.items()}
@@ -120,7 +116,7 @@ def measured_gib(model: torch.nn.Module, optimizer: Any, device_type: str, resid
     state moved to the host (the whole state); ``peaks``: a started :class:`~rollout_sleep.memory.PhasePeaks`
     (stopped here); ``engine_taken``: bytes vLLM took at its start; ``engine_freed_gib``: what its sleep gave
     back; ``activations``: measure them (not while the optimizer state moves in and out)."""
-    weights = sum(local(p).numel() * p.element_size() for p in model.parameters())
+    weights = sum(local_shard(p).numel() * p.element_size() for p in model.parameters())
     state = resident_state_bytes(optimizer, device_type) if offloaded_gib is None else int(offloaded_gib * GIB)
     held = resident.bytes
     rollout = {"trainer_weights": weights / GIB, "gradients": held["gradients"] / GIB,
@@ -137,7 +133,7 @@ def measured_gib(model: torch.nn.Module, optimizer: Any, device_type: str, resid
             if engine_freed_gib is not None:
                 training["engine_asleep"] = engine_taken / GIB - engine_freed_gib
         if activations and "training" in peaks.allocated:
-            grads = sum(local(q).numel() * q.element_size() for q in model.parameters() if q.requires_grad)
+            grads = sum(local_shard(q).numel() * q.element_size() for q in model.parameters() if q.requires_grad)
             training["activations"] = (peaks.allocated["training"] - peaks.allocated_at_start["training"] - grads) / GIB
     return {"rollout": rollout, "training": training}
 

@@ -26,6 +26,11 @@ from torch import nn
 _PEFT_PREFIX = "base_model.model."
 
 
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP2 DTensor (the tensor itself otherwise)."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """Strip DDP / accelerate / ``torch.compile`` wrappers (``module.`` and ``_orig_mod.`` prefixes)."""
     while True:

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from .sync import local_shard
+
 logger = logging.getLogger(__name__)
 
 SLOTS = (torch.float32, torch.bfloat16, torch.float16)  # the per-dtype counts; any other dtype: one more slot
@@ -96,11 +98,6 @@ def innermost_optimizer(optimizer) -> torch.optim.Optimizer:
     if found is None:
         raise TypeError("the optimizer wraps no torch.optim.Optimizer: nothing to hook the update check on")
     return found
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of an FSDP2 DTensor (the tensor itself otherwise)."""
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _take(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -171,7 +168,7 @@ class UpdateCheck:
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                data, grad = _local(p.detach()), _local(p.grad.detach())
+                data, grad = local_shard(p.detach()), local_shard(p.grad.detach())
                 if data.numel() == 0 or not data.is_floating_point():
                     continue
                 index = self._positions(p, data)
@@ -185,7 +182,7 @@ class UpdateCheck:
         per_device: dict[torch.device, torch.Tensor] = {}
         magnitudes: dict[int, list[torch.Tensor]] = {}
         for p, index, before, moved, slot in self._before:
-            after = _take(_local(p.detach()), index)
+            after = _take(local_shard(p.detach()), index)
             acc = per_device.setdefault(before.device, torch.zeros(len(SLOTS) + 1, 2, dtype=torch.float64,
                                                                    device=before.device))
             acc[slot, 0] += ((after != before) & moved).sum()
