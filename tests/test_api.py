@@ -38,9 +38,10 @@ def test_logger_rank_zero_and_benign_filter(monkeypatch):
     # configure() changes process-wide state: put it all back for the tests that follow.
     saved = {name: (logging.getLogger(name).handlers[:], logging.getLogger(name).level,
                     logging.getLogger(name).propagate) for name in ("rollout_sleep", "vllm")}
-    env_before = dict(os.environ)
     catch = warnings.catch_warnings()
     catch.__enter__()
+    log.configure(verbose=True, stream=io.StringIO())  # undo an earlier test's configure(): its env vars included
+    env_before = dict(os.environ)
     try:
         out = io.StringIO()
         monkeypatch.setenv("RANK", "0")
