@@ -276,3 +276,14 @@ def test_layout_places_stacked_experts(stack):
     # a fourth expert that this engine does not hold is left out, not placed elsewhere
     spec["m.experts.3.w2.weight" if stack == "experts" else "m.experts.3.down_proj.weight"] = (hidden, inter)
     assert len(layout.placements(spec, {}, engine, tied=False)) == len(plan)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_config_dir_names_the_causal_lm_class(tmp_path, family):
+    """A weights-free directory (vLLM's dummy load) names the class a saved checkpoint names: without
+    ``architectures`` vLLM 0.26 picks a non-generative runner and ``generate`` fails (the H100 LoRA arm)."""
+    from rollout_sleep.checkpoints import make_config_dir
+
+    bare = json.loads((Path(make_config_dir(tmp_path / "bare", "tiny", family=family)) / "config.json").read_text())
+    full = json.loads((Path(make_checkpoint(tmp_path / "full", "tiny", family=family)) / "config.json").read_text())
+    assert bare["architectures"] == full["architectures"] and bare["architectures"][0].endswith("ForCausalLM")

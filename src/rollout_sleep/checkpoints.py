@@ -306,6 +306,11 @@ def make_config_dir(path: str | os.PathLike, size: str = "tiny", dtype: str = "b
     config = family_config(family, size, dtype, tie_word_embeddings, tokenizer)
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
+    # A checkpoint saved from a model names its class; a bare config does not, and vLLM 0.26 then picks a
+    # non-generative runner ("LLM.generate() is only supported for generative models"): name it here.
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
     config.save_pretrained(out)
     tokenizer.save_pretrained(out)
     config_file = out / "config.json"
