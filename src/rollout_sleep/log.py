@@ -127,6 +127,9 @@ BENIGN = BenignFilter((
            "at every start, ~15-20 s of a tiny model's ~30 s); elsewhere eager is what the caller asked for."),
     Benign("vllm", "Inductor compilation was disabled by user settings",
            "Same cause (eager mode): vLLM notes that its inductor-only optimizations are then off."),
+    Benign("vllm", "Reset SSM cache type to float32",
+           "vLLM's CPU platform says this at every start on a processor with AVX-512 BF16, whatever the model: "
+           "the SSM state belongs to Mamba-style layers, which the models here do not have."),
 ))
 
 # Python warnings (``warnings.warn``) known to be benign, as (message regex, category, why).
