@@ -19,7 +19,7 @@ def child(start: str, target: str | None, sequences: str, util: float) -> None:
     import torch
     from safetensors.torch import load_file
 
-    from rollout_sleep.engine import Engine
+    from rollout_sleep.engine.engine import Engine
 
     kw = {"gpu_memory_utilization": util} if torch.cuda.is_available() else {}
     eng = Engine(start, dtype="bfloat16" if torch.cuda.is_available() else "float32", seed=0,

@@ -34,9 +34,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from rollout_sleep.checkpoints import make_checkpoint  # noqa: E402
-from rollout_sleep.engine import Engine  # noqa: E402
-from rollout_sleep.sync import WeightStream, verify  # noqa: E402
+from rollout_sleep.weights.checkpoints import make_checkpoint  # noqa: E402
+from rollout_sleep.engine.engine import Engine  # noqa: E402
+from rollout_sleep.weights.stream import WeightStream  # noqa: E402
+from rollout_sleep.weights.verify import verify  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 PROMPTS = [[(i * 7 + j * 3) % 200 + 10 for j in range(24)] for i in range(8)]

@@ -110,12 +110,12 @@ def child(args: argparse.Namespace, engines: int, extra: dict, res: dict) -> dic
     import torch
     from transformers import AutoConfig
 
-    from rollout_sleep.checkpoints import random_model
-    from rollout_sleep.data import synthetic_arithmetic
-    from rollout_sleep.memory import kv_cache_bytes_for
-    from rollout_sleep.packing import IPCUnavailableError
-    from rollout_sleep.pool import EnginePool
-    from rollout_sleep.verification import verify
+    from rollout_sleep.weights.checkpoints import random_model
+    from rollout_sleep.grpo.data import synthetic_arithmetic
+    from rollout_sleep.engine.memory import kv_cache_bytes_for
+    from rollout_sleep.pool.packing import IPCUnavailableError
+    from rollout_sleep.pool.pool import EnginePool
+    from rollout_sleep.weights.verify import verify
 
     cuda = torch.cuda.is_available()
     path = str(Path(args.workdir) / args.size / "model")
@@ -136,7 +136,7 @@ def child(args: argparse.Namespace, engines: int, extra: dict, res: dict) -> dic
         step(f"trainer built; starting {engines or 'in-process'} engine(s)")
         t0 = time.perf_counter()
         if engines == 0:  # today's layout: one engine in this (the trainer's) process
-            from rollout_sleep.engine import Engine
+            from rollout_sleep.engine.engine import Engine
 
             share = {"gpu_memory_utilization": 0.9 * torch.cuda.mem_get_info()[0] / torch.cuda.mem_get_info()[1]} \
                 if cuda else {}  # vLLM checks that this much is free at start (the trainer holds some)
@@ -345,7 +345,7 @@ def main() -> None:
     import torch
 
     from rollout_sleep import versions
-    from rollout_sleep.checkpoints import make_checkpoint
+    from rollout_sleep.weights.checkpoints import make_checkpoint
 
     path = Path(args.workdir) / args.size / "model"
     if not (path / "config.json").exists():

@@ -121,8 +121,8 @@ def check(model_path: str, out_json: str) -> None:
     """In a child process: the FP8 engine's two load routes, verify, and our arithmetic vs vLLM's kernel."""
     import torch
 
-    from rollout_sleep import fp8
-    from rollout_sleep.sync import WeightStream
+    from rollout_sleep.weights import fp8
+    from rollout_sleep.weights.stream import WeightStream
 
     res: dict = {}
 
@@ -141,8 +141,8 @@ def check(model_path: str, out_json: str) -> None:
         return
     from transformers import AutoModelForCausalLM
 
-    from rollout_sleep.engine import Engine
-    from rollout_sleep.verification import verify
+    from rollout_sleep.engine.engine import Engine
+    from rollout_sleep.weights.verify import verify
 
     t0 = time.perf_counter()
     engine = Engine(model_path, dtype="bfloat16", quantization="fp8", enforce_eager=True,
@@ -275,7 +275,7 @@ def main() -> None:
     import torch
 
     from rollout_sleep import versions
-    from rollout_sleep.checkpoints import make_checkpoint
+    from rollout_sleep.weights.checkpoints import make_checkpoint
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)

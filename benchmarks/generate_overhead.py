@@ -34,10 +34,10 @@ def child(size: str, mode: str, workdir: Path, repeats: int) -> dict:
     import torch
     from vllm import LLM, SamplingParams
 
-    from rollout_sleep.checkpoints import make_checkpoint
-    from rollout_sleep.data import synthetic_arithmetic
-    from rollout_sleep.completion import fast_output_kwargs
-    from rollout_sleep.engine import Engine
+    from rollout_sleep.weights.checkpoints import make_checkpoint
+    from rollout_sleep.grpo.data import synthetic_arithmetic
+    from rollout_sleep.engine.completion import fast_output_kwargs
+    from rollout_sleep.engine.engine import Engine
 
     path = workdir / "model"
     if not (path / "config.json").exists():

@@ -114,7 +114,7 @@ def config_path(size: str) -> Path:
 
 def engine_settings(args: list[str]) -> dict:
     """The recipe's engine settings for ``--config FILE`` + overrides (as the run resolved them)."""
-    from rollout_sleep.config import load_config
+    from rollout_sleep.run.config import load_config
 
     cfg = load_config(args[0], args[1:]).engine
     return {k: getattr(cfg, k) for k in ("kv_cache", "kv_cache_bytes", "gpu_memory_utilization", "keep_trainer_cache")}
@@ -123,12 +123,12 @@ def engine_settings(args: list[str]) -> dict:
 def shared_checkpoint(size: str, workdir: Path) -> str:
     """The size's random checkpoint as its config builds it (seed, dtype, tying), built once in a child process
     (so this parent holds no GPU memory) and shared by every arm."""
-    from rollout_sleep.config import load_config
+    from rollout_sleep.run.config import load_config
 
     m = load_config(config_path(size), []).model
     path = workdir / f"model-{m.path}-{m.seed}-{m.dtype}-{m.tie_word_embeddings}"
     if not (path / "config.json").exists():
-        code = ("import sys; sys.path.insert(0, sys.argv[1]); from rollout_sleep.checkpoints import make_checkpoint; "
+        code = ("import sys; sys.path.insert(0, sys.argv[1]); from rollout_sleep.weights.checkpoints import make_checkpoint; "
                 "make_checkpoint(sys.argv[2], sys.argv[3], seed=int(sys.argv[4]), dtype=sys.argv[5], "
                 "tie_word_embeddings=None if sys.argv[6] == 'None' else sys.argv[6] == 'True')")
         t0 = time.perf_counter()
@@ -192,7 +192,7 @@ def run_ours(size: str, steps: int, workdir: Path, name: str = "ours", extra: tu
 def trl_knobs(size: str, optim: str | None) -> dict:
     """TRL's settings for the knobs of the size's recipe config: optimizer, micro-batch, gradient checkpointing,
     vLLM's share of the GPU."""
-    from rollout_sleep.config import load_config
+    from rollout_sleep.run.config import load_config
 
     cfg = load_config(config_path(size), [])
     mb = cfg.train.micro_batch
@@ -210,8 +210,8 @@ def run_trl(size: str, steps: int, workdir: Path, plugin: bool, optim: str | Non
     from transformers import AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from rollout_sleep.data import synthetic_arithmetic
-    from rollout_sleep.rewards import arithmetic_exact, digits_format
+    from rollout_sleep.grpo.data import synthetic_arithmetic
+    from rollout_sleep.grpo.rewards import arithmetic_exact, digits_format
 
     cuda = torch.cuda.is_available()
     ds = synthetic_arithmetic(steps * 16 * 2, seed=0)
@@ -329,7 +329,7 @@ def run_size(args, size: str, out_file: Path | None) -> dict:
     prev = json.loads(out_file.read_text()) if out_file is not None and out_file.exists() else {}
     same = prev.get("size") == size and prev.get("device") == device
     result = prev if same else {}
-    from rollout_sleep.config import load_config
+    from rollout_sleep.run.config import load_config
 
     t = load_config(config_path(size), []).train
     result.update({"size": size, "steps": args.steps, "device": device,

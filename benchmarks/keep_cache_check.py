@@ -27,8 +27,8 @@ from pathlib import Path
 def run_case(keep: bool, size: str, cache_gib: float) -> dict:
     import torch
 
-    from rollout_sleep.checkpoints import make_checkpoint
-    from rollout_sleep.engine import Engine
+    from rollout_sleep.weights.checkpoints import make_checkpoint
+    from rollout_sleep.engine.engine import Engine
 
     if not torch.cuda.is_available():
         return {"skipped": "no CUDA device: keep_trainer_cache only acts on CUDA"}

@@ -1,4 +1,4 @@
-"""LoRA GRPO with one copy of the base (``rollout_sleep.lora``) vs the full-sync path (two copies of the base,
+"""LoRA GRPO with one copy of the base (``rollout_sleep.lora.adapter``) vs the full-sync path (two copies of the base,
 the merged model pushed every step) vs TRL + PEFT colocate, the same work on one GPU.
 
     python benchmarks/lora_shared.py --out results/h100/lora --size qwen3-8b
@@ -92,7 +92,7 @@ def gib(b: float) -> float:
 def model_dir(size: str, work: Path, weights: bool) -> str:
     """The model folder: a random checkpoint (written once, reused by every arm), or a config-only folder
     (vLLM builds random weights: ``load_format="dummy"``) where no arm needs the weights on disk."""
-    from rollout_sleep.checkpoints import make_checkpoint, make_config_dir
+    from rollout_sleep.weights.checkpoints import make_checkpoint, make_config_dir
 
     path = work / (f"{size}-ckpt" if weights else f"{size}-config")
     if (path / "config.json").exists():
@@ -114,8 +114,8 @@ def work_settings(args) -> dict:
 def make_engine(path: str, w: dict, lora, args, dummy: bool):
     import torch
 
-    from rollout_sleep.engine import Engine
-    from rollout_sleep.memory import kv_cache_bytes_for
+    from rollout_sleep.engine.engine import Engine
+    from rollout_sleep.engine.memory import kv_cache_bytes_for
 
     cuda = torch.cuda.is_available()
     kw = dict(lora.engine_kwargs() if lora is not None else {})
@@ -146,12 +146,12 @@ def run_ours(arm: str, args) -> dict:
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from rollout_sleep.data import prompt_token_ids, synthetic_arithmetic
-    from rollout_sleep.grpo import grpo_update
-    from rollout_sleep.lora import AdapterSync, LoraSettings
-    from rollout_sleep.shared_base import trainer_from_engine
-    from rollout_sleep.manager import RolloutManager
-    from rollout_sleep.rewards import score
+    from rollout_sleep.grpo.data import prompt_token_ids, synthetic_arithmetic
+    from rollout_sleep.grpo.loss import grpo_update
+    from rollout_sleep.lora.adapter import AdapterSync, LoraSettings
+    from rollout_sleep.lora.shared_base import trainer_from_engine
+    from rollout_sleep.run.manager import RolloutManager
+    from rollout_sleep.grpo.rewards import score
 
     cuda = torch.cuda.is_available()
     w = work_settings(args)
@@ -181,7 +181,7 @@ def run_ours(arm: str, args) -> dict:
     elif not weights_on_disk:  # fullsync at 32B: the trainer's own copy of the base, random, on the GPU
         from transformers import AutoConfig
 
-        from rollout_sleep.checkpoints import random_model
+        from rollout_sleep.weights.checkpoints import random_model
 
         base = random_model(AutoConfig.from_pretrained(path), device="cuda", dtype=torch.bfloat16)
         base.gradient_checkpointing_enable()
@@ -257,8 +257,8 @@ def run_trl(args, plugin: bool = False) -> dict:
     from transformers import AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from rollout_sleep.data import synthetic_arithmetic
-    from rollout_sleep.rewards import arithmetic_exact, digits_format
+    from rollout_sleep.grpo.data import synthetic_arithmetic
+    from rollout_sleep.grpo.rewards import arithmetic_exact, digits_format
 
     if not torch.cuda.is_available():
         return {"skipped": "TRL's colocate sleep mode needs CUDA (vLLM CPU has no sleep allocator)"}
@@ -331,7 +331,7 @@ def run_trl(args, plugin: bool = False) -> dict:
     trainer.train()
     steady = rows[WARMUP:] or rows
     keys = sorted({k for r in steady for k in r})
-    from rollout_sleep.weights import read_checkpoint_spec
+    from rollout_sleep.weights.spec import read_checkpoint_spec
 
     base = sum(int(torch.Size(t.shape).numel()) * t.dtype.itemsize for t in read_checkpoint_spec(path).values())
     return {"arm": "trl_lora_plugin" if plugin else "trl", "init_s": init_s, "rows": rows, "work": w,
@@ -391,7 +391,7 @@ def run_recipe(args) -> dict:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steady = rows[WARMUP:] or rows
     keys = sorted({k for r in steady for k, v in r.items() if k.endswith("_s") and isinstance(v, (int, float))})
-    from rollout_sleep.weights import read_checkpoint_spec
+    from rollout_sleep.weights.spec import read_checkpoint_spec
 
     spec = read_checkpoint_spec(out / "model")
     base = sum(int(torch.Size(t.shape).numel()) * t.dtype.itemsize for t in spec.values())

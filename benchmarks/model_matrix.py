@@ -5,7 +5,7 @@
     python benchmarks/model_matrix.py --out DIR --size small                             # ~0.5-2B shapes
     python benchmarks/model_matrix.py --out DIR --size tiny --families qwen2.5           # CPU smoke run
 
-Per family (random weights, built with ``rollout_sleep.checkpoints``; ``enforce_eager=True``), in a
+Per family (random weights, built with ``rollout_sleep.weights.checkpoints``; ``enforce_eager=True``), in a
 child process each (an in-process vLLM never gives its GPU memory back):
 1. checkpoint A (seed 0) for the engine, the trainer (seed 1, on the GPU) saves checkpoint B; the engine
    starts on A, and ``verify`` against the trainer must fail;
@@ -65,9 +65,10 @@ def run_family(family: str, size: str, work: Path, out: dict, util: float) -> No
     """Steps 1-4 for one family (the child process); fills ``out`` as it goes."""
     import torch
 
-    from rollout_sleep.checkpoints import build_tokenizer, family_config, random_model
-    from rollout_sleep.engine import Engine
-    from rollout_sleep.sync import WeightStream, verify
+    from rollout_sleep.weights.checkpoints import build_tokenizer, family_config, random_model
+    from rollout_sleep.engine.engine import Engine
+    from rollout_sleep.weights.stream import WeightStream
+    from rollout_sleep.weights.verify import verify
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -183,7 +184,7 @@ def fresh_scores(paths: list[str], util: float) -> list:
     """Log-probs from a fresh engine per path, in this process (one after another)."""
     import torch
 
-    from rollout_sleep.engine import Engine
+    from rollout_sleep.engine.engine import Engine
 
     cuda = torch.cuda.is_available()
     res = []
@@ -271,7 +272,7 @@ def main() -> None:
     if args.fresh:
         return _fresh_child(args)
 
-    from rollout_sleep.checkpoints import FAMILIES
+    from rollout_sleep.weights.checkpoints import FAMILIES
 
     families = list(FAMILIES) if args.families == "all" else args.families.split(",")
     unknown = [f for f in families if f not in FAMILIES]

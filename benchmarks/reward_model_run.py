@@ -7,7 +7,7 @@ Both arms run ``recipes/grpo.py`` on ``configs/example-gsm8k.yaml`` (examples/gs
 TRL-style reward functions) in a fresh process each (a vLLM engine's memory is returned only at process
 exit), with the same policy checkpoint, seed and settings: ``functions`` = gsm8k_correct + gsm8k_format;
 ``reward_model`` = the same plus a random Qwen3 sequence classifier (``--rm-size``, built with
-``rollout_sleep.checkpoints.make_reward_checkpoint``) scored on the GPU in the training phase (engine asleep).
+``rollout_sleep.weights.checkpoints.make_reward_checkpoint``) scored on the GPU in the training phase (engine asleep).
 
 Per arm it writes the recipe's per-step metrics, medians over the steps after the first (step time,
 reward scoring, each phase), the trainer's peak allocated GPU memory (PyTorch allocator: policy, optimizer,
@@ -129,7 +129,7 @@ def run_arm(name: str, args, policy: str, rewards: list[str], weights: list[floa
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
-    ap.add_argument("--size", default="qwen3-0.6b", help="policy shape (rollout_sleep.checkpoints.SHAPES)")
+    ap.add_argument("--size", default="qwen3-0.6b", help="policy shape (rollout_sleep.weights.checkpoints.SHAPES)")
     ap.add_argument("--rm-size", default=None, help="reward model shape (default: --size)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--prompts", type=int, default=8)
@@ -149,7 +149,7 @@ def main() -> None:
         args.max_tokens, args.dtype, args.lr, args.gpu_memory_utilization = 16, "float32", 3e-3, None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    from rollout_sleep.checkpoints import make_checkpoint, make_reward_checkpoint
+    from rollout_sleep.weights.checkpoints import make_checkpoint, make_reward_checkpoint
 
     report = {"benchmark": "reward_model_run", "device": device_name(), "versions": versions(),
               "args": vars(args), "arms": {}}

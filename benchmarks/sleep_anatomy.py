@@ -81,7 +81,7 @@ def child(args) -> None:
     spec = importlib.util.spec_from_file_location("grpo_recipe", ROOT / "recipes" / "grpo.py")
     recipe_mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recipe_mod)
-    from rollout_sleep.config import load_config
+    from rollout_sleep.run.config import load_config
 
     recipe = recipe_mod.GRPORecipe(load_config(str(ROOT / "configs" / f"{args.size}.yaml"), args.overrides))
     recipe.setup()

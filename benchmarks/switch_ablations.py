@@ -1,4 +1,4 @@
-"""The sleep-mode article's two ablations with ``rollout-sleep switch-bench``, beside its A100 figures.
+"""The sleep-mode article's two ablations with ``benchmarks/switch_bench.py``, beside its A100 figures.
 
     python benchmarks/switch_ablations.py --out results/h100/switch_bench/ablations
     python benchmarks/switch_ablations.py --out /tmp/abl --quick      # CPU: tiny models, FP8 refused
@@ -49,7 +49,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.models, args.switches, args.max_tokens = ["tiny", "tiny"], 2, 8
-    from rollout_sleep import switch_bench as sb
+    import switch_bench as sb
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -68,12 +68,12 @@ def main() -> None:
     for arm in args.arms.split(","):
         warmup, quant = ARMS[arm]
         arm_out = work / arm
-        cmd = [sys.executable, "-m", "rollout_sleep.cli", "switch-bench", "--models", *models, "--modes", "level1",
+        cmd = [sys.executable, str(Path(__file__).with_name("switch_bench.py")), "--models", *models, "--modes", "level1",
                "--switches", str(args.switches), "--max-tokens", str(args.max_tokens), "--warmup", warmup,
                "--quantization", quant, "--out", str(arm_out)]
         t0 = time.perf_counter()
         rc, _, err = run_bounded(cmd, args.arm_timeout, env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
-        entry: dict = {"command": cmd[2:], "wall_s": time.perf_counter() - t0}
+        entry: dict = {"command": cmd[1:], "wall_s": time.perf_counter() - t0}
         raw = arm_out / "switch_bench.json"
         if rc == 0 and raw.exists():
             run = json.loads(raw.read_text())
@@ -95,7 +95,7 @@ def main() -> None:
 
 def write_tables(result: dict, out: Path) -> str:
     """ablations.md and .png from the arms done so far, and ablations.json (with the chart's status)."""
-    from rollout_sleep import switch_bench as sb
+    import switch_bench as sb
 
     figures = {a: e["figures"] for a, e in result["arms"].items() if "figures" in e}
     table = sb.ablation_markdown(figures)

@@ -25,7 +25,7 @@ PROMPTS = [[(7 * i + 3 * j) % 250 + 1 for j in range(16)] for i in range(8)]
 
 def tp1_tokens(path: str, out: str) -> None:
     """Child process: a TP=1 engine from the trainer's saved weights; writes its greedy tokens."""
-    from rollout_sleep.engine import Engine
+    from rollout_sleep.engine.engine import Engine
 
     eng = Engine(path, dtype="bfloat16", seed=0, gpu_memory_utilization=0.4)
     toks = [c.token_ids for c in eng.generate(PROMPTS, max_tokens=32, min_tokens=32, temperature=0.0)]
@@ -48,9 +48,10 @@ def main() -> None:
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
-    from rollout_sleep.checkpoints import make_checkpoint
-    from rollout_sleep.engine import Engine
-    from rollout_sleep.sync import WeightStream, verify
+    from rollout_sleep.weights.checkpoints import make_checkpoint
+    from rollout_sleep.engine.engine import Engine
+    from rollout_sleep.weights.stream import WeightStream
+    from rollout_sleep.weights.verify import verify
 
     dist.init_process_group("nccl")
     rank, world = dist.get_rank(), dist.get_world_size()

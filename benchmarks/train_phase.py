@@ -22,9 +22,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from rollout_sleep import grpo, versions  # noqa: E402
-from rollout_sleep.checkpoints import SHAPES, qwen3_config  # noqa: E402
-from rollout_sleep.completion import Completion  # noqa: E402
+from rollout_sleep import versions  # noqa: E402
+from rollout_sleep.grpo import loss as grpo  # noqa: E402
+from rollout_sleep.weights.checkpoints import SHAPES, qwen3_config  # noqa: E402
+from rollout_sleep.engine.completion import Completion  # noqa: E402
 
 
 def full_rowwise(model, ids, attn, positions, n, temperature=1.0):

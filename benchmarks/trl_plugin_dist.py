@@ -93,7 +93,7 @@ def _check(trainer, reference, initial: dict) -> dict:
     against it; count the tensors that moved away from the checkpoint."""
     import torch
 
-    from rollout_sleep.verification import verify
+    from rollout_sleep.weights.verify import verify
 
     module = trainer.accelerator.unwrap_model(trainer.model_wrapped)
     full, how = _full_weights(module)
@@ -146,8 +146,8 @@ def rank_worker(a) -> None:
         from trl import GRPOConfig, GRPOTrainer
 
         import rollout_sleep.integrations.trl as plugin
-        from rollout_sleep.data import synthetic_arithmetic
-        from rollout_sleep.rewards import digits_format
+        from rollout_sleep.grpo.data import synthetic_arithmetic
+        from rollout_sleep.grpo.rewards import digits_format
 
         def reward(prompts, completions, **kw):
             return [digits_format(c, {}) for c in completions]
@@ -299,7 +299,7 @@ def main() -> None:
         ap.error(f"unknown case(s) {unknown}; choose from {list(CASES)}")
     ckpt = a.ckpt
     if ckpt is None:
-        from rollout_sleep.checkpoints import make_checkpoint
+        from rollout_sleep.weights.checkpoints import make_checkpoint
 
         ckpt = str(make_checkpoint(work / "ckpt", "tiny", seed=0, dtype="bfloat16" if cuda else "float32"))
     report = {"device": torch.cuda.get_device_name(0) if cuda else "cpu",

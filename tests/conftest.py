@@ -25,7 +25,7 @@ DTYPE = "float32"  # fp32 on CPU: vLLM and transformers then agree token for tok
 
 @pytest.fixture(scope="session")
 def ckpts(tmp_path_factory):
-    from rollout_sleep.checkpoints import make_checkpoint
+    from rollout_sleep.weights.checkpoints import make_checkpoint
 
     root = tmp_path_factory.mktemp("ckpts")
     return {
@@ -38,7 +38,7 @@ def ckpts(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def _session_engine(ckpts):
-    from rollout_sleep.engine import Engine
+    from rollout_sleep.engine.engine import Engine
 
     holder = {"engine": Engine(ckpts["tied0"], dtype=DTYPE, seed=0)}
     yield holder
@@ -55,7 +55,7 @@ def _vllm_groups_alive() -> bool:
 
 @pytest.fixture()
 def engine(_session_engine, ckpts):
-    from rollout_sleep.engine import Engine
+    from rollout_sleep.engine.engine import Engine
 
     if not _vllm_groups_alive():
         # shut the stale engine down before building its replacement: left to the garbage collector, its

@@ -15,7 +15,7 @@ def main() -> None:
     import traceback
 
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    from rollout_sleep.engine import Engine
+    from rollout_sleep.engine.engine import Engine
 
     jobs = json.loads(open(sys.argv[1]).read())
     with open(sys.argv[2], "a") as out:

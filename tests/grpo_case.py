@@ -1,4 +1,4 @@
-"""One GRPO batch, fed to the recipe's update (``rollout_sleep.grpo.grpo_update``) and to TRL's own code
+"""One GRPO batch, fed to the recipe's update (``rollout_sleep.grpo.loss.grpo_update``) and to TRL's own code
 (``GRPOTrainer._generate_and_score_completions`` then ``_compute_loss`` per micro-batch, as its training step
 runs them). Used by tests/test_grpo_vs_trl.py and tests/grpo_dist_worker.py.
 
@@ -69,8 +69,8 @@ def recipe_step(model, ref_model, rows: list[int], ids, logprobs, *, loss_type: 
                 temperature: float, beta: float, backward=None, grad_model=None, no_sync=None):
     """The recipe's loss and gradient on ``rows`` of the batch (its ``grpo_update``, TRL's defaults: sequence-level
     correction masked above 3, clip 0.2, bias-corrected KL). Returns ``(loss, {name: grad})``."""
-    from rollout_sleep.completion import Completion
-    from rollout_sleep.grpo import grpo_update
+    from rollout_sleep.engine.completion import Completion
+    from rollout_sleep.grpo.loss import grpo_update
 
     groups = sorted({r // GROUP for r in rows})
     comps = [Completion(groups.index(r // GROUP), PROMPTS[r // GROUP], ids[r], logprobs[r], "", "length")

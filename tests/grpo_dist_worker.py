@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
 import grpo_case as case  # noqa: E402
-from rollout_sleep.grpo import LOSS_TYPES  # noqa: E402
+from rollout_sleep.grpo.loss import LOSS_TYPES  # noqa: E402
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from conftest import PROMPTS, hf_greedy, hf_model
-from rollout_sleep.engine import IncompleteWeightsError
-from rollout_sleep.serve_args import check_extra_args
-from rollout_sleep.sync import verify
-from rollout_sleep.weights import WeightMismatchError
+from rollout_sleep.engine.state import IncompleteWeightsError
+from rollout_sleep.serve.args import check_extra_args
+from rollout_sleep.weights.verify import verify
+from rollout_sleep.weights.spec import WeightMismatchError
 
 
 def greedy(engine, prompts=PROMPTS[:4], n=6):

@@ -14,8 +14,9 @@ import copy
 import pytest
 import torch
 
-from rollout_sleep.checkpoints import build_tokenizer, family_config, random_model
-from rollout_sleep.sync import WeightStream, verify
+from rollout_sleep.weights.checkpoints import build_tokenizer, family_config, random_model
+from rollout_sleep.weights.stream import WeightStream
+from rollout_sleep.weights.verify import verify
 
 SEQUENCES = [[(11 * i + 5 * j) % 250 + 1 for j in range(20)] for i in range(3)]
 
@@ -70,7 +71,7 @@ def test_tied_head_of_a_non_llama_embedding_name(tmp_path):
     """OPT ties its head to ``model.decoder.embed_tokens``: a stream sync and a path reload must give the
     trainer's log-probs on vLLM CPU (its head computes with a packed copy), and verify must say so honestly
     (a passing verify with a stale head was the bug)."""
-    from rollout_sleep.engine import Engine
+    from rollout_sleep.engine.engine import Engine
 
     tokenizer = build_tokenizer()
     config = _opt_config(tokenizer)
@@ -129,7 +130,7 @@ def test_checkpoint_with_rotary_tables_and_shards_takes_a_trainer_sync(tmp_path)
     (it was refused as 'missing weight ...inv_freq')."""
     from safetensors.torch import load_file, save_file
 
-    from rollout_sleep.weights import check_weights, read_checkpoint_spec
+    from rollout_sleep.weights.spec import check_weights, read_checkpoint_spec
 
     model = random_model(family_config("qwen2.5", "tiny", "float32"), seed=0, std=0.3, dtype=torch.float32)
     model.save_pretrained(tmp_path, max_shard_size="100KB")

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from rollout_sleep import run_dir
-from rollout_sleep.config import ConfigError, RecipeConfig, check_processes, load_config, validate_rewards
-from rollout_sleep.data import check_prompts, load_prompts
+from rollout_sleep.run import output_dir
+from rollout_sleep.run.config import ConfigError, check_processes, load_config, validate_rewards
+from rollout_sleep.run.schema import RecipeConfig
+from rollout_sleep.grpo.data import check_prompts, load_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "grpo.py"
@@ -31,18 +32,18 @@ def test_overwrite_deletes_only_what_a_run_wrote(tmp_path):
     (home / "checkpoints" / "thesis.pdf").write_text("precious")
     (home / "metrics.jsonl").write_text('{"accuracy": 0.9}\n')
     cfg = RecipeConfig().to_dict()
-    with pytest.raises(run_dir.RunDirError, match="not a run of this recipe .* so overwrite=true will not delete"):
-        run_dir.check_output_dir(home, cfg, resume=False, overwrite=True)
-    assert run_dir.clear_run(home, cfg) == []
+    with pytest.raises(output_dir.RunDirError, match="not a run of this recipe .* so overwrite=true will not delete"):
+        output_dir.check_output_dir(home, cfg, resume=False, overwrite=True)
+    assert output_dir.clear_run(home, cfg) == []
     assert (home / "checkpoints" / "thesis.pdf").read_text() == "precious" and (home / "metrics.jsonl").exists()
 
     run = tmp_path / "run"
     for name in ("step_2", ".partial-step_4", "incomplete/step_3", "my_notes"):
         (run / "checkpoints" / name).mkdir(parents=True)
     (run / "metrics.jsonl").write_text('{"step": 1}\n')
-    run_dir.write_run_config(run, cfg)
-    run_dir.check_output_dir(run, cfg, resume=False, overwrite=True)
-    assert run_dir.clear_run(run, cfg) == ["metrics.jsonl", "checkpoints", "run_config.json"]
+    output_dir.write_run_config(run, cfg)
+    output_dir.check_output_dir(run, cfg, resume=False, overwrite=True)
+    assert output_dir.clear_run(run, cfg) == ["metrics.jsonl", "checkpoints", "run_config.json"]
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["my_notes"]
 
 
@@ -54,10 +55,10 @@ def test_a_model_the_run_did_not_build_is_never_deleted(tmp_path):
     (out / "model" / "config.json").write_text("{}")
     old = RecipeConfig()
     old.model.path = str(out / "model")
-    run_dir.write_run_config(out, old.to_dict())
+    output_dir.write_run_config(out, old.to_dict())
     new = RecipeConfig().to_dict()  # model.path: tiny
-    assert not run_dir.drop_stale_model(out, new)
-    assert run_dir.clear_run(out, new) == ["run_config.json"] and (out / "model" / "config.json").exists()
+    assert not output_dir.drop_stale_model(out, new)
+    assert output_dir.clear_run(out, new) == ["run_config.json"] and (out / "model" / "config.json").exists()
 
 
 def test_config_refuses_non_finite_weights_and_a_file_as_output_dir(tmp_path):
@@ -135,11 +136,11 @@ def test_prompts_per_step_must_split_evenly_across_processes():
 
 def test_one_run_at_a_time_in_an_output_dir(tmp_path):
     out = tmp_path / "run"
-    held = run_dir.lock(out)
-    with pytest.raises(run_dir.RunDirError, match=f"is in use by process {os.getpid()}"):
-        run_dir.lock(out)
+    held = output_dir.lock(out)
+    with pytest.raises(output_dir.RunDirError, match=f"is in use by process {os.getpid()}"):
+        output_dir.lock(out)
     held.close()  # (a process that ends, even killed, releases it)
-    run_dir.lock(out).close()
+    output_dir.lock(out).close()
 
 
 def test_recipe_refuses_an_empty_dataset_and_a_busy_output_dir_before_the_engine(tmp_path):
@@ -148,7 +149,7 @@ def test_recipe_refuses_an_empty_dataset_and_a_busy_output_dir_before_the_engine
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     busy = tmp_path / "busy"
-    held = run_dir.lock(busy)
+    held = output_dir.lock(busy)
     cases = {"empty": ([f"output_dir={tmp_path / 'a'}", f"data.dataset={empty}"], 2,
                        f"data.dataset {str(empty)!r} cannot be used: it has no rows"),
              "busy": ([f"output_dir={busy}"], 1, f"output_dir {str(busy)!r} is in use by process {os.getpid()}")}
@@ -172,7 +173,7 @@ def test_rewards_as_users_write_them(tmp_path, monkeypatch):
     import numpy as np
     import torch
 
-    from rollout_sleep.rewards import reward_metrics, resolve_rewards, score_rewards
+    from rollout_sleep.grpo.rewards import reward_metrics, resolve_rewards, score_rewards
 
     task = tmp_path / "task"
     task.mkdir()
@@ -212,15 +213,15 @@ def test_a_save_killed_between_its_last_write_and_its_rename_is_not_lost(tmp_pat
 
     ckpts = tmp_path / "checkpoints"
     for step in (2, 4):
-        staging = run_dir.stage(ckpts / f"step_{step}")
+        staging = output_dir.stage(ckpts / f"step_{step}")
         staging.mkdir(parents=True)
         save_file({"w": torch.ones(3)}, str(staging / "model.safetensors"))
-        run_dir.commit(staging, ckpts / f"step_{step}", {"step": step})
-    os.replace(ckpts / "step_4", run_dir.stage(ckpts / "step_4"))  # killed before the rename
+        output_dir.commit(staging, ckpts / f"step_{step}", {"step": step})
+    os.replace(ckpts / "step_4", output_dir.stage(ckpts / "step_4"))  # killed before the rename
     (ckpts / ".partial-step_6").mkdir()  # killed while writing
     (ckpts / ".partial-step_6" / "model.safetensors").write_bytes(b"\0" * 4)
-    assert run_dir.clear_staging(ckpts) == [ckpts / ".partial-step_6"]
-    assert run_dir.newest_complete(ckpts) == (ckpts / "step_4", [])
+    assert output_dir.clear_staging(ckpts) == [ckpts / ".partial-step_6"]
+    assert output_dir.newest_complete(ckpts) == (ckpts / "step_4", [])
 
 
 def test_overwrite_without_resume_false_is_refused():
@@ -251,17 +252,17 @@ def test_a_resume_with_other_reward_weights_is_another_run(tmp_path):
     """The weights define the objective as much as the rewards do (the old code let a resume change them
     silently); writing out the default weights is not a change."""
     cfg = RecipeConfig().to_dict()
-    run_dir.write_run_config(tmp_path, cfg)
+    output_dir.write_run_config(tmp_path, cfg)
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
-    run_dir.check_output_dir(tmp_path, {**cfg, "reward_weights": [1.0, 1.0]}, resume=True)
-    with pytest.raises(run_dir.RunDirError, match=r"holds a different run: reward_weights: \[1.0, 1.0\] -> \[1.0, 0.1\]"):
-        run_dir.check_output_dir(tmp_path, {**cfg, "reward_weights": [1.0, 0.1]}, resume=True)
+    output_dir.check_output_dir(tmp_path, {**cfg, "reward_weights": [1.0, 1.0]}, resume=True)
+    with pytest.raises(output_dir.RunDirError, match=r"holds a different run: reward_weights: \[1.0, 1.0\] -> \[1.0, 0.1\]"):
+        output_dir.check_output_dir(tmp_path, {**cfg, "reward_weights": [1.0, 0.1]}, resume=True)
 
 
 def test_a_huge_watchdog_timeout_means_no_limit_not_a_crash():
     """``watchdog.train_s=1e12`` ("never") overflowed the timers: the first watched phase raised OverflowError
     and the watchdog's thread died (no phase was watched any more)."""
-    from rollout_sleep.watchdog import Watchdog
+    from rollout_sleep.run.watchdog import Watchdog
 
     wd = Watchdog({"train": 1e12, "save": 1.0})
     with wd.phase("train", "a long thing"):
@@ -275,7 +276,7 @@ def test_a_huge_watchdog_timeout_means_no_limit_not_a_crash():
 def test_a_reward_model_with_two_labels_is_refused_before_the_engine(tmp_path):
     """The old code only warned ("the reward is label 0's logit") and then failed to load it after vLLM had
     started (num_labels=1, as TRL loads it, does not fit a two-row score head)."""
-    from rollout_sleep.checkpoints import make_reward_checkpoint
+    from rollout_sleep.weights.checkpoints import make_reward_checkpoint
 
     path = Path(make_reward_checkpoint(tmp_path / "rm", "tiny", seed=0, dtype="float32"))
     assert validate_rewards([str(path)]) == []
@@ -290,18 +291,18 @@ def test_the_warnings_advice_on_resume_is_accepted(tmp_path, caplog):
     """Extending a run whose data.num_prompts is unset warns "set data.num_prompts to N to keep the earlier
     order"; doing so was then refused as "a different run" (data: num_prompts None -> N)."""
     cfg = RecipeConfig().to_dict()  # steps 12 x prompts_per_step 8, num_prompts unset: 96 prompts
-    run_dir.write_run_config(tmp_path, cfg)
+    output_dir.write_run_config(tmp_path, cfg)
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
     longer = json.loads(json.dumps(cfg))
     longer["train"]["steps"] = 20
-    with caplog.at_level("WARNING", logger="rollout_sleep.run_dir"):
-        run_dir.check_output_dir(tmp_path, longer, resume=True)
+    with caplog.at_level("WARNING", logger="rollout_sleep.run.output_dir"):
+        output_dir.check_output_dir(tmp_path, longer, resume=True)
     assert "set data.num_prompts to 96 to keep the earlier order" in caplog.text
     longer["data"]["num_prompts"] = 96
-    run_dir.check_output_dir(tmp_path, longer, resume=True)  # the advice followed: the same data, accepted
+    output_dir.check_output_dir(tmp_path, longer, resume=True)  # the advice followed: the same data, accepted
     longer["data"]["num_prompts"] = 50
-    with pytest.raises(run_dir.RunDirError, match="holds a different run: data: "):
-        run_dir.check_output_dir(tmp_path, longer, resume=True)
+    with pytest.raises(output_dir.RunDirError, match="holds a different run: data: "):
+        output_dir.check_output_dir(tmp_path, longer, resume=True)
 
 
 def test_resume_into_a_folder_that_is_not_a_run_is_refused(tmp_path):
@@ -309,5 +310,5 @@ def test_resume_into_a_folder_that_is_not_a_run_is_refused(tmp_path):
     the old code moved step_5 into checkpoints/incomplete, rewrote the metrics file and appended to it."""
     (tmp_path / "checkpoints" / "step_5").mkdir(parents=True)
     (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n')
-    with pytest.raises(run_dir.RunDirError, match="not a run of this recipe .* so the run would move its checkpoints"):
-        run_dir.check_output_dir(tmp_path, RecipeConfig().to_dict(), resume=True)
+    with pytest.raises(output_dir.RunDirError, match="not a run of this recipe .* so the run would move its checkpoints"):
+        output_dir.check_output_dir(tmp_path, RecipeConfig().to_dict(), resume=True)

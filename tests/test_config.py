@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rollout_sleep.config import ConfigError, load_config
+from rollout_sleep.run.config import ConfigError, load_config
 
 
 def test_engine_cache_settings_defaults_and_overrides():
@@ -90,7 +90,7 @@ def test_recipe_help_lists_every_config_key_with_its_default_and_meaning():
     import sys
     from pathlib import Path
 
-    from rollout_sleep.config import RecipeConfig
+    from rollout_sleep.run.schema import RecipeConfig
 
     def keys(obj, prefix=""):
         for f in dataclasses.fields(obj):

@@ -6,13 +6,13 @@ import sys
 
 import torch
 
-from rollout_sleep.grpo import group_advantages, grpo_loss, pad_batch
-from rollout_sleep.rewards import score
+from rollout_sleep.grpo.loss import group_advantages, grpo_loss, pad_batch
+from rollout_sleep.grpo.rewards import score
 
 
 def test_demo_reward_rises_and_output_is_quiet():
     # The command a newcomer runs, in a subprocess (the demo starts its own engine; one per process).
-    proc = subprocess.run([sys.executable, "-m", "rollout_sleep.cli", "demo", "--steps", "12"],
+    proc = subprocess.run([sys.executable, "-m", "rollout_sleep.cli.main", "demo", "--steps", "12"],
                           capture_output=True, text=True, timeout=600)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-3000:]

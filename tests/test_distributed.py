@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import clear_cpu_tp_shm
-from rollout_sleep.server import free_port
+from rollout_sleep.serve.server import free_port
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 TP_WORKER = Path(__file__).with_name("tp_worker.py")

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from conftest import PROMPTS, assert_follows, hf_greedy, hf_model
-from rollout_sleep.engine import EngineStateError
-from rollout_sleep.sync import WeightStream
-from rollout_sleep.weights import WeightMismatchError
+from rollout_sleep.engine.state import EngineStateError
+from rollout_sleep.weights.stream import WeightStream
+from rollout_sleep.weights.spec import WeightMismatchError
 
 N = 16  # tokens compared per prompt
 
@@ -99,7 +99,7 @@ def test_untied_model_path_reload_uses_vllm_path_route(ckpts):
     code = f"""
 import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})
 from conftest import assert_follows, hf_model
-from rollout_sleep.engine import Engine
+from rollout_sleep.engine.engine import Engine
 eng = Engine({ckpts["untied0"]!r}, dtype="float32")
 eng.sleep(level=2)
 eng.wake_up(weights={ckpts["untied1"]!r})
@@ -193,7 +193,7 @@ def test_cpu_memory_report_says_what_it_measures(engine):
 
 def test_release_cached_memory_only_when_short(monkeypatch):
     """Pure logic (no GPU here): empty PyTorch's cache only if free memory can't hold what the engine maps back."""
-    import rollout_sleep.memory as mem_mod
+    import rollout_sleep.engine.memory as mem_mod
 
     emptied = []
     monkeypatch.setattr(mem_mod.torch.cuda, "is_available", lambda: True)
@@ -206,7 +206,7 @@ def test_release_cached_memory_only_when_short(monkeypatch):
 
 def test_kv_cache_bytes_for_matches_vllms_cache(engine):
     """vLLM turns the engine's KV-cache bytes into blocks; our per-token size must give the same token count."""
-    from rollout_sleep.memory import kv_cache_bytes_for
+    from rollout_sleep.engine.memory import kv_cache_bytes_for
 
     cache = engine.llm.llm_engine.vllm_config.cache_config
     tokens = cache.num_gpu_blocks * cache.block_size
@@ -216,7 +216,7 @@ def test_kv_cache_bytes_for_matches_vllms_cache(engine):
 
 def test_sleep_keeping_the_trainer_cache_suppresses_only_the_sleeps_empty_cache(monkeypatch):
     """Pure logic (no GPU here): inside the sleep, vLLM's ``empty_cache`` is a no-op; after it, the real one."""
-    import rollout_sleep.memory as mem_mod
+    import rollout_sleep.engine.memory as mem_mod
 
     calls = []
     monkeypatch.setattr(mem_mod.torch.cuda, "empty_cache", lambda: calls.append("emptied"))
@@ -236,7 +236,7 @@ def test_enforce_eager_default_yields_to_an_explicit_compile_request(ckpts, monk
     # applies only where the caller asked nothing about compilation, as ServerProcess does.
     import vllm
 
-    from rollout_sleep.engine import Engine
+    from rollout_sleep.engine.engine import Engine
 
     seen = []
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conftest import PROMPTS, assert_follows, hf_model
-from rollout_sleep.engine import IncompleteWeightsError
-from rollout_sleep.weights import WeightMismatchError
+from rollout_sleep.engine.state import IncompleteWeightsError
+from rollout_sleep.weights.spec import WeightMismatchError
 
 
 def greedy(engine, prompts=PROMPTS[:4], n=6):
@@ -153,7 +153,7 @@ def test_a_failing_wake_does_not_hide_the_load_error(engine, tied1, monkeypatch)
 
 def test_keeping_the_trainer_cache_also_blocks_torch_accelerator_empty_cache(monkeypatch):
     """Pure logic (no GPU here): vLLM 0.32 empties the cache at wake through ``torch.accelerator``."""
-    import rollout_sleep.memory as mem_mod
+    import rollout_sleep.engine.memory as mem_mod
 
     calls = []
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("cuda"))
@@ -182,8 +182,8 @@ def test_a_wrong_dtype_mid_stream_names_the_tensor_and_the_fix(engine, tied1):
 def test_keep_trainer_cache_reports_what_happened(monkeypatch):
     """Pure logic (no GPU here): the report says whether PyTorch's cached free memory survived the call,
     whichever way vLLM released it (one it does not go through ``empty_cache`` for is caught too)."""
-    import rollout_sleep.memory as mem_mod
-    from rollout_sleep.phases import CycleReport
+    import rollout_sleep.engine.memory as mem_mod
+    from rollout_sleep.engine.phases import CycleReport
 
     mem = {"reserved": 10 << 30, "allocated": 6 << 30}
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda: mem["reserved"])

@@ -13,14 +13,14 @@ import time
 
 import pytest
 
-from rollout_sleep.engine import EngineStateError
-from rollout_sleep.procgroup import group_alive
-from rollout_sleep.remote import RemoteEngine
-from rollout_sleep.server import ServerClient, ServerProcess
+from rollout_sleep.engine.state import EngineStateError
+from rollout_sleep.serve.procgroup import group_alive
+from rollout_sleep.serve.remote import RemoteEngine
+from rollout_sleep.serve.server import ServerClient, ServerProcess
 
 OWNER = """
 import json, sys, time
-from rollout_sleep.server import ServerProcess
+from rollout_sleep.serve.server import ServerProcess
 srv = ServerProcess(sys.argv[1], dtype="float32").start()
 print("READY " + json.dumps({"url": srv.url, "pid": srv.pid}), flush=True)
 time.sleep(3600)
@@ -122,7 +122,7 @@ def test_sleeping_server_is_reported_at_once_and_the_server_dies_with_its_owner(
 
 def test_remote_wake_keeps_the_reload_error_when_finishing_the_wake_fails(ckpts):
     """Pure logic (a stand-in client): the reload's error is raised, the failed finish is attached to it."""
-    from rollout_sleep.server import ServerError
+    from rollout_sleep.serve.server import ServerError
 
     class Client:
         base_url, timeout = "http://stand-in", 5.0

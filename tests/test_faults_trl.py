@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 from conftest import hf_model
 from rollout_sleep.integrations.trl import patch
-from rollout_sleep.sync import verify
+from rollout_sleep.weights.verify import verify
 
 
 def test_sync_streams_the_model_the_trainer_holds_after_prepare(engine, ckpts):

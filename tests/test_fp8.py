@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from rollout_sleep import fp8
-from rollout_sleep.fp8 import FP8, quantize_reference
+from rollout_sleep.weights import fp8
+from rollout_sleep.weights.fp8 import FP8, quantize_reference
 
 
 def nearest_fp8(x: torch.Tensor) -> torch.Tensor:
@@ -93,9 +93,9 @@ def _fake_fp8_vllm() -> nn.Module:
 def test_fp8_direct_load_and_verify_through_vllms_fp8_layout():
     """The direct route writes each fused linear as vLLM's loader would (the shards concatenated, one scale);
     verify passes on it and names the tensors of a linear whose FP8 bits or scale differ."""
-    from rollout_sleep.loader import Loader
-    from rollout_sleep.verification import verify
-    from rollout_sleep.weights import TensorSpec
+    from rollout_sleep.engine.loader import Loader
+    from rollout_sleep.weights.verify import verify
+    from rollout_sleep.weights.spec import TensorSpec
 
     vmodel = _fake_fp8_vllm()
     spec = {n: TensorSpec(s, torch.bfloat16) for n, s in SHAPES.items()}
@@ -136,7 +136,7 @@ def test_fp8_direct_load_and_verify_through_vllms_fp8_layout():
     assert not report.ok and set(report.mismatched) == {f"{L}self_attn.{p}_proj.weight" for p in "qkv"} | {
         f"{L}mlp.gate_proj.weight", f"{L}mlp.up_proj.weight"}
 
-    from rollout_sleep.weights import WeightMismatchError
+    from rollout_sleep.weights.spec import WeightMismatchError
 
     with pytest.raises(WeightMismatchError, match="is part of vLLM's fused"):  # quantized whole: refused up front
         loader.prepare({f"{L}self_attn.q_proj.weight": weights[f"{L}self_attn.q_proj.weight"]}, strict=False,
@@ -147,17 +147,13 @@ def test_fp8_direct_load_and_verify_through_vllms_fp8_layout():
 
 
 def test_fp8_refused_on_cpu_before_vllm_starts(ckpts, tmp_path):
-    from rollout_sleep.config import ConfigError, load_config
-    from rollout_sleep.engine import Engine
-    from rollout_sleep.switch_bench import run_switch_bench
+    from rollout_sleep.run.config import ConfigError, load_config
+    from rollout_sleep.engine.engine import Engine
 
     with pytest.raises(ValueError, match="quantization='fp8' is not available here: vLLM's CPU build has no FP8"):
         Engine(ckpts["tied0"], dtype="bfloat16", quantization="fp8")
     with pytest.raises(ValueError, match="unknown engine quantization 'int4'"):
         Engine(ckpts["tied0"], quantization="int4")
-    with pytest.raises(ValueError, match="quantization='fp8' is not available here"):
-        run_switch_bench(["tiny", "tiny"], tmp_path / "sw", quantization="fp8")
-    assert not (tmp_path / "sw").exists()  # refused before anything was written or started
     with pytest.raises(ConfigError, match="set model.dtype=bfloat16"):
         load_config("configs/tiny-cpu.yaml", ["engine.quantization=fp8"])
     assert load_config("configs/tiny-cpu.yaml", ["engine.quantization=fp8", "model.dtype=bfloat16"]).engine \

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import grpo_case as case
-from rollout_sleep.grpo import LOSS_TYPES, completion_logprobs, grpo_loss, grpo_update, pad_batch
-from rollout_sleep.server import free_port
+from rollout_sleep.grpo.loss import LOSS_TYPES, completion_logprobs, grpo_loss, grpo_update, pad_batch
+from rollout_sleep.serve.server import free_port
 
 # float32 rounding: the same batch padded differently (per micro-batch, or with TRL's left padding and its
 # position ids) moves the gradient by ~1e-5 of its norm; the differences this test guards against (micro-batch
@@ -136,7 +136,7 @@ def test_engine_logprobs_are_the_trainers_at_temperature(engine):
 
 
 def test_recipe_config_loss_and_temperature():
-    from rollout_sleep.config import ConfigError, load_config
+    from rollout_sleep.run.config import ConfigError, load_config
 
     assert load_config(None, ["train.loss=dr_grpo"]).train.loss == "dr_grpo"
     assert load_config(None, []).train.loss == "dapo" and load_config(None, []).train.kl_bias_correction

@@ -4,8 +4,8 @@ checked against the plain formulas on a real (tiny) Qwen3."""
 import pytest
 import torch
 
-from rollout_sleep import grpo
-from rollout_sleep.grpo import completion_logprobs, pad_batch, selected_logprobs
+from rollout_sleep.grpo import loss as grpo
+from rollout_sleep.grpo.loss import completion_logprobs, pad_batch, selected_logprobs
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
@@ -60,7 +60,7 @@ def test_completion_logprobs_equal_unpadded_forward(ckpts):
 
 
 def test_sampling_correction_modes():
-    from rollout_sleep.grpo import grpo_loss, sampling_correction
+    from rollout_sleep.grpo.loss import grpo_loss, sampling_correction
 
     logp = torch.tensor([[-1.0, -1.0, -1.0], [-1.0, -1.0, -1.0]])
     sampled = torch.tensor([[-1.5, -1.0, float("nan")], [-3.0, -1.0, -1.0]])  # row 0: one token without vLLM's
@@ -81,7 +81,7 @@ def test_sampling_correction_modes():
 
 
 def test_recipe_config_rejects_unknown_correction():
-    from rollout_sleep.config import ConfigError, load_config
+    from rollout_sleep.run.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match="train.sampling_correction must be one of"):
         load_config(None, ["train.sampling_correction=sequence"])

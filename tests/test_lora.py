@@ -1,4 +1,4 @@
-"""LoRA with one copy of the base (rollout_sleep.lora) on the real vLLM CPU engine: the adapter reaches vLLM's
+"""LoRA with one copy of the base (rollout_sleep.lora.adapter) on the real vLLM CPU engine: the adapter reaches vLLM's
 slot exactly (first through vLLM's own in-memory adapter path, then by direct slot copies), verify proves it
 bitwise and catches a stale slot, the base stays the trainer's, level-0 sleep, and the recipe learns with it.
 (Sharing the base's memory needs CUDA: vLLM's CPU kernels repack linear weights; the views themselves are
@@ -14,8 +14,8 @@ from conftest import DTYPE
 
 @pytest.fixture(scope="module")
 def lora_engine(ckpts):
-    from rollout_sleep.engine import Engine
-    from rollout_sleep.lora import LoraSettings
+    from rollout_sleep.engine.engine import Engine
+    from rollout_sleep.lora.adapter import LoraSettings
 
     eng = Engine(ckpts["tied0"], dtype=DTYPE, seed=0, **LoraSettings(rank=8).engine_kwargs())
     yield eng
@@ -26,7 +26,7 @@ def peft_model(path: str, seed: int = 0):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from rollout_sleep.lora import LoraSettings
+    from rollout_sleep.lora.adapter import LoraSettings
 
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, DTYPE)),
                            LoraSettings(rank=8, alpha=16).peft_config())
@@ -53,11 +53,11 @@ def greedy_matches(engine, model, request, prompts) -> tuple[int, float]:
 
 
 def test_adapter_moves_alone_exactly_and_verify_proves_it(lora_engine, ckpts):
-    from rollout_sleep.lora import AdapterSync
-    from rollout_sleep.state import EngineStateError
-    from rollout_sleep.sync import WeightStream
-    from rollout_sleep.verification import verify
-    from rollout_sleep.weights import WeightMismatchError
+    from rollout_sleep.lora.adapter import AdapterSync
+    from rollout_sleep.engine.state import EngineStateError
+    from rollout_sleep.weights.stream import WeightStream
+    from rollout_sleep.weights.verify import verify
+    from rollout_sleep.weights.spec import WeightMismatchError
 
     eng = lora_engine
     model = peft_model(ckpts["tied0"])
@@ -123,7 +123,7 @@ def test_model_on_views_holds_no_copy_and_computes_alike(ckpts):
     from transformers import AutoConfig
 
     from conftest import hf_model
-    from rollout_sleep.shared_base import model_on_views
+    from rollout_sleep.lora.shared_base import model_on_views
 
     ref = hf_model(ckpts["untied0"])
     targets = dict(ref.state_dict())
@@ -146,7 +146,7 @@ def test_level0_releases_the_kv_cache_only(monkeypatch):
 
     import vllm.device_allocator.cumem as cumem
 
-    from rollout_sleep.memory import map_kv_cache, release_kv_cache
+    from rollout_sleep.engine.memory import map_kv_cache, release_kv_cache
 
     unmapped = []
     monkeypatch.setattr(cumem, "unmap_and_release", lambda handle: unmapped.append(handle))
@@ -193,7 +193,7 @@ def test_adapter_modules_keep_their_names_whatever_vllm_calls_the_rename_mapper(
     from vllm.lora.peft_helper import PEFTHelper
     from vllm.model_executor.models.utils import WeightsMapper
 
-    from rollout_sleep.lora_worker import build_lora_model, check_distinct_modules, naming_mapper
+    from rollout_sleep.lora.worker import build_lora_model, check_distinct_modules, naming_mapper
 
     stacked = {".q_proj": (".qkv_proj", "q"), ".k_proj": (".qkv_proj", "k"), ".v_proj": (".qkv_proj", "v"),
                ".gate_proj": (".gate_up_proj", 0), ".up_proj": (".gate_up_proj", 1)}

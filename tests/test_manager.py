@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from conftest import PROMPTS, assert_follows, hf_model
-from rollout_sleep.engine import EngineStateError
-from rollout_sleep.manager import RolloutManager
+from rollout_sleep.engine.state import EngineStateError
+from rollout_sleep.run.manager import RolloutManager
 
 
 def test_loop_metrics(engine, ckpts):
@@ -52,7 +52,7 @@ def test_bad_sleep_level():
 
 
 def test_nan_weights_are_blamed_on_training_not_the_sync(engine, ckpts):
-    from rollout_sleep.nonfinite import NonFiniteError
+    from rollout_sleep.run.nonfinite import NonFiniteError
 
     model = hf_model(ckpts["tied1"])
     mgr = RolloutManager(engine, model, verify_every=1)

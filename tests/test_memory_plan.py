@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from rollout_sleep.checkpoints import qwen3_config
-from rollout_sleep.config import ConfigError, load_config
-from rollout_sleep.memory_plan import (GIB, MemoryPlanError, ModelShape, PlanInputs, activation_bytes, check,
+from rollout_sleep.weights.checkpoints import qwen3_config
+from rollout_sleep.run.config import ConfigError, load_config
+from rollout_sleep.run.memory_plan import (GIB, MemoryPlanError, ModelShape, PlanInputs, activation_bytes, check,
                                        plan_memory, problems)
-from rollout_sleep.optim import OptimizerOffload, build_optimizer, optimizer_state_bytes, resident_state_bytes
+from rollout_sleep.run.optim import OptimizerOffload, build_optimizer, optimizer_state_bytes, resident_state_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tiny-cpu.yaml"
@@ -73,7 +73,7 @@ def test_8b_on_an_80gb_card_verdicts_and_refusal_message():
     assert msg.startswith("the memory plan does not fit in 2 phases")
     assert "training needs" in msg and "GiB over" in msg and "train.optimizer=adamw8bit" in msg
     # the suggestion says what it needs where bitsandbytes is missing, and only there
-    from rollout_sleep.optim import missing_package
+    from rollout_sleep.run.optim import missing_package
 
     needs = "train.optimizer=adamw8bit (needs bitsandbytes: pip install bitsandbytes) ->"
     assert (needs in msg) == bool(missing_package("adamw8bit")), msg
@@ -110,18 +110,18 @@ def test_recipe_prints_the_plan_and_refuses_before_the_engine_starts(tmp_path, m
     printed = capsys.readouterr().out
     assert "memory plan:" in printed and "free of 0.50" in printed
     assert (tmp_path / "run" / "memory_plan.json").exists()
-    # pure bf16 with TRL's lr: before the engine, the note that its updates round away (rollout_sleep.update_check)
+    # pure bf16 with TRL's lr: before the engine, the note that its updates round away (rollout_sleep.run.update_check)
     notes = []
     handler = logging.Handler()
     handler.emit = notes.append
-    logging.getLogger("rollout_sleep.update_check").addHandler(handler)
+    logging.getLogger("rollout_sleep.run.update_check").addHandler(handler)
     try:
         with pytest.raises(RuntimeError, match="the engine was reached"):
             warn = [f"output_dir={tmp_path / 'warn'}", *args[1:], "train.memory_plan=warn", "model.dtype=bfloat16",
                     "train.lr=1e-6"]
             recipe.GRPORecipe(recipe.load_config(str(CONFIG), warn)).setup()
     finally:
-        logging.getLogger("rollout_sleep.update_check").removeHandler(handler)
+        logging.getLogger("rollout_sleep.run.update_check").removeHandler(handler)
     assert len(built) == 1 and "running anyway" in capsys.readouterr().out
     assert [r.levelname for r in notes] == ["WARNING"], notes
     assert "train.lr=1e-06 is below half of bfloat16's spacing near |w|~" in notes[0].getMessage()
@@ -187,7 +187,7 @@ def test_lora_plan_holds_the_base_once_and_trains_only_the_adapter():
     """LoRA (rank 16 on every linear layer) of a Qwen3-32B shape on an 80 GB card: only the adapter has gradients
     and optimizer state; the engine keeps its weights through training (level 0); with the base shared (the
     trainer's base a view of vLLM's weights) it fits at micro-batch 8, with two copies it is refused."""
-    from rollout_sleep.memory_plan import lora_adapter_numels
+    from rollout_sleep.run.memory_plan import lora_adapter_numels
 
     shape = ModelShape.from_config(qwen3_config("qwen3-32b"))
     adapter = lora_adapter_numels(qwen3_config("qwen3-32b"), 16, ["all-linear"])
@@ -212,8 +212,8 @@ def test_lora_adapter_counts_peft_modules_fused_and_moe_and_rejects_unknown_targ
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from rollout_sleep.checkpoints import family_config
-    from rollout_sleep.memory_plan import lora_adapter_numels
+    from rollout_sleep.weights.checkpoints import family_config
+    from rollout_sleep.run.memory_plan import lora_adapter_numels
 
     def peft_count(cfg, targets):
         with torch.device("meta"):
@@ -274,7 +274,7 @@ def _free_port() -> int:
 
 
 def test_trainer_shards_follow_the_distributed_type_and_zero_stage():
-    from rollout_sleep.run_memory import trainer_shards
+    from rollout_sleep.run.memory_check import trainer_shards
 
     assert trainer_shards(4, "NO") == (1, 1, 1) and trainer_shards(4, "MULTI_GPU") == (1, 1, 1)
     assert trainer_shards(4, "FSDP") == (4, 4, 4)
@@ -285,7 +285,7 @@ def test_trainer_shards_follow_the_distributed_type_and_zero_stage():
 def test_moe_activations_count_the_experts_each_token_visits():
     """Mixtral's intermediate_size is one expert's and two run per token; Qwen3-MoE's routed experts are
     moe_intermediate_size wide (top 8 of them), with a dense intermediate_size that no token uses."""
-    from rollout_sleep.memory_plan import mlp_width
+    from rollout_sleep.run.memory_plan import mlp_width
 
     base = dict(hidden_size=64)
     assert mlp_width({**base, "intermediate_size": 128}) == 128
@@ -308,8 +308,8 @@ def test_moe_layer_activations_match_what_transformers_saves_for_backward(family
     """A decoder layer's activations as the plan counts them against the bytes autograd actually saves in one
     layer of the transformers model (float32, random weights): each routed expert also keeps the token's gathered
     copy and its output, hidden-wide, which with 8 experts per token is ~40% of Qwen3-MoE's layer."""
-    from rollout_sleep.checkpoints import family_config, random_model
-    from rollout_sleep.memory_plan import ModelShape, layer_activation_bytes_per_token
+    from rollout_sleep.weights.checkpoints import family_config, random_model
+    from rollout_sleep.run.memory_plan import ModelShape, layer_activation_bytes_per_token
 
     cfg = family_config(family, "tiny", dtype="float32")
     for k, v in shape.items():

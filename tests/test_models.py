@@ -1,6 +1,6 @@
 """The model matrix on CPU: every architecture family a GRPO user brings, tested the same way.
 
-Per family (tiny random checkpoints from ``rollout_sleep.checkpoints``): an engine on checkpoint A;
+Per family (tiny random checkpoints from ``rollout_sleep.weights.checkpoints``): an engine on checkpoint A;
 ``sleep(2)`` → ``wake_up(weights=trainer B)`` by every CPU route (the trainer's stream through vLLM's
 ``reload``, and B's directory) → ``verify`` → teacher-forced log-probs equal to a fresh engine started
 from the trainer's saved weights in its own process; then the trainer after one optimizer step, an awake
@@ -25,8 +25,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from rollout_sleep.checkpoints import FAMILIES, build_tokenizer, make_checkpoint
-from rollout_sleep.sync import WeightStream, verify
+from rollout_sleep.weights.checkpoints import FAMILIES, build_tokenizer, make_checkpoint
+from rollout_sleep.weights.stream import WeightStream
+from rollout_sleep.weights.verify import verify
 
 HERE = Path(__file__).parent
 DTYPE = "float32"
@@ -138,7 +139,7 @@ def _max_diff(a: list[list[float]], b: list[list[float]]) -> float:
 
 @pytest.mark.parametrize("family", CPU_FAMILIES)
 def test_family_sync_verify_and_logprobs(matrix, family, caplog, monkeypatch):
-    from rollout_sleep.engine import Engine
+    from rollout_sleep.engine.engine import Engine
 
     if family in CPU_SKIPS:
         pytest.skip(CPU_SKIPS[family])
@@ -149,7 +150,7 @@ def test_family_sync_verify_and_logprobs(matrix, family, caplog, monkeypatch):
         stream = WeightStream(trainer, dtype=eng.dtype)
         assert set(stream.spec()) - {"lm_head.weight"} == set(eng.spec) - {"lm_head.weight"}, \
             "the trainer's stream must use the checkpoint's names"
-        with caplog.at_level(logging.INFO, logger="rollout_sleep.loader"):  # the route decision, logged
+        with caplog.at_level(logging.INFO, logger="rollout_sleep.engine.loader"):  # the route decision, logged
             assert not eng.loader.direct_supported()
         why = "stacked MoE expert" if family in CPU_NO_SYNC else "stored in another layout (e.g. repacked)"
         assert "load route: 'direct' does not apply" in caplog.text and why in caplog.text
@@ -211,7 +212,7 @@ def test_read_checkpoint_spec_sharded_index_and_fp8(tmp_path):
     """Shapes and dtypes come from safetensors' own reader: shards named by the index, fp8 included."""
     from safetensors.torch import save_file
 
-    from rollout_sleep.weights import read_checkpoint_spec
+    from rollout_sleep.weights.spec import read_checkpoint_spec
 
     save_file({"a.weight": torch.zeros(3, 4, dtype=torch.bfloat16)}, tmp_path / "model-00001-of-00002.safetensors")
     save_file({"b.weight": torch.zeros(5, dtype=torch.float8_e4m3fn),
@@ -250,7 +251,7 @@ def _moe_on_cpu_refused(eng, trainer, held_a, paths) -> None:
 def test_layout_places_stacked_experts(stack):
     """Per-expert checkpoint tensors land in their expert's slice of vLLM's stacked w13 (gate, then up)
     and w2, for Qwen3-MoE and Mixtral names; the views write exactly there (the direct loader's targets)."""
-    from rollout_sleep import layout
+    from rollout_sleep.weights import layout
 
     E, inter, hidden = 3, 4, 5
     spec, engine = {}, {f"m.{stack}.w13_weight": (E, 2 * inter, hidden), f"m.{stack}.w2_weight": (E, hidden, inter)}
@@ -282,7 +283,7 @@ def test_layout_places_stacked_experts(stack):
 def test_config_dir_names_the_causal_lm_class(tmp_path, family):
     """A weights-free directory (vLLM's dummy load) names the class a saved checkpoint names: without
     ``architectures`` vLLM 0.26 picks a non-generative runner and ``generate`` fails (the H100 LoRA arm)."""
-    from rollout_sleep.checkpoints import make_config_dir
+    from rollout_sleep.weights.checkpoints import make_config_dir
 
     bare = json.loads((Path(make_config_dir(tmp_path / "bare", "tiny", family=family)) / "config.json").read_text())
     full = json.loads((Path(make_checkpoint(tmp_path / "full", "tiny", family=family)) / "config.json").read_text())

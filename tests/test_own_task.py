@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from rollout_sleep.checkpoints import make_reward_checkpoint
-from rollout_sleep.data import (completions_for_rewards, is_conversational, load_prompts, prepare_prompts,
+from rollout_sleep.weights.checkpoints import make_reward_checkpoint
+from rollout_sleep.grpo.data import (completions_for_rewards, is_conversational, load_prompts, prepare_prompts,
                                 prompt_token_ids, synthetic_arithmetic)
-from rollout_sleep.grpo import group_advantages
-from rollout_sleep.reward_model import RewardModel
-from rollout_sleep.rewards import RewardError, combine, resolve_rewards, score_rewards
+from rollout_sleep.grpo.loss import group_advantages
+from rollout_sleep.grpo.reward_model import RewardModel
+from rollout_sleep.grpo.errors import RewardError
+from rollout_sleep.grpo.rewards import combine, resolve_rewards, score_rewards
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = "examples/gsm8k/data.jsonl"
@@ -86,7 +87,7 @@ def test_scoring_follows_trl(in_root):
     def picky(prompts, completions, **kwargs):
         return [None if c[0]["content"] == "x" else 0.5 for c in completions]
 
-    import rollout_sleep.rewards as rw
+    import rollout_sleep.grpo.rewards as rw
 
     rows = [{"prompt": [{"role": "user", "content": f"q{i}"}], "answer": str(i), "level": lv}
             for i, lv in enumerate(["a", "skip", "skip", "b"])]

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from conftest import DTYPE, PROMPTS, hf_model
-from rollout_sleep.engine_process import EngineProcess, EngineProcessError
-from rollout_sleep.packing import IPCUnavailableError, PackedWeights
-from rollout_sleep.pool import EnginePool
-from rollout_sleep.state import EngineStateError
-from rollout_sleep.verification import verify
-from rollout_sleep.weights import WeightMismatchError
+from rollout_sleep.pool.process import EngineProcess, EngineProcessError
+from rollout_sleep.pool.packing import IPCUnavailableError, PackedWeights
+from rollout_sleep.pool.pool import EnginePool
+from rollout_sleep.engine.state import EngineStateError
+from rollout_sleep.weights.verify import verify
+from rollout_sleep.weights.spec import WeightMismatchError
 
 
 def _key(completions):
@@ -109,7 +109,7 @@ def test_in_memory_weights_for_engine_processes_need_cuda(engine):
 @pytest.mark.slow
 def test_engine_processes_generate_in_order_and_load_from_disk_on_cpu(ckpts):
     """Two real engine processes (the GPU layout) on CPU: ~1-2 min here."""
-    from rollout_sleep.engine import Engine  # noqa: F401  (the engines run it in their processes)
+    from rollout_sleep.engine.engine import Engine  # noqa: F401  (the engines run it in their processes)
 
     greedy = dict(n=2, max_tokens=6, temperature=1.0, top_k=1)  # n > 1 needs sampling: top-1 is deterministic
     with EnginePool(ckpts["tied0"], engines=2, dtype=DTYPE) as pool:

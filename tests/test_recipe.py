@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import clear_cpu_tp_shm
-from rollout_sleep.server import free_port
+from rollout_sleep.serve.server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "grpo.py"

@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from rollout_sleep import run_dir
-from rollout_sleep.nonfinite import NonFiniteError, check_finite, guard_optimizer
+from rollout_sleep.run import output_dir
+from rollout_sleep.run.nonfinite import NonFiniteError, check_finite, guard_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "grpo.py"
@@ -78,7 +78,7 @@ def test_diverged_training_stops_before_a_nan_reaches_the_engine_or_a_checkpoint
     assert "error: step 2: the gradient norm is nan before the optimizer step; the step was not applied" in log
     assert f"the newest checkpoint is {out / 'checkpoints' / 'step_1'}" in log and "Traceback" not in log
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_1"]  # no NaN checkpoint
-    assert run_dir.logged_steps(out / "metrics.jsonl") == [1]
+    assert output_dir.logged_steps(out / "metrics.jsonl") == [1]
     from safetensors.torch import load_file
 
     saved = load_file(out / "checkpoints" / "step_1" / "model.safetensors")
@@ -87,8 +87,8 @@ def test_diverged_training_stops_before_a_nan_reaches_the_engine_or_a_checkpoint
 
 def _save(final: Path, step: int, legacy: bool = False) -> Path:
     """A checkpoint as accelerate writes it (model.safetensors, optimizer.bin, random_states_0.pkl), made
-    atomic by run_dir.stage/commit (``legacy``: the old way, recipe_state.json without a file list)."""
-    target = final if legacy else run_dir.stage(final)
+    atomic by output_dir.stage/commit (``legacy``: the old way, recipe_state.json without a file list)."""
+    target = final if legacy else output_dir.stage(final)
     target.mkdir(parents=True)
     model = torch.nn.Linear(16, 16)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, target / "model.safetensors")
@@ -98,9 +98,9 @@ def _save(final: Path, step: int, legacy: bool = False) -> Path:
     torch.save(opt.state_dict(), target / "optimizer.bin")
     torch.save({"rng": torch.get_rng_state()}, target / "random_states_0.pkl")
     if legacy:
-        (target / run_dir.STATE_FILE).write_text(json.dumps({"step": step}))
+        (target / output_dir.STATE_FILE).write_text(json.dumps({"step": step}))
         return final
-    return run_dir.commit(target, final, {"step": step, "wandb_id": None})
+    return output_dir.commit(target, final, {"step": step, "wandb_id": None})
 
 
 def _truncate(path: Path, keep: float = 0.5) -> None:
@@ -113,18 +113,18 @@ def test_incomplete_checkpoints_are_named_and_skipped(tmp_path):
     for step in (1, 2, 3, 4, 5):
         _save(ckpts / f"step_{step}", step)
     legacy = _save(ckpts / "step_6", 6, legacy=True)
-    assert run_dir.checkpoint_problem(ckpts / "step_5") is None and run_dir.checkpoint_problem(legacy) is None
-    assert json.loads((ckpts / "step_5" / run_dir.STATE_FILE).read_text())["files"]["model.safetensors"] > 0
-    assert not list(ckpts.glob(run_dir.STAGING_PREFIX + "*"))  # the staging folders were renamed
+    assert output_dir.checkpoint_problem(ckpts / "step_5") is None and output_dir.checkpoint_problem(legacy) is None
+    assert json.loads((ckpts / "step_5" / output_dir.STATE_FILE).read_text())["files"]["model.safetensors"] > 0
+    assert not list(ckpts.glob(output_dir.STAGING_PREFIX + "*"))  # the staging folders were renamed
     _truncate(ckpts / "step_2" / "model.safetensors")
     _truncate(ckpts / "step_3" / "optimizer.bin")
-    (ckpts / "step_4" / run_dir.STATE_FILE).unlink()
+    (ckpts / "step_4" / output_dir.STATE_FILE).unlink()
     (ckpts / "step_5" / "random_states_0.pkl").write_bytes(b"")
     _truncate(legacy / "model.safetensors", 0.9)  # no file list: the safetensors header gives it away
     (ckpts / "step_7").mkdir()  # an empty folder
     (ckpts / "step_8").mkdir()
-    (ckpts / "step_8" / run_dir.STATE_FILE).write_text("{")
-    found, skipped = run_dir.newest_complete(ckpts)
+    (ckpts / "step_8" / output_dir.STATE_FILE).write_text("{")
+    found, skipped = output_dir.newest_complete(ckpts)
     assert found == ckpts / "step_1"
     reasons = {p.name: why for p, why in skipped}
     assert reasons == {
@@ -137,13 +137,13 @@ def test_incomplete_checkpoints_are_named_and_skipped(tmp_path):
     assert reasons["step_5"].startswith("random_states_0.pkl has 0 bytes")
     assert reasons["step_3"].startswith("optimizer.bin has") and reasons["step_2"].startswith("model.safetensors has")
     _truncate(ckpts / "step_3" / "optimizer.bin")  # also caught without a file list: torch's zip is cut
-    assert run_dir._zip_problem(ckpts / "step_3" / "optimizer.bin").startswith("optimizer.bin is truncated")
-    moved = run_dir.set_aside(ckpts / "step_7", "empty")
+    assert output_dir._zip_problem(ckpts / "step_3" / "optimizer.bin").startswith("optimizer.bin is truncated")
+    moved = output_dir.set_aside(ckpts / "step_7", "empty")
     assert moved == ckpts / "incomplete" / "step_7" and moved.is_dir() and not (ckpts / "step_7").exists()
     # a save whose process died before the rename leaves only a staging folder: deleted, never resumed from
-    (ckpts / (run_dir.STAGING_PREFIX + "step_9")).mkdir()
-    assert run_dir.clear_staging(ckpts) == [ckpts / (run_dir.STAGING_PREFIX + "step_9")]
-    assert [p.name for p in run_dir.saved_steps(ckpts)] == ["step_1", "step_2", "step_3", "step_4", "step_5",
+    (ckpts / (output_dir.STAGING_PREFIX + "step_9")).mkdir()
+    assert output_dir.clear_staging(ckpts) == [ckpts / (output_dir.STAGING_PREFIX + "step_9")]
+    assert [p.name for p in output_dir.saved_steps(ckpts)] == ["step_1", "step_2", "step_3", "step_4", "step_5",
                                                               "step_6", "step_8"]
 
 
@@ -151,23 +151,23 @@ def test_output_dir_policy_and_superseded_metrics(tmp_path):
     out = tmp_path / "run"
     cfg = {"model": {"path": "tiny", "seed": 0}, "data": {"dataset": "synthetic", "num_prompts": 64},
            "rewards": ["digits_format"], "train": {"seed": 0, "prompts_per_step": 8, "generations": 8, "steps": 8}}
-    run_dir.check_output_dir(out, cfg, resume=False)  # nothing there: fine
+    output_dir.check_output_dir(out, cfg, resume=False)  # nothing there: fine
     out.mkdir()
-    run_dir.write_run_config(out, cfg)
-    run_dir.check_output_dir(out, cfg, resume=False)  # settings alone are not a run
+    output_dir.write_run_config(out, cfg)
+    output_dir.check_output_dir(out, cfg, resume=False)  # settings alone are not a run
     (out / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 0.1}) + "\n" for s in (1, 2, 3, 4)))
-    with pytest.raises(run_dir.RunDirError, match="already holds a run .metrics for steps 1-4.; resume=false"):
-        run_dir.check_output_dir(out, cfg, resume=False)
-    run_dir.check_output_dir(out, {**cfg, "train": {**cfg["train"], "steps": 20}}, resume=True)  # a longer run
+    with pytest.raises(output_dir.RunDirError, match="already holds a run .metrics for steps 1-4.; resume=false"):
+        output_dir.check_output_dir(out, cfg, resume=False)
+    output_dir.check_output_dir(out, {**cfg, "train": {**cfg["train"], "steps": 20}}, resume=True)  # a longer run
     other = {**cfg, "model": {"path": "tiny", "seed": 1}}
-    with pytest.raises(run_dir.RunDirError, match=r"holds a different run: model: .*'seed': 0.* -> .*'seed': 1"):
-        run_dir.check_output_dir(out, other, resume=True)
-    assert run_dir.supersede_metrics(out / "metrics.jsonl", 2) == 2
-    assert run_dir.logged_steps(out / "metrics.jsonl") == [1, 2]
-    assert run_dir.logged_steps(out / "metrics.superseded.jsonl") == [3, 4]  # kept, not deleted
+    with pytest.raises(output_dir.RunDirError, match=r"holds a different run: model: .*'seed': 0.* -> .*'seed': 1"):
+        output_dir.check_output_dir(out, other, resume=True)
+    assert output_dir.supersede_metrics(out / "metrics.jsonl", 2) == 2
+    assert output_dir.logged_steps(out / "metrics.jsonl") == [1, 2]
+    assert output_dir.logged_steps(out / "metrics.superseded.jsonl") == [3, 4]  # kept, not deleted
     (out / "model").mkdir()
-    assert not run_dir.drop_stale_model(out, cfg) and (out / "model").is_dir()  # same model settings: reused
-    assert run_dir.clear_run(out, other) == ["model", "metrics.jsonl", "metrics.superseded.jsonl",
+    assert not output_dir.drop_stale_model(out, cfg) and (out / "model").is_dir()  # same model settings: reused
+    assert output_dir.clear_run(out, other) == ["model", "metrics.jsonl", "metrics.superseded.jsonl",
                                              "run_config.json"]  # overwrite=true, said in the log
 
 

@@ -11,11 +11,11 @@ import time
 import pytest
 
 from conftest import PROMPTS, hf_greedy, hf_model
-from rollout_sleep.engine import EngineStateError
-from rollout_sleep.procgroup import group_alive
-from rollout_sleep.remote import RemoteEngine
-from rollout_sleep.server import ServerClient, ServerProcess, ServerUnreachableError, free_port
-from rollout_sleep.weights import WeightMismatchError
+from rollout_sleep.engine.state import EngineStateError
+from rollout_sleep.serve.procgroup import group_alive
+from rollout_sleep.serve.remote import RemoteEngine
+from rollout_sleep.serve.server import ServerClient, ServerProcess, ServerUnreachableError, free_port
+from rollout_sleep.weights.spec import WeightMismatchError
 
 N = 12
 LONG = [[(11 * j) % 240 + 3 for j in range(100)]]  # several full KV blocks: the prefix cache keeps them

@@ -20,7 +20,7 @@ def test_soak_30_cycles_then_its_probe_catches_a_missing_prefix_cache_reset(tmp_
     stale-prefix probe must catch."""
     out, work = tmp_path / "soak.json", tmp_path / "work"
     work.mkdir()
-    log = run(f"from rollout_sleep.soak import run_soak; import os; run_soak(30, out={str(out)!r}, quiet=True); "
+    log = run(f"from rollout_sleep.cli.soak import run_soak; import os; run_soak(30, out={str(out)!r}, quiet=True); "
               "print('SOAK OK', flush=True)\n"
               "from rollout_sleep import engine\nengine.Engine._reset_prefix_cache = lambda self: None\n"
               "try:\n    run_soak(8, quiet=True, warmup=0)\n    print('NOT CAUGHT')\n"
@@ -37,7 +37,7 @@ def test_soak_30_cycles_then_its_probe_catches_a_missing_prefix_cache_reset(tmp_
 
 
 def test_soak_refuses_zero_cycles_before_building_anything():
-    from rollout_sleep.soak import run_soak
+    from rollout_sleep.cli.soak import run_soak
 
     with pytest.raises(ValueError, match="cycles must be at least 1, got 0"):
         run_soak(0)

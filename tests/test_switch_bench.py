@@ -1,14 +1,18 @@
-"""`rollout-sleep switch-bench` end to end on CPU: two real tiny-model servers, all three modes."""
+"""`benchmarks/switch_bench.py` end to end on CPU: two real tiny-model servers, all three modes."""
 
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
 
 
 def test_switch_bench_runs_all_modes_and_leaves_no_server(tmp_path):
     out = tmp_path / "sw"
-    proc = subprocess.run([sys.executable, "-m", "rollout_sleep.cli", "switch-bench", "--switches", "1",
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "switch_bench.py"), "--switches", "1",
                            "--max-tokens", "8", "--warmup", "on", "--out", str(out)], capture_output=True, text=True,
                           timeout=800,
                           env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
@@ -30,7 +34,7 @@ def test_switch_bench_runs_all_modes_and_leaves_no_server(tmp_path):
 
 def test_ablation_tables_put_ours_beside_the_articles_figures(tmp_path):
     """The article's figures as published, our arms' figures from switch-bench results (pure logic)."""
-    from rollout_sleep.switch_bench import ARTICLE_A100, ablation_figures, ablation_markdown
+    from switch_bench import ARTICLE_A100, ablation_figures, ablation_markdown
 
     def run(first_a, first_b, load):
         rows = [{"to": m, "switch_s": 0.3, "wake_s": 0.2, "first_inference_s": f, "second_inference_s": 0.1}
@@ -50,3 +54,12 @@ def test_ablation_tables_put_ours_beside_the_articles_figures(tmp_path):
     assert "| wake, A / B (s) | 0.27 / 0.90 | 0.18 / 0.78 | 0.67x / 0.87x | 0.20 / 0.20 | 0.20 / 0.20 |" in table
     assert ARTICLE_A100["quantization"]["fp8"]["initial_load_s"] == 96.9
     assert "FP8" not in ablation_markdown({"bf16_warmup": on, "bf16_no_warmup": off})  # an arm left out
+
+
+def test_fp8_refused_on_cpu_before_anything_starts(tmp_path):
+    import pytest
+    from switch_bench import run_switch_bench
+
+    with pytest.raises(ValueError, match="quantization='fp8' is not available here"):
+        run_switch_bench(["tiny", "tiny"], tmp_path / "sw", quantization="fp8")
+    assert not (tmp_path / "sw").exists()  # refused before anything was written or started

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from conftest import PROMPTS, assert_follows, hf_model
-from rollout_sleep.sync import WeightStream, unwrap, verify
-from rollout_sleep.weights import WeightMismatchError
+from rollout_sleep.weights.stream import WeightStream, unwrap
+from rollout_sleep.weights.verify import verify
+from rollout_sleep.weights.spec import WeightMismatchError
 
 
 def train_step(model, lr: float = 1e-2, seed: int = 0) -> None:

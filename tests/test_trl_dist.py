@@ -66,7 +66,7 @@ two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPU
 
 
 def gpu_cases(cases: list[str], tmp_path: Path) -> dict[str, dict]:
-    from rollout_sleep.checkpoints import make_checkpoint
+    from rollout_sleep.weights.checkpoints import make_checkpoint
 
     ckpt = make_checkpoint(tmp_path / "ckpt", "tiny", seed=0, dtype="bfloat16")
     return run_cases(cases, ckpt, tmp_path / "out", timeout=250)

@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 
-from rollout_sleep.update_check import METRIC, UpdateCheck, checkpoint_magnitude, lr_note
+from rollout_sleep.run.update_check import METRIC, UpdateCheck, checkpoint_magnitude, lr_note
 
 
 def tiny_model(dtype: torch.dtype) -> torch.nn.Module:
@@ -42,7 +42,7 @@ def train(dtype: torch.dtype, lr: float, steps: int = 6, every: int = 5, sample:
 
 
 def test_bf16_with_a_small_lr_is_measured_and_explained(caplog):
-    with caplog.at_level(logging.WARNING, logger="rollout_sleep.update_check"):
+    with caplog.at_level(logging.WARNING, logger="rollout_sleep.run.update_check"):
         check, results, truth = train(torch.bfloat16, 1e-6)
     first = results[0]
     assert first[METRIC] < 0.05 and first[f"{METRIC}/bfloat16"] == first[METRIC], first
@@ -58,7 +58,7 @@ def test_bf16_with_a_small_lr_is_measured_and_explained(caplog):
 
 @pytest.mark.parametrize("dtype, lr", [(torch.float32, 1e-6), (torch.bfloat16, 1e-3)])
 def test_weights_that_move_are_counted_and_not_warned(dtype, lr, caplog):
-    with caplog.at_level(logging.WARNING, logger="rollout_sleep.update_check"):
+    with caplog.at_level(logging.WARNING, logger="rollout_sleep.run.update_check"):
         check, results, truth = train(dtype, lr)
     name = str(dtype).removeprefix("torch.")
     for r, t in zip(results, truth):

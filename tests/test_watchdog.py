@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from rollout_sleep.server import free_port
-from rollout_sleep.watchdog import EXIT_CODE, STALL_ENV
+from rollout_sleep.serve.server import free_port
+from rollout_sleep.run.watchdog import EXIT_CODE, STALL_ENV
 
 WORKER = Path(__file__).with_name("watchdog_worker.py")
 

@@ -14,8 +14,9 @@ ckpt_engine, ckpt_trainer, out_dir = sys.argv[1:4]
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 
-from rollout_sleep.engine import Engine  # noqa: E402
-from rollout_sleep.sync import WeightStream, verify  # noqa: E402
+from rollout_sleep.engine.engine import Engine  # noqa: E402
+from rollout_sleep.weights.stream import WeightStream  # noqa: E402
+from rollout_sleep.weights.verify import verify  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 prompts = [[(7 * i + 3 * j) % 250 + 1 for j in range(12)] for i in range(4)]

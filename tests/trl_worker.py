@@ -12,8 +12,8 @@ from transformers import AutoTokenizer  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 from trl_cpu import eager_trl_engine  # noqa: E402
 
-from rollout_sleep.data import synthetic_arithmetic  # noqa: E402
-from rollout_sleep.rewards import digits_format  # noqa: E402
+from rollout_sleep.grpo.data import synthetic_arithmetic  # noqa: E402
+from rollout_sleep.grpo.rewards import digits_format  # noqa: E402
 
 ckpt, out, patched = sys.argv[1], sys.argv[2], sys.argv[3] == "patched"
 

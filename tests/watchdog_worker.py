@@ -9,7 +9,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from rollout_sleep.watchdog import Watchdog
+from rollout_sleep.run.watchdog import Watchdog
 
 generate_s, collective_s = (float(a) for a in sys.argv[1:3])
 dist.init_process_group("gloo", timeout=timedelta(seconds=collective_s + 60))  # torch's timeout: a backstop
