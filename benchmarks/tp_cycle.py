@@ -4,7 +4,7 @@ compared with a TP=1 engine holding the same weights (started afterwards, in its
 
     torchrun --nproc_per_node 2 benchmarks/tp_cycle.py --size qwen3-4b --out results/h100x2/tp2_qwen3-4b.json
 
-Needs one GPU per rank. On CPU (gloo) the same flow runs in tests/test_distributed.py.
+Needs one GPU per rank. On CPU (gloo) the same flow runs in tests/engine/test_tensor_parallel.py.
 """
 
 from __future__ import annotations
