@@ -13,7 +13,7 @@ import os
 
 import pytest
 
-from helpers import DTYPE, ROOT
+from helpers import DTYPE, ROOT, hf_model
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -46,6 +46,13 @@ def reward_ckpt(tmp_path_factory):
 @pytest.fixture()
 def in_root(monkeypatch):
     monkeypatch.chdir(ROOT)  # import paths and the example's data are relative to the working directory
+
+
+@pytest.fixture(scope="module")
+def tied1(ckpts):
+    """The trainer of checkpoint ``tied1`` (transformers) and its state dict."""
+    model = hf_model(ckpts["tied1"])
+    return model, dict(model.state_dict())
 
 
 @pytest.fixture(scope="session")

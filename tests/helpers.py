@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 
@@ -93,3 +94,31 @@ def benchmark(name: str):
     if str(BENCHMARKS) not in sys.path:
         sys.path.insert(0, str(BENCHMARKS))
     return importlib.import_module(name)
+
+
+def items_of(sd, skip=(), stop_after=None, error_after=None, error=None):
+    """A generator over ``sd``'s items: leaving ``skip`` out, ending after ``stop_after`` items, or raising
+    ``error`` after ``error_after`` items (by default a trainer dying mid-sync; a Ctrl-C on its side)."""
+    for i, (name, tensor) in enumerate(sd.items()):
+        if i == error_after:
+            raise error or RuntimeError("trainer died mid-sync")
+        if i == stop_after:
+            return
+        if name not in skip:
+            yield name, tensor
+
+
+def torchrun(script: list[str], ckpts, out: Path) -> str:
+    """``script`` under torchrun, 2 processes over gloo, given the tied checkpoints and ``out``; returns the
+    output's tail (for failure messages)."""
+    from rollout_sleep.serve.server import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           *script, ckpts["tied0"], ckpts["tied1"], str(out)]
+    clear_cpu_tp_shm()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    finally:
+        clear_cpu_tp_shm()
+    return proc.stdout[-2000:] + proc.stderr[-4000:]

@@ -8,7 +8,7 @@ import torch
 from rollout_sleep.engine.state import EngineStateError, IncompleteWeightsError
 from rollout_sleep.weights.stream import WeightStream
 
-from helpers import PROMPTS, assert_follows, hf_model
+from helpers import PROMPTS, assert_follows, hf_model, items_of
 
 
 N = 16  # tokens compared per prompt
@@ -16,24 +16,6 @@ N = 16  # tokens compared per prompt
 
 def greedy(engine, prompts=PROMPTS, n=N):
     return [c.token_ids for c in engine.generate(prompts, max_tokens=n, min_tokens=n, temperature=0.0)]
-
-
-def items_of(sd, skip=(), stop_after=None, error_after=None):
-    """A generator over ``sd``'s items: leaving ``skip`` out, ending after ``stop_after`` items, or raising
-    after ``error_after`` items (a trainer dying mid-sync)."""
-    for i, (name, tensor) in enumerate(sd.items()):
-        if i == error_after:
-            raise RuntimeError("trainer died mid-sync")
-        if i == stop_after:
-            return
-        if name not in skip:
-            yield name, tensor
-
-
-@pytest.fixture(scope="module")
-def tied1(ckpts):
-    model = hf_model(ckpts["tied1"])
-    return model, dict(model.state_dict())
 
 
 def test_generate_returns_tokens_and_logprobs(engine):

@@ -13,29 +13,11 @@ from rollout_sleep.engine.state import IncompleteWeightsError
 from rollout_sleep.weights.spec import WeightMismatchError
 from rollout_sleep.weights.verify import verify
 
-from helpers import PROMPTS, ROOT, assert_follows, hf_greedy, hf_model
+from helpers import PROMPTS, ROOT, assert_follows, hf_greedy, hf_model, items_of
 
 
 def greedy(engine, prompts=PROMPTS[:4], n=6):
     return [c.token_ids for c in engine.generate(prompts, max_tokens=n, min_tokens=n, temperature=0.0)]
-
-
-def items_of(sd, skip=(), stop_after=None, error_after=None, error=None):
-    """A generator over ``sd``'s items: leaving ``skip`` out, ending after ``stop_after`` items, or raising
-    ``error`` after ``error_after`` items (by default a trainer dying mid-sync; a Ctrl-C on its side)."""
-    for i, (name, tensor) in enumerate(sd.items()):
-        if i == error_after:
-            raise error or RuntimeError("trainer died mid-sync")
-        if i == stop_after:
-            return
-        if name not in skip:
-            yield name, tensor
-
-
-@pytest.fixture(scope="module")
-def tied1(ckpts):
-    model = hf_model(ckpts["tied1"])
-    return model, dict(model.state_dict())
 
 
 def _meta(t):

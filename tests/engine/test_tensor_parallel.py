@@ -3,35 +3,17 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
-from rollout_sleep.serve.server import free_port
-
-from helpers import WORKERS, clear_cpu_tp_shm
+from helpers import WORKERS, torchrun
 
 
 TP_WORKER = WORKERS / "tp_worker.py"
 
 
-def launch(script: list[str], ckpts, out: Path) -> str:
-    """torchrun, 2 processes over gloo; returns the output's tail (for failure messages)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           *script, ckpts["tied0"], ckpts["tied1"], str(out)]
-    clear_cpu_tp_shm()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    finally:
-        clear_cpu_tp_shm()
-    return proc.stdout[-2000:] + proc.stderr[-4000:]
-
-
 def test_tensor_parallel_engine_across_two_ranks_follows_the_trainer(ckpts, tmp_path):
     """One TP=2 engine over both ranks: sleep, wake with the trainer's weights (each rank streams the full
     tensors, vLLM's loaders keep each rank's shard), reset; then the engine computes with the new weights."""
-    tail = launch([str(TP_WORKER)], ckpts, tmp_path)
+    tail = torchrun([str(TP_WORKER)], ckpts, tmp_path)
     rows = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank*.json"))]
     assert len(rows) == 2, tail
     for row in rows:

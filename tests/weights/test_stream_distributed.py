@@ -4,31 +4,13 @@ verify after every sync."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from rollout_sleep.serve.server import free_port
-
-from helpers import WORKERS, clear_cpu_tp_shm
+from helpers import WORKERS, torchrun
 
 
 WORKER = WORKERS / "dist_worker.py"
-
-
-def launch(script: list[str], ckpts, out: Path) -> str:
-    """torchrun, 2 processes over gloo; returns the output's tail (for failure messages)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           *script, ckpts["tied0"], ckpts["tied1"], str(out)]
-    clear_cpu_tp_shm()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    finally:
-        clear_cpu_tp_shm()
-    return proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
 def _has_deepspeed() -> bool:
@@ -49,7 +31,7 @@ def wrapped_runs(request, ckpts, tmp_path_factory):
                 and "mode" in getattr(getattr(item, "callspec", None), "params", {})]
     selected = [m for m in ("ddp", "fsdp2", "zero3") if m in selected and (m != "zero3" or _has_deepspeed())]
     out = tmp_path_factory.mktemp("wrapped")
-    tail = launch([str(WORKER), ",".join(selected)], ckpts, out)
+    tail = torchrun([str(WORKER), ",".join(selected)], ckpts, out)
     return {m: ([json.loads(p.read_text()) for p in sorted(out.glob(f"{m}_rank*.json"))], tail) for m in selected}
 
 
