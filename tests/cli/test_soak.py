@@ -24,7 +24,7 @@ def test_soak_30_cycles_then_its_probe_catches_a_missing_prefix_cache_reset(tmp_
     work.mkdir()
     log = run(f"from rollout_sleep.cli.soak import run_soak; import os; run_soak(30, out={str(out)!r}, quiet=True); "
               "print('SOAK OK', flush=True)\n"
-              "from rollout_sleep import engine\nengine.Engine._reset_prefix_cache = lambda self: None\n"
+              "from rollout_sleep.engine import engine\nengine.Engine._reset_prefix_cache = lambda self: None\n"
               "try:\n    run_soak(8, quiet=True, warmup=0)\n    print('NOT CAUGHT')\n"
               "except AssertionError as e:\n    print('CAUGHT', e)\nos._exit(0)", tmp=work)
     assert "SOAK OK" in log, log[-3000:]
