@@ -55,15 +55,15 @@ def verify(engine, model: nn.Module | WeightStream | list[tuple[str, torch.Tenso
     slice with the checkpoint tensors that were loaded into them (:mod:`rollout_sleep.weights.layout`), so the
     check covers what vLLM actually holds. On a tensor-parallel engine each rank checks its own shards,
     cut as vLLM's parallel layers cut them. It never raises on a layout: a tensor it cannot place makes
-    it fail (``ok=False``), named in ``report.unplaced`` with the reason. On an
-    :class:`~rollout_sleep.pool.pool.EnginePool` every engine is checked (:meth:`EnginePool.verify_weights`).
+    it fail (``ok=False``), named in ``report.unplaced`` with the reason. An engine that checks itself (one
+    with ``verify_weights``: a pool of engines, each checked) is asked to.
 
     On an FP8 engine each FP8 linear is compared whole: the trainer's shards (q/k/v, gate/up) concatenated
     and quantized as vLLM quantizes them (:func:`rollout_sleep.weights.fp8.quantize`) must equal the engine's FP8
     weight and its scale bit for bit (``max_abs_diff`` then includes the quantization error: it is taken
     against the dequantized engine weight).
     """
-    if hasattr(engine, "verify_weights"):  # an EnginePool: the shared buffer, then every engine against it
+    if hasattr(engine, "verify_weights"):  # a pool: the shared buffer, then every engine against it
         return engine.verify_weights(model)
     # a model, its WeightStream, or (name, tensor) pairs (an engine process checks views of the shared buffer)
     stream = WeightStream(model, dtype=engine.dtype) if isinstance(model, nn.Module) else model
