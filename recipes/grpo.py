@@ -72,28 +72,27 @@ from accelerate import Accelerator  # noqa: E402
 from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_seed  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from rollout_sleep.weights.checkpoints import SHAPES, make_checkpoint, make_config_dir  # noqa: E402
-from rollout_sleep.run import output_dir  # noqa: E402
-from rollout_sleep.run.config import ConfigError, check_processes, load_config, validate_rewards  # noqa: E402
-from rollout_sleep.run.schema import RecipeConfig  # noqa: E402
-from rollout_sleep.grpo.data import (check_prompts, completions_for_rewards, is_conversational,  # noqa: E402
-                                load_prompts, prepare_prompts, prompt_token_ids)
 from rollout_sleep.engine.engine import Engine  # noqa: E402
 from rollout_sleep.engine.memory import PhasePeaks, kv_cache_bytes_for  # noqa: E402
-from rollout_sleep.run import memory_check, memory_plan  # noqa: E402
-from rollout_sleep.run.optim import OptimizerOffload, build_optimizer  # noqa: E402
-from rollout_sleep.pool.pool import EnginePool  # noqa: E402
+from rollout_sleep.engine.phases import plot_timeline  # noqa: E402
+from rollout_sleep.grpo.data import (check_prompts, completions_for_rewards, is_conversational,  # noqa: E402
+                                     load_prompts, prepare_prompts, prompt_token_ids)
+from rollout_sleep.grpo.errors import RewardError  # noqa: E402
+from rollout_sleep.grpo.loss import grpo_update  # noqa: E402
+from rollout_sleep.grpo.rewards import combine, resolve_rewards, reward_metrics, score_rewards  # noqa: E402
+from rollout_sleep.integrations.wandb import make_tracker  # noqa: E402
 from rollout_sleep.lora.adapter import AdapterSync, LoraSettings  # noqa: E402
 from rollout_sleep.lora.shared_base import trainer_from_engine  # noqa: E402
-from rollout_sleep.grpo.loss import grpo_update  # noqa: E402
-from rollout_sleep.integrations.wandb import make_tracker  # noqa: E402
+from rollout_sleep.pool.pool import EnginePool  # noqa: E402
+from rollout_sleep.run import memory_check, memory_plan, output_dir  # noqa: E402
+from rollout_sleep.run.config import ConfigError, check_processes, load_config, validate_rewards  # noqa: E402
 from rollout_sleep.run.manager import RolloutManager  # noqa: E402
-from rollout_sleep.engine.phases import plot_timeline  # noqa: E402
 from rollout_sleep.run.nonfinite import NonFiniteError, check_finite, guard_optimizer  # noqa: E402
+from rollout_sleep.run.optim import OptimizerOffload, build_optimizer  # noqa: E402
+from rollout_sleep.run.schema import RecipeConfig  # noqa: E402
 from rollout_sleep.run.update_check import UpdateCheck, checkpoint_magnitude, lr_note  # noqa: E402
-from rollout_sleep.grpo.errors import RewardError  # noqa: E402
-from rollout_sleep.grpo.rewards import combine, resolve_rewards, reward_metrics, score_rewards  # noqa: E402
 from rollout_sleep.run.watchdog import Watchdog  # noqa: E402
+from rollout_sleep.weights.checkpoints import SHAPES, make_checkpoint, make_config_dir  # noqa: E402
 
 
 class GRPORecipe:

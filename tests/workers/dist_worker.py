@@ -17,9 +17,9 @@ rank = dist.get_rank()
 
 from rollout_sleep.engine.engine import Engine  # noqa: E402
 from rollout_sleep.grpo.loss import _keeps_logits, completion_logprobs, pad_batch  # noqa: E402
+from rollout_sleep.run.update_check import UpdateCheck  # noqa: E402
 from rollout_sleep.weights.stream import WeightStream, unwrap  # noqa: E402
 from rollout_sleep.weights.verify import verify  # noqa: E402
-from rollout_sleep.run.update_check import UpdateCheck  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 engine = Engine(ckpt_engine, dtype="float32", seed=0)  # external_launcher: inside this process group
