@@ -35,7 +35,7 @@ from rollout_sleep.weights.spec import TensorSpec, read_checkpoint_spec, ties_he
 
 from .completion import Completion, fast_output_kwargs, sampled_logprobs
 from .loader import Loader
-from .memory import (WakeBudget, keeping_cache, map_kv_cache, memory_gib, release_cached_memory, release_kv_cache,
+from .memory import (WakeBudget, keeping_cache, map_kv_cache, memory_gib, release_kv_cache,
                      sleep_mode_available)
 from .phases import CycleReport, timed
 from .state import LEVELS, EngineStateError, IncompleteWeightsError, SleepState, load_then_finish
@@ -66,7 +66,7 @@ class Engine(SleepState):
             Refused before vLLM starts where this vLLM build has no FP8 kernels (its CPU build).
         keep_trainer_cache: *optional*, leave PyTorch's cached blocks (the trainer's working set) in place
             when sleeping, instead of vLLM's ``empty_cache`` at every sleep; a wake still releases them
-            when vLLM would not fit beside them (see :func:`release_cached_memory`).
+            when vLLM would not fit beside them (see :func:`~rollout_sleep.engine.memory.release_cached_memory`).
         llm_kwargs: passed to ``vllm.LLM`` as they are; ``enforce_eager`` left out (or ``None``) is ``True`` on
             CPU (unless ``compilation_config`` or ``optimization_level`` asks for compilation), where vLLM's
             build compiles with inductor at every start (~15-20 s of a tiny model's ~30 s) and has no CUDA graphs
