@@ -150,11 +150,12 @@ def test_rewards_as_users_write_them(tmp_path, monkeypatch):
 
     task = tmp_path / "task"
     task.mkdir()
-    (task / "helpers.py").write_text("def target():\n    return 'b'\n")
+    # a module beside the reward file (not named "helpers": the tests' own helpers module holds that name)
+    (task / "rw_helpers.py").write_text("def target():\n    return 'b'\n")
     (task / "rw.py").write_text(textwrap.dedent("""
         import numpy as np
         import torch
-        from helpers import target
+        from rw_helpers import target
 
         def as_array(prompts, completions, **kwargs):
             return np.array([float(c == target()) for c in completions])
