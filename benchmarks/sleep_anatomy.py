@@ -21,7 +21,6 @@ Steady state = the steps after the first 2; medians per phase and per timer.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import os
@@ -31,7 +30,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, PeakMemory, device_name, versions, write_json
+
 WARMUP = 2
 VARIANTS = {  # engine settings spelled out, whatever the config's defaults
     "gpu_share": ({}, ("engine.kv_cache=gpu_share", "engine.keep_trainer_cache=false")),
@@ -50,7 +50,6 @@ def child(args) -> None:
 
     import torch
 
-    sys.path.insert(0, str(ROOT / "src"))
 
     current: dict[str, float] = {}
     steps: list[dict[str, float]] = []
@@ -81,7 +80,7 @@ def child(args) -> None:
     spec = importlib.util.spec_from_file_location("grpo_recipe", ROOT / "recipes" / "grpo.py")
     recipe_mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recipe_mod)
-    from rollout_sleep.config import load_config
+    from rollout_sleep.run.config import load_config
 
     recipe = recipe_mod.GRPORecipe(load_config(str(ROOT / "configs" / f"{args.size}.yaml"), args.overrides))
     recipe.setup()
@@ -117,14 +116,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         return child(args)
-    sys.path.insert(0, str(ROOT / "src"))
-    import torch
-
-    from grpo_vs_trl import PeakMemory
-    from rollout_sleep import versions
-
-    result = {"size": args.size, "steps": args.steps, "warmup_steps": WARMUP,
-              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    result = {"size": args.size, "steps": args.steps, "warmup_steps": WARMUP, "device": device_name(),
               "versions": versions("vllm", "torch", "transformers"), "overrides": args.overrides,
               "timers": args.timers_on, "variants": {}}
     work = Path(os.environ.get("TMPDIR", "/tmp")) / "sleep_anatomy"
@@ -138,8 +130,7 @@ def main() -> None:
                f"output_dir={out}", f"train.steps={args.steps}", "wandb.mode=disabled", "resume=false", "overwrite=true",
                "engine.verify_every=0", "save_final=false", *shared_model, *args.overrides, *extra]
         t0 = time.perf_counter()
-        mem = PeakMemory() if torch.cuda.is_available() else None
-        with mem or contextlib.nullcontext():
+        with PeakMemory(period_s=0.02) as mem:
             proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env_extra}, timeout=900)
         if proc.returncode != 0:
             result["variants"][name] = {"error": proc.stderr[-3000:]}
@@ -151,14 +142,13 @@ def main() -> None:
         timer_rows = json.loads(timers.read_text())
         result["variants"][name] = {
             "wall_s": time.perf_counter() - t0, "env": env_extra, "overrides": list(extra),
-            "peak_gpu_used_gib": mem and mem.peak_gib,
+            "peak_gpu_used_gib": mem.peak_above_base_gib,
             "phases_median": summarize([{k: v for k, v in m.items() if k.endswith("_s") or k == "cache_released"}
                                         for m in metrics]),
             "timers_median": summarize(timer_rows), "steps": metrics, "timers": timer_rows}
         print(name, json.dumps(result["variants"][name]["phases_median"]),
               json.dumps(result["variants"][name]["timers_median"]), flush=True)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1))
+        write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The sleep-mode article's two ablations with ``rollout-sleep switch-bench``, beside its A100 figures.
+"""The sleep-mode article's two ablations with ``benchmarks/switch_bench.py``, beside its A100 figures.
 
     python benchmarks/switch_ablations.py --out results/h100/switch_bench/ablations
     python benchmarks/switch_ablations.py --out /tmp/abl --quick      # CPU: tiny models, FP8 refused
@@ -24,13 +24,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+import switch_bench as sb
+from common import run_bounded, write_json
 
 # in this order: the bf16 no-warm-up arm last, its models' compiled graphs then cached by the first arm
 ARMS = {"bf16_warmup": ("on", "none"), "fp8_warmup": ("on", "fp8"), "bf16_no_warmup": ("off", "none")}
@@ -49,8 +48,6 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.models, args.switches, args.max_tokens = ["tiny", "tiny"], 2, 8
-    from rollout_sleep import switch_bench as sb
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.workdir)
@@ -68,12 +65,13 @@ def main() -> None:
     for arm in args.arms.split(","):
         warmup, quant = ARMS[arm]
         arm_out = work / arm
-        cmd = [sys.executable, "-m", "rollout_sleep.cli", "switch-bench", "--models", *models, "--modes", "level1",
+        cmd = [sys.executable, str(Path(__file__).with_name("switch_bench.py")), "--models", *models,
+               "--modes", "level1",
                "--switches", str(args.switches), "--max-tokens", str(args.max_tokens), "--warmup", warmup,
                "--quantization", quant, "--out", str(arm_out)]
         t0 = time.perf_counter()
-        rc, _, err = run_bounded(cmd, args.arm_timeout, env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
-        entry: dict = {"command": cmd[2:], "wall_s": time.perf_counter() - t0}
+        rc, _, err, _ = run_bounded(cmd, args.arm_timeout, env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
+        entry: dict = {"command": cmd[1:], "wall_s": time.perf_counter() - t0}
         raw = arm_out / "switch_bench.json"
         if rc == 0 and raw.exists():
             run = json.loads(raw.read_text())
@@ -95,53 +93,13 @@ def main() -> None:
 
 def write_tables(result: dict, out: Path) -> str:
     """ablations.md and .png from the arms done so far, and ablations.json (with the chart's status)."""
-    from rollout_sleep import switch_bench as sb
-
     figures = {a: e["figures"] for a, e in result["arms"].items() if "figures" in e}
     table = sb.ablation_markdown(figures)
     (out / "ablations.md").write_text(table + "\n")
     device = next((e["device"] for e in result["arms"].values() if "device" in e), "ours")
     result["chart"] = sb.ablation_chart(figures, out / "ablations.png", device)
-    (out / "ablations.json").write_text(json.dumps(result, indent=1))
+    write_json(out / "ablations.json", result)
     return table
-
-
-def run_bounded(cmd: list[str], timeout: float, env: dict | None = None) -> tuple[int | str, str, str]:
-    """Run ``cmd`` in its own process group; past ``timeout``, or when this process is told to stop
-    (SIGTERM, e.g. an outer ``timeout``), the whole group is stopped: servers and engines it started
-    included, which would otherwise keep their GPU memory. Returns ``(rc or "timeout", out, err)``."""
-    import signal
-
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
-
-    def stop_group() -> tuple[str, str]:
-        out = err = ""
-        for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                out, err = proc.communicate(timeout=wait)
-                break
-            except subprocess.TimeoutExpired:
-                pass
-        return out or "", err or ""
-
-    def on_term(signum, frame):
-        stop_group()
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, on_term)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-        return proc.returncode, out, err
-    except subprocess.TimeoutExpired:
-        out, err = stop_group()
-        return "timeout", out, f"timed out after {timeout} s\n" + err[-2000:]
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ compared with a TP=1 engine holding the same weights (started afterwards, in its
 
     torchrun --nproc_per_node 2 benchmarks/tp_cycle.py --size qwen3-4b --out results/h100x2/tp2_qwen3-4b.json
 
-Needs one GPU per rank. On CPU (gloo) the same flow runs in tests/test_distributed.py.
+Needs one GPU per rank. On CPU (gloo) the same flow runs in tests/engine/test_tensor_parallel.py.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from common import gib, write_json
+
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 PROMPTS = [[(7 * i + 3 * j) % 250 + 1 for j in range(16)] for i in range(8)]
@@ -25,7 +26,7 @@ PROMPTS = [[(7 * i + 3 * j) % 250 + 1 for j in range(16)] for i in range(8)]
 
 def tp1_tokens(path: str, out: str) -> None:
     """Child process: a TP=1 engine from the trainer's saved weights; writes its greedy tokens."""
-    from rollout_sleep.engine import Engine
+    from rollout_sleep.engine.engine import Engine
 
     eng = Engine(path, dtype="bfloat16", seed=0, gpu_memory_utilization=0.4)
     toks = [c.token_ids for c in eng.generate(PROMPTS, max_tokens=32, min_tokens=32, temperature=0.0)]
@@ -34,7 +35,7 @@ def tp1_tokens(path: str, out: str) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="qwen3-4b")
     ap.add_argument("--cycles", type=int, default=5)
     ap.add_argument("--out", required=True)
@@ -48,9 +49,10 @@ def main() -> None:
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
-    from rollout_sleep.checkpoints import make_checkpoint
-    from rollout_sleep.engine import Engine
-    from rollout_sleep.sync import WeightStream, verify
+    from rollout_sleep.weights.checkpoints import make_checkpoint
+    from rollout_sleep.engine.engine import Engine
+    from rollout_sleep.weights.stream import WeightStream
+    from rollout_sleep.weights.verify import verify
 
     dist.init_process_group("nccl")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -60,7 +62,7 @@ def main() -> None:
         for seed in (0, 1):
             make_checkpoint(work / f"seed{seed}", args.size, seed=seed, dtype="bfloat16")
     dist.barrier()
-    free0 = torch.cuda.mem_get_info()[0] / 2**30
+    free0 = gib(torch.cuda.mem_get_info()[0])
     engine = Engine(str(work / "seed0"), dtype="bfloat16", seed=0, tensor_parallel_size=world,
                     gpu_memory_utilization=0.4)
     model = AutoModelForCausalLM.from_pretrained(work / "seed1", dtype=torch.bfloat16).cuda()  # the trainer
@@ -82,7 +84,7 @@ def main() -> None:
     if rank == 0:
         result = {"size": args.size, "tensor_parallel_size": world, "ranks": gathered, "tp_tokens": tokens,
                   "tp1_note": "TP=1 engine in a child process on GPU 0, from the trainer's checkpoint (seed1)"}
-        Path(args.out).write_text(json.dumps(result, indent=1))
+        write_json(args.out, result)
     dist.barrier()
     if rank == 0:  # a second engine in this process is not possible: the TP=1 one runs in a child
         proc = subprocess.run([sys.executable, __file__, "--out", args.out, "--tp1-child", str(work / "seed1"),
@@ -94,7 +96,7 @@ def main() -> None:
             data["prompts_identical"] = sum(a == b for a, b in zip(tokens, tp1))
         else:
             data["tp1_error"] = proc.stderr[-3000:]
-        Path(args.out).write_text(json.dumps(data, indent=1))
+        write_json(args.out, data)
         print(json.dumps({k: v for k, v in data.items() if k not in ("ranks", "tp_tokens", "tp1_tokens")}), flush=True)
     os._exit(0)
 

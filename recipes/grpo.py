@@ -53,8 +53,8 @@ configure(verbose="--verbose" in sys.argv)  # before torch / transformers / vLLM
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line; ``--help`` lists every config key with its default and meaning (from the config's
-    dataclasses, :mod:`rollout_sleep.config_schema`)."""
-    from rollout_sleep.config_schema import help_text
+    dataclasses, :mod:`rollout_sleep.run.schema`)."""
+    from rollout_sleep.run.schema import help_text
 
     parser = argparse.ArgumentParser(description="GRPO with a sleeping colocated vLLM engine", epilog=help_text(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -72,27 +72,27 @@ from accelerate import Accelerator  # noqa: E402
 from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_seed  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from rollout_sleep.checkpoints import SHAPES, make_checkpoint, make_config_dir  # noqa: E402
-from rollout_sleep import run_dir  # noqa: E402
-from rollout_sleep.config import (ConfigError, RecipeConfig, check_processes, load_config,  # noqa: E402
-                                  validate_rewards)
-from rollout_sleep.data import (check_prompts, completions_for_rewards, is_conversational,  # noqa: E402
-                                load_prompts, prepare_prompts, prompt_token_ids)
-from rollout_sleep.engine import Engine  # noqa: E402
-from rollout_sleep.memory import PhasePeaks, kv_cache_bytes_for  # noqa: E402
-from rollout_sleep import memory_plan, run_memory  # noqa: E402
-from rollout_sleep.optim import OptimizerOffload, build_optimizer  # noqa: E402
-from rollout_sleep.pool import EnginePool  # noqa: E402
-from rollout_sleep.lora import AdapterSync, LoraSettings  # noqa: E402
-from rollout_sleep.shared_base import trainer_from_engine  # noqa: E402
-from rollout_sleep.grpo import grpo_update  # noqa: E402
+from rollout_sleep.engine.engine import Engine  # noqa: E402
+from rollout_sleep.engine.memory import PhasePeaks, kv_cache_bytes_for  # noqa: E402
+from rollout_sleep.engine.phases import plot_timeline  # noqa: E402
+from rollout_sleep.grpo.data import (check_prompts, completions_for_rewards, is_conversational,  # noqa: E402
+                                     load_prompts, prepare_prompts, prompt_token_ids)
+from rollout_sleep.grpo.errors import RewardError  # noqa: E402
+from rollout_sleep.grpo.loss import grpo_update  # noqa: E402
+from rollout_sleep.grpo.rewards import combine, resolve_rewards, reward_metrics, score_rewards  # noqa: E402
 from rollout_sleep.integrations.wandb import make_tracker  # noqa: E402
-from rollout_sleep.manager import RolloutManager  # noqa: E402
-from rollout_sleep.phases import plot_timeline  # noqa: E402
-from rollout_sleep.nonfinite import NonFiniteError, check_finite, guard_optimizer  # noqa: E402
-from rollout_sleep.update_check import UpdateCheck, checkpoint_magnitude, lr_note  # noqa: E402
-from rollout_sleep.rewards import RewardError, combine, resolve_rewards, reward_metrics, score_rewards  # noqa: E402
-from rollout_sleep.watchdog import Watchdog  # noqa: E402
+from rollout_sleep.lora.adapter import AdapterSync, LoraSettings  # noqa: E402
+from rollout_sleep.lora.shared_base import trainer_from_engine  # noqa: E402
+from rollout_sleep.pool.pool import EnginePool  # noqa: E402
+from rollout_sleep.run import memory_check, memory_plan, output_dir  # noqa: E402
+from rollout_sleep.run.config import ConfigError, check_processes, load_config, validate_rewards  # noqa: E402
+from rollout_sleep.run.manager import RolloutManager  # noqa: E402
+from rollout_sleep.run.nonfinite import NonFiniteError, check_finite, guard_optimizer  # noqa: E402
+from rollout_sleep.run.optim import OptimizerOffload, build_optimizer  # noqa: E402
+from rollout_sleep.run.schema import RecipeConfig  # noqa: E402
+from rollout_sleep.run.update_check import UpdateCheck, checkpoint_magnitude, lr_note  # noqa: E402
+from rollout_sleep.run.watchdog import Watchdog  # noqa: E402
+from rollout_sleep.weights.checkpoints import SHAPES, make_checkpoint, make_config_dir  # noqa: E402
 
 
 class GRPORecipe:
@@ -105,7 +105,7 @@ class GRPORecipe:
     def setup(self) -> None:
         cfg = self.cfg
         # read-only checks first (every rank alike): nothing is written before they pass
-        run_dir.check_output_dir(self.out, cfg.to_dict(), cfg.resume, cfg.overwrite)
+        output_dir.check_output_dir(self.out, cfg.to_dict(), cfg.resume, cfg.overwrite)
         w = cfg.watchdog
         pg = [InitProcessGroupKwargs(timeout=timedelta(seconds=w.collective_s + 60))] \
             if w.enabled and w.collective_s > 0 else []  # torch.distributed's own timeout: a backstop to ours
@@ -140,15 +140,15 @@ class GRPORecipe:
         if problems:
             raise ConfigError(problems)
         if self.main:
-            self.lock = run_dir.lock(self.out)  # held until the process ends: one run at a time in output_dir
+            self.lock = output_dir.lock(self.out)  # held until the process ends: one run at a time in output_dir
             if cfg.overwrite and not cfg.resume:
-                gone = run_dir.clear_run(self.out, cfg.to_dict())
+                gone = output_dir.clear_run(self.out, cfg.to_dict())
                 if gone:
                     self.acc.print(f"overwrite=true: deleted {', '.join(gone)} of the earlier run in {self.out}")
-            elif run_dir.drop_stale_model(self.out, cfg.to_dict()):
+            elif output_dir.drop_stale_model(self.out, cfg.to_dict()):
                 self.acc.print(f"deleted {self.out / 'model'}: built with other model settings; building it again")
             self.out.mkdir(parents=True, exist_ok=True)
-            run_dir.write_run_config(self.out, cfg.to_dict())
+            output_dir.write_run_config(self.out, cfg.to_dict())
         with self._collective("the start of the run"):
             self.acc.wait_for_everyone()
         self.model_path = self._model_path()
@@ -238,9 +238,9 @@ class GRPORecipe:
             self.tracker.update_summary({f"memory_plan/{p}_gib": self.plan.total(p) / 2**30 for p in memory_plan.PHASES})
         # per-phase peaks over the first steps (the optimizer's state exists from step 1's update on), then the
         # comparison with the plan
-        self.resident = run_memory.Resident()
+        self.resident = memory_check.Resident()
         self.peaks = PhasePeaks(self.plan_base_free).start() \
-            if self.plan is not None and self.step < run_memory.MEASURED_STEPS else None
+            if self.plan is not None and self.step < memory_check.MEASURED_STEPS else None
         self.timeline: list[dict] = []
         # Everything loaded so far lives for the whole run: keep it out of Python's garbage collector,
         # as vLLM does for its own startup heap. vLLM runs a full collection at every sleep; with the
@@ -291,14 +291,14 @@ class GRPORecipe:
     def _note_low_precision_lr(self) -> None:
         """Before vLLM starts: a warning when the trainer steps bf16/fp16 weights in place (one process or DDP;
         FSDP and DeepSpeed may keep float32 master weights) with an lr under half the dtype's spacing near the
-        checkpoint's typical |w|. The first optimizer step then measures it (:mod:`rollout_sleep.update_check`)."""
+        checkpoint's typical |w|. The first optimizer step then measures it (:mod:`rollout_sleep.run.update_check`)."""
         t = self.cfg.train
         if not self.main or self.acc.distributed_type.value not in ("NO", "MULTI_GPU", "MULTI_CPU"):
             return
         magnitude = checkpoint_magnitude(self.model_path) if self.cfg.model.dtype != "float32" else None
         note = lr_note(t.lr, getattr(torch, self.cfg.model.dtype), magnitude) if magnitude else None
         if note:
-            logging.getLogger("rollout_sleep.update_check").warning(note)
+            logging.getLogger("rollout_sleep.run.update_check").warning(note)
 
     def _model_path(self) -> str:
         cfg = self.cfg.model
@@ -334,7 +334,7 @@ class GRPORecipe:
         return self._longest
 
     def _memory_plan(self, kv_bytes: int | None) -> memory_plan.MemoryPlan | None:
-        """The per-phase memory plan (:mod:`rollout_sleep.run_memory`), printed and written to memory_plan.json;
+        """The per-phase memory plan (:mod:`rollout_sleep.run.memory_check`), printed and written to memory_plan.json;
         with ``train.memory_plan=refuse`` a phase that does not fit stops the run here, before vLLM starts."""
         self.plan_base_free = None
         if self.cfg.train.memory_plan == "off":
@@ -342,8 +342,8 @@ class GRPORecipe:
         b = torch.empty((), dtype=getattr(torch, self.cfg.model.dtype)).element_size()
         reward_bytes = sum(memory_plan.checkpoint_params(r.fn.path) * b for r in self.rewards if hasattr(r.fn, "load"))
         stage = getattr(getattr(self.acc.state, "deepspeed_plugin", None), "zero_stage", 0) or 0
-        shards = run_memory.trainer_shards(self.acc.num_processes, self.acc.distributed_type.value, stage)
-        plan, self.plan_base_free = run_memory.plan_run(
+        shards = memory_check.trainer_shards(self.acc.num_processes, self.acc.distributed_type.value, stage)
+        plan, self.plan_base_free = memory_check.plan_run(
             self.cfg, self.model_path, processes=self.acc.num_processes, shards=shards,
             longest_prompt=self._longest_prompt(), kv_bytes=kv_bytes, reward_bytes=reward_bytes,
             base_shared=self._shares_base())
@@ -352,7 +352,7 @@ class GRPORecipe:
             path = self.out / "memory_plan.json"
             earlier = json.loads(path.read_text()) if path.exists() else {}
             path.write_text(json.dumps({**earlier, "plan": plan.as_dict()}, indent=2))
-        run_memory.enforce(plan, self.cfg.train.memory_plan, self.acc.print)
+        memory_check.enforce(plan, self.cfg.train.memory_plan, self.acc.print)
         return plan
 
     def _check_plan_with_engine(self) -> None:
@@ -361,8 +361,8 @@ class GRPORecipe:
         if self.plan is None or self.plan_base_free is None or not self.engine.on_cuda:
             return
         self.engine_taken = int((self.engine.memory_before_gib - self.engine.memory_loaded_gib) * memory_plan.GIB)
-        self.plan = run_memory.with_engine_measured(self.plan, self.engine_taken)
-        run_memory.enforce(self.plan, self.cfg.train.memory_plan, self.acc.print,
+        self.plan = memory_check.with_engine_measured(self.plan, self.engine_taken)
+        memory_check.enforce(self.plan, self.cfg.train.memory_plan, self.acc.print,
                            "with the engine's memory measured at its start")
 
     def _resume(self) -> str | None:
@@ -372,11 +372,11 @@ class GRPORecipe:
         ckpts = self.out / "checkpoints"
         chosen = [None]
         if self.main:
-            run_dir.clear_staging(ckpts)
+            output_dir.clear_staging(ckpts)
             if self.cfg.resume:
-                found, skipped = run_dir.newest_complete(ckpts)
+                found, skipped = output_dir.newest_complete(ckpts)
                 for path, why in skipped:
-                    moved = run_dir.set_aside(path, why)
+                    moved = output_dir.set_aside(path, why)
                     self.acc.print(f"skipping checkpoint {path.name}: {why} (moved to {moved})")
                 if skipped and found is None:
                     self.acc.print("no complete checkpoint to resume from: starting at step 0")
@@ -384,10 +384,10 @@ class GRPORecipe:
         with self._collective("the choice of the checkpoint to resume from"):
             chosen = broadcast_object_list(chosen)
         path = Path(chosen[0]) if chosen[0] else None
-        state = json.loads((path / run_dir.STATE_FILE).read_text()) if path else {}
+        state = json.loads((path / output_dir.STATE_FILE).read_text()) if path else {}
         self.step = int(state.get("step", 0))
         if self.main:
-            moved = run_dir.supersede_metrics(self.out / "metrics.jsonl", self.step)
+            moved = output_dir.supersede_metrics(self.out / "metrics.jsonl", self.step)
             if moved:
                 self.acc.print(f"moved {moved} metrics line(s) of steps after step {self.step} to "
                                "metrics.superseded.jsonl: those steps run again")
@@ -415,7 +415,7 @@ class GRPORecipe:
             # same prompts (vLLM requires it) and each then trains on its share of the groups
             examples = [self.data[i] for i in (idx[rank::world] if self.tp == 1 else idx)]
             prompt_ids = prompt_token_ids(self.prompt_tokenizer, [ex["prompt"] for ex in examples])
-            measuring = self.peaks is not None and self.step < run_memory.MEASURED_STEPS
+            measuring = self.peaks is not None and self.step < memory_check.MEASURED_STEPS
             if measuring:
                 self.resident.note(self.model, self.optimizer, self.acc.device.type)
             with self._peak("rollout"):
@@ -466,9 +466,9 @@ class GRPORecipe:
                        "rollouts": int(all_rewards.numel()), "unscorable": int(all_rewards.numel() - scored.numel()),
                        **reward_metrics(self.rewards, all_table),
                        "reward_s": reward_s, **self.layout, **stats, **phases,
-                       **run_memory.cuda_peak(self.peaks.run_allocated_peak if self.peaks else 0),
+                       **memory_check.cuda_peak(self.peaks.run_allocated_peak if self.peaks else 0),
                        "step_s": time.perf_counter() - t0}
-            if measuring and self.step in (run_memory.MEASURED_STEPS, t.steps):
+            if measuring and self.step in (memory_check.MEASURED_STEPS, t.steps):
                 metrics.update(self._plan_vs_actual(phases))
             self.timeline.append({k: v for k, v in phases.items() if k.endswith("_s")})
             if self.main:
@@ -484,10 +484,10 @@ class GRPORecipe:
         return self.peaks.phase(phase) if self.peaks is not None else contextlib.nullcontext()
 
     def _plan_vs_actual(self, phases: dict) -> dict:
-        """The plan against what the first steps measured (:func:`rollout_sleep.run_memory.measured_gib`), written
+        """The plan against what the first steps measured (:func:`rollout_sleep.run.memory_check.measured_gib`), written
         to memory_plan.json and logged to W&B; returns the flat metrics for this step's line."""
         offloaded = self.offload is not None and self.offload.active
-        measured = run_memory.measured_gib(
+        measured = memory_check.measured_gib(
             self.model, self.optimizer, self.acc.device.type, self.resident,
             offloaded_gib=phases.get("optimizer_offload_gib", 0.0) if offloaded else None, peaks=self.peaks,
             engine_taken=getattr(self, "engine_taken", None), engine_freed_gib=phases.get("memory_freed_gib"),
@@ -526,14 +526,14 @@ class GRPORecipe:
         """Every rank writes into a staging folder; the main process then records the step and every file's
         size and renames it to ``step_N``: a ``step_N`` folder is always complete."""
         path = self.out / "checkpoints" / f"step_{self.step}"
-        staging = run_dir.stage(path)
+        staging = output_dir.stage(path)
         with self.watchdog.phase("save", f"accelerate to save the state of step {self.step} into {staging}"):
             self.acc.save_state(str(staging))
         with self._collective(f"the end of the save of step {self.step}"):
             self.acc.wait_for_everyone()
         if self.main:
             with self.watchdog.phase("save", f"the commit of {path}"):
-                run_dir.commit(staging, path, {"step": self.step, "wandb_id": getattr(self.tracker, "id", None)})
+                output_dir.commit(staging, path, {"step": self.step, "wandb_id": getattr(self.tracker, "id", None)})
             print(f"saved {path}", flush=True)
         with self._collective(f"the commit of {path.name}"):
             self.acc.wait_for_everyone()
@@ -561,7 +561,7 @@ class GRPORecipe:
                                  f"engine or a checkpoint; {self._last_saved()}") from None
 
     def _last_saved(self) -> str:
-        saved = run_dir.saved_steps(self.out / "checkpoints")
+        saved = output_dir.saved_steps(self.out / "checkpoints")
         return f"the newest checkpoint is {saved[-1]}" if saved else "no checkpoint was saved yet"
 
     # ---------------------------------------------------------------- cleanup
@@ -582,7 +582,7 @@ def main() -> None:
         recipe = GRPORecipe(load_config(args.config, args.overrides))
         recipe.setup()
         recipe.train()
-    except (ConfigError, run_dir.RunDirError, NonFiniteError) as err:
+    except (ConfigError, output_dir.RunDirError, NonFiniteError) as err:
         # problems the recipe explains itself: the message, not a traceback
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.stdout.flush()

@@ -15,9 +15,9 @@ import torch  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
-from rollout_sleep.data import synthetic_arithmetic  # noqa: E402
+from rollout_sleep.grpo.data import synthetic_arithmetic  # noqa: E402
+from rollout_sleep.grpo.rewards import arithmetic_exact, digits_format  # noqa: E402
 from rollout_sleep.integrations.trl import patch  # noqa: E402
-from rollout_sleep.rewards import arithmetic_exact, digits_format  # noqa: E402
 
 
 def reward_digits(prompts, completions, **kw):

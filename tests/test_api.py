@@ -48,8 +48,8 @@ def test_logger_rank_zero_and_benign_filter(monkeypatch):
         configure_once = log.configure(verbose=False, stream=out)
         log.configure(verbose=False, stream=out)  # idempotent: still one handler
         assert len([h for h in configure_once.handlers if getattr(h, log._HANDLER_TAG, False)]) == 1
-        logging.getLogger("rollout_sleep.engine").info("load route: reload")
-        logging.getLogger("rollout_sleep.engine").debug("hidden unless verbose")
+        logging.getLogger("rollout_sleep.engine.engine").info("load route: reload")
+        logging.getLogger("rollout_sleep.engine.engine").debug("hidden unless verbose")
         vllm = logging.getLogger("vllm.v1.worker.cpu_worker")
         vllm.warning("sleep mode is not supported on CPU, ignore it.")  # benign: dropped
         vllm.info("an info line")  # below WARNING: dropped
@@ -66,8 +66,8 @@ def test_logger_rank_zero_and_benign_filter(monkeypatch):
         log.configure(verbose=True, stream=out)  # the last call wins: vLLM is left as it configures itself
         assert not any(getattr(h, log._HANDLER_TAG, False) for h in logging.getLogger("vllm").handlers)
         assert os.environ.get("VLLM_CONFIGURE_LOGGING") == env_before.get("VLLM_CONFIGURE_LOGGING")
-        logging.getLogger("rollout_sleep.sync").info("rank 1 info: hidden")
-        logging.getLogger("rollout_sleep.sync").warning("fell back to the reload route")
+        logging.getLogger("rollout_sleep.weights.stream").info("rank 1 info: hidden")
+        logging.getLogger("rollout_sleep.weights.stream").warning("fell back to the reload route")
         assert out.getvalue().splitlines() == ["rollout_sleep[rank 1]: warning: fell back to the reload route"]
     finally:
         catch.__exit__(None, None, None)
@@ -105,18 +105,3 @@ def test_no_private_name_used_across_modules():
                 found.append(f"{path.relative_to(root)}:{node.lineno} uses {node.value.id}.{node.attr}")
     assert not found, found
 
-
-def test_plot_timeline_leaves_the_callers_matplotlib_backend(tmp_path):
-    # A library function: it draws its PNG without switching the process's backend (a notebook's inline one).
-    matplotlib = __import__("pytest").importorskip("matplotlib")
-    from rollout_sleep.phases import plot_timeline
-
-    before = matplotlib.get_backend()
-    matplotlib.use("svg")
-    try:
-        png = plot_timeline([{"generate_s": 1.0, "train_s": 2.0}, {"generate_s": 0.5, "sleep_s": 0.1}],
-                            tmp_path / "t.png")
-        assert png is not None and png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 1000
-        assert matplotlib.get_backend().lower() == "svg"
-    finally:
-        matplotlib.use(before)

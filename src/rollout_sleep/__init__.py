@@ -16,87 +16,69 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-# Public name -> the module (under rollout_sleep) that defines it, or "module:attribute" where the public
-# name differs. Adding a name is one line here (and one in the TYPE_CHECKING block below).
+# Public name -> the module (under rollout_sleep) that defines it. Adding a name is one line here (and one in
+# the TYPE_CHECKING block below). Everything else is imported from its module (``rollout_sleep.run.config``, ...).
 _EXPORTS: dict[str, str] = {
     # the colocated engine
-    "Engine": "engine",
-    "EngineStateError": "state",
-    "IncompleteWeightsError": "state",
-    "CycleReport": "phases",
-    "Completion": "completion",
-    "kv_cache_bytes_for": "memory",
-    # several engine processes on one GPU (data-parallel rollouts)
-    "EnginePool": "pool",
-    "IPCUnavailableError": "packing",
+    "Engine": "engine.engine",
+    "EngineStateError": "engine.state",
+    "IncompleteWeightsError": "engine.state",
+    "CycleReport": "engine.phases",
+    "Completion": "engine.completion",
+    "kv_cache_bytes_for": "engine.memory",
     # trainer -> engine
-    "WeightStream": "sync",
-    "trainer_weights": "sync",
-    "verify": "verification",
-    "VerifyReport": "verification",
-    "WeightMismatchError": "weights",
+    "WeightStream": "weights.stream",
+    "verify": "weights.verify",
+    "VerifyReport": "weights.verify",
+    "WeightMismatchError": "weights.spec",
+    "make_checkpoint": "weights.checkpoints",
     # the alternation loop
-    "RolloutManager": "manager",
+    "RolloutManager": "run.manager",
     # LoRA with one copy of the base
-    "LoraSettings": "lora",
-    "AdapterSync": "lora",
-    "trainer_from_engine": "shared_base",
-    # GRPO recipe pieces
-    "load_config": "config",
-    "ConfigError": "config",
-    "RecipeConfig": "config_schema",
-    "grpo_update": "grpo",
-    "resolve_rewards": "rewards",
-    "score_rewards": "rewards",
-    "register_reward": "rewards:register",
-    "RewardModel": "reward_model",
-    # random-weight checkpoints (no downloads)
-    "make_checkpoint": "checkpoints",
-    "make_config_dir": "checkpoints",
+    "LoraSettings": "lora.adapter",
+    "AdapterSync": "lora.adapter",
+    "trainer_from_engine": "lora.shared_base",
+    # GRPO pieces
+    "grpo_update": "grpo.loss",
+    "resolve_rewards": "grpo.rewards",
+    "score_rewards": "grpo.rewards",
+    "RewardModel": "grpo.reward_model",
     # `vllm serve` over HTTP
-    "ServerProcess": "server",
-    "RemoteEngine": "remote",
-    "ServerError": "server",
+    "ServerProcess": "serve.server",
+    "ServerError": "serve.server",
+    "RemoteEngine": "serve.remote",
     # logging
-    "configure_logging": "log:configure",
     "get_logger": "log",
 }
 
 __all__ = sorted([*_EXPORTS, "versions"])
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time names load lazily through __getattr__
-    from .checkpoints import make_checkpoint, make_config_dir
-    from .config import ConfigError, load_config
-    from .config_schema import RecipeConfig
-    from .completion import Completion
-    from .engine import Engine
-    from .memory import kv_cache_bytes_for
-    from .packing import IPCUnavailableError
-    from .pool import EnginePool
-    from .phases import CycleReport
-    from .state import EngineStateError, IncompleteWeightsError
-    from .grpo import grpo_update
-    from .log import configure as configure_logging
+    from .engine.completion import Completion
+    from .engine.engine import Engine
+    from .engine.memory import kv_cache_bytes_for
+    from .engine.phases import CycleReport
+    from .engine.state import EngineStateError, IncompleteWeightsError
+    from .grpo.loss import grpo_update
+    from .grpo.reward_model import RewardModel
+    from .grpo.rewards import resolve_rewards, score_rewards
     from .log import get_logger
-    from .lora import AdapterSync, LoraSettings
-    from .shared_base import trainer_from_engine
-    from .manager import RolloutManager
-    from .reward_model import RewardModel
-    from .rewards import register as register_reward
-    from .rewards import resolve_rewards, score_rewards
-    from .remote import RemoteEngine
-    from .server import ServerError, ServerProcess
-    from .sync import WeightStream, trainer_weights
-    from .verification import VerifyReport, verify
-    from .weights import WeightMismatchError
+    from .lora.adapter import AdapterSync, LoraSettings
+    from .lora.shared_base import trainer_from_engine
+    from .run.manager import RolloutManager
+    from .serve.remote import RemoteEngine
+    from .serve.server import ServerError, ServerProcess
+    from .weights.checkpoints import make_checkpoint
+    from .weights.spec import WeightMismatchError
+    from .weights.stream import WeightStream
+    from .weights.verify import VerifyReport, verify
 
 
 def __getattr__(name: str) -> Any:
     target = _EXPORTS.get(name)
     if target is None:
         raise AttributeError(f"module 'rollout_sleep' has no attribute {name!r}")
-    module, _, attr = target.partition(":")
-    value = getattr(import_module(f".{module}", __name__), attr or name)
+    value = getattr(import_module(f".{target}", __name__), name)
     globals()[name] = value  # resolve once
     return value
 

@@ -14,8 +14,8 @@ Environment switches are set with ``setdefault``: a variable you set yourself wi
 theirs at import, so call :func:`configure` before importing them (the entry points do); if vLLM is
 already imported, its logger is re-configured in place.
 
->>> get_logger("rollout_sleep.engine").name, get_logger("engine").name
-('rollout_sleep.engine', 'rollout_sleep.engine')
+>>> get_logger("rollout_sleep.engine.loader").name, get_logger("engine.loader").name
+('rollout_sleep.engine.loader', 'rollout_sleep.engine.loader')
 >>> BENIGN.drops("vllm.v1.worker.cpu_worker", "sleep mode is not supported on CPU, ignore it.")
 True
 >>> BENIGN.drops("vllm.model_executor.model_loader.reload.layerwise", "QKVParallelLinear: Failed to load weights")

@@ -33,7 +33,7 @@ Server mode (``vllm_mode="server"``) and ``use_vllm=False`` are refused with an 
 
 LoRA with one copy of the base (a PEFT ``GRPOTrainer``, ``peft_config=...``): build the trainer inside
 ``lora_engine(rank)`` (TRL's engine then starts with vLLM's LoRA serving) and ``patch(trainer)``. vLLM serves the
-trainer's adapter itself: a sync copies only the adapter into vLLM's slot (``rollout_sleep.lora.AdapterSync``)
+trainer's adapter itself: a sync copies only the adapter into vLLM's slot (``rollout_sleep.lora.adapter.AdapterSync``)
 and verifies it bitwise, the engine sleeps at level 0 (KV cache only: TRL's ``sleep(level=2)`` is turned into
 that) and, on CUDA, the trainer's frozen base is rebound to views of vLLM's weights (one copy on the GPU)::
 
@@ -50,11 +50,12 @@ from __future__ import annotations
 import contextlib
 import time
 
-from ..completion import fast_output_kwargs
-from ..engine import Engine
-from ..memory import release_cached_memory
-from ..sync import WeightStream
-from ..verification import verify
+from rollout_sleep.engine.completion import fast_output_kwargs
+from rollout_sleep.engine.engine import Engine
+from rollout_sleep.engine.memory import release_cached_memory
+from rollout_sleep.engine.state import check_level
+from rollout_sleep.weights.stream import WeightStream
+from rollout_sleep.weights.verify import verify
 
 
 def patch(trainer, *, sleep_level: int = 2, verify_every: int = 1, bucket_bytes: int = 512 << 20,
@@ -69,9 +70,8 @@ def patch(trainer, *, sleep_level: int = 2, verify_every: int = 1, bucket_bytes:
     if getattr(args, "vllm_mode", None) != "colocate":
         raise ValueError(f"rollout_sleep.integrations.trl.patch supports vllm_mode='colocate' only, got "
                          f"{args.vllm_mode!r}: in server mode the engine lives in another process; use "
-                         "rollout_sleep.server instead")
-    if sleep_level not in (1, 2):
-        raise ValueError(f"sleep_level must be 1 or 2, got {sleep_level!r}")
+                         "rollout_sleep.serve.server instead")
+    check_level(sleep_level)
     gen = getattr(trainer, "vllm_generation", None)
     if gen is None or getattr(gen, "llm", None) is None:
         raise ValueError("this GRPOTrainer has no colocated vLLM engine (trainer.vllm_generation.llm)")
@@ -123,7 +123,7 @@ def lora_engine(rank: int, max_loras: int = 1):
     of ``rank``): wrap the ``GRPOTrainer(...)`` call, then :func:`patch` the trainer."""
     import trl.generation.vllm_generation as vg
 
-    from ..lora import LoraSettings
+    from rollout_sleep.lora.adapter import LoraSettings
 
     settings = LoraSettings(rank=rank)
     original = vg.LLM
@@ -141,9 +141,9 @@ def lora_engine(rank: int, max_loras: int = 1):
 
 def _patch_lora(trainer, gen, engine: Engine, verify_every: int, fast_outputs: bool):
     """The LoRA route of :func:`patch`: adapter-only syncs, level-0 sleep, the base viewed from vLLM on CUDA."""
-    from ..memory import map_kv_cache, release_kv_cache
-    from ..lora import AdapterSync
-    from ..shared_base import share_base
+    from rollout_sleep.engine.memory import map_kv_cache, release_kv_cache
+    from rollout_sleep.lora.adapter import AdapterSync
+    from rollout_sleep.lora.shared_base import share_base
 
     model = trainer.model_wrapped if getattr(trainer, "model_wrapped", None) is not None else trainer.model
     adapter = AdapterSync(engine, model)  # raises unless the trainer is a PEFT model

@@ -1,0 +1,307 @@
+"""GRPO's pieces (group-normalized advantages, completion log-probs, the vLLM-mismatch correction, TRL's losses).
+
+>>> import torch
+>>> [round(a, 3) for a in group_advantages(torch.tensor([1.0, 0.0, 1.0, 1.0]), group_size=2).tolist()]
+[0.707, -0.707, 0.0, 0.0]
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4, scale: bool = True) -> torch.Tensor:
+    """Reward minus its group's mean (divided by the group's std when ``scale``); groups are consecutive.
+    NaN rewards (completions no reward scored) stay out of their group's mean and std and get advantage 0 (TRL)."""
+    g = rewards.view(-1, group_size)
+    mean = g.nanmean(1, keepdim=True)
+    adv = g - mean
+    if scale:
+        count = (~torch.isnan(g)).sum(1, keepdim=True)
+        std = (adv.square().nansum(1, keepdim=True) / (count - 1).clamp(min=1)).sqrt()
+        adv = adv / (std + eps)
+    return adv.nan_to_num(0.0).view(-1)
+
+
+def pad_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int):
+    """Prompts left-padded to a common width, completions right-padded after them (so every completion
+    starts at the same column and the model needs logits for the completion columns only).
+
+    Returns ``ids`` and ``attention_mask`` (``[batch, P + C]``), ``position_ids`` that count real tokens
+    only (left padding must not shift positions) and ``mask`` (``[batch, C]``): 1 at completion tokens.
+    """
+    width_p, width_c = max(len(p) for p in prompts), max(len(c) for c in completions)
+    ids = torch.full((len(prompts), width_p + width_c), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        ids[i, width_p - len(p): width_p + len(c)] = torch.tensor(list(p) + list(c), dtype=torch.long)
+        attn[i, width_p - len(p): width_p + len(c)] = 1
+    positions = (attn.cumsum(1) - 1).clamp(min=0)
+    return ids, attn, positions, attn[:, width_p:].float()
+
+
+class _SelectedLogProbs(torch.autograd.Function):
+    """``log_softmax(logits.float() / temperature)`` at the target tokens, computed in row chunks: float32 never
+    exists for more than a chunk, and backward recomputes the softmax from the (bf16) logits instead of keeping
+    float32 copies (``batch x len x vocab`` x 4 bytes: 2.5 GB for 32 x 128 tokens of a 152k vocabulary)."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, n, temperature):  # logits [B, T, V]; positions [:, :n] predict targets [B, n]
+        rows = _chunk_rows(logits, n)
+        out = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
+        lse = torch.empty_like(out)
+        for b in range(0, logits.shape[0], rows):
+            x = _scaled(logits[b: b + rows, :n], temperature)
+            lse[b: b + rows] = torch.logsumexp(x, -1)
+            out[b: b + rows] = x.gather(-1, targets[b: b + rows, :, None])[..., 0] - lse[b: b + rows]
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.n, ctx.temperature = n, temperature
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, targets, lse = ctx.saved_tensors
+        n, t, rows = ctx.n, ctx.temperature, _chunk_rows(logits, ctx.n)
+        grad = torch.empty_like(logits)
+        grad[:, n:].zero_()  # positions past n predict nothing here; the rest is written below
+        for b in range(0, logits.shape[0], rows):
+            g = grad_out[b: b + rows, :, None].float() / t  # d(x / t) / dx = 1 / t
+            d = (_scaled(logits[b: b + rows, :n], t) - lse[b: b + rows, :, None]).exp_().mul_(-g)  # -g * softmax
+            d.scatter_add_(-1, targets[b: b + rows, :, None], g)
+            grad[b: b + rows, :n] = d
+        return grad, None, None, None
+
+
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    x = logits.float()
+    return x if temperature == 1.0 else x / temperature
+
+
+def _chunk_rows(logits: torch.Tensor, n: int, budget_bytes: int = 256 * 2**20) -> int:
+    return max(1, budget_bytes // max(1, n * logits.shape[-1] * 4))
+
+
+def selected_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Float32 log-prob of ``targets`` (``[B, n]``) under ``logits / temperature`` (``[B, T >= n, V]``, positions
+    ``:n``): the distribution vLLM samples from at that temperature (and TRL scores)."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    return _SelectedLogProbs.apply(logits, targets, targets.shape[1], float(temperature))
+
+
+def _keeps_logits(model) -> bool:
+    """Whether the model under its wrappers (DDP, DeepSpeed, ``torch.compile``, PEFT) takes ``logits_to_keep``
+    (Hugging Face causal LMs do; the wrappers pass keyword arguments through)."""
+    from rollout_sleep.weights.stream import unwrap
+
+    model = unwrap(model)
+    if hasattr(model, "get_base_model"):  # PEFT
+        model = unwrap(model.get_base_model())
+    return _takes_logits_to_keep(getattr(model.forward, "__func__", model.forward))
+
+
+@functools.lru_cache(maxsize=64)
+def _takes_logits_to_keep(forward) -> bool:  # once per forward function, not per micro-batch
+    return "logits_to_keep" in inspect.signature(forward).parameters
+
+
+def completion_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, positions: torch.Tensor,
+                        n: int, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probs (``[batch, n]``, float32) of the last ``n`` columns of ``ids`` (the completions of
+    :func:`pad_batch`) under ``model`` with its logits divided by ``temperature`` (the sampling distribution);
+    the LM head runs on those columns only where the model allows."""
+    kw = {"logits_to_keep": n + 1} if _keeps_logits(model) else {}
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=positions, **kw).logits
+    return selected_logprobs(logits[:, -(n + 1):], ids[:, -n:], temperature)
+
+
+SAMPLING_CORRECTIONS = ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+
+def sampling_correction(logp: torch.Tensor, sampling_logp: torch.Tensor, mask: torch.Tensor, mode: str,
+                        clip_min: float | None = None, clip_max: float | None = 3.0) -> torch.Tensor | None:
+    """Importance weights for the trainer-vs-sampler (vLLM) mismatch, as TRL's ``vllm_importance_sampling_*``.
+
+    ``exp(logp - sampling_logp)`` per token, or per sequence (the sum over its tokens) for ``sequence_*``;
+    ``*_truncate`` clamps it to ``[clip_min, clip_max]``, ``*_mask`` sets ratios outside it to 0. NaN
+    sampling log-probs (none returned) count as no mismatch. ``none``: ``None`` (no correction).
+    """
+    if mode not in SAMPLING_CORRECTIONS:
+        raise ValueError(f"unknown sampling correction {mode!r}; choose one of {SAMPLING_CORRECTIONS}")
+    if mode == "none":
+        return None
+    diff = torch.nan_to_num((logp - sampling_logp) * mask, nan=0.0)
+    if mode.startswith("sequence"):
+        diff = diff.sum(-1, keepdim=True)
+    ratio = diff.exp()
+    lo = -float("inf") if clip_min is None else clip_min
+    hi = float("inf") if clip_max is None else clip_max
+    if mode.endswith("truncate"):
+        return ratio.clamp(min=lo, max=hi)
+    return ratio.masked_fill((ratio < lo) | (ratio > hi), 0.0)
+
+
+LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo")
+"""TRL's ``loss_type`` names and formulas (TRL's default: ``dapo``); see :func:`grpo_loss`."""
+
+
+def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
+              clip_eps: float = 0.2, ref_logp: torch.Tensor | None = None, kl_coef: float = 0.0,
+              weights: torch.Tensor | None = None, *, loss_type: str = "dapo", normalizer: float | None = None,
+              max_completion_length: int | None = None, kl_bias_correction: bool = True):
+    """TRL's GRPO loss (``GRPOTrainer._compute_loss``) on one micro-batch: clipped policy-gradient term,
+    ``weights`` (e.g. :func:`sampling_correction`) on it, plus ``kl_coef`` x the k3 KL to a reference.
+
+    ``loss_type`` sets how token terms are summed (``m``: the mask, ``l``: the per-token loss):
+
+    - ``dapo``: ``sum(l m) / normalizer``, ``normalizer`` = completion tokens of the whole batch (this
+      micro-batch's when ``None``): every token weighs the same, wherever it sits;
+    - ``grpo``: ``sum_i [sum_t(l m)_i / |o_i|] / normalizer``, ``normalizer`` = sequences of the whole batch: the
+      mean over sequences of each sequence's token mean;
+    - ``dr_grpo``: ``sum(l m) / (max_completion_length * normalizer)``, ``normalizer`` = sequences;
+    - ``bnpo``: ``sum(l m) / sum(m) / normalizer``, ``normalizer`` = micro-batches (TRL's gradient accumulation
+      steps): the token mean of each micro-batch, averaged (so it depends on the micro-batch size, as in TRL).
+
+    ``kl_bias_correction`` (TRL's ``use_bias_correction_kl``, on by default there) multiplies the KL by
+    ``exp(logp - old_logp)``: 1 in value, but it adds ``kl * grad(logp)`` to the gradient.
+    Returns ``(loss, stats)``: ``clip_frac`` and ``kl`` (token means) as 0-d tensors (no device sync).
+
+    With ratio 1, token terms are ``-advantage``: 3 tokens at ``-1`` and 1 at ``+1`` give
+
+    >>> lp, m = torch.zeros(2, 3), torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    >>> [round(float(grpo_loss(lp, lp, torch.tensor([1.0, -1.0]), m, loss_type=t, max_completion_length=4)[0]), 3)
+    ...  for t in LOSS_TYPES]
+    [-0.5, 0.0, -0.25, -0.5]
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss type {loss_type!r}; choose one of {LOSS_TYPES}")
+    if loss_type == "dr_grpo" and not max_completion_length:
+        raise ValueError("loss_type 'dr_grpo' divides by max_completion_length: pass it (the sampling max_tokens)")
+    ratio = torch.exp(logp - old_logp)
+    a = adv[:, None]
+    per_token = -torch.min(ratio * a, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * a)
+    if weights is not None:
+        per_token = per_token * weights
+    tokens = mask.sum().clamp(min=1)
+    stats = {"clip_frac": ((ratio - 1).abs() > clip_eps).float().mul(mask).sum() / tokens}
+    if ref_logp is not None:
+        kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
+        stats["kl"] = (kl * mask).sum() / tokens
+        if kl_bias_correction:
+            kl = kl * ratio
+        per_token = per_token + kl_coef * kl
+    masked = per_token * mask
+    if loss_type == "grpo":
+        total = (masked.sum(-1) / mask.sum(-1).clamp(min=1)).sum()
+        default = mask.shape[0]
+    elif loss_type == "bnpo":
+        total, default = masked.sum() / tokens, 1
+    elif loss_type == "dr_grpo":
+        total, default = masked.sum() / max_completion_length, mask.shape[0]
+    else:
+        total, default = masked.sum(), tokens
+    loss = total / (default if normalizer is None else normalizer)
+    return loss, {k: v.detach() for k, v in stats.items()}
+
+
+def loss_normalizers(completions, micro_batch: int, device=None) -> dict[str, float]:
+    """The normalizer of :func:`grpo_loss` for each loss type on this process's share of a rollout batch,
+    such that the gradients averaged over processes (as DDP, FSDP and DeepSpeed reduce them) equal the
+    gradient of the whole batch's loss, as TRL's: token and sequence counts are summed over all processes
+    (``torch.distributed``, when initialized) and divided by their number; ``bnpo`` counts this process's
+    micro-batches (TRL's ``gradient_accumulation_steps``)."""
+    counts = torch.tensor([sum(len(c.token_ids) for c in completions), len(completions)], dtype=torch.float64,
+                          device=device)
+    world = 1
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        world = torch.distributed.get_world_size()
+        if world > 1:
+            torch.distributed.all_reduce(counts)
+    tokens, sequences = (float(x) / world for x in counts.tolist())
+    return {"dapo": max(tokens, 1.0 / world), "grpo": max(sequences, 1.0 / world),
+            "dr_grpo": max(sequences, 1.0 / world), "bnpo": float(max(1, -(-len(completions) // micro_batch)))}
+
+
+def grpo_update(model, optimizer, prompts: list[list[int]], completions, rewards: torch.Tensor, *,
+                group_size: int, pad_id: int, clip_eps: float = 0.2, micro_batch: int = 16,
+                ref_model=None, kl_coef: float = 0.0, max_grad_norm: float = 1.0, backward=None,
+                autocast=None, sampling_correction_mode: str = "none", sampling_clip_min: float | None = None,
+                sampling_clip_max: float | None = 3.0, loss_type: str = "dapo", temperature: float = 1.0,
+                max_completion_length: int | None = None, kl_bias_correction: bool = True, clip_grad_norm=None,
+                no_sync=None) -> dict[str, float]:
+    """One GRPO optimizer step on a rollout batch (``completions``:
+    :class:`~rollout_sleep.engine.completion.Completion`), the gradient of TRL's loss (:func:`grpo_loss`,
+    ``loss_type``) on the whole batch whatever ``micro_batch`` and however many processes share the batch (see
+    :func:`loss_normalizers`).
+
+    Log-probs of the sampled tokens are recomputed by the trainer at the sampling ``temperature``; the mean
+    |trainer − vLLM| log-prob gap and the mean importance ratio between them are returned with the loss
+    statistics, and ``sampling_correction_mode`` (see :func:`sampling_correction`) reweights the loss by that
+    ratio. One optimizer step per batch: the trainer's "old" log-probs are the current ones, so the correction
+    needs no extra forward pass. ``backward`` (e.g. ``accelerator.backward``) and ``autocast`` (a context
+    factory) are optional hooks, and so are ``clip_grad_norm(params, max_norm) -> norm`` (e.g.
+    ``accelerator.clip_grad_norm_``: unscales fp16 gradients first, clips FSDP/DeepSpeed shards right) and
+    ``no_sync`` (a context factory, e.g. ``lambda: accelerator.no_sync(model)``): every micro-batch but the
+    last runs inside it, so DDP all-reduces the accumulated gradient once per step. Statistics stay on the device until the end (no sync per micro-batch);
+    ``loss`` is this process's loss (the sum of what its micro-batches back-propagated), the others are
+    token means over this process's batch.
+    """
+    import contextlib
+
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss type {loss_type!r}; choose one of {LOSS_TYPES}")
+    if loss_type == "dr_grpo" and not max_completion_length:
+        raise ValueError("loss_type 'dr_grpo' divides by max_completion_length: pass it (the sampling max_tokens)")
+    device = next(model.parameters()).device
+    adv_all = group_advantages(rewards, group_size).to(device)
+    n = len(completions)
+    normalizer = loss_normalizers(completions, micro_batch, device)[loss_type]
+    keys = ("loss", "clip_frac", "kl", "sampling_logp_diff", "sampling_ratio", "sampling_weight_mean")
+    totals = torch.zeros(len(keys), device=device)  # loss, then token sums of the rest
+    tokens = torch.zeros((), device=device)
+    model.train()
+    autocast = autocast or contextlib.nullcontext
+    last = (n - 1) // micro_batch * micro_batch  # the last micro-batch's start: its backward synchronizes
+    for start in range(0, n, micro_batch):
+        accumulate = no_sync() if no_sync is not None and start != last else contextlib.nullcontext()
+        chunk = completions[start: start + micro_batch]
+        batch = pad_batch([prompts[c.prompt_index] for c in chunk], [c.token_ids for c in chunk], pad_id)
+        sampled = torch.full(batch[3].shape, float("nan"))  # vLLM's log-probs; NaN where it gave none
+        for i, c in enumerate(chunk):
+            if c.logprobs is not None:
+                sampled[i, : len(c.logprobs)] = torch.tensor(c.logprobs, dtype=torch.float32)
+        ids, attn, positions, mask, sampled = (t.to(device, non_blocking=True) for t in (*batch, sampled))
+        width = mask.shape[1]
+        with accumulate:  # no_sync: forward and backward both inside (DDP's rule)
+            with autocast():
+                logp = completion_logprobs(model, ids, attn, positions, width, temperature)
+                ref = None
+                if ref_model is not None and kl_coef > 0:
+                    with torch.no_grad():
+                        ref = completion_logprobs(ref_model, ids, attn, positions, width, temperature)
+                weights = sampling_correction(logp.detach(), sampled, mask, sampling_correction_mode,
+                                              sampling_clip_min, sampling_clip_max)
+                loss, s = grpo_loss(logp, logp.detach(), adv_all[start: start + len(chunk)], mask, clip_eps,
+                                    ref, kl_coef, weights, loss_type=loss_type, normalizer=normalizer,
+                                    max_completion_length=max_completion_length, kl_bias_correction=kl_bias_correction)
+            (backward or torch.Tensor.backward)(loss)
+        with torch.no_grad():
+            gap = torch.nan_to_num(logp.detach() - sampled, nan=0.0)
+            count = mask.sum()
+            w = count if weights is None else (weights.expand_as(mask) * mask).sum()
+            totals += torch.stack([loss.detach(), s["clip_frac"] * count,
+                                   s.get("kl", torch.zeros((), device=device)) * count,
+                                   (gap.abs() * mask).sum(), (gap.exp() * mask).sum(), w.to(device)]).float()
+            tokens += count
+    params = [p for p in model.parameters() if p.requires_grad]
+    grad_norm = (clip_grad_norm or torch.nn.utils.clip_grad_norm_)(params, max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    totals[1:] /= tokens.clamp(min=1)
+    stats = dict(zip(keys, totals.tolist()))
+    stats["grad_norm"] = float(grad_norm)
+    return stats

@@ -1,0 +1,116 @@
+"""A reward model as a reward: a local sequence-classification checkpoint, scored in batches.
+
+It follows TRL's GRPOTrainer: the model is ``AutoModelForSequenceClassification`` with one label, its own
+tokenizer (``pad_token`` falls back to ``eos_token``); conversational prompt + completion are rendered with
+that tokenizer's chat template (``messages = prompt + completion``), plain ones are concatenated; inputs
+are right-padded without special tokens and the reward is ``logits[:, 0]``.
+
+Where it runs (the recipe): its weights stay on the trainer's device for the whole run; it scores inside
+the training phase, after the engine went to sleep and before the policy update. There vLLM's KV cache
+(and at level 2 its weights) are released and the trainer's activations are not yet allocated, so the
+scoring forward's activations fit in memory the update is about to use anyway: the step's peak is the
+update's, plus the reward model's weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from .errors import RewardError
+
+logger = logging.getLogger(__name__)
+
+
+def _saved_labels(path: Path) -> int | None:
+    """How many labels the checkpoint's config.json declares (``id2label`` or ``num_labels``), if it says."""
+    import json
+
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return len(raw["id2label"]) if isinstance(raw.get("id2label"), dict) else raw.get("num_labels")
+
+
+class RewardModel:
+    """TRL's reward-function signature: ``model(prompts, completions, **kwargs) -> list[float]``.
+
+    Args:
+        path: a local checkpoint directory whose config names a sequence-classification architecture.
+        device: *optional*, where to load it (``load()`` can move it later).
+        dtype: *optional*, the weights' dtype (default: the checkpoint's).
+        batch_size: *optional*, completions per forward pass.
+        load: *optional*, ``False`` checks the checkpoint's config only; call :meth:`load` before scoring.
+    """
+
+    def __init__(self, path: str, *, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
+                 batch_size: int = 32, load: bool = True):
+        from transformers import AutoConfig
+
+        self.path = str(path)
+        self.name = Path(path).resolve().name  # TRL names a reward model by its id's last part
+        self.batch_size = batch_size
+        self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        try:
+            config = AutoConfig.from_pretrained(self.path)
+        except Exception as err:
+            raise RewardError(f"reward model {self.path!r}: not a loadable checkpoint ({err})") from err
+        archs = config.architectures or []
+        if not any(a.endswith("ForSequenceClassification") for a in archs):
+            what = archs or "checkpoint without architectures"
+            raise RewardError(f"reward model {self.path!r} is a {what}; a reward "
+                              f"model is a sequence-classification checkpoint (one label), e.g. "
+                              f"XForSequenceClassification saved with save_pretrained")
+        labels = _saved_labels(Path(self.path))  # transformers' default (2) when the file names none does not count
+        if labels not in (None, 1):  # TRL loads it with num_labels=1 too, which then fails
+            raise RewardError(f"reward model {self.path!r} has {labels} labels; a reward model has one "
+                              f"(its score head's single logit is the reward): loading it with num_labels=1, as TRL "
+                              f"does, fails on the head's size")
+        self.model = None
+        self.tokenizer = None
+        if load:
+            self.load(device)
+
+    def load(self, device: str | torch.device = "cpu") -> "RewardModel":
+        """Load weights and tokenizer onto ``device`` (once), in eval mode without gradients."""
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        if self.model is None:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+            if self.tokenizer.pad_token is None:
+                self.tokenizer.pad_token = self.tokenizer.eos_token
+            kw = {"dtype": self.dtype} if self.dtype is not None else {}
+            self.model = AutoModelForSequenceClassification.from_pretrained(self.path, num_labels=1, **kw)
+            if self.model.config.pad_token_id is None:
+                self.model.config.pad_token_id = self.tokenizer.pad_token_id
+            self.model.eval().requires_grad_(False)
+        self.model.to(device)
+        return self
+
+    def texts(self, prompts: list, completions: list) -> list[str]:
+        """What the model reads: the chat template over prompt + completion, or the two texts joined."""
+        if prompts and isinstance(prompts[0], list):
+            from trl.data_utils import apply_chat_template
+
+            return [apply_chat_template({"messages": p + c}, self.tokenizer)["text"]
+                    for p, c in zip(prompts, completions)]
+        return [p + c for p, c in zip(prompts, completions)]
+
+    @torch.inference_mode()
+    def __call__(self, prompts: list, completions: list, **kwargs) -> list[float]:
+        if self.model is None:
+            raise RuntimeError(f"reward model {self.path!r} is not loaded: call load() first")
+        texts = self.texts(prompts, completions)
+        device = next(self.model.parameters()).device
+        out: list[float] = []
+        for i in range(0, len(texts), self.batch_size):
+            batch = self.tokenizer(text=texts[i:i + self.batch_size], return_tensors="pt", padding=True,
+                                   padding_side="right", add_special_tokens=False).to(device)
+            out += self.model(**batch).logits[:, 0].float().tolist()
+        return out
+
+    def __repr__(self) -> str:
+        return f"RewardModel({self.path!r})"

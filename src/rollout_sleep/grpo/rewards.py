@@ -1,0 +1,349 @@
+"""Rewards: built-in functions, user functions by import path (TRL's signature or ours), reward models.
+
+A config names each reward (``rewards: [...]``, optionally ``reward_weights: [...]``, TRL's name) as one of:
+
+- a built-in name: ``digits_format``, ``arithmetic_exact``, ``length_target`` (or one added with :func:`register`);
+- an import path ``package.module:function`` or a file ``path/to/rewards.py:function`` (relative to the
+  working directory), so a YAML-driven ``accelerate launch`` reaches user code;
+- a local sequence-classification checkpoint directory: a reward model (see :mod:`rollout_sleep.grpo.reward_model`).
+
+Two function signatures are accepted:
+
+- TRL's, batched: ``fn(prompts, completions, **kwargs) -> list[float | None]``; ``kwargs`` holds every dataset
+  column by name (one value per completion), ``completion_ids`` and ``trainer_state``, as GRPOTrainer passes them;
+- ours, one completion at a time: ``fn(completion: str, example: dict) -> float``.
+
+``None`` means "this reward does not apply here" (TRL): it becomes NaN, the weighted sum skips it, and a
+completion for which every reward is ``None`` is unscorable (NaN: no advantage, out of its group's baseline).
+
+>>> arithmetic_exact(" 42", {"answer": "42"})
+1.0
+>>> arithmetic_exact("41", {"answer": "42"})
+0.0
+>>> digits_format("12a4", {})
+0.75
+>>> round(length_target("x" * 8, {}, target=4), 2)
+0.0
+>>> [r.name for r in resolve_rewards(["digits_format"])]
+['digits_format']
+>>> resolve_rewards(["no_such_reward"])
+Traceback (most recent call last):
+...
+rollout_sleep.grpo.errors.RewardError: unknown reward 'no_such_reward': ...
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import logging
+import math
+import numbers
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .errors import RewardError
+
+logger = logging.getLogger(__name__)
+
+RewardFn = Callable[..., float]
+REWARDS: dict[str, RewardFn] = {}
+
+# Keyword arguments TRL's GRPOTrainer passes besides the dataset columns.
+TRL_ARGS = ("prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric", "environments")
+
+
+def register(fn: RewardFn) -> RewardFn:
+    """Make a reward selectable by its function name."""
+    REWARDS[fn.__name__] = fn
+    return fn
+
+
+@register
+def arithmetic_exact(completion: str, example: dict) -> float:
+    """1.0 when the first integer in the completion equals ``example["answer"]``."""
+    m = re.search(r"-?\d+", completion)
+    return float(m is not None and m.group(0) == str(example["answer"]).strip())
+
+
+arithmetic_exact.columns = ("answer",)  # a per-example reward names the dataset columns it reads here
+
+
+@register
+def digits_format(completion: str, example: dict) -> float:
+    """Share of the completion's non-space characters that are digits (a dense format reward)."""
+    chars = [c for c in completion if not c.isspace()]
+    return sum(c.isdigit() for c in chars) / len(chars) if chars else 0.0
+
+
+@register
+def length_target(completion: str, example: dict, target: int = 8) -> float:
+    """1.0 at ``target`` characters, falling linearly to 0 at 0 or 2×target characters."""
+    return max(0.0, 1.0 - abs(len(completion) - target) / target)
+
+
+def get_reward(name: str) -> RewardFn:
+    if name not in REWARDS:
+        raise KeyError(f"unknown reward {name!r}; known: {sorted(REWARDS)}")
+    return REWARDS[name]
+
+
+def score(names: list[str], completions: list[str], examples: list[dict]) -> list[float]:
+    """Sum of the named built-in rewards for each (completion, example) pair."""
+    fns = [get_reward(n) for n in names]
+    return [sum(fn(c, ex) for fn in fns) for c, ex in zip(completions, examples)]
+
+
+# ----------------------------------------------------------------------------------------- resolution
+@dataclass
+class Reward:
+    """One resolved reward: ``batched`` (TRL's signature, or a reward model) or per example (ours)."""
+
+    name: str
+    fn: Callable
+    weight: float = 1.0
+    batched: bool = True
+    required_columns: tuple[str, ...] = ()  # dataset columns the function names without a default
+    accepts_any_column: bool = True  # it takes **kwargs (TRL passes every column)
+    accepted: tuple[str, ...] = field(default=())  # the keyword names it accepts, when not **kwargs
+
+
+def _import(spec: str) -> Callable:
+    target, _, attr = spec.rpartition(":")
+    if not target or not attr:
+        raise RewardError(f"reward {spec!r}: an import path reads 'package.module:function' or 'file.py:function'")
+    if target.endswith(".py") or "/" in target:
+        path = Path(target)
+        if not path.is_file():
+            raise RewardError(f"reward {spec!r}: file {target!r} not found (paths are relative to the working "
+                              f"directory, {Path.cwd()})")
+        name = f"rollout_sleep_user_rewards.{path.stem}"
+        module = sys.modules.get(name)
+        if module is None or getattr(module, "__file__", None) != str(path.resolve()):
+            if str(path.resolve().parent) not in sys.path:  # as `python file.py`: modules beside it import
+                sys.path.insert(0, str(path.resolve().parent))
+            loader = importlib.util.spec_from_file_location(name, path.resolve())
+            module = importlib.util.module_from_spec(loader)
+            sys.modules[name] = module
+            try:
+                loader.loader.exec_module(module)
+            except Exception as err:
+                del sys.modules[name]
+                raise RewardError(f"reward {spec!r}: importing {target!r} failed: {type(err).__name__}: {err}") from err
+    else:
+        if "" not in sys.path and str(Path.cwd()) not in sys.path:
+            sys.path.insert(0, str(Path.cwd()))  # as `python -m` does: modules next to the run are importable
+        try:
+            module = importlib.import_module(target)
+        except Exception as err:
+            raise RewardError(f"reward {spec!r}: cannot import module {target!r}: {type(err).__name__}: {err}") from err
+    if not hasattr(module, attr):
+        public = sorted(n for n in vars(module) if not n.startswith("_") and callable(getattr(module, n)))
+        raise RewardError(f"reward {spec!r}: module {target!r} has no {attr!r}; its callables: {public}")
+    fn = getattr(module, attr)
+    if not callable(fn):
+        raise RewardError(f"reward {spec!r}: {attr!r} is a {type(fn).__name__}, not a function")
+    return fn
+
+
+def _describe(name: str, fn: Callable, weight: float) -> Reward:
+    """Classify ``fn`` by its signature: TRL's batched one or ours; raise when it is neither."""
+    if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None)):
+        raise RewardError(f"reward {name!r} is async; the recipe calls rewards synchronously: make it a plain function")
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError) as err:
+        raise RewardError(f"reward {name!r}: cannot read its signature ({err})") from err
+    var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    named = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if "completions" in params or "prompts" in params:
+        required = tuple(n for n, p in params.items()
+                         if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is p.empty
+                         and n not in TRL_ARGS)
+        return Reward(name, fn, weight, batched=True, required_columns=required, accepts_any_column=var_kw,
+                      accepted=tuple(named))
+    positional = [n for n, p in params.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [n for n, p in params.items() if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL,
+                                                                                          p.VAR_KEYWORD)]
+    if positional[:1] == ["completion"] and len(positional) >= 2 and len(required) <= 2:
+        return Reward(name, fn, weight, batched=False, required_columns=tuple(getattr(fn, "columns", ())))
+    raise RewardError(f"reward {name!r} has signature {name.split(':')[-1]}{inspect.signature(fn)}; a reward takes "
+                      f"TRL's `(prompts, completions, **kwargs) -> list[float | None]` (batched) or "
+                      f"`(completion: str, example: dict) -> float`")
+
+
+def resolve_rewards(specs: list, weights: list[float] | None = None, *, columns: list[str] | None = None,
+                    load_models: bool = True) -> list[Reward]:
+    """The rewards a config names (see the module docstring), with their weights (1.0 each by default).
+
+    ``columns``: the dataset's columns, to check that each function gets the columns it names.
+    ``load_models``: load reward models now; ``False`` only checks their checkpoints (the recipe loads them
+    once the engine is up)."""
+    if not specs:
+        raise RewardError("no rewards configured: give `rewards: [...]` at least one entry")
+    if weights is not None and len(weights) != len(specs):
+        raise RewardError(f"reward_weights has {len(weights)} entries but rewards has {len(specs)} ({specs}); "
+                          f"give one weight per reward")
+    out = []
+    for i, spec in enumerate(specs):
+        weight = 1.0 if weights is None else float(weights[i])
+        if not isinstance(spec, str):
+            raise RewardError(f"rewards[{i}] must be a name, an import path or a checkpoint directory, got {spec!r}")
+        if spec in REWARDS:
+            out.append(_describe(spec, REWARDS[spec], weight))
+        elif Path(spec).is_dir():
+            from .reward_model import RewardModel
+
+            model = RewardModel(spec, load=load_models)
+            out.append(Reward(model.name, model, weight, batched=True))
+        elif ":" in spec:
+            fn = _import(spec)
+            out.append(_describe(getattr(fn, "__name__", spec), fn, weight))  # TRL's metric name: the function's
+        else:
+            raise RewardError(f"unknown reward {spec!r}: not a built-in ({', '.join(sorted(REWARDS))}), not an import "
+                              f"path ('module:function', 'file.py:function') and not a local checkpoint directory")
+    seen: dict[str, int] = {}
+    for r in out:  # one metric per reward: a name used again (same function twice, two lambdas) gets a suffix
+        seen[r.name] = seen.get(r.name, 0) + 1
+        if seen[r.name] > 1:
+            r.name = f"{r.name}_{seen[r.name]}"
+    if columns is not None:
+        check_columns(out, columns)
+    return out
+
+
+def check_columns(rewards: list[Reward], columns: list[str]) -> None:
+    """Each function's named columns are in the dataset, and TRL-style functions accept every column (TRL
+    passes them all: one without ``**kwargs`` would fail at the first step)."""
+    extra = [c for c in columns if c != "prompt"]
+    clash = [c for c in extra if c in TRL_ARGS and c not in ("completion_ids", "environments")]  # those two are not passed
+    if clash and any(r.batched for r in rewards):
+        raise RewardError(f"dataset column(s) {clash} have the names of arguments rewards receive from the "
+                          f"trainer (prompts, completions, trainer_state, log_extra, log_metric); every column is "
+                          f"passed by name too (as TRL does), so they would collide: rename them in the dataset")
+    for r in rewards:
+        missing = [c for c in r.required_columns if c not in columns]
+        if missing:
+            raise RewardError(f"reward {r.name!r} needs dataset column(s) {missing}; the dataset has {columns}")
+        if r.batched and not r.accepts_any_column and r.accepted:
+            refused = [c for c in extra if c not in r.accepted]
+            if refused:
+                raise RewardError(f"reward {r.name!r} does not accept dataset column(s) {refused}, which are passed "
+                                  f"to every reward by name (as TRL does): add `**kwargs` to its signature")
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+def _text(completion) -> str:
+    return completion[-1]["content"] if isinstance(completion, list) else completion
+
+
+def _check_values(r: Reward, values, n: int) -> list[float]:
+    if getattr(values, "ndim", None) == 1 and hasattr(values, "tolist"):  # a 1-d torch tensor or numpy array
+        values = values.tolist()
+    if not isinstance(values, (list, tuple)):
+        raise RewardError(f"reward {r.name!r} returned {type(values).__name__}; it must return a list with one "
+                          f"float (or None) per completion")
+    values = list(values)
+    if len(values) != n:
+        raise RewardError(f"reward {r.name!r} returned {len(values)} rewards for {n} completions; it must return "
+                          f"exactly one per completion")
+    out = []
+    for i, v in enumerate(values):
+        if getattr(v, "ndim", None) == 0 and hasattr(v, "item"):  # a 0-d tensor or numpy scalar
+            v = v.item()
+        if v is None:
+            out.append(math.nan)
+        elif isinstance(v, numbers.Real):
+            out.append(float(v))
+        else:
+            raise RewardError(f"reward {r.name!r} returned {v!r} (a {type(v).__name__}) for completion {i}; "
+                              f"rewards must be numbers or None")
+    return out
+
+
+def _example_text(prompt, completion, example: dict) -> str:
+    cols = {k: v for k, v in example.items() if k != "prompt"}
+    return f"prompt={prompt!r}, completion={_text(completion)!r}, columns={cols!r}"
+
+
+def score_rewards(rewards: list[Reward], prompts: list, completions: list, examples: list[dict], *,
+                  completion_ids: list[list[int]] | None = None, trainer_state=None,
+                  log_metric: Callable | None = None) -> torch.Tensor:
+    """``[len(completions), len(rewards)]`` float32 rewards (NaN where a reward returned ``None``).
+
+    ``prompts``/``completions`` are in the dataset's format (text, or lists of messages); ``examples`` are the
+    dataset rows, one per completion. A reward that raises is reported with its name and the failing example."""
+    n = len(completions)
+    table = torch.full((n, len(rewards)), math.nan)
+    columns = {k: [ex[k] for ex in examples] for k in (examples[0] if examples else {}) if k not in
+               ("prompt", "completion", "completion_ids")}
+    extra = {"completion_ids": completion_ids, "trainer_state": trainer_state,
+             "log_extra": lambda column, values: None, "log_metric": log_metric or (lambda name, value: None)}
+    for j, r in enumerate(rewards):
+        if r.batched:
+            kwargs = {"prompts": prompts, "completions": completions, **columns, **extra}
+            if not r.accepts_any_column and r.accepted:
+                kwargs = {k: v for k, v in kwargs.items() if k in r.accepted}
+            try:
+                values = r.fn(**kwargs)
+            except RewardError:
+                raise
+            except Exception as err:
+                raise _locate(r, err, prompts, completions, examples, kwargs) from err
+            table[:, j] = torch.tensor(_check_values(r, values, n), dtype=torch.float32)
+        else:
+            vals = []
+            for i, (c, ex) in enumerate(zip(completions, examples)):
+                try:
+                    vals.append(r.fn(_text(c), ex))
+                except Exception as err:
+                    raise RewardError(f"reward {r.name!r} raised {type(err).__name__}: {err} on completion {i}: "
+                                      f"{_example_text(prompts[i], c, ex)}") from err
+            table[:, j] = torch.tensor(_check_values(r, vals, n), dtype=torch.float32)
+    return table
+
+
+def _locate(r: Reward, err: Exception, prompts, completions, examples, kwargs) -> RewardError:
+    """Call a failing batched reward one completion at a time to name the example it fails on."""
+    for i in range(len(completions)):
+        one = {k: (v[i:i + 1] if isinstance(v, list) and len(v) == len(completions) else v) for k, v in kwargs.items()}
+        try:
+            r.fn(**one)
+        except Exception as row_err:
+            return RewardError(f"reward {r.name!r} raised {type(row_err).__name__}: {row_err} on completion {i}: "
+                               f"{_example_text(prompts[i], completions[i], examples[i])}")
+    return RewardError(f"reward {r.name!r} raised {type(err).__name__}: {err} on a batch of {len(completions)} "
+                       f"completions (each alone scores fine)")
+
+
+def combine(table: torch.Tensor, weights: list[float] | torch.Tensor) -> torch.Tensor:
+    """Weighted sum of each completion's rewards, skipping NaN (``None``), as TRL's ``nansum``; a completion
+    every reward skipped stays NaN (unscorable: zero advantage, out of its group's baseline).
+
+    >>> combine(torch.tensor([[1.0, float("nan")], [float("nan"), float("nan")], [0.5, 2.0]]), [1.0, 0.5])
+    tensor([1.0000,    nan, 1.5000])
+    """
+    w = torch.as_tensor(weights, dtype=table.dtype)
+    total = (table * w).nansum(dim=1)
+    total[torch.isnan(table).all(dim=1)] = math.nan
+    if torch.isnan(total).any():
+        logger.warning("every reward returned None for %d of %d completions: they get no advantage",
+                       int(torch.isnan(total).sum()), len(total))
+    return total
+
+
+def reward_metrics(rewards: list[Reward], table: torch.Tensor) -> dict[str, float]:
+    """Per-reward mean and std over the completions it scored (``rewards/<name>/mean``, TRL's keys)."""
+    out = {}
+    for j, r in enumerate(rewards):
+        col = table[:, j]
+        ok = col[~torch.isnan(col)]
+        out[f"rewards/{r.name}/mean"] = float(ok.mean()) if len(ok) else math.nan
+        out[f"rewards/{r.name}/std"] = float(ok.std()) if len(ok) > 1 else math.nan
+    return out

@@ -1,0 +1,360 @@
+"""Recipe configuration: YAML files and ``section.key=value`` overrides onto the dataclasses of
+:mod:`rollout_sleep.run.schema` (every key, its default and meaning).
+
+:func:`load_config` checks everything that can be known before the run starts (keys, types of every
+field including optional ones, choices, ranges, reward names, the dataset's path) and raises one
+:class:`ConfigError` listing every problem, each with what is allowed.
+
+>>> cfg = load_config(None, ["train.steps=3", "engine.sleep_level=1"])
+>>> cfg.train.steps, cfg.engine.sleep_level
+(3, 1)
+>>> load_config(None, ["train.stepz=3"])
+Traceback (most recent call last):
+...
+rollout_sleep.run.config.ConfigError: unknown key 'train.stepz'; train has: ...
+>>> load_config(None, ["train.steps=-1", "model.dtype=float64x"])
+Traceback (most recent call last):
+...
+rollout_sleep.run.config.ConfigError: 2 problems in the config:
+  - model.dtype must be one of float32, bfloat16, float16, got 'float64x'
+  - train.steps must be >= 1, got -1
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .schema import RecipeConfig
+
+KV_CACHE_SIZING = ("step", "gpu_share")
+DTYPES = ("float32", "bfloat16", "float16")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+WANDB_MODES = ("offline", "online", "disabled")
+MEMORY_PLAN_MODES = ("refuse", "warn", "off")
+DATASET_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+
+
+class ConfigError(ValueError):
+    """A malformed config: unknown key, wrong type, value out of range, unreadable file. ``problems``
+    lists each one."""
+
+    def __init__(self, problems: str | list[str]):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        if len(self.problems) == 1:
+            msg = self.problems[0]
+        else:
+            msg = f"{len(self.problems)} problems in the config:\n" + "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(msg)
+
+
+# ---------------------------------------------------------------------------------------------- types
+def _describe(tp: Any) -> str:
+    args = typing.get_args(tp)
+    if type(None) in args:
+        return " or ".join(_describe(a) for a in args if a is not type(None)) + " or null"
+    if typing.get_origin(tp) is list:
+        return f"a list of {_describe(args[0]).split(' ', 1)[1]}s" if args else "a list"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _convert(value: Any, tp: Any) -> Any:
+    """``value`` as type ``tp`` (bool/int/float/str, ``X | None``, ``list[X]``); raises TypeError."""
+    args = typing.get_args(tp)
+    if type(None) in args:
+        if value is None:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(value, inner)
+    if typing.get_origin(tp) is list:
+        if not isinstance(value, list):
+            raise TypeError
+        return [_convert(v, args[0]) for v in value] if args else value
+    if tp in (int, float) and isinstance(value, str):
+        try:  # YAML reads 1e9 as a string
+            value = float(value)
+        except ValueError:
+            raise TypeError from None
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise TypeError
+
+
+def _parse(text: str) -> Any:
+    """An override's value as YAML: "3" -> 3, "true" -> True, "[a, b]" -> list, "null" -> None."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, but a key given twice in one mapping is an error (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _set(obj: Any, dotted: str, value: Any, problems: list[str], from_text: bool = False) -> None:
+    """Set ``dotted`` in the config ``obj`` (a mapping for a section sets each of its keys)."""
+    root = obj
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        names = [f.name for f in dataclasses.fields(obj)]
+        if part not in names:
+            where = ".".join(parts[:i]) or "the config"
+            problems.append(f"unknown key {dotted!r}; {where} has: {', '.join(names)}")
+            return
+        if i < len(parts) - 1:
+            obj = getattr(obj, part)
+            if not dataclasses.is_dataclass(obj):
+                problems.append(f"{'.'.join(parts[:i + 1])} is not a section (in {dotted!r})")
+                return
+    current = getattr(obj, part)
+    if dataclasses.is_dataclass(current):
+        if from_text:
+            value = _parse(value)
+        if not isinstance(value, dict):
+            problems.append(f"{dotted} is a section; give it a mapping, got {value!r}")
+            return
+        for k, v in value.items():  # from the root, so that messages name the whole key (train.steps)
+            _set(root, f"{dotted}.{k}", v, problems)
+        return
+    tp = typing.get_type_hints(type(obj))[part]
+    if from_text:  # text for a string field stays text ("null" for an optional one is None)
+        takes_str = tp is str or (typing.get_origin(tp) is not list and str in typing.get_args(tp))
+        value = (None if value in ("null", "~") and tp is not str else value) if takes_str else _parse(value)
+    try:
+        setattr(obj, part, _convert(value, tp))
+    except TypeError:
+        problems.append(f"{dotted} must be {_describe(tp)}, got {value!r}")
+
+
+# ------------------------------------------------------------------------------------- value checks
+def _check_values(cfg: RecipeConfig) -> list[str]:
+    """Choices and ranges of every field."""
+    from rollout_sleep.engine.loader import LOAD_METHODS
+    from rollout_sleep.engine.state import check_level
+    from rollout_sleep.grpo.loss import LOSS_TYPES, SAMPLING_CORRECTIONS
+    from rollout_sleep.weights.checkpoints import SHAPES
+    from .optim import OPTIMIZERS, missing_package
+
+    out: list[str] = []
+
+    def choice(key: str, value: Any, allowed: tuple) -> None:
+        if value not in allowed:
+            out.append(f"{key} must be one of {', '.join(map(str, allowed))}, got {value!r}")
+
+    def at_least(key: str, value: Any, low: float, optional: bool = False) -> None:
+        if value is None and optional:
+            return
+        if not math.isfinite(value) or value < low:
+            out.append(f"{key} must be >= {low}, got {value!r}")
+
+    m, e, d, t, w = cfg.model, cfg.engine, cfg.data, cfg.train, cfg.watchdog
+    if m.path not in SHAPES and not Path(m.path).expanduser().is_dir() and \
+            (m.path.startswith(("/", ".", "~")) or m.path.count("/") != 1):
+        out.append(f"model.path {m.path!r} is neither a size ({', '.join(SHAPES)}) nor a local checkpoint "
+                   "folder (nor a hub id like org/name)")
+    choice("model.dtype", m.dtype, DTYPES)
+    at_least("model.seed", m.seed, 0)
+    out += _check_lora(cfg)
+    if not (0 < e.gpu_memory_utilization <= 1):
+        out.append(f"engine.gpu_memory_utilization must be in (0, 1], got {e.gpu_memory_utilization!r}")
+    choice("engine.kv_cache", e.kv_cache, KV_CACHE_SIZING)
+    at_least("engine.kv_cache_bytes", e.kv_cache_bytes, 1, optional=True)
+    at_least("engine.max_model_len", e.max_model_len, 1, optional=True)
+    try:
+        check_level(e.sleep_level, what="engine.sleep_level")
+    except ValueError as err:
+        out.append(str(err))
+    choice("engine.load_method", e.load_method, LOAD_METHODS)
+    if e.quantization is not None:
+        choice("engine.quantization", e.quantization, ("fp8",))
+        if e.quantization == "fp8" and cfg.model.dtype not in ("bfloat16", "float16"):
+            out.append(f"engine.quantization=fp8 quantizes a bf16/fp16 model (vLLM's FP8 kernels take bf16/fp16 "
+                       f"activations), but model.dtype is {cfg.model.dtype!r}: set model.dtype=bfloat16")
+        if e.quantization == "fp8" and e.load_method == "load_weights":
+            out.append("engine.load_method=load_weights cannot write an FP8 engine's quantized linears: use auto, "
+                       "direct or reload")
+    at_least("engine.verify_every", e.verify_every, 0)
+    at_least("engine.tensor_parallel_size", e.tensor_parallel_size, 1)
+    at_least("engine.processes", e.processes, 1)
+    if e.processes > 1 and e.tensor_parallel_size > 1:
+        out.append(f"engine.processes ({e.processes}) > 1 needs engine.tensor_parallel_size 1, got "
+                   f"{e.tensor_parallel_size}: each engine process holds the whole model")
+    if d.dataset != "synthetic":
+        path = Path(d.dataset).expanduser()
+        if not path.exists():
+            out.append(f"data.dataset {d.dataset!r} not found (use 'synthetic' or a local folder or file)")
+        elif path.is_file() and path.suffix not in DATASET_SUFFIXES:
+            out.append(f"data.dataset {path.name!r} has an unsupported suffix; use one of "
+                       f"{', '.join(DATASET_SUFFIXES)} (or a folder load_dataset reads)")
+    at_least("data.num_prompts", d.num_prompts, 1, optional=True)
+    for key in ("steps", "prompts_per_step", "max_tokens", "micro_batch"):
+        at_least(f"train.{key}", getattr(t, key), 1)
+    if t.generations < 2:
+        out.append(f"train.generations must be >= 2, got {t.generations}: GRPO's advantage is a completion's "
+                   "reward minus its group's mean, over the group's standard deviation; a group of one has "
+                   "none (every loss would be NaN)")
+    if not (math.isfinite(t.temperature) and t.temperature > 0):
+        out.append(f"train.temperature must be > 0, got {t.temperature!r}")
+    if not (math.isfinite(t.lr) and t.lr > 0):
+        out.append(f"train.lr must be > 0, got {t.lr!r}")
+    for key in ("weight_decay", "clip_eps", "kl_coef"):
+        at_least(f"train.{key}", getattr(t, key), 0)
+    if not (math.isfinite(t.max_grad_norm) and t.max_grad_norm > 0):
+        out.append(f"train.max_grad_norm must be > 0, got {t.max_grad_norm!r}")
+    choice("train.mixed_precision", t.mixed_precision, MIXED_PRECISION)
+    choice("train.optimizer", t.optimizer, OPTIMIZERS)
+    if t.optimizer in OPTIMIZERS and missing_package(t.optimizer):
+        out.append(missing_package(t.optimizer))
+    choice("train.memory_plan", t.memory_plan, MEMORY_PLAN_MODES)
+    at_least("train.update_check_every", t.update_check_every, 0)
+    if t.memory_budget_gib is not None and not (math.isfinite(t.memory_budget_gib) and t.memory_budget_gib > 0):
+        out.append(f"train.memory_budget_gib must be > 0 (or null: the free GPU memory), got {t.memory_budget_gib!r}")
+    at_least("train.memory_headroom_gib", t.memory_headroom_gib, 0)
+    choice("train.sampling_correction", t.sampling_correction, SAMPLING_CORRECTIONS)
+    choice("train.loss", t.loss, LOSS_TYPES)
+    at_least("train.sampling_clip_min", t.sampling_clip_min, 0, optional=True)
+    at_least("train.sampling_clip_max", t.sampling_clip_max, 0, optional=True)
+    if t.sampling_clip_min is not None and t.sampling_clip_max is not None and \
+            t.sampling_clip_min > t.sampling_clip_max:
+        out.append(f"train.sampling_clip_min ({t.sampling_clip_min}) must not exceed train.sampling_clip_max "
+                   f"({t.sampling_clip_max})")
+    choice("wandb.mode", cfg.wandb.mode, WANDB_MODES)
+    for f in dataclasses.fields(w):
+        if f.name.endswith("_s"):
+            at_least(f"watchdog.{f.name}", getattr(w, f.name), 0)
+    at_least("save_every", cfg.save_every, 0)
+    if cfg.overwrite and cfg.resume:
+        out.append("overwrite=true deletes the earlier run in output_dir, but resume=true (the default) would "
+                   "continue it: pass resume=false with overwrite=true to start over")
+    if not cfg.output_dir.strip():
+        out.append("output_dir must not be empty")
+    elif Path(cfg.output_dir).expanduser().exists() and not Path(cfg.output_dir).expanduser().is_dir():
+        out.append(f"output_dir {cfg.output_dir!r} is a file, not a folder: give a new or existing folder")
+    if cfg.reward_weights is not None and not all(math.isfinite(x) for x in cfg.reward_weights):
+        out.append(f"reward_weights must be finite numbers, got {cfg.reward_weights!r}: a NaN weight would zero "
+                   "every reward it scales (NaN rewards are skipped), an infinite one stops the first step")
+    return out
+
+
+def _check_lora(cfg: RecipeConfig) -> list[str]:
+    """``model.lora``: a rank vLLM can serve, a positive alpha, targets; and what LoRA training does not do.
+
+    >>> _check_lora(load_config(None, ["model.lora.rank=16"]))
+    []
+    >>> from rollout_sleep.run.schema import ModelConfig, ModelLoraConfig
+    >>> _check_lora(RecipeConfig(model=ModelConfig(lora=ModelLoraConfig(rank=1024, alpha=-1.0, targets=[]))))
+    ["model.lora.rank must be between 0 (off) and 512 (vLLM's largest max_lora_rank), got 1024", 'model.lora.alpha must be > 0, got -1.0', 'model.lora.targets must name at least one module (or all-linear)']
+    """
+    from rollout_sleep.lora.adapter import VLLM_LORA_RANKS
+
+    lora, out = cfg.model.lora, []
+    if not 0 <= lora.rank <= VLLM_LORA_RANKS[-1]:
+        out.append(f"model.lora.rank must be between 0 (off) and {VLLM_LORA_RANKS[-1]} (vLLM's largest "
+                   f"max_lora_rank), got {lora.rank}")
+    if lora.alpha is not None and not (math.isfinite(lora.alpha) and lora.alpha > 0):
+        out.append(f"model.lora.alpha must be > 0, got {lora.alpha!r}")
+    if not lora.targets:
+        out.append("model.lora.targets must name at least one module (or all-linear)")
+    if lora.rank and cfg.train.kl_coef > 0:
+        out.append("train.kl_coef > 0 with model.lora is not supported yet (the reference would be the base with "
+                   "the adapter off): set train.kl_coef=0 or model.lora.rank=0")
+    if lora.rank and cfg.engine.tensor_parallel_size > 1:
+        out.append("model.lora with engine.tensor_parallel_size > 1 is not supported yet (each rank holds a cut of "
+                   "the adapter; its sync and verify are TP=1 only): use engine.tensor_parallel_size=1")
+    return out
+
+
+def check_processes(cfg: RecipeConfig, processes: int) -> list[str]:
+    """Problems of the config with ``processes`` ranks (known once the launcher started them): the
+    tensor-parallel size, and prompts that do not split evenly (every rank must train equal shares, or the
+    reward gathers would wait forever).
+
+    >>> check_processes(RecipeConfig(), 3)
+    ['train.prompts_per_step (8) must be a multiple of the number of processes (3): each rank rolls out and trains an equal share']
+    """
+    out = []
+    tp = cfg.engine.tensor_parallel_size
+    if tp not in (1, processes):
+        out.append(f"engine.tensor_parallel_size must be 1 (an engine per rank) or the number of processes "
+                   f"({processes}, one engine across ranks), got {tp}")
+    if cfg.train.prompts_per_step % processes:
+        out.append(f"train.prompts_per_step ({cfg.train.prompts_per_step}) must be a multiple of the number of "
+                   f"processes ({processes}): each rank rolls out and trains an equal share")
+    return out
+
+
+def validate_rewards(names: list[str], columns: list[str] | None = None,
+                     weights: list[float] | None = None) -> list[str]:
+    """Problems with the rewards a config names (unknown names, import paths that do not resolve, bad
+    signatures, weights that do not match) and, given the dataset's ``columns``, the columns they need that it
+    lacks. Reward models are only checked, not loaded.
+
+    >>> for problem in validate_rewards(["arithmetic_exact"], columns=["prompt"]):
+    ...     print(problem)
+    reward 'arithmetic_exact' needs dataset column(s) ['answer']; the dataset has ['prompt']
+    """
+    from rollout_sleep.grpo.errors import RewardError
+    from rollout_sleep.grpo.rewards import check_columns, resolve_rewards
+
+    try:
+        rewards = resolve_rewards(list(names), weights, load_models=False)
+        if columns is not None:
+            check_columns(rewards, list(columns))
+    except RewardError as err:
+        return [str(err)]
+    return []
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RecipeConfig:
+    """Defaults, then the YAML file (if any), then ``key=value`` overrides, in that order; then every check.
+    Raises :class:`ConfigError` listing every problem found."""
+    cfg = RecipeConfig()
+    problems: list[str] = []
+    if path is not None:
+        try:
+            data = yaml.load(Path(path).read_text(), Loader=_UniqueKeyLoader) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise ConfigError(f"cannot read config {str(path)!r}: {err}") from err
+        if not isinstance(data, dict):
+            raise ConfigError(f"config {str(path)!r} must be a mapping of sections, got {type(data).__name__}")
+        for key, value in data.items():
+            _set(cfg, str(key), value, problems)
+    for item in overrides:
+        if "=" not in item:
+            problems.append(f"override {item!r} must look like section.key=value")
+            continue
+        key, value = item.split("=", 1)
+        _set(cfg, key.strip(), value, problems, from_text=True)
+    # a field with a wrong type kept its default, so the value checks below still apply to the rest
+    problems += _check_values(cfg) + validate_rewards(cfg.rewards, weights=cfg.reward_weights)
+    if problems:
+        raise ConfigError(problems)
+    return cfg

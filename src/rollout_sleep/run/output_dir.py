@@ -1,0 +1,357 @@
+"""A run's output folder: who may write into it, atomic checkpoints, and resuming from the newest complete one.
+
+- :func:`check_output_dir` refuses to start a run over a different one (``resume=false`` into a folder that
+  holds metrics or checkpoints, or a resume whose model/data/seed differ from the saved run's).
+- :func:`stage` / :func:`commit` make a save atomic: every rank writes into a hidden staging folder, then the
+  main process writes ``recipe_state.json`` (step, W&B id, every file's size) and renames the folder to
+  ``step_N``. A crash mid-save leaves only the staging folder, never a ``step_N`` that looks saved.
+- :func:`newest_complete` picks the newest ``step_N`` whose files are all there and whole, with the reason
+  each newer one was skipped; :func:`set_aside` moves a skipped one into ``checkpoints/incomplete/``.
+
+>>> checkpoint_problem(Path("/nonexistent/step_3"))
+'no recipe_state.json (the save did not finish)'
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import struct
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "recipe_state.json"
+RUN_CONFIG = "run_config.json"
+STAGING_PREFIX = ".partial-"
+_STEP = re.compile(r"step_(\d+)$")
+# Settings that define a run (its model, data, data order, groups, rewards): a resume with other values
+# would continue a different run in the same folder.
+IDENTITY_KEYS = ("model", "data", "rewards", "reward_weights", "train.seed", "train.prompts_per_step",
+                 "train.generations")
+
+
+class RunDirError(RuntimeError):
+    """The output folder cannot be used as asked (it holds another run, or nothing can be resumed)."""
+
+
+# ----------------------------------------------------------------------------------- output folder
+def _lookup(cfg: dict, dotted: str) -> Any:
+    if dotted == "reward_weights" and cfg.get("reward_weights") is None:  # unset: 1.0 each
+        return [1.0] * len(cfg.get("rewards") or [])
+    for part in dotted.split("."):
+        cfg = cfg.get(part) if isinstance(cfg, dict) else None
+    return cfg
+
+
+def saved_steps(ckpt_dir: Path) -> list[Path]:
+    """``step_N`` folders, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := _STEP.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def logged_steps(log: Path) -> list[int]:
+    """Steps in a ``metrics.jsonl`` (unreadable lines are skipped)."""
+    if not log.exists():
+        return []
+    steps = []
+    for line in log.read_text().splitlines():
+        try:
+            steps.append(int(json.loads(line)["step"]))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return steps
+
+
+def check_output_dir(out: Path, config: dict, resume: bool, overwrite: bool = False) -> None:
+    """Raise :class:`RunDirError` if starting here would overwrite part of another run. Reads only."""
+    steps, saved = logged_steps(out / "metrics.jsonl"), saved_steps(out / "checkpoints")
+    if not resume and not overwrite and (steps or saved):
+        held = []
+        if steps:
+            held.append(f"metrics for steps {min(steps)}-{max(steps)}")
+        if saved:
+            held.append("checkpoints " + ", ".join(p.name for p in saved))
+        raise RunDirError(f"output_dir {str(out)!r} already holds a run ({'; '.join(held)}); resume=false would "
+                          "start over in it and mix the two runs. Use a new output_dir, set resume=true to "
+                          "continue that run, or overwrite=true to delete it first.")
+    old = _previous_config(out)
+    if old is None and _run_files(out):  # every run writes its settings before its first metrics or checkpoint
+        what = "overwrite=true will not delete anything in it" if overwrite and not resume else \
+            "the run would move its checkpoints aside and write into its metrics"
+        raise RunDirError(f"output_dir {str(out)!r} holds {', '.join(_run_files(out))} but no {RUN_CONFIG}: it is not "
+                          f"a run of this recipe (or one from before {RUN_CONFIG} existed), so {what}. Use a new (or "
+                          "empty) output_dir.")
+    if resume and old is not None:
+        # num_prompts unset meant steps x prompts_per_step: giving that number now is the same data
+        old_data, new_data = old.get("data") or {}, config.get("data") or {}
+        implied = (_lookup(old, "train.steps") or 0) * (_lookup(old, "train.prompts_per_step") or 0)
+        if old_data.get("num_prompts") is None and new_data.get("num_prompts") == implied:
+            old = {**old, "data": {**old_data, "num_prompts": implied}}
+        differ = [f"{key}: {_lookup(old, key)!r} -> {_lookup(config, key)!r}" for key in IDENTITY_KEYS
+                  if _lookup(old, key) != _lookup(config, key)]
+        if differ and (steps or saved):
+            raise RunDirError(f"output_dir {str(out)!r} holds a different run: " + "; ".join(differ) +
+                              ". Resuming would continue it with other settings. Use a new output_dir for this "
+                              "run, or restore those settings to resume it.")
+        old_steps, new_steps = _lookup(old, "train.steps"), _lookup(config, "train.steps")
+        if _lookup(config, "data.num_prompts") is None and old_steps != new_steps and (steps or saved):
+            logger.warning("data.num_prompts is unset, so the prompts are train.steps x train.prompts_per_step: "
+                           "train.steps changed from %s to %s, which changes the data order from here on; set "
+                           "data.num_prompts to %s to keep the earlier order", old_steps, new_steps,
+                           old_steps * _lookup(config, "train.prompts_per_step"))
+
+
+def lock(out: Path):
+    """Create ``out`` and lock it for this process (an exclusive ``flock`` on ``out/.lock``, released when the
+    returned file is closed or the process ends, even killed); raise :class:`RunDirError` if another process
+    holds it: two runs writing into one folder would mix their metrics and checkpoints."""
+    import fcntl
+
+    out.mkdir(parents=True, exist_ok=True)
+    fh = open(out / ".lock", "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "another process"
+        fh.close()
+        raise RunDirError(f"output_dir {str(out)!r} is in use by {holder}: two runs in one folder would mix their "
+                          "metrics and checkpoints. Wait for it to end, or use another output_dir.") from None
+    except OSError as err:  # a file system without locks (some network or FUSE mounts): run unguarded, say so
+        logger.warning("cannot lock %s (%s): nothing stops a second run from writing into it at the same time",
+                       out, err)
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"process {os.getpid()} on {os.uname().nodename}\n")
+    fh.flush()
+    return fh
+
+
+def _run_files(out: Path) -> list[str]:
+    """Which of the names a run writes (metrics, checkpoints) exist in ``out``."""
+    return [n for n in ("metrics.jsonl", "metrics.superseded.jsonl", "checkpoints") if (out / n).exists()]
+
+
+def _previous_config(out: Path) -> dict | None:
+    try:
+        return json.loads((out / RUN_CONFIG).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _remove(p: Path) -> bool:
+    if p.is_dir():
+        shutil.rmtree(p)
+    elif p.exists():
+        p.unlink()
+    else:
+        return False
+    return True
+
+
+def drop_stale_model(out: Path, config: dict) -> bool:
+    """Delete ``out/model`` (the random-weight checkpoint the recipe builds for a size) when the earlier
+    run in ``out`` built it with other model settings: it would otherwise be reused silently."""
+    from rollout_sleep.weights.checkpoints import SHAPES
+
+    old = _previous_config(out)
+    if config.get("model", {}).get("path") not in SHAPES or old is None or old.get("model") == config.get("model"):
+        return False
+    if (old.get("model") or {}).get("path") not in SHAPES:  # the earlier run did not build out/model: not ours
+        return False
+    if _remove(out / "model"):
+        logger.warning("deleted %s: built with the earlier model settings %s", out / "model", old.get("model"))
+        return True
+    return False
+
+
+def clear_run(out: Path, config: dict) -> list[str]:
+    """``overwrite=true``: delete an earlier run's metrics, checkpoints and settings (and the random-weight
+    model it built, if the model settings changed). Returns what was deleted."""
+    if _previous_config(out) is None:  # not a run of this recipe (check_output_dir refuses those): touch nothing
+        return []
+    gone = ["model"] if drop_stale_model(out, config) else []
+    for name in ["metrics.jsonl", "metrics.superseded.jsonl", "checkpoints", RUN_CONFIG, "memory_plan.json"]:
+        if name == "checkpoints":  # only what the recipe writes there; anything else stays
+            ckpts = out / name
+            ours = [p for p in ckpts.iterdir() if _STEP.match(p.name) or p.name.startswith(STAGING_PREFIX)
+                    or p.name == "incomplete"] if ckpts.is_dir() else []
+            if [_remove(p) for p in ours]:
+                gone.append(name)
+            if ckpts.is_dir() and not any(ckpts.iterdir()):
+                ckpts.rmdir()
+        elif _remove(out / name):
+            gone.append(name)
+    if gone:
+        logger.info("overwrite=true: deleted %s from %s", ", ".join(gone), out)
+    return gone
+
+
+def write_run_config(out: Path, config: dict) -> None:
+    """Record the run's settings (what :func:`check_output_dir` compares a resume against)."""
+    _write_atomic(out / RUN_CONFIG, json.dumps(config, indent=1, default=str))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------- atomic saves
+def stage(final: Path) -> Path:
+    """The hidden folder every rank writes a save of ``final`` into (``step_N`` -> ``.partial-step_N``)."""
+    return final.with_name(STAGING_PREFIX + final.name)
+
+
+def commit(staging: Path, final: Path, state: dict) -> Path:
+    """Main process, after every rank wrote into ``staging``: record ``state`` plus every file's size in
+    ``recipe_state.json`` (written last, synced to disk) and rename ``staging`` to ``final``."""
+    files = {}
+    for p in sorted(staging.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as fh:
+                os.fsync(fh.fileno())
+            files[str(p.relative_to(staging))] = p.stat().st_size
+    _write_atomic(staging / STATE_FILE, json.dumps({**state, "files": files}))
+    if final.exists():  # a step saved again (e.g. after resuming from an older checkpoint)
+        set_aside(final, "replaced by a new save of the same step")
+    os.replace(staging, final)
+    fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return final
+
+
+# ----------------------------------------------------------------------------------- resuming
+def _safetensors_problem(path: Path) -> str | None:
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            return f"{path.name} is truncated ({size} bytes)"
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            return f"{path.name} is truncated (header of {n} bytes, file of {size})"
+        try:
+            header = json.loads(fh.read(n))
+        except ValueError:
+            return f"{path.name} has an unreadable header"
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if size != 8 + n + end:
+        return f"{path.name} is truncated ({size} bytes, its header describes {8 + n + end})"
+    return None
+
+
+def _zip_problem(path: Path) -> str | None:
+    with open(path, "rb") as fh:
+        if fh.read(2) != b"PK":  # not torch's zip format: nothing cheap to check
+            return None
+    if not zipfile.is_zipfile(path):
+        return f"{path.name} is truncated (its zip directory is missing)"
+    return None
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint at ``path`` cannot be resumed from, or ``None`` if it is complete: its
+    ``recipe_state.json`` exists and parses, every file it lists has the recorded size, and its
+    ``.safetensors`` / torch zip files are whole (a check that also covers saves without a file list)."""
+    state_file = path / STATE_FILE
+    if not state_file.exists():
+        return f"no {STATE_FILE} (the save did not finish)"
+    try:
+        state = json.loads(state_file.read_text())
+        int(state["step"])
+    except (ValueError, KeyError, TypeError):
+        return f"{STATE_FILE} is unreadable"
+    for rel, size in state.get("files", {}).items():
+        f = path / rel
+        if not f.is_file():
+            return f"{rel} is missing"
+        if f.stat().st_size != size:
+            return f"{rel} has {f.stat().st_size} bytes, {size} were saved"
+    files = [p for p in path.rglob("*") if p.is_file()]
+    if not any(p.name != STATE_FILE for p in files):
+        return "it holds no saved state"
+    for p in files:
+        problem = _safetensors_problem(p) if p.suffix == ".safetensors" else \
+            _zip_problem(p) if p.suffix in (".bin", ".pt", ".pth") else None
+        if problem:
+            return problem
+    return None
+
+
+def newest_complete(ckpt_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest complete ``step_N`` under ``ckpt_dir`` and the newer ones skipped, each with its reason."""
+    skipped = []
+    for path in reversed(saved_steps(ckpt_dir)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path, skipped
+        skipped.append((path, problem))
+    return None, skipped
+
+
+def set_aside(path: Path, reason: str) -> Path:
+    """Move a checkpoint that will not be used into ``checkpoints/incomplete/`` (kept, never deleted)."""
+    target_dir = path.parent / "incomplete"
+    target_dir.mkdir(exist_ok=True)
+    target = target_dir / path.name
+    if target.exists():
+        target = target_dir / f"{path.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    os.replace(path, target)
+    logger.info("moved %s to %s: %s", path, target, reason)
+    return target
+
+
+def clear_staging(ckpt_dir: Path) -> list[Path]:
+    """Delete staging folders left by saves that crashed (never a checkpoint: their step was not renamed).
+    One that is complete (the crash came between its ``recipe_state.json`` and its rename) is renamed instead:
+    it may be the only copy of that step (:func:`commit` sets an earlier save of the step aside first)."""
+    gone = []
+    if ckpt_dir.is_dir():
+        for p in list(ckpt_dir.iterdir()):
+            if not p.name.startswith(STAGING_PREFIX):
+                continue
+            final = p.parent / p.name[len(STAGING_PREFIX):]
+            if _STEP.match(final.name) and not final.exists() and checkpoint_problem(p) is None:
+                os.replace(p, final)
+                logger.warning("renamed %s to %s: a complete save whose rename did not happen", p, final)
+            else:
+                _remove(p)
+                gone.append(p)
+                logger.warning("deleted %s: a save that did not finish", p)
+    return gone
+
+
+def supersede_metrics(log: Path, through_step: int) -> int:
+    """Keep the lines of steps <= ``through_step`` in ``log``; move the others (steps that will run again)
+    to ``metrics.superseded.jsonl`` beside it. Returns how many lines moved."""
+    if not log.exists():
+        return 0
+    keep, moved = [], []
+    for line in log.read_text().splitlines():
+        try:
+            step = int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            step = None
+        (keep if step is not None and step <= through_step else moved).append(line)
+    if moved:
+        with open(log.with_name("metrics.superseded.jsonl"), "a") as fh:
+            fh.write("".join(ln + "\n" for ln in moved))
+        _write_atomic(log, "".join(ln + "\n" for ln in keep))
+    return len(moved)

@@ -1,0 +1,150 @@
+"""The engine interface over HTTP: :class:`RemoteEngine` drives a ``vllm serve`` (a
+:class:`~rollout_sleep.serve.server.ServerProcess` or any server with the sleep-mode dev endpoints) with the
+in-process engine's state machine (:mod:`rollout_sleep.engine.state`) and errors.
+
+    >>> with ServerProcess("/ckpt/a") as server:                        # doctest: +SKIP
+    ...     engine = RemoteEngine(server.client(), "/ckpt/a")
+    ...     engine.sleep(level=2)                                       # the trainer runs here
+    ...     engine.wake_up(weights="/ckpt/a-step-10")                   # wake, reload, wake KV, reset
+    ...     engine.generate(["2+2="], max_tokens=4)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+from rollout_sleep.engine.completion import Completion
+from rollout_sleep.engine.phases import CycleReport, timed
+from rollout_sleep.engine.state import EngineStateError, SleepState, load_then_finish
+from rollout_sleep.weights.spec import check_checkpoint_dir, read_checkpoint_spec
+
+from .server import ServerClient, ServerError, ServerUnreachableError
+
+
+class RemoteEngine(SleepState):
+    """The engine interface over HTTP: generate, sleep, wake up (with a reload from a checkpoint path)
+    and reset, with the in-process engine's state machine and errors. Weights travel as a checkpoint
+    directory the server can read (a remote server cannot take in-memory tensors).
+
+    Args:
+        client: a :class:`ServerClient`.
+        model_path: *optional*, the served checkpoint (default: the server's model id), used to validate
+            reload paths (names, shapes and dtypes) before asking the server: a bad reload leaves vLLM
+            half-loaded and kills it at the next request.
+    """
+
+    def __init__(self, client: ServerClient, model_path: str | os.PathLike | None = None):
+        self.client = client
+        self.model_id = client.models()[0]
+        self.model_path = str(model_path or self.model_id)
+        self._spec = None
+        self._level: int | None = None
+        self.subject = "server"
+        self.asleep_risk = "a request would hang until it wakes"
+        if client.is_sleeping():
+            raise EngineStateError(f"the server at {client.base_url} is asleep; wake it before attaching "
+                                   "(its sleep level is unknown to this client)")
+
+    def _require_server_awake(self, what: str, cause: Exception | None = None) -> None:
+        """The server itself must be awake: another client may have put it to sleep (a request would then
+        wait, silently, until it wakes or the client times out)."""
+        try:
+            asleep = self.client.request("GET", "/is_sleeping", timeout=min(10.0, self.client.timeout))["is_sleeping"]
+        except ServerError:
+            if cause is None:
+                return  # the request itself will say what is wrong
+            raise cause from None
+        if asleep:
+            raise EngineStateError(
+                f"cannot {what}: the server at {self.client.base_url} is asleep, put to sleep by another client "
+                "(this RemoteEngine did not): a request would wait until it wakes. Whoever put it to sleep must "
+                "wake it (POST /wake_up; after a level-2 sleep also reload its weights), or do it here: "
+                "client.wake_up(), then engine.load_weights(<checkpoint>)") from cause
+
+    def generate(self, prompts: Iterable[str] | Iterable[list[int]], *, max_tokens: int = 16,
+                 temperature: float = 1.0, n: int = 1, seed: int | None = None, **params: Any) -> list[Completion]:
+        """Completions with token ids and the sampler's log-probs, ``n`` per prompt, in prompt order."""
+        self.require_awake("generate")
+        self._require_server_awake("generate")
+        prompts = list(prompts)
+        body = {"max_tokens": max_tokens, "temperature": temperature, "n": n, "logprobs": 0,
+                "return_token_ids": True, **params}
+        if seed is not None:
+            body["seed"] = seed
+        texts = [p for p in prompts if isinstance(p, str)]
+        if texts and len(texts) != len(prompts):
+            raise TypeError("prompts must be all strings or all token-id lists (one batched request)")
+        batch = texts or [[int(t) for t in p] for p in prompts]
+        # one request for the whole batch, so the server batches it; choice k belongs to prompt k // n
+        try:
+            resp = self.client.completions(batch, model=self.model_id, **body)
+        except ServerUnreachableError as err:  # e.g. put to sleep by someone else while we waited
+            self._require_server_awake("generate", cause=err)
+            raise
+        out = []
+        for c in sorted(resp["choices"], key=lambda c: c["index"]):
+            lps = (c.get("logprobs") or {}).get("token_logprobs")
+            out.append(Completion(c["index"] // n, list(c.get("prompt_token_ids") or []),
+                                  list(c.get("token_ids") or []), lps, c["text"], c.get("finish_reason")))
+        return out
+
+    def sleep(self, level: int = 2) -> CycleReport:
+        level = self.check_sleep(level)
+        report = CycleReport("sleep", level, memory_kind="none")
+        with timed(report, "sleep", sync=False):
+            self.client.sleep(level)
+        self._level = level
+        return report
+
+    def wake_up(self, weights: str | os.PathLike | None = None, *, reload_checkpoint: bool = False) -> CycleReport:
+        """Wake in the memory-safe order: weights → reload (from ``weights``, a checkpoint directory) →
+        KV cache → reset the prefix cache. Level 2 needs ``weights`` or ``reload_checkpoint=True``."""
+        path = self.check_wake(
+            weights, reload_checkpoint, awake_hint="use load_weights(path) to reload it",
+            level2_hint="waking from level 2 needs weights: level 2 discarded them. Pass weights=<checkpoint "
+                        f"directory>, or reload_checkpoint=True to reload {self.model_path}")
+        if path is not None:
+            self._validate(path)
+        report = CycleReport("wake", self._level, memory_kind="none")
+        with timed(report, "wake_weights", sync=False):
+            self.client.wake_up(["weights"])
+        def load():
+            with timed(report, "load", sync=False):
+                self.client.reload_weights(str(path))
+
+        def finish():
+            with timed(report, "wake_kv_cache", sync=False):
+                self.client.wake_up(["kv_cache"])
+            self._level = None
+            with timed(report, "reset", sync=False):
+                self._reset()
+
+        # whatever happened to the reload, the wake is finished so the server is in a known state
+        load_then_finish(load if path is not None else None, finish, what="reload")
+        return report
+
+    def load_weights(self, weights: str | os.PathLike) -> CycleReport:
+        """Reload an awake server from a checkpoint directory, then reset its prefix cache."""
+        self.check_awake_for_load()
+        self._validate(weights)
+        report = CycleReport("load", memory_kind="none")
+        with timed(report, "load", sync=False):
+            self.client.reload_weights(str(weights))
+        with timed(report, "reset", sync=False):
+            self._reset()
+        return report
+
+    def reset_prefix_cache(self) -> None:
+        self.require_awake("reset the prefix cache")
+        self._reset()
+
+    def _reset(self) -> None:
+        if not self.client.reset_prefix_cache():
+            raise EngineStateError("the server refused to reset its prefix cache (requests still hold blocks)")
+
+    def _validate(self, path: str | os.PathLike) -> None:
+        if self._spec is None and Path(self.model_path).is_dir():
+            self._spec = read_checkpoint_spec(self.model_path)
+        check_checkpoint_dir(path, self._spec)

@@ -1,0 +1,132 @@
+"""The bitwise proof that the engine holds exactly the trainer's weights (:func:`verify`).
+
+(Named ``verification``, not ``verify``: a submodule ``rollout_sleep.verify`` would shadow the exported
+function ``rollout_sleep.verify`` once imported.)
+
+Example:
+    >>> engine.wake_up(weights=WeightStream(model, dtype=engine.dtype))      # doctest: +SKIP
+    >>> verify(engine, model).raise_if_failed()                               # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import fp8
+from .layout import EngineLayout
+from .stream import WeightStream
+
+
+@dataclass
+class VerifyReport:
+    """Result of :func:`verify`: ``ok`` when every tensor was placed in vLLM's layout and is bitwise equal
+    to the trainer's weight cast to the engine's dtype; ``max_abs_diff`` against the uncast trainer weight.
+    ``unplaced`` names the tensors verify could not find in the engine (and why): they count as failures."""
+
+    ok: bool
+    compared: int
+    mismatched: dict[str, float] = field(default_factory=dict)
+    unplaced: dict[str, str] = field(default_factory=dict)
+    max_abs_diff: float = 0.0
+    seconds: float = 0.0
+
+    def raise_if_failed(self) -> "VerifyReport":
+        if not self.ok:
+            worst = sorted(self.mismatched.items(), key=lambda kv: -kv[1])[:10]
+            parts = []
+            if self.mismatched:
+                parts.append(f"engine weights differ from the trainer's in {len(self.mismatched)} tensor(s): "
+                             + ", ".join(f"{n} (max abs diff {d:.3g})" for n, d in worst))
+            if self.unplaced:
+                parts.append(f"{len(self.unplaced)} tensor(s) could not be placed in vLLM's layout: "
+                             + ", ".join(f"{n} ({why})" for n, why in list(self.unplaced.items())[:10]))
+            raise AssertionError("; ".join(parts))
+        return self
+
+
+def verify(engine, model: nn.Module | WeightStream | list[tuple[str, torch.Tensor]]) -> VerifyReport:
+    """Prove the engine holds exactly the trainer's weights, on the device, one tensor at a time.
+
+    Fused vLLM parameters (``qkv_proj``, ``gate_up_proj``, stacked MoE experts) are compared slice by
+    slice with the checkpoint tensors that were loaded into them (:mod:`rollout_sleep.weights.layout`), so the
+    check covers what vLLM actually holds. On a tensor-parallel engine each rank checks its own shards,
+    cut as vLLM's parallel layers cut them. It never raises on a layout: a tensor it cannot place makes
+    it fail (``ok=False``), named in ``report.unplaced`` with the reason. An engine that checks itself (one
+    with ``verify_weights``: a pool of engines, each checked) is asked to.
+
+    On an FP8 engine each FP8 linear is compared whole: the trainer's shards (q/k/v, gate/up) concatenated
+    and quantized as vLLM quantizes them (:func:`rollout_sleep.weights.fp8.quantize`) must equal the engine's FP8
+    weight and its scale bit for bit (``max_abs_diff`` then includes the quantization error: it is taken
+    against the dequantized engine weight).
+    """
+    if hasattr(engine, "verify_weights"):  # a pool: the shared buffer, then every engine against it
+        return engine.verify_weights(model)
+    # a model, its WeightStream, or (name, tensor) pairs (an engine process checks views of the shared buffer)
+    stream = WeightStream(model, dtype=engine.dtype) if isinstance(model, nn.Module) else model
+    engine.require_awake("verify weights")
+    sharded = engine.tensor_parallel_size != 1
+    t0 = time.perf_counter()
+
+    def compare(vmodel: nn.Module) -> VerifyReport:
+        layout = EngineLayout(vmodel, engine.spec, engine.tied, sharded=sharded)
+        report = VerifyReport(ok=True, compared=0)
+        groups, problems = fp8.groups(vmodel, layout.plan, engine.spec)
+        assembler = fp8.Assembler(groups)
+        with torch.no_grad():
+            for name, want in stream:
+                if name in groups:
+                    if sharded:
+                        report.ok = False
+                        report.unplaced[name] = "an FP8 linear of a tensor-parallel engine (per-rank scales: not mapped)"
+                        continue
+                    done = assembler.add(name, want)
+                    if done is not None:
+                        _compare_fp8(vmodel, *done, report)
+                    continue
+                try:
+                    held = layout.held(name, want)
+                except Exception as e:  # never crash on a layout: name the tensor and why
+                    held = f"{type(e).__name__}: {e}"
+                if isinstance(held, str):
+                    report.ok = False
+                    report.unplaced[name] = held
+                    continue
+                got, want = held
+                cast = want.to(got.device, got.dtype)
+                report.compared += 1
+                diff = (got.float() - want.to(got.device).float()).abs().max().item() if got.numel() else 0.0
+                report.max_abs_diff = max(report.max_abs_diff, diff)
+                if not torch.equal(got, cast):
+                    report.ok = False
+                    report.mismatched[name] = diff
+        for param in assembler.unfinished():
+            report.ok = False
+            report.unplaced[param] = "the trainer's stream did not hold all the shards of this FP8 linear"
+        for problem in problems:
+            report.ok = False
+            report.unplaced[problem.partition(":")[0]] = problem
+        return report
+
+    report = engine.run_on_model(compare)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _compare_fp8(vmodel: nn.Module, group: fp8.Group, weight: torch.Tensor, report: VerifyReport) -> None:
+    """One FP8 linear: the engine's FP8 weight and scale against the trainer's ``[out, in]`` weight quantized."""
+    held_w, held_s = fp8.engine_tensors(vmodel, group.param)
+    q, scale = fp8.quantize(weight.to(held_w.device))
+    report.compared += len(group.shards)
+    diff = (held_w.float() * held_s.float() - weight.to(held_w.device).float()).abs().max().item() \
+        if weight.numel() else 0.0
+    report.max_abs_diff = max(report.max_abs_diff, diff)
+    same = held_w.shape == q.shape and torch.equal(held_w.view(torch.uint8), q.view(torch.uint8)) and \
+        torch.equal(held_s.reshape(-1), scale.reshape(-1).to(held_s.dtype))
+    if not same:
+        report.ok = False
+        for name in group.shards:
+            report.mismatched[name] = diff

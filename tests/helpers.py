@@ -1,0 +1,124 @@
+"""What the tests share besides fixtures (those are in ``conftest.py``): the repository's paths, the tiny
+models' dtype and prompts, transformers' reference outputs, and the check that an engine computes with a model's
+weights. Imported explicitly (``from helpers import ...``; ``tests/`` is on pytest's ``pythonpath``)."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+WORKERS = Path(__file__).resolve().parent / "workers"  # scripts the tests launch
+RECIPE = ROOT / "recipes" / "grpo.py"
+BENCHMARKS = ROOT / "benchmarks"
+
+DTYPE = "float32"  # fp32 on CPU: vLLM and transformers then agree token for token
+
+
+def hf_model(path: str):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, DTYPE)).eval()
+
+
+def hf_greedy(model, prompts: list[list[int]], n_tokens: int) -> list[list[int]]:
+    out = []
+    with torch.no_grad():
+        for p in prompts:
+            # vLLM's min_tokens suppresses EOS until n_tokens: do the same here
+            ids = model.generate(torch.tensor([p]), max_new_tokens=n_tokens, do_sample=False,
+                                 eos_token_id=None, pad_token_id=0,
+                                 suppress_tokens=[model.config.eos_token_id])
+            out.append(ids[0, len(p):].tolist())
+    return out
+
+
+PROMPTS = [[(7 * i + 3 * j) % 250 + 1 for j in range(12)] for i in range(8)]
+
+
+def hf_scores(model, sequences: list[list[int]]) -> list[list[float]]:
+    """transformers' log-prob of each token given its prefix (teacher-forced)."""
+    out = []
+    with torch.no_grad():
+        for s in sequences:
+            logits = model(torch.tensor([s])).logits[0, :-1].float()
+            lp = torch.log_softmax(logits, -1).gather(1, torch.tensor(s[1:])[:, None])[:, 0]
+            out.append(lp.tolist())
+    return out
+
+
+def assert_follows(engine, model, prompts=PROMPTS, n_tokens: int = 16) -> None:
+    """The engine computes with ``model``'s weights.
+
+    Thresholds, and why: (1) teacher-forced log-probs of the same sequences agree within 1e-3 (fp32 on
+    both sides differs by summation order only, ~1e-5 measured; a stale or misplaced tensor moves them
+    by ~1); (2) greedy: every prompt's first 8 tokens identical and at least 7 of 8 prompts identical
+    over all ``n_tokens`` (a 1e-5 difference can flip a rare near-tie late in a sequence, and one such
+    flip was seen in 16-token runs; a wrong weight flips nearly every prompt at the first token).
+    """
+    got = [c.token_ids for c in engine.generate(prompts, max_tokens=n_tokens, min_tokens=n_tokens,
+                                                temperature=0.0)]
+    want = hf_greedy(model, prompts, n_tokens)
+    seqs = [p + w for p, w in zip(prompts, want)]
+    engine.reset_prefix_cache()
+    diffs = [abs(a - b) for x, y in zip(engine.score(seqs), hf_scores(model, seqs)) for a, b in zip(x, y)]
+    assert max(diffs) < 1e-3, f"teacher-forced log-probs differ by up to {max(diffs):.3g}"
+    assert all(g[:8] == w[:8] for g, w in zip(got, want)), (got, want)
+    assert sum(g == w for g, w in zip(got, want)) >= len(prompts) - 1, (got, want)
+
+
+def clear_cpu_tp_shm() -> None:
+    """vLLM's CPU tensor-parallel groups under external_launcher make shared-memory files with fixed names
+    (``-tp:0-[0-1]-cpushm_<rank>``); the workers exit without vLLM's teardown, and a leftover file makes
+    the next group fail with EEXIST."""
+    for f in Path("/dev/shm").glob("*cpushm*"):
+        f.unlink(missing_ok=True)
+
+
+def load_recipe():
+    """``recipes/grpo.py`` as a module (the recipe is a script, not part of the package)."""
+    spec = importlib.util.spec_from_file_location("grpo_recipe", RECIPE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def benchmark(name: str):
+    """The script ``benchmarks/<name>.py`` as a module, for tests of its logic (the benchmarks are scripts that
+    import each other by name, as ``python benchmarks/<name>.py`` lets them)."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    return importlib.import_module(name)
+
+
+def items_of(sd, skip=(), stop_after=None, error_after=None, error=None):
+    """A generator over ``sd``'s items: leaving ``skip`` out, ending after ``stop_after`` items, or raising
+    ``error`` after ``error_after`` items (by default a trainer dying mid-sync; a Ctrl-C on its side)."""
+    for i, (name, tensor) in enumerate(sd.items()):
+        if i == error_after:
+            raise error or RuntimeError("trainer died mid-sync")
+        if i == stop_after:
+            return
+        if name not in skip:
+            yield name, tensor
+
+
+def torchrun(script: list[str], ckpts, out: Path) -> str:
+    """``script`` under torchrun, 2 processes over gloo, given the tied checkpoints and ``out``; returns the
+    output's tail (for failure messages)."""
+    from rollout_sleep.serve.server import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           *script, ckpts["tied0"], ckpts["tied1"], str(out)]
+    clear_cpu_tp_shm()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    finally:
+        clear_cpu_tp_shm()
+    return proc.stdout[-2000:] + proc.stderr[-4000:]

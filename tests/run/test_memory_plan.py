@@ -1,0 +1,231 @@
+"""The memory plan's arithmetic (dtypes, optimizers, knobs, the 8B verdicts), its refusal before vLLM starts, the
+optimizer settings' checks, and the optimizer state's offload (a real transfer on CUDA; nothing to move on CPU)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import pytest
+import torch
+
+from rollout_sleep.run.memory_plan import (GIB, MemoryPlanError, ModelShape, PlanInputs, activation_bytes, check,
+                                           plan_memory, problems)
+from rollout_sleep.run.optim import optimizer_state_bytes
+from rollout_sleep.weights.checkpoints import qwen3_config
+
+from helpers import ROOT, load_recipe
+
+
+CONFIG = ROOT / "configs" / "tiny-cpu.yaml"
+
+
+def test_plan_arithmetic_follows_the_dtypes_and_the_knobs(ckpts):
+    """Counts from a checkpoint's headers equal the model's (tied head once); weights and gradients take the
+    dtype, PyTorch AdamW's moments the weights' dtype (bf16: 4 bytes a parameter, not fp32 Adam's 8), AdamW8bit
+    ~2; gradients are freed for the rollout; offload takes the state out of the rollout and keeps it apart from
+    the activations in training; checkpointing and smaller micro-batches lower the activations."""
+    shape = ModelShape.from_checkpoint(ckpts["tied0"])
+    assert shape == ModelShape.from_config(qwen3_config("tiny"))
+    n, tensors = shape.params, len(shape.tensor_numels)
+    for b in (2, 4):
+        plan = plan_memory(PlanInputs(shape, dtype_bytes=b, optimizer="adamw"))
+        r, t = plan.phases["rollout"], plan.phases["training"]
+        assert r["trainer_weights"] == t["trainer_weights"] == t["gradients"] == n * b and r["gradients"] == 0
+        assert r["optimizer_state"] == t["optimizer_state"] == 2 * b * n + 4 * tensors
+        assert plan.total("training") == sum(t.values()) and plan.total("rollout") == sum(r.values())
+    big = [(10**6, 2)]
+    assert optimizer_state_bytes("adamw8bit", big) / 10**6 == pytest.approx(2.03, abs=0.01)
+    assert optimizer_state_bytes("adamw", big) / 10**6 == pytest.approx(4.0, abs=0.01)
+    # the embedding's state stays float32 under adamw8bit (transformers' Trainer does the same): 8 bytes each
+    assert shape.embedding_numels == (320 * 128,)
+    lean = plan_memory(PlanInputs(shape, dtype_bytes=2, optimizer="adamw8bit")).phases["training"]["optimizer_state"]
+    rest = [(k, 2) for k in shape.tensor_numels]
+    rest.remove((320 * 128, 2))
+    assert lean == optimizer_state_bytes("adamw8bit", rest) + 8 * 320 * 128
+
+    base = PlanInputs(shape, dtype_bytes=2, micro_batch=64, seq_len=512, completion_len=256,
+                      gradient_checkpointing=False)
+    off = plan_memory(dataclasses.replace(base, offload_optimizer=True))
+    on = plan_memory(base)
+    assert off.phases["rollout"]["optimizer_state"] == 0 and on.phases["rollout"]["optimizer_state"] > 0
+    t = off.phases["training"]
+    assert off.total("training") == on.total("training") - min(t["activations"], t["optimizer_state"])
+    assert activation_bytes(dataclasses.replace(base, gradient_checkpointing=True)) < activation_bytes(base)
+    assert activation_bytes(dataclasses.replace(base, micro_batch=32)) < activation_bytes(base)
+
+
+def test_8b_on_an_80gb_card_verdicts_and_refusal_message():
+    """Qwen3-8B on the free memory of an 80 GB H100 (78.5 GiB): fp32 weights with AdamW are refused, naming the
+    phase, the excess and the knobs with what each makes of it; bf16 with AdamW8bit fits; gradient checkpointing
+    off at micro-batch 32 does not, and the message names the micro-batch that does."""
+    shape = ModelShape.from_config(qwen3_config("qwen3-8b"))
+    assert shape.params == 8_190_735_360  # Qwen3-8B (untied head)
+    kv = 4 * GIB
+    inputs = PlanInputs(shape, dtype_bytes=4, optimizer="adamw", micro_batch=32, seq_len=168, completion_len=128,
+                        kv_cache_bytes=kv)
+    plan = plan_memory(inputs, budget_bytes=int(78.5 * GIB))
+    assert plan.phases["training"]["optimizer_state"] / GIB == pytest.approx(61.0, abs=0.1)  # fp32 Adam: 8 B/param
+    with pytest.raises(MemoryPlanError) as err:
+        check(plan)
+    msg = str(err.value)
+    assert msg.startswith("the memory plan does not fit in 2 phases")
+    assert "training needs" in msg and "GiB over" in msg and "train.optimizer=adamw8bit" in msg
+    # the suggestion says what it needs where bitsandbytes is missing, and only there
+    from rollout_sleep.run.optim import missing_package
+
+    needs = "train.optimizer=adamw8bit (needs bitsandbytes: pip install bitsandbytes) ->"
+    assert (needs in msg) == bool(missing_package("adamw8bit")), msg
+    assert (needs in msg) or "train.optimizer=adamw8bit ->" in msg
+    assert "train.offload_optimizer=true ->" in msg and "train.memory_plan=warn" in msg
+    lean = plan_memory(dataclasses.replace(inputs, dtype_bytes=2, optimizer="adamw8bit"), int(78.5 * GIB))
+    assert lean.fits() and problems(lean) == []
+    # 8-bit moments for all but the embedding (622M parameters, float32 moments): 18.95 GiB, not AdamW's 30.5
+    assert lean.phases["training"]["optimizer_state"] / GIB == pytest.approx(18.95, abs=0.01)
+    no_ckpt = plan_memory(dataclasses.replace(inputs, dtype_bytes=2, optimizer="adamw8bit",
+                                              gradient_checkpointing=False), int(78.5 * GIB))
+    (only,) = problems(no_ckpt)
+    assert only.startswith("training needs") and "train.gradient_checkpointing=true ->" in only
+    assert "(the largest that fits, halving)" in only
+
+
+def test_recipe_prints_the_plan_and_refuses_before_the_engine_starts(tmp_path, monkeypatch, capsys):
+    """On CPU the plan is printed and checked only against ``train.memory_budget_gib``: a budget too small stops
+    setup with the plan's message before the engine is built; ``warn`` goes on to the engine."""
+    recipe = load_recipe()
+    built = []
+
+    def no_engine(*args, **kwargs):
+        built.append(kwargs)
+        raise RuntimeError("the engine was reached")
+
+    monkeypatch.setattr(recipe, "Engine", no_engine)
+    args = [f"output_dir={tmp_path / 'run'}", "train.memory_budget_gib=0.5", "train.memory_headroom_gib=0.1"]
+    with pytest.raises(recipe.ConfigError, match=r"(?s)the memory plan does not fit.*rollout needs .* GiB of the 0.50 GiB"):
+        recipe.GRPORecipe(recipe.load_config(str(CONFIG), args)).setup()
+    assert built == []
+    printed = capsys.readouterr().out
+    assert "memory plan:" in printed and "free of 0.50" in printed
+    assert (tmp_path / "run" / "memory_plan.json").exists()
+    # pure bf16 with TRL's lr: before the engine, the note that its updates round away (rollout_sleep.run.update_check)
+    notes = []
+    handler = logging.Handler()
+    handler.emit = notes.append
+    logging.getLogger("rollout_sleep.run.update_check").addHandler(handler)
+    try:
+        with pytest.raises(RuntimeError, match="the engine was reached"):
+            warn = [f"output_dir={tmp_path / 'warn'}", *args[1:], "train.memory_plan=warn", "model.dtype=bfloat16",
+                    "train.lr=1e-6"]
+            recipe.GRPORecipe(recipe.load_config(str(CONFIG), warn)).setup()
+    finally:
+        logging.getLogger("rollout_sleep.run.update_check").removeHandler(handler)
+    assert len(built) == 1 and "running anyway" in capsys.readouterr().out
+    assert [r.levelname for r in notes] == ["WARNING"], notes
+    assert "train.lr=1e-06 is below half of bfloat16's spacing near |w|~" in notes[0].getMessage()
+
+
+def test_lora_plan_holds_the_base_once_and_trains_only_the_adapter():
+    """LoRA (rank 16 on every linear layer) of a Qwen3-32B shape on an 80 GB card: only the adapter has gradients
+    and optimizer state; the engine keeps its weights through training (level 0); with the base shared (the
+    trainer's base a view of vLLM's weights) it fits at micro-batch 8, with two copies it is refused."""
+    from rollout_sleep.run.memory_plan import lora_adapter_numels
+
+    shape = ModelShape.from_config(qwen3_config("qwen3-32b"))
+    adapter = lora_adapter_numels(qwen3_config("qwen3-32b"), 16, ["all-linear"])
+    per_layer = 16 * (2 * (5120 + 64 * 128) + 2 * (5120 + 8 * 128) + 3 * (5120 + 25600))
+    assert sum(adapter) == 64 * per_layer
+    shared = plan_memory(PlanInputs(shape, dtype_bytes=2, micro_batch=8, kv_cache_bytes=4 * GIB,
+                                    adapter_numels=adapter, base_shared=True), 78 * GIB, 4 * GIB)
+    r, t = shared.phases["rollout"], shared.phases["training"]
+    assert r["trainer_weights"] == t["trainer_weights"] == t["gradients"] == sum(adapter) * 2
+    assert r["optimizer_state"] == optimizer_state_bytes("adamw", [(n, 2) for n in adapter])
+    assert t["engine_weights"] == r["engine_weights"] == shape.params * 2 and "engine_asleep" not in t
+    assert shared.fits() and "LoRA" in shared.table() and "held once" in shared.table()
+    two = plan_memory(dataclasses.replace(shared.inputs, base_shared=False), 78 * GIB, 4 * GIB)
+    assert two.phases["rollout"]["trainer_weights"] == (shape.params + sum(adapter)) * 2
+    assert not two.fits() and two.over("rollout") > 50 * GIB
+
+
+def test_lora_adapter_counts_peft_modules_fused_and_moe_and_rejects_unknown_targets():
+    """The adapter the plan counts is PEFT's own: Phi-3's fused qkv_proj / gate_up_proj (one A per fused linear),
+    MoE experts (one adapter per expert), prefixed names; a target naming no module fails before vLLM starts
+    (it used to count 0 parameters silently)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from rollout_sleep.weights.checkpoints import family_config
+    from rollout_sleep.run.memory_plan import lora_adapter_numels
+
+    def peft_count(cfg, targets):
+        with torch.device("meta"):
+            m = get_peft_model(AutoModelForCausalLM.from_config(cfg), LoraConfig(r=4, target_modules=targets))
+        return sum(p.numel() for n, p in m.named_parameters() if "lora_" in n)
+
+    for family in ("phi3", "mixtral"):
+        cfg = family_config(family, "tiny")
+        assert sum(lora_adapter_numels(cfg, 4, ["all-linear"])) == peft_count(cfg, "all-linear")
+    cfg = qwen3_config("tiny")
+    assert sum(lora_adapter_numels(cfg, 4, ["self_attn.q_proj"])) == sum(lora_adapter_numels(cfg, 4, ["q_proj"])) > 0
+    with pytest.raises(ValueError, match="q_prj"):
+        lora_adapter_numels(cfg, 4, ["q_prj"])
+
+
+def test_trainer_shards_follow_the_distributed_type_and_zero_stage():
+    from rollout_sleep.run.memory_check import trainer_shards
+
+    assert trainer_shards(4, "NO") == (1, 1, 1) and trainer_shards(4, "MULTI_GPU") == (1, 1, 1)
+    assert trainer_shards(4, "FSDP") == (4, 4, 4)
+    assert [trainer_shards(4, "DEEPSPEED", s) for s in (0, 1, 2, 3)] == \
+        [(1, 1, 1), (1, 1, 4), (1, 4, 4), (4, 4, 4)]  # (weights, gradients, optimizer state)
+
+
+def test_moe_activations_count_the_experts_each_token_visits():
+    """Mixtral's intermediate_size is one expert's and two run per token; Qwen3-MoE's routed experts are
+    moe_intermediate_size wide (top 8 of them), with a dense intermediate_size that no token uses."""
+    from rollout_sleep.run.memory_plan import mlp_width
+
+    base = dict(hidden_size=64)
+    assert mlp_width({**base, "intermediate_size": 128}) == 128
+    assert mlp_width({**base, "intermediate_size": 14336, "num_local_experts": 8, "num_experts_per_tok": 2}) == 28672
+    assert mlp_width({**base, "intermediate_size": 6144, "moe_intermediate_size": 768, "num_experts": 128,
+                      "num_experts_per_tok": 8}) == 6144
+    assert mlp_width({**base, "intermediate_size": 5632, "moe_intermediate_size": 1408, "num_experts": 60,
+                      "num_experts_per_tok": 4, "shared_expert_intermediate_size": 5632}) == 4 * 1408 + 5632
+
+
+@pytest.mark.parametrize("family, shape", [
+    # Qwen3-30B-A3B's proportions at a quarter width (8 of the experts per token, experts 3/4 of hidden wide)
+    ("qwen3-moe", dict(hidden_size=256, moe_intermediate_size=192, num_experts=16, num_experts_per_tok=8,
+                       intermediate_size=768, head_dim=64, num_attention_heads=4, num_key_value_heads=1)),
+    # Mixtral's: top 2 of 8 experts, each twice the hidden width
+    ("mixtral", dict(hidden_size=256, intermediate_size=512, num_local_experts=8, num_experts_per_tok=2,
+                     head_dim=64, num_attention_heads=4, num_key_value_heads=2)),
+])
+def test_moe_layer_activations_match_what_transformers_saves_for_backward(family, shape):
+    """A decoder layer's activations as the plan counts them against the bytes autograd actually saves in one
+    layer of the transformers model (float32, random weights): each routed expert also keeps the token's gathered
+    copy and its output, hidden-wide, which with 8 experts per token is ~40% of Qwen3-MoE's layer."""
+    from rollout_sleep.weights.checkpoints import family_config, random_model
+    from rollout_sleep.run.memory_plan import ModelShape, layer_activation_bytes_per_token
+
+    cfg = family_config(family, "tiny", dtype="float32")
+    for k, v in shape.items():
+        setattr(cfg, k, v)
+    layer = random_model(cfg, dtype=torch.float32).train()
+    batch, tokens = 2, 256
+    hidden = torch.randn(batch, tokens, cfg.hidden_size, requires_grad=True)
+    positions = torch.arange(tokens)[None].expand(batch, tokens)
+    rotary = layer.model.rotary_emb(hidden, positions)
+    skip = {p.untyped_storage().data_ptr() for p in layer.parameters()} | {hidden.untyped_storage().data_ptr()}
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in skip:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer.model.layers[0](hidden, position_embeddings=rotary, attention_mask=None, position_ids=positions)
+    measured = sum(saved.values()) / (batch * tokens)
+    planned = layer_activation_bytes_per_token(ModelShape.from_config(cfg), 4)
+    assert 0.8 <= measured / planned <= 1.2, (measured, planned)

@@ -1,0 +1,207 @@
+"""A run's output folder: who may write into it, what overwrite may delete, one run at a time, atomic
+checkpoints, and resuming from the newest complete one."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from rollout_sleep.run import output_dir
+from rollout_sleep.run.schema import RecipeConfig
+
+
+def _save(final: Path, step: int, legacy: bool = False) -> Path:
+    """A checkpoint as accelerate writes it (model.safetensors, optimizer.bin, random_states_0.pkl), made
+    atomic by output_dir.stage/commit (``legacy``: the old way, recipe_state.json without a file list)."""
+    target = final if legacy else output_dir.stage(final)
+    target.mkdir(parents=True)
+    model = torch.nn.Linear(16, 16)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, target / "model.safetensors")
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 16)).sum().backward()
+    opt.step()
+    torch.save(opt.state_dict(), target / "optimizer.bin")
+    torch.save({"rng": torch.get_rng_state()}, target / "random_states_0.pkl")
+    if legacy:
+        (target / output_dir.STATE_FILE).write_text(json.dumps({"step": step}))
+        return final
+    return output_dir.commit(target, final, {"step": step, "wandb_id": None})
+
+
+def _truncate(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def test_incomplete_checkpoints_are_named_and_skipped(tmp_path):
+    ckpts = tmp_path / "checkpoints"
+    for step in (1, 2, 3, 4, 5):
+        _save(ckpts / f"step_{step}", step)
+    legacy = _save(ckpts / "step_6", 6, legacy=True)
+    assert output_dir.checkpoint_problem(ckpts / "step_5") is None and output_dir.checkpoint_problem(legacy) is None
+    assert json.loads((ckpts / "step_5" / output_dir.STATE_FILE).read_text())["files"]["model.safetensors"] > 0
+    assert not list(ckpts.glob(output_dir.STAGING_PREFIX + "*"))  # the staging folders were renamed
+    _truncate(ckpts / "step_2" / "model.safetensors")
+    _truncate(ckpts / "step_3" / "optimizer.bin")
+    (ckpts / "step_4" / output_dir.STATE_FILE).unlink()
+    (ckpts / "step_5" / "random_states_0.pkl").write_bytes(b"")
+    _truncate(legacy / "model.safetensors", 0.9)  # no file list: the safetensors header gives it away
+    (ckpts / "step_7").mkdir()  # an empty folder
+    (ckpts / "step_8").mkdir()
+    (ckpts / "step_8" / output_dir.STATE_FILE).write_text("{")
+    found, skipped = output_dir.newest_complete(ckpts)
+    assert found == ckpts / "step_1"
+    reasons = {p.name: why for p, why in skipped}
+    assert reasons == {
+        "step_8": "recipe_state.json is unreadable",
+        "step_7": "no recipe_state.json (the save did not finish)",
+        "step_6": reasons["step_6"], "step_5": reasons["step_5"],
+        "step_4": "no recipe_state.json (the save did not finish)",
+        "step_3": reasons["step_3"], "step_2": reasons["step_2"]}, reasons
+    assert reasons["step_6"].startswith("model.safetensors is truncated")
+    assert reasons["step_5"].startswith("random_states_0.pkl has 0 bytes")
+    assert reasons["step_3"].startswith("optimizer.bin has") and reasons["step_2"].startswith("model.safetensors has")
+    _truncate(ckpts / "step_3" / "optimizer.bin")  # also caught without a file list: torch's zip is cut
+    assert output_dir._zip_problem(ckpts / "step_3" / "optimizer.bin").startswith("optimizer.bin is truncated")
+    moved = output_dir.set_aside(ckpts / "step_7", "empty")
+    assert moved == ckpts / "incomplete" / "step_7" and moved.is_dir() and not (ckpts / "step_7").exists()
+    # a save whose process died before the rename leaves only a staging folder: deleted, never resumed from
+    (ckpts / (output_dir.STAGING_PREFIX + "step_9")).mkdir()
+    assert output_dir.clear_staging(ckpts) == [ckpts / (output_dir.STAGING_PREFIX + "step_9")]
+    assert [p.name for p in output_dir.saved_steps(ckpts)] == ["step_1", "step_2", "step_3", "step_4", "step_5",
+                                                              "step_6", "step_8"]
+
+
+def test_output_dir_policy_and_superseded_metrics(tmp_path):
+    out = tmp_path / "run"
+    cfg = {"model": {"path": "tiny", "seed": 0}, "data": {"dataset": "synthetic", "num_prompts": 64},
+           "rewards": ["digits_format"], "train": {"seed": 0, "prompts_per_step": 8, "generations": 8, "steps": 8}}
+    output_dir.check_output_dir(out, cfg, resume=False)  # nothing there: fine
+    out.mkdir()
+    output_dir.write_run_config(out, cfg)
+    output_dir.check_output_dir(out, cfg, resume=False)  # settings alone are not a run
+    (out / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 0.1}) + "\n" for s in (1, 2, 3, 4)))
+    with pytest.raises(output_dir.RunDirError, match="already holds a run .metrics for steps 1-4.; resume=false"):
+        output_dir.check_output_dir(out, cfg, resume=False)
+    output_dir.check_output_dir(out, {**cfg, "train": {**cfg["train"], "steps": 20}}, resume=True)  # a longer run
+    other = {**cfg, "model": {"path": "tiny", "seed": 1}}
+    with pytest.raises(output_dir.RunDirError, match=r"holds a different run: model: .*'seed': 0.* -> .*'seed': 1"):
+        output_dir.check_output_dir(out, other, resume=True)
+    assert output_dir.supersede_metrics(out / "metrics.jsonl", 2) == 2
+    assert output_dir.logged_steps(out / "metrics.jsonl") == [1, 2]
+    assert output_dir.logged_steps(out / "metrics.superseded.jsonl") == [3, 4]  # kept, not deleted
+    (out / "model").mkdir()
+    assert not output_dir.drop_stale_model(out, cfg) and (out / "model").is_dir()  # same model settings: reused
+    assert output_dir.clear_run(out, other) == ["model", "metrics.jsonl", "metrics.superseded.jsonl",
+                                             "run_config.json"]  # overwrite=true, said in the log
+
+
+def test_overwrite_deletes_only_what_a_run_wrote(tmp_path):
+    """overwrite=true pointed at a folder that is not a run (a home-like folder with its own ``checkpoints``
+    and ``metrics.jsonl``) is refused and nothing is deleted; in a real run's folder, only the recipe's own
+    entries of ``checkpoints`` go. (The old code deleted the whole ``checkpoints`` folder and the metrics.)"""
+    home = tmp_path / "home"
+    (home / "checkpoints").mkdir(parents=True)
+    (home / "checkpoints" / "thesis.pdf").write_text("precious")
+    (home / "metrics.jsonl").write_text('{"accuracy": 0.9}\n')
+    cfg = RecipeConfig().to_dict()
+    with pytest.raises(output_dir.RunDirError, match="not a run of this recipe .* so overwrite=true will not delete"):
+        output_dir.check_output_dir(home, cfg, resume=False, overwrite=True)
+    assert output_dir.clear_run(home, cfg) == []
+    assert (home / "checkpoints" / "thesis.pdf").read_text() == "precious" and (home / "metrics.jsonl").exists()
+
+    run = tmp_path / "run"
+    for name in ("step_2", ".partial-step_4", "incomplete/step_3", "my_notes"):
+        (run / "checkpoints" / name).mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    output_dir.write_run_config(run, cfg)
+    output_dir.check_output_dir(run, cfg, resume=False, overwrite=True)
+    assert output_dir.clear_run(run, cfg) == ["metrics.jsonl", "checkpoints", "run_config.json"]
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["my_notes"]
+
+
+def test_a_model_the_run_did_not_build_is_never_deleted(tmp_path):
+    """An earlier run trained the user's own checkpoint kept at ``<output_dir>/model``; a new run there with a
+    built-in size must not delete it as a "stale built model" (the old code did)."""
+    out = tmp_path / "run"
+    (out / "model").mkdir(parents=True)
+    (out / "model" / "config.json").write_text("{}")
+    old = RecipeConfig()
+    old.model.path = str(out / "model")
+    output_dir.write_run_config(out, old.to_dict())
+    new = RecipeConfig().to_dict()  # model.path: tiny
+    assert not output_dir.drop_stale_model(out, new)
+    assert output_dir.clear_run(out, new) == ["run_config.json"] and (out / "model" / "config.json").exists()
+
+
+def test_one_run_at_a_time_in_an_output_dir(tmp_path):
+    out = tmp_path / "run"
+    held = output_dir.lock(out)
+    with pytest.raises(output_dir.RunDirError, match=f"is in use by process {os.getpid()}"):
+        output_dir.lock(out)
+    held.close()  # (a process that ends, even killed, releases it)
+    output_dir.lock(out).close()
+
+
+def test_a_save_killed_between_its_last_write_and_its_rename_is_not_lost(tmp_path):
+    """The save of step 4 wrote everything (its recipe_state.json too), set an earlier save of step 4 aside, and
+    was killed before the rename: the staging folder is the only complete copy of step 4, so the next start
+    renames it instead of deleting it (the old code deleted it and resumed from an older step). An incomplete
+    staging folder is still deleted."""
+    import torch
+    from safetensors.torch import save_file
+
+    ckpts = tmp_path / "checkpoints"
+    for step in (2, 4):
+        staging = output_dir.stage(ckpts / f"step_{step}")
+        staging.mkdir(parents=True)
+        save_file({"w": torch.ones(3)}, str(staging / "model.safetensors"))
+        output_dir.commit(staging, ckpts / f"step_{step}", {"step": step})
+    os.replace(ckpts / "step_4", output_dir.stage(ckpts / "step_4"))  # killed before the rename
+    (ckpts / ".partial-step_6").mkdir()  # killed while writing
+    (ckpts / ".partial-step_6" / "model.safetensors").write_bytes(b"\0" * 4)
+    assert output_dir.clear_staging(ckpts) == [ckpts / ".partial-step_6"]
+    assert output_dir.newest_complete(ckpts) == (ckpts / "step_4", [])
+
+
+def test_a_resume_with_other_reward_weights_is_another_run(tmp_path):
+    """The weights define the objective as much as the rewards do (the old code let a resume change them
+    silently); writing out the default weights is not a change."""
+    cfg = RecipeConfig().to_dict()
+    output_dir.write_run_config(tmp_path, cfg)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    output_dir.check_output_dir(tmp_path, {**cfg, "reward_weights": [1.0, 1.0]}, resume=True)
+    with pytest.raises(output_dir.RunDirError, match=r"holds a different run: reward_weights: \[1.0, 1.0\] -> \[1.0, 0.1\]"):
+        output_dir.check_output_dir(tmp_path, {**cfg, "reward_weights": [1.0, 0.1]}, resume=True)
+
+
+def test_the_warnings_advice_on_resume_is_accepted(tmp_path, caplog):
+    """Extending a run whose data.num_prompts is unset warns "set data.num_prompts to N to keep the earlier
+    order"; doing so was then refused as "a different run" (data: num_prompts None -> N)."""
+    cfg = RecipeConfig().to_dict()  # steps 12 x prompts_per_step 8, num_prompts unset: 96 prompts
+    output_dir.write_run_config(tmp_path, cfg)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    longer = json.loads(json.dumps(cfg))
+    longer["train"]["steps"] = 20
+    with caplog.at_level("WARNING", logger="rollout_sleep.run.output_dir"):
+        output_dir.check_output_dir(tmp_path, longer, resume=True)
+    assert "set data.num_prompts to 96 to keep the earlier order" in caplog.text
+    longer["data"]["num_prompts"] = 96
+    output_dir.check_output_dir(tmp_path, longer, resume=True)  # the advice followed: the same data, accepted
+    longer["data"]["num_prompts"] = 50
+    with pytest.raises(output_dir.RunDirError, match="holds a different run: data: "):
+        output_dir.check_output_dir(tmp_path, longer, resume=True)
+
+
+def test_resume_into_a_folder_that_is_not_a_run_is_refused(tmp_path):
+    """resume=true (the default) into another tool's folder with ``metrics.jsonl`` and ``checkpoints/step_5``:
+    the old code moved step_5 into checkpoints/incomplete, rewrote the metrics file and appended to it."""
+    (tmp_path / "checkpoints" / "step_5").mkdir(parents=True)
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    with pytest.raises(output_dir.RunDirError, match="not a run of this recipe .* so the run would move its checkpoints"):
+        output_dir.check_output_dir(tmp_path, RecipeConfig().to_dict(), resume=True)

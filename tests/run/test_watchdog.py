@@ -1,0 +1,90 @@
+"""The watchdog under torchrun (2 processes, gloo, CPU; no engine): a rank stalled in a phase, or a rank
+left waiting at a collective, ends the run non-zero within its timeout, naming the phase, the rank and what
+it waited for, with every thread's stack."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from rollout_sleep.run.watchdog import EXIT_CODE, STALL_ENV
+from rollout_sleep.serve.server import free_port
+
+from helpers import RECIPE, ROOT, WORKERS
+
+
+WORKER = WORKERS / "watchdog_worker.py"
+
+
+def torchrun(generate_s: float, collective_s: float, stall: str | None) -> tuple[subprocess.CompletedProcess, float]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), str(WORKER), str(generate_s), str(collective_s)]
+    env = {k: v for k, v in os.environ.items() if k != STALL_ENV}
+    if stall:
+        env[STALL_ENV] = stall
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    return proc, time.perf_counter() - t0
+
+
+@pytest.mark.parametrize("generate_s, collective_s, rank, phase, waited_for", [
+    # rank 1 hangs in generate: its own watchdog stops it
+    (4, 120, 1, "generate", "vLLM to generate for 4 prompt(s), n=2"),
+    # generate unwatched (0): rank 0, waiting at the gather for rank 1, stops the run
+    (0, 4, 0, "collective", "all 2 ranks to reach the reward gather of step 1"),
+])
+def test_a_stalled_rank_stops_the_run_with_the_phase_and_stacks(generate_s, collective_s, rank, phase,
+                                                               waited_for):
+    proc, seconds = torchrun(generate_s, collective_s, stall="1:generate:600")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    timeout = generate_s or collective_s
+    assert f"watchdog: rank {rank} of 2 spent more than {timeout:g} s in phase '{phase}' (waiting for " \
+           f"{waited_for}); stopping the run (exit code {EXIT_CODE})" in out, out[-3000:]
+    assert f"set watchdog.{phase}_s higher" in out
+    assert "most recent call first" in out and "watchdog_worker.py" in out, out[-3000:]  # faulthandler's stacks
+    assert seconds < 90, seconds  # the timeout plus start-up, not the 600 s stall nor torch's own timeout
+
+
+@pytest.mark.slow
+def test_recipe_rank_stalled_in_generate_stops_the_run(tmp_path, request):
+    """The real recipe under torchrun (2 ranks, an engine each): rank 1 hangs in generate; the run ends
+    within watchdog.generate_s (plus start-up) with the phase named, instead of rank 0 waiting forever."""
+    if "slow" not in (request.config.getoption("-m") or ""):
+        pytest.skip("slow (two engines start): run with -m slow")
+    from helpers import clear_cpu_tp_shm
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), str(RECIPE), "--config",
+           str(ROOT / "configs" / "tiny-cpu.yaml"), f"output_dir={tmp_path / 'run'}", "train.steps=3",
+           "wandb.mode=disabled", "watchdog.generate_s=60"]
+    clear_cpu_tp_shm()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
+                              env={**os.environ, STALL_ENV: "1:generate:900", "VLLM_LOGGING_LEVEL": "WARNING"})
+    finally:
+        clear_cpu_tp_shm()
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    assert "watchdog: rank 1 of 2 spent more than 60 s in phase 'generate' (waiting for vLLM to generate for " \
+           "4 prompt(s), n=8)" in out, out[-3000:]
+    assert "in rollout" in out and "most recent call first" in out  # the stalled thread's stack
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # stopped at its first generate
+
+
+def test_a_huge_watchdog_timeout_means_no_limit_not_a_crash():
+    """``watchdog.train_s=1e12`` ("never") overflowed the timers: the first watched phase raised OverflowError
+    and the watchdog's thread died (no phase was watched any more)."""
+    from rollout_sleep.run.watchdog import Watchdog
+
+    wd = Watchdog({"train": 1e12, "save": 1.0})
+    with wd.phase("train", "a long thing"):
+        pass
+    with wd.phase("save", "a short thing", timeout=1e300):
+        pass
+    assert wd._thread.is_alive()
+    wd.close()
