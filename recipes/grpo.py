@@ -78,7 +78,7 @@ from rollout_sleep.engine.phases import plot_timeline  # noqa: E402
 from rollout_sleep.grpo.data import (check_prompts, completions_for_rewards, is_conversational,  # noqa: E402
                                      load_prompts, prepare_prompts, prompt_token_ids)
 from rollout_sleep.grpo.errors import RewardError  # noqa: E402
-from rollout_sleep.grpo.loss import grpo_update  # noqa: E402
+from rollout_sleep.grpo.loss import GRPOLoss  # noqa: E402
 from rollout_sleep.grpo.rewards import combine, resolve_rewards, reward_metrics, score_rewards  # noqa: E402
 from rollout_sleep.integrations.wandb import make_tracker  # noqa: E402
 from rollout_sleep.lora.adapter import AdapterSync, LoraSettings  # noqa: E402
@@ -215,8 +215,9 @@ class GRPORecipe:
         self.layout = {"processes": self.acc.num_processes, "distributed_type": self.acc.distributed_type.value,
                        "trainer_sharded": any(hasattr(p, "full_tensor") or hasattr(p, "ds_id")
                                               for p in self.model.parameters())}
+        self.loss = GRPOLoss.from_config(cfg, pad_id=self.tokenizer.pad_token_id)
         self.ref_model = None
-        if cfg.train.kl_coef > 0:
+        if self.loss.kl_coef > 0:
             self.ref_model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype).to(self.acc.device)
             self.ref_model.eval().requires_grad_(False)
         adapter = AdapterSync(self.engine, self.model) if self.lora is not None else None
@@ -434,16 +435,10 @@ class GRPORecipe:
                 rewards, table, reward_s = self._score(examples, comps)
                 self._check_rewards(rewards)
                 checking = self.update_check is not None and self.update_check.arm(self.step + 1)
-                stats = grpo_update(self.model, self.optimizer, prompt_ids, comps, rewards, group_size=t.generations,
-                                    pad_id=self.tokenizer.pad_token_id, clip_eps=t.clip_eps, micro_batch=t.micro_batch,
-                                    ref_model=self.ref_model, kl_coef=t.kl_coef, max_grad_norm=t.max_grad_norm,
-                                    backward=self.acc.backward, autocast=self.acc.autocast,
-                                    clip_grad_norm=self.acc.clip_grad_norm_,
-                                    no_sync=lambda: self.acc.no_sync(self.model),  # one all-reduce per step
-                                    sampling_correction_mode=t.sampling_correction,
-                                    sampling_clip_min=t.sampling_clip_min, sampling_clip_max=t.sampling_clip_max,
-                                    loss_type=t.loss, temperature=t.temperature, max_completion_length=t.max_tokens,
-                                    kl_bias_correction=t.kl_bias_correction)
+                stats = self.loss.step(self.model, self.optimizer, prompt_ids, comps, rewards, ref_model=self.ref_model,
+                                       backward=self.acc.backward, autocast=self.acc.autocast,
+                                       clip_grad_norm=self.acc.clip_grad_norm_,
+                                       no_sync=lambda: self.acc.no_sync(self.model))  # one all-reduce per step
                 check_finite("loss and grad_norm", torch.tensor([stats["loss"], stats["grad_norm"]]))
             if checking:  # every rank: the counts are summed over the ranks' shards
                 with self._collective(f"the update check of step {self.step + 1}"):

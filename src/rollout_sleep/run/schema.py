@@ -102,7 +102,7 @@ class TrainConfig:
     loss: str = _opt("dapo", "how token losses are summed, TRL's loss_type names and formulas: dapo (TRL's "
                              "default) / grpo / dr_grpo / bnpo")
     micro_batch: int = _opt(64, "sequences per forward/backward pass (gradients accumulate over a step)")
-    max_grad_norm: float = _opt(1.0, "clip the gradients' global norm to this")
+    max_grad_norm: float = _opt(1.0, "clip the gradients' global norm to this (.inf: no clipping)")
     mixed_precision: str = _opt("no", "no / bf16 / fp16 (accelerate)")
     gradient_checkpointing: bool = _opt(False, "recompute activations in the backward pass (less memory)")
     optimizer: str = _opt("adamw", "adamw: PyTorch's AdamW (fused on GPU; its moments take the weights' dtype: 4 "
