@@ -85,7 +85,7 @@ from rollout_sleep.lora.adapter import AdapterSync, LoraSettings  # noqa: E402
 from rollout_sleep.lora.shared_base import trainer_from_engine  # noqa: E402
 from rollout_sleep.pool.pool import EnginePool  # noqa: E402
 from rollout_sleep.run import memory_check, memory_plan, output_dir  # noqa: E402
-from rollout_sleep.run.config import ConfigError, check_processes, load_config, validate_rewards  # noqa: E402
+from rollout_sleep.run.config import ConfigError, check_processes, load_config  # noqa: E402
 from rollout_sleep.run.manager import RolloutManager  # noqa: E402
 from rollout_sleep.run.nonfinite import NonFiniteError, check_finite, guard_optimizer  # noqa: E402
 from rollout_sleep.run.optim import OptimizerOffload, build_optimizer  # noqa: E402
@@ -136,9 +136,12 @@ class GRPORecipe:
         except (OSError, KeyError, ValueError, StopIteration) as err:  # StopIteration: an empty file
             why = str(err) or "it has no rows"  # an empty file: datasets raises a bare StopIteration
             raise ConfigError(f"data.dataset {cfg.data.dataset!r} cannot be used: {why}") from err
-        problems = validate_rewards(cfg.rewards, columns=list(self.data.column_names), weights=cfg.reward_weights)
-        if problems:
-            raise ConfigError(problems)
+        try:  # once for the run (everything after uses self.rewards), checked before anything is written
+            self.rewards = resolve_rewards(cfg.rewards, cfg.reward_weights, columns=list(self.data.column_names),
+                                           load_models=False)
+        except RewardError as err:
+            raise ConfigError(str(err)) from err
+        self.reward_weights = [r.weight for r in self.rewards]
         if self.main:
             self.lock = output_dir.lock(self.out)  # held until the process ends: one run at a time in output_dir
             if cfg.overwrite and not cfg.resume:
@@ -270,20 +273,17 @@ class GRPORecipe:
         return get_peft_model(model, self.lora.peft_config())
 
     def _setup_task(self) -> None:
-        """Prompts in their format (chat template when conversational) and the rewards resolved and checked
-        against the dataset's columns: every mistake here is reported before vLLM starts."""
+        """Prompts in their format (chat template when conversational), checked against ``max_model_len``:
+        every mistake here is reported before vLLM starts."""
         cfg = self.cfg
         self.prompt_tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         try:
             self.data = prepare_prompts(self.data, self.prompt_tokenizer, chat_template=cfg.data.chat_template,
                                         system_prompt=cfg.data.system_prompt)
             check_prompts(self.data, self.prompt_tokenizer, cfg.engine.max_model_len, cfg.train.max_tokens)
-            self.rewards = resolve_rewards(cfg.rewards, cfg.reward_weights, columns=self.data.column_names,
-                                           load_models=False)
-        except (RewardError, ValueError) as err:
+        except ValueError as err:
             raise ConfigError(str(err)) from err
         self.conversational = is_conversational(self.data)
-        self.reward_weights = [r.weight for r in self.rewards]
 
     def _shares_base(self) -> bool:
         """LoRA on CUDA with an engine per process: the trainer's base will be a view of the engine's weights."""

@@ -126,3 +126,33 @@ def test_bad_rewards_fail_before_the_engine_starts(in_root, tmp_path, monkeypatc
         with pytest.raises(recipe.ConfigError, match=message):  # from the config itself, or at the latest setup
             recipe.GRPORecipe(recipe.load_config(str(EXAMPLE_CONFIG), [f"output_dir={tmp_path / 'run'}",
                                                                         *overrides])).setup()
+
+
+def test_rewards_are_resolved_once_per_run(in_root, tmp_path, monkeypatch):
+    """The config's check resolves the rewards and drops them (a bad one is listed with the config's other
+    problems); the recipe resolves them once, with the dataset's columns, before vLLM starts, and keeps them."""
+    from rollout_sleep.grpo import rewards
+
+    recipe = load_recipe()
+    calls = []
+    resolve = rewards.resolve_rewards
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("columns"))
+        return resolve(*args, **kwargs)
+
+    class EngineReached(Exception):
+        pass
+
+    def no_engine(*args, **kwargs):
+        raise EngineReached
+
+    monkeypatch.setattr(rewards, "resolve_rewards", counting)
+    monkeypatch.setattr(recipe, "resolve_rewards", counting)
+    monkeypatch.setattr(recipe, "Engine", no_engine)
+    run = recipe.GRPORecipe(recipe.load_config(str(CONFIG), [f"output_dir={tmp_path / 'run'}", "wandb.mode=disabled"]))
+    assert calls == [None]  # the config's check: no dataset yet
+    with pytest.raises(EngineReached):
+        run.setup()
+    assert calls == [None, ["prompt", "answer"]] and [r.name for r in run.rewards] == ["digits_format",
+                                                                                        "arithmetic_exact"]

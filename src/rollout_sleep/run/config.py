@@ -299,7 +299,8 @@ def validate_rewards(names: list[str], columns: list[str] | None = None,
                      weights: list[float] | None = None) -> list[str]:
     """Problems with the rewards a config names (unknown names, import paths that do not resolve, bad
     signatures, weights that do not match) and, given the dataset's ``columns``, the columns they need that it
-    lacks. Reward models are only checked, not loaded.
+    lacks. Reward models are only checked, not loaded. A check: the resolved rewards are dropped (the recipe
+    resolves its own once).
 
     >>> for problem in validate_rewards(["arithmetic_exact"], columns=["prompt"]):
     ...     print(problem)
@@ -337,7 +338,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RecipeCon
             continue
         key, value = item.split("=", 1)
         _set(cfg, key.strip(), value, problems, from_text=True)
-    # a field with a wrong type kept its default, so the value checks below still apply to the rest
+    # a field with a wrong type kept its default, so the value checks below still apply to the rest.
+    # The rewards are checked here (resolved, then dropped) so that a bad name is listed with every other problem
+    # of the config, before a process group or the data exist; the recipe resolves them once for the run, with
+    # the dataset's columns (resolving again is cheap: modules stay imported, reward models are not loaded).
     problems += _check_values(cfg) + validate_rewards(cfg.rewards, weights=cfg.reward_weights)
     if problems:
         raise ConfigError(problems)
