@@ -100,6 +100,9 @@ class GRPORecipe:
         self.cfg = cfg
         self.out = Path(cfg.output_dir).expanduser()
         self.step = 0
+        self.tp = cfg.engine.tensor_parallel_size
+        lo = cfg.model.lora
+        self.lora = LoraSettings(lo.rank, lo.alpha, list(lo.targets)) if lo.rank else None
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -123,25 +126,68 @@ class GRPORecipe:
         return self.watchdog.phase("collective", f"all {self.acc.num_processes} ranks to reach {what}")
 
     def _setup(self) -> None:
-        cfg = self.cfg
-        set_seed(cfg.train.seed)
-        self.tp = cfg.engine.tensor_parallel_size
-        problems = check_processes(cfg, self.acc.num_processes)
+        """The run's pieces, in dependency order (each step says what it needs when the order matters)."""
+        set_seed(self.cfg.train.seed)
+        self._check_processes()
+        # read-only until the output dir is claimed: bad data or rewards stop the run with nothing written
+        self._load_data()
+        self._resolve_rewards()  # once for the run: everything after uses self.rewards
+        self._claim_output_dir()
+        self.model_path = self._model_path()
+        self._prepare_prompts()  # the model's tokenizer (its chat template) formats the prompts
+        kv_bytes = self._kv_cache_bytes()  # the longest prompt sizes one step's KV cache
+        self.plan = self._memory_plan(kv_bytes)  # printed; a phase that does not fit stops the run here
+        self._note_low_precision_lr()
+        # the engine first, while the GPU is empty: vLLM sizes its KV cache from the free memory it sees
+        self._start_engine(kv_bytes)
+        self._check_plan_with_engine()
+        self._load_reward_models()  # beside the trainer, once the engine has sized its cache
+        self._build_trainer()  # a shared LoRA base is a view of the engine's weights: after the engine
+        self.loss = GRPOLoss.from_config(self.cfg, pad_id=self.tokenizer.pad_token_id)
+        self.ref_model = self._reference_model()
+        self.manager = self._rollout_manager()
+        self.order = list(range(len(self.data)))
+        random.Random(self.cfg.train.seed).shuffle(self.order)  # the data order: a function of the seed only
+        run_id = self._resume()  # after the manager: a restored state is pushed to the engine
+        if self.offload is not None:
+            self.offload.offload()  # a resumed state is loaded onto the device: off it before the first rollout
+        self._start_tracking(run_id)  # after the resume: a resumed run continues its W&B run
+        # Everything loaded so far lives for the whole run: keep it out of Python's garbage collector,
+        # as vLLM does for its own startup heap. vLLM runs a full collection at every sleep; with the
+        # trainer's heap (model, optimizer, data, W&B) frozen it stays short.
+        gc.collect()
+        gc.freeze()
+
+    def _check_processes(self) -> None:
+        """The config against the number of ranks the launcher started."""
+        problems = check_processes(self.cfg, self.acc.num_processes)
         if problems:
             raise ConfigError(problems)
+
+    def _load_data(self) -> None:
+        d, t = self.cfg.data, self.cfg.train
         try:
-            self.data = load_prompts(cfg.data.dataset, prompt_column=cfg.data.prompt_column,
-                                     n=cfg.data.num_prompts or cfg.train.steps * cfg.train.prompts_per_step,
-                                     seed=cfg.train.seed)
+            self.data = load_prompts(d.dataset, prompt_column=d.prompt_column,
+                                     n=d.num_prompts or t.steps * t.prompts_per_step, seed=t.seed)
         except (OSError, KeyError, ValueError, StopIteration) as err:  # StopIteration: an empty file
             why = str(err) or "it has no rows"  # an empty file: datasets raises a bare StopIteration
-            raise ConfigError(f"data.dataset {cfg.data.dataset!r} cannot be used: {why}") from err
-        try:  # once for the run (everything after uses self.rewards), checked before anything is written
+            raise ConfigError(f"data.dataset {d.dataset!r} cannot be used: {why}") from err
+
+    def _resolve_rewards(self) -> None:
+        """The rewards, resolved once for the run and checked against the dataset's columns; reward models are
+        only checked here (:meth:`_load_reward_models` loads them once the engine is up)."""
+        cfg = self.cfg
+        try:
             self.rewards = resolve_rewards(cfg.rewards, cfg.reward_weights, columns=list(self.data.column_names),
                                            load_models=False)
         except RewardError as err:
             raise ConfigError(str(err)) from err
         self.reward_weights = [r.weight for r in self.rewards]
+
+    def _claim_output_dir(self) -> None:
+        """The main process locks ``output_dir`` (one run at a time in it), clears an earlier run when asked and
+        writes the run's config; every rank waits for it."""
+        cfg = self.cfg
         if self.main:
             self.lock = output_dir.lock(self.out)  # held until the process ends: one run at a time in output_dir
             if cfg.overwrite and not cfg.resume:
@@ -154,18 +200,26 @@ class GRPORecipe:
             output_dir.write_run_config(self.out, cfg.to_dict())
         with self._collective("the start of the run"):
             self.acc.wait_for_everyone()
-        self.model_path = self._model_path()
-        self._setup_task()
-        dtype = getattr(torch, cfg.model.dtype)
-        kv_bytes = self._kv_cache_bytes()
-        self.plan = self._memory_plan(kv_bytes)  # printed; a phase that does not fit stops the run here
-        self._note_low_precision_lr()
+
+    def _prepare_prompts(self) -> None:
+        """Prompts in their format (chat template when conversational), checked against ``max_model_len``:
+        every mistake here is reported before vLLM starts."""
+        cfg = self.cfg
+        self.prompt_tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        try:
+            self.data = prepare_prompts(self.data, self.prompt_tokenizer, chat_template=cfg.data.chat_template,
+                                        system_prompt=cfg.data.system_prompt)
+            check_prompts(self.data, self.prompt_tokenizer, cfg.engine.max_model_len, cfg.train.max_tokens)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+        self.conversational = is_conversational(self.data)
+
+    def _start_engine(self, kv_bytes: int | None) -> None:
+        """The vLLM engine (or ``engine.processes`` of them) and its tokenizer."""
+        cfg = self.cfg
         self.acc.print(f"starting the vLLM engine ({self.model_path})")
-        # The engine first, while the GPU is empty: vLLM sizes its KV cache from the free memory it sees.
         engine_kw = {"gpu_memory_utilization": cfg.engine.gpu_memory_utilization} if torch.cuda.is_available() else {}
         seed = cfg.train.seed + (self.acc.process_index if self.tp == 1 else 0)  # a TP engine samples alike on all ranks
-        lo = cfg.model.lora
-        self.lora = LoraSettings(lo.rank, lo.alpha, list(lo.targets)) if lo.rank else None
         if self.lora is not None:
             engine_kw.update(self.lora.engine_kwargs())
         if not any(Path(self.model_path).glob("*.safetensors")):
@@ -195,12 +249,18 @@ class GRPORecipe:
                                  keep_trainer_cache=cfg.engine.keep_trainer_cache,
                                  quantization=cfg.engine.quantization, **engine_kw)
             self.tokenizer = self.engine.tokenizer
-        self._check_plan_with_engine()
-        for r in self.rewards:  # reward models: loaded beside the trainer, once the engine has sized its cache
+
+    def _load_reward_models(self) -> None:
+        for r in self.rewards:
             if hasattr(r.fn, "load"):
-                r.fn.dtype = getattr(torch, cfg.model.dtype)
+                r.fn.dtype = getattr(torch, self.cfg.model.dtype)
                 r.fn.load(self.acc.device)
-        model = self._build_model(dtype)
+
+    def _build_trainer(self) -> None:
+        """The policy and its optimizer, prepared by accelerate, with the non-finite guard, the update check and
+        the optimizer offload on top (in that order)."""
+        cfg = self.cfg
+        model = self._build_model(getattr(torch, cfg.model.dtype))
         if isinstance(self.engine, EnginePool) and self.acc.num_processes == 1:
             # the parameters live in the buffer the engine processes load from: a sync packs nothing
             self.engine.adopt(model.to(self.acc.device))
@@ -218,22 +278,27 @@ class GRPORecipe:
         self.layout = {"processes": self.acc.num_processes, "distributed_type": self.acc.distributed_type.value,
                        "trainer_sharded": any(hasattr(p, "full_tensor") or hasattr(p, "ds_id")
                                               for p in self.model.parameters())}
-        self.loss = GRPOLoss.from_config(cfg, pad_id=self.tokenizer.pad_token_id)
-        self.ref_model = None
-        if self.loss.kl_coef > 0:
-            self.ref_model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype).to(self.acc.device)
-            self.ref_model.eval().requires_grad_(False)
+
+    def _reference_model(self):
+        """The frozen reference of the KL term (``None`` without one)."""
+        if not self.loss.kl_coef > 0:
+            return None
+        ref = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=getattr(torch, self.cfg.model.dtype))
+        return ref.to(self.acc.device).eval().requires_grad_(False)
+
+    def _rollout_manager(self) -> RolloutManager:
+        """The rollout/sync cycle; with LoRA only the adapter moves, and the engine keeps its weights asleep."""
         adapter = AdapterSync(self.engine, self.model) if self.lora is not None else None
-        self.manager = RolloutManager(self.engine, self.model, verify_every=cfg.engine.verify_every,
-                                      watchdog=self.watchdog, adapter=adapter,
-                                      sleep_level=0 if adapter is not None else cfg.engine.sleep_level)
+        manager = RolloutManager(self.engine, self.model, verify_every=self.cfg.engine.verify_every,
+                                 watchdog=self.watchdog, adapter=adapter,
+                                 sleep_level=0 if adapter is not None else self.cfg.engine.sleep_level)
         if adapter is not None:
-            self.layout["lora_base_shared"] = self.manager.base_shared
-        self.order = list(range(len(self.data)))
-        random.Random(cfg.train.seed).shuffle(self.order)  # the data order: a function of the seed only
-        run_id = self._resume()
-        if self.offload is not None:
-            self.offload.offload()  # a resumed state is loaded onto the device: off it before the first rollout
+            self.layout["lora_base_shared"] = manager.base_shared
+        return manager
+
+    def _start_tracking(self, run_id: str | None) -> None:
+        """W&B (continuing ``run_id``), the memory plan's tables, and the per-phase peaks of the first steps."""
+        cfg = self.cfg
         self.tracker = make_tracker(cfg.wandb.mode, main_process=self.main, project=cfg.wandb.project,
                                     config=cfg.to_dict(), name=cfg.wandb.run_name, directory=self.out,
                                     resume_id=run_id)
@@ -246,11 +311,6 @@ class GRPORecipe:
         self.peaks = PhasePeaks(self.plan_base_free).start() \
             if self.plan is not None and self.step < memory_check.MEASURED_STEPS else None
         self.timeline: list[dict] = []
-        # Everything loaded so far lives for the whole run: keep it out of Python's garbage collector,
-        # as vLLM does for its own startup heap. vLLM runs a full collection at every sleep; with the
-        # trainer's heap (model, optimizer, data, W&B) frozen it stays short.
-        gc.collect()
-        gc.freeze()
 
     def _build_model(self, dtype: torch.dtype):
         """The policy: the whole model, or (``model.lora``) a PEFT adapter on a frozen base. On CUDA with one
@@ -271,19 +331,6 @@ class GRPORecipe:
         from peft import get_peft_model
 
         return get_peft_model(model, self.lora.peft_config())
-
-    def _setup_task(self) -> None:
-        """Prompts in their format (chat template when conversational), checked against ``max_model_len``:
-        every mistake here is reported before vLLM starts."""
-        cfg = self.cfg
-        self.prompt_tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        try:
-            self.data = prepare_prompts(self.data, self.prompt_tokenizer, chat_template=cfg.data.chat_template,
-                                        system_prompt=cfg.data.system_prompt)
-            check_prompts(self.data, self.prompt_tokenizer, cfg.engine.max_model_len, cfg.train.max_tokens)
-        except ValueError as err:
-            raise ConfigError(str(err)) from err
-        self.conversational = is_conversational(self.data)
 
     def _shares_base(self) -> bool:
         """LoRA on CUDA with an engine per process: the trainer's base will be a view of the engine's weights."""
