@@ -38,7 +38,6 @@ import gc
 import json
 import logging
 import os
-import random
 import sys
 import time
 from datetime import timedelta
@@ -76,8 +75,8 @@ from rollout_sleep.checkpoints import SHAPES, make_checkpoint, make_config_dir  
 from rollout_sleep import run_dir  # noqa: E402
 from rollout_sleep.config import (ConfigError, RecipeConfig, check_processes, load_config,  # noqa: E402
                                   validate_rewards)
-from rollout_sleep.data import (check_prompts, completions_for_rewards, is_conversational,  # noqa: E402
-                                load_prompts, prepare_prompts, prompt_token_ids)
+from rollout_sleep.data import (check_prompts, check_rows, completions_for_rewards,  # noqa: E402
+                                is_conversational, load_prompts, prepare_prompts, prompt_token_ids, step_rows)
 from rollout_sleep.engine import Engine  # noqa: E402
 from rollout_sleep.memory import PhasePeaks, kv_cache_bytes_for  # noqa: E402
 from rollout_sleep import memory_plan, run_memory  # noqa: E402
@@ -130,12 +129,14 @@ class GRPORecipe:
         if problems:
             raise ConfigError(problems)
         try:
-            self.data = load_prompts(cfg.data.dataset, prompt_column=cfg.data.prompt_column,
-                                     n=cfg.data.num_prompts or cfg.train.steps * cfg.train.prompts_per_step,
+            self.data = load_prompts(cfg.data.dataset, prompt_column=cfg.data.prompt_column, n=cfg.data.num_prompts,
                                      seed=cfg.train.seed)
         except (OSError, KeyError, ValueError, StopIteration) as err:  # StopIteration: an empty file
             why = str(err) or "it has no rows"  # an empty file: datasets raises a bare StopIteration
             raise ConfigError(f"data.dataset {cfg.data.dataset!r} cannot be used: {why}") from err
+        problem = check_rows(self.data, cfg.data.dataset, cfg.data.num_prompts, cfg.train.prompts_per_step)
+        if problem:
+            raise ConfigError(problem)
         problems = validate_rewards(cfg.rewards, columns=list(self.data.column_names), weights=cfg.reward_weights)
         if problems:
             raise ConfigError(problems)
@@ -225,8 +226,6 @@ class GRPORecipe:
                                       sleep_level=0 if adapter is not None else cfg.engine.sleep_level)
         if adapter is not None:
             self.layout["lora_base_shared"] = self.manager.base_shared
-        self.order = list(range(len(self.data)))
-        random.Random(cfg.train.seed).shuffle(self.order)  # the data order: a function of the seed only
         run_id = self._resume()
         if self.offload is not None:
             self.offload.offload()  # a resumed state is loaded onto the device: off it before the first rollout
@@ -410,7 +409,7 @@ class GRPORecipe:
         world, rank = self.acc.num_processes, self.acc.process_index
         while self.step < t.steps:
             t0 = time.perf_counter()
-            idx = [self.order[(self.step * t.prompts_per_step + i) % len(self.order)] for i in range(t.prompts_per_step)]
+            idx = step_rows(self.step, len(self.data), t.prompts_per_step, t.seed)  # a function of the step: resumable
             # an engine per rank: each rolls out its share of the prompts; one TP engine: all ranks submit the
             # same prompts (vLLM requires it) and each then trains on its share of the groups
             examples = [self.data[i] for i in (idx[rank::world] if self.tp == 1 else idx)]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import clear_cpu_tp_shm
+from rollout_sleep.data import step_rows
 from rollout_sleep.server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,9 +64,7 @@ def test_kill_and_resume_continues_at_the_saved_step(tmp_path):
     assert [p.name for p in (ckpts / "incomplete").iterdir()] == ["step_5"]
     state = json.loads((ckpts / "step_6" / "recipe_state.json").read_text())
     assert state["step"] == 6 and state["files"]["model.safetensors"] > 0  # saved whole, with its file list
-    order = list(range(48))
-    random.Random(0).shuffle(order)
-    assert [r["first_prompt_index"] for r in rows] == [order[8 * k] for k in range(6)]  # same data order
+    assert [r["first_prompt_index"] for r in rows] == [step_rows(k, 48, 8, seed=0)[0] for k in range(6)]  # same order
     # the update check: each process's first step (1, and 3 after the resume) and every 4th; fp32 weights all move
     checked = [r["step"] for r in rows if "train/updated_fraction" in r]
     assert checked == [1, 3, 4] and all(r["train/updated_fraction"] > 0.9 for r in rows if r["step"] in checked)

@@ -14,6 +14,7 @@ text, or ``[{"role": "assistant", "content": text}]``.
 
 from __future__ import annotations
 
+import functools
 import random
 from pathlib import Path
 
@@ -52,7 +53,53 @@ def load_prompts(source: str, *, prompt_column: str = "prompt", split: str = "tr
         raise KeyError(f"dataset {source!r} has no column {prompt_column!r}; columns: {ds.column_names}")
     if prompt_column != "prompt":
         ds = ds.rename_column(prompt_column, "prompt")
-    return ds.select(range(min(n, len(ds)))) if n else ds
+    if n and n > len(ds):
+        raise ValueError(f"it has {len(ds)} rows, fewer than data.num_prompts={n}: lower data.num_prompts, or set it "
+                         f"to null to use every row")
+    return ds.select(range(n)) if n else ds
+
+
+def check_rows(ds, source: str, num_prompts: int | None, per_step: int) -> str | None:
+    """The problem (or ``None``) with a dataset too small for one step: with fewer rows than
+    ``train.prompts_per_step`` every step would hold some prompts twice, so the recipe refuses it (TRL's
+    sampler yields no batch from such a dataset at all)."""
+    if len(ds) >= per_step:
+        return None
+    used = f"the first {num_prompts} rows (data.num_prompts)" if num_prompts else f"{len(ds)} rows"
+    return (f"data.dataset {source!r} gives {used}, fewer than train.prompts_per_step ({per_step}): every step "
+            f"would repeat prompts within itself. Lower train.prompts_per_step to {len(ds)} or less, or use more rows "
+            f"({'raise data.num_prompts, ' if num_prompts else ''}a larger dataset)")
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(epoch: int, rows: int, seed: int) -> tuple[int, ...]:
+    """The permutation of all ``rows`` that epoch ``epoch`` reads, drawn from ``seed`` and the epoch number only."""
+    order = list(range(rows))
+    random.Random(f"rollout-sleep data order: seed {seed}, epoch {epoch}").shuffle(order)
+    return tuple(order)
+
+
+def step_rows(step: int, rows: int, per_step: int, seed: int) -> list[int]:
+    """The dataset rows step ``step`` (counted from 0) trains on.
+
+    The steps read one stream of epochs, each a fresh seeded permutation of the whole dataset
+    (:func:`epoch_order`), ``per_step`` rows at a time; a step that crosses an epoch's end continues into the
+    next epoch's permutation (so such a step may hold a row twice, once from each epoch). A function of its
+    arguments only: a run resumed at any step draws exactly the rows an uninterrupted run would.
+
+    >>> [step_rows(s, 6, 4, seed=0) for s in range(3)]
+    [[0, 4, 1, 2], [3, 5, 0, 2], [4, 5, 1, 3]]
+    """
+    if rows < 1 or per_step < 1:
+        raise ValueError(f"step_rows needs rows >= 1 and per_step >= 1, got {rows} and {per_step}")
+    out: list[int] = []
+    position = step * per_step
+    while len(out) < per_step:
+        epoch, offset = divmod(position, rows)
+        taken = epoch_order(epoch, rows, seed)[offset: offset + per_step - len(out)]
+        out += taken
+        position += len(taken)
+    return out
 
 
 def is_conversational(ds) -> bool:
