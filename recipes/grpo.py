@@ -137,7 +137,8 @@ class GRPORecipe:
         problem = check_rows(self.data, cfg.data.dataset, cfg.data.num_prompts, cfg.train.prompts_per_step)
         if problem:
             raise ConfigError(problem)
-        problems = validate_rewards(cfg.rewards, columns=list(self.data.column_names), weights=cfg.reward_weights)
+        problems = validate_rewards(cfg.rewards, columns=list(self.data.column_names), weights=cfg.reward_weights,
+                                    data=self.data, source=cfg.data.dataset)
         if problems:
             raise ConfigError(problems)
         if self.main:

@@ -309,21 +309,24 @@ def check_processes(cfg: RecipeConfig, processes: int) -> list[str]:
 
 
 def validate_rewards(names: list[str], columns: list[str] | None = None,
-                     weights: list[float] | None = None) -> list[str]:
+                     weights: list[float] | None = None, data=None, source: str = "") -> list[str]:
     """Problems with the rewards a config names (unknown names, import paths that do not resolve, bad
     signatures, weights that do not match) and, given the dataset's ``columns``, the columns they need that it
-    lacks. Reward models are only checked, not loaded.
+    lacks; given the dataset itself (``data``, named ``source``), the rows where such a column is missing or
+    null. Reward models are only checked, not loaded.
 
     >>> for problem in validate_rewards(["arithmetic_exact"], columns=["prompt"]):
     ...     print(problem)
     reward 'arithmetic_exact' needs dataset column(s) ['answer']; the dataset has ['prompt']
     """
-    from .rewards import RewardError, check_columns, resolve_rewards
+    from .rewards import RewardError, check_columns, check_row_values, resolve_rewards
 
     try:
         rewards = resolve_rewards(list(names), weights, load_models=False)
         if columns is not None:
             check_columns(rewards, list(columns))
+        if data is not None:
+            check_row_values(rewards, data, source)
     except RewardError as err:
         return [str(err)]
     return []

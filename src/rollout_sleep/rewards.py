@@ -240,6 +240,31 @@ def check_columns(rewards: list[Reward], columns: list[str]) -> None:
                                   f"to every reward by name (as TRL does): add `**kwargs` to its signature")
 
 
+def _empty(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def check_row_values(rewards: list[Reward], data, source: str) -> None:
+    """Every column a reward reads (see :func:`check_columns`) holds a value in every row: a row where it is
+    missing or null (``None``, NaN) would be scored without it, e.g. 0.0 for a correct completion, with no word.
+    ``data`` is the dataset the run uses, ``source`` its name for the message. A TRL-style function that is
+    meant to skip such rows says so with a default (``answer=None``): the column is then not required."""
+    for r in rewards:
+        for column in r.required_columns:
+            if column not in data.column_names:
+                continue  # check_columns reports it
+            empty = [i for i, v in enumerate(data[column]) if _empty(v)]
+            if not empty:
+                continue
+            shown = ", ".join(map(str, empty[:5])) + (", ..." if len(empty) > 5 else "")
+            skip = (f"; if {r.name!r} is meant to skip such rows, give its parameter a default ({column}=None) and "
+                    f"return None for them") if r.batched else ""
+            raise RewardError(f"reward {r.name!r} reads column {column!r}, which is missing or null in {len(empty)} "
+                              f"of {len(data)} rows of data.dataset {source!r}: row(s) {shown} (counted from 0). "
+                              f"Their completions would be scored without it (a correct one as wrong). Fill in "
+                              f"{column!r} in those rows or remove them{skip}")
+
+
 # ---------------------------------------------------------------------------------------------- scoring
 def _text(completion) -> str:
     return completion[-1]["content"] if isinstance(completion, list) else completion
