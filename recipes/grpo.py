@@ -9,8 +9,10 @@ staging folder renamed once complete), and a rerun with the same ``output_dir`` 
 complete saved step with the same data order (newer incomplete ones are moved to ``checkpoints/incomplete``).
 
 Nothing silent: the whole config is checked before anything starts; an ``output_dir`` holding another run is
-refused; a NaN/inf reward or gradient stops the step before the optimizer applies it; every phase (setup,
-generate, sleep, train, wake, verify, save, waits for other ranks) has a watchdog timeout (``watchdog.*``).
+refused; an infinite reward or a NaN/inf gradient stops the step before the optimizer applies it (a reward's
+None or NaN means "does not apply", as in TRL; completions no reward scored are named, once per step); every
+phase (setup, generate, sleep, train, wake, verify, save, waits for other ranks) has a watchdog timeout
+(``watchdog.*``).
 
 Data and rewards: any local dataset in TRL's formats (text or conversational prompts, chat template applied),
 reward functions by built-in name or import path (TRL's ``fn(prompts, completions, **columns)`` or
@@ -90,7 +92,8 @@ from rollout_sleep.manager import RolloutManager  # noqa: E402
 from rollout_sleep.phases import plot_timeline  # noqa: E402
 from rollout_sleep.nonfinite import NonFiniteError, check_finite, guard_optimizer  # noqa: E402
 from rollout_sleep.update_check import UpdateCheck, checkpoint_magnitude, lr_note  # noqa: E402
-from rollout_sleep.rewards import RewardError, combine, resolve_rewards, reward_metrics, score_rewards  # noqa: E402
+from rollout_sleep.rewards import (RewardError, combine, resolve_rewards, reward_metrics, reward_summary,  # noqa: E402
+                                   score_rewards, unscorable_report)
 from rollout_sleep.watchdog import Watchdog  # noqa: E402
 
 
@@ -413,7 +416,8 @@ class GRPORecipe:
             idx = step_rows(self.step, len(self.data), t.prompts_per_step, t.seed)  # a function of the step: resumable
             # an engine per rank: each rolls out its share of the prompts; one TP engine: all ranks submit the
             # same prompts (vLLM requires it) and each then trains on its share of the groups
-            examples = [self.data[i] for i in (idx[rank::world] if self.tp == 1 else idx)]
+            rows = idx[rank::world] if self.tp == 1 else idx  # dataset rows of this rank's prompts
+            examples = [self.data[i] for i in rows]
             prompt_ids = prompt_token_ids(self.prompt_tokenizer, [ex["prompt"] for ex in examples])
             measuring = self.peaks is not None and self.step < run_memory.MEASURED_STEPS
             if measuring:
@@ -426,13 +430,14 @@ class GRPORecipe:
                 comps = [c for c in comps if c.prompt_index in mine]
                 order = sorted(mine)
                 examples, prompt_ids = [examples[i] for i in order], [prompt_ids[i] for i in order]
+                rows = [rows[i] for i in order]
                 remap = {old: new for new, old in enumerate(order)}
                 for c in comps:
                     c.prompt_index = remap[c.prompt_index]
             with self._stop_on_non_finite(), self.manager.training(), self._peak("training"):
                 # rewards while the engine sleeps: a reward model's forward then uses memory vLLM released
                 rewards, table, reward_s = self._score(examples, comps)
-                self._check_rewards(rewards)
+                self._check_rewards(rewards, table, [rows[c.prompt_index] for c in comps])
                 checking = self.update_check is not None and self.update_check.arm(self.step + 1)
                 stats = grpo_update(self.model, self.optimizer, prompt_ids, comps, rewards, group_size=t.generations,
                                     pad_id=self.tokenizer.pad_token_id, clip_eps=t.clip_eps, micro_batch=t.micro_batch,
@@ -460,10 +465,10 @@ class GRPORecipe:
             with self._collective(f"the reward gather of step {self.step}"):
                 all_rewards = self.acc.gather(rewards.to(self.acc.device)).float()
                 all_table = self.acc.gather(table.to(self.acc.device)).float().cpu()
-            scored = all_rewards[~torch.isnan(all_rewards)]
-            metrics = {"step": self.step, "first_prompt_index": idx[0], "reward_mean": float(scored.mean()),
-                       "reward_std": float(scored.std()), "completion_len_mean": float(lengths.mean()),
-                       "rollouts": int(all_rewards.numel()), "unscorable": int(all_rewards.numel() - scored.numel()),
+            metrics = {"step": self.step, "first_prompt_index": idx[0],
+                       **reward_summary(all_rewards.cpu(), t.generations),  # reward, reward_std: TRL's names
+                       "completion_len_mean": float(lengths.mean()), "rollouts": int(all_rewards.numel()),
+                       "unscorable": int(torch.isnan(all_rewards).sum()),
                        **reward_metrics(self.rewards, all_table),
                        "reward_s": reward_s, **self.layout, **stats, **phases,
                        **run_memory.cuda_peak(self.peaks.run_allocated_peak if self.peaks else 0),
@@ -475,7 +480,7 @@ class GRPORecipe:
                 with open(self.out / "metrics.jsonl", "a") as fh:
                     fh.write(json.dumps(metrics) + "\n")
                 self.tracker.log(metrics, step=self.step)
-                self.acc.print(f"step {self.step}/{t.steps} reward {metrics['reward_mean']:.3f} "
+                self.acc.print(f"step {self.step}/{t.steps} reward {metrics['reward']:.3f} "
                                f"loss {stats['loss']:.4f} step {metrics['step_s']:.2f}s")
             if (cfg.save_every and self.step % cfg.save_every == 0) or (cfg.save_final and self.step == t.steps):
                 self.save()
@@ -538,17 +543,25 @@ class GRPORecipe:
         with self._collective(f"the commit of {path.name}"):
             self.acc.wait_for_everyone()
 
-    def _check_rewards(self, rewards: torch.Tensor) -> None:
-        """NaN marks a completion no reward applied to (a reward returned ``None``, as in TRL); infinities,
-        or a step where no completion could be scored at all, stop the run before anything is trained."""
-        if bool(torch.isinf(rewards).any()):
-            raise NonFiniteError(f"{int(torch.isinf(rewards).sum())} of {rewards.numel()} rewards of step "
-                                 f"{self.step + 1} are infinite: reward functions {self.cfg.rewards} must return finite "
-                                 f"numbers (or None to skip a completion); nothing was trained at step {self.step + 1}")
+    def _check_rewards(self, rewards: torch.Tensor, table: torch.Tensor, rows: list[int]) -> None:
+        """TRL's rule: a reward's ``None`` or NaN means it does not apply to that completion; completions no reward
+        scored (NaN total) are named in a warning, once per step, and get no advantage. An infinite reward, or a
+        step where no completion could be scored at all, stops the run before anything is trained."""
+        step = self.step + 1
+        inf = torch.isinf(table)
+        if bool(inf.any()):
+            names = [r.name for j, r in enumerate(self.rewards) if bool(inf[:, j].any())]
+            first = int(inf.any(dim=1).nonzero()[0])
+            raise NonFiniteError(f"{int(inf.sum())} of {table.numel()} rewards of step {step} are infinite (from "
+                                 f"{', '.join(names)}; the first for dataset row {rows[first]}): rewards must be finite "
+                                 f"numbers, or None (or NaN) where they do not apply; nothing was trained at step {step}")
         if rewards.numel() and bool(torch.isnan(rewards).all()):
-            raise NonFiniteError(f"no completion of step {self.step + 1} could be scored: every reward in "
-                                 f"{self.cfg.rewards} returned None or NaN for all {rewards.numel()} of them; nothing "
-                                 f"was trained at step {self.step + 1}")
+            raise NonFiniteError(f"no completion of step {step} could be scored: every reward in "
+                                 f"{[r.name for r in self.rewards]} returned None or NaN for all {rewards.numel()} of "
+                                 f"them; nothing was trained at step {step}")
+        report = unscorable_report(table, self.rewards, rows)
+        if report:
+            logging.getLogger("rollout_sleep.rewards").warning("step %d: %s", step, report)
 
     @contextlib.contextmanager
     def _stop_on_non_finite(self):

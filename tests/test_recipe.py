@@ -80,11 +80,11 @@ def test_accelerate_launch_learns_and_writes_wandb_run_metrics_and_checkpoints(t
     log = finish(launch(out, "train.seed=1", "model.seed=1", "save_every=6"))
     rows = metrics(out)
     assert [r["step"] for r in rows] == list(range(1, 13))
-    rewards = [r["reward_mean"] for r in rows]
+    rewards = [r["reward"] for r in rows]
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.2, rewards
-    for key in ("reward_mean", "reward_std", "loss", "grad_norm", "completion_len_mean", "generate_s", "sleep_s",
-                "train_s", "wake_weights_s", "load_s", "wake_kv_cache_s", "reset_s", "tokens_per_s",
-                "sampling_logp_diff"):
+    for key in ("reward", "reward_std", "frac_reward_zero_std", "loss", "grad_norm", "completion_len_mean",
+                "generate_s", "sleep_s", "train_s", "wake_weights_s", "load_s", "wake_kv_cache_s", "reset_s",
+                "tokens_per_s", "sampling_logp_diff"):
         assert key in rows[-1], key
     assert rows[-1]["sampling_logp_diff"] < 1e-3  # trainer and vLLM score the sampled tokens alike (fp32)
     # the update check (every 50 steps by default: step 1 only), through accelerate's optimizer wrapper
@@ -148,7 +148,7 @@ def test_lora_recipe_learns_and_moves_only_the_adapter(tmp_path):
                   "wandb.mode=disabled", accelerate=False))
     rows = metrics(out)
     assert [r["step"] for r in rows] == list(range(1, 7))
-    rewards = [r["reward_mean"] for r in rows]
+    rewards = [r["reward"] for r in rows]
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.2, rewards
     for r in rows:
         assert r["verify_s"] > 0 and r["adapter_sync_s"] > 0 and r["load_s"] == r["adapter_sync_s"], r
