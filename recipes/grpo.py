@@ -78,7 +78,8 @@ from rollout_sleep import run_dir  # noqa: E402
 from rollout_sleep.config import (ConfigError, RecipeConfig, check_processes, load_config,  # noqa: E402
                                   validate_rewards)
 from rollout_sleep.data import (check_prompts, check_rows, completions_for_rewards,  # noqa: E402
-                                is_conversational, load_prompts, prepare_prompts, prompt_token_ids, step_rows)
+                                is_conversational, load_prompts, model_context, prepare_prompts,
+                                prompt_token_ids, step_rows)
 from rollout_sleep.engine import Engine  # noqa: E402
 from rollout_sleep.memory import PhasePeaks, kv_cache_bytes_for  # noqa: E402
 from rollout_sleep import memory_plan, run_memory  # noqa: E402
@@ -279,7 +280,11 @@ class GRPORecipe:
         try:
             self.data = prepare_prompts(self.data, self.prompt_tokenizer, chat_template=cfg.data.chat_template,
                                         system_prompt=cfg.data.system_prompt)
-            check_prompts(self.data, self.prompt_tokenizer, cfg.engine.max_model_len, cfg.train.max_tokens)
+            context, context_from = cfg.engine.max_model_len, "engine.max_model_len"
+            if context is None and (known := model_context(self.model_path)):  # vLLM's own choice, as it will make it
+                context, key = known
+                context_from = f"the model's {key}"  # in its config.json
+            check_prompts(self.data, self.prompt_tokenizer, context, cfg.train.max_tokens, context_from)
             self.rewards = resolve_rewards(cfg.rewards, cfg.reward_weights, columns=self.data.column_names,
                                            load_models=False)
         except (RewardError, ValueError) as err:
