@@ -4,7 +4,8 @@ A config names each reward (``rewards: [...]``, optionally ``reward_weights: [..
 
 - a built-in name: ``digits_format``, ``arithmetic_exact``, ``length_target`` (or one added with :func:`register`);
 - an import path ``package.module:function`` or a file ``path/to/rewards.py:function`` (relative to the
-  working directory), so a YAML-driven ``accelerate launch`` reaches user code;
+  working directory here; a YAML config's relative paths are first read from its folder, see
+  :func:`rollout_sleep.config.resolve_yaml_paths`), so a YAML-driven ``accelerate launch`` reaches user code;
 - a local sequence-classification checkpoint directory: a reward model (see :mod:`rollout_sleep.reward_model`).
 
 Two function signatures are accepted:
