@@ -138,11 +138,10 @@ class GRPORecipe:
         except (OSError, KeyError, ValueError, StopIteration) as err:  # StopIteration: an empty file
             why = str(err) or "it has no rows"  # an empty file: datasets raises a bare StopIteration
             raise ConfigError(f"data.dataset {cfg.data.dataset!r} cannot be used: {why}") from err
-        problem = check_rows(self.data, cfg.data.dataset, cfg.data.num_prompts, cfg.train.prompts_per_step)
-        if problem:
-            raise ConfigError(problem)
-        problems = validate_rewards(cfg.rewards, columns=list(self.data.column_names), weights=cfg.reward_weights,
-                                    data=self.data, source=cfg.data.dataset)
+        too_small = check_rows(self.data, cfg.data.dataset, cfg.data.num_prompts, cfg.train.prompts_per_step)
+        problems = ([too_small] if too_small else []) + validate_rewards(
+            cfg.rewards, columns=list(self.data.column_names), weights=cfg.reward_weights, data=self.data,
+            source=cfg.data.dataset)
         if problems:
             raise ConfigError(problems)
         if self.main:
