@@ -150,11 +150,11 @@ def test_rewards_as_users_write_them(tmp_path, monkeypatch):
 
     task = tmp_path / "task"
     task.mkdir()
-    (task / "helpers.py").write_text("def target():\n    return 'b'\n")
+    (task / "answers.py").write_text("def target():\n    return 'b'\n")  # not `helpers`: the tests' own module
     (task / "rw.py").write_text(textwrap.dedent("""
         import numpy as np
         import torch
-        from helpers import target
+        from answers import target
 
         def as_array(prompts, completions, **kwargs):
             return np.array([float(c == target()) for c in completions])
