@@ -131,7 +131,7 @@ def run_ours(size: str, steps: int, workdir: Path, name: str = "ours", extra: tu
     base = {"overrides": list(extra), "wall_s": time.perf_counter() - t0,
             "peak_gpu_used_gib": mem.peak_above_base_gib if proc else None,
             "headroom_gib": mem.headroom_gib if proc else None,
-            "memory_plan": plan, "steps_done": len(rows), "reward_mean": [r["reward_mean"] for r in rows]}
+            "memory_plan": plan, "steps_done": len(rows), "reward_mean": [r["reward"] for r in rows]}
     if proc is None:
         return {**base, **failure}
     if proc.returncode != 0:

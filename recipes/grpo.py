@@ -9,8 +9,10 @@ staging folder renamed once complete), and a rerun with the same ``output_dir`` 
 complete saved step with the same data order (newer incomplete ones are moved to ``checkpoints/incomplete``).
 
 Nothing silent: the whole config is checked before anything starts; an ``output_dir`` holding another run is
-refused; a NaN/inf reward or gradient stops the step before the optimizer applies it; every phase (setup,
-generate, sleep, train, wake, verify, save, waits for other ranks) has a watchdog timeout (``watchdog.*``).
+refused; an infinite reward or a NaN/inf gradient stops the step before the optimizer applies it (a reward's
+None or NaN means "does not apply", as in TRL; completions no reward scored are named, once per step); every
+phase (setup, generate, sleep, train, wake, verify, save, waits for other ranks) has a watchdog timeout
+(``watchdog.*``).
 
 Data and rewards: any local dataset in TRL's formats (text or conversational prompts, chat template applied),
 reward functions by built-in name or import path (TRL's ``fn(prompts, completions, **columns)`` or
@@ -38,7 +40,6 @@ import gc
 import json
 import logging
 import os
-import random
 import sys
 import time
 from datetime import timedelta
@@ -75,11 +76,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from rollout_sleep.engine.engine import Engine  # noqa: E402
 from rollout_sleep.engine.memory import PhasePeaks, kv_cache_bytes_for  # noqa: E402
 from rollout_sleep.engine.phases import plot_timeline  # noqa: E402
-from rollout_sleep.grpo.data import (check_prompts, completions_for_rewards, is_conversational,  # noqa: E402
-                                     load_prompts, prepare_prompts, prompt_token_ids)
+from rollout_sleep.grpo.data import (check_prompts, check_rows, completions_for_rewards,  # noqa: E402
+                                     is_conversational, load_prompts, model_context, prepare_prompts,
+                                     prompt_token_ids, step_rows)
 from rollout_sleep.grpo.errors import RewardError  # noqa: E402
 from rollout_sleep.grpo.loss import grpo_update  # noqa: E402
-from rollout_sleep.grpo.rewards import combine, resolve_rewards, reward_metrics, score_rewards  # noqa: E402
+from rollout_sleep.grpo.rewards import (combine, resolve_rewards, reward_metrics, reward_summary,  # noqa: E402
+                                        score_rewards, unscorable_report)
 from rollout_sleep.integrations.wandb import make_tracker  # noqa: E402
 from rollout_sleep.lora.adapter import AdapterSync, LoraSettings  # noqa: E402
 from rollout_sleep.lora.shared_base import trainer_from_engine  # noqa: E402
@@ -130,13 +133,15 @@ class GRPORecipe:
         if problems:
             raise ConfigError(problems)
         try:
-            self.data = load_prompts(cfg.data.dataset, prompt_column=cfg.data.prompt_column,
-                                     n=cfg.data.num_prompts or cfg.train.steps * cfg.train.prompts_per_step,
+            self.data = load_prompts(cfg.data.dataset, prompt_column=cfg.data.prompt_column, n=cfg.data.num_prompts,
                                      seed=cfg.train.seed)
         except (OSError, KeyError, ValueError, StopIteration) as err:  # StopIteration: an empty file
             why = str(err) or "it has no rows"  # an empty file: datasets raises a bare StopIteration
             raise ConfigError(f"data.dataset {cfg.data.dataset!r} cannot be used: {why}") from err
-        problems = validate_rewards(cfg.rewards, columns=list(self.data.column_names), weights=cfg.reward_weights)
+        too_small = check_rows(self.data, cfg.data.dataset, cfg.data.num_prompts, cfg.train.prompts_per_step)
+        problems = ([too_small] if too_small else []) + validate_rewards(
+            cfg.rewards, columns=list(self.data.column_names), weights=cfg.reward_weights, data=self.data,
+            source=cfg.data.dataset)
         if problems:
             raise ConfigError(problems)
         if self.main:
@@ -225,8 +230,6 @@ class GRPORecipe:
                                       sleep_level=0 if adapter is not None else cfg.engine.sleep_level)
         if adapter is not None:
             self.layout["lora_base_shared"] = self.manager.base_shared
-        self.order = list(range(len(self.data)))
-        random.Random(cfg.train.seed).shuffle(self.order)  # the data order: a function of the seed only
         run_id = self._resume()
         if self.offload is not None:
             self.offload.offload()  # a resumed state is loaded onto the device: off it before the first rollout
@@ -276,7 +279,11 @@ class GRPORecipe:
         try:
             self.data = prepare_prompts(self.data, self.prompt_tokenizer, chat_template=cfg.data.chat_template,
                                         system_prompt=cfg.data.system_prompt)
-            check_prompts(self.data, self.prompt_tokenizer, cfg.engine.max_model_len, cfg.train.max_tokens)
+            context, context_from = cfg.engine.max_model_len, "engine.max_model_len"
+            if context is None and (known := model_context(self.model_path)):  # vLLM's own choice, as it will make it
+                context, key = known
+                context_from = f"the model's {key}"  # in its config.json
+            check_prompts(self.data, self.prompt_tokenizer, context, cfg.train.max_tokens, context_from)
             self.rewards = resolve_rewards(cfg.rewards, cfg.reward_weights, columns=self.data.column_names,
                                            load_models=False)
         except (RewardError, ValueError) as err:
@@ -410,10 +417,11 @@ class GRPORecipe:
         world, rank = self.acc.num_processes, self.acc.process_index
         while self.step < t.steps:
             t0 = time.perf_counter()
-            idx = [self.order[(self.step * t.prompts_per_step + i) % len(self.order)] for i in range(t.prompts_per_step)]
+            idx = step_rows(self.step, len(self.data), t.prompts_per_step, t.seed)  # a function of the step: resumable
             # an engine per rank: each rolls out its share of the prompts; one TP engine: all ranks submit the
             # same prompts (vLLM requires it) and each then trains on its share of the groups
-            examples = [self.data[i] for i in (idx[rank::world] if self.tp == 1 else idx)]
+            rows = idx[rank::world] if self.tp == 1 else idx  # dataset rows of this rank's prompts
+            examples = [self.data[i] for i in rows]
             prompt_ids = prompt_token_ids(self.prompt_tokenizer, [ex["prompt"] for ex in examples])
             measuring = self.peaks is not None and self.step < memory_check.MEASURED_STEPS
             if measuring:
@@ -426,13 +434,14 @@ class GRPORecipe:
                 comps = [c for c in comps if c.prompt_index in mine]
                 order = sorted(mine)
                 examples, prompt_ids = [examples[i] for i in order], [prompt_ids[i] for i in order]
+                rows = [rows[i] for i in order]
                 remap = {old: new for new, old in enumerate(order)}
                 for c in comps:
                     c.prompt_index = remap[c.prompt_index]
             with self._stop_on_non_finite(), self.manager.training(), self._peak("training"):
                 # rewards while the engine sleeps: a reward model's forward then uses memory vLLM released
                 rewards, table, reward_s = self._score(examples, comps)
-                self._check_rewards(rewards)
+                self._check_rewards(rewards, table, [rows[c.prompt_index] for c in comps])
                 checking = self.update_check is not None and self.update_check.arm(self.step + 1)
                 stats = grpo_update(self.model, self.optimizer, prompt_ids, comps, rewards, group_size=t.generations,
                                     pad_id=self.tokenizer.pad_token_id, clip_eps=t.clip_eps, micro_batch=t.micro_batch,
@@ -460,10 +469,10 @@ class GRPORecipe:
             with self._collective(f"the reward gather of step {self.step}"):
                 all_rewards = self.acc.gather(rewards.to(self.acc.device)).float()
                 all_table = self.acc.gather(table.to(self.acc.device)).float().cpu()
-            scored = all_rewards[~torch.isnan(all_rewards)]
-            metrics = {"step": self.step, "first_prompt_index": idx[0], "reward_mean": float(scored.mean()),
-                       "reward_std": float(scored.std()), "completion_len_mean": float(lengths.mean()),
-                       "rollouts": int(all_rewards.numel()), "unscorable": int(all_rewards.numel() - scored.numel()),
+            metrics = {"step": self.step, "first_prompt_index": idx[0],
+                       **reward_summary(all_rewards.cpu(), t.generations),  # reward, reward_std: TRL's names
+                       "completion_len_mean": float(lengths.mean()), "rollouts": int(all_rewards.numel()),
+                       "unscorable": int(torch.isnan(all_rewards).sum()),
                        **reward_metrics(self.rewards, all_table),
                        "reward_s": reward_s, **self.layout, **stats, **phases,
                        **memory_check.cuda_peak(self.peaks.run_allocated_peak if self.peaks else 0),
@@ -475,7 +484,7 @@ class GRPORecipe:
                 with open(self.out / "metrics.jsonl", "a") as fh:
                     fh.write(json.dumps(metrics) + "\n")
                 self.tracker.log(metrics, step=self.step)
-                self.acc.print(f"step {self.step}/{t.steps} reward {metrics['reward_mean']:.3f} "
+                self.acc.print(f"step {self.step}/{t.steps} reward {metrics['reward']:.3f} "
                                f"loss {stats['loss']:.4f} step {metrics['step_s']:.2f}s")
             if (cfg.save_every and self.step % cfg.save_every == 0) or (cfg.save_final and self.step == t.steps):
                 self.save()
@@ -538,17 +547,25 @@ class GRPORecipe:
         with self._collective(f"the commit of {path.name}"):
             self.acc.wait_for_everyone()
 
-    def _check_rewards(self, rewards: torch.Tensor) -> None:
-        """NaN marks a completion no reward applied to (a reward returned ``None``, as in TRL); infinities,
-        or a step where no completion could be scored at all, stop the run before anything is trained."""
-        if bool(torch.isinf(rewards).any()):
-            raise NonFiniteError(f"{int(torch.isinf(rewards).sum())} of {rewards.numel()} rewards of step "
-                                 f"{self.step + 1} are infinite: reward functions {self.cfg.rewards} must return finite "
-                                 f"numbers (or None to skip a completion); nothing was trained at step {self.step + 1}")
+    def _check_rewards(self, rewards: torch.Tensor, table: torch.Tensor, rows: list[int]) -> None:
+        """TRL's rule: a reward's ``None`` or NaN means it does not apply to that completion; completions no reward
+        scored (NaN total) are named in a warning, once per step, and get no advantage. An infinite reward, or a
+        step where no completion could be scored at all, stops the run before anything is trained."""
+        step = self.step + 1
+        inf = torch.isinf(table)
+        if bool(inf.any()):
+            names = [r.name for j, r in enumerate(self.rewards) if bool(inf[:, j].any())]
+            first = int(inf.any(dim=1).nonzero()[0])
+            raise NonFiniteError(f"{int(inf.sum())} of {table.numel()} rewards of step {step} are infinite (from "
+                                 f"{', '.join(names)}; the first for dataset row {rows[first]}): rewards must be finite "
+                                 f"numbers, or None (or NaN) where they do not apply; nothing was trained at step {step}")
         if rewards.numel() and bool(torch.isnan(rewards).all()):
-            raise NonFiniteError(f"no completion of step {self.step + 1} could be scored: every reward in "
-                                 f"{self.cfg.rewards} returned None or NaN for all {rewards.numel()} of them; nothing "
-                                 f"was trained at step {self.step + 1}")
+            raise NonFiniteError(f"no completion of step {step} could be scored: every reward in "
+                                 f"{[r.name for r in self.rewards]} returned None or NaN for all {rewards.numel()} of "
+                                 f"them; nothing was trained at step {step}")
+        report = unscorable_report(table, self.rewards, rows)
+        if report:
+            logging.getLogger("rollout_sleep.grpo.rewards").warning("step %d: %s", step, report)
 
     @contextlib.contextmanager
     def _stop_on_non_finite(self):

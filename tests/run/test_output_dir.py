@@ -180,24 +180,6 @@ def test_a_resume_with_other_reward_weights_is_another_run(tmp_path):
         output_dir.check_output_dir(tmp_path, {**cfg, "reward_weights": [1.0, 0.1]}, resume=True)
 
 
-def test_the_warnings_advice_on_resume_is_accepted(tmp_path, caplog):
-    """Extending a run whose data.num_prompts is unset warns "set data.num_prompts to N to keep the earlier
-    order"; doing so was then refused as "a different run" (data: num_prompts None -> N)."""
-    cfg = RecipeConfig().to_dict()  # steps 12 x prompts_per_step 8, num_prompts unset: 96 prompts
-    output_dir.write_run_config(tmp_path, cfg)
-    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
-    longer = json.loads(json.dumps(cfg))
-    longer["train"]["steps"] = 20
-    with caplog.at_level("WARNING", logger="rollout_sleep.run.output_dir"):
-        output_dir.check_output_dir(tmp_path, longer, resume=True)
-    assert "set data.num_prompts to 96 to keep the earlier order" in caplog.text
-    longer["data"]["num_prompts"] = 96
-    output_dir.check_output_dir(tmp_path, longer, resume=True)  # the advice followed: the same data, accepted
-    longer["data"]["num_prompts"] = 50
-    with pytest.raises(output_dir.RunDirError, match="holds a different run: data: "):
-        output_dir.check_output_dir(tmp_path, longer, resume=True)
-
-
 def test_resume_into_a_folder_that_is_not_a_run_is_refused(tmp_path):
     """resume=true (the default) into another tool's folder with ``metrics.jsonl`` and ``checkpoints/step_5``:
     the old code moved step_5 into checkpoints/incomplete, rewrote the metrics file and appended to it."""

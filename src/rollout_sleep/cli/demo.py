@@ -63,10 +63,10 @@ def run_demo(steps: int = 12, prompts_per_step: int = 8, generations: int = 8, m
             stats = grpo_update(model, optimizer, prompt_ids, comps, rewards, group_size=generations,
                                 pad_id=tok.pad_token_id)
         manager.sync()
-        metrics = {**manager.end_step(), **stats, "reward_mean": float(rewards.mean())}
+        metrics = {**manager.end_step(), **stats, "reward": float(rewards.mean())}
         rows.append(metrics)
-        history.append(metrics["reward_mean"])
-        bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}")
+        history.append(metrics["reward"])
+        bar.set_postfix(reward=f"{metrics['reward']:.3f}")
     if not quiet:
         print_table(rows)
         k = max(1, steps // 4)

@@ -42,7 +42,8 @@ that) and, on CUDA, the trainer's frozen base is rebound to views of vLLM's weig
                               peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"), ...)
     patch(trainer)
 On CPU, use ``vllm_enable_sleep_mode=False`` (vLLM has no sleep allocator there); stock TRL then fails at
-its first sync (its per-parameter load breaks on vLLM's repacked CPU weights), the patched trainer runs.
+its first sync wherever vLLM packs its linear weights for its CPU kernels (oneDNN, the x86 build's default:
+its per-parameter load finds an empty ``layer.weight``), the patched trainer runs.
 """
 
 from __future__ import annotations

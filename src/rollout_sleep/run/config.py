@@ -312,32 +312,89 @@ def check_processes(cfg: RecipeConfig, processes: int) -> list[str]:
 
 
 def validate_rewards(names: list[str], columns: list[str] | None = None,
-                     weights: list[float] | None = None) -> list[str]:
+                     weights: list[float] | None = None, data=None, source: str = "") -> list[str]:
     """Problems with the rewards a config names (unknown names, import paths that do not resolve, bad
     signatures, weights that do not match) and, given the dataset's ``columns``, the columns they need that it
-    lacks. Reward models are only checked, not loaded.
+    lacks; given the dataset itself (``data``, named ``source``), the rows where such a column is missing or
+    null. Reward models are only checked, not loaded.
 
     >>> for problem in validate_rewards(["arithmetic_exact"], columns=["prompt"]):
     ...     print(problem)
     reward 'arithmetic_exact' needs dataset column(s) ['answer']; the dataset has ['prompt']
     """
     from rollout_sleep.grpo.errors import RewardError
-    from rollout_sleep.grpo.rewards import check_columns, resolve_rewards
+    from rollout_sleep.grpo.rewards import check_columns, check_row_values, resolve_rewards
 
     try:
         rewards = resolve_rewards(list(names), weights, load_models=False)
         if columns is not None:
             check_columns(rewards, list(columns))
+        if data is not None:
+            check_row_values(rewards, data, source)
     except RewardError as err:
         return [str(err)]
     return []
 
 
+def _from_folder(spec: str, folder: Path, must_exist: bool = False) -> str:
+    """``spec`` read relative to ``folder`` when it is a relative local path (``must_exist``: only if it exists
+    there); anything else (absolute, ``~``, a name) as it is."""
+    if not spec or spec.startswith("~") or Path(spec).is_absolute():
+        return spec
+    resolved = (folder / spec).resolve()
+    return str(resolved) if resolved.exists() or not must_exist else spec
+
+
+def resolve_yaml_paths(cfg: RecipeConfig, folder: Path) -> dict[str, str]:
+    """Read the input paths a YAML config gave relative to its own ``folder`` (so a config runs from any working
+    directory): ``data.dataset`` (but ``synthetic``), reward files (``path/x.py:fn``) and reward-model folders,
+    and ``model.path`` where it names a folder there (else it stays a size or hub id). ``output_dir`` stays
+    relative to the working directory, as the run's output. Returns ``{resolved: as written}``.
+
+    >>> from rollout_sleep.run.schema import DataConfig
+    >>> cfg = RecipeConfig(data=DataConfig(dataset="../d.jsonl"), rewards=["digits_format", "r/x.py:f", "pkg.m:f"])
+    >>> moved = resolve_yaml_paths(cfg, Path("/proj/configs"))
+    >>> cfg.data.dataset, cfg.rewards
+    ('/proj/d.jsonl', ['digits_format', '/proj/configs/r/x.py:f', 'pkg.m:f'])
+    """
+    from rollout_sleep.grpo.rewards import REWARDS
+    from rollout_sleep.weights.checkpoints import SHAPES
+
+    moved: dict[str, str] = {}
+
+    def keep(written: str, resolved: str) -> str:
+        if resolved != written:
+            moved[resolved.split(":")[0]] = written.split(":")[0]
+        return resolved
+
+    if cfg.data.dataset != "synthetic":
+        cfg.data.dataset = keep(cfg.data.dataset, _from_folder(cfg.data.dataset, folder))
+    rewards = []
+    for spec in cfg.rewards:
+        if not isinstance(spec, str) or spec in REWARDS:
+            rewards.append(spec)
+            continue
+        target, colon, attr = spec.rpartition(":")
+        if colon and (target.endswith(".py") or "/" in target):  # a file reward; 'pkg.module:fn' is imported
+            rewards.append(keep(spec, f"{_from_folder(target, folder)}:{attr}"))
+        elif not colon:  # a reward-model folder ('x/y', or a bare name that exists there)
+            rewards.append(keep(spec, _from_folder(spec, folder, must_exist="/" not in spec)))
+        else:
+            rewards.append(spec)
+    cfg.rewards = rewards
+    if cfg.model.path not in SHAPES:
+        explicit = cfg.model.path.startswith(("./", "../"))
+        cfg.model.path = keep(cfg.model.path, _from_folder(cfg.model.path, folder, must_exist=not explicit))
+    return moved
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RecipeConfig:
     """Defaults, then the YAML file (if any), then ``key=value`` overrides, in that order; then every check.
-    Raises :class:`ConfigError` listing every problem found."""
+    Relative input paths in the YAML are read from the YAML's folder (:func:`resolve_yaml_paths`); those given
+    as overrides, from the working directory. Raises :class:`ConfigError` listing every problem found."""
     cfg = RecipeConfig()
     problems: list[str] = []
+    moved: dict[str, str] = {}
     if path is not None:
         try:
             data = yaml.load(Path(path).read_text(), Loader=_UniqueKeyLoader) or {}
@@ -347,6 +404,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RecipeCon
             raise ConfigError(f"config {str(path)!r} must be a mapping of sections, got {type(data).__name__}")
         for key, value in data.items():
             _set(cfg, str(key), value, problems)
+        moved = resolve_yaml_paths(cfg, Path(path).resolve().parent)
     for item in overrides:
         if "=" not in item:
             problems.append(f"override {item!r} must look like section.key=value")
@@ -356,5 +414,19 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RecipeCon
     # a field with a wrong type kept its default, so the value checks below still apply to the rest
     problems += _check_values(cfg) + validate_rewards(cfg.rewards, weights=cfg.reward_weights)
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError([_say_where(p, moved, Path(path)) for p in problems] if moved else problems)
     return cfg
+
+
+def _say_where(problem: str, moved: dict[str, str], config: Path) -> str:
+    """A problem about a path the YAML gave relative to its folder, with that said (and the working directory's
+    file of that name, if there is one: the old reading)."""
+    for resolved, written in moved.items():
+        if resolved in problem:
+            problem += (f" ({written!r} in {str(config)!r}: relative paths in a config file are read from its folder, "
+                        f"{str(config.resolve().parent)!r}")
+            if Path(written).expanduser().exists():
+                problem += (f"; {written!r} exists in the working directory: write it relative to the config's "
+                            f"folder, or absolute, or pass it on the command line")
+            problem += ")"
+    return problem

@@ -91,23 +91,12 @@ def check_output_dir(out: Path, config: dict, resume: bool, overwrite: bool = Fa
                           f"a run of this recipe (or one from before {RUN_CONFIG} existed), so {what}. Use a new (or "
                           "empty) output_dir.")
     if resume and old is not None:
-        # num_prompts unset meant steps x prompts_per_step: giving that number now is the same data
-        old_data, new_data = old.get("data") or {}, config.get("data") or {}
-        implied = (_lookup(old, "train.steps") or 0) * (_lookup(old, "train.prompts_per_step") or 0)
-        if old_data.get("num_prompts") is None and new_data.get("num_prompts") == implied:
-            old = {**old, "data": {**old_data, "num_prompts": implied}}
         differ = [f"{key}: {_lookup(old, key)!r} -> {_lookup(config, key)!r}" for key in IDENTITY_KEYS
                   if _lookup(old, key) != _lookup(config, key)]
         if differ and (steps or saved):
             raise RunDirError(f"output_dir {str(out)!r} holds a different run: " + "; ".join(differ) +
                               ". Resuming would continue it with other settings. Use a new output_dir for this "
                               "run, or restore those settings to resume it.")
-        old_steps, new_steps = _lookup(old, "train.steps"), _lookup(config, "train.steps")
-        if _lookup(config, "data.num_prompts") is None and old_steps != new_steps and (steps or saved):
-            logger.warning("data.num_prompts is unset, so the prompts are train.steps x train.prompts_per_step: "
-                           "train.steps changed from %s to %s, which changes the data order from here on; set "
-                           "data.num_prompts to %s to keep the earlier order", old_steps, new_steps,
-                           old_steps * _lookup(config, "train.prompts_per_step"))
 
 
 def lock(out: Path):

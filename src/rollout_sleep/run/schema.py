@@ -77,9 +77,13 @@ class EngineConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = _opt("synthetic", "synthetic, or a local path (folder, .jsonl, .json, .parquet, .csv)")
+    dataset: str = _opt("synthetic", "synthetic, or a local path (folder, .jsonl, .json, .parquet, .csv); relative: "
+                                     "from the YAML's folder in a config file, from the working directory on the "
+                                     "command line")
     prompt_column: str = _opt("prompt", "the dataset's column holding the prompts")
-    num_prompts: int | None = _opt(None, "use the first N prompts (null: all)")
+    num_prompts: int | None = _opt(None, "use the first N rows (null: all). Steps take train.prompts_per_step of "
+                                         "them at a time, epoch by epoch, each epoch a fresh order drawn from "
+                                         "train.seed")
     chat_template: bool = _opt(False, "turn plain text prompts into user messages (conversational prompts, "
                                       "lists of messages, always get the tokenizer's chat template)")
     system_prompt: str | None = _opt(None, "a system message before each prompt (turns text prompts into "
