@@ -300,7 +300,7 @@ def test_the_warnings_advice_on_resume_is_accepted(tmp_path, caplog):
     longer["data"]["num_prompts"] = 96
     run_dir.check_output_dir(tmp_path, longer, resume=True)  # the advice followed: the same data, accepted
     longer["data"]["num_prompts"] = 50
-    with pytest.raises(run_dir.RunDirError, match="holds a different run: data: "):
+    with pytest.raises(run_dir.RunDirError, match="holds a different run: data.num_prompts: None -> 50 "):
         run_dir.check_output_dir(tmp_path, longer, resume=True)
 
 
