@@ -53,6 +53,34 @@ def _sleep_mode_available() -> bool:
     return bool(current_platform.is_sleep_mode_available())
 
 
+def temperature_problem(temperature: float, key: str = "temperature") -> str | None:
+    """Why vLLM would not sample at exactly ``temperature``, or ``None``. vLLM raises a temperature between 0 and
+    its floor (``_MAX_TEMP``, 0.01 in vLLM 0.26-0.32) to that floor, with only a log line; a trainer that scores
+    the completions at the asked temperature would then compare other distributions than vLLM sampled from
+    (at 1e-4 the log-probs differ by ~0.6 per token). Asks the installed vLLM's ``SamplingParams``, without
+    starting an engine."""
+    import logging as _logging
+
+    from vllm import SamplingParams
+
+    vllm_logger = _logging.getLogger("vllm")
+    quiet = vllm_logger.level
+    vllm_logger.setLevel(_logging.ERROR)  # its clamp warning: this function says it better
+    try:
+        sampled = SamplingParams(temperature=temperature).temperature
+    except Exception as err:  # vLLM's validation error (a ValueError in some versions, not in 0.32)
+        return f"{key}={temperature} is refused by vLLM: {err}"
+    finally:
+        vllm_logger.setLevel(quiet)
+    if sampled == temperature:
+        return None
+    low = sampled > temperature
+    return (f"{key}={temperature:g} is {'below' if low else 'above'} vLLM's {'lowest' if low else 'highest'} "
+            f"sampling temperature: vLLM would sample at {sampled:g} while the trainer scores the completions at "
+            f"{temperature:g}, so every log-prob ratio would compare two different distributions. Set "
+            f"{key}={sampled:g}" + (" or higher" if low else " or lower"))
+
+
 class Engine(SleepState):
     """An in-process vLLM engine with sleep mode and a checked sleep/wake/reload/reset cycle.
 

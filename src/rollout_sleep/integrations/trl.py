@@ -72,6 +72,11 @@ def patch(trainer, *, sleep_level: int = 2, verify_every: int = 1, bucket_bytes:
                          "rollout_sleep.server instead")
     if sleep_level not in (1, 2):
         raise ValueError(f"sleep_level must be 1 or 2, got {sleep_level!r}")
+    from ..engine import temperature_problem
+
+    problem = temperature_problem(getattr(args, "temperature", 1.0), "GRPOConfig.temperature")
+    if problem:  # TRL scores at its temperature what vLLM sampled at another
+        raise ValueError(problem)
     gen = getattr(trainer, "vllm_generation", None)
     if gen is None or getattr(gen, "llm", None) is None:
         raise ValueError("this GRPOTrainer has no colocated vLLM engine (trainer.vllm_generation.llm)")
