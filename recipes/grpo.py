@@ -100,8 +100,6 @@ from rollout_sleep.update_check import UpdateCheck, checkpoint_magnitude, lr_not
 from rollout_sleep.rewards import RewardError, combine, resolve_rewards, reward_metrics, score_rewards  # noqa: E402
 from rollout_sleep.watchdog import Watchdog  # noqa: E402
 
-LOG_FILE = "run.log"  # in output_dir: the rollout_sleep log of the main process, and an error's traceback
-
 
 class GRPORecipe:
     def __init__(self, cfg: RecipeConfig):
@@ -155,7 +153,6 @@ class GRPORecipe:
         if self.main:
             with run_dir.writing(self.out, "write into output_dir"):
                 self.lock = run_dir.lock(self.out)  # held until the process ends: one run at a time in output_dir
-                log.add_file(self.out / LOG_FILE)  # the run's log, and the traceback of an error that stops it
                 if cfg.overwrite and not cfg.resume:
                     gone = run_dir.clear_run(self.out, cfg.to_dict())
                     if gone:
@@ -164,13 +161,14 @@ class GRPORecipe:
                     self.acc.print(f"deleted {self.out / 'model'}: built with other model settings; building it "
                                    "again")
                 self.out.mkdir(parents=True, exist_ok=True)
+                log.add_file(run_dir.log_file(self.out, 0))  # the run's log, and an error's traceback
                 run_dir.write_run_config(self.out, cfg.to_dict())
             if cfg.save_every or cfg.save_final:  # a checkpoints folder it cannot write: said now, not at a save
                 run_dir.check_writable(self.out / "checkpoints")
         with self._collective("the start of the run"):
             self.acc.wait_for_everyone()
         if not self.main:
-            log.add_file(self.out / f"run.rank{self.acc.process_index}.log")
+            log.add_file(run_dir.log_file(self.out, self.acc.process_index))
         self.model_path = self._model_path()
         self._setup_task()
         dtype = getattr(torch, cfg.model.dtype)

@@ -71,6 +71,19 @@ def test_a_failing_reward_ends_the_run_with_one_message_and_its_traceback_in_the
     assert "set watchdog.reward_s higher" in out and "phase 'train'" not in out
 
 
+def test_the_log_files_belong_to_the_run(tmp_path):
+    """overwrite=true deletes the earlier run's log files with its other files (a new run's log starts clean)."""
+    from rollout_sleep import run_dir
+    from rollout_sleep.config_schema import RecipeConfig
+
+    run_dir.write_run_config(tmp_path, RecipeConfig().to_dict())
+    for rank in (0, 1):
+        run_dir.log_file(tmp_path, rank).write_text("an earlier run's log\n")
+    (tmp_path / "notes.log").write_text("the user's own\n")
+    assert run_dir.clear_run(tmp_path, RecipeConfig().to_dict()) == ["run_config.json", "run.log", "run.rank1.log"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.log"]
+
+
 def test_wandb_online_without_credentials_is_refused_before_the_engine_starts(tmp_path):
     """No API key anywhere wandb looks (a fresh HOME): the old code started vLLM, then failed in wandb.init."""
     home = tmp_path / "home"

@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 STATE_FILE = "recipe_state.json"
 RUN_CONFIG = "run_config.json"
+LOG_FILE = "run.log"  # the main process's log, and the traceback of an error that stopped the run
 STAGING_PREFIX = ".partial-"
 _STEP = re.compile(r"step_(\d+)$")
 
@@ -256,9 +257,15 @@ def clear_run(out: Path, config: dict) -> list[str]:
                 ckpts.rmdir()
         elif _remove(out / name):
             gone.append(name)
+    gone += [p.name for p in (out / LOG_FILE, *sorted(out.glob("run.rank*.log"))) if _remove(p)]
     if gone:
         logger.info("overwrite=true: deleted %s from %s", ", ".join(gone), out)
     return gone
+
+
+def log_file(out: Path, rank: int) -> Path:
+    """The log file of process ``rank`` in the run folder ``out`` (:data:`LOG_FILE` for rank 0)."""
+    return out / (LOG_FILE if rank == 0 else f"run.rank{rank}.log")
 
 
 def write_run_config(out: Path, config: dict) -> None:
