@@ -7,12 +7,15 @@ clipped policy-gradient loss, optional KL to a frozen reference) → sync (wake 
 W&B (offline by default); the state is saved with accelerate every ``save_every`` steps (atomically: a
 staging folder renamed once complete), and a rerun with the same ``output_dir`` resumes from the newest
 complete saved step with the same data order (newer incomplete ones are moved to ``checkpoints/incomplete``).
+Each checkpoint keeps the settings it was trained with: a resume refuses changed settings that define the saved
+state (model, data, seed, optimizer type, ...), and applies and names changed training settings (lr, ...).
 
 Nothing silent: the whole config is checked before anything starts; an ``output_dir`` holding another run is
 refused; an infinite reward or a NaN/inf gradient stops the step before the optimizer applies it (a reward's
 None or NaN means "does not apply", as in TRL; completions no reward scored are named, once per step); every
-phase (setup, generate, sleep, train, wake, verify, save, waits for other ranks) has a watchdog timeout
-(``watchdog.*``).
+phase (setup, generate, reward, sleep, train, wake, verify, save, waits for other ranks) has a watchdog timeout
+(``watchdog.*``). An error stops the run with one message (its traceback in ``<output_dir>/run.log``); a save
+that cannot be written names the path and the cause and leaves the newest complete checkpoint to resume from.
 
 Data and rewards: any local dataset in TRL's formats (text or conversational prompts, chat template applied),
 reward functions by built-in name or import path (TRL's ``fn(prompts, completions, **columns)`` or
@@ -47,7 +50,8 @@ from pathlib import Path
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
-from rollout_sleep.log import configure  # noqa: E402  (light: imports neither torch nor vLLM)
+from rollout_sleep import log  # noqa: E402  (light: imports neither torch nor vLLM)
+from rollout_sleep.log import configure  # noqa: E402
 
 configure(verbose="--verbose" in sys.argv)  # before torch / transformers / vLLM read their switches
 
@@ -73,6 +77,7 @@ from accelerate import Accelerator  # noqa: E402
 from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_seed  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
+from rollout_sleep.engine.completion import temperature_problem  # noqa: E402
 from rollout_sleep.engine.engine import Engine  # noqa: E402
 from rollout_sleep.engine.memory import PhasePeaks, kv_cache_bytes_for  # noqa: E402
 from rollout_sleep.engine.phases import plot_timeline  # noqa: E402
@@ -83,7 +88,7 @@ from rollout_sleep.grpo.errors import RewardError  # noqa: E402
 from rollout_sleep.grpo.loss import grpo_update  # noqa: E402
 from rollout_sleep.grpo.rewards import (combine, resolve_rewards, reward_metrics, reward_summary,  # noqa: E402
                                         score_rewards, unscorable_report)
-from rollout_sleep.integrations.wandb import make_tracker  # noqa: E402
+from rollout_sleep.integrations.wandb import credentials_problem, make_tracker  # noqa: E402
 from rollout_sleep.lora.adapter import AdapterSync, LoraSettings  # noqa: E402
 from rollout_sleep.lora.shared_base import trainer_from_engine  # noqa: E402
 from rollout_sleep.pool.pool import EnginePool  # noqa: E402
@@ -91,7 +96,8 @@ from rollout_sleep.run import memory_check, memory_plan, output_dir  # noqa: E40
 from rollout_sleep.run.config import ConfigError, check_processes, load_config, validate_rewards  # noqa: E402
 from rollout_sleep.run.manager import RolloutManager  # noqa: E402
 from rollout_sleep.run.nonfinite import NonFiniteError, check_finite, guard_optimizer  # noqa: E402
-from rollout_sleep.run.optim import OptimizerOffload, build_optimizer  # noqa: E402
+from rollout_sleep.run.optim import (OptimizerOffload, build_optimizer, hyperparameters,  # noqa: E402
+                                     set_hyperparameters)
 from rollout_sleep.run.schema import RecipeConfig  # noqa: E402
 from rollout_sleep.run.update_check import UpdateCheck, checkpoint_magnitude, lr_note  # noqa: E402
 from rollout_sleep.run.watchdog import Watchdog  # noqa: E402
@@ -103,12 +109,15 @@ class GRPORecipe:
         self.cfg = cfg
         self.out = Path(cfg.output_dir).expanduser()
         self.step = 0
+        self.in_step: int | None = None  # the step running, while one does
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         cfg = self.cfg
         # read-only checks first (every rank alike): nothing is written before they pass
         output_dir.check_output_dir(self.out, cfg.to_dict(), cfg.resume, cfg.overwrite)
+        if cfg.resume:
+            output_dir.check_steps_left(self.out, cfg.train.steps)  # a finished run: said before vLLM starts
         w = cfg.watchdog
         pg = [InitProcessGroupKwargs(timeout=timedelta(seconds=w.collective_s + 60))] \
             if w.enabled and w.collective_s > 0 else []  # torch.distributed's own timeout: a backstop to ours
@@ -130,8 +139,9 @@ class GRPORecipe:
         set_seed(cfg.train.seed)
         self.tp = cfg.engine.tensor_parallel_size
         problems = check_processes(cfg, self.acc.num_processes)
-        if problems:
-            raise ConfigError(problems)
+        wandb_problem = credentials_problem(cfg.wandb.mode) if self.main else None  # only rank 0 logs
+        if problems or wandb_problem:
+            raise ConfigError(problems + [wandb_problem] if wandb_problem else problems)
         try:
             self.data = load_prompts(cfg.data.dataset, prompt_column=cfg.data.prompt_column, n=cfg.data.num_prompts,
                                      seed=cfg.train.seed)
@@ -142,20 +152,30 @@ class GRPORecipe:
         problems = ([too_small] if too_small else []) + validate_rewards(
             cfg.rewards, columns=list(self.data.column_names), weights=cfg.reward_weights, data=self.data,
             source=cfg.data.dataset)
+        problem = temperature_problem(cfg.train.temperature, "train.temperature")  # vLLM's own bounds
+        if problem:
+            problems.append(problem)
         if problems:
             raise ConfigError(problems)
         if self.main:
-            self.lock = output_dir.lock(self.out)  # held until the process ends: one run at a time in output_dir
-            if cfg.overwrite and not cfg.resume:
-                gone = output_dir.clear_run(self.out, cfg.to_dict())
-                if gone:
-                    self.acc.print(f"overwrite=true: deleted {', '.join(gone)} of the earlier run in {self.out}")
-            elif output_dir.drop_stale_model(self.out, cfg.to_dict()):
-                self.acc.print(f"deleted {self.out / 'model'}: built with other model settings; building it again")
-            self.out.mkdir(parents=True, exist_ok=True)
-            output_dir.write_run_config(self.out, cfg.to_dict())
+            with output_dir.writing(self.out, "write into output_dir"):
+                self.lock = output_dir.lock(self.out)  # held until the process ends: one run at a time in output_dir
+                if cfg.overwrite and not cfg.resume:
+                    gone = output_dir.clear_run(self.out, cfg.to_dict())
+                    if gone:
+                        self.acc.print(f"overwrite=true: deleted {', '.join(gone)} of the earlier run in {self.out}")
+                elif output_dir.drop_stale_model(self.out, cfg.to_dict()):
+                    self.acc.print(f"deleted {self.out / 'model'}: built with other model settings; building it "
+                                   "again")
+                self.out.mkdir(parents=True, exist_ok=True)
+                log.add_file(output_dir.log_file(self.out, 0))  # the run's log, and an error's traceback
+                output_dir.write_run_config(self.out, cfg.to_dict())
+            if cfg.save_every or cfg.save_final:  # a checkpoints folder it cannot write: said now, not at a save
+                output_dir.check_writable(self.out / "checkpoints")
         with self._collective("the start of the run"):
             self.acc.wait_for_everyone()
+        if not self.main:
+            log.add_file(output_dir.log_file(self.out, self.acc.process_index))
         self.model_path = self._model_path()
         self._setup_task()
         dtype = getattr(torch, cfg.model.dtype)
@@ -208,8 +228,8 @@ class GRPORecipe:
             self.engine.adopt(model.to(self.acc.device))
         # adamw: fused on GPU, one kernel for all parameters (TRL/transformers' default optimizer too)
         optimizer = build_optimizer(cfg.train.optimizer, [p for p in model.parameters() if p.requires_grad],
-                                    lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                                    fused=torch.cuda.is_available() or None, model=model)
+                                    **hyperparameters(cfg.train), fused=torch.cuda.is_available() or None,
+                                    model=model)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         guard_optimizer(self.optimizer, self.model)  # a non-finite gradient stops the step before it applies
         # after the guard (a refused step is not measured): the share of sampled weights each checked step changes
@@ -358,7 +378,8 @@ class GRPORecipe:
         if self.main:  # a resumed run keeps the comparison its first steps measured
             path = self.out / "memory_plan.json"
             earlier = json.loads(path.read_text()) if path.exists() else {}
-            path.write_text(json.dumps({**earlier, "plan": plan.as_dict()}, indent=2))
+            with output_dir.writing(path, "write the memory plan to"):
+                path.write_text(json.dumps({**earlier, "plan": plan.as_dict()}, indent=2))
         memory_check.enforce(plan, self.cfg.train.memory_plan, self.acc.print)
         return plan
 
@@ -400,22 +421,38 @@ class GRPORecipe:
                                "metrics.superseded.jsonl: those steps run again")
         if path is None:
             return None
-        if self.step >= self.cfg.train.steps:
-            self.acc.print(f"the run in {self.out} is already at step {self.step} (train.steps={self.cfg.train.steps}): "
-                           "nothing to train; raise train.steps to continue it")
         self.acc.load_state(str(path))
+        # the restored optimizer holds the settings it was saved with: the config's win
+        restored = set_hyperparameters(self.optimizer, hyperparameters(self.cfg.train))
         if self.manager.adapter is not None:
             self.manager.adapter.push()  # the engine must serve the restored adapter
         else:
             self.engine.load_weights(self.manager.stream)  # the engine must hold the restored weights
         self.acc.print(f"resumed from {path} (step {self.step})")
+        self._say_applied(state.get("config"), restored)
         return state.get("wandb_id")
+
+    def _say_applied(self, trained: dict | None, restored: list[tuple[str, float, float]]) -> None:
+        """Name every training setting that differs from the one the resumed checkpoint was trained with (each
+        takes effect from the next step), and the optimizer settings set back to the config's."""
+        optimizer_keys = {f"train.{name}": (old, new) for name, old, new in restored}
+        changes = output_dir.config_changes(trained, self.cfg.to_dict())["applied"] if isinstance(trained, dict) \
+            else []
+        said = []
+        for key, old, new in changes:
+            note = " (set in the optimizer)" if optimizer_keys.pop(key, None) else ""
+            said.append(f"{key} {old!r} -> {new!r}{note}")
+        said += [f"{key} {old!r} -> {new!r} (set in the optimizer, which the checkpoint restored with {old!r})"
+                 for key, (old, new) in optimizer_keys.items()]
+        if said:
+            self.acc.print(f"resumed with changed settings, in effect from step {self.step + 1}: " + "; ".join(said))
 
     # ------------------------------------------------------------------ train
     def train(self) -> None:
         cfg, t = self.cfg, self.cfg.train
         world, rank = self.acc.num_processes, self.acc.process_index
         while self.step < t.steps:
+            self.in_step = self.step + 1  # for the message if the step raises
             t0 = time.perf_counter()
             idx = step_rows(self.step, len(self.data), t.prompts_per_step, t.seed)  # a function of the step: resumable
             # an engine per rank: each rolls out its share of the prompts; one TP engine: all ranks submit the
@@ -481,13 +518,16 @@ class GRPORecipe:
                 metrics.update(self._plan_vs_actual(phases))
             self.timeline.append({k: v for k, v in phases.items() if k.endswith("_s")})
             if self.main:
-                with open(self.out / "metrics.jsonl", "a") as fh:
-                    fh.write(json.dumps(metrics) + "\n")
+                with output_dir.writing(self.out / "metrics.jsonl", f"append the metrics of step {self.step} to",
+                                        f"Step {self.step} is not saved; {self._rerun_note()} "):
+                    with open(self.out / "metrics.jsonl", "a") as fh:
+                        fh.write(json.dumps(metrics) + "\n")
                 self.tracker.log(metrics, step=self.step)
                 self.acc.print(f"step {self.step}/{t.steps} reward {metrics['reward']:.3f} "
                                f"loss {stats['loss']:.4f} step {metrics['step_s']:.2f}s")
             if (cfg.save_every and self.step % cfg.save_every == 0) or (cfg.save_final and self.step == t.steps):
                 self.save()
+        self.in_step = None
 
     def _peak(self, phase: str):
         return self.peaks.phase(phase) if self.peaks is not None else contextlib.nullcontext()
@@ -505,9 +545,10 @@ class GRPORecipe:
         flat = {f"memory/{ph}/{name}_{k}": v for ph, rows in comparison.items() for name, row in rows.items()
                 for k, v in row.items()}
         if self.main:
-            (self.out / "memory_plan.json").write_text(json.dumps(
-                {"plan": self.plan.as_dict(), "measured_gib": measured, "measured_at_step": self.step,
-                 "comparison": comparison}, indent=2))
+            with output_dir.writing(self.out / "memory_plan.json", "write the memory plan to"):
+                (self.out / "memory_plan.json").write_text(json.dumps(
+                    {"plan": self.plan.as_dict(), "measured_gib": measured, "measured_at_step": self.step,
+                     "comparison": comparison}, indent=2))
             self.tracker.log_table("memory_plan_vs_actual", ["phase", "component", "plan_gib", "measured_gib", "diff_gib"],
                                    [[ph, name, row["plan_gib"], row["measured_gib"], row["diff_gib"]]
                                     for ph, rows in comparison.items() for name, row in rows.items()])
@@ -525,10 +566,13 @@ class GRPORecipe:
         rows = [examples[c.prompt_index] for c in comps]
         from transformers import TrainerState
 
-        table = score_rewards(self.rewards, [ex["prompt"] for ex in rows],
-                              completions_for_rewards([c.text for c in comps], self.conversational), rows,
-                              completion_ids=[list(c.token_ids) for c in comps],
-                              trainer_state=TrainerState(global_step=self.step, max_steps=self.cfg.train.steps))
+        names = ", ".join(r.name for r in self.rewards)
+        with self.watchdog.phase("reward", f"the rewards ({names}) to score the {len(comps)} completions of step "
+                                           f"{self.step + 1}"):
+            table = score_rewards(self.rewards, [ex["prompt"] for ex in rows],
+                                  completions_for_rewards([c.text for c in comps], self.conversational), rows,
+                                  completion_ids=[list(c.token_ids) for c in comps],
+                                  trainer_state=TrainerState(global_step=self.step, max_steps=self.cfg.train.steps))
         return combine(table, self.reward_weights), table, time.perf_counter() - t0
 
     def save(self) -> None:
@@ -536,13 +580,26 @@ class GRPORecipe:
         size and renames it to ``step_N``: a ``step_N`` folder is always complete."""
         path = self.out / "checkpoints" / f"step_{self.step}"
         staging = output_dir.stage(path)
-        with self.watchdog.phase("save", f"accelerate to save the state of step {self.step} into {staging}"):
-            self.acc.save_state(str(staging))
+        failed = None
+        try:  # a save that cannot be written (full disk, read-only folder) stops the run on every rank, named
+            with output_dir.saving(staging, path, self.step), \
+                    self.watchdog.phase("save", f"accelerate to save the state of step {self.step} into {staging}"):
+                self.acc.save_state(str(staging))
+        except output_dir.WriteError as err:
+            failed = err
         with self._collective(f"the end of the save of step {self.step}"):
-            self.acc.wait_for_everyone()
+            saved = self.acc.gather(torch.tensor([int(failed is None)], device=self.acc.device))
+        if failed is not None:
+            raise failed
+        if not bool(saved.all()):
+            failing = [i for i, ok in enumerate(saved.tolist()) if not ok]
+            raise output_dir.WriteError(f"rank(s) {failing} could not write their part of the checkpoint of step "
+                                        f"{self.step} (their message says why); {self._last_saved()}")
         if self.main:
-            with self.watchdog.phase("save", f"the commit of {path}"):
-                output_dir.commit(staging, path, {"step": self.step, "wandb_id": getattr(self.tracker, "id", None)})
+            # the settings it was trained with, beside it: a resume compares them with its own
+            state = {"step": self.step, "wandb_id": getattr(self.tracker, "id", None), "config": self.cfg.to_dict()}
+            with output_dir.saving(staging, path, self.step), self.watchdog.phase("save", f"the commit of {path}"):
+                output_dir.commit(staging, path, state)
             print(f"saved {path}", flush=True)
         with self._collective(f"the commit of {path.name}"):
             self.acc.wait_for_everyone()
@@ -581,6 +638,12 @@ class GRPORecipe:
         saved = output_dir.saved_steps(self.out / "checkpoints")
         return f"the newest checkpoint is {saved[-1]}" if saved else "no checkpoint was saved yet"
 
+    def _rerun_note(self) -> str:
+        """Where a rerun with the same output_dir goes on from, as a sentence."""
+        saved = output_dir.saved_steps(self.out / "checkpoints")
+        return f"the newest checkpoint is {saved[-1]} (a rerun with the same output_dir resumes from it)." if saved \
+            else "no checkpoint was saved yet (a rerun starts at step 0)."
+
     # ---------------------------------------------------------------- cleanup
     def cleanup(self) -> None:
         if self.main and self.timeline:
@@ -593,18 +656,43 @@ class GRPORecipe:
             self.engine.close()  # engine processes exit and give their GPU memory back
 
 
+# problems the recipe explains itself: their message says what and what to do
+EXPLAINED = (ConfigError, output_dir.RunDirError, NonFiniteError, RewardError)
+
+
+def failure_message(recipe: GRPORecipe | None, err: Exception) -> str:
+    """The one paragraph the console gets when ``err`` stops the run: what failed (the step, if one was running),
+    where the run can go on from, and where the traceback is (the run's log file; the console only where no log
+    file is open yet and the error is not one the recipe explains)."""
+    text = str(err).strip() if isinstance(err, EXPLAINED) else f"{type(err).__name__}: {err}"
+    step = getattr(recipe, "in_step", None)
+    if step is not None and not isinstance(err, (NonFiniteError, output_dir.WriteError)):  # those say it themselves
+        text = f"step {step}: {text.rstrip('.')}. The run stopped; {recipe._rerun_note()}"
+    where = log.log_traceback(err, text)
+    if where is not None:
+        text += f" The traceback is in {where}."
+    elif not isinstance(err, EXPLAINED):
+        import traceback
+
+        traceback.print_exception(err, file=sys.stderr)  # nowhere else to keep it
+    return text
+
+
 def main() -> None:
     args = build_parser().parse_args()
+    recipe = None
     try:
         recipe = GRPORecipe(load_config(args.config, args.overrides))
         recipe.setup()
         recipe.train()
-    except (ConfigError, output_dir.RunDirError, NonFiniteError) as err:
-        # problems the recipe explains itself: the message, not a traceback
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        recipe.cleanup()
+    except output_dir.NothingToTrain as done:
+        print(done, flush=True)
+        os._exit(0)
+    except Exception as err:  # noqa: BLE001 - every error ends in one message (a step's: traceback in the log)
+        print(f"error: {failure_message(recipe, err)}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(2 if isinstance(err, ConfigError) else 1)
-    recipe.cleanup()
     os._exit(0)  # vLLM's in-process teardown is slow and would tear down accelerate's process group
 
 

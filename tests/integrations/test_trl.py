@@ -55,6 +55,14 @@ def test_unsupported_modes_are_refused(args, match):
         patch(SimpleNamespace(args=args))
 
 
+def test_the_trl_plugin_refuses_a_temperature_below_the_floor():
+    """TRL divides the logits by ``GRPOConfig.temperature`` too: refused when the trainer is patched (before any
+    sync or rollout; checked on the trainer's config alone)."""
+    args = SimpleNamespace(use_vllm=True, vllm_mode="colocate", temperature=1e-3)
+    with pytest.raises(ValueError, match=r"GRPOConfig.temperature=0.001 is below vLLM's lowest sampling temperature"):
+        patch(SimpleNamespace(args=args))
+
+
 def test_patched_peft_trainer_serves_the_adapter_from_vllm(ckpts, tmp_path):
     """A PEFT GRPOTrainer built inside ``lora_engine`` and patched: vLLM serves the trainer's adapter (its base
     is never reloaded), every sync moves only the adapter and verifies it bitwise, the base stays the trainer's."""

@@ -15,11 +15,10 @@ import torch
 from rollout_sleep.run import output_dir
 
 from helpers import RECIPE, ROOT, load_recipe
+from workers.recipe_cli import CONFIG, ENGINE_START, run
 
 
-CONFIG = ROOT / "configs" / "tiny-cpu.yaml"
 EXAMPLE_CONFIG = ROOT / "configs" / "example-gsm8k.yaml"  # the shipped GSM8K example
-ENGINE_START = "starting the vLLM engine"  # what the recipe prints right before it starts vLLM
 
 
 REWARDS = "examples/gsm8k/rewards.py"
@@ -126,3 +125,14 @@ def test_bad_rewards_fail_before_the_engine_starts(in_root, tmp_path, monkeypatc
         with pytest.raises(recipe.ConfigError, match=message):  # from the config itself, or at the latest setup
             recipe.GRPORecipe(recipe.load_config(str(EXAMPLE_CONFIG), [f"output_dir={tmp_path / 'run'}",
                                                                         *overrides])).setup()
+
+
+def test_the_recipe_refuses_a_temperature_below_the_floor_before_the_engine_starts(tmp_path):
+    """The old code trained on: vLLM sampled at 0.01, the trainer scored at 1e-4."""
+    code, out = run(tmp_path / "run", "train.steps=1", "train.prompts_per_step=4", "train.temperature=1e-4",
+                    timeout=600)
+    assert code == 2, out[-3000:]
+    assert "error: train.temperature=0.0001 is below vLLM's lowest sampling temperature: vLLM would sample at 0.01" \
+           in out, out[-3000:]
+    assert ENGINE_START not in out and "Traceback" not in out
+    assert not (tmp_path / "run").exists()  # refused before anything was written

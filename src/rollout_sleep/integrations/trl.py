@@ -51,7 +51,7 @@ from __future__ import annotations
 import contextlib
 import time
 
-from rollout_sleep.engine.completion import fast_output_kwargs
+from rollout_sleep.engine.completion import fast_output_kwargs, temperature_problem
 from rollout_sleep.engine.engine import Engine
 from rollout_sleep.engine.memory import release_cached_memory
 from rollout_sleep.engine.state import check_level
@@ -73,6 +73,9 @@ def patch(trainer, *, sleep_level: int = 2, verify_every: int = 1, bucket_bytes:
                          f"{args.vllm_mode!r}: in server mode the engine lives in another process; use "
                          "rollout_sleep.serve.server instead")
     check_level(sleep_level)
+    problem = temperature_problem(getattr(args, "temperature", 1.0), "GRPOConfig.temperature")
+    if problem:  # TRL scores at its temperature what vLLM sampled at another
+        raise ValueError(problem)
     gen = getattr(trainer, "vllm_generation", None)
     if gen is None or getattr(gen, "llm", None) is None:
         raise ValueError("this GRPOTrainer has no colocated vLLM engine (trainer.vllm_generation.llm)")
