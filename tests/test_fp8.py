@@ -94,7 +94,7 @@ def test_fp8_direct_load_and_verify_through_vllms_fp8_layout():
     """The direct route writes each fused linear as vLLM's loader would (the shards concatenated, one scale);
     verify passes on it and names the tensors of a linear whose FP8 bits or scale differ."""
     from rollout_sleep.loader import Loader
-    from rollout_sleep.verification import verify
+    from rollout_sleep.verification import verify_in_process  # a stand-in engine: the in-process check itself
     from rollout_sleep.weights import TensorSpec
 
     vmodel = _fake_fp8_vllm()
@@ -125,14 +125,14 @@ def test_fp8_direct_load_and_verify_through_vllms_fp8_layout():
 
     engine = SimpleNamespace(spec=spec, tied=False, dtype=torch.bfloat16, tensor_parallel_size=1,
                              require_awake=lambda what: None, run_on_model=lambda fn: fn(vmodel))
-    report = verify(engine, trainer)
+    report = verify_in_process(engine, trainer)
     assert report.ok and report.compared == len(SHAPES), report
     assert 0 < report.max_abs_diff < 0.01  # the quantization error, against the dequantized engine weight
 
     gate_up = modules[f"{L}mlp.gate_up_proj"]
     gate_up.weight_scale.mul_(1.5)  # the scale alone
     qkv.weight.data.view(torch.uint8)[3, 5] ^= 1  # one FP8 bit of the fused q/k/v
-    report = verify(engine, trainer)
+    report = verify_in_process(engine, trainer)
     assert not report.ok and set(report.mismatched) == {f"{L}self_attn.{p}_proj.weight" for p in "qkv"} | {
         f"{L}mlp.gate_proj.weight", f"{L}mlp.up_proj.weight"}
 
@@ -143,7 +143,7 @@ def test_fp8_direct_load_and_verify_through_vllms_fp8_layout():
                        method="direct")
     subset = {n: weights[n] for n in (f"{L}mlp.gate_proj.weight", f"{L}mlp.up_proj.weight")}
     loader.load(loader.prepare(subset, strict=False, method="direct"))  # whole groups: written
-    assert set(verify(engine, trainer).mismatched) == {f"{L}self_attn.{p}_proj.weight" for p in "qkv"}
+    assert set(verify_in_process(engine, trainer).mismatched) == {f"{L}self_attn.{p}_proj.weight" for p in "qkv"}
 
 
 def test_fp8_refused_on_cpu_before_vllm_starts(ckpts, tmp_path):

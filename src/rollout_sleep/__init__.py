@@ -19,6 +19,10 @@ __version__ = "0.1.0"
 # Public name -> the module (under rollout_sleep) that defines it, or "module:attribute" where the public
 # name differs. Adding a name is one line here (and one in the TYPE_CHECKING block below).
 _EXPORTS: dict[str, str] = {
+    # the engine contract (Engine, EnginePool and RemoteEngine implement it)
+    "RolloutEngine": "contract",
+    "UnsupportedOperation": "contract",
+    "EngineClosedError": "contract",
     # the colocated engine
     "Engine": "engine",
     "EngineStateError": "state",
@@ -69,6 +73,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time names load lazily t
     from .config import ConfigError, load_config
     from .config_schema import RecipeConfig
     from .completion import Completion
+    from .contract import EngineClosedError, RolloutEngine, UnsupportedOperation
     from .engine import Engine
     from .memory import kv_cache_bytes_for
     from .packing import IPCUnavailableError

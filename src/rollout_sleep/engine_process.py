@@ -2,7 +2,7 @@
 
 Each engine process runs vLLM in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): its scheduler, model runner
 and output handling on a core of its own, its own sleep-mode (CuMem) allocator and KV cache. Commands
-(:class:`Commands`: generate, sleep, wake, load, verify, info) are the same code whether the engine runs in
+(:class:`Commands`: generate, sleep, wake, load, reset, verify, info) are the same code whether the engine runs in
 a process (:class:`EngineProcess`) or in this one (:class:`LocalMember`, used on CPU tests and for one
 engine). In-memory weights arrive as a :class:`~rollout_sleep.packing.Shared` packed buffer (a CUDA IPC
 handle, mapped once and kept) and are loaded from views of it with the engine's checked routes.
@@ -86,6 +86,9 @@ class Commands:
 
     def load(self, weights: Any, method: str | None, strict: bool):
         return self._load(self.engine.load_weights, weights, method=method, strict=strict)
+
+    def reset(self) -> None:
+        self.engine.reset_prefix_cache()
 
     def verify(self, weights: Any):
         from .verification import verify

@@ -22,7 +22,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 
 from .completion import Completion
-from .engine import Engine
+from .contract import RolloutEngine
 from .phases import CYCLE_PHASES, PHASES  # noqa: F401  (PHASES: re-exported, its old home)
 from .sync import WeightStream, local_shard
 from .verification import verify
@@ -31,7 +31,7 @@ from .weights import WeightMismatchError
 
 class RolloutManager:
     """Args:
-        engine: the colocated :class:`~rollout_sleep.engine.Engine`.
+        engine: the colocated engine, any :class:`~rollout_sleep.contract.RolloutEngine` (LoRA: an in-process Engine).
         model: the trainer's model (plain, DDP/accelerate, FSDP2, ZeRO-3 or PEFT).
         sleep_level: *optional*, 2 (drop weights and KV cache) or 1 (offload weights to host memory).
         bucket_bytes: *optional*, the sync's gather/cast bucket.
@@ -45,7 +45,7 @@ class RolloutManager:
             and verify checks the adapter bitwise and the base (bitwise, or shared memory on CUDA).
     """
 
-    def __init__(self, engine: Engine, model: torch.nn.Module, *, sleep_level: int = 2,
+    def __init__(self, engine: RolloutEngine, model: torch.nn.Module, *, sleep_level: int = 2,
                  bucket_bytes: int = 512 << 20, verify_every: int = 0, load_method: str | None = None,
                  watchdog=None, adapter=None):
         if adapter is not None and sleep_level != 0:

@@ -57,22 +57,26 @@ class PoolVerifyReport(VerifyReport):
 
 
 def verify(engine, model: nn.Module | WeightStream | list[tuple[str, torch.Tensor]]) -> VerifyReport:
-    """Prove the engine holds exactly the trainer's weights, on the device, one tensor at a time.
+    """Prove the engine holds exactly the trainer's weights: ``engine.verify_weights(model)``, the contract's
+    method (:class:`~rollout_sleep.contract.RolloutEngine`; an in-process engine runs :func:`verify_in_process`,
+    a pool checks its buffer and every engine, an HTTP engine refuses by name)."""
+    return engine.verify_weights(model)
+
+
+def verify_in_process(engine, model: nn.Module | WeightStream | list[tuple[str, torch.Tensor]]) -> VerifyReport:
+    """Prove the in-process engine holds exactly the trainer's weights, on the device, one tensor at a time.
 
     Fused vLLM parameters (``qkv_proj``, ``gate_up_proj``, stacked MoE experts) are compared slice by
     slice with the checkpoint tensors that were loaded into them (:mod:`rollout_sleep.layout`), so the
     check covers what vLLM actually holds. On a tensor-parallel engine each rank checks its own shards,
     cut as vLLM's parallel layers cut them. It never raises on a layout: a tensor it cannot place makes
-    it fail (``ok=False``), named in ``report.unplaced`` with the reason. On an
-    :class:`~rollout_sleep.pool.EnginePool` every engine is checked (:meth:`EnginePool.verify_weights`).
+    it fail (``ok=False``), named in ``report.unplaced`` with the reason.
 
     On an FP8 engine each FP8 linear is compared whole: the trainer's shards (q/k/v, gate/up) concatenated
     and quantized as vLLM quantizes them (:func:`rollout_sleep.fp8.quantize`) must equal the engine's FP8
     weight and its scale bit for bit (``max_abs_diff`` then includes the quantization error: it is taken
     against the dequantized engine weight).
     """
-    if hasattr(engine, "verify_weights"):  # an EnginePool: the shared buffer, then every engine against it
-        return engine.verify_weights(model)
     # a model, its WeightStream, or (name, tensor) pairs (an engine process checks views of the shared buffer)
     stream = WeightStream(model, dtype=engine.dtype) if isinstance(model, nn.Module) else model
     engine.require_awake("verify weights")
