@@ -159,6 +159,8 @@ def test_fp8_refused_on_cpu_before_vllm_starts(ckpts, tmp_path):
         run_switch_bench(["tiny", "tiny"], tmp_path / "sw", quantization="fp8")
     assert not (tmp_path / "sw").exists()  # refused before anything was written or started
     with pytest.raises(ConfigError, match="set model.dtype=bfloat16"):
-        load_config("configs/tiny-cpu.yaml", ["engine.quantization=fp8"])
-    assert load_config("configs/tiny-cpu.yaml", ["engine.quantization=fp8", "model.dtype=bfloat16"]).engine \
-        .quantization == "fp8"
+        load_config("configs/tiny-cpu.yaml", ["engine.quantization=fp8"], device="cuda")
+    with pytest.raises(ConfigError, match="engine.quantization=fp8 on CPU: vLLM's CPU build has no FP8"):
+        load_config("configs/tiny-cpu.yaml", ["engine.quantization=fp8", "model.dtype=bfloat16"])
+    assert load_config("configs/tiny-cpu.yaml", ["engine.quantization=fp8", "model.dtype=bfloat16"],
+                       device="cuda").engine.quantization == "fp8"
