@@ -95,7 +95,7 @@ def test_every_implementation_is_a_rollout_engine_with_the_contracts_signatures(
     e = case.engine
     assert isinstance(e, RolloutEngine)
     assert Path(e.model_path).resolve() == Path(case.path[case.a]).resolve()
-    assert e.dtype == torch.float32 and e.on_cuda is False
+    assert e.dtype == torch.float32 and e.on_cuda is torch.cuda.is_available()
     measured = case.kind != "remote"  # a server's memory is not visible to its client
     for figure in (e.memory_before_gib, e.memory_loaded_gib):
         assert isinstance(figure, float) if measured else figure is None
@@ -345,3 +345,25 @@ def test_as_prompts(prompts, want):
 def test_as_prompts_refuses_what_is_not_a_prompt(prompts):
     with pytest.raises(TypeError, match="prompt"):
         as_prompts(prompts)
+
+
+@pytest.mark.parametrize("info", [
+    {"model_config": {"dtype": "torch.bfloat16"}, "device_config": {"device": "cuda"}},
+    "ModelConfig(model='/m', dtype=torch.bfloat16, seed=0), device_config=cuda, load_config=LoadConfig()",
+])
+def test_a_remote_engine_reads_the_served_dtype_and_device(info):
+    """From ``/server_info``: JSON where vLLM gives it, its text form otherwise (a stand-in client)."""
+    class Client:
+        base_url = "http://stand-in"
+
+        def models(self):
+            return ["m"]
+
+        def is_sleeping(self):
+            return False
+
+        def server_info(self):
+            return info
+
+    engine = RemoteEngine(Client())
+    assert (engine.dtype, engine.on_cuda, engine.memory_before_gib) == (torch.bfloat16, True, None)

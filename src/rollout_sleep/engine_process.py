@@ -103,6 +103,7 @@ class Commands:
         return {"pid": os.getpid(), "state": e.state, "level": e.sleep_level, "dtype": e.dtype,
                 "startup_s": e.startup_seconds, "generate_s": self.last_generate_s, "model_path": e.model_path,
                 "tied": e.tied, "spec": e.spec, "sleep_mode": e.sleep_mode, "on_cuda": e.on_cuda,
+                "quantization": e.quantization,
                 "async_scheduling": getattr(getattr(getattr(getattr(e.llm, "llm_engine", None), "vllm_config", None),
                                                     "scheduler_config", None), "async_scheduling", None)}
 

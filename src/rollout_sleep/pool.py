@@ -162,6 +162,7 @@ class EnginePool(SleepState):
         self.spec: dict[str, TensorSpec] = info["spec"]
         self.sleep_mode: bool = info["sleep_mode"]
         self.on_cuda: bool = info["on_cuda"]
+        self.quantization: str | None = info["quantization"]  # each engine's (None: model.dtype; "fp8")
         self.startup_seconds = startup_seconds
         self._level: int | None = info["level"]
         self._packed: PackedWeights | None = None

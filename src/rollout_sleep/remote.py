@@ -210,7 +210,7 @@ def _served_dtype_and_device(client: ServerClient) -> tuple[Any, str]:
     import torch
 
     try:
-        info = client.request("GET", "/server_info", query={"config_format": "json"})["vllm_config"]
+        info = client.server_info()
     except ServerUnreachableError:
         raise
     except ServerError as err:
