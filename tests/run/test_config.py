@@ -31,9 +31,10 @@ def test_malformed_overrides_name_the_problem(override, message):
 
 
 def test_engine_processes_need_whole_model_engines():
-    assert load_config(None, ["engine.processes=2"]).engine.processes == 2
-    with pytest.raises(ConfigError, match="engine.processes .2. > 1 needs engine.tensor_parallel_size 1, got 2"):
-        load_config(None, ["engine.processes=2", "engine.tensor_parallel_size=2"])
+    assert load_config(None, ["engine.processes=2"], device="cuda").engine.processes == 2
+    with pytest.raises(ConfigError, match="engine.processes=2 with engine.tensor_parallel_size=2: each engine process "
+                                          "holds the whole model"):
+        load_config(None, ["engine.processes=2", "engine.tensor_parallel_size=2"], device="cuda")
 
 
 def test_unreadable_and_non_mapping_files(tmp_path):

@@ -3,6 +3,7 @@
 - :mod:`.pool`: the pool; :mod:`.process`: one engine process and its command pipe; :mod:`.packing`: the
   weights packed into one flat shared buffer; :mod:`.reports`: the pool's reports.
 
-Imports :mod:`rollout_sleep.engine` and below. Self-contained: nothing else in the package imports it (the
-recipe builds a pool when ``engine.processes > 1``), so the mode can be removed with this folder.
+Imports :mod:`rollout_sleep.engine` and below. Self-contained: only the engine factory
+(:mod:`rollout_sleep.run.factory`, when ``engine.processes > 1``) and the recipe import it, so the mode can be
+removed with this folder.
 """

@@ -7,8 +7,8 @@ shares, lets the engines work at the same time and puts the completions back in 
 weights reach every engine through one packed buffer and one CUDA IPC handle (:mod:`rollout_sleep.pool.packing`):
 one cast-and-copy pass over the trainer's weights, then each engine copies from views of the buffer.
 
-The pool has the engine's interface (``generate``, ``sleep``, ``wake_up``, ``load_weights``, ``dtype``,
-``is_asleep``), so :class:`~rollout_sleep.run.manager.RolloutManager` drives it as it drives one engine;
+The pool implements the engine contract (:class:`~rollout_sleep.engine.contract.RolloutEngine`), so
+:class:`~rollout_sleep.run.manager.RolloutManager` drives it as it drives one engine;
 :func:`~rollout_sleep.weights.verify.verify` checks every engine. ``EnginePool.of([...])`` wraps in-process
 engines (CPU tests, one engine). On CPU, engine processes generate and load from checkpoint directories;
 in-memory weights for them need CUDA IPC and raise :class:`~rollout_sleep.pool.packing.IPCUnavailableError`.
@@ -32,8 +32,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from rollout_sleep.engine.contract import as_prompts, closing, operation
 from rollout_sleep.engine.memory import memory_gib
-from rollout_sleep.engine.state import EngineStateError, SleepState
+from rollout_sleep.engine.state import SleepState
 from rollout_sleep.weights.spec import TensorSpec, WeightMismatchError, check_weights, optional_names
 from rollout_sleep.weights.stream import WeightStream
 
@@ -106,6 +107,7 @@ class EnginePool(SleepState):
         if not Path(model, "config.json").exists():
             raise FileNotFoundError(f"{model!r} is not a checkpoint directory (no config.json)")
         on_cuda = torch.cuda.is_available()
+        before = memory_gib()[1]  # device-wide on CUDA: what the k engines then take
         if gpu_memory_utilization is None and on_cuda:  # a share of what is free now (a trainer may hold some)
             free, total = torch.cuda.mem_get_info()
             gpu_memory_utilization = 0.9 * free / total / engines
@@ -129,6 +131,9 @@ class EnginePool(SleepState):
                 m.close(timeout=10)
             raise
         self._setup(members, members[0].info, startup_seconds=time.perf_counter() - t0)
+        # off CUDA the engines' memory is other processes' RSS, which this one does not see
+        self.memory_before_gib = before if on_cuda else None
+        self.memory_loaded_gib = memory_gib()[1] if on_cuda else None
 
     @classmethod
     def of(cls, engines: Iterable[Any]) -> "EnginePool":
@@ -143,7 +148,11 @@ class EnginePool(SleepState):
         self = cls.__new__(cls)
         members = [LocalMember(e, j) for j, e in enumerate(engines)]
         self._setup(members, members[0].commands.info(), startup_seconds=0.0)
+        self.memory_before_gib, self.memory_loaded_gib = engines[0].memory_before_gib, engines[-1].memory_loaded_gib
         return self
+
+    subject = "pool"
+    levels = (0, 1, 2)  # as each engine's (0: the KV cache only)
 
     def _setup(self, members: list, info: dict, startup_seconds: float) -> None:
         self.members = members
@@ -152,6 +161,8 @@ class EnginePool(SleepState):
         self.tied: bool = info["tied"]
         self.spec: dict[str, TensorSpec] = info["spec"]
         self.sleep_mode: bool = info["sleep_mode"]
+        self.on_cuda: bool = info["on_cuda"]
+        self.quantization: str | None = info["quantization"]  # each engine's (None: model.dtype; "fp8")
         self.startup_seconds = startup_seconds
         self._level: int | None = info["level"]
         self._packed: PackedWeights | None = None
@@ -195,6 +206,7 @@ class EnginePool(SleepState):
         self._level = next((lv for lv in levels if lv is not None), None)
 
     # --------------------------------------------------------------- generate
+    @operation("generate")
     def generate(self, prompts: Iterable[str] | Iterable[list[int]], sampling: Any = None,
                  **sampling_kwargs: Any) -> list:
         """Sample completions, each engine for a contiguous share of ``prompts``, all at once.
@@ -202,9 +214,8 @@ class EnginePool(SleepState):
         Same arguments and result as :meth:`Engine.generate <rollout_sleep.engine.engine.Engine.generate>`: a flat
         list of completions, ``n`` per prompt, in prompt order (``prompt_index`` counts over all prompts).
         """
-        prompts = list(prompts)
-        if self._level is not None:
-            raise EngineStateError(f"cannot generate: the pool is {self.state}; call wake_up(...) first")
+        prompts = as_prompts(prompts)
+        self.require_awake("generate")
         shares = [s for s in split(len(prompts), self.engines) if s[1] > s[0]]
         members = self.members[:len(shares)]
         parts = self._fan_out("generate", lambda j: (prompts[shares[j][0]:shares[j][1]], sampling, sampling_kwargs),
@@ -218,10 +229,10 @@ class EnginePool(SleepState):
         return out
 
     # ------------------------------------------------------------- sleep/wake
+    @operation("sleep")
     def sleep(self, level: int = 2) -> PoolReport:
         """Put every engine to sleep (each frees its own weights and KV cache)."""
-        if self._level is not None:
-            raise EngineStateError(f"the pool is already {self.state}; wake it before sleeping again")
+        level = self.check_sleep(level)
         report = PoolReport("sleep", level)
         report.memory_kind, report.memory_gib["before"] = memory_gib()
         t0 = time.perf_counter()
@@ -236,26 +247,29 @@ class EnginePool(SleepState):
         report.memory_gib["asleep"] = memory_gib()[1]
         return report
 
+    @operation("wake up")
     def wake_up(self, weights: Any = None, *, reload_checkpoint: bool = False, method: str | None = None,
                 strict: bool = True) -> PoolReport:
         """Wake every engine with the same weights (see :meth:`Engine.wake_up
         <rollout_sleep.engine.engine.Engine.wake_up>`): in-memory weights (a model, a :class:`WeightStream`, a mapping
         or list of ``(name, tensor)``) are packed once into the shared buffer, then every engine loads from it;
         a checkpoint directory is read by every engine (the disk route, also on CPU)."""
-        if self._level is None:
-            raise EngineStateError("the pool is already awake; use load_weights(...) to update its weights")
-        if weights is not None and reload_checkpoint:
-            raise ValueError("pass weights or reload_checkpoint=True, not both")
-        if self._level == 2 and weights is None and not reload_checkpoint:
-            raise EngineStateError("waking from level 2 needs new weights: pass weights=... (the trainer's), or "
-                                   f"reload_checkpoint=True to reload the original checkpoint {self.model_path}")
+        self.check_wake(weights, reload_checkpoint, awake_hint="use load_weights(...) to update its weights",
+                        level2_hint="waking from level 2 needs new weights: pass weights=... (the trainer's), or "
+                                    f"reload_checkpoint=True to reload the original checkpoint {self.model_path}")
         return self._deliver("wake", weights, (reload_checkpoint, method, strict))
 
+    @operation("load weights")
     def load_weights(self, weights: Any, *, method: str | None = None, strict: bool = True) -> PoolReport:
         """Replace the weights of every (awake) engine, then reset their prefix caches."""
-        if self._level is not None:
-            raise EngineStateError(f"the pool is {self.state}; use wake_up(weights=...) instead")
+        self.check_awake_for_load()
         return self._deliver("load", weights, (method, strict))
+
+    @operation("reset the prefix cache")
+    def reset_prefix_cache(self) -> None:
+        """Drop every engine's cached prefixes."""
+        self.require_awake("reset the prefix cache")
+        self._fan_out("reset", lambda j: ())
 
     def _deliver(self, cmd: str, weights: Any, rest: tuple) -> PoolReport:
         report = PoolReport(cmd, self._level)
@@ -339,6 +353,7 @@ class EnginePool(SleepState):
                 self._packed.local()
                 for j, m in enumerate(self.members)]
 
+    @operation("adopt the trainer's parameters")
     def adopt(self, model: nn.Module) -> list[str]:
         """Move the trainer's parameters into the shared buffer (each parameter's data becomes a view of its
         slot), so that a sync copies nothing on the trainer's side: the engines copy straight from the
@@ -364,6 +379,7 @@ class EnginePool(SleepState):
             self._packed = PackedWeights.for_spec(spec, dtype=self.dtype, skip=skip)
             self._packed_keys = keys
 
+    @operation("release the weight buffer")
     def release_buffer(self) -> None:
         """Free the shared buffer (each engine unmaps it first); the next in-memory load packs a new one."""
         if self._packed is None:
@@ -374,13 +390,13 @@ class EnginePool(SleepState):
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
+    @operation("verify weights")
     def verify_weights(self, model: nn.Module | WeightStream | Any) -> PoolVerifyReport:
         """The bitwise proof for every engine (what :func:`~rollout_sleep.weights.verify.verify` runs on a
         pool): the shared buffer is compared with the trainer's weights (cast to the engines' dtype), then
         each engine, at the same time, compares what it holds with the buffer. Without a buffer (engines
         loaded from disk) the trainer's weights are packed first."""
-        if self._level is not None:
-            raise EngineStateError(f"cannot verify weights: the pool is {self.state}; call wake_up(...) first")
+        self.require_awake("verify weights")
         t0 = time.perf_counter()
         if any(isinstance(m, EngineProcess) for m in self.members):
             require_ipc()
@@ -414,6 +430,7 @@ class EnginePool(SleepState):
         report.seconds = time.perf_counter() - t0
         return report
 
+    @closing
     def close(self) -> None:
         """Shut every engine down (engine processes exit and give their GPU memory back)."""
         processes = [m for m in getattr(self, "members", []) if isinstance(m, EngineProcess)]

@@ -3,7 +3,7 @@
 
 Each engine process runs vLLM in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): its scheduler, model runner
 and output handling on a core of its own, its own sleep-mode (CuMem) allocator and KV cache. Commands
-(:class:`Commands`: generate, sleep, wake, load, verify, info) are the same code whether the engine runs in
+(:class:`Commands`: generate, sleep, wake, load, reset, verify, info) are the same code whether the engine runs in
 a process (:class:`EngineProcess`) or in this one (:class:`LocalMember`, used on CPU tests and for one
 engine). In-memory weights arrive as a :class:`~rollout_sleep.pool.packing.Shared` packed buffer (a CUDA IPC
 handle, mapped once and kept) and are loaded from views of it with the engine's checked routes.
@@ -88,6 +88,9 @@ class Commands:
     def load(self, weights: Any, method: str | None, strict: bool):
         return self._load(self.engine.load_weights, weights, method=method, strict=strict)
 
+    def reset(self) -> None:
+        self.engine.reset_prefix_cache()
+
     def verify(self, weights: Any):
         from rollout_sleep.weights.verify import verify
 
@@ -101,6 +104,7 @@ class Commands:
         return {"pid": os.getpid(), "state": e.state, "level": e.sleep_level, "dtype": e.dtype,
                 "startup_s": e.startup_seconds, "generate_s": self.last_generate_s, "model_path": e.model_path,
                 "tied": e.tied, "spec": e.spec, "sleep_mode": e.sleep_mode, "on_cuda": e.on_cuda,
+                "quantization": e.quantization,
                 "async_scheduling": getattr(getattr(getattr(getattr(e.llm, "llm_engine", None), "vllm_config", None),
                                                     "scheduler_config", None), "async_scheduling", None)}
 

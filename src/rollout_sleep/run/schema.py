@@ -13,9 +13,27 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 
-def _opt(default: Any, help: str) -> Any:
-    """A field with its default and its meaning (``help``)."""
-    return field(default=default, metadata={"help": help})
+DTYPES = ("float32", "bfloat16", "float16")
+KV_CACHE_SIZING = ("step", "gpu_share")
+
+
+def _load_methods() -> tuple:
+    from rollout_sleep.engine.loader import LOAD_METHODS  # imported when asked: the schema stays torch-free
+
+    return LOAD_METHODS
+
+
+def _quantizations() -> tuple:
+    from rollout_sleep.weights.fp8 import QUANTIZATIONS
+
+    return QUANTIZATIONS
+
+
+def _opt(default: Any, help: str, mode: tuple | Callable[[], tuple] | None = None) -> Any:
+    """A field with its default and its meaning (``help``). ``mode``: the field picks how the engine runs; the
+    values that stand for each of its modes, or what returns them from their home (:func:`mode_keys`: every
+    combination is accepted or refused by :mod:`rollout_sleep.run.modes`)."""
+    return field(default=default, metadata={"help": help, **({"mode": mode} if mode is not None else {})})
 
 
 def _opt_list(factory: Callable[[], Any], help: str) -> Any:
@@ -30,7 +48,7 @@ def _section(cls: type, help: str) -> Any:
 class ModelLoraConfig:
     rank: int = _opt(0, "LoRA rank (0: train every parameter). With a rank only the adapter trains and moves: "
                         "vLLM serves it (enable_lora) from the one copy of the base it holds, and on CUDA the "
-                        "trainer's frozen base is a view of vLLM's weights (docs/lora.md)")
+                        "trainer's frozen base is a view of vLLM's weights (docs/lora.md)", mode=(0, 16))
     alpha: float | None = _opt(None, "LoRA alpha: the adapter is scaled by alpha / rank (null: 2 x rank)")
     targets: list[str] = _opt_list(lambda: ["all-linear"], "modules the adapter adapts (PEFT's target_modules: "
                                                           "names such as q_proj, or all-linear)")
@@ -40,7 +58,7 @@ class ModelLoraConfig:
 class ModelConfig:
     path: str = _opt("tiny", "a local HF checkpoint, or a size from checkpoints.SHAPES (built with random weights)")
     seed: int = _opt(0, "seed of the random weights when path is a size")
-    dtype: str = _opt("float32", "trainer and engine dtype: float32 / bfloat16 / float16")
+    dtype: str = _opt("float32", "trainer and engine dtype: float32 / bfloat16 / float16", mode=DTYPES)
     tie_word_embeddings: bool | None = _opt(None, "tie the LM head to the embedding when path is a size "
                                                   "(null: the size's own choice)")
     lora: ModelLoraConfig = _section(ModelLoraConfig, "a LoRA adapter instead of full-parameter training")
@@ -52,27 +70,31 @@ class EngineConfig:
                                                "activations)")
     kv_cache: str = _opt("step", "KV cache size on GPU: step = what one step's sequences need (+25%), so vLLM "
                                  "maps back only that at every wake; gpu_share = vLLM's own sizing from "
-                                 "gpu_memory_utilization; kv_cache_bytes wins over both")
+                                 "gpu_memory_utilization; kv_cache_bytes wins over both", mode=KV_CACHE_SIZING)
     kv_cache_bytes: int | None = _opt(None, "KV cache size in bytes (null: from kv_cache; 256 MiB on CPU)")
     max_model_len: int | None = _opt(1024, "longest prompt + completion, in tokens (null: the model's)")
     sleep_level: int = _opt(2, "sleep level while training: 2 discards weights and KV cache, 1 offloads the "
-                               "weights to host memory")
+                               "weights to host memory (with model.lora the engine keeps its base weights: it "
+                               "releases its KV cache only)", mode=(1, 2))
     load_method: str = _opt("auto", "weight-load route: auto / reload / load_weights / direct (auto takes "
-                                    "direct where it maps every tensor exactly)")
+                                    "direct where it maps every tensor exactly)", mode=_load_methods)
     quantization: str | None = _opt(None, "null: the engine computes in model.dtype; fp8: vLLM's online FP8 of the "
                                           "linear layers (bf16 trainer, FP8 rollouts; CUDA only), each sync "
-                                          "quantizing the trainer's weights as vLLM's loader does")
+                                          "quantizing the trainer's weights as vLLM's loader does", mode=_quantizations)
     verify_every: int = _opt(1, "run verify after every N-th sync (0: never)")
     enforce_eager: bool | None = _opt(None, "vLLM without torch.compile and CUDA graphs (faster start, slower "
                                             "generation); null: eager on CPU (compiling costs ~15-20 s at each "
                                             "start there), compiled on GPU")
-    keep_trainer_cache: bool = _opt(True, "sleep without emptying PyTorch's cache (the trainer's; see Engine)")
+    keep_trainer_cache: bool = _opt(True, "sleep without emptying PyTorch's cache (the trainer's; see Engine)",
+                                    mode=(True, False))
     tensor_parallel_size: int = _opt(1, "1: an engine per rank (data-parallel rollouts); = the number of "
                                         "processes: one tensor-parallel engine across all ranks (every rank sees "
-                                        "the same completions and trains on its share of the groups)")
+                                        "the same completions and trains on its share of the groups)",
+                                        mode=(1, 2))
     processes: int = _opt(1, "engine processes per rank on its GPU, each generating a share of the rank's prompts "
                              "(EnginePool: vLLM's per-step Python runs on several cores; CUDA only, "
-                             "tensor_parallel_size 1; the trainer's weights reach them through one CUDA IPC buffer)")
+                             "tensor_parallel_size 1; the trainer's weights reach them through one CUDA IPC buffer)",
+                             mode=(1, 2))
 
 
 @dataclass
@@ -189,6 +211,19 @@ def describe(cfg: type = RecipeConfig, prefix: str = "") -> list[tuple[str, Any,
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         out.append((key, default, f.metadata.get("help", "")))
+    return out
+
+
+def mode_keys(cfg: type = RecipeConfig, prefix: str = "") -> dict[str, tuple]:
+    """The keys that pick how the engine runs, each with the values that stand for its modes (a choice's every
+    value; for a count, one and several)."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
+            out.update(mode_keys(f.default_factory, f"{prefix}{f.name}."))
+        elif "mode" in f.metadata:
+            mode = f.metadata["mode"]
+            out[f"{prefix}{f.name}"] = tuple(mode() if callable(mode) else mode)
     return out
 
 
