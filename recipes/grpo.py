@@ -82,7 +82,6 @@ from rollout_sleep.grpo.rewards import combine, resolve_rewards, reward_metrics,
 from rollout_sleep.integrations.wandb import make_tracker  # noqa: E402
 from rollout_sleep.lora.adapter import AdapterSync, LoraSettings  # noqa: E402
 from rollout_sleep.lora.shared_base import trainer_from_engine  # noqa: E402
-from rollout_sleep.pool.pool import EnginePool  # noqa: E402
 from rollout_sleep.run import memory_check, memory_plan, output_dir  # noqa: E402
 from rollout_sleep.run.config import ConfigError, check_processes, load_config, validate_rewards  # noqa: E402
 from rollout_sleep.run.factory import build_engine  # noqa: E402
@@ -158,10 +157,9 @@ class GRPORecipe:
         self.plan = self._memory_plan(kv_bytes)  # printed; a phase that does not fit stops the run here
         self._note_low_precision_lr()
         self.acc.print(f"starting the vLLM engine ({self.model_path})")
-        # The engine first, while the GPU is empty: vLLM sizes its KV cache from the free memory it sees. One
-        # Engine, or with engine.processes=K an EnginePool of K engine processes (data-parallel rollouts on this
-        # rank's GPU): the same keywords either way (rollout_sleep.run.factory); the config's modes were checked
-        # by load_config (rollout_sleep.run.modes).
+        # The engine first, while the GPU is empty: vLLM sizes its KV cache from the free memory it sees. Built
+        # from the config in one place (rollout_sleep.run.factory); its modes were checked by load_config
+        # (rollout_sleep.run.modes).
         lo = cfg.model.lora
         self.lora = LoraSettings(lo.rank, lo.alpha, list(lo.targets)) if lo.rank else None
         self.engine = build_engine(cfg, self.model_path, rank=self.acc.process_index, kv_cache_bytes=kv_bytes)
@@ -172,9 +170,6 @@ class GRPORecipe:
                 r.fn.dtype = getattr(torch, cfg.model.dtype)
                 r.fn.load(self.acc.device)
         model = self._build_model(dtype)
-        if isinstance(self.engine, EnginePool) and self.acc.num_processes == 1:
-            # the parameters live in the buffer the engine processes load from: a sync packs nothing
-            self.engine.adopt(model.to(self.acc.device))
         # adamw: fused on GPU, one kernel for all parameters (TRL/transformers' default optimizer too)
         optimizer = build_optimizer(cfg.train.optimizer, [p for p in model.parameters() if p.requires_grad],
                                     lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
@@ -547,8 +542,6 @@ class GRPORecipe:
                 self.tracker.log_image("phase_timeline", png, step=self.step)
         self.tracker.finish()
         self.watchdog.close()
-        if isinstance(getattr(self, "engine", None), EnginePool):
-            self.engine.close()  # engine processes exit and give their GPU memory back
 
 
 def main() -> None:

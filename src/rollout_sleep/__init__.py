@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 # Public name -> the module (under rollout_sleep) that defines it. Adding a name is one line here (and one in
 # the TYPE_CHECKING block below). Everything else is imported from its module (``rollout_sleep.run.config``, ...).
 _EXPORTS: dict[str, str] = {
-    # the engine contract (Engine, EnginePool and RemoteEngine implement it)
+    # the engine contract (Engine and RemoteEngine implement it)
     "RolloutEngine": "engine.contract",
     "UnsupportedOperation": "engine.contract",
     "EngineClosedError": "engine.contract",

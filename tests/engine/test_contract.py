@@ -1,8 +1,7 @@
 """The engine contract (:mod:`rollout_sleep.engine.contract`), one suite run on every implementation against
-real vLLM: ``Engine`` (the session's engine), ``EnginePool`` (its in-process form over that engine, as on CPU) and
-``RemoteEngine`` (a real ``vllm serve`` on loopback, one per module, serving the untied tiny model: on CPU a
-path reload of a tied model keeps a stale LM head). Every method, every state transition and refusal, the
-prompt forms, close, and two threads calling one engine."""
+real vLLM: ``Engine`` (the session's engine) and ``RemoteEngine`` (a real ``vllm serve`` on loopback, one per
+module, serving the untied tiny model: on CPU a path reload of a tied model keeps a stale LM head). Every method,
+every state transition and refusal, the prompt forms, close, and two threads calling one engine."""
 
 from __future__ import annotations
 
@@ -17,13 +16,12 @@ from helpers import DTYPE, PROMPTS, hf_greedy, hf_model
 from rollout_sleep.engine.contract import EngineClosedError, RolloutEngine, UnsupportedOperation, as_prompts
 from rollout_sleep.engine.engine import Engine
 from rollout_sleep.engine.state import EngineStateError
-from rollout_sleep.pool.pool import EnginePool
 from rollout_sleep.serve.remote import RemoteEngine
 from rollout_sleep.serve.server import ServerProcess
 from rollout_sleep.weights.stream import WeightStream
 from rollout_sleep.weights.verify import verify
 
-IMPLEMENTATIONS = ("engine", "pool", "remote")
+IMPLEMENTATIONS = ("engine", "remote")
 N = 6  # greedy tokens compared with transformers' (fp32: the first 8 are identical, see helpers.assert_follows)
 P = PROMPTS[:3]
 LONG = [[(11 * j) % 240 + 3 for j in range(300)]]  # full KV blocks (128 tokens each on CPU): the prefix cache keeps them
@@ -76,13 +74,11 @@ def case(request, ckpts):
             eng.load_weights(ckpts["untied0"])
         return
     engine = request.getfixturevalue("engine")  # conftest puts it back awake with its original weights
-    under_test = engine if request.param == "engine" else EnginePool.of([engine])
 
     def closable():  # a wrapper of the session's vLLM: closing it leaves that vLLM running
-        attached = Engine.attach(engine.llm, engine.model_path)
-        return attached if request.param == "engine" else EnginePool.of([attached])
+        return Engine.attach(engine.llm, engine.model_path)
 
-    yield Case(request.param, under_test, "tied0", "tied1", ckpts, (engine.llm, "generate"), (engine.loader, "load"),
+    yield Case(request.param, engine, "tied0", "tied1", ckpts, (engine.llm, "generate"), (engine.loader, "load"),
                lambda path: engine.load_weights(path, reset_prefix_cache=False), closable)
 
 

@@ -1,8 +1,8 @@
 """Every combination of the engine's modes runs or is refused by ``load_config`` before anything is written or
 started (``rollout_sleep.run.modes``). The combinations come from the schema (``mode_keys``: a new mode key or value is
 enumerated by itself) times the device and the kind of model; accepted ones are built by the factory with every
-mode reaching the engine (an ``EnginePool`` and an ``Engine`` alike), refused ones name their keys, and a refused
-run through the recipe's entry leaves its output folder empty. The memory plan counts what the engines hold."""
+mode reaching the engine, refused ones name their keys, and a refused run through the recipe's entry leaves its
+output folder empty. The memory plan counts what an FP8 engine holds."""
 
 from __future__ import annotations
 
@@ -68,19 +68,18 @@ def test_the_schema_marks_the_engine_modes():
                      "engine.kv_cache": ("step", "gpu_share"), "engine.sleep_level": (1, 2),
                      "engine.load_method": ("auto", "reload", "load_weights", "direct"),
                      "engine.quantization": (None, "fp8"), "engine.keep_trainer_cache": (True, False),
-                     "engine.tensor_parallel_size": (1, 2), "engine.processes": (1, 2)}
+                     "engine.tensor_parallel_size": (1, 2)}
 
 
 def test_every_combination_runs_or_is_refused_naming_its_keys(model_paths, monkeypatch):
     """Refused: every message names each key of its rule with the value given (and the device where it
-    matters). Accepted: the factory builds the engine the config asks for (a pool for several processes) and
-    every engine-mode key reaches each engine's constructor; the engine's own load-route check agrees on CPU."""
+    matters). Accepted: the factory builds the engine the config asks for and every engine-mode key reaches its
+    constructor; the engine's own load-route check agrees on CPU."""
     from rollout_sleep.engine.loader import Loader
     from rollout_sleep.weights.spec import read_checkpoint_spec
 
     built: list[tuple[str, dict]] = []
     monkeypatch.setattr("rollout_sleep.engine.engine.Engine", lambda path, **kw: built.append(("Engine", kw)))
-    monkeypatch.setattr("rollout_sleep.pool.pool.EnginePool", lambda path, **kw: built.append(("EnginePool", kw)))
     spec = read_checkpoint_spec(model_paths["checkpoint"])
     fired, accepted, total = set(), {d: 0 for d in DEVICES}, 0
     runs = {(key, value): 0 for key, values in MODES.items() for value in values}
@@ -110,24 +109,22 @@ def test_every_combination_runs_or_is_refused_naming_its_keys(model_paths, monke
                            else "checkpoint"]
         factory.build_engine(cfg, path, rank=1, kv_cache_bytes=64 << 20, device=device)
         (kind, kw), = built
-        k = cfg.engine.processes
-        assert kind == ("EnginePool" if k > 1 else "Engine")
+        assert kind == "Engine"
         assert (kw["dtype"], kw["quantization"], kw["keep_trainer_cache"], kw["load_method"],
                 kw["tensor_parallel_size"]) == (cfg.model.dtype, cfg.engine.quantization, cfg.engine.keep_trainer_cache,
                                                 cfg.engine.load_method, cfg.engine.tensor_parallel_size)
         assert kw.get("enable_lora", False) == bool(cfg.model.lora.rank)
         assert (kw.get("load_format") == "dummy") == (path == model_paths["config-only"])
-        assert kw.get("gpu_memory_utilization") == (cfg.engine.gpu_memory_utilization / k if device == "cuda" else None)
-        assert kw["seed"] == cfg.train.seed + (k if cfg.engine.tensor_parallel_size == 1 else 0)
-        if k > 1:  # a pool: its engines split the rank's KV cache, each at least one longest sequence
-            assert kw["engines"] == k and kw["kv_cache_bytes"] >= (64 << 20) // k
+        assert kw.get("gpu_memory_utilization") == (cfg.engine.gpu_memory_utilization if device == "cuda" else None)
+        assert kw["seed"] == cfg.train.seed + (1 if cfg.engine.tensor_parallel_size == 1 else 0)
+        assert kw["kv_cache_bytes"] == 64 << 20
         if device == "cpu":  # what the engine itself would decide at its first load
             loader = Loader(model_path=model_paths["checkpoint"], spec=spec, tied=True, on_cuda=False,
                             sleep_mode=False, load_method=cfg.engine.load_method)
             loader.quantization = cfg.engine.quantization
             assert loader.resolve_method(None, strict=True) == "reload"
         if cfg.model.lora.rank:  # the adapter goes into one in-process engine's slot (AdapterSync: TP 1)
-            assert kind == "Engine" and cfg.engine.tensor_parallel_size == 1
+            assert cfg.engine.tensor_parallel_size == 1
     assert total == len(DEVICES) * len(MODELS) * len(list(itertools.product(*MODES.values())))
     dead = [r.keys for r in RULES if r not in fired and "train.kl_coef" not in r.keys]
     assert not dead, f"rules no combination breaks: {dead}"
@@ -155,10 +152,9 @@ def test_load_config_applies_every_rule_and_accepts_what_runs(model_paths):
         load_config(None, args, device=device)
 
 
-def test_the_memory_plan_counts_every_engine_and_fp8_weights(tmp_path):
-    """``engine.processes=K``: K engines' weights, KV caches, workspaces (and what each keeps asleep);
-    ``engine.quantization=fp8``: the decoder's linear weights in one byte (plus a float32 scale each), the rest in
-    model.dtype. On the old code the plan was the same for every K and for FP8."""
+def test_the_memory_plan_counts_fp8_engine_weights(tmp_path):
+    """``engine.quantization=fp8``: the decoder's linear weights in one byte (plus a float32 scale each), the rest
+    in model.dtype (the plan was the same for FP8 before); the engine's measured start replaces the workspace."""
     from rollout_sleep.run.memory_check import plan_run, with_engine_measured
     from rollout_sleep.run.memory_plan import GIB
     from rollout_sleep.weights.checkpoints import make_checkpoint
@@ -171,17 +167,9 @@ def test_the_memory_plan_counts_every_engine_and_fp8_weights(tmp_path):
         return plan_run(cfg, path, processes=1, shards=(1, 1, 1), longest_prompt=16, kv_bytes=256 << 20,
                         reward_bytes=0, base_shared=False)[0]
 
-    one, two = plan(), plan("engine.processes=2")
-    kv_each = factory.kv_cache_bytes_per_engine(load_config(None, ["engine.processes=2"], device="cuda"), path,
-                                                256 << 20)
-    assert kv_each < 256 << 20 and two.inputs.engines == 2
-    r1, r2 = one.phases["rollout"], two.phases["rollout"]
-    assert r2["engine_weights"] == 2 * r1["engine_weights"] and r2["engine_workspace"] == 2 * r1["engine_workspace"]
-    assert r2["kv_cache"] == 2 * kv_each
-    assert two.phases["training"]["engine_asleep"] == 2 * one.phases["training"]["engine_asleep"]
-    assert "2 engines" in two.table()
-    # once started, the pool's measured memory is split back into each engine's workspace
-    measured = with_engine_measured(two, r2["engine_weights"] + r2["kv_cache"] + 2 * GIB)
+    one = plan()
+    r1 = one.phases["rollout"]
+    measured = with_engine_measured(one, r1["engine_weights"] + r1["kv_cache"] + 2 * GIB)
     assert measured.phases["rollout"]["engine_workspace"] == 2 * GIB
 
     linears = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -198,12 +186,12 @@ def test_the_memory_plan_counts_every_engine_and_fp8_weights(tmp_path):
 
 def test_a_refused_run_writes_nothing(model_paths, tmp_path):
     """The recipe's entry on refused configs, each with an empty output folder: exit 2 with the keys named, and the
-    folder still empty (before, ``engine.processes=2`` on CPU printed that the engine was starting, wrote
-    ``model/``, ``run_config.json`` and ``memory_plan.json``, then stopped)."""
-    cases = [(["engine.processes=2"], False, "engine.processes=2 on CPU"),
+    folder still empty (nothing printed as starting, no ``model/``, ``run_config.json`` or ``memory_plan.json``)."""
+    cases = [(["engine.load_method=direct"], False, "engine.load_method=direct on CPU"),
              ([f"model.path={model_paths['config-only']}"], False, "model.path="),
              (["engine.quantization=fp8", "model.dtype=bfloat16"], False, "engine.quantization=fp8 on CPU"),
-             (["engine.processes=2", "model.lora.rank=16"], True, "engine.processes=2 with model.lora.rank=16"),
+             (["model.lora.rank=16", "engine.tensor_parallel_size=2"], True,
+              "model.lora.rank=16 with engine.tensor_parallel_size=2"),
              (["engine.quantization=fp8", "engine.tensor_parallel_size=2", "model.dtype=bfloat16"], True,
               "engine.quantization=fp8 with engine.tensor_parallel_size=2 with engine.verify_every=1")]
     runs = []

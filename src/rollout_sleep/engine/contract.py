@@ -1,7 +1,6 @@
-"""The engine contract: what :class:`~rollout_sleep.engine.engine.Engine` (vLLM in this process),
-:class:`~rollout_sleep.pool.pool.EnginePool` (k engine processes on one GPU) and
-:class:`~rollout_sleep.serve.remote.RemoteEngine` (a ``vllm serve`` over HTTP) all offer, and the named errors of the
-calls one of them cannot take.
+"""The engine contract: what :class:`~rollout_sleep.engine.engine.Engine` (vLLM in this process) and
+:class:`~rollout_sleep.serve.remote.RemoteEngine` (a ``vllm serve`` over HTTP) both offer, and the named errors of
+the calls one of them cannot take.
 
 Callers (the manager, the recipe, ``verify``) program against :class:`RolloutEngine` and never ask an engine
 what it has (no ``hasattr``). A method one implementation cannot offer raises :class:`UnsupportedOperation`
@@ -55,14 +54,13 @@ class EngineClosedError(EngineStateError):
 
 @runtime_checkable
 class RolloutEngine(Protocol):
-    """What every engine offers. The reports are :class:`~rollout_sleep.engine.phases.CycleReport` (an
-    :class:`EnginePool`'s: :class:`~rollout_sleep.pool.reports.PoolReport`, one per engine inside).
+    """What every engine offers. The reports are :class:`~rollout_sleep.engine.phases.CycleReport`.
 
     State: ``state`` is ``"awake"``, ``"asleep(level=N)"`` or ``"closed"``; a call not allowed in the
     current state raises :class:`~rollout_sleep.engine.state.EngineStateError` and changes nothing.
     Memory figures: ``memory_before_gib`` / ``memory_loaded_gib`` are free GPU GiB (device-wide) before the
     engine started and once it was loaded, on CUDA; process RSS on CPU; ``None`` where this process cannot
-    measure them (a server's memory, engine processes off CUDA).
+    measure them (a server's memory).
     """
 
     model_path: str

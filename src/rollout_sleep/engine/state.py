@@ -73,7 +73,7 @@ def load_then_finish(load, finish, what: str = "load", state=lambda: "") -> None
 
 
 class SleepState:
-    """The awake / asleep(level) / closed state shared by the in-process engine, the pool and the remote engine.
+    """The awake / asleep(level) / closed state shared by the in-process and the remote engine.
 
     ``subject`` names the thing in messages ("engine" / "server"); ``_level`` is ``None`` while awake.
     """

@@ -8,6 +8,6 @@
   :mod:`.optim` (lean and offloaded optimizers);
 - :mod:`.update_check`, :mod:`.watchdog`, :mod:`.nonfinite`: guards against silent failures.
 
-Imports :mod:`rollout_sleep.grpo`, :mod:`rollout_sleep.lora`, :mod:`rollout_sleep.engine` and below, and
-:mod:`rollout_sleep.pool` in :mod:`.factory` only (never :mod:`rollout_sleep.serve` or :mod:`rollout_sleep.cli`).
+Imports :mod:`rollout_sleep.grpo`, :mod:`rollout_sleep.lora`, :mod:`rollout_sleep.engine` and below (never
+:mod:`rollout_sleep.serve` or :mod:`rollout_sleep.cli`).
 """

@@ -196,7 +196,6 @@ def _check_values(cfg: RecipeConfig) -> list[str]:
     choice("engine.quantization", e.quantization, QUANTIZATIONS)
     at_least("engine.verify_every", e.verify_every, 0)
     at_least("engine.tensor_parallel_size", e.tensor_parallel_size, 1)
-    at_least("engine.processes", e.processes, 1)
     if d.dataset != "synthetic":
         path = Path(d.dataset).expanduser()
         if not path.exists():

@@ -213,6 +213,5 @@ class RolloutManager:
     def end_step(self) -> dict[str, float]:
         """This step's metrics (seconds per phase, memory, tokens/s); starts the next step's."""
         out, self._step = self._step, {}
-        # "pack": an EnginePool's one pass of the trainer's weights into the buffer its engines load from
-        out["cycle_overhead_s"] = sum(out.get(f"{p}_s", 0.0) for p in (*CYCLE_PHASES, "pack"))
+        out["cycle_overhead_s"] = sum(out.get(f"{p}_s", 0.0) for p in CYCLE_PHASES)
         return out

@@ -17,7 +17,6 @@ from rollout_sleep.engine.memory import cached_free_bytes
 from rollout_sleep.weights.stream import local_shard
 
 from . import memory_plan
-from .factory import kv_cache_bytes_per_engine
 from .memory_plan import GIB, MemoryPlan
 from .optim import resident_state_bytes
 
@@ -51,11 +50,6 @@ def plan_run(cfg: Any, model_path: str, *, processes: int, shards: tuple[int, in
     b = torch.empty((), dtype=getattr(torch, cfg.model.dtype)).element_size()
     shape = memory_plan.ModelShape.from_checkpoint(model_path)
     sequences = t.prompts_per_step // processes * t.generations  # a rank's completions per step
-    k = cfg.engine.processes  # engines on this rank's device, each with its weights, KV cache and workspace
-    kv_bytes = kv_cache_bytes_per_engine(cfg, model_path, kv_bytes)
-    if k > 1:
-        notes.append(f"engine.processes={k}: {k} engines on the device, each holding the weights, a KV cache and a "
-                     "workspace")
     weight_bytes = None
     if cfg.engine.quantization == "fp8":
         weight_bytes = fp8_engine_weight_bytes(model_path, b)
@@ -67,7 +61,7 @@ def plan_run(cfg: Any, model_path: str, *, processes: int, shards: tuple[int, in
         completion_len=t.max_tokens, gradient_checkpointing=t.gradient_checkpointing,
         autocast=t.mixed_precision != "no" and b == 4, reference_model=t.kl_coef > 0,
         reward_model_bytes=reward_bytes, kv_cache_bytes=kv_bytes if kv_bytes is not None else 0,
-        shards=shards, engine_shards=tp, engines=k, engine_weight_bytes=weight_bytes)
+        shards=shards, engine_shards=tp, engine_weight_bytes=weight_bytes)
     lora = cfg.model.lora
     if lora.rank:  # only the adapter trains; the base is vLLM's (a view) on CUDA, the trainer's own elsewhere
         from transformers import AutoConfig
@@ -75,7 +69,7 @@ def plan_run(cfg: Any, model_path: str, *, processes: int, shards: tuple[int, in
         numels = memory_plan.lora_adapter_numels(AutoConfig.from_pretrained(model_path), lora.rank, list(lora.targets))
         inputs = dataclasses.replace(inputs, base_shared=base_shared, adapter_numels=numels)
     if kv_bytes is None and cuda:  # vLLM's own sizing: its share of the GPU less its weights and workspace
-        engine = int(cfg.engine.gpu_memory_utilization / k * total)  # each engine's share
+        engine = int(cfg.engine.gpu_memory_utilization * total)
         weights = shape.params * b if weight_bytes is None else weight_bytes
         kv = engine - weights // tp - memory_plan.estimate_engine_workspace(shape, b)
         inputs = dataclasses.replace(inputs, kv_cache_bytes=max(0, kv))
@@ -117,7 +111,7 @@ def with_engine_measured(plan: MemoryPlan, engine_taken: int) -> MemoryPlan:
     """The plan again with the memory vLLM took at its start (weights, KV cache, workspace) in place of the
     estimated workspace: a misfit then stops the run before the trainer's model loads."""
     r = plan.phases["rollout"]
-    workspace = max(0, engine_taken - r["engine_weights"] - r["kv_cache"]) // plan.inputs.engines  # each engine's
+    workspace = max(0, engine_taken - r["engine_weights"] - r["kv_cache"])
     note = (f"engine workspace measured at its start: {workspace / GIB:.2f} GiB (estimated "
             f"{r['engine_workspace'] / GIB:.2f})")
     return memory_plan.plan_memory(dataclasses.replace(plan.inputs, engine_workspace_bytes=workspace),

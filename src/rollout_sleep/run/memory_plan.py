@@ -186,13 +186,12 @@ class PlanInputs:
     autocast: bool = False  # float32 weights under bf16/fp16 autocast: a low-precision copy of each weight in use
     reference_model: bool = False
     reward_model_bytes: int = 0
-    engine_weight_bytes: int | None = None  # what one engine holds of the weights (FP8: linears in 1 byte); None: P b
+    engine_weight_bytes: int | None = None  # what the engine holds of the weights (FP8: linears in 1 byte); None: P b
     kv_cache_bytes: int = 0
     engine_workspace_bytes: int | None = None  # None: estimate_engine_workspace
     engine_asleep_bytes: int = ENGINE_ASLEEP_BYTES
     shards: tuple[int, int, int] = (1, 1, 1)
     engine_shards: int = 1  # vLLM's tensor-parallel size: its weights split that many ways (kv_cache_bytes is per rank)
-    engines: int = 1  # engines on the device (engine.processes): each holds its weights, KV cache and workspace
     # LoRA (``model.lora``): only the adapter trains; its tensors' element counts. The engine then sleeps at
     # level 0 (its weights stay), and with ``base_shared`` the trainer's frozen base is a view of them (held once).
     adapter_numels: tuple[int, ...] | None = None
@@ -297,8 +296,6 @@ class MemoryPlan:
                 f"{i.optimizer}{' (state offloaded during rollouts)' if i.offload_optimizer else ''}, micro-batch "
                 f"{i.micro_batch} x {i.seq_len} tokens, gradient checkpointing "
                 f"{'on' if i.gradient_checkpointing else 'off'}")
-        if i.engines > 1:
-            head += f"; {i.engines} engines (each: weights, KV cache of {i.kv_cache_bytes / GIB:.2f} GiB, workspace)"
         if i.adapter_numels is not None:
             head += (f"; LoRA: {sum(i.adapter_numels) / 1e6:.1f}M adapter parameters train, the base "
                      f"{'is held once (the trainer views the engine' + chr(39) + 's weights)' if i.base_shared else 'is held twice (trainer and engine)'}"
@@ -319,7 +316,7 @@ class MemoryPlan:
 def plan_memory(i: PlanInputs, budget_bytes: int | None = None, headroom_bytes: int = 2 * GIB,
                 notes: tuple[str, ...] = ()) -> MemoryPlan:
     """The per-phase plan of ``i`` (see the module's docstring for what each phase holds)."""
-    s, b, k = i.shape, i.dtype_bytes, i.engines
+    s, b = i.shape, i.dtype_bytes
     engine_weights = s.params * b if i.engine_weight_bytes is None else i.engine_weight_bytes
     ws, gs, os_ = i.shards
     trained = s.tensor_numels if i.adapter_numels is None else i.adapter_numels
@@ -328,19 +325,18 @@ def plan_memory(i: PlanInputs, budget_bytes: int | None = None, headroom_bytes: 
     state = -(-optimizer_state_bytes(i.optimizer, [(n, b) for n in trained],
                                      s.embedding_numels if i.adapter_numels is None else ()) // os_)
     ref = s.params * b if i.reference_model else 0
-    # each of the k engines: its weights (a tensor-parallel rank's shard), KV cache and workspace (activations in b)
-    workspace = k * (estimate_engine_workspace(s, b) if i.engine_workspace_bytes is None else i.engine_workspace_bytes)
+    workspace = estimate_engine_workspace(s, b) if i.engine_workspace_bytes is None else i.engine_workspace_bytes
     resident = {"trainer_weights": weights, "optimizer_state": 0 if i.offload_optimizer else state, "gradients": 0}
     if ref:
         resident["reference_model"] = ref
     if i.reward_model_bytes:
         resident["reward_models"] = i.reward_model_bytes
-    rollout = {**resident, "engine_weights": k * -(-engine_weights // i.engine_shards), "kv_cache": k * i.kv_cache_bytes,
+    rollout = {**resident, "engine_weights": -(-engine_weights // i.engine_shards), "kv_cache": i.kv_cache_bytes,
                "engine_workspace": workspace}
     acts = activation_bytes(i) + (s.params * 2 if i.autocast else 0)
     training = {**resident, "optimizer_state": state, "gradients": -(-sum(trained) * b // gs), "activations": acts}
     if i.adapter_numels is None:
-        training["engine_asleep"] = k * i.engine_asleep_bytes
+        training["engine_asleep"] = i.engine_asleep_bytes
     else:  # LoRA: the engine sleeps at level 0, releasing its KV cache only; its weights (the shared base) stay
         training["engine_weights"] = rollout["engine_weights"]
         training["engine_workspace"] = workspace

@@ -8,9 +8,9 @@ and no weights) either runs or is refused here (``tests/run/test_mode_combinatio
 
 >>> from rollout_sleep.run.schema import RecipeConfig
 >>> cfg = RecipeConfig()
->>> cfg.engine.processes = 2
+>>> cfg.engine.quantization = "fp8"
 >>> print(refusals(cfg, "cpu")[0])  # doctest: +ELLIPSIS
-engine.processes=2 on CPU: the trainer's weights reach engine processes through one CUDA IPC buffer, ...
+engine.quantization=fp8 on CPU: vLLM's CPU build has no FP8 weight kernels ...
 """
 
 from __future__ import annotations
@@ -69,17 +69,6 @@ def _fp8(c) -> bool:
 
 
 RULES: tuple[Rule, ...] = (
-    Rule(("engine.processes", "engine.tensor_parallel_size"),
-         lambda c, d: c.engine.processes > 1 and c.engine.tensor_parallel_size > 1,
-         "each engine process holds the whole model (an engine pool has no tensor parallelism)",
-         "engine.tensor_parallel_size=1, or engine.processes=1 for one tensor-parallel engine"),
-    Rule(("engine.processes", "device"), lambda c, d: c.engine.processes > 1 and d != "cuda",
-         "the trainer's weights reach engine processes through one CUDA IPC buffer, which needs a CUDA GPU",
-         "engine.processes=1 on CPU"),
-    Rule(("engine.processes", "model.lora.rank"), lambda c, d: c.engine.processes > 1 and _lora(c),
-         "the adapter is written into one in-process engine's LoRA slot (and on CUDA the trainer's base is a view "
-         "of that engine's weights); engine processes have neither",
-         "engine.processes=1 with model.lora (or model.lora.rank=0)"),
     Rule(("engine.quantization", "device"), lambda c, d: _fp8(c) and d != "cuda",
          "vLLM's CPU build has no FP8 weight kernels (its scaled_fp8_quant ops are stubs)",
          "engine.quantization=null, or run FP8 rollouts on a CUDA GPU"),
@@ -112,9 +101,9 @@ RULES: tuple[Rule, ...] = (
          lambda c, d: c.engine.load_method == "direct" and c.engine.tensor_parallel_size > 1,
          "the direct route copies whole tensors into one engine's parameters; a tensor-parallel rank holds shards",
          "engine.load_method=auto, reload or load_weights"),
-    Rule(("model.path", "model.lora.rank", "engine.tensor_parallel_size", "engine.processes", "device"),
-         lambda c, d: weightless(c.model.path) and not (_lora(c) and d == "cuda" and c.engine.tensor_parallel_size == 1
-                                                        and c.engine.processes == 1),
+    Rule(("model.path", "model.lora.rank", "engine.tensor_parallel_size", "device"),
+         lambda c, d: weightless(c.model.path)
+         and not (_lora(c) and d == "cuda" and c.engine.tensor_parallel_size == 1),
          "the folder holds no weights (*.safetensors): only a LoRA run on CUDA with one in-process engine per rank "
          "starts from a config alone (vLLM draws the base, load_format=dummy, and the trainer views it)",
          "give a checkpoint folder with its weights, or a size (model.path=tiny, qwen3-0.6b, ...) to build one"),

@@ -91,10 +91,6 @@ class EngineConfig:
                                         "processes: one tensor-parallel engine across all ranks (every rank sees "
                                         "the same completions and trains on its share of the groups)",
                                         mode=(1, 2))
-    processes: int = _opt(1, "engine processes per rank on its GPU, each generating a share of the rank's prompts "
-                             "(EnginePool: vLLM's per-step Python runs on several cores; CUDA only, "
-                             "tensor_parallel_size 1; the trainer's weights reach them through one CUDA IPC buffer)",
-                             mode=(1, 2))
 
 
 @dataclass

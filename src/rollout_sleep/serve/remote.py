@@ -187,7 +187,7 @@ class RemoteEngine(SleepState):
             raise UnsupportedOperation(self, f"{method_name}(weights=<{type(weights).__name__}>)",
                                        "a vllm serve takes new weights only as a checkpoint directory it can read",
                                        "save them (model.save_pretrained(path)) and pass the path, or use an "
-                                       "in-process Engine / EnginePool for in-memory weights")
+                                       "in-process Engine for in-memory weights")
         if method not in (None, "auto", "reload"):
             raise UnsupportedOperation(self, f"{method_name}(method={method!r})", "a server reloads from a path "
                                        "with vLLM's reload_weights only", "method=None (or 'reload')")

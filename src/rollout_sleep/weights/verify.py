@@ -48,7 +48,7 @@ class VerifyReport:
 def verify(engine, model: nn.Module | WeightStream | list[tuple[str, torch.Tensor]]) -> VerifyReport:
     """Prove the engine holds exactly the trainer's weights: ``engine.verify_weights(model)``, the contract's
     method (:class:`~rollout_sleep.engine.contract.RolloutEngine`; an in-process engine runs
-    :func:`verify_in_process`, a pool checks its buffer and every engine, an HTTP engine refuses by name)."""
+    :func:`verify_in_process`, an HTTP engine refuses by name)."""
     return engine.verify_weights(model)
 
 
