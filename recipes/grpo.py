@@ -78,7 +78,6 @@ from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from rollout_sleep.engine.completion import temperature_problem  # noqa: E402
-from rollout_sleep.engine.engine import Engine  # noqa: E402
 from rollout_sleep.engine.memory import PhasePeaks, kv_cache_bytes_for  # noqa: E402
 from rollout_sleep.engine.phases import plot_timeline  # noqa: E402
 from rollout_sleep.grpo.data import (check_prompts, check_rows, completions_for_rewards,  # noqa: E402
@@ -91,9 +90,9 @@ from rollout_sleep.grpo.rewards import (combine, resolve_rewards, reward_metrics
 from rollout_sleep.integrations.wandb import credentials_problem, make_tracker  # noqa: E402
 from rollout_sleep.lora.adapter import AdapterSync, LoraSettings  # noqa: E402
 from rollout_sleep.lora.shared_base import trainer_from_engine  # noqa: E402
-from rollout_sleep.pool.pool import EnginePool  # noqa: E402
 from rollout_sleep.run import memory_check, memory_plan, output_dir  # noqa: E402
 from rollout_sleep.run.config import ConfigError, check_processes, load_config, validate_rewards  # noqa: E402
+from rollout_sleep.run.factory import build_engine  # noqa: E402
 from rollout_sleep.run.manager import RolloutManager  # noqa: E402
 from rollout_sleep.run.nonfinite import NonFiniteError, check_finite, guard_optimizer  # noqa: E402
 from rollout_sleep.run.optim import (OptimizerOffload, build_optimizer, hyperparameters,  # noqa: E402
@@ -183,49 +182,19 @@ class GRPORecipe:
         self.plan = self._memory_plan(kv_bytes)  # printed; a phase that does not fit stops the run here
         self._note_low_precision_lr()
         self.acc.print(f"starting the vLLM engine ({self.model_path})")
-        # The engine first, while the GPU is empty: vLLM sizes its KV cache from the free memory it sees.
-        engine_kw = {"gpu_memory_utilization": cfg.engine.gpu_memory_utilization} if torch.cuda.is_available() else {}
-        seed = cfg.train.seed + (self.acc.process_index if self.tp == 1 else 0)  # a TP engine samples alike on all ranks
+        # The engine first, while the GPU is empty: vLLM sizes its KV cache from the free memory it sees. Built
+        # from the config in one place (rollout_sleep.run.factory); its modes were checked by load_config
+        # (rollout_sleep.run.modes).
         lo = cfg.model.lora
         self.lora = LoraSettings(lo.rank, lo.alpha, list(lo.targets)) if lo.rank else None
-        if self.lora is not None:
-            engine_kw.update(self.lora.engine_kwargs())
-        if not any(Path(self.model_path).glob("*.safetensors")):
-            if not self._shares_base():
-                raise ConfigError(f"{self.model_path} holds no weights (*.safetensors): only a LoRA run on CUDA "
-                                  "(the trainer viewing vLLM's randomly drawn base) can start from a config alone")
-            engine_kw["load_format"] = "dummy"
-        if cfg.engine.processes > 1:  # data-parallel rollouts on this rank's GPU: k engine processes
-            if not torch.cuda.is_available():
-                raise ConfigError(f"engine.processes={cfg.engine.processes} needs a CUDA GPU: the trainer's weights "
-                                  "reach engine processes through CUDA IPC. Use engine.processes=1 on CPU")
-            k = cfg.engine.processes
-            kv = kv_bytes
-            if kv is not None:  # each engine holds a k-th of the sequences, and at least one of max_model_len
-                kv = max(-(-kv // k), kv_cache_bytes_for(self.model_path, int((cfg.engine.max_model_len or 0) * 1.25),
-                                                         cfg.model.dtype))
-            self.engine = EnginePool(self.model_path, engines=k, dtype=cfg.model.dtype,
-                                     seed=cfg.train.seed + self.acc.process_index * k,  # engine j: seed + j
-                                     max_model_len=cfg.engine.max_model_len, kv_cache_bytes=kv,
-                                     gpu_memory_utilization=cfg.engine.gpu_memory_utilization / k,
-                                     load_method=cfg.engine.load_method, enforce_eager=cfg.engine.enforce_eager)
-            self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        else:
-            self.engine = Engine(self.model_path, dtype=cfg.model.dtype, seed=seed, tensor_parallel_size=self.tp,
-                                 max_model_len=cfg.engine.max_model_len, kv_cache_bytes=kv_bytes,
-                                 load_method=cfg.engine.load_method, enforce_eager=cfg.engine.enforce_eager,
-                                 keep_trainer_cache=cfg.engine.keep_trainer_cache,
-                                 quantization=cfg.engine.quantization, **engine_kw)
-            self.tokenizer = self.engine.tokenizer
+        self.engine = build_engine(cfg, self.model_path, rank=self.acc.process_index, kv_cache_bytes=kv_bytes)
+        self.tokenizer = self.prompt_tokenizer
         self._check_plan_with_engine()
         for r in self.rewards:  # reward models: loaded beside the trainer, once the engine has sized its cache
             if hasattr(r.fn, "load"):
                 r.fn.dtype = getattr(torch, cfg.model.dtype)
                 r.fn.load(self.acc.device)
         model = self._build_model(dtype)
-        if isinstance(self.engine, EnginePool) and self.acc.num_processes == 1:
-            # the parameters live in the buffer the engine processes load from: a sync packs nothing
-            self.engine.adopt(model.to(self.acc.device))
         # adamw: fused on GPU, one kernel for all parameters (TRL/transformers' default optimizer too)
         optimizer = build_optimizer(cfg.train.optimizer, [p for p in model.parameters() if p.requires_grad],
                                     **hyperparameters(cfg.train), fused=torch.cuda.is_available() or None,
@@ -386,9 +355,10 @@ class GRPORecipe:
     def _check_plan_with_engine(self) -> None:
         """The plan again with what vLLM took at its start measured: a misfit stops the run before the trainer's
         model loads, not by running out of memory in a step."""
-        if self.plan is None or self.plan_base_free is None or not self.engine.on_cuda:
+        before, loaded = self.engine.memory_before_gib, self.engine.memory_loaded_gib
+        if self.plan is None or self.plan_base_free is None or not self.engine.on_cuda or before is None:
             return
-        self.engine_taken = int((self.engine.memory_before_gib - self.engine.memory_loaded_gib) * memory_plan.GIB)
+        self.engine_taken = int((before - loaded) * memory_plan.GIB)
         self.plan = memory_check.with_engine_measured(self.plan, self.engine_taken)
         memory_check.enforce(self.plan, self.cfg.train.memory_plan, self.acc.print,
                            "with the engine's memory measured at its start")
@@ -652,8 +622,6 @@ class GRPORecipe:
                 self.tracker.log_image("phase_timeline", png, step=self.step)
         self.tracker.finish()
         self.watchdog.close()
-        if isinstance(getattr(self, "engine", None), EnginePool):
-            self.engine.close()  # engine processes exit and give their GPU memory back
 
 
 # problems the recipe explains itself: their message says what and what to do

@@ -114,7 +114,7 @@ def test_bad_rewards_fail_before_the_engine_starts(in_root, tmp_path, monkeypatc
     def no_engine(*args, **kwargs):
         raise AssertionError("the engine was built before the rewards were checked")
 
-    monkeypatch.setattr(recipe, "Engine", no_engine)
+    monkeypatch.setattr(recipe, "build_engine", no_engine)
     questions = tmp_path / "questions.jsonl"
     questions.write_text('{"prompt": [{"role": "user", "content": "2+2?"}], "solution": "4"}\n')
     for overrides, message in [

@@ -30,10 +30,8 @@ from typing import Any
 
 import yaml
 
-from .schema import RecipeConfig
+from .schema import DTYPES, KV_CACHE_SIZING, RecipeConfig
 
-KV_CACHE_SIZING = ("step", "gpu_share")
-DTYPES = ("float32", "bfloat16", "float16")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 WANDB_MODES = ("offline", "online", "disabled")
 MEMORY_PLAN_MODES = ("refuse", "warn", "off")
@@ -161,13 +159,15 @@ def _check_values(cfg: RecipeConfig) -> list[str]:
     from rollout_sleep.engine.state import check_level
     from rollout_sleep.grpo.loss import LOSS_TYPES, SAMPLING_CORRECTIONS
     from rollout_sleep.weights.checkpoints import SHAPES
+    from rollout_sleep.weights.fp8 import QUANTIZATIONS
     from .optim import OPTIMIZERS, missing_package
 
     out: list[str] = []
 
     def choice(key: str, value: Any, allowed: tuple) -> None:
         if value not in allowed:
-            out.append(f"{key} must be one of {', '.join(map(str, allowed))}, got {value!r}")
+            out.append(f"{key} must be one of {', '.join('null' if a is None else str(a) for a in allowed)}, "
+                       f"got {value!r}")
 
     def at_least(key: str, value: Any, low: float, optional: bool = False) -> None:
         if value is None and optional:
@@ -193,20 +193,9 @@ def _check_values(cfg: RecipeConfig) -> list[str]:
     except ValueError as err:
         out.append(str(err))
     choice("engine.load_method", e.load_method, LOAD_METHODS)
-    if e.quantization is not None:
-        choice("engine.quantization", e.quantization, ("fp8",))
-        if e.quantization == "fp8" and cfg.model.dtype not in ("bfloat16", "float16"):
-            out.append(f"engine.quantization=fp8 quantizes a bf16/fp16 model (vLLM's FP8 kernels take bf16/fp16 "
-                       f"activations), but model.dtype is {cfg.model.dtype!r}: set model.dtype=bfloat16")
-        if e.quantization == "fp8" and e.load_method == "load_weights":
-            out.append("engine.load_method=load_weights cannot write an FP8 engine's quantized linears: use auto, "
-                       "direct or reload")
+    choice("engine.quantization", e.quantization, QUANTIZATIONS)
     at_least("engine.verify_every", e.verify_every, 0)
     at_least("engine.tensor_parallel_size", e.tensor_parallel_size, 1)
-    at_least("engine.processes", e.processes, 1)
-    if e.processes > 1 and e.tensor_parallel_size > 1:
-        out.append(f"engine.processes ({e.processes}) > 1 needs engine.tensor_parallel_size 1, got "
-                   f"{e.tensor_parallel_size}: each engine process holds the whole model")
     if d.dataset != "synthetic":
         path = Path(d.dataset).expanduser()
         if not path.exists():
@@ -265,7 +254,8 @@ def _check_values(cfg: RecipeConfig) -> list[str]:
 
 
 def _check_lora(cfg: RecipeConfig) -> list[str]:
-    """``model.lora``: a rank vLLM can serve, a positive alpha, targets; and what LoRA training does not do.
+    """``model.lora``: a rank vLLM can serve, a positive alpha, targets (what LoRA does not combine with:
+    :mod:`rollout_sleep.run.modes`).
 
     >>> _check_lora(load_config(None, ["model.lora.rank=16"]))
     []
@@ -283,12 +273,6 @@ def _check_lora(cfg: RecipeConfig) -> list[str]:
         out.append(f"model.lora.alpha must be > 0, got {lora.alpha!r}")
     if not lora.targets:
         out.append("model.lora.targets must name at least one module (or all-linear)")
-    if lora.rank and cfg.train.kl_coef > 0:
-        out.append("train.kl_coef > 0 with model.lora is not supported yet (the reference would be the base with "
-                   "the adapter off): set train.kl_coef=0 or model.lora.rank=0")
-    if lora.rank and cfg.engine.tensor_parallel_size > 1:
-        out.append("model.lora with engine.tensor_parallel_size > 1 is not supported yet (each rank holds a cut of "
-                   "the adapter; its sync and verify are TP=1 only): use engine.tensor_parallel_size=1")
     return out
 
 
@@ -388,10 +372,12 @@ def resolve_yaml_paths(cfg: RecipeConfig, folder: Path) -> dict[str, str]:
     return moved
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> RecipeConfig:
-    """Defaults, then the YAML file (if any), then ``key=value`` overrides, in that order; then every check.
-    Relative input paths in the YAML are read from the YAML's folder (:func:`resolve_yaml_paths`); those given
-    as overrides, from the working directory. Raises :class:`ConfigError` listing every problem found."""
+def load_config(path: str | Path | None, overrides: list[str] = (), *, device: str | None = None) -> RecipeConfig:
+    """Defaults, then the YAML file (if any), then ``key=value`` overrides, in that order; then every check,
+    the combinations of engine modes this ``device`` (``"cuda"`` / ``"cpu"``; default: this machine's) cannot
+    run included (:mod:`rollout_sleep.run.modes`). Relative input paths in the YAML are read from the YAML's
+    folder (:func:`resolve_yaml_paths`); those given as overrides, from the working directory. Raises
+    :class:`ConfigError` listing every problem found."""
     cfg = RecipeConfig()
     problems: list[str] = []
     moved: dict[str, str] = {}
@@ -412,7 +398,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RecipeCon
         key, value = item.split("=", 1)
         _set(cfg, key.strip(), value, problems, from_text=True)
     # a field with a wrong type kept its default, so the value checks below still apply to the rest
-    problems += _check_values(cfg) + validate_rewards(cfg.rewards, weights=cfg.reward_weights)
+    from .modes import detect_device, refusals
+
+    problems += _check_values(cfg) + refusals(cfg, device or detect_device()) + \
+        validate_rewards(cfg.rewards, weights=cfg.reward_weights)
     if problems:
         raise ConfigError([_say_where(p, moved, Path(path)) for p in problems] if moved else problems)
     return cfg

@@ -19,11 +19,29 @@ APPLIED = "applied"  # a training setting: it takes effect from the resumed step
 FREE = "free"  # how the run runs (steps, saves, memory, engine, logging, timeouts): it does not touch the state
 RESUME_CLASSES = (FIXED, APPLIED, FREE)
 
+DTYPES = ("float32", "bfloat16", "float16")
+KV_CACHE_SIZING = ("step", "gpu_share")
 
-def _opt(default: Any, help: str, *, resume: str) -> Any:
+
+def _load_methods() -> tuple:
+    from rollout_sleep.engine.loader import LOAD_METHODS  # imported when asked: the schema stays torch-free
+
+    return LOAD_METHODS
+
+
+def _quantizations() -> tuple:
+    from rollout_sleep.weights.fp8 import QUANTIZATIONS
+
+    return QUANTIZATIONS
+
+
+def _opt(default: Any, help: str, *, resume: str, mode: tuple | Callable[[], tuple] | None = None) -> Any:
     """A field with its default, its meaning (``help``) and its resume class (:data:`FIXED` / :data:`APPLIED`
-    / :data:`FREE`: required, so that no new key goes unclassified)."""
-    return field(default=default, metadata={"help": help, "resume": resume})
+    / :data:`FREE`: required, so that no new key goes unclassified). ``mode``: the field picks how the engine
+    runs; the values that stand for each of its modes, or what returns them from their home (:func:`mode_keys`:
+    every combination is accepted or refused by :mod:`rollout_sleep.run.modes`)."""
+    meta = {"help": help, "resume": resume, **({"mode": mode} if mode is not None else {})}
+    return field(default=default, metadata=meta)
 
 
 def _opt_list(factory: Callable[[], Any], help: str, *, resume: str) -> Any:
@@ -38,7 +56,7 @@ def _section(cls: type, help: str) -> Any:
 class ModelLoraConfig:
     rank: int = _opt(0, "LoRA rank (0: train every parameter). With a rank only the adapter trains and moves: "
                         "vLLM serves it (enable_lora) from the one copy of the base it holds, and on CUDA the "
-                        "trainer's frozen base is a view of vLLM's weights (docs/lora.md)", resume=FIXED)
+                        "trainer's frozen base is a view of vLLM's weights (docs/lora.md)", resume=FIXED, mode=(0, 16))
     alpha: float | None = _opt(None, "LoRA alpha: the adapter is scaled by alpha / rank (null: 2 x rank)", resume=FIXED)
     targets: list[str] = _opt_list(lambda: ["all-linear"], "modules the adapter adapts (PEFT's target_modules: "
                                                           "names such as q_proj, or all-linear)", resume=FIXED)
@@ -49,7 +67,7 @@ class ModelConfig:
     path: str = _opt("tiny", "a local HF checkpoint, or a size from checkpoints.SHAPES (built with random weights)",
                      resume=FIXED)
     seed: int = _opt(0, "seed of the random weights when path is a size", resume=FIXED)
-    dtype: str = _opt("float32", "trainer and engine dtype: float32 / bfloat16 / float16", resume=FIXED)
+    dtype: str = _opt("float32", "trainer and engine dtype: float32 / bfloat16 / float16", resume=FIXED, mode=DTYPES)
     tie_word_embeddings: bool | None = _opt(None, "tie the LM head to the embedding when path is a size "
                                                   "(null: the size's own choice)", resume=FIXED)
     lora: ModelLoraConfig = _section(ModelLoraConfig, "a LoRA adapter instead of full-parameter training")
@@ -61,29 +79,29 @@ class EngineConfig:
                                                "activations)", resume=FREE)
     kv_cache: str = _opt("step", "KV cache size on GPU: step = what one step's sequences need (+25%), so vLLM "
                                  "maps back only that at every wake; gpu_share = vLLM's own sizing from "
-                                 "gpu_memory_utilization; kv_cache_bytes wins over both", resume=FREE)
+                                 "gpu_memory_utilization; kv_cache_bytes wins over both", resume=FREE,
+                         mode=KV_CACHE_SIZING)
     kv_cache_bytes: int | None = _opt(None, "KV cache size in bytes (null: from kv_cache; 256 MiB on CPU)", resume=FREE)
     max_model_len: int | None = _opt(1024, "longest prompt + completion, in tokens (null: the model's)", resume=FREE)
     sleep_level: int = _opt(2, "sleep level while training: 2 discards weights and KV cache, 1 offloads the "
-                               "weights to host memory", resume=FREE)
+                               "weights to host memory (with model.lora the engine keeps its base weights: it "
+                               "releases its KV cache only)", resume=FREE, mode=(1, 2))
     load_method: str = _opt("auto", "weight-load route: auto / reload / load_weights / direct (auto takes "
-                                    "direct where it maps every tensor exactly)", resume=FREE)
+                                    "direct where it maps every tensor exactly)", resume=FREE, mode=_load_methods)
     quantization: str | None = _opt(None, "null: the engine computes in model.dtype; fp8: vLLM's online FP8 of the "
                                           "linear layers (bf16 trainer, FP8 rollouts; CUDA only), each sync "
-                                          "quantizing the trainer's weights as vLLM's loader does", resume=APPLIED)
+                                          "quantizing the trainer's weights as vLLM's loader does", resume=APPLIED,
+                                    mode=_quantizations)
     verify_every: int = _opt(1, "run verify after every N-th sync (0: never)", resume=FREE)
     enforce_eager: bool | None = _opt(None, "vLLM without torch.compile and CUDA graphs (faster start, slower "
                                             "generation); null: eager on CPU (compiling costs ~15-20 s at each "
                                             "start there), compiled on GPU", resume=FREE)
     keep_trainer_cache: bool = _opt(True, "sleep without emptying PyTorch's cache (the trainer's; see Engine)",
-                                    resume=FREE)
+                                    resume=FREE, mode=(True, False))
     tensor_parallel_size: int = _opt(1, "1: an engine per rank (data-parallel rollouts); = the number of "
                                         "processes: one tensor-parallel engine across all ranks (every rank sees "
-                                        "the same completions and trains on its share of the groups)", resume=FREE)
-    processes: int = _opt(1, "engine processes per rank on its GPU, each generating a share of the rank's prompts "
-                             "(EnginePool: vLLM's per-step Python runs on several cores; CUDA only, "
-                             "tensor_parallel_size 1; the trainer's weights reach them through one CUDA IPC buffer)",
-                             resume=FREE)
+                                        "the same completions and trains on its share of the groups)", resume=FREE,
+                                    mode=(1, 2))
 
 
 @dataclass
@@ -229,6 +247,19 @@ def describe(cfg: type = RecipeConfig, prefix: str = "") -> list[tuple[str, Any,
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         out.append((key, default, f.metadata.get("help", "")))
+    return out
+
+
+def mode_keys(cfg: type = RecipeConfig, prefix: str = "") -> dict[str, tuple]:
+    """The keys that pick how the engine runs, each with the values that stand for its modes (a choice's every
+    value; for a count, one and several)."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
+            out.update(mode_keys(f.default_factory, f"{prefix}{f.name}."))
+        elif "mode" in f.metadata:
+            mode = f.metadata["mode"]
+            out[f"{prefix}{f.name}"] = tuple(mode() if callable(mode) else mode)
     return out
 
 
