@@ -82,12 +82,12 @@ def run_arm(args, arm: str, model_path: str, work: Path) -> dict:
         "trainer_peak_allocated_gib": max((r.get("cuda_peak_allocated_gib", 0.0) for r in rows), default=0.0),
         "mismatch": {k: _stats([r[k] for r in rows if k in r])
                      for k in ("sampling_logp_diff", "sampling_ratio", "sampling_weight_mean")},
-        "reward_mean_first3_last3": [statistics.mean(r["reward_mean"] for r in rows[:3]),
-                                     statistics.mean(r["reward_mean"] for r in rows[-3:])],
+        "reward_mean_first3_last3": [statistics.mean(r["reward"] for r in rows[:3]),
+                                     statistics.mean(r["reward"] for r in rows[-3:])],
         "verify_steps": [r["step"] for r in rows if r.get("verify_s")],
         "rows": [{k: r.get(k) for k in ("step", "step_s", "generate_s", "load_s", "cycle_overhead_s", "verify_s",
                                          "sampling_logp_diff", "sampling_ratio", "sampling_weight_mean",
-                                         "reward_mean", "generated_tokens")}
+                                         "reward", "generated_tokens")}
                  for r in rows]})
     return result
 

@@ -131,7 +131,7 @@ def run_ours(size: str, steps: int, workdir: Path, name: str = "ours", extra: tu
     base = {"overrides": list(extra), "wall_s": time.perf_counter() - t0,
             "peak_gpu_used_gib": mem.peak_above_base_gib if proc else None,
             "headroom_gib": mem.headroom_gib if proc else None,
-            "memory_plan": plan, "steps_done": len(rows), "reward_mean": [r["reward_mean"] for r in rows]}
+            "memory_plan": plan, "steps_done": len(rows), "reward_mean": [r["reward"] for r in rows]}
     if proc is None:
         return {**base, **failure}
     if proc.returncode != 0:
@@ -139,7 +139,7 @@ def run_ours(size: str, steps: int, workdir: Path, name: str = "ours", extra: tu
         return {**base, ("refused" if refused else "error"): proc.stdout[-2000:] + proc.stderr[-4000:]}
     steady = rows[WARMUP:] or rows
     phases = {k: statistics.median(r.get(f"{k}_s", 0.0) for r in steady)
-              for k in ("generate", "sleep", "wake_weights", "pack", "load", "wake_kv_cache", "reset", "train")}
+              for k in ("generate", "sleep", "wake_weights", "load", "wake_kv_cache", "reset", "train")}
     return {**base, "step_s": [r["step_s"] for r in rows],
             "median_step_s": statistics.median(r["step_s"] for r in steady),
             "tokens_per_step": statistics.median(r["generated_tokens"] for r in steady),
@@ -152,7 +152,7 @@ def run_ours(size: str, steps: int, workdir: Path, name: str = "ours", extra: tu
             "phases_median_s": phases, "engine_settings": engine_settings(cmd[3:]),
             "memory_taken_by_wake_gib": statistics.median([r["memory_taken_by_wake_gib"] for r in steady
                                                            if "memory_taken_by_wake_gib" in r] or [float("nan")]),
-            "cycle_overhead_s": phases["sleep"] + phases["wake_weights"] + phases["pack"] + phases["load"]
+            "cycle_overhead_s": phases["sleep"] + phases["wake_weights"] + phases["load"]
             + phases["wake_kv_cache"] + phases["reset"]}
 
 
@@ -316,12 +316,8 @@ def run_size(args, size: str, out_file: Path | None) -> dict:
     optim = (f"train.optimizer={args.optim}",) if args.optim else ()
     for arm in args.arms.split(","):
         try:
-            # ours_dpK / ours_tuned_dpK: the same with K engine processes on the GPU (engine.processes=K)
-            base, _, dp = arm.partition("_dp")
-            processes = (f"engine.processes={int(dp)}",) if dp else ()
-            if base in ("ours", "ours_tuned") or base in ARM_OVERRIDES:
-                extra = (optim + (TUNED.get(size, ()) if base == "ours_tuned" else ()) + ARM_OVERRIDES.get(base, ())
-                         + processes)
+            if arm in ("ours", "ours_tuned") or arm in ARM_OVERRIDES:
+                extra = optim + (TUNED.get(size, ()) if arm == "ours_tuned" else ()) + ARM_OVERRIDES.get(arm, ())
                 result[arm] = run_ours(size, args.steps, work, arm, extra, model, args.verify_every, args.arm_timeout)
             elif arm in ("trl", "trl_plugin"):
                 result[arm] = run_trl_child(args, size, "plugin" if arm == "trl_plugin" else "stock", model)

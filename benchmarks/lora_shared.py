@@ -185,7 +185,7 @@ def run_ours(arm: str, args) -> dict:
             stats = loss.step(model, optimizer, prompt_ids, comps, rewards)
         manager.sync()  # verify_every=1: a failed verify raises here
         phases = manager.end_step()
-        row = {"step": step + 1, "step_s": time.perf_counter() - t0, "reward_mean": float(rewards.mean()),
+        row = {"step": step + 1, "step_s": time.perf_counter() - t0, "reward": float(rewards.mean()),
                "loss": stats["loss"], "sampling_logp_diff": stats.get("sampling_logp_diff"),
                "verified": True, **{k: v for k, v in phases.items() if isinstance(v, (int, float))}}
         res["rows"].append(row)
@@ -360,7 +360,7 @@ def run_recipe(args) -> dict:
     base = sum(int(torch.Size(t.shape).numel()) * t.dtype.itemsize for t in spec.values())
     return {"arm": "recipe", "overrides": overrides, "steps_run": len(rows), "base_bytes": base,
             "verified_every_sync": all(r.get("verify_s", 0) > 0 for r in rows),
-            "base_shared": rows[-1].get("lora_base_shared"), "reward_mean": [r["reward_mean"] for r in rows],
+            "base_shared": rows[-1].get("lora_base_shared"), "reward_mean": [r["reward"] for r in rows],
             "median": {k: statistics.median(r[k] for r in steady if k in r) for k in keys},
             "cuda_peak_allocated_gib": max((r.get("cuda_peak_allocated_gib", 0.0) for r in rows), default=None)}
 

@@ -7,10 +7,15 @@ clipped policy-gradient loss, optional KL to a frozen reference) → sync (wake 
 W&B (offline by default); the state is saved with accelerate every ``save_every`` steps (atomically: a
 staging folder renamed once complete), and a rerun with the same ``output_dir`` resumes from the newest
 complete saved step with the same data order (newer incomplete ones are moved to ``checkpoints/incomplete``).
+Each checkpoint keeps the settings it was trained with: a resume refuses changed settings that define the saved
+state (model, data, seed, optimizer type, ...), and applies and names changed training settings (lr, ...).
 
 Nothing silent: the whole config is checked before anything starts; an ``output_dir`` holding another run is
-refused; a NaN/inf reward or gradient stops the step before the optimizer applies it; every phase (setup,
-generate, sleep, train, wake, verify, save, waits for other ranks) has a watchdog timeout (``watchdog.*``).
+refused; an infinite reward or a NaN/inf gradient stops the step before the optimizer applies it (a reward's
+None or NaN means "does not apply", as in TRL; completions no reward scored are named, once per step); every
+phase (setup, generate, reward, sleep, train, wake, verify, save, waits for other ranks) has a watchdog timeout
+(``watchdog.*``). An error stops the run with one message (its traceback in ``<output_dir>/run.log``); a save
+that cannot be written names the path and the cause and leaves the newest complete checkpoint to resume from.
 
 Data and rewards: any local dataset in TRL's formats (text or conversational prompts, chat template applied),
 reward functions by built-in name or import path (TRL's ``fn(prompts, completions, **columns)`` or
@@ -38,7 +43,6 @@ import gc
 import json
 import logging
 import os
-import random
 import sys
 import time
 from datetime import timedelta
@@ -46,7 +50,8 @@ from pathlib import Path
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
-from rollout_sleep.log import configure  # noqa: E402  (light: imports neither torch nor vLLM)
+from rollout_sleep import log  # noqa: E402  (light: imports neither torch nor vLLM)
+from rollout_sleep.log import configure  # noqa: E402
 
 configure(verbose="--verbose" in sys.argv)  # before torch / transformers / vLLM read their switches
 
@@ -72,23 +77,26 @@ from accelerate import Accelerator  # noqa: E402
 from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_seed  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from rollout_sleep.engine.engine import Engine  # noqa: E402
+from rollout_sleep.engine.completion import temperature_problem  # noqa: E402
 from rollout_sleep.engine.memory import PhasePeaks, kv_cache_bytes_for  # noqa: E402
 from rollout_sleep.engine.phases import plot_timeline  # noqa: E402
-from rollout_sleep.grpo.data import (check_prompts, completions_for_rewards, is_conversational,  # noqa: E402
-                                     load_prompts, prepare_prompts, prompt_token_ids)
+from rollout_sleep.grpo.data import (check_prompts, check_rows, completions_for_rewards,  # noqa: E402
+                                     is_conversational, load_prompts, model_context, prepare_prompts,
+                                     prompt_token_ids, step_rows)
 from rollout_sleep.grpo.errors import RewardError  # noqa: E402
 from rollout_sleep.grpo.loss import GRPOLoss  # noqa: E402
-from rollout_sleep.grpo.rewards import combine, resolve_rewards, reward_metrics, score_rewards  # noqa: E402
-from rollout_sleep.integrations.wandb import make_tracker  # noqa: E402
+from rollout_sleep.grpo.rewards import (check_row_values, combine, resolve_rewards, reward_metrics,  # noqa: E402
+                                        reward_summary, score_rewards, unscorable_report)
+from rollout_sleep.integrations.wandb import credentials_problem, make_tracker  # noqa: E402
 from rollout_sleep.lora.adapter import AdapterSync, LoraSettings  # noqa: E402
 from rollout_sleep.lora.shared_base import trainer_from_engine  # noqa: E402
-from rollout_sleep.pool.pool import EnginePool  # noqa: E402
 from rollout_sleep.run import memory_check, memory_plan, output_dir  # noqa: E402
 from rollout_sleep.run.config import ConfigError, check_processes, load_config  # noqa: E402
+from rollout_sleep.run.factory import build_engine  # noqa: E402
 from rollout_sleep.run.manager import RolloutManager  # noqa: E402
 from rollout_sleep.run.nonfinite import NonFiniteError, check_finite, guard_optimizer  # noqa: E402
-from rollout_sleep.run.optim import OptimizerOffload, build_optimizer  # noqa: E402
+from rollout_sleep.run.optim import (OptimizerOffload, build_optimizer, hyperparameters,  # noqa: E402
+                                     set_hyperparameters)
 from rollout_sleep.run.schema import RecipeConfig  # noqa: E402
 from rollout_sleep.run.update_check import UpdateCheck, checkpoint_magnitude, lr_note  # noqa: E402
 from rollout_sleep.run.watchdog import Watchdog  # noqa: E402
@@ -100,6 +108,7 @@ class GRPORecipe:
         self.cfg = cfg
         self.out = Path(cfg.output_dir).expanduser()
         self.step = 0
+        self.in_step: int | None = None  # the step running, while one does
         self.tp = cfg.engine.tensor_parallel_size
         lo = cfg.model.lora
         self.lora = LoraSettings(lo.rank, lo.alpha, list(lo.targets)) if lo.rank else None
@@ -109,6 +118,8 @@ class GRPORecipe:
         cfg = self.cfg
         # read-only checks first (every rank alike): nothing is written before they pass
         output_dir.check_output_dir(self.out, cfg.to_dict(), cfg.resume, cfg.overwrite)
+        if cfg.resume:
+            output_dir.check_steps_left(self.out, cfg.train.steps)  # a finished run: said before vLLM starts
         w = cfg.watchdog
         pg = [InitProcessGroupKwargs(timeout=timedelta(seconds=w.collective_s + 60))] \
             if w.enabled and w.collective_s > 0 else []  # torch.distributed's own timeout: a backstop to ours
@@ -128,13 +139,12 @@ class GRPORecipe:
     def _setup(self) -> None:
         """The run's pieces, in dependency order (each step says what it needs when the order matters)."""
         set_seed(self.cfg.train.seed)
-        self._check_processes()
+        self._check_launch()
         # read-only until the output dir is claimed: bad data or rewards stop the run with nothing written
-        self._load_data()
-        self._resolve_rewards()  # once for the run: everything after uses self.rewards
+        self._load_data_and_rewards()  # the rewards resolved once for the run: everything after uses self.rewards
         self._claim_output_dir()
         self.model_path = self._model_path()
-        self._prepare_prompts()  # the model's tokenizer (its chat template) formats the prompts
+        self._prepare_prompts()  # the model's tokenizer (its chat template, its context) formats and checks them
         kv_bytes = self._kv_cache_bytes()  # the longest prompt sizes one step's KV cache
         self.plan = self._memory_plan(kv_bytes)  # printed; a phase that does not fit stops the run here
         self._note_low_precision_lr()
@@ -146,8 +156,6 @@ class GRPORecipe:
         self.loss = GRPOLoss.from_config(self.cfg, pad_id=self.tokenizer.pad_token_id)
         self.ref_model = self._reference_model()
         self.manager = self._rollout_manager()
-        self.order = list(range(len(self.data)))
-        random.Random(self.cfg.train.seed).shuffle(self.order)  # the data order: a function of the seed only
         run_id = self._resume()  # after the manager: a restored state is pushed to the engine
         if self.offload is not None:
             self.offload.offload()  # a resumed state is loaded onto the device: off it before the first rollout
@@ -158,97 +166,86 @@ class GRPORecipe:
         gc.collect()
         gc.freeze()
 
-    def _check_processes(self) -> None:
-        """The config against the number of ranks the launcher started."""
+    def _check_launch(self) -> None:
+        """The config against what the launch gives: the number of ranks, and W&B's credentials (rank 0 logs)."""
         problems = check_processes(self.cfg, self.acc.num_processes)
-        if problems:
-            raise ConfigError(problems)
+        wandb_problem = credentials_problem(self.cfg.wandb.mode) if self.main else None
+        if problems or wandb_problem:
+            raise ConfigError(problems + [wandb_problem] if wandb_problem else problems)
 
-    def _load_data(self) -> None:
-        d, t = self.cfg.data, self.cfg.train
-        try:
-            self.data = load_prompts(d.dataset, prompt_column=d.prompt_column,
-                                     n=d.num_prompts or t.steps * t.prompts_per_step, seed=t.seed)
-        except (OSError, KeyError, ValueError, StopIteration) as err:  # StopIteration: an empty file
-            why = str(err) or "it has no rows"  # an empty file: datasets raises a bare StopIteration
-            raise ConfigError(f"data.dataset {d.dataset!r} cannot be used: {why}") from err
-
-    def _resolve_rewards(self) -> None:
-        """The rewards, resolved once for the run and checked against the dataset's columns; reward models are
+    def _load_data_and_rewards(self) -> None:
+        """The dataset, and the rewards resolved once for the run, checked together: rows enough for a step, the
+        columns and values the rewards read, vLLM's temperature bounds; every problem at once. Reward models are
         only checked here (:meth:`_load_reward_models` loads them once the engine is up)."""
         cfg = self.cfg
         try:
+            self.data = load_prompts(cfg.data.dataset, prompt_column=cfg.data.prompt_column, n=cfg.data.num_prompts,
+                                     seed=cfg.train.seed)
+        except (OSError, KeyError, ValueError, StopIteration) as err:  # StopIteration: an empty file
+            why = str(err) or "it has no rows"  # an empty file: datasets raises a bare StopIteration
+            raise ConfigError(f"data.dataset {cfg.data.dataset!r} cannot be used: {why}") from err
+        too_small = check_rows(self.data, cfg.data.dataset, cfg.data.num_prompts, cfg.train.prompts_per_step)
+        problems = [too_small] if too_small else []
+        try:
             self.rewards = resolve_rewards(cfg.rewards, cfg.reward_weights, columns=list(self.data.column_names),
                                            load_models=False)
+            check_row_values(self.rewards, self.data, cfg.data.dataset)
         except RewardError as err:
-            raise ConfigError(str(err)) from err
+            problems.append(str(err))
+        problem = temperature_problem(cfg.train.temperature, "train.temperature")  # vLLM's own bounds
+        if problem:
+            problems.append(problem)
+        if problems:
+            raise ConfigError(problems)
         self.reward_weights = [r.weight for r in self.rewards]
 
     def _claim_output_dir(self) -> None:
-        """The main process locks ``output_dir`` (one run at a time in it), clears an earlier run when asked and
-        writes the run's config; every rank waits for it."""
+        """The main process locks ``output_dir`` (one run at a time in it), clears an earlier run when asked, opens
+        the run's log and writes the run's config; every rank waits for it, then opens its own log."""
         cfg = self.cfg
         if self.main:
-            self.lock = output_dir.lock(self.out)  # held until the process ends: one run at a time in output_dir
-            if cfg.overwrite and not cfg.resume:
-                gone = output_dir.clear_run(self.out, cfg.to_dict())
-                if gone:
-                    self.acc.print(f"overwrite=true: deleted {', '.join(gone)} of the earlier run in {self.out}")
-            elif output_dir.drop_stale_model(self.out, cfg.to_dict()):
-                self.acc.print(f"deleted {self.out / 'model'}: built with other model settings; building it again")
-            self.out.mkdir(parents=True, exist_ok=True)
-            output_dir.write_run_config(self.out, cfg.to_dict())
+            with output_dir.writing(self.out, "write into output_dir"):
+                self.lock = output_dir.lock(self.out)  # held until the process ends: one run at a time in output_dir
+                if cfg.overwrite and not cfg.resume:
+                    gone = output_dir.clear_run(self.out, cfg.to_dict())
+                    if gone:
+                        self.acc.print(f"overwrite=true: deleted {', '.join(gone)} of the earlier run in {self.out}")
+                elif output_dir.drop_stale_model(self.out, cfg.to_dict()):
+                    self.acc.print(f"deleted {self.out / 'model'}: built with other model settings; building it "
+                                   "again")
+                self.out.mkdir(parents=True, exist_ok=True)
+                log.add_file(output_dir.log_file(self.out, 0))  # the run's log, and an error's traceback
+                output_dir.write_run_config(self.out, cfg.to_dict())
+            if cfg.save_every or cfg.save_final:  # a checkpoints folder it cannot write: said now, not at a save
+                output_dir.check_writable(self.out / "checkpoints")
         with self._collective("the start of the run"):
             self.acc.wait_for_everyone()
+        if not self.main:
+            log.add_file(output_dir.log_file(self.out, self.acc.process_index))
 
     def _prepare_prompts(self) -> None:
-        """Prompts in their format (chat template when conversational), checked against ``max_model_len``:
-        every mistake here is reported before vLLM starts."""
+        """Prompts in their format (chat template when conversational), checked against the context: every
+        mistake here is reported before vLLM starts."""
         cfg = self.cfg
         self.prompt_tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         try:
             self.data = prepare_prompts(self.data, self.prompt_tokenizer, chat_template=cfg.data.chat_template,
                                         system_prompt=cfg.data.system_prompt)
-            check_prompts(self.data, self.prompt_tokenizer, cfg.engine.max_model_len, cfg.train.max_tokens)
+            context, context_from = cfg.engine.max_model_len, "engine.max_model_len"
+            if context is None and (known := model_context(self.model_path)):  # vLLM's own choice, as it will make it
+                context, key = known
+                context_from = f"the model's {key}"  # in its config.json
+            check_prompts(self.data, self.prompt_tokenizer, context, cfg.train.max_tokens, context_from)
         except ValueError as err:
             raise ConfigError(str(err)) from err
         self.conversational = is_conversational(self.data)
 
     def _start_engine(self, kv_bytes: int | None) -> None:
-        """The vLLM engine (or ``engine.processes`` of them) and its tokenizer."""
-        cfg = self.cfg
+        """The vLLM engine, built from the config in one place (:mod:`rollout_sleep.run.factory`; its modes were
+        checked by ``load_config``, :mod:`rollout_sleep.run.modes`)."""
         self.acc.print(f"starting the vLLM engine ({self.model_path})")
-        engine_kw = {"gpu_memory_utilization": cfg.engine.gpu_memory_utilization} if torch.cuda.is_available() else {}
-        seed = cfg.train.seed + (self.acc.process_index if self.tp == 1 else 0)  # a TP engine samples alike on all ranks
-        if self.lora is not None:
-            engine_kw.update(self.lora.engine_kwargs())
-        if not any(Path(self.model_path).glob("*.safetensors")):
-            if not self._shares_base():
-                raise ConfigError(f"{self.model_path} holds no weights (*.safetensors): only a LoRA run on CUDA "
-                                  "(the trainer viewing vLLM's randomly drawn base) can start from a config alone")
-            engine_kw["load_format"] = "dummy"
-        if cfg.engine.processes > 1:  # data-parallel rollouts on this rank's GPU: k engine processes
-            if not torch.cuda.is_available():
-                raise ConfigError(f"engine.processes={cfg.engine.processes} needs a CUDA GPU: the trainer's weights "
-                                  "reach engine processes through CUDA IPC. Use engine.processes=1 on CPU")
-            k = cfg.engine.processes
-            kv = kv_bytes
-            if kv is not None:  # each engine holds a k-th of the sequences, and at least one of max_model_len
-                kv = max(-(-kv // k), kv_cache_bytes_for(self.model_path, int((cfg.engine.max_model_len or 0) * 1.25),
-                                                         cfg.model.dtype))
-            self.engine = EnginePool(self.model_path, engines=k, dtype=cfg.model.dtype,
-                                     seed=cfg.train.seed + self.acc.process_index * k,  # engine j: seed + j
-                                     max_model_len=cfg.engine.max_model_len, kv_cache_bytes=kv,
-                                     gpu_memory_utilization=cfg.engine.gpu_memory_utilization / k,
-                                     load_method=cfg.engine.load_method, enforce_eager=cfg.engine.enforce_eager)
-            self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        else:
-            self.engine = Engine(self.model_path, dtype=cfg.model.dtype, seed=seed, tensor_parallel_size=self.tp,
-                                 max_model_len=cfg.engine.max_model_len, kv_cache_bytes=kv_bytes,
-                                 load_method=cfg.engine.load_method, enforce_eager=cfg.engine.enforce_eager,
-                                 keep_trainer_cache=cfg.engine.keep_trainer_cache,
-                                 quantization=cfg.engine.quantization, **engine_kw)
-            self.tokenizer = self.engine.tokenizer
+        self.engine = build_engine(self.cfg, self.model_path, rank=self.acc.process_index, kv_cache_bytes=kv_bytes)
+        self.tokenizer = self.prompt_tokenizer
 
     def _load_reward_models(self) -> None:
         for r in self.rewards:
@@ -261,13 +258,10 @@ class GRPORecipe:
         the optimizer offload on top (in that order)."""
         cfg = self.cfg
         model = self._build_model(getattr(torch, cfg.model.dtype))
-        if isinstance(self.engine, EnginePool) and self.acc.num_processes == 1:
-            # the parameters live in the buffer the engine processes load from: a sync packs nothing
-            self.engine.adopt(model.to(self.acc.device))
         # adamw: fused on GPU, one kernel for all parameters (TRL/transformers' default optimizer too)
         optimizer = build_optimizer(cfg.train.optimizer, [p for p in model.parameters() if p.requires_grad],
-                                    lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                                    fused=torch.cuda.is_available() or None, model=model)
+                                    **hyperparameters(cfg.train), fused=torch.cuda.is_available() or None,
+                                    model=model)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         guard_optimizer(self.optimizer, self.model)  # a non-finite gradient stops the step before it applies
         # after the guard (a refused step is not measured): the share of sampled weights each checked step changes
@@ -399,16 +393,18 @@ class GRPORecipe:
         if self.main:  # a resumed run keeps the comparison its first steps measured
             path = self.out / "memory_plan.json"
             earlier = json.loads(path.read_text()) if path.exists() else {}
-            path.write_text(json.dumps({**earlier, "plan": plan.as_dict()}, indent=2))
+            with output_dir.writing(path, "write the memory plan to"):
+                path.write_text(json.dumps({**earlier, "plan": plan.as_dict()}, indent=2))
         memory_check.enforce(plan, self.cfg.train.memory_plan, self.acc.print)
         return plan
 
     def _check_plan_with_engine(self) -> None:
         """The plan again with what vLLM took at its start measured: a misfit stops the run before the trainer's
         model loads, not by running out of memory in a step."""
-        if self.plan is None or self.plan_base_free is None or not self.engine.on_cuda:
+        before, loaded = self.engine.memory_before_gib, self.engine.memory_loaded_gib
+        if self.plan is None or self.plan_base_free is None or not self.engine.on_cuda or before is None:
             return
-        self.engine_taken = int((self.engine.memory_before_gib - self.engine.memory_loaded_gib) * memory_plan.GIB)
+        self.engine_taken = int((before - loaded) * memory_plan.GIB)
         self.plan = memory_check.with_engine_measured(self.plan, self.engine_taken)
         memory_check.enforce(self.plan, self.cfg.train.memory_plan, self.acc.print,
                            "with the engine's memory measured at its start")
@@ -441,27 +437,44 @@ class GRPORecipe:
                                "metrics.superseded.jsonl: those steps run again")
         if path is None:
             return None
-        if self.step >= self.cfg.train.steps:
-            self.acc.print(f"the run in {self.out} is already at step {self.step} (train.steps={self.cfg.train.steps}): "
-                           "nothing to train; raise train.steps to continue it")
         self.acc.load_state(str(path))
+        # the restored optimizer holds the settings it was saved with: the config's win
+        restored = set_hyperparameters(self.optimizer, hyperparameters(self.cfg.train))
         if self.manager.adapter is not None:
             self.manager.adapter.push()  # the engine must serve the restored adapter
         else:
             self.engine.load_weights(self.manager.stream)  # the engine must hold the restored weights
         self.acc.print(f"resumed from {path} (step {self.step})")
+        self._say_applied(state.get("config"), restored)
         return state.get("wandb_id")
+
+    def _say_applied(self, trained: dict | None, restored: list[tuple[str, float, float]]) -> None:
+        """Name every training setting that differs from the one the resumed checkpoint was trained with (each
+        takes effect from the next step), and the optimizer settings set back to the config's."""
+        optimizer_keys = {f"train.{name}": (old, new) for name, old, new in restored}
+        changes = output_dir.config_changes(trained, self.cfg.to_dict())["applied"] if isinstance(trained, dict) \
+            else []
+        said = []
+        for key, old, new in changes:
+            note = " (set in the optimizer)" if optimizer_keys.pop(key, None) else ""
+            said.append(f"{key} {old!r} -> {new!r}{note}")
+        said += [f"{key} {old!r} -> {new!r} (set in the optimizer, which the checkpoint restored with {old!r})"
+                 for key, (old, new) in optimizer_keys.items()]
+        if said:
+            self.acc.print(f"resumed with changed settings, in effect from step {self.step + 1}: " + "; ".join(said))
 
     # ------------------------------------------------------------------ train
     def train(self) -> None:
         cfg, t = self.cfg, self.cfg.train
         world, rank = self.acc.num_processes, self.acc.process_index
         while self.step < t.steps:
+            self.in_step = self.step + 1  # for the message if the step raises
             t0 = time.perf_counter()
-            idx = [self.order[(self.step * t.prompts_per_step + i) % len(self.order)] for i in range(t.prompts_per_step)]
+            idx = step_rows(self.step, len(self.data), t.prompts_per_step, t.seed)  # a function of the step: resumable
             # an engine per rank: each rolls out its share of the prompts; one TP engine: all ranks submit the
             # same prompts (vLLM requires it) and each then trains on its share of the groups
-            examples = [self.data[i] for i in (idx[rank::world] if self.tp == 1 else idx)]
+            rows = idx[rank::world] if self.tp == 1 else idx  # dataset rows of this rank's prompts
+            examples = [self.data[i] for i in rows]
             prompt_ids = prompt_token_ids(self.prompt_tokenizer, [ex["prompt"] for ex in examples])
             measuring = self.peaks is not None and self.step < memory_check.MEASURED_STEPS
             if measuring:
@@ -474,13 +487,14 @@ class GRPORecipe:
                 comps = [c for c in comps if c.prompt_index in mine]
                 order = sorted(mine)
                 examples, prompt_ids = [examples[i] for i in order], [prompt_ids[i] for i in order]
+                rows = [rows[i] for i in order]
                 remap = {old: new for new, old in enumerate(order)}
                 for c in comps:
                     c.prompt_index = remap[c.prompt_index]
             with self._stop_on_non_finite(), self.manager.training(), self._peak("training"):
                 # rewards while the engine sleeps: a reward model's forward then uses memory vLLM released
                 rewards, table, reward_s = self._score(examples, comps)
-                self._check_rewards(rewards)
+                self._check_rewards(rewards, table, [rows[c.prompt_index] for c in comps])
                 checking = self.update_check is not None and self.update_check.arm(self.step + 1)
                 stats = self.loss.step(self.model, self.optimizer, prompt_ids, comps, rewards, ref_model=self.ref_model,
                                        backward=self.acc.backward, autocast=self.acc.autocast,
@@ -502,10 +516,10 @@ class GRPORecipe:
             with self._collective(f"the reward gather of step {self.step}"):
                 all_rewards = self.acc.gather(rewards.to(self.acc.device)).float()
                 all_table = self.acc.gather(table.to(self.acc.device)).float().cpu()
-            scored = all_rewards[~torch.isnan(all_rewards)]
-            metrics = {"step": self.step, "first_prompt_index": idx[0], "reward_mean": float(scored.mean()),
-                       "reward_std": float(scored.std()), "completion_len_mean": float(lengths.mean()),
-                       "rollouts": int(all_rewards.numel()), "unscorable": int(all_rewards.numel() - scored.numel()),
+            metrics = {"step": self.step, "first_prompt_index": idx[0],
+                       **reward_summary(all_rewards.cpu(), t.generations),  # reward, reward_std: TRL's names
+                       "completion_len_mean": float(lengths.mean()), "rollouts": int(all_rewards.numel()),
+                       "unscorable": int(torch.isnan(all_rewards).sum()),
                        **reward_metrics(self.rewards, all_table),
                        "reward_s": reward_s, **self.layout, **stats, **phases,
                        **memory_check.cuda_peak(self.peaks.run_allocated_peak if self.peaks else 0),
@@ -514,13 +528,16 @@ class GRPORecipe:
                 metrics.update(self._plan_vs_actual(phases))
             self.timeline.append({k: v for k, v in phases.items() if k.endswith("_s")})
             if self.main:
-                with open(self.out / "metrics.jsonl", "a") as fh:
-                    fh.write(json.dumps(metrics) + "\n")
+                with output_dir.writing(self.out / "metrics.jsonl", f"append the metrics of step {self.step} to",
+                                        f"Step {self.step} is not saved; {self._rerun_note()} "):
+                    with open(self.out / "metrics.jsonl", "a") as fh:
+                        fh.write(json.dumps(metrics) + "\n")
                 self.tracker.log(metrics, step=self.step)
-                self.acc.print(f"step {self.step}/{t.steps} reward {metrics['reward_mean']:.3f} "
+                self.acc.print(f"step {self.step}/{t.steps} reward {metrics['reward']:.3f} "
                                f"loss {stats['loss']:.4f} step {metrics['step_s']:.2f}s")
             if (cfg.save_every and self.step % cfg.save_every == 0) or (cfg.save_final and self.step == t.steps):
                 self.save()
+        self.in_step = None
 
     def _peak(self, phase: str):
         return self.peaks.phase(phase) if self.peaks is not None else contextlib.nullcontext()
@@ -538,9 +555,10 @@ class GRPORecipe:
         flat = {f"memory/{ph}/{name}_{k}": v for ph, rows in comparison.items() for name, row in rows.items()
                 for k, v in row.items()}
         if self.main:
-            (self.out / "memory_plan.json").write_text(json.dumps(
-                {"plan": self.plan.as_dict(), "measured_gib": measured, "measured_at_step": self.step,
-                 "comparison": comparison}, indent=2))
+            with output_dir.writing(self.out / "memory_plan.json", "write the memory plan to"):
+                (self.out / "memory_plan.json").write_text(json.dumps(
+                    {"plan": self.plan.as_dict(), "measured_gib": measured, "measured_at_step": self.step,
+                     "comparison": comparison}, indent=2))
             self.tracker.log_table("memory_plan_vs_actual", ["phase", "component", "plan_gib", "measured_gib", "diff_gib"],
                                    [[ph, name, row["plan_gib"], row["measured_gib"], row["diff_gib"]]
                                     for ph, rows in comparison.items() for name, row in rows.items()])
@@ -558,10 +576,13 @@ class GRPORecipe:
         rows = [examples[c.prompt_index] for c in comps]
         from transformers import TrainerState
 
-        table = score_rewards(self.rewards, [ex["prompt"] for ex in rows],
-                              completions_for_rewards([c.text for c in comps], self.conversational), rows,
-                              completion_ids=[list(c.token_ids) for c in comps],
-                              trainer_state=TrainerState(global_step=self.step, max_steps=self.cfg.train.steps))
+        names = ", ".join(r.name for r in self.rewards)
+        with self.watchdog.phase("reward", f"the rewards ({names}) to score the {len(comps)} completions of step "
+                                           f"{self.step + 1}"):
+            table = score_rewards(self.rewards, [ex["prompt"] for ex in rows],
+                                  completions_for_rewards([c.text for c in comps], self.conversational), rows,
+                                  completion_ids=[list(c.token_ids) for c in comps],
+                                  trainer_state=TrainerState(global_step=self.step, max_steps=self.cfg.train.steps))
         return combine(table, self.reward_weights), table, time.perf_counter() - t0
 
     def save(self) -> None:
@@ -569,28 +590,49 @@ class GRPORecipe:
         size and renames it to ``step_N``: a ``step_N`` folder is always complete."""
         path = self.out / "checkpoints" / f"step_{self.step}"
         staging = output_dir.stage(path)
-        with self.watchdog.phase("save", f"accelerate to save the state of step {self.step} into {staging}"):
-            self.acc.save_state(str(staging))
+        failed = None
+        try:  # a save that cannot be written (full disk, read-only folder) stops the run on every rank, named
+            with output_dir.saving(staging, path, self.step), \
+                    self.watchdog.phase("save", f"accelerate to save the state of step {self.step} into {staging}"):
+                self.acc.save_state(str(staging))
+        except output_dir.WriteError as err:
+            failed = err
         with self._collective(f"the end of the save of step {self.step}"):
-            self.acc.wait_for_everyone()
+            saved = self.acc.gather(torch.tensor([int(failed is None)], device=self.acc.device))
+        if failed is not None:
+            raise failed
+        if not bool(saved.all()):
+            failing = [i for i, ok in enumerate(saved.tolist()) if not ok]
+            raise output_dir.WriteError(f"rank(s) {failing} could not write their part of the checkpoint of step "
+                                        f"{self.step} (their message says why); {self._last_saved()}")
         if self.main:
-            with self.watchdog.phase("save", f"the commit of {path}"):
-                output_dir.commit(staging, path, {"step": self.step, "wandb_id": getattr(self.tracker, "id", None)})
+            # the settings it was trained with, beside it: a resume compares them with its own
+            state = {"step": self.step, "wandb_id": getattr(self.tracker, "id", None), "config": self.cfg.to_dict()}
+            with output_dir.saving(staging, path, self.step), self.watchdog.phase("save", f"the commit of {path}"):
+                output_dir.commit(staging, path, state)
             print(f"saved {path}", flush=True)
         with self._collective(f"the commit of {path.name}"):
             self.acc.wait_for_everyone()
 
-    def _check_rewards(self, rewards: torch.Tensor) -> None:
-        """NaN marks a completion no reward applied to (a reward returned ``None``, as in TRL); infinities,
-        or a step where no completion could be scored at all, stop the run before anything is trained."""
-        if bool(torch.isinf(rewards).any()):
-            raise NonFiniteError(f"{int(torch.isinf(rewards).sum())} of {rewards.numel()} rewards of step "
-                                 f"{self.step + 1} are infinite: reward functions {self.cfg.rewards} must return finite "
-                                 f"numbers (or None to skip a completion); nothing was trained at step {self.step + 1}")
+    def _check_rewards(self, rewards: torch.Tensor, table: torch.Tensor, rows: list[int]) -> None:
+        """TRL's rule: a reward's ``None`` or NaN means it does not apply to that completion; completions no reward
+        scored (NaN total) are named in a warning, once per step, and get no advantage. An infinite reward, or a
+        step where no completion could be scored at all, stops the run before anything is trained."""
+        step = self.step + 1
+        inf = torch.isinf(table)
+        if bool(inf.any()):
+            names = [r.name for j, r in enumerate(self.rewards) if bool(inf[:, j].any())]
+            first = int(inf.any(dim=1).nonzero()[0])
+            raise NonFiniteError(f"{int(inf.sum())} of {table.numel()} rewards of step {step} are infinite (from "
+                                 f"{', '.join(names)}; the first for dataset row {rows[first]}): rewards must be finite "
+                                 f"numbers, or None (or NaN) where they do not apply; nothing was trained at step {step}")
         if rewards.numel() and bool(torch.isnan(rewards).all()):
-            raise NonFiniteError(f"no completion of step {self.step + 1} could be scored: every reward in "
-                                 f"{self.cfg.rewards} returned None or NaN for all {rewards.numel()} of them; nothing "
-                                 f"was trained at step {self.step + 1}")
+            raise NonFiniteError(f"no completion of step {step} could be scored: every reward in "
+                                 f"{[r.name for r in self.rewards]} returned None or NaN for all {rewards.numel()} of "
+                                 f"them; nothing was trained at step {step}")
+        report = unscorable_report(table, self.rewards, rows)
+        if report:
+            logging.getLogger("rollout_sleep.grpo.rewards").warning("step %d: %s", step, report)
 
     @contextlib.contextmanager
     def _stop_on_non_finite(self):
@@ -606,6 +648,12 @@ class GRPORecipe:
         saved = output_dir.saved_steps(self.out / "checkpoints")
         return f"the newest checkpoint is {saved[-1]}" if saved else "no checkpoint was saved yet"
 
+    def _rerun_note(self) -> str:
+        """Where a rerun with the same output_dir goes on from, as a sentence."""
+        saved = output_dir.saved_steps(self.out / "checkpoints")
+        return f"the newest checkpoint is {saved[-1]} (a rerun with the same output_dir resumes from it)." if saved \
+            else "no checkpoint was saved yet (a rerun starts at step 0)."
+
     # ---------------------------------------------------------------- cleanup
     def cleanup(self) -> None:
         if self.main and self.timeline:
@@ -614,22 +662,45 @@ class GRPORecipe:
                 self.tracker.log_image("phase_timeline", png, step=self.step)
         self.tracker.finish()
         self.watchdog.close()
-        if isinstance(getattr(self, "engine", None), EnginePool):
-            self.engine.close()  # engine processes exit and give their GPU memory back
+
+
+# problems the recipe explains itself: their message says what and what to do
+EXPLAINED = (ConfigError, output_dir.RunDirError, NonFiniteError, RewardError)
+
+
+def failure_message(recipe: GRPORecipe | None, err: Exception) -> str:
+    """The one paragraph the console gets when ``err`` stops the run: what failed (the step, if one was running),
+    where the run can go on from, and where the traceback is (the run's log file; the console only where no log
+    file is open yet and the error is not one the recipe explains)."""
+    text = str(err).strip() if isinstance(err, EXPLAINED) else f"{type(err).__name__}: {err}"
+    step = getattr(recipe, "in_step", None)
+    if step is not None and not isinstance(err, (NonFiniteError, output_dir.WriteError)):  # those say it themselves
+        text = f"step {step}: {text.rstrip('.')}. The run stopped; {recipe._rerun_note()}"
+    where = log.log_traceback(err, text)
+    if where is not None:
+        text += f" The traceback is in {where}."
+    elif not isinstance(err, EXPLAINED):
+        import traceback
+
+        traceback.print_exception(err, file=sys.stderr)  # nowhere else to keep it
+    return text
 
 
 def main() -> None:
     args = build_parser().parse_args()
+    recipe = None
     try:
         recipe = GRPORecipe(load_config(args.config, args.overrides))
         recipe.setup()
         recipe.train()
-    except (ConfigError, output_dir.RunDirError, NonFiniteError) as err:
-        # problems the recipe explains itself: the message, not a traceback
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        recipe.cleanup()
+    except output_dir.NothingToTrain as done:
+        print(done, flush=True)
+        os._exit(0)
+    except Exception as err:  # noqa: BLE001 - every error ends in one message (a step's: traceback in the log)
+        print(f"error: {failure_message(recipe, err)}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(2 if isinstance(err, ConfigError) else 1)
-    recipe.cleanup()
     os._exit(0)  # vLLM's in-process teardown is slow and would tear down accelerate's process group
 
 

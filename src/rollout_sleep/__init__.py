@@ -19,6 +19,10 @@ __version__ = "0.1.0"
 # Public name -> the module (under rollout_sleep) that defines it. Adding a name is one line here (and one in
 # the TYPE_CHECKING block below). Everything else is imported from its module (``rollout_sleep.run.config``, ...).
 _EXPORTS: dict[str, str] = {
+    # the engine contract (Engine and RemoteEngine implement it)
+    "RolloutEngine": "engine.contract",
+    "UnsupportedOperation": "engine.contract",
+    "EngineClosedError": "engine.contract",
     # the colocated engine
     "Engine": "engine.engine",
     "EngineStateError": "engine.state",
@@ -55,6 +59,7 @@ __all__ = sorted([*_EXPORTS, "versions"])
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time names load lazily through __getattr__
     from .engine.completion import Completion
+    from .engine.contract import EngineClosedError, RolloutEngine, UnsupportedOperation
     from .engine.engine import Engine
     from .engine.memory import kv_cache_bytes_for
     from .engine.phases import CycleReport

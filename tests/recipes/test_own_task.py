@@ -65,6 +65,6 @@ def test_example_runs_end_to_end_with_a_reward_model(in_root, tmp_path, reward_c
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
         assert r["rewards/gsm8k_correct/mean"] == 0.0 and r["rewards/rm/std"] > 0 and r["unscorable"] == 0
-        assert r["reward_mean"] == pytest.approx(0.2 * r["rewards/gsm8k_format/mean"] + 0.5 * r["rewards/rm/mean"]
-                                                 + r["rewards/gsm8k_correct/mean"], abs=1e-5)
+        assert r["reward"] == pytest.approx(0.2 * r["rewards/gsm8k_format/mean"] + 0.5 * r["rewards/rm/mean"]
+                                            + r["rewards/gsm8k_correct/mean"], abs=1e-5)
         assert r["sampling_logp_diff"] < 1e-3 and r["reward_s"] > 0

@@ -30,12 +30,6 @@ def test_malformed_overrides_name_the_problem(override, message):
         load_config(None, [override])
 
 
-def test_engine_processes_need_whole_model_engines():
-    assert load_config(None, ["engine.processes=2"]).engine.processes == 2
-    with pytest.raises(ConfigError, match="engine.processes .2. > 1 needs engine.tensor_parallel_size 1, got 2"):
-        load_config(None, ["engine.processes=2", "engine.tensor_parallel_size=2"])
-
-
 def test_unreadable_and_non_mapping_files(tmp_path):
     with pytest.raises(ConfigError, match="cannot read config"):
         load_config(tmp_path / "missing.yaml")
@@ -63,7 +57,6 @@ def test_unreadable_and_non_mapping_files(tmp_path):
     ("watchdog.generate_s=-5", "watchdog.generate_s must be >= 0"),
     ("train.update_check_every=-1", "train.update_check_every must be >= 0, got -1"),
     ("rewards=arithmetic_exact", "rewards must be a list of strings"),
-    ("engine.processes=0", "engine.processes must be >= 1, got 0"),
 ])
 def test_every_field_is_checked_up_front(override, message):
     with pytest.raises(ConfigError, match=message):

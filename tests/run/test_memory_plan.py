@@ -99,7 +99,7 @@ def test_recipe_prints_the_plan_and_refuses_before_the_engine_starts(tmp_path, m
         built.append(kwargs)
         raise RuntimeError("the engine was reached")
 
-    monkeypatch.setattr(recipe, "Engine", no_engine)
+    monkeypatch.setattr(recipe, "build_engine", no_engine)
     args = [f"output_dir={tmp_path / 'run'}", "train.memory_budget_gib=0.5", "train.memory_headroom_gib=0.1"]
     with pytest.raises(recipe.ConfigError, match=r"(?s)the memory plan does not fit.*rollout needs .* GiB of the 0.50 GiB"):
         recipe.GRPORecipe(recipe.load_config(str(CONFIG), args)).setup()

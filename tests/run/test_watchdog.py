@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import textwrap
 import time
 
 import pytest
@@ -88,3 +89,34 @@ def test_a_huge_watchdog_timeout_means_no_limit_not_a_crash():
         pass
     assert wd._thread.is_alive()
     wd.close()
+
+
+NESTED = textwrap.dedent('''
+    import sys, time
+    from rollout_sleep.run.watchdog import Watchdog
+
+    before, inner_limit, inner_s, after = (float(x) for x in sys.argv[1:])
+    wd = Watchdog({"outer": 2.0, "inner": inner_limit}, grace_s=30)
+    with wd.phase("outer", "the outer block"):
+        time.sleep(before)
+        with wd.phase("inner", "the inner block"):
+            time.sleep(inner_s)
+        time.sleep(after)
+    wd.close()
+    print("finished")
+''')
+
+
+@pytest.mark.parametrize("before, inner_limit, inner_s, after, blamed", [
+    (0.2, 0.0, 3.0, 0.2, None),  # an unwatched inner phase longer than the outer's limit: the outer is paused
+    (0.2, 1.0, 3.0, 0.2, "inner"),  # a watched inner phase that stalls: named, under its own limit
+    (1.2, 0.0, 1.0, 1.5, "outer"),  # the outer's clock runs on after the inner phase (not started over)
+])
+def test_nested_phases_blame_the_innermost(before, inner_limit, inner_s, after, blamed):
+    proc = subprocess.run([sys.executable, "-c", NESTED, str(before), str(inner_limit), str(inner_s), str(after)],
+                          capture_output=True, text=True, timeout=120)
+    out = proc.stdout + proc.stderr
+    if blamed is None:
+        assert proc.returncode == 0 and "finished" in out, out
+    else:
+        assert proc.returncode == EXIT_CODE and f"in phase '{blamed}'" in out and "finished" not in out, out

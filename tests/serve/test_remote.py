@@ -110,6 +110,9 @@ def test_remote_wake_keeps_the_reload_error_when_finishing_the_wake_fails(ckpts)
         def is_sleeping(self):
             return False
 
+        def server_info(self):
+            return {"model_config": {"dtype": "torch.float32"}, "device_config": {"device": "cpu"}}
+
         def sleep(self, level):
             return {}
 

@@ -97,8 +97,8 @@ def test_fp8_direct_load_and_verify_through_vllms_fp8_layout():
     """The direct route writes each fused linear as vLLM's loader would (the shards concatenated, one scale);
     verify passes on it and names the tensors of a linear whose FP8 bits or scale differ."""
     from rollout_sleep.engine.loader import Loader
-    from rollout_sleep.weights.verify import verify
     from rollout_sleep.weights.spec import TensorSpec
+    from rollout_sleep.weights.verify import verify_in_process  # a stand-in engine: the in-process check itself
 
     vmodel = _fake_fp8_vllm()
     spec = {n: TensorSpec(s, torch.bfloat16) for n, s in SHAPES.items()}
@@ -128,14 +128,14 @@ def test_fp8_direct_load_and_verify_through_vllms_fp8_layout():
 
     engine = SimpleNamespace(spec=spec, tied=False, dtype=torch.bfloat16, tensor_parallel_size=1,
                              require_awake=lambda what: None, run_on_model=lambda fn: fn(vmodel))
-    report = verify(engine, trainer)
+    report = verify_in_process(engine, trainer)
     assert report.ok and report.compared == len(SHAPES), report
     assert 0 < report.max_abs_diff < 0.01  # the quantization error, against the dequantized engine weight
 
     gate_up = modules[f"{L}mlp.gate_up_proj"]
     gate_up.weight_scale.mul_(1.5)  # the scale alone
     qkv.weight.data.view(torch.uint8)[3, 5] ^= 1  # one FP8 bit of the fused q/k/v
-    report = verify(engine, trainer)
+    report = verify_in_process(engine, trainer)
     assert not report.ok and set(report.mismatched) == {f"{L}self_attn.{p}_proj.weight" for p in "qkv"} | {
         f"{L}mlp.gate_proj.weight", f"{L}mlp.up_proj.weight"}
 
@@ -146,7 +146,7 @@ def test_fp8_direct_load_and_verify_through_vllms_fp8_layout():
                        method="direct")
     subset = {n: weights[n] for n in (f"{L}mlp.gate_proj.weight", f"{L}mlp.up_proj.weight")}
     loader.load(loader.prepare(subset, strict=False, method="direct"))  # whole groups: written
-    assert set(verify(engine, trainer).mismatched) == {f"{L}self_attn.{p}_proj.weight" for p in "qkv"}
+    assert set(verify_in_process(engine, trainer).mismatched) == {f"{L}self_attn.{p}_proj.weight" for p in "qkv"}
 
 
 def test_fp8_refused_on_cpu_before_vllm_starts(ckpts, tmp_path):
@@ -158,6 +158,8 @@ def test_fp8_refused_on_cpu_before_vllm_starts(ckpts, tmp_path):
     with pytest.raises(ValueError, match="unknown engine quantization 'int4'"):
         Engine(ckpts["tied0"], quantization="int4")
     with pytest.raises(ConfigError, match="set model.dtype=bfloat16"):
-        load_config("configs/tiny-cpu.yaml", ["engine.quantization=fp8"])
-    assert load_config("configs/tiny-cpu.yaml", ["engine.quantization=fp8", "model.dtype=bfloat16"]).engine \
-        .quantization == "fp8"
+        load_config("configs/tiny-cpu.yaml", ["engine.quantization=fp8"], device="cuda")
+    with pytest.raises(ConfigError, match="engine.quantization=fp8 on CPU: vLLM's CPU build has no FP8"):
+        load_config("configs/tiny-cpu.yaml", ["engine.quantization=fp8", "model.dtype=bfloat16"])
+    assert load_config("configs/tiny-cpu.yaml", ["engine.quantization=fp8", "model.dtype=bfloat16"],
+                       device="cuda").engine.quantization == "fp8"

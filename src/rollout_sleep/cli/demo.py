@@ -29,21 +29,24 @@ def run_demo(steps: int = 12, prompts_per_step: int = 8, generations: int = 8, m
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM
 
-    from rollout_sleep.weights.checkpoints import make_checkpoint
-    from rollout_sleep.grpo.data import synthetic_arithmetic
-    from rollout_sleep.engine.engine import Engine
     from rollout_sleep.engine.memory import kv_cache_bytes_for
+    from rollout_sleep.grpo.data import synthetic_arithmetic
     from rollout_sleep.grpo.loss import GRPOLoss
-    from rollout_sleep.run.manager import RolloutManager
     from rollout_sleep.grpo.rewards import score
+    from rollout_sleep.run.config import load_config
+    from rollout_sleep.run.factory import build_engine
+    from rollout_sleep.run.manager import RolloutManager
+    from rollout_sleep.weights.checkpoints import make_checkpoint
 
     torch.manual_seed(seed)
     work = Path(workdir or tempfile.mkdtemp(prefix="rollout-sleep-demo-"))
     ckpt = make_checkpoint(work / "tiny", "tiny", seed=seed, dtype="float32")
     # a KV cache for one rollout, not a share of the GPU: a GPU wake then maps (and a reset clears) only that
     max_len = 64 + max_tokens  # the arithmetic prompts are ~20 tokens
-    engine = Engine(ckpt, dtype="float32", seed=seed, use_tqdm_on_load=bool(verbose), max_model_len=max_len,
-                    kv_cache_bytes=kv_cache_bytes_for(ckpt, prompts_per_step * generations * max_len))
+    kv = kv_cache_bytes_for(ckpt, prompts_per_step * generations * max_len)
+    cfg = load_config(None, ["model.dtype=float32", f"train.seed={seed}", f"engine.max_model_len={max_len}",
+                             f"engine.kv_cache_bytes={kv}", "engine.keep_trainer_cache=false"])
+    engine = build_engine(cfg, ckpt, use_tqdm_on_load=bool(verbose))
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     manager = RolloutManager(engine, model, sleep_level=2, verify_every=1)
@@ -63,10 +66,10 @@ def run_demo(steps: int = 12, prompts_per_step: int = 8, generations: int = 8, m
         with manager.training():
             stats = loss.step(model, optimizer, prompt_ids, comps, rewards)
         manager.sync()
-        metrics = {**manager.end_step(), **stats, "reward_mean": float(rewards.mean())}
+        metrics = {**manager.end_step(), **stats, "reward": float(rewards.mean())}
         rows.append(metrics)
-        history.append(metrics["reward_mean"])
-        bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}")
+        history.append(metrics["reward"])
+        bar.set_postfix(reward=f"{metrics['reward']:.3f}")
     if not quiet:
         print_table(rows)
         k = max(1, steps // 4)

@@ -70,16 +70,19 @@ def _soak(cycles: int, *, size: str, warmup: int, max_growth_mib: float, out: st
     import torch
     from transformers import AutoModelForCausalLM
 
-    from rollout_sleep.weights.checkpoints import make_checkpoint
-    from rollout_sleep.engine.engine import Engine
     from rollout_sleep.engine.memory import memory_gib
+    from rollout_sleep.run.config import load_config
+    from rollout_sleep.run.factory import build_engine
+    from rollout_sleep.weights.checkpoints import make_checkpoint
     from rollout_sleep.weights.stream import WeightStream
     from rollout_sleep.weights.verify import verify
 
     cuda = torch.cuda.is_available()
     dtype = dtype or ("bfloat16" if cuda else "float32")
     ckpt = make_checkpoint(work / "model", size, seed=0, dtype=dtype)
-    engine = Engine(ckpt, dtype=dtype, seed=0, **({"gpu_memory_utilization": 0.35} if cuda else {}))
+    cfg = load_config(None, [f"model.dtype={dtype}", "engine.max_model_len=null", "engine.keep_trainer_cache=false",
+                             "engine.gpu_memory_utilization=0.35"])
+    engine = build_engine(cfg, ckpt)  # vLLM's own KV sizing
     device = "cuda" if cuda else "cpu"
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=getattr(torch, dtype)).to(device)
     # Adam moves every weight by ~lr each step: well above bf16's resolution, so each sync changes the model

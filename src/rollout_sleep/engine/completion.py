@@ -1,4 +1,5 @@
-"""What a rollout returns (:class:`Completion`) and how it is read out of vLLM's request outputs cheaply."""
+"""What a rollout returns (:class:`Completion`), how it is read out of vLLM's request outputs cheaply, and
+the one check that vLLM samples at the temperature asked (:func:`temperature_problem`)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,35 @@ def fast_output_kwargs(sampling_kwargs: dict) -> dict:
     if not out.get("stop"):
         out.setdefault("detokenize", False)
     return out
+
+
+def temperature_problem(temperature: float, key: str = "temperature") -> str | None:
+    """Why vLLM would not sample at exactly ``temperature``, or ``None``. vLLM raises a temperature between 0 and
+    its floor (``_MAX_TEMP``, 0.01 in vLLM 0.26-0.32) to that floor, with only a log line; a trainer that scores
+    the completions at the asked temperature would then compare other distributions than vLLM sampled from
+    (at 1e-4 the log-probs differ by ~0.6 per token). Asks the installed vLLM's ``SamplingParams``, without
+    starting an engine. The one check of it: the recipe (``train.temperature``) and the TRL plugin
+    (``GRPOConfig.temperature``) call it."""
+    import logging
+
+    from vllm import SamplingParams
+
+    vllm_logger = logging.getLogger("vllm")
+    quiet = vllm_logger.level
+    vllm_logger.setLevel(logging.ERROR)  # its clamp warning: this function says it better
+    try:
+        sampled = SamplingParams(temperature=temperature).temperature
+    except Exception as err:  # vLLM's validation error (a ValueError in some versions, not in 0.32)
+        return f"{key}={temperature} is refused by vLLM: {err}"
+    finally:
+        vllm_logger.setLevel(quiet)
+    if sampled == temperature:
+        return None
+    low = sampled > temperature
+    return (f"{key}={temperature:g} is {'below' if low else 'above'} vLLM's {'lowest' if low else 'highest'} "
+            f"sampling temperature: vLLM would sample at {sampled:g} while the trainer scores the completions at "
+            f"{temperature:g}, so every log-prob ratio would compare two different distributions. Set "
+            f"{key}={sampled:g}" + (" or higher" if low else " or lower"))
 
 
 def sampled_logprobs(logprobs: Any, token_ids: list[int]) -> list[float]:

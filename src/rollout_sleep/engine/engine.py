@@ -34,6 +34,7 @@ from rollout_sleep.weights.fp8 import check_quantization
 from rollout_sleep.weights.spec import TensorSpec, read_checkpoint_spec, ties_head
 
 from .completion import Completion, fast_output_kwargs, sampled_logprobs
+from .contract import as_prompts, closing, operation
 from .loader import Loader
 from .memory import (WakeBudget, keeping_cache, map_kv_cache, memory_gib, release_kv_cache,
                      sleep_mode_available)
@@ -128,7 +129,7 @@ class Engine(SleepState):
             kwargs["enforce_eager"] = not self.on_cuda and not asked
         t0 = time.perf_counter()
         llm = LLM(**kwargs)
-        self._bind(llm, startup_seconds=time.perf_counter() - t0)
+        self._bind(llm, startup_seconds=time.perf_counter() - t0, owned=True)
 
     def _describe(self, model_path: str | os.PathLike, load_method: str) -> None:
         """What the engine knows of its checkpoint and device before holding a ``vllm.LLM``."""
@@ -141,9 +142,12 @@ class Engine(SleepState):
                              sleep_mode=self.sleep_mode, load_method=load_method)
         self.memory_before_gib = memory_gib()[1]
 
-    def _bind(self, llm: Any, startup_seconds: float) -> None:
-        """Take ``llm`` as this engine's vLLM, awake, with complete weights."""
-        self.llm = llm
+    def _bind(self, llm: Any, startup_seconds: float, owned: bool) -> None:
+        """Take ``llm`` as this engine's vLLM, awake, with complete weights (``owned``: built here, so
+        :meth:`close` shuts it down)."""
+        self.llm, self._owns_llm = llm, owned
+        self._dtype = llm.llm_engine.model_config.dtype  # still readable once closed
+        self._tensor_parallel_size = llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size
         self._wake_budget = WakeBudget()  # GPU memory a wake maps (measured at the last wake)
         self.startup_seconds = startup_seconds
         self.memory_loaded_gib = memory_gib()[1]
@@ -155,13 +159,15 @@ class Engine(SleepState):
     def attach(cls, llm: Any, model_path: str | os.PathLike, load_method: str = "auto") -> "Engine":
         """Wrap an existing in-process ``vllm.LLM`` (built by another library, e.g. TRL) without rebuilding it.
 
-        The other library keeps driving sleep and wake; use :meth:`push` to load weights into it.
+        The other library keeps driving sleep and wake, and owns ``llm``: :meth:`close` releases this wrapper
+        only. Use :meth:`push` to load weights into it.
         """
         self = cls.__new__(cls)
         self._describe(model_path, load_method)
-        self._bind(llm, startup_seconds=0.0)
+        self._bind(llm, startup_seconds=0.0, owned=False)
         return self
 
+    @operation("push weights")
     def push(self, weights: Any, *, method: str | None = None, strict: bool = True,
              reset_prefix_cache: bool = True) -> CycleReport:
         """Validate and load weights, then reset the prefix cache, without touching the sleep state.
@@ -182,7 +188,7 @@ class Engine(SleepState):
     # ------------------------------------------------------------------ state
     @property
     def dtype(self) -> torch.dtype:
-        return self.llm.llm_engine.model_config.dtype
+        return self._dtype
 
     @property
     def quantization(self) -> str | None:
@@ -192,7 +198,7 @@ class Engine(SleepState):
     @property
     def tensor_parallel_size(self) -> int:
         """vLLM's tensor-parallel size (each rank holds a shard of the sharded weights)."""
-        return self.llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size
+        return self._tensor_parallel_size
 
     @property
     def load_method(self) -> str:
@@ -221,12 +227,13 @@ class Engine(SleepState):
                 "so the engine holds a mix of old and new weights; call load_weights(...) with a complete set first")
 
     # --------------------------------------------------------------- generate
+    @operation("generate")
     def generate(self, prompts: Iterable[str] | Iterable[list[int]], sampling: Any = None, *,
                  use_tqdm: bool = False, lora_request: Any = None, **sampling_kwargs: Any) -> list[Completion]:
         """Sample completions for text prompts or token-id prompts.
 
         Args:
-            prompts: strings, or lists of token ids.
+            prompts: a string (one prompt), a list of token ids (one tokenized prompt), or a list of those.
             sampling: *optional*, a ``vllm.SamplingParams``; otherwise ``sampling_kwargs`` build one
                 (``n``, ``max_tokens``, ``temperature``, ...). Log-probs of the sampled tokens are on by default.
             lora_request: *optional*, generate through this LoRA adapter
@@ -245,12 +252,9 @@ class Engine(SleepState):
             sampling = SamplingParams(**fast_output_kwargs(sampling_kwargs))
         elif sampling_kwargs:
             raise TypeError("pass either a SamplingParams or keyword arguments, not both")
-        inputs = []
-        for p in prompts:
-            if isinstance(p, str):
-                inputs.append(p)
-            else:
-                inputs.append({"prompt_token_ids": [int(t) for t in p]})
+        inputs = [p if isinstance(p, str) else {"prompt_token_ids": p} for p in as_prompts(prompts)]
+        if not inputs:
+            return []
         extra = {"lora_request": lora_request} if lora_request is not None else {}
         outputs = self.llm.generate(inputs, sampling, use_tqdm=use_tqdm, **extra)
         result = []
@@ -265,6 +269,7 @@ class Engine(SleepState):
                 c.text = text.rstrip("\ufffd")  # as vLLM's incremental detokenizer: no incomplete UTF-8 tail
         return result
 
+    @operation("score")
     def score(self, sequences: Iterable[list[int]]) -> list[list[float]]:
         """Log-prob of every token of each sequence given its prefix (the first token has none).
 
@@ -280,6 +285,7 @@ class Engine(SleepState):
                 for o in outs]
 
     # ------------------------------------------------------------------ sleep
+    @operation("sleep")
     def sleep(self, level: int = 2) -> CycleReport:
         """Put the engine to sleep. Level 2 discards weights and KV cache (GPU memory returned); level 1
         offloads the weights to host memory; level 0 releases the KV cache only and leaves the weights
@@ -301,6 +307,7 @@ class Engine(SleepState):
         return report
 
     # ------------------------------------------------------------------- wake
+    @operation("wake up")
     def wake_up(self, weights: Any = None, *, reload_checkpoint: bool = False, method: str | None = None,
                 strict: bool = True) -> CycleReport:
         """Wake in the memory-safe order: weights buffers → load → KV cache → reset the prefix cache.
@@ -353,6 +360,7 @@ class Engine(SleepState):
         self._wake_budget.after_wake(report, free_before_map)
         return report
 
+    @operation("load weights")
     def load_weights(self, weights: Any, *, method: str | None = None, strict: bool = True,
                      reset_prefix_cache: bool = True) -> CycleReport:
         """Replace the weights of an awake engine, then reset its prefix cache.
@@ -370,6 +378,7 @@ class Engine(SleepState):
         report.kind = "load"
         return report
 
+    @operation("reset the prefix cache")
     def reset_prefix_cache(self) -> None:
         """Drop cached prefixes (computed with the previous weights)."""
         self.require_awake("reset the prefix cache")
@@ -380,14 +389,24 @@ class Engine(SleepState):
         if ok is False:  # newer vLLM: False while blocks are still held by running requests
             raise EngineStateError("vLLM refused to reset the prefix cache (requests still hold blocks)")
 
+    @operation("run a function on the model")
     def run_on_model(self, fn: Callable[[torch.nn.Module], Any]) -> Any:
         """Run ``fn(model)`` on vLLM's model in this process (tensor parallel rank 0) and return its result."""
         return self.llm.apply_model(fn)[0]
 
+    @operation("verify weights")
+    def verify_weights(self, model: Any) -> Any:
+        """The bitwise proof that the engine holds ``model``'s weights (:func:`rollout_sleep.weights.verify.verify`)."""
+        from rollout_sleep.weights.verify import verify_in_process
+
+        return verify_in_process(self, model)
+
+    @closing
     def close(self) -> None:
-        """Shut the engine down (vLLM does not give GPU memory back in-process; see the README)."""
+        """Shut the engine down (vLLM does not give GPU memory back in-process; see the README); an attached
+        engine (:meth:`attach`) leaves the other library's ``vllm.LLM`` running."""
         llm, self.llm = getattr(self, "llm", None), None
-        if llm is not None:
+        if llm is not None and self._owns_llm:
             engine = getattr(llm, "llm_engine", None)
             core = getattr(engine, "engine_core", None)
             if core is not None and hasattr(core, "shutdown"):

@@ -73,7 +73,7 @@ def load_then_finish(load, finish, what: str = "load", state=lambda: "") -> None
 
 
 class SleepState:
-    """The awake / asleep(level) state shared by the in-process and the remote engine.
+    """The awake / asleep(level) / closed state shared by the in-process and the remote engine.
 
     ``subject`` names the thing in messages ("engine" / "server"); ``_level`` is ``None`` while awake.
     """
@@ -83,9 +83,22 @@ class SleepState:
     subject = "engine"
     asleep_risk = "vLLM would block or read discarded memory"  # what a request while asleep would do
 
+    _closed = False
+
     @property
     def state(self) -> str:
+        if self._closed:
+            return "closed"
         return "awake" if self._level is None else f"asleep(level={self._level})"
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def mark_closed(self) -> None:
+        """From now on every call is refused (:func:`rollout_sleep.engine.contract.operation`); neither awake
+        nor asleep."""
+        self._closed, self._level = True, None
 
     @property
     def is_asleep(self) -> bool:

@@ -14,6 +14,7 @@ text, or ``[{"role": "assistant", "content": text}]``.
 
 from __future__ import annotations
 
+import functools
 import random
 from pathlib import Path
 
@@ -42,17 +43,172 @@ def load_prompts(source: str, *, prompt_column: str = "prompt", split: str = "tr
     if not path.exists():
         raise FileNotFoundError(f"dataset {source!r} not found (use 'synthetic' or a local path)")
     kinds = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-    if path.is_file():
-        if path.suffix not in kinds:
-            raise ValueError(f"unsupported dataset file {path.name!r}; use one of {sorted(kinds)}")
-        ds = load_dataset(kinds[path.suffix], data_files=str(path), split=split)
-    else:
-        ds = load_dataset(str(path), split=split)
+    if path.is_file() and path.suffix not in kinds:
+        raise ValueError(f"unsupported dataset file {path.name!r}; use one of {sorted(kinds)}")
+    for f in _text_files(path):  # pyarrow reads bytes that are not UTF-8 into the rows, to fail when one is read
+        problem = _decode_problem(f)
+        if problem:
+            raise ValueError(problem)
+    try:
+        if path.is_file():
+            ds = load_dataset(kinds[path.suffix], data_files=str(path), split=split)
+        else:
+            ds = load_dataset(str(path), split=split)
+    except StopIteration:  # an empty file (the recipe says "it has no rows")
+        raise
+    except Exception as err:  # datasets' own messages name neither the file nor the line
+        raise ValueError(file_problem(path, err)) from err
     if prompt_column not in ds.column_names:
         raise KeyError(f"dataset {source!r} has no column {prompt_column!r}; columns: {ds.column_names}")
     if prompt_column != "prompt":
         ds = ds.rename_column(prompt_column, "prompt")
-    return ds.select(range(min(n, len(ds)))) if n else ds
+    if n and n > len(ds):
+        raise ValueError(f"it has {len(ds)} rows, fewer than data.num_prompts={n}: lower data.num_prompts, or set it "
+                         f"to null to use every row")
+    return ds.select(range(n)) if n else ds
+
+
+_CHUNK = 1 << 20  # bytes read at a time when checking a text file's encoding
+
+
+def _text_files(path: Path) -> list[Path]:
+    """The JSON Lines / JSON / CSV files of a dataset file or folder."""
+    if path.is_file():
+        return [path] if path.suffix in (".jsonl", ".json", ".csv") else []
+    return sorted(f for f in path.rglob("*") if f.suffix in (".jsonl", ".json", ".csv") and f.is_file()
+                  and not any(part.startswith(".") for part in f.relative_to(path).parts))
+
+
+def _decode_problem(path: Path) -> str | None:
+    """Where a text file stops being UTF-8 (line, column, byte), or ``None``; read in chunks."""
+    import codecs
+
+    with open(path, "rb") as fh:
+        head = fh.read(2)
+        if head in (b"\xff\xfe", b"\xfe\xff"):
+            return (f"dataset file {str(path)!r} is UTF-16 text (it starts with a UTF-16 byte-order mark), not "
+                    f"UTF-8: save it as UTF-8")
+        fh.seek(0)
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        line, line_start, offset = 1, 0, 0
+        while True:
+            chunk = fh.read(_CHUNK)
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as err:
+                data = decoder.getstate()[0] + chunk  # bytes the decoder still held come first
+                base = offset - len(decoder.getstate()[0])
+                bad = err.start
+                line += data.count(b"\n", 0, bad)
+                last = data.rfind(b"\n", 0, bad)
+                column = bad - last if last >= 0 else base + bad - line_start + 1
+                return (f"dataset file {str(path)!r} is not UTF-8 text: line {line} has byte 0x{data[bad]:02x} at "
+                        f"byte {column} of the line ({err.reason}). Save the file as UTF-8 (from Latin-1, for instance: "
+                        f"iconv -f latin1 -t utf-8 {path.name} > utf8-{path.name})")
+            if not chunk:
+                return None
+            newlines = chunk.count(b"\n")
+            if newlines:
+                line += newlines
+                line_start = offset + chunk.rfind(b"\n") + 1
+            offset += len(chunk)
+
+
+def _format_problem(path: Path, text: str) -> str | None:
+    """The first line a JSON Lines, JSON or CSV file cannot be parsed at, or ``None``."""
+    import csv
+    import io
+    import json
+
+    if path.suffix == ".jsonl" or (path.suffix == ".json" and not text.lstrip().startswith("[")):
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                if path.suffix == ".json" and number == 1:
+                    break  # one JSON document spread over lines: parsed whole below
+                return f"dataset file {str(path)!r}: line {number} is not valid JSON ({err.msg} at column {err.colno})"
+            if not isinstance(row, dict):
+                return (f"dataset file {str(path)!r}: line {number} is a JSON {type(row).__name__}, not an object "
+                        f"(one {{\"prompt\": ...}} object per line)")
+        else:
+            return None
+    if path.suffix == ".json":
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as err:
+            return f"dataset file {str(path)!r} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}"
+    if path.suffix == ".csv":
+        rows = csv.reader(io.StringIO(text))
+        header = next(rows, [])
+        for number, row in enumerate(rows, 2):
+            if row and len(row) != len(header):
+                return (f"dataset file {str(path)!r}: line {number} has {len(row)} fields, the header has "
+                        f"{len(header)} ({', '.join(header)}); quote fields that hold commas")
+    return None
+
+
+def file_problem(path: Path, err: Exception) -> str:
+    """What is wrong with the dataset at ``path`` that ``load_dataset`` failed to read (``err``), named by file,
+    line and fix where the file shows it: not UTF-8, a line that is not JSON, a CSV row with other columns."""
+    for f in _text_files(path):
+        problem = _decode_problem(f) or _format_problem(f, f.read_text(encoding="utf-8"))
+        if problem:
+            return problem
+    cause = err
+    while cause.__cause__ is not None or cause.__context__ is not None:  # datasets wraps the reader's error
+        cause = cause.__cause__ or cause.__context__
+    where = f"dataset file {str(path)!r}" if path.is_file() else f"dataset folder {str(path)!r}"
+    return f"{where} cannot be read: {type(cause).__name__}: {cause}"
+
+
+def check_rows(ds, source: str, num_prompts: int | None, per_step: int) -> str | None:
+    """The problem (or ``None``) with a dataset too small for one step: with fewer rows than
+    ``train.prompts_per_step`` every step would hold some prompts twice, so the recipe refuses it (TRL's
+    sampler yields no batch from such a dataset at all)."""
+    if len(ds) >= per_step:
+        return None
+    used = f"the first {num_prompts} rows (data.num_prompts)" if num_prompts else f"{len(ds)} rows"
+    return (f"data.dataset {source!r} gives {used}, fewer than train.prompts_per_step ({per_step}): every step "
+            f"would repeat prompts within itself. Lower train.prompts_per_step to {len(ds)} or less, or use more rows "
+            f"({'raise data.num_prompts, ' if num_prompts else ''}a larger dataset)")
+
+
+@functools.lru_cache(maxsize=2)  # the epoch a step reads and the next one
+def epoch_order(epoch: int, rows: int, seed: int) -> tuple[int, ...]:
+    """The permutation of all ``rows`` that epoch ``epoch`` reads, drawn from ``seed`` and the epoch number only
+    (numpy's generator, seeded by a hash of the two: the same on every machine and Python version)."""
+    import hashlib
+
+    import numpy as np
+
+    key = hashlib.sha256(f"rollout-sleep data order: seed {seed}, epoch {epoch}".encode()).digest()
+    return tuple(np.random.default_rng(int.from_bytes(key[:8], "little")).permutation(rows).tolist())
+
+
+def step_rows(step: int, rows: int, per_step: int, seed: int) -> list[int]:
+    """The dataset rows step ``step`` (counted from 0) trains on.
+
+    The steps read one stream of epochs, each a fresh seeded permutation of the whole dataset
+    (:func:`epoch_order`), ``per_step`` rows at a time; a step that crosses an epoch's end continues into the
+    next epoch's permutation (so such a step may hold a row twice, once from each epoch). A function of its
+    arguments only: a run resumed at any step draws exactly the rows an uninterrupted run would.
+
+    >>> [step_rows(s, 6, 4, seed=0) for s in range(3)]
+    [[3, 2, 0, 5], [1, 4, 2, 0], [3, 1, 4, 5]]
+    """
+    if rows < 1 or per_step < 1:
+        raise ValueError(f"step_rows needs rows >= 1 and per_step >= 1, got {rows} and {per_step}")
+    out: list[int] = []
+    position = step * per_step
+    while len(out) < per_step:
+        epoch, offset = divmod(position, rows)
+        taken = epoch_order(epoch, rows, seed)[offset: offset + per_step - len(out)]
+        out += taken
+        position += len(taken)
+    return out
 
 
 def is_conversational(ds) -> bool:
@@ -101,10 +257,38 @@ def _prompt_problem(prompt) -> str | None:
     return None
 
 
-def check_prompts(ds, tokenizer, max_model_len: int | None, max_tokens: int) -> None:
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "model_max_length",
+                "max_sequence_length", "max_seq_length", "seq_len")
+"""The config.json keys vLLM reads a model's context length from (it takes the smallest present)."""
+
+
+def model_context(model_path: str) -> tuple[int, str] | None:
+    """The context length vLLM gives a model when ``engine.max_model_len`` is null, with the config key it comes
+    from: the smallest of :data:`CONTEXT_KEYS` in its ``config.json`` (or its ``text_config``). ``None`` where
+    it cannot tell: no such key, or a RoPE scaling that stretches the context (vLLM then derives it itself)."""
+    import json
+
+    try:
+        raw = json.loads((Path(model_path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    raw = raw.get("text_config") or raw
+    scaling = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default")) if isinstance(scaling, dict) else "default"
+    if kind not in (None, "default") and scaling.get("factor", 1) != 1:
+        return None
+    found = [(raw[k], k) for k in CONTEXT_KEYS if isinstance(raw.get(k), int) and raw[k] > 0]
+    return min(found) if found else None
+
+
+def check_prompts(ds, tokenizer, max_model_len: int | None, max_tokens: int,
+                  context_from: str = "engine.max_model_len") -> None:
     """Raise ``ValueError`` naming the rows the recipe could not generate from, before the engine starts: an
-    empty dataset, a prompt that is neither text nor messages with a ``role`` and ``content`` each, or a
-    prompt whose tokens leave no room for a completion within ``max_model_len``."""
+    empty dataset, a prompt that is neither text nor messages with a ``role`` and ``content`` each, a prompt
+    whose tokens leave no room for a completion within the context ``max_model_len`` (named ``context_from``
+    in the messages: the setting or the model config key it comes from; vLLM refuses a prompt longer than it),
+    or ``max_tokens`` beyond it. Prompts whose completions would be cut short of ``max_tokens`` get a warning
+    naming them."""
     import logging
 
     if len(ds) == 0:
@@ -115,19 +299,25 @@ def check_prompts(ds, tokenizer, max_model_len: int | None, max_tokens: int) -> 
                          "; ".join(f"row {i} {why}" for i, why in bad[:3]))
     if max_model_len is None:
         return
+    if max_tokens > max_model_len:
+        raise ValueError(f"train.max_tokens ({max_tokens}) exceeds the context, {context_from} ({max_model_len}): "
+                         f"vLLM refuses such a request; lower train.max_tokens")
     try:
         lengths = [len(ids) for ids in prompt_token_ids(tokenizer, list(ds["prompt"]))]
     except Exception as err:  # e.g. a chat template that refuses the roles' order (jinja2's TemplateError)
         raise ValueError(f"the prompts cannot be tokenized: {type(err).__name__}: {err}") from err
     long = [(i, n) for i, n in enumerate(lengths) if n >= max_model_len]
     if long:
-        raise ValueError(f"{len(long)} prompt(s) have >= engine.max_model_len ({max_model_len}) tokens, leaving no "
+        raise ValueError(f"{len(long)} prompt(s) have >= {context_from} ({max_model_len}) tokens, leaving no "
                          f"room for a completion, e.g. " + ", ".join(f"row {i}: {n} tokens" for i, n in long[:3]) +
-                         ": raise engine.max_model_len, or filter or shorten those prompts")
-    if max(lengths) + max_tokens > max_model_len:
+                         ": filter or shorten those prompts"
+                         + (", or raise engine.max_model_len" if context_from == "engine.max_model_len" else ""))
+    cut = [(i, n) for i, n in enumerate(lengths) if n + max_tokens > max_model_len]
+    if cut:
         logging.getLogger(__name__).warning(
-            "the longest prompt has %d tokens: with train.max_tokens=%d its completions are cut at "
-            "engine.max_model_len=%d", max(lengths), max_tokens, max_model_len)
+            "%d prompt(s) leave fewer than train.max_tokens=%d tokens for their completions within %s=%d, which cuts "
+            "those completions short: %s", len(cut), max_tokens, context_from, max_model_len,
+            ", ".join(f"row {i}: {n} prompt tokens" for i, n in cut[:5]) + (", ..." if len(cut) > 5 else ""))
 
 
 def prompt_token_ids(tokenizer, prompts: list) -> list[list[int]]:

@@ -69,10 +69,38 @@ class RewardModel:
             raise RewardError(f"reward model {self.path!r} has {labels} labels; a reward model has one "
                               f"(its score head's single logit is the reward): loading it with num_labels=1, as TRL "
                               f"does, fails on the head's size")
+        self._check_weights()
         self.model = None
         self.tokenizer = None
         if load:
             self.load(device)
+
+    def _check_weights(self) -> None:
+        """Before anything loads: the checkpoint files hold every weight the model has, its score head
+        included. Read on the meta device (names and shapes only, no data), as the real load will read them."""
+        from transformers import AutoModelForSequenceClassification
+
+        try:
+            _, info = AutoModelForSequenceClassification.from_pretrained(self.path, num_labels=1, device_map="meta",
+                                                                         output_loading_info=True)
+        except OSError as err:  # no weight files, unreadable ones
+            raise RewardError(f"reward model {self.path!r}: its weights cannot be read: {err}") from err
+        except (TypeError, ValueError, RuntimeError, NotImplementedError) as err:  # a transformers without meta loads
+            logger.debug("reward model %s: weights not checked before loading (%s)", self.path, err)
+            return
+        self._refuse_missing(info)
+
+    def _refuse_missing(self, info: dict) -> None:
+        """Raise when transformers' loading report lists weights the checkpoint lacks: they would be drawn at
+        random at every load (a score head that means nothing), which transformers only logs."""
+        missing = sorted(info.get("missing_keys") or ())
+        if missing:
+            shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+            raise RewardError(f"reward model {self.path!r}: its checkpoint files have no weights for {shown}; loading "
+                              f"it would draw them at random (other scores at every load, none of them trained). "
+                              f"Give the folder of a trained reward model, saved with save_pretrained from its "
+                              f"sequence-classification model (a base model's folder whose config names a "
+                              f"...ForSequenceClassification architecture has no score head)")
 
     def load(self, device: str | torch.device = "cpu") -> "RewardModel":
         """Load weights and tokenizer onto ``device`` (once), in eval mode without gradients."""
@@ -83,7 +111,10 @@ class RewardModel:
             if self.tokenizer.pad_token is None:
                 self.tokenizer.pad_token = self.tokenizer.eos_token
             kw = {"dtype": self.dtype} if self.dtype is not None else {}
-            self.model = AutoModelForSequenceClassification.from_pretrained(self.path, num_labels=1, **kw)
+            model, info = AutoModelForSequenceClassification.from_pretrained(self.path, num_labels=1,
+                                                                              output_loading_info=True, **kw)
+            self._refuse_missing(info)
+            self.model = model
             if self.model.config.pad_token_id is None:
                 self.model.config.pad_token_id = self.tokenizer.pad_token_id
             self.model.eval().requires_grad_(False)

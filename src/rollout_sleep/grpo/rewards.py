@@ -4,7 +4,8 @@ A config names each reward (``rewards: [...]``, optionally ``reward_weights: [..
 
 - a built-in name: ``digits_format``, ``arithmetic_exact``, ``length_target`` (or one added with :func:`register`);
 - an import path ``package.module:function`` or a file ``path/to/rewards.py:function`` (relative to the
-  working directory), so a YAML-driven ``accelerate launch`` reaches user code;
+  working directory here; a YAML config's relative paths are first read from its folder, see
+  :func:`rollout_sleep.run.config.resolve_yaml_paths`), so a YAML-driven ``accelerate launch`` reaches user code;
 - a local sequence-classification checkpoint directory: a reward model (see :mod:`rollout_sleep.grpo.reward_model`).
 
 Two function signatures are accepted:
@@ -13,8 +14,11 @@ Two function signatures are accepted:
   column by name (one value per completion), ``completion_ids`` and ``trainer_state``, as GRPOTrainer passes them;
 - ours, one completion at a time: ``fn(completion: str, example: dict) -> float``.
 
-``None`` means "this reward does not apply here" (TRL): it becomes NaN, the weighted sum skips it, and a
-completion for which every reward is ``None`` is unscorable (NaN: no advantage, out of its group's baseline).
+``None`` or NaN means "this reward does not apply here" (TRL): the weighted sum skips it (``nansum``), each
+reward's logged mean and std cover the completions it scored (``nanmean``), and a completion for which every
+reward is ``None``/NaN is unscorable: NaN, no advantage, out of its group's baseline (TRL 1.16 likewise), and
+reported (:func:`unscorable_report`). A NaN (rather than ``None``) is said once per reward, since it is often a
+bug. An infinite reward is an error.
 
 >>> arithmetic_exact(" 42", {"answer": "42"})
 1.0
@@ -238,9 +242,37 @@ def check_columns(rewards: list[Reward], columns: list[str]) -> None:
                                   f"to every reward by name (as TRL does): add `**kwargs` to its signature")
 
 
+def _empty(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def check_row_values(rewards: list[Reward], data, source: str) -> None:
+    """Every column a reward reads (see :func:`check_columns`) holds a value in every row: a row where it is
+    missing or null (``None``, NaN) would be scored without it, e.g. 0.0 for a correct completion, with no word.
+    ``data`` is the dataset the run uses, ``source`` its name for the message. A TRL-style function that is
+    meant to skip such rows says so with a default (``answer=None``): the column is then not required."""
+    for r in rewards:
+        for column in r.required_columns:
+            if column not in data.column_names:
+                continue  # check_columns reports it
+            empty = [i for i, v in enumerate(data[column]) if _empty(v)]
+            if not empty:
+                continue
+            shown = ", ".join(map(str, empty[:5])) + (", ..." if len(empty) > 5 else "")
+            skip = (f"; if {r.name!r} is meant to skip such rows, give its parameter a default ({column}=None) and "
+                    f"return None for them") if r.batched else ""
+            raise RewardError(f"reward {r.name!r} reads column {column!r}, which is missing or null in {len(empty)} "
+                              f"of {len(data)} rows of data.dataset {source!r}: row(s) {shown} (counted from 0). "
+                              f"Their completions would be scored without it (a correct one as wrong). Fill in "
+                              f"{column!r} in those rows or remove them{skip}")
+
+
 # ---------------------------------------------------------------------------------------------- scoring
 def _text(completion) -> str:
     return completion[-1]["content"] if isinstance(completion, list) else completion
+
+
+_SAID_NAN: set[str] = set()  # rewards whose NaN was reported (once per reward and process)
 
 
 def _check_values(r: Reward, values, n: int) -> list[float]:
@@ -264,6 +296,13 @@ def _check_values(r: Reward, values, n: int) -> list[float]:
         else:
             raise RewardError(f"reward {r.name!r} returned {v!r} (a {type(v).__name__}) for completion {i}; "
                               f"rewards must be numbers or None")
+    nans = sum(1 for v, x in zip(values, out) if v is not None and math.isnan(x))
+    if nans and r.name not in _SAID_NAN:
+        _SAID_NAN.add(r.name)
+        logger.warning("reward %r returned NaN for %d of %d completions: NaN counts as None, \"does not apply to this "
+                       "completion\" (TRL's rule): the total skips it and rewards/%s/mean covers the others. If the NaN "
+                       "is a bug, fix the reward; to skip a completion on purpose return None (said once per reward)",
+                       r.name, nans, n, r.name)
     return out
 
 
@@ -324,7 +363,8 @@ def _locate(r: Reward, err: Exception, prompts, completions, examples, kwargs) -
 
 def combine(table: torch.Tensor, weights: list[float] | torch.Tensor) -> torch.Tensor:
     """Weighted sum of each completion's rewards, skipping NaN (``None``), as TRL's ``nansum``; a completion
-    every reward skipped stays NaN (unscorable: zero advantage, out of its group's baseline).
+    every reward skipped stays NaN (unscorable: zero advantage, out of its group's baseline, as in TRL 1.16;
+    :func:`unscorable_report` says which).
 
     >>> combine(torch.tensor([[1.0, float("nan")], [float("nan"), float("nan")], [0.5, 2.0]]), [1.0, 0.5])
     tensor([1.0000,    nan, 1.5000])
@@ -332,14 +372,32 @@ def combine(table: torch.Tensor, weights: list[float] | torch.Tensor) -> torch.T
     w = torch.as_tensor(weights, dtype=table.dtype)
     total = (table * w).nansum(dim=1)
     total[torch.isnan(table).all(dim=1)] = math.nan
-    if torch.isnan(total).any():
-        logger.warning("every reward returned None for %d of %d completions: they get no advantage",
-                       int(torch.isnan(total).sum()), len(total))
     return total
 
 
+def unscorable_report(table: torch.Tensor, rewards: list[Reward], rows: list[int]) -> str | None:
+    """What to warn about the completions no reward scored (every one ``None``/NaN), or ``None`` when each
+    completion has a score: how many, the dataset rows of their prompts (``rows``: one per completion) and the
+    rewards. TRL warns the same way and, like the recipe, gives them no advantage.
+
+    >>> nan = float("nan")
+    >>> print(unscorable_report(torch.tensor([[1.0, nan], [nan, nan]]), resolve_rewards(["digits_format",
+    ...       "length_target"]), rows=[7, 9]))
+    no reward scored 1 of 2 completions (every one of digits_format, length_target returned None or NaN), of dataset row(s) 9: they get no advantage and stay out of their group's baseline; make at least one reward score every completion
+    """
+    unscored = torch.isnan(table).all(dim=1).nonzero().flatten().tolist()
+    if not unscored:
+        return None
+    which = sorted({rows[i] for i in unscored})
+    shown = ", ".join(map(str, which[:8])) + (", ..." if len(which) > 8 else "")
+    return (f"no reward scored {len(unscored)} of {len(table)} completions (every one of "
+            f"{', '.join(r.name for r in rewards)} returned None or NaN), of dataset row(s) {shown}: they get no "
+            f"advantage and stay out of their group's baseline; make at least one reward score every completion")
+
+
 def reward_metrics(rewards: list[Reward], table: torch.Tensor) -> dict[str, float]:
-    """Per-reward mean and std over the completions it scored (``rewards/<name>/mean``, TRL's keys)."""
+    """Per-reward mean and std over the completions it scored (``rewards/<name>/mean``, TRL's keys and its
+    ``nanmean``/``nanstd``)."""
     out = {}
     for j, r in enumerate(rewards):
         col = table[:, j]
@@ -347,3 +405,23 @@ def reward_metrics(rewards: list[Reward], table: torch.Tensor) -> dict[str, floa
         out[f"rewards/{r.name}/mean"] = float(ok.mean()) if len(ok) else math.nan
         out[f"rewards/{r.name}/std"] = float(ok.std()) if len(ok) > 1 else math.nan
     return out
+
+
+def reward_summary(total: torch.Tensor, group_size: int) -> dict[str, float]:
+    """TRL's overall reward metrics of a step's weighted totals (all ranks', groups consecutive; NaN:
+    unscorable): ``reward`` (mean) and ``reward_std`` over the scored completions, ``frac_reward_zero_std``
+    (the share of groups whose rewards are all alike: no learning signal from them).
+
+    >>> nan = float("nan")
+    >>> {k: round(v, 3) for k, v in reward_summary(torch.tensor([1.0, 1.0, 0.0, 2.0, nan, 3.0]), 2).items()}
+    {'reward': 1.4, 'reward_std': 1.14, 'frac_reward_zero_std': 0.333}
+    """
+    scored = total[~torch.isnan(total)]
+    groups = total.view(-1, group_size)
+    count = (~torch.isnan(groups)).sum(1)
+    mean = groups.nanmean(1, keepdim=True)
+    std = ((groups - mean).square().nansum(1) / (count - 1)).sqrt()  # NaN where fewer than 2 are scored
+    std = torch.where(count > 1, std, torch.full_like(std, math.nan))
+    return {"reward": float(scored.mean()) if len(scored) else math.nan,
+            "reward_std": float(scored.std()) if len(scored) > 1 else math.nan,
+            "frac_reward_zero_std": float(torch.isclose(std, torch.zeros_like(std)).float().mean())}

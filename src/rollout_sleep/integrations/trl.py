@@ -42,7 +42,8 @@ that) and, on CUDA, the trainer's frozen base is rebound to views of vLLM's weig
                               peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"), ...)
     patch(trainer)
 On CPU, use ``vllm_enable_sleep_mode=False`` (vLLM has no sleep allocator there); stock TRL then fails at
-its first sync (its per-parameter load breaks on vLLM's repacked CPU weights), the patched trainer runs.
+its first sync wherever vLLM packs its linear weights for its CPU kernels (oneDNN, the x86 build's default:
+its per-parameter load finds an empty ``layer.weight``), the patched trainer runs.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from __future__ import annotations
 import contextlib
 import time
 
-from rollout_sleep.engine.completion import fast_output_kwargs
+from rollout_sleep.engine.completion import fast_output_kwargs, temperature_problem
 from rollout_sleep.engine.engine import Engine
 from rollout_sleep.engine.memory import release_cached_memory
 from rollout_sleep.engine.state import check_level
@@ -72,6 +73,9 @@ def patch(trainer, *, sleep_level: int = 2, verify_every: int = 1, bucket_bytes:
                          f"{args.vllm_mode!r}: in server mode the engine lives in another process; use "
                          "rollout_sleep.serve.server instead")
     check_level(sleep_level)
+    problem = temperature_problem(getattr(args, "temperature", 1.0), "GRPOConfig.temperature")
+    if problem:  # TRL scores at its temperature what vLLM sampled at another
+        raise ValueError(problem)
     gen = getattr(trainer, "vllm_generation", None)
     if gen is None or getattr(gen, "llm", None) is None:
         raise ValueError("this GRPOTrainer has no colocated vLLM engine (trainer.vllm_generation.llm)")

@@ -56,6 +56,56 @@ class WandbTracker:
         self.run.finish()
 
 
+def credentials_problem(mode: str) -> str | None:
+    """Why W&B cannot log in ``mode``, or ``None``: wandb not installed (offline/online), or (online) no API key
+    where wandb looks for one (``WANDB_API_KEY``, an identity token file, ~/.netrc, wandb's settings). Checked
+    before the engine starts; reads only local files, never the network."""
+    if mode == "disabled":
+        return None
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is None:
+        return f"wandb.mode={mode} needs the wandb package, which is not installed: pip install wandb, or set " \
+               "wandb.mode=disabled"
+    if mode != "online":
+        return None
+    try:
+        found = _wandb_credentials()
+    except Exception as err:  # wandb found a key it calls malformed (e.g. a truncated WANDB_API_KEY)
+        return (f"wandb.mode=online: wandb cannot use its credentials: {str(err).rstrip('.')}. Run `wandb login`, "
+                "set WANDB_API_KEY to your API key, or set wandb.mode=offline (sync later with `wandb sync`)")
+    if found:
+        return None
+    return ("wandb.mode=online but wandb has no API key here (none in WANDB_API_KEY, ~/.netrc or wandb's settings), "
+            "so the run would fail at its first log, after the engine started. Run `wandb login`, set WANDB_API_KEY "
+            "to your API key, or set wandb.mode=offline (sync later with `wandb sync`)")
+
+
+def _wandb_credentials() -> bool:
+    """Whether wandb finds an API key for its server (environment, .netrc, settings): its own lookup where this
+    wandb has it, else the environment and .netrc."""
+    try:
+        from wandb.sdk import wandb_setup
+        from wandb.sdk.lib.wbauth import authenticate, host_url
+    except ImportError:
+        authenticate = None
+    if authenticate is not None and hasattr(authenticate, "_use_system_auth"):
+        settings = wandb_setup.singleton().settings
+        return authenticate._use_system_auth(host=host_url.HostUrl(settings.base_url), source="rollout_sleep",
+                                             update_session=False) is not None
+    import netrc
+    import os
+    from urllib.parse import urlsplit
+
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = urlsplit(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).netloc
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
 def make_tracker(mode: str, *, main_process: bool = True, **kwargs) -> NullTracker | WandbTracker:
     """``mode``: offline / online / disabled. Only the main process logs."""
     if mode == "disabled" or not main_process:

@@ -30,10 +30,8 @@ from typing import Any
 
 import yaml
 
-from .schema import RecipeConfig
+from .schema import DTYPES, KV_CACHE_SIZING, RecipeConfig
 
-KV_CACHE_SIZING = ("step", "gpu_share")
-DTYPES = ("float32", "bfloat16", "float16")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 WANDB_MODES = ("offline", "online", "disabled")
 MEMORY_PLAN_MODES = ("refuse", "warn", "off")
@@ -161,13 +159,15 @@ def _check_values(cfg: RecipeConfig) -> list[str]:
     from rollout_sleep.engine.state import check_level
     from rollout_sleep.grpo.loss import GRPOLoss
     from rollout_sleep.weights.checkpoints import SHAPES
+    from rollout_sleep.weights.fp8 import QUANTIZATIONS
     from .optim import OPTIMIZERS, missing_package
 
     out: list[str] = []
 
     def choice(key: str, value: Any, allowed: tuple) -> None:
         if value not in allowed:
-            out.append(f"{key} must be one of {', '.join(map(str, allowed))}, got {value!r}")
+            out.append(f"{key} must be one of {', '.join('null' if a is None else str(a) for a in allowed)}, "
+                       f"got {value!r}")
 
     def at_least(key: str, value: Any, low: float, optional: bool = False) -> None:
         if value is None and optional:
@@ -193,20 +193,9 @@ def _check_values(cfg: RecipeConfig) -> list[str]:
     except ValueError as err:
         out.append(str(err))
     choice("engine.load_method", e.load_method, LOAD_METHODS)
-    if e.quantization is not None:
-        choice("engine.quantization", e.quantization, ("fp8",))
-        if e.quantization == "fp8" and cfg.model.dtype not in ("bfloat16", "float16"):
-            out.append(f"engine.quantization=fp8 quantizes a bf16/fp16 model (vLLM's FP8 kernels take bf16/fp16 "
-                       f"activations), but model.dtype is {cfg.model.dtype!r}: set model.dtype=bfloat16")
-        if e.quantization == "fp8" and e.load_method == "load_weights":
-            out.append("engine.load_method=load_weights cannot write an FP8 engine's quantized linears: use auto, "
-                       "direct or reload")
+    choice("engine.quantization", e.quantization, QUANTIZATIONS)
     at_least("engine.verify_every", e.verify_every, 0)
     at_least("engine.tensor_parallel_size", e.tensor_parallel_size, 1)
-    at_least("engine.processes", e.processes, 1)
-    if e.processes > 1 and e.tensor_parallel_size > 1:
-        out.append(f"engine.processes ({e.processes}) > 1 needs engine.tensor_parallel_size 1, got "
-                   f"{e.tensor_parallel_size}: each engine process holds the whole model")
     if d.dataset != "synthetic":
         path = Path(d.dataset).expanduser()
         if not path.exists():
@@ -249,7 +238,8 @@ def _check_values(cfg: RecipeConfig) -> list[str]:
 
 
 def _check_lora(cfg: RecipeConfig) -> list[str]:
-    """``model.lora``: a rank vLLM can serve, a positive alpha, targets; and what LoRA training does not do.
+    """``model.lora``: a rank vLLM can serve, a positive alpha, targets (what LoRA does not combine with:
+    :mod:`rollout_sleep.run.modes`).
 
     >>> _check_lora(load_config(None, ["model.lora.rank=16"]))
     []
@@ -267,12 +257,6 @@ def _check_lora(cfg: RecipeConfig) -> list[str]:
         out.append(f"model.lora.alpha must be > 0, got {lora.alpha!r}")
     if not lora.targets:
         out.append("model.lora.targets must name at least one module (or all-linear)")
-    if lora.rank and cfg.train.kl_coef > 0:
-        out.append("train.kl_coef > 0 with model.lora is not supported yet (the reference would be the base with "
-                   "the adapter off): set train.kl_coef=0 or model.lora.rank=0")
-    if lora.rank and cfg.engine.tensor_parallel_size > 1:
-        out.append("model.lora with engine.tensor_parallel_size > 1 is not supported yet (each rank holds a cut of "
-                   "the adapter; its sync and verify are TP=1 only): use engine.tensor_parallel_size=1")
     return out
 
 
@@ -300,7 +284,7 @@ def validate_rewards(names: list[str], columns: list[str] | None = None,
     """Problems with the rewards a config names (unknown names, import paths that do not resolve, bad
     signatures, weights that do not match) and, given the dataset's ``columns``, the columns they need that it
     lacks. Reward models are only checked, not loaded. A check: the resolved rewards are dropped (the recipe
-    resolves its own once).
+    resolves its own once, and checks the dataset's rows against them: ``check_row_values``).
 
     >>> for problem in validate_rewards(["arithmetic_exact"], columns=["prompt"]):
     ...     print(problem)
@@ -318,11 +302,67 @@ def validate_rewards(names: list[str], columns: list[str] | None = None,
     return []
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> RecipeConfig:
-    """Defaults, then the YAML file (if any), then ``key=value`` overrides, in that order; then every check.
-    Raises :class:`ConfigError` listing every problem found."""
+def _from_folder(spec: str, folder: Path, must_exist: bool = False) -> str:
+    """``spec`` read relative to ``folder`` when it is a relative local path (``must_exist``: only if it exists
+    there); anything else (absolute, ``~``, a name) as it is."""
+    if not spec or spec.startswith("~") or Path(spec).is_absolute():
+        return spec
+    resolved = (folder / spec).resolve()
+    return str(resolved) if resolved.exists() or not must_exist else spec
+
+
+def resolve_yaml_paths(cfg: RecipeConfig, folder: Path) -> dict[str, str]:
+    """Read the input paths a YAML config gave relative to its own ``folder`` (so a config runs from any working
+    directory): ``data.dataset`` (but ``synthetic``), reward files (``path/x.py:fn``) and reward-model folders,
+    and ``model.path`` where it names a folder there (else it stays a size or hub id). ``output_dir`` stays
+    relative to the working directory, as the run's output. Returns ``{resolved: as written}``.
+
+    >>> from rollout_sleep.run.schema import DataConfig
+    >>> cfg = RecipeConfig(data=DataConfig(dataset="../d.jsonl"), rewards=["digits_format", "r/x.py:f", "pkg.m:f"])
+    >>> moved = resolve_yaml_paths(cfg, Path("/proj/configs"))
+    >>> cfg.data.dataset, cfg.rewards
+    ('/proj/d.jsonl', ['digits_format', '/proj/configs/r/x.py:f', 'pkg.m:f'])
+    """
+    from rollout_sleep.grpo.rewards import REWARDS
+    from rollout_sleep.weights.checkpoints import SHAPES
+
+    moved: dict[str, str] = {}
+
+    def keep(written: str, resolved: str) -> str:
+        if resolved != written:
+            moved[resolved.split(":")[0]] = written.split(":")[0]
+        return resolved
+
+    if cfg.data.dataset != "synthetic":
+        cfg.data.dataset = keep(cfg.data.dataset, _from_folder(cfg.data.dataset, folder))
+    rewards = []
+    for spec in cfg.rewards:
+        if not isinstance(spec, str) or spec in REWARDS:
+            rewards.append(spec)
+            continue
+        target, colon, attr = spec.rpartition(":")
+        if colon and (target.endswith(".py") or "/" in target):  # a file reward; 'pkg.module:fn' is imported
+            rewards.append(keep(spec, f"{_from_folder(target, folder)}:{attr}"))
+        elif not colon:  # a reward-model folder ('x/y', or a bare name that exists there)
+            rewards.append(keep(spec, _from_folder(spec, folder, must_exist="/" not in spec)))
+        else:
+            rewards.append(spec)
+    cfg.rewards = rewards
+    if cfg.model.path not in SHAPES:
+        explicit = cfg.model.path.startswith(("./", "../"))
+        cfg.model.path = keep(cfg.model.path, _from_folder(cfg.model.path, folder, must_exist=not explicit))
+    return moved
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), *, device: str | None = None) -> RecipeConfig:
+    """Defaults, then the YAML file (if any), then ``key=value`` overrides, in that order; then every check,
+    the combinations of engine modes this ``device`` (``"cuda"`` / ``"cpu"``; default: this machine's) cannot
+    run included (:mod:`rollout_sleep.run.modes`). Relative input paths in the YAML are read from the YAML's
+    folder (:func:`resolve_yaml_paths`); those given as overrides, from the working directory. Raises
+    :class:`ConfigError` listing every problem found."""
     cfg = RecipeConfig()
     problems: list[str] = []
+    moved: dict[str, str] = {}
     if path is not None:
         try:
             data = yaml.load(Path(path).read_text(), Loader=_UniqueKeyLoader) or {}
@@ -332,6 +372,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RecipeCon
             raise ConfigError(f"config {str(path)!r} must be a mapping of sections, got {type(data).__name__}")
         for key, value in data.items():
             _set(cfg, str(key), value, problems)
+        moved = resolve_yaml_paths(cfg, Path(path).resolve().parent)
     for item in overrides:
         if "=" not in item:
             problems.append(f"override {item!r} must look like section.key=value")
@@ -342,7 +383,24 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RecipeCon
     # The rewards are checked here (resolved, then dropped) so that a bad name is listed with every other problem
     # of the config, before a process group or the data exist; the recipe resolves them once for the run, with
     # the dataset's columns (resolving again is cheap: modules stay imported, reward models are not loaded).
-    problems += _check_values(cfg) + validate_rewards(cfg.rewards, weights=cfg.reward_weights)
+    from .modes import detect_device, refusals
+
+    problems += _check_values(cfg) + refusals(cfg, device or detect_device()) + \
+        validate_rewards(cfg.rewards, weights=cfg.reward_weights)
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError([_say_where(p, moved, Path(path)) for p in problems] if moved else problems)
     return cfg
+
+
+def _say_where(problem: str, moved: dict[str, str], config: Path) -> str:
+    """A problem about a path the YAML gave relative to its folder, with that said (and the working directory's
+    file of that name, if there is one: the old reading)."""
+    for resolved, written in moved.items():
+        if resolved in problem:
+            problem += (f" ({written!r} in {str(config)!r}: relative paths in a config file are read from its folder, "
+                        f"{str(config.resolve().parent)!r}")
+            if Path(written).expanduser().exists():
+                problem += (f"; {written!r} exists in the working directory: write it relative to the config's "
+                            f"folder, or absolute, or pass it on the command line")
+            problem += ")"
+    return problem

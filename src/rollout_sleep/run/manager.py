@@ -22,7 +22,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 
 from rollout_sleep.engine.completion import Completion
-from rollout_sleep.engine.engine import Engine
+from rollout_sleep.engine.contract import RolloutEngine
 from rollout_sleep.engine.phases import CYCLE_PHASES
 from rollout_sleep.engine.state import check_level
 from rollout_sleep.weights.spec import WeightMismatchError
@@ -32,7 +32,8 @@ from rollout_sleep.weights.verify import verify
 
 class RolloutManager:
     """Args:
-        engine: the colocated :class:`~rollout_sleep.engine.engine.Engine`.
+        engine: the colocated engine, any :class:`~rollout_sleep.engine.contract.RolloutEngine` (LoRA: an
+            in-process :class:`~rollout_sleep.engine.engine.Engine`).
         model: the trainer's model (plain, DDP/accelerate, FSDP2, ZeRO-3 or PEFT).
         sleep_level: *optional*, 2 (drop weights and KV cache) or 1 (offload weights to host memory).
         bucket_bytes: *optional*, the sync's gather/cast bucket.
@@ -46,7 +47,7 @@ class RolloutManager:
             and verify checks the adapter bitwise and the base (bitwise, or shared memory on CUDA).
     """
 
-    def __init__(self, engine: Engine, model: torch.nn.Module, *, sleep_level: int = 2,
+    def __init__(self, engine: RolloutEngine, model: torch.nn.Module, *, sleep_level: int = 2,
                  bucket_bytes: int = 512 << 20, verify_every: int = 0, load_method: str | None = None,
                  watchdog=None, adapter=None):
         if adapter is not None and sleep_level != 0:
@@ -212,6 +213,5 @@ class RolloutManager:
     def end_step(self) -> dict[str, float]:
         """This step's metrics (seconds per phase, memory, tokens/s); starts the next step's."""
         out, self._step = self._step, {}
-        # "pack": an EnginePool's one pass of the trainer's weights into the buffer its engines load from
-        out["cycle_overhead_s"] = sum(out.get(f"{p}_s", 0.0) for p in (*CYCLE_PHASES, "pack"))
+        out["cycle_overhead_s"] = sum(out.get(f"{p}_s", 0.0) for p in CYCLE_PHASES)
         return out

@@ -186,7 +186,7 @@ class PlanInputs:
     autocast: bool = False  # float32 weights under bf16/fp16 autocast: a low-precision copy of each weight in use
     reference_model: bool = False
     reward_model_bytes: int = 0
-    engine_dtype_bytes: int | None = None  # None: dtype_bytes
+    engine_weight_bytes: int | None = None  # what the engine holds of the weights (FP8: linears in 1 byte); None: P b
     kv_cache_bytes: int = 0
     engine_workspace_bytes: int | None = None  # None: estimate_engine_workspace
     engine_asleep_bytes: int = ENGINE_ASLEEP_BYTES
@@ -317,7 +317,7 @@ def plan_memory(i: PlanInputs, budget_bytes: int | None = None, headroom_bytes: 
                 notes: tuple[str, ...] = ()) -> MemoryPlan:
     """The per-phase plan of ``i`` (see the module's docstring for what each phase holds)."""
     s, b = i.shape, i.dtype_bytes
-    eb = i.engine_dtype_bytes or b
+    engine_weights = s.params * b if i.engine_weight_bytes is None else i.engine_weight_bytes
     ws, gs, os_ = i.shards
     trained = s.tensor_numels if i.adapter_numels is None else i.adapter_numels
     base = 0 if i.adapter_numels is None else (0 if i.base_shared else s.params * b)
@@ -325,13 +325,13 @@ def plan_memory(i: PlanInputs, budget_bytes: int | None = None, headroom_bytes: 
     state = -(-optimizer_state_bytes(i.optimizer, [(n, b) for n in trained],
                                      s.embedding_numels if i.adapter_numels is None else ()) // os_)
     ref = s.params * b if i.reference_model else 0
-    workspace = estimate_engine_workspace(s, eb) if i.engine_workspace_bytes is None else i.engine_workspace_bytes
+    workspace = estimate_engine_workspace(s, b) if i.engine_workspace_bytes is None else i.engine_workspace_bytes
     resident = {"trainer_weights": weights, "optimizer_state": 0 if i.offload_optimizer else state, "gradients": 0}
     if ref:
         resident["reference_model"] = ref
     if i.reward_model_bytes:
         resident["reward_models"] = i.reward_model_bytes
-    rollout = {**resident, "engine_weights": -(-s.params * eb // i.engine_shards), "kv_cache": i.kv_cache_bytes,
+    rollout = {**resident, "engine_weights": -(-engine_weights // i.engine_shards), "kv_cache": i.kv_cache_bytes,
                "engine_workspace": workspace}
     acts = activation_bytes(i) + (s.params * 2 if i.autocast else 0)
     training = {**resident, "optimizer_state": state, "gradients": -(-sum(trained) * b // gs), "activations": acts}

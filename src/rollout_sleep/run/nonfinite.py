@@ -56,7 +56,7 @@ def guard_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module | N
                  + ", ".join(which[:8]) + (" ..." if len(which) > 8 else "")) if which else \
             "this rank's gradients are finite: another rank's are not"
         raise NonFiniteError(f"the gradient norm is {float(norm)} before the optimizer step; the step was not "
-                             f"applied ({where}). Usual causes: a NaN/inf reward, a learning rate too high "
+                             f"applied ({where}). Usual causes: a learning rate too high "
                              "(the loss diverged), fp16 overflow.")
 
     return optimizer.register_step_pre_hook(check)

@@ -62,6 +62,38 @@ def optimizer_state_bytes(kind: str, tensors, state32=()) -> int:
     return total
 
 
+def hyperparameters(train) -> dict[str, float]:
+    """The optimizer's settings from the config's ``train`` section, by param-group name: what
+    :func:`build_optimizer` is built with, and what :func:`set_hyperparameters` puts back after a resume."""
+    return {"lr": train.lr, "weight_decay": train.weight_decay}
+
+
+def set_hyperparameters(optimizer, values: dict[str, float]) -> list[tuple[str, float, float]]:
+    """Set ``values`` (param-group name -> value) in every param group of ``optimizer`` (a restored state
+    brings back the values it was saved with: the config's must win). Returns ``(name, restored, new)`` for
+    each one that changed.
+
+    >>> opt = torch.optim.AdamW([torch.nn.Parameter(torch.ones(1))], lr=0.1)
+    >>> set_hyperparameters(opt, {"lr": 0.01, "weight_decay": 0.01})
+    [('lr', 0.1, 0.01)]
+    >>> opt.param_groups[0]["lr"]
+    0.01
+    """
+    changed = {}
+    for group in optimizer.param_groups:
+        for name, value in values.items():
+            old = group.get(name)
+            if isinstance(old, torch.Tensor):  # a tensor lr (capturable / fused optimizers) stays a tensor
+                if float(old) != value:
+                    changed.setdefault(name, float(old))
+                old.fill_(value)
+            else:
+                if old != value:
+                    changed.setdefault(name, old)
+                group[name] = value
+    return [(name, old, values[name]) for name, old in changed.items()]
+
+
 def build_optimizer(kind: str, params, *, lr: float, weight_decay: float, fused: bool | None = None,
                     model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
     """The optimizer ``kind`` (see :data:`OPTIMIZERS`) over ``params`` (``fused``: PyTorch AdamW's). For

@@ -1,10 +1,14 @@
 """A run's output folder: who may write into it, atomic checkpoints, and resuming from the newest complete one.
 
 - :func:`check_output_dir` refuses to start a run over a different one (``resume=false`` into a folder that
-  holds metrics or checkpoints, or a resume whose model/data/seed differ from the saved run's).
+  holds metrics or checkpoints, or a resume with other values of the keys that define the saved state: each key's
+  resume class is in :mod:`rollout_sleep.run.schema`; :func:`config_changes` compares two configs by it,
+  against the settings saved beside the checkpoint the resume loads).
 - :func:`stage` / :func:`commit` make a save atomic: every rank writes into a hidden staging folder, then the
   main process writes ``recipe_state.json`` (step, W&B id, every file's size) and renames the folder to
   ``step_N``. A crash mid-save leaves only the staging folder, never a ``step_N`` that looks saved.
+- :func:`saving` / :func:`writing` turn a write that fails (full disk, read-only folder, ...) into a
+  :class:`WriteError` naming the path, the cause and the fix; a failed save's partial folder is deleted.
 - :func:`newest_complete` picks the newest ``step_N`` whose files are all there and whole, with the reason
   each newer one was skipped; :func:`set_aside` moves a skipped one into ``checkpoints/incomplete/``.
 
@@ -14,6 +18,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -29,16 +35,22 @@ logger = logging.getLogger(__name__)
 
 STATE_FILE = "recipe_state.json"
 RUN_CONFIG = "run_config.json"
+LOG_FILE = "run.log"  # the main process's log, and the traceback of an error that stopped the run
 STAGING_PREFIX = ".partial-"
 _STEP = re.compile(r"step_(\d+)$")
-# Settings that define a run (its model, data, data order, groups, rewards): a resume with other values
-# would continue a different run in the same folder.
-IDENTITY_KEYS = ("model", "data", "rewards", "reward_weights", "train.seed", "train.prompts_per_step",
-                 "train.generations")
 
 
 class RunDirError(RuntimeError):
     """The output folder cannot be used as asked (it holds another run, or nothing can be resumed)."""
+
+
+class NothingToTrain(Exception):
+    """A resume whose newest complete checkpoint is already at ``train.steps``: not an error (exit code 0)."""
+
+
+class WriteError(RunDirError):
+    """A file of the run could not be written (a checkpoint, the metrics, the run's settings): the message names
+    the path, the cause (no space left on device, permission denied, ...) and what to do."""
 
 
 # ----------------------------------------------------------------------------------- output folder
@@ -71,8 +83,56 @@ def logged_steps(log: Path) -> list[int]:
     return steps
 
 
+def config_changes(old: dict, new: dict) -> dict[str, list[tuple[str, Any, Any]]]:
+    """The keys whose value differs between ``old`` and ``new`` (config dicts), as ``(key, old, new)`` grouped by
+    resume class (``fixed`` / ``applied`` / ``free``, from :func:`rollout_sleep.run.schema.resume_classes`).
+    A key ``old`` does not hold (a config from before that key existed) is not compared; ``reward_weights`` unset
+    is 1.0 each.
+
+    >>> config_changes({"train": {"lr": 1.0, "seed": 0}}, {"train": {"lr": 2.0, "seed": 1}})["fixed"]
+    [('train.seed', 0, 1)]
+    """
+    from .schema import FIXED, RESUME_CLASSES, resume_classes
+
+    out: dict[str, list] = {c: [] for c in RESUME_CLASSES}
+    for key, klass in resume_classes().items():
+        if not _holds(old, key):
+            continue
+        before, after = _lookup(old, key), _lookup(new, key)
+        if before != after:
+            out[klass if klass in out else FIXED].append((key, before, after))  # unclassified: the safe side
+    return out
+
+
+def _holds(cfg: dict, dotted: str) -> bool:
+    *sections, last = dotted.split(".")
+    for part in sections:
+        cfg = cfg.get(part) if isinstance(cfg, dict) else None
+    return isinstance(cfg, dict) and last in cfg
+
+
+def resume_point(out: Path) -> tuple[Path | None, dict]:
+    """The newest complete checkpoint a resume in ``out`` would load and its ``recipe_state.json`` (the step, and
+    the settings it was trained with if it was saved with them); ``(None, {})`` if there is none. Reads only."""
+    found, _ = newest_complete(out / "checkpoints")
+    if found is None:
+        return None, {}
+    return found, json.loads((found / STATE_FILE).read_text())
+
+
+def check_steps_left(out: Path, steps: int) -> None:
+    """Raise :class:`NothingToTrain` if the checkpoint a resume in ``out`` would load is already at ``steps`` or
+    beyond (a finished run launched again): said before anything starts. Reads only."""
+    found, state = resume_point(out)
+    if found is not None and int(state["step"]) >= steps:
+        raise NothingToTrain(f"the run in {out} is already at step {state['step']} (train.steps={steps}, checkpoint "
+                             f"{found.name}): nothing to train. Raise train.steps to continue it, or use a new "
+                             "output_dir for a new run.")
+
+
 def check_output_dir(out: Path, config: dict, resume: bool, overwrite: bool = False) -> None:
-    """Raise :class:`RunDirError` if starting here would overwrite part of another run. Reads only."""
+    """Raise :class:`RunDirError` if starting here would overwrite part of another run, or resume a checkpoint
+    with settings it cannot continue under (:data:`~rollout_sleep.run.schema.FIXED` keys changed). Reads only."""
     steps, saved = logged_steps(out / "metrics.jsonl"), saved_steps(out / "checkpoints")
     if not resume and not overwrite and (steps or saved):
         held = []
@@ -91,23 +151,18 @@ def check_output_dir(out: Path, config: dict, resume: bool, overwrite: bool = Fa
                           f"a run of this recipe (or one from before {RUN_CONFIG} existed), so {what}. Use a new (or "
                           "empty) output_dir.")
     if resume and old is not None:
-        # num_prompts unset meant steps x prompts_per_step: giving that number now is the same data
-        old_data, new_data = old.get("data") or {}, config.get("data") or {}
-        implied = (_lookup(old, "train.steps") or 0) * (_lookup(old, "train.prompts_per_step") or 0)
-        if old_data.get("num_prompts") is None and new_data.get("num_prompts") == implied:
-            old = {**old, "data": {**old_data, "num_prompts": implied}}
-        differ = [f"{key}: {_lookup(old, key)!r} -> {_lookup(config, key)!r}" for key in IDENTITY_KEYS
-                  if _lookup(old, key) != _lookup(config, key)]
-        if differ and (steps or saved):
-            raise RunDirError(f"output_dir {str(out)!r} holds a different run: " + "; ".join(differ) +
-                              ". Resuming would continue it with other settings. Use a new output_dir for this "
-                              "run, or restore those settings to resume it.")
-        old_steps, new_steps = _lookup(old, "train.steps"), _lookup(config, "train.steps")
-        if _lookup(config, "data.num_prompts") is None and old_steps != new_steps and (steps or saved):
-            logger.warning("data.num_prompts is unset, so the prompts are train.steps x train.prompts_per_step: "
-                           "train.steps changed from %s to %s, which changes the data order from here on; set "
-                           "data.num_prompts to %s to keep the earlier order", old_steps, new_steps,
-                           old_steps * _lookup(config, "train.prompts_per_step"))
+        # the settings the checkpoint a resume loads was trained with (saved beside it), else the run's last
+        ckpt, state = resume_point(out)
+        trained = state.get("config") if isinstance(state.get("config"), dict) else old
+        fixed = config_changes(trained, config)["fixed"]
+        if fixed and (steps or saved):
+            where = f"its checkpoint {ckpt.name} was trained with" if ckpt is not None and trained is not old \
+                else "it ran with"
+            raise RunDirError(f"output_dir {str(out)!r} holds a different run: "
+                              + "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in fixed)
+                              + f" ({where} the first value of each). These settings define the saved state, so a "
+                              "resume cannot continue under the new ones. Use a new output_dir for this run, or "
+                              "revert those settings to resume it.")
 
 
 def lock(out: Path):
@@ -191,9 +246,15 @@ def clear_run(out: Path, config: dict) -> list[str]:
                 ckpts.rmdir()
         elif _remove(out / name):
             gone.append(name)
+    gone += [p.name for p in (out / LOG_FILE, *sorted(out.glob("run.rank*.log"))) if _remove(p)]
     if gone:
         logger.info("overwrite=true: deleted %s from %s", ", ".join(gone), out)
     return gone
+
+
+def log_file(out: Path, rank: int) -> Path:
+    """The log file of process ``rank`` in the run folder ``out`` (:data:`LOG_FILE` for rank 0)."""
+    return out / (LOG_FILE if rank == 0 else f"run.rank{rank}.log")
 
 
 def write_run_config(out: Path, config: dict) -> None:
@@ -208,6 +269,124 @@ def _write_atomic(path: Path, text: str) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------- failed writes
+LOW_SPACE = 16 << 20  # free bytes under which a write that failed without an errno is taken for a full disk
+_FIX = {errno.ENOSPC: "free space on that disk, or set output_dir to a disk with room",
+        errno.EDQUOT: "free space within your quota, or set output_dir to a disk with room",
+        errno.EACCES: "make it writable for this user, or set output_dir to a writable folder",
+        errno.EPERM: "make it writable for this user, or set output_dir to a writable folder",
+        errno.EROFS: "the file system is mounted read-only: set output_dir to a writable folder",
+        errno.ENOTDIR: "a file stands where a folder is needed: move it away, or set another output_dir",
+        errno.EEXIST: "a file stands where a folder is needed: move it away, or set another output_dir"}
+
+
+def _existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def write_problem(err: BaseException, path: Path) -> tuple[str, str]:
+    """What stopped a write at ``path``, in words, and what to do: the ``OSError`` in ``err``'s chain (its errno:
+    no space left on device, permission denied, read-only file system, ...); failing that, what ``path``'s disk
+    says (torch's writer reports a full disk as ``RuntimeError: [enforce fail at inline_container.cc] ...
+    unexpected pos``, without an errno): nearly no free space, or a probe write failing with an errno.
+
+    >>> write_problem(OSError(errno.ENOSPC, "No space left on device"), Path("/x"))[0]
+    'no space left on device (errno ENOSPC)'
+    """
+    seen, e = set(), err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno:
+            return _errno_words(e.errno), _FIX.get(e.errno, "fix the cause above, then rerun")
+        e = e.__cause__ or e.__context__
+    folder = _existing(path if path.is_dir() or not path.exists() else path.parent)
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    if free is not None and free < LOW_SPACE:
+        return (f"no space left on device ({free / 2**20:.1f} MiB free on the disk holding {folder}; the write "
+                f"failed with {type(err).__name__}: {err})", _FIX[errno.ENOSPC])
+    probe = folder / f".write-probe-{os.getpid()}"
+    try:
+        with open(probe, "wb") as fh:
+            fh.write(b"\0" * 4096)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as probe_err:
+        if probe_err.errno:
+            return _errno_words(probe_err.errno), _FIX.get(probe_err.errno, "fix the cause above, then rerun")
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+    return f"{type(err).__name__}: {err}", "fix the cause above, then rerun"
+
+
+def _errno_words(code: int) -> str:
+    return f"{os.strerror(code).lower()} (errno {errno.errorcode.get(code, code)})"
+
+
+def check_writable(folder: Path) -> None:
+    """Create ``folder`` if needed and write (then delete) a small file in it; raise :class:`WriteError` naming
+    the cause and the fix if that fails: a checkpoints folder that cannot be written is found before the run
+    starts, not at its first save."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-probe-{os.getpid()}"
+        try:
+            probe.write_bytes(b"\0")
+        finally:
+            with contextlib.suppress(OSError):
+                probe.unlink()
+    except OSError as err:
+        cause, fix = write_problem(err, folder)
+        raise WriteError(f"cannot write into {folder}: {cause}. The run needs it for its checkpoints: {fix}.") \
+            from err
+
+
+@contextlib.contextmanager
+def writing(path: Path, what: str, after: str = ""):
+    """Turn a failed write at ``path`` (an ``OSError``, or torch's ``RuntimeError``) into a :class:`WriteError`:
+    ``cannot <what> <path>: <cause>. <after><fix>``."""
+    try:
+        yield
+    except RunDirError:  # already says what happened (a busy folder, an earlier failed write)
+        raise
+    except (OSError, RuntimeError) as err:
+        cause, fix = write_problem(err, path)
+        raise WriteError(f"cannot {what} {path}: {cause}. {after}{fix[0].upper()}{fix[1:]}.") from err
+
+
+@contextlib.contextmanager
+def saving(staging: Path, final: Path, step: int):
+    """A save of ``final`` (written into ``staging``) that fails becomes a :class:`WriteError` naming the path,
+    the cause and the fix; the partial save is deleted (a leftover is never taken for a checkpoint: it has no
+    ``step_N`` name) and the message names the newest complete checkpoint, which a rerun resumes from."""
+    try:
+        yield
+    except RunDirError:
+        raise
+    except Exception as err:  # torch's RuntimeError, safetensors' own error type, an OSError: a save that failed
+        cause, fix = write_problem(err, staging)  # before the cleanup: the partial files show a full disk
+        try:
+            _remove(staging)
+            left = "The partial save was deleted"
+        except OSError as rm_err:
+            left = (f"The partial save {staging} could not be deleted ({rm_err.strerror or rm_err}); the next start "
+                    "deletes it")
+        newest, _ = newest_complete(final.parent)
+        resume = (f"the newest complete checkpoint is {newest} (a rerun with the same output_dir resumes from it)"
+                  if newest is not None else "no complete checkpoint was saved yet (a rerun starts at step 0)")
+        size = ""
+        if newest is not None and "space" in cause:
+            mib = sum(p.stat().st_size for p in newest.rglob("*") if p.is_file()) / 2**20
+            size = f" (a checkpoint takes ~{mib:.1f} MiB)"
+        raise WriteError(f"cannot save the checkpoint of step {step} to {final}: {cause}. {left}; {resume}. To go "
+                         f"on: {fix}{size}, then rerun.") from err
 
 
 # ----------------------------------------------------------------------------------- atomic saves
@@ -226,9 +405,14 @@ def commit(staging: Path, final: Path, state: dict) -> Path:
                 os.fsync(fh.fileno())
             files[str(p.relative_to(staging))] = p.stat().st_size
     _write_atomic(staging / STATE_FILE, json.dumps({**state, "files": files}))
-    if final.exists():  # a step saved again (e.g. after resuming from an older checkpoint)
-        set_aside(final, "replaced by a new save of the same step")
-    os.replace(staging, final)
+    earlier = set_aside(final, "replaced by a new save of the same step") if final.exists() else None
+    try:  # (``final`` exists when a step is saved again, e.g. after resuming from an older checkpoint)
+        os.replace(staging, final)
+    except OSError:
+        if earlier is not None:  # the earlier save of the step stays the checkpoint
+            with contextlib.suppress(OSError):
+                os.replace(earlier, final)
+        raise
     fd = os.open(final.parent, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -6,6 +6,10 @@ every thread's stack, instead of hanging for days.
     with watchdog.phase("generate", "vLLM to finish 64 completions"):
         engine.generate(...)
 
+Phases nest: a phase opened inside another (rewards scored inside the training block, a wait for the other
+ranks inside the setup) pauses the outer one's clock until it ends, so a stall is blamed on the innermost
+phase, under its own limit (an unwatched inner phase, timeout 0, pauses the outer one too).
+
 A Python thread watches the deadlines; on expiry it writes the message, dumps every thread's stack with
 :func:`faulthandler.dump_traceback` and ends the process with :data:`EXIT_CODE` (``os._exit``: nothing
 that hangs can block it; a launcher like torchrun then stops the other ranks). In case that thread cannot
@@ -63,6 +67,7 @@ class Watchdog:
         self.timeouts = {k: min(float(v), MAX_TIMEOUT_S) for k, v in timeouts.items() if v and v > 0}
         self.rank, self.world, self.grace_s, self.hint = rank, world, grace_s, hint
         self._active: dict[int, _Watch] = {}
+        self._open: dict[int, list[int]] = {}  # thread id -> keys of its open phases, innermost last
         self._ids = itertools.count()
         self._cond = threading.Condition()
         self._closed = False
@@ -80,16 +85,18 @@ class Watchdog:
 
     @contextmanager
     def phase(self, name: str, waiting_for: str, timeout: float | None = None):
-        """Watch the block as phase ``name`` (``timeout`` overrides the configured one)."""
+        """Watch the block as phase ``name`` (``timeout`` overrides the configured one); the thread's enclosing
+        phase, if any, is paused until the block ends."""
         limit = self.timeouts.get(name, 0.0) if timeout is None else min(float(timeout), MAX_TIMEOUT_S)
-        if limit <= 0:
-            self._maybe_stall(name)
-            yield
-            return
-        key = next(self._ids)
+        key, thread = next(self._ids), threading.get_ident()
         with self._cond:
-            self._active[key] = _Watch(name, waiting_for, limit, time.monotonic() + limit)
-            self._start()
+            stack = self._open.setdefault(thread, [])
+            outer = self._active.pop(stack[-1], None) if stack else None
+            left = outer.deadline - time.monotonic() if outer is not None else None
+            stack.append(key)
+            if limit > 0:
+                self._active[key] = _Watch(name, waiting_for, limit, time.monotonic() + limit)
+                self._start()
             self._cond.notify()
         self._arm_backstop()
         try:
@@ -98,6 +105,12 @@ class Watchdog:
         finally:
             with self._cond:
                 self._active.pop(key, None)
+                stack.remove(key)
+                if outer is not None and not self._closed:  # the outer phase's clock runs on from where it was
+                    outer.deadline = time.monotonic() + left
+                    self._active[stack[-1]] = outer
+                if not stack:
+                    self._open.pop(thread, None)
                 self._cond.notify()
             self._arm_backstop()
 

@@ -1,6 +1,8 @@
-"""The engine interface over HTTP: :class:`RemoteEngine` drives a ``vllm serve`` (a
+"""The engine contract over HTTP: :class:`RemoteEngine` drives a ``vllm serve`` (a
 :class:`~rollout_sleep.serve.server.ServerProcess` or any server with the sleep-mode dev endpoints) with the
-in-process engine's state machine (:mod:`rollout_sleep.engine.state`) and errors.
+in-process engine's state machine (:mod:`rollout_sleep.engine.state`) and errors. What HTTP cannot carry
+(in-memory weights, reading the weights back, a ``SamplingParams`` object) is refused by name
+(:class:`~rollout_sleep.engine.contract.UnsupportedOperation`).
 
     >>> with ServerProcess("/ckpt/a") as server:                        # doctest: +SKIP
     ...     engine = RemoteEngine(server.client(), "/ckpt/a")
@@ -12,12 +14,14 @@ in-process engine's state machine (:mod:`rollout_sleep.engine.state`) and errors
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
 from rollout_sleep.engine.completion import Completion
+from rollout_sleep.engine.contract import UnsupportedOperation, as_prompts, closing, operation
 from rollout_sleep.engine.phases import CycleReport, timed
-from rollout_sleep.engine.state import EngineStateError, SleepState, load_then_finish
+from rollout_sleep.engine.state import LEVELS, EngineStateError, SleepState, load_then_finish
 from rollout_sleep.weights.spec import check_checkpoint_dir, read_checkpoint_spec
 
 from .server import ServerClient, ServerError, ServerUnreachableError
@@ -33,7 +37,17 @@ class RemoteEngine(SleepState):
         model_path: *optional*, the served checkpoint (default: the server's model id), used to validate
             reload paths (names, shapes and dtypes) before asking the server: a bad reload leaves vLLM
             half-loaded and kills it at the next request.
+
+    The server's dtype and device come from its ``/server_info`` (a dev route). Its memory is not visible
+    to a client: ``memory_before_gib`` / ``memory_loaded_gib`` are ``None``. :meth:`close` releases this
+    client only; the server runs on (stop a :class:`ServerProcess` with its own ``stop``).
     """
+
+    subject = "server"
+    asleep_risk = "a request would hang until it wakes"
+    levels = LEVELS
+    memory_before_gib = None
+    memory_loaded_gib = None
 
     def __init__(self, client: ServerClient, model_path: str | os.PathLike | None = None):
         self.client = client
@@ -41,11 +55,11 @@ class RemoteEngine(SleepState):
         self.model_path = str(model_path or self.model_id)
         self._spec = None
         self._level: int | None = None
-        self.subject = "server"
-        self.asleep_risk = "a request would hang until it wakes"
         if client.is_sleeping():
             raise EngineStateError(f"the server at {client.base_url} is asleep; wake it before attaching "
                                    "(its sleep level is unknown to this client)")
+        self.dtype, device = _served_dtype_and_device(client)
+        self.on_cuda = device == "cuda"
 
     def _require_server_awake(self, what: str, cause: Exception | None = None) -> None:
         """The server itself must be awake: another client may have put it to sleep (a request would then
@@ -63,20 +77,28 @@ class RemoteEngine(SleepState):
                 "wake it (POST /wake_up; after a level-2 sleep also reload its weights), or do it here: "
                 "client.wake_up(), then engine.load_weights(<checkpoint>)") from cause
 
-    def generate(self, prompts: Iterable[str] | Iterable[list[int]], *, max_tokens: int = 16,
+    @operation("generate")
+    def generate(self, prompts: Iterable[str] | Iterable[list[int]], sampling: Any = None, *, max_tokens: int = 16,
                  temperature: float = 1.0, n: int = 1, seed: int | None = None, **params: Any) -> list[Completion]:
-        """Completions with token ids and the sampler's log-probs, ``n`` per prompt, in prompt order."""
+        """Completions with token ids and the sampler's log-probs, ``n`` per prompt, in prompt order; sampling
+        settings as keywords (the completions API's names: ``max_tokens``, ``min_tokens``, ``top_k``, ...)."""
+        if sampling is not None:
+            raise UnsupportedOperation(self, "generate(sampling=...)", "a SamplingParams object does not travel "
+                                       "over the completions API", "pass the sampling settings as keyword arguments "
+                                       "(max_tokens=..., temperature=..., n=...)")
+        prompts = as_prompts(prompts)
         self.require_awake("generate")
         self._require_server_awake("generate")
-        prompts = list(prompts)
         body = {"max_tokens": max_tokens, "temperature": temperature, "n": n, "logprobs": 0,
                 "return_token_ids": True, **params}
         if seed is not None:
             body["seed"] = seed
+        if not prompts:
+            return []
         texts = [p for p in prompts if isinstance(p, str)]
         if texts and len(texts) != len(prompts):
             raise TypeError("prompts must be all strings or all token-id lists (one batched request)")
-        batch = texts or [[int(t) for t in p] for p in prompts]
+        batch = texts or prompts
         # one request for the whole batch, so the server batches it; choice k belongs to prompt k // n
         try:
             resp = self.client.completions(batch, model=self.model_id, **body)
@@ -90,6 +112,7 @@ class RemoteEngine(SleepState):
                                   list(c.get("token_ids") or []), lps, c["text"], c.get("finish_reason")))
         return out
 
+    @operation("sleep")
     def sleep(self, level: int = 2) -> CycleReport:
         level = self.check_sleep(level)
         report = CycleReport("sleep", level, memory_kind="none")
@@ -98,9 +121,13 @@ class RemoteEngine(SleepState):
         self._level = level
         return report
 
-    def wake_up(self, weights: str | os.PathLike | None = None, *, reload_checkpoint: bool = False) -> CycleReport:
+    @operation("wake up")
+    def wake_up(self, weights: str | os.PathLike | None = None, *, reload_checkpoint: bool = False,
+                method: str | None = None, strict: bool = True) -> CycleReport:
         """Wake in the memory-safe order: weights → reload (from ``weights``, a checkpoint directory) →
-        KV cache → reset the prefix cache. Level 2 needs ``weights`` or ``reload_checkpoint=True``."""
+        KV cache → reset the prefix cache. Level 2 needs ``weights`` or ``reload_checkpoint=True``.
+        ``method``: vLLM's reload from the path (``None`` / ``auto`` / ``reload``); ``strict``: a full checkpoint."""
+        self._check_route("wake_up", weights, method, strict)
         path = self.check_wake(
             weights, reload_checkpoint, awake_hint="use load_weights(path) to reload it",
             level2_hint="waking from level 2 needs weights: level 2 discarded them. Pass weights=<checkpoint "
@@ -125,8 +152,10 @@ class RemoteEngine(SleepState):
         load_then_finish(load if path is not None else None, finish, what="reload")
         return report
 
-    def load_weights(self, weights: str | os.PathLike) -> CycleReport:
+    @operation("load weights")
+    def load_weights(self, weights: str | os.PathLike, *, method: str | None = None, strict: bool = True) -> CycleReport:
         """Reload an awake server from a checkpoint directory, then reset its prefix cache."""
+        self._check_route("load_weights", weights, method, strict)
         self.check_awake_for_load()
         self._validate(weights)
         report = CycleReport("load", memory_kind="none")
@@ -136,9 +165,35 @@ class RemoteEngine(SleepState):
             self._reset()
         return report
 
+    @operation("reset the prefix cache")
     def reset_prefix_cache(self) -> None:
         self.require_awake("reset the prefix cache")
         self._reset()
+
+    @operation("verify weights")
+    def verify_weights(self, model: Any) -> Any:
+        """Refused: the bitwise proof reads every weight where the engine holds it."""
+        raise UnsupportedOperation(self, "verify_weights", "a server's weights cannot be read back over HTTP",
+                                   "verify an in-process Engine loaded from the same checkpoint, or compare the "
+                                   "server's greedy completions with the trainer's")
+
+    @closing
+    def close(self) -> None:
+        """Release this client (the server runs on: whoever started it stops it)."""
+
+    def _check_route(self, method_name: str, weights: Any, method: str | None, strict: bool) -> None:
+        """What a server can load: a checkpoint directory, whole, through vLLM's reload."""
+        if weights is not None and not isinstance(weights, (str, os.PathLike)):
+            raise UnsupportedOperation(self, f"{method_name}(weights=<{type(weights).__name__}>)",
+                                       "a vllm serve takes new weights only as a checkpoint directory it can read",
+                                       "save them (model.save_pretrained(path)) and pass the path, or use an "
+                                       "in-process Engine for in-memory weights")
+        if method not in (None, "auto", "reload"):
+            raise UnsupportedOperation(self, f"{method_name}(method={method!r})", "a server reloads from a path "
+                                       "with vLLM's reload_weights only", "method=None (or 'reload')")
+        if not strict:
+            raise UnsupportedOperation(self, f"{method_name}(strict=False)", "a server reloads whole checkpoints",
+                                       "a checkpoint directory with every tensor (strict=True)")
 
     def _reset(self) -> None:
         if not self.client.reset_prefix_cache():
@@ -148,3 +203,23 @@ class RemoteEngine(SleepState):
         if self._spec is None and Path(self.model_path).is_dir():
             self._spec = read_checkpoint_spec(self.model_path)
         check_checkpoint_dir(path, self._spec)
+
+
+def _served_dtype_and_device(client: ServerClient) -> tuple[Any, str]:
+    """The served model's torch dtype and the server's device type, from its ``/server_info`` dev route
+    (JSON where vLLM offers it, else its text form)."""
+    import torch
+
+    try:
+        info = client.server_info()
+    except ServerUnreachableError:
+        raise
+    except ServerError as err:
+        raise ServerError(f"{err}; RemoteEngine reads the served dtype and device from /server_info, a dev "
+                          "route: start the server with VLLM_SERVER_DEV_MODE=1 (ServerProcess does)") from None
+    if isinstance(info, dict):
+        dtype, device = info["model_config"]["dtype"], info["device_config"]["device"]
+    else:
+        dtype = re.search(r"dtype=(torch\.\w+)", info).group(1)
+        device = re.search(r"device_config=(\w+)", info).group(1)
+    return getattr(torch, str(dtype).replace("torch.", "")), str(device).split(":")[0]

@@ -147,6 +147,10 @@ class ServerClient:
         """``reload_weights`` on every worker: from ``path`` (a checkpoint directory), else the served one."""
         return self.collective_rpc("reload_weights", {"weights_path": str(path)} if path else {})
 
+    def server_info(self) -> Any:
+        """vLLM's configuration (a dev route): a dict where the server gives JSON, else its text form."""
+        return self.request("GET", "/server_info", query={"config_format": "json"})["vllm_config"]
+
     def models(self) -> list[str]:
         return [m["id"] for m in self.request("GET", "/v1/models")["data"]]
 

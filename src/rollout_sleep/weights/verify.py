@@ -1,8 +1,5 @@
 """The bitwise proof that the engine holds exactly the trainer's weights (:func:`verify`).
 
-(Named ``verification``, not ``verify``: a submodule ``rollout_sleep.verify`` would shadow the exported
-function ``rollout_sleep.verify`` once imported.)
-
 Example:
     >>> engine.wake_up(weights=WeightStream(model, dtype=engine.dtype))      # doctest: +SKIP
     >>> verify(engine, model).raise_if_failed()                               # doctest: +SKIP
@@ -49,22 +46,26 @@ class VerifyReport:
 
 
 def verify(engine, model: nn.Module | WeightStream | list[tuple[str, torch.Tensor]]) -> VerifyReport:
-    """Prove the engine holds exactly the trainer's weights, on the device, one tensor at a time.
+    """Prove the engine holds exactly the trainer's weights: ``engine.verify_weights(model)``, the contract's
+    method (:class:`~rollout_sleep.engine.contract.RolloutEngine`; an in-process engine runs
+    :func:`verify_in_process`, an HTTP engine refuses by name)."""
+    return engine.verify_weights(model)
+
+
+def verify_in_process(engine, model: nn.Module | WeightStream | list[tuple[str, torch.Tensor]]) -> VerifyReport:
+    """Prove the in-process engine holds exactly the trainer's weights, on the device, one tensor at a time.
 
     Fused vLLM parameters (``qkv_proj``, ``gate_up_proj``, stacked MoE experts) are compared slice by
     slice with the checkpoint tensors that were loaded into them (:mod:`rollout_sleep.weights.layout`), so the
     check covers what vLLM actually holds. On a tensor-parallel engine each rank checks its own shards,
     cut as vLLM's parallel layers cut them. It never raises on a layout: a tensor it cannot place makes
-    it fail (``ok=False``), named in ``report.unplaced`` with the reason. An engine that checks itself (one
-    with ``verify_weights``: a pool of engines, each checked) is asked to.
+    it fail (``ok=False``), named in ``report.unplaced`` with the reason.
 
     On an FP8 engine each FP8 linear is compared whole: the trainer's shards (q/k/v, gate/up) concatenated
     and quantized as vLLM quantizes them (:func:`rollout_sleep.weights.fp8.quantize`) must equal the engine's FP8
     weight and its scale bit for bit (``max_abs_diff`` then includes the quantization error: it is taken
     against the dequantized engine weight).
     """
-    if hasattr(engine, "verify_weights"):  # a pool: the shared buffer, then every engine against it
-        return engine.verify_weights(model)
     # a model, its WeightStream, or (name, tensor) pairs (an engine process checks views of the shared buffer)
     stream = WeightStream(model, dtype=engine.dtype) if isinstance(model, nn.Module) else model
     engine.require_awake("verify weights")

@@ -1,0 +1,124 @@
+"""Which engine modes run together: the one table of combinations the recipe refuses (:data:`RULES`), each
+with the keys it involves, why, and the fix. :func:`~rollout_sleep.run.config.load_config` applies it, so a
+refused combination stops before anything is written or started.
+
+The mode keys are marked in the schema (:func:`~rollout_sleep.run.schema.mode_keys`); a combination of
+their values, the device (``cpu`` / ``cuda``) and the model (a size, a checkpoint, or a folder with a config
+and no weights) either runs or is refused here (``tests/run/test_mode_combinations.py`` enumerates them all).
+
+>>> from rollout_sleep.run.schema import RecipeConfig
+>>> cfg = RecipeConfig()
+>>> cfg.engine.quantization = "fp8"
+>>> print(refusals(cfg, "cpu")[0])  # doctest: +ELLIPSIS
+engine.quantization=fp8 on CPU: vLLM's CPU build has no FP8 weight kernels ...
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+DEVICES = ("cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A refused combination: ``keys`` (dotted config keys; ``device``: the machine), the predicate over
+    ``(config, device)``, ``why`` it cannot run, and the ``fix``."""
+
+    keys: tuple[str, ...]
+    refused: Callable[[Any, str], bool]
+    why: str
+    fix: str
+
+    def message(self, cfg: Any, device: str) -> str:
+        named = " with ".join(f"{k}={_show(value_of(cfg, k))}" for k in self.keys if k != "device")
+        on = f" on {device.upper()}" if "device" in self.keys else ""
+        return f"{named}{on}: {self.why}. Fix: {self.fix}"
+
+
+def value_of(cfg: Any, key: str) -> Any:
+    """The value of a dotted ``key`` in ``cfg``."""
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _show(value: Any) -> str:
+    """A value as a key=value override writes it."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def weightless(path: str) -> bool:
+    """``model.path`` is a folder holding a config but no weights (``*.safetensors``)."""
+    folder = Path(path).expanduser()
+    return folder.is_dir() and not any(folder.glob("*.safetensors"))
+
+
+def _lora(c) -> bool:
+    return bool(c.model.lora.rank)
+
+
+def _fp8(c) -> bool:
+    return c.engine.quantization == "fp8"
+
+
+RULES: tuple[Rule, ...] = (
+    Rule(("engine.quantization", "device"), lambda c, d: _fp8(c) and d != "cuda",
+         "vLLM's CPU build has no FP8 weight kernels (its scaled_fp8_quant ops are stubs)",
+         "engine.quantization=null, or run FP8 rollouts on a CUDA GPU"),
+    Rule(("engine.quantization", "model.dtype"), lambda c, d: _fp8(c) and c.model.dtype == "float32",
+         "FP8 quantizes a bf16/fp16 model (vLLM's FP8 kernels take bf16/fp16 activations)",
+         "set model.dtype=bfloat16"),
+    Rule(("engine.quantization", "engine.load_method"), lambda c, d: _fp8(c) and c.engine.load_method == "load_weights",
+         "load_weights cannot write an FP8 engine's quantized linears (vLLM's loader expects checkpoint-format "
+         "parameters, which the quantization replaced)",
+         "engine.load_method=auto, direct or reload"),
+    Rule(("engine.quantization", "model.lora.rank"), lambda c, d: _fp8(c) and _lora(c),
+         "a LoRA run keeps one base, the engine's (on CUDA the trainer computes with views of its weights), and "
+         "FP8 holds it in one byte per weight",
+         "engine.quantization=null with model.lora (or model.lora.rank=0)"),
+    Rule(("engine.quantization", "engine.tensor_parallel_size", "engine.verify_every"),
+         lambda c, d: _fp8(c) and c.engine.tensor_parallel_size > 1 and c.engine.verify_every > 0,
+         "each rank of a tensor-parallel FP8 engine holds its own scales, which verify does not map: the first "
+         "verify would fail",
+         "engine.tensor_parallel_size=1, or engine.verify_every=0"),
+    Rule(("model.lora.rank", "engine.tensor_parallel_size"), lambda c, d: _lora(c) and c.engine.tensor_parallel_size > 1,
+         "each rank would hold a cut of the adapter; its sync and verify are tensor-parallel size 1 only",
+         "engine.tensor_parallel_size=1 with model.lora"),
+    Rule(("model.lora.rank", "train.kl_coef"), lambda c, d: _lora(c) and c.train.kl_coef > 0,
+         "the reference would be the base with the adapter off, which is not built yet",
+         "train.kl_coef=0 with model.lora (or model.lora.rank=0)"),
+    Rule(("engine.load_method", "device"), lambda c, d: c.engine.load_method in ("direct", "load_weights") and d != "cuda",
+         "vLLM's CPU kernels repack linear weights: only its layerwise reload writes them correctly there",
+         "engine.load_method=auto or reload on CPU"),
+    Rule(("engine.load_method", "engine.tensor_parallel_size"),
+         lambda c, d: c.engine.load_method == "direct" and c.engine.tensor_parallel_size > 1,
+         "the direct route copies whole tensors into one engine's parameters; a tensor-parallel rank holds shards",
+         "engine.load_method=auto, reload or load_weights"),
+    Rule(("model.path", "model.lora.rank", "engine.tensor_parallel_size", "device"),
+         lambda c, d: weightless(c.model.path)
+         and not (_lora(c) and d == "cuda" and c.engine.tensor_parallel_size == 1),
+         "the folder holds no weights (*.safetensors): only a LoRA run on CUDA with one in-process engine per rank "
+         "starts from a config alone (vLLM draws the base, load_format=dummy, and the trainer views it)",
+         "give a checkpoint folder with its weights, or a size (model.path=tiny, qwen3-0.6b, ...) to build one"),
+)
+
+
+def refusals(cfg: Any, device: str) -> list[str]:
+    """The messages of every rule ``cfg`` breaks on ``device`` (``"cpu"`` or ``"cuda"``)."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    return [rule.message(cfg, device) for rule in RULES if rule.refused(cfg, device)]
+
+
+def detect_device() -> str:
+    """``"cuda"`` where PyTorch sees a CUDA GPU (the recipe then runs its engines there), else ``"cpu"``."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,101 @@
+"""Dataset files the recipe cannot read are named with the file, the line and the fix, before vLLM starts; prompts
+too long for the context vLLM will use are refused even when ``engine.max_model_len`` is null (the model's own
+context). The old code said "'utf-8' codec can't decode byte 0xff in position 0", or "An error occurred while
+generating the dataset", or failed at step 1 inside vLLM."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import rollout_sleep.grpo.data as data_module
+from rollout_sleep.grpo.data import load_prompts, model_context
+
+from helpers import RECIPE, ROOT
+
+
+CONFIG = ROOT / "configs" / "tiny-cpu.yaml"
+ENGINE_START = "starting the vLLM engine"
+
+GOOD = b'{"prompt": "1+1=", "answer": "2"}\n'
+CASES = {
+    "latin1.jsonl": (GOOD + b'{"prompt": "caf\xe9", "answer": "2"}\n',
+                     "is not UTF-8 text: line 2 has byte 0xe9 at byte 16 of the line (invalid continuation byte). "
+                     "Save the file as UTF-8"),
+    "bom.jsonl": (b"\xff\xfe" + GOOD, "is UTF-16 text (it starts with a UTF-16 byte-order mark), not UTF-8"),
+    "latin1.csv": (b"prompt,answer\n1+1=,2\ncaf\xe9,3\n", "is not UTF-8 text: line 3 has byte 0xe9 at byte 4"),
+    "comma.jsonl": (GOOD + b'{"prompt": "2+2=",}\n' + GOOD, "line 2 is not valid JSON (Expecting property name"),
+    "list.jsonl": (GOOD + b'["2+2=", "4"]\n', "line 2 is a JSON list, not an object"),
+    "broken.json": (b'[{"prompt": "1+1="},\n {"prompt": "2+2="]\n', "is not valid JSON: Expecting ',' delimiter at "
+                                                                    "line 2, column 19"),
+    "ragged.csv": (b"prompt,answer\n1+1=,2\n2+2=,4,5\n", "line 3 has 3 fields, the header has 2 (prompt, answer)"),
+    "junk.parquet": (b"not parquet at all", "cannot be read: ArrowInvalid: Parquet magic bytes not found"),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_unreadable_files_are_named_with_the_line_and_the_fix(tmp_path, name):
+    content, message = CASES[name]
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as err:
+        load_prompts(str(path))
+    assert str(err.value).startswith(f"dataset file {str(path)!r}") and message in str(err.value), str(err.value)
+
+
+def test_a_folder_names_the_file_inside_it(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.jsonl").write_bytes(GOOD)
+    (tmp_path / "data" / "b.jsonl").write_bytes(b'{"prompt": "\xff"}\n')
+    with pytest.raises(ValueError, match=f"dataset file '{tmp_path / 'data' / 'b.jsonl'}' is not UTF-8 text: line 1"):
+        load_prompts(str(tmp_path / "data"))
+
+
+def test_the_encoding_check_reads_in_chunks_and_still_finds_the_line(tmp_path, monkeypatch):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(GOOD * 3 + '{"prompt": "\u00e9\u00e9'.encode() + b'\xe9"}\n')
+    for chunk in (1, 2, 3, 7, 64):
+        monkeypatch.setattr(data_module, "_CHUNK", chunk)
+        with pytest.raises(ValueError, match="line 4 has byte 0xe9 at byte 17 of the line"):
+            load_prompts(str(path))
+
+
+def test_a_non_utf8_file_is_refused_by_the_recipe_before_vllm(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(CASES["latin1.jsonl"][0])
+    proc = subprocess.run([sys.executable, str(RECIPE), "--config", str(CONFIG), f"output_dir={tmp_path / 'run'}",
+                           f"data.dataset={path}", "wandb.mode=disabled"],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-3000:]
+    assert f"data.dataset {str(path)!r} cannot be used: dataset file {str(path)!r} is not UTF-8 text: line 2" in out
+    assert ENGINE_START not in out and "Traceback" not in out, out[-3000:]
+
+
+def test_the_context_rule_is_vllms(engine, ckpts):
+    """With ``max_model_len`` unset, vLLM took the length :func:`model_context` predicts."""
+    assert model_context(ckpts["tied0"]) == (engine.llm.llm_engine.model_config.max_model_len,
+                                             "max_position_embeddings")
+
+
+def test_a_prompt_longer_than_the_models_context_is_refused_before_vllm(tmp_path):
+    """``engine.max_model_len=null``: the context is the model's (1024 tokens for the tiny model); a longer prompt
+    made vLLM refuse the request at step 1, after its start."""
+    path = tmp_path / "long.jsonl"
+    rows = [{"prompt": "1+1="}] * 7 + [{"prompt": "1+1= " * 400}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = subprocess.run([sys.executable, str(RECIPE), "--config", str(CONFIG), f"output_dir={tmp_path / 'run'}",
+                           f"data.dataset={path}", "engine.max_model_len=null", "rewards=[digits_format]",
+                           "wandb.mode=disabled"],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-3000:]
+    assert "1 prompt(s) have >= the model's max_position_embeddings (1024) tokens, leaving no room for a completion, " \
+           "e.g. row 7: " in out, out[-3000:]
+    assert ENGINE_START not in out, out[-3000:]

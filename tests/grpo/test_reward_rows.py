@@ -1,0 +1,74 @@
+"""Rows a reward cannot score: a column the reward reads, missing or null in some rows of the dataset, is
+refused before vLLM starts (the old code scored those rows without it: 0.0 for a correct completion)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from helpers import RECIPE, ROOT, load_recipe
+
+
+CONFIG = ROOT / "configs" / "tiny-cpu.yaml"
+ENGINE_START = "starting the vLLM engine"
+
+
+def _task(tmp_path: Path) -> tuple[Path, Path]:
+    rows = [{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(8)]
+    del rows[3]["answer"]  # the key left out of one line
+    rows[5]["answer"] = None  # null in another
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "rw.py").write_text(textwrap.dedent("""
+        def exact(completions, answer, **kwargs):
+            return [float(c.strip() == a) for c, a in zip(completions, answer)]
+
+        def exact_where_known(completions, answer=None, **kwargs):
+            return [None if a is None else float(c.strip() == a) for c, a in zip(completions, answer)]
+    """))
+    return data, tmp_path / "rw.py"
+
+
+@pytest.mark.parametrize("reward, fix", [
+    ("arithmetic_exact", "Fill in 'answer' in those rows or remove them"),
+    ("{rw}:exact", "give its parameter a default (answer=None) and return None for them"),
+])
+def test_rows_without_the_column_a_reward_reads_are_refused_before_vllm(tmp_path, reward, fix):
+    data, rw = _task(tmp_path)
+    name = reward.split(":")[-1]
+    proc = subprocess.run([sys.executable, str(RECIPE), "--config", str(CONFIG), f"output_dir={tmp_path / 'run'}",
+                           f"data.dataset={data}", f"rewards=[digits_format, {reward.format(rw=rw)}]",
+                           "wandb.mode=disabled"],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-3000:]
+    assert (f"reward {name!r} reads column 'answer', which is missing or null in 2 of 8 rows of data.dataset "
+            f"{str(data)!r}: row(s) 3, 5 (counted from 0)") in out, out[-3000:]
+    assert fix in out and ENGINE_START not in out and not (tmp_path / "run").exists(), out[-3000:]
+
+
+def test_a_reward_that_declares_the_column_optional_may_skip_those_rows(tmp_path, monkeypatch):
+    """``answer=None`` in the signature: the function handles rows without it (returns None, TRL's "does not
+    apply"), so the run goes on to start the engine."""
+    data, rw = _task(tmp_path)
+    recipe = load_recipe()
+
+    class Reached(Exception):
+        pass
+
+    def engine(*args, **kwargs):
+        raise Reached
+
+    monkeypatch.setattr(recipe, "Engine", engine)
+    cfg = recipe.load_config(str(CONFIG), [f"output_dir={tmp_path / 'run'}", f"data.dataset={data}",
+                                           f"rewards=[{rw}:exact_where_known]", "wandb.mode=disabled",
+                                           "train.memory_plan=off"])
+    with pytest.raises(Reached):
+        recipe.GRPORecipe(cfg).setup()

@@ -1,0 +1,120 @@
+"""A resume with a changed config: every key is classified (fixed / applied / free) in the schema; a fixed key that
+changed is refused before vLLM starts, naming each key with its old and new value; an applied one takes effect
+and is said (the restored optimizer gets the config's lr, not the checkpoint's); a finished run says so before
+vLLM starts."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+
+import pytest
+import torch
+
+from rollout_sleep.run import output_dir
+from rollout_sleep.run.schema import (APPLIED, FIXED, FREE, RESUME_CLASSES, RecipeConfig, _opt, describe,
+                                      resume_classes)
+
+from workers.recipe_cli import ENGINE_START, run
+
+
+def test_every_config_key_has_exactly_one_resume_class():
+    """A key added without a class cannot be declared (``resume`` is required), and every key of ``--help``
+    has exactly one of the three."""
+    classes = resume_classes()
+    assert sorted(classes) == sorted(key for key, _, _ in describe())
+    assert {key for key, klass in classes.items() if klass not in RESUME_CLASSES} == set()
+    with pytest.raises(TypeError, match="resume"):
+        _opt(1, "a new key")
+    # the classes where a wrong one would be silently wrong (the optimizer's settings, what defines the state)
+    assert {k: classes[k] for k in ("train.lr", "train.weight_decay", "train.max_grad_norm", "train.temperature")} \
+        == dict.fromkeys(("train.lr", "train.weight_decay", "train.max_grad_norm", "train.temperature"), APPLIED)
+    for key in ("model.path", "model.dtype", "model.lora.rank", "data.dataset", "train.seed", "train.optimizer",
+                "train.generations", "train.prompts_per_step", "rewards", "reward_weights"):
+        assert classes[key] == FIXED, key
+    for key in ("train.steps", "save_every", "watchdog.train_s", "wandb.mode", "output_dir"):
+        assert classes[key] == FREE, key
+
+
+def _checkpoint(out, step: int, config: dict) -> None:
+    """A complete checkpoint saved with its settings, as the recipe's save writes it."""
+    staging = output_dir.stage(out / "checkpoints" / f"step_{step}")
+    staging.mkdir(parents=True)
+    torch.save({"state": {}}, staging / "optimizer.bin")
+    output_dir.commit(staging, out / "checkpoints" / f"step_{step}", {"step": step, "config": config})
+
+
+def test_fixed_changes_are_refused_against_the_checkpoints_own_settings(tmp_path):
+    """The checkpoint was trained with AdamW and no LoRA; a later resume that crashed before its first save
+    rewrote run_config.json with other settings. Resuming with those again must still be refused: the settings
+    that count are those saved beside the checkpoint (the old code compared run_config.json, and did not
+    look at the optimizer at all)."""
+    cfg = RecipeConfig().to_dict()
+    output_dir.write_run_config(tmp_path, cfg)
+    _checkpoint(tmp_path, 4, cfg)
+    later = copy.deepcopy(cfg)
+    later["train"]["optimizer"], later["model"]["lora"]["rank"], later["model"]["dtype"] = "adamw8bit", 8, "bfloat16"
+    output_dir.write_run_config(tmp_path, later)
+    with pytest.raises(output_dir.RunDirError) as err:
+        output_dir.check_output_dir(tmp_path, later, resume=True)
+    msg = str(err.value)
+    for said in ("model.dtype: 'float32' -> 'bfloat16'", "model.lora.rank: 0 -> 8",
+                 "train.optimizer: 'adamw' -> 'adamw8bit'", "checkpoint step_4 was trained with",
+                 "Use a new output_dir", "revert those settings"):
+        assert said in msg, (said, msg)
+    # applied and free keys may change: accepted, and classified
+    ok = copy.deepcopy(cfg)
+    ok["train"].update(lr=1e-4, clip_eps=0.3, steps=40)
+    ok["watchdog"]["train_s"], ok["wandb"]["mode"] = 60.0, "disabled"
+    output_dir.check_output_dir(tmp_path, ok, resume=True)
+    changes = output_dir.config_changes(cfg, ok)
+    assert changes["fixed"] == []
+    assert changes["applied"] == [("train.lr", 3e-3, 1e-4), ("train.clip_eps", 0.2, 0.3)]
+    assert sorted(k for k, _, _ in changes["free"]) == ["train.steps", "wandb.mode", "watchdog.train_s"]
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    """A real run of 2 steps (lr 0.003, a checkpoint at each step)."""
+    out = tmp_path_factory.mktemp("resume") / "run"
+    code, text = run(out, "train.steps=2", "save_every=1", "data.num_prompts=32", "train.prompts_per_step=4")
+    assert code == 0, text[-3000:]
+    return out
+
+
+def test_a_changed_lr_reaches_the_restored_optimizer_and_is_said(saved_run, tmp_path):
+    """train.lr 0.003 -> 0.001 and weight decay 0 -> 0.01 on resume: the old code resumed the optimizer with
+    the checkpoint's values (while run_config.json recorded the new ones) and said nothing."""
+    out = tmp_path / "run"
+    shutil.copytree(saved_run, out)  # the output folder moved: allowed (output_dir is free)
+    code, text = run(out, "train.steps=3", "save_every=1", "data.num_prompts=32", "train.prompts_per_step=4",
+                     "train.lr=0.001", "train.weight_decay=0.01", "train.clip_eps=0.3")
+    assert code == 0, text[-3000:]
+    assert "resumed with changed settings, in effect from step 3: train.lr 0.003 -> 0.001 (set in the optimizer); " \
+           "train.weight_decay 0.0 -> 0.01 (set in the optimizer); train.clip_eps 0.2 -> 0.3" in text, text[-3000:]
+    groups = torch.load(out / "checkpoints" / "step_3" / "optimizer.bin", weights_only=False)["param_groups"]
+    assert {(g["lr"], g["weight_decay"]) for g in groups} == {(0.001, 0.01)}
+    state = json.loads((out / "checkpoints" / "step_3" / output_dir.STATE_FILE).read_text())
+    assert state["config"]["train"]["lr"] == 0.001  # saved beside it: the next resume compares with this
+
+
+def test_fixed_changes_are_refused_before_the_engine_starts(saved_run):
+    code, text = run(saved_run, "train.steps=4", "save_every=1", "data.num_prompts=32", "train.prompts_per_step=4",
+                     "model.lora.rank=8", "train.seed=3", timeout=300)
+    assert code == 1, text[-3000:]
+    assert "holds a different run: model.lora.rank: 0 -> 8; train.seed: 0 -> 3 (its checkpoint step_2 was trained " \
+           "with the first value of each)" in text, text[-3000:]
+    assert ENGINE_START not in text and "Traceback" not in text
+    assert sorted(p.name for p in (saved_run / "checkpoints").iterdir()) == ["step_1", "step_2"]  # untouched
+
+
+def test_a_finished_run_says_so_before_the_engine_starts(saved_run):
+    """The old code started vLLM (~40 s), loaded the state, and only then said there was nothing to train."""
+    code, text = run(saved_run, "train.steps=2", "save_every=1", "data.num_prompts=32", "train.prompts_per_step=4",
+                     timeout=300)
+    assert code == 0, text[-3000:]
+    assert f"the run in {saved_run} is already at step 2 (train.steps=2, checkpoint step_2): nothing to train. " \
+           "Raise train.steps to continue it" in text, text[-3000:]
+    assert ENGINE_START not in text
+
