@@ -1,4 +1,5 @@
-"""GRPO's pieces (group-normalized advantages, completion log-probs, the vLLM-mismatch correction, TRL's losses).
+"""GRPO's pieces (group-normalized advantages, completion log-probs, the vLLM-mismatch correction, TRL's losses)
+and :class:`GRPOLoss`: the loss configured once, whose ``step`` is one optimizer step on a rollout batch.
 
 >>> import torch
 >>> [round(a, 3) for a in group_advantages(torch.tensor([1.0, 0.0, 1.0, 1.0]), group_size=2).tolist()]
