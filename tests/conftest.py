@@ -9,6 +9,7 @@ back that way after each test, whatever the test did.
 from __future__ import annotations
 
 import gc
+import logging
 import os
 
 import pytest
@@ -20,6 +21,19 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 collect_ignore = ["workers"]  # scripts the tests launch (and what they import), not test modules
+
+
+@pytest.fixture(autouse=True)
+def _no_run_log_left():
+    """A recipe set up in the test process opens its run's log file on the ``rollout_sleep`` logger (for the
+    process's life, as a run wants): closed and taken off after the test, so later tests see the logger as
+    they set it."""
+    logger = logging.getLogger("rollout_sleep")
+    before = set(logger.handlers)
+    yield
+    for h in [h for h in logger.handlers if h not in before and isinstance(h, logging.FileHandler)]:
+        logger.removeHandler(h)
+        h.close()
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ vLLM starts, with the problem named; diverged training stopped before a NaN reac
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -161,8 +160,6 @@ def test_rewards_are_resolved_once_per_run(in_root, tmp_path, monkeypatch):
     monkeypatch.setattr(rewards, "resolve_rewards", counting)
     monkeypatch.setattr(recipe, "resolve_rewards", counting)
     monkeypatch.setattr(recipe, "build_engine", no_engine)
-    logger = logging.getLogger("rollout_sleep")
-    monkeypatch.setattr(logger, "handlers", list(logger.handlers))  # setup adds the run's log file: not after the test
     run = recipe.GRPORecipe(recipe.load_config(str(CONFIG), [f"output_dir={tmp_path / 'run'}", "wandb.mode=disabled"]))
     assert calls == [None]  # the config's check: no dataset yet
     with pytest.raises(EngineReached):
