@@ -66,7 +66,7 @@ def test_a_reward_that_declares_the_column_optional_may_skip_those_rows(tmp_path
     def engine(*args, **kwargs):
         raise Reached
 
-    monkeypatch.setattr(recipe, "Engine", engine)
+    monkeypatch.setattr(recipe, "build_engine", engine)
     cfg = recipe.load_config(str(CONFIG), [f"output_dir={tmp_path / 'run'}", f"data.dataset={data}",
                                            f"rewards=[{rw}:exact_where_known]", "wandb.mode=disabled",
                                            "train.memory_plan=off"])

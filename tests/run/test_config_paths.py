@@ -70,7 +70,7 @@ def test_the_recipe_runs_a_yaml_from_another_working_directory(project, tmp_path
     def engine(*args, **kwargs):
         raise Reached
 
-    monkeypatch.setattr(recipe, "Engine", engine)
+    monkeypatch.setattr(recipe, "build_engine", engine)
     monkeypatch.chdir(tmp_path / "elsewhere")
     for config in (project / "configs" / "run.yaml", ROOT / "configs" / "example-gsm8k.yaml"):
         cfg = recipe.load_config(str(config), [f"output_dir={tmp_path / config.stem}", "train.memory_plan=off"])
