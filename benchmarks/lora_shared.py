@@ -110,7 +110,7 @@ def run_ours(arm: str, args) -> dict:
     from transformers import AutoModelForCausalLM
 
     from rollout_sleep.grpo.data import prompt_token_ids, synthetic_arithmetic
-    from rollout_sleep.grpo.loss import grpo_update
+    from rollout_sleep.grpo.loss import GRPOLoss
     from rollout_sleep.lora.adapter import AdapterSync, LoraSettings
     from rollout_sleep.lora.shared_base import trainer_from_engine
     from rollout_sleep.run.manager import RolloutManager
@@ -171,6 +171,9 @@ def run_ours(arm: str, args) -> dict:
         engine.load_weights(manager.stream)  # the engine serves the trainer's (merged) model from the start
     data = synthetic_arithmetic(args.steps * w["prompts"] + w["prompts"], seed=0)
     tok = engine.tokenizer
+    loss = GRPOLoss(group_size=w["generations"], pad_id=tok.pad_token_id, micro_batch=w["micro_batch"],
+                    max_grad_norm=1.0, sampling_correction="sequence_mask", sampling_clip_max=3.0,
+                    max_completion_length=w["max_tokens"])
     for step in range(args.steps):
         t0 = time.perf_counter()
         rows = [data[step * w["prompts"] + i] for i in range(w["prompts"])]
@@ -179,10 +182,7 @@ def run_ours(arm: str, args) -> dict:
         with manager.training():
             rewards = torch.tensor(score(["digits_format", "arithmetic_exact"], [c.text for c in comps],
                                          [rows[c.prompt_index] for c in comps]), dtype=torch.float32)
-            stats = grpo_update(model, optimizer, prompt_ids, comps, rewards, group_size=w["generations"],
-                                pad_id=tok.pad_token_id, micro_batch=w["micro_batch"], max_grad_norm=1.0,
-                                sampling_correction_mode="sequence_mask", sampling_clip_max=3.0,
-                                max_completion_length=w["max_tokens"])
+            stats = loss.step(model, optimizer, prompt_ids, comps, rewards)
         manager.sync()  # verify_every=1: a failed verify raises here
         phases = manager.end_step()
         row = {"step": step + 1, "step_s": time.perf_counter() - t0, "reward": float(rewards.mean()),

@@ -1,4 +1,4 @@
-"""Time one GRPO training phase (``grpo_update``) on a model shape, by log-prob path and optimizer.
+"""Time one GRPO training phase (``GRPOLoss.step``) on a model shape, by log-prob path and optimizer.
 
     python benchmarks/train_phase.py --size qwen3-4b --out results/h100/train_phase_qwen3-4b.json
 
@@ -62,6 +62,7 @@ def main() -> None:
               "versions": versions("torch", "transformers"), "micro_batch": args.micro_batch,
               "gradient_checkpointing": not args.no_gradient_checkpointing, "variants": {}}
     original = grpo.completion_logprobs
+    loss = grpo.GRPOLoss(group_size=8, pad_id=0, micro_batch=args.micro_batch)
     for path in ("completion", "full_rowwise"):
         for fused in (True, False):
             grpo.completion_logprobs = original if path == "completion" else full_rowwise
@@ -72,8 +73,7 @@ def main() -> None:
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
                 t0 = time.perf_counter()
-                grpo.grpo_update(model, opt, prompts, comps, rewards, group_size=8, pad_id=0,
-                                 micro_batch=args.micro_batch)
+                loss.step(model, opt, prompts, comps, rewards)
                 if cuda:
                     torch.cuda.synchronize()
                 if r:

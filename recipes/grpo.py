@@ -84,14 +84,14 @@ from rollout_sleep.grpo.data import (check_prompts, check_rows, completions_for_
                                      is_conversational, load_prompts, model_context, prepare_prompts,
                                      prompt_token_ids, step_rows)
 from rollout_sleep.grpo.errors import RewardError  # noqa: E402
-from rollout_sleep.grpo.loss import grpo_update  # noqa: E402
-from rollout_sleep.grpo.rewards import (combine, resolve_rewards, reward_metrics, reward_summary,  # noqa: E402
-                                        score_rewards, unscorable_report)
+from rollout_sleep.grpo.loss import GRPOLoss  # noqa: E402
+from rollout_sleep.grpo.rewards import (check_row_values, combine, resolve_rewards, reward_metrics,  # noqa: E402
+                                        reward_summary, score_rewards, unscorable_report)
 from rollout_sleep.integrations.wandb import credentials_problem, make_tracker  # noqa: E402
 from rollout_sleep.lora.adapter import AdapterSync, LoraSettings  # noqa: E402
 from rollout_sleep.lora.shared_base import trainer_from_engine  # noqa: E402
 from rollout_sleep.run import memory_check, memory_plan, output_dir  # noqa: E402
-from rollout_sleep.run.config import ConfigError, check_processes, load_config, validate_rewards  # noqa: E402
+from rollout_sleep.run.config import ConfigError, check_processes, load_config  # noqa: E402
 from rollout_sleep.run.factory import build_engine  # noqa: E402
 from rollout_sleep.run.manager import RolloutManager  # noqa: E402
 from rollout_sleep.run.nonfinite import NonFiniteError, check_finite, guard_optimizer  # noqa: E402
@@ -109,6 +109,9 @@ class GRPORecipe:
         self.out = Path(cfg.output_dir).expanduser()
         self.step = 0
         self.in_step: int | None = None  # the step running, while one does
+        self.tp = cfg.engine.tensor_parallel_size
+        lo = cfg.model.lora
+        self.lora = LoraSettings(lo.rank, lo.alpha, list(lo.targets)) if lo.rank else None
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -134,13 +137,47 @@ class GRPORecipe:
         return self.watchdog.phase("collective", f"all {self.acc.num_processes} ranks to reach {what}")
 
     def _setup(self) -> None:
-        cfg = self.cfg
-        set_seed(cfg.train.seed)
-        self.tp = cfg.engine.tensor_parallel_size
-        problems = check_processes(cfg, self.acc.num_processes)
-        wandb_problem = credentials_problem(cfg.wandb.mode) if self.main else None  # only rank 0 logs
+        """The run's pieces, in dependency order (each step says what it needs when the order matters)."""
+        set_seed(self.cfg.train.seed)
+        self._check_launch()
+        # read-only until the output dir is claimed: bad data or rewards stop the run with nothing written
+        self._load_data_and_rewards()  # the rewards resolved once for the run: everything after uses self.rewards
+        self._claim_output_dir()
+        self.model_path = self._model_path()
+        self._prepare_prompts()  # the model's tokenizer (its chat template, its context) formats and checks them
+        kv_bytes = self._kv_cache_bytes()  # the longest prompt sizes one step's KV cache
+        self.plan = self._memory_plan(kv_bytes)  # printed; a phase that does not fit stops the run here
+        self._note_low_precision_lr()
+        # the engine first, while the GPU is empty: vLLM sizes its KV cache from the free memory it sees
+        self._start_engine(kv_bytes)
+        self._check_plan_with_engine()
+        self._load_reward_models()  # beside the trainer, once the engine has sized its cache
+        self._build_trainer()  # a shared LoRA base is a view of the engine's weights: after the engine
+        self.loss = GRPOLoss.from_config(self.cfg, pad_id=self.tokenizer.pad_token_id)
+        self.ref_model = self._reference_model()
+        self.manager = self._rollout_manager()
+        run_id = self._resume()  # after the manager: a restored state is pushed to the engine
+        if self.offload is not None:
+            self.offload.offload()  # a resumed state is loaded onto the device: off it before the first rollout
+        self._start_tracking(run_id)  # after the resume: a resumed run continues its W&B run
+        # Everything loaded so far lives for the whole run: keep it out of Python's garbage collector,
+        # as vLLM does for its own startup heap. vLLM runs a full collection at every sleep; with the
+        # trainer's heap (model, optimizer, data, W&B) frozen it stays short.
+        gc.collect()
+        gc.freeze()
+
+    def _check_launch(self) -> None:
+        """The config against what the launch gives: the number of ranks, and W&B's credentials (rank 0 logs)."""
+        problems = check_processes(self.cfg, self.acc.num_processes)
+        wandb_problem = credentials_problem(self.cfg.wandb.mode) if self.main else None
         if problems or wandb_problem:
             raise ConfigError(problems + [wandb_problem] if wandb_problem else problems)
+
+    def _load_data_and_rewards(self) -> None:
+        """The dataset, and the rewards resolved once for the run, checked together: rows enough for a step, the
+        columns and values the rewards read, vLLM's temperature bounds; every problem at once. Reward models are
+        only checked here (:meth:`_load_reward_models` loads them once the engine is up)."""
+        cfg = self.cfg
         try:
             self.data = load_prompts(cfg.data.dataset, prompt_column=cfg.data.prompt_column, n=cfg.data.num_prompts,
                                      seed=cfg.train.seed)
@@ -148,14 +185,24 @@ class GRPORecipe:
             why = str(err) or "it has no rows"  # an empty file: datasets raises a bare StopIteration
             raise ConfigError(f"data.dataset {cfg.data.dataset!r} cannot be used: {why}") from err
         too_small = check_rows(self.data, cfg.data.dataset, cfg.data.num_prompts, cfg.train.prompts_per_step)
-        problems = ([too_small] if too_small else []) + validate_rewards(
-            cfg.rewards, columns=list(self.data.column_names), weights=cfg.reward_weights, data=self.data,
-            source=cfg.data.dataset)
+        problems = [too_small] if too_small else []
+        try:
+            self.rewards = resolve_rewards(cfg.rewards, cfg.reward_weights, columns=list(self.data.column_names),
+                                           load_models=False)
+            check_row_values(self.rewards, self.data, cfg.data.dataset)
+        except RewardError as err:
+            problems.append(str(err))
         problem = temperature_problem(cfg.train.temperature, "train.temperature")  # vLLM's own bounds
         if problem:
             problems.append(problem)
         if problems:
             raise ConfigError(problems)
+        self.reward_weights = [r.weight for r in self.rewards]
+
+    def _claim_output_dir(self) -> None:
+        """The main process locks ``output_dir`` (one run at a time in it), clears an earlier run when asked, opens
+        the run's log and writes the run's config; every rank waits for it, then opens its own log."""
+        cfg = self.cfg
         if self.main:
             with output_dir.writing(self.out, "write into output_dir"):
                 self.lock = output_dir.lock(self.out)  # held until the process ends: one run at a time in output_dir
@@ -175,26 +222,42 @@ class GRPORecipe:
             self.acc.wait_for_everyone()
         if not self.main:
             log.add_file(output_dir.log_file(self.out, self.acc.process_index))
-        self.model_path = self._model_path()
-        self._setup_task()
-        dtype = getattr(torch, cfg.model.dtype)
-        kv_bytes = self._kv_cache_bytes()
-        self.plan = self._memory_plan(kv_bytes)  # printed; a phase that does not fit stops the run here
-        self._note_low_precision_lr()
+
+    def _prepare_prompts(self) -> None:
+        """Prompts in their format (chat template when conversational), checked against the context: every
+        mistake here is reported before vLLM starts."""
+        cfg = self.cfg
+        self.prompt_tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        try:
+            self.data = prepare_prompts(self.data, self.prompt_tokenizer, chat_template=cfg.data.chat_template,
+                                        system_prompt=cfg.data.system_prompt)
+            context, context_from = cfg.engine.max_model_len, "engine.max_model_len"
+            if context is None and (known := model_context(self.model_path)):  # vLLM's own choice, as it will make it
+                context, key = known
+                context_from = f"the model's {key}"  # in its config.json
+            check_prompts(self.data, self.prompt_tokenizer, context, cfg.train.max_tokens, context_from)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+        self.conversational = is_conversational(self.data)
+
+    def _start_engine(self, kv_bytes: int | None) -> None:
+        """The vLLM engine, built from the config in one place (:mod:`rollout_sleep.run.factory`; its modes were
+        checked by ``load_config``, :mod:`rollout_sleep.run.modes`)."""
         self.acc.print(f"starting the vLLM engine ({self.model_path})")
-        # The engine first, while the GPU is empty: vLLM sizes its KV cache from the free memory it sees. Built
-        # from the config in one place (rollout_sleep.run.factory); its modes were checked by load_config
-        # (rollout_sleep.run.modes).
-        lo = cfg.model.lora
-        self.lora = LoraSettings(lo.rank, lo.alpha, list(lo.targets)) if lo.rank else None
-        self.engine = build_engine(cfg, self.model_path, rank=self.acc.process_index, kv_cache_bytes=kv_bytes)
+        self.engine = build_engine(self.cfg, self.model_path, rank=self.acc.process_index, kv_cache_bytes=kv_bytes)
         self.tokenizer = self.prompt_tokenizer
-        self._check_plan_with_engine()
-        for r in self.rewards:  # reward models: loaded beside the trainer, once the engine has sized its cache
+
+    def _load_reward_models(self) -> None:
+        for r in self.rewards:
             if hasattr(r.fn, "load"):
-                r.fn.dtype = getattr(torch, cfg.model.dtype)
+                r.fn.dtype = getattr(torch, self.cfg.model.dtype)
                 r.fn.load(self.acc.device)
-        model = self._build_model(dtype)
+
+    def _build_trainer(self) -> None:
+        """The policy and its optimizer, prepared by accelerate, with the non-finite guard, the update check and
+        the optimizer offload on top (in that order)."""
+        cfg = self.cfg
+        model = self._build_model(getattr(torch, cfg.model.dtype))
         # adamw: fused on GPU, one kernel for all parameters (TRL/transformers' default optimizer too)
         optimizer = build_optimizer(cfg.train.optimizer, [p for p in model.parameters() if p.requires_grad],
                                     **hyperparameters(cfg.train), fused=torch.cuda.is_available() or None,
@@ -209,19 +272,27 @@ class GRPORecipe:
         self.layout = {"processes": self.acc.num_processes, "distributed_type": self.acc.distributed_type.value,
                        "trainer_sharded": any(hasattr(p, "full_tensor") or hasattr(p, "ds_id")
                                               for p in self.model.parameters())}
-        self.ref_model = None
-        if cfg.train.kl_coef > 0:
-            self.ref_model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype).to(self.acc.device)
-            self.ref_model.eval().requires_grad_(False)
+
+    def _reference_model(self):
+        """The frozen reference of the KL term (``None`` without one)."""
+        if not self.loss.kl_coef > 0:
+            return None
+        ref = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=getattr(torch, self.cfg.model.dtype))
+        return ref.to(self.acc.device).eval().requires_grad_(False)
+
+    def _rollout_manager(self) -> RolloutManager:
+        """The rollout/sync cycle; with LoRA only the adapter moves, and the engine keeps its weights asleep."""
         adapter = AdapterSync(self.engine, self.model) if self.lora is not None else None
-        self.manager = RolloutManager(self.engine, self.model, verify_every=cfg.engine.verify_every,
-                                      watchdog=self.watchdog, adapter=adapter,
-                                      sleep_level=0 if adapter is not None else cfg.engine.sleep_level)
+        manager = RolloutManager(self.engine, self.model, verify_every=self.cfg.engine.verify_every,
+                                 watchdog=self.watchdog, adapter=adapter,
+                                 sleep_level=0 if adapter is not None else self.cfg.engine.sleep_level)
         if adapter is not None:
-            self.layout["lora_base_shared"] = self.manager.base_shared
-        run_id = self._resume()
-        if self.offload is not None:
-            self.offload.offload()  # a resumed state is loaded onto the device: off it before the first rollout
+            self.layout["lora_base_shared"] = manager.base_shared
+        return manager
+
+    def _start_tracking(self, run_id: str | None) -> None:
+        """W&B (continuing ``run_id``), the memory plan's tables, and the per-phase peaks of the first steps."""
+        cfg = self.cfg
         self.tracker = make_tracker(cfg.wandb.mode, main_process=self.main, project=cfg.wandb.project,
                                     config=cfg.to_dict(), name=cfg.wandb.run_name, directory=self.out,
                                     resume_id=run_id)
@@ -234,11 +305,6 @@ class GRPORecipe:
         self.peaks = PhasePeaks(self.plan_base_free).start() \
             if self.plan is not None and self.step < memory_check.MEASURED_STEPS else None
         self.timeline: list[dict] = []
-        # Everything loaded so far lives for the whole run: keep it out of Python's garbage collector,
-        # as vLLM does for its own startup heap. vLLM runs a full collection at every sleep; with the
-        # trainer's heap (model, optimizer, data, W&B) frozen it stays short.
-        gc.collect()
-        gc.freeze()
 
     def _build_model(self, dtype: torch.dtype):
         """The policy: the whole model, or (``model.lora``) a PEFT adapter on a frozen base. On CUDA with one
@@ -259,26 +325,6 @@ class GRPORecipe:
         from peft import get_peft_model
 
         return get_peft_model(model, self.lora.peft_config())
-
-    def _setup_task(self) -> None:
-        """Prompts in their format (chat template when conversational) and the rewards resolved and checked
-        against the dataset's columns: every mistake here is reported before vLLM starts."""
-        cfg = self.cfg
-        self.prompt_tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        try:
-            self.data = prepare_prompts(self.data, self.prompt_tokenizer, chat_template=cfg.data.chat_template,
-                                        system_prompt=cfg.data.system_prompt)
-            context, context_from = cfg.engine.max_model_len, "engine.max_model_len"
-            if context is None and (known := model_context(self.model_path)):  # vLLM's own choice, as it will make it
-                context, key = known
-                context_from = f"the model's {key}"  # in its config.json
-            check_prompts(self.data, self.prompt_tokenizer, context, cfg.train.max_tokens, context_from)
-            self.rewards = resolve_rewards(cfg.rewards, cfg.reward_weights, columns=self.data.column_names,
-                                           load_models=False)
-        except (RewardError, ValueError) as err:
-            raise ConfigError(str(err)) from err
-        self.conversational = is_conversational(self.data)
-        self.reward_weights = [r.weight for r in self.rewards]
 
     def _shares_base(self) -> bool:
         """LoRA on CUDA with an engine per process: the trainer's base will be a view of the engine's weights."""
@@ -450,16 +496,10 @@ class GRPORecipe:
                 rewards, table, reward_s = self._score(examples, comps)
                 self._check_rewards(rewards, table, [rows[c.prompt_index] for c in comps])
                 checking = self.update_check is not None and self.update_check.arm(self.step + 1)
-                stats = grpo_update(self.model, self.optimizer, prompt_ids, comps, rewards, group_size=t.generations,
-                                    pad_id=self.tokenizer.pad_token_id, clip_eps=t.clip_eps, micro_batch=t.micro_batch,
-                                    ref_model=self.ref_model, kl_coef=t.kl_coef, max_grad_norm=t.max_grad_norm,
-                                    backward=self.acc.backward, autocast=self.acc.autocast,
-                                    clip_grad_norm=self.acc.clip_grad_norm_,
-                                    no_sync=lambda: self.acc.no_sync(self.model),  # one all-reduce per step
-                                    sampling_correction_mode=t.sampling_correction,
-                                    sampling_clip_min=t.sampling_clip_min, sampling_clip_max=t.sampling_clip_max,
-                                    loss_type=t.loss, temperature=t.temperature, max_completion_length=t.max_tokens,
-                                    kl_bias_correction=t.kl_bias_correction)
+                stats = self.loss.step(self.model, self.optimizer, prompt_ids, comps, rewards, ref_model=self.ref_model,
+                                       backward=self.acc.backward, autocast=self.acc.autocast,
+                                       clip_grad_norm=self.acc.clip_grad_norm_,
+                                       no_sync=lambda: self.acc.no_sync(self.model))  # one all-reduce per step
                 check_finite("loss and grad_norm", torch.tensor([stats["loss"], stats["grad_norm"]]))
             if checking:  # every rank: the counts are summed over the ranks' shards
                 with self._collective(f"the update check of step {self.step + 1}"):

@@ -43,7 +43,7 @@ _EXPORTS: dict[str, str] = {
     "AdapterSync": "lora.adapter",
     "trainer_from_engine": "lora.shared_base",
     # GRPO pieces
-    "grpo_update": "grpo.loss",
+    "GRPOLoss": "grpo.loss",
     "resolve_rewards": "grpo.rewards",
     "score_rewards": "grpo.rewards",
     "RewardModel": "grpo.reward_model",
@@ -64,7 +64,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time names load lazily t
     from .engine.memory import kv_cache_bytes_for
     from .engine.phases import CycleReport
     from .engine.state import EngineStateError, IncompleteWeightsError
-    from .grpo.loss import grpo_update
+    from .grpo.loss import GRPOLoss
     from .grpo.reward_model import RewardModel
     from .grpo.rewards import resolve_rewards, score_rewards
     from .log import get_logger

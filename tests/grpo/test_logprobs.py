@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rollout_sleep.grpo import loss as grpo
-from rollout_sleep.grpo.loss import completion_logprobs, grpo_update, pad_batch, selected_logprobs
+from rollout_sleep.grpo.loss import GRPOLoss, completion_logprobs, pad_batch, selected_logprobs
 
 
 class _NoKeep(torch.nn.Module):
@@ -105,7 +105,7 @@ def test_engine_logprobs_are_the_trainers_at_temperature(engine):
     with torch.no_grad():
         raw = completion_logprobs(model, ids, attn, positions, mask.shape[1])
     assert float(((raw - sampled).abs() * mask).sum() / mask.sum()) > 0.05  # temperature matters here
-    stats = grpo_update(model, torch.optim.SGD(model.parameters(), lr=0.0), prompts, comps,
-                        torch.arange(len(comps), dtype=torch.float32), group_size=4, pad_id=0, micro_batch=5,
-                        temperature=0.7)
+    loss = GRPOLoss(group_size=4, pad_id=0, micro_batch=5, temperature=0.7)
+    stats = loss.step(model, torch.optim.SGD(model.parameters(), lr=0.0), prompts, comps,
+                      torch.arange(len(comps), dtype=torch.float32))
     assert stats["sampling_logp_diff"] < 1e-4, stats

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from rollout_sleep.grpo.loss import LOSS_TYPES, group_advantages, grpo_loss, pad_batch
+from rollout_sleep.grpo.loss import LOSS_TYPES, GRPOLoss, group_advantages, grpo_loss, pad_batch
 from rollout_sleep.serve.server import free_port
 
 from helpers import WORKERS
@@ -72,7 +72,7 @@ def test_loss_types_hand_computed():
     for loss_type, value in want.items():
         loss, _ = grpo_loss(logp, old, adv, mask, loss_type=loss_type, max_completion_length=4)
         assert abs(float(loss) - value) < 1e-6, (loss_type, float(loss), value)
-    # normalizers of a whole batch (what grpo_update passes each micro-batch): 10 tokens, 4 sequences, 2 micro-batches
+    # normalizers of a whole batch (what GRPOLoss.step passes each micro-batch): 10 tokens, 4 sequences, 2 micro-batches
     assert abs(float(grpo_loss(logp, old, adv, mask, normalizer=10)[0]) - 0.23) < 1e-6
     assert abs(float(grpo_loss(logp, old, adv, mask, loss_type="grpo", normalizer=4)[0]) - 0.4) < 1e-6
     assert abs(float(grpo_loss(logp, old, adv, mask, loss_type="bnpo", normalizer=2)[0]) - 0.23) < 1e-6
@@ -130,6 +130,30 @@ def test_recipe_config_loss_and_temperature():
         load_config(None, ["train.loss=ppo"])
     with pytest.raises(ConfigError, match="train.temperature must be > 0"):
         load_config(None, ["train.temperature=0"])
+
+
+def test_loss_is_configured_once_and_checked_naming_the_key():
+    """``GRPOLoss`` refuses bad settings when built, each named (by its setting, or from a config by its key), and
+    ``from_config`` reads the recipe's keys."""
+    from rollout_sleep.run.config import load_config
+    from rollout_sleep.run.schema import RecipeConfig
+
+    with pytest.raises(ValueError, match="loss_type must be one of dapo, grpo, dr_grpo, bnpo, got 'ppo'"):
+        GRPOLoss(group_size=8, loss_type="ppo")
+    with pytest.raises(ValueError, match="loss_type 'dr_grpo' divides by max_completion_length"):
+        GRPOLoss(group_size=8, loss_type="dr_grpo")
+    with pytest.raises(ValueError, match="group_size must be >= 2.*; sampling_clip_min \\(4.0\\) must not exceed"):
+        GRPOLoss(group_size=1, sampling_clip_min=4.0)
+    assert GRPOLoss(group_size=2, max_grad_norm=float("inf")).max_grad_norm == float("inf")  # no clipping
+    cfg = load_config(None, ["train.loss=dr_grpo", "train.micro_batch=4", "train.max_tokens=32",
+                             "train.sampling_correction=token_truncate", "train.kl_coef=0.04"])
+    loss = GRPOLoss.from_config(cfg, pad_id=3)
+    assert (loss.loss_type, loss.micro_batch, loss.max_completion_length, loss.sampling_correction, loss.kl_coef,
+            loss.group_size, loss.pad_id) == ("dr_grpo", 4, 32, "token_truncate", 0.04, 8, 3)
+    bad = RecipeConfig()
+    bad.train.temperature, bad.train.sampling_correction = 0.0, "sequence"
+    with pytest.raises(ValueError, match="train.sampling_correction must be one of .*; train.temperature must be > 0"):
+        GRPOLoss.from_config(bad)
 
 
 def test_grpo_pieces():

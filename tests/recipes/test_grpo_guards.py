@@ -4,6 +4,7 @@ vLLM starts, with the problem named; diverged training stopped before a NaN reac
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -136,3 +137,35 @@ def test_the_recipe_refuses_a_temperature_below_the_floor_before_the_engine_star
            in out, out[-3000:]
     assert ENGINE_START not in out and "Traceback" not in out
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_rewards_are_resolved_once_per_run(in_root, tmp_path, monkeypatch):
+    """The config's check resolves the rewards and drops them (a bad one is listed with the config's other
+    problems); the recipe resolves them once, with the dataset's columns, before vLLM starts, and keeps them."""
+    from rollout_sleep.grpo import rewards
+
+    recipe = load_recipe()
+    calls = []
+    resolve = rewards.resolve_rewards
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("columns"))
+        return resolve(*args, **kwargs)
+
+    class EngineReached(Exception):
+        pass
+
+    def no_engine(*args, **kwargs):
+        raise EngineReached
+
+    monkeypatch.setattr(rewards, "resolve_rewards", counting)
+    monkeypatch.setattr(recipe, "resolve_rewards", counting)
+    monkeypatch.setattr(recipe, "build_engine", no_engine)
+    logger = logging.getLogger("rollout_sleep")
+    monkeypatch.setattr(logger, "handlers", list(logger.handlers))  # setup adds the run's log file: not after the test
+    run = recipe.GRPORecipe(recipe.load_config(str(CONFIG), [f"output_dir={tmp_path / 'run'}", "wandb.mode=disabled"]))
+    assert calls == [None]  # the config's check: no dataset yet
+    with pytest.raises(EngineReached):
+        run.setup()
+    assert calls == [None, ["prompt", "answer"]] and [r.name for r in run.rewards] == ["digits_format",
+                                                                                        "arithmetic_exact"]

@@ -1,4 +1,4 @@
-"""One GRPO batch, fed to the recipe's update (``rollout_sleep.grpo.loss.grpo_update``) and to TRL's own code
+"""One GRPO batch, fed to the recipe's update (``rollout_sleep.grpo.loss.GRPOLoss.step``) and to TRL's own code
 (``GRPOTrainer._generate_and_score_completions`` then ``_compute_loss`` per micro-batch, as its training step
 runs them). Used by tests/grpo/test_loss.py and grpo_dist_worker.py.
 
@@ -67,21 +67,20 @@ class _Recorder:
 
 def recipe_step(model, ref_model, rows: list[int], ids, logprobs, *, loss_type: str, micro_batch: int,
                 temperature: float, beta: float, backward=None, grad_model=None, no_sync=None):
-    """The recipe's loss and gradient on ``rows`` of the batch (its ``grpo_update``, TRL's defaults: sequence-level
+    """The recipe's loss and gradient on ``rows`` of the batch (its ``GRPOLoss``, TRL's defaults: sequence-level
     correction masked above 3, clip 0.2, bias-corrected KL). Returns ``(loss, {name: grad})``."""
     from rollout_sleep.engine.completion import Completion
-    from rollout_sleep.grpo.loss import grpo_update
+    from rollout_sleep.grpo.loss import GRPOLoss
 
     groups = sorted({r // GROUP for r in rows})
     comps = [Completion(groups.index(r // GROUP), PROMPTS[r // GROUP], ids[r], logprobs[r], "", "length")
              for r in rows]
     recorder = _Recorder(grad_model or model)
-    stats = grpo_update(model, recorder, [PROMPTS[g] for g in groups], comps,
-                        torch.tensor([REWARDS[r] for r in rows]), group_size=GROUP, pad_id=0,
-                        micro_batch=micro_batch, ref_model=ref_model, kl_coef=beta, max_grad_norm=float("inf"),
-                        backward=backward, no_sync=no_sync, sampling_correction_mode="sequence_mask",
-                        sampling_clip_max=3.0,
-                        loss_type=loss_type, temperature=temperature, max_completion_length=MAX_TOKENS)
+    loss = GRPOLoss(group_size=GROUP, pad_id=0, loss_type=loss_type, kl_coef=beta, sampling_correction="sequence_mask",
+                    sampling_clip_max=3.0, temperature=temperature, max_completion_length=MAX_TOKENS,
+                    micro_batch=micro_batch, max_grad_norm=float("inf"))
+    stats = loss.step(model, recorder, [PROMPTS[g] for g in groups], comps, torch.tensor([REWARDS[r] for r in rows]),
+                      ref_model=ref_model, backward=backward, no_sync=no_sync)
     return stats["loss"], recorder.grads, stats
 
 

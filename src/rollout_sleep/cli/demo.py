@@ -31,7 +31,7 @@ def run_demo(steps: int = 12, prompts_per_step: int = 8, generations: int = 8, m
 
     from rollout_sleep.engine.memory import kv_cache_bytes_for
     from rollout_sleep.grpo.data import synthetic_arithmetic
-    from rollout_sleep.grpo.loss import grpo_update
+    from rollout_sleep.grpo.loss import GRPOLoss
     from rollout_sleep.grpo.rewards import score
     from rollout_sleep.run.config import load_config
     from rollout_sleep.run.factory import build_engine
@@ -53,6 +53,7 @@ def run_demo(steps: int = 12, prompts_per_step: int = 8, generations: int = 8, m
     data = synthetic_arithmetic(steps * prompts_per_step, seed=seed)
     tok = engine.tokenizer
     rewards_names = ["digits_format", "arithmetic_exact"]
+    loss = GRPOLoss(group_size=generations, pad_id=tok.pad_token_id)
     history, rows = [], []
     bar = tqdm(range(steps), desc="GRPO demo", disable=quiet)
     for step in bar:
@@ -63,8 +64,7 @@ def run_demo(steps: int = 12, prompts_per_step: int = 8, generations: int = 8, m
         rewards = torch.tensor(score(rewards_names, [c.text for c in comps],
                                      [examples[c.prompt_index] for c in comps]))
         with manager.training():
-            stats = grpo_update(model, optimizer, prompt_ids, comps, rewards, group_size=generations,
-                                pad_id=tok.pad_token_id)
+            stats = loss.step(model, optimizer, prompt_ids, comps, rewards)
         manager.sync()
         metrics = {**manager.end_step(), **stats, "reward": float(rewards.mean())}
         rows.append(metrics)

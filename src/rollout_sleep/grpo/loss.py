@@ -1,4 +1,5 @@
-"""GRPO's pieces (group-normalized advantages, completion log-probs, the vLLM-mismatch correction, TRL's losses).
+"""GRPO's pieces (group-normalized advantages, completion log-probs, the vLLM-mismatch correction, TRL's losses)
+and :class:`GRPOLoss`: the loss configured once, whose ``step`` is one optimizer step on a rollout batch.
 
 >>> import torch
 >>> [round(a, 3) for a in group_advantages(torch.tensor([1.0, 0.0, 1.0, 1.0]), group_size=2).tolist()]
@@ -7,8 +8,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
+import math
+from dataclasses import dataclass
 
 import torch
 
@@ -225,83 +229,202 @@ def loss_normalizers(completions, micro_batch: int, device=None) -> dict[str, fl
             "dr_grpo": max(sequences, 1.0 / world), "bnpo": float(max(1, -(-len(completions) // micro_batch)))}
 
 
-def grpo_update(model, optimizer, prompts: list[list[int]], completions, rewards: torch.Tensor, *,
-                group_size: int, pad_id: int, clip_eps: float = 0.2, micro_batch: int = 16,
-                ref_model=None, kl_coef: float = 0.0, max_grad_norm: float = 1.0, backward=None,
-                autocast=None, sampling_correction_mode: str = "none", sampling_clip_min: float | None = None,
-                sampling_clip_max: float | None = 3.0, loss_type: str = "dapo", temperature: float = 1.0,
-                max_completion_length: int | None = None, kl_bias_correction: bool = True, clip_grad_norm=None,
-                no_sync=None) -> dict[str, float]:
-    """One GRPO optimizer step on a rollout batch (``completions``:
-    :class:`~rollout_sleep.engine.completion.Completion`), the gradient of TRL's loss (:func:`grpo_loss`,
-    ``loss_type``) on the whole batch whatever ``micro_batch`` and however many processes share the batch (see
-    :func:`loss_normalizers`).
+# GRPOLoss field -> the recipe config's key (rollout_sleep.run.schema): the one place the loss reads its config
+_CONFIG_KEYS = {"group_size": "train.generations", "loss_type": "train.loss", "clip_eps": "train.clip_eps",
+                "kl_coef": "train.kl_coef", "kl_bias_correction": "train.kl_bias_correction",
+                "sampling_correction": "train.sampling_correction", "sampling_clip_min": "train.sampling_clip_min",
+                "sampling_clip_max": "train.sampling_clip_max", "temperature": "train.temperature",
+                "max_completion_length": "train.max_tokens", "micro_batch": "train.micro_batch",
+                "max_grad_norm": "train.max_grad_norm"}
 
-    Log-probs of the sampled tokens are recomputed by the trainer at the sampling ``temperature``; the mean
-    |trainer − vLLM| log-prob gap and the mean importance ratio between them are returned with the loss
-    statistics, and ``sampling_correction_mode`` (see :func:`sampling_correction`) reweights the loss by that
-    ratio. One optimizer step per batch: the trainer's "old" log-probs are the current ones, so the correction
-    needs no extra forward pass. ``backward`` (e.g. ``accelerator.backward``) and ``autocast`` (a context
-    factory) are optional hooks, and so are ``clip_grad_norm(params, max_norm) -> norm`` (e.g.
-    ``accelerator.clip_grad_norm_``: unscales fp16 gradients first, clips FSDP/DeepSpeed shards right) and
-    ``no_sync`` (a context factory, e.g. ``lambda: accelerator.no_sync(model)``): every micro-batch but the
-    last runs inside it, so DDP all-reduces the accumulated gradient once per step. Statistics stay on the device until the end (no sync per micro-batch);
-    ``loss`` is this process's loss (the sum of what its micro-batches back-propagated), the others are
-    token means over this process's batch.
+
+def _problems(s: dict, key) -> list[str]:
+    """What is wrong with the loss settings ``s`` (by field name), each naming its key as ``key(field)`` gives it."""
+    out = []
+
+    def number(name: str, low: float, strict: bool = False, optional: bool = False, finite: bool = True) -> None:
+        v = s[name]
+        if v is None and optional:
+            return
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v) and \
+            (math.isfinite(v) or not finite) and (v > low if strict else v >= low)
+        if not ok:
+            out.append(f"{key(name)} must be {'>' if strict else '>='} {low}, got {v!r}")
+
+    if s["group_size"] < 2:
+        out.append(f"{key('group_size')} must be >= 2, got {s['group_size']}: GRPO's advantage is a completion's "
+                   "reward minus its group's mean, over the group's standard deviation; a group of one has none "
+                   "(every loss would be NaN)")
+    if s["loss_type"] not in LOSS_TYPES:
+        out.append(f"{key('loss_type')} must be one of {', '.join(LOSS_TYPES)}, got {s['loss_type']!r}")
+    if s["sampling_correction"] not in SAMPLING_CORRECTIONS:
+        out.append(f"{key('sampling_correction')} must be one of {', '.join(SAMPLING_CORRECTIONS)}, "
+                   f"got {s['sampling_correction']!r}")
+    number("clip_eps", 0)
+    number("kl_coef", 0)
+    number("temperature", 0, strict=True)
+    number("micro_batch", 1)
+    number("max_grad_norm", 0, strict=True, finite=False)  # inf: no clipping
+    number("max_completion_length", 1, optional=True)
+    number("sampling_clip_min", 0, optional=True)
+    number("sampling_clip_max", 0, optional=True)
+    lo, hi = s["sampling_clip_min"], s["sampling_clip_max"]
+    if lo is not None and hi is not None and lo > hi:
+        out.append(f"{key('sampling_clip_min')} ({lo}) must not exceed {key('sampling_clip_max')} ({hi})")
+    if s["loss_type"] == "dr_grpo" and not s["max_completion_length"]:
+        out.append(f"{key('loss_type')} 'dr_grpo' divides by {key('max_completion_length')}: set it (the sampling "
+                   "max_tokens)")
+    return out
+
+
+def _config_value(cfg, dotted: str):
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+@dataclass(frozen=True)
+class GRPOLoss:
+    """TRL's GRPO loss (:func:`grpo_loss`) and its optimizer step, configured once; :meth:`step` takes a rollout
+    batch. Settings are checked here, each error naming its setting (or, from :meth:`from_config`, its config key).
+
+    Args:
+        group_size: completions per prompt (consecutive completions form a group).
+        pad_id: the token that pads prompts and completions.
+        loss_type: TRL's ``loss_type``, one of :data:`LOSS_TYPES`.
+        clip_eps: PPO clip range of the policy ratio.
+        kl_coef: weight of the k3 KL to a reference model (0: none).
+        kl_bias_correction: TRL's ``use_bias_correction_kl``: the KL times the policy ratio.
+        sampling_correction: the trainer-vs-vLLM correction, one of :data:`SAMPLING_CORRECTIONS`.
+        sampling_clip_min, sampling_clip_max: its ratio bounds (``None``: none).
+        temperature: the sampling temperature (log-probs are taken at it).
+        max_completion_length: the longest completion (``dr_grpo`` divides by it).
+        micro_batch: sequences per forward/backward pass.
+        max_grad_norm: the gradients' global norm is clipped to this (``inf``: no clipping).
+
+    Example:
+
+    >>> GRPOLoss(group_size=8, loss_type="dr_grpo")
+    Traceback (most recent call last):
+    ...
+    ValueError: loss_type 'dr_grpo' divides by max_completion_length: set it (the sampling max_tokens)
     """
-    import contextlib
 
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"unknown loss type {loss_type!r}; choose one of {LOSS_TYPES}")
-    if loss_type == "dr_grpo" and not max_completion_length:
-        raise ValueError("loss_type 'dr_grpo' divides by max_completion_length: pass it (the sampling max_tokens)")
-    device = next(model.parameters()).device
-    adv_all = group_advantages(rewards, group_size).to(device)
-    n = len(completions)
-    normalizer = loss_normalizers(completions, micro_batch, device)[loss_type]
-    keys = ("loss", "clip_frac", "kl", "sampling_logp_diff", "sampling_ratio", "sampling_weight_mean")
-    totals = torch.zeros(len(keys), device=device)  # loss, then token sums of the rest
-    tokens = torch.zeros((), device=device)
-    model.train()
-    autocast = autocast or contextlib.nullcontext
-    last = (n - 1) // micro_batch * micro_batch  # the last micro-batch's start: its backward synchronizes
-    for start in range(0, n, micro_batch):
-        accumulate = no_sync() if no_sync is not None and start != last else contextlib.nullcontext()
-        chunk = completions[start: start + micro_batch]
-        batch = pad_batch([prompts[c.prompt_index] for c in chunk], [c.token_ids for c in chunk], pad_id)
-        sampled = torch.full(batch[3].shape, float("nan"))  # vLLM's log-probs; NaN where it gave none
-        for i, c in enumerate(chunk):
-            if c.logprobs is not None:
-                sampled[i, : len(c.logprobs)] = torch.tensor(c.logprobs, dtype=torch.float32)
-        ids, attn, positions, mask, sampled = (t.to(device, non_blocking=True) for t in (*batch, sampled))
-        width = mask.shape[1]
-        with accumulate:  # no_sync: forward and backward both inside (DDP's rule)
-            with autocast():
-                logp = completion_logprobs(model, ids, attn, positions, width, temperature)
-                ref = None
-                if ref_model is not None and kl_coef > 0:
-                    with torch.no_grad():
-                        ref = completion_logprobs(ref_model, ids, attn, positions, width, temperature)
-                weights = sampling_correction(logp.detach(), sampled, mask, sampling_correction_mode,
-                                              sampling_clip_min, sampling_clip_max)
-                loss, s = grpo_loss(logp, logp.detach(), adv_all[start: start + len(chunk)], mask, clip_eps,
-                                    ref, kl_coef, weights, loss_type=loss_type, normalizer=normalizer,
-                                    max_completion_length=max_completion_length, kl_bias_correction=kl_bias_correction)
-            (backward or torch.Tensor.backward)(loss)
-        with torch.no_grad():
-            gap = torch.nan_to_num(logp.detach() - sampled, nan=0.0)
-            count = mask.sum()
-            w = count if weights is None else (weights.expand_as(mask) * mask).sum()
-            totals += torch.stack([loss.detach(), s["clip_frac"] * count,
-                                   s.get("kl", torch.zeros((), device=device)) * count,
-                                   (gap.abs() * mask).sum(), (gap.exp() * mask).sum(), w.to(device)]).float()
-            tokens += count
-    params = [p for p in model.parameters() if p.requires_grad]
-    grad_norm = (clip_grad_norm or torch.nn.utils.clip_grad_norm_)(params, max_grad_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    model.eval()
-    totals[1:] /= tokens.clamp(min=1)
-    stats = dict(zip(keys, totals.tolist()))
-    stats["grad_norm"] = float(grad_norm)
-    return stats
+    group_size: int
+    pad_id: int = 0
+    loss_type: str = "dapo"
+    clip_eps: float = 0.2
+    kl_coef: float = 0.0
+    kl_bias_correction: bool = True
+    sampling_correction: str = "none"
+    sampling_clip_min: float | None = None
+    sampling_clip_max: float | None = 3.0
+    temperature: float = 1.0
+    max_completion_length: int | None = None
+    micro_batch: int = 16
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self):
+        problems = _problems(dataclasses.asdict(self), str)
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @classmethod
+    def from_config(cls, cfg, pad_id: int = 0) -> GRPOLoss:
+        """The loss a recipe config (:class:`~rollout_sleep.run.schema.RecipeConfig`) describes; ``ValueError``
+        naming the config keys of any bad setting (see :meth:`config_problems`)."""
+        problems = cls.config_problems(cfg)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return cls(pad_id=pad_id, **{name: _config_value(cfg, k) for name, k in _CONFIG_KEYS.items()})
+
+    @staticmethod
+    def config_problems(cfg) -> list[str]:
+        """Every problem with the loss's keys of a recipe config, each naming its key (the config's own check
+        lists them with the rest, before anything starts).
+
+        >>> from rollout_sleep.run.schema import RecipeConfig
+        >>> cfg = RecipeConfig()
+        >>> cfg.train.loss, cfg.train.micro_batch = "ppo", 0
+        >>> for problem in GRPOLoss.config_problems(cfg):
+        ...     print(problem)
+        train.loss must be one of dapo, grpo, dr_grpo, bnpo, got 'ppo'
+        train.micro_batch must be >= 1, got 0
+        """
+        return _problems({name: _config_value(cfg, k) for name, k in _CONFIG_KEYS.items()}, _CONFIG_KEYS.get)
+
+    def step(self, model, optimizer, prompts: list[list[int]], completions, rewards: torch.Tensor, *,
+             ref_model=None, backward=None, autocast=None, clip_grad_norm=None, no_sync=None) -> dict[str, float]:
+        """One optimizer step on a rollout batch (``completions``:
+        :class:`~rollout_sleep.engine.completion.Completion` of ``prompts``, one reward each): the gradient of the
+        whole batch's loss whatever ``micro_batch`` and however many processes share the batch (see
+        :func:`loss_normalizers`).
+
+        Log-probs of the sampled tokens are recomputed by the trainer at the sampling ``temperature``; the mean
+        |trainer − vLLM| log-prob gap and the mean importance ratio between them are returned with the loss
+        statistics, and ``sampling_correction`` reweights the loss by that ratio. One optimizer step per batch: the
+        trainer's "old" log-probs are the current ones, so the correction needs no extra forward pass.
+        ``ref_model``: the reference of the KL term (used when ``kl_coef > 0``).
+
+        Hooks, all optional: ``backward`` (e.g. ``accelerator.backward``), ``autocast`` (a context factory),
+        ``clip_grad_norm(params, max_norm) -> norm`` (e.g. ``accelerator.clip_grad_norm_``: unscales fp16
+        gradients first, clips FSDP/DeepSpeed shards right) and ``no_sync`` (a context factory, e.g.
+        ``lambda: accelerator.no_sync(model)``): every micro-batch but the last runs inside it, so DDP all-reduces
+        the accumulated gradient once per step. Statistics stay on the device until the end (no sync per
+        micro-batch); ``loss`` is this process's loss (the sum of what its micro-batches back-propagated), the
+        others are token means over this process's batch.
+        """
+        import contextlib
+
+        device = next(model.parameters()).device
+        adv_all = group_advantages(rewards, self.group_size).to(device)
+        n, micro = len(completions), self.micro_batch
+        normalizer = loss_normalizers(completions, micro, device)[self.loss_type]
+        keys = ("loss", "clip_frac", "kl", "sampling_logp_diff", "sampling_ratio", "sampling_weight_mean")
+        totals = torch.zeros(len(keys), device=device)  # loss, then token sums of the rest
+        tokens = torch.zeros((), device=device)
+        model.train()
+        autocast = autocast or contextlib.nullcontext
+        last = (n - 1) // micro * micro  # the last micro-batch's start: its backward synchronizes
+        for start in range(0, n, micro):
+            accumulate = no_sync() if no_sync is not None and start != last else contextlib.nullcontext()
+            chunk = completions[start: start + micro]
+            batch = pad_batch([prompts[c.prompt_index] for c in chunk], [c.token_ids for c in chunk], self.pad_id)
+            sampled = torch.full(batch[3].shape, float("nan"))  # vLLM's log-probs; NaN where it gave none
+            for i, c in enumerate(chunk):
+                if c.logprobs is not None:
+                    sampled[i, : len(c.logprobs)] = torch.tensor(c.logprobs, dtype=torch.float32)
+            ids, attn, positions, mask, sampled = (t.to(device, non_blocking=True) for t in (*batch, sampled))
+            width = mask.shape[1]
+            with accumulate:  # no_sync: forward and backward both inside (DDP's rule)
+                with autocast():
+                    logp = completion_logprobs(model, ids, attn, positions, width, self.temperature)
+                    ref = None
+                    if ref_model is not None and self.kl_coef > 0:
+                        with torch.no_grad():
+                            ref = completion_logprobs(ref_model, ids, attn, positions, width, self.temperature)
+                    weights = sampling_correction(logp.detach(), sampled, mask, self.sampling_correction,
+                                                  self.sampling_clip_min, self.sampling_clip_max)
+                    loss, s = grpo_loss(logp, logp.detach(), adv_all[start: start + len(chunk)], mask, self.clip_eps,
+                                        ref, self.kl_coef, weights, loss_type=self.loss_type, normalizer=normalizer,
+                                        max_completion_length=self.max_completion_length,
+                                        kl_bias_correction=self.kl_bias_correction)
+                (backward or torch.Tensor.backward)(loss)
+            with torch.no_grad():
+                gap = torch.nan_to_num(logp.detach() - sampled, nan=0.0)
+                count = mask.sum()
+                w = count if weights is None else (weights.expand_as(mask) * mask).sum()
+                totals += torch.stack([loss.detach(), s["clip_frac"] * count,
+                                       s.get("kl", torch.zeros((), device=device)) * count,
+                                       (gap.abs() * mask).sum(), (gap.exp() * mask).sum(), w.to(device)]).float()
+                tokens += count
+        params = [p for p in model.parameters() if p.requires_grad]
+        grad_norm = (clip_grad_norm or torch.nn.utils.clip_grad_norm_)(params, self.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        model.eval()
+        totals[1:] /= tokens.clamp(min=1)
+        stats = dict(zip(keys, totals.tolist()))
+        stats["grad_norm"] = float(grad_norm)
+        return stats
+

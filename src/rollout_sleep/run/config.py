@@ -157,7 +157,7 @@ def _check_values(cfg: RecipeConfig) -> list[str]:
     """Choices and ranges of every field."""
     from rollout_sleep.engine.loader import LOAD_METHODS
     from rollout_sleep.engine.state import check_level
-    from rollout_sleep.grpo.loss import LOSS_TYPES, SAMPLING_CORRECTIONS
+    from rollout_sleep.grpo.loss import GRPOLoss
     from rollout_sleep.weights.checkpoints import SHAPES
     from rollout_sleep.weights.fp8 import QUANTIZATIONS
     from .optim import OPTIMIZERS, missing_package
@@ -204,20 +204,12 @@ def _check_values(cfg: RecipeConfig) -> list[str]:
             out.append(f"data.dataset {path.name!r} has an unsupported suffix; use one of "
                        f"{', '.join(DATASET_SUFFIXES)} (or a folder load_dataset reads)")
     at_least("data.num_prompts", d.num_prompts, 1, optional=True)
-    for key in ("steps", "prompts_per_step", "max_tokens", "micro_batch"):
+    for key in ("steps", "prompts_per_step"):
         at_least(f"train.{key}", getattr(t, key), 1)
-    if t.generations < 2:
-        out.append(f"train.generations must be >= 2, got {t.generations}: GRPO's advantage is a completion's "
-                   "reward minus its group's mean, over the group's standard deviation; a group of one has "
-                   "none (every loss would be NaN)")
-    if not (math.isfinite(t.temperature) and t.temperature > 0):
-        out.append(f"train.temperature must be > 0, got {t.temperature!r}")
+    out += GRPOLoss.config_problems(cfg)  # the loss's keys (generations, loss, clip_eps, kl_coef, sampling_*, ...)
     if not (math.isfinite(t.lr) and t.lr > 0):
         out.append(f"train.lr must be > 0, got {t.lr!r}")
-    for key in ("weight_decay", "clip_eps", "kl_coef"):
-        at_least(f"train.{key}", getattr(t, key), 0)
-    if not (math.isfinite(t.max_grad_norm) and t.max_grad_norm > 0):
-        out.append(f"train.max_grad_norm must be > 0, got {t.max_grad_norm!r}")
+    at_least("train.weight_decay", t.weight_decay, 0)
     choice("train.mixed_precision", t.mixed_precision, MIXED_PRECISION)
     choice("train.optimizer", t.optimizer, OPTIMIZERS)
     if t.optimizer in OPTIMIZERS and missing_package(t.optimizer):
@@ -227,14 +219,6 @@ def _check_values(cfg: RecipeConfig) -> list[str]:
     if t.memory_budget_gib is not None and not (math.isfinite(t.memory_budget_gib) and t.memory_budget_gib > 0):
         out.append(f"train.memory_budget_gib must be > 0 (or null: the free GPU memory), got {t.memory_budget_gib!r}")
     at_least("train.memory_headroom_gib", t.memory_headroom_gib, 0)
-    choice("train.sampling_correction", t.sampling_correction, SAMPLING_CORRECTIONS)
-    choice("train.loss", t.loss, LOSS_TYPES)
-    at_least("train.sampling_clip_min", t.sampling_clip_min, 0, optional=True)
-    at_least("train.sampling_clip_max", t.sampling_clip_max, 0, optional=True)
-    if t.sampling_clip_min is not None and t.sampling_clip_max is not None and \
-            t.sampling_clip_min > t.sampling_clip_max:
-        out.append(f"train.sampling_clip_min ({t.sampling_clip_min}) must not exceed train.sampling_clip_max "
-                   f"({t.sampling_clip_max})")
     choice("wandb.mode", cfg.wandb.mode, WANDB_MODES)
     for f in dataclasses.fields(w):
         if f.name.endswith("_s"):
@@ -296,25 +280,23 @@ def check_processes(cfg: RecipeConfig, processes: int) -> list[str]:
 
 
 def validate_rewards(names: list[str], columns: list[str] | None = None,
-                     weights: list[float] | None = None, data=None, source: str = "") -> list[str]:
+                     weights: list[float] | None = None) -> list[str]:
     """Problems with the rewards a config names (unknown names, import paths that do not resolve, bad
     signatures, weights that do not match) and, given the dataset's ``columns``, the columns they need that it
-    lacks; given the dataset itself (``data``, named ``source``), the rows where such a column is missing or
-    null. Reward models are only checked, not loaded.
+    lacks. Reward models are only checked, not loaded. A check: the resolved rewards are dropped (the recipe
+    resolves its own once, and checks the dataset's rows against them: ``check_row_values``).
 
     >>> for problem in validate_rewards(["arithmetic_exact"], columns=["prompt"]):
     ...     print(problem)
     reward 'arithmetic_exact' needs dataset column(s) ['answer']; the dataset has ['prompt']
     """
     from rollout_sleep.grpo.errors import RewardError
-    from rollout_sleep.grpo.rewards import check_columns, check_row_values, resolve_rewards
+    from rollout_sleep.grpo.rewards import check_columns, resolve_rewards
 
     try:
         rewards = resolve_rewards(list(names), weights, load_models=False)
         if columns is not None:
             check_columns(rewards, list(columns))
-        if data is not None:
-            check_row_values(rewards, data, source)
     except RewardError as err:
         return [str(err)]
     return []
@@ -397,7 +379,10 @@ def load_config(path: str | Path | None, overrides: list[str] = (), *, device: s
             continue
         key, value = item.split("=", 1)
         _set(cfg, key.strip(), value, problems, from_text=True)
-    # a field with a wrong type kept its default, so the value checks below still apply to the rest
+    # a field with a wrong type kept its default, so the value checks below still apply to the rest.
+    # The rewards are checked here (resolved, then dropped) so that a bad name is listed with every other problem
+    # of the config, before a process group or the data exist; the recipe resolves them once for the run, with
+    # the dataset's columns (resolving again is cheap: modules stay imported, reward models are not loaded).
     from .modes import detect_device, refusals
 
     problems += _check_values(cfg) + refusals(cfg, device or detect_device()) + \

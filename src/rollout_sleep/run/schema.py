@@ -136,7 +136,8 @@ class TrainConfig:
     loss: str = _opt("dapo", "how token losses are summed, TRL's loss_type names and formulas: dapo (TRL's "
                              "default) / grpo / dr_grpo / bnpo", resume=APPLIED)
     micro_batch: int = _opt(64, "sequences per forward/backward pass (gradients accumulate over a step)", resume=FREE)
-    max_grad_norm: float = _opt(1.0, "clip the gradients' global norm to this", resume=APPLIED)
+    max_grad_norm: float = _opt(1.0, "clip the gradients' global norm to this (.inf: no clipping)",
+                                resume=APPLIED)
     mixed_precision: str = _opt("no", "no / bf16 / fp16 (accelerate)", resume=FIXED)
     gradient_checkpointing: bool = _opt(False, "recompute activations in the backward pass (less memory)", resume=FREE)
     optimizer: str = _opt("adamw", "adamw: PyTorch's AdamW (fused on GPU; its moments take the weights' dtype: 4 "
