@@ -144,6 +144,7 @@ class GRPORecipe:
             source=cfg.data.dataset)
         if problems:
             raise ConfigError(problems)
+        output_dir.check_dataset_rows(self.out, len(self.data), cfg.data.dataset, cfg.resume and not cfg.overwrite)
         if self.main:
             self.lock = output_dir.lock(self.out)  # held until the process ends: one run at a time in output_dir
             if cfg.overwrite and not cfg.resume:
@@ -153,7 +154,7 @@ class GRPORecipe:
             elif output_dir.drop_stale_model(self.out, cfg.to_dict()):
                 self.acc.print(f"deleted {self.out / 'model'}: built with other model settings; building it again")
             self.out.mkdir(parents=True, exist_ok=True)
-            output_dir.write_run_config(self.out, cfg.to_dict())
+            output_dir.write_run_config(self.out, cfg.to_dict(), dataset_rows=len(self.data))
         with self._collective("the start of the run"):
             self.acc.wait_for_everyone()
         self.model_path = self._model_path()
