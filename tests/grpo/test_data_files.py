@@ -99,3 +99,61 @@ def test_a_prompt_longer_than_the_models_context_is_refused_before_vllm(tmp_path
     assert "1 prompt(s) have >= the model's max_position_embeddings (1024) tokens, leaving no room for a completion, " \
            "e.g. row 7: " in out, out[-3000:]
     assert ENGINE_START not in out, out[-3000:]
+
+
+ROPE = {  # rope parameters a config.json may hold, as transformers 5 writes them or as older configs do
+    "linear": {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}},
+    "dynamic": {"rope_parameters": {"rope_type": "dynamic", "factor": 3.0, "rope_theta": 1e6}},
+    "yarn": {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256,
+                                 "rope_theta": 1e6}},
+    "llama3": {"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 128,
+                                   "rope_theta": 1e6}},
+    "legacy_linear": {"rope_scaling": {"type": "linear", "factor": 2.0}},
+}
+
+
+@pytest.fixture(scope="module")
+def rope_models(tmp_path_factory):
+    import shutil
+
+    from rollout_sleep.weights.checkpoints import make_checkpoint
+
+    root = tmp_path_factory.mktemp("rope")
+    base = make_checkpoint(root / "base", "tiny", dtype="float32")
+    out = {}
+    for name, keys in ROPE.items():
+        path = shutil.copytree(base, root / name)
+        config = json.loads((path / "config.json").read_text())
+        config.update(keys)
+        (path / "config.json").write_text(json.dumps(config))
+        out[name] = str(path)
+    return out
+
+
+@pytest.mark.parametrize("name", ROPE)
+def test_the_context_of_a_rope_scaled_model_is_the_one_vllm_derives(rope_models, name):
+    """The old code gave up on any RoPE scaling (no check at all: every Llama 3.1/3.2 checkpoint has one), so a
+    prompt too long for the context reached vLLM, which refused it at the first step. vLLM multiplies
+    max_position_embeddings by the factor for linear/dynamic scaling, not for YaRN or Llama 3's, whose
+    max_position_embeddings is already the scaled length."""
+    from vllm.config import ModelConfig
+
+    length, key = model_context(rope_models[name])
+    assert length == ModelConfig(model=rope_models[name], dtype="float32").max_model_len
+    assert key.startswith("max_position_embeddings")
+
+
+def test_a_prompt_longer_than_a_rope_scaled_context_is_refused_before_vllm(tmp_path, rope_models):
+    path = tmp_path / "long.jsonl"
+    rows = [{"prompt": "1+1="}] * 7 + [{"prompt": "1+1= " * 400}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = subprocess.run([sys.executable, str(RECIPE), "--config", str(CONFIG), f"output_dir={tmp_path / 'run'}",
+                           f"model.path={rope_models['yarn']}", f"data.dataset={path}", "engine.max_model_len=null",
+                           "rewards=[digits_format]", "wandb.mode=disabled"],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-3000:]
+    assert "1 prompt(s) have >= the model's max_position_embeddings (1024) tokens" in out, out[-3000:]
+    assert ENGINE_START not in out, out[-3000:]

@@ -262,10 +262,27 @@ CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_le
 """The config.json keys vLLM reads a model's context length from (it takes the smallest present)."""
 
 
+# RoPE types whose max_position_embeddings is already the scaled length: vLLM does not multiply it by the factor
+_ROPE_PRESCALED = ("su", "longrope", "llama3", "yarn", "deepseek_yarn", "deepseek_llama_scaling")
+
+
+def _rope_parameters(raw: dict) -> list[dict]:
+    """The RoPE parameter dicts of a config.json (the older ``rope_scaling`` wins over ``rope_parameters``, as in
+    transformers), one per layer type where they are nested."""
+    params = raw.get("rope_scaling") or raw.get("rope_parameters")
+    if not isinstance(params, dict) or not params:
+        return []
+    if all(isinstance(v, dict) for v in params.values()):  # per layer type: {"full_attention": {...}, ...}
+        return [v for v in params.values() if v]
+    return [params]
+
+
 def model_context(model_path: str) -> tuple[int, str] | None:
-    """The context length vLLM gives a model when ``engine.max_model_len`` is null, with the config key it comes
-    from: the smallest of :data:`CONTEXT_KEYS` in its ``config.json`` (or its ``text_config``). ``None`` where
-    it cannot tell: no such key, or a RoPE scaling that stretches the context (vLLM then derives it itself)."""
+    """The context length vLLM gives a model when ``engine.max_model_len`` is null, with where it comes from (the
+    config key, and the RoPE factor where one stretches it): the smallest of :data:`CONTEXT_KEYS` in its
+    ``config.json`` (or its ``text_config``), multiplied by the RoPE scaling factor for the scalings that vLLM
+    multiplies (linear, dynamic, ...; not YaRN, Llama 3's or LongRoPE, whose ``max_position_embeddings`` is already
+    the scaled length; LongRoPE takes ``original_max_position_embeddings``). ``None`` where it cannot tell."""
     import json
 
     try:
@@ -273,12 +290,28 @@ def model_context(model_path: str) -> tuple[int, str] | None:
     except (OSError, ValueError):
         return None
     raw = raw.get("text_config") or raw
-    scaling = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
-    kind = scaling.get("rope_type", scaling.get("type", "default")) if isinstance(scaling, dict) else "default"
-    if kind not in (None, "default") and scaling.get("factor", 1) != 1:
-        return None
     found = [(raw[k], k) for k in CONTEXT_KEYS if isinstance(raw.get(k), int) and raw[k] > 0]
-    return min(found) if found else None
+    if not found:
+        return None
+    length, key = min(found)
+    if isinstance(raw.get("model_max_length"), int) and raw["model_max_length"] > 0:  # vLLM: it wins (Command-R)
+        length, key = raw["model_max_length"], "model_max_length"
+    rope = _rope_parameters(raw)
+    if not rope or "gemma3" in str(raw.get("model_type", "")):  # Gemma 3's length is already scaled
+        return length, key
+    factor = 1.0
+    for params in rope:
+        kind = params.get("rope_type", params.get("type", "default"))
+        if kind not in _ROPE_PRESCALED:
+            factor = params.get("factor", factor)
+    factor = 1.0 if not isinstance(factor, (int, float)) else factor
+    if any(params.get("rope_type", params.get("type")) == "longrope" for params in rope):
+        original = raw.get("original_max_position_embeddings")
+        return (original, "original_max_position_embeddings") if isinstance(original, int) else \
+            (int(length * factor), key)
+    if factor == 1.0:
+        return length, key
+    return int(length * factor), f"{key} × its RoPE scaling factor {factor:g}"
 
 
 def check_prompts(ds, tokenizer, max_model_len: int | None, max_tokens: int,
