@@ -123,7 +123,7 @@ def _import(spec: str) -> Callable:
     if not target or not attr:
         raise RewardError(f"reward {spec!r}: an import path reads 'package.module:function' or 'file.py:function'")
     if target.endswith(".py") or "/" in target:
-        path = Path(target)
+        path = Path(target).expanduser()
         if not path.is_file():
             raise RewardError(f"reward {spec!r}: file {target!r} not found (paths are relative to the working "
                               f"directory, {Path.cwd()})")
@@ -201,10 +201,10 @@ def resolve_rewards(specs: list, weights: list[float] | None = None, *, columns:
             raise RewardError(f"rewards[{i}] must be a name, an import path or a checkpoint directory, got {spec!r}")
         if spec in REWARDS:
             out.append(_describe(spec, REWARDS[spec], weight))
-        elif Path(spec).is_dir():
+        elif Path(spec).expanduser().is_dir():
             from .reward_model import RewardModel
 
-            model = RewardModel(spec, load=load_models)
+            model = RewardModel(str(Path(spec).expanduser()), load=load_models)
             out.append(Reward(model.name, model, weight, batched=True))
         elif ":" in spec:
             fn = _import(spec)
