@@ -442,7 +442,14 @@ class GRPORecipe:
             with self._stop_on_non_finite(), self.manager.training(), self._peak("training"):
                 # rewards while the engine sleeps: a reward model's forward then uses memory vLLM released
                 rewards, table, reward_s = self._score(examples, comps)
-                self._check_rewards(rewards, table, [rows[c.prompt_index] for c in comps])
+                # the step's completions on every rank decide (TRL's rule, over all processes): each rank stops,
+                # or none does, and a rank whose share no reward scored trains with the others
+                with self._collective(f"the reward gather of step {self.step + 1}"):
+                    all_rewards = self.acc.gather(rewards.to(self.acc.device)).float().cpu()
+                    all_table = self.acc.gather(table.to(self.acc.device)).float().cpu()
+                    all_rows = self.acc.gather(torch.tensor([rows[c.prompt_index] for c in comps],
+                                                            device=self.acc.device)).tolist()
+                self._check_rewards(all_rewards, all_table, all_rows)
                 checking = self.update_check is not None and self.update_check.arm(self.step + 1)
                 stats = grpo_update(self.model, self.optimizer, prompt_ids, comps, rewards, group_size=t.generations,
                                     pad_id=self.tokenizer.pad_token_id, clip_eps=t.clip_eps, micro_batch=t.micro_batch,
@@ -467,11 +474,8 @@ class GRPORecipe:
             if self.offload is not None:
                 phases.update(self.offload.pop_timings())
             lengths = torch.tensor([len(c.token_ids) for c in comps], dtype=torch.float32)
-            with self._collective(f"the reward gather of step {self.step}"):
-                all_rewards = self.acc.gather(rewards.to(self.acc.device)).float()
-                all_table = self.acc.gather(table.to(self.acc.device)).float().cpu()
             metrics = {"step": self.step, "first_prompt_index": idx[0],
-                       **reward_summary(all_rewards.cpu(), t.generations),  # reward, reward_std: TRL's names
+                       **reward_summary(all_rewards, t.generations),  # reward, reward_std: TRL's names
                        "completion_len_mean": float(lengths.mean()), "rollouts": int(all_rewards.numel()),
                        "unscorable": int(torch.isnan(all_rewards).sum()),
                        **reward_metrics(self.rewards, all_table),
@@ -551,7 +555,8 @@ class GRPORecipe:
     def _check_rewards(self, rewards: torch.Tensor, table: torch.Tensor, rows: list[int]) -> None:
         """TRL's rule: a reward's ``None`` or NaN means it does not apply to that completion; completions no reward
         scored (NaN total) are named in a warning, once per step, and get no advantage. An infinite reward, or a
-        step where no completion could be scored at all, stops the run before anything is trained."""
+        step where no completion could be scored at all, stops the run before anything is trained. Given the
+        step's completions of every rank (gathered), so that every rank decides alike."""
         step = self.step + 1
         inf = torch.isinf(table)
         if bool(inf.any()):
@@ -564,7 +569,7 @@ class GRPORecipe:
             raise NonFiniteError(f"no completion of step {step} could be scored: every reward in "
                                  f"{[r.name for r in self.rewards]} returned None or NaN for all {rewards.numel()} of "
                                  f"them; nothing was trained at step {step}")
-        report = unscorable_report(table, self.rewards, rows)
+        report = unscorable_report(table, self.rewards, rows) if self.main else None
         if report:
             logging.getLogger("rollout_sleep.grpo.rewards").warning("step %d: %s", step, report)
 
