@@ -34,6 +34,11 @@ CASES = {
                                                                     "line 2, column 19"),
     "ragged.csv": (b"prompt,answer\n1+1=,2\n2+2=,4,5\n", "line 3 has 3 fields, the header has 2 (prompt, answer)"),
     "junk.parquet": (b"not parquet at all", "cannot be read: ArrowInvalid: Parquet magic bytes not found"),
+    # a row short of fields: pandas fills the rest with null (or shifts the values left) without a word
+    "short.csv": (b"prompt,answer,level\n1+1=,2,easy\n2+2=,easy\n3+3=,6,hard\n",
+                  "line 3 has 2 fields, the header has 3 (prompt, answer, level)"),
+    # a quoted field over two lines: the row after it starts on line 4 of the file, not 3
+    "multiline.csv": (b'prompt,answer\n"two\nlines",2\n2+2=,4,5\n', "line 4 has 3 fields, the header has 2"),
 }
 
 
@@ -157,3 +162,10 @@ def test_a_prompt_longer_than_a_rope_scaled_context_is_refused_before_vllm(tmp_p
     assert proc.returncode == 2, out[-3000:]
     assert "1 prompt(s) have >= the model's max_position_embeddings (1024) tokens" in out, out[-3000:]
     assert ENGINE_START not in out, out[-3000:]
+
+
+def test_a_csv_with_quoted_newlines_a_bom_and_blank_lines_loads(tmp_path):
+    path = tmp_path / "ok.csv"
+    path.write_bytes(b'\xef\xbb\xbfprompt,answer,note\n"two\nlines",2,\n\n"a, b",3,"x ""y"""\n')
+    ds = load_prompts(str(path))
+    assert ds["prompt"] == ["two\nlines", "a, b"] and ds["note"] == [None, 'x "y"']

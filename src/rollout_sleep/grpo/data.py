@@ -46,7 +46,7 @@ def load_prompts(source: str, *, prompt_column: str = "prompt", split: str = "tr
     if path.is_file() and path.suffix not in kinds:
         raise ValueError(f"unsupported dataset file {path.name!r}; use one of {sorted(kinds)}")
     for f in _text_files(path):  # pyarrow reads bytes that are not UTF-8 into the rows, to fail when one is read
-        problem = _decode_problem(f)
+        problem = _decode_problem(f) or (_csv_problem(f) if f.suffix == ".csv" else None)  # pandas fills short rows
         if problem:
             raise ValueError(problem)
     try:
@@ -116,8 +116,6 @@ def _decode_problem(path: Path) -> str | None:
 
 def _format_problem(path: Path, text: str) -> str | None:
     """The first line a JSON Lines, JSON or CSV file cannot be parsed at, or ``None``."""
-    import csv
-    import io
     import json
 
     if path.suffix == ".jsonl" or (path.suffix == ".json" and not text.lstrip().startswith("[")):
@@ -141,12 +139,26 @@ def _format_problem(path: Path, text: str) -> str | None:
         except json.JSONDecodeError as err:
             return f"dataset file {str(path)!r} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}"
     if path.suffix == ".csv":
-        rows = csv.reader(io.StringIO(text))
+        return _csv_problem(path)
+    return None
+
+
+def _csv_problem(path: Path) -> str | None:
+    """The first row of a CSV file with more or fewer fields than its header, named by the line it starts on (a
+    quoted field may hold newlines), or ``None``. pandas refuses a longer row but fills a shorter one with nulls
+    (a value left out in the middle moves the later ones a column left), without a word."""
+    import csv
+
+    with open(path, encoding="utf-8-sig", newline="") as fh:
+        rows = csv.reader(fh)
         header = next(rows, [])
-        for number, row in enumerate(rows, 2):
+        start = rows.line_num + 1
+        for row in rows:
             if row and len(row) != len(header):
-                return (f"dataset file {str(path)!r}: line {number} has {len(row)} fields, the header has "
-                        f"{len(header)} ({', '.join(header)}); quote fields that hold commas")
+                return (f"dataset file {str(path)!r}: line {start} has {len(row)} fields, the header has "
+                        f"{len(header)} ({', '.join(header)}); quote fields that hold commas, and give every row "
+                        f"every field (an empty one as nothing between two commas)")
+            start = rows.line_num + 1
     return None
 
 
