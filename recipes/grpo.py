@@ -77,7 +77,7 @@ from rollout_sleep.engine.engine import Engine  # noqa: E402
 from rollout_sleep.engine.memory import PhasePeaks, kv_cache_bytes_for  # noqa: E402
 from rollout_sleep.engine.phases import plot_timeline  # noqa: E402
 from rollout_sleep.grpo.data import (check_prompts, check_rows, completions_for_rewards,  # noqa: E402
-                                     is_conversational, load_prompts, model_context, prepare_prompts,
+                                     engine_context, is_conversational, load_prompts, prepare_prompts,
                                      prompt_token_ids, step_rows)
 from rollout_sleep.grpo.errors import RewardError  # noqa: E402
 from rollout_sleep.grpo.loss import grpo_update  # noqa: E402
@@ -280,10 +280,7 @@ class GRPORecipe:
         try:
             self.data = prepare_prompts(self.data, self.prompt_tokenizer, chat_template=cfg.data.chat_template,
                                         system_prompt=cfg.data.system_prompt)
-            context, context_from = cfg.engine.max_model_len, "engine.max_model_len"
-            if context is None and (known := model_context(self.model_path)):  # vLLM's own choice, as it will make it
-                context, key = known
-                context_from = f"the model's {key}"  # in its config.json
+            context, context_from = engine_context(self.model_path, cfg.engine.max_model_len)  # as vLLM will take it
             check_prompts(self.data, self.prompt_tokenizer, context, cfg.train.max_tokens, context_from)
             self.rewards = resolve_rewards(cfg.rewards, cfg.reward_weights, columns=self.data.column_names,
                                            load_models=False)

@@ -169,3 +169,29 @@ def test_a_csv_with_quoted_newlines_a_bom_and_blank_lines_loads(tmp_path):
     path.write_bytes(b'\xef\xbb\xbfprompt,answer,note\n"two\nlines",2,\n\n"a, b",3,"x ""y"""\n')
     ds = load_prompts(str(path))
     assert ds["prompt"] == ["two\nlines", "a, b"] and ds["note"] == [None, 'x "y"']
+
+
+def test_a_max_model_len_beyond_the_models_context_is_refused_before_vllm(tmp_path):
+    """engine.max_model_len=2048 for the tiny model (1024 positions): vLLM refuses to start with it, and the old
+    code let it try (a pydantic ValidationError traceback after 'starting the vLLM engine')."""
+    proc = subprocess.run([sys.executable, str(RECIPE), "--config", str(CONFIG), f"output_dir={tmp_path / 'run'}",
+                           "engine.max_model_len=2048", "wandb.mode=disabled"],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-3000:]
+    assert ("engine.max_model_len (2048) exceeds the model's context, its max_position_embeddings (1024): vLLM "
+            "refuses to start with it") in out, out[-3000:]
+    assert ENGINE_START not in out and "Traceback" not in out, out[-3000:]
+
+
+def test_engine_context_is_the_setting_within_the_models(rope_models, monkeypatch):
+    from rollout_sleep.grpo.data import engine_context
+
+    assert engine_context(rope_models["linear"], None) == (2048, "the model's max_position_embeddings × its RoPE "
+                                                                 "scaling factor 2")
+    assert engine_context(rope_models["linear"], 2048) == (2048, "engine.max_model_len")
+    with pytest.raises(ValueError, match=r"engine.max_model_len \(4096\) exceeds the model's context"):
+        engine_context(rope_models["linear"], 4096)
+    monkeypatch.setenv("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")  # vLLM's own way past it: allowed
+    assert engine_context(rope_models["linear"], 4096) == (4096, "engine.max_model_len")

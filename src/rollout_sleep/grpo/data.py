@@ -326,6 +326,24 @@ def model_context(model_path: str) -> tuple[int, str] | None:
     return int(length * factor), f"{key} × its RoPE scaling factor {factor:g}"
 
 
+def engine_context(model_path: str, max_model_len: int | None) -> tuple[int | None, str]:
+    """The context vLLM will run the model with, and what to call it in messages: ``engine.max_model_len`` when
+    set, else the model's (:func:`model_context`; ``None`` where it cannot tell). Raises ``ValueError`` for a
+    ``max_model_len`` beyond the model's context, which vLLM refuses at its start (unless its
+    ``VLLM_ALLOW_LONG_MAX_MODEL_LEN`` is set)."""
+    import os
+
+    known = model_context(model_path)
+    if max_model_len is None:
+        return (known[0], f"the model's {known[1]}") if known else (None, "engine.max_model_len")
+    allowed = os.environ.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "").strip().lower() in ("1", "true")
+    if known and max_model_len > known[0] and known[1] != "original_max_position_embeddings" and not allowed:
+        raise ValueError(f"engine.max_model_len ({max_model_len}) exceeds the model's context, its {known[1]} "
+                         f"({known[0]}): vLLM refuses to start with it. Lower engine.max_model_len to {known[0]} or "
+                         f"less, or set it to null (the model's own)")
+    return max_model_len, "engine.max_model_len"
+
+
 def check_prompts(ds, tokenizer, max_model_len: int | None, max_tokens: int,
                   context_from: str = "engine.max_model_len") -> None:
     """Raise ``ValueError`` naming the rows the recipe could not generate from, before the engine starts: an
