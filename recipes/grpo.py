@@ -284,9 +284,12 @@ class GRPORecipe:
             check_prompts(self.data, self.prompt_tokenizer, context, cfg.train.max_tokens, context_from)
             self.rewards = resolve_rewards(cfg.rewards, cfg.reward_weights, columns=self.data.column_names,
                                            load_models=False)
+            self.conversational = is_conversational(self.data)
+            for r in self.rewards:  # a reward model reads the prompts in their format
+                if hasattr(r.fn, "check_prompts"):
+                    r.fn.check_prompts(self.conversational)
         except (RewardError, ValueError) as err:
             raise ConfigError(str(err)) from err
-        self.conversational = is_conversational(self.data)
         self.reward_weights = [r.weight for r in self.rewards]
 
     def _shares_base(self) -> bool:

@@ -120,3 +120,37 @@ def test_a_reward_model_folder_without_its_tokenizer_is_refused_before_vllm(tmp_
     assert problem.startswith(f"reward model {str(path)!r}: its tokenizer ") and "tokenizer.save_pretrained" in problem, \
         problem
     assert validate_rewards([str(trained)]) == []  # the complete folder passes
+
+
+def test_a_reward_model_without_a_chat_template_is_refused_for_conversations_before_vllm(tmp_path, trained,
+                                                                                        monkeypatch):
+    """Conversational prompts reach a reward model through its own chat template (TRL's rule): the old code found
+    none at the first scoring, after vLLM had started. Plain-text prompts need none."""
+    import json
+
+    from helpers import load_recipe
+
+    path = _copy(trained, tmp_path / "no_chat_template", skip=("chat_template.jinja",))
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    recipe = load_recipe()
+
+    def no_engine(*args, **kwargs):
+        raise AssertionError("the engine was built before the reward model was checked")
+
+    monkeypatch.setattr(recipe, "Engine", no_engine)
+    cfg = recipe.load_config(str(CONFIG), [f"output_dir={tmp_path / 'run'}", "train.memory_plan=off",
+                                           f"data.dataset={ROOT / 'examples' / 'gsm8k' / 'data.jsonl'}",
+                                           "train.prompts_per_step=4", f"rewards=[digits_format, {path}]",
+                                           "wandb.mode=disabled"])
+    with pytest.raises(recipe.ConfigError, match=f"reward model {str(path)!r}: the prompts are conversations, which "
+                                                 f"a reward model reads through its own chat template"):
+        recipe.GRPORecipe(cfg).setup()
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(json.dumps({"prompt": f"{i}+1="}) + "\n" for i in range(8)))
+    cfg = recipe.load_config(str(CONFIG), [f"output_dir={tmp_path / 'run2'}", "train.memory_plan=off",
+                                           f"data.dataset={plain}", f"rewards=[digits_format, {path}]",
+                                           "wandb.mode=disabled"])
+    with pytest.raises(AssertionError, match="the engine was built"):  # plain text: no template needed
+        recipe.GRPORecipe(cfg).setup()

@@ -93,7 +93,19 @@ class RewardModel:
                               f"them, complete)") from err
         else:
             self._refuse_missing(info)
-        self._check_tokenizer(self._tokenizer())
+        self._checked_tokenizer = self._tokenizer()
+        self._check_tokenizer(self._checked_tokenizer)
+
+    def check_prompts(self, conversational: bool) -> None:
+        """Raise when the model cannot read the run's prompts: conversational ones are rendered with its own chat
+        template (TRL's rule, :meth:`texts`), which its tokenizer must then have."""
+        tokenizer = self.tokenizer or getattr(self, "_checked_tokenizer", None)
+        if conversational and tokenizer is not None and not getattr(tokenizer, "chat_template", None):
+            raise RewardError(f"reward model {self.path!r}: the prompts are conversations, which a reward model reads "
+                              f"through its own chat template (prompt and completion rendered together, as TRL does), "
+                              f"but its tokenizer has none: save the tokenizer with the chat template the reward "
+                              f"model was trained with into the folder (tokenizer.save_pretrained(folder)), or give "
+                              f"plain-text prompts")
 
     def _refuse_missing(self, info: dict) -> None:
         """Raise when transformers' loading report lists weights the checkpoint lacks, or has in another shape:
