@@ -81,7 +81,7 @@ from rollout_sleep.engine.completion import temperature_problem  # noqa: E402
 from rollout_sleep.engine.memory import PhasePeaks, kv_cache_bytes_for  # noqa: E402
 from rollout_sleep.engine.phases import plot_timeline  # noqa: E402
 from rollout_sleep.grpo.data import (check_prompts, check_rows, completions_for_rewards,  # noqa: E402
-                                     is_conversational, load_prompts, model_context, prepare_prompts,
+                                     engine_context, is_conversational, load_prompts, prepare_prompts,
                                      prompt_token_ids, step_rows)
 from rollout_sleep.grpo.errors import RewardError  # noqa: E402
 from rollout_sleep.grpo.loss import GRPOLoss  # noqa: E402
@@ -203,6 +203,7 @@ class GRPORecipe:
         """The main process locks ``output_dir`` (one run at a time in it), clears an earlier run when asked, opens
         the run's log and writes the run's config; every rank waits for it, then opens its own log."""
         cfg = self.cfg
+        output_dir.check_dataset_rows(self.out, len(self.data), cfg.data.dataset, cfg.resume and not cfg.overwrite)
         if self.main:
             with output_dir.writing(self.out, "write into output_dir"):
                 self.lock = output_dir.lock(self.out)  # held until the process ends: one run at a time in output_dir
@@ -215,7 +216,7 @@ class GRPORecipe:
                                    "again")
                 self.out.mkdir(parents=True, exist_ok=True)
                 log.add_file(output_dir.log_file(self.out, 0))  # the run's log, and an error's traceback
-                output_dir.write_run_config(self.out, cfg.to_dict())
+                output_dir.write_run_config(self.out, cfg.to_dict(), dataset_rows=len(self.data))
             if cfg.save_every or cfg.save_final:  # a checkpoints folder it cannot write: said now, not at a save
                 output_dir.check_writable(self.out / "checkpoints")
         with self._collective("the start of the run"):
@@ -231,14 +232,14 @@ class GRPORecipe:
         try:
             self.data = prepare_prompts(self.data, self.prompt_tokenizer, chat_template=cfg.data.chat_template,
                                         system_prompt=cfg.data.system_prompt)
-            context, context_from = cfg.engine.max_model_len, "engine.max_model_len"
-            if context is None and (known := model_context(self.model_path)):  # vLLM's own choice, as it will make it
-                context, key = known
-                context_from = f"the model's {key}"  # in its config.json
+            context, context_from = engine_context(self.model_path, cfg.engine.max_model_len)  # as vLLM will take it
             check_prompts(self.data, self.prompt_tokenizer, context, cfg.train.max_tokens, context_from)
-        except ValueError as err:
+            self.conversational = is_conversational(self.data)
+            for r in self.rewards:  # a reward model reads the prompts in their format
+                if hasattr(r.fn, "check_prompts"):
+                    r.fn.check_prompts(self.conversational)
+        except (RewardError, ValueError) as err:
             raise ConfigError(str(err)) from err
-        self.conversational = is_conversational(self.data)
 
     def _start_engine(self, kv_bytes: int | None) -> None:
         """The vLLM engine, built from the config in one place (:mod:`rollout_sleep.run.factory`; its modes were
@@ -494,7 +495,14 @@ class GRPORecipe:
             with self._stop_on_non_finite(), self.manager.training(), self._peak("training"):
                 # rewards while the engine sleeps: a reward model's forward then uses memory vLLM released
                 rewards, table, reward_s = self._score(examples, comps)
-                self._check_rewards(rewards, table, [rows[c.prompt_index] for c in comps])
+                # the step's completions on every rank decide (TRL's rule, over all processes): each rank stops,
+                # or none does, and a rank whose share no reward scored trains with the others
+                with self._collective(f"the reward gather of step {self.step + 1}"):
+                    all_rewards = self.acc.gather(rewards.to(self.acc.device)).float().cpu()
+                    all_table = self.acc.gather(table.to(self.acc.device)).float().cpu()
+                    all_rows = self.acc.gather(torch.tensor([rows[c.prompt_index] for c in comps],
+                                                            device=self.acc.device)).tolist()
+                self._check_rewards(all_rewards, all_table, all_rows)
                 checking = self.update_check is not None and self.update_check.arm(self.step + 1)
                 stats = self.loss.step(self.model, self.optimizer, prompt_ids, comps, rewards, ref_model=self.ref_model,
                                        backward=self.acc.backward, autocast=self.acc.autocast,
@@ -513,11 +521,8 @@ class GRPORecipe:
             if self.offload is not None:
                 phases.update(self.offload.pop_timings())
             lengths = torch.tensor([len(c.token_ids) for c in comps], dtype=torch.float32)
-            with self._collective(f"the reward gather of step {self.step}"):
-                all_rewards = self.acc.gather(rewards.to(self.acc.device)).float()
-                all_table = self.acc.gather(table.to(self.acc.device)).float().cpu()
             metrics = {"step": self.step, "first_prompt_index": idx[0],
-                       **reward_summary(all_rewards.cpu(), t.generations),  # reward, reward_std: TRL's names
+                       **reward_summary(all_rewards, t.generations),  # reward, reward_std: TRL's names
                        "completion_len_mean": float(lengths.mean()), "rollouts": int(all_rewards.numel()),
                        "unscorable": int(torch.isnan(all_rewards).sum()),
                        **reward_metrics(self.rewards, all_table),
@@ -617,7 +622,8 @@ class GRPORecipe:
     def _check_rewards(self, rewards: torch.Tensor, table: torch.Tensor, rows: list[int]) -> None:
         """TRL's rule: a reward's ``None`` or NaN means it does not apply to that completion; completions no reward
         scored (NaN total) are named in a warning, once per step, and get no advantage. An infinite reward, or a
-        step where no completion could be scored at all, stops the run before anything is trained."""
+        step where no completion could be scored at all, stops the run before anything is trained. Given the
+        step's completions of every rank (gathered), so that every rank decides alike."""
         step = self.step + 1
         inf = torch.isinf(table)
         if bool(inf.any()):
@@ -630,7 +636,7 @@ class GRPORecipe:
             raise NonFiniteError(f"no completion of step {step} could be scored: every reward in "
                                  f"{[r.name for r in self.rewards]} returned None or NaN for all {rewards.numel()} of "
                                  f"them; nothing was trained at step {step}")
-        report = unscorable_report(table, self.rewards, rows)
+        report = unscorable_report(table, self.rewards, rows) if self.main else None
         if report:
             logging.getLogger("rollout_sleep.grpo.rewards").warning("step %d: %s", step, report)
 

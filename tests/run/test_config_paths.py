@@ -78,3 +78,48 @@ def test_the_recipe_runs_a_yaml_from_another_working_directory(project, tmp_path
         with pytest.raises(Reached):
             run.setup()
         assert len(run.data) == 8 and [r.name for r in run.rewards][0] in ("exact", "gsm8k_correct")
+
+
+def test_home_paths_are_expanded_in_a_yaml_and_on_the_command_line(project, tmp_path, monkeypatch):
+    """``~/...`` for a reward file, a reward-model folder and a model folder, as users write them: the old code
+    expanded ``~`` for data.dataset and output_dir only, so a reward file was 'not found', a reward-model folder an
+    'unknown reward', and model.path passed the config's check and then crashed with a traceback (transformers took
+    it for a hub id)."""
+    from rollout_sleep.weights.checkpoints import make_checkpoint, make_reward_checkpoint
+
+    home = tmp_path / "home"
+    (home / "task").mkdir(parents=True)
+    (home / "task" / "rw.py").write_text((project / "task" / "rw.py").read_text())
+    (home / "qa.jsonl").write_text((project / "data" / "qa.jsonl").read_text())
+    make_reward_checkpoint(home / "rm", "tiny", dtype="float32")
+    make_checkpoint(home / "ckpt", "tiny", dtype="float32")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    (project / "configs" / "home.yaml").write_text(textwrap.dedent("""
+        model: {path: ~/ckpt, dtype: float32}
+        data: {dataset: ~/qa.jsonl}
+        rewards: [~/task/rw.py:exact, ~/rm]
+        train: {steps: 1, prompts_per_step: 4, generations: 2, max_tokens: 2, memory_plan: "off"}
+        wandb: {mode: disabled}
+    """))
+    expected = (str(home / "ckpt"), str(home / "qa.jsonl"), [f"{home / 'task' / 'rw.py'}:exact", str(home / "rm")])
+    cfg = load_config(project / "configs" / "home.yaml", [f"output_dir={tmp_path / 'run'}"])
+    assert (cfg.model.path, cfg.data.dataset, cfg.rewards) == expected
+    cfg = load_config(None, ["model.path=~/ckpt", "data.dataset=~/qa.jsonl", "rewards=[~/task/rw.py:exact, ~/rm]"])
+    assert (cfg.model.path, cfg.data.dataset, cfg.rewards) == expected
+
+    recipe = load_recipe()
+
+    class Reached(Exception):
+        pass
+
+    def engine(model, *args, **kwargs):
+        assert model == str(home / "ckpt")
+        raise Reached
+
+    monkeypatch.setattr(recipe, "Engine", engine)
+    run = recipe.GRPORecipe(recipe.load_config(str(project / "configs" / "home.yaml"),
+                                               [f"output_dir={tmp_path / 'run'}"]))
+    with pytest.raises(Reached):
+        run.setup()
+    assert [r.name for r in run.rewards] == ["exact", "rm"]

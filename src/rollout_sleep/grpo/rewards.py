@@ -113,9 +113,10 @@ class Reward:
     fn: Callable
     weight: float = 1.0
     batched: bool = True
-    required_columns: tuple[str, ...] = ()  # dataset columns the function names without a default
+    required_columns: tuple[str, ...] = ()  # dataset columns the function names without a default, or reads
     accepts_any_column: bool = True  # it takes **kwargs (TRL passes every column)
     accepted: tuple[str, ...] = field(default=())  # the keyword names it accepts, when not **kwargs
+    read_through: str | None = None  # the **kwargs parameter it reads required columns from (kwargs["answer"])
 
 
 def _import(spec: str) -> Callable:
@@ -123,7 +124,7 @@ def _import(spec: str) -> Callable:
     if not target or not attr:
         raise RewardError(f"reward {spec!r}: an import path reads 'package.module:function' or 'file.py:function'")
     if target.endswith(".py") or "/" in target:
-        path = Path(target)
+        path = Path(target).expanduser()
         if not path.is_file():
             raise RewardError(f"reward {spec!r}: file {target!r} not found (paths are relative to the working "
                               f"directory, {Path.cwd()})")
@@ -156,6 +157,46 @@ def _import(spec: str) -> Callable:
     return fn
 
 
+def _keys_read(fn: Callable, param: str) -> tuple[str, ...]:
+    """The keys ``fn``'s source reads from its parameter ``param`` (``**kwargs``, or the example dict) such that a
+    missing or null value is not handled: ``param["x"]`` and ``param.pop("x")``, but not ``param.get("x")``,
+    ``param.pop("x", default)`` nor a key tested with ``"x" in param`` first. Empty where the source cannot be read
+    (a builtin, a callable object, a lambda defined among others on one line)."""
+    import ast
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    except (OSError, TypeError, SyntaxError, ValueError):
+        return ()
+    func = next((n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+                 and n.name == getattr(fn, "__name__", None)), None)
+    if func is None:
+        return ()
+
+    def is_param(node) -> bool:
+        return isinstance(node, ast.Name) and node.id == param
+
+    def key(node) -> str | None:
+        return node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else None
+
+    read, handled = [], set()
+    for node in ast.walk(func):
+        if isinstance(node, ast.Subscript) and is_param(node.value) and isinstance(node.ctx, ast.Load) and \
+                key(node.slice):
+            read.append(key(node.slice))
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and is_param(node.func.value) \
+                and node.args and key(node.args[0]):
+            if node.func.attr == "pop" and len(node.args) == 1 and not node.keywords:
+                read.append(key(node.args[0]))
+            elif node.func.attr in ("get", "pop"):
+                handled.add(key(node.args[0]))
+        elif isinstance(node, ast.Compare) and key(node.left) and len(node.ops) == 1 and \
+                isinstance(node.ops[0], (ast.In, ast.NotIn)) and is_param(node.comparators[0]):
+            handled.add(key(node.left))
+    return tuple(dict.fromkeys(k for k in read if k not in handled))
+
+
 def _describe(name: str, fn: Callable, weight: float) -> Reward:
     """Classify ``fn`` by its signature: TRL's batched one or ours; raise when it is neither."""
     if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None)):
@@ -170,13 +211,19 @@ def _describe(name: str, fn: Callable, weight: float) -> Reward:
         required = tuple(n for n, p in params.items()
                          if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is p.empty
                          and n not in TRL_ARGS)
-        return Reward(name, fn, weight, batched=True, required_columns=required, accepts_any_column=var_kw,
-                      accepted=tuple(named))
+        kwargs = next((n for n, p in params.items() if p.kind is p.VAR_KEYWORD), None)
+        read = tuple(k for k in (_keys_read(fn, kwargs) if kwargs else ())  # columns only: TRL passes no 'prompt'
+                     if k not in TRL_ARGS and k not in params and k not in ("prompt", "completion"))
+        return Reward(name, fn, weight, batched=True, required_columns=required + read, accepts_any_column=var_kw,
+                      accepted=tuple(named), read_through=kwargs if read else None)
     positional = [n for n, p in params.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     required = [n for n, p in params.items() if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL,
                                                                                           p.VAR_KEYWORD)]
     if positional[:1] == ["completion"] and len(positional) >= 2 and len(required) <= 2:
-        return Reward(name, fn, weight, batched=False, required_columns=tuple(getattr(fn, "columns", ())))
+        columns = getattr(fn, "columns", None)  # declared, or read from the example: example["answer"]
+        columns = tuple(columns) if columns is not None else \
+            tuple(k for k in _keys_read(fn, positional[1]) if k != "prompt")
+        return Reward(name, fn, weight, batched=False, required_columns=columns)
     raise RewardError(f"reward {name!r} has signature {name.split(':')[-1]}{inspect.signature(fn)}; a reward takes "
                       f"TRL's `(prompts, completions, **kwargs) -> list[float | None]` (batched) or "
                       f"`(completion: str, example: dict) -> float`")
@@ -201,10 +248,10 @@ def resolve_rewards(specs: list, weights: list[float] | None = None, *, columns:
             raise RewardError(f"rewards[{i}] must be a name, an import path or a checkpoint directory, got {spec!r}")
         if spec in REWARDS:
             out.append(_describe(spec, REWARDS[spec], weight))
-        elif Path(spec).is_dir():
+        elif Path(spec).expanduser().is_dir():
             from .reward_model import RewardModel
 
-            model = RewardModel(spec, load=load_models)
+            model = RewardModel(str(Path(spec).expanduser()), load=load_models)
             out.append(Reward(model.name, model, weight, batched=True))
         elif ":" in spec:
             fn = _import(spec)
@@ -259,8 +306,9 @@ def check_row_values(rewards: list[Reward], data, source: str) -> None:
             if not empty:
                 continue
             shown = ", ".join(map(str, empty[:5])) + (", ..." if len(empty) > 5 else "")
-            skip = (f"; if {r.name!r} is meant to skip such rows, give its parameter a default ({column}=None) and "
-                    f"return None for them") if r.batched else ""
+            how = f"read it with {r.read_through}.get({column!r})" if r.read_through and column not in r.accepted \
+                else f"give its parameter a default ({column}=None)"
+            skip = f"; if {r.name!r} is meant to skip such rows, {how} and return None for them" if r.batched else ""
             raise RewardError(f"reward {r.name!r} reads column {column!r}, which is missing or null in {len(empty)} "
                               f"of {len(data)} rows of data.dataset {source!r}: row(s) {shown} (counted from 0). "
                               f"Their completions would be scored without it (a correct one as wrong). Fill in "

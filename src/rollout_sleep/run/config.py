@@ -354,6 +354,25 @@ def resolve_yaml_paths(cfg: RecipeConfig, folder: Path) -> dict[str, str]:
     return moved
 
 
+def expand_home(cfg: RecipeConfig) -> None:
+    """``~`` in the input paths (``data.dataset``, ``model.path``, reward files ``~/x.py:fn`` and reward-model
+    folders) expanded to the home folder, wherever they were given, so every reader of the config sees the path
+    itself (a model path ``~/ckpt`` would otherwise be taken for a hub id).
+
+    >>> from rollout_sleep.run.schema import DataConfig
+    >>> cfg = RecipeConfig(data=DataConfig(dataset="~/d.jsonl"), rewards=["~/r.py:f", "~/rm", "digits_format"])
+    >>> expand_home(cfg)
+    >>> [p.startswith("~") for p in (cfg.data.dataset, *cfg.rewards)]
+    [False, False, False, False]
+    """
+    def expand(path: str) -> str:
+        return str(Path(path).expanduser()) if isinstance(path, str) and path.startswith("~") else path
+
+    cfg.data.dataset = expand(cfg.data.dataset)
+    cfg.model.path = expand(cfg.model.path)
+    cfg.rewards = [expand(spec) for spec in cfg.rewards]  # 'file.py:fn' and folders alike: ':' stays in the name
+
+
 def load_config(path: str | Path | None, overrides: list[str] = (), *, device: str | None = None) -> RecipeConfig:
     """Defaults, then the YAML file (if any), then ``key=value`` overrides, in that order; then every check,
     the combinations of engine modes this ``device`` (``"cuda"`` / ``"cpu"``; default: this machine's) cannot
@@ -379,6 +398,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), *, device: s
             continue
         key, value = item.split("=", 1)
         _set(cfg, key.strip(), value, problems, from_text=True)
+    expand_home(cfg)
     # a field with a wrong type kept its default, so the value checks below still apply to the rest.
     # The rewards are checked here (resolved, then dropped) so that a bad name is listed with every other problem
     # of the config, before a process group or the data exist; the recipe resolves them once for the run, with

@@ -165,6 +165,25 @@ def check_output_dir(out: Path, config: dict, resume: bool, overwrite: bool = Fa
                               "revert those settings to resume it.")
 
 
+def check_dataset_rows(out: Path, rows: int, source: str, resume: bool) -> None:
+    """Raise :class:`RunDirError` when resuming the run in ``out`` over a dataset that now gives another number of
+    rows than it did (``dataset_rows`` in its settings, see :func:`write_run_config`). Each step's rows are drawn
+    from the row count (a fresh permutation of all rows per epoch): a file that grew or shrank between a run and
+    its resume gives every later step another order, so some rows of the current epoch would be trained twice
+    and others not at all. Reads only; runs that recorded no count are not checked."""
+    old = _previous_config(out)
+    if not resume or old is None or old.get("dataset_rows") in (None, rows):
+        return
+    if not (logged_steps(out / "metrics.jsonl") or saved_steps(out / "checkpoints")):
+        return  # nothing trained yet: no order to keep
+    raise RunDirError(f"output_dir {str(out)!r} holds a run over {old['dataset_rows']} rows of data.dataset "
+                      f"{source!r}, which now gives {rows}: each step's rows are drawn from the row count (a fresh "
+                      f"permutation of all rows per epoch), so resuming would train the remaining steps in another "
+                      f"order (rows of the current epoch twice, others not at all). To resume, restore the dataset "
+                      f"to its {old['dataset_rows']} rows; to train on the new rows, start a new run (a new "
+                      f"output_dir, or resume=false overwrite=true)")
+
+
 def lock(out: Path):
     """Create ``out`` and lock it for this process (an exclusive ``flock`` on ``out/.lock``, released when the
     returned file is closed or the process ends, even killed); raise :class:`RunDirError` if another process
@@ -257,9 +276,11 @@ def log_file(out: Path, rank: int) -> Path:
     return out / (LOG_FILE if rank == 0 else f"run.rank{rank}.log")
 
 
-def write_run_config(out: Path, config: dict) -> None:
-    """Record the run's settings (what :func:`check_output_dir` compares a resume against)."""
-    _write_atomic(out / RUN_CONFIG, json.dumps(config, indent=1, default=str))
+def write_run_config(out: Path, config: dict, dataset_rows: int | None = None) -> None:
+    """Record the run's settings (what :func:`check_output_dir` compares a resume against) and the number of
+    rows its dataset gave (what :func:`check_dataset_rows` compares a resume against)."""
+    record = {**config, "dataset_rows": dataset_rows} if dataset_rows is not None else config
+    _write_atomic(out / RUN_CONFIG, json.dumps(record, indent=1, default=str))
 
 
 def _write_atomic(path: Path, text: str) -> None:
