@@ -660,18 +660,21 @@ class GRPORecipe:
 EXPLAINED = (ConfigError, output_dir.RunDirError, NonFiniteError, RewardError)
 
 
-def failure_message(recipe: GRPORecipe | None, err: Exception) -> str:
+def failure_message(recipe: GRPORecipe | None, err: BaseException) -> str:
     """The one paragraph the console gets when ``err`` stops the run: what failed (the step, if one was running),
     where the run can go on from, and where the traceback is (the run's log file; the console only where no log
     file is open yet and the error is not one the recipe explains)."""
-    text = str(err).strip() if isinstance(err, EXPLAINED) else f"{type(err).__name__}: {err}"
+    if isinstance(err, KeyboardInterrupt):  # Ctrl-C (or code that raised it): said, not a raw traceback
+        text = "interrupted (KeyboardInterrupt)"
+    else:
+        text = str(err).strip() if isinstance(err, EXPLAINED) else f"{type(err).__name__}: {err}"
     step = getattr(recipe, "in_step", None)
     if step is not None and not isinstance(err, (NonFiniteError, output_dir.WriteError)):  # those say it themselves
         text = f"step {step}: {text.rstrip('.')}. The run stopped; {recipe._rerun_note()}"
     where = log.log_traceback(err, text)
     if where is not None:
         text += f" The traceback is in {where}."
-    elif not isinstance(err, EXPLAINED):
+    elif not isinstance(err, (*EXPLAINED, KeyboardInterrupt)):
         import traceback
 
         traceback.print_exception(err, file=sys.stderr)  # nowhere else to keep it
@@ -689,10 +692,11 @@ def main() -> None:
     except output_dir.NothingToTrain as done:
         print(done, flush=True)
         os._exit(0)
-    except Exception as err:  # noqa: BLE001 - every error ends in one message (a step's: traceback in the log)
+    except (Exception, KeyboardInterrupt) as err:  # noqa: BLE001 - every error ends in one message (a step's:
+        # traceback in the log); an interrupt too, with where a rerun goes on from (exit code 130, as a shell's)
         print(f"error: {failure_message(recipe, err)}", file=sys.stderr, flush=True)
         sys.stdout.flush()
-        os._exit(2 if isinstance(err, ConfigError) else 1)
+        os._exit(130 if isinstance(err, KeyboardInterrupt) else 2 if isinstance(err, ConfigError) else 1)
     os._exit(0)  # vLLM's in-process teardown is slow and would tear down accelerate's process group
 
 
