@@ -87,13 +87,16 @@ def config_changes(old: dict, new: dict) -> dict[str, list[tuple[str, Any, Any]]
     """The keys whose value differs between ``old`` and ``new`` (config dicts), as ``(key, old, new)`` grouped by
     resume class (``fixed`` / ``applied`` / ``free``, from :func:`rollout_sleep.run.schema.resume_classes`).
     A key ``old`` does not hold (a config from before that key existed) is not compared; ``reward_weights`` unset
-    is 1.0 each.
+    is 1.0 each; input paths are compared as files (a relative one in ``old``, saved before paths were recorded
+    absolute, is read from the working directory).
 
     >>> config_changes({"train": {"lr": 1.0, "seed": 0}}, {"train": {"lr": 2.0, "seed": 1}})["fixed"]
     [('train.seed', 0, 1)]
     """
+    from .config import with_input_paths_from
     from .schema import FIXED, RESUME_CLASSES, resume_classes
 
+    old = with_input_paths_from(old, Path.cwd())  # a run saved with relative paths: as it read them
     out: dict[str, list] = {c: [] for c in RESUME_CLASSES}
     for key, klass in resume_classes().items():
         if not _holds(old, key):
