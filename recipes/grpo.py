@@ -377,9 +377,9 @@ class GRPORecipe:
         self.acc.print(plan.table())
         if self.main:  # a resumed run keeps the comparison its first steps measured
             path = self.out / "memory_plan.json"
-            earlier = json.loads(path.read_text()) if path.exists() else {}
-            with output_dir.writing(path, "write the memory plan to"):
-                path.write_text(json.dumps({**earlier, "plan": plan.as_dict()}, indent=2))
+            earlier = output_dir.read_json(path, "the memory plan")
+            with output_dir.writing(path, "write the memory plan to"):  # whole or not at all: read at every start
+                output_dir.write_atomic(path, json.dumps({**earlier, "plan": plan.as_dict()}, indent=2))
         memory_check.enforce(plan, self.cfg.train.memory_plan, self.acc.print)
         return plan
 
@@ -546,7 +546,7 @@ class GRPORecipe:
                 for k, v in row.items()}
         if self.main:
             with output_dir.writing(self.out / "memory_plan.json", "write the memory plan to"):
-                (self.out / "memory_plan.json").write_text(json.dumps(
+                output_dir.write_atomic(self.out / "memory_plan.json", json.dumps(
                     {"plan": self.plan.as_dict(), "measured_gib": measured, "measured_at_step": self.step,
                      "comparison": comparison}, indent=2))
             self.tracker.log_table("memory_plan_vs_actual", ["phase", "component", "plan_gib", "measured_gib", "diff_gib"],

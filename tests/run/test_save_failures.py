@@ -5,6 +5,7 @@ the last complete checkpoint as the one a rerun resumes from, and never a partia
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import subprocess
@@ -161,3 +162,39 @@ def test_a_read_only_checkpoints_folder_is_refused_before_the_engine_starts(tmp_
     assert "exit=1" in text, text[-3000:]
     assert f"error: cannot write into {out / 'checkpoints'}: read-only file system (errno EROFS)" in text, text[-3000:]
     assert ENGINE_START not in text and "Traceback" not in text
+
+
+def test_a_rewritten_file_is_kept_whole_when_its_write_fails(tmp_path, monkeypatch, caplog):
+    """The memory plan is rewritten at every start and after the first steps. The old code wrote it with
+    ``Path.write_text``, which empties the file before writing: a full disk left it empty, and every later start
+    of the run stopped with ``JSONDecodeError: Expecting value: line 1 column 1`` (no file named) until it was
+    deleted by hand."""
+    path = tmp_path / "memory_plan.json"
+    output_dir.write_atomic(path, '{"plan": 1}')
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(output_dir.WriteError, match="no space left on device"):
+        with output_dir.writing(path, "write the memory plan to"):
+            output_dir.write_atomic(path, '{"plan": 2, "measured_gib": {}}')
+    monkeypatch.undo()
+    assert path.read_text() == '{"plan": 1}' and sorted(p.name for p in tmp_path.iterdir()) == ["memory_plan.json"]
+    path.write_text("")  # what the old code's failed write left
+    with caplog.at_level("WARNING", logger="rollout_sleep.run.output_dir"):
+        assert output_dir.read_json(path, "the memory plan") == {}
+    assert f"the memory plan {path} cannot be read" in caplog.text and "written anew" in caplog.text
+
+
+def test_an_emptied_memory_plan_does_not_stop_the_next_run(tmp_path):
+    """The real recipe over a run folder whose memory_plan.json a failed write emptied: it runs, and writes the
+    plan anew (the old code stopped before the engine with a bare JSONDecodeError, at every start)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "memory_plan.json").write_text("")
+    code, text = run(out, "train.steps=1", "train.prompts_per_step=4", "data.num_prompts=8", timeout=600)
+    assert code == 0, text[-3000:]
+    assert "JSONDecodeError" not in text
+    assert "plan" in json.loads((out / "memory_plan.json").read_text())
+    assert f"the memory plan {out / 'memory_plan.json'} cannot be read" in (out / "run.log").read_text()

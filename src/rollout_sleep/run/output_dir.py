@@ -262,16 +262,41 @@ def log_file(out: Path, rank: int) -> Path:
 
 def write_run_config(out: Path, config: dict) -> None:
     """Record the run's settings (what :func:`check_output_dir` compares a resume against)."""
-    _write_atomic(out / RUN_CONFIG, json.dumps(config, indent=1, default=str))
+    write_atomic(out / RUN_CONFIG, json.dumps(config, indent=1, default=str))
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all: into ``<path>.tmp``, synced, then renamed over ``path``. A
+    write that fails (a full disk) leaves the earlier ``path`` as it was (``Path.write_text`` would have emptied
+    it first) and no ``.tmp`` file."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def read_json(path: Path, what: str) -> dict:
+    """The JSON object in ``path`` (a file the run rewrites, e.g. the memory plan), or ``{}`` when there is none;
+    one that cannot be read (emptied or cut by a write that failed in an older version, edited by hand) is said
+    in the log and taken as none, so that it never stops a run from going on (it is written anew)."""
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        logger.warning("%s %s cannot be read (%s): it is written anew", what, path, err)
+        return {}
+    if not isinstance(data, dict):
+        logger.warning("%s %s holds no JSON object: it is written anew", what, path)
+        return {}
+    return data
 
 
 # ----------------------------------------------------------------------------------- failed writes
@@ -407,7 +432,7 @@ def commit(staging: Path, final: Path, state: dict) -> Path:
             with open(p, "rb") as fh:
                 os.fsync(fh.fileno())
             files[str(p.relative_to(staging))] = p.stat().st_size
-    _write_atomic(staging / STATE_FILE, json.dumps({**state, "files": files}))
+    write_atomic(staging / STATE_FILE, json.dumps({**state, "files": files}))
     earlier = set_aside(final, "replaced by a new save of the same step") if final.exists() else None
     try:  # (``final`` exists when a step is saved again, e.g. after resuming from an older checkpoint)
         os.replace(staging, final)
@@ -540,5 +565,5 @@ def supersede_metrics(log: Path, through_step: int) -> int:
     if moved:
         with open(log.with_name("metrics.superseded.jsonl"), "a") as fh:
             fh.write("".join(ln + "\n" for ln in moved))
-        _write_atomic(log, "".join(ln + "\n" for ln in keep))
+        write_atomic(log, "".join(ln + "\n" for ln in keep))
     return len(moved)
