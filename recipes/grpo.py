@@ -332,13 +332,18 @@ class GRPORecipe:
         if cfg.path not in SHAPES:
             return cfg.path
         path = self.out / "model"
-        if self.main and not (path / "config.json").exists():
+        if self.main:
             if self._shares_base():  # random weights drawn by vLLM (load_format="dummy"), viewed by the trainer:
-                make_config_dir(path, cfg.path, dtype=cfg.dtype,  # a 32B shape needs no 64 GB on disk
-                                tie_word_embeddings=cfg.tie_word_embeddings)
+                def build(folder):  # a 32B shape needs no 64 GB on disk
+                    make_config_dir(folder, cfg.path, dtype=cfg.dtype, tie_word_embeddings=cfg.tie_word_embeddings)
             else:
-                make_checkpoint(path, cfg.path, seed=cfg.seed, dtype=cfg.dtype,
-                                tie_word_embeddings=cfg.tie_word_embeddings)
+                def build(folder):
+                    make_checkpoint(folder, cfg.path, seed=cfg.seed, dtype=cfg.dtype,
+                                    tie_word_embeddings=cfg.tie_word_embeddings)
+            # whole or not at all: a build killed or out of space is never taken for the model at the next start
+            redone = output_dir.build_model(path, build, f"the random-weight model of model.path={cfg.path}")
+            if redone:
+                self.acc.print(f"rebuilt {path}: the earlier build was incomplete ({redone})")
         with self._collective("the built model"):
             self.acc.wait_for_everyone()
         return str(path)

@@ -232,6 +232,65 @@ def drop_stale_model(out: Path, config: dict) -> bool:
     return False
 
 
+def model_problem(path: Path) -> str | None:
+    """Why the random-weight checkpoint the recipe builds for a size (``out/model``) is not whole, or ``None``:
+    its ``config.json`` gets the builder's mark last (:func:`rollout_sleep.weights.checkpoints.make_checkpoint`),
+    and its weight files must be whole (a build killed or out of space left a folder that looked built)."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except OSError:
+        return "it has no config.json"
+    except ValueError:
+        return "its config.json is unreadable"
+    mark = config.get("rollout_sleep") if isinstance(config, dict) else None
+    if not isinstance(mark, dict):
+        return "its config.json lacks the build's last step (the build did not finish)"
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights and "dummy" not in str(mark.get("weights", "")):
+        return "it holds no weights (*.safetensors)"
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return f"{index.name} is unreadable"
+        missing = sorted(s for s in shards if not (path / s).is_file())
+        if missing:
+            return f"{missing[0]} is missing"
+    for p in weights:
+        problem = _safetensors_problem(p)
+        if problem:
+            return problem
+    return None
+
+
+def build_model(path: Path, build, what: str) -> str | None:
+    """Build the recipe's random-weight checkpoint ``path`` whole or not at all: ``build(folder)`` writes into a
+    hidden staging folder beside it, renamed to ``path`` once done. A ``path`` already whole is kept; one that is
+    not (:func:`model_problem`: a build killed or out of space, before builds were staged) is deleted and built
+    again, and the reason is returned (else ``None``). A build that fails raises :class:`WriteError` naming
+    ``what``, the cause and the fix, its partial folder deleted."""
+    redo = None
+    if path.exists():
+        redo = model_problem(path)
+        if redo is None:
+            return None
+        _remove(path)
+        logger.warning("deleted %s, an incomplete build of the model (%s): building it again", path, redo)
+    staging = path.with_name(STAGING_PREFIX + path.name)
+    try:
+        _remove(staging)  # a build that stopped half-way
+        build(staging)
+        os.replace(staging, path)
+    except Exception as err:  # safetensors' own error type on a full disk, an OSError, torch's RuntimeError
+        cause, fix = write_problem(err, staging)
+        with contextlib.suppress(OSError):
+            _remove(staging)
+        raise WriteError(f"cannot build {what} in {path}: {cause}. The partial build was deleted. "
+                         f"{fix[0].upper()}{fix[1:]}, then rerun.") from err
+    return redo
+
+
 def clear_run(out: Path, config: dict) -> list[str]:
     """``overwrite=true``: delete an earlier run's metrics, checkpoints and settings (and the random-weight
     model it built, if the model settings changed). Returns what was deleted."""
