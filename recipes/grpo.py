@@ -118,6 +118,9 @@ class GRPORecipe:
         output_dir.check_output_dir(self.out, cfg.to_dict(), cfg.resume, cfg.overwrite)
         if cfg.resume:
             output_dir.check_steps_left(self.out, cfg.train.steps)  # a finished run: said before vLLM starts
+        # what the resume compares its settings with, read before this run rewrites run_config.json (an older
+        # checkpoint has none beside it)
+        self.trained_settings = output_dir.trained_settings(self.out) if cfg.resume else None
         w = cfg.watchdog
         pg = [InitProcessGroupKwargs(timeout=timedelta(seconds=w.collective_s + 60))] \
             if w.enabled and w.collective_s > 0 else []  # torch.distributed's own timeout: a backstop to ours
@@ -434,7 +437,8 @@ class GRPORecipe:
         else:
             self.engine.load_weights(self.manager.stream)  # the engine must hold the restored weights
         self.acc.print(f"resumed from {path} (step {self.step})")
-        self._say_applied(state.get("config"), restored)
+        self._say_applied(state.get("config") if isinstance(state.get("config"), dict) else self.trained_settings,
+                          restored)
         return state.get("wandb_id")
 
     def _say_applied(self, trained: dict | None, restored: list[tuple[str, float, float]]) -> None:

@@ -123,6 +123,14 @@ def resume_point(out: Path) -> tuple[Path | None, dict]:
     return found, json.loads((found / STATE_FILE).read_text())
 
 
+def trained_settings(out: Path) -> dict | None:
+    """The settings a resume in ``out`` compares its own with: those saved beside the checkpoint it would load;
+    for a checkpoint saved before settings were saved beside it (or none), the run's last (``run_config.json``);
+    ``None`` if neither. Read before the run rewrites ``run_config.json``. Reads only."""
+    _, state = resume_point(out)
+    return state["config"] if isinstance(state.get("config"), dict) else _previous_config(out)
+
+
 def check_steps_left(out: Path, steps: int) -> None:
     """Raise :class:`NothingToTrain` if the checkpoint a resume in ``out`` would load is already at ``steps`` or
     beyond (a finished run launched again): said before anything starts. Reads only."""
@@ -156,7 +164,7 @@ def check_output_dir(out: Path, config: dict, resume: bool, overwrite: bool = Fa
     if resume and old is not None:
         # the settings the checkpoint a resume loads was trained with (saved beside it), else the run's last
         ckpt, state = resume_point(out)
-        trained = state.get("config") if isinstance(state.get("config"), dict) else old
+        trained = state.get("config") if isinstance(state.get("config"), dict) else old  # as trained_settings
         fixed = config_changes(trained, config)["fixed"]
         if fixed and (steps or saved):
             where = f"its checkpoint {ckpt.name} was trained with" if ckpt is not None and trained is not old \
