@@ -120,6 +120,9 @@ class GRPORecipe:
         output_dir.check_output_dir(self.out, cfg.to_dict(), cfg.resume, cfg.overwrite)
         if cfg.resume:
             output_dir.check_steps_left(self.out, cfg.train.steps)  # a finished run: said before vLLM starts
+        # what the resume compares its settings with, read before this run rewrites run_config.json (an older
+        # checkpoint has none beside it)
+        self.trained_settings = output_dir.trained_settings(self.out) if cfg.resume else None
         w = cfg.watchdog
         pg = [InitProcessGroupKwargs(timeout=timedelta(seconds=w.collective_s + 60))] \
             if w.enabled and w.collective_s > 0 else []  # torch.distributed's own timeout: a backstop to ours
@@ -348,13 +351,18 @@ class GRPORecipe:
         if cfg.path not in SHAPES:
             return cfg.path
         path = self.out / "model"
-        if self.main and not (path / "config.json").exists():
+        if self.main:
             if self._shares_base():  # random weights drawn by vLLM (load_format="dummy"), viewed by the trainer:
-                make_config_dir(path, cfg.path, dtype=cfg.dtype,  # a 32B shape needs no 64 GB on disk
-                                tie_word_embeddings=cfg.tie_word_embeddings)
+                def build(folder):  # a 32B shape needs no 64 GB on disk
+                    make_config_dir(folder, cfg.path, dtype=cfg.dtype, tie_word_embeddings=cfg.tie_word_embeddings)
             else:
-                make_checkpoint(path, cfg.path, seed=cfg.seed, dtype=cfg.dtype,
-                                tie_word_embeddings=cfg.tie_word_embeddings)
+                def build(folder):
+                    make_checkpoint(folder, cfg.path, seed=cfg.seed, dtype=cfg.dtype,
+                                    tie_word_embeddings=cfg.tie_word_embeddings)
+            # whole or not at all: a build killed or out of space is never taken for the model at the next start
+            redone = output_dir.build_model(path, build, f"the random-weight model of model.path={cfg.path}")
+            if redone:
+                self.acc.print(f"rebuilt {path}: the earlier build was incomplete ({redone})")
         with self._collective("the built model"):
             self.acc.wait_for_everyone()
         return str(path)
@@ -393,9 +401,9 @@ class GRPORecipe:
         self.acc.print(plan.table())
         if self.main:  # a resumed run keeps the comparison its first steps measured
             path = self.out / "memory_plan.json"
-            earlier = json.loads(path.read_text()) if path.exists() else {}
-            with output_dir.writing(path, "write the memory plan to"):
-                path.write_text(json.dumps({**earlier, "plan": plan.as_dict()}, indent=2))
+            earlier = output_dir.read_json(path, "the memory plan")
+            with output_dir.writing(path, "write the memory plan to"):  # whole or not at all: read at every start
+                output_dir.write_atomic(path, json.dumps({**earlier, "plan": plan.as_dict()}, indent=2))
         memory_check.enforce(plan, self.cfg.train.memory_plan, self.acc.print)
         return plan
 
@@ -446,7 +454,8 @@ class GRPORecipe:
         else:
             self.engine.load_weights(self.manager.stream)  # the engine must hold the restored weights
         self.acc.print(f"resumed from {path} (step {self.step})")
-        self._say_applied(state.get("config"), restored)
+        self._say_applied(state.get("config") if isinstance(state.get("config"), dict) else self.trained_settings,
+                          restored)
         return state.get("wandb_id")
 
     def _say_applied(self, trained: dict | None, restored: list[tuple[str, float, float]]) -> None:
@@ -561,7 +570,7 @@ class GRPORecipe:
                 for k, v in row.items()}
         if self.main:
             with output_dir.writing(self.out / "memory_plan.json", "write the memory plan to"):
-                (self.out / "memory_plan.json").write_text(json.dumps(
+                output_dir.write_atomic(self.out / "memory_plan.json", json.dumps(
                     {"plan": self.plan.as_dict(), "measured_gib": measured, "measured_at_step": self.step,
                      "comparison": comparison}, indent=2))
             self.tracker.log_table("memory_plan_vs_actual", ["phase", "component", "plan_gib", "measured_gib", "diff_gib"],
@@ -674,18 +683,21 @@ class GRPORecipe:
 EXPLAINED = (ConfigError, output_dir.RunDirError, NonFiniteError, RewardError)
 
 
-def failure_message(recipe: GRPORecipe | None, err: Exception) -> str:
+def failure_message(recipe: GRPORecipe | None, err: BaseException) -> str:
     """The one paragraph the console gets when ``err`` stops the run: what failed (the step, if one was running),
     where the run can go on from, and where the traceback is (the run's log file; the console only where no log
     file is open yet and the error is not one the recipe explains)."""
-    text = str(err).strip() if isinstance(err, EXPLAINED) else f"{type(err).__name__}: {err}"
+    if isinstance(err, KeyboardInterrupt):  # Ctrl-C (or code that raised it): said, not a raw traceback
+        text = "interrupted (KeyboardInterrupt)"
+    else:
+        text = str(err).strip() if isinstance(err, EXPLAINED) else f"{type(err).__name__}: {err}"
     step = getattr(recipe, "in_step", None)
     if step is not None and not isinstance(err, (NonFiniteError, output_dir.WriteError)):  # those say it themselves
         text = f"step {step}: {text.rstrip('.')}. The run stopped; {recipe._rerun_note()}"
     where = log.log_traceback(err, text)
     if where is not None:
         text += f" The traceback is in {where}."
-    elif not isinstance(err, EXPLAINED):
+    elif not isinstance(err, (*EXPLAINED, KeyboardInterrupt)):
         import traceback
 
         traceback.print_exception(err, file=sys.stderr)  # nowhere else to keep it
@@ -703,10 +715,11 @@ def main() -> None:
     except output_dir.NothingToTrain as done:
         print(done, flush=True)
         os._exit(0)
-    except Exception as err:  # noqa: BLE001 - every error ends in one message (a step's: traceback in the log)
+    except (Exception, KeyboardInterrupt) as err:  # noqa: BLE001 - every error ends in one message (a step's:
+        # traceback in the log); an interrupt too, with where a rerun goes on from (exit code 130, as a shell's)
         print(f"error: {failure_message(recipe, err)}", file=sys.stderr, flush=True)
         sys.stdout.flush()
-        os._exit(2 if isinstance(err, ConfigError) else 1)
+        os._exit(130 if isinstance(err, KeyboardInterrupt) else 2 if isinstance(err, ConfigError) else 1)
     os._exit(0)  # vLLM's in-process teardown is slow and would tear down accelerate's process group
 
 

@@ -138,16 +138,16 @@ def _import(spec: str) -> Callable:
             sys.modules[name] = module
             try:
                 loader.loader.exec_module(module)
-            except Exception as err:
+            except (Exception, SystemExit) as err:
                 del sys.modules[name]
-                raise RewardError(f"reward {spec!r}: importing {target!r} failed: {type(err).__name__}: {err}") from err
+                raise RewardError(f"reward {spec!r}: importing {target!r} failed: {_raised(err)}") from err
     else:
         if "" not in sys.path and str(Path.cwd()) not in sys.path:
             sys.path.insert(0, str(Path.cwd()))  # as `python -m` does: modules next to the run are importable
         try:
             module = importlib.import_module(target)
-        except Exception as err:
-            raise RewardError(f"reward {spec!r}: cannot import module {target!r}: {type(err).__name__}: {err}") from err
+        except (Exception, SystemExit) as err:
+            raise RewardError(f"reward {spec!r}: cannot import module {target!r}: {_raised(err)}") from err
     if not hasattr(module, attr):
         public = sorted(n for n in vars(module) if not n.startswith("_") and callable(getattr(module, n)))
         raise RewardError(f"reward {spec!r}: module {target!r} has no {attr!r}; its callables: {public}")
@@ -381,6 +381,8 @@ def score_rewards(rewards: list[Reward], prompts: list, completions: list, examp
                 values = r.fn(**kwargs)
             except RewardError:
                 raise
+            except SystemExit as err:  # calling it again would exit again: the batch is named
+                raise RewardError(f"reward {r.name!r} raised {_raised(err)} on a batch of {n} completions") from err
             except Exception as err:
                 raise _locate(r, err, prompts, completions, examples, kwargs) from err
             table[:, j] = torch.tensor(_check_values(r, values, n), dtype=torch.float32)
@@ -389,11 +391,25 @@ def score_rewards(rewards: list[Reward], prompts: list, completions: list, examp
             for i, (c, ex) in enumerate(zip(completions, examples)):
                 try:
                     vals.append(r.fn(_text(c), ex))
-                except Exception as err:
-                    raise RewardError(f"reward {r.name!r} raised {type(err).__name__}: {err} on completion {i}: "
+                except (Exception, SystemExit) as err:
+                    raise RewardError(f"reward {r.name!r} raised {_raised(err)} on completion {i}: "
                                       f"{_example_text(prompts[i], c, ex)}") from err
             table[:, j] = torch.tensor(_check_values(r, vals, n), dtype=torch.float32)
     return table
+
+
+def _raised(err: BaseException) -> str:
+    """What a reward raised, in words. A ``SystemExit`` (``sys.exit()``, ``exit()``, argparse on the recipe's
+    command line) is said as such: let through, it would end the run with its code (0: as if it had finished)
+    and no message.
+
+    >>> _raised(SystemExit(0))
+    'SystemExit (it called sys.exit(0)); a reward must return its scores (or raise), never exit the process'
+    """
+    if isinstance(err, SystemExit):
+        return (f"SystemExit (it called sys.exit({err.code!r})); a reward must return its scores (or raise), never "
+                "exit the process")
+    return f"{type(err).__name__}: {err}"
 
 
 def _locate(r: Reward, err: Exception, prompts, completions, examples, kwargs) -> RewardError:
@@ -402,10 +418,10 @@ def _locate(r: Reward, err: Exception, prompts, completions, examples, kwargs) -
         one = {k: (v[i:i + 1] if isinstance(v, list) and len(v) == len(completions) else v) for k, v in kwargs.items()}
         try:
             r.fn(**one)
-        except Exception as row_err:
-            return RewardError(f"reward {r.name!r} raised {type(row_err).__name__}: {row_err} on completion {i}: "
+        except (Exception, SystemExit) as row_err:
+            return RewardError(f"reward {r.name!r} raised {_raised(row_err)} on completion {i}: "
                                f"{_example_text(prompts[i], completions[i], examples[i])}")
-    return RewardError(f"reward {r.name!r} raised {type(err).__name__}: {err} on a batch of {len(completions)} "
+    return RewardError(f"reward {r.name!r} raised {_raised(err)} on a batch of {len(completions)} "
                        f"completions (each alone scores fine)")
 
 

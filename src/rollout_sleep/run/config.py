@@ -373,11 +373,43 @@ def expand_home(cfg: RecipeConfig) -> None:
     cfg.rewards = [expand(spec) for spec in cfg.rewards]  # 'file.py:fn' and folders alike: ':' stays in the name
 
 
+def with_input_paths_from(config: dict, folder: Path) -> dict:
+    """A copy of the config dict ``config`` with its relative input paths (``data.dataset``, reward files and
+    folders, ``model.path`` folders) read from ``folder``, as :func:`load_config` records them now. A run saved
+    before paths were recorded absolute kept command-line paths as written; a resume compares those read from
+    its working directory (their old reading).
+
+    >>> with_input_paths_from({"data": {"dataset": "d.jsonl"}, "model": {"path": "tiny"}, "rewards": ["f.py:g"]},
+    ...                       Path("/proj"))
+    {'data': {'dataset': '/proj/d.jsonl'}, 'model': {'path': 'tiny'}, 'rewards': ['/proj/f.py:g']}
+    """
+    import copy
+
+    out = copy.deepcopy(config)
+    cfg = RecipeConfig()
+    data, model = out.get("data"), out.get("model")
+    if isinstance(data, dict) and isinstance(data.get("dataset"), str):
+        cfg.data.dataset = data["dataset"]
+    if isinstance(model, dict) and isinstance(model.get("path"), str):
+        cfg.model.path = model["path"]
+    rewards = out.get("rewards")
+    cfg.rewards = list(rewards) if isinstance(rewards, list) else []
+    resolve_yaml_paths(cfg, folder)
+    if isinstance(data, dict) and isinstance(data.get("dataset"), str):
+        data["dataset"] = cfg.data.dataset
+    if isinstance(model, dict) and isinstance(model.get("path"), str):
+        model["path"] = cfg.model.path
+    if isinstance(rewards, list):
+        out["rewards"] = cfg.rewards
+    return out
+
+
 def load_config(path: str | Path | None, overrides: list[str] = (), *, device: str | None = None) -> RecipeConfig:
     """Defaults, then the YAML file (if any), then ``key=value`` overrides, in that order; then every check,
     the combinations of engine modes this ``device`` (``"cuda"`` / ``"cpu"``; default: this machine's) cannot
     run included (:mod:`rollout_sleep.run.modes`). Relative input paths in the YAML are read from the YAML's
-    folder (:func:`resolve_yaml_paths`); those given as overrides, from the working directory. Raises
+    folder (:func:`resolve_yaml_paths`); those given as overrides, from the working directory; both are kept as
+    absolute paths (what a resume compares). Raises
     :class:`ConfigError` listing every problem found."""
     cfg = RecipeConfig()
     problems: list[str] = []
@@ -409,6 +441,10 @@ def load_config(path: str | Path | None, overrides: list[str] = (), *, device: s
         validate_rewards(cfg.rewards, weights=cfg.reward_weights)
     if problems:
         raise ConfigError([_say_where(p, moved, Path(path)) for p in problems] if moved else problems)
+    # command-line paths (and YAML ones not found beside it) are read from the working directory (as checked
+    # above, and named as written): recorded absolute, so that a resume from another working directory compares
+    # the files, not the words
+    resolve_yaml_paths(cfg, Path.cwd())
     return cfg
 
 
