@@ -124,6 +124,34 @@ def test_prompt_forms_a_string_is_one_prompt(case, ckpts):
     assert e.generate([], max_tokens=2) == []
 
 
+def test_prompt_forms_vllm_prompt_dicts_arrays_and_what_would_be_read_wrong(case, ckpts):
+    """A vLLM prompt dict was iterated as a list of prompts: ``{"prompt_token_ids": ids}`` generated for the text
+    'prompt_token_ids'; bytes passed for token ids (their ASCII codes). Now a prompt dict is its prompt, arrays of
+    ids are token ids, and bytes, sets and other dicts are refused before anything is sent."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    e = case.engine
+    ids = AutoTokenizer.from_pretrained(ckpts[case.a])("1+1=").input_ids
+
+    def run(prompts):
+        return [(c.prompt_index, c.prompt_token_ids, c.token_ids)
+                for c in e.generate(prompts, max_tokens=3, min_tokens=3, temperature=0.0)]
+
+    want = run(ids)
+    assert [p for _, p, _ in want] == [ids]
+    for same in ({"prompt_token_ids": ids}, {"prompt": "1+1="}, np.array(ids), torch.tensor(ids),
+                 [{"prompt_token_ids": ids}], [{"prompt": "1+1="}], (ids,)):
+        assert run(same) == want, same
+    assert run(np.array([ids, ids])) == [want[0], (1, *want[0][1:])]
+    for wrong, match in [(b"1+1=", "bytes: its items are ints"), ([b"1+1="], "prompt 0 is bytes"),
+                         ({"1+1=", "2+2="}, "has no order"), ({"prompt": "1+1=", "multi_modal_data": {}}, "alone"),
+                         (torch.tensor([1.0, 2.0]), "list of token ids")]:
+        with pytest.raises(TypeError, match=match):
+            e.generate(wrong, max_tokens=2)
+    assert e.state == "awake" and run(ids) == want
+
+
 # ------------------------------------------------------------------------------------ state transitions
 def test_level2_cycle_takes_new_weights_and_refuses_what_vllm_would_get_wrong(case, reference):
     e = case.engine
@@ -332,12 +360,16 @@ def test_a_load_waits_for_a_running_generate_and_a_generate_for_a_running_load(c
 @pytest.mark.parametrize("prompts, want", [
     ("1+1=", ["1+1="]), (["a", "b"], ["a", "b"]), ([1, 2, 3], [[1, 2, 3]]), ([[1], [2, 3]], [[1], [2, 3]]),
     ((x for x in ["a"]), ["a"]), ([], []), (torch.tensor([4, 5]), [[4, 5]]), (["a", [7]], ["a", [7]]),
+    ({"prompt_token_ids": [4, 5]}, [[4, 5]]), ({"prompt": "a"}, ["a"]), ([{"prompt": "a"}, [7]], ["a", [7]]),
+    (torch.tensor([[1, 2], [3, 4]]), [[1, 2], [3, 4]]), ([range(2)], [[0, 1]]),
 ])
 def test_as_prompts(prompts, want):
     assert as_prompts(prompts) == want
 
 
-@pytest.mark.parametrize("prompts", [5, [1.5], [["a"]], [None]])
+@pytest.mark.parametrize("prompts", [5, [1.5], [["a"]], [None], b"12", bytearray(b"1"), ["a", b"1"], {"a", "b"},
+                                     {"prompt_token_ids": [1], "cache_salt": "x"}, {"a": 1}, [{"prompt": 3}],
+                                     torch.tensor([1.5]), [True, False], torch.tensor(3)])
 def test_as_prompts_refuses_what_is_not_a_prompt(prompts):
     with pytest.raises(TypeError, match="prompt"):
         as_prompts(prompts)
