@@ -152,6 +152,22 @@ def test_prompt_forms_vllm_prompt_dicts_arrays_and_what_would_be_read_wrong(case
     assert e.state == "awake" and run(ids) == want
 
 
+def test_prompt_forms_a_list_mixing_text_and_token_ids(case, ckpts):
+    """The contract's "a list of those": ``Engine`` took a list mixing strings and token-id lists, ``RemoteEngine``
+    refused it with a ``TypeError``. Both now give each prompt's completions, in prompt order."""
+    from transformers import AutoTokenizer
+
+    e = case.engine
+    tok = AutoTokenizer.from_pretrained(ckpts[case.a])
+    texts = ["1+1=", "2+2=", "3+3="]
+    mixed = [texts[0], tok(texts[1]).input_ids, texts[2], P[0]]
+    alone = [e.generate(p, max_tokens=3, min_tokens=3, temperature=0.0)[0] for p in mixed]
+    got = e.generate(mixed, max_tokens=3, min_tokens=3, temperature=0.0)
+    assert [(c.prompt_index, c.prompt_token_ids, c.token_ids) for c in got] == \
+        [(i, c.prompt_token_ids, c.token_ids) for i, c in enumerate(alone)]
+    assert [c.prompt_index for c in e.generate(mixed, n=2, max_tokens=2, temperature=1.0)] == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
 # ------------------------------------------------------------------------------------ state transitions
 def test_level2_cycle_takes_new_weights_and_refuses_what_vllm_would_get_wrong(case, reference):
     e = case.engine

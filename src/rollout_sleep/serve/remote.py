@@ -95,22 +95,22 @@ class RemoteEngine(SleepState):
             body["seed"] = seed
         if not prompts:
             return []
-        texts = [p for p in prompts if isinstance(p, str)]
-        if texts and len(texts) != len(prompts):
-            raise TypeError("prompts must be all strings or all token-id lists (one batched request)")
-        batch = texts or prompts
-        # one request for the whole batch, so the server batches it; choice k belongs to prompt k // n
-        try:
-            resp = self.client.completions(batch, model=self.model_id, **body)
-        except ServerUnreachableError as err:  # e.g. put to sleep by someone else while we waited
-            self._require_server_awake("generate", cause=err)
-            raise
+        # One request per kind (the completions API takes a list of strings or a list of token-id lists, not a
+        # mix), so the server batches each; choice k of a request belongs to its prompt k // n.
+        kinds = [[i for i, p in enumerate(prompts) if isinstance(p, str)],
+                 [i for i, p in enumerate(prompts) if not isinstance(p, str)]]
         out = []
-        for c in sorted(resp["choices"], key=lambda c: c["index"]):
-            lps = (c.get("logprobs") or {}).get("token_logprobs")
-            out.append(Completion(c["index"] // n, list(c.get("prompt_token_ids") or []),
-                                  list(c.get("token_ids") or []), lps, c["text"], c.get("finish_reason")))
-        return out
+        for where in filter(None, kinds):
+            try:
+                resp = self.client.completions([prompts[i] for i in where], model=self.model_id, **body)
+            except ServerUnreachableError as err:  # e.g. put to sleep by someone else while we waited
+                self._require_server_awake("generate", cause=err)
+                raise
+            for c in sorted(resp["choices"], key=lambda c: c["index"]):
+                lps = (c.get("logprobs") or {}).get("token_logprobs")
+                out.append(Completion(where[c["index"] // n], list(c.get("prompt_token_ids") or []),
+                                      list(c.get("token_ids") or []), lps, c["text"], c.get("finish_reason")))
+        return sorted(out, key=lambda c: c.prompt_index)  # stable: a prompt's n completions keep their order
 
     @operation("sleep")
     def sleep(self, level: int = 2) -> CycleReport:
