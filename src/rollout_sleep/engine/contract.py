@@ -67,6 +67,9 @@ class RolloutEngine(Protocol):
 
     model_path: str
     levels: tuple[int, ...]
+    # vLLM runs in this process: weights go in as tensors and verify_weights reads them back. False (a server):
+    # weights travel as a checkpoint directory it reads, and cannot be read back.
+    in_process: bool
 
     @property
     def dtype(self) -> torch.dtype: ...

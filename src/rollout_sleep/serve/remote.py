@@ -46,6 +46,7 @@ class RemoteEngine(SleepState):
     subject = "server"
     asleep_risk = "a request would hang until it wakes"
     levels = LEVELS
+    in_process = False  # weights travel as a checkpoint directory; they cannot be read back
     memory_before_gib = None
     memory_loaded_gib = None
 
