@@ -24,10 +24,11 @@ implementation against real vLLM.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import operator
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
 
 from .state import EngineStateError
@@ -187,6 +188,17 @@ def engine_lock(engine: Any) -> threading.RLock:
     return engine.__dict__.setdefault("_operation_lock", threading.RLock())
 
 
+@contextlib.contextmanager
+def engine_operation(engine: Any, what: str) -> Iterator[None]:
+    """One operation on ``engine``: under its lock (one at a time, whatever the thread), refused with
+    :class:`EngineClosedError` once it is closed. For what works on an engine's vLLM from outside its class (an
+    adapter copied into its LoRA slots) as much as for its own methods (:func:`operation`)."""
+    with engine_lock(engine):
+        if engine.closed:
+            raise EngineClosedError(f"cannot {what}: this {type(engine).__name__} is closed; build a new one")
+        yield
+
+
 def operation(what: str) -> Callable:
     """Decorate an engine method: it runs under the engine's lock (one operation at a time, whatever the
     thread) and a closed engine refuses it with :class:`EngineClosedError`."""
@@ -194,9 +206,7 @@ def operation(what: str) -> Callable:
     def wrap(fn: Callable) -> Callable:
         @functools.wraps(fn)
         def run(self, *args: Any, **kwargs: Any) -> Any:
-            with engine_lock(self):
-                if self.closed:
-                    raise EngineClosedError(f"cannot {what}: this {type(self).__name__} is closed; build a new one")
+            with engine_operation(self, what):
                 return fn(self, *args, **kwargs)
 
         return run
