@@ -228,6 +228,33 @@ def test_loads_and_resets_leave_no_stale_prefix(case, reference):
     assert greedy(e, LONG) == reference(case.a, LONG)
 
 
+def test_a_load_interrupted_by_ctrl_c_refuses_requests_until_a_complete_load(case, reference, monkeypatch):
+    """A Ctrl-C inside a load may leave a mix of old and new weights (a half-reloaded server dies at its next
+    request). ``Engine`` refused to generate then; ``RemoteEngine`` went on generating from whatever the server
+    held. Both now raise ``IncompleteWeightsError`` until a complete load, awake or waking from level 2."""
+    from rollout_sleep.engine.state import IncompleteWeightsError
+
+    e = case.engine
+    target = (e.client, "reload_weights") if case.kind == "remote" else (e.llm, "collective_rpc")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    for interrupt in (lambda: e.load_weights(case.path[case.b]),
+                      lambda: (e.sleep(level=2), e.wake_up(weights=case.path[case.b]))):
+        monkeypatch.setattr(*target, interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            interrupt()
+        monkeypatch.undo()
+        assert e.state == "awake"
+        for call in (lambda: e.generate(P, max_tokens=2), e.reset_prefix_cache):
+            with pytest.raises(IncompleteWeightsError, match="cannot .*: the last .*(load|reload).* complete"):
+                call()
+        e.load_weights(case.path[case.b])
+        assert greedy(e) == reference(case.b)
+        e.load_weights(case.path[case.a])
+
+
 # ---------------------------------------------------------------------------- in-memory weights, verify
 def test_in_memory_weights_and_verify_or_their_named_refusal(case, reference, ckpts):
     e = case.engine

@@ -21,7 +21,7 @@ from typing import Any, Iterable
 from rollout_sleep.engine.completion import Completion
 from rollout_sleep.engine.contract import UnsupportedOperation, as_prompts, closing, operation
 from rollout_sleep.engine.phases import CycleReport, timed
-from rollout_sleep.engine.state import LEVELS, EngineStateError, SleepState, load_then_finish
+from rollout_sleep.engine.state import LEVELS, EngineStateError, IncompleteWeightsError, SleepState, load_then_finish
 from rollout_sleep.weights.spec import check_checkpoint_dir, read_checkpoint_spec
 
 from .server import ServerClient, ServerError, ServerUnreachableError
@@ -47,6 +47,7 @@ class RemoteEngine(SleepState):
     asleep_risk = "a request would hang until it wakes"
     levels = LEVELS
     in_process = False  # weights travel as a checkpoint directory; they cannot be read back
+    _incomplete: str | None = None  # why the last reload did not complete (requests refused until one does)
     memory_before_gib = None
     memory_loaded_gib = None
 
@@ -140,7 +141,7 @@ class RemoteEngine(SleepState):
             self.client.wake_up(["weights"])
         def load():
             with timed(report, "load", sync=False):
-                self.client.reload_weights(str(path))
+                self._reload(path)
 
         def finish():
             with timed(report, "wake_kv_cache", sync=False):
@@ -161,7 +162,7 @@ class RemoteEngine(SleepState):
         self._validate(weights)
         report = CycleReport("load", memory_kind="none")
         with timed(report, "load", sync=False):
-            self.client.reload_weights(str(weights))
+            self._reload(weights)
         with timed(report, "reset", sync=False):
             self._reset()
         return report
@@ -195,6 +196,26 @@ class RemoteEngine(SleepState):
         if not strict:
             raise UnsupportedOperation(self, f"{method_name}(strict=False)", "a server reloads whole checkpoints",
                                        "a checkpoint directory with every tensor (strict=True)")
+
+    def require_awake(self, what: str) -> None:
+        """Refuse ``what`` unless awake with a completed reload (see :meth:`SleepState.require_awake`)."""
+        super().require_awake(what)
+        if self._incomplete is not None:
+            raise IncompleteWeightsError(
+                f"cannot {what}: the last reload did not complete ({self._incomplete}), so the server may hold a mix "
+                "of old and new weights (and a half-reloaded vLLM dies at its next request); call "
+                "load_weights(<checkpoint directory>) with a complete checkpoint first")
+
+    def _reload(self, path: str | os.PathLike) -> None:
+        """vLLM's reload from ``path`` (validated). Until one completes, requests are refused: a reload that failed
+        or was interrupted (Ctrl-C, a timeout) may have left the server's weights half-replaced."""
+        self._incomplete = f"the reload from {path} was interrupted"
+        try:
+            self.client.reload_weights(str(path))
+        except BaseException as err:  # noqa: BLE001  (Ctrl-C included: re-raised as it is)
+            self._incomplete = f"the reload from {path} failed: {type(err).__name__}: {str(err)[:200]}".rstrip(": ")
+            raise
+        self._incomplete = None
 
     def _reset(self) -> None:
         if not self.client.reset_prefix_cache():
