@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import DTYPE, PROMPTS, hf_greedy, hf_model
+from helpers import DTYPE, PROMPTS, hf_greedy, hf_model, hf_scores
 from rollout_sleep.engine.contract import EngineClosedError, RolloutEngine, UnsupportedOperation, as_prompts
 from rollout_sleep.engine.engine import Engine
 from rollout_sleep.engine.state import EngineStateError
@@ -25,7 +25,7 @@ IMPLEMENTATIONS = ("engine", "remote")
 N = 6  # greedy tokens compared with transformers' (fp32: the first 8 are identical, see helpers.assert_follows)
 P = PROMPTS[:3]
 LONG = [[(11 * j) % 240 + 3 for j in range(300)]]  # full KV blocks (128 tokens each on CPU): the prefix cache keeps them
-CONTRACT = ("generate", "sleep", "wake_up", "load_weights", "reset_prefix_cache", "verify_weights", "close")
+CONTRACT = ("generate", "score", "sleep", "wake_up", "load_weights", "reset_prefix_cache", "verify_weights", "close")
 
 
 @pytest.fixture(scope="module")
@@ -255,6 +255,20 @@ def test_a_load_interrupted_by_ctrl_c_refuses_requests_until_a_complete_load(cas
         e.load_weights(case.path[case.a])
 
 
+def test_score_is_teacher_forced_on_both(case, ckpts):
+    """``score`` (the teacher-forced comparison verify's refusal points a server's user to) was ``Engine``'s alone:
+    ``RemoteEngine.score`` raised ``AttributeError``. Both now give transformers' log-probs of every token."""
+    seqs = [P[0] + [9, 8, 7], P[1]]
+    got, want = case.engine.score(seqs), hf_scores(hf_model(ckpts[case.a]), seqs)
+    assert [len(g) for g in got] == [len(s) - 1 for s in seqs]
+    assert max(abs(a - b) for g, w in zip(got, want) for a, b in zip(g, w)) < 1e-3
+    assert case.engine.score([]) == []
+    case.engine.sleep(level=1)
+    with pytest.raises(EngineStateError, match="cannot score: the .* is asleep"):
+        case.engine.score(seqs)
+    case.engine.wake_up()
+
+
 # ---------------------------------------------------------------------------- in-memory weights, verify
 def test_in_memory_weights_and_verify_or_their_named_refusal(case, reference, ckpts):
     e = case.engine
@@ -291,7 +305,9 @@ def test_what_an_implementation_cannot_do_is_refused_by_name(case):
     refusals = {"remote": [(lambda: e.generate(P, SamplingParams(max_tokens=2)), r"generate\(sampling=...\)"),
                            (lambda: e.load_weights(case.path[case.b], method="direct"), r"load_weights\(method="),
                            (lambda: e.load_weights(case.path[case.b], strict=False), r"load_weights\(strict=False\)"),
-                           (lambda: e.load_weights({"w": torch.zeros(1)}), r"load_weights\(weights=<dict>\)")]}
+                           (lambda: e.load_weights({"w": torch.zeros(1)}), r"load_weights\(weights=<dict>\)"),
+                           (lambda: e.run_on_model(lambda m: 0), r"run_on_model"),
+                           (lambda: e.push(case.path[case.b]), r"push")]}
     for call, match in refusals.get(case.kind, []):
         with pytest.raises(UnsupportedOperation, match=rf"{type(e).__name__}\.{match}.*Instead: ") as err:
             call()
@@ -307,7 +323,7 @@ def test_a_closed_engine_refuses_every_call_and_says_closed(case, reference):
     assert (closed.state, closed.closed, closed.is_asleep) == ("closed", True, False)
     for call in (lambda: closed.generate(P, max_tokens=2), lambda: closed.sleep(level=2), lambda: closed.wake_up(),
                  lambda: closed.load_weights(case.path[case.a]), lambda: closed.reset_prefix_cache(),
-                 lambda: closed.verify_weights([])):
+                 lambda: closed.verify_weights([]), lambda: closed.score([P[0]])):
         with pytest.raises(EngineClosedError, match=rf"cannot .*: this {type(closed).__name__} is closed"):
             call()
     closed.close()  # twice: nothing to do

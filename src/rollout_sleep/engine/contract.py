@@ -93,6 +93,10 @@ class RolloutEngine(Protocol):
         """Completions, ``n`` per prompt, in prompt order. ``prompts``: a string (one prompt), a list of token
         ids (one tokenized prompt), or a list of those."""
 
+    def score(self, sequences: Any) -> list[list[float]]:
+        """Each token's log-prob given its prefix (teacher-forced; the first token has none): compares two engines'
+        weights without the sampling noise of greedy decoding."""
+
     def sleep(self, level: int = 2) -> CycleReport:
         """Level 2 discards weights and KV cache; level 1 offloads the weights."""
 

@@ -114,6 +114,35 @@ class RemoteEngine(SleepState):
                                       list(c.get("token_ids") or []), lps, c["text"], c.get("finish_reason")))
         return sorted(out, key=lambda c: c.prompt_index)  # stable: a prompt's n completions keep their order
 
+    @operation("score")
+    def score(self, sequences: Iterable[list[int]]) -> list[list[float]]:
+        """Log-prob of every token of each sequence given its prefix (the first token has none), teacher-forced, as
+        :meth:`Engine.score <rollout_sleep.engine.engine.Engine.score>`: the server's ``prompt_logprobs``."""
+        seqs = [[int(t) for t in s] for s in sequences]
+        self.require_awake("score")
+        self._require_server_awake("score")
+        if not seqs:
+            return []
+        resp = self.client.completions(seqs, model=self.model_id, max_tokens=1, temperature=0.0, prompt_logprobs=0,
+                                       return_token_ids=True)
+        out = []
+        for c, seq in zip(sorted(resp["choices"], key=lambda c: c["index"]), seqs):
+            steps = c.get("prompt_logprobs") or []
+            out.append([step[str(tok)]["logprob"] for step, tok in zip(steps[1:], seq[1:])])
+        return out
+
+    @operation("run a function on the model")
+    def run_on_model(self, fn: Any) -> Any:
+        """Refused: the model lives in the server's process."""
+        raise UnsupportedOperation(self, "run_on_model", "the model lives in the server's process",
+                                   "an in-process Engine loaded from the same checkpoint")
+
+    @operation("push weights")
+    def push(self, weights: Any, **kwargs: Any) -> CycleReport:
+        """Refused: a push takes in-memory weights into vLLM's own sleep/wake (an in-process integration)."""
+        raise UnsupportedOperation(self, "push", "a push hands in-memory weights to a vLLM this process drives",
+                                   "load_weights(<checkpoint directory>) (or wake_up(weights=...))")
+
     @operation("sleep")
     def sleep(self, level: int = 2) -> CycleReport:
         level = self.check_sleep(level)
@@ -177,7 +206,7 @@ class RemoteEngine(SleepState):
         """Refused: the bitwise proof reads every weight where the engine holds it."""
         raise UnsupportedOperation(self, "verify_weights", "a server's weights cannot be read back over HTTP",
                                    "verify an in-process Engine loaded from the same checkpoint, or compare the "
-                                   "server's greedy completions with the trainer's")
+                                   "server's score(...) (teacher-forced log-probs) with the trainer's")
 
     @closing
     def close(self) -> None:
