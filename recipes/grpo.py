@@ -81,7 +81,7 @@ from rollout_sleep.engine.completion import temperature_problem  # noqa: E402
 from rollout_sleep.engine.memory import PhasePeaks, kv_cache_bytes_for  # noqa: E402
 from rollout_sleep.engine.phases import plot_timeline  # noqa: E402
 from rollout_sleep.grpo.data import (check_prompts, check_rows, completions_for_rewards,  # noqa: E402
-                                     is_conversational, load_prompts, model_context, prepare_prompts,
+                                     engine_context, is_conversational, load_prompts, prepare_prompts,
                                      prompt_token_ids, step_rows)
 from rollout_sleep.grpo.errors import RewardError  # noqa: E402
 from rollout_sleep.grpo.loss import GRPOLoss  # noqa: E402
@@ -120,6 +120,9 @@ class GRPORecipe:
         output_dir.check_output_dir(self.out, cfg.to_dict(), cfg.resume, cfg.overwrite)
         if cfg.resume:
             output_dir.check_steps_left(self.out, cfg.train.steps)  # a finished run: said before vLLM starts
+        # what the resume compares its settings with, read before this run rewrites run_config.json (an older
+        # checkpoint has none beside it)
+        self.trained_settings = output_dir.trained_settings(self.out) if cfg.resume else None
         w = cfg.watchdog
         pg = [InitProcessGroupKwargs(timeout=timedelta(seconds=w.collective_s + 60))] \
             if w.enabled and w.collective_s > 0 else []  # torch.distributed's own timeout: a backstop to ours
@@ -203,6 +206,7 @@ class GRPORecipe:
         """The main process locks ``output_dir`` (one run at a time in it), clears an earlier run when asked, opens
         the run's log and writes the run's config; every rank waits for it, then opens its own log."""
         cfg = self.cfg
+        output_dir.check_dataset_rows(self.out, len(self.data), cfg.data.dataset, cfg.resume and not cfg.overwrite)
         if self.main:
             with output_dir.writing(self.out, "write into output_dir"):
                 self.lock = output_dir.lock(self.out)  # held until the process ends: one run at a time in output_dir
@@ -215,7 +219,7 @@ class GRPORecipe:
                                    "again")
                 self.out.mkdir(parents=True, exist_ok=True)
                 log.add_file(output_dir.log_file(self.out, 0))  # the run's log, and an error's traceback
-                output_dir.write_run_config(self.out, cfg.to_dict())
+                output_dir.write_run_config(self.out, cfg.to_dict(), dataset_rows=len(self.data))
             if cfg.save_every or cfg.save_final:  # a checkpoints folder it cannot write: said now, not at a save
                 output_dir.check_writable(self.out / "checkpoints")
         with self._collective("the start of the run"):
@@ -231,14 +235,14 @@ class GRPORecipe:
         try:
             self.data = prepare_prompts(self.data, self.prompt_tokenizer, chat_template=cfg.data.chat_template,
                                         system_prompt=cfg.data.system_prompt)
-            context, context_from = cfg.engine.max_model_len, "engine.max_model_len"
-            if context is None and (known := model_context(self.model_path)):  # vLLM's own choice, as it will make it
-                context, key = known
-                context_from = f"the model's {key}"  # in its config.json
+            context, context_from = engine_context(self.model_path, cfg.engine.max_model_len)  # as vLLM will take it
             check_prompts(self.data, self.prompt_tokenizer, context, cfg.train.max_tokens, context_from)
-        except ValueError as err:
+            self.conversational = is_conversational(self.data)
+            for r in self.rewards:  # a reward model reads the prompts in their format
+                if hasattr(r.fn, "check_prompts"):
+                    r.fn.check_prompts(self.conversational)
+        except (RewardError, ValueError) as err:
             raise ConfigError(str(err)) from err
-        self.conversational = is_conversational(self.data)
 
     def _start_engine(self, kv_bytes: int | None) -> None:
         """The vLLM engine, built from the config in one place (:mod:`rollout_sleep.run.factory`; its modes were
@@ -347,13 +351,18 @@ class GRPORecipe:
         if cfg.path not in SHAPES:
             return cfg.path
         path = self.out / "model"
-        if self.main and not (path / "config.json").exists():
+        if self.main:
             if self._shares_base():  # random weights drawn by vLLM (load_format="dummy"), viewed by the trainer:
-                make_config_dir(path, cfg.path, dtype=cfg.dtype,  # a 32B shape needs no 64 GB on disk
-                                tie_word_embeddings=cfg.tie_word_embeddings)
+                def build(folder):  # a 32B shape needs no 64 GB on disk
+                    make_config_dir(folder, cfg.path, dtype=cfg.dtype, tie_word_embeddings=cfg.tie_word_embeddings)
             else:
-                make_checkpoint(path, cfg.path, seed=cfg.seed, dtype=cfg.dtype,
-                                tie_word_embeddings=cfg.tie_word_embeddings)
+                def build(folder):
+                    make_checkpoint(folder, cfg.path, seed=cfg.seed, dtype=cfg.dtype,
+                                    tie_word_embeddings=cfg.tie_word_embeddings)
+            # whole or not at all: a build killed or out of space is never taken for the model at the next start
+            redone = output_dir.build_model(path, build, f"the random-weight model of model.path={cfg.path}")
+            if redone:
+                self.acc.print(f"rebuilt {path}: the earlier build was incomplete ({redone})")
         with self._collective("the built model"):
             self.acc.wait_for_everyone()
         return str(path)
@@ -392,9 +401,9 @@ class GRPORecipe:
         self.acc.print(plan.table())
         if self.main:  # a resumed run keeps the comparison its first steps measured
             path = self.out / "memory_plan.json"
-            earlier = json.loads(path.read_text()) if path.exists() else {}
-            with output_dir.writing(path, "write the memory plan to"):
-                path.write_text(json.dumps({**earlier, "plan": plan.as_dict()}, indent=2))
+            earlier = output_dir.read_json(path, "the memory plan")
+            with output_dir.writing(path, "write the memory plan to"):  # whole or not at all: read at every start
+                output_dir.write_atomic(path, json.dumps({**earlier, "plan": plan.as_dict()}, indent=2))
         memory_check.enforce(plan, self.cfg.train.memory_plan, self.acc.print)
         return plan
 
@@ -445,7 +454,8 @@ class GRPORecipe:
         else:
             self.engine.load_weights(self.manager.stream)  # the engine must hold the restored weights
         self.acc.print(f"resumed from {path} (step {self.step})")
-        self._say_applied(state.get("config"), restored)
+        self._say_applied(state.get("config") if isinstance(state.get("config"), dict) else self.trained_settings,
+                          restored)
         return state.get("wandb_id")
 
     def _say_applied(self, trained: dict | None, restored: list[tuple[str, float, float]]) -> None:
@@ -494,7 +504,14 @@ class GRPORecipe:
             with self._stop_on_non_finite(), self.manager.training(), self._peak("training"):
                 # rewards while the engine sleeps: a reward model's forward then uses memory vLLM released
                 rewards, table, reward_s = self._score(examples, comps)
-                self._check_rewards(rewards, table, [rows[c.prompt_index] for c in comps])
+                # the step's completions on every rank decide (TRL's rule, over all processes): each rank stops,
+                # or none does, and a rank whose share no reward scored trains with the others
+                with self._collective(f"the reward gather of step {self.step + 1}"):
+                    all_rewards = self.acc.gather(rewards.to(self.acc.device)).float().cpu()
+                    all_table = self.acc.gather(table.to(self.acc.device)).float().cpu()
+                    all_rows = self.acc.gather(torch.tensor([rows[c.prompt_index] for c in comps],
+                                                            device=self.acc.device)).tolist()
+                self._check_rewards(all_rewards, all_table, all_rows)
                 checking = self.update_check is not None and self.update_check.arm(self.step + 1)
                 stats = self.loss.step(self.model, self.optimizer, prompt_ids, comps, rewards, ref_model=self.ref_model,
                                        backward=self.acc.backward, autocast=self.acc.autocast,
@@ -513,11 +530,8 @@ class GRPORecipe:
             if self.offload is not None:
                 phases.update(self.offload.pop_timings())
             lengths = torch.tensor([len(c.token_ids) for c in comps], dtype=torch.float32)
-            with self._collective(f"the reward gather of step {self.step}"):
-                all_rewards = self.acc.gather(rewards.to(self.acc.device)).float()
-                all_table = self.acc.gather(table.to(self.acc.device)).float().cpu()
             metrics = {"step": self.step, "first_prompt_index": idx[0],
-                       **reward_summary(all_rewards.cpu(), t.generations),  # reward, reward_std: TRL's names
+                       **reward_summary(all_rewards, t.generations),  # reward, reward_std: TRL's names
                        "completion_len_mean": float(lengths.mean()), "rollouts": int(all_rewards.numel()),
                        "unscorable": int(torch.isnan(all_rewards).sum()),
                        **reward_metrics(self.rewards, all_table),
@@ -556,7 +570,7 @@ class GRPORecipe:
                 for k, v in row.items()}
         if self.main:
             with output_dir.writing(self.out / "memory_plan.json", "write the memory plan to"):
-                (self.out / "memory_plan.json").write_text(json.dumps(
+                output_dir.write_atomic(self.out / "memory_plan.json", json.dumps(
                     {"plan": self.plan.as_dict(), "measured_gib": measured, "measured_at_step": self.step,
                      "comparison": comparison}, indent=2))
             self.tracker.log_table("memory_plan_vs_actual", ["phase", "component", "plan_gib", "measured_gib", "diff_gib"],
@@ -617,7 +631,8 @@ class GRPORecipe:
     def _check_rewards(self, rewards: torch.Tensor, table: torch.Tensor, rows: list[int]) -> None:
         """TRL's rule: a reward's ``None`` or NaN means it does not apply to that completion; completions no reward
         scored (NaN total) are named in a warning, once per step, and get no advantage. An infinite reward, or a
-        step where no completion could be scored at all, stops the run before anything is trained."""
+        step where no completion could be scored at all, stops the run before anything is trained. Given the
+        step's completions of every rank (gathered), so that every rank decides alike."""
         step = self.step + 1
         inf = torch.isinf(table)
         if bool(inf.any()):
@@ -630,7 +645,7 @@ class GRPORecipe:
             raise NonFiniteError(f"no completion of step {step} could be scored: every reward in "
                                  f"{[r.name for r in self.rewards]} returned None or NaN for all {rewards.numel()} of "
                                  f"them; nothing was trained at step {step}")
-        report = unscorable_report(table, self.rewards, rows)
+        report = unscorable_report(table, self.rewards, rows) if self.main else None
         if report:
             logging.getLogger("rollout_sleep.grpo.rewards").warning("step %d: %s", step, report)
 
@@ -668,18 +683,21 @@ class GRPORecipe:
 EXPLAINED = (ConfigError, output_dir.RunDirError, NonFiniteError, RewardError)
 
 
-def failure_message(recipe: GRPORecipe | None, err: Exception) -> str:
+def failure_message(recipe: GRPORecipe | None, err: BaseException) -> str:
     """The one paragraph the console gets when ``err`` stops the run: what failed (the step, if one was running),
     where the run can go on from, and where the traceback is (the run's log file; the console only where no log
     file is open yet and the error is not one the recipe explains)."""
-    text = str(err).strip() if isinstance(err, EXPLAINED) else f"{type(err).__name__}: {err}"
+    if isinstance(err, KeyboardInterrupt):  # Ctrl-C (or code that raised it): said, not a raw traceback
+        text = "interrupted (KeyboardInterrupt)"
+    else:
+        text = str(err).strip() if isinstance(err, EXPLAINED) else f"{type(err).__name__}: {err}"
     step = getattr(recipe, "in_step", None)
     if step is not None and not isinstance(err, (NonFiniteError, output_dir.WriteError)):  # those say it themselves
         text = f"step {step}: {text.rstrip('.')}. The run stopped; {recipe._rerun_note()}"
     where = log.log_traceback(err, text)
     if where is not None:
         text += f" The traceback is in {where}."
-    elif not isinstance(err, EXPLAINED):
+    elif not isinstance(err, (*EXPLAINED, KeyboardInterrupt)):
         import traceback
 
         traceback.print_exception(err, file=sys.stderr)  # nowhere else to keep it
@@ -697,10 +715,11 @@ def main() -> None:
     except output_dir.NothingToTrain as done:
         print(done, flush=True)
         os._exit(0)
-    except Exception as err:  # noqa: BLE001 - every error ends in one message (a step's: traceback in the log)
+    except (Exception, KeyboardInterrupt) as err:  # noqa: BLE001 - every error ends in one message (a step's:
+        # traceback in the log); an interrupt too, with where a rerun goes on from (exit code 130, as a shell's)
         print(f"error: {failure_message(recipe, err)}", file=sys.stderr, flush=True)
         sys.stdout.flush()
-        os._exit(2 if isinstance(err, ConfigError) else 1)
+        os._exit(130 if isinstance(err, KeyboardInterrupt) else 2 if isinstance(err, ConfigError) else 1)
     os._exit(0)  # vLLM's in-process teardown is slow and would tear down accelerate's process group
 
 

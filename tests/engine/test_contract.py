@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import DTYPE, PROMPTS, hf_greedy, hf_model
+from helpers import DTYPE, PROMPTS, hf_greedy, hf_model, hf_scores
 from rollout_sleep.engine.contract import EngineClosedError, RolloutEngine, UnsupportedOperation, as_prompts
 from rollout_sleep.engine.engine import Engine
 from rollout_sleep.engine.state import EngineStateError
@@ -25,7 +25,7 @@ IMPLEMENTATIONS = ("engine", "remote")
 N = 6  # greedy tokens compared with transformers' (fp32: the first 8 are identical, see helpers.assert_follows)
 P = PROMPTS[:3]
 LONG = [[(11 * j) % 240 + 3 for j in range(300)]]  # full KV blocks (128 tokens each on CPU): the prefix cache keeps them
-CONTRACT = ("generate", "sleep", "wake_up", "load_weights", "reset_prefix_cache", "verify_weights", "close")
+CONTRACT = ("generate", "score", "sleep", "wake_up", "load_weights", "reset_prefix_cache", "verify_weights", "close")
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +124,50 @@ def test_prompt_forms_a_string_is_one_prompt(case, ckpts):
     assert e.generate([], max_tokens=2) == []
 
 
+def test_prompt_forms_vllm_prompt_dicts_arrays_and_what_would_be_read_wrong(case, ckpts):
+    """A vLLM prompt dict was iterated as a list of prompts: ``{"prompt_token_ids": ids}`` generated for the text
+    'prompt_token_ids'; bytes passed for token ids (their ASCII codes). Now a prompt dict is its prompt, arrays of
+    ids are token ids, and bytes, sets and other dicts are refused before anything is sent."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    e = case.engine
+    ids = AutoTokenizer.from_pretrained(ckpts[case.a])("1+1=").input_ids
+
+    def run(prompts):
+        return [(c.prompt_index, c.prompt_token_ids, c.token_ids)
+                for c in e.generate(prompts, max_tokens=3, min_tokens=3, temperature=0.0)]
+
+    want = run(ids)
+    assert [p for _, p, _ in want] == [ids]
+    for same in ({"prompt_token_ids": ids}, {"prompt": "1+1="}, np.array(ids), torch.tensor(ids),
+                 [{"prompt_token_ids": ids}], [{"prompt": "1+1="}], (ids,)):
+        assert run(same) == want, same
+    assert run(np.array([ids, ids])) == [want[0], (1, *want[0][1:])]
+    for wrong, match in [(b"1+1=", "bytes: its items are ints"), ([b"1+1="], "prompt 0 is bytes"),
+                         ({"1+1=", "2+2="}, "has no order"), ({"prompt": "1+1=", "multi_modal_data": {}}, "alone"),
+                         (torch.tensor([1.0, 2.0]), "list of token ids")]:
+        with pytest.raises(TypeError, match=match):
+            e.generate(wrong, max_tokens=2)
+    assert e.state == "awake" and run(ids) == want
+
+
+def test_prompt_forms_a_list_mixing_text_and_token_ids(case, ckpts):
+    """The contract's "a list of those": ``Engine`` took a list mixing strings and token-id lists, ``RemoteEngine``
+    refused it with a ``TypeError``. Both now give each prompt's completions, in prompt order."""
+    from transformers import AutoTokenizer
+
+    e = case.engine
+    tok = AutoTokenizer.from_pretrained(ckpts[case.a])
+    texts = ["1+1=", "2+2=", "3+3="]
+    mixed = [texts[0], tok(texts[1]).input_ids, texts[2], P[0]]
+    alone = [e.generate(p, max_tokens=3, min_tokens=3, temperature=0.0)[0] for p in mixed]
+    got = e.generate(mixed, max_tokens=3, min_tokens=3, temperature=0.0)
+    assert [(c.prompt_index, c.prompt_token_ids, c.token_ids) for c in got] == \
+        [(i, c.prompt_token_ids, c.token_ids) for i, c in enumerate(alone)]
+    assert [c.prompt_index for c in e.generate(mixed, n=2, max_tokens=2, temperature=1.0)] == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
 # ------------------------------------------------------------------------------------ state transitions
 def test_level2_cycle_takes_new_weights_and_refuses_what_vllm_would_get_wrong(case, reference):
     e = case.engine
@@ -184,6 +228,47 @@ def test_loads_and_resets_leave_no_stale_prefix(case, reference):
     assert greedy(e, LONG) == reference(case.a, LONG)
 
 
+def test_a_load_interrupted_by_ctrl_c_refuses_requests_until_a_complete_load(case, reference, monkeypatch):
+    """A Ctrl-C inside a load may leave a mix of old and new weights (a half-reloaded server dies at its next
+    request). ``Engine`` refused to generate then; ``RemoteEngine`` went on generating from whatever the server
+    held. Both now raise ``IncompleteWeightsError`` until a complete load, awake or waking from level 2."""
+    from rollout_sleep.engine.state import IncompleteWeightsError
+
+    e = case.engine
+    target = (e.client, "reload_weights") if case.kind == "remote" else (e.llm, "collective_rpc")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    for interrupt in (lambda: e.load_weights(case.path[case.b]),
+                      lambda: (e.sleep(level=2), e.wake_up(weights=case.path[case.b]))):
+        monkeypatch.setattr(*target, interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            interrupt()
+        monkeypatch.undo()
+        assert e.state == "awake"
+        for call in (lambda: e.generate(P, max_tokens=2), e.reset_prefix_cache):
+            with pytest.raises(IncompleteWeightsError, match="cannot .*: the last .*(load|reload).* complete"):
+                call()
+        e.load_weights(case.path[case.b])
+        assert greedy(e) == reference(case.b)
+        e.load_weights(case.path[case.a])
+
+
+def test_score_is_teacher_forced_on_both(case, ckpts):
+    """``score`` (the teacher-forced comparison verify's refusal points a server's user to) was ``Engine``'s alone:
+    ``RemoteEngine.score`` raised ``AttributeError``. Both now give transformers' log-probs of every token."""
+    seqs = [P[0] + [9, 8, 7], P[1]]
+    got, want = case.engine.score(seqs), hf_scores(hf_model(ckpts[case.a]), seqs)
+    assert [len(g) for g in got] == [len(s) - 1 for s in seqs]
+    assert max(abs(a - b) for g, w in zip(got, want) for a, b in zip(g, w)) < 1e-3
+    assert case.engine.score([]) == []
+    case.engine.sleep(level=1)
+    with pytest.raises(EngineStateError, match="cannot score: the .* is asleep"):
+        case.engine.score(seqs)
+    case.engine.wake_up()
+
+
 # ---------------------------------------------------------------------------- in-memory weights, verify
 def test_in_memory_weights_and_verify_or_their_named_refusal(case, reference, ckpts):
     e = case.engine
@@ -220,7 +305,9 @@ def test_what_an_implementation_cannot_do_is_refused_by_name(case):
     refusals = {"remote": [(lambda: e.generate(P, SamplingParams(max_tokens=2)), r"generate\(sampling=...\)"),
                            (lambda: e.load_weights(case.path[case.b], method="direct"), r"load_weights\(method="),
                            (lambda: e.load_weights(case.path[case.b], strict=False), r"load_weights\(strict=False\)"),
-                           (lambda: e.load_weights({"w": torch.zeros(1)}), r"load_weights\(weights=<dict>\)")]}
+                           (lambda: e.load_weights({"w": torch.zeros(1)}), r"load_weights\(weights=<dict>\)"),
+                           (lambda: e.run_on_model(lambda m: 0), r"run_on_model"),
+                           (lambda: e.push(case.path[case.b]), r"push")]}
     for call, match in refusals.get(case.kind, []):
         with pytest.raises(UnsupportedOperation, match=rf"{type(e).__name__}\.{match}.*Instead: ") as err:
             call()
@@ -236,7 +323,7 @@ def test_a_closed_engine_refuses_every_call_and_says_closed(case, reference):
     assert (closed.state, closed.closed, closed.is_asleep) == ("closed", True, False)
     for call in (lambda: closed.generate(P, max_tokens=2), lambda: closed.sleep(level=2), lambda: closed.wake_up(),
                  lambda: closed.load_weights(case.path[case.a]), lambda: closed.reset_prefix_cache(),
-                 lambda: closed.verify_weights([])):
+                 lambda: closed.verify_weights([]), lambda: closed.score([P[0]])):
         with pytest.raises(EngineClosedError, match=rf"cannot .*: this {type(closed).__name__} is closed"):
             call()
     closed.close()  # twice: nothing to do
@@ -332,12 +419,16 @@ def test_a_load_waits_for_a_running_generate_and_a_generate_for_a_running_load(c
 @pytest.mark.parametrize("prompts, want", [
     ("1+1=", ["1+1="]), (["a", "b"], ["a", "b"]), ([1, 2, 3], [[1, 2, 3]]), ([[1], [2, 3]], [[1], [2, 3]]),
     ((x for x in ["a"]), ["a"]), ([], []), (torch.tensor([4, 5]), [[4, 5]]), (["a", [7]], ["a", [7]]),
+    ({"prompt_token_ids": [4, 5]}, [[4, 5]]), ({"prompt": "a"}, ["a"]), ([{"prompt": "a"}, [7]], ["a", [7]]),
+    (torch.tensor([[1, 2], [3, 4]]), [[1, 2], [3, 4]]), ([range(2)], [[0, 1]]),
 ])
 def test_as_prompts(prompts, want):
     assert as_prompts(prompts) == want
 
 
-@pytest.mark.parametrize("prompts", [5, [1.5], [["a"]], [None]])
+@pytest.mark.parametrize("prompts", [5, [1.5], [["a"]], [None], b"12", bytearray(b"1"), ["a", b"1"], {"a", "b"},
+                                     {"prompt_token_ids": [1], "cache_salt": "x"}, {"a": 1}, [{"prompt": 3}],
+                                     torch.tensor([1.5]), [True, False], torch.tensor(3)])
 def test_as_prompts_refuses_what_is_not_a_prompt(prompts):
     with pytest.raises(TypeError, match="prompt"):
         as_prompts(prompts)

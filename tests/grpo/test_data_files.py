@@ -34,6 +34,11 @@ CASES = {
                                                                     "line 2, column 19"),
     "ragged.csv": (b"prompt,answer\n1+1=,2\n2+2=,4,5\n", "line 3 has 3 fields, the header has 2 (prompt, answer)"),
     "junk.parquet": (b"not parquet at all", "cannot be read: ArrowInvalid: Parquet magic bytes not found"),
+    # a row short of fields: pandas fills the rest with null (or shifts the values left) without a word
+    "short.csv": (b"prompt,answer,level\n1+1=,2,easy\n2+2=,easy\n3+3=,6,hard\n",
+                  "line 3 has 2 fields, the header has 3 (prompt, answer, level)"),
+    # a quoted field over two lines: the row after it starts on line 4 of the file, not 3
+    "multiline.csv": (b'prompt,answer\n"two\nlines",2\n2+2=,4,5\n', "line 4 has 3 fields, the header has 2"),
 }
 
 
@@ -99,3 +104,94 @@ def test_a_prompt_longer_than_the_models_context_is_refused_before_vllm(tmp_path
     assert "1 prompt(s) have >= the model's max_position_embeddings (1024) tokens, leaving no room for a completion, " \
            "e.g. row 7: " in out, out[-3000:]
     assert ENGINE_START not in out, out[-3000:]
+
+
+ROPE = {  # rope parameters a config.json may hold, as transformers 5 writes them or as older configs do
+    "linear": {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}},
+    "dynamic": {"rope_parameters": {"rope_type": "dynamic", "factor": 3.0, "rope_theta": 1e6}},
+    "yarn": {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256,
+                                 "rope_theta": 1e6}},
+    "llama3": {"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 128,
+                                   "rope_theta": 1e6}},
+    "legacy_linear": {"rope_scaling": {"type": "linear", "factor": 2.0}},
+}
+
+
+@pytest.fixture(scope="module")
+def rope_models(tmp_path_factory):
+    import shutil
+
+    from rollout_sleep.weights.checkpoints import make_checkpoint
+
+    root = tmp_path_factory.mktemp("rope")
+    base = make_checkpoint(root / "base", "tiny", dtype="float32")
+    out = {}
+    for name, keys in ROPE.items():
+        path = shutil.copytree(base, root / name)
+        config = json.loads((path / "config.json").read_text())
+        config.update(keys)
+        (path / "config.json").write_text(json.dumps(config))
+        out[name] = str(path)
+    return out
+
+
+@pytest.mark.parametrize("name", ROPE)
+def test_the_context_of_a_rope_scaled_model_is_the_one_vllm_derives(rope_models, name):
+    """The old code gave up on any RoPE scaling (no check at all: every Llama 3.1/3.2 checkpoint has one), so a
+    prompt too long for the context reached vLLM, which refused it at the first step. vLLM multiplies
+    max_position_embeddings by the factor for linear/dynamic scaling, not for YaRN or Llama 3's, whose
+    max_position_embeddings is already the scaled length."""
+    from vllm.config import ModelConfig
+
+    length, key = model_context(rope_models[name])
+    assert length == ModelConfig(model=rope_models[name], dtype="float32").max_model_len
+    assert key.startswith("max_position_embeddings")
+
+
+def test_a_prompt_longer_than_a_rope_scaled_context_is_refused_before_vllm(tmp_path, rope_models):
+    path = tmp_path / "long.jsonl"
+    rows = [{"prompt": "1+1="}] * 7 + [{"prompt": "1+1= " * 400}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = subprocess.run([sys.executable, str(RECIPE), "--config", str(CONFIG), f"output_dir={tmp_path / 'run'}",
+                           f"model.path={rope_models['yarn']}", f"data.dataset={path}", "engine.max_model_len=null",
+                           "rewards=[digits_format]", "wandb.mode=disabled"],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-3000:]
+    assert "1 prompt(s) have >= the model's max_position_embeddings (1024) tokens" in out, out[-3000:]
+    assert ENGINE_START not in out, out[-3000:]
+
+
+def test_a_csv_with_quoted_newlines_a_bom_and_blank_lines_loads(tmp_path):
+    path = tmp_path / "ok.csv"
+    path.write_bytes(b'\xef\xbb\xbfprompt,answer,note\n"two\nlines",2,\n\n"a, b",3,"x ""y"""\n')
+    ds = load_prompts(str(path))
+    assert ds["prompt"] == ["two\nlines", "a, b"] and ds["note"] == [None, 'x "y"']
+
+
+def test_a_max_model_len_beyond_the_models_context_is_refused_before_vllm(tmp_path):
+    """engine.max_model_len=2048 for the tiny model (1024 positions): vLLM refuses to start with it, and the old
+    code let it try (a pydantic ValidationError traceback after 'starting the vLLM engine')."""
+    proc = subprocess.run([sys.executable, str(RECIPE), "--config", str(CONFIG), f"output_dir={tmp_path / 'run'}",
+                           "engine.max_model_len=2048", "wandb.mode=disabled"],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-3000:]
+    assert ("engine.max_model_len (2048) exceeds the model's context, its max_position_embeddings (1024): vLLM "
+            "refuses to start with it") in out, out[-3000:]
+    assert ENGINE_START not in out and "Traceback" not in out, out[-3000:]
+
+
+def test_engine_context_is_the_setting_within_the_models(rope_models, monkeypatch):
+    from rollout_sleep.grpo.data import engine_context
+
+    assert engine_context(rope_models["linear"], None) == (2048, "the model's max_position_embeddings × its RoPE "
+                                                                 "scaling factor 2")
+    assert engine_context(rope_models["linear"], 2048) == (2048, "engine.max_model_len")
+    with pytest.raises(ValueError, match=r"engine.max_model_len \(4096\) exceeds the model's context"):
+        engine_context(rope_models["linear"], 4096)
+    monkeypatch.setenv("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")  # vLLM's own way past it: allowed
+    assert engine_context(rope_models["linear"], 4096) == (4096, "engine.max_model_len")

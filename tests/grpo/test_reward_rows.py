@@ -72,3 +72,69 @@ def test_a_reward_that_declares_the_column_optional_may_skip_those_rows(tmp_path
                                            "train.memory_plan=off"])
     with pytest.raises(Reached):
         recipe.GRPORecipe(cfg).setup()
+
+
+READERS = textwrap.dedent("""
+    def from_kwargs(completions, **kwargs):
+        return [float(c.strip() == a) for c, a in zip(completions, kwargs["answer"])]
+
+    def from_kwargs_pop(prompts, completions, **kw):
+        answers = kw.pop("answer")
+        return [float(c.strip() == a) for c, a in zip(completions, answers)]
+
+    def per_example(completion, example):
+        return float(completion.strip() == example["answer"])
+
+    def kwargs_get(completions, **kwargs):
+        answers = kwargs.get("answer") or [None] * len(completions)
+        return [None if a is None else float(c.strip() == a) for c, a in zip(completions, answers)]
+
+    def guarded(completions, **kwargs):
+        if "answer" not in kwargs:
+            return [None] * len(completions)
+        return [None if a is None else float(c.strip() == a) for c, a in zip(completions, kwargs["answer"])]
+
+    def example_get(completion, example):
+        return None if example.get("answer") is None else float(completion.strip() == example["answer"])
+""")
+
+
+@pytest.mark.parametrize("name, fix", [
+    ("from_kwargs", "read it with kwargs.get('answer') and return None for them"),
+    ("from_kwargs_pop", "read it with kw.get('answer') and return None for them"),
+    ("per_example", "Fill in 'answer' in those rows or remove them"),
+])
+def test_a_column_read_through_kwargs_or_the_example_is_checked_too(tmp_path, name, fix):
+    """A reward that takes the column through ``**kwargs`` (``kwargs["answer"]``), or, one completion at a time,
+    through its example (``example["answer"]``), reads it as surely as one that names it: the old check saw no
+    column there, so rows without it were scored without it (0.0 for a correct completion), and a dataset without
+    the column failed at the first step, after vLLM had started."""
+    from rollout_sleep.run.config import validate_rewards
+
+    data, _ = _task(tmp_path)
+    rw = tmp_path / "readers.py"
+    rw.write_text(READERS)
+    recipe = load_recipe()
+    ds = recipe.load_prompts(str(data))
+    (problem,) = validate_rewards([f"{rw}:{name}"], columns=ds.column_names, data=ds, source=str(data))
+    assert problem.startswith(f"reward {name!r} reads column 'answer', which is missing or null in 2 of 8 rows of "
+                              f"data.dataset {str(data)!r}: row(s) 3, 5 (counted from 0)"), problem
+    assert fix in problem, problem
+    (problem,) = validate_rewards([f"{rw}:{name}"], columns=["prompt"], data=ds.remove_columns("answer"))
+    assert problem.startswith(f"reward {name!r} needs dataset column(s) ['answer']"), problem
+    for optional in ("kwargs_get", "guarded", "example_get"):  # read so that a missing value is handled
+        assert validate_rewards([f"{rw}:{optional}"], columns=ds.column_names, data=ds, source=str(data)) == []
+
+
+def test_the_recipe_refuses_a_kwargs_reader_before_vllm(tmp_path):
+    data, _ = _task(tmp_path)
+    rw = tmp_path / "readers.py"
+    rw.write_text(READERS)
+    proc = subprocess.run([sys.executable, str(RECIPE), "--config", str(CONFIG), f"output_dir={tmp_path / 'run'}",
+                           f"data.dataset={data}", f"rewards=[{rw}:from_kwargs]", "wandb.mode=disabled"],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "reward 'from_kwargs' reads column 'answer', which is missing or null" in out, \
+        out[-3000:]
+    assert ENGINE_START not in out and "Traceback" not in out, out[-3000:]

@@ -100,3 +100,41 @@ def test_an_infinite_reward_stops_the_step_before_training(tmp_path):
     assert ("2 of 16 rewards of step 1 are infinite (from inf_on_row_2; the first for dataset row 2)" in log
             and "nothing was trained at step 1" in log), log[-3000:]
     assert not (out / "checkpoints").exists() or not any((out / "checkpoints").glob("step_*"))
+
+
+def test_two_processes_decide_on_the_steps_completions_together(tmp_path):
+    """2 processes (gloo), 4 prompts a step, 2 a rank. The reward applies to every row but the two rank 0 draws at
+    step 1, so rank 0 alone has no scorable completion while the step has 4 of 8 scored: TRL trains on such a
+    step (its check is over all processes' completions), and so does the recipe now. The old code decided on each
+    rank's share: rank 0 stopped the run ('no completion of step 1 could be scored') and the launcher killed
+    rank 1, which had scored all of its own."""
+    from rollout_sleep.grpo.data import step_rows
+    from rollout_sleep.serve.server import free_port
+
+    from helpers import clear_cpu_tp_shm
+
+    skipped = step_rows(0, 8, 4, seed=0)[0::2]  # rank 0's rows at step 1
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i}+1=", "applies": i not in skipped}) + "\n" for i in range(8)))
+    rewards = tmp_path / "partial.py"
+    rewards.write_text("def partial(completions, applies, **kwargs):\n"
+                       "    return [float(len(c)) if a else None for c, a in zip(completions, applies)]\n")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), str(RECIPE), "--config", str(CONFIG), f"output_dir={out}",
+           f"data.dataset={data}", f"rewards=[{rewards}:partial]", "train.steps=2", "train.prompts_per_step=4",
+           "train.generations=2", "train.max_tokens=4", "wandb.mode=disabled", "save_every=0", "save_final=false",
+           "engine.verify_every=0", "train.update_check_every=0", "train.memory_plan=off"]
+    clear_cpu_tp_shm()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
+    finally:
+        clear_cpu_tp_shm()
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["unscorable"], r["rollouts"]) for r in rows] == [(1, 4, 8), (2, 0, 8)], rows
+    shown = ", ".join(map(str, sorted(skipped)))
+    assert log.count(f"step 1: no reward scored 4 of 8 completions (every one of partial returned None or NaN), of "
+                     f"dataset row(s) {shown}") == 1, log[-4000:]  # said once, for the whole step

@@ -189,3 +189,32 @@ def test_a_reward_model_with_two_labels_is_refused_before_the_engine(tmp_path):
     (path / "config.json").write_text(json.dumps(config))
     (problem,) = validate_rewards([str(path)])
     assert problem.startswith(f"reward model {str(path)!r} has 2 labels; a reward model has one")
+
+
+def test_a_reward_that_exits_the_process_is_a_reward_error(tmp_path):
+    """``sys.exit()`` in a reward, or in its module when imported (argparse on the recipe's command line does it
+    too), is named as the reward's error: the old code let the ``SystemExit`` through, and a run whose reward
+    called ``sys.exit()`` at step 1 ended with exit code 0 and no message, as if it had finished."""
+    (tmp_path / "exiting_rewards.py").write_text(textwrap.dedent("""
+        import sys
+
+        def one(completion, example):
+            sys.exit()
+
+        def batch(prompts, completions, **kwargs):
+            raise SystemExit(3)
+        """))
+    (tmp_path / "exits_on_import.py").write_text("import sys\nsys.exit(2)\n\ndef f(completion, example):\n    return 1.0\n")
+    rows = [{"prompt": "1+1=", "answer": "2"}] * 2
+    for name, said in (("one", "reward 'one' raised SystemExit (it called sys.exit(None)); a reward must return its "
+                               "scores (or raise), never exit the process on completion 0"),
+                       ("batch", "reward 'batch' raised SystemExit (it called sys.exit(3)); a reward must return its "
+                                 "scores (or raise), never exit the process on a batch of 2 completions")):
+        rewards = resolve_rewards([f"{tmp_path / 'exiting_rewards.py'}:{name}"])
+        with pytest.raises(RewardError) as err:
+            score_rewards(rewards, ["1+1="] * 2, ["2", "3"], rows)
+        assert str(err.value).startswith(said), str(err.value)
+    with pytest.raises(RewardError, match=r"importing .*exits_on_import.py' failed: SystemExit \(it called "
+                                          r"sys.exit\(2\)\)"):
+        resolve_rewards([f"{tmp_path / 'exits_on_import.py'}:f"])
+    assert validate_rewards([f"{tmp_path / 'exits_on_import.py'}:f"])[0].startswith("reward ")  # a config problem

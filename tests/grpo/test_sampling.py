@@ -112,3 +112,25 @@ def test_extending_train_steps_keeps_the_run_and_its_order(tmp_path, caplog):
     longer["data"]["num_prompts"] = 96  # another prompt set: another run
     with pytest.raises(output_dir.RunDirError, match="holds a different run: data.num_prompts: None -> 96 "):
         output_dir.check_output_dir(tmp_path, longer, resume=True)
+
+
+def test_a_resume_over_a_dataset_with_other_rows_is_refused_before_vllm(tmp_path):
+    """Each step's rows are drawn from the dataset's row count: a dataset file that grew (or shrank) between a run
+    and its resume gives every later step another order (rows of the current epoch trained twice, others never).
+    The old code resumed without a word; the count is recorded with the run and a resume over another is refused,
+    before vLLM starts, with both counts and the fix."""
+    data, rec = _write_task(tmp_path, 8)
+    first = _run(tmp_path / "run", tmp_path / "first.rows", data, rec, "train.steps=1", "train.prompts_per_step=4")
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+    with open(data, "a") as fh:  # the user appended rows to the file
+        fh.write("".join(json.dumps({"prompt": f"{i}+1=", "row_id": i}) + "\n" for i in range(8, 12)))
+    rest = _run(tmp_path / "run", tmp_path / "rest.rows", data, rec, "train.steps=2", "train.prompts_per_step=4",
+                timeout=300)
+    out = rest.stdout + rest.stderr
+    assert rest.returncode == 1, out[-3000:]
+    assert (f"output_dir {str(tmp_path / 'run')!r} holds a run over 8 rows of data.dataset {str(data)!r}, which now "
+            f"gives 12") in out, out[-3000:]
+    assert "restore the dataset" in out and ENGINE_START not in out and "Traceback" not in out, out[-3000:]
+    assert not (tmp_path / "rest.rows").exists()  # no step ran
+    assert output_dir.logged_steps(tmp_path / "run" / "metrics.jsonl") == [1]
+    assert json.loads((tmp_path / "run" / output_dir.RUN_CONFIG).read_text())["dataset_rows"] == 8

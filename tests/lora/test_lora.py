@@ -254,3 +254,60 @@ def test_adapter_modules_keep_their_names_whatever_vllm_calls_the_rename_mapper(
     monkeypatch.delattr(PEFTHelper, "get_rank_and_scaling")
     with pytest.raises(ValueError, match="sets alpha_pattern, which this vLLM's LoRA ignores"):
         build_lora_model(None, 1, tensors, config)
+
+
+def test_an_adapter_push_is_an_engine_operation(lora_engine, ckpts, monkeypatch):
+    """The adapter's push and verify ran outside the engine's lock: a push from another thread changed the adapter
+    under a running generate (which then sampled from the new one), and on a closed engine they failed with
+    ``AttributeError`` on its released vLLM. Now a push waits for the generate, and a closed engine refuses both."""
+    import threading
+
+    from rollout_sleep.engine.contract import EngineClosedError
+    from rollout_sleep.engine.engine import Engine
+    from rollout_sleep.lora.adapter import AdapterSync
+
+    eng = lora_engine
+    model = peft_model(ckpts["tied0"], seed=1)
+    adapter = AdapterSync(eng, model)
+    adapter.push()
+    prompts = [[5, 6, 7, 8], [20, 21, 22]]
+
+    def greedy():
+        return [c.token_ids for c in eng.generate(prompts, max_tokens=6, temperature=0.0,
+                                                  lora_request=adapter.request)]
+
+    old = greedy()
+    with torch.no_grad():  # the trainer's next step, pushed while a rollout with the current adapter runs
+        for t in adapter.targets:
+            t.B.add_(torch.randn_like(t.B))
+    real, entered, release = eng.llm.generate, threading.Event(), threading.Event()
+
+    def paused(*args, **kwargs):
+        entered.set()
+        release.wait(120)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(eng.llm, "generate", paused)
+    out: dict = {}
+    rollout = threading.Thread(target=lambda: out.setdefault("tokens", greedy()), daemon=True)
+    rollout.start()
+    try:
+        assert entered.wait(60)
+        push = threading.Thread(target=lambda: out.setdefault("push", adapter.push()), daemon=True)
+        push.start()
+        push.join(1.0)
+        assert push.is_alive(), "the adapter's push ran while a generate was running"
+    finally:
+        release.set()
+    rollout.join(120)
+    push.join(120)
+    monkeypatch.undo()
+    assert out["tokens"] == old and out["push"]["adapter_method"] == "slots"
+    assert adapter.verify().ok and greedy() != old
+
+    closed = Engine.attach(eng.llm, eng.model_path)  # a wrapper of the same vLLM: closing it leaves that running
+    on_closed = AdapterSync(closed, model)
+    closed.close()
+    for call in (on_closed.push, on_closed.verify):
+        with pytest.raises(EngineClosedError, match="this Engine is closed"):
+            call()

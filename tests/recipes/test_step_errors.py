@@ -79,3 +79,27 @@ def test_wandb_online_without_credentials_is_refused_before_the_engine_starts(tm
     assert "WANDB_API_KEY" in out and "wandb.mode=offline" in out
     assert ENGINE_START not in out and "Traceback" not in out
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_reward_that_exits_or_is_interrupted_ends_in_one_message(tmp_path):
+    """A reward calling ``sys.exit()`` at step 1: the old code ended the run with exit code 0 and no message (as if
+    it had finished). A ``KeyboardInterrupt`` in a step (Ctrl-C while the rewards score): the old code printed a
+    raw ``[rank0]`` traceback and no word on where to go on from. Now: exit 1 naming the reward, exit 130
+    saying the interrupt and the checkpoint a rerun resumes from; tracebacks in run.log."""
+    (tmp_path / "stopping_rewards.py").write_text(
+        "import sys\n\n\ndef exits(prompts, completions, **kwargs):\n    sys.exit(0)\n\n\n"
+        "def interrupted(completion, example):\n    raise KeyboardInterrupt\n")
+    procs = {name: start(tmp_path / name, *SMALL, f"rewards=[{tmp_path / 'stopping_rewards.py'}:{name}]")
+             for name in ("exits", "interrupted")}
+    outs = {name: p.communicate(timeout=900)[0] for name, p in procs.items()}
+    out = outs["exits"]
+    assert procs["exits"].returncode == 1, out[-3000:]
+    assert "error: step 1: reward 'exits' raised SystemExit (it called sys.exit(0)); a reward must return its " \
+           "scores (or raise), never exit the process on a batch of 32 completions" in out, out[-3000:]
+    out = outs["interrupted"]
+    assert procs["interrupted"].returncode == 130, out[-3000:]
+    assert "error: step 1: interrupted (KeyboardInterrupt). The run stopped; no checkpoint was saved yet (a rerun " \
+           f"starts at step 0). The traceback is in {tmp_path / 'interrupted' / 'run.log'}" in out, out[-3000:]
+    for name, out in outs.items():
+        assert "Traceback" not in out and "[rank0]" not in out, (name, out[-3000:])
+        assert "Traceback (most recent call last)" in (tmp_path / name / "run.log").read_text()

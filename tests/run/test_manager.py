@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from rollout_sleep.engine.contract import UnsupportedOperation
 from rollout_sleep.engine.state import EngineStateError
 from rollout_sleep.run.manager import RolloutManager
 
-from helpers import PROMPTS, assert_follows, hf_model
+from helpers import DTYPE, PROMPTS, assert_follows, hf_greedy, hf_model
 
 
 def test_loop_metrics(engine, ckpts):
@@ -93,3 +94,52 @@ def test_each_phase_is_watched(engine, ckpts):
         pass
     mgr.sync()
     assert watchdog.phases == ["generate", "sleep", "train", "wake", "verify"]
+
+
+@pytest.fixture(scope="module")
+def server(ckpts):
+    """A real ``vllm serve`` of the untied tiny model (on CPU a path reload of a tied one keeps a stale head)."""
+    from rollout_sleep.serve.server import ServerProcess
+
+    srv = ServerProcess(ckpts["untied0"], dtype=DTYPE).start()
+    yield srv
+    srv.stop()
+
+
+def test_over_a_remote_engine_the_cycle_runs_through_a_weights_folder(server, ckpts, tmp_path):
+    """The manager takes any RolloutEngine, but over a ``RemoteEngine`` ``training()`` raised ``KeyError: 'before'``
+    (a server's sleep report has no memory figures) with the server asleep, and ``sync()`` could only be refused
+    (in-memory weights). Now what a server cannot take is refused before anything is touched, and with
+    ``weights_dir`` each sync saves the trainer's weights there for the server to reload."""
+    from rollout_sleep.serve.remote import RemoteEngine
+
+    engine = RemoteEngine(server.client(timeout=180), ckpts["untied0"])
+    model = hf_model(ckpts["untied0"])
+    for kwargs, match in [({}, r"RemoteEngine\.wake_up\(weights=<the trainer's, in memory>\): .* Instead: "
+                                r"RolloutManager\(engine, model, weights_dir="),
+                          ({"weights_dir": tmp_path, "verify_every": 1}, r"RemoteEngine\.verify_weights .* Instead: ")]:
+        with pytest.raises(UnsupportedOperation, match=match):
+            RolloutManager(engine, model, **kwargs)
+    assert engine.state == "awake"
+    prompts, n = PROMPTS[:3], 6
+    mgr = RolloutManager(engine, model, weights_dir=tmp_path / "weights")
+    try:
+        first = mgr.rollout(prompts, max_tokens=n, min_tokens=n, temperature=0.0)
+        assert [c.token_ids for c in first] == hf_greedy(model, prompts, n)
+        with mgr.training():
+            assert engine.state == "asleep(level=2)"
+            model.load_state_dict(hf_model(ckpts["untied1"]).state_dict())  # the trainer's step
+        mgr.sync()
+        assert engine.state == "awake"
+        after = mgr.rollout(prompts, max_tokens=n, min_tokens=n, temperature=0.0)
+        assert [c.token_ids for c in after] == hf_greedy(model, prompts, n) != [c.token_ids for c in first]
+        metrics = mgr.end_step()
+        assert metrics["save_s"] > 0 and metrics["load_s"] >= metrics["save_s"] and "sleep_s" in metrics
+        assert not any(k.startswith("none_") for k in metrics), metrics
+        with torch.no_grad():
+            model.model.norm.weight.add_(1.0)  # an awake sync: an update in place through the folder
+        mgr.sync()
+        assert [c.token_ids for c in mgr.rollout(prompts, max_tokens=n, min_tokens=n, temperature=0.0)] == \
+            hf_greedy(model, prompts, n)
+    finally:
+        engine.wake_up(reload_checkpoint=True) if engine.is_asleep else engine.load_weights(ckpts["untied0"])

@@ -110,3 +110,22 @@ def test_offload_refuses_optimizers_it_cannot_move_with_the_knob_to_use(monkeypa
     finally:
         if created:
             dist.destroy_process_group()
+
+
+def test_adamw_on_float16_parameters_stays_finite_where_a_gradient_is_zero():
+    """``model.dtype=float16`` on CPU: every weight was NaN after the first step (PyTorch's unfused AdamW computes
+    in float16, where its eps 1e-8 rounds to 0, so an element whose gradient is 0 became 0/0); the recipe stopped
+    at the first sync with its files written. The optimizer now computes in float32 there (fused), as on CUDA."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 16).half()
+    opt = build_optimizer("adamw", model.parameters(), lr=3e-3, weight_decay=0.0)
+    before = model.weight.detach().clone()
+    grad = torch.randn(16, 16, dtype=torch.float16)
+    grad[:4] = 0  # rows the loss does not reach (unused tokens' embeddings, masked samples)
+    model.weight.grad, model.bias.grad = grad, torch.zeros(16, dtype=torch.float16)
+    opt.step()
+    assert torch.isfinite(model.weight).all() and torch.isfinite(model.bias).all()
+    assert torch.equal(model.weight[:4], before[:4]) and not torch.equal(model.weight[4:], before[4:])
+    groups = build_optimizer("adamw", [{"params": [torch.nn.Parameter(torch.zeros(2, dtype=torch.float16))]}],
+                             lr=1e-3, weight_decay=0.0)
+    assert groups.defaults["fused"]  # parameter groups too

@@ -118,3 +118,20 @@ def test_a_finished_run_says_so_before_the_engine_starts(saved_run):
            "Raise train.steps to continue it" in text, text[-3000:]
     assert ENGINE_START not in text
 
+
+
+def test_a_checkpoint_saved_without_its_settings_still_has_its_applied_changes_said(saved_run, tmp_path):
+    """A checkpoint from before settings were saved beside it: a resume compares with the run's settings
+    (run_config.json, read before this start rewrites it). The old code checked the fixed keys against them but
+    said no applied change but the optimizer's (a changed temperature or clip range went unsaid)."""
+    out = tmp_path / "run"
+    shutil.copytree(saved_run, out)
+    for state_file in (out / "checkpoints").glob(f"step_*/{output_dir.STATE_FILE}"):
+        state = json.loads(state_file.read_text())
+        del state["config"]
+        state_file.write_text(json.dumps(state))
+    code, text = run(out, "train.steps=3", "save_every=1", "data.num_prompts=32", "train.prompts_per_step=4",
+                     "train.temperature=0.7", "train.clip_eps=0.3")
+    assert code == 0, text[-3000:]
+    assert "resumed with changed settings, in effect from step 3: train.temperature 1.0 -> 0.7; " \
+           "train.clip_eps 0.2 -> 0.3" in text, text[-3000:]

@@ -5,6 +5,7 @@ the last complete checkpoint as the one a rerun resumes from, and never a partia
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import subprocess
@@ -161,3 +162,88 @@ def test_a_read_only_checkpoints_folder_is_refused_before_the_engine_starts(tmp_
     assert "exit=1" in text, text[-3000:]
     assert f"error: cannot write into {out / 'checkpoints'}: read-only file system (errno EROFS)" in text, text[-3000:]
     assert ENGINE_START not in text and "Traceback" not in text
+
+
+def test_a_rewritten_file_is_kept_whole_when_its_write_fails(tmp_path, monkeypatch, caplog):
+    """The memory plan is rewritten at every start and after the first steps. The old code wrote it with
+    ``Path.write_text``, which empties the file before writing: a full disk left it empty, and every later start
+    of the run stopped with ``JSONDecodeError: Expecting value: line 1 column 1`` (no file named) until it was
+    deleted by hand."""
+    path = tmp_path / "memory_plan.json"
+    output_dir.write_atomic(path, '{"plan": 1}')
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(output_dir.WriteError, match="no space left on device"):
+        with output_dir.writing(path, "write the memory plan to"):
+            output_dir.write_atomic(path, '{"plan": 2, "measured_gib": {}}')
+    monkeypatch.undo()
+    assert path.read_text() == '{"plan": 1}' and sorted(p.name for p in tmp_path.iterdir()) == ["memory_plan.json"]
+    path.write_text("")  # what the old code's failed write left
+    with caplog.at_level("WARNING", logger="rollout_sleep.run.output_dir"):
+        assert output_dir.read_json(path, "the memory plan") == {}
+    assert f"the memory plan {path} cannot be read" in caplog.text and "written anew" in caplog.text
+
+
+def test_an_emptied_memory_plan_does_not_stop_the_next_run(tmp_path):
+    """The real recipe over a run folder whose memory_plan.json a failed write emptied: it runs, and writes the
+    plan anew (the old code stopped before the engine with a bare JSONDecodeError, at every start)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "memory_plan.json").write_text("")
+    code, text = run(out, "train.steps=1", "train.prompts_per_step=4", "data.num_prompts=8", timeout=600)
+    assert code == 0, text[-3000:]
+    assert "JSONDecodeError" not in text
+    assert "plan" in json.loads((out / "memory_plan.json").read_text())
+    assert f"the memory plan {out / 'memory_plan.json'} cannot be read" in (out / "run.log").read_text()
+
+
+def test_a_model_build_that_fails_leaves_nothing_that_looks_built(tmp_path):
+    """The random-weight model of a size is built in a staging folder and renamed once whole: a build that fails
+    (a full disk) is named and leaves no ``model`` folder; one left by an older build that did not finish (its
+    config written, its weights cut or its builder's mark missing) is found and built again."""
+    from rollout_sleep.weights.checkpoints import make_checkpoint
+
+    path = tmp_path / "model"
+
+    def full(folder):
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(output_dir.WriteError, match=r"cannot build the model in .*model: no space left on device "
+                                                     r"\(errno ENOSPC\)\. The partial build was deleted\. Free space"):
+        output_dir.build_model(path, full, "the model")
+    assert list(tmp_path.iterdir()) == []
+    assert output_dir.build_model(path, lambda f: make_checkpoint(f, "tiny", dtype="float32"), "the model") is None
+    assert output_dir.model_problem(path) is None
+    assert output_dir.build_model(path, full, "the model") is None  # whole: kept, not built again
+    weights = path / "model.safetensors"
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[:len(whole) // 2])  # a build killed while writing its weights
+    assert "model.safetensors is truncated" in output_dir.model_problem(path)
+    redone = output_dir.build_model(path, lambda f: make_checkpoint(f, "tiny", dtype="float32"), "the model")
+    assert "model.safetensors is truncated" in redone and weights.read_bytes() == whole
+    config = json.loads((path / "config.json").read_text())
+    del config["rollout_sleep"]  # the builder's last step never came
+    (path / "config.json").write_text(json.dumps(config))
+    assert output_dir.model_problem(path) == "its config.json lacks the build's last step (the build did not finish)"
+
+
+def test_a_model_folder_left_by_a_killed_build_is_built_again(tmp_path):
+    """The real recipe over a run folder whose ``model`` a killed (or full-disk) build left with cut weights: the
+    old code took it for built, and every start stopped with ``SafetensorError: Error while deserializing header:
+    incomplete metadata`` (no file named) until it was deleted by hand."""
+    from rollout_sleep.weights.checkpoints import make_checkpoint
+
+    out = tmp_path / "run"
+    make_checkpoint(out / "model", "tiny", dtype="float32")
+    weights = out / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+    code, text = run(out, "train.steps=1", "train.prompts_per_step=4", "data.num_prompts=8", timeout=600)
+    assert code == 0, text[-3000:]
+    assert f"rebuilt {out / 'model'}: the earlier build was incomplete (model.safetensors is truncated" in text, \
+        text[-3000:]
+    assert output_dir.model_problem(out / "model") is None and "SafetensorError" not in text

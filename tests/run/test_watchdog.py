@@ -120,3 +120,31 @@ def test_nested_phases_blame_the_innermost(before, inner_limit, inner_s, after, 
         assert proc.returncode == 0 and "finished" in out, out
     else:
         assert proc.returncode == EXIT_CODE and f"in phase '{blamed}'" in out and "finished" not in out, out
+
+
+HOLDS_THE_GIL = textwrap.dedent('''
+    import re
+    from rollout_sleep.run.watchdog import Watchdog
+
+    wd = Watchdog({"reward": 1.0}, grace_s=4, hint="set watchdog.{phase}_s higher")
+    with wd.phase("reward", "the rewards (parse) to score 32 completions of step 1"):
+        re.match(r"(a+)+$", "a" * 60 + "b")  # backtracks for ages, holding the GIL: the watchdog's thread cannot run
+    print("finished")
+''')
+
+
+def test_a_stall_that_holds_the_gil_is_named_with_its_phase():
+    """A reward whose regular expression backtracks without end holds the GIL: the watchdog's thread cannot run.
+    The old watchdog then left it to faulthandler's backstop, which printed ``Timeout (0:00:45)!`` and the
+    stacks (exit code 1) with no phase named; a helper process now names it before the backstop fires."""
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", HOLDS_THE_GIL], capture_output=True, text=True, timeout=120)
+    seconds = time.perf_counter() - t0
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "finished" not in out, out[-3000:]
+    said = ("rollout_sleep watchdog: the process spent more than 1 s in phase 'reward' (waiting for the rewards "
+            "(parse) to score 32 completions of step 1) and does not answer: the code it runs holds Python's "
+            "interpreter lock")
+    assert said in out and "set watchdog.reward_s higher" in out, out[-3000:]
+    assert out.index(said) < out.index("Timeout (") and "in <module>" in out  # then the backstop's stacks
+    assert seconds < 60, seconds  # the deadline plus the grace, not the regular expression's hours

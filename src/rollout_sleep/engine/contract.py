@@ -18,14 +18,17 @@ implementation against real vLLM.
 [[1, 2, 3]]
 >>> as_prompts(["a", [4, 5]])
 ['a', [4, 5]]
+>>> as_prompts({"prompt_token_ids": [4, 5]})
+[[4, 5]]
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import numbers
+import operator
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
 
 from .state import EngineStateError
@@ -65,6 +68,9 @@ class RolloutEngine(Protocol):
 
     model_path: str
     levels: tuple[int, ...]
+    # vLLM runs in this process: weights go in as tensors and verify_weights reads them back. False (a server):
+    # weights travel as a checkpoint directory it reads, and cannot be read back.
+    in_process: bool
 
     @property
     def dtype(self) -> torch.dtype: ...
@@ -86,6 +92,10 @@ class RolloutEngine(Protocol):
     def generate(self, prompts: Any, sampling: Any = None, **sampling_kwargs: Any) -> list[Completion]:
         """Completions, ``n`` per prompt, in prompt order. ``prompts``: a string (one prompt), a list of token
         ids (one tokenized prompt), or a list of those."""
+
+    def score(self, sequences: Any) -> list[list[float]]:
+        """Each token's log-prob given its prefix (teacher-forced; the first token has none): compares two engines'
+        weights without the sampling noise of greedy decoding."""
 
     def sleep(self, level: int = 2) -> CycleReport:
         """Level 2 discards weights and KV cache; level 1 offloads the weights."""
@@ -110,35 +120,87 @@ class RolloutEngine(Protocol):
 
 def as_prompts(prompts: Any) -> list:
     """``prompts`` as a list of prompts: a string is one prompt (vLLM's ``LLM.generate`` would take it as one,
-    but a loop over it would see characters), a list of ints one tokenized prompt, any other iterable a prompt
-    per item (strings, or lists of token ids)."""
+    but a loop over it would see characters), a list of ints one tokenized prompt, vLLM's own prompt dicts
+    (``{"prompt": text}``, ``{"prompt_token_ids": ids}``) one prompt each, any other ordered iterable a prompt
+    per item. What would be read wrong silently is refused with a ``TypeError`` naming it: bytes (their
+    items are ints, they would pass for token ids), a dict with other keys (iterating it yields its keys,
+    which would pass for text prompts), an unordered set (completions would not follow the caller's order),
+    floating-point ids."""
     if isinstance(prompts, str):
         return [prompts]
-    items = list(prompts) if isinstance(prompts, Iterable) else None
-    if items is None:
+    if isinstance(prompts, Mapping):
+        return [_from_dict(prompts, "prompts")]
+    _refuse_container(prompts, "prompts")
+    if getattr(prompts, "ndim", None) == 0 or not isinstance(prompts, Iterable):
         raise TypeError(f"prompts must be a string, a list of token ids, or a list of those; got "
                         f"{type(prompts).__name__}")
+    items = list(prompts)
     if items and all(_is_token(t) for t in items):
-        return [[int(t) for t in items]]
-    out = []
+        return [[operator.index(t) for t in items]]
+    out: list = []
     for i, p in enumerate(items):
         if isinstance(p, str):
             out.append(p)
-        elif isinstance(p, Iterable) and all(_is_token(t) for t in p):
-            out.append([int(t) for t in p])
+        elif isinstance(p, Mapping):
+            out.append(_from_dict(p, f"prompt {i}"))
         else:
-            raise TypeError(f"prompt {i} must be a string or a list of token ids, got {p!r:.80}")
+            _refuse_container(p, f"prompt {i}")
+            ids = list(p) if isinstance(p, Iterable) and getattr(p, "ndim", 1) != 0 else None
+            if ids is None or not all(_is_token(t) for t in ids):
+                raise TypeError(f"prompt {i} must be a string or a list of token ids, got {p!r:.80}")
+            out.append([operator.index(t) for t in ids])
     return out
 
 
+def _from_dict(d: Mapping, what: str) -> str | list[int]:
+    """A vLLM prompt dict as the prompt it holds: ``{"prompt": text}`` or ``{"prompt_token_ids": ids}``."""
+    if len(d) == 1 and "prompt" in d and isinstance(d["prompt"], str):
+        return d["prompt"]
+    if len(d) == 1 and "prompt_token_ids" in d:
+        ids = d["prompt_token_ids"]
+        if not isinstance(ids, (str, bytes, bytearray, Mapping)) and isinstance(ids, Iterable):
+            ids = list(ids)
+            if all(_is_token(t) for t in ids):
+                return [operator.index(t) for t in ids]
+    raise TypeError(f"{what} is a dict with keys {sorted(map(str, d))}: the engines take vLLM's "
+                    "{'prompt': <text>} or {'prompt_token_ids': <list of ints>} alone (other inputs such as "
+                    "multi-modal data are not passed on); pass a string or a list of token ids")
+
+
+def _refuse_container(p: Any, what: str) -> None:
+    if isinstance(p, (bytes, bytearray, memoryview)):
+        raise TypeError(f"{what} is {type(p).__name__}: its items are ints and would pass for token ids; decode "
+                        "it to a string (b.decode()) or pass a list of token ids")
+    if isinstance(p, (set, frozenset)):
+        raise TypeError(f"{what} is a {type(p).__name__}: it has no order, so completions could not be matched "
+                        "to prompts; pass a list")
+
+
 def _is_token(t: Any) -> bool:
-    return isinstance(t, numbers.Integral) and not isinstance(t, bool) or \
-        (hasattr(t, "__index__") and not isinstance(t, (str, bytes, bool)) and getattr(t, "ndim", 0) == 0)
+    """An integer token id: a Python / numpy int or a 0-d integer tensor (not a bool, a float or a string)."""
+    if isinstance(t, (str, bytes, bool)) or getattr(t, "ndim", 0) != 0 or "bool" in str(getattr(t, "dtype", "")):
+        return False
+    try:
+        operator.index(t)
+    except TypeError:
+        return False
+    return True
 
 
 def engine_lock(engine: Any) -> threading.RLock:
     """The engine's one lock (re-entrant: an operation may call another on the same thread)."""
     return engine.__dict__.setdefault("_operation_lock", threading.RLock())
+
+
+@contextlib.contextmanager
+def engine_operation(engine: Any, what: str) -> Iterator[None]:
+    """One operation on ``engine``: under its lock (one at a time, whatever the thread), refused with
+    :class:`EngineClosedError` once it is closed. For what works on an engine's vLLM from outside its class (an
+    adapter copied into its LoRA slots) as much as for its own methods (:func:`operation`)."""
+    with engine_lock(engine):
+        if engine.closed:
+            raise EngineClosedError(f"cannot {what}: this {type(engine).__name__} is closed; build a new one")
+        yield
 
 
 def operation(what: str) -> Callable:
@@ -148,9 +210,7 @@ def operation(what: str) -> Callable:
     def wrap(fn: Callable) -> Callable:
         @functools.wraps(fn)
         def run(self, *args: Any, **kwargs: Any) -> Any:
-            with engine_lock(self):
-                if self.closed:
-                    raise EngineClosedError(f"cannot {what}: this {type(self).__name__} is closed; build a new one")
+            with engine_operation(self, what):
                 return fn(self, *args, **kwargs)
 
         return run

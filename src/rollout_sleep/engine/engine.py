@@ -75,6 +75,7 @@ class Engine(SleepState):
     """
 
     keep_trainer_cache = False
+    in_process = True  # weights go in as tensors, verify reads them back (the contract's RolloutEngine.in_process)
     # 0: the KV cache only (weights stay mapped: a trainer sharing them, LoRA); 1, 2: vLLM's own levels
     levels = (0, *LEVELS)
 

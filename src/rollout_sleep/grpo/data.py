@@ -46,7 +46,7 @@ def load_prompts(source: str, *, prompt_column: str = "prompt", split: str = "tr
     if path.is_file() and path.suffix not in kinds:
         raise ValueError(f"unsupported dataset file {path.name!r}; use one of {sorted(kinds)}")
     for f in _text_files(path):  # pyarrow reads bytes that are not UTF-8 into the rows, to fail when one is read
-        problem = _decode_problem(f)
+        problem = _decode_problem(f) or (_csv_problem(f) if f.suffix == ".csv" else None)  # pandas fills short rows
         if problem:
             raise ValueError(problem)
     try:
@@ -116,8 +116,6 @@ def _decode_problem(path: Path) -> str | None:
 
 def _format_problem(path: Path, text: str) -> str | None:
     """The first line a JSON Lines, JSON or CSV file cannot be parsed at, or ``None``."""
-    import csv
-    import io
     import json
 
     if path.suffix == ".jsonl" or (path.suffix == ".json" and not text.lstrip().startswith("[")):
@@ -141,12 +139,26 @@ def _format_problem(path: Path, text: str) -> str | None:
         except json.JSONDecodeError as err:
             return f"dataset file {str(path)!r} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}"
     if path.suffix == ".csv":
-        rows = csv.reader(io.StringIO(text))
+        return _csv_problem(path)
+    return None
+
+
+def _csv_problem(path: Path) -> str | None:
+    """The first row of a CSV file with more or fewer fields than its header, named by the line it starts on (a
+    quoted field may hold newlines), or ``None``. pandas refuses a longer row but fills a shorter one with nulls
+    (a value left out in the middle moves the later ones a column left), without a word."""
+    import csv
+
+    with open(path, encoding="utf-8-sig", newline="") as fh:
+        rows = csv.reader(fh)
         header = next(rows, [])
-        for number, row in enumerate(rows, 2):
+        start = rows.line_num + 1
+        for row in rows:
             if row and len(row) != len(header):
-                return (f"dataset file {str(path)!r}: line {number} has {len(row)} fields, the header has "
-                        f"{len(header)} ({', '.join(header)}); quote fields that hold commas")
+                return (f"dataset file {str(path)!r}: line {start} has {len(row)} fields, the header has "
+                        f"{len(header)} ({', '.join(header)}); quote fields that hold commas, and give every row "
+                        f"every field (an empty one as nothing between two commas)")
+            start = rows.line_num + 1
     return None
 
 
@@ -262,10 +274,27 @@ CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_le
 """The config.json keys vLLM reads a model's context length from (it takes the smallest present)."""
 
 
+# RoPE types whose max_position_embeddings is already the scaled length: vLLM does not multiply it by the factor
+_ROPE_PRESCALED = ("su", "longrope", "llama3", "yarn", "deepseek_yarn", "deepseek_llama_scaling")
+
+
+def _rope_parameters(raw: dict) -> list[dict]:
+    """The RoPE parameter dicts of a config.json (the older ``rope_scaling`` wins over ``rope_parameters``, as in
+    transformers), one per layer type where they are nested."""
+    params = raw.get("rope_scaling") or raw.get("rope_parameters")
+    if not isinstance(params, dict) or not params:
+        return []
+    if all(isinstance(v, dict) for v in params.values()):  # per layer type: {"full_attention": {...}, ...}
+        return [v for v in params.values() if v]
+    return [params]
+
+
 def model_context(model_path: str) -> tuple[int, str] | None:
-    """The context length vLLM gives a model when ``engine.max_model_len`` is null, with the config key it comes
-    from: the smallest of :data:`CONTEXT_KEYS` in its ``config.json`` (or its ``text_config``). ``None`` where
-    it cannot tell: no such key, or a RoPE scaling that stretches the context (vLLM then derives it itself)."""
+    """The context length vLLM gives a model when ``engine.max_model_len`` is null, with where it comes from (the
+    config key, and the RoPE factor where one stretches it): the smallest of :data:`CONTEXT_KEYS` in its
+    ``config.json`` (or its ``text_config``), multiplied by the RoPE scaling factor for the scalings that vLLM
+    multiplies (linear, dynamic, ...; not YaRN, Llama 3's or LongRoPE, whose ``max_position_embeddings`` is already
+    the scaled length; LongRoPE takes ``original_max_position_embeddings``). ``None`` where it cannot tell."""
     import json
 
     try:
@@ -273,12 +302,46 @@ def model_context(model_path: str) -> tuple[int, str] | None:
     except (OSError, ValueError):
         return None
     raw = raw.get("text_config") or raw
-    scaling = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
-    kind = scaling.get("rope_type", scaling.get("type", "default")) if isinstance(scaling, dict) else "default"
-    if kind not in (None, "default") and scaling.get("factor", 1) != 1:
-        return None
     found = [(raw[k], k) for k in CONTEXT_KEYS if isinstance(raw.get(k), int) and raw[k] > 0]
-    return min(found) if found else None
+    if not found:
+        return None
+    length, key = min(found)
+    if isinstance(raw.get("model_max_length"), int) and raw["model_max_length"] > 0:  # vLLM: it wins (Command-R)
+        length, key = raw["model_max_length"], "model_max_length"
+    rope = _rope_parameters(raw)
+    if not rope or "gemma3" in str(raw.get("model_type", "")):  # Gemma 3's length is already scaled
+        return length, key
+    factor = 1.0
+    for params in rope:
+        kind = params.get("rope_type", params.get("type", "default"))
+        if kind not in _ROPE_PRESCALED:
+            factor = params.get("factor", factor)
+    factor = 1.0 if not isinstance(factor, (int, float)) else factor
+    if any(params.get("rope_type", params.get("type")) == "longrope" for params in rope):
+        original = raw.get("original_max_position_embeddings")
+        return (original, "original_max_position_embeddings") if isinstance(original, int) else \
+            (int(length * factor), key)
+    if factor == 1.0:
+        return length, key
+    return int(length * factor), f"{key} × its RoPE scaling factor {factor:g}"
+
+
+def engine_context(model_path: str, max_model_len: int | None) -> tuple[int | None, str]:
+    """The context vLLM will run the model with, and what to call it in messages: ``engine.max_model_len`` when
+    set, else the model's (:func:`model_context`; ``None`` where it cannot tell). Raises ``ValueError`` for a
+    ``max_model_len`` beyond the model's context, which vLLM refuses at its start (unless its
+    ``VLLM_ALLOW_LONG_MAX_MODEL_LEN`` is set)."""
+    import os
+
+    known = model_context(model_path)
+    if max_model_len is None:
+        return (known[0], f"the model's {known[1]}") if known else (None, "engine.max_model_len")
+    allowed = os.environ.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "").strip().lower() in ("1", "true")
+    if known and max_model_len > known[0] and known[1] != "original_max_position_embeddings" and not allowed:
+        raise ValueError(f"engine.max_model_len ({max_model_len}) exceeds the model's context, its {known[1]} "
+                         f"({known[0]}): vLLM refuses to start with it. Lower engine.max_model_len to {known[0]} or "
+                         f"less, or set it to null (the model's own)")
+    return max_model_len, "engine.max_model_len"
 
 
 def check_prompts(ds, tokenizer, max_model_len: int | None, max_tokens: int,

@@ -77,22 +77,50 @@ class RewardModel:
 
     def _check_weights(self) -> None:
         """Before anything loads: the checkpoint files hold every weight the model has, its score head
-        included. Read on the meta device (names and shapes only, no data), as the real load will read them."""
+        included, each of the model's shape, and the folder has a tokenizer. Read on the meta device (names and
+        shapes only, no data), as the real load will read them."""
         from transformers import AutoModelForSequenceClassification
 
         try:
-            _, info = AutoModelForSequenceClassification.from_pretrained(self.path, num_labels=1, device_map="meta",
-                                                                         output_loading_info=True)
-        except OSError as err:  # no weight files, unreadable ones
-            raise RewardError(f"reward model {self.path!r}: its weights cannot be read: {err}") from err
-        except (TypeError, ValueError, RuntimeError, NotImplementedError) as err:  # a transformers without meta loads
+            _, info = AutoModelForSequenceClassification.from_pretrained(
+                self.path, num_labels=1, device_map="meta", output_loading_info=True, ignore_mismatched_sizes=True)
+        except NotImplementedError as err:  # a model class that cannot be built on the meta device
             logger.debug("reward model %s: weights not checked before loading (%s)", self.path, err)
-            return
-        self._refuse_missing(info)
+        except Exception as err:  # no weight files, or ones safetensors / torch cannot read (truncated, foreign)
+            raise RewardError(f"reward model {self.path!r}: its weights cannot be read: {type(err).__name__}: "
+                              f"{str(err).strip().splitlines()[0] if str(err).strip() else ''} (a folder saved with "
+                              f"save_pretrained holds model.safetensors, pytorch_model.bin or a sharded index of "
+                              f"them, complete)") from err
+        else:
+            self._refuse_missing(info)
+        self._checked_tokenizer = self._tokenizer()
+        self._check_tokenizer(self._checked_tokenizer)
+
+    def check_prompts(self, conversational: bool) -> None:
+        """Raise when the model cannot read the run's prompts: conversational ones are rendered with its own chat
+        template (TRL's rule, :meth:`texts`), which its tokenizer must then have."""
+        tokenizer = self.tokenizer or getattr(self, "_checked_tokenizer", None)
+        if conversational and tokenizer is not None and not getattr(tokenizer, "chat_template", None):
+            raise RewardError(f"reward model {self.path!r}: the prompts are conversations, which a reward model reads "
+                              f"through its own chat template (prompt and completion rendered together, as TRL does), "
+                              f"but its tokenizer has none: save the tokenizer with the chat template the reward "
+                              f"model was trained with into the folder (tokenizer.save_pretrained(folder)), or give "
+                              f"plain-text prompts")
 
     def _refuse_missing(self, info: dict) -> None:
-        """Raise when transformers' loading report lists weights the checkpoint lacks: they would be drawn at
-        random at every load (a score head that means nothing), which transformers only logs."""
+        """Raise when transformers' loading report lists weights the checkpoint lacks, or has in another shape:
+        they would be drawn at random at every load (a score head that means nothing), which transformers only
+        logs, or the load fails."""
+        mismatched = list(info.get("mismatched_keys") or ())
+        if mismatched:
+            key, saved, wanted = mismatched[0][:3] if isinstance(mismatched[0], (tuple, list)) else \
+                (mismatched[0], "?", "?")
+            raise RewardError(f"reward model {self.path!r}: its checkpoint's {key} has shape {list(saved)}, the "
+                              f"model's is {list(wanted)}" + (f" ({len(mismatched) - 1} more differ)" if
+                                                              len(mismatched) > 1 else "") +
+                              ": a reward model has one label (its score head's single logit is the reward), and "
+                              "config.json must describe the saved weights. Give the folder of a one-label "
+                              "sequence-classification model, saved with save_pretrained")
         missing = sorted(info.get("missing_keys") or ())
         if missing:
             shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
@@ -102,17 +130,42 @@ class RewardModel:
                               f"sequence-classification model (a base model's folder whose config names a "
                               f"...ForSequenceClassification architecture has no score head)")
 
+    def _tokenizer(self):
+        """The folder's tokenizer, ``pad_token`` falling back to ``eos_token`` (TRL's rule)."""
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(self.path)
+        except Exception as err:
+            raise RewardError(f"reward model {self.path!r}: its tokenizer cannot be loaded: {type(err).__name__}: "
+                              f"{err}. Save it into the folder: tokenizer.save_pretrained(folder)") from err
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return tokenizer
+
+    def _check_tokenizer(self, tokenizer) -> None:
+        """A tokenizer that turns text into tokens and can pad a batch. Without tokenizer files transformers
+        builds an empty one from the config (every text becomes no tokens), which fails at the first scoring."""
+        if not tokenizer(text="The answer is 42.", add_special_tokens=False).input_ids:
+            raise RewardError(f"reward model {self.path!r}: its tokenizer turns text into no tokens: the folder has "
+                              f"no tokenizer files (tokenizer.json, or vocab and merges files), and transformers "
+                              f"built an empty tokenizer from the config. Save the tokenizer the reward model was "
+                              f"trained with into the folder: tokenizer.save_pretrained(folder)")
+        if tokenizer.pad_token is None:
+            raise RewardError(f"reward model {self.path!r}: its tokenizer has neither a pad_token nor an eos_token, "
+                              f"so a batch of texts cannot be padded: set tokenizer.pad_token and save it into the "
+                              f"folder (tokenizer.save_pretrained(folder))")
+
     def load(self, device: str | torch.device = "cpu") -> "RewardModel":
         """Load weights and tokenizer onto ``device`` (once), in eval mode without gradients."""
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification
 
         if self.model is None:
-            self.tokenizer = AutoTokenizer.from_pretrained(self.path)
-            if self.tokenizer.pad_token is None:
-                self.tokenizer.pad_token = self.tokenizer.eos_token
+            self.tokenizer = self._tokenizer()
+            self._check_tokenizer(self.tokenizer)
             kw = {"dtype": self.dtype} if self.dtype is not None else {}
-            model, info = AutoModelForSequenceClassification.from_pretrained(self.path, num_labels=1,
-                                                                              output_loading_info=True, **kw)
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                self.path, num_labels=1, output_loading_info=True, ignore_mismatched_sizes=True, **kw)
             self._refuse_missing(info)
             self.model = model
             if self.model.config.pad_token_id is None:

@@ -113,9 +113,10 @@ class Reward:
     fn: Callable
     weight: float = 1.0
     batched: bool = True
-    required_columns: tuple[str, ...] = ()  # dataset columns the function names without a default
+    required_columns: tuple[str, ...] = ()  # dataset columns the function names without a default, or reads
     accepts_any_column: bool = True  # it takes **kwargs (TRL passes every column)
     accepted: tuple[str, ...] = field(default=())  # the keyword names it accepts, when not **kwargs
+    read_through: str | None = None  # the **kwargs parameter it reads required columns from (kwargs["answer"])
 
 
 def _import(spec: str) -> Callable:
@@ -123,7 +124,7 @@ def _import(spec: str) -> Callable:
     if not target or not attr:
         raise RewardError(f"reward {spec!r}: an import path reads 'package.module:function' or 'file.py:function'")
     if target.endswith(".py") or "/" in target:
-        path = Path(target)
+        path = Path(target).expanduser()
         if not path.is_file():
             raise RewardError(f"reward {spec!r}: file {target!r} not found (paths are relative to the working "
                               f"directory, {Path.cwd()})")
@@ -137,16 +138,16 @@ def _import(spec: str) -> Callable:
             sys.modules[name] = module
             try:
                 loader.loader.exec_module(module)
-            except Exception as err:
+            except (Exception, SystemExit) as err:
                 del sys.modules[name]
-                raise RewardError(f"reward {spec!r}: importing {target!r} failed: {type(err).__name__}: {err}") from err
+                raise RewardError(f"reward {spec!r}: importing {target!r} failed: {_raised(err)}") from err
     else:
         if "" not in sys.path and str(Path.cwd()) not in sys.path:
             sys.path.insert(0, str(Path.cwd()))  # as `python -m` does: modules next to the run are importable
         try:
             module = importlib.import_module(target)
-        except Exception as err:
-            raise RewardError(f"reward {spec!r}: cannot import module {target!r}: {type(err).__name__}: {err}") from err
+        except (Exception, SystemExit) as err:
+            raise RewardError(f"reward {spec!r}: cannot import module {target!r}: {_raised(err)}") from err
     if not hasattr(module, attr):
         public = sorted(n for n in vars(module) if not n.startswith("_") and callable(getattr(module, n)))
         raise RewardError(f"reward {spec!r}: module {target!r} has no {attr!r}; its callables: {public}")
@@ -154,6 +155,46 @@ def _import(spec: str) -> Callable:
     if not callable(fn):
         raise RewardError(f"reward {spec!r}: {attr!r} is a {type(fn).__name__}, not a function")
     return fn
+
+
+def _keys_read(fn: Callable, param: str) -> tuple[str, ...]:
+    """The keys ``fn``'s source reads from its parameter ``param`` (``**kwargs``, or the example dict) such that a
+    missing or null value is not handled: ``param["x"]`` and ``param.pop("x")``, but not ``param.get("x")``,
+    ``param.pop("x", default)`` nor a key tested with ``"x" in param`` first. Empty where the source cannot be read
+    (a builtin, a callable object, a lambda defined among others on one line)."""
+    import ast
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    except (OSError, TypeError, SyntaxError, ValueError):
+        return ()
+    func = next((n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+                 and n.name == getattr(fn, "__name__", None)), None)
+    if func is None:
+        return ()
+
+    def is_param(node) -> bool:
+        return isinstance(node, ast.Name) and node.id == param
+
+    def key(node) -> str | None:
+        return node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else None
+
+    read, handled = [], set()
+    for node in ast.walk(func):
+        if isinstance(node, ast.Subscript) and is_param(node.value) and isinstance(node.ctx, ast.Load) and \
+                key(node.slice):
+            read.append(key(node.slice))
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and is_param(node.func.value) \
+                and node.args and key(node.args[0]):
+            if node.func.attr == "pop" and len(node.args) == 1 and not node.keywords:
+                read.append(key(node.args[0]))
+            elif node.func.attr in ("get", "pop"):
+                handled.add(key(node.args[0]))
+        elif isinstance(node, ast.Compare) and key(node.left) and len(node.ops) == 1 and \
+                isinstance(node.ops[0], (ast.In, ast.NotIn)) and is_param(node.comparators[0]):
+            handled.add(key(node.left))
+    return tuple(dict.fromkeys(k for k in read if k not in handled))
 
 
 def _describe(name: str, fn: Callable, weight: float) -> Reward:
@@ -170,13 +211,19 @@ def _describe(name: str, fn: Callable, weight: float) -> Reward:
         required = tuple(n for n, p in params.items()
                          if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is p.empty
                          and n not in TRL_ARGS)
-        return Reward(name, fn, weight, batched=True, required_columns=required, accepts_any_column=var_kw,
-                      accepted=tuple(named))
+        kwargs = next((n for n, p in params.items() if p.kind is p.VAR_KEYWORD), None)
+        read = tuple(k for k in (_keys_read(fn, kwargs) if kwargs else ())  # columns only: TRL passes no 'prompt'
+                     if k not in TRL_ARGS and k not in params and k not in ("prompt", "completion"))
+        return Reward(name, fn, weight, batched=True, required_columns=required + read, accepts_any_column=var_kw,
+                      accepted=tuple(named), read_through=kwargs if read else None)
     positional = [n for n, p in params.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     required = [n for n, p in params.items() if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL,
                                                                                           p.VAR_KEYWORD)]
     if positional[:1] == ["completion"] and len(positional) >= 2 and len(required) <= 2:
-        return Reward(name, fn, weight, batched=False, required_columns=tuple(getattr(fn, "columns", ())))
+        columns = getattr(fn, "columns", None)  # declared, or read from the example: example["answer"]
+        columns = tuple(columns) if columns is not None else \
+            tuple(k for k in _keys_read(fn, positional[1]) if k != "prompt")
+        return Reward(name, fn, weight, batched=False, required_columns=columns)
     raise RewardError(f"reward {name!r} has signature {name.split(':')[-1]}{inspect.signature(fn)}; a reward takes "
                       f"TRL's `(prompts, completions, **kwargs) -> list[float | None]` (batched) or "
                       f"`(completion: str, example: dict) -> float`")
@@ -201,10 +248,10 @@ def resolve_rewards(specs: list, weights: list[float] | None = None, *, columns:
             raise RewardError(f"rewards[{i}] must be a name, an import path or a checkpoint directory, got {spec!r}")
         if spec in REWARDS:
             out.append(_describe(spec, REWARDS[spec], weight))
-        elif Path(spec).is_dir():
+        elif Path(spec).expanduser().is_dir():
             from .reward_model import RewardModel
 
-            model = RewardModel(spec, load=load_models)
+            model = RewardModel(str(Path(spec).expanduser()), load=load_models)
             out.append(Reward(model.name, model, weight, batched=True))
         elif ":" in spec:
             fn = _import(spec)
@@ -259,8 +306,9 @@ def check_row_values(rewards: list[Reward], data, source: str) -> None:
             if not empty:
                 continue
             shown = ", ".join(map(str, empty[:5])) + (", ..." if len(empty) > 5 else "")
-            skip = (f"; if {r.name!r} is meant to skip such rows, give its parameter a default ({column}=None) and "
-                    f"return None for them") if r.batched else ""
+            how = f"read it with {r.read_through}.get({column!r})" if r.read_through and column not in r.accepted \
+                else f"give its parameter a default ({column}=None)"
+            skip = f"; if {r.name!r} is meant to skip such rows, {how} and return None for them" if r.batched else ""
             raise RewardError(f"reward {r.name!r} reads column {column!r}, which is missing or null in {len(empty)} "
                               f"of {len(data)} rows of data.dataset {source!r}: row(s) {shown} (counted from 0). "
                               f"Their completions would be scored without it (a correct one as wrong). Fill in "
@@ -333,6 +381,8 @@ def score_rewards(rewards: list[Reward], prompts: list, completions: list, examp
                 values = r.fn(**kwargs)
             except RewardError:
                 raise
+            except SystemExit as err:  # calling it again would exit again: the batch is named
+                raise RewardError(f"reward {r.name!r} raised {_raised(err)} on a batch of {n} completions") from err
             except Exception as err:
                 raise _locate(r, err, prompts, completions, examples, kwargs) from err
             table[:, j] = torch.tensor(_check_values(r, values, n), dtype=torch.float32)
@@ -341,11 +391,25 @@ def score_rewards(rewards: list[Reward], prompts: list, completions: list, examp
             for i, (c, ex) in enumerate(zip(completions, examples)):
                 try:
                     vals.append(r.fn(_text(c), ex))
-                except Exception as err:
-                    raise RewardError(f"reward {r.name!r} raised {type(err).__name__}: {err} on completion {i}: "
+                except (Exception, SystemExit) as err:
+                    raise RewardError(f"reward {r.name!r} raised {_raised(err)} on completion {i}: "
                                       f"{_example_text(prompts[i], c, ex)}") from err
             table[:, j] = torch.tensor(_check_values(r, vals, n), dtype=torch.float32)
     return table
+
+
+def _raised(err: BaseException) -> str:
+    """What a reward raised, in words. A ``SystemExit`` (``sys.exit()``, ``exit()``, argparse on the recipe's
+    command line) is said as such: let through, it would end the run with its code (0: as if it had finished)
+    and no message.
+
+    >>> _raised(SystemExit(0))
+    'SystemExit (it called sys.exit(0)); a reward must return its scores (or raise), never exit the process'
+    """
+    if isinstance(err, SystemExit):
+        return (f"SystemExit (it called sys.exit({err.code!r})); a reward must return its scores (or raise), never "
+                "exit the process")
+    return f"{type(err).__name__}: {err}"
 
 
 def _locate(r: Reward, err: Exception, prompts, completions, examples, kwargs) -> RewardError:
@@ -354,10 +418,10 @@ def _locate(r: Reward, err: Exception, prompts, completions, examples, kwargs) -
         one = {k: (v[i:i + 1] if isinstance(v, list) and len(v) == len(completions) else v) for k, v in kwargs.items()}
         try:
             r.fn(**one)
-        except Exception as row_err:
-            return RewardError(f"reward {r.name!r} raised {type(row_err).__name__}: {row_err} on completion {i}: "
+        except (Exception, SystemExit) as row_err:
+            return RewardError(f"reward {r.name!r} raised {_raised(row_err)} on completion {i}: "
                                f"{_example_text(prompts[i], completions[i], examples[i])}")
-    return RewardError(f"reward {r.name!r} raised {type(err).__name__}: {err} on a batch of {len(completions)} "
+    return RewardError(f"reward {r.name!r} raised {_raised(err)} on a batch of {len(completions)} "
                        f"completions (each alone scores fine)")
 
 

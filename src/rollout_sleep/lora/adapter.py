@@ -36,6 +36,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from rollout_sleep.engine.contract import engine_operation
+
 from .worker import adapter_slots, install_adapter, packed_modules
 
 logger = logging.getLogger(__name__)
@@ -208,7 +210,14 @@ class AdapterSync:
 
     def push(self) -> dict[str, float]:
         """Put the trainer's current adapter into the engine's slot (engine awake or asleep at level 0: the
-        slot lives with the weights). Returns ``{"adapter_sync_s": seconds, "adapter_method": ...}``."""
+        slot lives with the weights). Returns ``{"adapter_sync_s": seconds, "adapter_method": ...}``.
+
+        An operation of the engine's (:func:`~rollout_sleep.engine.contract.engine_operation`): it waits for a
+        generate running in another thread (whose adapter would change under it) and a closed engine refuses it."""
+        with engine_operation(self.engine, "push the adapter"):
+            return self._push()
+
+    def _push(self) -> dict[str, float]:
         level = self.engine.sleep_level
         if level not in (None, 0):
             from rollout_sleep.engine.state import EngineStateError
@@ -326,6 +335,10 @@ class AdapterSync:
         """Bitwise: every slot tensor equals the trainer's ``A`` in the LoRA dtype and ``B`` cast then
         scaled by ``alpha / r`` (what vLLM makes of an adapter it loads), and the slot's columns past rank
         ``r`` are zero. Reads the whole slot back (vLLM's activation zeroes it first)."""
+        with engine_operation(self.engine, "verify the adapter"):
+            return self._verify()
+
+    def _verify(self) -> AdapterVerifyReport:
         from rollout_sleep.engine.state import EngineStateError
 
         if self.engine.sleep_level not in (None, 0):

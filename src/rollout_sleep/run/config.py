@@ -354,11 +354,62 @@ def resolve_yaml_paths(cfg: RecipeConfig, folder: Path) -> dict[str, str]:
     return moved
 
 
+def expand_home(cfg: RecipeConfig) -> None:
+    """``~`` in the input paths (``data.dataset``, ``model.path``, reward files ``~/x.py:fn`` and reward-model
+    folders) expanded to the home folder, wherever they were given, so every reader of the config sees the path
+    itself (a model path ``~/ckpt`` would otherwise be taken for a hub id).
+
+    >>> from rollout_sleep.run.schema import DataConfig
+    >>> cfg = RecipeConfig(data=DataConfig(dataset="~/d.jsonl"), rewards=["~/r.py:f", "~/rm", "digits_format"])
+    >>> expand_home(cfg)
+    >>> [p.startswith("~") for p in (cfg.data.dataset, *cfg.rewards)]
+    [False, False, False, False]
+    """
+    def expand(path: str) -> str:
+        return str(Path(path).expanduser()) if isinstance(path, str) and path.startswith("~") else path
+
+    cfg.data.dataset = expand(cfg.data.dataset)
+    cfg.model.path = expand(cfg.model.path)
+    cfg.rewards = [expand(spec) for spec in cfg.rewards]  # 'file.py:fn' and folders alike: ':' stays in the name
+
+
+def with_input_paths_from(config: dict, folder: Path) -> dict:
+    """A copy of the config dict ``config`` with its relative input paths (``data.dataset``, reward files and
+    folders, ``model.path`` folders) read from ``folder``, as :func:`load_config` records them now. A run saved
+    before paths were recorded absolute kept command-line paths as written; a resume compares those read from
+    its working directory (their old reading).
+
+    >>> with_input_paths_from({"data": {"dataset": "d.jsonl"}, "model": {"path": "tiny"}, "rewards": ["f.py:g"]},
+    ...                       Path("/proj"))
+    {'data': {'dataset': '/proj/d.jsonl'}, 'model': {'path': 'tiny'}, 'rewards': ['/proj/f.py:g']}
+    """
+    import copy
+
+    out = copy.deepcopy(config)
+    cfg = RecipeConfig()
+    data, model = out.get("data"), out.get("model")
+    if isinstance(data, dict) and isinstance(data.get("dataset"), str):
+        cfg.data.dataset = data["dataset"]
+    if isinstance(model, dict) and isinstance(model.get("path"), str):
+        cfg.model.path = model["path"]
+    rewards = out.get("rewards")
+    cfg.rewards = list(rewards) if isinstance(rewards, list) else []
+    resolve_yaml_paths(cfg, folder)
+    if isinstance(data, dict) and isinstance(data.get("dataset"), str):
+        data["dataset"] = cfg.data.dataset
+    if isinstance(model, dict) and isinstance(model.get("path"), str):
+        model["path"] = cfg.model.path
+    if isinstance(rewards, list):
+        out["rewards"] = cfg.rewards
+    return out
+
+
 def load_config(path: str | Path | None, overrides: list[str] = (), *, device: str | None = None) -> RecipeConfig:
     """Defaults, then the YAML file (if any), then ``key=value`` overrides, in that order; then every check,
     the combinations of engine modes this ``device`` (``"cuda"`` / ``"cpu"``; default: this machine's) cannot
     run included (:mod:`rollout_sleep.run.modes`). Relative input paths in the YAML are read from the YAML's
-    folder (:func:`resolve_yaml_paths`); those given as overrides, from the working directory. Raises
+    folder (:func:`resolve_yaml_paths`); those given as overrides, from the working directory; both are kept as
+    absolute paths (what a resume compares). Raises
     :class:`ConfigError` listing every problem found."""
     cfg = RecipeConfig()
     problems: list[str] = []
@@ -379,6 +430,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), *, device: s
             continue
         key, value = item.split("=", 1)
         _set(cfg, key.strip(), value, problems, from_text=True)
+    expand_home(cfg)
     # a field with a wrong type kept its default, so the value checks below still apply to the rest.
     # The rewards are checked here (resolved, then dropped) so that a bad name is listed with every other problem
     # of the config, before a process group or the data exist; the recipe resolves them once for the run, with
@@ -389,6 +441,10 @@ def load_config(path: str | Path | None, overrides: list[str] = (), *, device: s
         validate_rewards(cfg.rewards, weights=cfg.reward_weights)
     if problems:
         raise ConfigError([_say_where(p, moved, Path(path)) for p in problems] if moved else problems)
+    # command-line paths (and YAML ones not found beside it) are read from the working directory (as checked
+    # above, and named as written): recorded absolute, so that a resume from another working directory compares
+    # the files, not the words
+    resolve_yaml_paths(cfg, Path.cwd())
     return cfg
 
 

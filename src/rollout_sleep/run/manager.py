@@ -16,16 +16,18 @@ with whatever weights the trainer then holds, so the loop can resume.
 
 from __future__ import annotations
 
+import os
 import time
 from contextlib import contextmanager, nullcontext
 
 import torch
 
 from rollout_sleep.engine.completion import Completion
-from rollout_sleep.engine.contract import RolloutEngine
+from rollout_sleep.engine.contract import RolloutEngine, UnsupportedOperation, as_prompts
 from rollout_sleep.engine.phases import CYCLE_PHASES
 from rollout_sleep.engine.state import check_level
 from rollout_sleep.weights.spec import WeightMismatchError
+from rollout_sleep.weights.checkpoints import save_weights
 from rollout_sleep.weights.stream import WeightStream, local_shard
 from rollout_sleep.weights.verify import verify
 
@@ -45,22 +47,33 @@ class RolloutManager:
         adapter: *optional*, a :class:`~rollout_sleep.lora.adapter.AdapterSync` (LoRA: the engine serves the adapter
             and keeps its base; ``sleep_level`` 0): a sync moves only the adapter, rollouts go through it,
             and verify checks the adapter bitwise and the base (bitwise, or shared memory on CUDA).
+        weights_dir: *optional*, a folder this manager owns: each sync saves the trainer's weights there as a
+            checkpoint and the engine reloads from it. Needed by an engine that reads its weights from a folder
+            (``engine.in_process`` false: a :class:`~rollout_sleep.serve.remote.RemoteEngine`, whose server must
+            see the folder); an in-process engine takes them from memory without it.
+
+    What the engine cannot offer is refused here, before its first sleep (:class:`UnsupportedOperation`): with a
+    server, in-memory weights (without ``weights_dir``), ``verify_every`` and LoRA adapters.
     """
 
     def __init__(self, engine: RolloutEngine, model: torch.nn.Module, *, sleep_level: int = 2,
                  bucket_bytes: int = 512 << 20, verify_every: int = 0, load_method: str | None = None,
-                 watchdog=None, adapter=None):
+                 watchdog=None, adapter=None, weights_dir: str | os.PathLike | None = None):
         if adapter is not None and sleep_level != 0:
             raise ValueError(f"with an adapter (LoRA) the engine keeps its base weights: sleep_level must be 0 "
                              f"(the KV cache only), got {sleep_level!r}")
         if adapter is None:
             check_level(sleep_level)
+        if not engine.in_process:
+            _check_remote(engine, weights_dir, verify_every, adapter)
         self.engine = engine
         self.model = model
         self.adapter = adapter
-        # LoRA: the stream is the base alone (verify proves vLLM's base is the trainer's, untouched)
+        self.weights_dir = weights_dir
+        # LoRA: the stream is the base alone (verify proves vLLM's base is the trainer's, untouched). Saved to a
+        # folder: the checkpoint's own names (a tied head is not saved, as save_pretrained leaves it out).
         self.stream = WeightStream(model, dtype=engine.dtype, bucket_bytes=bucket_bytes,
-                                   merge_adapters=adapter is None)
+                                   merge_adapters=adapter is None, include_tied_head=weights_dir is None)
         self.base_shared = False
         if adapter is not None and engine.on_cuda:
             from rollout_sleep.lora.shared_base import shares_storage_with_engine
@@ -82,6 +95,7 @@ class RolloutManager:
 
     def rollout(self, prompts, **sampling) -> list[Completion]:
         """Generate with the engine (syncing the trainer's weights first if it is asleep)."""
+        prompts = as_prompts(prompts)
         if self.engine.is_asleep:
             self.sync()
         t0 = time.perf_counter()
@@ -104,9 +118,10 @@ class RolloutManager:
         with self._phase("sleep", f"vLLM to sleep at level {self.sleep_level}"):
             report = self.engine.sleep(level=self.sleep_level)
         self._add("sleep_s", report.seconds["sleep"])
-        mem = report.memory_gib
-        self._step[f"{report.memory_kind}_before_sleep_gib"] = mem["before"]
-        self._step[f"{report.memory_kind}_asleep_gib"] = mem["asleep"]
+        mem = report.memory_gib  # empty where the engine's memory is not visible here (a server)
+        for key, name in (("before", "before_sleep"), ("asleep", "asleep")):
+            if key in mem:
+                self._step[f"{report.memory_kind}_{name}_gib"] = mem[key]
         if report.memory_kind == "cuda_free":
             self._step["memory_freed_gib"] = mem["asleep"] - mem["before"]
         t0 = time.perf_counter()
@@ -115,10 +130,11 @@ class RolloutManager:
                 yield self
         except torch.cuda.OutOfMemoryError as err:
             free = torch.cuda.mem_get_info()[0] / 2**30 if torch.cuda.is_available() else float("nan")
+            nan = float("nan")
             raise torch.cuda.OutOfMemoryError(
                 f"the trainer ran out of GPU memory while the engine slept at level {self.sleep_level} "
-                f"(free before sleep {mem['before']:.2f} GiB, after sleep {mem['asleep']:.2f} GiB, now "
-                f"{free:.2f} GiB). Lower the micro-batch or sequence length, enable gradient checkpointing"
+                f"(free before sleep {mem.get('before', nan):.2f} GiB, after sleep {mem.get('asleep', nan):.2f} GiB, "
+                f"now {free:.2f} GiB). Lower the micro-batch or sequence length, enable gradient checkpointing"
                 + (", or sleep at level 2." if self.sleep_level == 1 else ".")) from err
         finally:
             self._add("train_s", time.perf_counter() - t0)
@@ -128,12 +144,21 @@ class RolloutManager:
         if self.adapter is not None:
             return self._sync_adapter()
         try:
+            weights, saved_s = self.stream, 0.0
+            if self.weights_dir is not None:
+                with self._phase("wake", f"the trainer's weights to be saved to {self.weights_dir}"):
+                    t0 = time.perf_counter()
+                    weights = save_weights(self.stream, self.weights_dir, like=self.engine.model_path)
+                    saved_s = time.perf_counter() - t0
             if not self.engine.is_asleep:
                 with self._phase("wake", "vLLM to load the trainer's weights"):
-                    report = self.engine.load_weights(self.stream, method=self.load_method)
+                    report = self.engine.load_weights(weights, method=self.load_method)
             else:
                 with self._phase("wake", "vLLM to wake up, load the trainer's weights and map its KV cache back"):
-                    report = self.engine.wake_up(weights=self.stream, method=self.load_method)
+                    report = self.engine.wake_up(weights=weights, method=self.load_method)
+            if saved_s:  # part of the load (counted in load_s), and said on its own
+                report.seconds["save"] = saved_s
+                report.seconds["load"] = report.seconds.get("load", 0.0) + saved_s
         except WeightMismatchError:
             self._blame_non_finite_weights()  # the engine refuses NaN/inf weights: say where they came from
             raise
@@ -215,3 +240,21 @@ class RolloutManager:
         out, self._step = self._step, {}
         out["cycle_overhead_s"] = sum(out.get(f"{p}_s", 0.0) for p in CYCLE_PHASES)
         return out
+
+
+def _check_remote(engine: RolloutEngine, weights_dir, verify_every: int, adapter) -> None:
+    """What a manager cannot do with an engine that is not in this process (a server), refused before anything
+    is touched rather than at the first sync, with the engine asleep."""
+    if adapter is not None:
+        raise UnsupportedOperation(engine, "a LoRA adapter sync", "the adapter is copied into vLLM's slots in memory",
+                                   "an in-process Engine for LoRA")
+    if verify_every:
+        raise UnsupportedOperation(engine, "verify_weights (verify_every=%d)" % verify_every,
+                                   "a server's weights cannot be read back over HTTP",
+                                   "RolloutManager(..., verify_every=0); verify an in-process Engine loaded from the "
+                                   "same checkpoint")
+    if weights_dir is None:
+        raise UnsupportedOperation(engine, "wake_up(weights=<the trainer's, in memory>)",
+                                   "a vllm serve takes new weights only as a checkpoint directory it can read",
+                                   "RolloutManager(engine, model, weights_dir=<a folder the server can read>): each "
+                                   "sync saves the trainer's weights there and the server reloads them")

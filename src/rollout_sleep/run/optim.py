@@ -1,7 +1,7 @@
 """The recipe's optimizers and what their state weighs, and moving that state off the GPU while vLLM rolls out.
 
-``train.optimizer``: ``adamw`` (PyTorch's AdamW, fused on CUDA; its two moments take the parameters' dtype,
-so bf16 weights carry 4 bytes of state per parameter, float32 weights 8) or ``adamw8bit`` (bitsandbytes'
+``train.optimizer``: ``adamw`` (PyTorch's AdamW, fused on CUDA and for float16 parameters; its two moments take
+the parameters' dtype, so bf16 weights carry 4 bytes of state per parameter, float32 weights 8) or ``adamw8bit`` (bitsandbytes'
 ``AdamW8bit``, imported only when asked: two uint8 moments with a float32 scale per 256-element block; tensors
 under 4096 elements keep float32 moments, and so do the embeddings, as transformers' Trainer (and so TRL) sets
 up its 8-bit AdamW for stability).
@@ -99,6 +99,12 @@ def build_optimizer(kind: str, params, *, lr: float, weight_decay: float, fused:
     """The optimizer ``kind`` (see :data:`OPTIMIZERS`) over ``params`` (``fused``: PyTorch AdamW's). For
     ``adamw8bit``, ``model``'s embeddings keep 32-bit state (transformers' Trainer does the same)."""
     if kind == "adamw":
+        params = list(params)
+        if fused is None and any(p.dtype == torch.float16 for p in _tensors(params)):
+            # PyTorch's unfused AdamW computes in the parameters' dtype: in float16 its eps (1e-8) rounds to 0,
+            # so an element whose gradient is 0 becomes 0/0 = NaN at the first step. The fused kernels (CPU and
+            # CUDA) compute in float32.
+            fused = True
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
     if kind == "adamw8bit":
         problem = missing_package(kind)
@@ -114,6 +120,15 @@ def build_optimizer(kind: str, params, *, lr: float, weight_decay: float, fused:
                     manager.register_module_override(module, "weight", {"optim_bits": 32})
         return optimizer
     raise ValueError(f"unknown optimizer {kind!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+
+def _tensors(params: list):
+    """The parameters of a list of parameters or of parameter groups (dicts with ``params``)."""
+    for item in params:
+        if isinstance(item, dict):
+            yield from item["params"]
+        else:
+            yield item
 
 
 def state_tensors(optimizer: torch.optim.Optimizer):

@@ -87,13 +87,16 @@ def config_changes(old: dict, new: dict) -> dict[str, list[tuple[str, Any, Any]]
     """The keys whose value differs between ``old`` and ``new`` (config dicts), as ``(key, old, new)`` grouped by
     resume class (``fixed`` / ``applied`` / ``free``, from :func:`rollout_sleep.run.schema.resume_classes`).
     A key ``old`` does not hold (a config from before that key existed) is not compared; ``reward_weights`` unset
-    is 1.0 each.
+    is 1.0 each; input paths are compared as files (a relative one in ``old``, saved before paths were recorded
+    absolute, is read from the working directory).
 
     >>> config_changes({"train": {"lr": 1.0, "seed": 0}}, {"train": {"lr": 2.0, "seed": 1}})["fixed"]
     [('train.seed', 0, 1)]
     """
+    from .config import with_input_paths_from
     from .schema import FIXED, RESUME_CLASSES, resume_classes
 
+    old = with_input_paths_from(old, Path.cwd())  # a run saved with relative paths: as it read them
     out: dict[str, list] = {c: [] for c in RESUME_CLASSES}
     for key, klass in resume_classes().items():
         if not _holds(old, key):
@@ -118,6 +121,14 @@ def resume_point(out: Path) -> tuple[Path | None, dict]:
     if found is None:
         return None, {}
     return found, json.loads((found / STATE_FILE).read_text())
+
+
+def trained_settings(out: Path) -> dict | None:
+    """The settings a resume in ``out`` compares its own with: those saved beside the checkpoint it would load;
+    for a checkpoint saved before settings were saved beside it (or none), the run's last (``run_config.json``);
+    ``None`` if neither. Read before the run rewrites ``run_config.json``. Reads only."""
+    _, state = resume_point(out)
+    return state["config"] if isinstance(state.get("config"), dict) else _previous_config(out)
 
 
 def check_steps_left(out: Path, steps: int) -> None:
@@ -153,7 +164,7 @@ def check_output_dir(out: Path, config: dict, resume: bool, overwrite: bool = Fa
     if resume and old is not None:
         # the settings the checkpoint a resume loads was trained with (saved beside it), else the run's last
         ckpt, state = resume_point(out)
-        trained = state.get("config") if isinstance(state.get("config"), dict) else old
+        trained = state.get("config") if isinstance(state.get("config"), dict) else old  # as trained_settings
         fixed = config_changes(trained, config)["fixed"]
         if fixed and (steps or saved):
             where = f"its checkpoint {ckpt.name} was trained with" if ckpt is not None and trained is not old \
@@ -163,6 +174,25 @@ def check_output_dir(out: Path, config: dict, resume: bool, overwrite: bool = Fa
                               + f" ({where} the first value of each). These settings define the saved state, so a "
                               "resume cannot continue under the new ones. Use a new output_dir for this run, or "
                               "revert those settings to resume it.")
+
+
+def check_dataset_rows(out: Path, rows: int, source: str, resume: bool) -> None:
+    """Raise :class:`RunDirError` when resuming the run in ``out`` over a dataset that now gives another number of
+    rows than it did (``dataset_rows`` in its settings, see :func:`write_run_config`). Each step's rows are drawn
+    from the row count (a fresh permutation of all rows per epoch): a file that grew or shrank between a run and
+    its resume gives every later step another order, so some rows of the current epoch would be trained twice
+    and others not at all. Reads only; runs that recorded no count are not checked."""
+    old = _previous_config(out)
+    if not resume or old is None or old.get("dataset_rows") in (None, rows):
+        return
+    if not (logged_steps(out / "metrics.jsonl") or saved_steps(out / "checkpoints")):
+        return  # nothing trained yet: no order to keep
+    raise RunDirError(f"output_dir {str(out)!r} holds a run over {old['dataset_rows']} rows of data.dataset "
+                      f"{source!r}, which now gives {rows}: each step's rows are drawn from the row count (a fresh "
+                      f"permutation of all rows per epoch), so resuming would train the remaining steps in another "
+                      f"order (rows of the current epoch twice, others not at all). To resume, restore the dataset "
+                      f"to its {old['dataset_rows']} rows; to train on the new rows, start a new run (a new "
+                      f"output_dir, or resume=false overwrite=true)")
 
 
 def lock(out: Path):
@@ -229,6 +259,65 @@ def drop_stale_model(out: Path, config: dict) -> bool:
     return False
 
 
+def model_problem(path: Path) -> str | None:
+    """Why the random-weight checkpoint the recipe builds for a size (``out/model``) is not whole, or ``None``:
+    its ``config.json`` gets the builder's mark last (:func:`rollout_sleep.weights.checkpoints.make_checkpoint`),
+    and its weight files must be whole (a build killed or out of space left a folder that looked built)."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except OSError:
+        return "it has no config.json"
+    except ValueError:
+        return "its config.json is unreadable"
+    mark = config.get("rollout_sleep") if isinstance(config, dict) else None
+    if not isinstance(mark, dict):
+        return "its config.json lacks the build's last step (the build did not finish)"
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights and "dummy" not in str(mark.get("weights", "")):
+        return "it holds no weights (*.safetensors)"
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return f"{index.name} is unreadable"
+        missing = sorted(s for s in shards if not (path / s).is_file())
+        if missing:
+            return f"{missing[0]} is missing"
+    for p in weights:
+        problem = _safetensors_problem(p)
+        if problem:
+            return problem
+    return None
+
+
+def build_model(path: Path, build, what: str) -> str | None:
+    """Build the recipe's random-weight checkpoint ``path`` whole or not at all: ``build(folder)`` writes into a
+    hidden staging folder beside it, renamed to ``path`` once done. A ``path`` already whole is kept; one that is
+    not (:func:`model_problem`: a build killed or out of space, before builds were staged) is deleted and built
+    again, and the reason is returned (else ``None``). A build that fails raises :class:`WriteError` naming
+    ``what``, the cause and the fix, its partial folder deleted."""
+    redo = None
+    if path.exists():
+        redo = model_problem(path)
+        if redo is None:
+            return None
+        _remove(path)
+        logger.warning("deleted %s, an incomplete build of the model (%s): building it again", path, redo)
+    staging = path.with_name(STAGING_PREFIX + path.name)
+    try:
+        _remove(staging)  # a build that stopped half-way
+        build(staging)
+        os.replace(staging, path)
+    except Exception as err:  # safetensors' own error type on a full disk, an OSError, torch's RuntimeError
+        cause, fix = write_problem(err, staging)
+        with contextlib.suppress(OSError):
+            _remove(staging)
+        raise WriteError(f"cannot build {what} in {path}: {cause}. The partial build was deleted. "
+                         f"{fix[0].upper()}{fix[1:]}, then rerun.") from err
+    return redo
+
+
 def clear_run(out: Path, config: dict) -> list[str]:
     """``overwrite=true``: delete an earlier run's metrics, checkpoints and settings (and the random-weight
     model it built, if the model settings changed). Returns what was deleted."""
@@ -257,18 +346,45 @@ def log_file(out: Path, rank: int) -> Path:
     return out / (LOG_FILE if rank == 0 else f"run.rank{rank}.log")
 
 
-def write_run_config(out: Path, config: dict) -> None:
-    """Record the run's settings (what :func:`check_output_dir` compares a resume against)."""
-    _write_atomic(out / RUN_CONFIG, json.dumps(config, indent=1, default=str))
+def write_run_config(out: Path, config: dict, dataset_rows: int | None = None) -> None:
+    """Record the run's settings (what :func:`check_output_dir` compares a resume against) and the number of
+    rows its dataset gave (what :func:`check_dataset_rows` compares a resume against)."""
+    record = {**config, "dataset_rows": dataset_rows} if dataset_rows is not None else config
+    write_atomic(out / RUN_CONFIG, json.dumps(record, indent=1, default=str))
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all: into ``<path>.tmp``, synced, then renamed over ``path``. A
+    write that fails (a full disk) leaves the earlier ``path`` as it was (``Path.write_text`` would have emptied
+    it first) and no ``.tmp`` file."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def read_json(path: Path, what: str) -> dict:
+    """The JSON object in ``path`` (a file the run rewrites, e.g. the memory plan), or ``{}`` when there is none;
+    one that cannot be read (emptied or cut by a write that failed in an older version, edited by hand) is said
+    in the log and taken as none, so that it never stops a run from going on (it is written anew)."""
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        logger.warning("%s %s cannot be read (%s): it is written anew", what, path, err)
+        return {}
+    if not isinstance(data, dict):
+        logger.warning("%s %s holds no JSON object: it is written anew", what, path)
+        return {}
+    return data
 
 
 # ----------------------------------------------------------------------------------- failed writes
@@ -404,7 +520,7 @@ def commit(staging: Path, final: Path, state: dict) -> Path:
             with open(p, "rb") as fh:
                 os.fsync(fh.fileno())
             files[str(p.relative_to(staging))] = p.stat().st_size
-    _write_atomic(staging / STATE_FILE, json.dumps({**state, "files": files}))
+    write_atomic(staging / STATE_FILE, json.dumps({**state, "files": files}))
     earlier = set_aside(final, "replaced by a new save of the same step") if final.exists() else None
     try:  # (``final`` exists when a step is saved again, e.g. after resuming from an older checkpoint)
         os.replace(staging, final)
@@ -537,5 +653,5 @@ def supersede_metrics(log: Path, through_step: int) -> int:
     if moved:
         with open(log.with_name("metrics.superseded.jsonl"), "a") as fh:
             fh.write("".join(ln + "\n" for ln in moved))
-        _write_atomic(log, "".join(ln + "\n" for ln in keep))
+        write_atomic(log, "".join(ln + "\n" for ln in keep))
     return len(moved)

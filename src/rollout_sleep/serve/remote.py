@@ -21,7 +21,7 @@ from typing import Any, Iterable
 from rollout_sleep.engine.completion import Completion
 from rollout_sleep.engine.contract import UnsupportedOperation, as_prompts, closing, operation
 from rollout_sleep.engine.phases import CycleReport, timed
-from rollout_sleep.engine.state import LEVELS, EngineStateError, SleepState, load_then_finish
+from rollout_sleep.engine.state import LEVELS, EngineStateError, IncompleteWeightsError, SleepState, load_then_finish
 from rollout_sleep.weights.spec import check_checkpoint_dir, read_checkpoint_spec
 
 from .server import ServerClient, ServerError, ServerUnreachableError
@@ -46,6 +46,8 @@ class RemoteEngine(SleepState):
     subject = "server"
     asleep_risk = "a request would hang until it wakes"
     levels = LEVELS
+    in_process = False  # weights travel as a checkpoint directory; they cannot be read back
+    _incomplete: str | None = None  # why the last reload did not complete (requests refused until one does)
     memory_before_gib = None
     memory_loaded_gib = None
 
@@ -95,22 +97,51 @@ class RemoteEngine(SleepState):
             body["seed"] = seed
         if not prompts:
             return []
-        texts = [p for p in prompts if isinstance(p, str)]
-        if texts and len(texts) != len(prompts):
-            raise TypeError("prompts must be all strings or all token-id lists (one batched request)")
-        batch = texts or prompts
-        # one request for the whole batch, so the server batches it; choice k belongs to prompt k // n
-        try:
-            resp = self.client.completions(batch, model=self.model_id, **body)
-        except ServerUnreachableError as err:  # e.g. put to sleep by someone else while we waited
-            self._require_server_awake("generate", cause=err)
-            raise
+        # One request per kind (the completions API takes a list of strings or a list of token-id lists, not a
+        # mix), so the server batches each; choice k of a request belongs to its prompt k // n.
+        kinds = [[i for i, p in enumerate(prompts) if isinstance(p, str)],
+                 [i for i, p in enumerate(prompts) if not isinstance(p, str)]]
         out = []
-        for c in sorted(resp["choices"], key=lambda c: c["index"]):
-            lps = (c.get("logprobs") or {}).get("token_logprobs")
-            out.append(Completion(c["index"] // n, list(c.get("prompt_token_ids") or []),
-                                  list(c.get("token_ids") or []), lps, c["text"], c.get("finish_reason")))
+        for where in filter(None, kinds):
+            try:
+                resp = self.client.completions([prompts[i] for i in where], model=self.model_id, **body)
+            except ServerUnreachableError as err:  # e.g. put to sleep by someone else while we waited
+                self._require_server_awake("generate", cause=err)
+                raise
+            for c in sorted(resp["choices"], key=lambda c: c["index"]):
+                lps = (c.get("logprobs") or {}).get("token_logprobs")
+                out.append(Completion(where[c["index"] // n], list(c.get("prompt_token_ids") or []),
+                                      list(c.get("token_ids") or []), lps, c["text"], c.get("finish_reason")))
+        return sorted(out, key=lambda c: c.prompt_index)  # stable: a prompt's n completions keep their order
+
+    @operation("score")
+    def score(self, sequences: Iterable[list[int]]) -> list[list[float]]:
+        """Log-prob of every token of each sequence given its prefix (the first token has none), teacher-forced, as
+        :meth:`Engine.score <rollout_sleep.engine.engine.Engine.score>`: the server's ``prompt_logprobs``."""
+        seqs = [[int(t) for t in s] for s in sequences]
+        self.require_awake("score")
+        self._require_server_awake("score")
+        if not seqs:
+            return []
+        resp = self.client.completions(seqs, model=self.model_id, max_tokens=1, temperature=0.0, prompt_logprobs=0,
+                                       return_token_ids=True)
+        out = []
+        for c, seq in zip(sorted(resp["choices"], key=lambda c: c["index"]), seqs):
+            steps = c.get("prompt_logprobs") or []
+            out.append([step[str(tok)]["logprob"] for step, tok in zip(steps[1:], seq[1:])])
         return out
+
+    @operation("run a function on the model")
+    def run_on_model(self, fn: Any) -> Any:
+        """Refused: the model lives in the server's process."""
+        raise UnsupportedOperation(self, "run_on_model", "the model lives in the server's process",
+                                   "an in-process Engine loaded from the same checkpoint")
+
+    @operation("push weights")
+    def push(self, weights: Any, **kwargs: Any) -> CycleReport:
+        """Refused: a push takes in-memory weights into vLLM's own sleep/wake (an in-process integration)."""
+        raise UnsupportedOperation(self, "push", "a push hands in-memory weights to a vLLM this process drives",
+                                   "load_weights(<checkpoint directory>) (or wake_up(weights=...))")
 
     @operation("sleep")
     def sleep(self, level: int = 2) -> CycleReport:
@@ -139,7 +170,7 @@ class RemoteEngine(SleepState):
             self.client.wake_up(["weights"])
         def load():
             with timed(report, "load", sync=False):
-                self.client.reload_weights(str(path))
+                self._reload(path)
 
         def finish():
             with timed(report, "wake_kv_cache", sync=False):
@@ -160,7 +191,7 @@ class RemoteEngine(SleepState):
         self._validate(weights)
         report = CycleReport("load", memory_kind="none")
         with timed(report, "load", sync=False):
-            self.client.reload_weights(str(weights))
+            self._reload(weights)
         with timed(report, "reset", sync=False):
             self._reset()
         return report
@@ -175,7 +206,7 @@ class RemoteEngine(SleepState):
         """Refused: the bitwise proof reads every weight where the engine holds it."""
         raise UnsupportedOperation(self, "verify_weights", "a server's weights cannot be read back over HTTP",
                                    "verify an in-process Engine loaded from the same checkpoint, or compare the "
-                                   "server's greedy completions with the trainer's")
+                                   "server's score(...) (teacher-forced log-probs) with the trainer's")
 
     @closing
     def close(self) -> None:
@@ -194,6 +225,26 @@ class RemoteEngine(SleepState):
         if not strict:
             raise UnsupportedOperation(self, f"{method_name}(strict=False)", "a server reloads whole checkpoints",
                                        "a checkpoint directory with every tensor (strict=True)")
+
+    def require_awake(self, what: str) -> None:
+        """Refuse ``what`` unless awake with a completed reload (see :meth:`SleepState.require_awake`)."""
+        super().require_awake(what)
+        if self._incomplete is not None:
+            raise IncompleteWeightsError(
+                f"cannot {what}: the last reload did not complete ({self._incomplete}), so the server may hold a mix "
+                "of old and new weights (and a half-reloaded vLLM dies at its next request); call "
+                "load_weights(<checkpoint directory>) with a complete checkpoint first")
+
+    def _reload(self, path: str | os.PathLike) -> None:
+        """vLLM's reload from ``path`` (validated). Until one completes, requests are refused: a reload that failed
+        or was interrupted (Ctrl-C, a timeout) may have left the server's weights half-replaced."""
+        self._incomplete = f"the reload from {path} was interrupted"
+        try:
+            self.client.reload_weights(str(path))
+        except BaseException as err:  # noqa: BLE001  (Ctrl-C included: re-raised as it is)
+            self._incomplete = f"the reload from {path} failed: {type(err).__name__}: {str(err)[:200]}".rstrip(": ")
+            raise
+        self._incomplete = None
 
     def _reset(self) -> None:
         if not self.client.reset_prefix_cache():

@@ -275,6 +275,36 @@ def make_checkpoint(
     return str(out)
 
 
+def save_weights(weights, folder: str | os.PathLike, *, like: str | os.PathLike | None = None,
+                 shard_bytes: int = 2 << 30) -> str:
+    """Write ``(checkpoint name, tensor)`` pairs (a :class:`~rollout_sleep.weights.stream.WeightStream`) as a
+    checkpoint folder vLLM reloads from: safetensors shards, and the ``config.json`` of the checkpoint ``like``
+    where it has one. The folder belongs to the caller's syncs: its earlier ``*.safetensors`` are replaced.
+    Returns the folder's absolute path."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    out = Path(folder).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    for old in [*out.glob("*.safetensors"), *out.glob("*.safetensors.index.json")]:
+        old.unlink()
+    if like is not None and Path(like, "config.json").is_file():
+        shutil.copyfile(Path(like, "config.json"), out / "config.json")
+    shard: dict = {}
+    size = count = 0
+    for name, tensor in weights:
+        # a copy: the stream's tensors may be views of the trainer's (tied, fused) or of a reused bucket
+        shard[name] = tensor.detach().to("cpu", copy=True).contiguous()
+        size += shard[name].numel() * shard[name].element_size()
+        if size >= shard_bytes:
+            save_file(shard, str(out / f"model-{count:05d}.safetensors"))
+            shard, size, count = {}, 0, count + 1
+    if shard or not count:
+        save_file(shard, str(out / f"model-{count:05d}.safetensors"))
+    return str(out)
+
+
 def init_nonpersistent_buffers(model, device) -> None:
     """Compute the non-persistent buffers (rotary tables) of a model built on the meta device (or moved with
     ``to_empty``, which leaves them uninitialized: garbage, NaN) on ``device``; parameters are not touched."""
