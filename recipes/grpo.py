@@ -228,8 +228,8 @@ class GRPORecipe:
             log.add_file(output_dir.log_file(self.out, self.acc.process_index))
 
     def _prepare_prompts(self) -> None:
-        """Prompts in their format (chat template when conversational), checked against the context: every
-        mistake here is reported before vLLM starts."""
+        """Prompts in their format (chat template when conversational), checked against the context, and the reward
+        models against that format: every mistake here is reported before vLLM starts."""
         cfg = self.cfg
         self.prompt_tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         try:

@@ -139,7 +139,7 @@ def test_a_reward_model_without_a_chat_template_is_refused_for_conversations_bef
     def no_engine(*args, **kwargs):
         raise AssertionError("the engine was built before the reward model was checked")
 
-    monkeypatch.setattr(recipe, "Engine", no_engine)
+    monkeypatch.setattr(recipe, "build_engine", no_engine)
     cfg = recipe.load_config(str(CONFIG), [f"output_dir={tmp_path / 'run'}", "train.memory_plan=off",
                                            f"data.dataset={ROOT / 'examples' / 'gsm8k' / 'data.jsonl'}",
                                            "train.prompts_per_step=4", f"rewards=[digits_format, {path}]",
