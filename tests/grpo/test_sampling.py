@@ -110,5 +110,5 @@ def test_extending_train_steps_keeps_the_run_and_its_order(tmp_path, caplog):
         output_dir.check_output_dir(tmp_path, longer, resume=True)
     assert caplog.text == ""
     longer["data"]["num_prompts"] = 96  # another prompt set: another run
-    with pytest.raises(output_dir.RunDirError, match="holds a different run: data: "):
+    with pytest.raises(output_dir.RunDirError, match="holds a different run: data.num_prompts: None -> 96 "):
         output_dir.check_output_dir(tmp_path, longer, resume=True)
