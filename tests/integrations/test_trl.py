@@ -61,6 +61,13 @@ def test_the_trl_plugin_refuses_a_temperature_below_the_floor():
     args = SimpleNamespace(use_vllm=True, vllm_mode="colocate", temperature=1e-3)
     with pytest.raises(ValueError, match=r"GRPOConfig.temperature=0.001 is below vLLM's lowest sampling temperature"):
         patch(SimpleNamespace(args=args))
+    # 0: vLLM samples greedily (no problem of its own), but TRL divides the logits by it: the old patch() let it
+    # through, and TRL stopped at its first training step, after vLLM had generated
+    for zero in (0.0, 0):
+        args.temperature = zero
+        with pytest.raises(ValueError, match=rf"GRPOConfig.temperature={zero}: TRL scores the completions with the "
+                                             r"logits divided by the temperature, so it must be > 0"):
+            patch(SimpleNamespace(args=args))
 
 
 def test_patched_peft_trainer_serves_the_adapter_from_vllm(ckpts, tmp_path):

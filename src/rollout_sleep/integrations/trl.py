@@ -73,7 +73,12 @@ def patch(trainer, *, sleep_level: int = 2, verify_every: int = 1, bucket_bytes:
                          f"{args.vllm_mode!r}: in server mode the engine lives in another process; use "
                          "rollout_sleep.serve.server instead")
     check_level(sleep_level)
-    problem = temperature_problem(getattr(args, "temperature", 1.0), "GRPOConfig.temperature")
+    temperature = getattr(args, "temperature", 1.0)
+    if not temperature > 0:  # vLLM samples greedily at 0, but TRL divides the logits by it at its first step
+        raise ValueError(f"GRPOConfig.temperature={temperature!r}: TRL scores the completions with the logits divided "
+                         "by the temperature, so it must be > 0 (vLLM would sample greedily at 0, then TRL would stop "
+                         "at its first training step with 'temperature must be positive'). Set 0.01 or more")
+    problem = temperature_problem(temperature, "GRPOConfig.temperature")
     if problem:  # TRL scores at its temperature what vLLM sampled at another
         raise ValueError(problem)
     gen = getattr(trainer, "vllm_generation", None)
