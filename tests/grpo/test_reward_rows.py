@@ -109,7 +109,17 @@ def test_a_column_read_through_kwargs_or_the_example_is_checked_too(tmp_path, na
     through its example (``example["answer"]``), reads it as surely as one that names it: the old check saw no
     column there, so rows without it were scored without it (0.0 for a correct completion), and a dataset without
     the column failed at the first step, after vLLM had started."""
-    from rollout_sleep.run.config import validate_rewards
+    from rollout_sleep.grpo.errors import RewardError
+    from rollout_sleep.grpo.rewards import check_columns, check_row_values, resolve_rewards
+
+    def validate_rewards(specs, columns, data, source="the dataset"):  # the recipe's checks, in its order
+        try:
+            rewards = resolve_rewards(specs, load_models=False)
+            check_columns(rewards, list(columns))
+            check_row_values(rewards, data, source)
+        except RewardError as err:
+            return [str(err)]
+        return []
 
     data, _ = _task(tmp_path)
     rw = tmp_path / "readers.py"
