@@ -5,7 +5,8 @@
 
 Per vLLM model runner (the default, and ``VLLM_USE_V2_MODEL_RUNNER=0``), in a fresh process:
 
-1. ``plain``: a LoRA-enabled engine (one slot, dummy weights) generates with no adapter;
+1. ``plain``: a LoRA-enabled engine (one slot, dummy weights) generates with no adapter, and ``level0``:
+   again after a level-0 sleep (the KV cache released) and wake;
 2. ``disk``: the same engine generates through a PEFT adapter saved to disk (vLLM's public LoRA path);
 3. ``sync``: :class:`AdapterSync` installs the trainer's in-memory adapter (base = views of vLLM's weights
    on CUDA) and the engine generates through it; then one slot copy (``push``) and a generate again.
@@ -63,6 +64,13 @@ def child(args) -> dict:
 
     try:
         step("plain", lambda: tokens(engine.generate(prompts, **sampling)))
+
+        def level0():  # the KV cache released and mapped back (the weights stay): no adapter involved yet
+            engine.sleep(level=0)
+            engine.wake_up()
+            return tokens(engine.generate(prompts, **sampling))
+
+        step("level0", level0)
 
         def disk():
             from vllm.lora.request import LoRARequest

@@ -123,7 +123,7 @@ def test_model_on_views_holds_no_copy_and_computes_alike(ckpts):
     from transformers import AutoConfig
 
     from helpers import hf_model
-    from rollout_sleep.lora.shared_base import model_on_views
+    from rollout_sleep.weights.views import model_on_views
 
     ref = hf_model(ckpts["untied0"])
     targets = dict(ref.state_dict())
@@ -180,6 +180,14 @@ def test_level0_releases_the_kv_cache_only(monkeypatch):
             assert release_kv_cache(None) == 0 and len(unmapped) == 2  # already released: nothing twice
         map_kv_cache(None)
         assert alloc.woken == [["kv_cache"]], style
+    # a worker maps it back through its own wake_up, which re-initializes what the model runner keeps in that
+    # memory (vLLM 0.26's V2 runner: block-table layout tensors; skipping it crashed the first generate on the H100)
+    from types import SimpleNamespace as NS
+
+    calls = []
+    worker = NS(wake_up=lambda tags=None: calls.append(tags))
+    map_kv_cache(worker)
+    assert calls == [["kv_cache"]] and alloc.woken == [["kv_cache"]]
 
 
 def test_adapter_modules_keep_their_names_whatever_vllm_calls_the_rename_mapper(monkeypatch):

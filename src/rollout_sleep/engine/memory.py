@@ -233,7 +233,13 @@ def release_kv_cache(worker: Any) -> int:
 
 
 def map_kv_cache(worker: Any) -> None:
-    """On a worker: map the KV cache's memory back (its contents are gone: the prefix cache is reset after)."""
+    """On a worker: map the KV cache's memory back (its contents are gone: the prefix cache is reset after)
+    through the worker's own ``wake_up``, which also re-initializes what the model runner keeps in that memory
+    (vLLM 0.26's V2 runner: its block-table layout tensors; without it the first generate hits an illegal memory
+    access)."""
+    if hasattr(worker, "wake_up"):
+        worker.wake_up(tags=["kv_cache"])
+        return
     from vllm.device_allocator.cumem import CuMemAllocator
 
     CuMemAllocator.get_instance().wake_up(tags=["kv_cache"])

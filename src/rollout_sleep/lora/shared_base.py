@@ -9,6 +9,8 @@ from torch import nn
 
 from rollout_sleep.weights.spec import EMBEDDING, HEAD, ties_head
 
+from rollout_sleep.weights.views import model_on_views
+
 from .adapter import LoraSettings
 
 
@@ -36,39 +38,6 @@ def trainer_from_engine(engine, settings: LoraSettings, *, gradient_checkpointin
     from peft import get_peft_model
 
     return get_peft_model(model, settings.peft_config())
-
-
-def model_on_views(config, targets: dict[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:
-    """A frozen transformers causal LM of ``config`` whose parameters are the given tensors (checkpoint name →
-    tensor; a tied head may be left out: it is the embedding), built on the meta device so that nothing of
-    the base is allocated; rotary tables are computed on the tensors' device."""
-    from transformers import AutoModelForCausalLM
-
-    from rollout_sleep.weights.checkpoints import init_nonpersistent_buffers
-
-    tied = ties_head(config)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    problems = []
-    for name, p in list(model.named_parameters(remove_duplicate=False)):
-        view = targets.get(name)
-        if view is None and name == HEAD and tied:
-            view = targets.get(EMBEDDING)
-        if view is None:
-            problems.append(f"{name}: no tensor for it")
-            continue
-        if tuple(view.shape) != tuple(p.shape) or view.dtype != p.dtype:
-            problems.append(f"{name}: given {tuple(view.shape)} {view.dtype}, the model wants "
-                            f"{tuple(p.shape)} {p.dtype}")
-            continue
-        owner, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(owner), leaf, nn.Parameter(view, requires_grad=False))
-    if problems:
-        raise ValueError("cannot build the trainer from vLLM's weights: " + "; ".join(problems[:8]))
-    if tied:
-        model.tie_weights()
-    init_nonpersistent_buffers(model, next(iter(targets.values())).device)
-    return model.requires_grad_(False).eval()
 
 
 def shares_storage_with_engine(engine, model: nn.Module) -> tuple[int, int]:
