@@ -63,7 +63,10 @@ from common import ROOT, PeakMemory, device_name, gib, versions, write_json
 
 ARM_OVERRIDES = {"ours_adamw": ("train.optimizer=adamw",), "ours_8bit": ("train.optimizer=adamw8bit",),
                  "ours_offload": ("train.offload_optimizer=true",),
-                 "ours_no_ckpt": ("train.gradient_checkpointing=false",)}
+                 "ours_no_ckpt": ("train.gradient_checkpointing=false",),
+                 # one copy of the weights (the default on CUDA) against two, the same optimizer on both sides
+                 "ours_one_copy": ("model.share_weights=true", "train.stochastic_rounding=true"),
+                 "ours_two_copies": ("model.share_weights=false", "train.stochastic_rounding=true")}
 TRL_OPTIM = {"adamw": "adamw_torch_fused", "adamw8bit": "adamw_bnb_8bit"}
 TUNED = {"qwen3-0.6b": ("train.micro_batch=128", "train.gradient_checkpointing=false"),
          "qwen3-4b": ("train.micro_batch=32", "train.gradient_checkpointing=false"),
@@ -152,6 +155,8 @@ def run_ours(size: str, steps: int, workdir: Path, name: str = "ours", extra: tu
             "phases_median_s": phases, "engine_settings": engine_settings(cmd[3:]),
             "memory_taken_by_wake_gib": statistics.median([r["memory_taken_by_wake_gib"] for r in steady
                                                            if "memory_taken_by_wake_gib" in r] or [float("nan")]),
+            "one_copy_check_s": _median(steady, "one_copy_check_s"),
+            "updated_fraction": [r.get("train/updated_fraction") for r in rows if "train/updated_fraction" in r],
             "cycle_overhead_s": phases["sleep"] + phases["wake_weights"] + phases["load"]
             + phases["wake_kv_cache"] + phases["reset"]}
 

@@ -90,10 +90,11 @@ from rollout_sleep.grpo.rewards import (check_row_values, combine, resolve_rewar
 from rollout_sleep.integrations.wandb import credentials_problem, make_tracker  # noqa: E402
 from rollout_sleep.lora.adapter import AdapterSync, LoraSettings  # noqa: E402
 from rollout_sleep.lora.shared_base import trainer_from_engine  # noqa: E402
-from rollout_sleep.run import memory_check, memory_plan, output_dir  # noqa: E402
+from rollout_sleep.run import memory_check, memory_plan, one_copy, output_dir  # noqa: E402
 from rollout_sleep.run.config import ConfigError, check_processes, load_config  # noqa: E402
 from rollout_sleep.run.factory import build_engine  # noqa: E402
 from rollout_sleep.run.manager import RolloutManager  # noqa: E402
+from rollout_sleep.run.modes import detect_device  # noqa: E402
 from rollout_sleep.run.nonfinite import NonFiniteError, check_finite, guard_optimizer  # noqa: E402
 from rollout_sleep.run.optim import (OptimizerOffload, build_optimizer, hyperparameters,  # noqa: E402
                                      set_hyperparameters)
@@ -143,6 +144,8 @@ class GRPORecipe:
         """The run's pieces, in dependency order (each step says what it needs when the order matters)."""
         set_seed(self.cfg.train.seed)
         self._check_launch()
+        # one copy of the weights where it applies (model.share_weights): known before the model folder is built
+        self.one_copy = one_copy.before_engine(self.cfg, detect_device(), self.acc.num_processes)
         # read-only until the output dir is claimed: bad data or rewards stop the run with nothing written
         self._load_data_and_rewards()  # the rewards resolved once for the run: everything after uses self.rewards
         self._claim_output_dir()
@@ -153,6 +156,7 @@ class GRPORecipe:
         self._note_low_precision_lr()
         # the engine first, while the GPU is empty: vLLM sizes its KV cache from the free memory it sees
         self._start_engine(kv_bytes)
+        self._decide_one_copy(kv_bytes)  # what vLLM built can be viewed exactly, or the run takes two copies
         self._check_plan_with_engine()
         self._load_reward_models()  # beside the trainer, once the engine has sized its cache
         self._build_trainer()  # a shared LoRA base is a view of the engine's weights: after the engine
@@ -251,6 +255,23 @@ class GRPORecipe:
         self.engine = build_engine(self.cfg, self.model_path, rank=self.acc.process_index, kv_cache_bytes=kv_bytes)
         self.tokenizer = self.prompt_tokenizer
 
+    def _decide_one_copy(self, kv_bytes: int | None) -> None:
+        """The one-copy decision once vLLM holds the weights, logged with its reason. ``model.share_weights=true``
+        refuses to go on where the trainer cannot view them exactly; ``null`` takes two copies (and plans again)."""
+        cfg = self.cfg
+        decided = one_copy.after_engine(self.one_copy, self.engine)
+        if decided.on or not self.one_copy.on:
+            self.one_copy = decided
+            if cfg.model.lora.rank == 0:
+                self.acc.print(decided.describe())
+            return
+        if cfg.model.share_weights is True or self.model_built_here:
+            weights = "" if cfg.model.share_weights is True else                 " (the model folder holds a config alone: its random weights exist only in vLLM's memory)"
+            raise ConfigError(f"model.share_weights: {decided.why}{weights}. Fix: model.share_weights=false")
+        self.one_copy = decided
+        self.acc.print(decided.describe())
+        self.plan = self._memory_plan(kv_bytes)  # planned with one copy: now two
+
     def _load_reward_models(self) -> None:
         for r in self.rewards:
             if hasattr(r.fn, "load"):
@@ -281,15 +302,19 @@ class GRPORecipe:
         """The frozen reference of the KL term (``None`` without one)."""
         if not self.loss.kl_coef > 0:
             return None
+        if self.one_copy.on and self.model_built_here:  # the weights exist only as the trainer's views
+            return one_copy.frozen_copy(self.model).to(self.acc.device)
         ref = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=getattr(torch, self.cfg.model.dtype))
         return ref.to(self.acc.device).eval().requires_grad_(False)
 
     def _rollout_manager(self) -> RolloutManager:
         """The rollout/sync cycle; with LoRA only the adapter moves, and the engine keeps its weights asleep."""
         adapter = AdapterSync(self.engine, self.model) if self.lora is not None else None
+        keeps_weights = adapter is not None or self.one_copy.on  # the engine releases its KV cache only
         manager = RolloutManager(self.engine, self.model, verify_every=self.cfg.engine.verify_every,
-                                 watchdog=self.watchdog, adapter=adapter,
-                                 sleep_level=0 if adapter is not None else self.cfg.engine.sleep_level)
+                                 watchdog=self.watchdog, adapter=adapter, weights_shared=self.one_copy.on,
+                                 sleep_level=0 if keeps_weights else self.cfg.engine.sleep_level)
+        self.layout["weights_shared"] = self.one_copy.on
         if adapter is not None:
             self.layout["lora_base_shared"] = manager.base_shared
         return manager
@@ -319,6 +344,9 @@ class GRPORecipe:
         if self._shares_base():
             self.acc.print("LoRA: the trainer's base is a view of the engine's weights (one copy on the GPU)")
             return trainer_from_engine(self.engine, self.lora, gradient_checkpointing=checkpointing)
+        if self.one_copy.on:  # a size's random weights are drawn in place, into vLLM's memory
+            return one_copy.trainer_on_engine(self.engine, gradient_checkpointing=checkpointing,
+                                              init_seed=cfg.model.seed if self.model_built_here else None)
         model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
         if checkpointing:
             model.gradient_checkpointing_enable()
@@ -348,11 +376,12 @@ class GRPORecipe:
 
     def _model_path(self) -> str:
         cfg = self.cfg.model
+        self.model_built_here = cfg.path in SHAPES
         if cfg.path not in SHAPES:
             return cfg.path
         path = self.out / "model"
         if self.main:
-            if self._shares_base():  # random weights drawn by vLLM (load_format="dummy"), viewed by the trainer:
+            if self._shares_base() or self.one_copy.on:  # random weights drawn by vLLM (load_format="dummy"), viewed by the trainer:
                 def build(folder):  # a 32B shape needs no 64 GB on disk
                     make_config_dir(folder, cfg.path, dtype=cfg.dtype, tie_word_embeddings=cfg.tie_word_embeddings)
             else:
@@ -397,7 +426,7 @@ class GRPORecipe:
         plan, self.plan_base_free = memory_check.plan_run(
             self.cfg, self.model_path, processes=self.acc.num_processes, shards=shards,
             longest_prompt=self._longest_prompt(), kv_bytes=kv_bytes, reward_bytes=reward_bytes,
-            base_shared=self._shares_base())
+            base_shared=self._shares_base(), weights_shared=self.one_copy.on)
         self.acc.print(plan.table())
         if self.main:  # a resumed run keeps the comparison its first steps measured
             path = self.out / "memory_plan.json"
@@ -451,6 +480,8 @@ class GRPORecipe:
         restored = set_hyperparameters(self.optimizer, hyperparameters(self.cfg.train))
         if self.manager.adapter is not None:
             self.manager.adapter.push()  # the engine must serve the restored adapter
+        elif self.manager.shared is not None:  # restored in place, into vLLM's memory: its cached prefixes are stale
+            self.engine.reset_prefix_cache()
         else:
             self.engine.load_weights(self.manager.stream)  # the engine must hold the restored weights
         self.acc.print(f"resumed from {path} (step {self.step})")
@@ -564,7 +595,7 @@ class GRPORecipe:
             self.model, self.optimizer, self.acc.device.type, self.resident,
             offloaded_gib=phases.get("optimizer_offload_gib", 0.0) if offloaded else None, peaks=self.peaks,
             engine_taken=getattr(self, "engine_taken", None), engine_freed_gib=phases.get("memory_freed_gib"),
-            activations=self.offload is None)
+            activations=self.offload is None, weights_shared=self.one_copy.on)
         comparison = memory_plan.compare(self.plan, measured)
         flat = {f"memory/{ph}/{name}_{k}": v for ph, rows in comparison.items() for name, row in rows.items()
                 for k, v in row.items()}

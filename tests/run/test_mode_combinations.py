@@ -64,7 +64,8 @@ def overrides(chosen: dict, path: str) -> list[str]:
 
 def test_the_schema_marks_the_engine_modes():
     """The keys whose values pick how the engine runs, each with every value that stands for a mode."""
-    assert MODES == {"model.dtype": ("float32", "bfloat16", "float16"), "model.lora.rank": (0, 16),
+    assert MODES == {"model.dtype": ("float32", "bfloat16", "float16"), "model.share_weights": (None, True, False),
+                     "model.lora.rank": (0, 16),
                      "engine.kv_cache": ("step", "gpu_share"), "engine.sleep_level": (1, 2),
                      "engine.load_method": ("auto", "reload", "load_weights", "direct"),
                      "engine.quantization": (None, "fp8"), "engine.keep_trainer_cache": (True, False),
@@ -104,7 +105,7 @@ def test_every_combination_runs_or_is_refused_naming_its_keys(model_paths, monke
         built.clear()
         # what the run starts the engine from: the size built as a checkpoint, or as a config alone where the
         # trainer views the base vLLM draws (a LoRA run on CUDA)
-        shares_base = bool(cfg.model.lora.rank) and device == "cuda"
+        shares_base = (bool(cfg.model.lora.rank) or cfg.model.share_weights is True) and device == "cuda"
         path = model_paths["config-only" if model == "config-only" or (model == "size" and shares_base)
                            else "checkpoint"]
         factory.build_engine(cfg, path, rank=1, kv_cache_bytes=64 << 20, device=device)

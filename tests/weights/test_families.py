@@ -161,6 +161,62 @@ def _moe_on_cpu_refused(eng, trainer, held_a, paths) -> None:
     assert eng.score(SEQUENCES) == before  # untouched and usable
 
 
+def _unpacked_engine(eng) -> dict[str, torch.Tensor]:
+    """vLLM's parameters as it holds them on CUDA (name -> tensor, fused and padded as vLLM lays them out), read
+    from a CPU engine through each layer's own kernel where the CPU build repacked it."""
+    from rollout_sleep.weights import layout
+
+    def read(vm):
+        modules = layout.named_modules(vm)
+        out = {}
+        for name, p in layout.named_parameters(vm).items():
+            owner, _, leaf = name.rpartition(".")
+            out[name] = layout.effective(modules[owner], leaf, p.data).detach().clone().contiguous()
+        return out
+
+    return eng.run_on_model(read)
+
+
+def _one_copy_views_match_layout(eng, checkpoint: str) -> None:
+    """One copy of the weights, checked against vLLM's real layout of this family: a trainable model built on
+    views of the engine's (unpacked) parameters computes exactly as the checkpoint's own model, covers every
+    byte the checkpoint fills once (the invariant), and an optimizer step through it writes those bytes only."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from rollout_sleep.weights import layout
+    from rollout_sleep.weights.views import coverage_problems, model_on_views, model_spans, span
+
+    tensors = _unpacked_engine(eng)
+    shapes = {n: (tuple(t.shape), t.dtype) for n, t in tensors.items()}
+    eng.loader._inspect()
+    plan = layout.placements(eng.spec, eng.loader._packed, {n: s for n, (s, _) in shapes.items()}, eng.tied)
+    plan = {n: w for n, w in plan.items() if n in eng.spec or n == "lm_head.weight"}
+    targets = {n: layout.view(tensors[w.param], w) for n, w in plan.items()}
+    model = model_on_views(AutoConfig.from_pretrained(checkpoint), targets, getattr(torch, DTYPE), trainable=True)
+    own = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=getattr(torch, DTYPE)).eval()
+    ids = torch.tensor(SEQUENCES)
+    with torch.no_grad():
+        model.eval()
+        assert torch.equal(model(ids).logits, own(ids).logits)
+    engine_spans = {n: span(t) for n, t in tensors.items()}
+    filled = layout.filled_bytes(plan, shapes)
+    assert coverage_problems(engine_spans, model_spans(model), filled) == []
+    before = {n: t.clone() for n, t in tensors.items()}
+    model.train()
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.ones_like(p))  # every trained byte moves, in place
+    for name, t in tensors.items():
+        changed = int((t != before[name]).sum())
+        assert changed == filled.get(name, 0) // t.element_size(), (name, changed)  # padding rows untouched
+    # the invariant catches a parameter that left the engine's memory, and two that write the same bytes
+    first = next(model.parameters())
+    first.data = first.data.clone()
+    assert "not inside vLLM's weights" in coverage_problems(engine_spans, model_spans(model), filled)[0]
+
+
 @pytest.mark.parametrize("family", CPU_FAMILIES)
 def test_family_sync_verify_and_logprobs(matrix, family, caplog, monkeypatch):
     from rollout_sleep.engine.engine import Engine
@@ -183,6 +239,7 @@ def test_family_sync_verify_and_logprobs(matrix, family, caplog, monkeypatch):
             _moe_on_cpu_refused(eng, trainer, held_a, paths)
             return
         assert not held_a.ok and held_a.mismatched and not held_a.unplaced  # engine holds A: every tensor placed
+        _one_copy_views_match_layout(eng, paths["A"])
 
         routes = {}
         eng.sleep(level=2)

@@ -187,6 +187,13 @@ class Engine(SleepState):
         return report
 
     # ------------------------------------------------------------------ state
+    pinned: str | None = None  # why the weights must stay mapped where they are (a trainer views them)
+
+    def pin_weights(self, why: str) -> None:
+        """Keep the weights mapped where they are from now on (``why``: who holds views of them): sleeps at level
+        1 or 2, which would move or discard them, are refused; level 0 releases the KV cache only."""
+        self.pinned = why
+
     @property
     def dtype(self) -> torch.dtype:
         return self._dtype
@@ -294,6 +301,10 @@ class Engine(SleepState):
         :func:`~rollout_sleep.lora.shared_base.trainer_from_engine`).
         On CPU the scheduler pauses and no memory is released."""
         level = self.check_sleep(level)
+        if level and self.pinned:
+            raise EngineStateError(f"cannot sleep at level {level}: {self.pinned}, and level {level} would "
+                                   f"{'offload' if level == 1 else 'discard'} that memory under the trainer. Sleep "
+                                   "at level 0 (the KV cache only)")
         report = CycleReport("sleep", level)
         report.memory_kind, report.memory_gib["before"] = memory_gib()
         with timed(report, "sleep"), keeping_cache(report, self.keep_trainer_cache):

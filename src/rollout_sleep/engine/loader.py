@@ -347,19 +347,9 @@ class Loader:
         return self._targets
 
     def filled_bytes(self) -> dict[str, int]:
-        """vLLM parameter → the bytes of it the checkpoint fills (a padded embedding: its real rows), each place
-        once (a tied head is the embedding): what a trainer holding the weights once must cover exactly."""
+        """vLLM parameter → the bytes of it the checkpoint fills (:func:`~rollout_sleep.weights.layout.filled_bytes`)."""
         self._inspect()
-        out: dict[str, int] = {}
-        seen = set()
-        for where in self._placements().values():
-            if (where.param, where.expert, where.row) in seen:
-                continue
-            seen.add((where.param, where.expert, where.row))
-            shape, dtype = self._engine_params[where.param]
-            row = torch.Size(shape[2:] if where.expert is not None else shape[1:]).numel()
-            out[where.param] = out.get(where.param, 0) + where.rows * row * dtype.itemsize
-        return out
+        return layout.filled_bytes(self._placements(), self._engine_params)
 
     def _fp8_groups(self) -> tuple[dict[str, fp8.Group], list[str]]:
         """The FP8 linears (checkpoint name → its group) and the problems found mapping them."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rollout_sleep.weights.spec import EMBEDDING, HEAD, ties_head
+from rollout_sleep.weights.spec import EMBEDDING, HEAD
 
 from rollout_sleep.weights.views import model_on_views
 
@@ -35,6 +35,7 @@ def trainer_from_engine(engine, settings: LoraSettings, *, gradient_checkpointin
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
+    engine.pin_weights("the LoRA trainer's frozen base is a view of them")
     from peft import get_peft_model
 
     return get_peft_model(model, settings.peft_config())
@@ -87,4 +88,5 @@ def share_base(engine, model: nn.Module) -> int:
     if problems:
         raise ValueError(f"{len(problems)} base tensor(s) of the trainer differ from the engine's (or have no exact "
                          f"place in it), e.g. {problems[:4]}: load the same checkpoint on both sides")
+    engine.pin_weights("the LoRA trainer's frozen base is a view of them")
     return freed

@@ -276,6 +276,10 @@ def check_processes(cfg: RecipeConfig, processes: int) -> list[str]:
     if cfg.train.prompts_per_step % processes:
         out.append(f"train.prompts_per_step ({cfg.train.prompts_per_step}) must be a multiple of the number of "
                    f"processes ({processes}): each rank rolls out and trains an equal share")
+    if cfg.model.share_weights is True and processes > 1:
+        out.append(f"model.share_weights=true needs one process (the trainer views one engine's weights; with "
+                   f"{processes} DDP keeps a copy per rank, FSDP and ZeRO-3 shard the weights their own way): "
+                   "launch one process, or set model.share_weights=null")
     return out
 
 

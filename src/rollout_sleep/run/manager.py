@@ -47,6 +47,10 @@ class RolloutManager:
         adapter: *optional*, a :class:`~rollout_sleep.lora.adapter.AdapterSync` (LoRA: the engine serves the adapter
             and keeps its base; ``sleep_level`` 0): a sync moves only the adapter, rollouts go through it,
             and verify checks the adapter bitwise and the base (bitwise, or shared memory on CUDA).
+        weights_shared: *optional*, the trainer's parameters are views of the engine's weights
+            (:mod:`rollout_sleep.run.one_copy`, ``sleep_level`` 0): a sync moves nothing (the KV cache is mapped
+            back and the prefix cache reset), the one-copy invariant is checked at every sync, and verify
+            compares the weights bitwise every ``verify_every`` syncs.
         weights_dir: *optional*, a folder this manager owns: each sync saves the trainer's weights there as a
             checkpoint and the engine reloads from it. Needed by an engine that reads its weights from a folder
             (``engine.in_process`` false: a :class:`~rollout_sleep.serve.remote.RemoteEngine`, whose server must
@@ -58,11 +62,14 @@ class RolloutManager:
 
     def __init__(self, engine: RolloutEngine, model: torch.nn.Module, *, sleep_level: int = 2,
                  bucket_bytes: int = 512 << 20, verify_every: int = 0, load_method: str | None = None,
-                 watchdog=None, adapter=None, weights_dir: str | os.PathLike | None = None):
-        if adapter is not None and sleep_level != 0:
-            raise ValueError(f"with an adapter (LoRA) the engine keeps its base weights: sleep_level must be 0 "
-                             f"(the KV cache only), got {sleep_level!r}")
-        if adapter is None:
+                 watchdog=None, adapter=None, weights_dir: str | os.PathLike | None = None,
+                 weights_shared: bool = False):
+        if (adapter is not None or weights_shared) and sleep_level != 0:
+            raise ValueError(f"the engine keeps its weights ({'a LoRA base' if adapter is not None else 'the trainer'}"
+                             f" views them): sleep_level must be 0 (the KV cache only), got {sleep_level!r}")
+        if adapter is not None and weights_shared:
+            raise ValueError("weights_shared is for full-parameter training; a LoRA adapter shares its base already")
+        if adapter is None and not weights_shared:
             check_level(sleep_level)
         if not engine.in_process:
             _check_remote(engine, weights_dir, verify_every, adapter)
@@ -80,6 +87,11 @@ class RolloutManager:
 
             shared, total = shares_storage_with_engine(engine, model)
             self.base_shared = shared == total > 0
+        self.shared = None
+        if weights_shared:
+            from .one_copy import SharedWeights
+
+            self.shared = SharedWeights(engine, model)  # checked here first: a trainer that is not the views fails now
         self.sleep_level = sleep_level
         self.verify_every = verify_every
         self.load_method = load_method
@@ -143,6 +155,8 @@ class RolloutManager:
         """Wake the engine with the trainer's weights (weights → load → KV cache → reset), verify if due."""
         if self.adapter is not None:
             return self._sync_adapter()
+        if self.shared is not None:
+            return self._sync_shared()
         try:
             weights, saved_s = self.stream, 0.0
             if self.weights_dir is not None:
@@ -170,6 +184,33 @@ class RolloutManager:
             self._step["cache_released"] = float(report.cache_released)  # PyTorch's cache emptied before waking
             if "before_map" in report.memory_gib:  # what vLLM mapped back (weights, KV cache) and the load used
                 self._step["memory_taken_by_wake_gib"] = report.memory_gib["before_map"] - report.memory_gib["awake"]
+        self.syncs += 1
+        if self.verify_every and self.syncs % self.verify_every == 0:
+            with self._phase("verify", "the bitwise comparison of vLLM's weights with the trainer's"):
+                result = verify(self.engine, self.stream)
+            self._add("verify_s", result.seconds)
+            if not result.ok:
+                self._blame_non_finite_weights()
+            result.raise_if_failed()
+
+    def _sync_shared(self) -> None:
+        """One copy: the optimizer wrote vLLM's weights in place. Map the KV cache back (or, awake, reset the prefix
+        cache: its blocks were computed with the old weights), check the one-copy invariant, verify if due."""
+        if self.engine.is_asleep:
+            with self._phase("wake", "vLLM to map its KV cache back"):
+                report = self.engine.wake_up()
+            for k, v in report.seconds.items():
+                self._add(f"{k}_s", v)
+            if report.memory_kind == "cuda_free" and "before_map" in report.memory_gib:
+                self._step["memory_taken_by_wake_gib"] = report.memory_gib["before_map"] - report.memory_gib["awake"]
+        else:
+            t0 = time.perf_counter()
+            self.engine.reset_prefix_cache()
+            self._add("reset_s", time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        self.shared.check(self.model)
+        self._add("one_copy_check_s", time.perf_counter() - t0)
+        self._add("load_s", 0.0)  # nothing moves
         self.syncs += 1
         if self.verify_every and self.syncs % self.verify_every == 0:
             with self._phase("verify", "the bitwise comparison of vLLM's weights with the trainer's"):

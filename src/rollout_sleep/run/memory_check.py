@@ -33,7 +33,8 @@ def trainer_shards(processes: int, distributed_type: str, zero_stage: int = 0) -
 
 
 def plan_run(cfg: Any, model_path: str, *, processes: int, shards: tuple[int, int, int], longest_prompt: int,
-             kv_bytes: int | None, reward_bytes: int, base_shared: bool) -> tuple[MemoryPlan, int | None]:
+             kv_bytes: int | None, reward_bytes: int, base_shared: bool,
+             weights_shared: bool = False) -> tuple[MemoryPlan, int | None]:
     """The per-phase plan of a run (``cfg``: a :class:`~rollout_sleep.run.schema.RecipeConfig`) before vLLM
     starts, and the free GPU memory it was planned against (``None`` off CUDA)."""
     t, tp = cfg.train, cfg.engine.tensor_parallel_size
@@ -61,7 +62,7 @@ def plan_run(cfg: Any, model_path: str, *, processes: int, shards: tuple[int, in
         completion_len=t.max_tokens, gradient_checkpointing=t.gradient_checkpointing,
         autocast=t.mixed_precision != "no" and b == 4, reference_model=t.kl_coef > 0,
         reward_model_bytes=reward_bytes, kv_cache_bytes=kv_bytes if kv_bytes is not None else 0,
-        shards=shards, engine_shards=tp, engine_weight_bytes=weight_bytes)
+        shards=shards, engine_shards=tp, engine_weight_bytes=weight_bytes, weights_shared=weights_shared)
     lora = cfg.model.lora
     if lora.rank:  # only the adapter trains; the base is vLLM's (a view) on CUDA, the trainer's own elsewhere
         from transformers import AutoConfig
@@ -134,12 +135,14 @@ class Resident:
 
 def measured_gib(model: torch.nn.Module, optimizer: Any, device_type: str, resident: Resident, *,
                  offloaded_gib: float | None = None, peaks: Any = None, engine_taken: int | None = None,
-                 engine_freed_gib: float | None = None, activations: bool = True) -> dict[str, dict[str, float]]:
+                 engine_freed_gib: float | None = None, activations: bool = True,
+                 weights_shared: bool = False) -> dict[str, dict[str, float]]:
     """Per phase, what the run measured (GiB), in the plan's component names. ``offloaded_gib``: the optimizer
     state moved to the host (the whole state); ``peaks``: a started :class:`~rollout_sleep.engine.memory.PhasePeaks`
     (stopped here); ``engine_taken``: bytes vLLM took at its start; ``engine_freed_gib``: what its sleep gave
-    back; ``activations``: measure them (not while the optimizer state moves in and out)."""
-    weights = sum(local_shard(p).numel() * p.element_size() for p in model.parameters())
+    back; ``activations``: measure them (not while the optimizer state moves in and out); ``weights_shared``: the
+    trainer's parameters are views of the engine's weights (counted there, not again)."""
+    weights = 0 if weights_shared else sum(local_shard(p).numel() * p.element_size() for p in model.parameters())
     state = resident_state_bytes(optimizer, device_type) if offloaded_gib is None else int(offloaded_gib * GIB)
     held = resident.bytes
     rollout = {"trainer_weights": weights / GIB, "gradients": held["gradients"] / GIB,

@@ -196,6 +196,9 @@ class PlanInputs:
     # level 0 (its weights stay), and with ``base_shared`` the trainer's frozen base is a view of them (held once).
     adapter_numels: tuple[int, ...] | None = None
     base_shared: bool = False
+    # One copy (``model.share_weights``): every parameter trains, and the trainer's are views of the engine's
+    # weights (held once); the engine sleeps at level 0 as for LoRA.
+    weights_shared: bool = False
 
 
 def layer_activation_bytes_per_token(s: ModelShape, b: int) -> int:
@@ -300,6 +303,9 @@ class MemoryPlan:
             head += (f"; LoRA: {sum(i.adapter_numels) / 1e6:.1f}M adapter parameters train, the base "
                      f"{'is held once (the trainer views the engine' + chr(39) + 's weights)' if i.base_shared else 'is held twice (trainer and engine)'}"
                      ", the engine sleeps at level 0 (KV cache only)")
+        if i.weights_shared:
+            head += ("; one copy of the weights: the trainer trains the engine's (engine_weights; its "
+                     "trainer_weights are views), the engine sleeps at level 0 (KV cache only)")
         lines = [head, f"  {'GiB':<18}{'rollout':>10}{'training':>10}"]
         for name, *vals in self.rows():
             lines.append(f"  {name:<18}" + "".join(f"{v:>10.2f}" for v in vals))
@@ -321,7 +327,7 @@ def plan_memory(i: PlanInputs, budget_bytes: int | None = None, headroom_bytes: 
     ws, gs, os_ = i.shards
     trained = s.tensor_numels if i.adapter_numels is None else i.adapter_numels
     base = 0 if i.adapter_numels is None else (0 if i.base_shared else s.params * b)
-    weights = -(-(sum(trained) * b + base) // ws)
+    weights = 0 if i.weights_shared else -(-(sum(trained) * b + base) // ws)
     state = -(-optimizer_state_bytes(i.optimizer, [(n, b) for n in trained],
                                      s.embedding_numels if i.adapter_numels is None else ()) // os_)
     ref = s.params * b if i.reference_model else 0
@@ -335,9 +341,9 @@ def plan_memory(i: PlanInputs, budget_bytes: int | None = None, headroom_bytes: 
                "engine_workspace": workspace}
     acts = activation_bytes(i) + (s.params * 2 if i.autocast else 0)
     training = {**resident, "optimizer_state": state, "gradients": -(-sum(trained) * b // gs), "activations": acts}
-    if i.adapter_numels is None:
+    if i.adapter_numels is None and not i.weights_shared:
         training["engine_asleep"] = i.engine_asleep_bytes
-    else:  # LoRA: the engine sleeps at level 0, releasing its KV cache only; its weights (the shared base) stay
+    else:  # LoRA or one copy: the engine sleeps at level 0, releasing its KV cache only; its weights stay
         training["engine_weights"] = rollout["engine_weights"]
         training["engine_workspace"] = workspace
     return MemoryPlan(i, {"rollout": rollout, "training": training}, budget_bytes, headroom_bytes, tuple(notes))

@@ -68,6 +68,11 @@ def _fp8(c) -> bool:
     return c.engine.quantization == "fp8"
 
 
+def _shared(c) -> bool:
+    """``model.share_weights=true``: one copy asked for (``null`` falls back to two copies where it cannot be)."""
+    return c.model.share_weights is True
+
+
 RULES: tuple[Rule, ...] = (
     Rule(("engine.quantization", "device"), lambda c, d: _fp8(c) and d != "cuda",
          "vLLM's CPU build has no FP8 weight kernels (its scaled_fp8_quant ops are stubs)",
@@ -94,6 +99,19 @@ RULES: tuple[Rule, ...] = (
     Rule(("model.lora.rank", "train.kl_coef"), lambda c, d: _lora(c) and c.train.kl_coef > 0,
          "the reference would be the base with the adapter off, which is not built yet",
          "train.kl_coef=0 with model.lora (or model.lora.rank=0)"),
+    Rule(("model.share_weights", "device"), lambda c, d: _shared(c) and d != "cuda",
+         "vLLM's CPU build repacks its linear weights: the trainer cannot view them",
+         "model.share_weights=null (two copies on CPU), or run on a CUDA GPU"),
+    Rule(("model.share_weights", "model.lora.rank"), lambda c, d: _shared(c) and _lora(c),
+         "one copy is for full-parameter training; a LoRA run already computes with a view of the engine's base",
+         "model.share_weights=null with model.lora"),
+    Rule(("model.share_weights", "engine.quantization"), lambda c, d: _shared(c) and _fp8(c),
+         "an FP8 engine holds its linears in one byte per weight, the trainer in model.dtype: not the same memory",
+         "model.share_weights=null (two copies), or engine.quantization=null"),
+    Rule(("model.share_weights", "engine.tensor_parallel_size"),
+         lambda c, d: _shared(c) and c.engine.tensor_parallel_size > 1,
+         "each tensor-parallel rank holds a shard of the weights, which the trainer's whole tensors cannot view",
+         "model.share_weights=null, or engine.tensor_parallel_size=1"),
     Rule(("engine.load_method", "device"), lambda c, d: c.engine.load_method in ("direct", "load_weights") and d != "cuda",
          "vLLM's CPU kernels repack linear weights: only its layerwise reload writes them correctly there",
          "engine.load_method=auto or reload on CPU"),
@@ -101,11 +119,12 @@ RULES: tuple[Rule, ...] = (
          lambda c, d: c.engine.load_method == "direct" and c.engine.tensor_parallel_size > 1,
          "the direct route copies whole tensors into one engine's parameters; a tensor-parallel rank holds shards",
          "engine.load_method=auto, reload or load_weights"),
-    Rule(("model.path", "model.lora.rank", "engine.tensor_parallel_size", "device"),
+    Rule(("model.path", "model.lora.rank", "model.share_weights", "engine.tensor_parallel_size", "device"),
          lambda c, d: weightless(c.model.path)
-         and not (_lora(c) and d == "cuda" and c.engine.tensor_parallel_size == 1),
-         "the folder holds no weights (*.safetensors): only a LoRA run on CUDA with one in-process engine per rank "
-         "starts from a config alone (vLLM draws the base, load_format=dummy, and the trainer views it)",
+         and not ((_lora(c) or _shared(c)) and d == "cuda" and c.engine.tensor_parallel_size == 1),
+         "the folder holds no weights (*.safetensors): only a run whose trainer views the engine's weights (LoRA, or "
+         "model.share_weights=true) on CUDA with one in-process engine per rank starts from a config alone (vLLM "
+         "draws random weights, load_format=dummy)",
          "give a checkpoint folder with its weights, or a size (model.path=tiny, qwen3-0.6b, ...) to build one"),
 )
 

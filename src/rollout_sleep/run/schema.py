@@ -70,6 +70,12 @@ class ModelConfig:
     dtype: str = _opt("float32", "trainer and engine dtype: float32 / bfloat16 / float16", resume=FIXED, mode=DTYPES)
     tie_word_embeddings: bool | None = _opt(None, "tie the LM head to the embedding when path is a size "
                                                   "(null: the size's own choice)", resume=FIXED)
+    share_weights: bool | None = _opt(None, "one copy of the weights: the trainer's parameters are views of vLLM's "
+                                            "weight tensors, the optimizer updates them in place and a sync moves "
+                                            "nothing (CUDA, one process, one engine, no FP8, no LoRA; "
+                                            "docs/design.md). null: on where it applies, the decision logged; "
+                                            "true: refuse to start where it does not; false: two copies, synced",
+                                      resume=FREE, mode=(None, True, False))
     lora: ModelLoraConfig = _section(ModelLoraConfig, "a LoRA adapter instead of full-parameter training")
 
 

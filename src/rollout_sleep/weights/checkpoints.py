@@ -52,6 +52,7 @@ SHAPES: dict[str, Shape] = {
     "qwen3-0.6b": Shape(1024, 28, 16, 8, 128, 3072, 151936, True),
     "qwen3-4b": Shape(2560, 36, 32, 8, 128, 9728, 151936, True),
     "qwen3-8b": Shape(4096, 36, 32, 8, 128, 12288, 151936, False),
+    "qwen3-14b": Shape(5120, 40, 40, 8, 128, 17408, 151936, False),  # one H100 with one copy (model.share_weights)
     "qwen3-32b": Shape(5120, 64, 64, 8, 128, 25600, 151936, False),  # make_config_dir: too big to write
 }
 
@@ -364,10 +365,23 @@ def random_model(config, *, seed: int = 0, std: float | None = None, device: str
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model = model.to_empty(device=device)
     init_nonpersistent_buffers(model, device)
+    fill_random_(model, config, seed=seed, std=std, norm_noise=norm_noise)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    return model.eval()
+
+
+def fill_random_(model, config, *, seed: int = 0, std: float | None = None, norm_noise: float | None = None) -> None:
+    """Draw ``model``'s weights in place, seeded, as :func:`random_model` does (normal ``std``, norms at their
+    identity plus ``norm_noise``), on the device they live on: a trainer that views vLLM's memory writes the
+    engine's weights with it."""
+    import torch
+
     std = config.initializer_range if std is None else std
     gemma_norm = config.model_type.startswith("gemma")
     if norm_noise is None:
         norm_noise = 0.0 if config.model_type == "qwen3" else 0.1
+    device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -378,9 +392,6 @@ def random_model(config, *, seed: int = 0, std: float | None = None, device: str
                     p.add_(torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32) * norm_noise)
             else:
                 p.copy_(torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32) * std)
-    if config.tie_word_embeddings:
-        model.tie_weights()
-    return model.eval()
 
 
 def make_reward_checkpoint(path: str | os.PathLike, size: str = "tiny", seed: int = 0, dtype: str = "bfloat16",

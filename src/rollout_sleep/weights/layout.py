@@ -160,6 +160,27 @@ def fits(plan: Mapping[str, Placement], spec: Mapping[str, Any], engine_params: 
     return bad
 
 
+def filled_bytes(plan: Mapping[str, Placement],
+                 engine_params: Mapping[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, int]:
+    """vLLM parameter → the bytes of it the checkpoint fills (a padded embedding: its real rows), each place once
+    (a tied head is the embedding): what a trainer holding the weights once must cover exactly.
+
+    >>> plan = {"e": Placement("embed", 0, 10), "lm_head.weight": Placement("embed", 0, 10)}
+    >>> filled_bytes(plan, {"embed": ((16, 4), torch.float32)})  # 10 real rows of 16 padded ones, 4 floats each
+    {'embed': 160}
+    """
+    out: dict[str, int] = {}
+    seen = set()
+    for where in plan.values():
+        if (where.param, where.expert, where.row) in seen:
+            continue
+        seen.add((where.param, where.expert, where.row))
+        shape, dtype = engine_params[where.param]
+        row = torch.Size(shape[2:] if where.expert is not None else shape[1:]).numel()
+        out[where.param] = out.get(where.param, 0) + where.rows * row * dtype.itemsize
+    return out
+
+
 def view(param: torch.Tensor, where: Placement) -> torch.Tensor:
     """The part of vLLM's (raw, TP=1) parameter that holds the checkpoint tensor placed at ``where``."""
     t = param.data if isinstance(param, nn.Parameter) else param

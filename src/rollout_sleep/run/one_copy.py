@@ -1,0 +1,122 @@
+"""One copy of the weights (``model.share_weights``): the trainer's parameters are views of the engine's own weight
+tensors, the optimizer updates them in place, the engine releases only its KV cache while the trainer runs
+(sleep level 0), and a sync moves nothing: it maps the KV cache back and resets the prefix cache.
+
+Where it applies is decided in two steps, each logged with its reason: :func:`before_engine` (what the config and
+the launch say: CUDA, one process, one engine, no FP8, no LoRA) and :func:`after_engine` (what vLLM built: every
+checkpoint tensor has an exact view, :meth:`~rollout_sleep.engine.loader.Loader.why_not_direct`). ``null`` takes
+the copy path where it does not apply; ``true`` refuses to start instead.
+
+:class:`SharedWeights` is the invariant checked at every sync, from addresses alone: every byte of vLLM's weights
+that the checkpoint fills lies under exactly one trainer parameter, and no trainer parameter lies elsewhere.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from rollout_sleep.weights.views import coverage_problems, model_on_views, model_spans, span
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Whether the trainer trains the engine's weight memory, and why (or why not)."""
+
+    on: bool
+    why: str
+
+    def describe(self) -> str:
+        return (f"one copy of the weights: the trainer trains vLLM's weight memory ({self.why})" if self.on else
+                f"two copies of the weights (the trainer's and vLLM's, synced each step): {self.why}")
+
+
+def before_engine(cfg: Any, device: str, processes: int) -> Decision:
+    """What the config and the launch decide before vLLM starts (``device``: ``cpu`` / ``cuda``)."""
+    if cfg.model.share_weights is False:
+        return Decision(False, "model.share_weights=false")
+    why = []
+    if cfg.model.lora.rank:
+        why.append("model.lora trains an adapter (its frozen base is already a view of the engine's weights)")
+    if device != "cuda":
+        why.append("vLLM's CPU build repacks its linear weights (the trainer cannot view them)")
+    if cfg.engine.quantization is not None:
+        why.append(f"the engine holds {cfg.engine.quantization} weights (engine.quantization), the trainer "
+                   f"{cfg.model.dtype} ones")
+    if cfg.engine.tensor_parallel_size > 1:
+        why.append("each tensor-parallel rank holds a shard of the weights")
+    if processes > 1:
+        why.append(f"the trainer runs in {processes} processes (DDP keeps a copy per rank, FSDP and ZeRO-3 shard "
+                   "the weights their own way)")
+    if why:
+        return Decision(False, "; ".join(why))
+    return Decision(True, "CUDA, one process, one engine, unquantized")
+
+
+def after_engine(decision: Decision, engine: Any) -> Decision:
+    """The decision once vLLM holds the weights: every checkpoint tensor must have an exact view, and the engine
+    must release its KV cache alone (vLLM's sleep allocator)."""
+    if not decision.on:
+        return decision
+    why = engine.loader.why_not_direct()
+    if why is None and not engine.sleep_mode:
+        why = "vLLM has no sleep allocator here (the KV cache cannot be released alone)"
+    if why is not None:
+        return Decision(False, f"the trainer cannot view vLLM's weights exactly: {why}")
+    return decision
+
+
+def trainer_on_engine(engine: Any, *, gradient_checkpointing: bool = False, init_seed: int | None = None) -> torch.nn.Module:
+    """A trainable transformers model whose parameters are views of ``engine``'s weight tensors (nothing of the
+    weights is allocated). ``init_seed``: draw the weights in place first (an engine started from a config alone,
+    ``load_format="dummy"``, holds vLLM's placeholder values), as a random checkpoint of that seed would hold them."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(engine.model_path)
+    model = model_on_views(config, engine.loader.direct_targets(), engine.dtype, trainable=True)
+    if init_seed is not None:
+        from rollout_sleep.weights.checkpoints import fill_random_
+
+        fill_random_(model, config, seed=init_seed)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    engine.pin_weights("the trainer's parameters are views of them (model.share_weights)")
+    return model
+
+
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A frozen copy of ``model``'s current weights (a KL reference where the weights exist only as the trainer's
+    views of the engine: a reference needs its own copy)."""
+    targets = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return model_on_views(model.config, targets, next(iter(targets.values())).dtype)
+
+
+class OneCopyError(AssertionError):
+    """The trainer no longer holds the engine's weights once: the engine would not see (some of) its updates."""
+
+
+class SharedWeights:
+    """The one-copy invariant of ``engine`` and ``model`` (vLLM's addresses are read once: sleeping at level 0
+    never moves its weights). :meth:`check` costs a walk over the trainer's parameters, no tensor read."""
+
+    def __init__(self, engine: Any, model: torch.nn.Module):
+        self.engine_spans = engine.run_on_model(lambda m: {n: span(p) for n, p in m.named_parameters()})
+        self.filled = engine.loader.filled_bytes()
+        self.check(model)
+
+    def problems(self, model: torch.nn.Module) -> list[str]:
+        return coverage_problems(self.engine_spans, model_spans(model), self.filled)
+
+    def check(self, model: torch.nn.Module) -> None:
+        """Raise :class:`OneCopyError` naming what breaks the invariant."""
+        problems = self.problems(model)
+        if problems:
+            raise OneCopyError(f"the trainer no longer trains vLLM's weight memory once ({len(problems)} problem(s): "
+                               + "; ".join(problems[:4]) + "). Something replaced a parameter's tensor (a .to(), a "
+                               "wrapper that copies parameters, a load_state_dict with assign=True): keep the "
+                               "parameters in place, or set model.share_weights=false")

@@ -1,0 +1,152 @@
+"""One copy of the weights (``model.share_weights``): where it applies and why not, the invariant from addresses, the
+memory plan's one copy, and an engine whose weights a trainer views refusing the sleeps that would move them.
+The views themselves are checked against vLLM's layout of every family in ``tests/weights/test_families.py``."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from rollout_sleep.engine.state import EngineStateError
+from rollout_sleep.run import memory_plan, one_copy
+from rollout_sleep.run.config import ConfigError, check_processes, load_config
+from rollout_sleep.run.schema import RecipeConfig
+from rollout_sleep.weights.views import coverage_problems, model_spans, span
+
+
+def _cfg(**overrides) -> RecipeConfig:
+    cfg = RecipeConfig()
+    for key, value in overrides.items():
+        section, leaf = key.rsplit("__", 1) if "__" in key else ("model", key)
+        obj = cfg
+        for part in section.split("__"):
+            obj = getattr(obj, part)
+        setattr(obj, leaf, value)
+    return cfg
+
+
+@pytest.mark.parametrize("overrides, device, processes, on, why", [
+    ({}, "cuda", 1, True, "CUDA, one process"),
+    ({"share_weights": True}, "cuda", 1, True, "CUDA"),
+    ({"share_weights": False}, "cuda", 1, False, "model.share_weights=false"),
+    ({}, "cpu", 1, False, "repacks its linear weights"),
+    ({"model__lora__rank": 16}, "cuda", 1, False, "model.lora trains an adapter"),
+    ({"engine__quantization": "fp8"}, "cuda", 1, False, "fp8 weights"),
+    ({"engine__tensor_parallel_size": 2}, "cuda", 2, False, "tensor-parallel"),
+    ({}, "cuda", 2, False, "2 processes"),
+])
+def test_where_one_copy_applies_before_the_engine_starts(overrides, device, processes, on, why):
+    decision = one_copy.before_engine(_cfg(**overrides), device, processes)
+    assert decision.on is on and why in decision.why, decision
+    assert ("one copy" if on else "two copies") in decision.describe()
+
+
+def test_after_the_engine_starts_an_exact_view_is_required():
+    """The engine's own answer decides: no exact view (e.g. stacked MoE experts), or no sleep allocator, and the
+    run takes two copies with the engine's reason; a decision that was off stays off."""
+    on = one_copy.Decision(True, "CUDA, one process, one engine, unquantized")
+
+    def engine(why, sleep_mode=True):
+        return SimpleNamespace(loader=SimpleNamespace(why_not_direct=lambda: why), sleep_mode=sleep_mode)
+
+    assert one_copy.after_engine(on, engine(None)) == on
+    moe = one_copy.after_engine(on, engine("12 stacked MoE expert tensor(s)"))
+    assert not moe.on and "cannot view vLLM's weights exactly: 12 stacked MoE" in moe.why
+    assert "sleep allocator" in one_copy.after_engine(on, engine(None, sleep_mode=False)).why
+    off = one_copy.Decision(False, "model.share_weights=false")
+    assert one_copy.after_engine(off, engine(None)) is off
+
+
+def test_share_weights_true_is_refused_where_it_cannot_be(tmp_path):
+    """At config time (every problem at once, naming the key and the fix), and at launch for several processes;
+    null is never refused (it takes two copies)."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["model.share_weights=true", "model.lora.rank=16"], device="cpu")
+    text = "\n".join(err.value.problems)
+    assert "model.share_weights=true on CPU" in text and "model.share_weights=true with model.lora.rank=16" in text
+    assert "Fix: model.share_weights=null" in text
+    with pytest.raises(ConfigError, match="engine.quantization=fp8"):
+        load_config(None, ["model.share_weights=true", "engine.quantization=fp8", "model.dtype=bfloat16"],
+                    device="cuda")
+    load_config(None, ["model.share_weights=true"], device="cuda")
+    load_config(None, ["model.share_weights=null", "model.lora.rank=16"], device="cpu")
+    cfg = load_config(None, ["model.share_weights=true", "train.prompts_per_step=8"], device="cuda")
+    assert any("needs one process" in p for p in check_processes(cfg, 2))
+    assert check_processes(load_config(None, ["train.prompts_per_step=8"], device="cuda"), 2) == []
+    # a config alone (no weights) starts only where the trainer views the engine's weights
+    from rollout_sleep.weights.checkpoints import make_config_dir
+
+    folder = make_config_dir(tmp_path / "cfg", "tiny")
+    load_config(None, [f"model.path={folder}", "model.share_weights=true"], device="cuda")
+    with pytest.raises(ConfigError, match="holds no weights"):
+        load_config(None, [f"model.path={folder}"], device="cuda")
+
+
+def test_the_invariant_names_a_second_copy_an_overlap_and_stale_bytes():
+    """From addresses alone: a trainer parameter outside the engine's memory, two writing the same bytes, and
+    bytes of an engine parameter no trainer parameter covers are each named."""
+    engine = {"qkv": torch.zeros(12, 4), "norm": torch.zeros(4)}
+    spans = {n: span(t) for n, t in engine.items()}
+    filled = {"qkv": 12 * 16, "norm": 16}
+    q, k, v = engine["qkv"][:4], engine["qkv"][4:8], engine["qkv"][8:]
+    trainer = {"q": span(q), "k": span(k), "v": span(v), "norm": span(engine["norm"])}
+    assert coverage_problems(spans, trainer, filled) == []
+    second = coverage_problems(spans, {**trainer, "k": span(k.clone())}, filled)
+    assert any("k is not inside vLLM's weights" in p for p in second)
+    assert any("qkv: the trainer covers 128 of its 192 bytes" in p for p in second)  # k's rows left stale
+    overlap = coverage_problems(spans, {**trainer, "k": span(engine["qkv"][3:7])}, filled)
+    assert any("overlaps" in p and "written twice" in p for p in overlap), overlap
+    # the padding rows of an embedding need no cover
+    assert coverage_problems(spans, {k_: s for k_, s in trainer.items() if k_ != "v"}, {**filled, "qkv": 8 * 16}) == []
+
+
+def test_model_spans_count_a_tied_head_once():
+    from torch import nn
+
+    emb = nn.Embedding(10, 4)
+    head = nn.Linear(4, 10, bias=False)
+    head.weight = emb.weight
+    model = nn.ModuleDict({"emb": emb, "head": head})
+    assert list(model_spans(model)) == ["emb.weight"]
+
+
+def test_the_memory_plan_holds_the_weights_once():
+    """One copy: no trainer weights, the engine's weights stay through training (level 0: the KV cache only)."""
+    shape = memory_plan.ModelShape.from_config(_tiny_config())
+    two = memory_plan.plan_memory(memory_plan.PlanInputs(shape, kv_cache_bytes=1 << 20))
+    one = memory_plan.plan_memory(memory_plan.PlanInputs(shape, kv_cache_bytes=1 << 20, weights_shared=True))
+    assert two.phases["rollout"]["trainer_weights"] > 0 and one.phases["rollout"]["trainer_weights"] == 0
+    assert one.phases["training"]["engine_weights"] == two.phases["rollout"]["engine_weights"]
+    assert "engine_asleep" in two.phases["training"] and "engine_asleep" not in one.phases["training"]
+    assert "kv_cache" not in one.phases["training"]
+    assert one.total("rollout") < two.total("rollout")
+    assert "one copy of the weights" in one.table()
+
+
+def _tiny_config():
+    from transformers import AutoConfig
+
+    from rollout_sleep.weights.checkpoints import make_config_dir
+
+    import tempfile
+
+    return AutoConfig.from_pretrained(make_config_dir(tempfile.mkdtemp(), "tiny"))
+
+
+def test_an_engine_whose_weights_a_trainer_views_sleeps_at_level_0_only(engine):
+    """Levels 1 and 2 would move or discard the memory under the trainer: refused naming why and level 0;
+    level 0 (the KV cache only) runs and the engine generates after it."""
+    engine.pin_weights("the trainer's parameters are views of them (model.share_weights)")
+    try:
+        for level in (1, 2):
+            with pytest.raises(EngineStateError, match=rf"cannot sleep at level {level}: the trainer's parameters"
+                                                        r".*Sleep at level 0"):
+                engine.sleep(level=level)
+        assert not engine.is_asleep
+        engine.sleep(level=0)
+        engine.wake_up()
+        assert engine.generate([[1, 2, 3]], max_tokens=4, temperature=0.0)
+    finally:
+        engine.pinned = None
