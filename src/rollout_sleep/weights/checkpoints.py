@@ -307,8 +307,9 @@ def save_weights(weights, folder: str | os.PathLike, *, like: str | os.PathLike 
 
 
 def init_nonpersistent_buffers(model, device) -> None:
-    """Compute the non-persistent buffers (rotary tables) of a model built on the meta device (or moved with
-    ``to_empty``, which leaves them uninitialized: garbage, NaN) on ``device``; parameters are not touched."""
+    """Compute the non-persistent buffers (rotary tables, Gemma's embedding scale) of a model built on the meta
+    device (or moved with ``to_empty``, which leaves them uninitialized: garbage, NaN) on ``device``; parameters
+    are not touched (they may be views of an engine's weights)."""
     import torch
 
     device = torch.device(device)
@@ -319,7 +320,18 @@ def init_nonpersistent_buffers(model, device) -> None:
                     if b.is_meta or b.device.type != device.type:
                         module.register_buffer(n, torch.empty_like(b, device=device),
                                                persistent=n not in module._non_persistent_buffers_set)
-                model._init_weights(module)
+                # the module's own parameters stand aside on the meta device meanwhile: transformers' init of a
+                # module with such buffers (Gemma's scaled embedding) also draws its weights, which may be views
+                # of an engine's memory
+                own = dict(module.named_parameters(recurse=False))
+                for n, p in own.items():
+                    setattr(module, n, torch.nn.Parameter(torch.empty_like(p, device="meta"),
+                                                          requires_grad=p.requires_grad))
+                try:
+                    model._init_weights(module)
+                finally:
+                    for n, p in own.items():
+                        setattr(module, n, p)
 
 
 def make_config_dir(path: str | os.PathLike, size: str = "tiny", dtype: str = "bfloat16",
