@@ -94,6 +94,12 @@ RULES: tuple[Rule, ...] = (
     Rule(("model.lora.rank", "train.kl_coef"), lambda c, d: _lora(c) and c.train.kl_coef > 0,
          "the reference would be the base with the adapter off, which is not built yet",
          "train.kl_coef=0 with model.lora (or model.lora.rank=0)"),
+    Rule(("train.stochastic_rounding", "model.dtype"),
+         lambda c, d: c.train.stochastic_rounding is True and c.model.dtype != "bfloat16",
+         "stochastic rounding rounds each update into bfloat16 weights (torchao's bf16_stochastic_round): float32 "
+         "weights keep the update as they are, and float16 ones it does not round",
+         "model.dtype=bfloat16, or train.stochastic_rounding=null (on only where bf16 weights are stepped in place "
+         "with no float32 master) or false"),
     Rule(("engine.load_method", "device"), lambda c, d: c.engine.load_method in ("direct", "load_weights") and d != "cuda",
          "vLLM's CPU kernels repack linear weights: only its layerwise reload writes them correctly there",
          "engine.load_method=auto or reload on CPU"),
