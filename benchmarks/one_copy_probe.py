@@ -27,16 +27,13 @@ from common import PeakMemory, device_name, gib, run_bounded, versions, write_js
 
 
 def optimizer_for(params, lr: float):
-    """torchao's AdamW with bf16 stochastic rounding where importable (its name, the optimizer)."""
-    import torch
+    """The recipe's ``adamw`` with bf16 stochastic rounding (torchao's ``_AdamW``) where torchao is installed, else
+    PyTorch's AdamW (its name, the optimizer)."""
+    from rollout_sleep.run.optim import build_optimizer, missing_package
 
-    try:
-        from torchao.optim import _AdamW
-
-        return "torchao._AdamW(bf16_stochastic_round=True)", _AdamW(params, lr=lr, weight_decay=0.0,
-                                                                     bf16_stochastic_round=True)
-    except ImportError:
-        return "torch.optim.AdamW", torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    rounding = missing_package("adamw", stochastic_rounding=True) is None
+    name = "torchao._AdamW(bf16_stochastic_round=True)" if rounding else "torch.optim.AdamW"
+    return name, build_optimizer("adamw", params, lr=lr, weight_decay=0.0, stochastic_rounding=rounding)
 
 
 def fresh_scores(args) -> dict:

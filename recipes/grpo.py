@@ -97,7 +97,7 @@ from rollout_sleep.run.manager import RolloutManager  # noqa: E402
 from rollout_sleep.run.modes import detect_device  # noqa: E402
 from rollout_sleep.run.nonfinite import NonFiniteError, check_finite, guard_optimizer  # noqa: E402
 from rollout_sleep.run.optim import (OptimizerOffload, build_optimizer, hyperparameters,  # noqa: E402
-                                     set_hyperparameters)
+                                     missing_package, run_stochastic_rounding, set_hyperparameters)
 from rollout_sleep.run.schema import RecipeConfig  # noqa: E402
 from rollout_sleep.run.update_check import UpdateCheck, checkpoint_magnitude, lr_note  # noqa: E402
 from rollout_sleep.run.watchdog import Watchdog  # noqa: E402
@@ -146,6 +146,9 @@ class GRPORecipe:
         self._check_launch()
         # one copy of the weights where it applies (model.share_weights): known before the model folder is built
         self.one_copy = one_copy.before_engine(self.cfg, detect_device(), self.acc.num_processes)
+        missing = missing_package(self.cfg.train.optimizer, run_stochastic_rounding(self.cfg, self.one_copy.on))
+        if missing:  # one copy in bf16 rounds stochastically (torchao): said before anything starts
+            raise ConfigError(missing)
         # read-only until the output dir is claimed: bad data or rewards stop the run with nothing written
         self._load_data_and_rewards()  # the rewards resolved once for the run: everything after uses self.rewards
         self._claim_output_dir()
@@ -283,10 +286,14 @@ class GRPORecipe:
         the optimizer offload on top (in that order)."""
         cfg = self.cfg
         model = self._build_model(getattr(torch, cfg.model.dtype))
-        # adamw: fused on GPU, one kernel for all parameters (TRL/transformers' default optimizer too)
+        # adamw: fused on GPU, one kernel for all parameters (TRL/transformers' default optimizer too); with
+        # stochastic rounding (train.stochastic_rounding) torchao's kind of it
+        rounding = run_stochastic_rounding(cfg, self.one_copy.on)
         optimizer = build_optimizer(cfg.train.optimizer, [p for p in model.parameters() if p.requires_grad],
                                     **hyperparameters(cfg.train), fused=torch.cuda.is_available() or None,
-                                    model=model)
+                                    model=model, stochastic_rounding=rounding)
+        if rounding:
+            self.acc.print(f"optimizer: torchao's {type(optimizer).__name__} with bf16 stochastic rounding")
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         guard_optimizer(self.optimizer, self.model)  # a non-finite gradient stops the step before it applies
         # after the guard (a refused step is not measured): the share of sampled weights each checked step changes
@@ -365,9 +372,11 @@ class GRPORecipe:
     def _note_low_precision_lr(self) -> None:
         """Before vLLM starts: a warning when the trainer steps bf16/fp16 weights in place (one process or DDP;
         FSDP and DeepSpeed may keep float32 master weights) with an lr under half the dtype's spacing near the
-        checkpoint's typical |w|. The first optimizer step then measures it (:mod:`rollout_sleep.run.update_check`)."""
+        checkpoint's typical |w|. The first optimizer step then measures it (:mod:`rollout_sleep.run.update_check`).
+        None with stochastic rounding: the updates are kept in expectation."""
         t = self.cfg.train
-        if not self.main or self.acc.distributed_type.value not in ("NO", "MULTI_GPU", "MULTI_CPU"):
+        if not self.main or self.acc.distributed_type.value not in ("NO", "MULTI_GPU", "MULTI_CPU") \
+                or run_stochastic_rounding(self.cfg, self.one_copy.on):
             return
         magnitude = checkpoint_magnitude(self.model_path) if self.cfg.model.dtype != "float32" else None
         note = lr_note(t.lr, getattr(torch, self.cfg.model.dtype), magnitude) if magnitude else None
@@ -552,7 +561,9 @@ class GRPORecipe:
             if checking:  # every rank: the counts are summed over the ranks' shards
                 with self._collective(f"the update check of step {self.step + 1}"):
                     stats.update(self.update_check.result(
-                        self.step + 1, stats["grad_norm"], warn=self.main,
+                        # stochastic rounding changes few weights a step by design (the update is kept in
+                        # expectation): the fraction is logged, not warned about
+                        self.step + 1, stats["grad_norm"], warn=self.main and not run_stochastic_rounding(self.cfg, self.one_copy.on),
                         reduce=lambda c: self.acc.reduce(c.to(self.acc.device), "sum")))
             with self._peak("rollout"):  # the wake maps vLLM back beside the trainer's state
                 self.manager.sync()

@@ -33,7 +33,7 @@ def _free_port() -> int:
 
 def test_optimizer_settings_are_checked_up_front(monkeypatch):
     assert load_config(None, ["train.optimizer=adamw", "train.offload_optimizer=true"]).train.offload_optimizer
-    for override, message in [("train.optimizer=sgd", "train.optimizer must be one of adamw, adamw8bit"),
+    for override, message in [("train.optimizer=sgd", "train.optimizer must be one of adamw, adamw8bit, adamw4bit"),
                               ("train.memory_plan=maybe", "train.memory_plan must be one of refuse, warn, off"),
                               ("train.memory_budget_gib=0", "train.memory_budget_gib must be > 0"),
                               ("train.memory_headroom_gib=-1", "train.memory_headroom_gib must be >= 0")]:

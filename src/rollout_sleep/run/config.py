@@ -160,7 +160,7 @@ def _check_values(cfg: RecipeConfig) -> list[str]:
     from rollout_sleep.grpo.loss import GRPOLoss
     from rollout_sleep.weights.checkpoints import SHAPES
     from rollout_sleep.weights.fp8 import QUANTIZATIONS
-    from .optim import OPTIMIZERS, missing_package
+    from .optim import OPTIMIZERS, missing_package, run_stochastic_rounding
 
     out: list[str] = []
 
@@ -212,8 +212,8 @@ def _check_values(cfg: RecipeConfig) -> list[str]:
     at_least("train.weight_decay", t.weight_decay, 0)
     choice("train.mixed_precision", t.mixed_precision, MIXED_PRECISION)
     choice("train.optimizer", t.optimizer, OPTIMIZERS)
-    if t.optimizer in OPTIMIZERS and missing_package(t.optimizer):
-        out.append(missing_package(t.optimizer))
+    if t.optimizer in OPTIMIZERS and missing_package(t.optimizer, run_stochastic_rounding(cfg)):
+        out.append(missing_package(t.optimizer, run_stochastic_rounding(cfg)))
     choice("train.memory_plan", t.memory_plan, MEMORY_PLAN_MODES)
     at_least("train.update_check_every", t.update_check_every, 0)
     if t.memory_budget_gib is not None and not (math.isfinite(t.memory_budget_gib) and t.memory_budget_gib > 0):

@@ -18,7 +18,7 @@ from rollout_sleep.weights.stream import local_shard
 
 from . import memory_plan
 from .memory_plan import GIB, MemoryPlan
-from .optim import resident_state_bytes
+from .optim import resident_state_bytes, run_stochastic_rounding
 
 MEASURED_STEPS = 2  # the plan is compared with steps 1-2: the optimizer's state appears at step 1's update
 
@@ -57,7 +57,8 @@ def plan_run(cfg: Any, model_path: str, *, processes: int, shards: tuple[int, in
         notes.append(f"engine.quantization=fp8: the engine holds its linear layers in 1 byte per weight "
                      f"({weight_bytes / GIB:.2f} GiB of weights, {shape.params * b / GIB:.2f} in model.dtype)")
     inputs = memory_plan.PlanInputs(
-        shape, dtype_bytes=b, optimizer=t.optimizer, offload_optimizer=t.offload_optimizer and cuda,
+        shape, dtype_bytes=b, optimizer=t.optimizer, stochastic_rounding=run_stochastic_rounding(cfg, weights_shared),
+        offload_optimizer=t.offload_optimizer and cuda,
         micro_batch=min(t.micro_batch, sequences), seq_len=longest_prompt + t.max_tokens,
         completion_len=t.max_tokens, gradient_checkpointing=t.gradient_checkpointing,
         autocast=t.mixed_precision != "no" and b == 4, reference_model=t.kl_coef > 0,

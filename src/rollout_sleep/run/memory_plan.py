@@ -89,7 +89,7 @@ class ModelShape:
     head_dim: int
     intermediate_size: int  # the MLP width a token passes through (:func:`mlp_width`: routed experts for MoE)
     vocab_size: int
-    embedding_numels: tuple[int, ...] = ()  # the input embeddings (adamw8bit keeps their state in float32)
+    embedding_numels: tuple[int, ...] = ()  # the input embeddings (bitsandbytes' adamw8bit: float32 state)
     experts_per_token: int = 0  # a mixture of experts: the routed experts each token visits (0: dense)
 
     @property
@@ -178,6 +178,7 @@ class PlanInputs:
     shape: ModelShape
     dtype_bytes: int = 2
     optimizer: str = "adamw"
+    stochastic_rounding: bool = False  # the optimizer comes from torchao (its state weighs what torchao's does)
     offload_optimizer: bool = False
     micro_batch: int = 32
     seq_len: int = 160
@@ -296,7 +297,8 @@ class MemoryPlan:
         n = i.shape.params
         count = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
         head = (f"memory plan: {count} parameters x {i.dtype_bytes} bytes, optimizer "
-                f"{i.optimizer}{' (state offloaded during rollouts)' if i.offload_optimizer else ''}, micro-batch "
+                f"{i.optimizer}{' (torchao, bf16 stochastic rounding)' if i.stochastic_rounding else ''}"
+                f"{' (state offloaded during rollouts)' if i.offload_optimizer else ''}, micro-batch "
                 f"{i.micro_batch} x {i.seq_len} tokens, gradient checkpointing "
                 f"{'on' if i.gradient_checkpointing else 'off'}")
         if i.adapter_numels is not None:
@@ -329,7 +331,8 @@ def plan_memory(i: PlanInputs, budget_bytes: int | None = None, headroom_bytes: 
     base = 0 if i.adapter_numels is None else (0 if i.base_shared else s.params * b)
     weights = 0 if i.weights_shared else -(-(sum(trained) * b + base) // ws)
     state = -(-optimizer_state_bytes(i.optimizer, [(n, b) for n in trained],
-                                     s.embedding_numels if i.adapter_numels is None else ()) // os_)
+                                     s.embedding_numels if i.adapter_numels is None else (),
+                                     stochastic_rounding=i.stochastic_rounding) // os_)
     ref = s.params * b if i.reference_model else 0
     workspace = estimate_engine_workspace(s, b) if i.engine_workspace_bytes is None else i.engine_workspace_bytes
     resident = {"trainer_weights": weights, "optimizer_state": 0 if i.offload_optimizer else state, "gradients": 0}
@@ -351,12 +354,13 @@ def plan_memory(i: PlanInputs, budget_bytes: int | None = None, headroom_bytes: 
 
 def knob_alternatives(i: PlanInputs) -> list[tuple[str, PlanInputs]]:
     """The settings that lower the plan, each as ``(override, inputs with it)``."""
-    from .optim import missing_package
+    from .optim import missing_package, optimizer_package
 
     out = []
-    if i.optimizer == "adamw":
-        needs = " (needs bitsandbytes: pip install bitsandbytes)" if missing_package("adamw8bit") else ""
-        out.append((f"train.optimizer=adamw8bit{needs}", dataclasses.replace(i, optimizer="adamw8bit")))
+    for leaner in {"adamw": ("adamw8bit", "adamw4bit"), "adamw8bit": ("adamw4bit",)}.get(i.optimizer, ()):
+        package = optimizer_package(leaner, i.stochastic_rounding)
+        needs = f" (needs {package}: pip install {package})" if missing_package(leaner, i.stochastic_rounding) else ""
+        out.append((f"train.optimizer={leaner}{needs}", dataclasses.replace(i, optimizer=leaner)))
     if not i.offload_optimizer:
         out.append(("train.offload_optimizer=true", dataclasses.replace(i, offload_optimizer=True)))
     if not i.gradient_checkpointing:

@@ -112,6 +112,12 @@ RULES: tuple[Rule, ...] = (
          lambda c, d: _shared(c) and c.engine.tensor_parallel_size > 1,
          "each tensor-parallel rank holds a shard of the weights, which the trainer's whole tensors cannot view",
          "model.share_weights=null, or engine.tensor_parallel_size=1"),
+    Rule(("train.stochastic_rounding", "model.dtype"),
+         lambda c, d: c.train.stochastic_rounding is True and c.model.dtype != "bfloat16",
+         "stochastic rounding rounds each update into bfloat16 weights (torchao's bf16_stochastic_round): float32 "
+         "weights keep the update as they are, and float16 ones it does not round",
+         "model.dtype=bfloat16, or train.stochastic_rounding=null (on only where bf16 weights are stepped in place "
+         "with no float32 master) or false"),
     Rule(("engine.load_method", "device"), lambda c, d: c.engine.load_method in ("direct", "load_weights") and d != "cuda",
          "vLLM's CPU kernels repack linear weights: only its layerwise reload writes them correctly there",
          "engine.load_method=auto or reload on CPU"),

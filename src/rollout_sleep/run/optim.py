@@ -1,64 +1,136 @@
 """The recipe's optimizers and what their state weighs, and moving that state off the GPU while vLLM rolls out.
 
 ``train.optimizer``: ``adamw`` (PyTorch's AdamW, fused on CUDA and for float16 parameters; its two moments take
-the parameters' dtype, so bf16 weights carry 4 bytes of state per parameter, float32 weights 8) or ``adamw8bit`` (bitsandbytes'
-``AdamW8bit``, imported only when asked: two uint8 moments with a float32 scale per 256-element block; tensors
-under 4096 elements keep float32 moments, and so do the embeddings, as transformers' Trainer (and so TRL) sets
-up its 8-bit AdamW for stability).
+the parameters' dtype, so bf16 weights carry 4 bytes of state per parameter, float32 weights 8), ``adamw8bit``
+(bitsandbytes' ``AdamW8bit``, imported only when asked: two uint8 moments with a float32 scale per 256-element
+block; tensors under 4096 elements keep float32 moments, and so do the embeddings, as transformers' Trainer (and
+so TRL) sets up its 8-bit AdamW for stability) or ``adamw4bit`` (torchao's ``AdamW4bit``: two 4-bit moments
+with a float32 scale per 128-element block).
+
+``train.stochastic_rounding`` (:func:`stochastic_rounding_on`): bf16 weights stepped in place, with no float32
+master copy, lose AdamW's small updates (an update under half of bf16's spacing near the weight rounds back
+to it). Stochastic rounding rounds the float32 result up or down with the probability that keeps it in
+expectation (measured at lr 1e-6: PyTorch's AdamW changed 0.04 % of the weights per step, torchao's with
+rounding 0.26 %, with a mean |Δw| ~2500 times larger). With it every kind comes from torchao with
+``bf16_stochastic_round=True``: ``adamw`` its ``_AdamW``, ``adamw8bit`` its ``AdamW8bit``, ``adamw4bit`` its
+``AdamW4bit``. torchao quantizes a tensor's moments only from 4096 elements on and when its block size divides
+them; other tensors (and all of ``_AdamW``'s) keep their moments in the parameters' dtype.
 
 >>> optimizer_state_bytes("adamw", [(1000, 2)])  # 1000 bf16 parameters: two bf16 moments and a float32 step
 4004
 >>> optimizer_state_bytes("adamw8bit", [(4096, 2), (100, 2)])  # 2 x (4096 + 16 scales x 4), fp32 below 4096, maps
 11168
+>>> optimizer_state_bytes("adamw4bit", [(4096, 2), (100, 2)])  # 2 x (2048 + 32 x 4 + 16 x 4), bf16 below 4096
+4888
+>>> optimizer_state_bytes("adamw8bit", [(4096, 2)], stochastic_rounding=True)  # torchao: a 256-entry map per moment
+10372
 
 :class:`OptimizerOffload` moves the state tensors to pinned host memory after each optimizer step (so the
 rollout that follows has that memory) and back right before the next step (so they never sit beside the
-training's activations), timing both copies. Where the parameters already live on the host it does nothing.
+training's activations), timing both copies (torchao's quantized moments move as they are, unpinned). Where
+the parameters already live on the host it does nothing.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import time
 
 import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 logger = logging.getLogger(__name__)
 
-OPTIMIZERS = ("adamw", "adamw8bit")
+OPTIMIZERS = ("adamw", "adamw8bit", "adamw4bit")
 BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes' min_8bit_size default: smaller tensors keep 32-bit state
 BNB_BLOCK = 256  # bitsandbytes' blockwise quantization: one float32 absmax per block per moment
+TORCHAO_MIN_QUANT_SIZE = 4096  # torchao quantizes a tensor's moments from this many elements on ...
+TORCHAO_BLOCKS = {"adamw8bit": 256, "adamw4bit": 128}  # ... when its block (one float32 scale each) divides them
+TORCHAO_MAPS = {"adamw8bit": 256, "adamw4bit": 16}  # float32 entries of the code map each quantized moment holds
+TORCHAO_CLASSES = {"adamw": "_AdamW", "adamw8bit": "AdamW8bit", "adamw4bit": "AdamW4bit"}
 
 
-def missing_package(kind: str) -> str | None:
-    """What must be installed for optimizer ``kind`` and is not (``None``: nothing)."""
-    if kind == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
+def stochastic_rounding_on(setting: bool | None, weights_dtype: str | torch.dtype, in_place: bool) -> bool:
+    """Whether the optimizer rounds its updates into the weights stochastically. ``setting``: the config's
+    ``train.stochastic_rounding`` (``None``: auto, ``True``/``False``); ``in_place``: the caller's word that the
+    trainer steps these weights in place with no float32 master copy (the one-copy mode, which trains vLLM's own
+    weight memory). Auto turns it on only there, and only for bf16 weights (it rounds into bfloat16).
+
+    >>> [stochastic_rounding_on(None, "bfloat16", in_place) for in_place in (True, False)]
+    [True, False]
+    >>> stochastic_rounding_on(None, torch.float32, True), stochastic_rounding_on(False, torch.bfloat16, True)
+    (False, False)
+    """
+    if setting is None:
+        return in_place and str(weights_dtype).removeprefix("torch.") == "bfloat16"
+    return bool(setting)  # true with weights not in bf16: refused by the config (rollout_sleep.run.modes)
+
+
+def run_stochastic_rounding(cfg, one_copy: bool = False) -> bool:
+    """:func:`stochastic_rounding_on` for a recipe config: the one place that says whether this run's trainer
+    rounds its bf16 updates stochastically. ``one_copy``: the trainer trains vLLM's weight memory
+    (:mod:`rollout_sleep.run.one_copy`: no float32 master can exist), so ``null`` turns it on; a trainer with its
+    own copy keeps the optimizers it had under ``null``."""
+    return stochastic_rounding_on(cfg.train.stochastic_rounding, cfg.model.dtype, in_place=one_copy)
+
+
+def optimizer_package(kind: str, stochastic_rounding: bool = False) -> str | None:
+    """The package optimizer ``kind`` comes from: ``torchao`` (``adamw4bit``, and every kind with stochastic
+    rounding), ``bitsandbytes`` (``adamw8bit`` without), ``None`` for PyTorch's own AdamW."""
+    if kind not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {kind!r}; choose one of {', '.join(OPTIMIZERS)}")
+    if stochastic_rounding or kind == "adamw4bit":
+        return "torchao"
+    return "bitsandbytes" if kind == "adamw8bit" else None
+
+
+def missing_package(kind: str, stochastic_rounding: bool = False) -> str | None:
+    """What must be installed for optimizer ``kind`` (with or without stochastic rounding) and is not
+    (``None``: nothing). Looks the package up without importing it."""
+    package = optimizer_package(kind, stochastic_rounding)
+    if package is None or importlib.util.find_spec(package) is not None:
+        return None
+    if package == "bitsandbytes":
         return ("train.optimizer=adamw8bit needs bitsandbytes, which is not installed: pip install bitsandbytes "
                 "(or pip install 'rollout-sleep[lean]'), or use train.optimizer=adamw")
-    return None
+    why = "train.stochastic_rounding (on) takes" if stochastic_rounding else "train.optimizer=adamw4bit takes"
+    other = "train.stochastic_rounding=false" if stochastic_rounding else "train.optimizer=adamw"
+    return (f"{why} torchao's {TORCHAO_CLASSES[kind]}, and torchao is not installed: pip install torchao "
+            f"(or pip install 'rollout-sleep[lean]'), or use {other}")
 
 
-def optimizer_state_bytes(kind: str, tensors, state32=()) -> int:
+def optimizer_state_bytes(kind: str, tensors, state32=(), stochastic_rounding: bool = False) -> int:
     """Bytes of optimizer state for parameters given as ``(numel, element_size)`` pairs, one per tensor;
-    ``state32``: the element counts of tensors among them whose 8-bit state is kept in float32 (embeddings)."""
-    total = 2 * 256 * 4 if kind == "adamw8bit" else 0  # bitsandbytes' two quantization maps, shared
+    ``state32``: the element counts of tensors among them whose 8-bit state bitsandbytes keeps in float32
+    (embeddings; torchao has no such exception). ``stochastic_rounding``: the kind comes from torchao."""
+    package = optimizer_package(kind, stochastic_rounding)
     tensors = list(tensors)
-    if kind == "adamw8bit":
+    if package == "torchao":
+        block = TORCHAO_BLOCKS.get(kind)
+        total = 0
+        for numel, size in tensors:
+            total += 4  # its float32 step (a host scalar, wherever the parameters are)
+            if block is not None and numel >= TORCHAO_MIN_QUANT_SIZE and numel % block == 0:
+                codes = numel if kind == "adamw8bit" else numel // 2  # 4-bit codes: two to a byte
+                total += 2 * (codes + 4 * (numel // block) + 4 * TORCHAO_MAPS[kind])
+            else:
+                total += 2 * numel * size  # moments in the parameters' dtype
+        return total
+    total = 2 * 256 * 4 if package == "bitsandbytes" else 0  # bitsandbytes' two quantization maps, shared
+    if package == "bitsandbytes":
         for numel in state32:
             size = next(sz for n, sz in tensors if n == numel)
             tensors.remove((numel, size))
             total += 2 * numel * 4
     for numel, size in tensors:
-        if kind == "adamw":
+        if package is None:
             total += 2 * numel * size + 4  # two moments, and its float32 step counter
-        elif kind == "adamw8bit":
-            if numel < BNB_MIN_8BIT_SIZE:
-                total += 2 * numel * 4
-            else:
-                total += 2 * numel + 2 * 4 * -(-numel // BNB_BLOCK)
+        elif numel < BNB_MIN_8BIT_SIZE:
+            total += 2 * numel * 4
         else:
-            raise ValueError(f"unknown optimizer {kind!r}; choose one of {', '.join(OPTIMIZERS)}")
+            total += 2 * numel + 2 * 4 * -(-numel // BNB_BLOCK)
     return total
 
 
@@ -83,8 +155,8 @@ def set_hyperparameters(optimizer, values: dict[str, float]) -> list[tuple[str, 
     for group in optimizer.param_groups:
         for name, value in values.items():
             old = group.get(name)
-            if isinstance(old, torch.Tensor):  # a tensor lr (capturable / fused optimizers) stays a tensor
-                if float(old) != value:
+            if isinstance(old, torch.Tensor):  # a tensor lr (capturable / fused optimizers, torchao's) stays one
+                if float(old) != float(torch.tensor(value, dtype=old.dtype)):  # a float32 lr holds 1e-3 as 1.00000005e-3
                     changed.setdefault(name, float(old))
                 old.fill_(value)
             else:
@@ -95,21 +167,21 @@ def set_hyperparameters(optimizer, values: dict[str, float]) -> list[tuple[str, 
 
 
 def build_optimizer(kind: str, params, *, lr: float, weight_decay: float, fused: bool | None = None,
-                    model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+                    model: torch.nn.Module | None = None, stochastic_rounding: bool = False) -> torch.optim.Optimizer:
     """The optimizer ``kind`` (see :data:`OPTIMIZERS`) over ``params`` (``fused``: PyTorch AdamW's). For
-    ``adamw8bit``, ``model``'s embeddings keep 32-bit state (transformers' Trainer does the same)."""
-    if kind == "adamw":
-        params = list(params)
-        if fused is None and any(p.dtype == torch.float16 for p in _tensors(params)):
-            # PyTorch's unfused AdamW computes in the parameters' dtype: in float16 its eps (1e-8) rounds to 0,
-            # so an element whose gradient is 0 becomes 0/0 = NaN at the first step. The fused kernels (CPU and
-            # CUDA) compute in float32.
-            fused = True
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
-    if kind == "adamw8bit":
-        problem = missing_package(kind)
-        if problem:
-            raise ImportError(problem)
+    bitsandbytes' ``adamw8bit``, ``model``'s embeddings keep 32-bit state (transformers' Trainer does the same).
+    ``stochastic_rounding``: torchao's kind with ``bf16_stochastic_round=True`` (bf16 parameters only; others
+    are stepped as usual)."""
+    problem = missing_package(kind, stochastic_rounding)  # also refuses an unknown kind
+    if problem:
+        raise ImportError(problem)
+    package = optimizer_package(kind, stochastic_rounding)
+    if package == "torchao":
+        import torchao.optim
+
+        cls = getattr(torchao.optim, TORCHAO_CLASSES[kind])
+        return _eager_on_cpu(cls(params, lr=lr, weight_decay=weight_decay, bf16_stochastic_round=stochastic_rounding))
+    if package == "bitsandbytes":
         import bitsandbytes as bnb
 
         optimizer = bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
@@ -119,7 +191,32 @@ def build_optimizer(kind: str, params, *, lr: float, weight_decay: float, fused:
                 if isinstance(module, torch.nn.Embedding):
                     manager.register_module_override(module, "weight", {"optim_bits": 32})
         return optimizer
-    raise ValueError(f"unknown optimizer {kind!r}; choose one of {', '.join(OPTIMIZERS)}")
+    params = list(params)
+    if fused is None and any(p.dtype == torch.float16 for p in _tensors(params)):
+        # PyTorch's unfused AdamW computes in the parameters' dtype: in float16 its eps (1e-8) rounds to 0,
+        # so an element whose gradient is 0 becomes 0/0 = NaN at the first step. The fused kernels (CPU and
+        # CUDA) compute in float32.
+        fused = True
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
+
+
+def _eager_on_cpu(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """``optimizer`` (torchao's) stepping eagerly where its parameters are on the CPU. torchao compiles its
+    per-tensor step (``torch.compile``, one graph per shape and dtype) and has no switch to skip it; on the CPU
+    each compile costs seconds (6-12 s at the first step), more than the small runs there save, so
+    ``torch.compiler.set_stance("force_eager")`` runs the same function uncompiled. On CUDA it compiles."""
+    step = optimizer.step
+
+    @functools.wraps(step)
+    def eager_step(*args, **kwargs):
+        first = next((p for g in optimizer.param_groups for p in g["params"]), None)
+        if first is None or first.device.type != "cpu":
+            return step(*args, **kwargs)
+        with torch.compiler.set_stance("force_eager"):
+            return step(*args, **kwargs)
+
+    optimizer.step = eager_step
+    return optimizer
 
 
 def _tensors(params: list):
@@ -140,14 +237,30 @@ def state_tensors(optimizer: torch.optim.Optimizer):
                 yield p, state, key, value
 
 
+def storage_tensors(t: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors holding ``t``'s data: ``t`` itself, or a tensor subclass's inner tensors (torchao's
+    quantized moments: codes, block scales and code map; a DTensor: its local shard), whose own storage a
+    wrapper's ``untyped_storage()`` does not report."""
+    if not is_traceable_wrapper_subclass(t):
+        return [t]
+    names, _ = t.__tensor_flatten__()
+    return [leaf for name in names for leaf in storage_tensors(getattr(t, name))]
+
+
 def resident_state_bytes(optimizer: torch.optim.Optimizer, device_type: str = "cuda") -> int:
     """Bytes of optimizer state on devices of ``device_type`` (each storage once: bitsandbytes shares its
     quantization maps)."""
     seen: dict[int, int] = {}
-    for *_, t in state_tensors(optimizer):
-        if t.device.type == device_type:
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    for *_, state in state_tensors(optimizer):
+        for t in storage_tensors(state):
+            if t.device.type == device_type:
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     return sum(seen.values())
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    """The bytes holding ``t``'s data (a quantized moment's codes, scales and map, not its apparent size)."""
+    return sum(x.numel() * x.element_size() for x in storage_tensors(t))
 
 
 class OptimizerOffload:
@@ -192,12 +305,15 @@ class OptimizerOffload:
                 continue
             slot = (id(p), key)  # parameters outlive a load_state_dict (a resume), state dicts do not
             host = self._host.get(slot)
-            if host is None or host.shape != t.shape or host.dtype != t.dtype:
-                host = self._host[slot] = torch.empty(t.shape, dtype=t.dtype, device="cpu",
-                                                      pin_memory=self.device.type == "cuda")
+            if host is None or type(host) is not type(t) or host.shape != t.shape or host.dtype != t.dtype:
+                if is_traceable_wrapper_subclass(t):  # torchao's quantized moments: a host copy of its kind
+                    host = t.to("cpu")  # (unpinned: torchao's copies ignore pin_memory)
+                else:
+                    host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=self.device.type == "cuda")
+                self._host[slot] = host
             host.copy_(t, non_blocking=True)
             state[key] = host
-            moved += t.numel() * t.element_size()
+            moved += _nbytes(t)
         self._sync()  # the copies are done before the device memory is reused
         self._timings["optimizer_offload_s"] += time.perf_counter() - t0
         self._timings["optimizer_offload_gib"] = max(self._timings["optimizer_offload_gib"], moved / 2**30)
@@ -211,7 +327,7 @@ class OptimizerOffload:
         for p, state, key, t in state_tensors(self.optimizer):
             if self._host.get((id(p), key)) is t:  # ours (a host scalar of the optimizer's own stays)
                 state[key] = t.to(self.device, non_blocking=True)
-                moved += t.numel() * t.element_size()
+                moved += _nbytes(t)
         self._sync()
         self._timings["optimizer_reload_s"] += time.perf_counter() - t0
         return moved

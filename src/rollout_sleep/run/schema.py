@@ -148,7 +148,16 @@ class TrainConfig:
     gradient_checkpointing: bool = _opt(False, "recompute activations in the backward pass (less memory)", resume=FREE)
     optimizer: str = _opt("adamw", "adamw: PyTorch's AdamW (fused on GPU; its moments take the weights' dtype: 4 "
                                    "bytes of state per bf16 parameter) / adamw8bit: bitsandbytes' AdamW8bit (~2 "
-                                   "bytes per parameter; needs pip install bitsandbytes)", resume=FIXED)
+                                   "bytes per parameter; needs pip install bitsandbytes) / adamw4bit: torchao's "
+                                   "AdamW4bit (~1 byte per parameter; needs pip install torchao). With "
+                                   "stochastic rounding each comes from torchao", resume=FIXED)
+    stochastic_rounding: bool | None = _opt(None, "round each update into the bf16 weights up or down with the "
+                                                  "probability that keeps it in expectation (torchao's "
+                                                  "bf16_stochastic_round; needs pip install torchao): without a "
+                                                  "float32 master copy a small lr's updates otherwise round away. "
+                                                  "null: on only where the trainer steps vLLM's own bf16 weights "
+                                                  "(one copy, no master possible); true: on (model.dtype=bfloat16 "
+                                                  "only); false: off", resume=FIXED)
     offload_optimizer: bool = _opt(False, "keep the optimizer state in pinned host memory except during the "
                                           "optimizer step (frees it for the rollout and the activations; costs a "
                                           "copy each way per step, logged as optimizer_offload_s / _reload_s)",

@@ -16,7 +16,7 @@ first check warns (``rollout_sleep.run.update_check`` logger) when it is below `
 >>> spacing(0.02, torch.bfloat16)  # bf16's gap between neighbouring values near 0.02
 0.0001220703125
 >>> print(lr_note(1e-6, torch.bfloat16, 0.02))  # doctest: +ELLIPSIS
-train.lr=1e-06 is below half of bfloat16's spacing near |w|~0.02 (1.2e-04): ... stochastic rounding
+train.lr=1e-06 is below half of bfloat16's spacing near |w|~0.02 (1.2e-04): ... (train.stochastic_rounding=true)
 >>> lr_note(1e-6, torch.float32, 0.02) is None and lr_note(1e-3, torch.bfloat16, 0.02) is None
 True
 """
@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 SLOTS = (torch.float32, torch.bfloat16, torch.float16)  # the per-dtype counts; any other dtype: one more slot
 METRIC = "train/updated_fraction"
 FIXES = ("Fixes: train in fp32 master weights (model.dtype=float32 with train.mixed_precision=bf16), a larger "
-         "train.lr, or an optimizer with stochastic rounding")
+         "train.lr, or stochastic rounding, which keeps the updates in expectation (train.stochastic_rounding=true)")
 
 
 def spacing(magnitude: float, dtype: torch.dtype) -> float:

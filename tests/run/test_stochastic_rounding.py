@@ -1,0 +1,169 @@
+"""``train.stochastic_rounding`` and torchao's optimizers: bf16 weights stepped in place keep small updates in
+expectation, the state estimate is exact for torchao's kinds, the config refuses what cannot run and names what is
+missing. torchao's step runs eagerly on the CPU (``build_optimizer``), so these take well under a second each."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+
+import pytest
+import torch
+
+from rollout_sleep.run.config import ConfigError, load_config
+from rollout_sleep.run.memory_plan import ModelShape, PlanInputs, knob_alternatives, plan_memory
+from rollout_sleep.run.optim import (OPTIMIZERS, build_optimizer, missing_package, optimizer_state_bytes,
+                                     resident_state_bytes, run_stochastic_rounding, stochastic_rounding_on)
+from rollout_sleep.run.schema import resume_classes
+
+LR = 1e-6  # RL's typical learning rate: far under half of bf16's spacing (1.2e-4) near |w| ~ 0.02
+
+
+def _shape(numels: tuple[int, ...], **kw) -> ModelShape:
+    """A model of these parameter tensors for the memory plan (its dimensions matter only for activations)."""
+    return ModelShape(tensor_numels=numels, hidden_size=64, num_layers=1, num_heads=1, num_kv_heads=1, head_dim=64,
+                      intermediate_size=64, vocab_size=64, **kw)
+
+
+def _delta(kind: str, rounding: bool, dtype: torch.dtype, steps: int = 2) -> torch.Tensor:
+    """``w - w0`` after ``steps`` AdamW steps at :data:`LR` on weights of std 0.02 (``w0`` in bf16) stored in
+    ``dtype``, every kind seeing the same positive gradients (so the float32 update is about -lr everywhere)."""
+    torch.manual_seed(0)  # the rounding's random draws too
+    w0 = (torch.randn(512, 256) * 0.02).to(torch.bfloat16)
+    gen = torch.Generator().manual_seed(1)
+    grads = [torch.rand(512, 256, generator=gen) + 0.1 for _ in range(steps)]
+    p = torch.nn.Parameter(w0.to(dtype, copy=True))
+    opt = build_optimizer(kind, [p], lr=LR, weight_decay=0.0, stochastic_rounding=rounding)
+    for g in grads:
+        p.grad = g.to(dtype)
+        opt.step()
+    return p.detach().float() - w0.float()
+
+
+def test_stochastic_rounding_keeps_bf16_updates_in_expectation():
+    """Against float32 AdamW on the same gradients: plain bf16 AdamW rounds ~98 % of the update away (the weights
+    it changes are the few near 0); torchao's kinds with stochastic rounding change several times more weights and
+    keep the mean update within a few percent (131072 weights: the rounding noise on the mean is ~2 %)."""
+    reference = _delta("adamw", False, torch.float32).mean()
+    assert reference == pytest.approx(-2 * LR, rel=0.1)
+    plain = _delta("adamw", False, torch.bfloat16)
+    assert abs(plain.mean() / reference) < 0.1
+    for kind in OPTIMIZERS:
+        rounded = _delta(kind, True, torch.bfloat16)
+        assert float(rounded.mean() / reference) == pytest.approx(1.0, abs=0.1), kind
+        assert (rounded != 0).float().mean() > 2 * (plain != 0).float().mean(), kind
+
+
+def test_state_bytes_estimate_is_exact_for_torchao_kinds():
+    """After one step, on tensors chosen to hit each of torchao's cases: 4096 elements (quantized), 4224 (a multiple
+    of 4-bit's block of 128 but not of 8-bit's 256), 100 (under 4096: moments in the parameters' dtype), and
+    float32 parameters (quantized or not). A saved and reloaded state stays quantized (same bytes)."""
+    shapes = [((64, 64), torch.bfloat16), ((33, 128), torch.bfloat16), ((100,), torch.bfloat16),
+              ((2, 4096), torch.float32), ((10,), torch.float32)]
+    sizes = [(torch.Size(s).numel(), torch.empty((), dtype=d).element_size()) for s, d in shapes]
+    for kind, rounding in [(k, True) for k in OPTIMIZERS] + [("adamw4bit", False)]:
+        params = [torch.nn.Parameter(torch.randn(s, dtype=d) * 0.02) for s, d in shapes]
+        opt = build_optimizer(kind, params, lr=1e-3, weight_decay=0.0, stochastic_rounding=rounding)
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        assert resident_state_bytes(opt, "cpu") == optimizer_state_bytes(kind, sizes, stochastic_rounding=rounding), kind
+        saved = io.BytesIO()
+        torch.save(opt.state_dict(), saved)
+        saved.seek(0)
+        again = build_optimizer(kind, params, lr=1e-3, weight_decay=0.0, stochastic_rounding=rounding)
+        again.load_state_dict(torch.load(saved, weights_only=True))
+        assert resident_state_bytes(again, "cpu") == resident_state_bytes(opt, "cpu"), kind
+    # torchao keeps no float32 state for the embeddings (bitsandbytes does): the plan counts them quantized
+    plain = optimizer_state_bytes("adamw8bit", [(8192, 2), (100, 2)], state32=(8192,))
+    rounded = optimizer_state_bytes("adamw8bit", [(8192, 2), (100, 2)], state32=(8192,), stochastic_rounding=True)
+    assert rounded == optimizer_state_bytes("adamw8bit", [(8192, 2), (100, 2)], stochastic_rounding=True) < plain
+    shape = _shape((8192, 100), embedding_numels=(8192,))
+    plan = plan_memory(PlanInputs(shape, optimizer="adamw8bit", stochastic_rounding=True))
+    assert plan.phases["training"]["optimizer_state"] == rounded
+
+
+def test_the_setting_decides_where_it_is_on():
+    """``null`` (auto) is on only where the caller says bf16 weights are stepped in place with no float32 master;
+    today's recipe says no, so its default keeps the optimizers it had."""
+    assert stochastic_rounding_on(None, torch.bfloat16, in_place=True)
+    assert not stochastic_rounding_on(None, "bfloat16", in_place=False)
+    assert not stochastic_rounding_on(None, "float16", in_place=True)
+    assert stochastic_rounding_on(True, "bfloat16", in_place=False)
+    assert not stochastic_rounding_on(False, "bfloat16", in_place=True)
+    assert not run_stochastic_rounding(load_config(None, ["model.dtype=bfloat16"]))
+    assert run_stochastic_rounding(load_config(None, ["model.dtype=bfloat16", "train.stochastic_rounding=true"]))
+
+
+def test_config_refuses_rounding_without_bf16_and_unknown_optimizers(tmp_path):
+    """``true`` needs bf16 weights (a modes rule names the key and the fix); ``adamw4bit`` and bf16 rounding load
+    (the YAML's true as well as the override's); an unknown optimizer or a setting that is no bool is refused;
+    changing the setting on a resume is refused (it picks the optimizer, and so its saved state)."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["train.stochastic_rounding=true"])
+    (problem,) = [p for p in err.value.problems if "stochastic_rounding" in p]
+    assert problem.startswith("train.stochastic_rounding=true with model.dtype=float32: ")
+    assert "Fix: model.dtype=bfloat16" in problem
+    assert load_config(None, ["train.optimizer=adamw4bit"]).train.optimizer == "adamw4bit"
+    yaml = tmp_path / "c.yaml"
+    yaml.write_text("model: {dtype: bfloat16}\ntrain: {optimizer: adamw4bit, stochastic_rounding: true}\n")
+    assert load_config(yaml, []).train.stochastic_rounding is True
+    assert load_config(None, ["train.stochastic_rounding=false"]).train.stochastic_rounding is False
+    assert load_config(None, []).train.stochastic_rounding is None
+    with pytest.raises(ConfigError, match="train.optimizer must be one of adamw, adamw8bit, adamw4bit, got 'adam'"):
+        load_config(None, ["train.optimizer=adam"])
+    with pytest.raises(ConfigError, match="train.stochastic_rounding must be true or false or null, got 'yes please'"):
+        load_config(None, ["train.stochastic_rounding=yes please"])
+    with pytest.raises(ValueError, match="unknown optimizer 'adam'"):
+        build_optimizer("adam", [torch.nn.Parameter(torch.zeros(2))], lr=1e-3, weight_decay=0.0)
+    assert resume_classes()["train.stochastic_rounding"] == "fixed"
+
+
+def test_missing_torchao_is_named_with_the_fix(monkeypatch):
+    """Without torchao: ``adamw4bit`` and any kind with rounding are refused at load time naming the key and
+    ``pip install torchao``; ``build_optimizer`` raises the same; plain ``adamw`` needs nothing; the memory plan's
+    knob says what the leaner optimizer needs."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"train.optimizer=adamw4bit takes torchao's AdamW4bit, and torchao is not "
+                                          r"installed: pip install torchao"):
+        load_config(None, ["train.optimizer=adamw4bit"])
+    with pytest.raises(ConfigError, match=r"train.stochastic_rounding \(on\) takes torchao's _AdamW.*pip install "
+                                          r"torchao.*train.stochastic_rounding=false"):
+        load_config(None, ["model.dtype=bfloat16", "train.stochastic_rounding=true"])
+    with pytest.raises(ImportError, match="pip install torchao"):
+        build_optimizer("adamw", [torch.nn.Parameter(torch.zeros(2, dtype=torch.bfloat16))], lr=1e-3,
+                        weight_decay=0.0, stochastic_rounding=True)
+    assert missing_package("adamw") is None and load_config(None, ["model.dtype=bfloat16"])
+    shape = _shape((4096,))
+    labels = [label for label, _ in knob_alternatives(PlanInputs(shape, optimizer="adamw8bit"))]
+    assert "train.optimizer=adamw4bit (needs torchao: pip install torchao)" in labels
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_offload_moves_torchao_state_and_keeps_it_quantized():
+    """torchao's 8-bit state on CUDA (compiled step) offloaded between steps: the weights are bitwise those without
+    the offload, between steps no state is on the GPU, and what comes back is still quantized (before, a plain
+    host buffer dequantized it)."""
+    from rollout_sleep.run.optim import OptimizerOffload
+
+    def run(offload: bool):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter((torch.randn(64, 128, device="cuda") * 0.02).bfloat16())
+        opt = build_optimizer("adamw8bit", [p], lr=1e-4, weight_decay=0.0, stochastic_rounding=True)
+        mover = OptimizerOffload(opt) if offload else None
+        for i in range(3):
+            p.grad = torch.randn_like(p)
+            opt.step()
+            if mover is not None:
+                assert resident_state_bytes(opt, "cuda") == 0
+        return p.detach().clone(), opt, mover
+
+    ref, _, _ = run(False)
+    w, opt, mover = run(True)
+    assert torch.equal(ref, w)
+    assert resident_state_bytes(opt, "cpu") == optimizer_state_bytes("adamw8bit", [(64 * 128, 2)],
+                                                                      stochastic_rounding=True)
+    mover.reload()
+    assert type(opt.state[opt.param_groups[0]["params"][0]]["exp_avg"]).__name__ == "OptimState8bit"
