@@ -113,6 +113,13 @@ BENIGN = BenignFilter((
            "global seed it mentions is the seed this run asked for."),
     Benign("torch._library.triton", "Triton not available",
            "torch probing for triton kernels on a CPU machine without triton (see above)."),
+    Benign("torchao", "Failed to load",
+           "torchao (the stochastic-rounding and 4-bit optimizers) ships CUDA kernel libraries for other builds; "
+           "transformers imports it at every from_pretrained once it is installed. Its optimizers do not use them."),
+    Benign("torch.utils._pytree", "is an Enum subclass and is now natively supported by torch.compile",
+           "torchao registers its enums the way older torch needed, at import (transformers imports it); harmless."),
+    Benign("torchao", "Detected no triton",
+           "torchao probing for triton on a CPU machine without triton (see above)."),
     Benign("DeepSpeed", "Setting accelerator to CPU",
            "DeepSpeed (installed for the ZeRO-3 sync tests) found no GPU and chose the CPU, as it should."),
     Benign("vllm", "Unknown vLLM environment variable detected: VLLM_DIST_IDENT",
