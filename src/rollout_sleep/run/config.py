@@ -153,7 +153,7 @@ def _set(obj: Any, dotted: str, value: Any, problems: list[str], from_text: bool
 
 
 # ------------------------------------------------------------------------------------- value checks
-def _check_values(cfg: RecipeConfig) -> list[str]:
+def _check_values(cfg: RecipeConfig, device: str) -> list[str]:
     """Choices and ranges of every field."""
     from rollout_sleep.engine.loader import LOAD_METHODS
     from rollout_sleep.engine.state import check_level
@@ -212,8 +212,14 @@ def _check_values(cfg: RecipeConfig) -> list[str]:
     at_least("train.weight_decay", t.weight_decay, 0)
     choice("train.mixed_precision", t.mixed_precision, MIXED_PRECISION)
     choice("train.optimizer", t.optimizer, OPTIMIZERS)
-    if t.optimizer in OPTIMIZERS and missing_package(t.optimizer, run_stochastic_rounding(cfg)):
-        out.append(missing_package(t.optimizer, run_stochastic_rounding(cfg)))
+    if t.optimizer in OPTIMIZERS:
+        # with one copy of the weights (one process assumed here; the recipe checks again at launch) null rounds
+        # stochastically: torchao's optimizers, not bitsandbytes'
+        from .one_copy import before_engine
+
+        rounding = run_stochastic_rounding(cfg, before_engine(cfg, device, processes=1).on)
+        if missing_package(t.optimizer, rounding):
+            out.append(missing_package(t.optimizer, rounding))
     choice("train.memory_plan", t.memory_plan, MEMORY_PLAN_MODES)
     at_least("train.update_check_every", t.update_check_every, 0)
     if t.memory_budget_gib is not None and not (math.isfinite(t.memory_budget_gib) and t.memory_budget_gib > 0):
@@ -441,7 +447,8 @@ def load_config(path: str | Path | None, overrides: list[str] = (), *, device: s
     # the dataset's columns (resolving again is cheap: modules stay imported, reward models are not loaded).
     from .modes import detect_device, refusals
 
-    problems += _check_values(cfg) + refusals(cfg, device or detect_device()) + \
+    device = device or detect_device()
+    problems += _check_values(cfg, device) + refusals(cfg, device) + \
         validate_rewards(cfg.rewards, weights=cfg.reward_weights)
     if problems:
         raise ConfigError([_say_where(p, moved, Path(path)) for p in problems] if moved else problems)
