@@ -295,6 +295,9 @@ class GRPORecipe:
         if rounding:
             self.acc.print(f"optimizer: torchao's {type(optimizer).__name__} with bf16 stochastic rounding")
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        # a trainer on views (one copy, a LoRA trainer's shared base) holds q/k/v in one storage: saved and loaded
+        # whole, in place (accelerate's safetensors save kept one name per storage)
+        one_copy.keep_views_in_checkpoints(self.acc)
         guard_optimizer(self.optimizer, self.model)  # a non-finite gradient stops the step before it applies
         # after the guard (a refused step is not measured): the share of sampled weights each checked step changes
         self.update_check = UpdateCheck(self.optimizer, every=cfg.train.update_check_every, seed=cfg.train.seed) \

@@ -150,3 +150,73 @@ def test_an_engine_whose_weights_a_trainer_views_sleeps_at_level_0_only(engine):
         assert engine.generate([[1, 2, 3]], max_tokens=4, temperature=0.0)
     finally:
         engine.pinned = None
+
+
+def _views_on_fused_layout(family: str = "qwen3", pad_rows: int = 16):
+    """A trainable model whose parameters are views of engine tensors laid out as vLLM lays them out (q/k/v rows
+    of one ``qkv_proj``, gate/up of one ``gate_up_proj``, an embedding padded by ``pad_rows``), on the CPU:
+    (engine tensors by name, the model, the one-copy invariant's problems of a model)."""
+    from transformers import AutoModelForCausalLM
+
+    from rollout_sleep.weights import layout
+    from rollout_sleep.weights.checkpoints import family_config
+    from rollout_sleep.weights.spec import ties_head
+    from rollout_sleep.weights.views import model_on_views
+
+    packed = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+    config = family_config(family, "tiny", "float32")
+    with torch.device("meta"):
+        spec = {n: tuple(p.shape) for n, p in AutoModelForCausalLM.from_config(config).named_parameters()}
+    shapes = {}
+    for name, shape in spec.items():
+        module, _, leaf = name.rpartition(".")
+        parent, _, sub = module.rpartition(".")
+        fused = next((f for f, subs in packed.items() if sub in subs), None)
+        if fused:
+            rows = sum(spec[f"{parent}.{s}.{leaf}"][0] for s in packed[fused])
+            shapes[f"{parent}.{fused}.{leaf}"] = (rows, *shape[1:])
+        else:
+            shapes[name] = (shape[0] + pad_rows, *shape[1:]) if "embed_tokens" in name else shape
+    gen = torch.Generator().manual_seed(0)
+    tensors = {n: torch.randn(s, generator=gen) for n, s in shapes.items()}
+    plan = layout.placements(spec, packed, shapes, ties_head(config))
+    model = model_on_views(config, {n: layout.view(tensors[w.param], w) for n, w in plan.items()}, torch.float32,
+                           trainable=True)
+    filled = layout.filled_bytes(plan, {n: (s, torch.float32) for n, s in shapes.items()})
+    engine_spans = {n: span(t) for n, t in tensors.items()}
+    return tensors, model, lambda m: coverage_problems(engine_spans, model_spans(m), filled)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "qwen2.5"])  # tied head, no biases / untied head, q/k/v biases
+def test_a_checkpoint_of_views_holds_every_tensor_and_loads_back_in_place(family, tmp_path):
+    """accelerate's save_state (safetensors) keeps one name per storage: of the q/k/v views of one fused tensor it
+    wrote q_proj alone (k_proj, v_proj and up_proj were dropped with a warning), and load_state refused the model
+    (safetensors: 'None is covering the entire storage'), so a one-copy run's checkpoints could not be resumed
+    and lacked most of the weights. With keep_views_in_checkpoints every tensor is saved, and loading copies
+    them back into the views: the invariant holds and the weights are the saved ones."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from safetensors.torch import load_file
+
+    tensors, model, problems = _views_on_fused_layout(family)
+    acc = Accelerator(cpu=True)
+    try:
+        one_copy.keep_views_in_checkpoints(acc)
+        model, optimizer = acc.prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-3))
+        ids = torch.randint(0, 200, (2, 6), generator=torch.Generator().manual_seed(1))
+        acc.backward(model(ids, labels=ids).loss)
+        optimizer.step()
+        saved = {n: t.detach().clone() for n, t in model.state_dict().items()}
+        acc.save_state(str(tmp_path / "ckpt"))
+        on_disk = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
+        tied = model.config.tie_word_embeddings
+        assert sorted(on_disk) == sorted(n for n in saved if not (tied and n == "lm_head.weight"))
+        assert all(torch.equal(on_disk[n], saved[n]) for n in on_disk)
+        with torch.no_grad():
+            for t in tensors.values():
+                t.add_(1.0)  # the engine's memory moves on (another step, a fresh engine)
+        acc.load_state(str(tmp_path / "ckpt"))
+        assert problems(model) == []  # still the engine's memory, once
+        assert all(torch.equal(t, saved[n]) for n, t in model.state_dict().items())
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
