@@ -97,7 +97,8 @@ from rollout_sleep.run.manager import RolloutManager  # noqa: E402
 from rollout_sleep.run.modes import detect_device  # noqa: E402
 from rollout_sleep.run.nonfinite import NonFiniteError, check_finite, guard_optimizer  # noqa: E402
 from rollout_sleep.run.optim import (OptimizerOffload, build_optimizer, hyperparameters,  # noqa: E402
-                                     missing_package, run_stochastic_rounding, set_hyperparameters)
+                                     missing_package, optimizer_mismatch, optimizer_record,
+                                     run_stochastic_rounding, set_hyperparameters)
 from rollout_sleep.run.schema import RecipeConfig  # noqa: E402
 from rollout_sleep.run.update_check import UpdateCheck, checkpoint_magnitude, lr_note  # noqa: E402
 from rollout_sleep.run.watchdog import Watchdog  # noqa: E402
@@ -149,6 +150,7 @@ class GRPORecipe:
         missing = missing_package(self.cfg.train.optimizer, run_stochastic_rounding(self.cfg, self.one_copy.on))
         if missing:  # one copy in bf16 rounds stochastically (torchao): said before anything starts
             raise ConfigError(missing)
+        self._check_saved_optimizer()  # the checkpoint a resume loads holds this optimizer's kind of state
         # read-only until the output dir is claimed: bad data or rewards stop the run with nothing written
         self._load_data_and_rewards()  # the rewards resolved once for the run: everything after uses self.rewards
         self._claim_output_dir()
@@ -175,6 +177,25 @@ class GRPORecipe:
         # trainer's heap (model, optimizer, data, W&B) frozen it stays short.
         gc.collect()
         gc.freeze()
+
+    def _optimizer_record(self) -> dict:
+        """The optimizer this run builds, as a checkpoint records it (the one-copy decision picks its kind where
+        ``train.stochastic_rounding`` is null)."""
+        return optimizer_record(self.cfg.train.optimizer, run_stochastic_rounding(self.cfg, self.one_copy.on),
+                                self.one_copy.on)
+
+    def _check_saved_optimizer(self, found: Path | None = None, state: dict | None = None) -> None:
+        """Refuse a resume whose checkpoint holds another optimizer class's state (before vLLM starts, and again
+        once the one-copy decision is final), naming both and the fix."""
+        if not self.cfg.resume:
+            return
+        if found is None:
+            found, state = output_dir.resume_point(self.out)
+        if found is None:
+            return
+        problem = optimizer_mismatch(state.get("optimizer"), self._optimizer_record(), found.name)
+        if problem:
+            raise ConfigError(problem)
 
     def _check_launch(self) -> None:
         """The config against what the launch gives: the number of ranks, and W&B's credentials (rank 0 logs)."""
@@ -487,6 +508,7 @@ class GRPORecipe:
                                "metrics.superseded.jsonl: those steps run again")
         if path is None:
             return None
+        self._check_saved_optimizer(path, state)  # the one-copy decision may have changed with vLLM's layout
         self.acc.load_state(str(path))
         # the restored optimizer holds the settings it was saved with: the config's win
         restored = set_hyperparameters(self.optimizer, hyperparameters(self.cfg.train))
@@ -666,7 +688,8 @@ class GRPORecipe:
                                         f"{self.step} (their message says why); {self._last_saved()}")
         if self.main:
             # the settings it was trained with, beside it: a resume compares them with its own
-            state = {"step": self.step, "wandb_id": getattr(self.tracker, "id", None), "config": self.cfg.to_dict()}
+            state = {"step": self.step, "wandb_id": getattr(self.tracker, "id", None), "config": self.cfg.to_dict(),
+                     "optimizer": self._optimizer_record()}
             with output_dir.saving(staging, path, self.step), self.watchdog.phase("save", f"the commit of {path}"):
                 output_dir.commit(staging, path, state)
             print(f"saved {path}", flush=True)
