@@ -102,6 +102,31 @@ def test_the_invariant_names_a_second_copy_an_overlap_and_stale_bytes():
     assert coverage_problems(spans, {k_: s for k_, s in trainer.items() if k_ != "v"}, {**filled, "qkv": 8 * 16}) == []
 
 
+def test_the_invariant_checks_where_the_bytes_are_not_only_how_many():
+    """An embedding padded to 16 rows holds 10 real ones: a trainer view of rows 6..16 covers as many bytes as the
+    real rows but trains padding and leaves rows 0..6 stale (the old check counted bytes and passed it). An overlap
+    names the bytes written twice (each overlapping parameter, not only neighbours in address order); an
+    empty parameter holds nothing (no second copy); a tensor starting right at an engine tensor's end is
+    outside it."""
+    embed, other = torch.zeros(16, 4), torch.zeros(8, 4)
+    spans = {"embed": span(embed), "other": span(other)}
+    filled = {"embed": 10 * 16, "other": 8 * 16}
+    ok = {"e": span(embed[:10]), "o": span(other)}
+    assert coverage_problems(spans, ok, filled) == []
+    shifted = coverage_problems(spans, {**ok, "e": span(embed[6:])}, filled)
+    assert shifted == ["e lies past the 160 bytes of embed the checkpoint fills (bytes 160..256 are padding vLLM "
+                       "never reads)"]
+    nested = {"o": span(other), "o1": span(other[1:2]), "o2": span(other[3:4]), "e": span(embed[:10])}
+    problems = coverage_problems(spans, nested, filled)
+    assert "o1 overlaps o (bytes 16..32 of other are written twice)" in problems
+    assert "o2 overlaps o (bytes 48..64 of other are written twice)" in problems
+    assert any("other: the trainer covers 160 bytes of it, the checkpoint fills 128" in p for p in problems)
+    assert coverage_problems(spans, {**ok, "empty": span(torch.zeros(0))}, filled) == []
+    at_end = (span(embed)[1], span(embed)[1] + 16)  # a second copy right at the end of an engine tensor
+    assert coverage_problems({"embed": span(embed)}, {"e": span(embed[:10]), "x": at_end}, {"embed": 160}) == \
+        ["x is not inside vLLM's weights (a second copy: the engine never sees its updates)"]
+
+
 def test_model_spans_count_a_tied_head_once():
     from torch import nn
 

@@ -91,9 +91,11 @@ def coverage_problems(engine: Mapping[str, Span], trainer: Mapping[str, Span],
     """What breaks the one-copy invariant, from addresses alone (empty: the weights are held once).
 
     ``engine``: vLLM parameter → span; ``trainer``: trainer parameter → span; ``expected``: vLLM parameter →
-    the bytes the checkpoint fills in it (a padded embedding's real rows; parameters left out need no cover).
-    A trainer parameter outside every engine parameter is a second copy; two that overlap write the same
-    weights twice; an engine parameter covered by fewer bytes than expected keeps stale weights."""
+    the bytes the checkpoint fills in it, from its start (a padded embedding's real rows, its padding after them;
+    parameters left out need no cover). A trainer parameter outside every engine parameter is a second copy; two
+    that overlap write the same weights twice; one in an engine parameter's padding trains bytes vLLM never
+    reads; an engine parameter covered by other than the bytes expected keeps stale weights. An empty trainer
+    parameter holds nothing (no copy, no cover)."""
     problems: list[str] = []
     owners = sorted((lo, hi, name) for name, (lo, hi) in engine.items())
     starts = [lo for lo, _, _ in owners]
@@ -102,21 +104,34 @@ def coverage_problems(engine: Mapping[str, Span], trainer: Mapping[str, Span],
     import bisect
 
     for name, (lo, hi) in trainer.items():
+        if hi == lo:
+            continue
         i = bisect.bisect_right(starts, lo) - 1
-        if i < 0 or not (owners[i][0] <= lo and hi <= owners[i][1]) or hi == lo:
+        if i < 0 or not (owners[i][0] <= lo and hi <= owners[i][1]):
             problems.append(f"{name} is not inside vLLM's weights (a second copy: the engine never sees its updates)")
             continue
-        placed.append((lo, hi, name, owners[i][2]))
-        covered[owners[i][2]] = covered.get(owners[i][2], 0) + hi - lo
+        owner_lo, owner = owners[i][0], owners[i][2]
+        if owner in expected and hi - owner_lo > expected[owner]:
+            problems.append(f"{name} lies past the {expected[owner]} bytes of {owner} the checkpoint fills (bytes "
+                            f"{max(lo - owner_lo, expected[owner])}..{hi - owner_lo} are padding vLLM never reads)")
+        placed.append((lo, hi, name, owner))
+        covered[owner] = covered.get(owner, 0) + hi - lo
     placed.sort()
-    for (lo0, hi0, a, owner), (lo1, hi1, b, _) in zip(placed, placed[1:]):
-        if lo1 < hi0:
-            problems.append(f"{b} overlaps {a} (bytes {lo1 - engine[owner][0]}..{hi0 - engine[owner][0]} of "
-                            f"{owner} are written twice)")
+    reach, widest = None, None  # the furthest end so far, and whose: an overlap with any earlier parameter shows
+    for lo, hi, name, owner in placed:
+        if reach is not None and lo < reach:
+            base = engine[owner][0]
+            problems.append(f"{name} overlaps {widest} (bytes {lo - base}..{min(hi, reach) - base} of {owner} are "
+                            "written twice)")
+        if reach is None or hi > reach:
+            reach, widest = hi, name
     for name, nbytes in expected.items():
         have = covered.get(name, 0)
-        if have != nbytes:
+        if have < nbytes:
             problems.append(f"{name}: the trainer covers {have} of its {nbytes} bytes (the rest would stay stale)")
+        elif have > nbytes:
+            problems.append(f"{name}: the trainer covers {have} bytes of it, the checkpoint fills {nbytes} (bytes "
+                            "written twice, or padding trained)")
     return problems
 
 
