@@ -422,9 +422,10 @@ class GRPORecipe:
                     make_checkpoint(folder, cfg.path, seed=cfg.seed, dtype=cfg.dtype,
                                     tie_word_embeddings=cfg.tie_word_embeddings)
             # whole or not at all: a build killed or out of space is never taken for the model at the next start
-            redone = output_dir.build_model(path, build, f"the random-weight model of model.path={cfg.path}")
+            redone = output_dir.build_model(path, build, f"the random-weight model of model.path={cfg.path}",
+                                            needs_weights=not (self._shares_base() or self.one_copy.on))
             if redone:
-                self.acc.print(f"rebuilt {path}: the earlier build was incomplete ({redone})")
+                self.acc.print(f"rebuilt {path}: {redone}")
         with self._collective("the built model"):
             self.acc.wait_for_everyone()
         return str(path)
