@@ -146,7 +146,8 @@ class GRPORecipe:
         set_seed(self.cfg.train.seed)
         self._check_launch()
         # one copy of the weights where it applies (model.share_weights): known before the model folder is built
-        self.one_copy = one_copy.before_engine(self.cfg, detect_device(), self.acc.num_processes)
+        self.one_copy = one_copy.before_engine(self.cfg, detect_device(), self.acc.num_processes,
+                                               self.acc.distributed_type.value)
         missing = missing_package(self.cfg.train.optimizer, run_stochastic_rounding(self.cfg, self.one_copy.on))
         if missing:  # one copy in bf16 rounds stochastically (torchao): said before anything starts
             raise ConfigError(missing)
@@ -199,7 +200,7 @@ class GRPORecipe:
 
     def _check_launch(self) -> None:
         """The config against what the launch gives: the number of ranks, and W&B's credentials (rank 0 logs)."""
-        problems = check_processes(self.cfg, self.acc.num_processes)
+        problems = check_processes(self.cfg, self.acc.num_processes, self.acc.distributed_type.value)
         wandb_problem = credentials_problem(self.cfg.wandb.mode) if self.main else None
         if problems or wandb_problem:
             raise ConfigError(problems + [wandb_problem] if wandb_problem else problems)

@@ -36,9 +36,15 @@ def _cfg(**overrides) -> RecipeConfig:
     ({"engine__quantization": "fp8"}, "cuda", 1, False, "fp8 weights"),
     ({"engine__tensor_parallel_size": 2}, "cuda", 2, False, "tensor-parallel"),
     ({}, "cuda", 2, False, "2 processes"),
+    # one process under FSDP or DeepSpeed (e.g. ZeRO's optimizer offload on one GPU): the parameters are replaced
+    # by FSDP's DTensors / ZeRO's flat buffers (the old decision took one copy, and the run stopped at setup on the
+    # broken invariant)
+    ({}, "cuda", 1, False, "accelerate runs the trainer with DEEPSPEED, which replaces its parameters"),
+    ({}, "cuda", 1, False, "accelerate runs the trainer with FSDP"),
 ])
 def test_where_one_copy_applies_before_the_engine_starts(overrides, device, processes, on, why):
-    decision = one_copy.before_engine(_cfg(**overrides), device, processes)
+    distributed = next((d for d in ("DEEPSPEED", "FSDP") if d in why), "NO")
+    decision = one_copy.before_engine(_cfg(**overrides), device, processes, distributed)
     assert decision.on is on and why in decision.why, decision
     assert ("one copy" if on else "two copies") in decision.describe()
 
@@ -75,6 +81,10 @@ def test_share_weights_true_is_refused_where_it_cannot_be(tmp_path):
     cfg = load_config(None, ["model.share_weights=true", "train.prompts_per_step=8"], device="cuda")
     assert any("needs one process" in p for p in check_processes(cfg, 2))
     assert check_processes(load_config(None, ["train.prompts_per_step=8"], device="cuda"), 2) == []
+    (zero,) = check_processes(cfg, 1, "DEEPSPEED")
+    assert zero.startswith("model.share_weights=true with accelerate's DEEPSPEED: DeepSpeed ZeRO flattens them") \
+        and zero.endswith("or set model.share_weights=null")
+    assert check_processes(cfg, 1, "NO") == [] and check_processes(cfg, 1) == []
     # a config alone (no weights) starts only where the trainer views the engine's weights
     from rollout_sleep.weights.checkpoints import make_config_dir
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from rollout_sleep.run.modes import REPLACES_PARAMETERS
 from rollout_sleep.weights.views import (coverage_problems, load_in_place, model_on_views, model_spans, partial_views,
                                          span, whole_views)
 
@@ -37,8 +38,9 @@ class Decision:
                 f"two copies of the weights (the trainer's and vLLM's, synced each step): {self.why}")
 
 
-def before_engine(cfg: Any, device: str, processes: int) -> Decision:
-    """What the config and the launch decide before vLLM starts (``device``: ``cpu`` / ``cuda``)."""
+def before_engine(cfg: Any, device: str, processes: int, distributed_type: str = "NO") -> Decision:
+    """What the config and the launch decide before vLLM starts (``device``: ``cpu`` / ``cuda``;
+    ``distributed_type``: accelerate's, e.g. ``NO``, ``MULTI_GPU``, ``FSDP``, ``DEEPSPEED``)."""
     if cfg.model.share_weights is False:
         return Decision(False, "model.share_weights=false")
     why = []
@@ -54,6 +56,9 @@ def before_engine(cfg: Any, device: str, processes: int) -> Decision:
     if processes > 1:
         why.append(f"the trainer runs in {processes} processes (DDP keeps a copy per rank, FSDP and ZeRO-3 shard "
                    "the weights their own way)")
+    elif distributed_type in REPLACES_PARAMETERS:
+        why.append(f"accelerate runs the trainer with {distributed_type}, which replaces its parameters "
+                   f"({REPLACES_PARAMETERS[distributed_type]})")
     if why:
         return Decision(False, "; ".join(why))
     return Decision(True, "CUDA, one process, one engine, unquantized")
