@@ -80,6 +80,9 @@ def saved_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("resume") / "run"
     code, text = run(out, "train.steps=2", "save_every=1", "data.num_prompts=32", "train.prompts_per_step=4")
     assert code == 0, text[-3000:]
+    # model.share_weights=null on CPU: two copies, the decision said with its reason
+    assert "two copies of the weights (the trainer's and vLLM's, synced each step): vLLM's CPU build repacks its " \
+           "linear weights" in text, text[-3000:]
     return out
 
 
