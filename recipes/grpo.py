@@ -97,7 +97,8 @@ from rollout_sleep.run.manager import RolloutManager  # noqa: E402
 from rollout_sleep.run.modes import detect_device  # noqa: E402
 from rollout_sleep.run.nonfinite import NonFiniteError, check_finite, guard_optimizer  # noqa: E402
 from rollout_sleep.run.optim import (OptimizerOffload, build_optimizer, hyperparameters,  # noqa: E402
-                                     missing_package, run_stochastic_rounding, set_hyperparameters)
+                                     missing_package, optimizer_mismatch, optimizer_record,
+                                     run_stochastic_rounding, set_hyperparameters)
 from rollout_sleep.run.schema import RecipeConfig  # noqa: E402
 from rollout_sleep.run.update_check import UpdateCheck, checkpoint_magnitude, lr_note  # noqa: E402
 from rollout_sleep.run.watchdog import Watchdog  # noqa: E402
@@ -145,10 +146,12 @@ class GRPORecipe:
         set_seed(self.cfg.train.seed)
         self._check_launch()
         # one copy of the weights where it applies (model.share_weights): known before the model folder is built
-        self.one_copy = one_copy.before_engine(self.cfg, detect_device(), self.acc.num_processes)
+        self.one_copy = one_copy.before_engine(self.cfg, detect_device(), self.acc.num_processes,
+                                               self.acc.distributed_type.value)
         missing = missing_package(self.cfg.train.optimizer, run_stochastic_rounding(self.cfg, self.one_copy.on))
         if missing:  # one copy in bf16 rounds stochastically (torchao): said before anything starts
             raise ConfigError(missing)
+        self._check_saved_optimizer()  # the checkpoint a resume loads holds this optimizer's kind of state
         # read-only until the output dir is claimed: bad data or rewards stop the run with nothing written
         self._load_data_and_rewards()  # the rewards resolved once for the run: everything after uses self.rewards
         self._claim_output_dir()
@@ -176,9 +179,28 @@ class GRPORecipe:
         gc.collect()
         gc.freeze()
 
+    def _optimizer_record(self) -> dict:
+        """The optimizer this run builds, as a checkpoint records it (the one-copy decision picks its kind where
+        ``train.stochastic_rounding`` is null)."""
+        return optimizer_record(self.cfg.train.optimizer, run_stochastic_rounding(self.cfg, self.one_copy.on),
+                                self.one_copy.on)
+
+    def _check_saved_optimizer(self, found: Path | None = None, state: dict | None = None) -> None:
+        """Refuse a resume whose checkpoint holds another optimizer class's state (before vLLM starts, and again
+        once the one-copy decision is final), naming both and the fix."""
+        if not self.cfg.resume:
+            return
+        if found is None:
+            found, state = output_dir.resume_point(self.out)
+        if found is None:
+            return
+        problem = optimizer_mismatch(state.get("optimizer"), self._optimizer_record(), found.name)
+        if problem:
+            raise ConfigError(problem)
+
     def _check_launch(self) -> None:
         """The config against what the launch gives: the number of ranks, and W&B's credentials (rank 0 logs)."""
-        problems = check_processes(self.cfg, self.acc.num_processes)
+        problems = check_processes(self.cfg, self.acc.num_processes, self.acc.distributed_type.value)
         wandb_problem = credentials_problem(self.cfg.wandb.mode) if self.main else None
         if problems or wandb_problem:
             raise ConfigError(problems + [wandb_problem] if wandb_problem else problems)
@@ -295,6 +317,9 @@ class GRPORecipe:
         if rounding:
             self.acc.print(f"optimizer: torchao's {type(optimizer).__name__} with bf16 stochastic rounding")
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        # a trainer on views (one copy, a LoRA trainer's shared base) holds q/k/v in one storage: saved and loaded
+        # whole, in place (accelerate's safetensors save kept one name per storage)
+        one_copy.keep_views_in_checkpoints(self.acc)
         guard_optimizer(self.optimizer, self.model)  # a non-finite gradient stops the step before it applies
         # after the guard (a refused step is not measured): the share of sampled weights each checked step changes
         self.update_check = UpdateCheck(self.optimizer, every=cfg.train.update_check_every, seed=cfg.train.seed) \
@@ -398,9 +423,10 @@ class GRPORecipe:
                     make_checkpoint(folder, cfg.path, seed=cfg.seed, dtype=cfg.dtype,
                                     tie_word_embeddings=cfg.tie_word_embeddings)
             # whole or not at all: a build killed or out of space is never taken for the model at the next start
-            redone = output_dir.build_model(path, build, f"the random-weight model of model.path={cfg.path}")
+            redone = output_dir.build_model(path, build, f"the random-weight model of model.path={cfg.path}",
+                                            needs_weights=not (self._shares_base() or self.one_copy.on))
             if redone:
-                self.acc.print(f"rebuilt {path}: the earlier build was incomplete ({redone})")
+                self.acc.print(f"rebuilt {path}: {redone}")
         with self._collective("the built model"):
             self.acc.wait_for_everyone()
         return str(path)
@@ -484,6 +510,7 @@ class GRPORecipe:
                                "metrics.superseded.jsonl: those steps run again")
         if path is None:
             return None
+        self._check_saved_optimizer(path, state)  # the one-copy decision may have changed with vLLM's layout
         self.acc.load_state(str(path))
         # the restored optimizer holds the settings it was saved with: the config's win
         restored = set_hyperparameters(self.optimizer, hyperparameters(self.cfg.train))
@@ -663,7 +690,8 @@ class GRPORecipe:
                                         f"{self.step} (their message says why); {self._last_saved()}")
         if self.main:
             # the settings it was trained with, beside it: a resume compares them with its own
-            state = {"step": self.step, "wandb_id": getattr(self.tracker, "id", None), "config": self.cfg.to_dict()}
+            state = {"step": self.step, "wandb_id": getattr(self.tracker, "id", None), "config": self.cfg.to_dict(),
+                     "optimizer": self._optimizer_record()}
             with output_dir.saving(staging, path, self.step), self.watchdog.phase("save", f"the commit of {path}"):
                 output_dir.commit(staging, path, state)
             print(f"saved {path}", flush=True)

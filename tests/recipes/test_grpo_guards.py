@@ -25,9 +25,10 @@ REWARDS = "examples/gsm8k/rewards.py"
 
 
 def test_recipe_refuses_bad_input_before_the_engine_starts(tmp_path):
-    """Three launches at once (each only imports and checks): a config with six problems, a dataset without
-    the column a reward reads, and resume=false into a folder holding another run. Each exits non-zero with
-    the problem named, no traceback, before vLLM starts; the earlier run's files are untouched."""
+    """Four launches at once (each only imports and checks): a config with six problems, a dataset without
+    the column a reward reads, resume=false into a folder holding another run, and one copy of the weights asked
+    for on the CPU. Each exits non-zero with the problem named, no traceback, before vLLM starts (nothing
+    written); the earlier run's files are untouched."""
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{i}+1="}) + "\n" for i in range(16)))
     earlier = tmp_path / "earlier"
@@ -46,6 +47,9 @@ def test_recipe_refuses_bad_input_before_the_engine_starts(tmp_path):
                     ["reward 'arithmetic_exact' needs dataset column(s) ['answer']; the dataset has ['prompt']"]),
         "earlier run": ([f"output_dir={earlier}", "resume=false"], 1,
                         ["already holds a run (metrics for steps 1-3; checkpoints step_2)", "overwrite=true"]),
+        "one copy": ([f"output_dir={tmp_path / 'c'}", "model.share_weights=true"], 2,
+                     ["model.share_weights=true on CPU: vLLM's CPU build repacks its linear weights",
+                      "Fix: model.share_weights=null (two copies on CPU)"]),
     }
     t0 = time.perf_counter()
     procs = {name: subprocess.Popen([sys.executable, str(RECIPE), "--config", str(CONFIG), "wandb.mode=disabled",
@@ -60,6 +64,7 @@ def test_recipe_refuses_bad_input_before_the_engine_starts(tmp_path):
             assert msg in out, (name, msg, out[-3000:])
         assert ENGINE_START not in out and "Traceback" not in out, (name, out[-3000:])
     assert not (tmp_path / "a").exists() and not (tmp_path / "b" / "model").exists()  # nothing built or written
+    assert not (tmp_path / "c").exists()
     assert (earlier / "metrics.jsonl").read_text() == log  # the earlier run is intact
     assert sorted(p.name for p in (earlier / "checkpoints").iterdir()) == ["step_2"]
     assert time.perf_counter() - t0 < 120  # imports only: no engine start (~30 s each) happened

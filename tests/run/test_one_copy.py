@@ -36,9 +36,15 @@ def _cfg(**overrides) -> RecipeConfig:
     ({"engine__quantization": "fp8"}, "cuda", 1, False, "fp8 weights"),
     ({"engine__tensor_parallel_size": 2}, "cuda", 2, False, "tensor-parallel"),
     ({}, "cuda", 2, False, "2 processes"),
+    # one process under FSDP or DeepSpeed (e.g. ZeRO's optimizer offload on one GPU): the parameters are replaced
+    # by FSDP's DTensors / ZeRO's flat buffers (the old decision took one copy, and the run stopped at setup on the
+    # broken invariant)
+    ({}, "cuda", 1, False, "accelerate runs the trainer with DEEPSPEED, which replaces its parameters"),
+    ({}, "cuda", 1, False, "accelerate runs the trainer with FSDP"),
 ])
 def test_where_one_copy_applies_before_the_engine_starts(overrides, device, processes, on, why):
-    decision = one_copy.before_engine(_cfg(**overrides), device, processes)
+    distributed = next((d for d in ("DEEPSPEED", "FSDP") if d in why), "NO")
+    decision = one_copy.before_engine(_cfg(**overrides), device, processes, distributed)
     assert decision.on is on and why in decision.why, decision
     assert ("one copy" if on else "two copies") in decision.describe()
 
@@ -75,6 +81,10 @@ def test_share_weights_true_is_refused_where_it_cannot_be(tmp_path):
     cfg = load_config(None, ["model.share_weights=true", "train.prompts_per_step=8"], device="cuda")
     assert any("needs one process" in p for p in check_processes(cfg, 2))
     assert check_processes(load_config(None, ["train.prompts_per_step=8"], device="cuda"), 2) == []
+    (zero,) = check_processes(cfg, 1, "DEEPSPEED")
+    assert zero.startswith("model.share_weights=true with accelerate's DEEPSPEED: DeepSpeed ZeRO flattens them") \
+        and zero.endswith("or set model.share_weights=null")
+    assert check_processes(cfg, 1, "NO") == [] and check_processes(cfg, 1) == []
     # a config alone (no weights) starts only where the trainer views the engine's weights
     from rollout_sleep.weights.checkpoints import make_config_dir
 
@@ -100,6 +110,31 @@ def test_the_invariant_names_a_second_copy_an_overlap_and_stale_bytes():
     assert any("overlaps" in p and "written twice" in p for p in overlap), overlap
     # the padding rows of an embedding need no cover
     assert coverage_problems(spans, {k_: s for k_, s in trainer.items() if k_ != "v"}, {**filled, "qkv": 8 * 16}) == []
+
+
+def test_the_invariant_checks_where_the_bytes_are_not_only_how_many():
+    """An embedding padded to 16 rows holds 10 real ones: a trainer view of rows 6..16 covers as many bytes as the
+    real rows but trains padding and leaves rows 0..6 stale (the old check counted bytes and passed it). An overlap
+    names the bytes written twice (each overlapping parameter, not only neighbours in address order); an
+    empty parameter holds nothing (no second copy); a tensor starting right at an engine tensor's end is
+    outside it."""
+    embed, other = torch.zeros(16, 4), torch.zeros(8, 4)
+    spans = {"embed": span(embed), "other": span(other)}
+    filled = {"embed": 10 * 16, "other": 8 * 16}
+    ok = {"e": span(embed[:10]), "o": span(other)}
+    assert coverage_problems(spans, ok, filled) == []
+    shifted = coverage_problems(spans, {**ok, "e": span(embed[6:])}, filled)
+    assert shifted == ["e lies past the 160 bytes of embed the checkpoint fills (bytes 160..256 are padding vLLM "
+                       "never reads)"]
+    nested = {"o": span(other), "o1": span(other[1:2]), "o2": span(other[3:4]), "e": span(embed[:10])}
+    problems = coverage_problems(spans, nested, filled)
+    assert "o1 overlaps o (bytes 16..32 of other are written twice)" in problems
+    assert "o2 overlaps o (bytes 48..64 of other are written twice)" in problems
+    assert any("other: the trainer covers 160 bytes of it, the checkpoint fills 128" in p for p in problems)
+    assert coverage_problems(spans, {**ok, "empty": span(torch.zeros(0))}, filled) == []
+    at_end = (span(embed)[1], span(embed)[1] + 16)  # a second copy right at the end of an engine tensor
+    assert coverage_problems({"embed": span(embed)}, {"e": span(embed[:10]), "x": at_end}, {"embed": 160}) == \
+        ["x is not inside vLLM's weights (a second copy: the engine never sees its updates)"]
 
 
 def test_model_spans_count_a_tied_head_once():
@@ -150,3 +185,73 @@ def test_an_engine_whose_weights_a_trainer_views_sleeps_at_level_0_only(engine):
         assert engine.generate([[1, 2, 3]], max_tokens=4, temperature=0.0)
     finally:
         engine.pinned = None
+
+
+def _views_on_fused_layout(family: str = "qwen3", pad_rows: int = 16):
+    """A trainable model whose parameters are views of engine tensors laid out as vLLM lays them out (q/k/v rows
+    of one ``qkv_proj``, gate/up of one ``gate_up_proj``, an embedding padded by ``pad_rows``), on the CPU:
+    (engine tensors by name, the model, the one-copy invariant's problems of a model)."""
+    from transformers import AutoModelForCausalLM
+
+    from rollout_sleep.weights import layout
+    from rollout_sleep.weights.checkpoints import family_config
+    from rollout_sleep.weights.spec import ties_head
+    from rollout_sleep.weights.views import model_on_views
+
+    packed = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+    config = family_config(family, "tiny", "float32")
+    with torch.device("meta"):
+        spec = {n: tuple(p.shape) for n, p in AutoModelForCausalLM.from_config(config).named_parameters()}
+    shapes = {}
+    for name, shape in spec.items():
+        module, _, leaf = name.rpartition(".")
+        parent, _, sub = module.rpartition(".")
+        fused = next((f for f, subs in packed.items() if sub in subs), None)
+        if fused:
+            rows = sum(spec[f"{parent}.{s}.{leaf}"][0] for s in packed[fused])
+            shapes[f"{parent}.{fused}.{leaf}"] = (rows, *shape[1:])
+        else:
+            shapes[name] = (shape[0] + pad_rows, *shape[1:]) if "embed_tokens" in name else shape
+    gen = torch.Generator().manual_seed(0)
+    tensors = {n: torch.randn(s, generator=gen) for n, s in shapes.items()}
+    plan = layout.placements(spec, packed, shapes, ties_head(config))
+    model = model_on_views(config, {n: layout.view(tensors[w.param], w) for n, w in plan.items()}, torch.float32,
+                           trainable=True)
+    filled = layout.filled_bytes(plan, {n: (s, torch.float32) for n, s in shapes.items()})
+    engine_spans = {n: span(t) for n, t in tensors.items()}
+    return tensors, model, lambda m: coverage_problems(engine_spans, model_spans(m), filled)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "qwen2.5"])  # tied head, no biases / untied head, q/k/v biases
+def test_a_checkpoint_of_views_holds_every_tensor_and_loads_back_in_place(family, tmp_path):
+    """accelerate's save_state (safetensors) keeps one name per storage: of the q/k/v views of one fused tensor it
+    wrote q_proj alone (k_proj, v_proj and up_proj were dropped with a warning), and load_state refused the model
+    (safetensors: 'None is covering the entire storage'), so a one-copy run's checkpoints could not be resumed
+    and lacked most of the weights. With keep_views_in_checkpoints every tensor is saved, and loading copies
+    them back into the views: the invariant holds and the weights are the saved ones."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from safetensors.torch import load_file
+
+    tensors, model, problems = _views_on_fused_layout(family)
+    acc = Accelerator(cpu=True)
+    try:
+        one_copy.keep_views_in_checkpoints(acc)
+        model, optimizer = acc.prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-3))
+        ids = torch.randint(0, 200, (2, 6), generator=torch.Generator().manual_seed(1))
+        acc.backward(model(ids, labels=ids).loss)
+        optimizer.step()
+        saved = {n: t.detach().clone() for n, t in model.state_dict().items()}
+        acc.save_state(str(tmp_path / "ckpt"))
+        on_disk = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
+        tied = model.config.tie_word_embeddings
+        assert sorted(on_disk) == sorted(n for n in saved if not (tied and n == "lm_head.weight"))
+        assert all(torch.equal(on_disk[n], saved[n]) for n in on_disk)
+        with torch.no_grad():
+            for t in tensors.values():
+                t.add_(1.0)  # the engine's memory moves on (another step, a fresh engine)
+        acc.load_state(str(tmp_path / "ckpt"))
+        assert problems(model) == []  # still the engine's memory, once
+        assert all(torch.equal(t, saved[n]) for n, t in model.state_dict().items())
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)

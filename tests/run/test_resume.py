@@ -80,6 +80,9 @@ def saved_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("resume") / "run"
     code, text = run(out, "train.steps=2", "save_every=1", "data.num_prompts=32", "train.prompts_per_step=4")
     assert code == 0, text[-3000:]
+    # model.share_weights=null on CPU: two copies, the decision said with its reason
+    assert "two copies of the weights (the trainer's and vLLM's, synced each step): vLLM's CPU build repacks its " \
+           "linear weights" in text, text[-3000:]
     return out
 
 
@@ -135,3 +138,48 @@ def test_a_checkpoint_saved_without_its_settings_still_has_its_applied_changes_s
     assert code == 0, text[-3000:]
     assert "resumed with changed settings, in effect from step 3: train.temperature 1.0 -> 0.7; " \
            "train.clip_eps 0.2 -> 0.3" in text, text[-3000:]
+
+
+def test_a_checkpoint_of_another_optimizer_class_is_refused_before_the_engine_starts(tmp_path, monkeypatch):
+    """``train.stochastic_rounding=null`` picks the optimizer from the one-copy decision, which a resume may change
+    (``model.share_weights`` is free; another machine): a bf16 run trained with one copy saved torchao's _AdamW,
+    and on the CPU (two copies) the resume builds PyTorch's AdamW. The old code loaded the state into the other
+    class (silently, or failing at the first step: torchao refuses PyTorch's float lr, PyTorch's AdamW cannot
+    step torchao's quantized moments). Now refused before vLLM starts, naming both and the fix; a checkpoint of
+    the same class, or one saved before the class was recorded, resumes."""
+    from helpers import load_recipe
+    from rollout_sleep.run.optim import optimizer_record
+    from workers.recipe_cli import CONFIG
+
+    recipe = load_recipe()
+
+    class Checked(Exception):
+        pass
+
+    def next_step(*args, **kwargs):  # the setup's step after the check (the data): no model is built
+        raise Checked
+
+    monkeypatch.setattr(recipe.GRPORecipe, "_load_data_and_rewards", next_step)
+    for saved, refused in [(optimizer_record("adamw", stochastic_rounding=True, weights_shared=True), True),
+                           (optimizer_record("adamw"), False), (None, False)]:
+        out = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+        cfg = recipe.load_config(str(CONFIG), [f"output_dir={out}", "model.dtype=bfloat16", "wandb.mode=disabled"])
+        out.mkdir()
+        output_dir.write_run_config(out, cfg.to_dict())
+        staging = output_dir.stage(out / "checkpoints" / "step_1")
+        staging.mkdir(parents=True)
+        torch.save({"state": {}, "param_groups": []}, staging / "optimizer.bin")
+        state = {"step": 1, "config": cfg.to_dict(), **({"optimizer": saved} if saved else {})}
+        output_dir.commit(staging, out / "checkpoints" / "step_1", state)
+        if not refused:
+            with pytest.raises(Checked):
+                recipe.GRPORecipe(cfg).setup()
+            continue
+        with pytest.raises(recipe.ConfigError) as err:
+            recipe.GRPORecipe(cfg).setup()
+        msg = str(err.value)
+        for said in ("checkpoint step_1 holds the state of torchao's _AdamW with bf16 stochastic rounding (one copy "
+                     "of the weights); this run builds PyTorch's AdamW (two copies of the weights)",
+                     "model.share_weights=null or true, on a CUDA GPU", "a new output_dir"):
+            assert said in msg, (said, msg)
+        assert sorted(p.name for p in out.iterdir()) == ["checkpoints", output_dir.RUN_CONFIG]  # nothing written

@@ -247,3 +247,24 @@ def test_a_model_folder_left_by_a_killed_build_is_built_again(tmp_path):
     assert f"rebuilt {out / 'model'}: the earlier build was incomplete (model.safetensors is truncated" in text, \
         text[-3000:]
     assert output_dir.model_problem(out / "model") is None and "SafetensorError" not in text
+
+
+def test_a_model_folder_built_without_weights_is_built_again_where_the_trainer_needs_them(tmp_path):
+    """A run whose trainer viewed vLLM's random weights (one copy, or a LoRA run's shared base, on CUDA) built
+    ``out/model`` as a config alone; the same settings where the trainer loads its own copy (the CPU, or two
+    copies) took that folder as built, started vLLM, and stopped with transformers' "no file named
+    model.safetensors". Now the folder is built again with its weights, and the reason is returned; a run that
+    views the engine's weights keeps it."""
+    from rollout_sleep.weights.checkpoints import make_checkpoint, make_config_dir
+
+    path = tmp_path / "model"
+    make_config_dir(path, "tiny", dtype="float32")
+    assert output_dir.model_problem(path) is None  # whole, for a run that views vLLM's weights
+    build = lambda f: make_checkpoint(f, "tiny", dtype="float32")  # noqa: E731
+    assert output_dir.build_model(path, build, "the model", needs_weights=False) is None
+    assert not list(path.glob("*.safetensors"))
+    redone = output_dir.build_model(path, build, "the model", needs_weights=True)
+    assert redone == ("the earlier run built its config alone (its trainer viewed vLLM's random weights), and this "
+                      "run's trainer loads its own copy")
+    assert list(path.glob("*.safetensors")) and output_dir.model_problem(path) is None
+    assert output_dir.build_model(path, build, "the model", needs_weights=True) is None  # built: kept

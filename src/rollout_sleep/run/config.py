@@ -30,6 +30,7 @@ from typing import Any
 
 import yaml
 
+from .modes import REPLACES_PARAMETERS
 from .schema import DTYPES, KV_CACHE_SIZING, RecipeConfig
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -266,10 +267,11 @@ def _check_lora(cfg: RecipeConfig) -> list[str]:
     return out
 
 
-def check_processes(cfg: RecipeConfig, processes: int) -> list[str]:
-    """Problems of the config with ``processes`` ranks (known once the launcher started them): the
-    tensor-parallel size, and prompts that do not split evenly (every rank must train equal shares, or the
-    reward gathers would wait forever).
+def check_processes(cfg: RecipeConfig, processes: int, distributed_type: str = "NO") -> list[str]:
+    """Problems of the config with ``processes`` ranks and accelerate's ``distributed_type`` (known once the
+    launcher started them): the tensor-parallel size, prompts that do not split evenly (every rank must train
+    equal shares, or the reward gathers would wait forever), and one copy of the weights where the launch
+    cannot keep it.
 
     >>> check_processes(RecipeConfig(), 3)
     ['train.prompts_per_step (8) must be a multiple of the number of processes (3): each rank rolls out and trains an equal share']
@@ -286,6 +288,11 @@ def check_processes(cfg: RecipeConfig, processes: int) -> list[str]:
         out.append(f"model.share_weights=true needs one process (the trainer views one engine's weights; with "
                    f"{processes} DDP keeps a copy per rank, FSDP and ZeRO-3 shard the weights their own way): "
                    "launch one process, or set model.share_weights=null")
+    elif cfg.model.share_weights is True and distributed_type in REPLACES_PARAMETERS:
+        out.append(f"model.share_weights=true with accelerate's {distributed_type}: "
+                   f"{REPLACES_PARAMETERS[distributed_type]}, so the trainer's parameters are no longer views of "
+                   "vLLM's weights: launch without it (plain accelerate launch, or python), or set "
+                   "model.share_weights=null")
     return out
 
 

@@ -60,6 +60,13 @@ def weightless(path: str) -> bool:
     return folder.is_dir() and not any(folder.glob("*.safetensors"))
 
 
+# accelerate's distributed types that replace a model's parameters with buffers of their own, even in one process:
+# a trainer on views of vLLM's weights (model.share_weights) cannot run under them
+REPLACES_PARAMETERS = {"FSDP": "FSDP shards them into DTensors",
+                       "DEEPSPEED": "DeepSpeed ZeRO flattens them into buffers of its own",
+                       "MEGATRON_LM": "Megatron-LM shards them"}
+
+
 def _lora(c) -> bool:
     return bool(c.model.lora.rank)
 

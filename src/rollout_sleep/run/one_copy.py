@@ -19,7 +19,9 @@ from typing import Any
 
 import torch
 
-from rollout_sleep.weights.views import coverage_problems, model_on_views, model_spans, span
+from rollout_sleep.run.modes import REPLACES_PARAMETERS
+from rollout_sleep.weights.views import (coverage_problems, load_in_place, model_on_views, model_spans, partial_views,
+                                         span, whole_views)
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +38,9 @@ class Decision:
                 f"two copies of the weights (the trainer's and vLLM's, synced each step): {self.why}")
 
 
-def before_engine(cfg: Any, device: str, processes: int) -> Decision:
-    """What the config and the launch decide before vLLM starts (``device``: ``cpu`` / ``cuda``)."""
+def before_engine(cfg: Any, device: str, processes: int, distributed_type: str = "NO") -> Decision:
+    """What the config and the launch decide before vLLM starts (``device``: ``cpu`` / ``cuda``;
+    ``distributed_type``: accelerate's, e.g. ``NO``, ``MULTI_GPU``, ``FSDP``, ``DEEPSPEED``)."""
     if cfg.model.share_weights is False:
         return Decision(False, "model.share_weights=false")
     why = []
@@ -53,6 +56,9 @@ def before_engine(cfg: Any, device: str, processes: int) -> Decision:
     if processes > 1:
         why.append(f"the trainer runs in {processes} processes (DDP keeps a copy per rank, FSDP and ZeRO-3 shard "
                    "the weights their own way)")
+    elif distributed_type in REPLACES_PARAMETERS:
+        why.append(f"accelerate runs the trainer with {distributed_type}, which replaces its parameters "
+                   f"({REPLACES_PARAMETERS[distributed_type]})")
     if why:
         return Decision(False, "; ".join(why))
     return Decision(True, "CUDA, one process, one engine, unquantized")
@@ -120,3 +126,56 @@ class SharedWeights:
                                + "; ".join(problems[:4]) + "). Something replaced a parameter's tensor (a .to(), a "
                                "wrapper that copies parameters, a load_state_dict with assign=True): keep the "
                                "parameters in place, or set model.share_weights=false")
+
+
+def keep_views_in_checkpoints(accelerator: Any) -> None:
+    """Make ``accelerator``'s ``save_state`` / ``load_state`` hold a model whose parameters are views (one copy of
+    the weights, or a LoRA trainer's shared base): several of its parameters share one storage (q/k/v rows of a
+    fused ``qkv_proj``), and accelerate's safetensors save keeps one name per storage (k_proj, v_proj and up_proj
+    were never written), while safetensors' ``load_model`` refuses parameters that do not cover their storage.
+    Saving, each view gets a host copy of its own (:func:`~rollout_sleep.weights.views.whole_views`); loading,
+    the saved tensors are copied into the views where they are (the engine's memory). A model of plain
+    parameters is saved and loaded by accelerate as before."""
+
+    def before_save(models, weights, output_dir):
+        for state in weights:
+            whole_views(state)
+
+    def before_load(models, input_dir):
+        from pathlib import Path
+
+        done = []
+        for i, model in enumerate(models):
+            if not partial_views(model):
+                continue
+            ending = f"_{i}" if i > 0 else ""
+            path = Path(input_dir) / f"model{ending}.safetensors"
+            if path.exists():
+                from safetensors.torch import load_file
+
+                state = load_file(str(path))
+            else:
+                path = Path(input_dir) / f"pytorch_model{ending}.bin"
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            load_in_place(model, state, str(path))
+            done.append(i)
+        # accelerate loads the models left in the list, by position (model.safetensors, model_1.safetensors, ...):
+        # those loaded here leave it from the end; one before a model left to accelerate stands in with nothing
+        for i in sorted(done, reverse=True):
+            if i == len(models) - 1:
+                models.pop()
+            else:
+                models[i] = _Loaded()
+
+    accelerator.register_save_state_pre_hook(before_save)
+    accelerator.register_load_state_pre_hook(before_load)
+
+
+class _Loaded(torch.nn.Module):
+    """A model already loaded in place: accelerate's load of its file changes nothing."""
+
+    def state_dict(self, *args, **kwargs):
+        return {}
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        return torch.nn.modules.module._IncompatibleKeys([], [])

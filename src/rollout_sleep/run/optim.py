@@ -101,6 +101,50 @@ def missing_package(kind: str, stochastic_rounding: bool = False) -> str | None:
             f"(or pip install 'rollout-sleep[lean]'), or use {other}")
 
 
+def optimizer_record(kind: str, stochastic_rounding: bool = False, weights_shared: bool = False) -> dict:
+    """What a checkpoint records of the optimizer that saved its state: the class (``package.Class``, named
+    without importing it), whether it rounded stochastically, and whether the trainer trained vLLM's weights
+    (one copy: what turns ``train.stochastic_rounding=null`` on).
+
+    >>> optimizer_record("adamw", stochastic_rounding=True, weights_shared=True)["class"]
+    'torchao.optim._AdamW'
+    """
+    package = optimizer_package(kind, stochastic_rounding)
+    name = {"torchao": f"torchao.optim.{TORCHAO_CLASSES[kind]}", "bitsandbytes": "bitsandbytes.optim.AdamW8bit",
+            None: "torch.optim.AdamW"}[package]
+    return {"class": name, "stochastic_rounding": bool(stochastic_rounding), "weights_shared": bool(weights_shared)}
+
+
+def _said(record: dict) -> str:
+    module, _, name = record["class"].rpartition(".")
+    owner = {"torchao.optim": "torchao's", "bitsandbytes.optim": "bitsandbytes'", "torch.optim": "PyTorch's"}
+    rounding = " with bf16 stochastic rounding" if record.get("stochastic_rounding") else ""
+    copies = "one copy of the weights" if record.get("weights_shared") else "two copies of the weights"
+    return f"{owner.get(module, module)} {name}{rounding} ({copies})"
+
+
+def optimizer_mismatch(saved: dict | None, now: dict, checkpoint: str) -> str | None:
+    """Why this run cannot load the optimizer state of ``checkpoint`` (``saved``: its :func:`optimizer_record`,
+    ``None`` for a checkpoint from before it was recorded: not checked), or ``None``. Only the class matters:
+    another class takes the state silently and fails later (PyTorch's AdamW steps torchao's quantized moments
+    with an unimplemented operator; torchao refuses PyTorch's float lr at the first step). With
+    ``train.optimizer`` and an explicit ``train.stochastic_rounding`` fixed on resume, the class changes only where
+    ``train.stochastic_rounding=null`` follows another one-copy decision.
+
+    >>> print(optimizer_mismatch(optimizer_record("adamw", True, True), optimizer_record("adamw"), "step_4"))
+    ... # doctest: +ELLIPSIS
+    checkpoint step_4 holds the state of torchao's _AdamW with bf16 stochastic rounding (one copy of the weights); ...
+    """
+    if not isinstance(saved, dict) or saved.get("class") in (None, now["class"]):
+        return None
+    return (f"checkpoint {checkpoint} holds the state of {_said(saved)}; this run builds {_said(now)}, which cannot "
+            "take that state (it would fail at the first step, or step quantized moments it does not know). "
+            "train.stochastic_rounding=null turns torchao's rounding on exactly where the trainer steps vLLM's own "
+            "bf16 weights (one copy). Fix: resume as the run was trained ("
+            + ("model.share_weights=null or true, on a CUDA GPU, one process" if saved.get("weights_shared") else
+               "model.share_weights=false") + "), or start a new run in a new output_dir")
+
+
 def optimizer_state_bytes(kind: str, tensors, state32=(), stochastic_rounding: bool = False) -> int:
     """Bytes of optimizer state for parameters given as ``(numel, element_size)`` pairs, one per tensor;
     ``state32``: the element counts of tensors among them whose 8-bit state bitsandbytes keeps in float32

@@ -291,19 +291,26 @@ def model_problem(path: Path) -> str | None:
     return None
 
 
-def build_model(path: Path, build, what: str) -> str | None:
+def build_model(path: Path, build, what: str, needs_weights: bool = False) -> str | None:
     """Build the recipe's random-weight checkpoint ``path`` whole or not at all: ``build(folder)`` writes into a
     hidden staging folder beside it, renamed to ``path`` once done. A ``path`` already whole is kept; one that is
     not (:func:`model_problem`: a build killed or out of space, before builds were staged) is deleted and built
-    again, and the reason is returned (else ``None``). A build that fails raises :class:`WriteError` naming
-    ``what``, the cause and the fix, its partial folder deleted."""
+    again, and so is one holding a config alone (built for a trainer that viewed vLLM's random weights: one copy,
+    or a LoRA run's shared base) where this run ``needs_weights`` on disk (its trainer loads its own copy); the
+    reason is returned (else ``None``). A build that fails raises :class:`WriteError` naming ``what``, the cause
+    and the fix, its partial folder deleted."""
     redo = None
     if path.exists():
-        redo = model_problem(path)
+        problem = model_problem(path)
+        if problem is not None:
+            redo = f"the earlier build was incomplete ({problem})"
+        elif needs_weights and not any(path.glob("*.safetensors")):
+            redo = ("the earlier run built its config alone (its trainer viewed vLLM's random weights), and this "
+                    "run's trainer loads its own copy")
         if redo is None:
             return None
         _remove(path)
-        logger.warning("deleted %s, an incomplete build of the model (%s): building it again", path, redo)
+        logger.warning("deleted %s: %s; building it again", path, redo)
     staging = path.with_name(STAGING_PREFIX + path.name)
     try:
         _remove(staging)  # a build that stopped half-way

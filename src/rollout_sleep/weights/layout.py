@@ -162,8 +162,9 @@ def fits(plan: Mapping[str, Placement], spec: Mapping[str, Any], engine_params: 
 
 def filled_bytes(plan: Mapping[str, Placement],
                  engine_params: Mapping[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, int]:
-    """vLLM parameter → the bytes of it the checkpoint fills (a padded embedding: its real rows), each place once
-    (a tied head is the embedding): what a trainer holding the weights once must cover exactly.
+    """vLLM parameter → the bytes of it the checkpoint fills, from its start (a padded embedding: its real rows, the
+    padding after them), each place once (a tied head is the embedding): what a trainer holding the weights once
+    must cover exactly.
 
     >>> plan = {"e": Placement("embed", 0, 10), "lm_head.weight": Placement("embed", 0, 10)}
     >>> filled_bytes(plan, {"embed": ((16, 4), torch.float32)})  # 10 real rows of 16 padded ones, 4 floats each

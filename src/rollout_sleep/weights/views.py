@@ -91,9 +91,11 @@ def coverage_problems(engine: Mapping[str, Span], trainer: Mapping[str, Span],
     """What breaks the one-copy invariant, from addresses alone (empty: the weights are held once).
 
     ``engine``: vLLM parameter → span; ``trainer``: trainer parameter → span; ``expected``: vLLM parameter →
-    the bytes the checkpoint fills in it (a padded embedding's real rows; parameters left out need no cover).
-    A trainer parameter outside every engine parameter is a second copy; two that overlap write the same
-    weights twice; an engine parameter covered by fewer bytes than expected keeps stale weights."""
+    the bytes the checkpoint fills in it, from its start (a padded embedding's real rows, its padding after them;
+    parameters left out need no cover). A trainer parameter outside every engine parameter is a second copy; two
+    that overlap write the same weights twice; one in an engine parameter's padding trains bytes vLLM never
+    reads; an engine parameter covered by other than the bytes expected keeps stale weights. An empty trainer
+    parameter holds nothing (no copy, no cover)."""
     problems: list[str] = []
     owners = sorted((lo, hi, name) for name, (lo, hi) in engine.items())
     starts = [lo for lo, _, _ in owners]
@@ -102,19 +104,100 @@ def coverage_problems(engine: Mapping[str, Span], trainer: Mapping[str, Span],
     import bisect
 
     for name, (lo, hi) in trainer.items():
+        if hi == lo:
+            continue
         i = bisect.bisect_right(starts, lo) - 1
-        if i < 0 or not (owners[i][0] <= lo and hi <= owners[i][1]) or hi == lo:
+        if i < 0 or not (owners[i][0] <= lo and hi <= owners[i][1]):
             problems.append(f"{name} is not inside vLLM's weights (a second copy: the engine never sees its updates)")
             continue
-        placed.append((lo, hi, name, owners[i][2]))
-        covered[owners[i][2]] = covered.get(owners[i][2], 0) + hi - lo
+        owner_lo, owner = owners[i][0], owners[i][2]
+        if owner in expected and hi - owner_lo > expected[owner]:
+            problems.append(f"{name} lies past the {expected[owner]} bytes of {owner} the checkpoint fills (bytes "
+                            f"{max(lo - owner_lo, expected[owner])}..{hi - owner_lo} are padding vLLM never reads)")
+        placed.append((lo, hi, name, owner))
+        covered[owner] = covered.get(owner, 0) + hi - lo
     placed.sort()
-    for (lo0, hi0, a, owner), (lo1, hi1, b, _) in zip(placed, placed[1:]):
-        if lo1 < hi0:
-            problems.append(f"{b} overlaps {a} (bytes {lo1 - engine[owner][0]}..{hi0 - engine[owner][0]} of "
-                            f"{owner} are written twice)")
+    reach, widest = None, None  # the furthest end so far, and whose: an overlap with any earlier parameter shows
+    for lo, hi, name, owner in placed:
+        if reach is not None and lo < reach:
+            base = engine[owner][0]
+            problems.append(f"{name} overlaps {widest} (bytes {lo - base}..{min(hi, reach) - base} of {owner} are "
+                            "written twice)")
+        if reach is None or hi > reach:
+            reach, widest = hi, name
     for name, nbytes in expected.items():
         have = covered.get(name, 0)
-        if have != nbytes:
+        if have < nbytes:
             problems.append(f"{name}: the trainer covers {have} of its {nbytes} bytes (the rest would stay stale)")
+        elif have > nbytes:
+            problems.append(f"{name}: the trainer covers {have} bytes of it, the checkpoint fills {nbytes} (bytes "
+                            "written twice, or padding trained)")
     return problems
+
+
+# ------------------------------------------------------------------------------------- checkpoints of views
+# A trainer on views holds several parameters in one storage (q/k/v rows of a fused qkv_proj, gate/up rows of a
+# gate_up_proj; a padded embedding's real rows). safetensors, and accelerate's save_state on top of it, take
+# tensors that share a storage for aliases of one another: save_state keeps the first name of each storage and
+# drops the others (k_proj and v_proj, up_proj: never written), and safetensors' load_model refuses a model
+# whose parameters do not each cover their whole storage. These two functions give such a model a checkpoint
+# that holds every tensor, and load it back in place (into the engine's memory).
+
+def _extent(t: torch.Tensor) -> tuple:
+    return t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype
+
+
+def _storage(t: torch.Tensor) -> tuple:
+    return t.device, t.untyped_storage().data_ptr()
+
+
+def _tensors(state: Mapping[str, object]) -> dict[str, torch.Tensor]:
+    return {n: t for n, t in state.items() if isinstance(t, torch.Tensor) and t.device.type != "meta" and t.numel()}
+
+
+def whole_views(state: dict) -> list[str]:
+    """Give each tensor of ``state`` (a state dict, changed in place) that shares its storage with another tensor
+    of another extent a host copy of its own, so that a saver that drops aliases (accelerate's ``save_state``,
+    safetensors) keeps it; names of one extent (a tied head) keep one copy between them, and stay aliases.
+    Returns the names copied."""
+    tensors = _tensors(state)
+    by_storage: dict[tuple, list[str]] = {}
+    for name, t in tensors.items():
+        by_storage.setdefault(_storage(t), []).append(name)
+    copied = []
+    for names in by_storage.values():
+        if len({_extent(tensors[n]) for n in names}) < 2:
+            continue
+        copies: dict[tuple, torch.Tensor] = {}
+        for n in names:
+            t = tensors[n]
+            key = _extent(t)
+            if key not in copies:
+                copies[key] = torch.empty(t.shape, dtype=t.dtype, device="cpu").copy_(t.detach())
+            state[n] = copies[key]
+            copied.append(n)
+    return copied
+
+
+def partial_views(model: nn.Module) -> list[str]:
+    """The names of ``model``'s state whose tensor does not cover its whole storage (a view: safetensors'
+    ``load_model`` refuses such a model)."""
+    return [n for n, t in _tensors(model.state_dict()).items()
+            if t.data_ptr() != t.untyped_storage().data_ptr()
+            or t.numel() * t.element_size() != t.untyped_storage().nbytes()]
+
+
+def load_in_place(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Copy a saved state into ``model``'s tensors where they are (views stay views). Every tensor must be given,
+    except an alias of a given one (a tied head); a name ``model`` does not have is refused. ``source`` names the
+    file in messages."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    own = model.state_dict()
+    given = {_extent(own[n]) for n in state if n in own and isinstance(own[n], torch.Tensor)}
+    missing = [n for n in missing if not (isinstance(own[n], torch.Tensor) and _extent(own[n]) in given)]
+    if missing or unexpected:
+        said = ([f"missing {len(missing)} tensor(s), e.g. {missing[:3]}"] if missing else []) + \
+               ([f"{len(unexpected)} unknown tensor(s), e.g. {unexpected[:3]}"] if unexpected else [])
+        raise RuntimeError(f"{source} does not hold this model's weights: {'; '.join(said)}. A checkpoint saved "
+                           "before views were saved whole lacks the k/v/up rows of each fused tensor: resume from "
+                           "one saved with this version, or start a new run")
