@@ -185,6 +185,10 @@ class RolloutManager:
             if "before_map" in report.memory_gib:  # what vLLM mapped back (weights, KV cache) and the load used
                 self._step["memory_taken_by_wake_gib"] = report.memory_gib["before_map"] - report.memory_gib["awake"]
         self.syncs += 1
+        self._verify_if_due()
+
+    def _verify_if_due(self) -> None:
+        """The bitwise comparison of vLLM's weights with the trainer's, every ``verify_every``-th sync."""
         if self.verify_every and self.syncs % self.verify_every == 0:
             with self._phase("verify", "the bitwise comparison of vLLM's weights with the trainer's"):
                 result = verify(self.engine, self.stream)
@@ -193,16 +197,20 @@ class RolloutManager:
                 self._blame_non_finite_weights()
             result.raise_if_failed()
 
+    def _map_kv_cache_back(self) -> None:
+        """Wake from level 0: the weights never left, the KV cache is mapped back and the prefix cache reset."""
+        with self._phase("wake", "vLLM to map its KV cache back"):
+            report = self.engine.wake_up()
+        for k, v in report.seconds.items():
+            self._add(f"{k}_s", v)
+        if report.memory_kind == "cuda_free" and "before_map" in report.memory_gib:
+            self._step["memory_taken_by_wake_gib"] = report.memory_gib["before_map"] - report.memory_gib["awake"]
+
     def _sync_shared(self) -> None:
         """One copy: the optimizer wrote vLLM's weights in place. Map the KV cache back (or, awake, reset the prefix
         cache: its blocks were computed with the old weights), check the one-copy invariant, verify if due."""
         if self.engine.is_asleep:
-            with self._phase("wake", "vLLM to map its KV cache back"):
-                report = self.engine.wake_up()
-            for k, v in report.seconds.items():
-                self._add(f"{k}_s", v)
-            if report.memory_kind == "cuda_free" and "before_map" in report.memory_gib:
-                self._step["memory_taken_by_wake_gib"] = report.memory_gib["before_map"] - report.memory_gib["awake"]
+            self._map_kv_cache_back()
         else:
             t0 = time.perf_counter()
             self.engine.reset_prefix_cache()
@@ -212,24 +220,13 @@ class RolloutManager:
         self._add("one_copy_check_s", time.perf_counter() - t0)
         self._add("load_s", 0.0)  # nothing moves
         self.syncs += 1
-        if self.verify_every and self.syncs % self.verify_every == 0:
-            with self._phase("verify", "the bitwise comparison of vLLM's weights with the trainer's"):
-                result = verify(self.engine, self.stream)
-            self._add("verify_s", result.seconds)
-            if not result.ok:
-                self._blame_non_finite_weights()
-            result.raise_if_failed()
+        self._verify_if_due()
 
     def _sync_adapter(self) -> None:
         """LoRA: map the KV cache back (the base never left), put the trainer's adapter into vLLM's slot, verify
         if due (the adapter bitwise; the base bitwise, or on CUDA that the trainer's base is vLLM's memory)."""
         if self.engine.is_asleep:
-            with self._phase("wake", "vLLM to map its KV cache back"):
-                report = self.engine.wake_up()
-            for k, v in report.seconds.items():
-                self._add(f"{k}_s", v)
-            if report.memory_kind == "cuda_free" and "before_map" in report.memory_gib:
-                self._step["memory_taken_by_wake_gib"] = report.memory_gib["before_map"] - report.memory_gib["awake"]
+            self._map_kv_cache_back()
         with self._phase("wake", "the adapter's copy into vLLM's LoRA slot"):
             try:
                 pushed = self.adapter.push()
