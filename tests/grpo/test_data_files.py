@@ -27,6 +27,9 @@ CASES = {
                      "is not UTF-8 text: line 2 has byte 0xe9 at byte 16 of the line (invalid continuation byte). "
                      "Save the file as UTF-8"),
     "bom.jsonl": (b"\xff\xfe" + GOOD, "is UTF-16 text (it starts with a UTF-16 byte-order mark), not UTF-8"),
+    # UTF-32 LE's mark begins with UTF-16 LE's: named for what it is
+    "utf32.jsonl": (GOOD.decode().encode("utf-32"), "is UTF-32 text (it starts with a UTF-32 byte-order mark)"),
+    "utf32be.jsonl": (b"\x00\x00\xfe\xff" + GOOD.decode().encode("utf-32-be"), "is UTF-32 text"),
     "latin1.csv": (b"prompt,answer\n1+1=,2\ncaf\xe9,3\n", "is not UTF-8 text: line 3 has byte 0xe9 at byte 4"),
     "comma.jsonl": (GOOD + b'{"prompt": "2+2=",}\n' + GOOD, "line 2 is not valid JSON (Expecting property name"),
     "list.jsonl": (GOOD + b'["2+2=", "4"]\n', "line 2 is a JSON list, not an object"),
@@ -50,6 +53,22 @@ def test_unreadable_files_are_named_with_the_line_and_the_fix(tmp_path, name):
     with pytest.raises(ValueError) as err:
         load_prompts(str(path))
     assert str(err.value).startswith(f"dataset file {str(path)!r}") and message in str(err.value), str(err.value)
+
+
+def test_a_suffix_in_capitals_is_the_same_format(tmp_path):
+    """DATA.JSONL and data.CSV are JSON Lines and CSV (checked, then read), as their lower-case names are."""
+    from rollout_sleep.run.config import load_config
+
+    two = GOOD + b'{"prompt": "2+2=", "answer": "4"}\n'
+    for name, content in (("DATA.JSONL", two), ("data.CSV", b"prompt,answer\n1+1=,2\n2+2=,4\n")):
+        path = tmp_path / name
+        path.write_bytes(content)
+        assert list(load_prompts(str(path))["prompt"]) == ["1+1=", "2+2="]
+        load_config(None, [f"data.dataset={path}"])
+    bad = tmp_path / "BAD.JSONL"
+    bad.write_bytes(GOOD + b'{"prompt": "\xe9"}\n')
+    with pytest.raises(ValueError, match="is not UTF-8 text: line 2"):
+        load_prompts(str(bad))
 
 
 def test_a_folder_names_the_file_inside_it(tmp_path):

@@ -43,15 +43,15 @@ def load_prompts(source: str, *, prompt_column: str = "prompt", split: str = "tr
     if not path.exists():
         raise FileNotFoundError(f"dataset {source!r} not found (use 'synthetic' or a local path)")
     kinds = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-    if path.is_file() and path.suffix not in kinds:
+    if path.is_file() and path.suffix.lower() not in kinds:  # data.JSONL is JSON Lines too
         raise ValueError(f"unsupported dataset file {path.name!r}; use one of {sorted(kinds)}")
     for f in _text_files(path):  # pyarrow reads bytes that are not UTF-8 into the rows, to fail when one is read
-        problem = _decode_problem(f) or (_csv_problem(f) if f.suffix == ".csv" else None)  # pandas fills short rows
+        problem = _decode_problem(f) or (_csv_problem(f) if f.suffix.lower() == ".csv" else None)  # pandas fills short rows
         if problem:
             raise ValueError(problem)
     try:
         if path.is_file():
-            ds = load_dataset(kinds[path.suffix], data_files=str(path), split=split)
+            ds = load_dataset(kinds[path.suffix.lower()], data_files=str(path), split=split)
         else:
             ds = load_dataset(str(path), split=split)
     except StopIteration:  # an empty file (the recipe says "it has no rows")
@@ -74,8 +74,8 @@ _CHUNK = 1 << 20  # bytes read at a time when checking a text file's encoding
 def _text_files(path: Path) -> list[Path]:
     """The JSON Lines / JSON / CSV files of a dataset file or folder."""
     if path.is_file():
-        return [path] if path.suffix in (".jsonl", ".json", ".csv") else []
-    return sorted(f for f in path.rglob("*") if f.suffix in (".jsonl", ".json", ".csv") and f.is_file()
+        return [path] if path.suffix.lower() in (".jsonl", ".json", ".csv") else []
+    return sorted(f for f in path.rglob("*") if f.suffix.lower() in (".jsonl", ".json", ".csv") and f.is_file()
                   and not any(part.startswith(".") for part in f.relative_to(path).parts))
 
 
@@ -84,10 +84,12 @@ def _decode_problem(path: Path) -> str | None:
     import codecs
 
     with open(path, "rb") as fh:
-        head = fh.read(2)
-        if head in (b"\xff\xfe", b"\xfe\xff"):
-            return (f"dataset file {str(path)!r} is UTF-16 text (it starts with a UTF-16 byte-order mark), not "
-                    f"UTF-8: save it as UTF-8")
+        head = fh.read(4)
+        for bom, name in ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"),
+                          (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16")):  # UTF-32 LE's mark starts as UTF-16 LE's
+            if head.startswith(bom):
+                return (f"dataset file {str(path)!r} is {name} text (it starts with a {name} byte-order mark), not "
+                        f"UTF-8: save it as UTF-8 (iconv -f {name} -t UTF-8 {path.name} > utf8-{path.name})")
         fh.seek(0)
         decoder = codecs.getincrementaldecoder("utf-8")()
         line, line_start, offset = 1, 0, 0
@@ -118,14 +120,15 @@ def _format_problem(path: Path, text: str) -> str | None:
     """The first line a JSON Lines, JSON or CSV file cannot be parsed at, or ``None``."""
     import json
 
-    if path.suffix == ".jsonl" or (path.suffix == ".json" and not text.lstrip().startswith("[")):
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl" or (suffix == ".json" and not text.lstrip().startswith("[")):
         for number, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                if path.suffix == ".json" and number == 1:
+                if suffix == ".json" and number == 1:
                     break  # one JSON document spread over lines: parsed whole below
                 return f"dataset file {str(path)!r}: line {number} is not valid JSON ({err.msg} at column {err.colno})"
             if not isinstance(row, dict):
@@ -133,12 +136,12 @@ def _format_problem(path: Path, text: str) -> str | None:
                         f"(one {{\"prompt\": ...}} object per line)")
         else:
             return None
-    if path.suffix == ".json":
+    if suffix == ".json":
         try:
             json.loads(text)
         except json.JSONDecodeError as err:
             return f"dataset file {str(path)!r} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}"
-    if path.suffix == ".csv":
+    if suffix == ".csv":
         return _csv_problem(path)
     return None
 

@@ -201,7 +201,7 @@ def _check_values(cfg: RecipeConfig, device: str) -> list[str]:
         path = Path(d.dataset).expanduser()
         if not path.exists():
             out.append(f"data.dataset {d.dataset!r} not found (use 'synthetic' or a local folder or file)")
-        elif path.is_file() and path.suffix not in DATASET_SUFFIXES:
+        elif path.is_file() and path.suffix.lower() not in DATASET_SUFFIXES:
             out.append(f"data.dataset {path.name!r} has an unsupported suffix; use one of "
                        f"{', '.join(DATASET_SUFFIXES)} (or a folder load_dataset reads)")
     at_least("data.num_prompts", d.num_prompts, 1, optional=True)
