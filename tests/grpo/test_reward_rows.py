@@ -1,4 +1,4 @@
-"""Rows a reward cannot score: a column the reward reads, missing or null in some rows of the dataset, is
+"""Rows a reward cannot score: a column the reward reads, missing, null or blank in some rows of the dataset, is
 refused before vLLM starts (the old code scored those rows without it: 0.0 for a correct completion)."""
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ def _task(tmp_path: Path) -> tuple[Path, Path]:
     rows = [{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(8)]
     del rows[3]["answer"]  # the key left out of one line
     rows[5]["answer"] = None  # null in another
+    rows[6]["answer"] = "  "  # blank in a third: no completion matches it
     data = tmp_path / "qa.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "rw.py").write_text(textwrap.dedent("""
@@ -49,8 +50,8 @@ def test_rows_without_the_column_a_reward_reads_are_refused_before_vllm(tmp_path
                           env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out[-3000:]
-    assert (f"reward {name!r} reads column 'answer', which is missing or null in 2 of 8 rows of data.dataset "
-            f"{str(data)!r}: row(s) 3, 5 (counted from 0)") in out, out[-3000:]
+    assert (f"reward {name!r} reads column 'answer', which is missing, null or blank in 3 of 8 rows of "
+            f"data.dataset {str(data)!r}: row(s) 3, 5, 6 (counted from 0)") in out, out[-3000:]
     assert fix in out and ENGINE_START not in out and not (tmp_path / "run").exists(), out[-3000:]
 
 
@@ -127,8 +128,8 @@ def test_a_column_read_through_kwargs_or_the_example_is_checked_too(tmp_path, na
     recipe = load_recipe()
     ds = recipe.load_prompts(str(data))
     (problem,) = validate_rewards([f"{rw}:{name}"], columns=ds.column_names, data=ds, source=str(data))
-    assert problem.startswith(f"reward {name!r} reads column 'answer', which is missing or null in 2 of 8 rows of "
-                              f"data.dataset {str(data)!r}: row(s) 3, 5 (counted from 0)"), problem
+    assert problem.startswith(f"reward {name!r} reads column 'answer', which is missing, null or blank in 3 of 8 "
+                              f"rows of data.dataset {str(data)!r}: row(s) 3, 5, 6 (counted from 0)"), problem
     assert fix in problem, problem
     (problem,) = validate_rewards([f"{rw}:{name}"], columns=["prompt"], data=ds.remove_columns("answer"))
     assert problem.startswith(f"reward {name!r} needs dataset column(s) ['answer']"), problem
@@ -145,6 +146,6 @@ def test_the_recipe_refuses_a_kwargs_reader_before_vllm(tmp_path):
                           capture_output=True, text=True, timeout=300,
                           env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
     out = proc.stdout + proc.stderr
-    assert proc.returncode == 2 and "reward 'from_kwargs' reads column 'answer', which is missing or null" in out, \
+    assert proc.returncode == 2 and "reward 'from_kwargs' reads column 'answer', which is missing, null or blank" in out, \
         out[-3000:]
     assert ENGINE_START not in out and "Traceback" not in out, out[-3000:]

@@ -290,12 +290,15 @@ def check_columns(rewards: list[Reward], columns: list[str]) -> None:
 
 
 def _empty(value) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
+    """Missing, null (``None``, NaN) or blank text (``""``: a JSON row's empty answer, which no completion matches)."""
+    return value is None or (isinstance(value, float) and math.isnan(value)) or \
+        (isinstance(value, str) and not value.strip())
 
 
 def check_row_values(rewards: list[Reward], data, source: str) -> None:
     """Every column a reward reads (see :func:`check_columns`) holds a value in every row: a row where it is
-    missing or null (``None``, NaN) would be scored without it, e.g. 0.0 for a correct completion, with no word.
+    missing, null (``None``, NaN) or blank text would be scored without it, e.g. 0.0 for a correct completion,
+    with no word.
     ``data`` is the dataset the run uses, ``source`` its name for the message. A TRL-style function that is
     meant to skip such rows says so with a default (``answer=None``): the column is then not required."""
     for r in rewards:
@@ -309,7 +312,7 @@ def check_row_values(rewards: list[Reward], data, source: str) -> None:
             how = f"read it with {r.read_through}.get({column!r})" if r.read_through and column not in r.accepted \
                 else f"give its parameter a default ({column}=None)"
             skip = f"; if {r.name!r} is meant to skip such rows, {how} and return None for them" if r.batched else ""
-            raise RewardError(f"reward {r.name!r} reads column {column!r}, which is missing or null in {len(empty)} "
+            raise RewardError(f"reward {r.name!r} reads column {column!r}, which is missing, null or blank in {len(empty)} "
                               f"of {len(data)} rows of data.dataset {source!r}: row(s) {shown} (counted from 0). "
                               f"Their completions would be scored without it (a correct one as wrong). Fill in "
                               f"{column!r} in those rows or remove them{skip}")
