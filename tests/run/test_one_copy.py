@@ -255,3 +255,49 @@ def test_a_checkpoint_of_views_holds_every_tensor_and_loads_back_in_place(family
         assert all(torch.equal(t, saved[n]) for n, t in model.state_dict().items())
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_the_recipe_falls_back_to_two_copies_when_vllm_holds_no_exact_view(tmp_path, ckpts, monkeypatch, capsys):
+    """Where the launch says one copy applies (here: told the device is CUDA) but vLLM's weights have no exact view
+    (its CPU build repacks its linears), ``null`` takes two copies once the engine is up, says why, and plans memory
+    again; with a size (the weights would exist only in vLLM's memory) the run stops before training instead."""
+    from helpers import ROOT, load_recipe
+
+    recipe = load_recipe()
+    monkeypatch.setattr(recipe, "detect_device", lambda: "cuda")
+    config = str(ROOT / "configs" / "tiny-cpu.yaml")
+    common = ["wandb.mode=disabled", "train.steps=1", "engine.verify_every=0"]
+    run = recipe.GRPORecipe(recipe.load_config(config, [f"output_dir={tmp_path / 'a'}", f"model.path={ckpts['tied0']}",
+                                                        *common]))
+    try:
+        run.setup()
+        assert not run.one_copy.on and "cannot view vLLM's weights exactly" in run.one_copy.why
+        assert run.manager.shared is None and run.manager.sleep_level == 2 and not run.engine.pinned
+        assert "two copies of the weights" in capsys.readouterr().out
+    finally:
+        run.engine.close()
+    sized = recipe.GRPORecipe(recipe.load_config(config, [f"output_dir={tmp_path / 'b'}", *common]))
+    with pytest.raises(ConfigError, match="the model folder holds a config alone.*Fix: model.share_weights=false"):
+        try:
+            sized.setup()
+        finally:
+            if getattr(sized, "engine", None) is not None:
+                sized.engine.close()
+
+
+def test_one_copy_needs_torchao_not_bitsandbytes_for_its_8bit_optimizer(monkeypatch):
+    """With one copy (null on CUDA) adamw8bit rounds stochastically through torchao: a missing bitsandbytes is not a
+    problem there (the 8B config was refused for it on the H100), and is named where two copies take it."""
+    import importlib.util
+
+    from helpers import ROOT
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    config = str(ROOT / "configs" / "qwen3-8b.yaml")
+    load_config(config, [], device="cuda")
+    with pytest.raises(ConfigError, match="train.optimizer=adamw8bit needs bitsandbytes"):
+        load_config(config, ["model.share_weights=false"], device="cuda")
+    with pytest.raises(ConfigError, match="needs bitsandbytes"):
+        load_config(config, [], device="cpu")  # two copies on CPU
