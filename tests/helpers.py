@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -78,6 +79,42 @@ def clear_cpu_tp_shm() -> None:
     the next group fail with EEXIST."""
     for f in Path("/dev/shm").glob("*cpushm*"):
         f.unlink(missing_ok=True)
+
+
+def run_recipe(config, *args: str, timeout: float = 300):
+    """``recipes/grpo.py --config CONFIG ARGS`` in a child process, vLLM's log at WARNING: (the finished process,
+    its stdout and stderr together)."""
+    proc = subprocess.run([sys.executable, str(RECIPE), "--config", str(config), *args], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
+    return proc, proc.stdout + proc.stderr
+
+
+def run_recipe_ranks(config, *args: str, timeout: float = 600):
+    """:func:`run_recipe` in 2 processes over gloo (torchrun), vLLM's CPU tensor-parallel files cleared before and
+    after: (the finished launcher, its stdout and stderr together)."""
+    from rollout_sleep.serve.server import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), str(RECIPE), "--config", str(config), *args]
+    clear_cpu_tp_shm()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
+    finally:
+        clear_cpu_tp_shm()
+    return proc, proc.stdout + proc.stderr
+
+
+class EngineReached(Exception):
+    """Raised where the recipe would start vLLM (:func:`stop_at_engine`): every check before it has passed."""
+
+
+def stop_at_engine(monkeypatch, recipe) -> None:
+    """Make ``recipe`` (:func:`load_recipe`) raise :class:`EngineReached` instead of starting vLLM."""
+    def engine(*args, **kwargs):
+        raise EngineReached
+
+    monkeypatch.setattr(recipe, "build_engine", engine)
 
 
 def load_recipe():

@@ -12,6 +12,7 @@ import pytest
 from helpers import BENCHMARKS, benchmark
 
 
+@pytest.mark.slow  # ~100 s of real server starts (two models, three modes): a benchmark script's end-to-end run
 def test_switch_bench_runs_all_modes_and_leaves_no_server(tmp_path):
     out = tmp_path / "sw"
     proc = subprocess.run([sys.executable, str(BENCHMARKS / "switch_bench.py"), "--switches", "1",

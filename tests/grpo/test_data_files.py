@@ -6,16 +6,13 @@ generating the dataset", or failed at step 1 inside vLLM."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 import rollout_sleep.grpo.data as data_module
 from rollout_sleep.grpo.data import load_prompts, model_context
 
-from helpers import RECIPE, ROOT
+from helpers import ROOT, run_recipe
 
 
 CONFIG = ROOT / "configs" / "tiny-cpu.yaml"
@@ -91,11 +88,8 @@ def test_the_encoding_check_reads_in_chunks_and_still_finds_the_line(tmp_path, m
 def test_a_non_utf8_file_is_refused_by_the_recipe_before_vllm(tmp_path):
     path = tmp_path / "latin1.jsonl"
     path.write_bytes(CASES["latin1.jsonl"][0])
-    proc = subprocess.run([sys.executable, str(RECIPE), "--config", str(CONFIG), f"output_dir={tmp_path / 'run'}",
-                           f"data.dataset={path}", "wandb.mode=disabled"],
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
-    out = proc.stdout + proc.stderr
+    proc, out = run_recipe(CONFIG, f"output_dir={tmp_path / 'run'}",
+                           f"data.dataset={path}", "wandb.mode=disabled")
     assert proc.returncode == 2, out[-3000:]
     assert f"data.dataset {str(path)!r} cannot be used: dataset file {str(path)!r} is not UTF-8 text: line 2" in out
     assert ENGINE_START not in out and "Traceback" not in out, out[-3000:]
@@ -113,12 +107,9 @@ def test_a_prompt_longer_than_the_models_context_is_refused_before_vllm(tmp_path
     path = tmp_path / "long.jsonl"
     rows = [{"prompt": "1+1="}] * 7 + [{"prompt": "1+1= " * 400}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    proc = subprocess.run([sys.executable, str(RECIPE), "--config", str(CONFIG), f"output_dir={tmp_path / 'run'}",
+    proc, out = run_recipe(CONFIG, f"output_dir={tmp_path / 'run'}",
                            f"data.dataset={path}", "engine.max_model_len=null", "rewards=[digits_format]",
-                           "wandb.mode=disabled"],
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
-    out = proc.stdout + proc.stderr
+                           "wandb.mode=disabled")
     assert proc.returncode == 2, out[-3000:]
     assert "1 prompt(s) have >= the model's max_position_embeddings (1024) tokens, leaving no room for a completion, " \
            "e.g. row 7: " in out, out[-3000:]
@@ -172,12 +163,9 @@ def test_a_prompt_longer_than_a_rope_scaled_context_is_refused_before_vllm(tmp_p
     path = tmp_path / "long.jsonl"
     rows = [{"prompt": "1+1="}] * 7 + [{"prompt": "1+1= " * 400}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    proc = subprocess.run([sys.executable, str(RECIPE), "--config", str(CONFIG), f"output_dir={tmp_path / 'run'}",
+    proc, out = run_recipe(CONFIG, f"output_dir={tmp_path / 'run'}",
                            f"model.path={rope_models['yarn']}", f"data.dataset={path}", "engine.max_model_len=null",
-                           "rewards=[digits_format]", "wandb.mode=disabled"],
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
-    out = proc.stdout + proc.stderr
+                           "rewards=[digits_format]", "wandb.mode=disabled")
     assert proc.returncode == 2, out[-3000:]
     assert "1 prompt(s) have >= the model's max_position_embeddings (1024) tokens" in out, out[-3000:]
     assert ENGINE_START not in out, out[-3000:]
@@ -193,11 +181,8 @@ def test_a_csv_with_quoted_newlines_a_bom_and_blank_lines_loads(tmp_path):
 def test_a_max_model_len_beyond_the_models_context_is_refused_before_vllm(tmp_path):
     """engine.max_model_len=2048 for the tiny model (1024 positions): vLLM refuses to start with it, and the old
     code let it try (a pydantic ValidationError traceback after 'starting the vLLM engine')."""
-    proc = subprocess.run([sys.executable, str(RECIPE), "--config", str(CONFIG), f"output_dir={tmp_path / 'run'}",
-                           "engine.max_model_len=2048", "wandb.mode=disabled"],
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
-    out = proc.stdout + proc.stderr
+    proc, out = run_recipe(CONFIG, f"output_dir={tmp_path / 'run'}",
+                           "engine.max_model_len=2048", "wandb.mode=disabled")
     assert proc.returncode == 2, out[-3000:]
     assert ("engine.max_model_len (2048) exceeds the model's context, its max_position_embeddings (1024): vLLM "
             "refuses to start with it") in out, out[-3000:]

@@ -4,9 +4,6 @@ load), transformers' report of the missing weights hidden by the quiet logging."
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +12,7 @@ from rollout_sleep.grpo.errors import RewardError
 from rollout_sleep.grpo.reward_model import RewardModel
 from rollout_sleep.weights.checkpoints import make_reward_checkpoint
 
-from helpers import RECIPE, ROOT
+from helpers import ROOT, run_recipe
 
 
 CONFIG = ROOT / "configs" / "tiny-cpu.yaml"
@@ -37,11 +34,8 @@ def headless(tmp_path) -> Path:
 
 
 def test_a_reward_model_without_its_score_head_is_refused_before_vllm(tmp_path, headless):
-    proc = subprocess.run([sys.executable, str(RECIPE), "--config", str(CONFIG), f"output_dir={tmp_path / 'run'}",
-                           f"rewards=[digits_format, {headless}]", "wandb.mode=disabled"],
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
-    out = proc.stdout + proc.stderr
+    proc, out = run_recipe(CONFIG, f"output_dir={tmp_path / 'run'}",
+                           f"rewards=[digits_format, {headless}]", "wandb.mode=disabled")
     assert proc.returncode == 2, out[-3000:]
     assert f"reward model {str(headless)!r}: its checkpoint files have no weights for score.weight" in out, out[-3000:]
     assert "starting the vLLM engine" not in out and not (tmp_path / "run").exists()

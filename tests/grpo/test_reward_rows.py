@@ -4,15 +4,12 @@ refused before vLLM starts (the old code scored those rows without it: 0.0 for a
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
-from helpers import RECIPE, ROOT, load_recipe
+from helpers import ROOT, EngineReached, load_recipe, run_recipe, stop_at_engine
 
 
 CONFIG = ROOT / "configs" / "tiny-cpu.yaml"
@@ -43,12 +40,9 @@ def _task(tmp_path: Path) -> tuple[Path, Path]:
 def test_rows_without_the_column_a_reward_reads_are_refused_before_vllm(tmp_path, reward, fix):
     data, rw = _task(tmp_path)
     name = reward.split(":")[-1]
-    proc = subprocess.run([sys.executable, str(RECIPE), "--config", str(CONFIG), f"output_dir={tmp_path / 'run'}",
+    proc, out = run_recipe(CONFIG, f"output_dir={tmp_path / 'run'}",
                            f"data.dataset={data}", f"rewards=[digits_format, {reward.format(rw=rw)}]",
-                           "wandb.mode=disabled"],
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
-    out = proc.stdout + proc.stderr
+                           "wandb.mode=disabled")
     assert proc.returncode == 2, out[-3000:]
     assert (f"reward {name!r} reads column 'answer', which is missing, null or blank in 3 of 8 rows of "
             f"data.dataset {str(data)!r}: row(s) 3, 5, 6 (counted from 0)") in out, out[-3000:]
@@ -61,17 +55,11 @@ def test_a_reward_that_declares_the_column_optional_may_skip_those_rows(tmp_path
     data, rw = _task(tmp_path)
     recipe = load_recipe()
 
-    class Reached(Exception):
-        pass
-
-    def engine(*args, **kwargs):
-        raise Reached
-
-    monkeypatch.setattr(recipe, "build_engine", engine)
+    stop_at_engine(monkeypatch, recipe)
     cfg = recipe.load_config(str(CONFIG), [f"output_dir={tmp_path / 'run'}", f"data.dataset={data}",
                                            f"rewards=[{rw}:exact_where_known]", "wandb.mode=disabled",
                                            "train.memory_plan=off"])
-    with pytest.raises(Reached):
+    with pytest.raises(EngineReached):
         recipe.GRPORecipe(cfg).setup()
 
 
@@ -141,11 +129,8 @@ def test_the_recipe_refuses_a_kwargs_reader_before_vllm(tmp_path):
     data, _ = _task(tmp_path)
     rw = tmp_path / "readers.py"
     rw.write_text(READERS)
-    proc = subprocess.run([sys.executable, str(RECIPE), "--config", str(CONFIG), f"output_dir={tmp_path / 'run'}",
-                           f"data.dataset={data}", f"rewards=[{rw}:from_kwargs]", "wandb.mode=disabled"],
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
-    out = proc.stdout + proc.stderr
+    proc, out = run_recipe(CONFIG, f"output_dir={tmp_path / 'run'}",
+                           f"data.dataset={data}", f"rewards=[{rw}:from_kwargs]", "wandb.mode=disabled")
     assert proc.returncode == 2 and "reward 'from_kwargs' reads column 'answer', which is missing, null or blank" in out, \
         out[-3000:]
     assert ENGINE_START not in out and "Traceback" not in out, out[-3000:]

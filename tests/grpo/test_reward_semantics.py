@@ -109,9 +109,7 @@ def test_two_processes_decide_on_the_steps_completions_together(tmp_path):
     rank's share: rank 0 stopped the run ('no completion of step 1 could be scored') and the launcher killed
     rank 1, which had scored all of its own."""
     from rollout_sleep.grpo.data import step_rows
-    from rollout_sleep.serve.server import free_port
-
-    from helpers import clear_cpu_tp_shm
+    from helpers import run_recipe_ranks
 
     skipped = step_rows(0, 8, 4, seed=0)[0::2]  # rank 0's rows at step 1
     data = tmp_path / "rows.jsonl"
@@ -120,18 +118,11 @@ def test_two_processes_decide_on_the_steps_completions_together(tmp_path):
     rewards.write_text("def partial(completions, applies, **kwargs):\n"
                        "    return [float(len(c)) if a else None for c, a in zip(completions, applies)]\n")
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(RECIPE), "--config", str(CONFIG), f"output_dir={out}",
-           f"data.dataset={data}", f"rewards=[{rewards}:partial]", "train.steps=2", "train.prompts_per_step=4",
-           "train.generations=2", "train.max_tokens=4", "wandb.mode=disabled", "save_every=0", "save_final=false",
-           "engine.verify_every=0", "train.update_check_every=0", "train.memory_plan=off"]
-    clear_cpu_tp_shm()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                              env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
-    finally:
-        clear_cpu_tp_shm()
-    log = proc.stdout + proc.stderr
+    proc, log = run_recipe_ranks(
+        CONFIG, f"output_dir={out}", f"data.dataset={data}", f"rewards=[{rewards}:partial]", "train.steps=2",
+        "train.prompts_per_step=4", "train.generations=2", "train.max_tokens=4", "wandb.mode=disabled",
+        "save_every=0", "save_final=false", "engine.verify_every=0", "train.update_check_every=0",
+        "train.memory_plan=off")
     assert proc.returncode == 0, log[-4000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["unscorable"], r["rollouts"]) for r in rows] == [(1, 4, 8), (2, 0, 8)], rows

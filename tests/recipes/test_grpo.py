@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 
 from rollout_sleep.grpo.data import step_rows
-from rollout_sleep.serve.server import free_port
 
-from helpers import RECIPE, ROOT, clear_cpu_tp_shm
+from helpers import RECIPE, ROOT, run_recipe_ranks
 
 
 CONFIG = ROOT / "configs" / "tiny-cpu.yaml"
@@ -117,18 +116,9 @@ def test_two_processes_ddp_trainer(tp, tmp_path):
     failed verify fails the run). accelerate enables FSDP only on accelerators; the FSDP2 sync itself is tested with
     2 processes in tests/weights/test_stream_distributed.py."""
     out = tmp_path / f"tp{tp}"
-    port = str(free_port())
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", port, str(RECIPE), "--config", str(CONFIG), f"output_dir={out}", "train.steps=2",
-           "wandb.mode=disabled", "save_every=0", "engine.verify_every=1",
-           f"engine.tensor_parallel_size={tp}"]
-    clear_cpu_tp_shm()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                              env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
-    finally:
-        clear_cpu_tp_shm()
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    proc, log = run_recipe_ranks(CONFIG, f"output_dir={out}", "train.steps=2", "wandb.mode=disabled", "save_every=0",
+                                 "engine.verify_every=1", f"engine.tensor_parallel_size={tp}")
+    assert proc.returncode == 0, log[-6000:]
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2]  # two syncs, each verified on both ranks (steps: CI time)
     for r in rows:

@@ -13,7 +13,7 @@ import pytest
 
 from rollout_sleep.run.config import ConfigError, load_config
 
-from helpers import ROOT, load_recipe
+from helpers import ROOT, EngineReached, load_recipe, stop_at_engine
 
 
 
@@ -66,18 +66,12 @@ def test_the_recipe_runs_a_yaml_from_another_working_directory(project, tmp_path
     YAML's nor the project's; the shipped example config too."""
     recipe = load_recipe()
 
-    class Reached(Exception):
-        pass
-
-    def engine(*args, **kwargs):
-        raise Reached
-
-    monkeypatch.setattr(recipe, "build_engine", engine)
+    stop_at_engine(monkeypatch, recipe)
     monkeypatch.chdir(tmp_path / "elsewhere")
     for config in (project / "configs" / "run.yaml", ROOT / "configs" / "example-gsm8k.yaml"):
         cfg = recipe.load_config(str(config), [f"output_dir={tmp_path / config.stem}", "train.memory_plan=off"])
         run = recipe.GRPORecipe(cfg)
-        with pytest.raises(Reached):
+        with pytest.raises(EngineReached):
             run.setup()
         assert len(run.data) == 8 and [r.name for r in run.rewards][0] in ("exact", "gsm8k_correct")
 
