@@ -301,3 +301,24 @@ def test_one_copy_needs_torchao_not_bitsandbytes_for_its_8bit_optimizer(monkeypa
         load_config(config, ["model.share_weights=false"], device="cuda")
     with pytest.raises(ConfigError, match="needs bitsandbytes"):
         load_config(config, [], device="cpu")  # two copies on CPU
+
+
+def test_the_plan_refuses_14b_where_the_h100_ran_out_of_memory_and_passes_8b(tmp_path):
+    """The plan against the H100's free memory at the 14B run's start (78.15 GiB; its KV cache 3.61 GiB): with
+    torchao's step temporaries (the embedding's two moments in float32) the 14B config does not fit, as measured
+    (out of memory at its first optimizer step: results/h100/one_copy/), while the 8B config, which ran, fits."""
+    from helpers import ROOT
+    from rollout_sleep.run import memory_check
+    from rollout_sleep.weights.checkpoints import make_config_dir
+
+    plans = {}
+    for size in ("qwen3-14b", "qwen3-8b"):
+        path = make_config_dir(tmp_path / size, size, dtype="bfloat16")
+        cfg = load_config(str(ROOT / "configs" / f"{size}.yaml"), ["train.memory_budget_gib=78.15"], device="cuda")
+        plans[size], _ = memory_check.plan_run(cfg, path, processes=1, shards=(1, 1, 1), longest_prompt=4,
+                                               kv_bytes=int(3.61 * 2**30), reward_bytes=0, base_shared=False,
+                                               weights_shared=True)
+    big = plans["qwen3-14b"]
+    assert big.phases["training"]["optimizer_step"] == 8 * 151936 * 5120  # the embedding's moments in float32
+    assert big.over("training") > 0 and not big.fits()
+    assert plans["qwen3-8b"].fits()

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import ConfigError
-from .optim import optimizer_state_bytes
+from .optim import optimizer_state_bytes, optimizer_step_bytes
 
 GIB = 2**30
 PHASES = ("rollout", "training")
@@ -254,13 +254,17 @@ class MemoryPlan:
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     def total(self, phase: str) -> int:
-        """The phase's peak. Training with the state offloaded: the state comes back for the optimizer step
-        only, after the last micro-batch's activations are freed (whichever is larger counts)."""
+        """The phase's peak. In training the optimizer step (its temporaries, and with the state offloaded the
+        state too, which comes back for the step only) runs after the last micro-batch's activations are freed:
+        whichever is larger counts."""
         c = dict(self.phases[phase])
-        if phase == "training" and self.inputs.offload_optimizer:
-            return sum(v for k, v in c.items() if k not in ("activations", "optimizer_state")) + \
-                max(c["activations"], c["optimizer_state"])
-        return sum(c.values())
+        if phase != "training":
+            return sum(c.values())
+        # the optimizer step's temporaries exist after the last micro-batch's activations are freed
+        acts, state, step = (c.pop(k, 0) for k in ("activations", "optimizer_state", "optimizer_step"))
+        if self.inputs.offload_optimizer:
+            return sum(c.values()) + max(acts, state + step)
+        return sum(c.values()) + state + max(acts, step)
 
     def peak_phase(self) -> str:
         return max(PHASES, key=self.total)
@@ -344,6 +348,9 @@ def plan_memory(i: PlanInputs, budget_bytes: int | None = None, headroom_bytes: 
                "engine_workspace": workspace}
     acts = activation_bytes(i) + (s.params * 2 if i.autocast else 0)
     training = {**resident, "optimizer_state": state, "gradients": -(-sum(trained) * b // gs), "activations": acts}
+    step = optimizer_step_bytes(i.optimizer, trained, i.stochastic_rounding) // gs
+    if step:  # torchao steps a tensor at a time in float32 (the largest sets it), after the activations are freed
+        training["optimizer_step"] = step
     if i.adapter_numels is None and not i.weights_shared:
         training["engine_asleep"] = i.engine_asleep_bytes
     else:  # LoRA or one copy: the engine sleeps at level 0, releasing its KV cache only; its weights stay

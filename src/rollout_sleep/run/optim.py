@@ -86,6 +86,22 @@ def optimizer_package(kind: str, stochastic_rounding: bool = False) -> str | Non
     return "bitsandbytes" if kind == "adamw8bit" else None
 
 
+def optimizer_step_bytes(kind: str, numels, stochastic_rounding: bool = False) -> int:
+    """GPU memory the optimizer step takes beyond its state, at its peak (a floor). torchao steps one tensor at a
+    time in float32: the tensor's two moments are dequantized to float32 (8 bytes per element) while it steps, so
+    the largest tensor (an embedding) sets it; PyTorch's fused AdamW and bitsandbytes' kernels work in place.
+
+    >>> optimizer_step_bytes("adamw4bit", [4096, 1000])
+    32768
+    >>> optimizer_step_bytes("adamw", [4096, 1000])
+    0
+    """
+    numels = list(numels)
+    if optimizer_package(kind, stochastic_rounding) != "torchao" or not numels:
+        return 0
+    return 8 * max(numels)
+
+
 def missing_package(kind: str, stochastic_rounding: bool = False) -> str | None:
     """What must be installed for optimizer ``kind`` (with or without stochastic rounding) and is not
     (``None``: nothing). Looks the package up without importing it."""
