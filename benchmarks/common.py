@@ -206,3 +206,58 @@ def run_bounded(cmd: list[str], timeout: float, env: dict | None = None,
             stderr = f"timed out after {timeout:.0f} s\n" + stderr
         return code, out.read(), stderr, written
 
+
+
+class Steps:
+    """A probe's steps, each timed (CUDA synchronized) and recorded in ``res["steps"]`` as it passes; the first that
+    fails ends the block with its error and traceback in ``res`` (what ran before stays), since a failure such as an
+    illegal memory access leaves the CUDA context unusable for the steps after it.
+
+    Example:
+        >>> res = {}
+        >>> with Steps(res) as step:
+        ...     step("one", lambda: {"x": 1})
+        ...     step("two", lambda: 1 / 0)
+        STEP one ok
+        {'x': 1}
+        >>> sorted(res["steps"]), res["error"]
+        (['one'], 'ZeroDivisionError: division by zero')
+    """
+
+    def __init__(self, res: dict):
+        self.res = res
+        res.setdefault("steps", {})
+
+    def __call__(self, name: str, fn) -> Any:
+        import torch
+
+        t0 = time.perf_counter()
+        out = fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.res["steps"][name] = {"ok": True, "seconds": time.perf_counter() - t0, **(out or {})}
+        print("STEP", name, "ok", flush=True)
+        return out
+
+    def __enter__(self) -> "Steps":
+        return self
+
+    def __exit__(self, kind, err, tb) -> bool:
+        if err is None:
+            return False
+        import traceback
+
+        self.res["error"] = f"{kind.__name__}: {err}"[:2000]
+        self.res["traceback"] = "".join(traceback.format_exception(kind, err, tb))[-6000:]
+        return True
+
+
+def child_result(cmd: list[str], timeout: float, env: dict | None = None) -> dict:
+    """Run a probe's child (:func:`run_bounded`) and return the JSON of its last ``RESULT `` line, or its error and
+    output's tail."""
+    code, stdout, stderr, _ = run_bounded(cmd, timeout, env=env)
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
+    if lines:
+        return json.loads(lines[-1][len("RESULT "):])
+    why = stderr.splitlines()[0] if code == "timeout" and stderr else f"exit {code}, no result"
+    return {"error": why, "output_tail": (stdout + stderr)[-6000:]}

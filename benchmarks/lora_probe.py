@@ -20,11 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
+
+from common import Steps, child_result
 
 RUNNERS = {"default": {}, "v1": {"VLLM_USE_V2_MODEL_RUNNER": "0"}}
 
@@ -51,18 +51,11 @@ def child(args) -> dict:
     prompts = [[(7 * i + j) % 200 + 1 for j in range(12)] for i in range(4)]
     sampling = dict(n=2, max_tokens=8 if args.quick else 32, temperature=1.0, ignore_eos=True)
 
-    def step(name, fn):
-        t0 = time.perf_counter()
-        out = fn()
-        if cuda:
-            torch.cuda.synchronize()
-        res["steps"][name] = {"ok": True, "seconds": time.perf_counter() - t0, **(out or {})}
-        print("STEP", name, "ok", flush=True)
 
     def tokens(comps) -> dict:
         return {"completions": len(comps), "tokens": sum(len(c.token_ids) for c in comps)}
 
-    try:
+    with Steps(res) as step:
         step("plain", lambda: tokens(engine.generate(prompts, **sampling)))
 
         def level0():  # the KV cache released and mapped back (the weights stay): no adapter involved yet
@@ -101,9 +94,6 @@ def child(args) -> dict:
             return out
 
         step("sync", sync)
-    except BaseException as err:  # the first failure ends the probe: what ran before stays in res
-        res["error"] = f"{type(err).__name__}: {err}"[:2000]
-        res["traceback"] = traceback.format_exc()[-6000:]
     return res
 
 
@@ -136,13 +126,7 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--child", "--out", args.out, "--size", args.size, "--workdir", f"{args.workdir}/{name}"] + \
             (["--quick"] if args.quick else [])
         t0 = time.monotonic()
-        try:
-            p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
-            lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-            r = json.loads(lines[-1][7:]) if lines else {"error": f"exit {p.returncode}, no result",
-                                                          "output_tail": (p.stdout + p.stderr)[-6000:]}
-        except subprocess.TimeoutExpired as err:
-            r = {"error": f"timed out after {args.timeout:.0f} s", "output_tail": str(err.stdout)[-3000:]}
+        r = child_result(cmd, timeout=args.timeout, env=env)
         r["env"], r["wall_s"] = RUNNERS[name], time.monotonic() - t0
         result["runners"][name] = r
         print(name, json.dumps({k: r.get(k) for k in ("steps", "error")}, default=str)[:1500], flush=True)

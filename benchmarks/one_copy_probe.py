@@ -20,10 +20,9 @@ import json
 import os
 import sys
 import time
-import traceback
 from pathlib import Path
 
-from common import PeakMemory, device_name, gib, run_bounded, versions, write_json
+from common import PeakMemory, Steps, child_result, device_name, gib, versions, write_json
 
 
 def optimizer_for(params, lr: float):
@@ -71,16 +70,7 @@ def child(args) -> dict:
     prompts = [[(7 * i + j) % 200 + 1 for j in range(24)] for i in range(8)]
     sampling = dict(n=4, max_tokens=32, temperature=1.0, ignore_eos=True)
 
-    def step(name, fn):
-        t0 = time.perf_counter()
-        out = fn()
-        if cuda:
-            torch.cuda.synchronize()
-        res["steps"][name] = {"ok": True, "seconds": time.perf_counter() - t0, **(out or {})}
-        print("STEP", name, "ok", flush=True)
-        return out
-
-    try:
+    with Steps(res) as step:
         comps = []
 
         def plain():
@@ -184,23 +174,18 @@ def child(args) -> dict:
                 if f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "vocab.json", "merges.txt"):
                     (saved / f.name).write_bytes(f.read_bytes())
             (work / "seqs.json").write_text(json.dumps(seqs[:8]))
-            code, stdout, stderr, _ = run_bounded(
-                [sys.executable, __file__, "--fresh", str(saved), "--seqs", str(work / "seqs.json"),
-                 "--out", args.out], timeout=300)
-            lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
-            if not lines:
-                out["fresh_error"] = f"exit {code}: {(stdout + stderr)[-3000:]}"
+            got = child_result([sys.executable, __file__, "--fresh", str(saved), "--seqs", str(work / "seqs.json"),
+                                "--out", args.out], timeout=300)
+            if "scores" not in got:
+                out["fresh_error"] = f"{got.get('error')}: {got.get('output_tail', '')[-3000:]}"
                 return out
-            fresh = torch.tensor(json.loads(lines[-1][7:])["scores"])
+            fresh = torch.tensor(got["scores"])
             out["engine_vs_fresh_max"] = float((engine_lp - fresh).abs().max())
             out["engine_vs_fresh_mean"] = float((engine_lp - fresh).abs().mean())
             out["trainer_vs_fresh_mean"] = float((trainer_lp - fresh).abs().mean())
             return out
 
         step("compare", compare)
-    except BaseException as err:  # the first failure ends the probe: what ran before stays in res
-        res["error"] = f"{type(err).__name__}: {err}"[:2000]
-        res["traceback"] = traceback.format_exc()[-6000:]
     return res
 
 
@@ -230,10 +215,7 @@ def main() -> None:
            "--steps", str(args.steps), "--lr", str(args.lr)] + (["--eager"] if args.eager else []) + \
         (["--checkpointing"] if args.checkpointing else [])
     t0 = time.monotonic()
-    code, stdout, stderr, _ = run_bounded(cmd, timeout=args.timeout)
-    lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
-    result.update(json.loads(lines[-1][7:]) if lines else {"error": f"exit {code}, no result",
-                                                           "output_tail": (stdout + stderr)[-6000:]})
+    result.update(child_result(cmd, timeout=args.timeout))
     result["wall_s"] = time.monotonic() - t0
     tag = "eager" if args.eager else "graphs"
     write_json(Path(args.out) / f"one_copy_probe_{args.size}_{tag}.json", result)
