@@ -66,8 +66,15 @@ ARM_OVERRIDES = {"ours_adamw": ("train.optimizer=adamw",), "ours_8bit": ("train.
                  "ours_no_ckpt": ("train.gradient_checkpointing=false",),
                  # one copy of the weights (the default on CUDA) against two, the same optimizer on both sides
                  "ours_one_copy": ("model.share_weights=true", "train.stochastic_rounding=true"),
-                 "ours_two_copies": ("model.share_weights=false", "train.stochastic_rounding=true")}
-TRL_OPTIM = {"adamw": "adamw_torch_fused", "adamw8bit": "adamw_bnb_8bit"}
+                 "ours_two_copies": ("model.share_weights=false", "train.stochastic_rounding=true"),
+                 # one copy with PyTorch's cached blocks returned before each wake (the device-wide peak)
+                 "ours_one_copy_release": ("model.share_weights=true", "train.stochastic_rounding=true",
+                                           "engine.keep_trainer_cache=false")}
+TRL_OPTIM = {"adamw": "adamw_torch_fused", "adamw8bit": "adamw_bnb_8bit",
+             # torchao's AdamW8bit with bf16 stochastic rounding on both sides (the one-copy path's optimizer):
+             # transformers' adamw_torch_8bit takes it through optim_args
+             "adamw8bit_sr": ("adamw_torch_8bit", "bf16_stochastic_round=True")}
+OURS_OPTIM = {"adamw8bit_sr": ("train.optimizer=adamw8bit", "train.stochastic_rounding=true")}
 TUNED = {"qwen3-0.6b": ("train.micro_batch=128", "train.gradient_checkpointing=false"),
          "qwen3-4b": ("train.micro_batch=32", "train.gradient_checkpointing=false"),
          "qwen3-8b": ("train.micro_batch=16", "train.gradient_checkpointing=false")}
@@ -168,7 +175,9 @@ def trl_knobs(size: str, optim: str | None) -> dict:
 
     cfg = load_config(config_path(size), [])
     mb = cfg.train.micro_batch
-    return {"optim": TRL_OPTIM[optim or cfg.train.optimizer], "per_device_train_batch_size": mb,
+    name = TRL_OPTIM[optim or cfg.train.optimizer]
+    name, optim_args = name if isinstance(name, tuple) else (name, None)
+    return {"optim": name, **({"optim_args": optim_args} if optim_args else {}), "per_device_train_batch_size": mb,
             "gradient_accumulation_steps": max(1, 128 // mb), "gradient_checkpointing": cfg.train.gradient_checkpointing,
             "vllm_gpu_memory_utilization": cfg.engine.gpu_memory_utilization}
 
@@ -319,7 +328,7 @@ def run_size(args, size: str, out_file: Path | None) -> dict:
     except (subprocess.SubprocessError, OSError) as err:
         result["error"] = f"building the {size} checkpoint failed: {err}"
         return result
-    optim = (f"train.optimizer={args.optim}",) if args.optim else ()
+    optim = OURS_OPTIM.get(args.optim, (f"train.optimizer={args.optim}",)) if args.optim else ()
     for arm in args.arms.split(","):
         try:
             if arm in ("ours", "ours_tuned") or arm in ARM_OVERRIDES:
