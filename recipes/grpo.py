@@ -321,7 +321,7 @@ class GRPORecipe:
         # stream: the state lives in host memory and the step moves one parameter's at a time; wrapped before
         # accelerate, so that the guard and the update check below hook the streamed step (once per step)
         streamed = StreamedOptimizer(optimizer) if cfg.train.offload_optimizer == "stream" else None
-        self.model, self.optimizer = self.acc.prepare(model, streamed or optimizer)
+        self.model, self.optimizer = self.acc.prepare(model, optimizer if streamed is None else streamed)
         # a trainer on views (one copy, a LoRA trainer's shared base) holds q/k/v in one storage: saved and loaded
         # whole, in place (accelerate's safetensors save kept one name per storage)
         one_copy.keep_views_in_checkpoints(self.acc)
@@ -330,7 +330,8 @@ class GRPORecipe:
         self.update_check = UpdateCheck(self.optimizer, every=cfg.train.update_check_every, seed=cfg.train.seed) \
             if cfg.train.update_check_every else None
         # after the guard: a refused step leaves the state where it was
-        self.offload = streamed or (OptimizerOffload(self.optimizer) if cfg.train.offload_optimizer else None)
+        self.offload = streamed if streamed is not None else \
+            OptimizerOffload(self.optimizer) if cfg.train.offload_optimizer else None
         self.layout = {"processes": self.acc.num_processes, "distributed_type": self.acc.distributed_type.value,
                        "trainer_sharded": any(hasattr(p, "full_tensor") or hasattr(p, "ds_id")
                                               for p in self.model.parameters())}

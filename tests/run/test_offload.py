@@ -234,6 +234,22 @@ def test_a_checkpoint_of_either_mode_resumes_in_the_other(saved_streamed):
     assert _same_state(ref_opt.state_dict(), resumed_opt.state_dict())
 
 
+def test_host_copies_of_torchao_moments_are_built_and_moved_leaf_by_leaf():
+    """A quantized moment's host copy is one of its kind built from host leaves (each of which can be pinned), and a
+    device copy of it is too: codes, scales and map copied as they are (here CPU to CPU: the path CUDA takes)."""
+    from rollout_sleep.run.offload import _host_like, _to_device
+
+    model, opt = _train("adamw4bit", True, torch.bfloat16, streamed=False, steps=1)
+    moment = opt.state[model[0].weight]["exp_avg"]
+    host = _host_like(moment, pin=False)
+    assert type(host) is type(moment) and host.shape == moment.shape
+    for dst, src in zip(storage_tensors(host), storage_tensors(moment)):
+        assert dst.untyped_storage().data_ptr() != src.untyped_storage().data_ptr()
+        dst.copy_(src)
+    back = _to_device(host, torch.device("cpu"))
+    assert type(back) is type(moment) and torch.equal(back.dequantize(), moment.dequantize())
+
+
 def test_the_setting_takes_false_true_and_stream_and_names_the_choices():
     for value, want in [("false", False), ("true", True), ("stream", "stream")]:
         assert load_config(None, [f"train.offload_optimizer={value}"]).train.offload_optimizer == want
