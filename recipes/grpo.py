@@ -96,9 +96,10 @@ from rollout_sleep.run.factory import build_engine  # noqa: E402
 from rollout_sleep.run.manager import RolloutManager  # noqa: E402
 from rollout_sleep.run.modes import detect_device  # noqa: E402
 from rollout_sleep.run.nonfinite import NonFiniteError, check_finite, guard_optimizer  # noqa: E402
-from rollout_sleep.run.optim import (OptimizerOffload, build_optimizer, hyperparameters,  # noqa: E402
-                                     missing_package, optimizer_mismatch, optimizer_record,
-                                     run_stochastic_rounding, set_hyperparameters)
+from rollout_sleep.run.offload import OptimizerOffload, StreamedOptimizer  # noqa: E402
+from rollout_sleep.run.optim import (build_optimizer, hyperparameters, missing_package,  # noqa: E402
+                                     optimizer_mismatch, optimizer_record, run_stochastic_rounding,
+                                     set_hyperparameters)
 from rollout_sleep.run.schema import RecipeConfig  # noqa: E402
 from rollout_sleep.run.update_check import UpdateCheck, checkpoint_magnitude, lr_note  # noqa: E402
 from rollout_sleep.run.watchdog import Watchdog  # noqa: E402
@@ -304,8 +305,9 @@ class GRPORecipe:
                 r.fn.load(self.acc.device)
 
     def _build_trainer(self) -> None:
-        """The policy and its optimizer, prepared by accelerate, with the non-finite guard, the update check and
-        the optimizer offload on top (in that order)."""
+        """The policy and its optimizer (streamed from host memory with ``train.offload_optimizer=stream``),
+        prepared by accelerate, with the non-finite guard, the update check and the optimizer offload on top (in
+        that order)."""
         cfg = self.cfg
         model = self._build_model(getattr(torch, cfg.model.dtype))
         # adamw: fused on GPU, one kernel for all parameters (TRL/transformers' default optimizer too); with
@@ -316,7 +318,10 @@ class GRPORecipe:
                                     model=model, stochastic_rounding=rounding)
         if rounding:
             self.acc.print(f"optimizer: torchao's {type(optimizer).__name__} with bf16 stochastic rounding")
-        self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        # stream: the state lives in host memory and the step moves one parameter's at a time; wrapped before
+        # accelerate, so that the guard and the update check below hook the streamed step (once per step)
+        streamed = StreamedOptimizer(optimizer) if cfg.train.offload_optimizer == "stream" else None
+        self.model, self.optimizer = self.acc.prepare(model, optimizer if streamed is None else streamed)
         # a trainer on views (one copy, a LoRA trainer's shared base) holds q/k/v in one storage: saved and loaded
         # whole, in place (accelerate's safetensors save kept one name per storage)
         one_copy.keep_views_in_checkpoints(self.acc)
@@ -325,7 +330,8 @@ class GRPORecipe:
         self.update_check = UpdateCheck(self.optimizer, every=cfg.train.update_check_every, seed=cfg.train.seed) \
             if cfg.train.update_check_every else None
         # after the guard: a refused step leaves the state where it was
-        self.offload = OptimizerOffload(self.optimizer) if cfg.train.offload_optimizer else None
+        self.offload = streamed if streamed is not None else \
+            OptimizerOffload(self.optimizer) if cfg.train.offload_optimizer else None
         self.layout = {"processes": self.acc.num_processes, "distributed_type": self.acc.distributed_type.value,
                        "trainer_sharded": any(hasattr(p, "full_tensor") or hasattr(p, "ds_id")
                                               for p in self.model.parameters())}
@@ -631,7 +637,7 @@ class GRPORecipe:
         offloaded = self.offload is not None and self.offload.active
         measured = memory_check.measured_gib(
             self.model, self.optimizer, self.acc.device.type, self.resident,
-            offloaded_gib=phases.get("optimizer_offload_gib", 0.0) if offloaded else None, peaks=self.peaks,
+            offloaded_gib=self.offload.step_state_bytes / memory_plan.GIB if offloaded else None, peaks=self.peaks,
             engine_taken=getattr(self, "engine_taken", None), engine_freed_gib=phases.get("memory_freed_gib"),
             activations=self.offload is None, weights_shared=self.one_copy.on)
         comparison = memory_plan.compare(self.plan, measured)

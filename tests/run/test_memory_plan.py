@@ -51,6 +51,13 @@ def test_plan_arithmetic_follows_the_dtypes_and_the_knobs(ckpts):
     assert off.phases["rollout"]["optimizer_state"] == 0 and on.phases["rollout"]["optimizer_state"] > 0
     t = off.phases["training"]
     assert off.total("training") == on.total("training") - min(t["activations"], t["optimizer_state"])
+    # streamed: the state lives in host memory; the step brings the largest tensor's state, after the activations
+    streamed = plan_memory(dataclasses.replace(base, offload_optimizer="stream"))
+    largest = max(optimizer_state_bytes("adamw", [(k, 2)]) for k in shape.tensor_numels)
+    assert streamed.phases["rollout"]["optimizer_state"] == 0
+    assert streamed.phases["training"]["optimizer_state"] == largest < t["optimizer_state"]
+    rest = sum(v for k, v in streamed.phases["training"].items() if k not in ("activations", "optimizer_state"))
+    assert streamed.total("training") == rest + max(t["activations"], largest)
     assert activation_bytes(dataclasses.replace(base, gradient_checkpointing=True)) < activation_bytes(base)
     assert activation_bytes(dataclasses.replace(base, micro_batch=32)) < activation_bytes(base)
 
@@ -77,7 +84,8 @@ def test_8b_on_an_80gb_card_verdicts_and_refusal_message():
     needs = "train.optimizer=adamw8bit (needs bitsandbytes: pip install bitsandbytes) ->"
     assert (needs in msg) == bool(missing_package("adamw8bit")), msg
     assert (needs in msg) or "train.optimizer=adamw8bit ->" in msg
-    assert "train.offload_optimizer=true ->" in msg and "train.memory_plan=warn" in msg
+    assert "train.offload_optimizer=true ->" in msg and "train.offload_optimizer=stream ->" in msg
+    assert "train.memory_plan=warn" in msg
     lean = plan_memory(dataclasses.replace(inputs, dtype_bytes=2, optimizer="adamw8bit"), int(78.5 * GIB))
     assert lean.fits() and problems(lean) == []
     # 8-bit moments for all but the embedding (622M parameters, float32 moments): 18.95 GiB, not AdamW's 30.5

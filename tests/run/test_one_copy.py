@@ -305,20 +305,39 @@ def test_one_copy_needs_torchao_not_bitsandbytes_for_its_8bit_optimizer(monkeypa
 
 def test_the_plan_refuses_14b_where_the_h100_ran_out_of_memory_and_passes_8b(tmp_path):
     """The plan against the H100's free memory at the 14B run's start (78.15 GiB; its KV cache 3.61 GiB): with
-    torchao's step temporaries (the embedding's two moments in float32) the 14B config does not fit, as measured
-    (out of memory at its first optimizer step: results/h100/one_copy/), while the 8B config, which ran, fits."""
+    torchao's step temporaries (the embedding's two moments in float32) the 14B config with its optimizer state on
+    the GPU does not fit, as measured (out of memory at its first optimizer step: results/h100/one_copy/), nor
+    does it with the state offloaded between steps (the step brings all of it back beside all the gradients);
+    streamed (train.offload_optimizer=stream, the config's setting) it fits: the step holds one tensor's state, the
+    embedding's. The 8B config, which ran, fits."""
+    import dataclasses
+
     from helpers import ROOT
     from rollout_sleep.run import memory_check
+    from rollout_sleep.run.memory_plan import GIB, plan_memory
+    from rollout_sleep.run.optim import optimizer_state_bytes
     from rollout_sleep.weights.checkpoints import make_config_dir
 
     plans = {}
-    for size in ("qwen3-14b", "qwen3-8b"):
+    for size, setting in (("qwen3-14b", "false"), ("qwen3-14b", "true"), ("qwen3-14b", None), ("qwen3-8b", None)):
         path = make_config_dir(tmp_path / size, size, dtype="bfloat16")
-        cfg = load_config(str(ROOT / "configs" / f"{size}.yaml"), ["train.memory_budget_gib=78.15"], device="cuda")
-        plans[size], _ = memory_check.plan_run(cfg, path, processes=1, shards=(1, 1, 1), longest_prompt=4,
-                                               kv_bytes=int(3.61 * 2**30), reward_bytes=0, base_shared=False,
-                                               weights_shared=True)
-    big = plans["qwen3-14b"]
-    assert big.phases["training"]["optimizer_step"] == 8 * 151936 * 5120  # the embedding's moments in float32
-    assert big.over("training") > 0 and not big.fits()
-    assert plans["qwen3-8b"].fits()
+        overrides = ["train.memory_budget_gib=78.15"] + ([f"train.offload_optimizer={setting}"] if setting else [])
+        cfg = load_config(str(ROOT / "configs" / f"{size}.yaml"), overrides, device="cuda")
+        plan, _ = memory_check.plan_run(cfg, path, processes=1, shards=(1, 1, 1), longest_prompt=4,
+                                        kv_bytes=int(3.61 * 2**30), reward_bytes=0, base_shared=False,
+                                        weights_shared=True)
+        # planned here without a GPU, where nothing moves: the setting as the H100 plans it
+        inputs = dataclasses.replace(plan.inputs, offload_optimizer=cfg.train.offload_optimizer)
+        plans[size, setting] = plan_memory(inputs, plan.budget_bytes, plan.headroom_bytes)
+    on_gpu, between, streamed = plans["qwen3-14b", "false"], plans["qwen3-14b", "true"], plans["qwen3-14b", None]
+    embedding = 151936 * 5120
+    assert on_gpu.phases["training"]["optimizer_step"] == 8 * embedding  # the embedding's moments in float32
+    assert on_gpu.over("training") > 0 and not on_gpu.fits()
+    assert between.over("training") == on_gpu.over("training") and not between.fits()
+    assert streamed.inputs.offload_optimizer == "stream" and streamed.fits()
+    assert streamed.phases["training"]["optimizer_state"] == optimizer_state_bytes(
+        "adamw4bit", [(embedding, 2)], stochastic_rounding=True)  # the largest tensor's state only
+    assert streamed.phases["rollout"]["optimizer_state"] == 0
+    assert streamed.over("training") <= -2 * GIB  # 2 GiB to spare beyond the headroom
+    assert "train.offload_optimizer=stream -> " in " ".join(memory_check.memory_plan.problems(on_gpu))
+    assert plans["qwen3-8b", None].fits()

@@ -146,7 +146,7 @@ def test_offload_moves_torchao_state_and_keeps_it_quantized():
     """torchao's 8-bit state on CUDA (compiled step) offloaded between steps: the weights are bitwise those without
     the offload, between steps no state is on the GPU, and what comes back is still quantized (before, a plain
     host buffer dequantized it)."""
-    from rollout_sleep.run.optim import OptimizerOffload
+    from rollout_sleep.run.offload import OptimizerOffload
 
     def run(offload: bool):
         torch.manual_seed(0)

@@ -5,7 +5,7 @@
   refuses; :mod:`.factory`: the engine a config asks for; :mod:`.output_dir`: the run's folder, atomic
   checkpoints, resuming;
 - :mod:`.memory_plan` (arithmetic) + :mod:`.memory_check` (the plan of a run, checked and measured),
-  :mod:`.optim` (lean and offloaded optimizers);
+  :mod:`.optim` (lean optimizers, what their state weighs), :mod:`.offload` (their state in host memory);
 - :mod:`.update_check`, :mod:`.watchdog`, :mod:`.nonfinite`: guards against silent failures.
 
 Imports :mod:`rollout_sleep.grpo`, :mod:`rollout_sleep.lora`, :mod:`rollout_sleep.engine` and below (never

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 import typing
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from typing import Any
 import yaml
 
 from .modes import REPLACES_PARAMETERS
-from .schema import DTYPES, KV_CACHE_SIZING, RecipeConfig
+from .schema import DTYPES, KV_CACHE_SIZING, OFFLOAD_MODES, RecipeConfig
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 WANDB_MODES = ("offline", "online", "disabled")
@@ -57,9 +58,17 @@ def _describe(tp: Any) -> str:
     args = typing.get_args(tp)
     if type(None) in args:
         return " or ".join(_describe(a) for a in args if a is not type(None)) + " or null"
+    if _union(tp):
+        return " or ".join(_describe(a) for a in args)
     if typing.get_origin(tp) is list:
         return f"a list of {_describe(args[0]).split(' ', 1)[1]}s" if args else "a list"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _union(tp: Any) -> bool:
+    """``tp`` is a union of several types besides ``None`` (``bool | str``)."""
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and \
+        len([a for a in typing.get_args(tp) if a is not type(None)]) > 1
 
 
 def _convert(value: Any, tp: Any) -> Any:
@@ -70,6 +79,13 @@ def _convert(value: Any, tp: Any) -> Any:
             return None
         (inner,) = [a for a in args if a is not type(None)]
         return _convert(value, inner)
+    if _union(tp):  # bool | str (train.offload_optimizer): the first type that takes the value
+        for inner in args:
+            try:
+                return _convert(value, inner)
+            except TypeError:
+                pass
+        raise TypeError
     if typing.get_origin(tp) is list:
         if not isinstance(value, list):
             raise TypeError
@@ -145,7 +161,8 @@ def _set(obj: Any, dotted: str, value: Any, problems: list[str], from_text: bool
         return
     tp = typing.get_type_hints(type(obj))[part]
     if from_text:  # text for a string field stays text ("null" for an optional one is None)
-        takes_str = tp is str or (typing.get_origin(tp) is not list and str in typing.get_args(tp))
+        takes_str = tp is str or (typing.get_origin(tp) is not list and str in typing.get_args(tp)
+                                  and not _union(tp))  # bool | str: YAML's reading (true, false, stream)
         value = (None if value in ("null", "~") and tp is not str else value) if takes_str else _parse(value)
     try:
         setattr(obj, part, _convert(value, tp))
@@ -221,6 +238,8 @@ def _check_values(cfg: RecipeConfig, device: str) -> list[str]:
         rounding = run_stochastic_rounding(cfg, before_engine(cfg, device, processes=1).on)
         if missing_package(t.optimizer, rounding):
             out.append(missing_package(t.optimizer, rounding))
+    if t.offload_optimizer not in OFFLOAD_MODES:
+        out.append(f"train.offload_optimizer must be one of false, true, stream, got {t.offload_optimizer!r}")
     choice("train.memory_plan", t.memory_plan, MEMORY_PLAN_MODES)
     at_least("train.update_check_every", t.update_check_every, 0)
     if t.memory_budget_gib is not None and not (math.isfinite(t.memory_budget_gib) and t.memory_budget_gib > 0):
@@ -271,7 +290,7 @@ def check_processes(cfg: RecipeConfig, processes: int, distributed_type: str = "
     """Problems of the config with ``processes`` ranks and accelerate's ``distributed_type`` (known once the
     launcher started them): the tensor-parallel size, prompts that do not split evenly (every rank must train
     equal shares, or the reward gathers would wait forever), and one copy of the weights where the launch
-    cannot keep it.
+    cannot keep it or the optimizer's state cannot be streamed.
 
     >>> check_processes(RecipeConfig(), 3)
     ['train.prompts_per_step (8) must be a multiple of the number of processes (3): each rank rolls out and trains an equal share']
@@ -293,6 +312,11 @@ def check_processes(cfg: RecipeConfig, processes: int, distributed_type: str = "
                    f"{REPLACES_PARAMETERS[distributed_type]}, so the trainer's parameters are no longer views of "
                    "vLLM's weights: launch without it (plain accelerate launch, or python), or set "
                    "model.share_weights=null")
+    if cfg.train.offload_optimizer == "stream" and distributed_type in ("FSDP", "DEEPSPEED"):
+        out.append(f"train.offload_optimizer=stream with accelerate's {distributed_type}: the streamed step moves "
+                   "a plain optimizer's state one parameter at a time, and "
+                   f"{REPLACES_PARAMETERS[distributed_type]}: use its own CPU offload (FSDP's fsdp_offload_params, "
+                   "DeepSpeed's zero_optimization.offload_optimizer.device=cpu) with train.offload_optimizer=false")
     return out
 
 

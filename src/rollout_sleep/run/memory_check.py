@@ -48,6 +48,9 @@ def plan_run(cfg: Any, model_path: str, *, processes: int, shards: tuple[int, in
         notes.append("no GPU: the plan is printed, not checked (train.memory_budget_gib checks it against a budget)")
     if t.offload_optimizer and not cuda:
         notes.append("train.offload_optimizer: the parameters live in host memory already; nothing moves")
+    elif t.offload_optimizer == "stream":
+        notes.append("train.offload_optimizer=stream: the optimizer state lives in host memory; the step brings "
+                     "one tensor's state to the GPU at a time (optimizer_state: the largest tensor's)")
     b = torch.empty((), dtype=getattr(torch, cfg.model.dtype)).element_size()
     shape = memory_plan.ModelShape.from_checkpoint(model_path)
     sequences = t.prompts_per_step // processes * t.generations  # a rank's completions per step
@@ -58,7 +61,7 @@ def plan_run(cfg: Any, model_path: str, *, processes: int, shards: tuple[int, in
                      f"({weight_bytes / GIB:.2f} GiB of weights, {shape.params * b / GIB:.2f} in model.dtype)")
     inputs = memory_plan.PlanInputs(
         shape, dtype_bytes=b, optimizer=t.optimizer, stochastic_rounding=run_stochastic_rounding(cfg, weights_shared),
-        offload_optimizer=t.offload_optimizer and cuda,
+        offload_optimizer=t.offload_optimizer if cuda else False,
         micro_batch=min(t.micro_batch, sequences), seq_len=longest_prompt + t.max_tokens,
         completion_len=t.max_tokens, gradient_checkpointing=t.gradient_checkpointing,
         autocast=t.mixed_precision != "no" and b == 4, reference_model=t.kl_coef > 0,
@@ -139,7 +142,8 @@ def measured_gib(model: torch.nn.Module, optimizer: Any, device_type: str, resid
                  engine_freed_gib: float | None = None, activations: bool = True,
                  weights_shared: bool = False) -> dict[str, dict[str, float]]:
     """Per phase, what the run measured (GiB), in the plan's component names. ``offloaded_gib``: the optimizer
-    state moved to the host (the whole state); ``peaks``: a started :class:`~rollout_sleep.engine.memory.PhasePeaks`
+    state on the device during a step when it lives in host memory otherwise (``train.offload_optimizer``: true,
+    the whole state; stream, the most one parameter brought); ``peaks``: a started :class:`~rollout_sleep.engine.memory.PhasePeaks`
     (stopped here); ``engine_taken``: bytes vLLM took at its start; ``engine_freed_gib``: what its sleep gave
     back; ``activations``: measure them (not while the optimizer state moves in and out); ``weights_shared``: the
     trainer's parameters are views of the engine's weights (counted there, not again)."""

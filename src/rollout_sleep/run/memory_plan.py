@@ -5,6 +5,8 @@ Two phases alternate on one device. **rollout**: vLLM awake (its weights, KV cac
 trainer keeps between steps (its weights, the optimizer state unless offloaded; gradients are freed after each
 step). **training**: vLLM asleep (only what it cannot release: its CUDA graphs' pool and allocations outside its
 sleep pools) beside the trainer's weights, gradients, optimizer state and the activations of one micro-batch.
+With ``train.offload_optimizer=stream`` the optimizer state on the device, in either phase, is at most the
+largest parameter's (:class:`~rollout_sleep.run.offload.StreamedOptimizer` moves one parameter's at a time).
 
 :func:`check` raises :class:`MemoryPlanError` (a :class:`~rollout_sleep.run.config.ConfigError`) naming the phase
 that does not fit in the budget with the headroom kept, by how much, and what each knob would make of it.
@@ -42,6 +44,8 @@ ENGINE_ASLEEP_BYTES = int(1.5 * GIB)
 ENGINE_PROFILE_TOKENS, ENGINE_MAX_SEQS = 16384, 1024
 GROUPS = {"engine": ("engine_weights", "kv_cache", "engine_workspace")}  # measured as one: vLLM's memory at start
 KNOB_NOTE = "train.memory_plan=warn runs anyway (off: no plan)"
+OFFLOAD_SAID = {True: " (state offloaded during rollouts)",
+                "stream": " (state in host memory, streamed to the step one tensor at a time)"}
 
 
 class MemoryPlanError(ConfigError):
@@ -179,7 +183,7 @@ class PlanInputs:
     dtype_bytes: int = 2
     optimizer: str = "adamw"
     stochastic_rounding: bool = False  # the optimizer comes from torchao (its state weighs what torchao's does)
-    offload_optimizer: bool = False
+    offload_optimizer: bool | str = False  # true: the state in host memory between steps; "stream": always
     micro_batch: int = 32
     seq_len: int = 160
     completion_len: int = 128
@@ -262,7 +266,7 @@ class MemoryPlan:
             return sum(c.values())
         # the optimizer step's temporaries exist after the last micro-batch's activations are freed
         acts, state, step = (c.pop(k, 0) for k in ("activations", "optimizer_state", "optimizer_step"))
-        if self.inputs.offload_optimizer:
+        if self.inputs.offload_optimizer:  # true: all of the state comes back; stream: one parameter's at a time
             return sum(c.values()) + max(acts, state + step)
         return sum(c.values()) + state + max(acts, step)
 
@@ -302,7 +306,7 @@ class MemoryPlan:
         count = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
         head = (f"memory plan: {count} parameters x {i.dtype_bytes} bytes, optimizer "
                 f"{i.optimizer}{' (torchao, bf16 stochastic rounding)' if i.stochastic_rounding else ''}"
-                f"{' (state offloaded during rollouts)' if i.offload_optimizer else ''}, micro-batch "
+                f"{OFFLOAD_SAID.get(i.offload_optimizer, '')}, micro-batch "
                 f"{i.micro_batch} x {i.seq_len} tokens, gradient checkpointing "
                 f"{'on' if i.gradient_checkpointing else 'off'}")
         if i.adapter_numels is not None:
@@ -334,9 +338,14 @@ def plan_memory(i: PlanInputs, budget_bytes: int | None = None, headroom_bytes: 
     trained = s.tensor_numels if i.adapter_numels is None else i.adapter_numels
     base = 0 if i.adapter_numels is None else (0 if i.base_shared else s.params * b)
     weights = 0 if i.weights_shared else -(-(sum(trained) * b + base) // ws)
-    state = -(-optimizer_state_bytes(i.optimizer, [(n, b) for n in trained],
-                                     s.embedding_numels if i.adapter_numels is None else (),
-                                     stochastic_rounding=i.stochastic_rounding) // os_)
+    state32 = s.embedding_numels if i.adapter_numels is None else ()
+    if i.offload_optimizer == "stream":  # one tensor's state on the device at a time: the largest one's
+        state = max((optimizer_state_bytes(i.optimizer, [(n, b)], [n] if n in state32 else (),
+                                           stochastic_rounding=i.stochastic_rounding) for n in set(trained)), default=0)
+    else:
+        state = optimizer_state_bytes(i.optimizer, [(n, b) for n in trained], state32,
+                                      stochastic_rounding=i.stochastic_rounding)
+    state = -(-state // os_)
     ref = s.params * b if i.reference_model else 0
     workspace = estimate_engine_workspace(s, b) if i.engine_workspace_bytes is None else i.engine_workspace_bytes
     resident = {"trainer_weights": weights, "optimizer_state": 0 if i.offload_optimizer else state, "gradients": 0}
@@ -370,6 +379,8 @@ def knob_alternatives(i: PlanInputs) -> list[tuple[str, PlanInputs]]:
         out.append((f"train.optimizer={leaner}{needs}", dataclasses.replace(i, optimizer=leaner)))
     if not i.offload_optimizer:
         out.append(("train.offload_optimizer=true", dataclasses.replace(i, offload_optimizer=True)))
+    if i.offload_optimizer != "stream":
+        out.append(("train.offload_optimizer=stream", dataclasses.replace(i, offload_optimizer="stream")))
     if not i.gradient_checkpointing:
         out.append(("train.gradient_checkpointing=true", dataclasses.replace(i, gradient_checkpointing=True)))
     return out

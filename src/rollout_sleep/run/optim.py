@@ -1,4 +1,4 @@
-"""The recipe's optimizers and what their state weighs, and moving that state off the GPU while vLLM rolls out.
+"""The recipe's optimizers and what their state weighs.
 
 ``train.optimizer``: ``adamw`` (PyTorch's AdamW, fused on CUDA and for float16 parameters; its two moments take
 the parameters' dtype, so bf16 weights carry 4 bytes of state per parameter, float32 weights 8), ``adamw8bit``
@@ -25,23 +25,16 @@ them; other tensors (and all of ``_AdamW``'s) keep their moments in the paramete
 >>> optimizer_state_bytes("adamw8bit", [(4096, 2)], stochastic_rounding=True)  # torchao: a 256-entry map per moment
 10372
 
-:class:`OptimizerOffload` moves the state tensors to pinned host memory after each optimizer step (so the
-rollout that follows has that memory) and back right before the next step (so they never sit beside the
-training's activations), timing both copies (torchao's quantized moments move as they are, unpinned). Where
-the parameters already live on the host it does nothing.
+Moving the state to host memory (``train.offload_optimizer``) lives in :mod:`rollout_sleep.run.offload`.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
-import logging
-import time
 
 import torch
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
-
-logger = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adamw", "adamw8bit", "adamw4bit")
 BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes' min_8bit_size default: smaller tensors keep 32-bit state
@@ -316,85 +309,3 @@ def resident_state_bytes(optimizer: torch.optim.Optimizer, device_type: str = "c
             if t.device.type == device_type:
                 seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     return sum(seen.values())
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    """The bytes holding ``t``'s data (a quantized moment's codes, scales and map, not its apparent size)."""
-    return sum(x.numel() * x.element_size() for x in storage_tensors(t))
-
-
-class OptimizerOffload:
-    """Keep ``optimizer``'s state in pinned host memory between steps: a step pre-hook copies it to the
-    parameters' device right before the step, a post-hook copies it back to the host right after (before
-    the rollout). Host buffers are allocated once and reused. ``pop_timings()`` gives this step's seconds and
-    bytes. Idempotent: :meth:`offload` moves only what is on the device, :meth:`reload` only what is not.
-    """
-
-    def __init__(self, optimizer: torch.optim.Optimizer):
-        self.optimizer = getattr(optimizer, "optimizer", optimizer)
-        if not isinstance(self.optimizer, torch.optim.Optimizer):  # DeepSpeed's ZeRO optimizer: no step hooks
-            raise ValueError(f"train.offload_optimizer moves a torch.optim.Optimizer's state, not a "
-                             f"{type(self.optimizer).__name__}'s: with DeepSpeed set its own offload_optimizer "
-                             "(zero_optimization.offload_optimizer.device=cpu) and train.offload_optimizer=false")
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        if any(hasattr(p, "full_tensor") for p in params):  # a DTensor's state cannot be swapped for host tensors
-            raise ValueError("train.offload_optimizer does not move FSDP2's sharded (DTensor) optimizer state: use "
-                             "FSDP's own CPU offload (fsdp_offload_params) and train.offload_optimizer=false")
-        self.device = params[0].device if params else torch.device("cpu")
-        self.active = self.device.type != "cpu"
-        self._host: dict[tuple[int, str], torch.Tensor] = {}
-        self._timings = {"optimizer_offload_s": 0.0, "optimizer_reload_s": 0.0, "optimizer_offload_gib": 0.0}
-        if not self.active:
-            logger.info("train.offload_optimizer: the parameters live on the host already; nothing to move")
-            return
-        self._handles = [self.optimizer.register_step_pre_hook(lambda *a: self.reload()),
-                         self.optimizer.register_step_post_hook(lambda *a: self.offload())]
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def offload(self) -> int:
-        """Move the state to host memory; returns the bytes moved."""
-        if not self.active:
-            return 0
-        self._sync()
-        t0, moved = time.perf_counter(), 0
-        for p, state, key, t in state_tensors(self.optimizer):
-            if t.device.type == "cpu":
-                continue
-            slot = (id(p), key)  # parameters outlive a load_state_dict (a resume), state dicts do not
-            host = self._host.get(slot)
-            if host is None or type(host) is not type(t) or host.shape != t.shape or host.dtype != t.dtype:
-                if is_traceable_wrapper_subclass(t):  # torchao's quantized moments: a host copy of its kind
-                    host = t.to("cpu")  # (unpinned: torchao's copies ignore pin_memory)
-                else:
-                    host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=self.device.type == "cuda")
-                self._host[slot] = host
-            host.copy_(t, non_blocking=True)
-            state[key] = host
-            moved += _nbytes(t)
-        self._sync()  # the copies are done before the device memory is reused
-        self._timings["optimizer_offload_s"] += time.perf_counter() - t0
-        self._timings["optimizer_offload_gib"] = max(self._timings["optimizer_offload_gib"], moved / 2**30)
-        return moved
-
-    def reload(self) -> int:
-        """Move the state that :meth:`offload` moved back to the parameters' device; returns the bytes moved."""
-        if not self.active:
-            return 0
-        t0, moved = time.perf_counter(), 0
-        for p, state, key, t in state_tensors(self.optimizer):
-            if self._host.get((id(p), key)) is t:  # ours (a host scalar of the optimizer's own stays)
-                state[key] = t.to(self.device, non_blocking=True)
-                moved += _nbytes(t)
-        self._sync()
-        self._timings["optimizer_reload_s"] += time.perf_counter() - t0
-        return moved
-
-    def pop_timings(self) -> dict[str, float]:
-        """Seconds spent moving the state off and back since the last call, and the GiB moved."""
-        out = dict(self._timings)
-        self._timings = dict.fromkeys(out, 0.0)
-        return out if self.active else {}
-

@@ -21,6 +21,7 @@ RESUME_CLASSES = (FIXED, APPLIED, FREE)
 
 DTYPES = ("float32", "bfloat16", "float16")
 KV_CACHE_SIZING = ("step", "gpu_share")
+OFFLOAD_MODES = (False, True, "stream")  # train.offload_optimizer (rollout_sleep.run.offload)
 
 
 def _load_methods() -> tuple:
@@ -158,10 +159,13 @@ class TrainConfig:
                                                   "null: on only where the trainer steps vLLM's own bf16 weights "
                                                   "(one copy, no master possible); true: on (model.dtype=bfloat16 "
                                                   "only); false: off", resume=FIXED)
-    offload_optimizer: bool = _opt(False, "keep the optimizer state in pinned host memory except during the "
-                                          "optimizer step (frees it for the rollout and the activations; costs a "
-                                          "copy each way per step, logged as optimizer_offload_s / _reload_s)",
-                                          resume=FREE)
+    offload_optimizer: bool | str = _opt(False, "the optimizer state in pinned host memory: false: on the GPU / "
+                                                "true: off it except during the optimizer step (frees it for the "
+                                                "rollout and the activations) / stream: off it always, the step "
+                                                "moving one parameter's state at a time (the step holds one "
+                                                "parameter's state, not all of it, beside the gradients). Each "
+                                                "costs a copy each way per step, logged as optimizer_offload_s / "
+                                                "_reload_s", resume=FREE)
     memory_plan: str = _opt("refuse", "the per-phase GPU memory plan printed before vLLM starts: refuse = stop "
                                       "with the knobs to turn when a phase does not fit / warn = say so and run "
                                       "anyway / off = no plan", resume=FREE)

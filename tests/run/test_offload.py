@@ -1,0 +1,286 @@
+"""The optimizer's state in host memory: between steps (``train.offload_optimizer=true``: a real transfer on CUDA,
+nothing to move on CPU) and streamed (``stream``: the step moves one parameter's state at a time, and equals the
+plain step bitwise)."""
+
+from __future__ import annotations
+
+import io
+import weakref
+
+import pytest
+import torch
+
+from rollout_sleep.run.config import ConfigError, check_processes, load_config
+from rollout_sleep.run.nonfinite import NonFiniteError, guard_optimizer
+from rollout_sleep.run.offload import OptimizerOffload, StreamedOptimizer
+from rollout_sleep.run.optim import build_optimizer, optimizer_state_bytes, resident_state_bytes, storage_tensors
+from rollout_sleep.run.update_check import innermost_optimizer
+
+# (optimizer, stochastic rounding, weights dtype): PyTorch's AdamW (unfused on CPU: one parameter's update does
+# not depend on the others'), torchao's 8- and 4-bit AdamW rounding stochastically into bf16
+KINDS = [("adamw", False, torch.float32), ("adamw8bit", True, torch.bfloat16), ("adamw4bit", True, torch.bfloat16)]
+
+
+def _steps(model, opt, offload, n=3):
+    g = torch.Generator(device=next(model.parameters()).device).manual_seed(0)
+    for _ in range(n):
+        x = torch.randn(8, 64, generator=g, device=g.device)
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if offload is not None:
+            assert resident_state_bytes(opt, g.device.type) == 0 or g.device.type == "cpu"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_offload_is_a_no_op_where_the_parameters_live_on_the_host():
+    model = torch.nn.Linear(64, 64)
+    opt = build_optimizer("adamw", model.parameters(), lr=1e-2, weight_decay=0.0)
+    offload = OptimizerOffload(opt)
+    _steps(model, opt, offload)
+    assert not offload.active and offload.pop_timings() == {} and offload.offload() == 0
+    assert resident_state_bytes(opt, "cpu") == optimizer_state_bytes("adamw", [(64 * 64, 4), (64, 4)])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_offload_moves_the_state_off_the_gpu_between_steps_and_changes_nothing():
+    """Fused AdamW on CUDA: with the state offloaded the weights after 3 steps are bitwise those without; between
+    steps no state is on the GPU, and the timings report what moved."""
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(64, 64).cuda()
+    model = torch.nn.Linear(64, 64).cuda()
+    model.load_state_dict(ref.state_dict())
+    opt_ref = build_optimizer("adamw", ref.parameters(), lr=1e-2, weight_decay=0.1, fused=True)
+    opt = build_optimizer("adamw", model.parameters(), lr=1e-2, weight_decay=0.1, fused=True)
+    offload = OptimizerOffload(opt)
+    _steps(ref, opt_ref, None)
+    _steps(model, opt, offload)
+    assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), model.parameters()))
+    assert resident_state_bytes(opt, "cuda") == 0 and resident_state_bytes(opt, "cpu") > 0
+    t = offload.pop_timings()
+    assert t["optimizer_offload_s"] > 0 and t["optimizer_reload_s"] > 0 and t["optimizer_offload_gib"] > 0
+
+
+def test_offload_refuses_optimizers_it_cannot_move_with_the_knob_to_use(monkeypatch):
+    """A wrapper holding no torch.optim.Optimizer (DeepSpeed's ZeRO optimizer) used to fail with an AttributeError
+    (no step hooks), and FSDP2's DTensor state with 'mixed torch.Tensor and DTensor' at the first offload: both are
+    refused where the offload (between steps or streamed) is set up, naming the knob."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    class ZeroLike:  # DeepSpeed's optimizer: param_groups and state, but not a torch.optim.Optimizer
+        def __init__(self, params):
+            self.param_groups, self.state = [{"params": params}], {}
+
+    class Wrapper:  # accelerate's AcceleratedOptimizer keeps the real one as .optimizer
+        def __init__(self, inner):
+            self.optimizer = inner
+
+    for setting, offload in [("true", OptimizerOffload), ("stream", StreamedOptimizer)]:
+        with pytest.raises(ValueError, match=f"train.offload_optimizer={setting} .*ZeroLike.*offload_optimizer"):
+            offload(Wrapper(ZeroLike([torch.nn.Parameter(torch.zeros(2))])))
+    # an in-process vLLM engine (the session's) may already hold this process's default group (world size 1)
+    created = not dist.is_initialized()
+    if created:
+        monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+        monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        p = torch.nn.Parameter(distribute_tensor(torch.randn(8), mesh, [Shard(0)]))
+        for offload in (OptimizerOffload, StreamedOptimizer):
+            with pytest.raises(ValueError, match="DTensor.*train.offload_optimizer=false"):
+                offload(torch.optim.AdamW([p]))
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+
+
+def _model(dtype: torch.dtype, device: str = "cpu") -> torch.nn.Module:
+    """Tensors of 4096 elements and more (torchao quantizes their moments) and smaller ones (it does not)."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Embedding(64, 128), torch.nn.Linear(128, 128), torch.nn.Tanh(),
+                               torch.nn.Linear(128, 64)).to(device=device, dtype=dtype)
+
+
+def _backward(model: torch.nn.Module, step: int) -> None:
+    g = torch.Generator().manual_seed(step)
+    ids = torch.randint(64, (4, 8), generator=g).to(next(model.parameters()).device)
+    model(ids).float().square().mean().backward()
+
+
+def _train(kind, rounding, dtype, streamed: bool, steps: int = 3, device: str = "cpu", state_dict=None, first=0):
+    """``steps`` steps from ``first`` on (``state_dict``: the optimizer's state to start from): the model and the
+    optimizer."""
+    model = _model(dtype, device)
+    opt = build_optimizer(kind, model.parameters(), lr=1e-2, weight_decay=0.1, stochastic_rounding=rounding)
+    opt = StreamedOptimizer(opt) if streamed else opt
+    if state_dict is not None:
+        model.load_state_dict(state_dict["model"])
+        opt.load_state_dict(state_dict["optimizer"])
+    for step in range(first, first + steps):
+        torch.manual_seed(step)  # stochastic rounding draws from the global generator, in the parameters' order
+        _backward(model, step)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return model, opt
+
+
+def _same_state(a: dict, b: dict) -> bool:
+    """Two optimizer state dicts hold the same values (torchao's quantized moments compared leaf by leaf)."""
+    if a["param_groups"] != b["param_groups"] or a["state"].keys() != b["state"].keys():
+        return False
+    for i, state in a["state"].items():
+        if state.keys() != b["state"][i].keys():
+            return False
+        for key, t in state.items():
+            u = b["state"][i][key]
+            if type(t) is not type(u) or not all(torch.equal(x.cpu(), y.cpu())
+                                                 for x, y in zip(storage_tensors(t), storage_tensors(u))):
+                return False
+    return True
+
+
+@pytest.mark.parametrize("kind,rounding,dtype", KINDS, ids=[k for k, *_ in KINDS])
+def test_streamed_step_equals_the_plain_step_bitwise(kind, rounding, dtype):
+    """After 3 steps the weights and the optimizer state are bitwise those of the plain optimizer, and torchao's
+    moments of the large tensors are quantized (the streamed state keeps its kind)."""
+    ref, ref_opt = _train(kind, rounding, dtype, streamed=False)
+    model, opt = _train(kind, rounding, dtype, streamed=True)
+    assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), model.parameters()))
+    assert _same_state(ref_opt.state_dict(), opt.state_dict())
+    if kind != "adamw":
+        moment = type(opt.state[model[0].weight]["exp_avg"]).__name__
+        assert moment == {"adamw8bit": "OptimState8bit", "adamw4bit": "OptimState4bit"}[kind]
+    assert opt.pop_timings() == {} and opt.offload() == 0  # the parameters live on the host: nothing moved
+
+
+def test_streamed_step_frees_each_gradient_after_its_parameter_and_steps_one_at_a_time():
+    """Each inner step sees exactly one gradient, the parameters' order; the gradients already stepped are freed
+    (none outlives its parameter's step), and after the step none is left."""
+    model = _model(torch.float32)
+    opt = StreamedOptimizer(build_optimizer("adamw", model.parameters(), lr=1e-2, weight_decay=0.0))
+    params = list(model.parameters())
+    _backward(model, 0)
+    grads = [weakref.ref(p.grad) for p in params]
+    seen = []
+    step = opt.inner.step
+
+    def inner_step(*args, **kwargs):
+        seen.append(([i for i, p in enumerate(params) if p.grad is not None],
+                     sum(g() is not None for g in grads)))
+        return step(*args, **kwargs)
+
+    opt.inner.step = inner_step
+    opt.step()
+    n = len(params)
+    assert [stepped for stepped, _ in seen] == [[i] for i in range(n)]
+    assert [alive for _, alive in seen] == list(range(n, 0, -1))  # one fewer gradient alive at each
+    assert all(p.grad is None for p in params) and all(g() is None for g in grads)
+    assert len(opt.state) == n
+
+
+def test_a_non_finite_gradient_stops_the_streamed_step_before_anything_changes():
+    """The guard (a step pre-hook) fires once, with every gradient present, before any parameter's state moves or
+    steps: a NaN gradient raises and leaves weights, state and gradients as they were. The update check's hooks
+    find the streamed optimizer (the innermost), not the one it wraps."""
+    model, opt = _train("adamw4bit", True, torch.bfloat16, streamed=True, steps=1)
+    calls = []
+    opt.register_step_pre_hook(lambda *a: calls.append("pre"))
+    guard_optimizer(opt, model)
+    assert innermost_optimizer(opt) is opt
+    _backward(model, 1)
+    model[3].bias.grad[0] = float("nan")
+    weights = [p.detach().clone() for p in model.parameters()]
+    state = io.BytesIO()
+    torch.save(opt.state_dict(), state)
+    inner = []
+    opt.inner.step = lambda *a, **k: inner.append(1)
+    with pytest.raises(NonFiniteError, match=r"1 parameter\(s\) with non-finite gradients on this rank: 3.bias"):
+        opt.step()
+    assert calls == ["pre"] and inner == []
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+    state.seek(0)
+    assert _same_state(torch.load(state, weights_only=False), opt.state_dict())
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("saved_streamed", [True, False], ids=["stream-to-plain", "plain-to-stream"])
+def test_a_checkpoint_of_either_mode_resumes_in_the_other(saved_streamed):
+    """The streamed optimizer's state dict is the plain one's: 2 steps in one mode, saved (through torch.save),
+    2 more in the other equal 4 plain steps bitwise (``true`` keeps the plain optimizer's own state dict)."""
+    kind, rounding, dtype = KINDS[2]
+    ref, ref_opt = _train(kind, rounding, dtype, streamed=False, steps=4)
+    model, opt = _train(kind, rounding, dtype, streamed=saved_streamed, steps=2)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=False)
+    resumed, resumed_opt = _train(kind, rounding, dtype, streamed=not saved_streamed, steps=2, first=2,
+                                  state_dict=saved)
+    assert not all(torch.equal(a, b) for a, b in zip(ref.parameters(), model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), resumed.parameters()))
+    assert _same_state(ref_opt.state_dict(), resumed_opt.state_dict())
+
+
+def test_host_copies_of_torchao_moments_are_built_and_moved_leaf_by_leaf():
+    """A quantized moment's host copy is one of its kind built from host leaves (each of which can be pinned), and a
+    device copy of it is too: codes, scales and map copied as they are (here CPU to CPU: the path CUDA takes)."""
+    from rollout_sleep.run.offload import _host_like, _to_device
+
+    model, opt = _train("adamw4bit", True, torch.bfloat16, streamed=False, steps=1)
+    moment = opt.state[model[0].weight]["exp_avg"]
+    host = _host_like(moment, pin=False)
+    assert type(host) is type(moment) and host.shape == moment.shape
+    for dst, src in zip(storage_tensors(host), storage_tensors(moment)):
+        assert dst.untyped_storage().data_ptr() != src.untyped_storage().data_ptr()
+        dst.copy_(src)
+    back = _to_device(host, torch.device("cpu"))
+    assert type(back) is type(moment) and torch.equal(back.dequantize(), moment.dequantize())
+
+
+def test_the_setting_takes_false_true_and_stream_and_names_the_choices():
+    for value, want in [("false", False), ("true", True), ("stream", "stream")]:
+        assert load_config(None, [f"train.offload_optimizer={value}"]).train.offload_optimizer == want
+    with pytest.raises(ConfigError, match="train.offload_optimizer must be one of false, true, stream, got 'streams'"):
+        load_config(None, ["train.offload_optimizer=streams"])
+    with pytest.raises(ConfigError, match="train.offload_optimizer must be true or false or a string, got 1"):
+        load_config(None, ["train.offload_optimizer=1"])
+    cfg = load_config(None, ["train.offload_optimizer=stream"])
+    for launch in ("FSDP", "DEEPSPEED"):
+        (problem,) = check_processes(cfg, 1, launch)
+        assert problem.startswith(f"train.offload_optimizer=stream with accelerate's {launch}")
+        assert "train.offload_optimizer=false" in problem
+    assert check_processes(cfg, 1, "MULTI_GPU") == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind,rounding,dtype", KINDS[:2], ids=[k for k, *_ in KINDS[:2]])
+def test_streamed_step_on_cuda_keeps_the_state_in_pinned_host_memory(kind, rounding, dtype):
+    """On CUDA (fused AdamW, torchao's compiled step): bitwise the plain step after 3 steps; between steps no state
+    is on the GPU, every host copy (torchao's quantized moments leaf by leaf) is pinned, and the timings report
+    what moved."""
+    ref, _ = _train(kind, rounding, dtype, streamed=False, device="cuda")
+    model, opt = _train(kind, rounding, dtype, streamed=True, device="cuda")
+    assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), model.parameters()))
+    assert resident_state_bytes(opt, "cuda") == 0 and resident_state_bytes(opt, "cpu") > 0
+    leaves = [x for state in opt.state.values() for key, t in state.items() if isinstance(t, torch.Tensor)
+              and not (key == "step" and t.dim() == 0 and kind != "adamw") for x in storage_tensors(t)]
+    assert leaves and all(x.is_pinned() for x in leaves)
+    t = opt.pop_timings()
+    assert t["optimizer_offload_s"] > 0 and t["optimizer_reload_s"] > 0 and t["optimizer_offload_gib"] > 0
+    largest = max(optimizer_state_bytes(kind, [(p.numel(), p.element_size())], stochastic_rounding=rounding)
+                  for p in model.parameters())
+    assert 0 < opt.step_state_bytes <= largest
