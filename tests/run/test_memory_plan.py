@@ -51,13 +51,18 @@ def test_plan_arithmetic_follows_the_dtypes_and_the_knobs(ckpts):
     assert off.phases["rollout"]["optimizer_state"] == 0 and on.phases["rollout"]["optimizer_state"] > 0
     t = off.phases["training"]
     assert off.total("training") == on.total("training") - min(t["activations"], t["optimizer_state"])
-    # streamed: the state lives in host memory; the step brings the largest tensor's state, after the activations
+    # streamed: the state lives in host memory; the step brings one tensor's at a time, smallest first, and frees
+    # each gradient after its tensor steps: its peak is the largest of (gradients still held + that tensor's state)
     streamed = plan_memory(dataclasses.replace(base, offload_optimizer="stream"))
-    largest = max(optimizer_state_bytes("adamw", [(k, 2)]) for k in shape.tensor_numels)
+    order = sorted(shape.tensor_numels)
+    step_peak = max(sum(order[j:]) * 2 + optimizer_state_bytes("adamw", [(k, 2)]) for j, k in enumerate(order))
+    s = streamed.phases["training"]
     assert streamed.phases["rollout"]["optimizer_state"] == 0
-    assert streamed.phases["training"]["optimizer_state"] == largest < t["optimizer_state"]
-    rest = sum(v for k, v in streamed.phases["training"].items() if k not in ("activations", "optimizer_state"))
-    assert streamed.total("training") == rest + max(t["activations"], largest)
+    assert s["gradients_at_step"] + s["optimizer_state"] + s.get("optimizer_step", 0) == step_peak
+    assert s["optimizer_state"] < t["optimizer_state"]
+    rest = sum(v for k, v in s.items()
+               if k not in ("activations", "optimizer_state", "optimizer_step", "gradients", "gradients_at_step"))
+    assert streamed.total("training") == rest + max(s["gradients"] + s["activations"], step_peak)
     assert activation_bytes(dataclasses.replace(base, gradient_checkpointing=True)) < activation_bytes(base)
     assert activation_bytes(dataclasses.replace(base, micro_batch=32)) < activation_bytes(base)
 

@@ -107,11 +107,24 @@ def test_offload_refuses_optimizers_it_cannot_move_with_the_knob_to_use(monkeypa
 
 
 
+class _Net(torch.nn.Module):
+    """Tensors of 4096 elements and more (torchao quantizes their moments) and smaller ones (it does not),
+    registered smallest first: the streamed step's order (so stochastic rounding draws alike in both modes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(64)  # 64 + 64
+        self.embed = torch.nn.Embedding(64, 128)  # 8192
+        self.down = torch.nn.Linear(128, 64, bias=False)  # 8192
+        self.up = torch.nn.Linear(128, 128, bias=False)  # 16384
+
+    def forward(self, ids):
+        return self.norm(self.down(torch.tanh(self.up(self.embed(ids)))))
+
+
 def _model(dtype: torch.dtype, device: str = "cpu") -> torch.nn.Module:
-    """Tensors of 4096 elements and more (torchao quantizes their moments) and smaller ones (it does not)."""
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Embedding(64, 128), torch.nn.Linear(128, 128), torch.nn.Tanh(),
-                               torch.nn.Linear(128, 64)).to(device=device, dtype=dtype)
+    return _Net().to(device=device, dtype=dtype)
 
 
 def _backward(model: torch.nn.Module, step: int) -> None:
@@ -161,18 +174,21 @@ def test_streamed_step_equals_the_plain_step_bitwise(kind, rounding, dtype):
     assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), model.parameters()))
     assert _same_state(ref_opt.state_dict(), opt.state_dict())
     if kind != "adamw":
-        moment = type(opt.state[model[0].weight]["exp_avg"]).__name__
+        moment = type(opt.state[model.embed.weight]["exp_avg"]).__name__
         assert moment == {"adamw8bit": "OptimState8bit", "adamw4bit": "OptimState4bit"}[kind]
     assert opt.pop_timings() == {} and opt.offload() == 0  # the parameters live on the host: nothing moved
 
 
-def test_streamed_step_frees_each_gradient_after_its_parameter_and_steps_one_at_a_time():
-    """Each inner step sees exactly one gradient, the parameters' order; the gradients already stepped are freed
-    (none outlives its parameter's step), and after the step none is left."""
-    model = _model(torch.float32)
+def test_streamed_step_goes_smallest_first_one_gradient_at_a_time_and_frees_each():
+    """Each inner step sees exactly one gradient, smallest tensor first (ties in the groups' order), whatever the
+    order the model registers them in; the gradients already stepped are freed (none outlives its parameter's
+    step), and after the step none is left."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(128, 128), torch.nn.Tanh(), torch.nn.Linear(128, 64),
+                                torch.nn.Linear(64, 4))  # 16384, 128, 8192, 64, 256, 4
     opt = StreamedOptimizer(build_optimizer("adamw", model.parameters(), lr=1e-2, weight_decay=0.0))
     params = list(model.parameters())
-    _backward(model, 0)
+    model(torch.randn(2, 128)).square().mean().backward()
     grads = [weakref.ref(p.grad) for p in params]
     seen = []
     step = opt.inner.step
@@ -185,7 +201,7 @@ def test_streamed_step_frees_each_gradient_after_its_parameter_and_steps_one_at_
     opt.inner.step = inner_step
     opt.step()
     n = len(params)
-    assert [stepped for stepped, _ in seen] == [[i] for i in range(n)]
+    assert [stepped for stepped, _ in seen] == [[5], [3], [1], [4], [2], [0]]  # by size: 4, 64, 128, 256, ...
     assert [alive for _, alive in seen] == list(range(n, 0, -1))  # one fewer gradient alive at each
     assert all(p.grad is None for p in params) and all(g() is None for g in grads)
     assert len(opt.state) == n
@@ -201,13 +217,13 @@ def test_a_non_finite_gradient_stops_the_streamed_step_before_anything_changes()
     guard_optimizer(opt, model)
     assert innermost_optimizer(opt) is opt
     _backward(model, 1)
-    model[3].bias.grad[0] = float("nan")
+    model.norm.bias.grad[0] = float("nan")
     weights = [p.detach().clone() for p in model.parameters()]
     state = io.BytesIO()
     torch.save(opt.state_dict(), state)
     inner = []
     opt.inner.step = lambda *a, **k: inner.append(1)
-    with pytest.raises(NonFiniteError, match=r"1 parameter\(s\) with non-finite gradients on this rank: 3.bias"):
+    with pytest.raises(NonFiniteError, match=r"1 parameter\(s\) with non-finite gradients on this rank: norm.bias"):
         opt.step()
     assert calls == ["pre"] and inner == []
     assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
@@ -240,7 +256,7 @@ def test_host_copies_of_torchao_moments_are_built_and_moved_leaf_by_leaf():
     from rollout_sleep.run.offload import _host_like, _to_device
 
     model, opt = _train("adamw4bit", True, torch.bfloat16, streamed=False, steps=1)
-    moment = opt.state[model[0].weight]["exp_avg"]
+    moment = opt.state[model.embed.weight]["exp_avg"]
     host = _host_like(moment, pin=False)
     assert type(host) is type(moment) and host.shape == moment.shape
     for dst, src in zip(storage_tensors(host), storage_tensors(moment)):

@@ -50,7 +50,9 @@ def plan_run(cfg: Any, model_path: str, *, processes: int, shards: tuple[int, in
         notes.append("train.offload_optimizer: the parameters live in host memory already; nothing moves")
     elif t.offload_optimizer == "stream":
         notes.append("train.offload_optimizer=stream: the optimizer state lives in host memory; the step brings "
-                     "one tensor's state to the GPU at a time (optimizer_state: the largest tensor's)")
+                     "one tensor's state to the GPU at a time, smallest first, and frees each gradient after its "
+                     "tensor steps. Training's total: the larger of gradients + activations and, at the tensor "
+                     "where it peaks, gradients_at_step (still held) + optimizer_state + optimizer_step")
     b = torch.empty((), dtype=getattr(torch, cfg.model.dtype)).element_size()
     shape = memory_plan.ModelShape.from_checkpoint(model_path)
     sequences = t.prompts_per_step // processes * t.generations  # a rank's completions per step

@@ -5,8 +5,11 @@ Two phases alternate on one device. **rollout**: vLLM awake (its weights, KV cac
 trainer keeps between steps (its weights, the optimizer state unless offloaded; gradients are freed after each
 step). **training**: vLLM asleep (only what it cannot release: its CUDA graphs' pool and allocations outside its
 sleep pools) beside the trainer's weights, gradients, optimizer state and the activations of one micro-batch.
-With ``train.offload_optimizer=stream`` the optimizer state on the device, in either phase, is at most the
-largest parameter's (:class:`~rollout_sleep.run.offload.StreamedOptimizer` moves one parameter's at a time).
+With ``train.offload_optimizer=stream`` no optimizer state stays on the device: the step brings one tensor's at a
+time, smallest first, and frees each gradient after its tensor steps
+(:class:`~rollout_sleep.run.offload.StreamedOptimizer`); training's peak is then the larger of all gradients with the
+activations and, at the tensor where it is largest, the gradients still held (``gradients_at_step``) with that
+tensor's state and step temporaries.
 
 :func:`check` raises :class:`MemoryPlanError` (a :class:`~rollout_sleep.run.config.ConfigError`) naming the phase
 that does not fit in the budget with the headroom kept, by how much, and what each knob would make of it.
@@ -266,7 +269,10 @@ class MemoryPlan:
             return sum(c.values())
         # the optimizer step's temporaries exist after the last micro-batch's activations are freed
         acts, state, step = (c.pop(k, 0) for k in ("activations", "optimizer_state", "optimizer_step"))
-        if self.inputs.offload_optimizer:  # true: all of the state comes back; stream: one parameter's at a time
+        if self.inputs.offload_optimizer == "stream":  # one tensor steps at a time, with the gradients not yet freed
+            grads, held = c.pop("gradients", 0), c.pop("gradients_at_step", 0)
+            return sum(c.values()) + max(grads + acts, held + state + step)
+        if self.inputs.offload_optimizer:  # true: all of the state comes back for the step
             return sum(c.values()) + max(acts, state + step)
         return sum(c.values()) + state + max(acts, step)
 
@@ -329,6 +335,20 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
+def _streamed_step(i: PlanInputs, trained, state32) -> tuple[int, int, int]:
+    """The streamed step's peak (:class:`~rollout_sleep.run.offload.StreamedOptimizer`: smallest tensor first, each
+    gradient freed after its tensor steps): ``(gradients still held, that tensor's state, its step's temporaries)``
+    at the tensor where their sum is largest."""
+    b, best, held = i.dtype_bytes, (0, 0, 0), sum(trained) * i.dtype_bytes
+    for n in sorted(trained):
+        state = optimizer_state_bytes(i.optimizer, [(n, b)], [n] if n in state32 else (),
+                                      stochastic_rounding=i.stochastic_rounding)
+        here = (held, state, optimizer_step_bytes(i.optimizer, [n], i.stochastic_rounding))
+        best = max(best, here, key=sum)
+        held -= n * b
+    return best
+
+
 def plan_memory(i: PlanInputs, budget_bytes: int | None = None, headroom_bytes: int = 2 * GIB,
                 notes: tuple[str, ...] = ()) -> MemoryPlan:
     """The per-phase plan of ``i`` (see the module's docstring for what each phase holds)."""
@@ -339,12 +359,13 @@ def plan_memory(i: PlanInputs, budget_bytes: int | None = None, headroom_bytes: 
     base = 0 if i.adapter_numels is None else (0 if i.base_shared else s.params * b)
     weights = 0 if i.weights_shared else -(-(sum(trained) * b + base) // ws)
     state32 = s.embedding_numels if i.adapter_numels is None else ()
-    if i.offload_optimizer == "stream":  # one tensor's state on the device at a time: the largest one's
-        state = max((optimizer_state_bytes(i.optimizer, [(n, b)], [n] if n in state32 else (),
-                                           stochastic_rounding=i.stochastic_rounding) for n in set(trained)), default=0)
+    if i.offload_optimizer == "stream":  # one tensor's state on the device at a time
+        held, state, step = _streamed_step(i, trained, state32)
     else:
+        held = None
         state = optimizer_state_bytes(i.optimizer, [(n, b) for n in trained], state32,
                                       stochastic_rounding=i.stochastic_rounding)
+        step = optimizer_step_bytes(i.optimizer, trained, i.stochastic_rounding) // gs
     state = -(-state // os_)
     ref = s.params * b if i.reference_model else 0
     workspace = estimate_engine_workspace(s, b) if i.engine_workspace_bytes is None else i.engine_workspace_bytes
@@ -357,9 +378,10 @@ def plan_memory(i: PlanInputs, budget_bytes: int | None = None, headroom_bytes: 
                "engine_workspace": workspace}
     acts = activation_bytes(i) + (s.params * 2 if i.autocast else 0)
     training = {**resident, "optimizer_state": state, "gradients": -(-sum(trained) * b // gs), "activations": acts}
-    step = optimizer_step_bytes(i.optimizer, trained, i.stochastic_rounding) // gs
-    if step:  # torchao steps a tensor at a time in float32 (the largest sets it), after the activations are freed
+    if step:  # torchao steps a tensor at a time (the largest sets it), after the activations are freed
         training["optimizer_step"] = step
+    if held is not None:
+        training["gradients_at_step"] = held
     if i.adapter_numels is None and not i.weights_shared:
         training["engine_asleep"] = i.engine_asleep_bytes
     else:  # LoRA or one copy: the engine sleeps at level 0, releasing its KV cache only; its weights stay

@@ -43,6 +43,7 @@ TORCHAO_MIN_QUANT_SIZE = 4096  # torchao quantizes a tensor's moments from this 
 TORCHAO_BLOCKS = {"adamw8bit": 256, "adamw4bit": 128}  # ... when its block (one float32 scale each) divides them
 TORCHAO_MAPS = {"adamw8bit": 256, "adamw4bit": 16}  # float32 entries of the code map each quantized moment holds
 TORCHAO_CLASSES = {"adamw": "_AdamW", "adamw8bit": "AdamW8bit", "adamw4bit": "AdamW4bit"}
+TORCHAO_STEP_BYTES = {"adamw": 0, "adamw8bit": 8, "adamw4bit": 25}  # the step's buffers per element (see below)
 
 
 def stochastic_rounding_on(setting: bool | None, weights_dtype: str | torch.dtype, in_place: bool) -> bool:
@@ -80,11 +81,16 @@ def optimizer_package(kind: str, stochastic_rounding: bool = False) -> str | Non
 
 
 def optimizer_step_bytes(kind: str, numels, stochastic_rounding: bool = False) -> int:
-    """GPU memory the optimizer step takes beyond its state, at its peak (a floor). torchao steps one tensor at a
-    time in float32: the tensor's two moments are dequantized to float32 (8 bytes per element) while it steps, so
-    the largest tensor (an embedding) sets it; PyTorch's fused AdamW and bitsandbytes' kernels work in place.
+    """GPU memory the optimizer step takes beyond its state, at its peak. torchao steps one tensor at a time
+    through one compiled kernel graph, whose buffers scale with the tensor: the largest tensor (an embedding) sets
+    it. Its 8-bit step holds the two moments in float32 (8 bytes per element); its 4-bit step also the two
+    moments' int64 code indices and packed codes (25 bytes per element: measured on the H100 at Qwen3-14B, and
+    read from the compiled graph's buffers); with plain moments it works in place, as PyTorch's fused AdamW and
+    bitsandbytes' kernels do.
 
     >>> optimizer_step_bytes("adamw4bit", [4096, 1000])
+    102400
+    >>> optimizer_step_bytes("adamw8bit", [4096, 1000], stochastic_rounding=True)
     32768
     >>> optimizer_step_bytes("adamw", [4096, 1000])
     0
@@ -92,7 +98,7 @@ def optimizer_step_bytes(kind: str, numels, stochastic_rounding: bool = False) -
     numels = list(numels)
     if optimizer_package(kind, stochastic_rounding) != "torchao" or not numels:
         return 0
-    return 8 * max(numels)
+    return TORCHAO_STEP_BYTES[kind] * max(numels)
 
 
 def missing_package(kind: str, stochastic_rounding: bool = False) -> str | None:
