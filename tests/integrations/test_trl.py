@@ -97,3 +97,42 @@ def test_sync_streams_the_model_the_trainer_holds_after_prepare(engine, ckpts):
     assert verify(engine, prepared).ok  # the engine holds the prepared model's weights
     assert not verify(engine, before).ok
     assert trainer._metrics["train"]["rollout_sleep/verify_max_abs_diff"] == [0.0]
+
+
+def _peft_model(ckpt: str, device: str):
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(hf_model(ckpt).to(device), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+
+
+def test_lora_engine_leaves_a_base_in_host_memory_where_it_is(ckpts):
+    """``park_base`` moves only a GPU base: on the host it moves nothing and the model still runs."""
+    import torch
+
+    from rollout_sleep.integrations.trl import park_base, unpark_base
+
+    model = _peft_model(ckpts["tied0"], "cpu")
+    assert park_base(model) == 0 and not hasattr(model, "_rollout_sleep_parked")
+    unpark_base(model)  # nothing to lift
+    model(torch.tensor([[1, 2, 3]]))
+
+
+@pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="parks a GPU base")
+def test_lora_engine_parks_the_frozen_base_in_host_memory_until_patch(ckpts):
+    """On CUDA the frozen base goes to host memory (the adapter stays), the device's cache is freed, and a forward
+    names the missing ``patch(trainer)`` until the base is unparked."""
+    import torch
+
+    from rollout_sleep.integrations.trl import park_base, unpark_base
+
+    model = _peft_model(ckpts["tied0"], "cuda")
+    base = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+               if not p.requires_grad and ".lora_" not in n)
+    assert park_base(model) == base
+    assert all((p.device.type == "cpu") == (not p.requires_grad) for p in model.parameters())
+    ids = torch.tensor([[1, 2, 3]], device="cuda")
+    with pytest.raises(RuntimeError, match=r"call patch\(trainer\) right after building the GRPOTrainer"):
+        model(ids)
+    unpark_base(model)
+    model.to("cuda")
+    model(ids)

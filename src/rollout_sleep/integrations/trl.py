@@ -129,23 +129,64 @@ def patch(trainer, *, sleep_level: int = 2, verify_every: int = 1, bucket_bytes:
 @contextlib.contextmanager
 def lora_engine(rank: int, max_loras: int = 1):
     """Inside the block, TRL's colocated engine is started with vLLM's LoRA serving (``enable_lora``, one slot
-    of ``rank``): wrap the ``GRPOTrainer(...)`` call, then :func:`patch` the trainer."""
+    of ``rank``): wrap the ``GRPOTrainer(...)`` call, then :func:`patch` the trainer.
+
+    With sleep mode on CUDA in one process, the trainer's frozen base waits in host memory while vLLM loads
+    its own (TRL builds the trainer's model on the GPU first): the device never holds two bases, and
+    :func:`patch` binds the base to vLLM's weights. Until then a forward of the trainer raises."""
     import trl.generation.vllm_generation as vg
 
     from rollout_sleep.lora.adapter import LoraSettings
 
     settings = LoraSettings(rank=rank)
-    original = vg.LLM
+    original_llm, original_init = vg.LLM, vg.VLLMGeneration._init_vllm
 
     def llm_with_lora(*args, **kwargs):
         kwargs.update(settings.engine_kwargs(), max_loras=max_loras)
-        return original(*args, **kwargs)
+        return original_llm(*args, **kwargs)
 
-    vg.LLM = llm_with_lora
+    def init_vllm(gen):
+        if gen.mode == "colocate" and gen.enable_sleep_mode and gen.accelerator.num_processes == 1:
+            park_base(gen.model)
+        return original_init(gen)
+
+    vg.LLM, vg.VLLMGeneration._init_vllm = llm_with_lora, init_vllm
     try:
         yield settings
     finally:
-        vg.LLM = original
+        vg.LLM, vg.VLLMGeneration._init_vllm = original_llm, original_init
+
+
+def park_base(model) -> int:
+    """Move the frozen base parameters of ``model`` (a PEFT model) that live on a GPU to host memory, free the
+    device's cached blocks, and make a forward raise until :func:`unpark_base`; returns the bytes moved."""
+    import torch
+
+    moved = 0
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad or ".lora_" in name or p.device.type != "cuda":
+                continue
+            p.data = p.data.to("cpu")
+            moved += p.numel() * p.element_size()
+    if moved:
+        torch.cuda.empty_cache()
+
+        def refuse(module, args):
+            raise RuntimeError("the trainer's frozen base waits in host memory until rollout_sleep.integrations.trl."
+                               "patch(trainer) binds it to vLLM's weights: call patch(trainer) right after building "
+                               "the GRPOTrainer inside lora_engine(...)")
+
+        model._rollout_sleep_parked = model.register_forward_pre_hook(refuse)
+    return moved
+
+
+def unpark_base(model) -> None:
+    """Lift :func:`park_base`'s refusal (the base is bound to the engine's weights by then)."""
+    handle = getattr(model, "_rollout_sleep_parked", None)
+    if handle is not None:
+        handle.remove()
+        del model._rollout_sleep_parked
 
 
 def _patch_lora(trainer, gen, engine: Engine, verify_every: int, fast_outputs: bool):
@@ -165,7 +206,8 @@ def _patch_lora(trainer, gen, engine: Engine, verify_every: int, fast_outputs: b
         original_wake(tags=["weights"])
         engine.push(WeightStream(model, dtype=engine.dtype, merge_adapters=False))
         original_wake(tags=["kv_cache"])
-        state["freed_bytes"] = share_base(engine, model)
+        state["freed_bytes"] = share_base(engine, model)  # a base parked in host memory by lora_engine included
+        unpark_base(gen.model)
         import torch
 
         torch.cuda.empty_cache()  # the trainer's own copy of the base goes back to the driver

@@ -57,9 +57,9 @@ def shares_storage_with_engine(engine, model: nn.Module) -> tuple[int, int]:
 
 
 def share_base(engine, model: nn.Module) -> int:
-    """Rebind the trainer's frozen base parameters (a PEFT model that loaded its own base) to views of the
-    engine's weights, after checking they hold the same values: the trainer's copy is then free memory and
-    the base is held once (CUDA, TP=1). Returns the bytes the trainer no longer holds."""
+    """Rebind the trainer's frozen base parameters (a PEFT model that loaded its own base, on the GPU or in host
+    memory) to views of the engine's weights, after checking they hold the same values: the trainer's copy is
+    then free memory and the base is held once (CUDA, TP=1). Returns the bytes the trainer no longer holds."""
     from rollout_sleep.weights.stream import WeightStream
 
     if not engine.on_cuda:
@@ -78,7 +78,8 @@ def share_base(engine, model: nn.Module) -> int:
             view = targets.get(e.name)
             if view is None and e.name == HEAD and engine.tied:
                 view = targets.get(EMBEDDING)
-            if view is None or view.shape != p.shape or view.dtype != p.dtype or not torch.equal(view, p):
+            if view is None or view.shape != p.shape or view.dtype != p.dtype \
+                    or not torch.equal(view, p.to(view.device)):  # p may wait in host memory (lora_engine)
                 problems.append(e.name)
                 continue
             seen.add(id(p))
