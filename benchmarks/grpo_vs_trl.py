@@ -6,7 +6,8 @@ work, one run, one GPU.
 Arms, each in its own process (one vLLM engine per process): ``ours`` (recipes/grpo.py with TRL's knobs),
 ``ours_tuned`` (the same work using the memory the sleeping engine gives back: bigger micro-batches, no
 gradient checkpointing), ``trl`` (stock GRPOTrainer) and ``trl_plugin`` (the same trainer plus
-``rollout_sleep.integrations.trl.patch``, verify off while timing). Peak GPU memory of every arm is
+``rollout_sleep.integrations.trl.patch``, verify off while timing), ``trl_tuned`` (stock TRL given ``ours_tuned``'s
+knobs: the both-tuned pair). Peak GPU memory of every arm is
 sampled device-wide by this parent process (every 20 ms, ``cudaMemGetInfo``), so all arms are measured alike.
 
 Same work on both sides: a random-weight checkpoint of the shape (bf16 weights, no autocast), the synthetic
@@ -168,12 +169,12 @@ def run_ours(size: str, steps: int, workdir: Path, name: str = "ours", extra: tu
             + phases["wake_kv_cache"] + phases["reset"]}
 
 
-def trl_knobs(size: str, optim: str | None) -> dict:
+def trl_knobs(size: str, optim: str | None, tuned: bool = False) -> dict:
     """TRL's settings for the knobs of the size's recipe config: optimizer, micro-batch, gradient checkpointing,
-    vLLM's share of the GPU."""
+    vLLM's share of the GPU (``tuned``: with our tuned arm's overrides, the both-tuned pair)."""
     from rollout_sleep.run.config import load_config
 
-    cfg = load_config(config_path(size), [])
+    cfg = load_config(config_path(size), list(TUNED.get(size, ())) if tuned else [])
     mb = cfg.train.micro_batch
     name = TRL_OPTIM[optim or cfg.train.optimizer]
     name, optim_args = name if isinstance(name, tuple) else (name, None)
@@ -182,7 +183,8 @@ def trl_knobs(size: str, optim: str | None) -> dict:
             "vllm_gpu_memory_utilization": cfg.engine.gpu_memory_utilization}
 
 
-def run_trl(size: str, steps: int, workdir: Path, plugin: bool, optim: str | None, model: str) -> None:
+def run_trl(size: str, steps: int, workdir: Path, plugin: bool, optim: str | None, model: str,
+            tuned: bool = False) -> None:
     """In a child process: TRL GRPOTrainer on the same work (``plugin``: with our patch); prints a STEP line per
     step, then one RESULT line, or a FAILED line with where it failed (an out-of-memory included)."""
     import traceback
@@ -214,7 +216,7 @@ def run_trl(size: str, steps: int, workdir: Path, plugin: bool, optim: str | Non
         return [arithmetic_exact(c, {"answer": a}) for c, a in zip(completions, answer)]
 
     rows: list[dict] = []
-    knobs = trl_knobs(size, optim)
+    knobs = trl_knobs(size, optim, tuned)
     try:
         args = GRPOConfig(
             output_dir=str(workdir / "trl_out"), num_generations=8, max_completion_length=128, learning_rate=1e-6,
@@ -334,8 +336,8 @@ def run_size(args, size: str, out_file: Path | None) -> dict:
             if arm in ("ours", "ours_tuned") or arm in ARM_OVERRIDES:
                 extra = optim + (TUNED.get(size, ()) if arm == "ours_tuned" else ()) + ARM_OVERRIDES.get(arm, ())
                 result[arm] = run_ours(size, args.steps, work, arm, extra, model, args.verify_every, args.arm_timeout)
-            elif arm in ("trl", "trl_plugin"):
-                result[arm] = run_trl_child(args, size, "plugin" if arm == "trl_plugin" else "stock", model)
+            elif arm in ("trl", "trl_plugin", "trl_tuned"):
+                result[arm] = run_trl_child(args, size, arm.removeprefix("trl_") if arm != "trl" else "stock", model)
             else:
                 result[arm] = {"error": f"unknown arm {arm!r}"}
         except Exception as err:  # noqa: BLE001  (recorded; the other arms still run)
@@ -382,7 +384,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--out", required=True)
     ap.add_argument("--workdir", default="/tmp/rs-grpo-bench")
-    ap.add_argument("--trl-child", choices=["stock", "plugin"])
+    ap.add_argument("--trl-child", choices=["stock", "plugin", "tuned"])
     ap.add_argument("--model", help="(TRL child) the shared checkpoint")
     ap.add_argument("--arms", default="ours,ours_tuned,trl,trl_plugin")
     ap.add_argument("--optim", choices=sorted(TRL_OPTIM), help="both sides' optimizer (default: the config's)")
@@ -395,7 +397,8 @@ def main() -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     if args.trl_child:
         work = Path(args.workdir) / args.size
-        return run_trl(args.size, args.steps, work, args.trl_child == "plugin", args.optim, args.model)
+        return run_trl(args.size, args.steps, work, args.trl_child == "plugin", args.optim, args.model,
+                       tuned=args.trl_child == "tuned")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if not args.sizes:
