@@ -103,6 +103,31 @@ def generate_bench(engine, prompt_ids, w: dict, lora_request=None, repeats: int 
     return {"seconds": times, "median_s": statistics.median(times), "tokens": sum(len(c.token_ids) for c in out)}
 
 
+def push_parts(adapter, engine, repeats: int = 20) -> dict:
+    """Where an adapter push's time goes (medians over ``repeats``, each part timed alone and synchronized): the
+    non-finite check, the slot copies (the captured graph's replay, or the eager copies), an empty synchronize."""
+    import torch
+
+    def timed(fn) -> float:
+        out = []
+        for _ in range(repeats):
+            if engine.on_cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if engine.on_cuda:
+                torch.cuda.synchronize()
+            out.append(1e3 * (time.perf_counter() - t0))
+        return statistics.median(out)
+
+    if not adapter._slots_ready:
+        return {"copies_route": "install (no slot views bound)"}
+    copies = adapter._graph.replay if adapter._graph is not None else adapter._copy_into_slots
+    return {"finite_check": timed(adapter._check_finite), "copies": timed(copies), "sync_only": timed(lambda: None),
+            "copies_route": "graph" if adapter._graph is not None else "eager",
+            "trainer_adapter_dtype": str(adapter.targets[0].A.dtype), "slot_dtype": str(adapter.targets[0].slot_a.dtype)}
+
+
 def run_ours(arm: str, args) -> dict:
     """In a child process: our loop, ``shared`` (adapter served by vLLM, base held once) or ``fullsync``."""
     import torch
@@ -205,6 +230,7 @@ def run_ours(arm: str, args) -> dict:
                                      "verified_after": adapter.verify().ok,
                                      "adapter_bytes_in_engine_dtype": sum(
                                          (t.A.numel() + t.B.numel()) * engine.dtype.itemsize for t in adapter.targets)}
+        res["adapter_push_parts_ms"] = push_parts(adapter, engine)
         res["generate_bench"] = generate_bench(engine, prompt_ids, w, adapter.request)
         res["generate_bench_no_adapter"] = generate_bench(engine, prompt_ids, w, None)
     else:
