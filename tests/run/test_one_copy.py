@@ -305,16 +305,15 @@ def test_one_copy_needs_torchao_not_bitsandbytes_for_its_8bit_optimizer(monkeypa
 
 def test_the_plan_refuses_14b_where_the_h100_ran_out_of_memory_and_passes_8b(tmp_path):
     """The plan against the H100's free memory at the 14B run's start (78.15 GiB; its KV cache 3.61 GiB): with
-    torchao's step temporaries (the embedding's two moments in float32) the 14B config with its optimizer state on
+    torchao's step buffers (25 bytes per element of the embedding at 4 bits) the 14B config with its optimizer state on
     the GPU does not fit, as measured (out of memory at its first optimizer step: results/h100/one_copy/), nor
     does it with the state offloaded between steps (the step brings all of it back beside all the gradients);
     streamed (train.offload_optimizer=stream, the config's setting) it fits: the step holds one tensor's state, and
-    the largest tensors step last, when the other gradients are freed. The 8B config, which ran, fits."""
-    import dataclasses
-
+    the largest tensors step last, when the other gradients are freed. The 8B config, which ran, fits. Planned here
+    without a GPU: the budget makes it the GPU's plan, the configured setting included."""
     from helpers import ROOT
     from rollout_sleep.run import memory_check
-    from rollout_sleep.run.memory_plan import GIB, plan_memory
+    from rollout_sleep.run.memory_plan import GIB
     from rollout_sleep.run.optim import optimizer_state_bytes
     from rollout_sleep.weights.checkpoints import make_config_dir
 
@@ -323,12 +322,10 @@ def test_the_plan_refuses_14b_where_the_h100_ran_out_of_memory_and_passes_8b(tmp
         path = make_config_dir(tmp_path / size, size, dtype="bfloat16")
         overrides = ["train.memory_budget_gib=78.15"] + ([f"train.offload_optimizer={setting}"] if setting else [])
         cfg = load_config(str(ROOT / "configs" / f"{size}.yaml"), overrides, device="cuda")
-        plan, _ = memory_check.plan_run(cfg, path, processes=1, shards=(1, 1, 1), longest_prompt=4,
-                                        kv_bytes=int(3.61 * 2**30), reward_bytes=0, base_shared=False,
-                                        weights_shared=True)
-        # planned here without a GPU, where nothing moves: the setting as the H100 plans it
-        inputs = dataclasses.replace(plan.inputs, offload_optimizer=cfg.train.offload_optimizer)
-        plans[size, setting] = plan_memory(inputs, plan.budget_bytes, plan.headroom_bytes)
+        # planned here without a GPU: a budget makes it a preview of the GPU's plan, the setting included
+        plans[size, setting], _ = memory_check.plan_run(cfg, path, processes=1, shards=(1, 1, 1), longest_prompt=4,
+                                                        kv_bytes=int(3.61 * 2**30), reward_bytes=0,
+                                                        base_shared=False, weights_shared=True)
     on_gpu, between, streamed = plans["qwen3-14b", "false"], plans["qwen3-14b", "true"], plans["qwen3-14b", None]
     embedding = 151936 * 5120
     # the embedding's 4-bit step: two float32 moments, two int64 code indices, two packed codes per element

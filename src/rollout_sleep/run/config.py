@@ -167,7 +167,10 @@ def _set(obj: Any, dotted: str, value: Any, problems: list[str], from_text: bool
     try:
         setattr(obj, part, _convert(value, tp))
     except TypeError:
-        problems.append(f"{dotted} must be {_describe(tp)}, got {value!r}")
+        if _union(tp):  # bool | str: the field's own value check names its choices
+            setattr(obj, part, value)
+        else:
+            problems.append(f"{dotted} must be {_describe(tp)}, got {value!r}")
 
 
 # ------------------------------------------------------------------------------------- value checks
@@ -238,7 +241,7 @@ def _check_values(cfg: RecipeConfig, device: str) -> list[str]:
         rounding = run_stochastic_rounding(cfg, before_engine(cfg, device, processes=1).on)
         if missing_package(t.optimizer, rounding):
             out.append(missing_package(t.optimizer, rounding))
-    if t.offload_optimizer not in OFFLOAD_MODES:
+    if not any(t.offload_optimizer is m or (isinstance(m, str) and t.offload_optimizer == m) for m in OFFLOAD_MODES):
         out.append(f"train.offload_optimizer must be one of false, true, stream, got {t.offload_optimizer!r}")
     choice("train.memory_plan", t.memory_plan, MEMORY_PLAN_MODES)
     at_least("train.update_check_every", t.update_check_every, 0)

@@ -46,9 +46,11 @@ def plan_run(cfg: Any, model_path: str, *, processes: int, shards: tuple[int, in
     budget = int(t.memory_budget_gib * GIB) if t.memory_budget_gib is not None else base_free
     if budget is None:
         notes.append("no GPU: the plan is printed, not checked (train.memory_budget_gib checks it against a budget)")
-    if t.offload_optimizer and not cuda:
+    # without a GPU nothing moves, unless the plan previews a GPU's budget (train.memory_budget_gib)
+    offload = t.offload_optimizer if cuda or t.memory_budget_gib is not None else False
+    if t.offload_optimizer and not offload:
         notes.append("train.offload_optimizer: the parameters live in host memory already; nothing moves")
-    elif t.offload_optimizer == "stream":
+    elif offload == "stream":
         notes.append("train.offload_optimizer=stream: the optimizer state lives in host memory; the step brings "
                      "one tensor's state to the GPU at a time, smallest first, and frees each gradient after its "
                      "tensor steps. Training's total: the larger of gradients + activations and, at the tensor "
@@ -63,7 +65,7 @@ def plan_run(cfg: Any, model_path: str, *, processes: int, shards: tuple[int, in
                      f"({weight_bytes / GIB:.2f} GiB of weights, {shape.params * b / GIB:.2f} in model.dtype)")
     inputs = memory_plan.PlanInputs(
         shape, dtype_bytes=b, optimizer=t.optimizer, stochastic_rounding=run_stochastic_rounding(cfg, weights_shared),
-        offload_optimizer=t.offload_optimizer if cuda else False,
+        offload_optimizer=offload,
         micro_batch=min(t.micro_batch, sequences), seq_len=longest_prompt + t.max_tokens,
         completion_len=t.max_tokens, gradient_checkpointing=t.gradient_checkpointing,
         autocast=t.mixed_precision != "no" and b == 4, reference_model=t.kl_coef > 0,

@@ -199,6 +199,12 @@ class StreamedOptimizer(torch.optim.Optimizer):
 
     def __init__(self, optimizer: torch.optim.Optimizer):
         inner = torch_optimizer(optimizer, "stream")
+        params = [p for g in inner.param_groups for p in g["params"]]
+        if len({id(p) for p in params}) != len(params):
+            raise ValueError("train.offload_optimizer=stream steps each parameter once: the optimizer lists a "
+                             "parameter twice (pass model.parameters(), which lists a tied weight once)")
+        if hasattr(inner, "to_gpu"):  # bitsandbytes moves every parameter's state to its device at its first
+            inner.to_gpu = lambda: None  # step (a resumed state included): here the state moves one at a time
         # PyTorch's optimizer machinery (the step hooks) around a placeholder group, replaced by the inner's
         super().__init__([torch.empty(0)], inner.defaults)
         self.inner = inner
@@ -218,11 +224,26 @@ class StreamedOptimizer(torch.optim.Optimizer):
         return self.inner.state_dict()
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load into the inner optimizer (PyTorch puts the state on the parameters' device), then move it to host
-        memory, where it stays between steps."""
-        self.inner.load_state_dict(state_dict)
+        """Load into the inner optimizer one parameter's state at a time (PyTorch's loader puts it on the
+        parameter's device), each sent to host memory before the next: a resume never holds the whole state on
+        the GPU either."""
+        saved = state_dict["state"]
+        placed = {}
+        for key in saved:
+            self.inner.load_state_dict({**state_dict, "state": {key: saved[key]}})
+            for p, state in self.inner.state.items():
+                if self.active:
+                    self.host.send(p, state)
+                placed[p] = state
+            if self.active:
+                torch.cuda.synchronize(self.device)  # the host copies are complete before the next load
+        self.inner.load_state_dict({**state_dict, "state": {}})  # the groups' settings; then the placed state
+        self.inner.state.update(placed)
         self._share()
-        self.offload()
+
+    def __getstate__(self):
+        raise TypeError("a StreamedOptimizer is not copied or pickled (its state lives in pinned host buffers): "
+                        "save optimizer.state_dict(), which is the wrapped optimizer's own")
 
     def offload(self) -> int:
         """Move any state on the device to host memory (after a load); returns the bytes moved."""
@@ -241,7 +262,10 @@ class StreamedOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        """Step every parameter with a gradient, one at a time (see the class)."""
+        """Step every parameter with a gradient, one at a time (see the class). Each gradient is freed once its
+        parameter steps: a second ``step()`` without a backward in between does nothing (the plain optimizer
+        would apply the same gradients again). PyTorch's global step hooks fire for the wrapper and again for
+        each parameter's inner step; hooks registered on this optimizer fire once."""
         if closure is not None:
             raise ValueError("train.offload_optimizer=stream steps one parameter at a time: it takes no closure")
         # smallest tensor first: the largest (an embedding), whose step takes the most temporaries, steps when
