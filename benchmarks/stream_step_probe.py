@@ -1,0 +1,126 @@
+"""The optimizer step's GPU memory, measured without vLLM: what torchao's step holds per element of the tensor it
+steps (the memory plan's ``optimizer_step_bytes``), and the streamed step's peak (``train.offload_optimizer=stream``,
+smallest tensor first) against the plan's tensor-by-tensor walk.
+
+    python benchmarks/stream_step_probe.py --out results/h100/one_copy/stream_step_probe.json
+
+Tensors of the Qwen3-14B shape's largest kinds (the 151,936 x 5,120 embedding and head, MLP and attention weights,
+norms), bf16 with random gradients; torchao's AdamW4bit / AdamW8bit with bf16 stochastic rounding. Each figure is
+the allocator's peak above what is allocated when the step begins, on the step after the first (the first builds
+the state and compiles). Needs CUDA and torchao; writes the JSON after each part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from rollout_sleep.run.offload import StreamedOptimizer  # noqa: E402
+from rollout_sleep.run.optim import (build_optimizer, optimizer_state_bytes,  # noqa: E402
+                                     optimizer_step_bytes)
+
+GIB = 2**30
+EMBED = (151936, 5120)
+SHAPES = [EMBED, EMBED, (17408, 5120), (5120, 17408), (5120, 5120), (1024, 5120), (5120,)]
+DEVICE = "cuda"
+
+
+def _params(shapes) -> list[torch.nn.Parameter]:
+    out = []
+    for shape in shapes:
+        p = torch.nn.Parameter(torch.randn(shape, device=DEVICE, dtype=torch.bfloat16) * 0.02)
+        p.grad = torch.randn_like(p) * 1e-3
+        out.append(p)
+    return out
+
+
+def _peak_step(opt, params, grads) -> tuple[int, float]:
+    """(allocator peak above the step's start, seconds) of one step with ``grads`` given back."""
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    if DEVICE != "cuda":  # the CPU check of the code path: no allocator figures
+        t0 = time.perf_counter()
+        opt.step()
+        return 0, time.perf_counter() - t0
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    t0 = time.perf_counter()
+    opt.step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - start, time.perf_counter() - t0
+
+
+def step_bytes_per_element(kind: str) -> dict:
+    """One embedding-sized tensor, its state on the GPU: the step's buffers per element."""
+    (p,) = _params([EMBED])
+    grad = p.grad.clone()
+    opt = build_optimizer(kind, [p], lr=1e-6, weight_decay=0.0, stochastic_rounding=True)
+    _peak_step(opt, [p], [grad])  # the state is built, the step compiled
+    peak, seconds = _peak_step(opt, [p], [grad])
+    del opt, p, grad
+    return {"numel": EMBED[0] * EMBED[1], "measured_bytes_per_element": peak / (EMBED[0] * EMBED[1]),
+            "plan_bytes_per_element": optimizer_step_bytes(kind, [EMBED[0] * EMBED[1]], True) / (EMBED[0] * EMBED[1]),
+            "step_s": seconds}
+
+
+def streamed(kind: str) -> dict:
+    """The shapes above streamed, smallest first: the peak above the gradients' and weights' bytes, against the
+    plan's walk (gradients still held + that tensor's state + its step's buffers, at its largest)."""
+    params = _params(SHAPES)
+    grads = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    opt = StreamedOptimizer(build_optimizer(kind, params, lr=1e-6, weight_decay=0.0, stochastic_rounding=True))
+    _peak_step(opt, params, grads)
+    peak, seconds = _peak_step(opt, params, grads)
+    numels = sorted(p.numel() for p in params)
+    held, plan = sum(numels) * 2, 0
+    for n in numels:
+        here = held + optimizer_state_bytes(kind, [(n, 2)], stochastic_rounding=True) \
+            + optimizer_step_bytes(kind, [n], True)
+        plan = max(plan, here)
+        held -= n * 2
+    grads_bytes = sum(numels) * 2  # given back before the step: counted in both
+    timings = opt.pop_timings()
+    return {"shapes": SHAPES, "measured_peak_gib": (peak + grads_bytes) / GIB, "plan_peak_gib": plan / GIB,
+            "all_gradients_gib": grads_bytes / GIB, "step_s": seconds, **timings}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--quick", action="store_true", help="CPU, shapes divided by 64: the code path only")
+    args = ap.parse_args()
+    import torchao
+
+    global DEVICE, EMBED, SHAPES
+    if args.quick:
+        DEVICE = "cpu"
+        EMBED = (EMBED[0] // 64, EMBED[1] // 64)
+        SHAPES = [tuple(d // 64 for d in s) for s in SHAPES]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "torch": torch.__version__, "torchao": torchao.__version__}
+    for part, fn in [("step_bytes_adamw4bit", lambda: step_bytes_per_element("adamw4bit")),
+                     ("step_bytes_adamw8bit", lambda: step_bytes_per_element("adamw8bit")),
+                     ("streamed_adamw4bit", lambda: streamed("adamw4bit"))]:
+        try:
+            result[part] = fn()
+        except Exception as err:  # noqa: BLE001  (recorded; the other parts still run)
+            result[part] = {"error": f"{type(err).__name__}: {err}"}
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+        out.write_text(json.dumps(result, indent=1))
+        print(part, json.dumps(result[part]), flush=True)
+
+
+if __name__ == "__main__":
+    main()
