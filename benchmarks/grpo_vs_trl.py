@@ -70,7 +70,10 @@ ARM_OVERRIDES = {"ours_adamw": ("train.optimizer=adamw",), "ours_8bit": ("train.
                  "ours_two_copies": ("model.share_weights=false", "train.stochastic_rounding=true"),
                  # one copy with PyTorch's cached blocks returned before each wake (the device-wide peak)
                  "ours_one_copy_release": ("model.share_weights=true", "train.stochastic_rounding=true",
-                                           "engine.keep_trainer_cache=false")}
+                                           "engine.keep_trainer_cache=false"),
+                 # one copy with PyTorch's expandable segments for the trainer (its cached blocks at the peak)
+                 "ours_one_copy_expandable": ("model.share_weights=true", "train.stochastic_rounding=true",
+                                              "train.expandable_segments=true")}
 TRL_OPTIM = {"adamw": "adamw_torch_fused", "adamw8bit": "adamw_bnb_8bit",
              # torchao's AdamW8bit with bf16 stochastic rounding on both sides (the one-copy path's optimizer):
              # transformers' adamw_torch_8bit takes it through optim_args

@@ -78,7 +78,7 @@ from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from rollout_sleep.engine.completion import temperature_problem  # noqa: E402
-from rollout_sleep.engine.memory import PhasePeaks, kv_cache_bytes_for  # noqa: E402
+from rollout_sleep.engine.memory import PhasePeaks, enable_expandable_segments, kv_cache_bytes_for  # noqa: E402
 from rollout_sleep.engine.phases import plot_timeline  # noqa: E402
 from rollout_sleep.grpo.data import (check_prompts, check_rows, completions_for_rewards,  # noqa: E402
                                      engine_context, is_conversational, load_prompts, prepare_prompts,
@@ -355,6 +355,15 @@ class GRPORecipe:
         self.layout["weights_shared"] = self.one_copy.on
         if adapter is not None:
             self.layout["lora_base_shared"] = manager.base_shared
+        if self.cfg.train.expandable_segments:
+            if self.acc.device.type != "cuda":
+                self.acc.print("train.expandable_segments: no GPU, nothing to change")
+            elif not keeps_weights:  # one copy fell back to two after vLLM started (its layout has no exact view)
+                raise ConfigError(["train.expandable_segments=true needs an engine that sleeps at level 0, and this "
+                                   "run takes two copies of the weights (see why above): set "
+                                   "train.expandable_segments=false"])
+            elif enable_expandable_segments():
+                self.acc.print("train.expandable_segments: PyTorch's allocator grows its segments in place from now on")
         return manager
 
     def _start_tracking(self, run_id: str | None) -> None:

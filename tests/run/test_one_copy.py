@@ -347,3 +347,18 @@ def test_the_plan_refuses_14b_where_the_h100_ran_out_of_memory_and_passes_8b(tmp
     assert streamed.over("training") <= -2 * GIB  # 2 GiB to spare beyond the headroom
     assert "train.offload_optimizer=stream -> " in " ".join(memory_check.memory_plan.problems(on_gpu))
     assert plans["qwen3-8b", None].fits()
+
+
+def test_expandable_segments_needs_an_engine_that_sleeps_at_level_0():
+    """``train.expandable_segments`` is refused before anything starts where the run takes two copies (vLLM's
+    level-2 wake allocates in its sleep pool, which expandable segments break); with one copy or LoRA it is taken,
+    and the allocator's other settings survive it."""
+    from rollout_sleep.engine.memory import with_expandable_segments
+
+    with pytest.raises(ConfigError, match=r"train.expandable_segments=true needs an engine that sleeps at level 0"):
+        load_config(None, ["train.expandable_segments=true", "model.share_weights=false"])
+    for ok in (["model.share_weights=null"], ["model.share_weights=false", "model.lora.rank=8"]):
+        assert load_config(None, ["train.expandable_segments=true", *ok]).train.expandable_segments
+    assert with_expandable_segments("") == "expandable_segments:True"
+    assert with_expandable_segments("garbage_collection_threshold:0.6, expandable_segments:False") == \
+        "garbage_collection_threshold:0.6,expandable_segments:True"

@@ -18,6 +18,35 @@ from .phases import CycleReport
 logger = logging.getLogger(__name__)
 
 
+def with_expandable_segments(conf: str) -> str:
+    """PyTorch allocator settings ``conf`` with ``expandable_segments:True`` (the other settings kept: PyTorch
+    resets every option absent from the string it is given).
+
+    >>> with_expandable_segments("max_split_size_mb:512,expandable_segments:False")
+    'max_split_size_mb:512,expandable_segments:True'
+    """
+    kept = [part for part in conf.split(",") if part.strip() and not part.strip().startswith("expandable_segments")]
+    return ",".join(kept + ["expandable_segments:True"])
+
+
+def enable_expandable_segments() -> bool:
+    """From now on PyTorch's CUDA allocator grows its segments in place (``train.expandable_segments``): call it
+    once vLLM's engine is built and only where it sleeps at level 0, since vLLM's sleep pool cannot allocate
+    with them (PyTorch issue 147851). Returns whether it was set (not on CPU)."""
+    import os
+
+    if not torch.cuda.is_available():
+        return False
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None) \
+        or getattr(torch.cuda.memory, "_set_allocator_settings", None)
+    if setter is None:
+        raise RuntimeError(f"train.expandable_segments: this PyTorch ({torch.__version__}) cannot change its "
+                           "allocator's settings at run time; set train.expandable_segments=false")
+    conf = next((os.environ[v] for v in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF") if os.environ.get(v)), "")
+    setter(with_expandable_segments(conf))
+    return True
+
+
 def release_cached_memory(needed_gib: float | None = None, margin_gib: float = 1.0) -> bool:
     """Hand PyTorch's cached free blocks (the trainer's) back to the driver before vLLM wakes: vLLM maps its
     weights and KV cache outside PyTorch's allocator, so blocks the cache keeps are memory it cannot map

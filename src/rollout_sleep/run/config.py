@@ -241,6 +241,10 @@ def _check_values(cfg: RecipeConfig, device: str) -> list[str]:
         rounding = run_stochastic_rounding(cfg, before_engine(cfg, device, processes=1).on)
         if missing_package(t.optimizer, rounding):
             out.append(missing_package(t.optimizer, rounding))
+    if t.expandable_segments and cfg.model.share_weights is False and not cfg.model.lora.rank:
+        out.append("train.expandable_segments=true needs an engine that sleeps at level 0 (one copy of the weights: "
+                   "model.share_weights=null or true, or model.lora): with two copies vLLM's wake allocates its "
+                   "weights in its sleep pool, which expandable segments break")
     if not any(t.offload_optimizer is m or (isinstance(m, str) and t.offload_optimizer == m) for m in OFFLOAD_MODES):
         out.append(f"train.offload_optimizer must be one of false, true, stream, got {t.offload_optimizer!r}")
     choice("train.memory_plan", t.memory_plan, MEMORY_PLAN_MODES)
