@@ -354,8 +354,11 @@ def run_size(args, size: str, out_file: Path | None) -> dict:
                   flush=True)
         if out_file is not None:
             write_json(out_file, result)
-    ok = {a: r for a, r in result.items() if (a.startswith("ours") or a in ("trl", "trl_plugin"))
+    ok = {a: r for a, r in result.items() if (a.startswith("ours") or a in ("trl", "trl_plugin", "trl_tuned"))
           and isinstance(r, dict) and "median_step_s" in r}
+    if "ours_tuned" in ok and "trl_tuned" in ok:  # the both-tuned pair
+        result["both_tuned_trl_over_ours"] = ok["trl_tuned"]["median_step_s"] / ok["ours_tuned"]["median_step_s"]
+        print("both tuned, TRL step time / ours:", round(result["both_tuned_trl_over_ours"], 3), flush=True)
     if "trl" in ok:
         t = ok["trl"]
         result["trl_step_s_over"] = {a: t["median_step_s"] / r["median_step_s"] for a, r in ok.items()}

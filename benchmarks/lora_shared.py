@@ -122,9 +122,10 @@ def push_parts(adapter, engine, repeats: int = 20) -> dict:
 
     if not adapter._slots_ready:
         return {"copies_route": "install (no slot views bound)"}
-    copies = adapter._graph.replay if adapter._graph is not None else adapter._copy_into_slots
+    graph = adapter._graph is not None and adapter._graph_sources_unchanged()
+    copies = adapter._graph.replay if graph else adapter._copy_into_slots
     return {"finite_check": timed(adapter._check_finite), "copies": timed(copies), "sync_only": timed(lambda: None),
-            "copies_route": "graph" if adapter._graph is not None else "eager",
+            "copies_route": "graph" if graph else "eager", "finite_check_on": engine.check_finite,
             "trainer_adapter_dtype": str(adapter.targets[0].A.dtype), "slot_dtype": str(adapter.targets[0].slot_a.dtype)}
 
 

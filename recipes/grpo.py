@@ -526,7 +526,9 @@ class GRPORecipe:
         if path is None:
             return None
         self._check_saved_optimizer(path, state)  # the one-copy decision may have changed with vLLM's layout
-        self.acc.load_state(str(path))
+        # with the optimizer state in host memory it is read to host memory (under DDP accelerate reads to each
+        # rank's GPU), then loaded one parameter's state at a time (run/offload.py)
+        self.acc.load_state(str(path), **({"map_location": "cpu"} if self.offload is not None else {}))
         # the restored optimizer holds the settings it was saved with: the config's win
         restored = set_hyperparameters(self.optimizer, hyperparameters(self.cfg.train))
         if self.manager.adapter is not None:

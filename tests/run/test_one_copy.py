@@ -355,10 +355,18 @@ def test_expandable_segments_needs_an_engine_that_sleeps_at_level_0():
     and the allocator's other settings survive it."""
     from rollout_sleep.engine.memory import with_expandable_segments
 
-    with pytest.raises(ConfigError, match=r"train.expandable_segments=true needs an engine that sleeps at level 0"):
-        load_config(None, ["train.expandable_segments=true", "model.share_weights=false"])
+    for two_copies, why in [(["model.share_weights=false"], "model.share_weights=false"),
+                            (["engine.tensor_parallel_size=2"], "each tensor-parallel rank holds a shard")]:
+        with pytest.raises(ConfigError, match=rf"train.expandable_segments=true needs an engine that sleeps at level "
+                                              rf"0 .*this run takes two copies \({why}"):
+            load_config(None, ["train.expandable_segments=true", *two_copies], device="cuda")
     for ok in (["model.share_weights=null"], ["model.share_weights=false", "model.lora.rank=8"]):
-        assert load_config(None, ["train.expandable_segments=true", *ok]).train.expandable_segments
+        assert load_config(None, ["train.expandable_segments=true", *ok], device="cuda").train.expandable_segments
+    # on CPU nothing changes (the recipe says so): not refused
+    assert load_config(None, ["train.expandable_segments=true", "model.share_weights=false"]).train.expandable_segments
+    cfg = load_config(None, ["train.expandable_segments=true"], device="cuda")
+    (problem,) = check_processes(cfg, 2)
+    assert problem.startswith("train.expandable_segments=true needs an engine that sleeps at level 0, and with 2")
     assert with_expandable_segments("") == "expandable_segments:True"
     assert with_expandable_segments("garbage_collection_threshold:0.6, expandable_segments:False") == \
         "garbage_collection_threshold:0.6,expandable_segments:True"

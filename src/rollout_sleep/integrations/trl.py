@@ -162,11 +162,12 @@ def park_base(model) -> int:
     device's cached blocks, and make a forward raise until :func:`unpark_base`; returns the bytes moved."""
     import torch
 
-    moved = 0
+    moved, parked = 0, []
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.requires_grad or ".lora_" in name or p.device.type != "cuda":
                 continue
+            parked.append((p, p.device))
             p.data = p.data.to("cpu")
             moved += p.numel() * p.element_size()
     if moved:
@@ -177,13 +178,20 @@ def park_base(model) -> int:
                                "patch(trainer) binds it to vLLM's weights: call patch(trainer) right after building "
                                "the GRPOTrainer inside lora_engine(...)")
 
-        model._rollout_sleep_parked = model.register_forward_pre_hook(refuse)
+        model._rollout_sleep_parked = (model.register_forward_pre_hook(refuse), parked)
     return moved
 
 
 def unpark_base(model) -> None:
-    """Lift :func:`park_base`'s refusal (the base is bound to the engine's weights by then)."""
-    handle = getattr(model, "_rollout_sleep_parked", None)
+    """Lift :func:`park_base`'s refusal once the base is bound to the engine's weights; a parked tensor the
+    binding did not reach (a PEFT ``modules_to_save`` original) goes back to its device."""
+    import torch
+
+    handle, parked = getattr(model, "_rollout_sleep_parked", (None, []))
+    with torch.no_grad():
+        for p, device in parked:
+            if p.device.type == "cpu":
+                p.data = p.data.to(device)
     if handle is not None:
         handle.remove()
         del model._rollout_sleep_parked

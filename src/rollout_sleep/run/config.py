@@ -241,10 +241,14 @@ def _check_values(cfg: RecipeConfig, device: str) -> list[str]:
         rounding = run_stochastic_rounding(cfg, before_engine(cfg, device, processes=1).on)
         if missing_package(t.optimizer, rounding):
             out.append(missing_package(t.optimizer, rounding))
-    if t.expandable_segments and cfg.model.share_weights is False and not cfg.model.lora.rank:
-        out.append("train.expandable_segments=true needs an engine that sleeps at level 0 (one copy of the weights: "
-                   "model.share_weights=null or true, or model.lora): with two copies vLLM's wake allocates its "
-                   "weights in its sleep pool, which expandable segments break")
+    if t.expandable_segments and device == "cuda" and not cfg.model.lora.rank:  # on CPU: nothing to change
+        from .one_copy import before_engine
+
+        decision = before_engine(cfg, device, processes=1)
+        if not decision.on:
+            out.append(f"train.expandable_segments=true needs an engine that sleeps at level 0 (one copy of the "
+                       f"weights, or model.lora), and this run takes two copies ({decision.why}): with two copies "
+                       "vLLM's wake allocates its weights in its sleep pool, which expandable segments break")
     if not any(t.offload_optimizer is m or (isinstance(m, str) and t.offload_optimizer == m) for m in OFFLOAD_MODES):
         out.append(f"train.offload_optimizer must be one of false, true, stream, got {t.offload_optimizer!r}")
     choice("train.memory_plan", t.memory_plan, MEMORY_PLAN_MODES)
@@ -319,6 +323,10 @@ def check_processes(cfg: RecipeConfig, processes: int, distributed_type: str = "
                    f"{REPLACES_PARAMETERS[distributed_type]}, so the trainer's parameters are no longer views of "
                    "vLLM's weights: launch without it (plain accelerate launch, or python), or set "
                    "model.share_weights=null")
+    if cfg.train.expandable_segments and not cfg.model.lora.rank and processes > 1:
+        out.append(f"train.expandable_segments=true needs an engine that sleeps at level 0, and with {processes} "
+                   "processes the run takes two copies of the weights (one copy needs one process): launch one "
+                   "process, or set train.expandable_segments=false")
     if cfg.train.offload_optimizer == "stream" and distributed_type in ("FSDP", "DEEPSPEED"):
         out.append(f"train.offload_optimizer=stream with accelerate's {distributed_type}: the streamed step moves "
                    "a plain optimizer's state one parameter at a time, and "

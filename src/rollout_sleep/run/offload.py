@@ -121,20 +121,22 @@ class HostCopies:
         return moved
 
 
-def load_one_at_a_time(optimizer: torch.optim.Optimizer, state_dict: dict, host: "HostCopies", active: bool) -> None:
-    """``optimizer.load_state_dict(state_dict)`` one parameter's state at a time, each sent to host memory (when
-    ``active``) before the next is loaded: PyTorch's loader puts a state on its parameter's device, so a whole
-    state loaded at once would sit on the GPU beside whatever is there (a resume runs while vLLM is awake)."""
+def load_one_at_a_time(load, optimizer: torch.optim.Optimizer, state_dict: dict, host: "HostCopies",
+                       active: bool) -> None:
+    """``load(state_dict)`` (``optimizer``'s own ``load_state_dict``) one parameter's state at a time, each sent to
+    host memory (when ``active``) before the next is loaded: the loader puts a state on its parameter's device
+    (PyTorch's, and bitsandbytes' own), so a whole state loaded at once would sit on the GPU beside whatever is
+    there (a resume runs while vLLM is awake)."""
     saved, placed = state_dict["state"], {}
     for key in saved:
-        optimizer.load_state_dict({**state_dict, "state": {key: saved[key]}})
+        load({**state_dict, "state": {key: saved[key]}})
         for p, state in optimizer.state.items():
             if active:
                 host.send(p, state)
             placed[p] = state
         if active:
             torch.cuda.synchronize(host.device)  # the host copies are complete before the next load
-    optimizer.load_state_dict({**state_dict, "state": {}})  # the groups' settings; then the placed state
+    load({**state_dict, "state": {}})  # the groups' settings; then the placed state
     optimizer.state.update(placed)
 
 
@@ -152,31 +154,16 @@ class OptimizerOffload:
         self.host = HostCopies(self.device)
         self.step_state_bytes = 0  # the state on the device during a step: all of it
         self._timings = dict.fromkeys(METRICS, 0.0)
-        self._pending, self._placing = None, False
-        # a resume loads one parameter's state at a time, straight to host memory (see load_one_at_a_time)
-        self._handles = [self.optimizer.register_load_state_dict_pre_hook(self._before_load),
-                         self.optimizer.register_load_state_dict_post_hook(self._after_load)]
+        # a resume loads one parameter's state at a time, straight to host memory (see load_one_at_a_time): the
+        # instance's own loader is wrapped (bitsandbytes replaces PyTorch's, and with it its load hooks)
+        load = self.optimizer.load_state_dict
+        self.optimizer.load_state_dict = lambda state_dict: load_one_at_a_time(load, self.optimizer, state_dict,
+                                                                               self.host, self.active)
         if not self.active:
             logger.info("train.offload_optimizer: the parameters live on the host already; nothing to move")
             return
-        self._handles += [self.optimizer.register_step_pre_hook(lambda *a: self.reload()),
-                          self.optimizer.register_step_post_hook(lambda *a: self.offload())]
-
-    def _before_load(self, optimizer, state_dict):
-        if self._placing:  # load_one_at_a_time's own loads pass through
-            return None
-        self._pending = state_dict
-        return {**state_dict, "state": {}}  # PyTorch loads the groups' settings; the state follows, one at a time
-
-    def _after_load(self, optimizer):
-        state_dict, self._pending = self._pending, None
-        if self._placing or state_dict is None or not state_dict["state"]:
-            return
-        self._placing = True
-        try:
-            load_one_at_a_time(optimizer, state_dict, self.host, self.active)
-        finally:
-            self._placing = False
+        self._handles = [self.optimizer.register_step_pre_hook(lambda *a: self.reload()),
+                         self.optimizer.register_step_post_hook(lambda *a: self.offload())]
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -264,7 +251,7 @@ class StreamedOptimizer(torch.optim.Optimizer):
         """Load into the inner optimizer one parameter's state at a time (PyTorch's loader puts it on the
         parameter's device), each sent to host memory before the next: a resume never holds the whole state on
         the GPU either."""
-        load_one_at_a_time(self.inner, state_dict, self.host, self.active)
+        load_one_at_a_time(self.inner.load_state_dict, self.inner, state_dict, self.host, self.active)
         self._share()
 
     def __getstate__(self):
