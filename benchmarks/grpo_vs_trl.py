@@ -26,7 +26,10 @@ gradient checkpointing) and TRL takes the same (``--optim``: ``adamw`` / ``adamw
 which keeps the embeddings' state in 32 bits). Extra arms: ``ours_adamw`` / ``ours_8bit`` (the optimizer
 overridden), ``ours_offload`` (optimizer state in host memory during rollouts: transfer seconds per step),
 ``ours_no_ckpt`` (gradient checkpointing off: the memory plan refuses it before vLLM starts where it does not fit,
-recorded as ``refused``). Each recipe arm records its memory plan against what it measured (``memory_plan.json``),
+recorded as ``refused``), ``ours_one_copy`` / ``ours_two_copies`` (``model.share_weights`` on / off, stochastic
+rounding on both), ``ours_one_copy_release`` (PyTorch's cache returned before each wake), ``ours_one_copy_expandable``
+(``train.expandable_segments``). ``--optim adamw8bit_sr``: torchao's AdamW8bit with bf16 stochastic rounding on
+both sides (TRL's ``adamw_torch_8bit`` with ``optim_args``). Each recipe arm records its memory plan against what it measured (``memory_plan.json``),
 rewards, verify runs (``--verify-every``), and the device-wide peak and the headroom left at it; a TRL arm that fails
 (out of memory) records the innermost frames where it did. ``--sizes a,b`` runs the arms for each size into one JSON
 with a table (step time, peak, headroom, knobs).
