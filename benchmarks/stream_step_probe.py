@@ -22,9 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from rollout_sleep.run.memory_plan import streamed_step_peak  # noqa: E402
 from rollout_sleep.run.offload import StreamedOptimizer  # noqa: E402
-from rollout_sleep.run.optim import (build_optimizer, optimizer_state_bytes,  # noqa: E402
-                                     optimizer_step_bytes)
+from rollout_sleep.run.optim import build_optimizer, optimizer_step_bytes  # noqa: E402
 
 GIB = 2**30
 EMBED = (151936, 5120)
@@ -82,13 +82,8 @@ def streamed(kind: str) -> dict:
     _peak_step(opt, params, grads)
     opt.pop_timings()  # the first step's (it built the state and compiled): not the measured one's
     peak, seconds = _peak_step(opt, params, grads)
-    numels = sorted(p.numel() for p in params)
-    held, plan = sum(numels) * 2, 0
-    for n in numels:
-        here = held + optimizer_state_bytes(kind, [(n, 2)], stochastic_rounding=True) \
-            + optimizer_step_bytes(kind, [n], True)
-        plan = max(plan, here)
-        held -= n * 2
+    numels = [p.numel() for p in params]
+    plan = sum(streamed_step_peak(kind, numels, 2, stochastic_rounding=True))
     grads_bytes = sum(numels) * 2  # given back before the step: counted in both
     timings = opt.pop_timings()
     return {"shapes": SHAPES, "measured_peak_gib": (peak + grads_bytes) / GIB, "plan_peak_gib": plan / GIB,

@@ -139,7 +139,8 @@ def lora_engine(rank: int, max_loras: int = 1):
     from rollout_sleep.lora.adapter import LoraSettings
 
     settings = LoraSettings(rank=rank)
-    original_llm, original_init = vg.LLM, vg.VLLMGeneration._init_vllm
+    # TRL 1.16 builds its engine in VLLMGeneration._init_vllm; a TRL without it keeps the base where it is
+    original_llm, original_init = vg.LLM, getattr(vg.VLLMGeneration, "_init_vllm", None)
 
     def llm_with_lora(*args, **kwargs):
         kwargs.update(settings.engine_kwargs(), max_loras=max_loras)
@@ -150,11 +151,15 @@ def lora_engine(rank: int, max_loras: int = 1):
             park_base(gen.model)
         return original_init(gen)
 
-    vg.LLM, vg.VLLMGeneration._init_vllm = llm_with_lora, init_vllm
+    vg.LLM = llm_with_lora
+    if original_init is not None:
+        vg.VLLMGeneration._init_vllm = init_vllm
     try:
         yield settings
     finally:
-        vg.LLM, vg.VLLMGeneration._init_vllm = original_llm, original_init
+        vg.LLM = original_llm
+        if original_init is not None:
+            vg.VLLMGeneration._init_vllm = original_init
 
 
 def park_base(model) -> int:

@@ -335,17 +335,19 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
-def _streamed_step(i: PlanInputs, trained, state32) -> tuple[int, int, int]:
+def streamed_step_peak(optimizer: str, numels, dtype_bytes: int, stochastic_rounding: bool = False,
+                       state32=()) -> tuple[int, int, int]:
     """The streamed step's peak (:class:`~rollout_sleep.run.offload.StreamedOptimizer`: smallest tensor first, each
-    gradient freed after its tensor steps): ``(gradients still held, that tensor's state, its step's temporaries)``
-    at the tensor where their sum is largest."""
-    b, best, held = i.dtype_bytes, (0, 0, 0), sum(trained) * i.dtype_bytes
-    for n in sorted(trained):
-        state = optimizer_state_bytes(i.optimizer, [(n, b)], [n] if n in state32 else (),
-                                      stochastic_rounding=i.stochastic_rounding)
-        here = (held, state, optimizer_step_bytes(i.optimizer, [n], i.stochastic_rounding))
+    gradient freed after its tensor steps), for tensors of ``numels`` elements: ``(gradients still held, that
+    tensor's state, its step's temporaries)`` at the tensor where their sum is largest (``state32``: numels whose
+    state bitsandbytes keeps in 32 bits)."""
+    best, held = (0, 0, 0), sum(numels) * dtype_bytes
+    for n in sorted(numels):
+        state = optimizer_state_bytes(optimizer, [(n, dtype_bytes)], [n] if n in state32 else (),
+                                      stochastic_rounding=stochastic_rounding)
+        here = (held, state, optimizer_step_bytes(optimizer, [n], stochastic_rounding))
         best = max(best, here, key=sum)
-        held -= n * b
+        held -= n * dtype_bytes
     return best
 
 
@@ -360,7 +362,7 @@ def plan_memory(i: PlanInputs, budget_bytes: int | None = None, headroom_bytes: 
     weights = 0 if i.weights_shared else -(-(sum(trained) * b + base) // ws)
     state32 = s.embedding_numels if i.adapter_numels is None else ()
     if i.offload_optimizer == "stream":  # one tensor's state on the device at a time
-        held, state, step = _streamed_step(i, trained, state32)
+        held, state, step = streamed_step_peak(i.optimizer, trained, b, i.stochastic_rounding, state32)
     else:
         held = None
         state = optimizer_state_bytes(i.optimizer, [(n, b) for n in trained], state32,

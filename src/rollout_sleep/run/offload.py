@@ -140,7 +140,30 @@ def load_one_at_a_time(load, optimizer: torch.optim.Optimizer, state_dict: dict,
     optimizer.state.update(placed)
 
 
-class OptimizerOffload:
+class _StateInHost:
+    """What both settings share: the host buffers of ``optimizer``'s state, whether anything moves (parameters on
+    a GPU), the per-step timings, and sending the whole state to host memory."""
+
+    def _init_host(self, optimizer: torch.optim.Optimizer) -> None:
+        self.device = _device_of(optimizer)
+        self.active = self.device.type != "cpu"
+        self.host = HostCopies(self.device)
+        self.step_state_bytes = 0  # the most state on the device during a step
+        self._timings = dict.fromkeys(METRICS, 0.0)
+
+    def _send_all(self, optimizer: torch.optim.Optimizer) -> int:
+        """Every state tensor on the device to host memory, the copies complete; returns the bytes moved."""
+        moved = sum(self.host.send(p, state) for p, state in list(optimizer.state.items()))
+        torch.cuda.synchronize(self.device)  # the copies are done before the device memory is reused
+        return moved
+
+    def pop_timings(self) -> dict[str, float]:
+        """Seconds spent moving the state off and back since the last call, and the GiB moved."""
+        out, self._timings = self._timings, dict.fromkeys(METRICS, 0.0)
+        return out if self.active else {}
+
+
+class OptimizerOffload(_StateInHost):
     """Keep ``optimizer``'s state in pinned host memory between steps (``train.offload_optimizer=true``): a step
     pre-hook copies it to the parameters' device right before the step, a post-hook copies it back to the host
     right after (before the rollout). ``pop_timings()`` gives this step's seconds and bytes. Idempotent:
@@ -149,11 +172,7 @@ class OptimizerOffload:
 
     def __init__(self, optimizer: torch.optim.Optimizer):
         self.optimizer = torch_optimizer(optimizer, True)
-        self.device = _device_of(self.optimizer)
-        self.active = self.device.type != "cpu"
-        self.host = HostCopies(self.device)
-        self.step_state_bytes = 0  # the state on the device during a step: all of it
-        self._timings = dict.fromkeys(METRICS, 0.0)
+        self._init_host(self.optimizer)  # step_state_bytes: all of the state comes back for the step
         # a resume loads one parameter's state at a time, straight to host memory (see load_one_at_a_time): the
         # instance's own loader is wrapped (bitsandbytes replaces PyTorch's, and with it its load hooks)
         load = self.optimizer.load_state_dict
@@ -175,8 +194,7 @@ class OptimizerOffload:
             return 0
         self._sync()
         t0 = time.perf_counter()
-        moved = sum(self.host.send(p, state) for p, state in list(self.optimizer.state.items()))
-        self._sync()  # the copies are done before the device memory is reused
+        moved = self._send_all(self.optimizer)
         self._timings["optimizer_offload_s"] += time.perf_counter() - t0
         self._timings["optimizer_offload_gib"] = max(self._timings["optimizer_offload_gib"], moved / 2**30)
         self.step_state_bytes = max(self.step_state_bytes, moved)
@@ -192,13 +210,8 @@ class OptimizerOffload:
         self._timings["optimizer_reload_s"] += time.perf_counter() - t0
         return moved
 
-    def pop_timings(self) -> dict[str, float]:
-        """Seconds spent moving the state off and back since the last call, and the GiB moved."""
-        out, self._timings = self._timings, dict.fromkeys(METRICS, 0.0)
-        return out if self.active else {}
 
-
-class StreamedOptimizer(torch.optim.Optimizer):
+class StreamedOptimizer(_StateInHost, torch.optim.Optimizer):
     """``optimizer`` stepped one parameter at a time with its state in host memory
     (``train.offload_optimizer=stream``): :meth:`step` sets every gradient aside, then for each parameter,
     smallest first, gives its gradient back, brings its state to the device, steps ``optimizer`` (which skips
@@ -233,11 +246,7 @@ class StreamedOptimizer(torch.optim.Optimizer):
         super().__init__([torch.empty(0)], inner.defaults)
         self.inner = inner
         self._share()
-        self.device = _device_of(inner)
-        self.active = self.device.type != "cpu"
-        self.host = HostCopies(self.device)
-        self.step_state_bytes = 0  # the most state one parameter brought to the device
-        self._timings = dict.fromkeys(METRICS, 0.0)
+        self._init_host(inner)  # step_state_bytes: the most state one parameter brought to the device
         self._events: list[tuple[torch.cuda.Event, ...]] = []
 
     def _share(self) -> None:
@@ -260,11 +269,7 @@ class StreamedOptimizer(torch.optim.Optimizer):
 
     def offload(self) -> int:
         """Move any state on the device to host memory (after a load); returns the bytes moved."""
-        if not self.active:
-            return 0
-        moved = sum(self.host.send(p, state) for p, state in list(self.state.items()))
-        torch.cuda.synchronize(self.device)
-        return moved
+        return self._send_all(self.inner) if self.active else 0
 
     def _mark(self) -> torch.cuda.Event | None:
         if not self.active:
@@ -316,9 +321,3 @@ class StreamedOptimizer(torch.optim.Optimizer):
             self._events.clear()
             self._timings["optimizer_offload_gib"] = max(self._timings["optimizer_offload_gib"], sent / 2**30)
         return None
-
-    def pop_timings(self) -> dict[str, float]:
-        """Seconds the state spent moving to the device and back since the last call (measured on the GPU's
-        stream), and the GiB sent back per step."""
-        out, self._timings = self._timings, dict.fromkeys(METRICS, 0.0)
-        return out if self.active else {}
