@@ -70,7 +70,8 @@ def plan_run(cfg: Any, model_path: str, *, processes: int, shards: tuple[int, in
         completion_len=t.max_tokens, gradient_checkpointing=t.gradient_checkpointing,
         autocast=t.mixed_precision != "no" and b == 4, reference_model=t.kl_coef > 0,
         reward_model_bytes=reward_bytes, kv_cache_bytes=kv_bytes if kv_bytes is not None else 0,
-        shards=shards, engine_shards=tp, engine_weight_bytes=weight_bytes, weights_shared=weights_shared)
+        shards=shards, engine_shards=tp, engine_weight_bytes=weight_bytes, weights_shared=weights_shared,
+        fused_head=fused_head(model_path, shards, cfg.model.lora))
     lora = cfg.model.lora
     if lora.rank:  # only the adapter trains; the base is vLLM's (a view) on CUDA, the trainer's own elsewhere
         from transformers import AutoConfig
@@ -87,6 +88,22 @@ def plan_run(cfg: Any, model_path: str, *, processes: int, shards: tuple[int, in
     elif kv_bytes is None:
         inputs = dataclasses.replace(inputs, kv_cache_bytes=256 << 20)  # the engine's CPU default
     return memory_plan.plan_memory(inputs, budget, int(t.memory_headroom_gib * GIB), tuple(notes)), base_free
+
+
+def fused_head(model_path: str, shards: tuple[int, int, int], lora) -> bool:
+    """Whether the trainer will take the fused LM head (``grpo.loss.fused_head_problem``), as far as the plan can
+    tell before the model exists: the checkpoint's family and config allow it, the weights are not sharded
+    (FSDP, ZeRO-3) and LoRA does not target the head."""
+    from transformers import AutoConfig
+
+    from rollout_sleep.grpo.loss import FUSED_HEAD, fused_config_problem
+
+    if not FUSED_HEAD or shards[0] > 1 or (lora.rank and "lm_head" in list(lora.targets)):
+        return False
+    try:
+        return fused_config_problem(AutoConfig.from_pretrained(model_path)) is None
+    except (OSError, ValueError):  # no config the plan can read: count the logits
+        return False
 
 
 def fp8_engine_weight_bytes(model_path: str, b: int) -> int:

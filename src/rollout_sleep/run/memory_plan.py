@@ -207,6 +207,9 @@ class PlanInputs:
     # One copy (``model.share_weights``): every parameter trains, and the trainer's are views of the engine's
     # weights (held once); the engine sleeps at level 0 as for LoRA.
     weights_shared: bool = False
+    # The trainer's LM head fused with the log-softmax (``grpo.loss.linear_selected_logprobs``, the default where
+    # ``grpo.loss.fused_head_problem`` allows): no full logits or logits gradient; False: the model's own logits.
+    fused_head: bool = True
 
 
 def layer_activation_bytes_per_token(s: ModelShape, b: int) -> int:
@@ -226,8 +229,9 @@ def layer_activation_bytes_per_token(s: ModelShape, b: int) -> int:
 def activation_bytes(i: PlanInputs) -> int:
     """Peak activation memory of one micro-batch's forward and backward: the layers (all of them, or with gradient
     checkpointing each layer's input plus one layer recomputed with its gradients), the embedding and final norm,
-    and the logits of the completion columns (bf16 logits kept for backward and their gradient, plus the float32
-    row chunks of the log-softmax, at most 256 MiB each: ``grpo._chunk_rows``)."""
+    and the LM head over the completion columns. Fused (``fused_head``, :func:`head_activation_bytes`): the head's
+    input and its float32 gradient accumulator, and chunks of logits at most 256 MiB in float32; unfused: the
+    logits kept for backward and their gradient, plus the float32 row chunks of the log-softmax."""
     s, b = i.shape, i.dtype_bytes
     tokens = i.micro_batch * i.seq_len
     layer = tokens * layer_activation_bytes_per_token(s, b)
@@ -236,9 +240,30 @@ def activation_bytes(i: PlanInputs) -> int:
     else:
         layers = s.num_layers * layer + layer
     ends = tokens * s.hidden_size * (2 * b + 4)
-    logits = i.micro_batch * (i.completion_len + 1) * s.vocab_size
-    head = 2 * logits * b + 2 * min(256 * 2**20, logits * 4)
-    return layers + ends + head
+    return layers + ends + head_activation_bytes(i)
+
+
+def head_activation_bytes(i: PlanInputs) -> int:
+    """What the LM head and log-softmax over the completion columns (``micro_batch x (completion_len + 1)``
+    positions) add at their peak. Unfused: the ``[positions, vocab]`` logits kept for backward and their gradient
+    (``dtype_bytes`` each), plus two float32 row chunks of the log-softmax (``grpo._chunk_rows``: at most 256 MiB).
+    Fused (``grpo.linear_selected_logprobs``): no logits are kept; a chunk's logits exist one at a time (float32
+    at most 256 MiB, with its ``dtype_bytes`` product and float32 temporaries: two chunks counted), beside the
+    head's input (``dtype_bytes`` per hidden unit, also kept unfused but counted there in the logits' margin) and
+    the float32 accumulator of its gradient.
+
+    >>> from rollout_sleep.weights.checkpoints import qwen3_config
+    >>> i = PlanInputs(ModelShape.from_config(qwen3_config("qwen3-8b")), micro_batch=32, completion_len=128)
+    >>> [round(head_activation_bytes(dataclasses.replace(i, fused_head=f)) / GIB, 2) for f in (False, True)]
+    [2.84, 0.59]
+    """
+    s, b = i.shape, i.dtype_bytes
+    positions = i.micro_batch * (i.completion_len + 1)
+    logits = positions * s.vocab_size
+    chunk = min(256 * 2**20, logits * 4)
+    if i.fused_head:
+        return 2 * chunk + positions * s.hidden_size * (b + 4)
+    return 2 * logits * b + 2 * chunk
 
 
 def estimate_engine_workspace(s: ModelShape, b: int) -> int:
