@@ -325,7 +325,8 @@ class GRPORecipe:
         # a trainer on views (one copy, a LoRA trainer's shared base) holds q/k/v in one storage: saved and loaded
         # whole, in place (accelerate's safetensors save kept one name per storage)
         one_copy.keep_views_in_checkpoints(self.acc)
-        guard_optimizer(self.optimizer, self.model)  # a non-finite gradient stops the step before it applies
+        # a non-finite gradient stops the step before it applies (the step's clipping hands it its norm)
+        self.guard = guard_optimizer(self.optimizer, self.model)
         # after the guard (a refused step is not measured): the share of sampled weights each checked step changes
         self.update_check = UpdateCheck(self.optimizer, every=cfg.train.update_check_every, seed=cfg.train.seed) \
             if cfg.train.update_check_every else None
@@ -599,7 +600,7 @@ class GRPORecipe:
                 checking = self.update_check is not None and self.update_check.arm(self.step + 1)
                 stats = self.loss.step(self.model, self.optimizer, prompt_ids, comps, rewards, ref_model=self.ref_model,
                                        backward=self.acc.backward, autocast=self.acc.autocast,
-                                       clip_grad_norm=self.acc.clip_grad_norm_,
+                                       clip_grad_norm=self.guard.clipping(self.acc.clip_grad_norm_),
                                        no_sync=lambda: self.acc.no_sync(self.model))  # one all-reduce per step
                 check_finite("loss and grad_norm", torch.tensor([stats["loss"], stats["grad_norm"]]))
             if checking:  # every rank: the counts are summed over the ranks' shards
