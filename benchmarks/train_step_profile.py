@@ -4,8 +4,9 @@
 
 The recipe's train phase on the Qwen3-8B shape (random bf16 weights built on the GPU, ``random_model``), gradient
 checkpointing, accelerate (one process, ``mixed_precision=no``), torchao's AdamW8bit with bf16 stochastic rounding
-(``train.optimizer=adamw8bit train.stochastic_rounding=true``, lr 1e-6) under the non-finite guard, clipping to 1.0;
-16 prompts x 8 completions, prompts of 4 random tokens, completions of 128, random rewards, micro-batches of 32.
+(``train.optimizer=adamw8bit train.stochastic_rounding=true``, lr 1e-6) under the non-finite guard (handed the
+clip's norm, as in the recipe), clipping to 1.0; 16 prompts x 8 completions, prompts of 4 random tokens,
+completions of 128, random rewards, micro-batches of 32.
 Parts, the JSON rewritten after each: ``timed`` (2 warm-up steps, then ``--steps`` steps, CUDA synchronized,
 median); ``phases`` (one step whose parts are synchronize-bracketed through the step's own hooks: batch prep,
 forward + log-probs, loss, backward with recompute, clipping, guard, optimizer step, zero_grad, tail);
@@ -116,7 +117,7 @@ def build(args, cuda: bool):
     opt = build_optimizer("adamw8bit", [p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0,
                           fused=cuda or None, model=model, stochastic_rounding=True)
     model, opt = acc.prepare(model, opt)
-    guard_optimizer(opt, model)
+    opt.guard = guard_optimizer(opt, model)  # one_step hands it the clip's norm, as the recipe does
     return acc, model, opt
 
 
@@ -131,7 +132,8 @@ def rollout(vocab: int):
 
 def one_step(loss, acc, model, opt, batch, **hooks) -> dict:
     """What the recipe runs for a step's training (its ``loss.step`` call and the finite check after it)."""
-    kw = {"backward": acc.backward, "clip_grad_norm": acc.clip_grad_norm_, **hooks}
+    kw = {"backward": acc.backward, **hooks,
+          "clip_grad_norm": opt.guard.clipping(hooks.get("clip_grad_norm", acc.clip_grad_norm_))}
     stats = loss.step(model, opt, *batch, autocast=acc.autocast, no_sync=lambda: acc.no_sync(model), **kw)
     check_finite("loss and grad_norm", torch.tensor([stats["loss"], stats["grad_norm"]]))
     return stats

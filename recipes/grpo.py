@@ -30,7 +30,8 @@ Launch (one process, or several: each rank gets its own engine and a share of th
 
 What it simplifies: one optimizer step per rollout batch (so the "old" policy is the current one and the
 clipping ratio is 1 at the step). The vLLM-vs-trainer probability ratio is logged and, by
-default, corrects the loss as TRL does (``train.sampling_correction``: sequence-level, ratios above 3 masked);
+default, corrects the loss as TRL does (``train.sampling_correction``: sequence-level, ratios above 3 masked; a step
+whose mean weight falls below 0.5, most of its samples dropped, is warned about: ``rollout_sleep.run.sampling_check``);
 with one step per batch the trainer's old log-probs are its current ones, so this costs no extra forward pass.
 """
 
@@ -100,6 +101,7 @@ from rollout_sleep.run.offload import OptimizerOffload, StreamedOptimizer  # noq
 from rollout_sleep.run.optim import (build_optimizer, hyperparameters, missing_package,  # noqa: E402
                                      optimizer_mismatch, optimizer_record, run_stochastic_rounding,
                                      set_hyperparameters)
+from rollout_sleep.run.sampling_check import SamplingCheck  # noqa: E402
 from rollout_sleep.run.schema import RecipeConfig  # noqa: E402
 from rollout_sleep.run.update_check import UpdateCheck, checkpoint_magnitude, lr_note  # noqa: E402
 from rollout_sleep.run.watchdog import Watchdog  # noqa: E402
@@ -168,6 +170,7 @@ class GRPORecipe:
         self._load_reward_models()  # beside the trainer, once the engine has sized its cache
         self._build_trainer()  # a shared LoRA base is a view of the engine's weights: after the engine
         self.loss = GRPOLoss.from_config(self.cfg, pad_id=self.tokenizer.pad_token_id)
+        self.sampling_check = SamplingCheck.from_config(self.cfg)  # warns when the correction drops most samples
         self.ref_model = self._reference_model()
         self.manager = self._rollout_manager()
         run_id = self._resume()  # after the manager: a restored state is pushed to the engine
@@ -325,7 +328,8 @@ class GRPORecipe:
         # a trainer on views (one copy, a LoRA trainer's shared base) holds q/k/v in one storage: saved and loaded
         # whole, in place (accelerate's safetensors save kept one name per storage)
         one_copy.keep_views_in_checkpoints(self.acc)
-        guard_optimizer(self.optimizer, self.model)  # a non-finite gradient stops the step before it applies
+        # a non-finite gradient stops the step before it applies (the step's clipping hands it its norm)
+        self.guard = guard_optimizer(self.optimizer, self.model)
         # after the guard (a refused step is not measured): the share of sampled weights each checked step changes
         self.update_check = UpdateCheck(self.optimizer, every=cfg.train.update_check_every, seed=cfg.train.seed) \
             if cfg.train.update_check_every else None
@@ -599,9 +603,10 @@ class GRPORecipe:
                 checking = self.update_check is not None and self.update_check.arm(self.step + 1)
                 stats = self.loss.step(self.model, self.optimizer, prompt_ids, comps, rewards, ref_model=self.ref_model,
                                        backward=self.acc.backward, autocast=self.acc.autocast,
-                                       clip_grad_norm=self.acc.clip_grad_norm_,
+                                       clip_grad_norm=self.guard.clipping(self.acc.clip_grad_norm_),
                                        no_sync=lambda: self.acc.no_sync(self.model))  # one all-reduce per step
                 check_finite("loss and grad_norm", torch.tensor([stats["loss"], stats["grad_norm"]]))
+                stats.update(self.sampling_check.observe(self.step + 1, stats, warn=self.main))
             if checking:  # every rank: the counts are summed over the ranks' shards
                 with self._collective(f"the update check of step {self.step + 1}"):
                     stats.update(self.update_check.result(
@@ -633,6 +638,8 @@ class GRPORecipe:
                     with open(self.out / "metrics.jsonl", "a") as fh:
                         fh.write(json.dumps(metrics) + "\n")
                 self.tracker.log(metrics, step=self.step)
+                if self.sampling_check.message:  # the warning in W&B's summary too
+                    self.tracker.update_summary({"warnings/sampling_correction": self.sampling_check.message})
                 self.acc.print(f"step {self.step}/{t.steps} reward {metrics['reward']:.3f} "
                                f"loss {stats['loss']:.4f} step {metrics['step_s']:.2f}s")
             if (cfg.save_every and self.step % cfg.save_every == 0) or (cfg.save_final and self.step == t.steps):

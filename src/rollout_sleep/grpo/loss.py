@@ -564,6 +564,9 @@ class GRPOLoss:
         |trainer − vLLM| log-prob gap and the mean importance ratio between them are returned with the loss
         statistics, and ``sampling_correction`` reweights the loss by that ratio. One optimizer step per batch: the
         trainer's "old" log-probs are the current ones, so the correction needs no extra forward pass.
+        ``sampling_weight_mean`` is the correction's mean weight per completion token; ``sampling_masked_tokens`` and
+        ``sampling_masked_sequences`` the shares of completion tokens, and of completions (every token), it gave
+        weight 0 (:mod:`rollout_sleep.run.sampling_check` warns when it drops most of a step).
         ``ref_model``: the reference of the KL term (used when ``kl_coef > 0``).
 
         Hooks, all optional: ``backward`` (e.g. ``accelerator.backward``), ``autocast`` (a context factory),
@@ -580,9 +583,11 @@ class GRPOLoss:
         adv_all = group_advantages(rewards, self.group_size).to(device)
         n, micro = len(completions), self.micro_batch
         normalizer = loss_normalizers(completions, micro, device)[self.loss_type]
-        keys = ("loss", "clip_frac", "kl", "sampling_logp_diff", "sampling_ratio", "sampling_weight_mean")
+        keys = ("loss", "clip_frac", "kl", "sampling_logp_diff", "sampling_ratio", "sampling_weight_mean",
+                "sampling_masked_tokens")
         totals = torch.zeros(len(keys), device=device)  # loss, then token sums of the rest
         tokens = torch.zeros((), device=device)
+        masked = torch.zeros(2, device=device)  # completions the correction gave weight 0 on every token; completions
         model.train()
         autocast = autocast or contextlib.nullcontext
         last = (n - 1) // micro * micro  # the last micro-batch's start: its backward synchronizes
@@ -614,9 +619,13 @@ class GRPOLoss:
                 gap = torch.nan_to_num(logp.detach() - sampled, nan=0.0)
                 count = mask.sum()
                 w = count if weights is None else (weights.expand_as(mask) * mask).sum()
+                zero = torch.zeros_like(mask, dtype=torch.bool) if weights is None else weights.expand_as(mask) == 0
+                dropped = (zero | (mask == 0)).all(-1) & (mask.sum(-1) > 0)  # every completion token masked
                 totals += torch.stack([loss.detach(), s["clip_frac"] * count,
                                        s.get("kl", torch.zeros((), device=device)) * count,
-                                       (gap.abs() * mask).sum(), (gap.exp() * mask).sum(), w.to(device)]).float()
+                                       (gap.abs() * mask).sum(), (gap.exp() * mask).sum(), w.to(device),
+                                       (zero * mask).sum()]).float()
+                masked += torch.stack([dropped.sum(), (mask.sum(-1) > 0).sum()]).float()
                 tokens += count
         params = [p for p in model.parameters() if p.requires_grad]
         grad_norm = (clip_grad_norm or torch.nn.utils.clip_grad_norm_)(params, self.max_grad_norm)
@@ -625,6 +634,8 @@ class GRPOLoss:
         model.eval()
         totals[1:] /= tokens.clamp(min=1)
         stats = dict(zip(keys, totals.tolist()))
+        dropped, sequences = masked.tolist()
+        stats["sampling_masked_sequences"] = dropped / max(sequences, 1.0)
         stats["grad_norm"] = float(grad_norm)
         return stats
 

@@ -6,7 +6,8 @@
   checkpoints, resuming;
 - :mod:`.memory_plan` (arithmetic) + :mod:`.memory_check` (the plan of a run, checked and measured),
   :mod:`.optim` (lean optimizers, what their state weighs), :mod:`.offload` (their state in host memory);
-- :mod:`.update_check`, :mod:`.watchdog`, :mod:`.nonfinite`: guards against silent failures.
+- :mod:`.update_check`, :mod:`.watchdog`, :mod:`.nonfinite`, :mod:`.sampling_check`: guards against silent
+  failures.
 
 Imports :mod:`rollout_sleep.grpo`, :mod:`rollout_sleep.lora`, :mod:`rollout_sleep.engine` and below (never
 :mod:`rollout_sleep.serve` or :mod:`rollout_sleep.cli`).
