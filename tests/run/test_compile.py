@@ -53,7 +53,8 @@ def _train(compile_: bool):
     optimizer.names = dict(model.named_parameters())
     loss = GRPOLoss(group_size=4, micro_batch=8)
     prompts, comps, rewards = _batch()
-    losses = [loss.step(model, optimizer, prompts, comps, rewards)["loss"] for _ in range(2)]  # the 2nd: updated weights
+    # the second step computes with the weights the first one's AdamW step wrote in place
+    losses = [loss.step(model, optimizer, prompts, comps, rewards)["loss"] for _ in range(2)]
     return dict(model=model, problems=problems(model), losses=losses, grads=optimizer.grads, line=line,
                 weights={n: t.clone() for n, t in tensors.items()})
 
