@@ -28,8 +28,10 @@ overridden), ``ours_offload`` (optimizer state in host memory during rollouts: t
 ``ours_no_ckpt`` (gradient checkpointing off: the memory plan refuses it before vLLM starts where it does not fit,
 recorded as ``refused``), ``ours_one_copy`` / ``ours_two_copies`` (``model.share_weights`` on / off, stochastic
 rounding on both), ``ours_one_copy_release`` (PyTorch's cache returned before each wake), ``ours_one_copy_expandable``
-(``train.expandable_segments``). ``--optim adamw8bit_sr``: torchao's AdamW8bit with bf16 stochastic rounding on
-both sides (TRL's ``adamw_torch_8bit`` with ``optim_args``). Each recipe arm records its memory plan against what it measured (``memory_plan.json``),
+(``train.expandable_segments``), ``ours_compile`` (``train.compile``: the trainer's decoder layers compiled in
+place, regional) against ``trl_compile`` (stock TRL with ``torch_compile=True``: compile on both sides, equal knobs;
+``compile_speedup`` per side, ``both_compiled_trl_over_ours``). ``--optim adamw8bit_sr``: torchao's AdamW8bit with
+bf16 stochastic rounding on both sides (TRL's ``adamw_torch_8bit`` with ``optim_args``). Each recipe arm records its memory plan against what it measured (``memory_plan.json``),
 rewards, verify runs (``--verify-every``), and the device-wide peak and the headroom left at it; a TRL arm that fails
 (out of memory) records the innermost frames where it did. ``--sizes a,b`` runs the arms for each size into one JSON
 with a table (step time, peak, headroom, knobs).
@@ -48,6 +50,9 @@ One call each (<= 10 min; 8B needs bitsandbytes for its config's AdamW8bit; arms
     # the largest-model table's other rows (their fastest fitting knobs: ours_tuned; ours = the configs' knobs)
     python benchmarks/grpo_vs_trl.py --sizes qwen3-0.6b,qwen3-4b --steps 20 --arms ours_tuned --verify-every 10 \
         --arm-timeout 270 --out results/h100/largest_model.json
+    # compile on both sides, the config's knobs (ours against ours_compile, trl against trl_compile)
+    python benchmarks/grpo_vs_trl.py --size qwen3-8b --steps 12 --arms ours,ours_compile,trl,trl_compile \
+        --optim adamw8bit_sr --arm-timeout 500 --out results/h100/grpo_vs_trl_compile_qwen3-8b.json
     # CPU path (tiny model; TRL fails there, recorded with where)
     python benchmarks/grpo_vs_trl.py --size tiny --steps 3 --arms ours,ours_offload,trl --out /tmp/tiny.json
 """
@@ -76,7 +81,9 @@ ARM_OVERRIDES = {"ours_adamw": ("train.optimizer=adamw",), "ours_8bit": ("train.
                                            "engine.keep_trainer_cache=false"),
                  # one copy with PyTorch's expandable segments for the trainer (its cached blocks at the peak)
                  "ours_one_copy_expandable": ("model.share_weights=true", "train.stochastic_rounding=true",
-                                              "train.expandable_segments=true")}
+                                              "train.expandable_segments=true"),
+                 # the trainer's decoder layers compiled in place (regional torch.compile)
+                 "ours_compile": ("train.compile=true",)}
 TRL_OPTIM = {"adamw": "adamw_torch_fused", "adamw8bit": "adamw_bnb_8bit",
              # torchao's AdamW8bit with bf16 stochastic rounding on both sides (the one-copy path's optimizer):
              # transformers' adamw_torch_8bit takes it through optim_args
@@ -88,6 +95,7 @@ TUNED = {"qwen3-0.6b": ("train.micro_batch=128", "train.gradient_checkpointing=f
 
 
 WARMUP = 2
+TRL_ARMS = ("trl", "trl_plugin", "trl_tuned", "trl_compile")
 
 
 def config_path(size: str) -> Path:
@@ -190,9 +198,10 @@ def trl_knobs(size: str, optim: str | None, tuned: bool = False) -> dict:
 
 
 def run_trl(size: str, steps: int, workdir: Path, plugin: bool, optim: str | None, model: str,
-            tuned: bool = False) -> None:
-    """In a child process: TRL GRPOTrainer on the same work (``plugin``: with our patch); prints a STEP line per
-    step, then one RESULT line, or a FAILED line with where it failed (an out-of-memory included)."""
+            tuned: bool = False, compiled: bool = False) -> None:
+    """In a child process: TRL GRPOTrainer on the same work (``plugin``: with our patch; ``compiled``: with
+    ``torch_compile=True``, transformers' whole-model compile); prints a STEP line per step, then one RESULT line,
+    or a FAILED line with where it failed (an out-of-memory included)."""
     import traceback
 
     import torch
@@ -228,7 +237,8 @@ def run_trl(size: str, steps: int, workdir: Path, plugin: bool, optim: str | Non
             output_dir=str(workdir / "trl_out"), num_generations=8, max_completion_length=128, learning_rate=1e-6,
             temperature=1.0, beta=0.0, num_iterations=1, bf16=False, model_init_kwargs={"dtype": torch.bfloat16},
             use_vllm=True, vllm_mode="colocate", vllm_enable_sleep_mode=True, vllm_max_model_length=1024,
-            max_steps=steps, logging_steps=1, report_to="none", save_strategy="no", seed=0, use_cpu=not cuda, **knobs)
+            max_steps=steps, logging_steps=1, report_to="none", save_strategy="no", seed=0, use_cpu=not cuda,
+            **({"torch_compile": True} if compiled else {}), **knobs)
     except Exception as err:  # noqa: BLE001  (recorded: a knob this TRL does not take)
         failed(err)
     timers: dict[str, float] = {}
@@ -342,7 +352,7 @@ def run_size(args, size: str, out_file: Path | None) -> dict:
             if arm in ("ours", "ours_tuned") or arm in ARM_OVERRIDES:
                 extra = optim + (TUNED.get(size, ()) if arm == "ours_tuned" else ()) + ARM_OVERRIDES.get(arm, ())
                 result[arm] = run_ours(size, args.steps, work, arm, extra, model, args.verify_every, args.arm_timeout)
-            elif arm in ("trl", "trl_plugin", "trl_tuned"):
+            elif arm in TRL_ARMS:
                 result[arm] = run_trl_child(args, size, arm.removeprefix("trl_") if arm != "trl" else "stock", model)
             else:
                 result[arm] = {"error": f"unknown arm {arm!r}"}
@@ -357,11 +367,17 @@ def run_size(args, size: str, out_file: Path | None) -> dict:
                   flush=True)
         if out_file is not None:
             write_json(out_file, result)
-    ok = {a: r for a, r in result.items() if (a.startswith("ours") or a in ("trl", "trl_plugin", "trl_tuned"))
+    ok = {a: r for a, r in result.items() if (a.startswith("ours") or a in TRL_ARMS)
           and isinstance(r, dict) and "median_step_s" in r}
     if "ours_tuned" in ok and "trl_tuned" in ok:  # the both-tuned pair
         result["both_tuned_trl_over_ours"] = ok["trl_tuned"]["median_step_s"] / ok["ours_tuned"]["median_step_s"]
         print("both tuned, TRL step time / ours:", round(result["both_tuned_trl_over_ours"], 3), flush=True)
+    if "ours_compile" in ok and "trl_compile" in ok:  # the both-compiled pair
+        result["both_compiled_trl_over_ours"] = ok["trl_compile"]["median_step_s"] / ok["ours_compile"]["median_step_s"]
+        print("both compiled, TRL step time / ours:", round(result["both_compiled_trl_over_ours"], 3), flush=True)
+    for side, base in (("ours_compile", "ours"), ("trl_compile", "trl")):  # what compile gives each side
+        if side in ok and base in ok:
+            result.setdefault("compile_speedup", {})[base] = ok[base]["median_step_s"] / ok[side]["median_step_s"]
     if "trl" in ok:
         t = ok["trl"]
         result["trl_step_s_over"] = {a: t["median_step_s"] / r["median_step_s"] for a, r in ok.items()}
@@ -393,7 +409,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--out", required=True)
     ap.add_argument("--workdir", default="/tmp/rs-grpo-bench")
-    ap.add_argument("--trl-child", choices=["stock", "plugin", "tuned"])
+    ap.add_argument("--trl-child", choices=["stock", "plugin", "tuned", "compile"])
     ap.add_argument("--model", help="(TRL child) the shared checkpoint")
     ap.add_argument("--arms", default="ours,ours_tuned,trl,trl_plugin")
     ap.add_argument("--optim", choices=sorted(TRL_OPTIM), help="both sides' optimizer (default: the config's)")
@@ -407,7 +423,7 @@ def main() -> None:
     if args.trl_child:
         work = Path(args.workdir) / args.size
         return run_trl(args.size, args.steps, work, args.trl_child == "plugin", args.optim, args.model,
-                       tuned=args.trl_child == "tuned")
+                       tuned=args.trl_child == "tuned", compiled=args.trl_child == "compile")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if not args.sizes:

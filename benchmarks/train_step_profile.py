@@ -11,9 +11,13 @@ Parts, the JSON rewritten after each: ``timed`` (2 warm-up steps, then ``--steps
 median); ``phases`` (one step whose parts are synchronize-bracketed through the step's own hooks: batch prep,
 forward + log-probs, loss, backward with recompute, clipping, guard, optimizer step, zero_grad, tail);
 ``profile`` (torch.profiler over one step: the top ops by CUDA and by CPU time, GPU busy vs wall); ``ablations``
-(attention implementations, micro-batch sizes, no checkpointing, the update check's armed step, and the optimizer
-step alone on a few decoder layers: torchao AdamW8bit / _AdamW with rounding vs PyTorch's fused AdamW).
-Expect ~4-6 min on one H100 (torchao compiles its step at the first one) and a peak near 60 GiB.
+(attention implementations, micro-batch sizes, no checkpointing, the update check's armed step, the optimizer
+step alone on a few decoder layers: torchao AdamW8bit / _AdamW with rounding vs PyTorch's fused AdamW, and
+AdamW8bit's step with ``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``: torchao compiles one call per
+parameter, each paying dynamo's guard evaluation on the CPU, which the stance cuts to the guards that tell the cached
+graphs apart; last, ``compile_regions``: the same step with the decoder layers compiled in place as
+``train.compile=true`` does, its warm-up steps covering the compile).
+Expect ~5-8 min on one H100 (torchao compiles its step at the first one; the layers' compile) and a peak near 60 GiB.
 ``--quick``: the tiny shape on the CPU, 1 step per part (no CUDA activity): proves the code path.
 """
 
@@ -233,6 +237,21 @@ def main() -> None:
         print(f"ablation {name}: {ab[name].get('median_s', ab[name].get('error'))}", flush=True)
         save()
 
+    def skip_guards(o, opt_step):
+        """The optimizer step (warmed up: its graphs compiled) under the stance that skips guard evaluation
+        (recorded as unavailable where this torch's ``set_stance`` lacks it)."""
+        import inspect
+
+        name = "optimizer_only_adamw8bit_sr_skip_guard_eval"
+        if "skip_guard_eval_unsafe" not in inspect.signature(torch.compiler.set_stance).parameters:
+            ab[name] = {"error": f"torch {torch.__version__}: set_stance has no skip_guard_eval_unsafe"}
+            return
+
+        def stepped():  # unsafe in general (a changed input would reuse a wrong graph): measured here only
+            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                opt_step()
+        ablate(name, stepped, n=args.steps, w=0)  # warmed up by the ablation before (same shapes)
+
     base_attn = model.config._attn_implementation
     for impl in ("sdpa", "flash_attention_2"):
         if impl == base_attn or (impl == "flash_attention_2" and (not cuda or importlib.util.find_spec("flash_attn")
@@ -262,6 +281,8 @@ def main() -> None:
                 p.grad = g
             o.step()
         ablate(f"optimizer_only_{kind}{'_sr' if rounding else '_torch_fused'}", opt_step, n=args.steps, w=2)
+        if kind == "adamw8bit":
+            skip_guards(o, opt_step)
         del o
     for p in params:
         p.grad = None
@@ -270,6 +291,11 @@ def main() -> None:
     ablate("no_checkpointing_micro_batch_16", lambda: step(grpo.GRPOLoss(
         group_size=GROUP, micro_batch=16, max_completion_length=COMPLETION_LEN)))
     model.gradient_checkpointing_enable()
+    # last: the compile stays on the model (train.compile's in-place regional compilation)
+    from rollout_sleep.run.compiled import compile_model
+
+    result["compile_regions"] = compile_model(acc.unwrap_model(model))
+    ablate("compile_regions", step, n=args.steps, w=2)
     result["total_s"] = time.perf_counter() - t0
     print(f"wrote {save()}")
 

@@ -91,7 +91,7 @@ from rollout_sleep.grpo.rewards import (check_row_values, combine, resolve_rewar
 from rollout_sleep.integrations.wandb import credentials_problem, make_tracker  # noqa: E402
 from rollout_sleep.lora.adapter import AdapterSync, LoraSettings  # noqa: E402
 from rollout_sleep.lora.shared_base import trainer_from_engine  # noqa: E402
-from rollout_sleep.run import memory_check, memory_plan, one_copy, output_dir  # noqa: E402
+from rollout_sleep.run import compiled, memory_check, memory_plan, one_copy, output_dir  # noqa: E402
 from rollout_sleep.run.config import ConfigError, check_processes, load_config  # noqa: E402
 from rollout_sleep.run.factory import build_engine  # noqa: E402
 from rollout_sleep.run.manager import RolloutManager  # noqa: E402
@@ -204,7 +204,9 @@ class GRPORecipe:
 
     def _check_launch(self) -> None:
         """The config against what the launch gives: the number of ranks, and W&B's credentials (rank 0 logs)."""
-        problems = check_processes(self.cfg, self.acc.num_processes, self.acc.distributed_type.value)
+        fsdp = getattr(self.acc.state, "fsdp_plugin", None)
+        problems = check_processes(self.cfg, self.acc.num_processes, self.acc.distributed_type.value,
+                                   getattr(fsdp, "fsdp_version", None) if fsdp is not None else None)
         wandb_problem = credentials_problem(self.cfg.wandb.mode) if self.main else None
         if problems or wandb_problem:
             raise ConfigError(problems + [wandb_problem] if wandb_problem else problems)
@@ -313,6 +315,8 @@ class GRPORecipe:
         that order)."""
         cfg = self.cfg
         model = self._build_model(getattr(torch, cfg.model.dtype))
+        if cfg.train.compile:  # gradient checkpointing set; before accelerate wraps it (DDP, FSDP2's hooks after)
+            self.acc.print(compiled.compile_model(model))
         # adamw: fused on GPU, one kernel for all parameters (TRL/transformers' default optimizer too); with
         # stochastic rounding (train.stochastic_rounding) torchao's kind of it
         rounding = run_stochastic_rounding(cfg, self.one_copy.on)

@@ -159,3 +159,39 @@ def torchrun(script: list[str], ckpts, out: Path) -> str:
     finally:
         clear_cpu_tp_shm()
     return proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+def views_on_fused_layout(family: str = "qwen3", pad_rows: int = 16):
+    """A trainable model whose parameters are views of engine tensors laid out as vLLM lays them out (q/k/v rows
+    of one ``qkv_proj``, gate/up of one ``gate_up_proj``, an embedding padded by ``pad_rows``), on the CPU:
+    (engine tensors by name, the model, the one-copy invariant's problems of a model). The same tensors at every
+    call (seeded)."""
+    from transformers import AutoModelForCausalLM
+
+    from rollout_sleep.weights import layout
+    from rollout_sleep.weights.checkpoints import family_config
+    from rollout_sleep.weights.spec import ties_head
+    from rollout_sleep.weights.views import coverage_problems, model_on_views, model_spans, span
+
+    packed = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+    config = family_config(family, "tiny", "float32")
+    with torch.device("meta"):
+        spec = {n: tuple(p.shape) for n, p in AutoModelForCausalLM.from_config(config).named_parameters()}
+    shapes = {}
+    for name, shape in spec.items():
+        module, _, leaf = name.rpartition(".")
+        parent, _, sub = module.rpartition(".")
+        fused = next((f for f, subs in packed.items() if sub in subs), None)
+        if fused:
+            rows = sum(spec[f"{parent}.{s}.{leaf}"][0] for s in packed[fused])
+            shapes[f"{parent}.{fused}.{leaf}"] = (rows, *shape[1:])
+        else:
+            shapes[name] = (shape[0] + pad_rows, *shape[1:]) if "embed_tokens" in name else shape
+    gen = torch.Generator().manual_seed(0)
+    tensors = {n: torch.randn(s, generator=gen) for n, s in shapes.items()}
+    plan = layout.placements(spec, packed, shapes, ties_head(config))
+    model = model_on_views(config, {n: layout.view(tensors[w.param], w) for n, w in plan.items()}, torch.float32,
+                           trainable=True)
+    filled = layout.filled_bytes(plan, {n: (s, torch.float32) for n, s in shapes.items()})
+    engine_spans = {n: span(t) for n, t in tensors.items()}
+    return tensors, model, lambda m: coverage_problems(engine_spans, model_spans(m), filled)

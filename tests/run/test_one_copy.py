@@ -15,6 +15,8 @@ from rollout_sleep.run.config import ConfigError, check_processes, load_config
 from rollout_sleep.run.schema import RecipeConfig
 from rollout_sleep.weights.views import coverage_problems, model_spans, span
 
+from helpers import views_on_fused_layout
+
 
 def _cfg(**overrides) -> RecipeConfig:
     cfg = RecipeConfig()
@@ -187,41 +189,6 @@ def test_an_engine_whose_weights_a_trainer_views_sleeps_at_level_0_only(engine):
         engine.pinned = None
 
 
-def _views_on_fused_layout(family: str = "qwen3", pad_rows: int = 16):
-    """A trainable model whose parameters are views of engine tensors laid out as vLLM lays them out (q/k/v rows
-    of one ``qkv_proj``, gate/up of one ``gate_up_proj``, an embedding padded by ``pad_rows``), on the CPU:
-    (engine tensors by name, the model, the one-copy invariant's problems of a model)."""
-    from transformers import AutoModelForCausalLM
-
-    from rollout_sleep.weights import layout
-    from rollout_sleep.weights.checkpoints import family_config
-    from rollout_sleep.weights.spec import ties_head
-    from rollout_sleep.weights.views import model_on_views
-
-    packed = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
-    config = family_config(family, "tiny", "float32")
-    with torch.device("meta"):
-        spec = {n: tuple(p.shape) for n, p in AutoModelForCausalLM.from_config(config).named_parameters()}
-    shapes = {}
-    for name, shape in spec.items():
-        module, _, leaf = name.rpartition(".")
-        parent, _, sub = module.rpartition(".")
-        fused = next((f for f, subs in packed.items() if sub in subs), None)
-        if fused:
-            rows = sum(spec[f"{parent}.{s}.{leaf}"][0] for s in packed[fused])
-            shapes[f"{parent}.{fused}.{leaf}"] = (rows, *shape[1:])
-        else:
-            shapes[name] = (shape[0] + pad_rows, *shape[1:]) if "embed_tokens" in name else shape
-    gen = torch.Generator().manual_seed(0)
-    tensors = {n: torch.randn(s, generator=gen) for n, s in shapes.items()}
-    plan = layout.placements(spec, packed, shapes, ties_head(config))
-    model = model_on_views(config, {n: layout.view(tensors[w.param], w) for n, w in plan.items()}, torch.float32,
-                           trainable=True)
-    filled = layout.filled_bytes(plan, {n: (s, torch.float32) for n, s in shapes.items()})
-    engine_spans = {n: span(t) for n, t in tensors.items()}
-    return tensors, model, lambda m: coverage_problems(engine_spans, model_spans(m), filled)
-
-
 @pytest.mark.parametrize("family", ["qwen3", "qwen2.5"])  # tied head, no biases / untied head, q/k/v biases
 def test_a_checkpoint_of_views_holds_every_tensor_and_loads_back_in_place(family, tmp_path):
     """accelerate's save_state (safetensors) keeps one name per storage: of the q/k/v views of one fused tensor it
@@ -233,7 +200,7 @@ def test_a_checkpoint_of_views_holds_every_tensor_and_loads_back_in_place(family
     from accelerate.state import AcceleratorState
     from safetensors.torch import load_file
 
-    tensors, model, problems = _views_on_fused_layout(family)
+    tensors, model, problems = views_on_fused_layout(family)
     acc = Accelerator(cpu=True)
     try:
         one_copy.keep_views_in_checkpoints(acc)

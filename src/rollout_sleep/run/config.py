@@ -297,11 +297,13 @@ def _check_lora(cfg: RecipeConfig) -> list[str]:
     return out
 
 
-def check_processes(cfg: RecipeConfig, processes: int, distributed_type: str = "NO") -> list[str]:
-    """Problems of the config with ``processes`` ranks and accelerate's ``distributed_type`` (known once the
-    launcher started them): the tensor-parallel size, prompts that do not split evenly (every rank must train
-    equal shares, or the reward gathers would wait forever), and one copy of the weights where the launch
-    cannot keep it or the optimizer's state cannot be streamed.
+def check_processes(cfg: RecipeConfig, processes: int, distributed_type: str = "NO",
+                    fsdp_version: int | None = None) -> list[str]:
+    """Problems of the config with ``processes`` ranks and accelerate's ``distributed_type`` (and, under FSDP,
+    its ``fsdp_version``), known once the launcher started them: the tensor-parallel size, prompts that do not
+    split evenly (every rank must train equal shares, or the reward gathers would wait forever), one copy of the
+    weights where the launch cannot keep it or the optimizer's state cannot be streamed, and ``train.compile``
+    where the launch wraps the model in a way its compiled blocks cannot run under.
 
     >>> check_processes(RecipeConfig(), 3)
     ['train.prompts_per_step (8) must be a multiple of the number of processes (3): each rank rolls out and trains an equal share']
@@ -327,6 +329,12 @@ def check_processes(cfg: RecipeConfig, processes: int, distributed_type: str = "
         out.append(f"train.expandable_segments=true needs an engine that sleeps at level 0, and with {processes} "
                    "processes the run takes two copies of the weights (one copy needs one process): launch one "
                    "process, or set train.expandable_segments=false")
+    if cfg.train.compile:
+        from .compiled import launch_problem
+
+        problem = launch_problem(distributed_type, fsdp_version)
+        if problem:
+            out.append(problem)
     if cfg.train.offload_optimizer == "stream" and distributed_type in ("FSDP", "DEEPSPEED"):
         out.append(f"train.offload_optimizer=stream with accelerate's {distributed_type}: the streamed step moves "
                    "a plain optimizer's state one parameter at a time, and "

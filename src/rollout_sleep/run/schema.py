@@ -147,6 +147,14 @@ class TrainConfig:
                                 resume=APPLIED)
     mixed_precision: str = _opt("no", "no / bf16 / fp16 (accelerate)", resume=FIXED)
     gradient_checkpointing: bool = _opt(False, "recompute activations in the backward pass (less memory)", resume=FREE)
+    compile: bool = _opt(False, "regional compilation of the trainer's model (accelerate's, in place): each "
+                                "decoder layer compiled once with torch.compile (inductor), the compiled code reused "
+                                "by every layer, fusing the elementwise work of the eager layers (RMSNorm, RoPE, "
+                                "SiLU x up, casts). Parameter names and tensors stay the model's own (one copy's "
+                                "views, LoRA, the sync, checkpoints); the first steps compile, and once more when "
+                                "the sequence lengths change. Plain, one copy, LoRA, DDP, FSDP2 and CPU; refused "
+                                "with DeepSpeed and FSDP1 (docs/design.md). Experimental: not yet measured on a GPU",
+                         resume=FREE)
     optimizer: str = _opt("adamw", "adamw: PyTorch's AdamW (fused on GPU; its moments take the weights' dtype: 4 "
                                    "bytes of state per bf16 parameter) / adamw8bit: bitsandbytes' AdamW8bit (~2 "
                                    "bytes per parameter; needs pip install bitsandbytes) / adamw4bit: torchao's "

@@ -1,0 +1,64 @@
+"""``train.compile``: regional compilation of the trainer's model. Each repeated block (a transformers model's
+decoder layers) is compiled with ``torch.compile`` (inductor) once and the compiled code is reused by every layer,
+so the compile stays short; it fuses the elementwise work an eager layer runs one kernel at a time (RMSNorm in
+float32, RoPE, SiLU times up, the dtype casts around them).
+
+accelerate's in-place variant does it (:func:`accelerate.utils.compile_regions_fsdp2`, ``module.compile()`` on
+each block), not :func:`accelerate.utils.compile_regions`: that one returns a shallow copy of the model whose
+blocks are ``OptimizedModule`` wrappers, and every parameter name gains ``_orig_mod.``
+(``model.layers.0._orig_mod.self_attn.q_proj.weight``): the names the sync, ``verify``, the LoRA adapter's push
+and the checkpoints go by. In place, the model stays the same object with the same names and parameter
+tensors: nothing is copied (with ``model.share_weights`` the parameters stay views of vLLM's weights), the
+compiled code takes the parameters as inputs at every call (the optimizer's in-place updates are seen), and the
+hooks that DDP, FSDP2 (``fully_shard`` after it: accelerate's own order) and PEFT install still run.
+Gradient checkpointing stays outside the compiled block (transformers' checkpoint wraps the block's call), so
+the backward recomputes a block with the compiled code.
+
+Refused (before anything starts, :func:`launch_problem`): DeepSpeed (ZeRO-3 gathers each parameter in hooks
+on every submodule, which would break every block's graph into pieces; accelerate compiles a DeepSpeed
+engine's module its own way, after ``deepspeed.initialize``, which this recipe does not wire) and FSDP version 1
+(it flattens the parameters under the compiled blocks after the compile; only FSDP2 is accelerate's in-place
+order).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def launch_problem(distributed_type: str, fsdp_version: int | None = None) -> str | None:
+    """Why ``train.compile=true`` cannot run under accelerate's ``distributed_type`` (``None``: it can)."""
+    if distributed_type == "DEEPSPEED":
+        return ("train.compile=true with accelerate's DEEPSPEED: ZeRO-3 partitions the parameters and gathers "
+                "each one in hooks on every submodule, which would break each compiled block into pieces (accelerate "
+                "compiles a DeepSpeed engine's module its own way, not wired here): launch with DDP or FSDP2 "
+                "(configs/accelerate/ddp.yaml, fsdp2.yaml), or set train.compile=false")
+    if distributed_type == "FSDP" and fsdp_version is not None and fsdp_version != 2:
+        return (f"train.compile=true with FSDP version {fsdp_version}: only FSDP2 (fsdp_version: 2, "
+                "configs/accelerate/fsdp2.yaml) keeps the blocks compiled in place under its hooks: use FSDP2, or set "
+                "train.compile=false")
+    return None
+
+
+def compiled_blocks(model: nn.Module) -> list[nn.Module]:
+    """The modules of ``model`` compiled in place (``module.compile()``), outermost first."""
+    return [m for m in model.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+
+
+def compile_model(model: nn.Module, **compile_kwargs) -> str:
+    """Compile ``model``'s repeated blocks in place (and the few modules outside them, each on its own), before
+    accelerate prepares it; returns what was compiled, as a line for the log. ``compile_kwargs`` go to
+    ``torch.compile``. ``ValueError`` where the model has no repeated block (nothing regional to compile)."""
+    from accelerate.utils import compile_regions_fsdp2
+    from accelerate.utils.other import has_repeated_blocks, is_repeated_blocks
+
+    if not has_repeated_blocks(model):
+        raise ValueError(f"train.compile=true: {type(model).__name__} has no repeated blocks (a ModuleList of one "
+                         "class) to compile regionally; set train.compile=false")
+    lists = [m for m in model.modules() if is_repeated_blocks(m)]
+    compile_regions_fsdp2(model, **compile_kwargs)  # in place: names, tensors and hooks stay the model's
+    lists = [m for m in lists if getattr(m[0], "_compiled_call_impl", None) is not None]  # the outermost ones
+    blocks = sum(len(m) for m in lists)
+    kinds = sorted({type(b).__name__ for m in lists for b in m})
+    return (f"train.compile: {blocks} {'/'.join(kinds)} blocks compiled in place (torch.compile, regional: one "
+            f"compiled code for every block); the first steps compile, and once more when the sequence lengths change")
