@@ -31,7 +31,6 @@ from pathlib import Path
 from rollout_sleep.engine.memory import sleep_mode_available
 from rollout_sleep.serve.remote import RemoteEngine
 from rollout_sleep.serve.server import ServerProcess
-from rollout_sleep.weights.fp8 import check_quantization
 
 from common import device_name, gpu_used_mib, versions, write_json
 
@@ -52,6 +51,29 @@ ARTICLE_A100 = {
                      "fp8": {"initial_load_s": 96.9, "wake_s": [0.18, 0.78], "inference_s": [0.44, 0.57],
                              "total_s": 113.6}},
 }
+
+
+QUANTIZATIONS = (None, "fp8")  # vLLM's own --quantization for `vllm serve` (the article's FP8 ablation)
+
+
+def check_quantization(quantization: str | None) -> None:
+    """Refuse a ``--quantization`` the servers cannot run, before anything is written or started (vLLM's CPU
+    build accepts ``fp8`` and then fails deep in its loader: its FP8 quant kernels are stubs)."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {quantization!r}; use None (the checkpoint's dtype) or 'fp8' "
+                         "(vLLM's online FP8 of a bf16/fp16 checkpoint)")
+    if quantization is None:
+        return
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        problem = "vLLM's CPU build has no FP8 weight kernels (its scaled_fp8_quant ops are stubs)"
+    elif not current_platform.is_cuda():
+        problem = f"this benchmark serves FP8 on CUDA only (this vLLM runs on {current_platform.device_type})"
+    else:
+        return
+    raise ValueError(f"quantization='fp8' is not available here: {problem}. Run it on a CUDA GPU, or leave "
+                     "--quantization at none")
 
 
 def prepare_models(models: list[str], out_dir: str | Path) -> list[str]:

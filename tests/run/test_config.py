@@ -63,6 +63,18 @@ def test_every_field_is_checked_up_front(override, message):
         load_config(None, [override])
 
 
+def test_a_removed_key_is_refused_naming_it_why_and_the_fix(tmp_path):
+    """engine.quantization (FP8 rollouts: measured, then removed), from an override or a YAML section, any value."""
+    cfg = tmp_path / "old.yaml"
+    cfg.write_text("engine: {quantization: fp8, sleep_level: 1}\n")
+    for path, args in ((None, ["engine.quantization=fp8"]), (None, ["engine.quantization=null"]), (cfg, [])):
+        with pytest.raises(ConfigError) as err:
+            load_config(path, args)
+        (problem,) = err.value.problems
+        assert problem.startswith("engine.quantization was removed: FP8 rollouts") and "Drop the key" in problem
+    assert "quantization" not in load_config(None, []).engine.__dict__
+
+
 def test_one_error_lists_every_problem(tmp_path):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("engine: {kv_cache_bytes: abc, load_method: bogus}\ntrain: {steps: 0}\n")

@@ -2,7 +2,7 @@
 started (``rollout_sleep.run.modes``). The combinations come from the schema (``mode_keys``: a new mode key or value is
 enumerated by itself) times the device and the kind of model; accepted ones are built by the factory with every
 mode reaching the engine, refused ones name their keys, and a refused run through the recipe's entry leaves its
-output folder empty. The memory plan counts what an FP8 engine holds."""
+output folder empty."""
 
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ def test_the_schema_marks_the_engine_modes():
                      "model.lora.rank": (0, 16),
                      "engine.kv_cache": ("step", "gpu_share"), "engine.sleep_level": (1, 2),
                      "engine.load_method": ("auto", "reload", "load_weights", "direct"),
-                     "engine.quantization": (None, "fp8"), "engine.keep_trainer_cache": (True, False),
+                     "engine.keep_trainer_cache": (True, False),
                      "engine.tensor_parallel_size": (1, 2)}
 
 
@@ -121,9 +121,8 @@ def test_every_combination_runs_or_is_refused_naming_its_keys(model_paths, monke
         factory.build_engine(cfg, path, rank=1, kv_cache_bytes=64 << 20, device=device)
         (kind, kw), = built
         assert kind == "Engine"
-        assert (kw["dtype"], kw["quantization"], kw["keep_trainer_cache"], kw["load_method"],
-                kw["tensor_parallel_size"]) == (cfg.model.dtype, cfg.engine.quantization, cfg.engine.keep_trainer_cache,
-                                                cfg.engine.load_method, cfg.engine.tensor_parallel_size)
+        assert (kw["dtype"], kw["keep_trainer_cache"], kw["load_method"], kw["tensor_parallel_size"]) == \
+            (cfg.model.dtype, cfg.engine.keep_trainer_cache, cfg.engine.load_method, cfg.engine.tensor_parallel_size)
         assert kw.get("enable_lora", False) == bool(cfg.model.lora.rank)
         assert (kw.get("load_format") == "dummy") == (path == model_paths["config-only"])
         assert kw.get("gpu_memory_utilization") == (cfg.engine.gpu_memory_utilization if device == "cuda" else None)
@@ -132,7 +131,6 @@ def test_every_combination_runs_or_is_refused_naming_its_keys(model_paths, monke
         if device == "cpu":  # what the engine itself would decide at its first load
             loader = Loader(model_path=model_paths["checkpoint"], spec=spec, tied=True, on_cuda=False,
                             sleep_mode=False, load_method=cfg.engine.load_method)
-            loader.quantization = cfg.engine.quantization
             assert loader.resolve_method(None, strict=True) == "reload"
         if cfg.model.lora.rank:  # the adapter goes into one in-process engine's slot (AdapterSync: TP 1)
             assert cfg.engine.tensor_parallel_size == 1
@@ -164,36 +162,19 @@ def test_load_config_applies_every_rule_and_accepts_what_runs(model_paths):
         load_config(None, args, device=device)
 
 
-def test_the_memory_plan_counts_fp8_engine_weights(tmp_path):
-    """``engine.quantization=fp8``: the decoder's linear weights in one byte (plus a float32 scale each), the rest
-    in model.dtype (the plan was the same for FP8 before); the engine's measured start replaces the workspace."""
+def test_the_engines_measured_start_replaces_the_workspace(tmp_path):
+    """The engine's measured start (weights, KV cache, workspace) replaces the plan's workspace estimate."""
     from rollout_sleep.run.memory_check import plan_run, with_engine_measured
     from rollout_sleep.run.memory_plan import GIB
     from rollout_sleep.weights.checkpoints import make_checkpoint
-    from rollout_sleep.weights.spec import read_checkpoint_spec
 
     path = make_checkpoint(tmp_path / "bf16", "tiny", seed=0, dtype="bfloat16")
-
-    def plan(*args):
-        cfg = load_config(None, ["model.dtype=bfloat16", *args], device="cuda")
-        return plan_run(cfg, path, processes=1, shards=(1, 1, 1), longest_prompt=16, kv_bytes=256 << 20,
-                        reward_bytes=0, base_shared=False)[0]
-
-    one = plan()
+    cfg = load_config(None, ["model.dtype=bfloat16"], device="cuda")
+    one = plan_run(cfg, path, processes=1, shards=(1, 1, 1), longest_prompt=16, kv_bytes=256 << 20,
+                   reward_bytes=0, base_shared=False)[0]
     r1 = one.phases["rollout"]
     measured = with_engine_measured(one, r1["engine_weights"] + r1["kv_cache"] + 2 * GIB)
     assert measured.phases["rollout"]["engine_workspace"] == 2 * GIB
-
-    linears = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    want = 0
-    for name, s in read_checkpoint_spec(path).items():
-        n = 1
-        for d in s.shape:
-            n *= d
-        want += n + 4 if name.rsplit(".", 2)[-2] in linears else 2 * n
-    fp8 = plan("engine.quantization=fp8")
-    assert fp8.phases["rollout"]["engine_weights"] == want < r1["engine_weights"]
-    assert any("fp8" in note for note in fp8.notes)
 
 
 def test_a_refused_run_writes_nothing(model_paths, tmp_path):
@@ -201,11 +182,9 @@ def test_a_refused_run_writes_nothing(model_paths, tmp_path):
     folder still empty (nothing printed as starting, no ``model/``, ``run_config.json`` or ``memory_plan.json``)."""
     cases = [(["engine.load_method=direct"], False, "engine.load_method=direct on CPU"),
              ([f"model.path={model_paths['config-only']}"], False, "model.path="),
-             (["engine.quantization=fp8", "model.dtype=bfloat16"], False, "engine.quantization=fp8 on CPU"),
+             (["engine.quantization=fp8"], False, "engine.quantization was removed"),
              (["model.lora.rank=16", "engine.tensor_parallel_size=2"], True,
-              "model.lora.rank=16 with engine.tensor_parallel_size=2"),
-             (["engine.quantization=fp8", "engine.tensor_parallel_size=2", "model.dtype=bfloat16"], True,
-              "engine.quantization=fp8 with engine.tensor_parallel_size=2 with engine.verify_every=1")]
+              "model.lora.rank=16 with engine.tensor_parallel_size=2")]
     runs = []
     for i, (args, cuda, _) in enumerate(cases):
         out = tmp_path / f"run{i}"

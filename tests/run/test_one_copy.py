@@ -35,7 +35,6 @@ def _cfg(**overrides) -> RecipeConfig:
     ({"share_weights": False}, "cuda", 1, False, "model.share_weights=false"),
     ({}, "cpu", 1, False, "repacks its linear weights"),
     ({"model__lora__rank": 16}, "cuda", 1, False, "model.lora trains an adapter"),
-    ({"engine__quantization": "fp8"}, "cuda", 1, False, "fp8 weights"),
     ({"engine__tensor_parallel_size": 2}, "cuda", 2, False, "tensor-parallel"),
     ({}, "cuda", 2, False, "2 processes"),
     # one process under FSDP or DeepSpeed (e.g. ZeRO's optimizer offload on one GPU): the parameters are replaced
@@ -54,7 +53,7 @@ def test_where_one_copy_applies_before_the_engine_starts(overrides, device, proc
 def test_after_the_engine_starts_an_exact_view_is_required():
     """The engine's own answer decides: no exact view (e.g. stacked MoE experts), or no sleep allocator, and the
     run takes two copies with the engine's reason; a decision that was off stays off."""
-    on = one_copy.Decision(True, "CUDA, one process, one engine, unquantized")
+    on = one_copy.Decision(True, "CUDA, one process, one engine")
 
     def engine(why, sleep_mode=True):
         return SimpleNamespace(loader=SimpleNamespace(why_not_direct=lambda: why), sleep_mode=sleep_mode)
@@ -75,9 +74,6 @@ def test_share_weights_true_is_refused_where_it_cannot_be(tmp_path):
     text = "\n".join(err.value.problems)
     assert "model.share_weights=true on CPU" in text and "model.share_weights=true with model.lora.rank=16" in text
     assert "Fix: model.share_weights=null" in text
-    with pytest.raises(ConfigError, match="engine.quantization=fp8"):
-        load_config(None, ["model.share_weights=true", "engine.quantization=fp8", "model.dtype=bfloat16"],
-                    device="cuda")
     load_config(None, ["model.share_weights=true"], device="cuda")
     load_config(None, ["model.share_weights=null", "model.lora.rank=16"], device="cpu")
     cfg = load_config(None, ["model.share_weights=true", "train.prompts_per_step=8"], device="cuda")

@@ -24,7 +24,7 @@ def _warnings(caplog):
 
 
 def test_a_mostly_masked_step_warns_with_its_numbers_causes_and_fixes(caplog):
-    check = SamplingCheck("sequence_mask", None, 3.0, quantization="fp8", verify_every=1)
+    check = SamplingCheck("sequence_mask", None, 3.0, verify_every=1)
     with caplog.at_level(logging.WARNING, LOGGER):
         assert check.observe(7, FP8_ROW) == {"sampling_weight_low": 1.0}
     [msg] = _warnings(caplog)
@@ -34,8 +34,8 @@ def test_a_mostly_masked_step_warns_with_its_numbers_causes_and_fixes(caplog):
                  "train.sampling_clip_min=None, train.sampling_clip_max=3.0",
                  "97.0% of the step's completions and 97.5% of its completion tokens",
                  "trained on about 2.5% of what it sampled", "by 0.31 per token", "sampling_ratio=1.21",
-                 "compounds", "FP8", "this run: engine.quantization=fp8", "engine.verify_every=1", "temperature/top-p",
-                 "engine.quantization=null", "train.sampling_correction=token_truncate",
+                 "compounds", "FP8", "engine.verify_every=1", "temperature/top-p",
+                 "model.path", "train.sampling_correction=token_truncate",
                  "train.sampling_correction=sequence_truncate", "train.sampling_clip_max",
                  "train.sampling_correction=none"]:
         assert part in msg, (part, msg)
@@ -82,7 +82,7 @@ def test_a_truncating_correction_warns_of_down_weighting():
     msg = check.message
     assert "clamps each token's trainer/engine probability ratio to [0.1, 3]" in msg
     assert "the step's gradient is about 20.0% of its size" in msg and "masked" not in msg
-    assert "compounds" not in msg and "this run: engine.quantization" not in msg
+    assert "compounds" not in msg and "never verified" not in msg
 
 
 def test_the_real_loss_with_a_mismatched_engine_triggers_it(ckpts, caplog):
@@ -102,7 +102,6 @@ def test_the_real_loss_with_a_mismatched_engine_triggers_it(ckpts, caplog):
     loss = GRPOLoss(group_size=case.GROUP, sampling_correction="sequence_mask", sampling_clip_max=3.0,
                     max_completion_length=case.MAX_TOKENS)
     cfg = RecipeConfig()
-    cfg.engine.quantization = "fp8"
     check = SamplingCheck.from_config(cfg)
 
     def step(shift: float) -> dict:
@@ -125,4 +124,4 @@ def test_the_real_loss_with_a_mismatched_engine_triggers_it(ckpts, caplog):
     [msg] = _warnings(caplog)
     assert f"sampling_weight_mean={mismatched['sampling_weight_mean']:.3g}" in msg
     assert f"{100 * mismatched['sampling_masked_sequences']:.1f}% of the step's completions" in msg
-    assert f"by {mismatched['sampling_logp_diff']:.3g} per token" in msg and "engine.quantization=fp8" in msg
+    assert f"by {mismatched['sampling_logp_diff']:.3g} per token" in msg

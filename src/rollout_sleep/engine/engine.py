@@ -30,7 +30,6 @@ from typing import Any, Callable
 
 import torch
 
-from rollout_sleep.weights.fp8 import check_quantization
 from rollout_sleep.weights.spec import TensorSpec, read_checkpoint_spec, ties_head
 
 from .completion import Completion, fast_output_kwargs, sampled_logprobs
@@ -62,9 +61,6 @@ class Engine(SleepState):
         load_method: *optional*, default way to push weights: ``"auto"``, ``"reload"``
             (``collective_rpc("reload_weights")``), ``"load_weights"`` (one batched call) or ``"direct"``
             (copy into vLLM's parameters; CUDA, TP=1). ``auto`` takes ``direct`` where it applies.
-        quantization: *optional*, ``"fp8"``: vLLM's online FP8 of the (bf16) checkpoint's linear layers;
-            every load quantizes the trainer's weights as vLLM's loader does (:mod:`rollout_sleep.weights.fp8`).
-            Refused before vLLM starts where this vLLM build has no FP8 kernels (its CPU build).
         keep_trainer_cache: *optional*, leave PyTorch's cached blocks (the trainer's working set) in place
             when sleeping, instead of vLLM's ``empty_cache`` at every sleep; a wake still releases them
             when vLLM would not fit beside them (see :func:`~rollout_sleep.engine.memory.release_cached_memory`).
@@ -91,7 +87,6 @@ class Engine(SleepState):
         enable_prefix_caching: bool = True,
         load_method: str = "auto",
         keep_trainer_cache: bool = False,
-        quantization: str | None = None,
         **llm_kwargs: Any,
     ):
         # Weight pushes hand in-memory tensors to the worker: it must live in this process.
@@ -100,7 +95,6 @@ class Engine(SleepState):
 
         if not Path(model, "config.json").exists():
             raise FileNotFoundError(f"{model!r} is not a checkpoint directory (no config.json)")
-        check_quantization(quantization, dtype)  # before vLLM starts (its CPU build fails deep in its loader)
         self._describe(model, load_method)
         self.keep_trainer_cache = keep_trainer_cache
         kwargs: dict[str, Any] = dict(
@@ -109,8 +103,6 @@ class Engine(SleepState):
         )
         if gpu_memory_utilization is not None:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
-        if quantization is not None:
-            kwargs["quantization"] = quantization
         if kv_cache_bytes is None and not self.on_cuda:
             kv_cache_bytes = 256 << 20
         if kv_cache_bytes is not None:
@@ -197,11 +189,6 @@ class Engine(SleepState):
     @property
     def dtype(self) -> torch.dtype:
         return self._dtype
-
-    @property
-    def quantization(self) -> str | None:
-        """vLLM's weight quantization (``None``: the checkpoint's dtype; ``"fp8"``: online FP8 linears)."""
-        return self.loader.quantization
 
     @property
     def tensor_parallel_size(self) -> int:

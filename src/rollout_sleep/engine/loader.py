@@ -1,7 +1,6 @@
 """The load routes: weights validated before the engine is touched, then pushed into vLLM by one of
 ``reload`` (``collective_rpc("reload_weights")``), ``load_weights`` (vLLM's model loader in one call) or
-``direct`` (copies into vLLM's parameters, CUDA and TP=1; an FP8 engine's linears get the trainer's weights
-quantized as vLLM's loader quantizes them, :mod:`rollout_sleep.weights.fp8`), with streams checked as they pass.
+``direct`` (copies into vLLM's parameters, CUDA and TP=1), with streams checked as they pass.
 
 :class:`Loader` is held by the :class:`~rollout_sleep.engine.engine.Engine` (``engine.loader``); it owns what it
 learns of vLLM's model once (its parameters, packed modules, the direct route's views) and whether the
@@ -20,7 +19,7 @@ from typing import Any
 
 import torch
 
-from rollout_sleep.weights import fp8, layout
+from rollout_sleep.weights import layout
 from rollout_sleep.weights.spec import (EMBEDDING, HEAD, TIED, TensorSpec, WeightMismatchError, check_checkpoint_dir,
                                         check_weights, optional_names)
 
@@ -106,8 +105,6 @@ class Loader:
         self._targets: dict[str, torch.Tensor] | None = None
         self._direct_ok: bool | None = None
         self._cpu_experts: list[str] | None = None
-        self._fp8: tuple[dict[str, fp8.Group], list[str]] | None = None
-        self.quantization = getattr(llm.llm_engine.model_config, "quantization", None)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -221,9 +218,8 @@ class Loader:
 
     def _check_whole_groups(self, names: Iterable[str], strict: bool, method: str, loaded: int | None) -> None:
         """A subset pushed through vLLM's layerwise reload must hold every shard of each fused parameter it
-        touches (q/k/v, gate/up): given only v_proj, the reload rebuilt qkv_proj with q and k wrong, silently.
-        The same holds for ``direct`` into an FP8 engine (a fused linear is quantized whole)."""
-        if strict or not (method == "reload" or method == "direct" and self.quantization is not None):
+        touches (q/k/v, gate/up): given only v_proj, the reload rebuilt qkv_proj with q and k wrong, silently."""
+        if strict or method != "reload":
             return
         self._inspect()
         given, problems = set(names), []
@@ -248,13 +244,7 @@ class Loader:
             if self.on_cuda and self.direct_supported():
                 return "direct"
             # on CPU only vLLM's layerwise reload writes the repacked linears (a subset: whole fused groups)
-            if strict or not self.on_cuda or self.quantization is not None:
-                return "reload"
-            return "load_weights"  # direct_supported logged why not direct
-        if method == "load_weights" and self.quantization is not None:
-            raise ValueError(f"load method 'load_weights' cannot write this {self.quantization} engine (vLLM's "
-                             "loader expects checkpoint-format parameters, which its quantization replaced); use "
-                             "'reload' (vLLM re-quantizes) or 'direct'")
+            return "reload" if strict or not self.on_cuda else "load_weights"  # direct_supported logged why not direct
         if method in ("direct", "load_weights") and not self.on_cuda:
             raise ValueError(f"load method {method!r} needs CUDA: vLLM's CPU kernels repack linear weights, "
                              "only 'reload' writes them correctly there")
@@ -275,28 +265,7 @@ class Loader:
             self.llm.apply_model(lambda model: model.load_weights(iter(items)))
         else:
             targets = self.direct_targets()
-            groups = self._fp8_groups()[0]
-            if not groups:  # no FP8 linear: every tensor is a plain copy, batched
-                copy_all(((targets.get(name), tensor) for name, tensor in items))  # None: a tied head (the embedding)
-                return
-            assembler = fp8.Assembler(groups)
-            with torch.no_grad():
-                for name, tensor in items:
-                    if name in groups:  # an FP8 linear: quantized whole (all its shards) as vLLM's loader does
-                        done = assembler.add(name, tensor)
-                        if done is not None:
-                            group, weight = done
-                            w_dst, s_dst = targets[group.param]
-                            q, scale = fp8.quantize(weight.to(w_dst.device, non_blocking=True))
-                            w_dst.copy_(q)
-                            s_dst.copy_(scale.reshape(s_dst.shape))
-                        continue
-                    dst = targets.get(name)
-                    if dst is not None:  # None: a tied head, held by the embedding
-                        dst.copy_(tensor, non_blocking=True)
-            if assembler.unfinished():  # a partial group (a subset load): its old FP8 weight stays as it was
-                raise WeightMismatchError([f"{p}: only some of its shards were given; an FP8 linear is quantized "
-                                           "whole, give all its parts" for p in assembler.unfinished()])
+            copy_all(((targets.get(name), tensor) for name, tensor in items))  # None: a tied head (the embedding)
         if method != "direct":
             self._targets = None  # vLLM's reload may re-create parameters: rebuild the views next time
 
@@ -330,36 +299,17 @@ class Loader:
         return layout.placements(self.spec, self._packed, {n: s for n, (s, _) in self._engine_params.items()},
                                  self.tied)
 
-    def direct_targets(self) -> dict[str, Any]:
-        """Views into vLLM's parameters, one per checkpoint tensor, and for each FP8 linear its parameter name →
-        (``[out, in]`` weight, scale) (built once; sleep/wake keeps addresses)."""
+    def direct_targets(self) -> dict[str, torch.Tensor]:
+        """Views into vLLM's parameters, one per checkpoint tensor (built once; sleep/wake keeps addresses)."""
         if self._targets is None:
-            groups = self._fp8_groups()[0]
-            plan = {n: w for n, w in self._placements().items() if n in self.spec and n not in groups}
-            params = sorted({g.param for g in groups.values()})
-
-            def build(model):
-                out: dict[str, Any] = layout.views(model, plan)
-                out.update({p: fp8.engine_tensors(model, p) for p in params})
-                return out
-
-            self._targets = self.llm.apply_model(build)[0]
+            plan = {n: w for n, w in self._placements().items() if n in self.spec}  # a tied head: the embedding's
+            self._targets = self.llm.apply_model(lambda model: layout.views(model, plan))[0]
         return self._targets
 
     def filled_bytes(self) -> dict[str, int]:
         """vLLM parameter → the bytes of it the checkpoint fills (:func:`~rollout_sleep.weights.layout.filled_bytes`)."""
         self._inspect()
         return layout.filled_bytes(self._placements(), self._engine_params)
-
-    def _fp8_groups(self) -> tuple[dict[str, fp8.Group], list[str]]:
-        """The FP8 linears (checkpoint name → its group) and the problems found mapping them."""
-        if self._fp8 is None:
-            if self.quantization is None:
-                self._fp8 = ({}, [])
-            else:
-                plan = self._placements()
-                self._fp8 = self.llm.apply_model(lambda model: fp8.groups(model, plan, self.spec))[0]
-        return self._fp8
 
     def direct_supported(self) -> bool:
         """Whether the ``direct`` route maps every checkpoint tensor exactly (decided once, logged)."""
@@ -393,7 +343,7 @@ class Loader:
         cfg = self.llm.llm_engine.vllm_config
         if cfg.parallel_config.tensor_parallel_size != 1:
             return "tensor parallel > 1"
-        if cfg.model_config.quantization not in (None, "fp8"):
+        if cfg.model_config.quantization is not None:
             return f"quantized weights ({cfg.model_config.quantization})"
         plan = self._placements()
         engine = {n: s for n, (s, _) in self._engine_params.items()}
@@ -404,14 +354,9 @@ class Loader:
         if experts:  # e.g. FlashInfer's MoE kernels reorder w1/w3 or pad after loading: only vLLM's loader knows
             return (f"{len(experts)} stacked MoE expert tensor(s) (vLLM's fused-MoE backends may re-layout them "
                     "after loading)")
-        groups, problems = self._fp8_groups()
-        if problems:
-            return f"{len(problems)} FP8 linear(s) not mapped exactly, e.g. {problems[0]}"
-        bad = layout.fits({n: w for n, w in plan.items() if n not in groups}, self.spec, engine)
+        bad = layout.fits(plan, self.spec, engine)
         if bad:
             return f"{len(bad)} tensor(s) are stored in another layout (e.g. repacked), e.g. {bad[0]!r}"
-        if cfg.model_config.quantization is not None and not groups:
-            return f"no per-tensor FP8 linear found in this {cfg.model_config.quantization} engine"
         dtypes = {self._engine_params[w.param][1] for w in plan.values()}
         if any(not dt.is_floating_point for dt in dtypes):
             return "vLLM holds some weights in a non-float (packed) dtype"

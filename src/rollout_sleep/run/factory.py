@@ -1,6 +1,6 @@
 """The engine a recipe config asks for, built in one place: :func:`build_engine` returns the
-:class:`~rollout_sleep.engine.engine.Engine` with the keywords of :func:`engine_kwargs` (dtype, quantization, the
-load route, LoRA, dummy weights, the trainer's cache...). The config was checked by
+:class:`~rollout_sleep.engine.engine.Engine` with the keywords of :func:`engine_kwargs` (dtype, the load
+route, LoRA, dummy weights, the trainer's cache...). The config was checked by
 :func:`~rollout_sleep.run.config.load_config` (:mod:`rollout_sleep.run.modes`): every combination that reaches
 here runs.
 
@@ -32,7 +32,7 @@ def engine_kwargs(cfg: Any, model_path: str, *, kv_cache_bytes: int | None = Non
     kwargs: dict[str, Any] = dict(
         dtype=cfg.model.dtype, max_model_len=e.max_model_len,
         kv_cache_bytes=e.kv_cache_bytes if kv_cache_bytes is None else kv_cache_bytes, load_method=e.load_method,
-        enforce_eager=e.enforce_eager, keep_trainer_cache=e.keep_trainer_cache, quantization=e.quantization,
+        enforce_eager=e.enforce_eager, keep_trainer_cache=e.keep_trainer_cache,
         tensor_parallel_size=e.tensor_parallel_size)
     if (device or detect_device()) == "cuda":  # vLLM's share of the GPU
         kwargs["gpu_memory_utilization"] = e.gpu_memory_utilization

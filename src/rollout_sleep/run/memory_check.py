@@ -8,7 +8,6 @@ also: each phase's device-wide peak, the engine's memory awake and asleep, the a
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable
 
 import torch
@@ -58,11 +57,6 @@ def plan_run(cfg: Any, model_path: str, *, processes: int, shards: tuple[int, in
     b = torch.empty((), dtype=getattr(torch, cfg.model.dtype)).element_size()
     shape = memory_plan.ModelShape.from_checkpoint(model_path)
     sequences = t.prompts_per_step // processes * t.generations  # a rank's completions per step
-    weight_bytes = None
-    if cfg.engine.quantization == "fp8":
-        weight_bytes = fp8_engine_weight_bytes(model_path, b)
-        notes.append(f"engine.quantization=fp8: the engine holds its linear layers in 1 byte per weight "
-                     f"({weight_bytes / GIB:.2f} GiB of weights, {shape.params * b / GIB:.2f} in model.dtype)")
     inputs = memory_plan.PlanInputs(
         shape, dtype_bytes=b, optimizer=t.optimizer, stochastic_rounding=run_stochastic_rounding(cfg, weights_shared),
         offload_optimizer=offload,
@@ -70,7 +64,7 @@ def plan_run(cfg: Any, model_path: str, *, processes: int, shards: tuple[int, in
         completion_len=t.max_tokens, gradient_checkpointing=t.gradient_checkpointing,
         autocast=t.mixed_precision != "no" and b == 4, reference_model=t.kl_coef > 0,
         reward_model_bytes=reward_bytes, kv_cache_bytes=kv_bytes if kv_bytes is not None else 0,
-        shards=shards, engine_shards=tp, engine_weight_bytes=weight_bytes, weights_shared=weights_shared,
+        shards=shards, engine_shards=tp, weights_shared=weights_shared,
         fused_head=fused_head(model_path, shards, cfg.model.lora))
     lora = cfg.model.lora
     if lora.rank:  # only the adapter trains; the base is vLLM's (a view) on CUDA, the trainer's own elsewhere
@@ -80,8 +74,7 @@ def plan_run(cfg: Any, model_path: str, *, processes: int, shards: tuple[int, in
         inputs = dataclasses.replace(inputs, base_shared=base_shared, adapter_numels=numels)
     if kv_bytes is None and cuda:  # vLLM's own sizing: its share of the GPU less its weights and workspace
         engine = int(cfg.engine.gpu_memory_utilization * total)
-        weights = shape.params * b if weight_bytes is None else weight_bytes
-        kv = engine - weights // tp - memory_plan.estimate_engine_workspace(shape, b)
+        kv = engine - shape.params * b // tp - memory_plan.estimate_engine_workspace(shape, b)
         inputs = dataclasses.replace(inputs, kv_cache_bytes=max(0, kv))
         notes.append(f"engine.kv_cache=gpu_share: vLLM takes {cfg.engine.gpu_memory_utilization} of "
                      f"{total / GIB:.1f} GiB, the KV cache what its weights and workspace leave")
@@ -104,21 +97,6 @@ def fused_head(model_path: str, shards: tuple[int, int, int], lora) -> bool:
         return fused_config_problem(AutoConfig.from_pretrained(model_path)) is None
     except (OSError, ValueError):  # no config the plan can read: count the logits
         return False
-
-
-def fp8_engine_weight_bytes(model_path: str, b: int) -> int:
-    """What an online-FP8 engine holds of a checkpoint's weights: the decoder layers' linear weights in one byte
-    (plus a float32 scale each), the rest (embeddings, LM head, norms, MoE routers) in ``b`` bytes."""
-    from rollout_sleep.weights.spec import read_checkpoint_spec
-
-    total = 0
-    for name, spec in read_checkpoint_spec(model_path).items():
-        numel = math.prod(int(d) for d in spec.shape)
-        module = name.rpartition(".")[0]
-        linear = ".layers." in f".{name}" and name.endswith(".weight") and len(spec.shape) == 2 \
-            and not module.endswith(".gate") and "norm" not in module.rpartition(".")[2]
-        total += numel + 4 if linear else numel * b
-    return total
 
 
 def enforce(plan: MemoryPlan, mode: str, warn: Callable[[str], Any], when: str = "") -> None:

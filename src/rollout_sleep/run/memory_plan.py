@@ -194,7 +194,6 @@ class PlanInputs:
     autocast: bool = False  # float32 weights under bf16/fp16 autocast: a low-precision copy of each weight in use
     reference_model: bool = False
     reward_model_bytes: int = 0
-    engine_weight_bytes: int | None = None  # what the engine holds of the weights (FP8: linears in 1 byte); None: P b
     kv_cache_bytes: int = 0
     engine_workspace_bytes: int | None = None  # None: estimate_engine_workspace
     engine_asleep_bytes: int = ENGINE_ASLEEP_BYTES
@@ -380,7 +379,7 @@ def plan_memory(i: PlanInputs, budget_bytes: int | None = None, headroom_bytes: 
                 notes: tuple[str, ...] = ()) -> MemoryPlan:
     """The per-phase plan of ``i`` (see the module's docstring for what each phase holds)."""
     s, b = i.shape, i.dtype_bytes
-    engine_weights = s.params * b if i.engine_weight_bytes is None else i.engine_weight_bytes
+    engine_weights = s.params * b
     ws, gs, os_ = i.shards
     trained = s.tensor_numels if i.adapter_numels is None else i.adapter_numels
     base = 0 if i.adapter_numels is None else (0 if i.base_shared else s.params * b)

@@ -8,9 +8,9 @@ and no weights) either runs or is refused here (``tests/run/test_mode_combinatio
 
 >>> from rollout_sleep.run.schema import RecipeConfig
 >>> cfg = RecipeConfig()
->>> cfg.engine.quantization = "fp8"
+>>> cfg.model.share_weights = True
 >>> print(refusals(cfg, "cpu")[0])  # doctest: +ELLIPSIS
-engine.quantization=fp8 on CPU: vLLM's CPU build has no FP8 weight kernels ...
+model.share_weights=true on CPU: vLLM's CPU build repacks its linear weights: the trainer cannot view them. Fix: ...
 """
 
 from __future__ import annotations
@@ -71,35 +71,12 @@ def _lora(c) -> bool:
     return bool(c.model.lora.rank)
 
 
-def _fp8(c) -> bool:
-    return c.engine.quantization == "fp8"
-
-
 def _shared(c) -> bool:
     """``model.share_weights=true``: one copy asked for (``null`` falls back to two copies where it cannot be)."""
     return c.model.share_weights is True
 
 
 RULES: tuple[Rule, ...] = (
-    Rule(("engine.quantization", "device"), lambda c, d: _fp8(c) and d != "cuda",
-         "vLLM's CPU build has no FP8 weight kernels (its scaled_fp8_quant ops are stubs)",
-         "engine.quantization=null, or run FP8 rollouts on a CUDA GPU"),
-    Rule(("engine.quantization", "model.dtype"), lambda c, d: _fp8(c) and c.model.dtype == "float32",
-         "FP8 quantizes a bf16/fp16 model (vLLM's FP8 kernels take bf16/fp16 activations)",
-         "set model.dtype=bfloat16"),
-    Rule(("engine.quantization", "engine.load_method"), lambda c, d: _fp8(c) and c.engine.load_method == "load_weights",
-         "load_weights cannot write an FP8 engine's quantized linears (vLLM's loader expects checkpoint-format "
-         "parameters, which the quantization replaced)",
-         "engine.load_method=auto, direct or reload"),
-    Rule(("engine.quantization", "model.lora.rank"), lambda c, d: _fp8(c) and _lora(c),
-         "a LoRA run keeps one base, the engine's (on CUDA the trainer computes with views of its weights), and "
-         "FP8 holds it in one byte per weight",
-         "engine.quantization=null with model.lora (or model.lora.rank=0)"),
-    Rule(("engine.quantization", "engine.tensor_parallel_size", "engine.verify_every"),
-         lambda c, d: _fp8(c) and c.engine.tensor_parallel_size > 1 and c.engine.verify_every > 0,
-         "each rank of a tensor-parallel FP8 engine holds its own scales, which verify does not map: the first "
-         "verify would fail",
-         "engine.tensor_parallel_size=1, or engine.verify_every=0"),
     Rule(("model.lora.rank", "engine.tensor_parallel_size"), lambda c, d: _lora(c) and c.engine.tensor_parallel_size > 1,
          "each rank would hold a cut of the adapter; its sync and verify are tensor-parallel size 1 only",
          "engine.tensor_parallel_size=1 with model.lora"),
@@ -112,9 +89,6 @@ RULES: tuple[Rule, ...] = (
     Rule(("model.share_weights", "model.lora.rank"), lambda c, d: _shared(c) and _lora(c),
          "one copy is for full-parameter training; a LoRA run already computes with a view of the engine's base",
          "model.share_weights=null with model.lora"),
-    Rule(("model.share_weights", "engine.quantization"), lambda c, d: _shared(c) and _fp8(c),
-         "an FP8 engine holds its linears in one byte per weight, the trainer in model.dtype: not the same memory",
-         "model.share_weights=null (two copies), or engine.quantization=null"),
     Rule(("model.share_weights", "engine.tensor_parallel_size"),
          lambda c, d: _shared(c) and c.engine.tensor_parallel_size > 1,
          "each tensor-parallel rank holds a shard of the weights, which the trainer's whole tensors cannot view",

@@ -3,7 +3,7 @@ tensors, the optimizer updates them in place, the engine releases only its KV ca
 (sleep level 0), and a sync moves nothing: it maps the KV cache back and resets the prefix cache.
 
 Where it applies is decided in two steps, each logged with its reason: :func:`before_engine` (what the config and
-the launch say: CUDA, one process, one engine, no FP8, no LoRA) and :func:`after_engine` (what vLLM built: every
+the launch say: CUDA, one process, one engine, no LoRA) and :func:`after_engine` (what vLLM built: every
 checkpoint tensor has an exact view, :meth:`~rollout_sleep.engine.loader.Loader.why_not_direct`). ``null`` takes
 the copy path where it does not apply; ``true`` refuses to start instead.
 
@@ -48,9 +48,6 @@ def before_engine(cfg: Any, device: str, processes: int, distributed_type: str =
         why.append("model.lora trains an adapter (its frozen base is already a view of the engine's weights)")
     if device != "cuda":
         why.append("vLLM's CPU build repacks its linear weights (the trainer cannot view them)")
-    if cfg.engine.quantization is not None:
-        why.append(f"the engine holds {cfg.engine.quantization} weights (engine.quantization), the trainer "
-                   f"{cfg.model.dtype} ones")
     if cfg.engine.tensor_parallel_size > 1:
         why.append("each tensor-parallel rank holds a shard of the weights")
     if processes > 1:
@@ -61,7 +58,7 @@ def before_engine(cfg: Any, device: str, processes: int, distributed_type: str =
                    f"({REPLACES_PARAMETERS[distributed_type]})")
     if why:
         return Decision(False, "; ".join(why))
-    return Decision(True, "CUDA, one process, one engine, unquantized")
+    return Decision(True, "CUDA, one process, one engine")
 
 
 def after_engine(decision: Decision, engine: Any) -> Decision:

@@ -34,18 +34,18 @@ REMIND_EVERY = 50  # low steps between two reminders
 class SamplingCheck:
     """Warn when the sampling correction's mean weight of a step is below ``threshold``; see the module.
 
-    ``mode``, ``clip_min``, ``clip_max``: the loss's correction (named in the message); ``quantization`` and
-    ``verify_every``: the engine's settings, to point at the likely cause. Statistics are this process's share of
+    ``mode``, ``clip_min``, ``clip_max``: the loss's correction (named in the message); ``verify_every``: the
+    engine's, to point at the likely cause. Statistics are this process's share of
     the batch (the main process's in a multi-process run).
     """
 
     def __init__(self, mode: str, clip_min: float | None, clip_max: float | None, *, threshold: float = THRESHOLD,
-                 remind_every: int = REMIND_EVERY, quantization: str | None = None, verify_every: int | None = None):
+                 remind_every: int = REMIND_EVERY, verify_every: int | None = None):
         if remind_every < 1:
             raise ValueError(f"remind_every must be >= 1, got {remind_every}")
         self.mode, self.clip_min, self.clip_max = mode, clip_min, clip_max
         self.threshold, self.remind_every = threshold, remind_every
-        self.quantization, self.verify_every = quantization, verify_every
+        self.verify_every = verify_every
         self.seen = 0  # steps observed
         self.low = 0  # of them, below the threshold
         self.first_low: int | None = None  # the step of the full warning
@@ -56,7 +56,7 @@ class SamplingCheck:
         """The check of a recipe config (:class:`~rollout_sleep.run.schema.RecipeConfig`)."""
         t = cfg.train
         return cls(t.sampling_correction, t.sampling_clip_min, t.sampling_clip_max,
-                   quantization=cfg.engine.quantization, verify_every=cfg.engine.verify_every, **kwargs)
+                   verify_every=cfg.engine.verify_every, **kwargs)
 
     def observe(self, step: int, stats: dict, *, warn: bool = True) -> dict[str, float]:
         """Read step ``step``'s statistics; warn (when ``warn``: the main process) at the first step whose
@@ -120,16 +120,13 @@ class SamplingCheck:
             if self.mode.startswith("sequence"):
                 numbers += (" A sequence's ratio is the product of its tokens' ratios: a per-token gap compounds over "
                             "the completion's length.")
-        quantized = f" (this run: engine.quantization={self.quantization})" if self.quantization else ""
         verify = " (this run: engine.verify_every=0, never verified)" if self.verify_every == 0 else ""
-        causes = ("Likely causes: the engine's weights or numerics differ from the trainer's: a quantized engine such "
-                  f"as FP8 beside a bf16 trainer{quantized}, or a weight sync that did not land (run verify: "
+        causes = ("Likely causes: the engine's weights or numerics differ from the trainer's: a quantized checkpoint "
+                  "(FP8, int4) beside a trainer in bf16, or a weight sync that did not land (run verify: "
                   f"engine.verify_every=1 checks every sync bitwise{verify}); or the sampling and the loss use "
                   "different distributions: a temperature/top-p/top-k mismatch (the loss scores at train.temperature "
                   "with no top-p/top-k; sample the same way).")
-        fixes = ["the engine in the trainer's precision (engine.quantization=null)" if self.quantization else
-                 "the engine in the trainer's precision (no engine.quantization)",
-                 "engine.verify_every=1 to prove each sync landed"]
+        fixes = ["a checkpoint in the trainer's precision (model.path)", "engine.verify_every=1 to prove each sync landed"]
         if self.mode.startswith("sequence"):
             fixes.append("a per-token correction, which does not compound the gap (train.sampling_correction="
                          "token_truncate or token_mask)")

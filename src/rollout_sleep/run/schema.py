@@ -30,12 +30,6 @@ def _load_methods() -> tuple:
     return LOAD_METHODS
 
 
-def _quantizations() -> tuple:
-    from rollout_sleep.weights.fp8 import QUANTIZATIONS
-
-    return QUANTIZATIONS
-
-
 def _opt(default: Any, help: str, *, resume: str, mode: tuple | Callable[[], tuple] | None = None) -> Any:
     """A field with its default, its meaning (``help``) and its resume class (:data:`FIXED` / :data:`APPLIED`
     / :data:`FREE`: required, so that no new key goes unclassified). ``mode``: the field picks how the engine
@@ -73,7 +67,7 @@ class ModelConfig:
                                                   "(null: the size's own choice)", resume=FIXED)
     share_weights: bool | None = _opt(None, "one copy of the weights: the trainer's parameters are views of vLLM's "
                                             "weight tensors, the optimizer updates them in place and a sync moves "
-                                            "nothing (CUDA, one process, one engine, no FP8, no LoRA; "
+                                            "nothing (CUDA, one process, one engine, no LoRA; "
                                             "docs/design.md). null: on where it applies, the decision logged; "
                                             "true: refuse to start where it does not; false: two copies, synced",
                                       resume=FREE, mode=(None, True, False))
@@ -95,10 +89,6 @@ class EngineConfig:
                                "releases its KV cache only)", resume=FREE, mode=(1, 2))
     load_method: str = _opt("auto", "weight-load route: auto / reload / load_weights / direct (auto takes "
                                     "direct where it maps every tensor exactly)", resume=FREE, mode=_load_methods)
-    quantization: str | None = _opt(None, "null: the engine computes in model.dtype; fp8: vLLM's online FP8 of the "
-                                          "linear layers (bf16 trainer, FP8 rollouts; CUDA only), each sync "
-                                          "quantizing the trainer's weights as vLLM's loader does", resume=APPLIED,
-                                    mode=_quantizations)
     verify_every: int = _opt(1, "run verify after every N-th sync (0: never)", resume=FREE)
     enforce_eager: bool | None = _opt(None, "vLLM without torch.compile and CUDA graphs (faster start, slower "
                                             "generation); null: eager on CPU (compiling costs ~15-20 s at each "

@@ -4,7 +4,7 @@
   :class:`WeightMismatchError`, the tied-head rule;
 - :mod:`.stream`: the trainer's side, :class:`WeightStream` (DDP, FSDP2, ZeRO-3, PEFT, MoE layouts);
 - :mod:`.layout`: vLLM's layout (fused slices, stacked experts, tensor-parallel cuts, the tied head);
-- :mod:`.fp8`: the arithmetic of vLLM's online FP8; :mod:`.verify`: the bitwise proof, :func:`verify`;
+- :mod:`.verify`: the bitwise proof, :func:`verify`;
 - :mod:`.checkpoints`: random-weight checkpoints of several model families (no downloads).
 
 Imports nothing else of the package: every other part may import this one.

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import fp8
 from .layout import EngineLayout
 from .stream import WeightStream
 
@@ -60,11 +59,6 @@ def verify_in_process(engine, model: nn.Module | WeightStream | list[tuple[str, 
     check covers what vLLM actually holds. On a tensor-parallel engine each rank checks its own shards,
     cut as vLLM's parallel layers cut them. It never raises on a layout: a tensor it cannot place makes
     it fail (``ok=False``), named in ``report.unplaced`` with the reason.
-
-    On an FP8 engine each FP8 linear is compared whole: the trainer's shards (q/k/v, gate/up) concatenated
-    and quantized as vLLM quantizes them (:func:`rollout_sleep.weights.fp8.quantize`) must equal the engine's FP8
-    weight and its scale bit for bit (``max_abs_diff`` then includes the quantization error: it is taken
-    against the dequantized engine weight).
     """
     # a model, its WeightStream, or (name, tensor) pairs (an engine process checks views of the shared buffer)
     stream = WeightStream(model, dtype=engine.dtype) if isinstance(model, nn.Module) else model
@@ -75,19 +69,8 @@ def verify_in_process(engine, model: nn.Module | WeightStream | list[tuple[str, 
     def compare(vmodel: nn.Module) -> VerifyReport:
         layout = EngineLayout(vmodel, engine.spec, engine.tied, sharded=sharded)
         report = VerifyReport(ok=True, compared=0)
-        groups, problems = fp8.groups(vmodel, layout.plan, engine.spec)
-        assembler = fp8.Assembler(groups)
         with torch.no_grad():
             for name, want in stream:
-                if name in groups:
-                    if sharded:
-                        report.ok = False
-                        report.unplaced[name] = "an FP8 linear of a tensor-parallel engine (per-rank scales: not mapped)"
-                        continue
-                    done = assembler.add(name, want)
-                    if done is not None:
-                        _compare_fp8(vmodel, *done, report)
-                    continue
                 try:
                     held = layout.held(name, want)
                 except Exception as e:  # never crash on a layout: name the tensor and why
@@ -104,30 +87,9 @@ def verify_in_process(engine, model: nn.Module | WeightStream | list[tuple[str, 
                 if not torch.equal(got, cast):
                     report.ok = False
                     report.mismatched[name] = diff
-        for param in assembler.unfinished():
-            report.ok = False
-            report.unplaced[param] = "the trainer's stream did not hold all the shards of this FP8 linear"
-        for problem in problems:
-            report.ok = False
-            report.unplaced[problem.partition(":")[0]] = problem
         return report
 
     report = engine.run_on_model(compare)
     report.seconds = time.perf_counter() - t0
     return report
 
-
-def _compare_fp8(vmodel: nn.Module, group: fp8.Group, weight: torch.Tensor, report: VerifyReport) -> None:
-    """One FP8 linear: the engine's FP8 weight and scale against the trainer's ``[out, in]`` weight quantized."""
-    held_w, held_s = fp8.engine_tensors(vmodel, group.param)
-    q, scale = fp8.quantize(weight.to(held_w.device))
-    report.compared += len(group.shards)
-    diff = (held_w.float() * held_s.float() - weight.to(held_w.device).float()).abs().max().item() \
-        if weight.numel() else 0.0
-    report.max_abs_diff = max(report.max_abs_diff, diff)
-    same = held_w.shape == q.shape and torch.equal(held_w.view(torch.uint8), q.view(torch.uint8)) and \
-        torch.equal(held_s.reshape(-1), scale.reshape(-1).to(held_s.dtype))
-    if not same:
-        report.ok = False
-        for name in group.shards:
-            report.mismatched[name] = diff
