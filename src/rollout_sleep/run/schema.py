@@ -166,11 +166,10 @@ class TrainConfig:
                                                 "_reload_s", resume=FREE)
     expandable_segments: bool = _opt(False, "once vLLM has built its engine, PyTorch's allocator grows its segments "
                                             "in place (expandable_segments) for the trainer: fewer cached blocks "
-                                            "no tensor can use (the device peak minus the allocator's was 5.9 GiB "
-                                            "at 8B with one copy). Only where the engine sleeps at level 0 (one "
+                                            "no tensor can use, a lower device peak. Only where the engine sleeps at level 0 (one "
                                             "copy of the weights, LoRA with one base): a level-1/2 wake allocates "
                                             "in vLLM's sleep pool, which expandable segments break. CUDA only; "
-                                            "experimental, not yet measured", resume=FREE)
+                                            "experimental (docs/benchmarks.md)", resume=FREE)
     memory_plan: str = _opt("refuse", "the per-phase GPU memory plan printed before vLLM starts: refuse = stop "
                                       "with the knobs to turn when a phase does not fit / warn = say so and run "
                                       "anyway / off = no plan", resume=FREE)
