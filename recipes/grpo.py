@@ -31,7 +31,7 @@ Launch (one process, or several: each rank gets its own engine and a share of th
 What it simplifies: one optimizer step per rollout batch (so the "old" policy is the current one and the
 clipping ratio is 1 at the step). The vLLM-vs-trainer probability ratio is logged and, by
 default, corrects the loss as TRL does (``train.sampling_correction``: sequence-level, ratios above 3 masked; a step
-whose mean weight falls below 0.5, most of its samples dropped, is warned about: ``rollout_sleep.run.sampling_check``);
+whose mean weight falls below 0.5, or that masks most of its tokens, is warned about: ``rollout_sleep.run.sampling_check``);
 with one step per batch the trainer's old log-probs are its current ones, so this costs no extra forward pass.
 """
 

@@ -179,3 +179,17 @@ def test_a_nan_on_one_rank_stops_the_step_on_every_rank(tmp_path):
     for err in rows[1]["errors"]:
         assert err and "gradient norm is nan" in err and "another rank's are not" in err
     assert rows[1]["reused"] == 1 and rows[0]["reused"] == 0
+
+
+def test_sparse_gradients_are_checked():
+    """``nn.Embedding(sparse=True)`` gives a sparse gradient: normed from its values (``_foreach_norm`` refuses a
+    sparse tensor; the guard raised NotImplementedError on every step before), a NaN in it caught and named."""
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    opt = torch.optim.SGD(emb.parameters(), lr=0.1)
+    guard_optimizer(opt, emb)
+    emb(torch.tensor([1, 2, 2])).sum().backward()
+    opt.step()  # finite: applied
+    opt.zero_grad()
+    (emb(torch.tensor([1, 2])).sum() * float("nan")).backward()
+    with pytest.raises(NonFiniteError, match=r"norm is nan .*: weight\)"):
+        opt.step()

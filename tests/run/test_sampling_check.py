@@ -125,3 +125,50 @@ def test_the_real_loss_with_a_mismatched_engine_triggers_it(ckpts, caplog):
     assert f"sampling_weight_mean={mismatched['sampling_weight_mean']:.3g}" in msg
     assert f"{100 * mismatched['sampling_masked_sequences']:.1f}% of the step's completions" in msg
     assert f"by {mismatched['sampling_logp_diff']:.3g} per token" in msg
+
+
+def test_a_mask_mode_dropping_most_tokens_warns_even_when_the_survivors_keep_the_mean_up(caplog):
+    """sequence_mask capped at 3: 60% of the completions masked, the rest at ratio 2 give a mean weight of 0.8 (not
+    below 0.5): most of the step is still dropped, so it warns, naming the masked share and the 40% trained on."""
+    row = {"sampling_weight_mean": 0.8, "sampling_masked_sequences": 0.6, "sampling_masked_tokens": 0.6,
+           "sampling_logp_diff": 0.2, "sampling_ratio": 1.4}
+    check = SamplingCheck("sequence_mask", None, 3.0, remind_every=1)
+    with caplog.at_level(logging.WARNING, LOGGER):
+        assert check.observe(3, row) == {"sampling_weight_low": 1.0}
+        assert check.observe(4, row) == {"sampling_weight_low": 1.0}
+    first, reminder = _warnings(caplog)
+    assert first.startswith("step 3: sampling_masked_tokens=0.6, above 0.5 (sampling_weight_mean=0.8)")
+    assert "masked 60.0% of the step's completions" in first and "trained on about 40.0% of what it sampled" in first
+    assert reminder.startswith("sampling_masked_tokens is still above 0.5: 2 of the 2 steps so far (now 0.6 at step 4")
+    # truncating modes mask nothing: their weight alone decides
+    assert SamplingCheck("sequence_truncate", None, 3.0).observe(1, row) == {"sampling_weight_low": 0.0}
+
+
+def _named_keys(text: str) -> set[str]:
+    import re
+
+    return set(re.findall(r"\b((?:model|engine|data|train|wandb|watchdog)\.[a-z_]+)", text))
+
+
+def _schema_keys() -> set[str]:
+    import dataclasses
+
+    from rollout_sleep.run.schema import RecipeConfig
+
+    cfg = RecipeConfig()
+    return {f"{section.name}.{f.name}" for section in dataclasses.fields(cfg)
+            if dataclasses.is_dataclass(getattr(cfg, section.name))
+            for f in dataclasses.fields(getattr(cfg, section.name))}
+
+
+@pytest.mark.parametrize("mode", ["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"])
+@pytest.mark.parametrize("verify_every", [0, 1, 4])
+def test_every_key_the_warning_names_is_a_config_key(mode, verify_every):
+    check = SamplingCheck(mode, 0.5, 3.0, verify_every=verify_every, remind_every=1)
+    check.observe(1, FP8_ROW)
+    named = _named_keys(check.message)
+    assert named and named <= _schema_keys(), named - _schema_keys()
+    fixes = check.message.split("Fixes:")[1]
+    # a fix already in effect is not offered: verify_every=1 verifies every sync
+    assert ("engine.verify_every=1" in fixes) == (verify_every != 1)
+

@@ -38,8 +38,11 @@ class NonFiniteError(FloatingPointError):
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of an FSDP2 DTensor (the tensor itself otherwise)."""
-    return t.to_local() if hasattr(t, "to_local") else t
+    """This rank's shard of an FSDP2 DTensor, a sparse gradient's values (``nn.Embedding(sparse=True)``:
+    ``_foreach_norm`` takes dense tensors only), else the tensor itself."""
+    if hasattr(t, "to_local"):
+        return t.to_local()
+    return t.coalesce().values() if t.is_sparse else t
 
 
 def _version(t: torch.Tensor) -> int:

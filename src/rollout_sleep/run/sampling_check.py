@@ -8,7 +8,9 @@ gap of 0.31 on an H100), a sequence's ratio compounds that gap over every token:
 ~97 % of the completions (``sampling_weight_mean`` 0.025) and the run trained on ~3 % of its samples, silently.
 
 :class:`SamplingCheck` reads each step's statistics (:meth:`rollout_sleep.grpo.loss.GRPOLoss.step`): when the
-mean weight falls below ``threshold`` it warns (``rollout_sleep.run.sampling_check`` logger) with the numbers,
+mean weight falls below ``threshold`` (or, in a ``*_mask`` mode, more than ``1 - threshold`` of the completion
+tokens are masked: the survivors' weights, ratios up to ``sampling_clip_max``, can hold the mean above the
+threshold while most of the step is dropped) it warns (``rollout_sleep.run.sampling_check`` logger) with the numbers,
 the likely causes and the keys that fix it, at the first such step; then a one-line reminder every
 ``remind_every``-th low step, not every step. Each step's ``sampling_weight_low`` (1 when below) goes into the
 metrics (metrics.jsonl, W&B); the recipe puts the warning's text into W&B's summary.
@@ -68,19 +70,27 @@ class SamplingCheck:
         if self.mode == "none" or weight is None:
             return {}
         self.seen += 1
-        if not weight < self.threshold:
+        if not self._low(stats):
             return {"sampling_weight_low": 0.0}
         self.low += 1
         if self.first_low is None:
             self.first_low = step
             self.message = self.explain(step, stats)
         elif (self.low - 1) % self.remind_every == 0:
-            self.message = (f"{METRIC} is still below {self.threshold:g}: {self.low} of the {self.seen} steps so far "
-                            f"(now {weight:.3g} at step {step}{self._dropped(stats, ', ')}); the causes and fixes are "
-                            f"in the warning of step {self.first_low}")
+            what, now = (f"{METRIC} is still below {self.threshold:g}", f"{weight:.3g}") if weight < self.threshold \
+                else (f"sampling_masked_tokens is still above {1 - self.threshold:g}",
+                      f"{stats['sampling_masked_tokens']:.3g}")
+            self.message = (f"{what}: {self.low} of the {self.seen} steps so far (now {now} at step {step}"
+                            f"{self._dropped(stats, ', ')}); the causes and fixes are in the warning of step "
+                            f"{self.first_low}")
         if self.message is not None and warn:
             logger.warning(self.message)
         return {"sampling_weight_low": 1.0}
+
+    def _low(self, stats: dict) -> bool:
+        """The mean weight below the threshold, or (``*_mask``) the share of completion tokens kept."""
+        masked = stats.get("sampling_masked_tokens")
+        return stats[METRIC] < self.threshold or (self.masks and masked is not None and masked > 1 - self.threshold)
 
     def _dropped(self, stats: dict, lead: str = "") -> str:
         seqs = stats.get("sampling_masked_sequences")
@@ -104,9 +114,10 @@ class SamplingCheck:
             shares = [f"{100 * seqs:.1f}% of the step's completions" if seqs is not None else None,
                       f"{100 * toks:.1f}% of its completion tokens" if toks is not None else None]
             dropped = " and ".join(s for s in shares if s) or "most of the step's samples"
+            kept = 1 - toks if toks is not None else weight  # a masked token trains on nothing, the rest on its ratio
             what = (f"train.sampling_correction={self.mode} gives weight 0 to each {unit} whose trainer/engine "
                     f"probability ratio is outside {self._bounds()}: it masked {dropped}, and the weights average "
-                    f"{weight:.3g}: the step trained on about {100 * weight:.1f}% of what it sampled")
+                    f"{weight:.3g}: the step trained on about {100 * kept:.1f}% of what it sampled")
         else:
             what = (f"train.sampling_correction={self.mode} clamps each {unit}'s trainer/engine probability ratio to "
                     f"{self._bounds()}: the weights average {weight:.3g}, so the step's gradient is about "
@@ -120,13 +131,16 @@ class SamplingCheck:
             if self.mode.startswith("sequence"):
                 numbers += (" A sequence's ratio is the product of its tokens' ratios: a per-token gap compounds over "
                             "the completion's length.")
-        verify = " (this run: engine.verify_every=0, never verified)" if self.verify_every == 0 else ""
+        verify = " (this run: engine.verify_every=0, never verified)" if self.verify_every == 0 else \
+            " (this run verifies every sync)" if self.verify_every == 1 else ""
         causes = ("Likely causes: the engine's weights or numerics differ from the trainer's: a quantized checkpoint "
                   "(FP8, int4) beside a trainer in bf16, or a weight sync that did not land (run verify: "
                   f"engine.verify_every=1 checks every sync bitwise{verify}); or the sampling and the loss use "
                   "different distributions: a temperature/top-p/top-k mismatch (the loss scores at train.temperature "
                   "with no top-p/top-k; sample the same way).")
-        fixes = ["a checkpoint in the trainer's precision (model.path)", "engine.verify_every=1 to prove each sync landed"]
+        fixes = ["a checkpoint in the trainer's precision (model.path)"]
+        if self.verify_every != 1:
+            fixes.append("engine.verify_every=1 to prove each sync landed")
         if self.mode.startswith("sequence"):
             fixes.append("a per-token correction, which does not compound the gap (train.sampling_correction="
                          "token_truncate or token_mask)")
@@ -135,6 +149,10 @@ class SamplingCheck:
             fixes.append(f"clamping instead of masking (train.sampling_correction={clamped})")
         fixes += ["wider bounds (train.sampling_clip_max, train.sampling_clip_min)",
                   "no correction (train.sampling_correction=none)"]
-        return (f"step {step}: {METRIC}={weight:.3g}, below {self.threshold:g}: {what}.{numbers} {causes} Fixes: "
+        head = f"{METRIC}={weight:.3g}, below {self.threshold:g}" if weight < self.threshold else \
+            (f"sampling_masked_tokens={stats['sampling_masked_tokens']:.3g}, above {1 - self.threshold:g} "
+             f"({METRIC}={weight:.3g})")
+        return (f"step {step}: {head}: {what}.{numbers} {causes} Fixes: "
                 + "; ".join(fixes) + f". (Warned once; reminded every {self.remind_every} such steps; logged per "
                 "step as sampling_weight_low.)")
+
