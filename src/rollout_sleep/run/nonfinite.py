@@ -98,7 +98,9 @@ class NonFiniteGuard:
 
     def clipping(self, clip):
         """``clip(params, max_norm, ...) -> norm`` (``torch.nn.utils.clip_grad_norm_``,
-        ``accelerator.clip_grad_norm_``) that also hands its norm to the guard (:meth:`hand_norm`)."""
+        ``accelerator.clip_grad_norm_``) that also hands its norm to the guard (:meth:`hand_norm`). A gradient
+        changed in place after the clip is seen by its version counter; a write through ``.grad.data`` is not
+        (it does not count), so code that edits gradients that way between clip and step should not hand the norm."""
         def clip_and_hand(parameters, max_norm, *args, **kwargs):
             params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
             norm = clip(params, max_norm, *args, **kwargs)
