@@ -16,9 +16,10 @@ import copy
 import pytest
 import torch
 
-from rollout_sleep.grpo import loss as grpo
-from rollout_sleep.grpo.loss import (GRPOLoss, completion_logprobs, fused_head_problem, linear_selected_logprobs,
-                                     pad_batch, selected_logprobs)
+from rollout_sleep.grpo import logprobs as grpo
+from rollout_sleep.grpo.logprobs import (completion_logprobs, fused_head_problem, linear_selected_logprobs,
+                                         selected_logprobs)
+from rollout_sleep.grpo.loss import GRPOLoss, pad_batch
 
 PROMPTS = [[5, 9, 2, 7], [3], [11, 12], [40, 41, 42]]
 COMPS = [[4, 4, 8], [6, 1, 2, 9, 10], [7], [100, 101]]

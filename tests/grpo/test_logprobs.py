@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rollout_sleep.grpo import loss as grpo
-from rollout_sleep.grpo.loss import GRPOLoss, completion_logprobs, pad_batch, selected_logprobs
+from rollout_sleep.grpo import logprobs as grpo
+from rollout_sleep.grpo.logprobs import completion_logprobs, selected_logprobs
+from rollout_sleep.grpo.loss import GRPOLoss, pad_batch
 
 
 class _NoKeep(torch.nn.Module):

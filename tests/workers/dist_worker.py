@@ -16,7 +16,8 @@ dist.init_process_group("gloo")
 rank = dist.get_rank()
 
 from rollout_sleep.engine.engine import Engine  # noqa: E402
-from rollout_sleep.grpo.loss import _keeps_logits, completion_logprobs, pad_batch  # noqa: E402
+from rollout_sleep.grpo.logprobs import _keeps_logits, completion_logprobs  # noqa: E402
+from rollout_sleep.grpo.loss import pad_batch  # noqa: E402
 from rollout_sleep.run.update_check import UpdateCheck  # noqa: E402
 from rollout_sleep.weights.stream import WeightStream, unwrap  # noqa: E402
 from rollout_sleep.weights.verify import verify  # noqa: E402

@@ -84,12 +84,12 @@ def plan_run(cfg: Any, model_path: str, *, processes: int, shards: tuple[int, in
 
 
 def fused_head(model_path: str, shards: tuple[int, int, int], lora) -> bool:
-    """Whether the trainer will take the fused LM head (``grpo.loss.fused_head_problem``), as far as the plan can
+    """Whether the trainer will take the fused LM head (``grpo.logprobs.fused_head_problem``), as far as the plan can
     tell before the model exists: the checkpoint's family and config allow it, the weights are not sharded
     (FSDP, ZeRO-3) and LoRA does not target the head."""
     from transformers import AutoConfig
 
-    from rollout_sleep.grpo.loss import FUSED_HEAD, fused_config_problem
+    from rollout_sleep.grpo.logprobs import FUSED_HEAD, fused_config_problem
 
     if not FUSED_HEAD or shards[0] > 1 or (lora.rank and "lm_head" in list(lora.targets)):
         return False

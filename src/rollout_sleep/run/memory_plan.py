@@ -206,8 +206,8 @@ class PlanInputs:
     # One copy (``model.share_weights``): every parameter trains, and the trainer's are views of the engine's
     # weights (held once); the engine sleeps at level 0 as for LoRA.
     weights_shared: bool = False
-    # The trainer's LM head fused with the log-softmax (``grpo.loss.linear_selected_logprobs``, the default where
-    # ``grpo.loss.fused_head_problem`` allows): no full logits or logits gradient; False: the model's own logits.
+    # The trainer's LM head fused with the log-softmax (``grpo.logprobs.linear_selected_logprobs``, the default where
+    # ``grpo.logprobs.fused_head_problem`` allows): no full logits or logits gradient; False: the model's own logits.
     fused_head: bool = True
 
 
@@ -245,8 +245,8 @@ def activation_bytes(i: PlanInputs) -> int:
 def head_activation_bytes(i: PlanInputs) -> int:
     """What the LM head and log-softmax over the completion columns (``micro_batch x (completion_len + 1)``
     positions) add at their peak. Unfused: the ``[positions, vocab]`` logits kept for backward and their gradient
-    (``dtype_bytes`` each), plus two float32 row chunks of the log-softmax (``grpo._chunk_rows``: at most 256 MiB).
-    Fused (``grpo.linear_selected_logprobs``): no logits are kept; a chunk's logits exist one at a time (float32
+    (``dtype_bytes`` each), plus two float32 row chunks of the log-softmax (``grpo.logprobs._chunk_rows``: at most 256 MiB).
+    Fused (``grpo.logprobs.linear_selected_logprobs``): no logits are kept; a chunk's logits exist one at a time (float32
     at most 256 MiB, with its ``dtype_bytes`` product and float32 temporaries: two chunks counted), beside the
     head's input (``dtype_bytes`` per hidden unit, also kept unfused but counted there in the logits' margin) and
     the float32 accumulator of its gradient.
