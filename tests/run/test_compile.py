@@ -129,3 +129,63 @@ def test_recipe_trains_with_compiled_layers_and_verify(tmp_path):
     assert all(r["verify_s"] > 0 for r in rows), rows  # a failed verify fails the run
     names = load_file(out / "checkpoints" / "step_2" / "model.safetensors")
     assert names and not any("_orig_mod" in n for n in names), sorted(names)[:4]
+
+
+def _deep_model(layers: int):
+    """A tiny random Qwen3 with ``layers`` decoder layers (more than dynamo's recompile limit, 8), float32."""
+    from transformers import AutoModelForCausalLM
+
+    from rollout_sleep.weights.checkpoints import qwen3_config
+
+    config = qwen3_config("tiny", "float32")
+    config.num_hidden_layers, config.layer_types = layers, [config.layer_types[0]] * layers
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def test_only_the_decoder_layers_are_compiled_and_the_fused_head_still_runs(monkeypatch):
+    """compile_model compiles the decoder layers and nothing outside them: a compiled LM head (accelerate's
+    compile_regions_fsdp2 compiles every leaf outside the blocks too) turned the fused LM head off, and the
+    [batch, n, vocab] logits came back. The log-probs then take the fused path, and equal the eager model's."""
+    import rollout_sleep.grpo.logprobs as lp
+    from rollout_sleep.grpo.logprobs import completion_logprobs, fused_head_problem
+    from rollout_sleep.grpo.loss import pad_batch
+
+    _, model, _ = views_on_fused_layout()
+    ids, attn, positions, mask = pad_batch([[5, 9, 2, 7], [3, 8]], [[4, 4, 8], [6, 1]], pad_id=0)
+    with torch.no_grad():
+        want = completion_logprobs(model, ids, attn, positions, mask.shape[1])
+    compile_model(model, backend="eager")  # dynamo's tracing alone: what is compiled, not inductor's code
+    assert compiled_blocks(model) == list(model.model.layers)
+    head, problem = fused_head_problem(model)
+    assert problem is None and head is model.lm_head
+    fused = []
+    real = lp.linear_selected_logprobs
+    monkeypatch.setattr(lp, "linear_selected_logprobs", lambda *a, **k: fused.append(1) or real(*a, **k))
+    with torch.no_grad():
+        got = completion_logprobs(model, ids, attn, positions, mask.shape[1])
+    assert fused, "the compiled model's log-probs did not take the fused LM head"
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_layers_share_one_graph_and_lengths_recompile_once_without_checkpointing():
+    """Without gradient checkpointing a training forward built a KV cache (config.use_cache) that each layer
+    updates at its own index: dynamo guarded on past_key_values.layers[i] and compiled a graph per layer until its
+    recompile limit (8), past which the layers ran eager, and every later length ran all of them eager. With the
+    log-probs' forward passing use_cache=False: one graph for every layer, one recompile (dynamic shapes) at the
+    first new length, none after."""
+    from torch._dynamo.utils import counters
+
+    from rollout_sleep.grpo.logprobs import completion_logprobs
+    from rollout_sleep.grpo.loss import pad_batch
+
+    torch._dynamo.reset()
+    model = _deep_model(10).train()  # training mode, no gradient checkpointing: use_cache stays on in the config
+    compile_model(model, backend="eager")  # dynamo's guards and graphs, without inductor's compile time
+    start, graphs = counters["stats"]["unique_graphs"], []
+    for prompt, completion in [(5, 3), (7, 4), (9, 6), (4, 2)]:
+        ids, attn, positions, mask = pad_batch([list(range(1, prompt + 1))] * 2, [[7] * completion] * 2, pad_id=0)
+        completion_logprobs(model, ids, attn, positions, mask.shape[1]).sum().backward()
+        graphs.append(counters["stats"]["unique_graphs"] - start)
+    assert graphs == [1, 2, 2, 2], f"graphs compiled after each length: {graphs} (one for all 10 layers, then one "
+    "dynamic recompile)"

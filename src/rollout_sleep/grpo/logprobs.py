@@ -239,20 +239,33 @@ def _fused_head(model) -> torch.nn.Module | None:
     return head
 
 
-def _keeps_logits(model) -> bool:
-    """Whether the model under its wrappers (DDP, DeepSpeed, ``torch.compile``, PEFT) takes ``logits_to_keep``
-    (Hugging Face causal LMs do; the wrappers pass keyword arguments through)."""
+def _forward_kwargs(model, n: int) -> dict:
+    """The keyword arguments the model under its wrappers (DDP, DeepSpeed, ``torch.compile``, PEFT) takes
+    (Hugging Face causal LMs do; the wrappers pass keyword arguments through): ``logits_to_keep`` (the LM head on
+    the completions' columns only) and ``use_cache=False``. Without it a training forward builds a KV cache
+    (``config.use_cache``, unless gradient checkpointing turns it off) that nothing reads, and each decoder layer
+    updates its own entry of it: under ``train.compile`` every layer then compiles its own graph (dynamo guards on
+    ``past_key_values.layers[i]``) until ``torch._dynamo``'s recompile limit (8), past which the layers run eager."""
     from rollout_sleep.weights.stream import unwrap
 
     model = unwrap(model)
     if hasattr(model, "get_base_model"):  # PEFT
         model = unwrap(model.get_base_model())
-    return _takes_logits_to_keep(getattr(model.forward, "__func__", model.forward))
+    takes = _forward_parameters(getattr(model.forward, "__func__", model.forward))
+    kw = {"logits_to_keep": n + 1} if "logits_to_keep" in takes else {}
+    if "use_cache" in takes:
+        kw["use_cache"] = False
+    return kw
+
+
+def _keeps_logits(model) -> bool:
+    """Whether the model under its wrappers takes ``logits_to_keep`` (:func:`_forward_kwargs`)."""
+    return "logits_to_keep" in _forward_kwargs(model, 0)
 
 
 @functools.lru_cache(maxsize=64)
-def _takes_logits_to_keep(forward) -> bool:  # once per forward function, not per micro-batch
-    return "logits_to_keep" in inspect.signature(forward).parameters
+def _forward_parameters(forward) -> frozenset[str]:  # once per forward function, not per micro-batch
+    return frozenset(inspect.signature(forward).parameters)
 
 
 def completion_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, positions: torch.Tensor,
@@ -266,7 +279,7 @@ def completion_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, positions:
     ``forward`` is swapped for that function, so the model returns the log-probs as its "logits" and neither the
     ``[batch, n, vocab]`` logits nor their gradient ever exist; otherwise (logged once per reason) the model's
     logits and :func:`selected_logprobs`. Both agree to the dtype's rounding (tests/grpo/test_fused_head.py)."""
-    kw = {"logits_to_keep": n + 1} if _keeps_logits(model) else {}
+    kw = _forward_kwargs(model, n)
     targets = ids[:, -n:]
     head = _fused_head(model)
     if head is None:
