@@ -124,6 +124,7 @@ def test_recipe_trains_with_compiled_layers_and_verify(tmp_path):
                            "engine.verify_every=1", "wandb.mode=disabled", timeout=600)
     assert proc.returncode == 0, log[-4000:]
     assert "train.compile: 2 Qwen3DecoderLayer blocks compiled in place" in log
+    assert "no fused LM head" not in log, log[-4000:]  # the LM head stays eager: the fused head takes it
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     assert all(r["verify_s"] > 0 for r in rows), rows  # a failed verify fails the run
