@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rollout_sleep.run.memory_plan import (GIB, MemoryPlanError, ModelShape, PlanInputs, activation_bytes, check,
-                                           plan_memory, problems)
+                                           plan_memory, problems, streamed_step_peak)
 from rollout_sleep.run.optim import optimizer_state_bytes
 from rollout_sleep.weights.checkpoints import qwen3_config
 
@@ -52,10 +52,15 @@ def test_plan_arithmetic_follows_the_dtypes_and_the_knobs(ckpts):
     t = off.phases["training"]
     assert off.total("training") == on.total("training") - min(t["activations"], t["optimizer_state"])
     # streamed: the state lives in host memory; the step brings one tensor's at a time, smallest first, and frees
-    # each gradient after its tensor steps: its peak is the largest of (gradients still held + that tensor's state)
+    # each gradient after its tensor steps; the copies overlap the step, so the previous tensor's state (going
+    # back) and the next one's (coming in) are on the device too: its peak is the largest of (gradients still
+    # held + those three states)
     streamed = plan_memory(dataclasses.replace(base, offload_optimizer="stream"))
     order = sorted(shape.tensor_numels)
-    step_peak = max(sum(order[j:]) * 2 + optimizer_state_bytes("adamw", [(k, 2)]) for j, k in enumerate(order))
+    states = [optimizer_state_bytes("adamw", [(k, 2)]) for k in order]
+    step_peak = max(sum(order[j:]) * 2 + sum(states[max(j - 1, 0):j + 2]) for j in range(len(order)))
+    serial = max(sum(order[j:]) * 2 + states[j] for j in range(len(order)))
+    assert sum(streamed_step_peak("adamw", shape.tensor_numels, 2, overlap=False)) == serial < step_peak
     s = streamed.phases["training"]
     assert streamed.phases["rollout"]["optimizer_state"] == 0
     assert s["gradients_at_step"] + s["optimizer_state"] + s.get("optimizer_step", 0) == step_peak

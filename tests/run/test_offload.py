@@ -5,6 +5,7 @@ plain step bitwise)."""
 from __future__ import annotations
 
 import io
+import os
 import re
 import weakref
 
@@ -134,21 +135,46 @@ def _backward(model: torch.nn.Module, step: int) -> None:
     model(ids).float().square().mean().backward()
 
 
-def _train(kind, rounding, dtype, streamed: bool, steps: int = 3, device: str = "cpu", state_dict=None, first=0):
+def _train(kind, rounding, dtype, streamed: bool, steps: int = 3, device: str = "cpu", state_dict=None, first=0,
+           overlap: bool = True, drop=None, after=None, setup=None):
     """``steps`` steps from ``first`` on (``state_dict``: the optimizer's state to start from): the model and the
-    optimizer."""
+    optimizer. ``overlap``: the streamed step's copies overlapped with its compute (or serial); ``drop(model,
+    step)`` may take gradients away before the step (a parameter that does not step); ``setup(opt)`` runs before
+    the first step, ``after(opt)`` after each."""
     model = _model(dtype, device)
     opt = build_optimizer(kind, model.parameters(), lr=1e-2, weight_decay=0.1, stochastic_rounding=rounding)
-    opt = StreamedOptimizer(opt) if streamed else opt
+    opt = StreamedOptimizer(opt, overlap=overlap) if streamed else opt
     if state_dict is not None:
         model.load_state_dict(state_dict["model"])
         opt.load_state_dict(state_dict["optimizer"])
+    if setup is not None:
+        setup(opt)
     for step in range(first, first + steps):
         torch.manual_seed(step)  # stochastic rounding draws from the global generator, in the parameters' order
         _backward(model, step)
+        if drop is not None:
+            drop(model, step)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if after is not None:
+            after(opt)
     return model, opt
+
+
+@pytest.fixture
+def moved(monkeypatch):
+    """Every state tensor counts as on the device: the streamed step copies each through its host buffers (here
+    host to host, the code path CUDA takes, streams aside), so a state brought, stepped or sent to the wrong place
+    shows."""
+    from rollout_sleep.run.offload import HostCopies
+
+    monkeypatch.setattr(HostCopies, "resident", lambda self, t: True)
+
+
+def _all_in_host_buffers(opt) -> bool:
+    """Every state tensor of ``opt`` (a StreamedOptimizer) is its host buffer: nothing left on the "device"."""
+    buffers = {id(t) for t in opt.host._host.values()}
+    return all(id(t) in buffers for state in opt.state.values() for t in state.values() if isinstance(t, torch.Tensor))
 
 
 def _same_state(a: dict, b: dict) -> bool:
@@ -178,6 +204,86 @@ def test_streamed_step_equals_the_plain_step_bitwise(kind, rounding, dtype):
         moment = type(opt.state[model.embed.weight]["exp_avg"]).__name__
         assert moment == {"adamw8bit": "OptimState8bit", "adamw4bit": "OptimState4bit"}[kind]
     assert opt.pop_timings() == {} and opt.offload() == 0  # the parameters live on the host: nothing moved
+
+
+def _drop_norm_weight(model, step):
+    if step == 1:  # the norm's weight does not step this time: its state stays as it was, in host memory
+        model.norm.weight.grad = None
+
+
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "serial"])
+@pytest.mark.parametrize("kind,rounding,dtype", KINDS, ids=[k for k, *_ in KINDS])
+def test_streamed_step_moving_every_state_equals_the_plain_step_bitwise(kind, rounding, dtype, overlap, moved):
+    """With every state tensor copied through its host buffer (the next parameter's brought before this one steps,
+    when overlapped), 4 steps of tensors of several sizes, one parameter without a gradient at one step, equal the
+    plain optimizer's bitwise; after each step every state tensor is in its host buffer, and the most state held
+    at once is three tensors' (the one sent back, the one stepping, the one coming in) overlapped, one serially."""
+    ref, ref_opt = _train(kind, rounding, dtype, streamed=False, steps=4, drop=_drop_norm_weight)
+    after = []
+    model, opt = _train(kind, rounding, dtype, streamed=True, steps=4, overlap=overlap, drop=_drop_norm_weight,
+                        after=lambda o: after.append(_all_in_host_buffers(o)))
+    assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), model.parameters()))
+    assert _same_state(ref_opt.state_dict(), opt.state_dict())
+    assert after == [True] * 4
+    sizes = sorted((sum(x.numel() * x.element_size() for t in state.values() if isinstance(t, torch.Tensor)
+                        for x in storage_tensors(t)), p.numel()) for p, state in opt.state.items())
+    sizes = [b for b, _ in sorted(sizes, key=lambda x: x[1])]  # the step's order: smallest tensor first
+    most = max(sum(sizes[max(i - 1, 0):i + 2]) for i in range(len(sizes))) if overlap else max(sizes)
+    assert opt.step_state_bytes == most
+
+
+def test_overlapped_step_brings_the_next_state_before_this_one_steps_and_no_further(moved):
+    """The copies' order, overlapped: the first state comes in, then for each parameter the next one's copy is
+    queued before it steps (one tensor ahead, never two), and its own goes back right after its step; at each
+    inner step exactly two states are out of their host buffers (this one's and the next's, none for the last)."""
+    model, opt = _train("adamw", False, torch.float32, streamed=True, steps=1)
+    order = sorted(model.parameters(), key=lambda p: p.numel())
+    name = {id(p): i for i, p in enumerate(order)}
+    log, bring, send, step = [], opt.host.bring, opt.host.send, opt.inner.step
+    buffers = lambda: {id(t) for t in opt.host._host.values()}  # noqa: E731
+
+    def out_of_host():
+        return sum(any(isinstance(t, torch.Tensor) and id(t) not in buffers() for t in s.values())
+                   for s in opt.state.values())
+
+    opt.host.bring = lambda p, state, stream=None: (log.append(("in", name[id(p)])), bring(p, state, stream))[1]
+    opt.host.send = lambda p, state, stream=None: (log.append(("out", name[id(p)])), send(p, state, stream))[1]
+    opt.inner.step = lambda: (log.append(("step", [name[id(p)] for p in order if p.grad is not None][0],
+                                          out_of_host())), step())[1]
+    _backward(model, 1)
+    opt.step()
+    n = len(order)
+    want = [("in", 0)]
+    for i in range(n):
+        want += ([("in", i + 1)] if i + 1 < n else []) + [("step", i, 2 if i + 1 < n else 1), ("out", i)]
+    assert log == want
+    assert _all_in_host_buffers(opt) and all(p.grad is None for p in order)
+
+
+def test_a_failing_inner_step_puts_the_states_it_brought_back_in_host_memory(moved):
+    """An error in a parameter's step (after the ones before it stepped) leaves that state and the next one,
+    already brought, in their host buffers with their values from before the step, and the gradients not reached
+    where they were."""
+    model, opt = _train("adamw", False, torch.float32, streamed=True, steps=1)
+    order = sorted(model.parameters(), key=lambda p: p.numel())
+    before = {id(p): {k: t.clone() for k, t in opt.state[p].items()} for p in order}
+    step, calls = opt.inner.step, []
+
+    def failing():
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+        return step()
+
+    opt.inner.step = failing
+    _backward(model, 1)
+    with pytest.raises(RuntimeError, match="boom"):
+        opt.step()
+    assert _all_in_host_buffers(opt)
+    for p in order[2:]:
+        assert all(torch.equal(t, before[id(p)][k]) for k, t in opt.state[p].items())
+        assert p.grad is not None
+    assert all(p.grad is None for p in order[:2])
 
 
 def test_streamed_step_goes_smallest_first_one_gradient_at_a_time_and_frees_each():
@@ -233,10 +339,14 @@ def test_a_non_finite_gradient_stops_the_streamed_step_before_anything_changes()
     assert all(p.grad is not None for p in model.parameters())
 
 
+@pytest.mark.parametrize("moves", [False, True], ids=["in-place", "moved"])
 @pytest.mark.parametrize("saved_streamed", [True, False], ids=["stream-to-plain", "plain-to-stream"])
-def test_a_checkpoint_of_either_mode_resumes_in_the_other(saved_streamed):
+def test_a_checkpoint_of_either_mode_resumes_in_the_other(saved_streamed, moves, request):
     """The streamed optimizer's state dict is the plain one's: 2 steps in one mode, saved (through torch.save),
-    2 more in the other equal 4 plain steps bitwise (``true`` keeps the plain optimizer's own state dict)."""
+    2 more in the other equal 4 plain steps bitwise (``true`` keeps the plain optimizer's own state dict); also
+    with every state copied through its host buffers, overlapped (``moved``)."""
+    if moves:
+        request.getfixturevalue("moved")
     kind, rounding, dtype = KINDS[2]
     ref, ref_opt = _train(kind, rounding, dtype, streamed=False, steps=4)
     model, opt = _train(kind, rounding, dtype, streamed=saved_streamed, steps=2)
@@ -286,23 +396,79 @@ def test_the_setting_takes_false_true_and_stream_and_names_the_choices():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "serial"])
 @pytest.mark.parametrize("kind,rounding,dtype", KINDS[:2], ids=[k for k, *_ in KINDS[:2]])
-def test_streamed_step_on_cuda_keeps_the_state_in_pinned_host_memory(kind, rounding, dtype):
-    """On CUDA (fused AdamW, torchao's compiled step): bitwise the plain step after 3 steps; between steps no state
-    is on the GPU, every host copy (torchao's quantized moments leaf by leaf) is pinned, and the timings report
-    what moved."""
-    ref, _ = _train(kind, rounding, dtype, streamed=False, device="cuda")
-    model, opt = _train(kind, rounding, dtype, streamed=True, device="cuda")
+def test_streamed_step_on_cuda_keeps_the_state_in_pinned_host_memory(kind, rounding, dtype, overlap):
+    """On CUDA (fused AdamW, torchao's compiled step), the copies overlapped with the step or not: bitwise the
+    plain step after 3 steps (weights and state); between steps no state is on the GPU, every host copy
+    (torchao's quantized moments leaf by leaf) is pinned, and the timings report what moved. The most state on
+    the GPU at once is three tensors' overlapped (going out, stepping, coming in), one serially."""
+    ref, ref_opt = _train(kind, rounding, dtype, streamed=False, device="cuda")
+    model, opt = _train(kind, rounding, dtype, streamed=True, device="cuda", overlap=overlap)
     assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), model.parameters()))
+    assert _same_state(ref_opt.state_dict(), opt.state_dict())
     assert resident_state_bytes(opt, "cuda") == 0 and resident_state_bytes(opt, "cpu") > 0
     leaves = [x for state in opt.state.values() for key, t in state.items() if isinstance(t, torch.Tensor)
               and not (key == "step" and t.dim() == 0 and kind != "adamw") for x in storage_tensors(t)]
     assert leaves and all(x.is_pinned() for x in leaves)
     t = opt.pop_timings()
     assert t["optimizer_offload_s"] > 0 and t["optimizer_reload_s"] > 0 and t["optimizer_offload_gib"] > 0
-    largest = max(optimizer_state_bytes(kind, [(p.numel(), p.element_size())], stochastic_rounding=rounding)
-                  for p in model.parameters())
-    assert 0 < opt.step_state_bytes <= largest
+    assert t["optimizer_step_s"] > 0 and 0 <= t["optimizer_copy_wait_s"] <= t["optimizer_step_s"]
+    if not overlap:  # serial: no copy hidden
+        assert t["optimizer_copy_wait_s"] == pytest.approx(t["optimizer_offload_s"] + t["optimizer_reload_s"])
+    sizes = sorted(optimizer_state_bytes(kind, [(p.numel(), p.element_size())], stochastic_rounding=rounding)
+                   for p in model.parameters())
+    assert 0 < opt.step_state_bytes <= (sum(sizes[-3:]) if overlap else sizes[-1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(os.environ.get("CUDA_LAUNCH_BLOCKING") == "1", reason="kernels synchronous: nothing in flight")
+@pytest.mark.parametrize("kind,rounding,dtype", KINDS[:2], ids=[k for k, *_ in KINDS[:2]])
+def test_overlapped_copies_wait_for_each_other_and_no_buffer_is_reused_in_flight(kind, rounding, dtype):
+    """Each copy stream is held up (``torch.cuda._sleep`` queued on it before each copy). Before a state comes in,
+    the compute stream fills and frees blocks of its leaves' sizes (what the allocator hands the copy); after a
+    state goes back it at once allocates blocks of the sizes just let go and fills them. A step that read a state
+    before its copy in was done, or memory given to another tensor before its copy out was done
+    (``record_stream``), would change the result: 3 steps are bitwise the plain ones, weights and state, and the
+    compute stream reports the waits."""
+    cycles = 20_000_000  # ~10 ms of an H100's clock per copy
+    kept = []
+
+    def leaf_sizes(state, on_gpu):
+        return [x.numel() * x.element_size() for t in state.values() if isinstance(t, torch.Tensor)
+                for x in storage_tensors(t) if x.is_cuda == on_gpu]
+
+    def fill(sizes):
+        return [torch.full((n,), 255, dtype=torch.uint8, device="cuda") for n in sizes]
+
+    def setup(opt):
+        bring, send = opt.host.bring, opt.host.send
+
+        def slow_bring(p, state, stream=None):
+            fill(leaf_sizes(state, on_gpu=False))  # freed at once: garbage where the copy in will land
+            if stream is not None:
+                with torch.cuda.stream(stream):
+                    torch.cuda._sleep(cycles)
+            return bring(p, state, stream)
+
+        def slow_send(p, state, stream=None):
+            sizes = leaf_sizes(state, on_gpu=True)
+            if stream is not None:
+                with torch.cuda.stream(stream):
+                    torch.cuda._sleep(cycles)
+            moved = send(p, state, stream)
+            kept.extend(fill(sizes))  # kept to the step's end: the blocks the state just let go, if reusable
+            return moved
+
+        opt.host.bring, opt.host.send = slow_bring, slow_send
+
+    ref, ref_opt = _train(kind, rounding, dtype, streamed=False, device="cuda")
+    model, opt = _train(kind, rounding, dtype, streamed=True, device="cuda", setup=setup, after=lambda o: kept.clear())
+    assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), model.parameters()))
+    assert _same_state(ref_opt.state_dict(), opt.state_dict())
+    t = opt.pop_timings()
+    assert t["optimizer_copy_wait_s"] > 0.005  # the compute stream waited for held-up copies in
 
 
 def test_streamed_optimizer_refuses_a_parameter_listed_twice_and_being_copied():

@@ -51,9 +51,10 @@ def plan_run(cfg: Any, model_path: str, *, processes: int, shards: tuple[int, in
         notes.append("train.offload_optimizer: the parameters live in host memory already; nothing moves")
     elif offload == "stream":
         notes.append("train.offload_optimizer=stream: the optimizer state lives in host memory; the step brings "
-                     "one tensor's state to the GPU at a time, smallest first, and frees each gradient after its "
-                     "tensor steps. Training's total: the larger of gradients + activations and, at the tensor "
-                     "where it peaks, gradients_at_step (still held) + optimizer_state + optimizer_step")
+                     "one tensor's state to the GPU at a time, smallest first (the next one's copy in and the last "
+                     "one's copy back overlapping it), and frees each gradient after its tensor steps. Training's "
+                     "total: the larger of gradients + activations and, at the tensor where it peaks, "
+                     "gradients_at_step (still held) + optimizer_state (up to three tensors') + optimizer_step")
     b = torch.empty((), dtype=getattr(torch, cfg.model.dtype)).element_size()
     shape = memory_plan.ModelShape.from_checkpoint(model_path)
     sequences = t.prompts_per_step // processes * t.generations  # a rank's completions per step

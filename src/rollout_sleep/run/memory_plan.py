@@ -8,8 +8,9 @@ sleep pools) beside the trainer's weights, gradients, optimizer state and the ac
 With ``train.offload_optimizer=stream`` no optimizer state stays on the device: the step brings one tensor's at a
 time, smallest first, and frees each gradient after its tensor steps
 (:class:`~rollout_sleep.run.offload.StreamedOptimizer`); training's peak is then the larger of all gradients with the
-activations and, at the tensor where it is largest, the gradients still held (``gradients_at_step``) with that
-tensor's state and step temporaries.
+activations and, at the tensor where it is largest, the gradients still held (``gradients_at_step``) with the state
+on the device (that tensor's, and with the copies overlapping the step the previous one's going back and the next
+one's coming in) and that tensor's step temporaries.
 
 :func:`check` raises :class:`MemoryPlanError` (a :class:`~rollout_sleep.run.config.ConfigError`) naming the phase
 that does not fit in the budget with the headroom kept, by how much, and what each knob would make of it.
@@ -360,15 +361,25 @@ class MemoryPlan:
 
 
 def streamed_step_peak(optimizer: str, numels, dtype_bytes: int, stochastic_rounding: bool = False,
-                       state32=()) -> tuple[int, int, int]:
+                       state32=(), overlap: bool = True) -> tuple[int, int, int]:
     """The streamed step's peak (:class:`~rollout_sleep.run.offload.StreamedOptimizer`: smallest tensor first, each
-    gradient freed after its tensor steps), for tensors of ``numels`` elements: ``(gradients still held, that
-    tensor's state, its step's temporaries)`` at the tensor where their sum is largest (``state32``: numels whose
-    state bitsandbytes keeps in 32 bits)."""
-    best, held = (0, 0, 0), sum(numels) * dtype_bytes
-    for n in sorted(numels):
-        state = optimizer_state_bytes(optimizer, [(n, dtype_bytes)], [n] if n in state32 else (),
-                                      stochastic_rounding=stochastic_rounding)
+    gradient freed after its tensor steps), for tensors of ``numels`` elements: ``(gradients still held, the state
+    on the device, that tensor's step's temporaries)`` at the tensor where their sum is largest (``state32``:
+    numels whose state bitsandbytes keeps in 32 bits). With the copies overlapping the step (``overlap``, the
+    optimizer's default) the state on the device is up to three tensors': the previous one's still going back,
+    this one's, and the next one's already coming in; serially, this one's alone.
+
+    >>> streamed_step_peak("adamw", [10, 30, 20], 2)  # at the 20: 50 gradients held; states of 10, 20, 30
+    (100, 252, 0)
+    >>> streamed_step_peak("adamw", [10, 30, 20], 2, overlap=False)  # the 20's state alone
+    (100, 84, 0)
+    """
+    order = sorted(numels)
+    states = [optimizer_state_bytes(optimizer, [(n, dtype_bytes)], [n] if n in state32 else (),
+                                    stochastic_rounding=stochastic_rounding) for n in order]
+    best, held = (0, 0, 0), sum(order) * dtype_bytes
+    for i, n in enumerate(order):
+        state = sum(states[max(i - 1, 0):i + 2]) if overlap else states[i]
         here = (held, state, optimizer_step_bytes(optimizer, [n], stochastic_rounding))
         best = max(best, here, key=sum)
         held -= n * dtype_bytes
@@ -385,7 +396,7 @@ def plan_memory(i: PlanInputs, budget_bytes: int | None = None, headroom_bytes: 
     base = 0 if i.adapter_numels is None else (0 if i.base_shared else s.params * b)
     weights = 0 if i.weights_shared else -(-(sum(trained) * b + base) // ws)
     state32 = s.embedding_numels if i.adapter_numels is None else ()
-    if i.offload_optimizer == "stream":  # one tensor's state on the device at a time
+    if i.offload_optimizer == "stream":  # up to three tensors' states on the device at a time (overlapped copies)
         held, state, step = streamed_step_peak(i.optimizer, trained, b, i.stochastic_rounding, state32)
     else:
         held = None

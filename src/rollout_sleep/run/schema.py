@@ -161,9 +161,14 @@ class TrainConfig:
                                                 "true: off it except during the optimizer step (frees it for the "
                                                 "rollout and the activations) / stream: off it always, the step "
                                                 "moving one parameter's state at a time (the step holds one "
-                                                "parameter's state, not all of it, beside the gradients). Each "
-                                                "costs a copy each way per step, logged as optimizer_offload_s / "
-                                                "_reload_s", resume=FREE)
+                                                "parameter's state, not all of it, beside the gradients; the "
+                                                "next one's copy in and the last one's copy back overlap it). "
+                                                "Each costs a copy each way per step, logged as "
+                                                "optimizer_offload_s / _reload_s: true: the seconds the step waits "
+                                                "for them; stream: each copy's own time (CUDA events on its copy "
+                                                "stream, overlapped with the step), with optimizer_step_s the "
+                                                "step's wall time and optimizer_copy_wait_s the copy time it did "
+                                                "not hide", resume=FREE)
     expandable_segments: bool = _opt(False, "once vLLM has built its engine, PyTorch's allocator grows its segments "
                                             "in place (expandable_segments) for the trainer: fewer cached blocks "
                                             "no tensor can use, a lower device peak. Only where the engine sleeps at level 0 (one "
