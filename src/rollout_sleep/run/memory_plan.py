@@ -361,17 +361,17 @@ class MemoryPlan:
 
 
 def streamed_step_peak(optimizer: str, numels, dtype_bytes: int, stochastic_rounding: bool = False,
-                       state32=(), overlap: bool = True) -> tuple[int, int, int]:
+                       state32=(), overlap: bool = False) -> tuple[int, int, int]:
     """The streamed step's peak (:class:`~rollout_sleep.run.offload.StreamedOptimizer`: smallest tensor first, each
     gradient freed after its tensor steps), for tensors of ``numels`` elements: ``(gradients still held, the state
     on the device, that tensor's step's temporaries)`` at the tensor where their sum is largest (``state32``:
-    numels whose state bitsandbytes keeps in 32 bits). With the copies overlapping the step (``overlap``, the
-    optimizer's default) the state on the device is up to three tensors': the previous one's still going back,
+    numels whose state bitsandbytes keeps in 32 bits). With the copies overlapping the step (``overlap``; the
+    default is the optimizer's, off) the state on the device is up to three tensors': the previous one's still going back,
     this one's, and the next one's already coming in; serially, this one's alone.
 
-    >>> streamed_step_peak("adamw", [10, 30, 20], 2)  # at the 20: 50 gradients held; states of 10, 20, 30
+    >>> streamed_step_peak("adamw", [10, 30, 20], 2, overlap=True)  # at the 20: 50 gradients; states 10, 20, 30
     (100, 252, 0)
-    >>> streamed_step_peak("adamw", [10, 30, 20], 2, overlap=False)  # the 20's state alone
+    >>> streamed_step_peak("adamw", [10, 30, 20], 2)  # serially: the 20's state alone
     (100, 84, 0)
     """
     order = sorted(numels)

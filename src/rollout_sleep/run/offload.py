@@ -292,12 +292,13 @@ class StreamedOptimizer(_StateInHost, torch.optim.Optimizer):
     never meet all the gradients. (With stochastic rounding the order changes which random draws each tensor
     takes, not what they keep in expectation.)
 
-    The copies overlap the compute (``overlap=True``, the default, on CUDA): while parameter ``i`` steps on the
+    With ``overlap=True`` (off by default until its CUDA test and probe have run on a GPU) the copies overlap the
+    compute: while parameter ``i`` steps on the
     compute stream, a copy stream brings parameter ``i+1``'s state from pinned host memory and another sends
     parameter ``i-1``'s back, so the step costs about the largest of the three instead of their sum. The look-ahead
     is one tensor: at most three states are on the device at once (the one going out, the one stepping, the one
     coming in; smallest first, the last two are the largest), beside one step's temporaries. ``overlap=False``
-    copies on the compute stream, in order with the steps (one state at a time).
+    (the default) copies on the compute stream, in order with the steps (one state at a time).
 
     Accelerate prepares it like any optimizer. The param groups, the state and the defaults are ``optimizer``'s
     own, so :meth:`state_dict` is exactly the plain optimizer's (a checkpoint loads in every mode); PyTorch's step
@@ -315,7 +316,7 @@ class StreamedOptimizer(_StateInHost, torch.optim.Optimizer):
     ([None, None], 2)
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, overlap: bool = True):
+    def __init__(self, optimizer: torch.optim.Optimizer, overlap: bool = False):
         inner = torch_optimizer(optimizer, "stream")
         params = [p for g in inner.param_groups for p in g["params"]]
         if len({id(p) for p in params}) != len(params):
