@@ -260,3 +260,17 @@ def test_the_plan_walks_the_streamed_step_the_optimizer_takes():
         return inspect.signature(f).parameters["overlap"].default
 
     assert default(StreamedOptimizer.__init__) is default(streamed_step_peak)
+
+
+@pytest.mark.parametrize("targets, fused", [(["q_proj", "v_proj"], True), ("all-linear", True), (["lm_head"], False),
+                                            ("lm_head", False), (r".*(lm_head|q_proj)", False)])
+def test_the_plan_counts_the_logits_when_lora_targets_the_head(ckpts, targets, fused):
+    """A LoRA head is not a plain Linear: the trainer falls back to the model's logits, and the plan must count
+    them, whether the head is named in a list, alone as a string, or inside a regex."""
+    from types import SimpleNamespace
+
+    from rollout_sleep.run.memory_check import fused_head
+
+    assert fused_head(ckpts["tied0"], (1, 1, 1), SimpleNamespace(rank=4, targets=targets)) is fused
+    assert fused_head(ckpts["tied0"], (1, 1, 1), SimpleNamespace(rank=0, targets=targets)) is True
+    assert fused_head(ckpts["tied0"], (2, 1, 1), SimpleNamespace(rank=0, targets=targets)) is False  # sharded

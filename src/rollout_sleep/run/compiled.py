@@ -35,9 +35,9 @@ from torch import nn
 def launch_problem(distributed_type: str, fsdp_version: int | None = None) -> str | None:
     """Why ``train.compile=true`` cannot run under accelerate's ``distributed_type`` (``None``: it can)."""
     if distributed_type == "DEEPSPEED":
-        return ("train.compile=true with accelerate's DEEPSPEED: ZeRO-3 partitions the parameters and gathers "
-                "each one in hooks on every submodule, which would break each compiled block into pieces (accelerate "
-                "compiles a DeepSpeed engine's module its own way, not wired here): launch with DDP or FSDP2 "
+        return ("train.compile=true with accelerate's DEEPSPEED: accelerate compiles a DeepSpeed engine's module "
+                "its own way, after deepspeed.initialize, which this recipe does not wire (and ZeRO-3's per-submodule "
+                "gathers would break each compiled block into pieces): launch with DDP or FSDP2 "
                 "(configs/accelerate/ddp.yaml, fsdp2.yaml), or set train.compile=false")
     if distributed_type == "FSDP" and fsdp_version is not None and fsdp_version != 2:
         return (f"train.compile=true with FSDP version {fsdp_version}: only FSDP2 (fsdp_version: 2, "
@@ -52,7 +52,7 @@ def compiled_blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def _outermost_repeated(module: nn.Module) -> list[nn.Module]:
-    """The repeated ``ModuleList``\ s of ``module`` not inside another one (a decoder's layers, not an MoE layer's
+    """The repeated module lists of ``module`` (``ModuleList``) not inside another one (a decoder's layers, not an MoE layer's
     experts), in module order."""
     from accelerate.utils.other import is_repeated_blocks
 

@@ -92,7 +92,8 @@ def fused_head(model_path: str, shards: tuple[int, int, int], lora) -> bool:
 
     from rollout_sleep.grpo.logprobs import FUSED_HEAD, fused_config_problem
 
-    if not FUSED_HEAD or shards[0] > 1 or (lora.rank and "lm_head" in list(lora.targets)):
+    targets = [lora.targets] if isinstance(lora.targets, str) else list(lora.targets)
+    if not FUSED_HEAD or shards[0] > 1 or (lora.rank and any("lm_head" in t for t in targets)):
         return False
     try:
         return fused_config_problem(AutoConfig.from_pretrained(model_path)) is None
