@@ -359,28 +359,19 @@ class StreamedOptimizer(_StateInHost, torch.optim.Optimizer):
         out, self._timings = self._timings, dict.fromkeys(STREAM_METRICS, 0.0)
         return out if self.active else {}
 
-    def _bring(self, p: torch.Tensor, c: _Copies) -> tuple[int, torch.cuda.Event | None]:
-        """Queue ``p``'s state's copy to the device (on the copy stream when overlapping); returns the bytes and
-        the event the compute stream waits for before stepping ``p`` (``None``: nothing to wait for)."""
-        if c.h2d is not None:  # the timing starts once the copy stream has waited for the compute stream
-            c.h2d.wait_stream(c.compute)
-        start = c.mark(c.h2d)
-        moved = self.host.bring(p, self.state[p], c.h2d)
-        done = c.mark(c.h2d)
+    def _copy(self, copy, p: torch.Tensor, c: _Copies, stream, log: list) -> tuple[int, torch.cuda.Event | None]:
+        """Queue ``copy`` (``host.bring`` or ``host.send``) of ``p``'s state on ``stream`` (a copy stream when
+        overlapping, else ``None``: the current one), after the compute stream's work queued so far (the timing
+        starts there); its (start, done) events go to ``log``. Returns the bytes and the event the compute stream
+        waits for before using what came in (``None``: nothing moved, or nothing to wait for)."""
+        if stream is not None:
+            stream.wait_stream(c.compute)
+        start = c.mark(stream)
+        moved = copy(p, self.state[p], stream)
+        done = c.mark(stream)
         if done is not None and moved:
-            c.brought.append((start, done))
-        return moved, (done if c.h2d is not None and moved else None)
-
-    def _send(self, p: torch.Tensor, c: _Copies) -> int:
-        """Queue ``p``'s state's copy back to its host buffers (on the other copy stream when overlapping)."""
-        if c.d2h is not None:  # the timing starts once the copy stream has waited for the step
-            c.d2h.wait_stream(c.compute)
-        start = c.mark(c.d2h)
-        moved = self.host.send(p, self.state[p], c.d2h)
-        done = c.mark(c.d2h)
-        if done is not None and moved:
-            c.sent.append((start, done))
-        return moved
+            log.append((start, done))
+        return moved, (done if stream is not None and moved else None)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -403,7 +394,10 @@ class StreamedOptimizer(_StateInHost, torch.optim.Optimizer):
         c = _Copies(self.device if self.active else torch.device("cpu"), self._copy_streams if self.overlap else None)
         t0 = time.perf_counter()
         sent, went = 0, 0  # the bytes sent back in all, and the last parameter's (in flight while the next steps)
-        coming = self._bring(params[0], c) if params else (0, None)  # the first state's copy
+        def bring(q):
+            return self._copy(self.host.bring, q, c, c.h2d, c.brought)
+
+        coming = bring(params[0]) if params else (0, None)  # the first state's copy
         unstepped = [params[0]] if params else []  # brought, not stepped (put back if the step fails)
         try:
             for i, p in enumerate(params):
@@ -411,7 +405,7 @@ class StreamedOptimizer(_StateInHost, torch.optim.Optimizer):
                 here, ready = coming
                 nxt = params[i + 1] if i + 1 < len(params) else None
                 if self.overlap and nxt is not None:  # the next state's copy, queued before this step: overlaps it
-                    coming = self._bring(nxt, c)
+                    coming = bring(nxt)
                     unstepped.append(nxt)
                 if ready is not None:  # this state's copy is done before its step reads it
                     before = c.mark()
@@ -419,7 +413,7 @@ class StreamedOptimizer(_StateInHost, torch.optim.Optimizer):
                     c.waits.append((before, c.mark()))
                 self.inner.step()
                 unstepped = [q for q in unstepped if q is not p]
-                moved = self._send(p, c)
+                moved, _ = self._copy(self.host.send, p, c, c.d2h, c.sent)
                 p.grad = None  # freed: the gradients shrink as the step goes
                 sent += moved
                 # on the device at once: the state going back, the one that stepped, the one coming in
@@ -428,7 +422,7 @@ class StreamedOptimizer(_StateInHost, torch.optim.Optimizer):
                                             (went + moved + ahead) if self.overlap else max(moved, here))
                 went = moved
                 if not self.overlap and nxt is not None:  # serial: the next state's copy after this one's
-                    coming = self._bring(nxt, c)
+                    coming = bring(nxt)
                     unstepped.append(nxt)
         except BaseException:  # a step that failed part-way puts the states it brought and did not step (or
             if self.active:  # failed in) back in their host copies, once no copy is in flight
