@@ -30,8 +30,9 @@ recorded as ``refused``), ``ours_one_copy`` / ``ours_two_copies`` (``model.share
 rounding on both), ``ours_one_copy_release`` (PyTorch's cache returned before each wake), ``ours_one_copy_expandable``
 (``train.expandable_segments``), ``ours_one_copy_lean`` (``ours_one_copy_expandable`` with ``train.step_per_tensor``,
 the optimizer stepped one tensor at a time, and ``engine.keep_trainer_cache=false``), ``ours_compile``
-(``train.compile``: the trainer's decoder layers compiled in place, regional) against ``trl_compile`` (stock TRL with ``torch_compile=True``: compile on both sides, equal knobs;
-``compile_speedup`` per side, ``both_compiled_trl_over_ours``). ``--optim adamw8bit_sr``: torchao's AdamW8bit with
+(``train.compile``: the trainer's decoder layers compiled in place, regional) against ``trl_compile`` (stock TRL
+with ``torch_compile=True``: compile on both sides, equal knobs; ``compile_speedup`` per side,
+``both_compiled_trl_over_ours``). ``--optim adamw8bit_sr``: torchao's AdamW8bit with
 bf16 stochastic rounding on both sides (TRL's ``adamw_torch_8bit`` with ``optim_args``). Each recipe arm records its memory plan against what it measured (``memory_plan.json``),
 rewards, verify runs (``--verify-every``), and the device-wide peak and the headroom left at it; a TRL arm that fails
 (out of memory) records the innermost frames where it did. ``--sizes a,b`` runs the arms for each size into one JSON

@@ -312,8 +312,8 @@ class GRPORecipe:
 
     def _build_trainer(self) -> None:
         """The policy and its optimizer (stepped one tensor at a time with ``train.step_per_tensor``, the state
-        streamed from host memory with ``train.offload_optimizer=stream``), prepared by accelerate, with the non-finite guard, the update check and the optimizer offload on top (in
-        that order)."""
+        streamed from host memory with ``train.offload_optimizer=stream``), prepared by accelerate, with the
+        non-finite guard, the update check and the optimizer offload on top (in that order)."""
         cfg = self.cfg
         model = self._build_model(getattr(torch, cfg.model.dtype))
         if cfg.train.compile:  # gradient checkpointing set; before accelerate wraps it (DDP, FSDP2's hooks after)

@@ -200,7 +200,8 @@ def moved(monkeypatch):
 
 
 def _all_in_host_buffers(opt) -> bool:
-    """Every state tensor of ``opt`` (a PerTensorOptimizer with the state in host memory) is its host buffer: nothing left on the "device"."""
+    """Every state tensor of ``opt`` (a PerTensorOptimizer with the state in host memory) is its host buffer:
+    nothing left on the "device"."""
     buffers = {id(t) for t in opt.host._host.values()}
     return all(id(t) in buffers for state in opt.state.values() for t in state.values() if isinstance(t, torch.Tensor))
 
@@ -660,7 +661,8 @@ def test_overlapped_copies_wait_for_each_other_and_no_buffer_is_reused_in_flight
         opt.host.bring, opt.host.send = slow_bring, slow_send
 
     ref, ref_opt = _train(kind, rounding, dtype, per_tensor=None, device="cuda")
-    model, opt = _train(kind, rounding, dtype, per_tensor="host", device="cuda", setup=setup, after=lambda o: kept.clear())
+    model, opt = _train(kind, rounding, dtype, per_tensor="host", device="cuda", setup=setup,
+                        after=lambda o: kept.clear())
     assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), model.parameters()))
     assert _same_state(ref_opt.state_dict(), opt.state_dict())
     t = opt.pop_timings()
