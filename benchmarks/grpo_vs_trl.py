@@ -28,9 +28,11 @@ overridden), ``ours_offload`` (optimizer state in host memory during rollouts: t
 ``ours_no_ckpt`` (gradient checkpointing off: the memory plan refuses it before vLLM starts where it does not fit,
 recorded as ``refused``), ``ours_one_copy`` / ``ours_two_copies`` (``model.share_weights`` on / off, stochastic
 rounding on both), ``ours_one_copy_release`` (PyTorch's cache returned before each wake), ``ours_one_copy_expandable``
-(``train.expandable_segments``), ``ours_compile`` (``train.compile``: the trainer's decoder layers compiled in
-place, regional) against ``trl_compile`` (stock TRL with ``torch_compile=True``: compile on both sides, equal knobs;
-``compile_speedup`` per side, ``both_compiled_trl_over_ours``). ``--optim adamw8bit_sr``: torchao's AdamW8bit with
+(``train.expandable_segments``), ``ours_one_copy_lean`` (``ours_one_copy_expandable`` with ``train.step_per_tensor``,
+the optimizer stepped one tensor at a time, and ``engine.keep_trainer_cache=false``), ``ours_compile``
+(``train.compile``: the trainer's decoder layers compiled in place, regional) against ``trl_compile`` (stock TRL
+with ``torch_compile=True``: compile on both sides, equal knobs; ``compile_speedup`` per side,
+``both_compiled_trl_over_ours``). ``--optim adamw8bit_sr``: torchao's AdamW8bit with
 bf16 stochastic rounding on both sides (TRL's ``adamw_torch_8bit`` with ``optim_args``). Each recipe arm records its memory plan against what it measured (``memory_plan.json``),
 rewards, verify runs (``--verify-every``), and the device-wide peak and the headroom left at it; a TRL arm that fails
 (out of memory) records the innermost frames where it did. ``--sizes a,b`` runs the arms for each size into one JSON
@@ -53,6 +55,10 @@ One call each (<= 10 min; 8B needs bitsandbytes for its config's AdamW8bit; arms
     # compile on both sides, the config's knobs (ours against ours_compile, trl against trl_compile)
     python benchmarks/grpo_vs_trl.py --size qwen3-8b --steps 12 --arms ours,ours_compile,trl,trl_compile \
         --optim adamw8bit_sr --arm-timeout 500 --out results/h100/grpo_vs_trl_compile_qwen3-8b.json
+    # one copy, lean (the optimizer stepped per tensor, the trainer's cache returned before each wake) against
+    # expandable segments alone: the 8B device peak
+    python benchmarks/grpo_vs_trl.py --size qwen3-8b --steps 8 --arms ours_one_copy_expandable,ours_one_copy_lean \
+        --optim adamw8bit_sr --verify-every 4 --arm-timeout 270 --out results/h100/grpo_vs_trl_lean_qwen3-8b.json
     # CPU path (tiny model; TRL fails there, recorded with where)
     python benchmarks/grpo_vs_trl.py --size tiny --steps 3 --arms ours,ours_offload,trl --out /tmp/tiny.json
 """
@@ -82,6 +88,11 @@ ARM_OVERRIDES = {"ours_adamw": ("train.optimizer=adamw",), "ours_8bit": ("train.
                  # one copy with PyTorch's expandable segments for the trainer (its cached blocks at the peak)
                  "ours_one_copy_expandable": ("model.share_weights=true", "train.stochastic_rounding=true",
                                               "train.expandable_segments=true"),
+                 # and the optimizer stepped one tensor at a time (its peak below the backward's), PyTorch's cache
+                 # returned before each wake (the rollout does not keep the trainer's working set mapped)
+                 "ours_one_copy_lean": ("model.share_weights=true", "train.stochastic_rounding=true",
+                                        "train.expandable_segments=true", "train.step_per_tensor=true",
+                                        "engine.keep_trainer_cache=false"),
                  # the trainer's decoder layers compiled in place (regional torch.compile)
                  "ours_compile": ("train.compile=true",)}
 TRL_OPTIM = {"adamw": "adamw_torch_fused", "adamw8bit": "adamw_bnb_8bit",
@@ -338,7 +349,7 @@ def run_size(args, size: str, out_file: Path | None) -> dict:
                            "correction (cap 3)" if size != "tiny" else "configs/tiny-cpu.yaml",
                    "config_knobs": {"optimizer": args.optim or t.optimizer, "micro_batch": t.micro_batch,
                                     "gradient_checkpointing": t.gradient_checkpointing,
-                                    "offload_optimizer": t.offload_optimizer},
+                                    "offload_optimizer": t.offload_optimizer, "step_per_tensor": t.step_per_tensor},
                    "tuned_overrides": list(TUNED.get(size, ()))})
     try:
         # --from-size: the recipe builds its own model (with one copy, drawn in vLLM's memory: no checkpoint on disk)

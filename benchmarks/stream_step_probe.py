@@ -25,8 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from rollout_sleep.run.memory_plan import streamed_step_peak  # noqa: E402
-from rollout_sleep.run.offload import StreamedOptimizer  # noqa: E402
+from rollout_sleep.run.memory_plan import per_tensor_step_peak  # noqa: E402
+from rollout_sleep.run.per_tensor import PerTensorOptimizer  # noqa: E402
 from rollout_sleep.run.optim import build_optimizer, optimizer_step_bytes  # noqa: E402
 
 GIB = 2**30
@@ -83,13 +83,13 @@ def streamed(kind: str, overlap: bool = True, repeat: int = 3) -> dict:
     grads = [p.grad.clone() for p in params]
     for p in params:
         p.grad = None
-    opt = StreamedOptimizer(build_optimizer(kind, params, lr=1e-6, weight_decay=0.0, stochastic_rounding=True),
-                            overlap=overlap)
+    opt = PerTensorOptimizer(build_optimizer(kind, params, lr=1e-6, weight_decay=0.0, stochastic_rounding=True),
+                             state_in="host", overlap=overlap)
     _peak_step(opt, params, grads)
     opt.pop_timings()  # the first step's (it built the state and compiled): not the measured ones'
     runs = [_peak_step(opt, params, grads) for _ in range(repeat)]
     numels = [p.numel() for p in params]
-    plan = sum(streamed_step_peak(kind, numels, 2, stochastic_rounding=True, overlap=overlap))
+    plan = sum(per_tensor_step_peak(kind, numels, 2, stochastic_rounding=True, state_in="host", overlap=overlap))
     grads_bytes = sum(numels) * 2  # given back before the step: counted in both
     # per step: the seconds summed over the measured steps, divided; the GiB moved is a per-step figure already
     timings = {k: v if k.endswith("_gib") else v / repeat for k, v in opt.pop_timings().items()}

@@ -97,7 +97,8 @@ from rollout_sleep.run.factory import build_engine  # noqa: E402
 from rollout_sleep.run.manager import RolloutManager  # noqa: E402
 from rollout_sleep.run.modes import detect_device  # noqa: E402
 from rollout_sleep.run.nonfinite import NonFiniteError, check_finite, guard_optimizer  # noqa: E402
-from rollout_sleep.run.offload import OptimizerOffload, StreamedOptimizer  # noqa: E402
+from rollout_sleep.run.offload import OptimizerOffload  # noqa: E402
+from rollout_sleep.run.per_tensor import PerTensorOptimizer, state_in  # noqa: E402
 from rollout_sleep.run.optim import (build_optimizer, hyperparameters, missing_package,  # noqa: E402
                                      optimizer_mismatch, optimizer_record, run_stochastic_rounding,
                                      set_hyperparameters)
@@ -310,9 +311,9 @@ class GRPORecipe:
                 r.fn.load(self.acc.device)
 
     def _build_trainer(self) -> None:
-        """The policy and its optimizer (streamed from host memory with ``train.offload_optimizer=stream``),
-        prepared by accelerate, with the non-finite guard, the update check and the optimizer offload on top (in
-        that order)."""
+        """The policy and its optimizer (stepped one tensor at a time with ``train.step_per_tensor``, the state
+        streamed from host memory with ``train.offload_optimizer=stream``), prepared by accelerate, with the
+        non-finite guard, the update check and the optimizer offload on top (in that order)."""
         cfg = self.cfg
         model = self._build_model(getattr(torch, cfg.model.dtype))
         if cfg.train.compile:  # gradient checkpointing set; before accelerate wraps it (DDP, FSDP2's hooks after)
@@ -325,10 +326,11 @@ class GRPORecipe:
                                     model=model, stochastic_rounding=rounding)
         if rounding:
             self.acc.print(f"optimizer: torchao's {type(optimizer).__name__} with bf16 stochastic rounding")
-        # stream: the state lives in host memory and the step moves one parameter's at a time; wrapped before
-        # accelerate, so that the guard and the update check below hook the streamed step (once per step)
-        streamed = StreamedOptimizer(optimizer) if cfg.train.offload_optimizer == "stream" else None
-        self.model, self.optimizer = self.acc.prepare(model, optimizer if streamed is None else streamed)
+        # per tensor (stream: with the state in host memory, moved one parameter's at a time); wrapped before
+        # accelerate, so that the guard and the update check below hook the per-tensor step (once per step)
+        where = state_in(cfg.train)
+        per_tensor = PerTensorOptimizer(optimizer, where) if where is not None else None
+        self.model, self.optimizer = self.acc.prepare(model, optimizer if per_tensor is None else per_tensor)
         # a trainer on views (one copy, a LoRA trainer's shared base) holds q/k/v in one storage: saved and loaded
         # whole, in place (accelerate's safetensors save kept one name per storage)
         one_copy.keep_views_in_checkpoints(self.acc)
@@ -338,7 +340,7 @@ class GRPORecipe:
         self.update_check = UpdateCheck(self.optimizer, every=cfg.train.update_check_every, seed=cfg.train.seed) \
             if cfg.train.update_check_every else None
         # after the guard: a refused step leaves the state where it was
-        self.offload = streamed if streamed is not None else \
+        self.offload = per_tensor if where == "host" else \
             OptimizerOffload(self.optimizer) if cfg.train.offload_optimizer else None
         self.layout = {"processes": self.acc.num_processes, "distributed_type": self.acc.distributed_type.value,
                        "trainer_sharded": any(hasattr(p, "full_tensor") or hasattr(p, "ds_id")

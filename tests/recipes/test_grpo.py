@@ -146,8 +146,9 @@ def test_lora_recipe_learns_and_moves_only_the_adapter(tmp_path):
         assert "lora_base_shared" in r and not r["lora_base_shared"]  # CPU: vLLM repacks, the trainer holds its own
 
 
-def test_streamed_optimizer_step_trains_the_same_weights(tmp_path):
-    """train.offload_optimizer=stream (the step moves one parameter's state at a time; on CPU nothing moves) gives
+def test_per_tensor_optimizer_step_trains_the_same_weights(tmp_path):
+    """train.step_per_tensor=true (the step one parameter at a time, the state on the device) and
+    train.offload_optimizer=stream (the same, moving one parameter's state at a time; on CPU nothing moves) give
     the weights and the optimizer state of the plain step after 2 steps, bitwise, through the real recipe."""
     import torch
     from safetensors.torch import load_file
@@ -156,19 +157,26 @@ def test_streamed_optimizer_step_trains_the_same_weights(tmp_path):
 
     from concurrent.futures import ThreadPoolExecutor
 
+    modes = {"plain": "train.offload_optimizer=false", "stream": "train.offload_optimizer=stream",
+             "per_tensor": "train.step_per_tensor=true"}
+
     def run(mode: str):
         out = tmp_path / mode
         proc, log = run_recipe(CONFIG, f"output_dir={out}", "train.steps=2", "save_every=0", "wandb.mode=disabled",
-                               f"train.offload_optimizer={mode}")
+                               modes[mode])
         assert proc.returncode == 0, log[-4000:]
+        # the plan counts the per-tensor step (stream implies it; on CPU without a budget nothing moves)
+        assert ("(stepped one tensor at a time, smallest first)" in log) == (mode != "plain"), log[-4000:]
         step = out / "checkpoints" / "step_2"
         return load_file(step / "model.safetensors"), torch.load(step / "optimizer.bin", weights_only=False)
 
-    with ThreadPoolExecutor(2) as pool:  # side by side: the two engines start at once (CI time)
-        saved = dict(zip(("false", "stream"), pool.map(run, ("false", "stream"))))
-    (weights, opt), (streamed_weights, streamed_opt) = saved["false"], saved["stream"]
-    assert weights.keys() == streamed_weights.keys()
-    assert all(torch.equal(weights[k], streamed_weights[k]) for k in weights)
-    assert opt["param_groups"] == streamed_opt["param_groups"] and opt["state"].keys() == streamed_opt["state"].keys()
-    assert all(torch.equal(opt["state"][i][k], streamed_opt["state"][i][k])
-               for i in opt["state"] for k in opt["state"][i])
+    with ThreadPoolExecutor(len(modes)) as pool:  # side by side: the engines start at once (CI time)
+        saved = dict(zip(modes, pool.map(run, modes)))
+    weights, opt = saved["plain"]
+    for mode in ("stream", "per_tensor"):
+        other_weights, other_opt = saved[mode]
+        assert weights.keys() == other_weights.keys()
+        assert all(torch.equal(weights[k], other_weights[k]) for k in weights), mode
+        assert opt["param_groups"] == other_opt["param_groups"] and opt["state"].keys() == other_opt["state"].keys()
+        assert all(torch.equal(opt["state"][i][k], other_opt["state"][i][k])
+                   for i in opt["state"] for k in opt["state"][i]), mode

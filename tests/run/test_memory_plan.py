@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rollout_sleep.run.memory_plan import (GIB, MemoryPlanError, ModelShape, PlanInputs, activation_bytes, check,
-                                           plan_memory, problems, streamed_step_peak)
+                                           knob_alternatives, per_tensor_step_peak, plan_memory, problems)
 from rollout_sleep.run.optim import optimizer_state_bytes
 from rollout_sleep.weights.checkpoints import qwen3_config
 
@@ -60,8 +60,8 @@ def test_plan_arithmetic_follows_the_dtypes_and_the_knobs(ckpts):
     states = [optimizer_state_bytes("adamw", [(k, 2)]) for k in order]
     step_peak = max(sum(order[j:]) * 2 + sum(states[max(j - 1, 0):j + 2]) for j in range(len(order)))
     serial = max(sum(order[j:]) * 2 + states[j] for j in range(len(order)))
-    assert sum(streamed_step_peak("adamw", shape.tensor_numels, 2)) == serial < step_peak \
-        == sum(streamed_step_peak("adamw", shape.tensor_numels, 2, overlap=True))
+    assert sum(per_tensor_step_peak("adamw", shape.tensor_numels, 2, state_in="host")) == serial < step_peak \
+        == sum(per_tensor_step_peak("adamw", shape.tensor_numels, 2, state_in="host", overlap=True))
     s = streamed.phases["training"]
     assert streamed.phases["rollout"]["optimizer_state"] == 0
     assert s["gradients_at_step"] + s["optimizer_state"] + s.get("optimizer_step", 0) == serial
@@ -96,6 +96,7 @@ def test_8b_on_an_80gb_card_verdicts_and_refusal_message():
     assert (needs in msg) == bool(missing_package("adamw8bit")), msg
     assert (needs in msg) or "train.optimizer=adamw8bit ->" in msg
     assert "train.offload_optimizer=true ->" in msg and "train.offload_optimizer=stream ->" in msg
+    assert "train.step_per_tensor=true ->" in msg
     assert "train.memory_plan=warn" in msg
     lean = plan_memory(dataclasses.replace(inputs, dtype_bytes=2, optimizer="adamw8bit"), int(78.5 * GIB))
     assert lean.fits() and problems(lean) == []
@@ -106,6 +107,46 @@ def test_8b_on_an_80gb_card_verdicts_and_refusal_message():
     (only,) = problems(no_ckpt)
     assert only.startswith("training needs") and "train.gradient_checkpointing=true ->" in only
     assert "(the largest that fits, halving)" in only
+
+
+def test_the_per_tensor_step_on_the_device_makes_the_backward_the_8b_training_peak():
+    """Qwen3-8B with the 8B config's knobs (one copy, torchao's AdamW8bit rounding stochastically, gradient
+    checkpointing) at micro-batch 16: the plain step (the state, every gradient and the embedding's step buffers,
+    8 bytes per element) is training's peak. Per tensor, the state staying on the device, the step meets only the
+    gradients not yet freed (nearly all of them at its first, small tensors; the embedding's and the head's at the
+    last, beside their buffers): training's peak is the backward pass's (state, gradients, activations), lower by
+    the step buffers less the activations; the rollout is unchanged. With the state offloaded between steps too,
+    the state comes back for the step beside the gradients still held; ``stream`` implies the per-tensor walk.
+    The plan offers the knob before the offloads (it copies nothing)."""
+    shape = ModelShape.from_config(qwen3_config("qwen3-8b"))
+    base = PlanInputs(shape, dtype_bytes=2, optimizer="adamw8bit", stochastic_rounding=True, micro_batch=16,
+                      seq_len=168, completion_len=128, gradient_checkpointing=True, weights_shared=True,
+                      kv_cache_bytes=4 * GIB)
+    plain, per = plan_memory(base), plan_memory(dataclasses.replace(base, step_per_tensor=True))
+    p, t = plain.phases["training"], per.phases["training"]
+    rest = sum(v for k, v in t.items()
+               if k not in ("activations", "optimizer_state", "optimizer_step", "gradients", "gradients_at_step"))
+    assert p["optimizer_step"] / GIB == pytest.approx(4.64, abs=0.01)  # 8 bytes x 151,936 x 4,096
+    assert p["activations"] < p["optimizer_step"]
+    assert plain.total("training") == rest + p["optimizer_state"] + p["gradients"] + p["optimizer_step"]
+    assert per.phases["rollout"] == plain.phases["rollout"] and t["optimizer_state"] == p["optimizer_state"]
+    held, state, step = per_tensor_step_peak("adamw8bit", shape.tensor_numels, 2, True)
+    assert (t["gradients_at_step"], t["optimizer_state"], t.get("optimizer_step", 0)) == (held, state, step)
+    # its peak: among the first, small tensors, beside (almost) every gradient; below the backward's
+    assert t["gradients"] - held < 0.01 * GIB and step < 0.1 * GIB and held + step < t["gradients"] + t["activations"]
+    assert per.total("training") == rest + t["optimizer_state"] + t["gradients"] + t["activations"]
+    assert plain.total("training") - per.total("training") == p["optimizer_step"] - p["activations"]
+    both = plan_memory(dataclasses.replace(base, step_per_tensor=True, offload_optimizer=True))
+    b = both.phases["training"]
+    assert both.phases["rollout"]["optimizer_state"] == 0
+    assert both.total("training") == rest + max(b["gradients"] + b["activations"], held + state + step)
+    streamed = dataclasses.replace(base, offload_optimizer="stream")
+    assert plan_memory(streamed).phases == plan_memory(dataclasses.replace(streamed, step_per_tensor=True)).phases
+    labels = [label for label, _ in knob_alternatives(base)]
+    assert labels.index("train.step_per_tensor=true") < labels.index("train.offload_optimizer=true") \
+        < labels.index("train.offload_optimizer=stream")
+    assert not any("step_per_tensor" in label for label, _ in knob_alternatives(streamed))
+    assert "(stepped one tensor at a time, smallest first)" in per.table()
 
 
 def test_recipe_prints_the_plan_and_refuses_before_the_engine_starts(tmp_path, monkeypatch, capsys):
@@ -250,16 +291,18 @@ def test_moe_layer_activations_match_what_transformers_saves_for_backward(family
     assert 0.8 <= measured / planned <= 1.2, (measured, planned)
 
 
-def test_the_plan_walks_the_streamed_step_the_optimizer_takes():
-    """One default for both: the optimizer's copies overlapped with its step or not, and the plan's walk of it."""
+def test_the_plan_walks_the_per_tensor_step_the_optimizer_takes():
+    """One default for both: where the state lives between the per-tensor steps, the copies overlapped with the
+    step or not, and the plan's walk of it."""
     import inspect
 
-    from rollout_sleep.run.offload import StreamedOptimizer
+    from rollout_sleep.run.per_tensor import PerTensorOptimizer
 
-    def default(f):
-        return inspect.signature(f).parameters["overlap"].default
+    for name in ("state_in", "overlap"):
+        def default(f):
+            return inspect.signature(f).parameters[name].default
 
-    assert default(StreamedOptimizer.__init__) is default(streamed_step_peak)
+        assert default(PerTensorOptimizer.__init__) == default(per_tensor_step_peak)
 
 
 @pytest.mark.parametrize("targets, fused", [(["q_proj", "v_proj"], True), ("all-linear", True), (["lm_head"], False),

@@ -1,6 +1,7 @@
-"""The optimizer's state in host memory: between steps (``train.offload_optimizer=true``: a real transfer on CUDA,
-nothing to move on CPU) and streamed (``stream``: the step moves one parameter's state at a time, and equals the
-plain step bitwise)."""
+"""The optimizer's state in host memory between steps (``train.offload_optimizer=true``: a real transfer on CUDA,
+nothing to move on CPU), and the per-tensor step (``train.step_per_tensor``: one parameter at a time, smallest
+first, each gradient freed as it goes), its state on the device or in host memory (``stream``: moved one
+parameter's at a time); either equals the plain step bitwise."""
 
 from __future__ import annotations
 
@@ -14,13 +15,22 @@ import torch
 
 from rollout_sleep.run.config import ConfigError, check_processes, load_config
 from rollout_sleep.run.nonfinite import NonFiniteError, guard_optimizer
-from rollout_sleep.run.offload import OptimizerOffload, StreamedOptimizer
+from rollout_sleep.run.offload import OptimizerOffload
+from rollout_sleep.run.per_tensor import PerTensorOptimizer
 from rollout_sleep.run.optim import build_optimizer, optimizer_state_bytes, resident_state_bytes, storage_tensors
 from rollout_sleep.run.update_check import innermost_optimizer
 
 # (optimizer, stochastic rounding, weights dtype): PyTorch's AdamW (unfused on CPU: one parameter's update does
 # not depend on the others'), torchao's 8- and 4-bit AdamW rounding stochastically into bf16
 KINDS = [("adamw", False, torch.float32), ("adamw8bit", True, torch.bfloat16), ("adamw4bit", True, torch.bfloat16)]
+# and torchao's 8- and 4-bit AdamW without it (bf16 weights rounded to nearest)
+ALL_KINDS = KINDS + [("adamw8bit", False, torch.bfloat16), ("adamw4bit", False, torch.bfloat16)]
+STATE_IN = ["host", "device"]  # where the per-tensor step keeps the state: stream, step_per_tensor
+
+
+def _streamed(optimizer, **kwargs) -> PerTensorOptimizer:
+    """The per-tensor step with the state in host memory (``train.offload_optimizer=stream``)."""
+    return PerTensorOptimizer(optimizer, state_in="host", **kwargs)
 
 
 def _steps(model, opt, offload, n=3):
@@ -87,9 +97,11 @@ def test_offload_refuses_optimizers_it_cannot_move_with_the_knob_to_use(monkeypa
         def __init__(self, inner):
             self.optimizer = inner
 
-    for setting, offload in [("true", OptimizerOffload), ("stream", StreamedOptimizer)]:
+    for setting, offload in [("true", OptimizerOffload), ("stream", _streamed)]:
         with pytest.raises(ValueError, match=f"train.offload_optimizer={setting} .*ZeroLike.*offload_optimizer"):
             offload(Wrapper(ZeroLike([torch.nn.Parameter(torch.zeros(2))])))
+    with pytest.raises(ValueError, match="train.step_per_tensor=true .*ZeroLike.*train.step_per_tensor=false"):
+        PerTensorOptimizer(Wrapper(ZeroLike([torch.nn.Parameter(torch.zeros(2))])))
     # an in-process vLLM engine (the session's) may already hold this process's default group (world size 1)
     created = not dist.is_initialized()
     if created:
@@ -99,9 +111,11 @@ def test_offload_refuses_optimizers_it_cannot_move_with_the_knob_to_use(monkeypa
     try:
         mesh = init_device_mesh("cpu", (dist.get_world_size(),))
         p = torch.nn.Parameter(distribute_tensor(torch.randn(8), mesh, [Shard(0)]))
-        for offload in (OptimizerOffload, StreamedOptimizer):
+        for offload in (OptimizerOffload, _streamed):
             with pytest.raises(ValueError, match="DTensor.*train.offload_optimizer=false"):
                 offload(torch.optim.AdamW([p]))
+        with pytest.raises(ValueError, match="train.step_per_tensor=true .*DTensor.*train.step_per_tensor=false"):
+            PerTensorOptimizer(torch.optim.AdamW([p]))
     finally:
         if created:
             dist.destroy_process_group()
@@ -135,15 +149,29 @@ def _backward(model: torch.nn.Module, step: int) -> None:
     model(ids).float().square().mean().backward()
 
 
-def _train(kind, rounding, dtype, streamed: bool, steps: int = 3, device: str = "cpu", state_dict=None, first=0,
+def _optimizer(kind, rounding, params) -> torch.optim.Optimizer:
+    """``build_optimizer``'s, except torchao's AdamW8bit for ``adamw8bit`` without stochastic rounding (there
+    ``build_optimizer`` takes bitsandbytes', which has no CPU build here)."""
+    if kind == "adamw8bit" and not rounding:
+        import torchao.optim
+
+        from rollout_sleep.run.optim import _eager_on_cpu
+
+        return _eager_on_cpu(torchao.optim.AdamW8bit(params, lr=1e-2, weight_decay=0.1))
+    return build_optimizer(kind, params, lr=1e-2, weight_decay=0.1, stochastic_rounding=rounding)
+
+
+def _train(kind, rounding, dtype, per_tensor: str | None, steps: int = 3, device: str = "cpu", state_dict=None, first=0,
            overlap: bool = True, drop=None, after=None, setup=None):
     """``steps`` steps from ``first`` on (``state_dict``: the optimizer's state to start from): the model and the
-    optimizer. ``overlap``: the streamed step's copies overlapped with its compute (or serial); ``drop(model,
+    optimizer, stepped per tensor with the state in ``per_tensor`` (``"host"``, ``"device"``; ``None``: the plain
+    step). ``overlap``: the host state's copies overlapped with its compute (or serial); ``drop(model,
     step)`` may take gradients away before the step (a parameter that does not step); ``setup(opt)`` runs before
     the first step, ``after(opt)`` after each."""
     model = _model(dtype, device)
-    opt = build_optimizer(kind, model.parameters(), lr=1e-2, weight_decay=0.1, stochastic_rounding=rounding)
-    opt = StreamedOptimizer(opt, overlap=overlap) if streamed else opt
+    opt = _optimizer(kind, rounding, model.parameters())
+    if per_tensor is not None:
+        opt = PerTensorOptimizer(opt, state_in=per_tensor, overlap=overlap and per_tensor == "host")
     if state_dict is not None:
         model.load_state_dict(state_dict["model"])
         opt.load_state_dict(state_dict["optimizer"])
@@ -172,7 +200,8 @@ def moved(monkeypatch):
 
 
 def _all_in_host_buffers(opt) -> bool:
-    """Every state tensor of ``opt`` (a StreamedOptimizer) is its host buffer: nothing left on the "device"."""
+    """Every state tensor of ``opt`` (a PerTensorOptimizer with the state in host memory) is its host buffer:
+    nothing left on the "device"."""
     buffers = {id(t) for t in opt.host._host.values()}
     return all(id(t) in buffers for state in opt.state.values() for t in state.values() if isinstance(t, torch.Tensor))
 
@@ -192,12 +221,15 @@ def _same_state(a: dict, b: dict) -> bool:
     return True
 
 
-@pytest.mark.parametrize("kind,rounding,dtype", KINDS, ids=[k for k, *_ in KINDS])
-def test_streamed_step_equals_the_plain_step_bitwise(kind, rounding, dtype):
-    """After 3 steps the weights and the optimizer state are bitwise those of the plain optimizer, and torchao's
-    moments of the large tensors are quantized (the streamed state keeps its kind)."""
-    ref, ref_opt = _train(kind, rounding, dtype, streamed=False)
-    model, opt = _train(kind, rounding, dtype, streamed=True)
+@pytest.mark.parametrize("state_in", STATE_IN)
+@pytest.mark.parametrize("kind,rounding,dtype", ALL_KINDS,
+                         ids=[f"{k}{'-sr' if r else ''}" for k, r, _ in ALL_KINDS])
+def test_per_tensor_step_equals_the_plain_step_bitwise(kind, rounding, dtype, state_in):
+    """After 3 steps the weights and the optimizer state are bitwise those of the plain optimizer, the state on
+    the device or in host memory, and torchao's moments of the large tensors are quantized (the per-tensor state
+    keeps its kind)."""
+    ref, ref_opt = _train(kind, rounding, dtype, per_tensor=None)
+    model, opt = _train(kind, rounding, dtype, per_tensor=state_in)
     assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), model.parameters()))
     assert _same_state(ref_opt.state_dict(), opt.state_dict())
     if kind != "adamw":
@@ -218,9 +250,9 @@ def test_streamed_step_moving_every_state_equals_the_plain_step_bitwise(kind, ro
     when overlapped), 4 steps of tensors of several sizes, one parameter without a gradient at one step, equal the
     plain optimizer's bitwise; after each step every state tensor is in its host buffer, and the most state held
     at once is three tensors' (the one sent back, the one stepping, the one coming in) overlapped, one serially."""
-    ref, ref_opt = _train(kind, rounding, dtype, streamed=False, steps=4, drop=_drop_norm_weight)
+    ref, ref_opt = _train(kind, rounding, dtype, per_tensor=None, steps=4, drop=_drop_norm_weight)
     after = []
-    model, opt = _train(kind, rounding, dtype, streamed=True, steps=4, overlap=overlap, drop=_drop_norm_weight,
+    model, opt = _train(kind, rounding, dtype, per_tensor="host", steps=4, overlap=overlap, drop=_drop_norm_weight,
                         after=lambda o: after.append(_all_in_host_buffers(o)))
     assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), model.parameters()))
     assert _same_state(ref_opt.state_dict(), opt.state_dict())
@@ -236,7 +268,7 @@ def test_overlapped_step_brings_the_next_state_before_this_one_steps_and_no_furt
     """The copies' order, overlapped: the first state comes in, then for each parameter the next one's copy is
     queued before it steps (one tensor ahead, never two), and its own goes back right after its step; at each
     inner step exactly two states are out of their host buffers (this one's and the next's, none for the last)."""
-    model, opt = _train("adamw", False, torch.float32, streamed=True, steps=1)
+    model, opt = _train("adamw", False, torch.float32, per_tensor="host", steps=1)
     order = sorted(model.parameters(), key=lambda p: p.numel())
     name = {id(p): i for i, p in enumerate(order)}
     log, bring, send, step = [], opt.host.bring, opt.host.send, opt.inner.step
@@ -264,7 +296,7 @@ def test_a_failing_inner_step_puts_the_states_it_brought_back_in_host_memory(mov
     """An error in a parameter's step (after the ones before it stepped) leaves that state and the next one,
     already brought, in their host buffers with their values from before the step, and the gradients not reached
     where they were."""
-    model, opt = _train("adamw", False, torch.float32, streamed=True, steps=1)
+    model, opt = _train("adamw", False, torch.float32, per_tensor="host", steps=1)
     order = sorted(model.parameters(), key=lambda p: p.numel())
     before = {id(p): {k: t.clone() for k, t in opt.state[p].items()} for p in order}
     step, calls = opt.inner.step, []
@@ -286,14 +318,120 @@ def test_a_failing_inner_step_puts_the_states_it_brought_back_in_host_memory(mov
     assert all(p.grad is None for p in order[:2])
 
 
-def test_streamed_step_goes_smallest_first_one_gradient_at_a_time_and_frees_each():
+def test_a_failing_per_tensor_step_on_the_device_leaves_what_it_did_not_reach(moved):
+    """With the state on the device nothing is copied (even where every state counts as on the device). An error
+    in the third parameter's step leaves its gradient and the later ones' in place with their states as they were,
+    the first two stepped with their gradients freed, and the groups whole again."""
+    model, opt = _train("adamw", False, torch.float32, per_tensor="device", steps=1)
+    order = sorted(model.parameters(), key=lambda p: p.numel())
+    before = {id(p): {k: t.clone() for k, t in opt.state[p].items()} for p in order}
+    groups = [[id(p) for p in g["params"]] for g in opt.param_groups]
+    step, calls = opt.inner.step, []
+
+    def failing():
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+        return step()
+
+    opt.inner.step = failing
+    _backward(model, 1)
+    with pytest.raises(RuntimeError, match="boom"):
+        opt.step()
+    assert opt.host._host == {} and [[id(p) for p in g["params"]] for g in opt.param_groups] == groups
+    for p in order[2:]:
+        assert all(torch.equal(t, before[id(p)][k]) for k, t in opt.state[p].items())
+        assert p.grad is not None
+    for p in order[:2]:
+        assert p.grad is None and not torch.equal(opt.state[p]["exp_avg"], before[id(p)]["exp_avg"])
+
+
+def test_each_inner_step_sees_its_parameter_alone_and_the_groups_come_back_whole():
+    """The inner step's groups hold the parameter stepping and nothing else (its loop visits one parameter, not
+    every parameter of every group for each), across two groups with settings of their own, bitwise the plain
+    step; after the step the groups are the optimizer's own again (its state_dict numbers the parameters as the
+    plain one's). bitsandbytes', which keys its per-parameter settings by position in the groups, is not narrowed."""
+    def groups(model):
+        return [{"params": [model.norm.weight, model.norm.bias], "weight_decay": 0.0},
+                {"params": [model.embed.weight, model.down.weight, model.up.weight], "weight_decay": 0.1}]
+
+    ref, model = _model(torch.float32), _model(torch.float32)
+    ref_opt = torch.optim.AdamW(groups(ref), lr=1e-2)
+    inner = torch.optim.AdamW(groups(model), lr=1e-2)
+    opt = PerTensorOptimizer(inner)
+    names = {id(p): n for n, p in model.named_parameters()}
+    seen, step = [], inner.step
+    inner.step = lambda: (seen.append([[names[id(p)] for p in g["params"]] for g in inner.param_groups]), step())[1]
+    for m, o in ((ref, ref_opt), (model, opt)):
+        _backward(m, 0)
+        o.step()
+    assert seen == [[["norm.weight"], []], [["norm.bias"], []], [[], ["embed.weight"]], [[], ["down.weight"]],
+                    [[], ["up.weight"]]]  # smallest first, ties in the groups' order
+    assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), model.parameters()))
+    assert _same_state(ref_opt.state_dict(), opt.state_dict())
+
+    class Positional(torch.optim.AdamW):  # bitsandbytes' protocol: settings keyed by (group, position)
+        def get_config(self, gindex, pindex, group):
+            return {}
+
+    inner = Positional(model.parameters(), lr=1e-2)
+    opt, sizes, step = PerTensorOptimizer(inner), [], inner.step
+    inner.step = lambda: (sizes.append(len(inner.param_groups[0]["params"])), step())[1]
+    _backward(model, 1)
+    opt.step()
+    assert sizes == [5] * 5
+
+
+def test_the_state_offloaded_between_steps_composes_with_the_per_tensor_step():
+    """``train.offload_optimizer=true`` with ``train.step_per_tensor=true``: the offload wraps the per-tensor
+    optimizer (its hooks on it, once per step), a resume loads one parameter's state at a time through both, and 2
+    more steps equal the plain ones bitwise."""
+    ref, ref_opt = _train("adamw4bit", True, torch.bfloat16, per_tensor=None, steps=4)
+    saved, saved_opt = _train("adamw4bit", True, torch.bfloat16, per_tensor=None, steps=2)
+    sizes = []
+
+    def setup(opt):
+        OptimizerOffload(opt)
+        opt.inner.register_load_state_dict_pre_hook(lambda o, sd: sizes.append(len(sd["state"])))
+
+    checkpoint = {"model": saved.state_dict(), "optimizer": saved_opt.state_dict()}
+    model, opt = _train("adamw4bit", True, torch.bfloat16, per_tensor="device", steps=0, state_dict=None,
+                        setup=setup)
+    model.load_state_dict(checkpoint["model"])
+    opt.load_state_dict(checkpoint["optimizer"])
+    assert sizes == [1] * len(saved_opt.state) + [0]
+    for step in (2, 3):
+        torch.manual_seed(step)
+        _backward(model, step)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), model.parameters()))
+    assert _same_state(ref_opt.state_dict(), opt.state_dict())
+
+
+def test_the_per_tensor_step_refuses_a_closure_and_overlap_without_host_state_naming_the_key():
+    model = torch.nn.Linear(4, 4)
+    with pytest.raises(ValueError, match=r"train.step_per_tensor=true steps one parameter at a time: it takes no "
+                                         r"closure \(set train.step_per_tensor=false"):
+        PerTensorOptimizer(torch.optim.AdamW(model.parameters())).step(lambda: 0.0)
+    with pytest.raises(ValueError, match="train.offload_optimizer=stream steps one parameter at a time: it takes no "
+                                         "closure"):
+        _streamed(torch.optim.AdamW(model.parameters())).step(lambda: 0.0)
+    with pytest.raises(ValueError, match="state_in='host' only"):
+        PerTensorOptimizer(torch.optim.AdamW(model.parameters()), "device", overlap=True)
+    with pytest.raises(ValueError, match="state_in must be one of device, host, got 'gpu'"):
+        PerTensorOptimizer(torch.optim.AdamW(model.parameters()), "gpu")
+
+
+@pytest.mark.parametrize("state_in", STATE_IN)
+def test_per_tensor_step_goes_smallest_first_one_gradient_at_a_time_and_frees_each(state_in):
     """Each inner step sees exactly one gradient, smallest tensor first (ties in the groups' order), whatever the
     order the model registers them in; the gradients already stepped are freed (none outlives its parameter's
     step), and after the step none is left."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(128, 128), torch.nn.Tanh(), torch.nn.Linear(128, 64),
                                 torch.nn.Linear(64, 4))  # 16384, 128, 8192, 64, 256, 4
-    opt = StreamedOptimizer(build_optimizer("adamw", model.parameters(), lr=1e-2, weight_decay=0.0))
+    opt = PerTensorOptimizer(build_optimizer("adamw", model.parameters(), lr=1e-2, weight_decay=0.0), state_in)
     params = list(model.parameters())
     model(torch.randn(2, 128)).square().mean().backward()
     grads = [weakref.ref(p.grad) for p in params]
@@ -314,11 +452,12 @@ def test_streamed_step_goes_smallest_first_one_gradient_at_a_time_and_frees_each
     assert len(opt.state) == n
 
 
-def test_a_non_finite_gradient_stops_the_streamed_step_before_anything_changes():
+@pytest.mark.parametrize("state_in", STATE_IN)
+def test_a_non_finite_gradient_stops_the_per_tensor_step_before_anything_changes(state_in):
     """The guard (a step pre-hook) fires once, with every gradient present, before any parameter's state moves or
     steps: a NaN gradient raises and leaves weights, state and gradients as they were. The update check's hooks
-    find the streamed optimizer (the innermost), not the one it wraps."""
-    model, opt = _train("adamw4bit", True, torch.bfloat16, streamed=True, steps=1)
+    find the per-tensor optimizer (the innermost), not the one it wraps."""
+    model, opt = _train("adamw4bit", True, torch.bfloat16, per_tensor=state_in, steps=1)
     calls = []
     opt.register_step_pre_hook(lambda *a: calls.append("pre"))
     guard_optimizer(opt, model)
@@ -340,25 +479,28 @@ def test_a_non_finite_gradient_stops_the_streamed_step_before_anything_changes()
 
 
 @pytest.mark.parametrize("moves", [False, True], ids=["in-place", "moved"])
-@pytest.mark.parametrize("saved_streamed", [True, False], ids=["stream-to-plain", "plain-to-stream"])
-def test_a_checkpoint_of_either_mode_resumes_in_the_other(saved_streamed, moves, request):
-    """The streamed optimizer's state dict is the plain one's: 2 steps in one mode, saved (through torch.save),
-    2 more in the other equal 4 plain steps bitwise (``true`` keeps the plain optimizer's own state dict); also
-    with every state copied through its host buffers, overlapped (``moved``)."""
+@pytest.mark.parametrize("saved, resumed", [("host", None), (None, "host"), ("device", None), (None, "device"),
+                                            ("host", "device"), ("device", "host")],
+                         ids=["stream-to-plain", "plain-to-stream", "device-to-plain", "plain-to-device",
+                              "stream-to-device", "device-to-stream"])
+def test_a_checkpoint_of_either_mode_resumes_in_the_other(saved, resumed, moves, request):
+    """The per-tensor optimizer's state dict is the plain one's, wherever its state lives: 2 steps in one mode,
+    saved (through torch.save), 2 more in another equal 4 plain steps bitwise (``true`` keeps the plain
+    optimizer's own state dict); also with every host state copied through its host buffers, overlapped
+    (``moved``)."""
     if moves:
         request.getfixturevalue("moved")
     kind, rounding, dtype = KINDS[2]
-    ref, ref_opt = _train(kind, rounding, dtype, streamed=False, steps=4)
-    model, opt = _train(kind, rounding, dtype, streamed=saved_streamed, steps=2)
+    ref, ref_opt = _train(kind, rounding, dtype, per_tensor=None, steps=4)
+    model, opt = _train(kind, rounding, dtype, per_tensor=saved, steps=2)
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, buf)
     buf.seek(0)
-    saved = torch.load(buf, weights_only=False)
-    resumed, resumed_opt = _train(kind, rounding, dtype, streamed=not saved_streamed, steps=2, first=2,
-                                  state_dict=saved)
+    checkpoint = torch.load(buf, weights_only=False)
+    back, back_opt = _train(kind, rounding, dtype, per_tensor=resumed, steps=2, first=2, state_dict=checkpoint)
     assert not all(torch.equal(a, b) for a, b in zip(ref.parameters(), model.parameters()))
-    assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), resumed.parameters()))
-    assert _same_state(ref_opt.state_dict(), resumed_opt.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), back.parameters()))
+    assert _same_state(ref_opt.state_dict(), back_opt.state_dict())
 
 
 def test_host_copies_of_torchao_moments_are_built_and_moved_leaf_by_leaf():
@@ -366,7 +508,7 @@ def test_host_copies_of_torchao_moments_are_built_and_moved_leaf_by_leaf():
     device copy of it is too: codes, scales and map copied as they are (here CPU to CPU: the path CUDA takes)."""
     from rollout_sleep.run.offload import _host_like, _to_device
 
-    model, opt = _train("adamw4bit", True, torch.bfloat16, streamed=False, steps=1)
+    model, opt = _train("adamw4bit", True, torch.bfloat16, per_tensor=None, steps=1)
     moment = opt.state[model.embed.weight]["exp_avg"]
     host = _host_like(moment, pin=False)
     assert type(host) is type(moment) and host.shape == moment.shape
@@ -375,6 +517,31 @@ def test_host_copies_of_torchao_moments_are_built_and_moved_leaf_by_leaf():
         dst.copy_(src)
     back = _to_device(host, torch.device("cpu"))
     assert type(back) is type(moment) and torch.equal(back.dequantize(), moment.dequantize())
+
+
+def test_step_per_tensor_is_a_bool_implied_by_stream_and_refused_where_deepspeed_or_fsdp_step():
+    """``train.step_per_tensor``: off by default; the per-tensor step keeps the state on the device with it, in host
+    memory with ``stream`` (which implies it); refused under FSDP and DeepSpeed naming the key and the fix (with
+    ``stream`` too, stream's own message alone)."""
+    from rollout_sleep.run.per_tensor import state_in
+
+    assert load_config(None, []).train.step_per_tensor is False
+    with pytest.raises(ConfigError, match="train.step_per_tensor"):
+        load_config(None, ["train.step_per_tensor=stream"])
+    for overrides, where in [([], None), (["train.step_per_tensor=true"], "device"),
+                             (["train.offload_optimizer=stream"], "host"),
+                             (["train.offload_optimizer=stream", "train.step_per_tensor=true"], "host"),
+                             (["train.offload_optimizer=true", "train.step_per_tensor=true"], "device")]:
+        assert state_in(load_config(None, overrides).train) == where, overrides
+    cfg = load_config(None, ["train.step_per_tensor=true"])
+    for launch in ("FSDP", "DEEPSPEED"):
+        (problem,) = check_processes(cfg, 1, launch)
+        assert problem.startswith(f"train.step_per_tensor=true with accelerate's {launch}")
+        assert problem.endswith("set train.step_per_tensor=false")
+        both = load_config(None, ["train.step_per_tensor=true", "train.offload_optimizer=stream"])
+        (problem,) = check_processes(both, 1, launch)
+        assert problem.startswith("train.offload_optimizer=stream with")
+    assert check_processes(cfg, 1, "MULTI_GPU") == []
 
 
 def test_the_setting_takes_false_true_and_stream_and_names_the_choices():
@@ -403,8 +570,8 @@ def test_streamed_step_on_cuda_keeps_the_state_in_pinned_host_memory(kind, round
     plain step after 3 steps (weights and state); between steps no state is on the GPU, every host copy
     (torchao's quantized moments leaf by leaf) is pinned, and the timings report what moved. The most state on
     the GPU at once is three tensors' overlapped (going out, stepping, coming in), one serially."""
-    ref, ref_opt = _train(kind, rounding, dtype, streamed=False, device="cuda")
-    model, opt = _train(kind, rounding, dtype, streamed=True, device="cuda", overlap=overlap)
+    ref, ref_opt = _train(kind, rounding, dtype, per_tensor=None, device="cuda")
+    model, opt = _train(kind, rounding, dtype, per_tensor="host", device="cuda", overlap=overlap)
     assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), model.parameters()))
     assert _same_state(ref_opt.state_dict(), opt.state_dict())
     assert resident_state_bytes(opt, "cuda") == 0 and resident_state_bytes(opt, "cpu") > 0
@@ -420,6 +587,35 @@ def test_streamed_step_on_cuda_keeps_the_state_in_pinned_host_memory(kind, round
     sizes = sorted(optimizer_state_bytes(kind, [(p.numel(), p.element_size())], stochastic_rounding=rounding)
                    for p in model.parameters())
     assert 0 < opt.step_state_bytes <= (sum(sizes[-3:]) if overlap else sizes[-1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind,rounding,dtype", KINDS, ids=[k for k, *_ in KINDS])
+def test_per_tensor_step_on_cuda_keeps_the_state_on_the_device_and_its_peak_no_higher(kind, rounding, dtype):
+    """On CUDA (fused AdamW, torchao's compiled step) with the state on the device: bitwise the plain step after 3
+    steps (weights and state), the state on the GPU, nothing moved or timed; a 4th step's allocator peak above what
+    it starts with is no higher than the plain step's (the gradients are freed as it goes)."""
+    peaks = []
+
+    def fourth(model, opt):
+        _backward(model, 3)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        opt.step()
+        torch.cuda.synchronize()
+        peaks.append(torch.cuda.max_memory_allocated() - start)
+
+    ref, ref_opt = _train(kind, rounding, dtype, per_tensor=None, device="cuda")
+    model, opt = _train(kind, rounding, dtype, per_tensor="device", device="cuda")
+    assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), model.parameters()))
+    assert _same_state(ref_opt.state_dict(), opt.state_dict())
+    assert resident_state_bytes(opt, "cuda") == resident_state_bytes(ref_opt, "cuda") > 0
+    assert not opt.active and opt.pop_timings() == {} and opt.host._host == {}
+    fourth(ref, ref_opt)
+    fourth(model, opt)
+    assert peaks[1] <= peaks[0], peaks
 
 
 @pytest.mark.gpu
@@ -464,23 +660,27 @@ def test_overlapped_copies_wait_for_each_other_and_no_buffer_is_reused_in_flight
 
         opt.host.bring, opt.host.send = slow_bring, slow_send
 
-    ref, ref_opt = _train(kind, rounding, dtype, streamed=False, device="cuda")
-    model, opt = _train(kind, rounding, dtype, streamed=True, device="cuda", setup=setup, after=lambda o: kept.clear())
+    ref, ref_opt = _train(kind, rounding, dtype, per_tensor=None, device="cuda")
+    model, opt = _train(kind, rounding, dtype, per_tensor="host", device="cuda", setup=setup,
+                        after=lambda o: kept.clear())
     assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), model.parameters()))
     assert _same_state(ref_opt.state_dict(), opt.state_dict())
     t = opt.pop_timings()
     assert t["optimizer_copy_wait_s"] > 0.005  # the compute stream waited for held-up copies in
 
 
-def test_streamed_optimizer_refuses_a_parameter_listed_twice_and_being_copied():
+def test_per_tensor_optimizer_refuses_a_parameter_listed_twice_and_being_copied():
     """A parameter listed twice would step twice (the plain optimizer steps it twice too, with a warning); a copy
     or a pickle would lose the host buffers: both refused, saying what to do instead."""
     import copy
 
     model = torch.nn.Linear(4, 4)
+    with pytest.raises(ValueError, match=r"train.step_per_tensor=true steps each parameter once: the optimizer "
+                                         r"lists a parameter twice \(pass model.parameters\(\)"):
+        PerTensorOptimizer(torch.optim.AdamW([model.weight, model.weight, model.bias]))
     with pytest.raises(ValueError, match=r"lists a parameter twice \(pass model.parameters\(\)"):
-        StreamedOptimizer(torch.optim.AdamW([model.weight, model.weight, model.bias]))
-    opt = StreamedOptimizer(torch.optim.AdamW(model.parameters()))
+        _streamed(torch.optim.AdamW([model.weight, model.weight, model.bias]))
+    opt = _streamed(torch.optim.AdamW(model.parameters()))
     with pytest.raises(TypeError, match=r"save optimizer.state_dict\(\)"):
         copy.deepcopy(opt)
 
@@ -504,11 +704,11 @@ def test_a_resumed_state_loads_one_parameter_at_a_time_and_is_not_moved_whole_at
                 self.initialized = True
             return super().step(closure)
 
-    ref, ref_opt = _train("adamw", False, torch.float32, streamed=False, steps=2)
+    ref, ref_opt = _train("adamw", False, torch.float32, per_tensor=None, steps=2)
     model = _model(torch.float32)
     model.load_state_dict(ref.state_dict())
     inner = MovesAllAtFirstStep(model.parameters())
-    opt = StreamedOptimizer(inner)
+    opt = _streamed(inner)
     loads = []
     load = inner.load_state_dict
     inner.load_state_dict = lambda sd: (loads.append(len(sd["state"])), load(sd))[1]
@@ -524,7 +724,7 @@ def test_a_resume_with_the_state_offloaded_between_steps_loads_one_parameter_at_
     """``true`` wraps the optimizer's own loader (bitsandbytes replaces PyTorch's, hooks included): it gets one
     parameter's state at a time (each sent to host memory before the next on CUDA), then the groups' settings, and
     the result is the plain load's."""
-    ref, ref_opt = _train("adamw4bit", True, torch.bfloat16, streamed=False, steps=2)
+    ref, ref_opt = _train("adamw4bit", True, torch.bfloat16, per_tensor=None, steps=2)
     model = _model(torch.bfloat16)
     opt = build_optimizer("adamw4bit", model.parameters(), lr=1e-2, weight_decay=0.1, stochastic_rounding=True)
     OptimizerOffload(opt)

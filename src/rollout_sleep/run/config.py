@@ -350,6 +350,10 @@ def check_processes(cfg: RecipeConfig, processes: int, distributed_type: str = "
                    "a plain optimizer's state one parameter at a time, and "
                    f"{REPLACES_PARAMETERS[distributed_type]}: use its own CPU offload (FSDP's fsdp_offload_params, "
                    "DeepSpeed's zero_optimization.offload_optimizer.device=cpu) with train.offload_optimizer=false")
+    elif cfg.train.step_per_tensor and distributed_type in ("FSDP", "DEEPSPEED"):
+        out.append(f"train.step_per_tensor=true with accelerate's {distributed_type}: the per-tensor step steps a "
+                   f"plain optimizer one parameter at a time, and {REPLACES_PARAMETERS[distributed_type]}: set "
+                   "train.step_per_tensor=false")
     return out
 
 

@@ -18,6 +18,7 @@ from rollout_sleep.weights.stream import local_shard
 from . import memory_plan
 from .memory_plan import GIB, MemoryPlan
 from .optim import resident_state_bytes, run_stochastic_rounding
+from .per_tensor import state_in
 
 MEASURED_STEPS = 2  # the plan is compared with steps 1-2: the optimizer's state appears at step 1's update
 
@@ -55,12 +56,16 @@ def plan_run(cfg: Any, model_path: str, *, processes: int, shards: tuple[int, in
                      "one's copy back overlapping it), and frees each gradient after its tensor steps. Training's "
                      "total: the larger of gradients + activations and, at the tensor where it peaks, "
                      "gradients_at_step (still held) + optimizer_state (up to three tensors') + optimizer_step")
+    if t.step_per_tensor and offload != "stream":
+        notes.append("train.step_per_tensor: the step goes one tensor at a time, smallest first, and frees each "
+                     "gradient after its tensor steps. Training's total: optimizer_state + the larger of gradients + "
+                     "activations and, at the tensor where it peaks, gradients_at_step (still held) + optimizer_step")
     b = torch.empty((), dtype=getattr(torch, cfg.model.dtype)).element_size()
     shape = memory_plan.ModelShape.from_checkpoint(model_path)
     sequences = t.prompts_per_step // processes * t.generations  # a rank's completions per step
     inputs = memory_plan.PlanInputs(
         shape, dtype_bytes=b, optimizer=t.optimizer, stochastic_rounding=run_stochastic_rounding(cfg, weights_shared),
-        offload_optimizer=offload,
+        offload_optimizer=offload, step_per_tensor=state_in(t) is not None,
         micro_batch=min(t.micro_batch, sequences), seq_len=longest_prompt + t.max_tokens,
         completion_len=t.max_tokens, gradient_checkpointing=t.gradient_checkpointing,
         autocast=t.mixed_precision != "no" and b == 4, reference_model=t.kl_coef > 0,

@@ -5,12 +5,13 @@ Two phases alternate on one device. **rollout**: vLLM awake (its weights, KV cac
 trainer keeps between steps (its weights, the optimizer state unless offloaded; gradients are freed after each
 step). **training**: vLLM asleep (only what it cannot release: its CUDA graphs' pool and allocations outside its
 sleep pools) beside the trainer's weights, gradients, optimizer state and the activations of one micro-batch.
-With ``train.offload_optimizer=stream`` no optimizer state stays on the device: the step brings one tensor's at a
-time, smallest first, and frees each gradient after its tensor steps
-(:class:`~rollout_sleep.run.offload.StreamedOptimizer`); training's peak is then the larger of all gradients with the
-activations and, at the tensor where it is largest, the gradients still held (``gradients_at_step``) with the state
-on the device (that tensor's, and with the copies overlapping the step the previous one's going back and the next
-one's coming in) and that tensor's step temporaries.
+With ``train.step_per_tensor`` the step goes one tensor at a time, smallest first, and frees each gradient after its
+tensor steps (:class:`~rollout_sleep.run.per_tensor.PerTensorOptimizer`): training's peak is then the state plus the
+larger of all gradients with the activations and, at the tensor where it is largest, the gradients still held
+(``gradients_at_step``) with that tensor's step temporaries. With ``train.offload_optimizer=stream`` (per tensor too)
+no optimizer state stays on the device: the state in training is what the step brings at its peak (that tensor's,
+and with the copies overlapping the step the previous one's going back and the next one's coming in), counted
+beside the gradients still held and the step temporaries, not beside the activations.
 
 :func:`check` raises :class:`MemoryPlanError` (a :class:`~rollout_sleep.run.config.ConfigError`) naming the phase
 that does not fit in the budget with the headroom kept, by how much, and what each knob would make of it.
@@ -50,6 +51,7 @@ GROUPS = {"engine": ("engine_weights", "kv_cache", "engine_workspace")}  # measu
 KNOB_NOTE = "train.memory_plan=warn runs anyway (off: no plan)"
 OFFLOAD_SAID = {True: " (state offloaded during rollouts)",
                 "stream": " (state in host memory, streamed to the step one tensor at a time)"}
+PER_TENSOR_SAID = " (stepped one tensor at a time, smallest first)"
 
 
 class MemoryPlanError(ConfigError):
@@ -188,6 +190,7 @@ class PlanInputs:
     optimizer: str = "adamw"
     stochastic_rounding: bool = False  # the optimizer comes from torchao (its state weighs what torchao's does)
     offload_optimizer: bool | str = False  # true: the state in host memory between steps; "stream": always
+    step_per_tensor: bool = False  # the step one tensor at a time, smallest first (implied by "stream")
     micro_batch: int = 32
     seq_len: int = 160
     completion_len: int = 128
@@ -210,6 +213,11 @@ class PlanInputs:
     # The trainer's LM head fused with the log-softmax (``grpo.logprobs.linear_selected_logprobs``, the default where
     # ``grpo.logprobs.fused_head_problem`` allows): no full logits or logits gradient; False: the model's own logits.
     fused_head: bool = True
+
+    @property
+    def per_tensor(self) -> bool:
+        """The step goes one tensor at a time (``train.step_per_tensor``, or ``stream``, which implies it)."""
+        return self.step_per_tensor or self.offload_optimizer == "stream"
 
 
 def layer_activation_bytes_per_token(s: ModelShape, b: int) -> int:
@@ -288,16 +296,19 @@ class MemoryPlan:
     def total(self, phase: str) -> int:
         """The phase's peak. In training the optimizer step (its temporaries, and with the state offloaded the
         state too, which comes back for the step only) runs after the last micro-batch's activations are freed:
-        whichever is larger counts."""
+        whichever is larger counts. Per tensor, the step meets only the gradients not yet freed."""
         c = dict(self.phases[phase])
         if phase != "training":
             return sum(c.values())
         # the optimizer step's temporaries exist after the last micro-batch's activations are freed
         acts, state, step = (c.pop(k, 0) for k in ("activations", "optimizer_state", "optimizer_step"))
-        if self.inputs.offload_optimizer == "stream":  # one tensor steps at a time, with the gradients not yet freed
+        offloaded = bool(self.inputs.offload_optimizer)  # true, stream: the state is on the device for the step only
+        if self.inputs.per_tensor:  # one tensor steps at a time, with the gradients not yet freed
             grads, held = c.pop("gradients", 0), c.pop("gradients_at_step", 0)
-            return sum(c.values()) + max(grads + acts, held + state + step)
-        if self.inputs.offload_optimizer:  # true: all of the state comes back for the step
+            if offloaded:
+                return sum(c.values()) + max(grads + acts, held + state + step)
+            return sum(c.values()) + state + max(grads + acts, held + step)
+        if offloaded:  # true: all of the state comes back for the step
             return sum(c.values()) + max(acts, state + step)
         return sum(c.values()) + state + max(acts, step)
 
@@ -337,7 +348,8 @@ class MemoryPlan:
         count = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
         head = (f"memory plan: {count} parameters x {i.dtype_bytes} bytes, optimizer "
                 f"{i.optimizer}{' (torchao, bf16 stochastic rounding)' if i.stochastic_rounding else ''}"
-                f"{OFFLOAD_SAID.get(i.offload_optimizer, '')}, micro-batch "
+                f"{OFFLOAD_SAID.get(i.offload_optimizer, '')}"
+                f"{PER_TENSOR_SAID if i.step_per_tensor and i.offload_optimizer != 'stream' else ''}, micro-batch "
                 f"{i.micro_batch} x {i.seq_len} tokens, gradient checkpointing "
                 f"{'on' if i.gradient_checkpointing else 'off'}")
         if i.adapter_numels is not None:
@@ -360,26 +372,32 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
-def streamed_step_peak(optimizer: str, numels, dtype_bytes: int, stochastic_rounding: bool = False,
-                       state32=(), overlap: bool = False) -> tuple[int, int, int]:
-    """The streamed step's peak (:class:`~rollout_sleep.run.offload.StreamedOptimizer`: smallest tensor first, each
-    gradient freed after its tensor steps), for tensors of ``numels`` elements: ``(gradients still held, the state
-    on the device, that tensor's step's temporaries)`` at the tensor where their sum is largest (``state32``:
-    numels whose state bitsandbytes keeps in 32 bits). With the copies overlapping the step (``overlap``; the
-    default is the optimizer's, off) the state on the device is up to three tensors': the previous one's still going back,
+def per_tensor_step_peak(optimizer: str, numels, dtype_bytes: int, stochastic_rounding: bool = False,
+                         state32=(), state_in: str = "device", overlap: bool = False) -> tuple[int, int, int]:
+    """The per-tensor step's peak (:class:`~rollout_sleep.run.per_tensor.PerTensorOptimizer`: smallest tensor
+    first, each gradient freed after its tensor steps), for tensors of ``numels`` elements: ``(gradients still
+    held, the state on the device, that tensor's step's temporaries)`` at the tensor where their sum is largest
+    (``state32``: numels whose state bitsandbytes keeps in 32 bits). ``state_in="device"`` (the optimizer's
+    default): all of the state, throughout. ``"host"`` (``stream``): with the copies overlapping the step
+    (``overlap``; the default is the optimizer's, off) up to three tensors': the previous one's still going back,
     this one's, and the next one's already coming in; serially, this one's alone.
 
-    >>> streamed_step_peak("adamw", [10, 30, 20], 2, overlap=True)  # at the 20: 50 gradients; states 10, 20, 30
+    >>> per_tensor_step_peak("adamw", [10, 30, 20], 2, state_in="host", overlap=True)  # at the 20: 50 gradients
     (100, 252, 0)
-    >>> streamed_step_peak("adamw", [10, 30, 20], 2)  # serially: the 20's state alone
+    >>> per_tensor_step_peak("adamw", [10, 30, 20], 2, state_in="host")  # serially: the 20's state alone
     (100, 84, 0)
+    >>> per_tensor_step_peak("adamw", [10, 30, 20], 2)  # on the device: every state, at the first (all gradients)
+    (120, 252, 0)
     """
     order = sorted(numels)
     states = [optimizer_state_bytes(optimizer, [(n, dtype_bytes)], [n] if n in state32 else (),
                                     stochastic_rounding=stochastic_rounding) for n in order]
     best, held = (0, 0, 0), sum(order) * dtype_bytes
     for i, n in enumerate(order):
-        state = sum(states[max(i - 1, 0):i + 2]) if overlap else states[i]
+        if state_in == "device":
+            state = sum(states)
+        else:
+            state = sum(states[max(i - 1, 0):i + 2]) if overlap else states[i]
         here = (held, state, optimizer_step_bytes(optimizer, [n], stochastic_rounding))
         best = max(best, here, key=sum)
         held -= n * dtype_bytes
@@ -396,8 +414,9 @@ def plan_memory(i: PlanInputs, budget_bytes: int | None = None, headroom_bytes: 
     base = 0 if i.adapter_numels is None else (0 if i.base_shared else s.params * b)
     weights = 0 if i.weights_shared else -(-(sum(trained) * b + base) // ws)
     state32 = s.embedding_numels if i.adapter_numels is None else ()
-    if i.offload_optimizer == "stream":  # up to three tensors' states on the device at a time (overlapped copies)
-        held, state, step = streamed_step_peak(i.optimizer, trained, b, i.stochastic_rounding, state32)
+    if i.per_tensor:  # stream: up to three tensors' states on the device at a time (overlapped copies)
+        state_in = "host" if i.offload_optimizer == "stream" else "device"
+        held, state, step = per_tensor_step_peak(i.optimizer, trained, b, i.stochastic_rounding, state32, state_in)
     else:
         held = None
         state = optimizer_state_bytes(i.optimizer, [(n, b) for n in trained], state32,
@@ -436,6 +455,8 @@ def knob_alternatives(i: PlanInputs) -> list[tuple[str, PlanInputs]]:
         package = optimizer_package(leaner, i.stochastic_rounding)
         needs = f" (needs {package}: pip install {package})" if missing_package(leaner, i.stochastic_rounding) else ""
         out.append((f"train.optimizer={leaner}{needs}", dataclasses.replace(i, optimizer=leaner)))
+    if not i.per_tensor:  # no copies: before the offloads
+        out.append(("train.step_per_tensor=true", dataclasses.replace(i, step_per_tensor=True)))
     if not i.offload_optimizer:
         out.append(("train.offload_optimizer=true", dataclasses.replace(i, offload_optimizer=True)))
     if i.offload_optimizer != "stream":

@@ -1,19 +1,15 @@
 """The optimizer's state in host memory: between steps (``train.offload_optimizer=true``, :class:`OptimizerOffload`)
-or always, the step streaming it one parameter at a time (``stream``, :class:`StreamedOptimizer`).
+or always (``stream``: the per-tensor step, :class:`~rollout_sleep.run.per_tensor.PerTensorOptimizer` with
+``state_in="host"``, brings one parameter's state at a time through the host buffers here, :class:`HostCopies`).
 
-``true`` gives the rollout the state's memory and keeps the state apart from the activations, but the step
-itself holds all of it beside all the gradients. ``stream`` keeps the state in host memory for good: its step
-moves one parameter's state to the GPU, steps that parameter alone, moves the state back and frees the
-parameter's gradient, the copies on their own CUDA streams overlapping the steps (the next parameter's state comes
-in, the last one's goes back, while one steps). The step's peak is then the gradients (fewer as it goes) plus up to
-three parameters' states and one step's temporaries, instead of all gradients plus all state. Global gradient clipping and the non-finite
-guard stay exact: every gradient exists when the step begins (an optimizer fused into the backward pass would
-step each parameter before the last gradient, and so the global norm, is known).
+``true`` gives the rollout the state's memory and keeps the state apart from the activations, but the step brings
+all of it back (beside all the gradients, unless the step goes per tensor too: ``train.step_per_tensor``).
+``stream`` keeps the state in host memory for good: the step holds a tensor's state at a time.
 
 Host copies are allocated once per state tensor and reused, pinned where the parameters are on CUDA. torchao's
 quantized moments (tensor subclasses) are copied leaf by leaf (codes, block scales, code map: see
 :func:`~rollout_sleep.run.optim.storage_tensors`), so their host copies are pinned too. Where the parameters
-live on the host nothing moves (the streamed step still steps one parameter at a time).
+live on the host nothing moves.
 """
 
 from __future__ import annotations
@@ -30,26 +26,20 @@ from .optim import storage_tensors
 logger = logging.getLogger(__name__)
 
 METRICS = ("optimizer_offload_s", "optimizer_reload_s", "optimizer_offload_gib")
-# the streamed step's: its copies' own time (reload, offload: CUDA events on the copy streams, overlapped with the
-# step), its wall time, and the copy time the step did not hide (the compute stream's waits for a state coming in,
-# and the last copy back after the last step)
-STREAM_METRICS = METRICS + ("optimizer_step_s", "optimizer_copy_wait_s")
 
 
-def torch_optimizer(optimizer, setting: bool | str) -> torch.optim.Optimizer:
-    """The ``torch.optim.Optimizer`` whose state ``train.offload_optimizer=setting`` moves (inside accelerate's
-    wrapper), or a ``ValueError`` naming the key and the fix where it cannot: DeepSpeed's ZeRO optimizer (no
-    step hooks, its own offload) and FSDP2's DTensor parameters (their state cannot be swapped for host
-    tensors)."""
-    said = f"train.offload_optimizer={'true' if setting is True else setting}"
+def torch_optimizer(optimizer, said: str, off: str) -> torch.optim.Optimizer:
+    """The ``torch.optim.Optimizer`` that setting ``said`` (``train.offload_optimizer=true``, ...) wraps or moves
+    (inside accelerate's wrapper), or a ``ValueError`` naming the setting and the fix (``off``: the setting that
+    turns it off) where it cannot: DeepSpeed's ZeRO optimizer (no step hooks, its own step and offload) and FSDP2's
+    DTensor parameters (their state cannot be swapped for host tensors, nor their step split by tensor)."""
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps one
     if not isinstance(inner, torch.optim.Optimizer):
-        raise ValueError(f"{said} moves a torch.optim.Optimizer's state, not a {type(inner).__name__}'s: with "
-                         "DeepSpeed set its own offload_optimizer (zero_optimization.offload_optimizer.device=cpu) "
-                         "and train.offload_optimizer=false")
+        raise ValueError(f"{said} needs a torch.optim.Optimizer, not a {type(inner).__name__}: with DeepSpeed set "
+                         f"{off} (DeepSpeed's own offload: zero_optimization.offload_optimizer.device=cpu)")
     if any(hasattr(p, "full_tensor") for g in inner.param_groups for p in g["params"]):
-        raise ValueError(f"{said} does not move FSDP2's sharded (DTensor) optimizer state: use FSDP's own CPU "
-                         "offload (fsdp_offload_params) and train.offload_optimizer=false")
+        raise ValueError(f"{said} does not take FSDP2's sharded (DTensor) parameters: set {off} (FSDP's own CPU "
+                         "offload: fsdp_offload_params)")
     return inner
 
 
@@ -191,7 +181,7 @@ def load_one_at_a_time(load, optimizer: torch.optim.Optimizer, state_dict: dict,
     optimizer.state.update(placed)
 
 
-class _StateInHost:
+class StateInHost:
     """What both settings share: the host buffers of ``optimizer``'s state, whether anything moves (parameters on
     a GPU), the per-step timings, and sending the whole state to host memory."""
 
@@ -214,7 +204,7 @@ class _StateInHost:
         return out if self.active else {}
 
 
-class OptimizerOffload(_StateInHost):
+class OptimizerOffload(StateInHost):
     """Keep ``optimizer``'s state in pinned host memory between steps (``train.offload_optimizer=true``): a step
     pre-hook copies it to the parameters' device right before the step, a post-hook copies it back to the host
     right after (before the rollout). ``pop_timings()`` gives this step's seconds and bytes. Idempotent:
@@ -222,7 +212,7 @@ class OptimizerOffload(_StateInHost):
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer):
-        self.optimizer = torch_optimizer(optimizer, True)
+        self.optimizer = torch_optimizer(optimizer, "train.offload_optimizer=true", "train.offload_optimizer=false")
         self._init_host(self.optimizer)  # step_state_bytes: all of the state comes back for the step
         # a resume loads one parameter's state at a time, straight to host memory (see load_one_at_a_time): the
         # instance's own loader is wrapped (bitsandbytes replaces PyTorch's, and with it its load hooks)
@@ -260,190 +250,3 @@ class OptimizerOffload(_StateInHost):
         self._sync()
         self._timings["optimizer_reload_s"] += time.perf_counter() - t0
         return moved
-
-
-class _Copies:
-    """The streamed step's CUDA streams and timing events: a copy stream for each direction beside the compute
-    stream (the current one when the step begins). ``None`` where nothing moves (the host) or the step runs
-    serially: every copy then goes on the current stream."""
-
-    def __init__(self, device: torch.device, copy_streams: tuple | None):
-        self.compute = torch.cuda.current_stream(device) if device.type == "cuda" else None
-        self.h2d, self.d2h = copy_streams or (None, None)
-        self.brought: list[tuple] = []  # (start, done) events around each state's copy to the device
-        self.sent: list[tuple] = []  # (start, done) around each copy back
-        self.waits: list[tuple] = []  # (before, after) the compute stream's wait for a brought state
-
-    def mark(self, stream=None) -> torch.cuda.Event | None:
-        """A timing event recorded on ``stream`` (the compute stream by default); ``None`` on the host."""
-        if self.compute is None:
-            return None
-        event = torch.cuda.Event(enable_timing=True)
-        event.record(stream if stream is not None else self.compute)
-        return event
-
-
-class StreamedOptimizer(_StateInHost, torch.optim.Optimizer):
-    """``optimizer`` stepped one parameter at a time with its state in host memory
-    (``train.offload_optimizer=stream``): :meth:`step` sets every gradient aside, then for each parameter,
-    smallest first, gives its gradient back, brings its state to the device, steps ``optimizer`` (which skips
-    parameters without a gradient), sends the state back and frees the gradient. The largest tensors step last,
-    when the other gradients are freed, so their step's temporaries (torchao's: up to 25 bytes per element)
-    never meet all the gradients. (With stochastic rounding the order changes which random draws each tensor
-    takes, not what they keep in expectation.)
-
-    With ``overlap=True`` (off by default until its CUDA test and probe have run on a GPU) the copies overlap the
-    compute: while parameter ``i`` steps on the
-    compute stream, a copy stream brings parameter ``i+1``'s state from pinned host memory and another sends
-    parameter ``i-1``'s back, so the step costs about the largest of the three instead of their sum. The look-ahead
-    is one tensor: at most three states are on the device at once (the one going out, the one stepping, the one
-    coming in; smallest first, the last two are the largest), beside one step's temporaries. ``overlap=False``
-    (the default) copies on the compute stream, in order with the steps (one state at a time).
-
-    Accelerate prepares it like any optimizer. The param groups, the state and the defaults are ``optimizer``'s
-    own, so :meth:`state_dict` is exactly the plain optimizer's (a checkpoint loads in every mode); PyTorch's step
-    hooks registered here (the non-finite guard, the update check) fire once per step, with every gradient
-    present, before anything moves. The wrapped optimizer is ``.inner``, not ``.optimizer``: the hooks find
-    this one as the innermost. ``pop_timings()``, ``offload()`` and ``active`` as :class:`OptimizerOffload`'s;
-    the timings also give the step's wall time (``optimizer_step_s``) and the copy time it did not hide
-    (``optimizer_copy_wait_s``).
-
-    >>> model = torch.nn.Linear(2, 2)
-    >>> opt = StreamedOptimizer(torch.optim.AdamW(model.parameters(), lr=0.1))
-    >>> model(torch.ones(1, 2)).sum().backward()
-    >>> opt.step()
-    >>> [p.grad for p in model.parameters()], len(opt.state)  # gradients freed as the step went
-    ([None, None], 2)
-    """
-
-    def __init__(self, optimizer: torch.optim.Optimizer, overlap: bool = False):
-        inner = torch_optimizer(optimizer, "stream")
-        params = [p for g in inner.param_groups for p in g["params"]]
-        if len({id(p) for p in params}) != len(params):
-            raise ValueError("train.offload_optimizer=stream steps each parameter once: the optimizer lists a "
-                             "parameter twice (pass model.parameters(), which lists a tied weight once)")
-        if hasattr(inner, "to_gpu"):  # bitsandbytes moves every parameter's state to its device at its first
-            inner.to_gpu = lambda: None  # step (a resumed state included): here the state moves one at a time
-        # PyTorch's optimizer machinery (the step hooks) around a placeholder group, replaced by the inner's
-        super().__init__([torch.empty(0)], inner.defaults)
-        self.inner = inner
-        self.overlap = overlap
-        self._share()
-        self._init_host(inner)  # step_state_bytes: the most state on the device at once during a step
-        self._timings = dict.fromkeys(STREAM_METRICS, 0.0)
-        self._copy_streams: tuple | None = None  # (to the device, back): CUDA streams, made at the first step
-
-    def _share(self) -> None:
-        """This optimizer's groups, state and defaults are the inner's (again after a load replaced them)."""
-        self.param_groups, self.state, self.defaults = self.inner.param_groups, self.inner.state, self.inner.defaults
-
-    def state_dict(self) -> dict:
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Load into the inner optimizer one parameter's state at a time (PyTorch's loader puts it on the
-        parameter's device), each sent to host memory before the next: a resume never holds the whole state on
-        the GPU either."""
-        load_one_at_a_time(self.inner.load_state_dict, self.inner, state_dict, self.host, self.active)
-        self._share()
-
-    def __getstate__(self):
-        raise TypeError("a StreamedOptimizer is not copied or pickled (its state lives in pinned host buffers): "
-                        "save optimizer.state_dict(), which is the wrapped optimizer's own")
-
-    def offload(self) -> int:
-        """Move any state on the device to host memory (after a load); returns the bytes moved."""
-        return self._send_all(self.inner) if self.active else 0
-
-    def pop_timings(self) -> dict[str, float]:
-        out, self._timings = self._timings, dict.fromkeys(STREAM_METRICS, 0.0)
-        return out if self.active else {}
-
-    def _copy(self, copy, p: torch.Tensor, c: _Copies, stream, log: list) -> tuple[int, torch.cuda.Event | None]:
-        """Queue ``copy`` (``host.bring`` or ``host.send``) of ``p``'s state on ``stream`` (a copy stream when
-        overlapping, else ``None``: the current one), after the compute stream's work queued so far (the timing
-        starts there); its (start, done) events go to ``log``. Returns the bytes and the event the compute stream
-        waits for before using what came in (``None``: nothing moved, or nothing to wait for)."""
-        if stream is not None:
-            stream.wait_stream(c.compute)
-        start = c.mark(stream)
-        moved = copy(p, self.state[p], stream)
-        done = c.mark(stream)
-        if done is not None and moved:
-            log.append((start, done))
-        return moved, (done if stream is not None and moved else None)
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        """Step every parameter with a gradient, one at a time (see the class). Each gradient is freed once its
-        parameter's step is queued (on the stream that made it: the allocator reuses it after the step only).
-        A second ``step()`` without a backward in between does nothing (the plain optimizer would apply the same
-        gradients again). PyTorch's global step hooks fire for the wrapper and again for each parameter's inner
-        step; hooks registered on this optimizer fire once. Every copy back is complete when it returns."""
-        if closure is not None:
-            raise ValueError("train.offload_optimizer=stream steps one parameter at a time: it takes no closure")
-        # smallest tensor first: the largest (an embedding), whose step takes the most temporaries, steps when
-        # the other gradients are already freed (stable: ties keep the groups' order)
-        params = sorted((p for g in self.param_groups for p in g["params"] if p.grad is not None),
-                        key=lambda p: p.numel())
-        grads = {p: p.grad for p in params}  # set aside: the inner step sees one gradient at a time
-        for p in params:
-            p.grad = None
-        if self.active and self.overlap and self._copy_streams is None:  # made once, kept (not the pool's per step)
-            self._copy_streams = (torch.cuda.Stream(self.device), torch.cuda.Stream(self.device))
-        c = _Copies(self.device if self.active else torch.device("cpu"), self._copy_streams if self.overlap else None)
-        t0 = time.perf_counter()
-        sent, went = 0, 0  # the bytes sent back in all, and the last parameter's (in flight while the next steps)
-        def bring(q):
-            return self._copy(self.host.bring, q, c, c.h2d, c.brought)
-
-        coming = bring(params[0]) if params else (0, None)  # the first state's copy
-        unstepped = [params[0]] if params else []  # brought, not stepped (put back if the step fails)
-        try:
-            for i, p in enumerate(params):
-                p.grad = grads.pop(p)
-                here, ready = coming
-                nxt = params[i + 1] if i + 1 < len(params) else None
-                if self.overlap and nxt is not None:  # the next state's copy, queued before this step: overlaps it
-                    coming = bring(nxt)
-                    unstepped.append(nxt)
-                if ready is not None:  # this state's copy is done before its step reads it
-                    before = c.mark()
-                    c.compute.wait_event(ready)
-                    c.waits.append((before, c.mark()))
-                self.inner.step()
-                unstepped = [q for q in unstepped if q is not p]
-                moved, _ = self._copy(self.host.send, p, c, c.d2h, c.sent)
-                p.grad = None  # freed: the gradients shrink as the step goes
-                sent += moved
-                # on the device at once: the state going back, the one that stepped, the one coming in
-                ahead = coming[0] if self.overlap and nxt is not None else 0
-                self.step_state_bytes = max(self.step_state_bytes,
-                                            (went + moved + ahead) if self.overlap else max(moved, here))
-                went = moved
-                if not self.overlap and nxt is not None:  # serial: the next state's copy after this one's
-                    coming = bring(nxt)
-                    unstepped.append(nxt)
-        except BaseException:  # a step that failed part-way puts the states it brought and did not step (or
-            if self.active:  # failed in) back in their host copies, once no copy is in flight
-                torch.cuda.synchronize(self.device)
-            for p in unstepped:
-                self.host.put_back(p, self.state[p])
-            raise
-        finally:  # and leaves the gradients it did not reach where they were
-            for p, grad in grads.items():
-                p.grad = grad
-        if self.active:
-            end = c.mark()
-            torch.cuda.synchronize(self.device)  # the host copies are complete before anything reads them
-            self._timings["optimizer_step_s"] += time.perf_counter() - t0
-            self._timings["optimizer_reload_s"] += sum(a.elapsed_time(b) for a, b in c.brought) / 1e3
-            self._timings["optimizer_offload_s"] += sum(a.elapsed_time(b) for a, b in c.sent) / 1e3
-            if self.overlap:  # the compute stream's waits for a state coming in, and the last copy back's tail
-                waited = sum(a.elapsed_time(b) for a, b in c.waits) / 1e3
-                waited += max(0.0, end.elapsed_time(c.sent[-1][1]) / 1e3) if c.sent else 0.0
-            else:  # every copy on the compute stream: none hidden
-                waited = (sum(a.elapsed_time(b) for a, b in c.brought + c.sent)) / 1e3
-            self._timings["optimizer_copy_wait_s"] += waited
-            self._timings["optimizer_offload_gib"] = max(self._timings["optimizer_offload_gib"], sent / 2**30)
-        return None

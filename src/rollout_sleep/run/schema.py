@@ -169,6 +169,14 @@ class TrainConfig:
                                                 "stream, overlapped with the step), with optimizer_step_s the "
                                                 "step's wall time and optimizer_copy_wait_s the copy time it did "
                                                 "not hide", resume=FREE)
+    step_per_tensor: bool = _opt(False, "the optimizer step one parameter at a time, smallest tensor first, each "
+                                        "gradient freed once its tensor has stepped, the state staying where it "
+                                        "is (no copies): the largest tensors (embedding, head) step beside their "
+                                        "own gradients only, not all of them, so the step's peak (the state, the "
+                                        "gradients not yet freed, one tensor's step temporaries) drops below the "
+                                        "backward pass's. Bitwise the plain step's updates and state_dict (with "
+                                        "stochastic rounding, other random draws). offload_optimizer=stream "
+                                        "implies it. Not with DeepSpeed or FSDP (they own the step)", resume=FREE)
     expandable_segments: bool = _opt(False, "once vLLM has built its engine, PyTorch's allocator grows its segments "
                                             "in place (expandable_segments) for the trainer: fewer cached blocks "
                                             "no tensor can use, a lower device peak. Only where the engine sleeps at level 0 (one "
