@@ -414,7 +414,7 @@ def plan_memory(i: PlanInputs, budget_bytes: int | None = None, headroom_bytes: 
     base = 0 if i.adapter_numels is None else (0 if i.base_shared else s.params * b)
     weights = 0 if i.weights_shared else -(-(sum(trained) * b + base) // ws)
     state32 = s.embedding_numels if i.adapter_numels is None else ()
-    if i.per_tensor:  # stream: up to three tensors' states on the device at a time (overlapped copies)
+    if i.per_tensor:  # one tensor steps at a time; stream: its state brought from host memory for the step
         state_in = "host" if i.offload_optimizer == "stream" else "device"
         held, state, step = per_tensor_step_peak(i.optimizer, trained, b, i.stochastic_rounding, state32, state_in)
     else:
