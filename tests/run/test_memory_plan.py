@@ -291,6 +291,22 @@ def test_moe_layer_activations_match_what_transformers_saves_for_backward(family
     assert 0.8 <= measured / planned <= 1.2, (measured, planned)
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_the_per_tensor_plan_counts_bitsandbytes_state_as_the_plain_plan_does(lora):
+    """bitsandbytes' AdamW8bit (no stochastic rounding) on Qwen3-8B, whose untied head is the embedding's size:
+    per tensor with the state on the device the state is the plain optimizer's, byte for byte (its two
+    quantization maps once, not once per tensor; only the embedding's state in float32, not the head's too), so
+    the plan is never higher with the knob than without."""
+    shape = ModelShape.from_config(qwen3_config("qwen3-8b"))
+    base = PlanInputs(shape, dtype_bytes=2, optimizer="adamw8bit", micro_batch=16, seq_len=168, completion_len=128,
+                      gradient_checkpointing=True, kv_cache_bytes=4 * GIB,
+                      adapter_numels=[4096 * 16, 16 * 4096, 512] if lora else None)
+    plain, per = plan_memory(base), plan_memory(dataclasses.replace(base, step_per_tensor=True))
+    assert per.phases["rollout"] == plain.phases["rollout"]
+    assert per.phases["training"]["optimizer_state"] == plain.phases["training"]["optimizer_state"]
+    assert all(per.total(phase) <= plain.total(phase) for phase in ("rollout", "training"))
+
+
 def test_the_plan_walks_the_per_tensor_step_the_optimizer_takes():
     """One default for both: where the state lives between the per-tensor steps, the copies overlapped with the
     step or not, and the plan's walk of it."""

@@ -392,10 +392,14 @@ def per_tensor_step_peak(optimizer: str, numels, dtype_bytes: int, stochastic_ro
     order = sorted(numels)
     states = [optimizer_state_bytes(optimizer, [(n, dtype_bytes)], [n] if n in state32 else (),
                                     stochastic_rounding=stochastic_rounding) for n in order]
+    # on the device: the plain optimizer's state, counted as the plain plan does (bitsandbytes' shared maps once,
+    # float32 state for the embeddings only, not for a head of the same size)
+    whole = optimizer_state_bytes(optimizer, [(n, dtype_bytes) for n in order], state32,
+                                  stochastic_rounding=stochastic_rounding)
     best, held = (0, 0, 0), sum(order) * dtype_bytes
     for i, n in enumerate(order):
         if state_in == "device":
-            state = sum(states)
+            state = whole
         else:
             state = sum(states[max(i - 1, 0):i + 2]) if overlap else states[i]
         here = (held, state, optimizer_step_bytes(optimizer, [n], stochastic_rounding))
