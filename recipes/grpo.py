@@ -486,7 +486,8 @@ class GRPORecipe:
         plan, self.plan_base_free = memory_check.plan_run(
             self.cfg, self.model_path, processes=self.acc.num_processes, shards=shards,
             longest_prompt=self._longest_prompt(), kv_bytes=kv_bytes, reward_bytes=reward_bytes,
-            base_shared=self._shares_base(), weights_shared=self.one_copy.on)
+            base_shared=self._shares_base(), weights_shared=self.one_copy.on,
+            distributed_type=self.acc.distributed_type.value)
         self.acc.print(plan.table())
         if self.main:  # a resumed run keeps the comparison its first steps measured
             path = self.out / "memory_plan.json"

@@ -333,3 +333,24 @@ def test_the_plan_counts_the_logits_when_lora_targets_the_head(ckpts, targets, f
     assert fused_head(ckpts["tied0"], (1, 1, 1), SimpleNamespace(rank=4, targets=targets)) is fused
     assert fused_head(ckpts["tied0"], (1, 1, 1), SimpleNamespace(rank=0, targets=targets)) is True
     assert fused_head(ckpts["tied0"], (2, 1, 1), SimpleNamespace(rank=0, targets=targets)) is False  # sharded
+
+
+@pytest.mark.parametrize("distributed_type", ["FSDP", "DEEPSPEED"])
+def test_the_plan_offers_no_optimizer_step_knob_where_deepspeed_or_fsdp_own_the_step(tmp_path, distributed_type):
+    """Under accelerate's FSDP or DeepSpeed the recipe refuses train.step_per_tensor and the optimizer offloads
+    (they step and offload their own way): a plan that does not fit does not offer them, even with one process
+    (shards 1, 1, 1); under DDP ("MULTI_GPU") it does."""
+    from rollout_sleep.run.config import load_config
+    from rollout_sleep.run.memory_check import plan_run
+    from rollout_sleep.weights.checkpoints import make_checkpoint
+
+    path = make_checkpoint(tmp_path / "tiny", "tiny", seed=0, dtype="float32")
+    cfg = load_config(None, ["train.memory_budget_gib=0.01"], device="cuda")
+
+    def knobs(kind):
+        plan = plan_run(cfg, path, processes=1, shards=(1, 1, 1), longest_prompt=16, kv_bytes=1 << 20,
+                        reward_bytes=0, base_shared=False, distributed_type=kind)[0]
+        return " ".join(label for label, _ in knob_alternatives(plan.inputs))
+
+    assert "train.step_per_tensor=true" in knobs("MULTI_GPU") and "train.offload_optimizer" in knobs("MULTI_GPU")
+    assert "step_per_tensor" not in knobs(distributed_type) and "offload_optimizer" not in knobs(distributed_type)

@@ -34,9 +34,10 @@ def trainer_shards(processes: int, distributed_type: str, zero_stage: int = 0) -
 
 def plan_run(cfg: Any, model_path: str, *, processes: int, shards: tuple[int, int, int], longest_prompt: int,
              kv_bytes: int | None, reward_bytes: int, base_shared: bool,
-             weights_shared: bool = False) -> tuple[MemoryPlan, int | None]:
+             weights_shared: bool = False, distributed_type: str = "NO") -> tuple[MemoryPlan, int | None]:
     """The per-phase plan of a run (``cfg``: a :class:`~rollout_sleep.run.schema.RecipeConfig`) before vLLM
-    starts, and the free GPU memory it was planned against (``None`` off CUDA)."""
+    starts, and the free GPU memory it was planned against (``None`` off CUDA). ``distributed_type``:
+    accelerate's; under FSDP or DeepSpeed the plan offers no knob of the optimizer step (they own it)."""
     t, tp = cfg.train, cfg.engine.tensor_parallel_size
     cuda = torch.cuda.is_available()
     notes, base_free, total = [], None, 0
@@ -65,6 +66,7 @@ def plan_run(cfg: Any, model_path: str, *, processes: int, shards: tuple[int, in
     inputs = memory_plan.PlanInputs(
         shape, dtype_bytes=b, optimizer=t.optimizer, stochastic_rounding=run_stochastic_rounding(cfg, weights_shared),
         offload_optimizer=offload, step_per_tensor=state_in(t) is not None,
+        owns_step=distributed_type in ("FSDP", "DEEPSPEED"),
         micro_batch=min(t.micro_batch, sequences), seq_len=longest_prompt + t.max_tokens,
         completion_len=t.max_tokens, gradient_checkpointing=t.gradient_checkpointing,
         autocast=t.mixed_precision != "no" and b == 4, reference_model=t.kl_coef > 0,

@@ -191,6 +191,9 @@ class PlanInputs:
     stochastic_rounding: bool = False  # the optimizer comes from torchao (its state weighs what torchao's does)
     offload_optimizer: bool | str = False  # true: the state in host memory between steps; "stream": always
     step_per_tensor: bool = False  # the step one tensor at a time, smallest first (implied by "stream")
+    # accelerate's DeepSpeed or FSDP steps and offloads the optimizer its own way: the per-tensor step and the
+    # offloads are refused there, so the plan does not offer them
+    owns_step: bool = False
     micro_batch: int = 32
     seq_len: int = 160
     completion_len: int = 128
@@ -459,11 +462,11 @@ def knob_alternatives(i: PlanInputs) -> list[tuple[str, PlanInputs]]:
         package = optimizer_package(leaner, i.stochastic_rounding)
         needs = f" (needs {package}: pip install {package})" if missing_package(leaner, i.stochastic_rounding) else ""
         out.append((f"train.optimizer={leaner}{needs}", dataclasses.replace(i, optimizer=leaner)))
-    if not i.per_tensor:  # no copies: before the offloads
+    if not i.per_tensor and not i.owns_step:  # no copies: before the offloads
         out.append(("train.step_per_tensor=true", dataclasses.replace(i, step_per_tensor=True)))
-    if not i.offload_optimizer:
+    if not i.offload_optimizer and not i.owns_step:
         out.append(("train.offload_optimizer=true", dataclasses.replace(i, offload_optimizer=True)))
-    if i.offload_optimizer != "stream":
+    if i.offload_optimizer != "stream" and not i.owns_step:
         out.append(("train.offload_optimizer=stream", dataclasses.replace(i, offload_optimizer="stream")))
     if not i.gradient_checkpointing:
         out.append(("train.gradient_checkpointing=true", dataclasses.replace(i, gradient_checkpointing=True)))
