@@ -733,3 +733,42 @@ def test_a_resume_with_the_state_offloaded_between_steps_loads_one_parameter_at_
     opt.load_state_dict(ref_opt.state_dict())
     assert sizes == [1] * len(ref_opt.state) + [0]  # PyTorch's loader gets each state alone, then the groups
     assert _same_state(ref_opt.state_dict(), opt.state_dict())
+
+
+@pytest.mark.parametrize("state_in", STATE_IN)
+def test_step_hooks_on_the_wrapped_optimizer_are_refused_naming_where_they_go(state_in):
+    """A step hook registered on the optimizer before it is wrapped would fire once per parameter, each time with
+    one gradient: the non-finite guard there would let the smaller tensors step before it saw a NaN in a larger
+    one (and say the step was not applied). Refused, saying to hook the wrapper; hooked there, a NaN changes
+    nothing."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 64))
+    raw = torch.optim.AdamW(model.parameters(), lr=0.1)
+    guard = guard_optimizer(raw, model)
+    with pytest.raises(ValueError, match=r"step hooks registered on the optimizer it wraps would fire once per "
+                                         r"parameter.*register them on the PerTensorOptimizer"):
+        PerTensorOptimizer(raw, state_in)
+    guard.remove()
+    opt = PerTensorOptimizer(raw, state_in)
+    guard_optimizer(opt, model)
+    model(torch.ones(1, 4)).sum().backward()
+    model[1].weight.grad[0, 0] = float("nan")
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(NonFiniteError):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_state_dict_hooks_registered_on_the_per_tensor_optimizer_fire_as_on_the_plain_one():
+    """PyTorch's state-dict hooks registered on the wrapper run around its (the inner's) state_dict and
+    load_state_dict, their results used, as a plain optimizer's do: not silently skipped."""
+    model = torch.nn.Linear(4, 4)
+    opt, calls = PerTensorOptimizer(torch.optim.AdamW(model.parameters(), lr=0.1)), []
+    opt.register_state_dict_pre_hook(lambda o: calls.append(("sd_pre", o is opt)))
+    opt.register_state_dict_post_hook(lambda o, sd: {**sd, "tag": 1})
+    opt.register_load_state_dict_pre_hook(lambda o, sd: calls.append(("ld_pre", sd.get("tag"))))
+    opt.register_load_state_dict_post_hook(lambda o: calls.append(("ld_post", o is opt)))
+    saved = opt.state_dict()
+    assert saved["tag"] == 1
+    opt.load_state_dict(saved)
+    assert calls == [("sd_pre", True), ("ld_pre", 1), ("ld_post", True)]

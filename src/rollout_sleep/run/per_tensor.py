@@ -105,6 +105,11 @@ class PerTensorOptimizer(StateInHost, torch.optim.Optimizer):
         if len({id(p) for p in params}) != len(params):
             raise ValueError(f"{self.said} steps each parameter once: the optimizer lists a parameter twice (pass "
                              "model.parameters(), which lists a tied weight once)")
+        if inner._optimizer_step_pre_hooks or inner._optimizer_step_post_hooks:  # each would see one gradient
+            raise ValueError(f"{self.said}: step hooks registered on the optimizer it wraps would fire once per "
+                             "parameter, each with that parameter's gradient alone (a non-finite guard there lets "
+                             "the smaller tensors step before it sees a NaN in a larger one): register them on the "
+                             "PerTensorOptimizer, after wrapping, where they fire once with every gradient")
         if state_in == "host" and hasattr(inner, "to_gpu"):  # bitsandbytes moves every parameter's state to its
             inner.to_gpu = lambda: None  # device at its first step (a resumed state included): here one at a time
         # PyTorch's optimizer machinery (the step hooks) around a placeholder group, replaced by the inner's
@@ -126,17 +131,31 @@ class PerTensorOptimizer(StateInHost, torch.optim.Optimizer):
         self.param_groups, self.state, self.defaults = self.inner.param_groups, self.inner.state, self.inner.defaults
 
     def state_dict(self) -> dict:
-        return self.inner.state_dict()
+        """The inner optimizer's (the plain one's), through the state-dict hooks registered here, as PyTorch runs
+        a plain optimizer's."""
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
+        state_dict = self.inner.state_dict()
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            result = hook(self, state_dict)
+            state_dict = state_dict if result is None else result
+        return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load into the inner optimizer; with the state in host memory one parameter's state at a time
-        (PyTorch's loader puts it on the parameter's device), each sent to host memory before the next: a resume
-        never holds the whole state on the GPU either."""
+        """Load into the inner optimizer (through the load hooks registered here, as PyTorch runs a plain
+        optimizer's); with the state in host memory one parameter's state at a time (PyTorch's loader puts it on
+        the parameter's device), each sent to host memory before the next: a resume never holds the whole state
+        on the GPU either."""
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            state_dict = state_dict if result is None else result
         if self.state_in == "host":
             load_one_at_a_time(self.inner.load_state_dict, self.inner, state_dict, self.host, self.active)
         else:
             self.inner.load_state_dict(state_dict)
         self._share()
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
 
     def __getstate__(self):
         raise TypeError("a PerTensorOptimizer is not copied or pickled (with the state in host memory it lives in "
