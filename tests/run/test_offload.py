@@ -772,3 +772,26 @@ def test_state_dict_hooks_registered_on_the_per_tensor_optimizer_fire_as_on_the_
     assert saved["tag"] == 1
     opt.load_state_dict(saved)
     assert calls == [("sd_pre", True), ("ld_pre", 1), ("ld_post", True)]
+
+
+@pytest.mark.parametrize("state_in", STATE_IN)
+def test_zero_grad_keeping_the_gradients_steps_an_unused_parameter_as_the_plain_optimizer_does(state_in):
+    """``zero_grad(set_to_none=False)`` keeps zero gradients: a parameter that gets no gradient at the next
+    backward still steps in the plain optimizer (its moments decay, its weight decays). The per-tensor step freed
+    its gradient; zero_grad gives it back as zeros, so the weights stay the plain step's, bitwise."""
+    def run(wrap):
+        torch.manual_seed(0)
+        a, b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+        opt = torch.optim.AdamW([*a.parameters(), *b.parameters()], lr=0.1)
+        opt = PerTensorOptimizer(opt, state_in) if wrap else opt
+        for step in range(3):
+            x = torch.ones(1, 4)
+            (a(x).sum() + (b(x).sum() if step == 0 else 0)).backward()  # b unused after the first step
+            opt.step()
+            opt.zero_grad(set_to_none=False)
+        return [p.detach().clone() for p in [*a.parameters(), *b.parameters()]], opt
+
+    (plain, _), (per, opt) = run(False), run(True)
+    assert all(torch.equal(x, y) for x, y in zip(plain, per))
+    opt.zero_grad()  # set_to_none: the gradients go, and stay gone
+    assert all(p.grad is None for g in opt.param_groups for p in g["params"])

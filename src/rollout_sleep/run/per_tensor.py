@@ -125,6 +125,7 @@ class PerTensorOptimizer(StateInHost, torch.optim.Optimizer):
         self.active = self.active and state_in == "host"  # with the state on the device nothing moves
         self._timings = dict.fromkeys(STREAM_METRICS, 0.0)
         self._copy_streams: tuple | None = None  # (to the device, back): CUDA streams, made at the first step
+        self._freed: list[torch.Tensor] = []  # the parameters whose gradients the last step freed
 
     def _share(self) -> None:
         """This optimizer's groups, state and defaults are the inner's (again after a load replaced them)."""
@@ -160,6 +161,17 @@ class PerTensorOptimizer(StateInHost, torch.optim.Optimizer):
     def __getstate__(self):
         raise TypeError("a PerTensorOptimizer is not copied or pickled (with the state in host memory it lives in "
                         "pinned buffers): save optimizer.state_dict(), which is the wrapped optimizer's own")
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """PyTorch's; ``set_to_none=False`` first gives the gradients the last step freed back as zeros, as the
+        plain optimizer keeps them: a parameter without a gradient at the next backward then steps as it would
+        there (its moments decay, its weight decays), not skipped."""
+        if not set_to_none:
+            for p in self._freed:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+        self._freed = []
+        super().zero_grad(set_to_none)
 
     def offload(self) -> int:
         """Move any state on the device to host memory (after a load); returns the bytes moved."""
@@ -217,6 +229,7 @@ class PerTensorOptimizer(StateInHost, torch.optim.Optimizer):
         group_of = {p: g for g in self.param_groups for p in g["params"] if p.grad is not None}
         params = sorted(group_of, key=lambda p: p.numel())
         grads = {p: p.grad for p in params}  # set aside: the inner step sees one gradient at a time
+        self._freed = []
         for p in params:
             p.grad = None
         if self.active and self.overlap and self._copy_streams is None:  # made once, kept (not the pool's per step)
@@ -245,6 +258,7 @@ class PerTensorOptimizer(StateInHost, torch.optim.Optimizer):
                 unstepped = [q for q in unstepped if q is not p]
                 moved, _ = self._copy(self.host.send, p, c, c.d2h, c.sent)
                 p.grad = None  # freed: the gradients shrink as the step goes
+                self._freed.append(p)
                 sent += moved
                 # on the device at once: the state going back, the one that stepped, the one coming in
                 ahead = coming[0] if self.overlap and nxt is not None else 0
