@@ -346,6 +346,28 @@ def test_a_failing_per_tensor_step_on_the_device_leaves_what_it_did_not_reach(mo
         assert p.grad is None and not torch.equal(opt.state[p]["exp_avg"], before[id(p)]["exp_avg"])
 
 
+@pytest.mark.parametrize("where", ["device", "host"])
+def test_a_per_tensor_first_step_that_fails_leaves_no_state_for_what_it_did_not_reach(where):
+    """The first step failing at the third parameter: only the two that stepped have a state (no empty entry for
+    the others, which a state_dict would carry)."""
+    model, opt = _train("adamw", False, torch.float32, per_tensor=where, steps=0)
+    step, calls = opt.inner.step, []
+
+    def failing():
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+        return step()
+
+    opt.inner.step = failing
+    _backward(model, 0)
+    with pytest.raises(RuntimeError, match="boom"):
+        opt.step()
+    order = sorted(model.parameters(), key=lambda p: p.numel())
+    assert set(opt.state) == set(order[:2]) and all(opt.state[p] for p in order[:2])
+    assert len(opt.state_dict()["state"]) == 2
+
+
 def test_each_inner_step_sees_its_parameter_alone_and_the_groups_come_back_whole():
     """The inner step's groups hold the parameter stepping and nothing else (its loop visits one parameter, not
     every parameter of every group for each), across two groups with settings of their own, bitwise the plain

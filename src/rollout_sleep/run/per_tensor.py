@@ -272,7 +272,10 @@ class PerTensorOptimizer(StateInHost, torch.optim.Optimizer):
             if self.active:  # failed in) back in their host copies, once no copy is in flight
                 torch.cuda.synchronize(self.device)
             for p in unstepped:
-                self.host.put_back(p, self.state[p])
+                if self.state.get(p):
+                    self.host.put_back(p, self.state[p])
+                else:  # never stepped (the first step): no empty entry left for a state_dict to carry
+                    self.state.pop(p, None)
             raise
         finally:  # and leaves the gradients it did not reach where they were
             for p, grad in grads.items():
