@@ -29,7 +29,8 @@ overridden), ``ours_offload`` (optimizer state in host memory during rollouts: t
 recorded as ``refused``), ``ours_one_copy`` / ``ours_two_copies`` (``model.share_weights`` on / off, stochastic
 rounding on both), ``ours_one_copy_release`` (PyTorch's cache returned before each wake), ``ours_one_copy_expandable``
 (``train.expandable_segments``), ``ours_one_copy_lean`` (``ours_one_copy_expandable`` with ``train.step_per_tensor``,
-the optimizer stepped one tensor at a time, and ``engine.keep_trainer_cache=false``), ``ours_compile``
+the optimizer stepped one tensor at a time, and ``engine.keep_trainer_cache=false``; ``ours_lean_compile`` with
+``train.compile`` too), ``ours_compile``
 (``train.compile``: the trainer's decoder layers compiled in place, regional) against ``trl_compile`` (stock TRL
 with ``torch_compile=True``: compile on both sides, equal knobs; ``compile_speedup`` per side,
 ``both_compiled_trl_over_ours``). ``--optim adamw8bit_sr``: torchao's AdamW8bit with
@@ -94,7 +95,11 @@ ARM_OVERRIDES = {"ours_adamw": ("train.optimizer=adamw",), "ours_8bit": ("train.
                                         "train.expandable_segments=true", "train.step_per_tensor=true",
                                         "engine.keep_trainer_cache=false"),
                  # the trainer's decoder layers compiled in place (regional torch.compile)
-                 "ours_compile": ("train.compile=true",)}
+                 "ours_compile": ("train.compile=true",),
+                 # both: the lean memory knobs and the compiled layers
+                 "ours_lean_compile": ("model.share_weights=true", "train.stochastic_rounding=true",
+                                       "train.expandable_segments=true", "train.step_per_tensor=true",
+                                       "engine.keep_trainer_cache=false", "train.compile=true")}
 TRL_OPTIM = {"adamw": "adamw_torch_fused", "adamw8bit": "adamw_bnb_8bit",
              # torchao's AdamW8bit with bf16 stochastic rounding on both sides (the one-copy path's optimizer):
              # transformers' adamw_torch_8bit takes it through optim_args
