@@ -292,6 +292,22 @@ def test_overlapped_step_brings_the_next_state_before_this_one_steps_and_no_furt
     assert _all_in_host_buffers(opt) and all(p.grad is None for p in order)
 
 
+def _step_failing_at_the_third_parameter(model, opt, step: int) -> None:
+    """A backward, then ``opt.step()`` with the inner step raising at the third parameter it steps."""
+    inner_step, calls = opt.inner.step, []
+
+    def failing():
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+        return inner_step()
+
+    opt.inner.step = failing
+    _backward(model, step)
+    with pytest.raises(RuntimeError, match="boom"):
+        opt.step()
+
+
 def test_a_failing_inner_step_puts_the_states_it_brought_back_in_host_memory(moved):
     """An error in a parameter's step (after the ones before it stepped) leaves that state and the next one,
     already brought, in their host buffers with their values from before the step, and the gradients not reached
@@ -299,18 +315,7 @@ def test_a_failing_inner_step_puts_the_states_it_brought_back_in_host_memory(mov
     model, opt = _train("adamw", False, torch.float32, per_tensor="host", steps=1)
     order = sorted(model.parameters(), key=lambda p: p.numel())
     before = {id(p): {k: t.clone() for k, t in opt.state[p].items()} for p in order}
-    step, calls = opt.inner.step, []
-
-    def failing():
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("boom")
-        return step()
-
-    opt.inner.step = failing
-    _backward(model, 1)
-    with pytest.raises(RuntimeError, match="boom"):
-        opt.step()
+    _step_failing_at_the_third_parameter(model, opt, 1)
     assert _all_in_host_buffers(opt)
     for p in order[2:]:
         assert all(torch.equal(t, before[id(p)][k]) for k, t in opt.state[p].items())
@@ -326,18 +331,7 @@ def test_a_failing_per_tensor_step_on_the_device_leaves_what_it_did_not_reach(mo
     order = sorted(model.parameters(), key=lambda p: p.numel())
     before = {id(p): {k: t.clone() for k, t in opt.state[p].items()} for p in order}
     groups = [[id(p) for p in g["params"]] for g in opt.param_groups]
-    step, calls = opt.inner.step, []
-
-    def failing():
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("boom")
-        return step()
-
-    opt.inner.step = failing
-    _backward(model, 1)
-    with pytest.raises(RuntimeError, match="boom"):
-        opt.step()
+    _step_failing_at_the_third_parameter(model, opt, 1)
     assert opt.host._host == {} and [[id(p) for p in g["params"]] for g in opt.param_groups] == groups
     for p in order[2:]:
         assert all(torch.equal(t, before[id(p)][k]) for k, t in opt.state[p].items())
@@ -351,18 +345,7 @@ def test_a_per_tensor_first_step_that_fails_leaves_no_state_for_what_it_did_not_
     """The first step failing at the third parameter: only the two that stepped have a state (no empty entry for
     the others, which a state_dict would carry)."""
     model, opt = _train("adamw", False, torch.float32, per_tensor=where, steps=0)
-    step, calls = opt.inner.step, []
-
-    def failing():
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("boom")
-        return step()
-
-    opt.inner.step = failing
-    _backward(model, 0)
-    with pytest.raises(RuntimeError, match="boom"):
-        opt.step()
+    _step_failing_at_the_third_parameter(model, opt, 0)
     order = sorted(model.parameters(), key=lambda p: p.numel())
     assert set(opt.state) == set(order[:2]) and all(opt.state[p] for p in order[:2])
     assert len(opt.state_dict()["state"]) == 2
