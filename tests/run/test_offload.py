@@ -511,7 +511,7 @@ def test_a_checkpoint_of_either_mode_resumes_in_the_other(saved, resumed, moves,
 def test_host_copies_of_torchao_moments_are_built_and_moved_leaf_by_leaf():
     """A quantized moment's host copy is one of its kind built from host leaves (each of which can be pinned), and a
     device copy of it is too: codes, scales and map copied as they are (here CPU to CPU: the path CUDA takes)."""
-    from rollout_sleep.run.offload import _host_like, _to_device
+    from rollout_sleep.run.offload import _empty_like, _host_like
 
     model, opt = _train("adamw4bit", True, torch.bfloat16, per_tensor=None, steps=1)
     moment = opt.state[model.embed.weight]["exp_avg"]
@@ -520,7 +520,9 @@ def test_host_copies_of_torchao_moments_are_built_and_moved_leaf_by_leaf():
     for dst, src in zip(storage_tensors(host), storage_tensors(moment)):
         assert dst.untyped_storage().data_ptr() != src.untyped_storage().data_ptr()
         dst.copy_(src)
-    back = _to_device(host, torch.device("cpu"))
+    back = _empty_like(host, torch.device("cpu"))  # as HostCopies.bring builds a device copy, leaf by leaf
+    for dst, src in zip(storage_tensors(back), storage_tensors(host)):
+        dst.copy_(src)
     assert type(back) is type(moment) and torch.equal(back.dequantize(), moment.dequantize())
 
 

@@ -69,16 +69,6 @@ def _host_like(t: torch.Tensor, pin: bool) -> torch.Tensor:
     return _empty_like(t, torch.device("cpu"), pin)
 
 
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A copy of host tensor ``t`` on ``device``, leaf by leaf for a tensor subclass (asynchronous from pinned
-    memory: ordered on the current stream before the step that reads it)."""
-    if is_traceable_wrapper_subclass(t):
-        names, meta = t.__tensor_flatten__()
-        leaves = {name: _to_device(getattr(t, name), device) for name in names}
-        return type(t).__tensor_unflatten__(leaves, meta, t.size(), t.stride())
-    return t.to(device, non_blocking=True)
-
-
 def _on(stream):
     """``stream`` made current (a CUDA copy stream), or nothing changed (``None``: the current stream, or the host)."""
     return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
