@@ -55,6 +55,28 @@ def test_unsupported_modes_are_refused(args, match):
         patch(SimpleNamespace(args=args))
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(verify_every=-1), r"patch\(verify_every=-1\): must be an integer >= 0"),
+    (dict(verify_every=True), r"patch\(verify_every=True\)"),
+    (dict(verify_every=1.5), r"patch\(verify_every=1.5\)"),
+    (dict(bucket_bytes=0), r"patch\(bucket_bytes=0\): must be an integer >= 1"),
+    (dict(load_method="fast"), r"patch\(load_method='fast'\): use one of auto, reload"),
+    (dict(sleep_level=3), r"unknown patch\(sleep_level=...\) 3"),
+])
+def test_the_plugins_own_arguments_are_checked_before_the_trainer(kwargs, match):
+    """Refused from the arguments alone: the trainer below would pass every other check."""
+    args = SimpleNamespace(use_vllm=True, vllm_mode="colocate", temperature=1.0)
+    with pytest.raises(ValueError, match=match):
+        patch(SimpleNamespace(args=args), **kwargs)
+
+
+def test_a_sleep_level_without_sleep_mode_is_refused():
+    args = SimpleNamespace(use_vllm=True, vllm_mode="colocate", temperature=1.0)
+    gen = SimpleNamespace(llm=object(), enable_sleep_mode=False)
+    with pytest.raises(ValueError, match=r"patch\(sleep_level=1\) with GRPOConfig\(vllm_enable_sleep_mode=False\)"):
+        patch(SimpleNamespace(args=args, vllm_generation=gen), sleep_level=1)
+
+
 def test_the_trl_plugin_refuses_a_temperature_below_the_floor():
     """TRL divides the logits by ``GRPOConfig.temperature`` too: refused when the trainer is patched (before any
     sync or rollout; checked on the trainer's config alone)."""

@@ -49,10 +49,12 @@ its per-parameter load finds an empty ``layer.weight``), the patched trainer run
 from __future__ import annotations
 
 import contextlib
+import numbers
 import time
 
 from rollout_sleep.engine.completion import fast_output_kwargs, temperature_problem
 from rollout_sleep.engine.engine import Engine
+from rollout_sleep.engine.loader import LOAD_METHODS
 from rollout_sleep.engine.memory import release_cached_memory
 from rollout_sleep.engine.state import check_level
 from rollout_sleep.weights.stream import WeightStream
@@ -72,7 +74,7 @@ def patch(trainer, *, sleep_level: int = 2, verify_every: int = 1, bucket_bytes:
         raise ValueError(f"rollout_sleep.integrations.trl.patch supports vllm_mode='colocate' only, got "
                          f"{args.vllm_mode!r}: in server mode the engine lives in another process; use "
                          "rollout_sleep.serve.server instead")
-    check_level(sleep_level)
+    _check_arguments(sleep_level, verify_every, bucket_bytes, load_method)
     temperature = getattr(args, "temperature", 1.0)
     if not temperature > 0:  # vLLM samples greedily at 0, but TRL divides the logits by it at its first step
         raise ValueError(f"GRPOConfig.temperature={temperature!r}: TRL scores the completions with the logits divided "
@@ -84,6 +86,10 @@ def patch(trainer, *, sleep_level: int = 2, verify_every: int = 1, bucket_bytes:
     gen = getattr(trainer, "vllm_generation", None)
     if gen is None or getattr(gen, "llm", None) is None:
         raise ValueError("this GRPOTrainer has no colocated vLLM engine (trainer.vllm_generation.llm)")
+    if sleep_level != 2 and not gen.enable_sleep_mode:
+        raise ValueError(f"patch(sleep_level={sleep_level}) with GRPOConfig(vllm_enable_sleep_mode=False): vLLM never "
+                         "sleeps, so the level would do nothing. Set vllm_enable_sleep_mode=True, or leave sleep_level "
+                         "out")
     model = trainer.model_wrapped if getattr(trainer, "model_wrapped", None) is not None else trainer.model
     base = getattr(model, "module", model)
     path = getattr(getattr(base, "config", None), "_name_or_path", None) or gen.llm.llm_engine.model_config.model
@@ -124,6 +130,17 @@ def patch(trainer, *, sleep_level: int = 2, verify_every: int = 1, bucket_bytes:
     trainer.rollout_sleep_engine = engine
     return trainer
 
+
+
+def _check_arguments(sleep_level, verify_every, bucket_bytes, load_method) -> None:
+    """``patch``'s own arguments, refused before it touches the trainer."""
+    check_level(sleep_level, what="patch(sleep_level=...)")
+    for name, value, least in (("verify_every", verify_every, 0), ("bucket_bytes", bucket_bytes, 1)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+            raise ValueError(f"patch({name}={value!r}): must be an integer >= {least}"
+                             + (" (0: never verify)" if name == "verify_every" else " (bytes gathered at once)"))
+    if load_method not in LOAD_METHODS:
+        raise ValueError(f"patch(load_method={load_method!r}): use one of {', '.join(LOAD_METHODS)}")
 
 
 @contextlib.contextmanager
