@@ -608,8 +608,8 @@ class GRPORecipe:
                 # the step's completions on every rank decide (TRL's rule, over all processes): each rank stops,
                 # or none does, and a rank whose share no reward scored trains with the others
                 with self._collective(f"the reward gather of step {self.step + 1}"):
-                    all_rewards = self.acc.gather(rewards.to(self.acc.device)).float().cpu()
-                    all_table = self.acc.gather(table.to(self.acc.device)).float().cpu()
+                    all_rewards = self.acc.gather(rewards.to(self.acc.device)).double().cpu()  # float64, as scored
+                    all_table = self.acc.gather(table.to(self.acc.device)).double().cpu()
                     all_rows = self.acc.gather(torch.tensor([rows[c.prompt_index] for c in comps],
                                                             device=self.acc.device)).tolist()
                 self._check_rewards(all_rewards, all_table, all_rows)
@@ -748,6 +748,13 @@ class GRPORecipe:
             raise NonFiniteError(f"{int(inf.sum())} of {table.numel()} rewards of step {step} are infinite (from "
                                  f"{', '.join(names)}; the first for dataset row {rows[first]}): rewards must be finite "
                                  f"numbers, or None (or NaN) where they do not apply; nothing was trained at step {step}")
+        over = torch.isinf(rewards)  # finite rewards whose weighted sum does not fit a float64
+        if bool(over.any()):
+            raise NonFiniteError(f"the weighted total of {int(over.sum())} of {rewards.numel()} completions of step "
+                                 f"{step} overflows (each reward is finite, but the sum of reward x reward_weights "
+                                 f"exceeds float64's range, ~1.8e308; the first for dataset row "
+                                 f"{rows[int(over.nonzero()[0])]}): scale the rewards or reward_weights down; nothing "
+                                 f"was trained at step {step}")
         if rewards.numel() and bool(torch.isnan(rewards).all()):
             raise NonFiniteError(f"no completion of step {step} could be scored: every reward in "
                                  f"{[r.name for r in self.rewards]} returned None or NaN for all {rewards.numel()} of "
