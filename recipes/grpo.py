@@ -83,7 +83,7 @@ from rollout_sleep.engine.memory import PhasePeaks, enable_expandable_segments, 
 from rollout_sleep.engine.phases import plot_timeline  # noqa: E402
 from rollout_sleep.grpo.data import (check_prompts, check_rows, completions_for_rewards,  # noqa: E402
                                      engine_context, is_conversational, load_prompts, prepare_prompts,
-                                     prompt_token_ids, step_rows)
+                                     prompt_problems, prompt_token_ids, step_rows)
 from rollout_sleep.grpo.errors import RewardError  # noqa: E402
 from rollout_sleep.grpo.loss import GRPOLoss  # noqa: E402
 from rollout_sleep.grpo.rewards import (check_row_values, combine, resolve_rewards, reward_metrics,  # noqa: E402
@@ -224,7 +224,7 @@ class GRPORecipe:
             why = str(err) or "it has no rows"  # an empty file: datasets raises a bare StopIteration
             raise ConfigError(f"data.dataset {cfg.data.dataset!r} cannot be used: {why}") from err
         too_small = check_rows(self.data, cfg.data.dataset, cfg.data.num_prompts, cfg.train.prompts_per_step)
-        problems = [too_small] if too_small else []
+        problems = ([too_small] if too_small else []) + prompt_problems(self.data, self._data_where())
         try:
             self.rewards = resolve_rewards(cfg.rewards, cfg.reward_weights, columns=list(self.data.column_names),
                                            load_models=False)
@@ -237,6 +237,11 @@ class GRPORecipe:
         if problems:
             raise ConfigError(problems)
         self.reward_weights = [r.weight for r in self.rewards]
+
+    def _data_where(self) -> str:
+        """The dataset and its prompt column, as messages about its rows name them."""
+        d = self.cfg.data
+        return f"data.dataset {d.dataset!r} (prompt column {d.prompt_column!r}, data.prompt_column)"
 
     def _claim_output_dir(self) -> None:
         """The main process locks ``output_dir`` (one run at a time in it), clears an earlier run when asked, opens
@@ -272,7 +277,8 @@ class GRPORecipe:
             self.data = prepare_prompts(self.data, self.prompt_tokenizer, chat_template=cfg.data.chat_template,
                                         system_prompt=cfg.data.system_prompt)
             context, context_from = engine_context(self.model_path, cfg.engine.max_model_len)  # as vLLM will take it
-            check_prompts(self.data, self.prompt_tokenizer, context, cfg.train.max_tokens, context_from)
+            check_prompts(self.data, self.prompt_tokenizer, context, cfg.train.max_tokens, context_from,
+                          where=self._data_where())
             self.conversational = is_conversational(self.data)
             for r in self.rewards:  # a reward model reads the prompts in their format
                 if hasattr(r.fn, "check_prompts"):
@@ -602,8 +608,8 @@ class GRPORecipe:
                 # the step's completions on every rank decide (TRL's rule, over all processes): each rank stops,
                 # or none does, and a rank whose share no reward scored trains with the others
                 with self._collective(f"the reward gather of step {self.step + 1}"):
-                    all_rewards = self.acc.gather(rewards.to(self.acc.device)).float().cpu()
-                    all_table = self.acc.gather(table.to(self.acc.device)).float().cpu()
+                    all_rewards = self.acc.gather(rewards.to(self.acc.device)).double().cpu()  # float64, as scored
+                    all_table = self.acc.gather(table.to(self.acc.device)).double().cpu()
                     all_rows = self.acc.gather(torch.tensor([rows[c.prompt_index] for c in comps],
                                                             device=self.acc.device)).tolist()
                 self._check_rewards(all_rewards, all_table, all_rows)
@@ -742,6 +748,13 @@ class GRPORecipe:
             raise NonFiniteError(f"{int(inf.sum())} of {table.numel()} rewards of step {step} are infinite (from "
                                  f"{', '.join(names)}; the first for dataset row {rows[first]}): rewards must be finite "
                                  f"numbers, or None (or NaN) where they do not apply; nothing was trained at step {step}")
+        over = torch.isinf(rewards)  # finite rewards whose weighted sum does not fit a float64
+        if bool(over.any()):
+            raise NonFiniteError(f"the weighted total of {int(over.sum())} of {rewards.numel()} completions of step "
+                                 f"{step} overflows (each reward is finite, but the sum of reward x reward_weights "
+                                 f"exceeds float64's range, ~1.8e308; the first for dataset row "
+                                 f"{rows[int(over.nonzero()[0])]}): scale the rewards or reward_weights down; nothing "
+                                 f"was trained at step {step}")
         if rewards.numel() and bool(torch.isnan(rewards).all()):
             raise NonFiniteError(f"no completion of step {step} could be scored: every reward in "
                                  f"{[r.name for r in self.rewards]} returned None or NaN for all {rewards.numel()} of "

@@ -97,7 +97,14 @@ BENIGN = BenignFilter((
     Benign("vllm", "RotaryEmbedding: Failed to load weights",
            "vLLM's layerwise reload (the `reload` route, the default on CPU) counts the rotary embedding's "
            "cos/sin table as a loadable tensor; no checkpoint holds it (it is computed from the config), so "
-           "vLLM puts the existing table back, which is the right value. A failure on any other layer shows."),
+           "vLLM puts the existing table back, which is the right value. A failure on a layer not listed here shows."),
+    *(Benign("vllm", f"{model}: Failed to load weights",
+             f"Same cause for {model}, whose only tensor of its own is `normalizer`, a non-persistent buffer "
+             "holding sqrt(hidden_size) (the embedding's scale, vllm/model_executor/models/gemma2.py and gemma3.py), "
+             "in no checkpoint: vLLM's reload counts it, loads nothing into it and puts the existing buffer back "
+             "(measured: same value, same storage after every sync). Its weights are in its submodules, which "
+             "warn under their own names; the family tests compare synced log-probs with a fresh engine's.")
+      for model in ("Gemma2Model", "Gemma3Model")),
     Benign("vllm", "doesn't allow to use `torch.set_num_threads` after the thread binding",
            "vLLM's CPU worker pins its threads and replaces torch.set_num_threads, process-wide, with this "
            "warning; vLLM's own start-up code then calls it. Nothing is changed, as intended."),

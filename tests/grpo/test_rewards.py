@@ -218,3 +218,40 @@ def test_a_reward_that_exits_the_process_is_a_reward_error(tmp_path):
                                           r"sys.exit\(2\)\)"):
         resolve_rewards([f"{tmp_path / 'exits_on_import.py'}:f"])
     assert validate_rewards([f"{tmp_path / 'exits_on_import.py'}:f"])[0].startswith("reward ")  # a config problem
+
+
+def test_huge_finite_rewards_keep_their_advantages():
+    """Rewards were float32: ±1e20 squared overflowed the group's variance (1e40), so every advantage, the loss and
+    the gradient were 0 without a word; 1e39, a finite Python float, became inf and stopped the run as "infinite".
+    They are float64 now and the group statistics scaled, so any finite reward keeps its advantage."""
+    from types import SimpleNamespace
+
+    import rollout_sleep.grpo.rewards as rw
+    from helpers import load_recipe
+
+    def alternating(size):
+        def fn(completions, **kwargs):
+            return [size if i % 2 else -size for i in range(len(completions))]
+        return fn
+
+    for size in (1e20, 1e39, 1e300):
+        rewards = [rw._describe("big", alternating(size), 1.0)]
+        table = score_rewards(rewards, ["p"] * 4, ["a", "b", "c", "d"], [{"prompt": "p"}] * 4)
+        assert table.dtype == torch.float64 and table[:, 0].tolist() == [-size, size, -size, size]
+        adv = group_advantages(combine(table, [1.0]), group_size=2)
+        assert adv.dtype == torch.float32 and adv.tolist() == pytest.approx([-0.7071068, 0.7071068] * 2), size
+    assert group_advantages(torch.tensor([1e20, -1e20]), group_size=2).tolist() == pytest.approx([0.7071068, -0.7071068])
+
+    recipe = load_recipe()  # the step's check: finite rewards pass, inf and an overflowing weighted total stop it
+    step = SimpleNamespace(step=0, main=True, rewards=[SimpleNamespace(name="big")])
+    table = torch.tensor([[1e39], [0.0]], dtype=torch.float64)
+    recipe.GRPORecipe._check_rewards(step, combine(table, [1.0]), table, rows=[4, 5])
+    table = torch.tensor([[math.inf], [0.0]], dtype=torch.float64)
+    with pytest.raises(recipe.NonFiniteError, match=r"1 of 2 rewards of step 1 are infinite \(from big; the first "
+                                                    r"for dataset row 4\)"):
+        recipe.GRPORecipe._check_rewards(step, combine(table, [1.0]), table, rows=[4, 5])
+    table = torch.tensor([[0.0], [1e308]], dtype=torch.float64)
+    with pytest.raises(recipe.NonFiniteError, match=r"the weighted total of 1 of 2 completions of step 1 overflows .*"
+                                                    r"the first for dataset row 5\): scale the rewards or "
+                                                    r"reward_weights down"):
+        recipe.GRPORecipe._check_rewards(step, combine(table, [10.0]), table, rows=[4, 5])

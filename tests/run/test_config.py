@@ -181,3 +181,34 @@ def test_yaml_mistakes_are_named_in_full(tmp_path):
                                       "unknown key 'train.stepz'; train has: " + ", ".join(
                                           f.name for f in __import__("dataclasses").fields(RecipeConfig().train))]
     assert err.value.problems[2] == "data.system_prompt must be a string or null, got 42"
+
+
+def test_a_key_given_twice_on_the_command_line_is_refused():
+    """``train.lr=0.1 train.lr=0.2`` took the last value without a word (a key twice in the YAML was refused)."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["train.lr=0.1", "train.steps=2", "train.lr=0.2"])
+    assert err.value.problems == ["train.lr is given twice on the command line (train.lr=0.1, then train.lr=0.2): "
+                                  "give it once"]
+    with pytest.raises(ConfigError, match=r"model.lora.rank is given twice on the command line \(model=\{lora: "
+                                          r"\{rank: 8\}\}, then model.lora.rank=16\)"):
+        load_config(None, ["model={lora: {rank: 8}}", "model.lora.rank=16"])
+    cfg = load_config(None, ["train={lr: 0.1}", "train.steps=2", "data.system_prompt={a: 1}"])  # each key once
+    assert (cfg.train.lr, cfg.train.steps, cfg.data.system_prompt) == (0.1, 2, "{a: 1}")
+
+
+def test_tie_word_embeddings_is_refused_for_a_checkpoint(tmp_path):
+    """The key ties or unties a size the recipe builds; with a checkpoint folder it was ignored (the model stayed as
+    its config.json says) while run_config.json recorded the setting."""
+    from safetensors.torch import save_file
+
+    (tmp_path / "config.json").write_text('{"model_type": "gemma2", "tie_word_embeddings": true}')
+    save_file({}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"model.path={tmp_path}", "model.tie_word_embeddings=false"])
+    assert err.value.problems == [
+        f"model.tie_word_embeddings=false applies only to a size this project builds (model.path one of tiny, "
+        f"qwen3-0.6b, qwen3-4b, qwen3-8b, qwen3-14b, qwen3-32b); model.path {str(tmp_path)!r} is a checkpoint, tied "
+        f"or not as its config.json says (tie_word_embeddings: true). Drop model.tie_word_embeddings (or set it to "
+        f"null), or save a checkpoint tied the way you want"]
+    assert load_config(None, [f"model.path={tmp_path}"]).model.tie_word_embeddings is None
+    assert load_config(None, ["model.path=tiny", "model.tie_word_embeddings=false"]).model.tie_word_embeddings is False

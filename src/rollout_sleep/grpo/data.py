@@ -235,11 +235,12 @@ def is_conversational(ds) -> bool:
 
 def as_conversation(ds, system_prompt: str | None = None):
     """Plain prompts become one user message each; ``system_prompt`` (if given) is put first in every
-    conversation that has no system message yet."""
-    conversational = is_conversational(ds)
+    conversation that has no system message yet. Decided row by row: a text row is never read as a list of
+    messages (one per character)."""
 
     def convert(example):
-        messages = list(example["prompt"]) if conversational else [{"role": "user", "content": example["prompt"]}]
+        prompt = example["prompt"]
+        messages = list(prompt) if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
         if system_prompt is not None and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": system_prompt}] + messages
         return {"prompt": messages}
@@ -261,15 +262,62 @@ def prepare_prompts(ds, tokenizer, *, chat_template: bool = False, system_prompt
     return ds
 
 
+ROLES = ("system", "user", "assistant", "tool")
+"""The message roles a prompt may hold: the ones TRL's data utilities and chat templates (Qwen's, Llama's) know; a
+template may drop a message of any other role without a word, and the tiny checkpoints' own template prints any."""
+
+
 def _prompt_problem(prompt) -> str | None:
+    """What makes one prompt unusable, or ``None``: text must hold more than whitespace, a conversation must be a
+    non-empty list of ``{"role", "content"}`` messages with text values and a role of :data:`ROLES`."""
     if isinstance(prompt, str):
-        return None if prompt else "is empty"
+        return None if prompt.strip() else "is empty" if not prompt else f"is only whitespace ({prompt!r:.20})"
+    if prompt is None:
+        return "is null (missing)"
     if not isinstance(prompt, list) or not prompt:
-        return f"is a {type(prompt).__name__} ({prompt!r:.80}), not text or a non-empty list of messages"
+        kind = type(prompt).__name__
+        return f"is {'an' if kind[0] in 'aeiou' else 'a'} {kind} ({prompt!r:.80}), not text or a non-empty list of messages"
     for m in prompt:
         if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
             return f"has a message without a text 'role' and 'content': {m!r:.80}"
+        if m["role"] not in ROLES:
+            return f"has a message with role {m['role']!r:.40}, not one of {', '.join(ROLES)}"
     return None
+
+
+def _rows(indices: list[int]) -> str:
+    """``row 3`` or ``rows 0, 1, 2, ...``: the first few of ``indices``."""
+    return ("row " if len(indices) == 1 else "rows ") + ", ".join(map(str, indices[:3])) + \
+        (", ..." if len(indices) > 3 else "")
+
+
+def prompt_problems(ds, where: str = "the dataset") -> list[str]:
+    """What makes the prompts of ``ds`` unusable, each named with ``where`` (the dataset file and column), rows
+    and the fix; empty when every prompt can be used. Looks at every row: prompts that are neither non-empty text
+    nor messages (:func:`_prompt_problem`), and a mix of text and conversations (the chat template would get one
+    format, the tokenizer the other; the format of row 0 decided for all, which read text as one message per
+    character, silently, or failed in the tokenizer at a later step)."""
+    prompts = ds["prompt"] if len(ds) else []
+    bad = [(i, why) for i, p in enumerate(prompts) if (why := _prompt_problem(p))]
+    out = []
+    if bad:
+        hint = ""
+        if any(isinstance(prompts[i], (int, float)) for i, _ in bad):
+            hint = (". A number is not text: quote it (JSON Lines: \"prompt\": \"12\"; a CSV column of numbers is "
+                    "read as numbers even when quoted, so give such prompts as JSON Lines), or point "
+                    "data.prompt_column at the column that holds the prompts")
+        out.append(f"{where}: {len(bad)} of {len(prompts)} prompt(s) cannot be used (rows counted from 0), e.g. "
+                   + "; ".join(f"row {i} {why}" for i, why in bad[:3])
+                   + f". Fix or drop those rows: every prompt must be non-empty text, or a non-empty list of "
+                     f"{{\"role\", \"content\"}} messages with a role of {', '.join(ROLES)}{hint}")
+    text = [i for i, p in enumerate(prompts) if isinstance(p, str) and not _prompt_problem(p)]
+    chats = [i for i, p in enumerate(prompts) if isinstance(p, list) and not _prompt_problem(p)]
+    if text and chats:
+        out.append(f"{where} mixes two prompt formats: {len(text)} text prompt(s) (e.g. {_rows(text)}) and "
+                   f"{len(chats)} list(s) of messages (e.g. {_rows(chats)}; rows counted from 0). Use one format in every row: "
+                   f"write each text prompt as [{{\"role\": \"user\", \"content\": <text>}}] (or each "
+                   f"conversation as text)")
+    return out
 
 
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "model_max_length",
@@ -348,9 +396,9 @@ def engine_context(model_path: str, max_model_len: int | None) -> tuple[int | No
 
 
 def check_prompts(ds, tokenizer, max_model_len: int | None, max_tokens: int,
-                  context_from: str = "engine.max_model_len") -> None:
+                  context_from: str = "engine.max_model_len", where: str = "the dataset") -> None:
     """Raise ``ValueError`` naming the rows the recipe could not generate from, before the engine starts: an
-    empty dataset, a prompt that is neither text nor messages with a ``role`` and ``content`` each, a prompt
+    empty dataset, a prompt :func:`prompt_problems` refuses (``where`` names the dataset there), a prompt
     whose tokens leave no room for a completion within the context ``max_model_len`` (named ``context_from``
     in the messages: the setting or the model config key it comes from; vLLM refuses a prompt longer than it),
     or ``max_tokens`` beyond it. Prompts whose completions would be cut short of ``max_tokens`` get a warning
@@ -358,11 +406,10 @@ def check_prompts(ds, tokenizer, max_model_len: int | None, max_tokens: int,
     import logging
 
     if len(ds) == 0:
-        raise ValueError("the dataset has no rows")
-    bad = [(i, why) for i, p in enumerate(ds["prompt"]) if (why := _prompt_problem(p))]
-    if bad:
-        raise ValueError(f"{len(bad)} prompt(s) cannot be used, e.g. " +
-                         "; ".join(f"row {i} {why}" for i, why in bad[:3]))
+        raise ValueError(f"{where} has no rows")
+    problems = prompt_problems(ds, where)
+    if problems:
+        raise ValueError("; ".join(problems))
     if max_model_len is None:
         return
     if max_tokens > max_model_len:
@@ -390,7 +437,13 @@ def prompt_token_ids(tokenizer, prompts: list) -> list[list[int]]:
     """Token ids of each prompt as TRL's GRPOTrainer makes them: the chat template with the generation
     prompt for conversations, the tokenizer alone for text."""
     prompts = list(prompts)
-    if prompts and isinstance(prompts[0], list):
+    chats = [i for i, p in enumerate(prompts) if isinstance(p, list)]
+    if chats and len(chats) < len(prompts):  # never a text prompt through the chat template, nor messages as text
+        text = next(i for i, p in enumerate(prompts) if not isinstance(p, list))
+        raise ValueError(f"prompt_token_ids got text and lists of messages together (e.g. prompt {text} is a "
+                         f"{type(prompts[text]).__name__}, prompt {chats[0]} a list of messages): give every prompt "
+                         f"in one format (prompt_problems names the dataset rows that differ)")
+    if chats:
         return [list(ids) for ids in tokenizer.apply_chat_template(prompts, add_generation_prompt=True, tokenize=True,
                                                                    return_dict=True)["input_ids"]]
     return tokenizer(text=prompts).input_ids

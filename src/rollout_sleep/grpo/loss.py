@@ -18,17 +18,30 @@ import torch
 from rollout_sleep.grpo.logprobs import completion_logprobs
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4, scale: bool = True) -> torch.Tensor:
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4, scale: bool = True,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Reward minus its group's mean (divided by the group's std when ``scale``); groups are consecutive.
-    NaN rewards (completions no reward scored) stay out of their group's mean and std and get advantage 0 (TRL)."""
-    g = rewards.view(-1, group_size)
+    NaN rewards (completions no reward scored) stay out of their group's mean and std and get advantage 0 (TRL).
+
+    Computed in float64, each group divided by its largest |reward| first (with ``eps`` divided alike: the same
+    value), and returned as ``dtype`` (the loss's): in float32, rewards of ±1e20 made the variance overflow (1e40)
+    and every advantage 0, silently.
+
+    >>> group_advantages(torch.tensor([1e20, -1e20, 1e300, -1e300], dtype=torch.float64), 2).tolist()
+    [0.7071067690849304, -0.7071067690849304, 0.7071067690849304, -0.7071067690849304]
+    """
+    g = rewards.detach().to(torch.float64).view(-1, group_size)
+    if scale:
+        size = g.abs().nan_to_num(0.0).amax(1, keepdim=True)
+        size = torch.where(size > 0, size, torch.ones_like(size))  # a group of zeros (or of NaN) stays as it is
+        g = g / size
     mean = g.nanmean(1, keepdim=True)
     adv = g - mean
     if scale:
         count = (~torch.isnan(g)).sum(1, keepdim=True)
         std = (adv.square().nansum(1, keepdim=True) / (count - 1).clamp(min=1)).sqrt()
-        adv = adv / (std + eps)
-    return adv.nan_to_num(0.0).view(-1)
+        adv = adv / (std + eps / size)
+    return adv.nan_to_num(0.0).view(-1).to(dtype)
 
 
 def pad_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int):
@@ -306,7 +319,7 @@ class GRPOLoss:
         import contextlib
 
         device = next(model.parameters()).device
-        adv_all = group_advantages(rewards, self.group_size).to(device)
+        adv_all = group_advantages(rewards, self.group_size).to(device)  # float32, from float64 group statistics
         n, micro = len(completions), self.micro_batch
         normalizer = loss_normalizers(completions, micro, device)[self.loss_type]
         keys = ("loss", "clip_frac", "kl", "sampling_logp_diff", "sampling_ratio", "sampling_weight_mean",

@@ -365,12 +365,13 @@ def _example_text(prompt, completion, example: dict) -> str:
 def score_rewards(rewards: list[Reward], prompts: list, completions: list, examples: list[dict], *,
                   completion_ids: list[list[int]] | None = None, trainer_state=None,
                   log_metric: Callable | None = None) -> torch.Tensor:
-    """``[len(completions), len(rewards)]`` float32 rewards (NaN where a reward returned ``None``).
+    """``[len(completions), len(rewards)]`` float64 rewards (NaN where a reward returned ``None``): every finite
+    Python float stays finite (float32 would turn 1e39 into inf).
 
     ``prompts``/``completions`` are in the dataset's format (text, or lists of messages); ``examples`` are the
     dataset rows, one per completion. A reward that raises is reported with its name and the failing example."""
     n = len(completions)
-    table = torch.full((n, len(rewards)), math.nan)
+    table = torch.full((n, len(rewards)), math.nan, dtype=torch.float64)
     columns = {k: [ex[k] for ex in examples] for k in (examples[0] if examples else {}) if k not in
                ("prompt", "completion", "completion_ids")}
     extra = {"completion_ids": completion_ids, "trainer_state": trainer_state,
@@ -388,7 +389,7 @@ def score_rewards(rewards: list[Reward], prompts: list, completions: list, examp
                 raise RewardError(f"reward {r.name!r} raised {_raised(err)} on a batch of {n} completions") from err
             except Exception as err:
                 raise _locate(r, err, prompts, completions, examples, kwargs) from err
-            table[:, j] = torch.tensor(_check_values(r, values, n), dtype=torch.float32)
+            table[:, j] = torch.tensor(_check_values(r, values, n), dtype=torch.float64)
         else:
             vals = []
             for i, (c, ex) in enumerate(zip(completions, examples)):
@@ -397,7 +398,7 @@ def score_rewards(rewards: list[Reward], prompts: list, completions: list, examp
                 except (Exception, SystemExit) as err:
                     raise RewardError(f"reward {r.name!r} raised {_raised(err)} on completion {i}: "
                                       f"{_example_text(prompts[i], c, ex)}") from err
-            table[:, j] = torch.tensor(_check_values(r, vals, n), dtype=torch.float32)
+            table[:, j] = torch.tensor(_check_values(r, vals, n), dtype=torch.float64)
     return table
 
 

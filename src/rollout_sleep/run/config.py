@@ -134,6 +134,21 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def _keys_set(cfg: RecipeConfig, key: str, value: Any) -> list[str]:
+    """The keys an override sets: its own, or each key of the mapping a section is given.
+
+    >>> _keys_set(RecipeConfig(), "model", "{dtype: float32, lora: {rank: 8}}")
+    ['model.dtype', 'model.lora.rank']
+    """
+    obj = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part, None) if dataclasses.is_dataclass(obj) else None
+    value = _parse(value) if isinstance(value, str) and dataclasses.is_dataclass(obj) else value
+    if not (dataclasses.is_dataclass(obj) and isinstance(value, dict)):
+        return [key]
+    return [leaf for k, v in value.items() for leaf in _keys_set(cfg, f"{key}.{k}", v)]
+
+
 # Keys that were removed, and why (a config that still sets one is refused naming it, as an unknown key is)
 REMOVED_KEYS = {
     "engine.quantization": "engine.quantization was removed: FP8 rollouts from a bf16 trainer measured no faster on "
@@ -212,6 +227,11 @@ def _check_values(cfg: RecipeConfig, device: str) -> list[str]:
             (m.path.startswith(("/", ".", "~")) or m.path.count("/") != 1):
         out.append(f"model.path {m.path!r} is neither a size ({', '.join(SHAPES)}) nor a local checkpoint "
                    "folder (nor a hub id like org/name)")
+    if m.tie_word_embeddings is not None and m.path not in SHAPES:  # a checkpoint's config.json decides
+        out.append(f"model.tie_word_embeddings={str(m.tie_word_embeddings).lower()} applies only to a size this "
+                   f"project builds (model.path one of {', '.join(SHAPES)}); model.path {m.path!r} is a checkpoint, "
+                   f"tied or not as its config.json says{_tied_note(m.path)}. Drop model.tie_word_embeddings (or set "
+                   f"it to null), or save a checkpoint tied the way you want")
     choice("model.dtype", m.dtype, DTYPES)
     at_least("model.seed", m.seed, 0)
     out += _check_lora(cfg)
@@ -282,6 +302,18 @@ def _check_values(cfg: RecipeConfig, device: str) -> list[str]:
         out.append(f"reward_weights must be finite numbers, got {cfg.reward_weights!r}: a NaN weight would zero "
                    "every reward it scales (NaN rewards are skipped), an infinite one stops the first step")
     return out
+
+
+def _tied_note(path: str) -> str:
+    """`` (tie_word_embeddings: true)``, as the checkpoint's config.json at ``path`` says, or nothing."""
+    import json
+
+    try:
+        raw = json.loads((Path(path).expanduser() / "config.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    tied = (raw.get("text_config") or raw).get("tie_word_embeddings", raw.get("tie_word_embeddings"))
+    return f" (tie_word_embeddings: {str(tied).lower()})" if isinstance(tied, bool) else ""
 
 
 def _check_lora(cfg: RecipeConfig) -> list[str]:
@@ -502,11 +534,17 @@ def load_config(path: str | Path | None, overrides: list[str] = (), *, device: s
         for key, value in data.items():
             _set(cfg, str(key), value, problems)
         moved = resolve_yaml_paths(cfg, Path(path).resolve().parent)
+    given: dict[str, str] = {}  # each key the overrides set, with the override that set it
     for item in overrides:
         if "=" not in item:
             problems.append(f"override {item!r} must look like section.key=value")
             continue
         key, value = item.split("=", 1)
+        for leaf in _keys_set(cfg, key.strip(), value):  # a key given twice: refused, as in the YAML file
+            if leaf in given:
+                problems.append(f"{leaf} is given twice on the command line ({given[leaf]}, then {item}): give it "
+                                f"once")
+            given.setdefault(leaf, item)
         _set(cfg, key.strip(), value, problems, from_text=True)
     expand_home(cfg)
     # a field with a wrong type kept its default, so the value checks below still apply to the rest.

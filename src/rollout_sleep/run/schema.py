@@ -64,7 +64,8 @@ class ModelConfig:
     seed: int = _opt(0, "seed of the random weights when path is a size", resume=FIXED)
     dtype: str = _opt("float32", "trainer and engine dtype: float32 / bfloat16 / float16", resume=FIXED, mode=DTYPES)
     tie_word_embeddings: bool | None = _opt(None, "tie the LM head to the embedding when path is a size "
-                                                  "(null: the size's own choice)", resume=FIXED)
+                                                  "(null: the size's own choice; a checkpoint's own config "
+                                                  "decides, so it must stay null there)", resume=FIXED)
     share_weights: bool | None = _opt(None, "one copy of the weights: the trainer's parameters are views of vLLM's "
                                             "weight tensors, the optimizer updates them in place and a sync moves "
                                             "nothing (CUDA, one process, one engine, no LoRA; "
