@@ -6,7 +6,8 @@ clipped policy-gradient loss, optional KL to a frozen reference) → sync (wake 
 ``verify`` every ``engine.verify_every`` syncs). Per-step metrics go to ``<output_dir>/metrics.jsonl`` and
 W&B (offline by default); the state is saved with accelerate every ``save_every`` steps (atomically: a
 staging folder renamed once complete), and a rerun with the same ``output_dir`` resumes from the newest
-complete saved step with the same data order (newer incomplete ones are moved to ``checkpoints/incomplete``).
+complete saved step with the same data order (newer incomplete ones, and one whose files changed since its save
+or fail to load, are moved to ``checkpoints/incomplete``).
 Each checkpoint keeps the settings it was trained with: a resume refuses changed settings that define the saved
 state (model, data, seed, optimizer type, ...), and applies and names changed training settings (lr, ...).
 
@@ -75,7 +76,7 @@ if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):
 
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
-from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_seed  # noqa: E402
+from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, gather_object, set_seed  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from rollout_sleep.engine.completion import temperature_problem  # noqa: E402
@@ -83,7 +84,7 @@ from rollout_sleep.engine.memory import PhasePeaks, enable_expandable_segments, 
 from rollout_sleep.engine.phases import plot_timeline  # noqa: E402
 from rollout_sleep.grpo.data import (check_prompts, check_rows, completions_for_rewards,  # noqa: E402
                                      engine_context, is_conversational, load_prompts, prepare_prompts,
-                                     prompt_problems, prompt_token_ids, step_rows)
+                                     prompt_problems, prompt_token_ids, rows_fingerprint, step_rows)
 from rollout_sleep.grpo.errors import RewardError  # noqa: E402
 from rollout_sleep.grpo.loss import GRPOLoss  # noqa: E402
 from rollout_sleep.grpo.rewards import (check_row_values, combine, resolve_rewards, reward_metrics,  # noqa: E402
@@ -156,11 +157,12 @@ class GRPORecipe:
         if missing:  # one copy in bf16 rounds stochastically (torchao): said before anything starts
             raise ConfigError(missing)
         self._check_saved_optimizer()  # the checkpoint a resume loads holds this optimizer's kind of state
-        # read-only until the output dir is claimed: bad data or rewards stop the run with nothing written
+        # read-only until the output dir is claimed: bad data, rewards or prompts stop the run with nothing written
         self._load_data_and_rewards()  # the rewards resolved once for the run: everything after uses self.rewards
+        with self._model_files() as folder:  # the model's tokenizer (its chat template, its context) formats and
+            self._prepare_prompts(folder)  # checks the prompts
         self._claim_output_dir()
         self.model_path = self._model_path()
-        self._prepare_prompts()  # the model's tokenizer (its chat template, its context) formats and checks them
         kv_bytes = self._kv_cache_bytes()  # the longest prompt sizes one step's KV cache
         self.plan = self._memory_plan(kv_bytes)  # printed; a phase that does not fit stops the run here
         self._note_low_precision_lr()
@@ -215,7 +217,8 @@ class GRPORecipe:
     def _load_data_and_rewards(self) -> None:
         """The dataset, and the rewards resolved once for the run, checked together: rows enough for a step, the
         columns and values the rewards read, vLLM's temperature bounds; every problem at once. Reward models are
-        only checked here (:meth:`_load_reward_models` loads them once the engine is up)."""
+        only checked here (:meth:`_load_reward_models` loads them once the engine is up). A resume's dataset must
+        give the rows the run read (their count and fingerprint, recorded with its settings)."""
         cfg = self.cfg
         try:
             self.data = load_prompts(cfg.data.dataset, prompt_column=cfg.data.prompt_column, n=cfg.data.num_prompts,
@@ -237,6 +240,9 @@ class GRPORecipe:
         if problems:
             raise ConfigError(problems)
         self.reward_weights = [r.weight for r in self.rewards]
+        self.dataset_record = {"dataset_rows": len(self.data), "dataset_fingerprint": rows_fingerprint(self.data)}
+        output_dir.check_dataset(self.out, len(self.data), self.dataset_record["dataset_fingerprint"],
+                                 cfg.data.dataset, cfg.resume and not cfg.overwrite)
 
     def _data_where(self) -> str:
         """The dataset and its prompt column, as messages about its rows name them."""
@@ -247,7 +253,6 @@ class GRPORecipe:
         """The main process locks ``output_dir`` (one run at a time in it), clears an earlier run when asked, opens
         the run's log and writes the run's config; every rank waits for it, then opens its own log."""
         cfg = self.cfg
-        output_dir.check_dataset_rows(self.out, len(self.data), cfg.data.dataset, cfg.resume and not cfg.overwrite)
         if self.main:
             with output_dir.writing(self.out, "write into output_dir"):
                 self.lock = output_dir.lock(self.out)  # held until the process ends: one run at a time in output_dir
@@ -260,7 +265,7 @@ class GRPORecipe:
                                    "again")
                 self.out.mkdir(parents=True, exist_ok=True)
                 log.add_file(output_dir.log_file(self.out, 0))  # the run's log, and an error's traceback
-                output_dir.write_run_config(self.out, cfg.to_dict(), dataset_rows=len(self.data))
+                output_dir.write_run_config(self.out, cfg.to_dict(), dataset=self.dataset_record)
             if cfg.save_every or cfg.save_final:  # a checkpoints folder it cannot write: said now, not at a save
                 output_dir.check_writable(self.out / "checkpoints")
         with self._collective("the start of the run"):
@@ -268,15 +273,28 @@ class GRPORecipe:
         if not self.main:
             log.add_file(output_dir.log_file(self.out, self.acc.process_index))
 
-    def _prepare_prompts(self) -> None:
+    @contextlib.contextmanager
+    def _model_files(self):
+        """A folder with the model's config and tokenizer, read before anything is written: ``model.path``, or for
+        a built-in size, a temporary folder with the config and tokenizer its build writes."""
+        cfg = self.cfg.model
+        if cfg.path not in SHAPES:
+            yield cfg.path
+            return
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="rollout_sleep-model-") as folder:
+            yield make_config_dir(folder, cfg.path, dtype=cfg.dtype, tie_word_embeddings=cfg.tie_word_embeddings)
+
+    def _prepare_prompts(self, model_files: str) -> None:
         """Prompts in their format (chat template when conversational), checked against the context, and the reward
-        models against that format: every mistake here is reported before vLLM starts."""
+        models against that format: every mistake here is reported before anything is written or vLLM starts."""
         cfg = self.cfg
-        self.prompt_tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self.prompt_tokenizer = AutoTokenizer.from_pretrained(model_files)
         try:
             self.data = prepare_prompts(self.data, self.prompt_tokenizer, chat_template=cfg.data.chat_template,
                                         system_prompt=cfg.data.system_prompt)
-            context, context_from = engine_context(self.model_path, cfg.engine.max_model_len)  # as vLLM will take it
+            context, context_from = engine_context(model_files, cfg.engine.max_model_len)  # as vLLM will take it
             check_prompts(self.data, self.prompt_tokenizer, context, cfg.train.max_tokens, context_from,
                           where=self._data_where())
             self.conversational = is_conversational(self.data)
@@ -516,23 +534,31 @@ class GRPORecipe:
 
     def _resume(self) -> str | None:
         """Load the newest complete saved state (if resuming); returns the W&B run id to continue. Newer
-        incomplete checkpoints are moved to ``checkpoints/incomplete`` (said in the log); metrics lines of
-        steps after the resumed one move to ``metrics.superseded.jsonl`` (those steps run again)."""
+        incomplete checkpoints, and one whose files changed since its save (checksums) or fail to load, are moved
+        to ``checkpoints/incomplete`` (said in the log) and the one before is loaded; metrics lines of steps after
+        the resumed one move to ``metrics.superseded.jsonl`` (those steps run again)."""
         ckpts = self.out / "checkpoints"
-        chosen = [None]
         if self.main:
             output_dir.clear_staging(ckpts)
-            if self.cfg.resume:
-                found, skipped = output_dir.newest_complete(ckpts)
-                for path, why in skipped:
-                    moved = output_dir.set_aside(path, why)
-                    self.acc.print(f"skipping checkpoint {path.name}: {why} (moved to {moved})")
-                if skipped and found is None:
-                    self.acc.print("no complete checkpoint to resume from: starting at step 0")
-                chosen = [str(found) if found else None]
-        with self._collective("the choice of the checkpoint to resume from"):
-            chosen = broadcast_object_list(chosen)
-        path = Path(chosen[0]) if chosen[0] else None
+        damaged = None  # a checkpoint that failed to load: the trainer's state is partly overwritten since
+        while True:
+            path = self._choose_checkpoint(ckpts) if self.cfg.resume else None
+            if path is None:
+                break
+            state = json.loads((path / output_dir.STATE_FILE).read_text())
+            self._check_saved_optimizer(path, state)  # the one-copy decision may have changed with vLLM's layout
+            damaged = self._load_checkpoint(path)
+            if damaged is None:
+                break
+            if self.main:
+                moved = output_dir.set_aside(path, damaged)
+                self.acc.print(f"skipping checkpoint {path.name}: {damaged} (moved to {moved}); loading the "
+                               "previous complete checkpoint")
+        if path is None and damaged is not None:  # the initial weights are gone: a rerun starts at step 0
+            raise output_dir.RunDirError(
+                f"no complete checkpoint is left in {ckpts} to resume from (the damaged one is kept in "
+                f"{ckpts / 'incomplete'}), and its failed load overwrote part of the trainer's state: rerun the "
+                "same command to start the run at step 0")
         state = json.loads((path / output_dir.STATE_FILE).read_text()) if path else {}
         self.step = int(state.get("step", 0))
         if self.main:
@@ -542,10 +568,6 @@ class GRPORecipe:
                                "metrics.superseded.jsonl: those steps run again")
         if path is None:
             return None
-        self._check_saved_optimizer(path, state)  # the one-copy decision may have changed with vLLM's layout
-        # with the optimizer state in host memory it is read to host memory (under DDP accelerate reads to each
-        # rank's GPU), then loaded one parameter's state at a time (run/offload.py)
-        self.acc.load_state(str(path), **({"map_location": "cpu"} if self.offload is not None else {}))
         # the restored optimizer holds the settings it was saved with: the config's win
         restored = set_hyperparameters(self.optimizer, hyperparameters(self.cfg.train))
         if self.manager.adapter is not None:
@@ -558,6 +580,46 @@ class GRPORecipe:
         self._say_applied(state.get("config") if isinstance(state.get("config"), dict) else self.trained_settings,
                           restored)
         return state.get("wandb_id")
+
+    def _choose_checkpoint(self, ckpts: Path) -> Path | None:
+        """The main process picks the newest complete checkpoint, its files checked against the checksums recorded
+        at its save (newer ones that are not are set aside, said); every rank gets its choice."""
+        chosen = [None]
+        if self.main:
+            found, skipped = output_dir.newest_complete(ckpts, verify=True)
+            for path, why in skipped:
+                moved = output_dir.set_aside(path, why)
+                self.acc.print(f"skipping checkpoint {path.name}: {why} (moved to {moved})")
+            if skipped and found is None:
+                self.acc.print("no complete checkpoint to resume from: starting at step 0")
+            chosen = [str(found) if found else None]
+        with self._collective("the choice of the checkpoint to resume from"):
+            chosen = broadcast_object_list(chosen)
+        return Path(chosen[0]) if chosen[0] else None
+
+    def _load_checkpoint(self, path: Path) -> str | None:
+        """Load the checkpoint at ``path`` into the trainer on every rank; returns what is damaged in it (a file
+        that fails to load, or weights that load as NaN/Inf), as found by any rank, or ``None``. A load that fails
+        with its files intact (out of memory, ...) raises as it is: the checkpoint is not to blame."""
+        problem = None
+        try:
+            # with the optimizer state in host memory it is read to host memory (under DDP accelerate reads to each
+            # rank's GPU), then loaded one parameter's state at a time (run/offload.py)
+            self.acc.load_state(str(path), **({"map_location": "cpu"} if self.offload is not None else {}))
+        except Exception as err:  # noqa: BLE001 - torch's RuntimeError, safetensors' own type, an OSError, ...
+            problem = output_dir.damaged_file(path)
+            if problem is None:
+                raise
+            problem += f" (loading it failed with {type(err).__name__}: {str(err).splitlines()[0][:200]})"
+        else:
+            bad = next((name for name, p in self.model.named_parameters()
+                        if p.is_floating_point() and not bool(torch.isfinite(
+                            p.to_local() if hasattr(p, "to_local") else p).all())), None)
+            if bad is not None:  # never saved so (the non-finite guard stops the step first): damaged on disk
+                problem = output_dir.damaged_file(path) or f"the weights it restored hold NaN or Inf ({bad})"
+        with self._collective(f"the load of {path.name}"):
+            found = [p for p in gather_object([problem]) if p]
+        return found[0] if found else None
 
     def _say_applied(self, trained: dict | None, restored: list[tuple[str, float, float]]) -> None:
         """Name every training setting that differs from the one the resumed checkpoint was trained with (each
@@ -706,8 +768,9 @@ class GRPORecipe:
         return combine(table, self.reward_weights), table, time.perf_counter() - t0
 
     def save(self) -> None:
-        """Every rank writes into a staging folder; the main process then records the step and every file's
-        size and renames it to ``step_N``: a ``step_N`` folder is always complete."""
+        """Every rank writes into a staging folder; the main process then records the step, the settings and the
+        dataset it was trained with and every file's size and checksum, and renames it to ``step_N``: a ``step_N``
+        folder is always complete."""
         path = self.out / "checkpoints" / f"step_{self.step}"
         staging = output_dir.stage(path)
         failed = None
@@ -728,7 +791,7 @@ class GRPORecipe:
         if self.main:
             # the settings it was trained with, beside it: a resume compares them with its own
             state = {"step": self.step, "wandb_id": getattr(self.tracker, "id", None), "config": self.cfg.to_dict(),
-                     "optimizer": self._optimizer_record()}
+                     "optimizer": self._optimizer_record(), **self.dataset_record}
             with output_dir.saving(staging, path, self.step), self.watchdog.phase("save", f"the commit of {path}"):
                 output_dir.commit(staging, path, state)
             print(f"saved {path}", flush=True)

@@ -10,7 +10,7 @@ import json
 import pytest
 
 import rollout_sleep.grpo.data as data_module
-from rollout_sleep.grpo.data import load_prompts, model_context
+from rollout_sleep.grpo.data import load_prompts, model_context, rows_fingerprint, synthetic_arithmetic
 
 from helpers import ROOT, run_recipe
 
@@ -95,6 +95,25 @@ def test_a_non_utf8_file_is_refused_by_the_recipe_before_vllm(tmp_path):
     assert ENGINE_START not in out and "Traceback" not in out, out[-3000:]
 
 
+def test_the_fingerprint_follows_the_rows_not_the_file(tmp_path):
+    """A resume compares the rows' fingerprint with the run's (rollout_sleep.run.output_dir.check_dataset): it must
+    change when the rows do with their count kept (reversed, an answer changed) and stay when the file is only
+    rewritten as it was (datasets' own ``_fingerprint`` follows the file's modification time)."""
+    path = tmp_path / "rows.jsonl"
+    rows = [{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(8)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    first = rows_fingerprint(load_prompts(str(path)))
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))  # rewritten as it was: a new mtime
+    assert rows_fingerprint(load_prompts(str(path))) == first
+    path.write_text("".join(json.dumps(r) + "\n" for r in reversed(rows)))
+    assert rows_fingerprint(load_prompts(str(path))) != first
+    path.write_text("".join(json.dumps({**r, "answer": "0"} if i == 3 else r) + "\n" for i, r in enumerate(rows)))
+    assert rows_fingerprint(load_prompts(str(path))) != first
+    assert rows_fingerprint(load_prompts(str(path), n=4)) != rows_fingerprint(load_prompts(str(path)))
+    # the built-in task: the same rows from the same seed
+    assert rows_fingerprint(synthetic_arithmetic(64, 0)) == rows_fingerprint(load_prompts("synthetic", n=64))
+
+
 def test_the_context_rule_is_vllms(engine, ckpts):
     """With ``max_model_len`` unset, vLLM took the length :func:`model_context` predicts."""
     assert model_context(ckpts["tied0"]) == (engine.llm.llm_engine.model_config.max_model_len,
@@ -114,6 +133,9 @@ def test_a_prompt_longer_than_the_models_context_is_refused_before_vllm(tmp_path
     assert "1 prompt(s) have >= the model's max_position_embeddings (1024) tokens, leaving no room for a completion, " \
            "e.g. row 7: " in out, out[-3000:]
     assert ENGINE_START not in out, out[-3000:]
+    # exit code 2: nothing written (the old code had locked the folder, written run_config.json and run.log, and
+    # built model/ to read the tokenizer from: a built-in size's tokenizer is now read from a temporary folder)
+    assert not (tmp_path / "run").exists(), sorted(p.name for p in (tmp_path / "run").iterdir())
 
 
 ROPE = {  # rope parameters a config.json may hold, as transformers 5 writes them or as older configs do

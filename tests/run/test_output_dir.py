@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from rollout_sleep.run import output_dir
+from rollout_sleep.run import integrity, output_dir
 from rollout_sleep.run.schema import RecipeConfig
 
 
@@ -67,7 +67,7 @@ def test_incomplete_checkpoints_are_named_and_skipped(tmp_path):
     assert reasons["step_5"].startswith("random_states_0.pkl has 0 bytes")
     assert reasons["step_3"].startswith("optimizer.bin has") and reasons["step_2"].startswith("model.safetensors has")
     _truncate(ckpts / "step_3" / "optimizer.bin")  # also caught without a file list: torch's zip is cut
-    assert output_dir._zip_problem(ckpts / "step_3" / "optimizer.bin").startswith("optimizer.bin is truncated")
+    assert integrity.zip_problem(ckpts / "step_3" / "optimizer.bin").startswith("optimizer.bin is truncated")
     moved = output_dir.set_aside(ckpts / "step_7", "empty")
     assert moved == ckpts / "incomplete" / "step_7" and moved.is_dir() and not (ckpts / "step_7").exists()
     # a save whose process died before the rename leaves only a staging folder: deleted, never resumed from
@@ -197,3 +197,109 @@ def test_the_log_files_belong_to_the_run(tmp_path):
     (tmp_path / "notes.log").write_text("the user's own\n")
     assert output_dir.clear_run(tmp_path, RecipeConfig().to_dict()) == ["run_config.json", "run.log", "run.rank1.log"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.log"]
+
+
+def _damage(path: Path, data: bytes | None = None, at: float = 0.5, share: float = 0.25) -> None:
+    """Overwrite part of ``path`` in place (its size kept): ``share`` of it with zeros from ``at``, or ``data``."""
+    size = path.stat().st_size
+    with open(path, "r+b") as fh:
+        fh.seek(int(size * at))
+        fh.write(data if data is not None else b"\0" * int(size * share))
+
+
+def test_a_checkpoint_whose_contents_changed_is_skipped_by_its_checksums(tmp_path, caplog):
+    """The middle quarter of step_2's model.safetensors zeroed, its size kept: the old code compared sizes and
+    headers only and resumed from it silently. Each file's checksum is recorded at the save and compared when a
+    resume picks its checkpoint; a checkpoint saved before checksums existed is still resumed, said in the log."""
+    ckpts = tmp_path / "checkpoints"
+    for step in (1, 2):
+        _save(ckpts / f"step_{step}", step)
+    state = json.loads((ckpts / "step_2" / output_dir.STATE_FILE).read_text())
+    assert sorted(state["checksums"]) == sorted(state["files"]) == ["model.safetensors", "optimizer.bin",
+                                                                    "random_states_0.pkl"]
+    assert state["checksums"]["model.safetensors"] == integrity.checksum(ckpts / "step_2" / "model.safetensors")
+    _damage(ckpts / "step_2" / "model.safetensors")
+    assert output_dir.checkpoint_problem(ckpts / "step_2") is None  # sizes and header: all as saved
+    found, skipped = output_dir.newest_complete(ckpts, verify=True)
+    assert found == ckpts / "step_1", skipped
+    [(path, why)] = skipped
+    assert path == ckpts / "step_2" and why.startswith("model.safetensors does not match the checksum recorded at "
+                                                       "its save (crc32:"), why
+    assert "its contents changed after the save" in why
+    # a finished run whose last checkpoint changed is not "nothing to train": the resume trains that step again
+    output_dir.check_steps_left(tmp_path, 3)
+    with pytest.raises(output_dir.NothingToTrain):
+        output_dir.check_steps_left(tmp_path, 1)
+    output_dir.check_steps_left(tmp_path, 2)
+    # saved before checksums existed: resumed, and the log says its contents are not verified
+    legacy = ckpts / "step_3"
+    _save(legacy, 3)
+    state = json.loads((legacy / output_dir.STATE_FILE).read_text())
+    del state["checksums"]
+    (legacy / output_dir.STATE_FILE).write_text(json.dumps(state))
+    with caplog.at_level("INFO", logger="rollout_sleep.run.output_dir"):
+        assert output_dir.newest_complete(ckpts, verify=True) == (legacy, [])
+    assert f"checkpoint {legacy} was saved before checksums were recorded" in caplog.text
+
+
+def test_the_damaged_file_of_a_checkpoint_that_fails_to_load_is_named(tmp_path):
+    """A checkpoint saved before checksums (or damaged before its save) that fails to load: the old code said
+    torch's bare "PytorchStreamReader failed reading file data/29" for zeros in optimizer.bin, and blamed "the
+    trainer's weights diverged" for 4 KiB of 0xFF in model.safetensors. A full read names the file."""
+    ckpts = tmp_path / "checkpoints"
+    for step in (1, 2, 3):
+        _save(ckpts / f"step_{step}", step)
+    _damage(ckpts / "step_2" / "optimizer.bin", share=0.125)
+    _damage(ckpts / "step_3" / "model.safetensors", data=b"\xff" * 64, at=0.6)
+    assert output_dir.damaged_file(ckpts / "step_1") is None
+    opt = output_dir.damaged_file(ckpts / "step_2")
+    assert opt is not None and opt.startswith("optimizer.bin is damaged (its record ") and "fails its CRC" in opt
+    assert output_dir.damaged_file(ckpts / "step_3") == \
+        "model.safetensors holds NaN or Inf in 'weight' (its bytes were damaged after the save)"
+
+
+def test_a_run_whose_run_config_was_deleted_is_recovered_from_its_checkpoint(tmp_path, caplog):
+    """run_config.json deleted, the checkpoints intact: the old code refused the resume as "not a run of this
+    recipe", though every checkpoint's recipe_state.json holds the settings. Now they stand in for it (said in
+    the log), and every check still holds: a fixed change is refused, the dataset record is compared."""
+    cfg = RecipeConfig().to_dict()
+    dataset = {"dataset_rows": 64, "dataset_fingerprint": "abc"}
+    output_dir.write_run_config(tmp_path, cfg, dataset=dataset)
+    staging = output_dir.stage(tmp_path / "checkpoints" / "step_2")
+    staging.mkdir(parents=True)
+    torch.save({"state": {}}, staging / "optimizer.bin")
+    output_dir.commit(staging, tmp_path / "checkpoints" / "step_2", {"step": 2, "config": cfg, **dataset})
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
+    (tmp_path / output_dir.RUN_CONFIG).unlink()
+    with caplog.at_level("INFO", logger="rollout_sleep.run.output_dir"):
+        output_dir.check_output_dir(tmp_path, cfg, resume=True)
+    assert "run_config.json is missing or unreadable in" in caplog.text and "checkpoint step_2" in caplog.text
+    with pytest.raises(output_dir.RunDirError, match=r"holds a different run: train.seed: 0 -> 1"):
+        output_dir.check_output_dir(tmp_path, {**cfg, "train": {**cfg["train"], "seed": 1}}, resume=True)
+    output_dir.check_dataset(tmp_path, 64, "abc", "synthetic", resume=True)
+    with pytest.raises(output_dir.RunDirError, match="holds a run over other rows of data.dataset 'synthetic'"):
+        output_dir.check_dataset(tmp_path, 64, "abd", "synthetic", resume=True)
+    (tmp_path / output_dir.RUN_CONFIG).write_text("{")  # cut by a crash: the same
+    output_dir.check_output_dir(tmp_path, cfg, resume=True)
+
+
+def test_a_resume_over_rows_changed_in_place_is_refused(tmp_path):
+    """The same number of rows, reversed and with other answers: the old code compared the row count only and
+    resumed, training the remaining steps on other prompts. The run's fingerprint of its rows is compared."""
+    cfg = RecipeConfig().to_dict()
+    output_dir.write_run_config(tmp_path, cfg, dataset={"dataset_rows": 8, "dataset_fingerprint": "f1"})
+    output_dir.check_dataset(tmp_path, 8, "f2", "data.jsonl", resume=True)  # nothing trained yet: no order to keep
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    output_dir.check_dataset(tmp_path, 8, "f1", "data.jsonl", resume=True)
+    output_dir.check_dataset(tmp_path, 8, "f2", "data.jsonl", resume=False)
+    with pytest.raises(output_dir.RunDirError) as err:
+        output_dir.check_dataset(tmp_path, 8, "f2", "data.jsonl", resume=True)
+    msg = str(err.value)
+    for said in ("holds a run over other rows of data.dataset 'data.jsonl'", "fingerprint f1, now f2",
+                 "restore the dataset as it was", "a new output_dir, or resume=false overwrite=true"):
+        assert said in msg, (said, msg)
+    with pytest.raises(output_dir.RunDirError, match="holds a run over 8 rows of data.dataset 'data.jsonl', which now "
+                                                     "gives 9"):
+        output_dir.check_dataset(tmp_path, 9, "f3", "data.jsonl", resume=True)
+    output_dir.write_run_config(tmp_path, cfg, dataset={"dataset_rows": 8})  # a run from before fingerprints
+    output_dir.check_dataset(tmp_path, 8, "f2", "data.jsonl", resume=True)

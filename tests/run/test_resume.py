@@ -1,13 +1,16 @@
 """A resume with a changed config: every key is classified (fixed / applied / free) in the schema; a fixed key that
 changed is refused before vLLM starts, naming each key with its old and new value; an applied one takes effect
 and is said (the restored optimizer gets the config's lr, not the checkpoint's); a finished run says so before
-vLLM starts."""
+vLLM starts. A checkpoint that fails to load is named by its damaged file, set aside, and the one before it
+resumed."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -183,3 +186,85 @@ def test_a_checkpoint_of_another_optimizer_class_is_refused_before_the_engine_st
                      "model.share_weights=null or true, on a CUDA GPU", "a new output_dir"):
             assert said in msg, (said, msg)
         assert sorted(p.name for p in out.iterdir()) == ["checkpoints", output_dir.RUN_CONFIG]  # nothing written
+
+
+def _damage(path, data: bytes, at: float = 0.5) -> None:
+    with open(path, "r+b") as fh:
+        fh.seek(int(path.stat().st_size * at))
+        fh.write(data)
+
+
+def test_a_checkpoint_that_fails_to_load_is_named_by_its_damaged_file(tmp_path):
+    """The recipe's load of a checkpoint (accelerate's load_state: the weights, then the optimizer's state) whose
+    file is damaged: zeros in optimizer.bin (the old code stopped with torch's bare "PytorchStreamReader failed
+    reading file data/29"), 0xFF in model.safetensors (loads as NaN: the old code blamed "the trainer's weights
+    diverged"). Each is named by its file, for the resume to set the checkpoint aside; a load that fails with
+    its files intact (out of memory) is not blamed on the checkpoint."""
+    from safetensors.torch import load_file, save_file
+
+    from helpers import load_recipe
+
+    recipe = load_recipe()
+    model = torch.nn.Linear(8, 8)
+    ckpt = tmp_path / "step_1"
+    ckpt.mkdir()
+    save_file(model.state_dict(), ckpt / "model.safetensors")
+    torch.save({"state": {i: {"exp_avg": torch.ones(512)} for i in range(8)}, "param_groups": []},
+               ckpt / "optimizer.bin")
+    clean = {p.name: p.read_bytes() for p in ckpt.iterdir()}
+
+    def load_state(path, **kwargs):
+        model.load_state_dict(load_file(f"{path}/model.safetensors"))
+        torch.load(f"{path}/optimizer.bin", weights_only=False)
+
+    fake = SimpleNamespace(acc=SimpleNamespace(load_state=load_state), offload=None, model=model,
+                           _collective=lambda what: contextlib.nullcontext())
+    assert recipe.GRPORecipe._load_checkpoint(fake, ckpt) is None
+    _damage(ckpt / "optimizer.bin", b"\0" * ((ckpt / "optimizer.bin").stat().st_size // 8))  # a record's header too
+    said = recipe.GRPORecipe._load_checkpoint(fake, ckpt)
+    assert said.startswith("optimizer.bin is damaged (its record ") and "fails its CRC check) (loading it failed " \
+        "with RuntimeError: " in said, said
+    (ckpt / "optimizer.bin").write_bytes(clean["optimizer.bin"])
+    _damage(ckpt / "model.safetensors", b"\xff" * 64, at=0.6)
+    assert recipe.GRPORecipe._load_checkpoint(fake, ckpt) == \
+        "model.safetensors holds NaN or Inf in 'weight' (its bytes were damaged after the save)"
+    (ckpt / "model.safetensors").write_bytes(clean["model.safetensors"])
+
+    def out_of_memory(path, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    fake.acc.load_state = out_of_memory
+    with pytest.raises(RuntimeError, match="out of memory"):
+        recipe.GRPORecipe._load_checkpoint(fake, ckpt)
+
+
+def test_a_damaged_checkpoint_is_set_aside_and_the_previous_one_resumed(saved_run, tmp_path):
+    """step_2 saved before checksums existed, zeros written into its optimizer.bin, and run_config.json deleted: the
+    old code refused the folder as "not a run of this recipe" and, with run_config.json there, stopped at every
+    rerun with torch's "PytorchStreamReader failed reading file" while a good step_1 sat unused. Now the settings
+    come from the checkpoint, step_2 (no checksums: its torch files' own CRCs are read) is named by its file, moved
+    to checkpoints/incomplete/, and the run resumes from step_1 (its checksums verified); its new saves record
+    their checksums and the dataset's fingerprint."""
+    out = tmp_path / "run"
+    shutil.copytree(saved_run, out)
+    (out / output_dir.RUN_CONFIG).unlink()
+    step_2 = out / "checkpoints" / "step_2"
+    state = json.loads((step_2 / output_dir.STATE_FILE).read_text())
+    del state["checksums"]
+    (step_2 / output_dir.STATE_FILE).write_text(json.dumps(state))
+    _damage(step_2 / "optimizer.bin", b"\0" * ((step_2 / "optimizer.bin").stat().st_size // 8))
+    code, text = run(out, "train.steps=3", "save_every=1", "data.num_prompts=32", "train.prompts_per_step=4")
+    assert code == 0, text[-3000:]
+    for said in (f"run_config.json is missing or unreadable in {out}: the run's settings are read from its "
+                 "checkpoint step_2", f"checkpoint {step_2} was saved before checksums were recorded",
+                 "skipping checkpoint step_2: optimizer.bin is damaged (its record ",
+                 f"fails its CRC check) (moved to {out / 'checkpoints' / 'incomplete' / 'step_2'})",
+                 f"resumed from {out / 'checkpoints' / 'step_1'} (step 1)"):
+        assert said in text, (said, text[-3000:])
+    assert output_dir.logged_steps(out / "metrics.jsonl") == [1, 2, 3]
+    assert (out / "checkpoints" / "incomplete" / "step_2" / "optimizer.bin").exists()  # kept, never deleted
+    settings = json.loads((out / output_dir.RUN_CONFIG).read_text())
+    saved = json.loads((out / "checkpoints" / "step_3" / output_dir.STATE_FILE).read_text())
+    assert sorted(saved["checksums"]) == sorted(saved["files"])
+    assert saved["dataset_fingerprint"] == settings["dataset_fingerprint"] and saved["dataset_rows"] == 32
+    assert output_dir.newest_complete(out / "checkpoints", verify=True) == (out / "checkpoints" / "step_3", [])

@@ -68,6 +68,24 @@ def load_prompts(source: str, *, prompt_column: str = "prompt", split: str = "tr
     return ds.select(range(n)) if n else ds
 
 
+def rows_fingerprint(ds) -> str:
+    """A digest of every row the run reads, every column, in order: a resume compares it with the run's, so that a
+    dataset edited in place (rows reordered, prompts or answers changed, the row count kept) is refused, not
+    trained on silently. Taken from the rows, not from datasets' ``_fingerprint`` (which follows the file's path
+    and modification time, not its contents); ~0.2 s per 100k rows of GSM8K-sized text.
+
+    >>> rows_fingerprint(synthetic_arithmetic(4, seed=0)) == rows_fingerprint(synthetic_arithmetic(4, seed=0))
+    True
+    """
+    import hashlib
+    import json
+
+    digest = hashlib.blake2b(digest_size=16)
+    for batch in ds.iter(batch_size=1024):
+        digest.update(json.dumps(batch, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
 _CHUNK = 1 << 20  # bytes read at a time when checking a text file's encoding
 
 

@@ -5,12 +5,15 @@
   resume class is in :mod:`rollout_sleep.run.schema`; :func:`config_changes` compares two configs by it,
   against the settings saved beside the checkpoint the resume loads).
 - :func:`stage` / :func:`commit` make a save atomic: every rank writes into a hidden staging folder, then the
-  main process writes ``recipe_state.json`` (step, W&B id, every file's size) and renames the folder to
-  ``step_N``. A crash mid-save leaves only the staging folder, never a ``step_N`` that looks saved.
+  main process writes ``recipe_state.json`` (step, W&B id, every file's size and checksum) and renames the folder
+  to ``step_N``. A crash mid-save leaves only the staging folder, never a ``step_N`` that looks saved.
 - :func:`saving` / :func:`writing` turn a write that fails (full disk, read-only folder, ...) into a
   :class:`WriteError` naming the path, the cause and the fix; a failed save's partial folder is deleted.
-- :func:`newest_complete` picks the newest ``step_N`` whose files are all there and whole, with the reason
-  each newer one was skipped; :func:`set_aside` moves a skipped one into ``checkpoints/incomplete/``.
+- :func:`newest_complete` picks the newest ``step_N`` whose files are all there and whole (``verify``: and
+  unchanged since the save, by their checksums), with the reason each newer one was skipped; :func:`set_aside`
+  moves a skipped one (or one that failed to load) into ``checkpoints/incomplete/``.
+- The run's settings are ``run_config.json``; where that file is gone, those saved beside the newest complete
+  checkpoint stand in for it.
 
 >>> checkpoint_problem(Path("/nonexistent/step_3"))
 'no recipe_state.json (the save did not finish)'
@@ -25,16 +28,17 @@ import logging
 import os
 import re
 import shutil
-import struct
 import time
-import zipfile
 from pathlib import Path
 from typing import Any
+
+from . import integrity
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "recipe_state.json"
 RUN_CONFIG = "run_config.json"
+DATASET_KEYS = ("dataset_rows", "dataset_fingerprint")  # what the run read, beside its settings (check_dataset)
 LOG_FILE = "run.log"  # the main process's log, and the traceback of an error that stopped the run
 STAGING_PREFIX = ".partial-"
 _STEP = re.compile(r"step_(\d+)$")
@@ -133,9 +137,14 @@ def trained_settings(out: Path) -> dict | None:
 
 def check_steps_left(out: Path, steps: int) -> None:
     """Raise :class:`NothingToTrain` if the checkpoint a resume in ``out`` would load is already at ``steps`` or
-    beyond (a finished run launched again): said before anything starts. Reads only."""
+    beyond (a finished run launched again): said before anything starts. A checkpoint whose files changed since
+    its save does not count (the resume sets it aside and trains its steps again). Reads only."""
     found, state = resume_point(out)
-    if found is not None and int(state["step"]) >= steps:
+    if found is None or int(state["step"]) < steps:
+        return
+    found, _ = newest_complete(out / "checkpoints", verify=True)  # its checksums: read only for a finished run
+    state = json.loads((found / STATE_FILE).read_text()) if found is not None else {"step": 0}
+    if int(state["step"]) >= steps:
         raise NothingToTrain(f"the run in {out} is already at step {state['step']} (train.steps={steps}, checkpoint "
                              f"{found.name}): nothing to train. Raise train.steps to continue it, or use a new "
                              "output_dir for a new run.")
@@ -158,9 +167,14 @@ def check_output_dir(out: Path, config: dict, resume: bool, overwrite: bool = Fa
     if old is None and _run_files(out):  # every run writes its settings before its first metrics or checkpoint
         what = "overwrite=true will not delete anything in it" if overwrite and not resume else \
             "the run would move its checkpoints aside and write into its metrics"
-        raise RunDirError(f"output_dir {str(out)!r} holds {', '.join(_run_files(out))} but no {RUN_CONFIG}: it is not "
-                          f"a run of this recipe (or one from before {RUN_CONFIG} existed), so {what}. Use a new (or "
-                          "empty) output_dir.")
+        raise RunDirError(f"output_dir {str(out)!r} holds {', '.join(_run_files(out))} but no {RUN_CONFIG}, nor a "
+                          f"complete checkpoint saved with the run's settings: it is not a run of this recipe (or "
+                          f"one from before {RUN_CONFIG} existed), so {what}. Use a new (or empty) output_dir.")
+    if old is not None and _run_config_file(out) is None:
+        found, _ = resume_point(out)
+        logger.info("%s is missing or unreadable in %s: the run's settings are read from its checkpoint %s "
+                    "(saved beside it in %s); %s is written again when the run starts", RUN_CONFIG, out,
+                    found.name, STATE_FILE, RUN_CONFIG)
     if resume and old is not None:
         # the settings the checkpoint a resume loads was trained with (saved beside it), else the run's last
         ckpt, state = resume_point(out)
@@ -176,23 +190,33 @@ def check_output_dir(out: Path, config: dict, resume: bool, overwrite: bool = Fa
                               "revert those settings to resume it.")
 
 
-def check_dataset_rows(out: Path, rows: int, source: str, resume: bool) -> None:
+def check_dataset(out: Path, rows: int, fingerprint: str, source: str, resume: bool) -> None:
     """Raise :class:`RunDirError` when resuming the run in ``out`` over a dataset that now gives another number of
-    rows than it did (``dataset_rows`` in its settings, see :func:`write_run_config`). Each step's rows are drawn
-    from the row count (a fresh permutation of all rows per epoch): a file that grew or shrank between a run and
-    its resume gives every later step another order, so some rows of the current epoch would be trained twice
-    and others not at all. Reads only; runs that recorded no count are not checked."""
+    rows, or other rows, than it did (``dataset_rows`` / ``dataset_fingerprint`` in its settings, see
+    :func:`write_run_config`; the fingerprint is :func:`rollout_sleep.grpo.data.rows_fingerprint`). Each step's
+    rows are drawn from the row count (a fresh permutation of all rows per epoch): a file that grew or shrank
+    gives every later step another order, so some rows of the current epoch would be trained twice and others
+    not at all; a file edited in place (rows reordered, answers changed) would train the remaining steps on
+    other prompts or rewards than the saved steps, silently. Reads only; what a run did not record is not
+    checked."""
     old = _previous_config(out)
-    if not resume or old is None or old.get("dataset_rows") in (None, rows):
+    if not resume or old is None:
         return
     if not (logged_steps(out / "metrics.jsonl") or saved_steps(out / "checkpoints")):
         return  # nothing trained yet: no order to keep
-    raise RunDirError(f"output_dir {str(out)!r} holds a run over {old['dataset_rows']} rows of data.dataset "
-                      f"{source!r}, which now gives {rows}: each step's rows are drawn from the row count (a fresh "
-                      f"permutation of all rows per epoch), so resuming would train the remaining steps in another "
-                      f"order (rows of the current epoch twice, others not at all). To resume, restore the dataset "
-                      f"to its {old['dataset_rows']} rows; to train on the new rows, start a new run (a new "
-                      f"output_dir, or resume=false overwrite=true)")
+    new_run = "start a new run (a new output_dir, or resume=false overwrite=true)"
+    if old.get("dataset_rows") not in (None, rows):
+        raise RunDirError(f"output_dir {str(out)!r} holds a run over {old['dataset_rows']} rows of data.dataset "
+                          f"{source!r}, which now gives {rows}: each step's rows are drawn from the row count (a "
+                          f"fresh permutation of all rows per epoch), so resuming would train the remaining steps in "
+                          f"another order (rows of the current epoch twice, others not at all). To resume, restore "
+                          f"the dataset to its {old['dataset_rows']} rows; to train on the new rows, {new_run}")
+    if old.get("dataset_fingerprint") not in (None, fingerprint):
+        raise RunDirError(f"output_dir {str(out)!r} holds a run over other rows of data.dataset {source!r}: its "
+                          f"{rows} rows (their order, prompts or other columns) changed since the run read them "
+                          f"(fingerprint {old['dataset_fingerprint']}, now {fingerprint}), so resuming would train "
+                          f"the remaining steps on other prompts or answers than the saved steps. To resume, restore "
+                          f"the dataset as it was; to train on the changed rows, {new_run}")
 
 
 def lock(out: Path):
@@ -226,11 +250,23 @@ def _run_files(out: Path) -> list[str]:
     return [n for n in ("metrics.jsonl", "metrics.superseded.jsonl", "checkpoints") if (out / n).exists()]
 
 
-def _previous_config(out: Path) -> dict | None:
+def _run_config_file(out: Path) -> dict | None:
     try:
         return json.loads((out / RUN_CONFIG).read_text())
     except (OSError, ValueError):
         return None
+
+
+def _previous_config(out: Path) -> dict | None:
+    """The run's settings (with its dataset record): ``run_config.json``; where that file is gone or unreadable,
+    those saved beside the newest complete checkpoint (every save records them); ``None`` if neither."""
+    recorded = _run_config_file(out)
+    if recorded is not None:
+        return recorded
+    _, state = resume_point(out)
+    if not isinstance(state.get("config"), dict):
+        return None
+    return {**state["config"], **{k: state[k] for k in DATASET_KEYS if k in state}}
 
 
 def _remove(p: Path) -> bool:
@@ -285,7 +321,7 @@ def model_problem(path: Path) -> str | None:
         if missing:
             return f"{missing[0]} is missing"
     for p in weights:
-        problem = _safetensors_problem(p)
+        problem = integrity.safetensors_problem(p)
         if problem:
             return problem
     return None
@@ -353,11 +389,10 @@ def log_file(out: Path, rank: int) -> Path:
     return out / (LOG_FILE if rank == 0 else f"run.rank{rank}.log")
 
 
-def write_run_config(out: Path, config: dict, dataset_rows: int | None = None) -> None:
-    """Record the run's settings (what :func:`check_output_dir` compares a resume against) and the number of
-    rows its dataset gave (what :func:`check_dataset_rows` compares a resume against)."""
-    record = {**config, "dataset_rows": dataset_rows} if dataset_rows is not None else config
-    write_atomic(out / RUN_CONFIG, json.dumps(record, indent=1, default=str))
+def write_run_config(out: Path, config: dict, dataset: dict | None = None) -> None:
+    """Record the run's settings (what :func:`check_output_dir` compares a resume against) and ``dataset``, what
+    its dataset gave (:data:`DATASET_KEYS`: what :func:`check_dataset` compares a resume against)."""
+    write_atomic(out / RUN_CONFIG, json.dumps({**config, **(dataset or {})}, indent=1, default=str))
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -519,7 +554,8 @@ def stage(final: Path) -> Path:
 
 
 def commit(staging: Path, final: Path, state: dict) -> Path:
-    """Main process, after every rank wrote into ``staging``: record ``state`` plus every file's size in
+    """Main process, after every rank wrote into ``staging``: record ``state`` plus every file's size and
+    checksum (:func:`rollout_sleep.run.integrity.checksum`, compared when the checkpoint is resumed) in
     ``recipe_state.json`` (written last, synced to disk) and rename ``staging`` to ``final``."""
     files = {}
     for p in sorted(staging.rglob("*")):
@@ -527,7 +563,8 @@ def commit(staging: Path, final: Path, state: dict) -> Path:
             with open(p, "rb") as fh:
                 os.fsync(fh.fileno())
             files[str(p.relative_to(staging))] = p.stat().st_size
-    write_atomic(staging / STATE_FILE, json.dumps({**state, "files": files}))
+    sums = integrity.checksums(staging, list(files))
+    write_atomic(staging / STATE_FILE, json.dumps({**state, "files": files, "checksums": sums}))
     earlier = set_aside(final, "replaced by a new save of the same step") if final.exists() else None
     try:  # (``final`` exists when a step is saved again, e.g. after resuming from an older checkpoint)
         os.replace(staging, final)
@@ -545,38 +582,13 @@ def commit(staging: Path, final: Path, state: dict) -> Path:
 
 
 # ----------------------------------------------------------------------------------- resuming
-def _safetensors_problem(path: Path) -> str | None:
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            return f"{path.name} is truncated ({size} bytes)"
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8:
-            return f"{path.name} is truncated (header of {n} bytes, file of {size})"
-        try:
-            header = json.loads(fh.read(n))
-        except ValueError:
-            return f"{path.name} has an unreadable header"
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if size != 8 + n + end:
-        return f"{path.name} is truncated ({size} bytes, its header describes {8 + n + end})"
-    return None
-
-
-def _zip_problem(path: Path) -> str | None:
-    with open(path, "rb") as fh:
-        if fh.read(2) != b"PK":  # not torch's zip format: nothing cheap to check
-            return None
-    if not zipfile.is_zipfile(path):
-        return f"{path.name} is truncated (its zip directory is missing)"
-    return None
-
-
-def checkpoint_problem(path: Path) -> str | None:
+def checkpoint_problem(path: Path, verify: bool = False) -> str | None:
     """Why the checkpoint at ``path`` cannot be resumed from, or ``None`` if it is complete: its
     ``recipe_state.json`` exists and parses, every file it lists has the recorded size, and its
-    ``.safetensors`` / torch zip files are whole (a check that also covers saves without a file list)."""
+    ``.safetensors`` / torch zip files are whole (a check that also covers saves without a file list).
+    ``verify``: every file also has the checksum recorded at its save (reads every file: once, for the
+    checkpoint a resume loads); for one saved before checksums were recorded (said in the log), no file is
+    damaged as far as its format tells (:func:`damaged_file`)."""
     state_file = path / STATE_FILE
     if not state_file.exists():
         return f"no {STATE_FILE} (the save did not finish)"
@@ -595,26 +607,50 @@ def checkpoint_problem(path: Path) -> str | None:
     if not any(p.name != STATE_FILE for p in files):
         return "it holds no saved state"
     for p in files:
-        problem = _safetensors_problem(p) if p.suffix == ".safetensors" else \
-            _zip_problem(p) if p.suffix in (".bin", ".pt", ".pth") else None
+        problem = integrity.format_problem(p)
         if problem:
             return problem
+    if not verify:
+        return None
+    saved = state.get("checksums")
+    if not isinstance(saved, dict):
+        logger.info("checkpoint %s was saved before checksums were recorded: its files are checked by what their "
+                    "formats hold (torch's per-record CRCs, no NaN or Inf in saved weights)", path)
+        return damaged_file(path)
+    now = integrity.checksums(path, sorted(saved))
+    for rel, recorded in saved.items():
+        if now[rel] != recorded:
+            return (f"{rel} does not match the checksum recorded at its save ({recorded}, now {now[rel]}): its "
+                    "contents changed after the save (a disk or copy error, or an edit)")
     return None
 
 
-def newest_complete(ckpt_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
-    """The newest complete ``step_N`` under ``ckpt_dir`` and the newer ones skipped, each with its reason."""
+def newest_complete(ckpt_dir: Path, verify: bool = False) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest complete ``step_N`` under ``ckpt_dir`` and the newer ones skipped, each with its reason
+    (``verify``: see :func:`checkpoint_problem`)."""
     skipped = []
     for path in reversed(saved_steps(ckpt_dir)):
-        problem = checkpoint_problem(path)
+        problem = checkpoint_problem(path, verify)
         if problem is None:
             return path, skipped
         skipped.append((path, problem))
     return None, skipped
 
 
+def damaged_file(path: Path) -> str | None:
+    """What a full read of the checkpoint at ``path`` finds damaged in one of its files
+    (:func:`rollout_sleep.run.integrity.damage`), or ``None``: for a checkpoint without checksums, or one that
+    failed to load."""
+    for p in sorted(path.rglob("*")):
+        problem = integrity.damage(p) if p.is_file() and p.name != STATE_FILE else None
+        if problem:
+            return problem
+    return None
+
+
 def set_aside(path: Path, reason: str) -> Path:
-    """Move a checkpoint that will not be used into ``checkpoints/incomplete/`` (kept, never deleted)."""
+    """Move a checkpoint that will not be used (incomplete, changed since its save, or failed to load) into
+    ``checkpoints/incomplete/`` (kept, never deleted)."""
     target_dir = path.parent / "incomplete"
     target_dir.mkdir(exist_ok=True)
     target = target_dir / path.name
