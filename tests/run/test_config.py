@@ -192,6 +192,7 @@ def test_a_key_given_twice_on_the_command_line_is_refused():
     with pytest.raises(ConfigError, match=r"model.lora.rank is given twice on the command line \(model=\{lora: "
                                           r"\{rank: 8\}\}, then model.lora.rank=16\)"):
         load_config(None, ["model={lora: {rank: 8}}", "model.lora.rank=16"])
+    assert load_config(None, ["train.lr=0.1", "train.lr=0.1"]).train.lr == 0.1  # the same override twice: one value
     cfg = load_config(None, ["train={lr: 0.1}", "train.steps=2", "data.system_prompt={a: 1}"])  # each key once
     assert (cfg.train.lr, cfg.train.steps, cfg.data.system_prompt) == (0.1, 2, "{a: 1}")
 

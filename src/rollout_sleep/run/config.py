@@ -540,8 +540,8 @@ def load_config(path: str | Path | None, overrides: list[str] = (), *, device: s
             problems.append(f"override {item!r} must look like section.key=value")
             continue
         key, value = item.split("=", 1)
-        for leaf in _keys_set(cfg, key.strip(), value):  # a key given twice: refused, as in the YAML file
-            if leaf in given:
+        for leaf in _keys_set(cfg, key.strip(), value):  # a key given twice: refused, as in the YAML file (the
+            if leaf in given and given[leaf].strip() != item.strip():  # same override repeated is no ambiguity)
                 problems.append(f"{leaf} is given twice on the command line ({given[leaf]}, then {item}): give it "
                                 f"once")
             given.setdefault(leaf, item)
