@@ -367,6 +367,8 @@ def run_size(args, size: str, out_file: Path | None) -> dict:
         try:
             if arm in ("ours", "ours_tuned") or arm in ARM_OVERRIDES:
                 extra = optim + (TUNED.get(size, ()) if arm == "ours_tuned" else ()) + ARM_OVERRIDES.get(arm, ())
+                extra = tuple({o.split("=", 1)[0]: o for o in extra}.values())  # the arm's own last (the recipe
+                # refuses a key given twice with two values)
                 result[arm] = run_ours(size, args.steps, work, arm, extra, model, args.verify_every, args.arm_timeout)
             elif arm in TRL_ARMS:
                 result[arm] = run_trl_child(args, size, arm.removeprefix("trl_") if arm != "trl" else "stock", model)

@@ -195,3 +195,15 @@ def views_on_fused_layout(family: str = "qwen3", pad_rows: int = 16):
     filled = layout.filled_bytes(plan, {n: (s, torch.float32) for n, s in shapes.items()})
     engine_spans = {n: span(t) for n, t in tensors.items()}
     return tensors, model, lambda m: coverage_problems(engine_spans, model_spans(m), filled)
+
+
+def overridden(defaults: list[str] | tuple[str, ...], overrides: tuple[str, ...]) -> list[str]:
+    """A test's default ``key=value`` overrides, less the keys the test gives itself, then the test's: the recipe
+    refuses a key given twice with two values.
+
+    >>> overridden(["wandb.mode=disabled", "save_every=0"], ("wandb.mode=online",))
+    ['save_every=0', 'wandb.mode=online']
+    """
+    given = {o.split("=", 1)[0] for o in overrides}
+    return [d for d in defaults if d.split("=", 1)[0] not in given] + list(overrides)
+

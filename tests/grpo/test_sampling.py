@@ -17,7 +17,7 @@ from rollout_sleep.grpo.data import epoch_order, step_rows
 from rollout_sleep.run import output_dir
 from rollout_sleep.run.schema import RecipeConfig
 
-from helpers import RECIPE, ROOT
+from helpers import RECIPE, ROOT, overridden
 
 
 CONFIG = ROOT / "configs" / "tiny-cpu.yaml"
@@ -54,9 +54,10 @@ def _write_task(tmp_path: Path, rows: int) -> tuple[Path, Path]:
 
 
 def _run(out: Path, record: Path, data: Path, rec: Path, *overrides: str, timeout: int = 600):
-    cmd = [sys.executable, str(RECIPE), "--config", str(CONFIG), f"output_dir={out}", f"data.dataset={data}",
-           f"rewards=[{rec}:record]", "train.generations=2", "train.max_tokens=2", "engine.verify_every=0",
-           "wandb.mode=disabled", "save_every=0", "train.update_check_every=0", "train.memory_plan=off", *overrides]
+    cmd = [sys.executable, str(RECIPE), "--config", str(CONFIG), *overridden([
+        f"output_dir={out}", f"data.dataset={data}", f"rewards=[{rec}:record]", "train.generations=2",
+        "train.max_tokens=2", "engine.verify_every=0", "wandb.mode=disabled", "save_every=0",
+        "train.update_check_every=0", "train.memory_plan=off"], overrides)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING", "RECORD_ROWS": str(record)})
 
@@ -85,14 +86,14 @@ def test_recipe_draws_from_the_whole_dataset_and_a_resume_draws_the_same_rows(tm
     (["train.prompts_per_step=8"], "data.dataset {data!r} gives 5 rows, fewer than train.prompts_per_step (8): "
                                    "every step would repeat prompts within itself. Lower train.prompts_per_step "
                                    "to 5 or less"),
-    (["data.num_prompts=6"], "data.dataset {data!r} cannot be used: it has 5 rows, fewer than data.num_prompts=6"),
+    (["train.prompts_per_step=4", "data.num_prompts=6"],
+     "data.dataset {data!r} cannot be used: it has 5 rows, fewer than data.num_prompts=6"),
 ])
 def test_a_dataset_too_small_is_refused_before_vllm_starts(tmp_path, overrides, message):
     """The old code trained on it, each step holding some prompts two or three times (a row per position
     modulo the dataset), or took data.num_prompts larger than the dataset as all rows without a word."""
     data, rec = _write_task(tmp_path, 5)
-    proc = _run(tmp_path / "run", tmp_path / "r.rows", data, rec, "train.prompts_per_step=4", *overrides,
-                timeout=300)
+    proc = _run(tmp_path / "run", tmp_path / "r.rows", data, rec, *overrides, timeout=300)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2 and message.format(data=str(data)) in out, out[-3000:]
     assert ENGINE_START not in out and not (tmp_path / "run").exists()

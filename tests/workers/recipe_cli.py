@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from helpers import RECIPE, ROOT
+from helpers import RECIPE, ROOT, overridden
 
 CONFIG = ROOT / "configs" / "tiny-cpu.yaml"
 ENGINE_START = "starting the vLLM engine"  # what the recipe prints right before it starts vLLM
@@ -19,7 +19,8 @@ def command(out: Path, *overrides: str, accelerate: bool = False) -> list[str]:
     the launcher's own traceback of a child that exits non-zero)."""
     runner = [sys.executable, "-m", "accelerate.commands.launch", "-q", "--num_processes", "1", "--cpu"] \
         if accelerate else [sys.executable]
-    return runner + [str(RECIPE), "--config", str(CONFIG), f"output_dir={out}", "wandb.mode=disabled", *overrides]
+    return runner + [str(RECIPE), "--config", str(CONFIG), *overridden([f"output_dir={out}", "wandb.mode=disabled"],
+                                                                        overrides)]
 
 
 def env(**extra: str) -> dict[str, str]:
