@@ -165,3 +165,22 @@ def test_the_recipe_refuses_a_mixed_dataset_before_anything_is_written(tmp_path,
                                      f"two prompt formats: 8 text prompt(s) (e.g. rows 0, 1, 2, ...) and 1 list(s) "
                                      f"of messages (e.g. row 8;"), str(err.value)
     assert not (tmp_path / "run").exists()
+
+
+def test_prompts_without_a_visible_character_are_refused():
+    """A conversation whose user message is only whitespace was accepted while the same text prompt was refused,
+    and a text prompt of a zero-width space passed. Text, and every user message, must hold a visible character
+    (whitespace and format characters do not count); a blank system message beside a question is harmless."""
+    from datasets import Dataset
+
+    def problems(prompts):
+        return prompt_problems(Dataset.from_list([{"prompt": p} for p in prompts]), WHERE)
+
+    (zwsp,) = problems(["1+1=", "\u200b"])
+    assert "row 1 has no visible character ('\\u200b'" in zwsp, zwsp
+    (chat,) = problems([CHAT[0], [{"role": "user", "content": "   "}]])
+    assert "row 1 has a user message (message 0) whose content is only whitespace ('   ')" in chat, chat
+    (none,) = problems([CHAT[0], [{"role": "system", "content": " \u2060"}, {"role": "assistant", "content": ""}]])
+    assert "row 1 has no message with visible content" in none, none
+    assert problems([[{"role": "system", "content": ""}, {"role": "user", "content": "2+2="}]]) == []
+    assert problems(["x\u200b", " 1+1= "]) == []

@@ -140,7 +140,9 @@ def test_a_resume_compares_the_files_its_paths_name(project, tmp_path, monkeypat
     output_dir.write_run_config(out, first)
     staging = output_dir.stage(out / "checkpoints" / "step_1")
     staging.mkdir(parents=True)
-    (staging / "optimizer.bin").write_bytes(b"state")
+    import torch
+
+    torch.save({"state": {}}, staging / "optimizer.bin")  # a torch file: a zip (other bytes are damage)
     output_dir.commit(staging, out / "checkpoints" / "step_1", {"step": 1, "config": first})
     # the same file, named by the YAML (read from its folder): the same run
     from_yaml = load_config(project / "configs" / "run.yaml").data.dataset

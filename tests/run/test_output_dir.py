@@ -303,3 +303,84 @@ def test_a_resume_over_rows_changed_in_place_is_refused(tmp_path):
         output_dir.check_dataset(tmp_path, 9, "f3", "data.jsonl", resume=True)
     output_dir.write_run_config(tmp_path, cfg, dataset={"dataset_rows": 8})  # a run from before fingerprints
     output_dir.check_dataset(tmp_path, 8, "f2", "data.jsonl", resume=True)
+
+
+def test_a_checkpoint_that_cannot_be_set_aside_is_explained(tmp_path, monkeypatch):
+    """A damaged step folder that cannot be moved (immutable, or another user's): the old code stopped the run
+    with a raw PermissionError from os.replace, after the engine started. Now the error names the folder, why it
+    is set aside and the fix."""
+    import errno as errno_
+
+    ckpts = tmp_path / "checkpoints"
+    _save(ckpts / "step_1", 1)
+
+    def refuse(src, dst):
+        raise PermissionError(errno_.EPERM, "Operation not permitted", str(src), str(dst))
+
+    monkeypatch.setattr(output_dir.os, "replace", refuse)
+    with pytest.raises(output_dir.WriteError) as err:
+        output_dir.set_aside(ckpts / "step_1", "optimizer.bin is truncated")
+    msg = str(err.value)
+    for said in (f"cannot move checkpoint {ckpts / 'step_1'} to {ckpts / 'incomplete'}",
+                 "operation not permitted (errno EPERM)", "set aside because optimizer.bin is truncated",
+                 "Move it out of", "by hand", "writable for this user", "then rerun"):
+        assert said in msg, (said, msg)
+    assert (ckpts / "step_1").is_dir()
+
+
+def test_checksums_of_files_the_save_did_not_list_are_damage(tmp_path):
+    """An extra key in recipe_state.json's checksums: the old code summed every key and crashed the resume with
+    FileNotFoundError (or read a file outside the checkpoint, for ``../..``). Only listed files are summed; an
+    unlisted checksum is a mismatch, checksums that are not a map of names to checksums are damage."""
+    ckpts = tmp_path / "checkpoints"
+    _save(ckpts / "step_1", 1)
+    state_file = ckpts / "step_1" / output_dir.STATE_FILE
+    state = json.loads(state_file.read_text())
+    (tmp_path / "run_config.json").write_text("{}")
+    for extra in ("gone.bin", "../../run_config.json"):
+        state_file.write_text(json.dumps({**state, "checksums": {**state["checksums"], extra: "crc32:00000000"}}))
+        why = output_dir.checkpoint_problem(ckpts / "step_1", verify=True)
+        assert why is not None and why.startswith(f"{extra} does not match the checksum recorded at its save "
+                                                  "(crc32:00000000, now file missing"), why
+    for bad in (None, ["crc32:00000000"], {"model.safetensors": 5}):
+        state_file.write_text(json.dumps({**state, "checksums": bad}))
+        assert output_dir.checkpoint_problem(ckpts / "step_1", verify=True) == \
+            "recipe_state.json is unreadable (its 'checksums' is not a map of file names to checksums)"
+    state_file.write_text(json.dumps({**state, "files": {**state["files"], "../../run_config.json": 2}}))
+    assert output_dir.checkpoint_problem(ckpts / "step_1") == \
+        "recipe_state.json lists '../../run_config.json', a file outside the checkpoint folder"
+
+
+def test_a_torch_file_overwritten_with_zeros_is_damage_without_checksums(tmp_path, caplog):
+    """random_states_0.pkl zeroed in a checkpoint saved before checksums: not a zip, so the old format check
+    passed it and accelerate silently failed to restore the RNG. A torch-saved file that is no zip is damaged;
+    the log says an old checkpoint's check is partial."""
+    ckpts = tmp_path / "checkpoints"
+    legacy = _save(ckpts / "step_1", 1, legacy=True)
+    with caplog.at_level("INFO", logger="rollout_sleep.run.output_dir"):
+        assert output_dir.checkpoint_problem(legacy, verify=True) is None
+    assert "its check is partial (sizes and formats" in caplog.text and "no checksums)" in caplog.text
+    rng = legacy / "random_states_0.pkl"
+    rng.write_bytes(b"\0" * rng.stat().st_size)
+    why = output_dir.checkpoint_problem(legacy)
+    assert why is not None and why.startswith("random_states_0.pkl is not a zip archive (") and \
+        "overwritten or damaged after the save" in why, why
+    rng.write_bytes(b"")
+    assert output_dir.checkpoint_problem(legacy).startswith("random_states_0.pkl is empty")
+
+
+def test_tie_word_embeddings_of_a_checkpoint_path_is_not_compared_on_resume(tmp_path):
+    """A run saved with model.tie_word_embeddings set and model.path a checkpoint folder: the config check now
+    refuses the key for a checkpoint, and the resume comparison refused dropping it (True -> None). It never had
+    an effect there, so it is not compared; for a size it still is."""
+    cfg = RecipeConfig().to_dict()
+    ckpt = {**cfg, "model": {**cfg["model"], "path": str(tmp_path / "ckpt"), "tie_word_embeddings": True}}
+    output_dir.write_run_config(tmp_path, ckpt)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    output_dir.check_output_dir(tmp_path, {**ckpt, "model": {**ckpt["model"], "tie_word_embeddings": None}},
+                                resume=True)
+    size = {**cfg, "model": {**cfg["model"], "path": "tiny", "tie_word_embeddings": True}}
+    output_dir.write_run_config(tmp_path, size)
+    with pytest.raises(output_dir.RunDirError, match="model.tie_word_embeddings: True -> None"):
+        output_dir.check_output_dir(tmp_path, {**size, "model": {**size["model"], "tie_word_embeddings": None}},
+                                    resume=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import random
+import unicodedata
 from pathlib import Path
 
 
@@ -285,11 +286,28 @@ ROLES = ("system", "user", "assistant", "tool")
 template may drop a message of any other role without a word, and the tiny checkpoints' own template prints any."""
 
 
+def _visible(text: str) -> bool:
+    """Whether ``text`` holds a character one can see: not whitespace, nor a Unicode format character (category
+    Cf: zero-width space U+200B, joiners, BOM, ...), which models read as tokens but a reader never sees."""
+    return any(not c.isspace() and unicodedata.category(c) != "Cf" for c in text)
+
+
+def _blank(text: str) -> str:
+    """Why ``text`` without a visible character is blank, in words."""
+    if not text:
+        return "is empty"
+    return f"is only whitespace ({text!r:.20})" if text.isspace() else \
+        f"has no visible character ({text!r:.30}: whitespace and invisible format characters only)"
+
+
 def _prompt_problem(prompt) -> str | None:
-    """What makes one prompt unusable, or ``None``: text must hold more than whitespace, a conversation must be a
-    non-empty list of ``{"role", "content"}`` messages with text values and a role of :data:`ROLES`."""
+    """What makes one prompt unusable, or ``None``. Text must hold a visible character (whitespace and Unicode
+    format characters such as U+200B do not count, see :func:`_visible`). A conversation must be a non-empty list
+    of ``{"role", "content"}`` messages with text values and a role of :data:`ROLES`; every user message must
+    hold visible text, and so must at least one message (a blank system or assistant message beside a user's
+    question is harmless, a conversation with nothing visible is not a prompt)."""
     if isinstance(prompt, str):
-        return None if prompt.strip() else "is empty" if not prompt else f"is only whitespace ({prompt!r:.20})"
+        return None if _visible(prompt) else _blank(prompt)
     if prompt is None:
         return "is null (missing)"
     if not isinstance(prompt, list) or not prompt:
@@ -300,6 +318,11 @@ def _prompt_problem(prompt) -> str | None:
             return f"has a message without a text 'role' and 'content': {m!r:.80}"
         if m["role"] not in ROLES:
             return f"has a message with role {m['role']!r:.40}, not one of {', '.join(ROLES)}"
+    for i, m in enumerate(prompt):
+        if m["role"] == "user" and not _visible(m["content"]):
+            return f"has a user message (message {i}) whose content {_blank(m['content'])}"
+    if not any(_visible(m["content"]) for m in prompt):
+        return "has no message with visible content (each is empty, whitespace or invisible characters)"
     return None
 
 
@@ -326,8 +349,9 @@ def prompt_problems(ds, where: str = "the dataset") -> list[str]:
                     "data.prompt_column at the column that holds the prompts")
         out.append(f"{where}: {len(bad)} of {len(prompts)} prompt(s) cannot be used (rows counted from 0), e.g. "
                    + "; ".join(f"row {i} {why}" for i, why in bad[:3])
-                   + f". Fix or drop those rows: every prompt must be non-empty text, or a non-empty list of "
-                     f"{{\"role\", \"content\"}} messages with a role of {', '.join(ROLES)}{hint}")
+                   + f". Fix or drop those rows: every prompt must be text with a visible character, or a non-empty "
+                     f"list of {{\"role\", \"content\"}} messages with a role of {', '.join(ROLES)} (every user "
+                     f"message with visible text){hint}")
     text = [i for i, p in enumerate(prompts) if isinstance(p, str) and not _prompt_problem(p)]
     chats = [i for i, p in enumerate(prompts) if isinstance(p, list) and not _prompt_problem(p)]
     if text and chats:

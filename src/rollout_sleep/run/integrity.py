@@ -71,15 +71,24 @@ def _is_zip(path: Path) -> bool:
 
 
 def zip_problem(path: Path) -> str | None:
-    """Why torch's zip file at ``path`` is not whole (its directory is missing), or ``None`` (also for a file in
-    another format: nothing cheap to check)."""
-    if _is_zip(path) and not zipfile.is_zipfile(path):
+    """Why torch's zip file at ``path`` is not whole (its directory is missing, or it is no zip archive at all:
+    ``torch.save`` writes one, so other bytes were written over it, e.g. zeros), or ``None``."""
+    if not _is_zip(path):
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+        if size == 0:
+            return f"{path.name} is empty (0 bytes; torch.save writes a zip archive)"
+        return (f"{path.name} is not a zip archive ({size} bytes starting {head!r}; torch.save "
+                "writes one): it was overwritten or damaged after the save")
+    if not zipfile.is_zipfile(path):
         return f"{path.name} is truncated (its zip directory is missing)"
     return None
 
 
 def format_problem(path: Path) -> str | None:
-    """The cheap check of a saved file by its kind (:func:`safetensors_problem`, :func:`zip_problem`)."""
+    """The cheap check of a saved file by its kind (:func:`safetensors_problem`, :func:`zip_problem` for what
+    ``torch.save`` writes: :data:`_TORCH_ZIP`); ``None`` for other kinds (nothing cheap to check)."""
     if path.suffix == ".safetensors":
         return safetensors_problem(path)
     return zip_problem(path) if path.suffix in _TORCH_ZIP else None

@@ -92,7 +92,9 @@ def config_changes(old: dict, new: dict) -> dict[str, list[tuple[str, Any, Any]]
     resume class (``fixed`` / ``applied`` / ``free``, from :func:`rollout_sleep.run.schema.resume_classes`).
     A key ``old`` does not hold (a config from before that key existed) is not compared; ``reward_weights`` unset
     is 1.0 each; input paths are compared as files (a relative one in ``old``, saved before paths were recorded
-    absolute, is read from the working directory).
+    absolute, is read from the working directory); ``model.tie_word_embeddings`` is not compared when ``new``'s
+    ``model.path`` is a checkpoint, not a size of ``SHAPES`` (its config.json decides: the key never had an effect,
+    and runs saved with it set must resume without it).
 
     >>> config_changes({"train": {"lr": 1.0, "seed": 0}}, {"train": {"lr": 2.0, "seed": 1}})["fixed"]
     [('train.seed', 0, 1)]
@@ -100,10 +102,14 @@ def config_changes(old: dict, new: dict) -> dict[str, list[tuple[str, Any, Any]]
     from .config import with_input_paths_from
     from .schema import FIXED, RESUME_CLASSES, resume_classes
 
+    from rollout_sleep.weights.checkpoints import SHAPES
+
     old = with_input_paths_from(old, Path.cwd())  # a run saved with relative paths: as it read them
     out: dict[str, list] = {c: [] for c in RESUME_CLASSES}
     for key, klass in resume_classes().items():
         if not _holds(old, key):
+            continue
+        if key == "model.tie_word_embeddings" and _lookup(new, "model.path") not in SHAPES:
             continue
         before, after = _lookup(old, key), _lookup(new, key)
         if before != after:
@@ -597,7 +603,13 @@ def checkpoint_problem(path: Path, verify: bool = False) -> str | None:
         int(state["step"])
     except (ValueError, KeyError, TypeError):
         return f"{STATE_FILE} is unreadable"
-    for rel, size in state.get("files", {}).items():
+    listed = state.get("files", {})
+    if not (isinstance(listed, dict) and all(isinstance(k, str) and isinstance(v, int) for k, v in listed.items())):
+        return f"{STATE_FILE} is unreadable (its 'files' is not a map of file names to sizes)"
+    outside = [rel for rel in listed if Path(rel).is_absolute() or ".." in Path(rel).parts]
+    if outside:  # never read (nor trust) a file outside the checkpoint folder
+        return f"{STATE_FILE} lists {outside[0]!r}, a file outside the checkpoint folder"
+    for rel, size in listed.items():
         f = path / rel
         if not f.is_file():
             return f"{rel} is missing"
@@ -612,11 +624,18 @@ def checkpoint_problem(path: Path, verify: bool = False) -> str | None:
             return problem
     if not verify:
         return None
-    saved = state.get("checksums")
-    if not isinstance(saved, dict):
-        logger.info("checkpoint %s was saved before checksums were recorded: its files are checked by what their "
-                    "formats hold (torch's per-record CRCs, no NaN or Inf in saved weights)", path)
+    if "checksums" not in state:
+        logger.info("checkpoint %s was saved before checksums were recorded: its check is partial (sizes and "
+                    "formats: torch's per-record CRCs, no NaN or Inf in saved weights; no checksums)", path)
         return damaged_file(path)
+    saved = state["checksums"]
+    if not (isinstance(saved, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in saved.items())):
+        return f"{STATE_FILE} is unreadable (its 'checksums' is not a map of file names to checksums)"
+    # only files the save listed are summed: a checksum of another name (never written by a save) is a mismatch
+    unlisted = sorted(rel for rel in saved if rel not in listed)
+    if unlisted:
+        return (f"{unlisted[0]} does not match the checksum recorded at its save ({saved[unlisted[0]]}, now file "
+                f"missing: the save did not list it): {STATE_FILE} was changed after the save")
     now = integrity.checksums(path, sorted(saved))
     for rel, recorded in saved.items():
         if now[rel] != recorded:
@@ -650,13 +669,22 @@ def damaged_file(path: Path) -> str | None:
 
 def set_aside(path: Path, reason: str) -> Path:
     """Move a checkpoint that will not be used (incomplete, changed since its save, or failed to load) into
-    ``checkpoints/incomplete/`` (kept, never deleted)."""
+    ``checkpoints/incomplete/`` (kept, never deleted). A move that fails (a folder of another user, or
+    immutable) raises :class:`WriteError` naming the folder, the reason and the fix: left in place, the
+    checkpoint would be picked again by every resume."""
     target_dir = path.parent / "incomplete"
-    target_dir.mkdir(exist_ok=True)
     target = target_dir / path.name
-    if target.exists():
-        target = target_dir / f"{path.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    os.replace(path, target)
+    try:
+        target_dir.mkdir(exist_ok=True)
+        if target.exists():
+            target = target_dir / f"{path.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.replace(path, target)
+    except OSError as err:
+        cause, _ = write_problem(err, path)
+        raise WriteError(f"cannot move checkpoint {path} to {target_dir}: {cause}. It is set aside because {reason}; "
+                         f"left in place, every resume would pick it again. Move it out of {path.parent} by hand "
+                         f"(or delete it), or make it and {path.parent} writable for this user (e.g. chattr -i, "
+                         "chown), then rerun.") from err
     logger.info("moved %s to %s: %s", path, target, reason)
     return target
 
