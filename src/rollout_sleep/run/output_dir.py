@@ -210,19 +210,20 @@ def check_dataset(out: Path, rows: int, fingerprint: str, source: str, resume: b
         return
     if not (logged_steps(out / "metrics.jsonl") or saved_steps(out / "checkpoints")):
         return  # nothing trained yet: no order to keep
-    new_run = "start a new run (a new output_dir, or resume=false overwrite=true)"
     if old.get("dataset_rows") not in (None, rows):
-        raise RunDirError(f"output_dir {str(out)!r} holds a run over {old['dataset_rows']} rows of data.dataset "
-                          f"{source!r}, which now gives {rows}: each step's rows are drawn from the row count (a "
-                          f"fresh permutation of all rows per epoch), so resuming would train the remaining steps in "
-                          f"another order (rows of the current epoch twice, others not at all). To resume, restore "
-                          f"the dataset to its {old['dataset_rows']} rows; to train on the new rows, {new_run}")
-    if old.get("dataset_fingerprint") not in (None, fingerprint):
-        raise RunDirError(f"output_dir {str(out)!r} holds a run over other rows of data.dataset {source!r}: its "
-                          f"{rows} rows (their order, prompts or other columns) changed since the run read them "
-                          f"(fingerprint {old['dataset_fingerprint']}, now {fingerprint}), so resuming would train "
-                          f"the remaining steps on other prompts or answers than the saved steps. To resume, restore "
-                          f"the dataset as it was; to train on the changed rows, {new_run}")
+        what = (f"{old['dataset_rows']} rows of data.dataset {source!r}, which now gives {rows}: each step's rows are "
+                "drawn from the row count (a fresh permutation of all rows per epoch), so resuming would train the "
+                "remaining steps in another order (rows of the current epoch twice, others not at all)")
+        restore = f"restore the dataset to its {old['dataset_rows']} rows"
+    elif old.get("dataset_fingerprint") not in (None, fingerprint):
+        what = (f"other rows of data.dataset {source!r}: its {rows} rows (their order, prompts or other columns) "
+                f"changed since the run read them (fingerprint {old['dataset_fingerprint']}, now {fingerprint}), so "
+                "resuming would train the remaining steps on other prompts or answers than the saved steps")
+        restore = "restore the dataset as it was"
+    else:
+        return
+    raise RunDirError(f"output_dir {str(out)!r} holds a run over {what}. To resume, {restore}; to train on the "
+                      "changed rows, start a new run (a new output_dir, or resume=false overwrite=true)")
 
 
 def lock(out: Path):
