@@ -221,3 +221,20 @@ def test_engine_context_is_the_setting_within_the_models(rope_models, monkeypatc
         engine_context(rope_models["linear"], 4096)
     monkeypatch.setenv("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")  # vLLM's own way past it: allowed
     assert engine_context(rope_models["linear"], 4096) == (4096, "engine.max_model_len")
+
+
+def test_a_column_of_text_and_numbers_is_refused_not_decoded(tmp_path):
+    """datasets reads a column holding text in some rows and numbers in others as JSON and decodes "007" to 7
+    (measured: the answers ["007", 7] came back as [7, 7]): a reward comparing answers scored changed values.
+    Columns of lists or mappings (conversations) are not touched, and one type per column loads as before."""
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text('{"prompt": "a", "answer": "007"}\n{"prompt": "b", "answer": 7}\n')
+    with pytest.raises(ValueError, match=r"column 'answer' holds values of several types in the file .*\"007\" "
+                                         r"becomes 7.* quote every value as text \(\"answer\": \"7\"\)"):
+        load_prompts(str(mixed))
+    (tmp_path / "text.jsonl").write_text('{"prompt": "a", "answer": "007"}\n{"prompt": "b", "answer": "7"}\n')
+    assert list(load_prompts(str(tmp_path / "text.jsonl"))["answer"]) == ["007", "7"]
+    chats = tmp_path / "chats.jsonl"  # messages whose keys differ from row to row stay a conversation
+    chats.write_text('{"prompt": [{"role": "user", "content": "hi"}], "meta": {"a": 1}}\n'
+                     '{"prompt": [{"role": "user", "content": "yo", "name": "x"}], "meta": {"b": "z"}}\n')
+    assert len(load_prompts(str(chats))) == 2

@@ -59,6 +59,9 @@ def load_prompts(source: str, *, prompt_column: str = "prompt", split: str = "tr
         raise
     except Exception as err:  # datasets' own messages name neither the file nor the line
         raise ValueError(file_problem(path, err)) from err
+    problem = mixed_column_problem(ds)
+    if problem:
+        raise ValueError(problem)
     if prompt_column not in ds.column_names:
         raise KeyError(f"dataset {source!r} has no column {prompt_column!r}; columns: {ds.column_names}")
     if prompt_column != "prompt":
@@ -67,6 +70,30 @@ def load_prompts(source: str, *, prompt_column: str = "prompt", split: str = "tr
         raise ValueError(f"it has {len(ds)} rows, fewer than data.num_prompts={n}: lower data.num_prompts, or set it "
                          f"to null to use every row")
     return ds.select(range(n)) if n else ds
+
+
+def mixed_column_problem(ds) -> str | None:
+    """Why a column of plain values (no lists or mappings) holds several types (text in some rows, numbers or
+    booleans in others), or ``None``. datasets reads such a column as JSON (its ``Json`` feature) and decodes text
+    that looks like a number: ``"007"`` comes back as ``7``, and nothing can tell them apart afterwards, so a reward
+    comparing answers would score changed values silently. Columns of lists or mappings are left as they are."""
+    for name, feature in ds.features.items():
+        if type(feature).__name__ != "Json":
+            continue
+        kinds: dict[str, int] = {}  # the type of each value, with the first row holding it
+        for i, value in enumerate(ds[name]):
+            if isinstance(value, (list, dict)):
+                break
+            if value is not None:
+                kinds.setdefault(type(value).__name__, i)
+        else:
+            seen = ", ".join(f"{k} (e.g. row {i})" for k, i in sorted(kinds.items(), key=lambda kv: kv[1]))
+            return (f"column {name!r} holds values of several types in the file (text in some rows, numbers or "
+                    f"booleans in others; as datasets decoded them: {seen}, rows counted from 0): datasets reads such "
+                    f"a column as JSON and turns text that looks like a number into one (\"007\" becomes 7), "
+                    f"silently. Give the column one type in every row: quote every value as text (\"{name}\": "
+                    f"\"7\") or write every value as a number")
+    return None
 
 
 def rows_fingerprint(ds) -> str:
