@@ -366,7 +366,13 @@ def prompt_problems(ds, where: str = "the dataset") -> list[str]:
     format, the tokenizer the other; the format of row 0 decided for all, which read text as one message per
     character, silently, or failed in the tokenizer at a later step)."""
     prompts = ds["prompt"] if len(ds) else []
-    bad = [(i, why) for i, p in enumerate(prompts) if (why := _prompt_problem(p))]
+    bad, text, chats = [], [], []  # one pass: (row, why) of the unusable; the rows of each usable format
+    for i, p in enumerate(prompts):
+        why = _prompt_problem(p)
+        if why:
+            bad.append((i, why))
+        else:
+            (text if isinstance(p, str) else chats).append(i)
     out = []
     if bad:
         hint = ""
@@ -379,8 +385,6 @@ def prompt_problems(ds, where: str = "the dataset") -> list[str]:
                    + f". Fix or drop those rows: every prompt must be text with a visible character, or a non-empty "
                      f"list of {{\"role\", \"content\"}} messages with a role of {', '.join(ROLES)} (every user "
                      f"message with visible text){hint}")
-    text = [i for i, p in enumerate(prompts) if isinstance(p, str) and not _prompt_problem(p)]
-    chats = [i for i, p in enumerate(prompts) if isinstance(p, list) and not _prompt_problem(p)]
     if text and chats:
         out.append(f"{where} mixes two prompt formats: {len(text)} text prompt(s) (e.g. {_rows(text)}) and "
                    f"{len(chats)} list(s) of messages (e.g. {_rows(chats)}; rows counted from 0). Use one format in every row: "

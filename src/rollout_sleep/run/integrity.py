@@ -65,18 +65,21 @@ def safetensors_problem(path: Path) -> str | None:
     return None
 
 
-def _is_zip(path: Path) -> bool:
+def _head(path: Path) -> bytes:
     with open(path, "rb") as fh:
-        return fh.read(2) == b"PK"
+        return fh.read(4)
+
+
+def _is_zip(path: Path) -> bool:
+    return _head(path)[:2] == b"PK"
 
 
 def zip_problem(path: Path) -> str | None:
     """Why torch's zip file at ``path`` is not whole (its directory is missing, or it is no zip archive at all:
     ``torch.save`` writes one, so other bytes were written over it, e.g. zeros), or ``None``."""
-    if not _is_zip(path):
+    head = _head(path)
+    if head[:2] != b"PK":
         size = path.stat().st_size
-        with open(path, "rb") as fh:
-            head = fh.read(4)
         if size == 0:
             return f"{path.name} is empty (0 bytes; torch.save writes a zip archive)"
         return (f"{path.name} is not a zip archive ({size} bytes starting {head!r}; torch.save "
