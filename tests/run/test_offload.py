@@ -61,6 +61,25 @@ def test_offload_is_a_no_op_where_the_parameters_live_on_the_host():
     assert resident_state_bytes(opt, "cpu") == optimizer_state_bytes("adamw", [(64 * 64, 4), (64, 4)])
 
 
+def test_offload_hooks_leave_the_step_its_arguments(monkeypatch):
+    """The offload's step hooks return None: PyTorch takes what a pre-hook returns as the step's new (args, kwargs)
+    and raises on anything else, so a hook returning the bytes it moved failed every step on CUDA. Here the
+    offload is made to think its parameters live on a GPU (nothing is resident, so nothing moves)."""
+    import rollout_sleep.run.offload as offload_mod
+
+    monkeypatch.setattr(offload_mod, "_device_of", lambda optimizer: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    model = torch.nn.Linear(8, 8)
+    opt = build_optimizer("adamw", model.parameters(), lr=1e-2, weight_decay=0.0)
+    offload = OptimizerOffload(opt)
+    assert offload.active
+    for _ in range(2):
+        model(torch.ones(2, 8)).sum().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert all(h(opt, (), {}) is None for h in opt._optimizer_step_pre_hooks.values())
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_offload_moves_the_state_off_the_gpu_between_steps_and_changes_nothing():

@@ -212,8 +212,15 @@ class OptimizerOffload(StateInHost):
         if not self.active:
             logger.info("train.offload_optimizer: the parameters live on the host already; nothing to move")
             return
-        self._handles = [self.optimizer.register_step_pre_hook(lambda *a: self.reload()),
-                         self.optimizer.register_step_post_hook(lambda *a: self.offload())]
+        self._handles = [self.optimizer.register_step_pre_hook(self._before_step),
+                         self.optimizer.register_step_post_hook(self._after_step)]
+
+    # a step hook must return None: PyTorch takes a pre-hook's other results as the step's new (args, kwargs)
+    def _before_step(self, *_) -> None:
+        self.reload()
+
+    def _after_step(self, *_) -> None:
+        self.offload()
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
