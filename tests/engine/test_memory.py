@@ -91,3 +91,44 @@ def test_keep_trainer_cache_reports_what_happened(monkeypatch):
     with mem_mod.keeping_cache(off, False):
         pass
     assert off.trainer_cache_kept is None and "trainer_cache_kept" not in off.as_dict()
+
+
+def test_a_wake_told_always_releases_the_cache_even_with_room(monkeypatch):
+    """Pure logic (no GPU here: the free memory is faked): ``always`` empties PyTorch's cache where vLLM would
+    fit beside it."""
+    import rollout_sleep.engine.memory as mem_mod
+    from rollout_sleep.engine.phases import CycleReport
+
+    emptied = []
+    monkeypatch.setattr(mem_mod.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(mem_mod.torch.cuda, "mem_get_info", lambda *a: (40 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(mem_mod.torch.cuda, "empty_cache", lambda: emptied.append(1))
+    budget = mem_mod.WakeBudget()
+    budget.need_gib = 10.0  # 40 GiB free: room enough
+    for always in (False, True):
+        report = CycleReport("wake", 2)
+        report.memory_kind = "cuda_free"
+        budget.before_wake(report, always=always)
+        assert report.cache_released is always
+    assert emptied == [1]
+
+
+def test_a_wake_without_keep_trainer_cache_asks_to_release_the_cache_always(monkeypatch, engine):
+    """``keep_trainer_cache=False``: the wake hands PyTorch's cached blocks back even where vLLM would fit beside
+    them, so the rollout holds none of what the trainer freed (at level 0 nothing else empties the cache after
+    training: the sleep that does runs before it); ``True``: only when vLLM would not fit."""
+    import rollout_sleep.engine.memory as mem_mod
+
+    asked = []
+
+    class Recorded(mem_mod.WakeBudget):
+        def before_wake(self, report, always=False):
+            asked.append(always)
+            return super().before_wake(report, always)
+
+    monkeypatch.setattr(engine, "_wake_budget", Recorded())
+    for keep in (True, False):
+        monkeypatch.setattr(engine, "keep_trainer_cache", keep)
+        engine.sleep(level=2)
+        engine.wake_up(reload_checkpoint=True)
+    assert asked == [False, True]

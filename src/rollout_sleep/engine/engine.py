@@ -64,6 +64,8 @@ class Engine(SleepState):
         keep_trainer_cache: *optional*, leave PyTorch's cached blocks (the trainer's working set) in place
             when sleeping, instead of vLLM's ``empty_cache`` at every sleep; a wake still releases them
             when vLLM would not fit beside them (see :func:`~rollout_sleep.engine.memory.release_cached_memory`).
+            ``False``: released at every sleep and before every wake, so the rollout holds none of what the
+            trainer freed (the lowest device peak; the trainer maps its working set again at each step).
         llm_kwargs: passed to ``vllm.LLM`` as they are; ``enforce_eager`` left out (or ``None``) is ``True`` on
             CPU (unless ``compilation_config`` or ``optimization_level`` asks for compilation), where vLLM's
             build compiles with inductor at every start (~15-20 s of a tiny model's ~30 s) and has no CUDA graphs
@@ -332,7 +334,7 @@ class Engine(SleepState):
         report.memory_kind, report.memory_gib["asleep"] = memory_gib()
         kv_only = self._level == 0 and self.sleep_mode  # the weights never left: map the KV cache back only
         with timed(report, "wake_weights"):
-            free_before_map = self._wake_budget.before_wake(report)
+            free_before_map = self._wake_budget.before_wake(report, always=not self.keep_trainer_cache)
             if not kv_only:
                 with keeping_cache(report, self.keep_trainer_cache and not report.cache_released):
                     self.llm.wake_up(tags=["weights"])

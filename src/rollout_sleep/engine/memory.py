@@ -156,12 +156,12 @@ class WakeBudget:
             # vLLM's empty_cache also released cached trainer blocks: then the first wake releases too)
             self.need_gib = max(0.0, report.memory_gib["asleep"] - report.memory_gib["before"])
 
-    def before_wake(self, report: CycleReport) -> float | None:
-        """Release PyTorch's cache if the wake needs the room (``report.cache_released``); returns the free
-        GiB before vLLM maps anything (``None`` off CUDA)."""
+    def before_wake(self, report: CycleReport, always: bool = False) -> float | None:
+        """Release PyTorch's cache if the wake needs the room, or ``always`` (``report.cache_released``); returns
+        the free GiB before vLLM maps anything (``None`` off CUDA)."""
         if report.memory_kind != "cuda_free":
             return None
-        report.cache_released = release_cached_memory(self.need_gib)
+        report.cache_released = release_cached_memory(None if always else self.need_gib)
         return torch.cuda.mem_get_info()[0] / 2**30
 
     def after_wake(self, report: CycleReport, free_before_map: float | None) -> None:

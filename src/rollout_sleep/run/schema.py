@@ -94,7 +94,8 @@ class EngineConfig:
     enforce_eager: bool | None = _opt(None, "vLLM without torch.compile and CUDA graphs (faster start, slower "
                                             "generation); null: eager on CPU (compiling costs ~15-20 s at each "
                                             "start there), compiled on GPU", resume=FREE)
-    keep_trainer_cache: bool = _opt(True, "sleep without emptying PyTorch's cache (the trainer's; see Engine)",
+    keep_trainer_cache: bool = _opt(True, "sleep without emptying PyTorch's cache (the trainer's; see Engine); false: "
+                                          "empty it at every sleep and before every wake (the lowest peak)",
                                     resume=FREE, mode=(True, False))
     tensor_parallel_size: int = _opt(1, "1: an engine per rank (data-parallel rollouts); = the number of "
                                         "processes: one tensor-parallel engine across all ranks (every rank sees "
