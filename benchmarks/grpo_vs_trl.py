@@ -33,7 +33,9 @@ the optimizer stepped one tensor at a time, and ``engine.keep_trainer_cache=fals
 ``train.compile`` too), ``ours_compile``
 (``train.compile``: the trainer's decoder layers compiled in place, regional) against ``trl_compile`` (stock TRL
 with ``torch_compile=True``: compile on both sides, equal knobs; ``compile_speedup`` per side,
-``both_compiled_trl_over_ours``). ``--optim adamw8bit_sr``: torchao's AdamW8bit with
+``both_compiled_trl_over_ours``), ``ours_eager`` (``train.compile=false``). Every ``ours*`` arm is the size's config
+plus the arm's overrides: the 8B config compiles and takes the lean memory knobs, so there ``ours`` pairs with
+``trl_compile`` and ``ours_eager`` with ``trl``. ``--optim adamw8bit_sr``: torchao's AdamW8bit with
 bf16 stochastic rounding on both sides (TRL's ``adamw_torch_8bit`` with ``optim_args``). Each recipe arm records its memory plan against what it measured (``memory_plan.json``),
 rewards, verify runs (``--verify-every``), and the device-wide peak and the headroom left at it; a TRL arm that fails
 (out of memory) records the innermost frames where it did. ``--sizes a,b`` runs the arms for each size into one JSON
@@ -94,8 +96,9 @@ ARM_OVERRIDES = {"ours_adamw": ("train.optimizer=adamw",), "ours_8bit": ("train.
                  "ours_one_copy_lean": ("model.share_weights=true", "train.stochastic_rounding=true",
                                         "train.expandable_segments=true", "train.step_per_tensor=true",
                                         "engine.keep_trainer_cache=false"),
-                 # the trainer's decoder layers compiled in place (regional torch.compile)
-                 "ours_compile": ("train.compile=true",),
+                 # the trainer's decoder layers compiled in place (regional torch.compile), and not (the 8B
+                 # config compiles: its eager pair with stock TRL)
+                 "ours_compile": ("train.compile=true",), "ours_eager": ("train.compile=false",),
                  # both: the lean memory knobs and the compiled layers
                  "ours_lean_compile": ("model.share_weights=true", "train.stochastic_rounding=true",
                                        "train.expandable_segments=true", "train.step_per_tensor=true",
@@ -390,10 +393,12 @@ def run_size(args, size: str, out_file: Path | None) -> dict:
     if "ours_tuned" in ok and "trl_tuned" in ok:  # the both-tuned pair
         result["both_tuned_trl_over_ours"] = ok["trl_tuned"]["median_step_s"] / ok["ours_tuned"]["median_step_s"]
         print("both tuned, TRL step time / ours:", round(result["both_tuned_trl_over_ours"], 3), flush=True)
-    if "ours_compile" in ok and "trl_compile" in ok:  # the both-compiled pair
-        result["both_compiled_trl_over_ours"] = ok["trl_compile"]["median_step_s"] / ok["ours_compile"]["median_step_s"]
+    # the compiled and the eager arm of ours: the config's own ("ours") is one of them
+    compiled, eager = ("ours", "ours_eager") if t.compile else ("ours_compile", "ours")
+    if compiled in ok and "trl_compile" in ok:  # the both-compiled pair
+        result["both_compiled_trl_over_ours"] = ok["trl_compile"]["median_step_s"] / ok[compiled]["median_step_s"]
         print("both compiled, TRL step time / ours:", round(result["both_compiled_trl_over_ours"], 3), flush=True)
-    for side, base in (("ours_compile", "ours"), ("trl_compile", "trl")):  # what compile gives each side
+    for side, base in ((compiled, eager), ("trl_compile", "trl")):  # what compile gives each side
         if side in ok and base in ok:
             result.setdefault("compile_speedup", {})[base] = ok[base]["median_step_s"] / ok[side]["median_step_s"]
     if "trl" in ok:
