@@ -689,6 +689,8 @@ class GRPORecipe:
                         # expectation): the fraction is logged, not warned about
                         self.step + 1, stats["grad_norm"], warn=self.main and not run_stochastic_rounding(self.cfg, self.one_copy.on),
                         reduce=lambda c: self.acc.reduce(c.to(self.acc.device), "sum")))
+            if measuring:  # the cache training left, before the wake decides whether to release it
+                self.resident.note_before_wake()
             with self._peak("rollout"):  # the wake maps vLLM back beside the trainer's state
                 self.manager.sync()
             self.step += 1

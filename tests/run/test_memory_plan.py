@@ -354,3 +354,26 @@ def test_the_plan_offers_no_optimizer_step_knob_where_deepspeed_or_fsdp_own_the_
 
     assert "train.step_per_tensor=true" in knobs("MULTI_GPU") and "train.offload_optimizer" in knobs("MULTI_GPU")
     assert "step_per_tensor" not in knobs(distributed_type) and "offload_optimizer" not in knobs(distributed_type)
+
+
+def test_the_rollouts_measure_keeps_the_cache_training_left_before_the_wake(monkeypatch):
+    """Pure logic (no GPU here: the cache's size is faked): the largest cache seen before a wake is reported beside
+    the one at the rollouts' start, so a peak at the wake is explained by what training left (and released or not)."""
+    from rollout_sleep.run import memory_check
+
+    monkeypatch.setattr(memory_check.torch.cuda, "is_available", lambda: True)
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.AdamW(model.parameters())
+    resident = memory_check.Resident()
+    for cached in (3 * GIB, 7 * GIB, 5 * GIB):
+        monkeypatch.setattr(memory_check, "cached_free_bytes", lambda c=cached: c)
+        resident.note(model, opt, "cpu")
+        resident.note_before_wake()
+    measured = memory_check.measured_gib(model, opt, "cpu", resident)
+    assert measured["rollout"]["pytorch_cached_free_before_wake"] == 7.0
+    assert measured["rollout"]["pytorch_cached_free"] == 7.0
+    monkeypatch.setattr(memory_check.torch.cuda, "is_available", lambda: False)
+    resident = memory_check.Resident()
+    resident.note(model, opt, "cpu")
+    resident.note_before_wake()
+    assert "pytorch_cached_free_before_wake" not in memory_check.measured_gib(model, opt, "cpu", resident)["rollout"]

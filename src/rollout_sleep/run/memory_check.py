@@ -142,7 +142,14 @@ class Resident:
         grads = sum(local_shard(p.grad).numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
         now = {"gradients": grads, "optimizer_state": resident_state_bytes(optimizer, device_type),
                "pytorch_cached_free": cached_free_bytes() if torch.cuda.is_available() else 0}
-        self.bytes = {k: max(v, self.bytes.get(k, 0)) for k, v in now.items()}
+        self.bytes.update({k: max(v, self.bytes.get(k, 0)) for k, v in now.items()})
+
+    def note_before_wake(self) -> None:
+        """PyTorch's cached free blocks as training left them, before a wake (which may release them:
+        ``engine.keep_trainer_cache``); on CUDA only."""
+        if torch.cuda.is_available():
+            key = "pytorch_cached_free_before_wake"
+            self.bytes[key] = max(cached_free_bytes(), self.bytes.get(key, 0))
 
 
 def measured_gib(model: torch.nn.Module, optimizer: Any, device_type: str, resident: Resident, *,
@@ -162,6 +169,8 @@ def measured_gib(model: torch.nn.Module, optimizer: Any, device_type: str, resid
                "optimizer_state": held["optimizer_state"] / GIB}
     if torch.cuda.is_available():
         rollout["pytorch_cached_free"] = held["pytorch_cached_free"] / GIB
+        if "pytorch_cached_free_before_wake" in held:
+            rollout["pytorch_cached_free_before_wake"] = held["pytorch_cached_free_before_wake"] / GIB
     training = {"trainer_weights": weights / GIB, "optimizer_state": state / GIB}
     if peaks is not None and peaks.active:
         peaks.stop()
