@@ -99,6 +99,10 @@ ARM_OVERRIDES = {"ours_adamw": ("train.optimizer=adamw",), "ours_8bit": ("train.
                  # the trainer's decoder layers compiled in place (regional torch.compile), and not (the 8B
                  # config compiles: its eager pair with stock TRL)
                  "ours_compile": ("train.compile=true",), "ours_eager": ("train.compile=false",),
+                 # the tuned knobs with TRL's optimizer (PyTorch's fused AdamW rounding to nearest into the bf16
+                 # weights, as TRL's does): ``trl_tuned``'s equal-optimizer pair (ours_tuned's one copy takes
+                 # stochastic rounding by default)
+                 "ours_tuned_fused": ("train.stochastic_rounding=false",),
                  # both: the lean memory knobs and the compiled layers
                  "ours_lean_compile": ("model.share_weights=true", "train.stochastic_rounding=true",
                                        "train.expandable_segments=true", "train.step_per_tensor=true",
@@ -369,7 +373,7 @@ def run_size(args, size: str, out_file: Path | None) -> dict:
     for arm in args.arms.split(","):
         try:
             if arm in ("ours", "ours_tuned") or arm in ARM_OVERRIDES:
-                extra = optim + (TUNED.get(size, ()) if arm == "ours_tuned" else ()) + ARM_OVERRIDES.get(arm, ())
+                extra = optim + (TUNED.get(size, ()) if arm.startswith("ours_tuned") else ()) + ARM_OVERRIDES.get(arm, ())
                 extra = tuple({o.split("=", 1)[0]: o for o in extra}.values())  # the arm's own last (the recipe
                 # refuses a key given twice with two values)
                 result[arm] = run_ours(size, args.steps, work, arm, extra, model, args.verify_every, args.arm_timeout)
@@ -390,9 +394,10 @@ def run_size(args, size: str, out_file: Path | None) -> dict:
             write_json(out_file, result)
     ok = {a: r for a, r in result.items() if (a.startswith("ours") or a in TRL_ARMS)
           and isinstance(r, dict) and "median_step_s" in r}
-    if "ours_tuned" in ok and "trl_tuned" in ok:  # the both-tuned pair
-        result["both_tuned_trl_over_ours"] = ok["trl_tuned"]["median_step_s"] / ok["ours_tuned"]["median_step_s"]
-        print("both tuned, TRL step time / ours:", round(result["both_tuned_trl_over_ours"], 3), flush=True)
+    for ours in ("ours_tuned", "ours_tuned_fused"):  # the both-tuned pairs
+        if ours in ok and "trl_tuned" in ok:
+            result[f"both_tuned_trl_over_{ours}"] = ok["trl_tuned"]["median_step_s"] / ok[ours]["median_step_s"]
+            print(f"both tuned, TRL step time / {ours}:", round(result[f"both_tuned_trl_over_{ours}"], 3), flush=True)
     # the compiled and the eager arm of ours: the config's own ("ours") is one of them
     compiled, eager = ("ours", "ours_eager") if t.compile else ("ours_compile", "ours")
     if compiled in ok and "trl_compile" in ok:  # the both-compiled pair

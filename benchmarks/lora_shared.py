@@ -327,7 +327,10 @@ def run_trl(args, plugin: bool = False) -> dict:
     return {"arm": "trl_lora_plugin" if plugin else "trl", "init_s": init_s, "rows": rows, "work": w,
             "base_bytes": base, "base_freed_by_plugin_bytes": getattr(trainer, "rollout_sleep_base_freed_bytes", None),
             "median": {k: statistics.median(r.get(k, 0.0) for r in steady) for k in keys},
-            "cuda_max_allocated_gib": gib(torch.cuda.max_memory_allocated())}
+            "cuda_max_allocated_gib": gib(torch.cuda.max_memory_allocated()),
+            # patch(verify_every=1): every sync verified (a failed one raises); the logged steps that carry it
+            **({"verify_every": 1, "verify_logged_steps": sum("rollout_sleep/verify_s" in h
+                                                              for h in trainer.state.log_history)} if plugin else {})}
 
 
 def fold_drift(args) -> dict:
