@@ -3,8 +3,10 @@
     python benchmarks/generate_overhead.py --size qwen3-4b --out results/h100/generate_overhead_qwen3-4b.json
 
 One process per mode (one vLLM engine per process): ``inproc`` (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, how
-the engine runs so that weights can be pushed in memory) and ``mp`` (vLLM's default: the engine core in its
-own process, overlapping its scheduling with this process's output handling). The recipe's rollout work:
+the engine runs so that weights can be pushed in memory), ``inproc_sync`` (the same with vLLM's
+``async_scheduling`` off: what its scheduling overlap gives) and ``mp`` (vLLM's default: the engine core in its
+own process, overlapping its scheduling with this process's output handling). Each records the
+``async_scheduling`` the engine resolved. The recipe's rollout work:
 16 prompts x 8 completions, 128 tokens, temperature 1, sampled-token log-probs, no detokenization.
 Warm-up, then ``--repeats`` timed calls, median. ``inproc`` also times ``Engine.generate`` (our wrapper:
 Completion objects and one batched decode) and writes the top functions of a cProfile of one call.
@@ -26,6 +28,7 @@ from common import device_name, versions, write_json
 
 def child(size: str, mode: str, workdir: Path, repeats: int) -> dict:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if mode == "mp" else "0"
+    extra = {"async_scheduling": False} if mode == "inproc_sync" else {}
     import cProfile
     import io
     import pstats
@@ -43,7 +46,7 @@ def child(size: str, mode: str, workdir: Path, repeats: int) -> dict:
         make_checkpoint(path, size, seed=0, dtype="bfloat16")
     t0 = time.perf_counter()
     llm = LLM(model=str(path), dtype="bfloat16", seed=0, max_model_len=1024, gpu_memory_utilization=0.3,
-              enable_sleep_mode=True)
+              enable_sleep_mode=True, **extra)
     init_s = time.perf_counter() - t0
     tok = llm.get_tokenizer()
     prompts = [{"prompt_token_ids": tok(r["prompt"]).input_ids} for r in synthetic_arithmetic(16, seed=0)]
@@ -59,6 +62,8 @@ def child(size: str, mode: str, workdir: Path, repeats: int) -> dict:
     run()
     raw = [run() for _ in range(repeats)]
     res = {"mode": mode, "init_s": init_s, "generate_s": [r[0] for r in raw],
+           "async_scheduling": getattr(getattr(getattr(llm.llm_engine, "vllm_config", None), "scheduler_config", None),
+                                       "async_scheduling", "unknown"),
            "median_generate_s": statistics.median(r[0] for r in raw), "tokens": raw[0][1]}
     if mode == "inproc":
         eng = Engine.attach(llm, str(path))
@@ -86,7 +91,7 @@ def main() -> None:
     ap.add_argument("--modes", default="inproc,mp")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--workdir", default="/tmp/rs-generate-overhead")
-    ap.add_argument("--child", choices=["inproc", "mp"])
+    ap.add_argument("--child", choices=["inproc", "inproc_sync", "mp"])
     ap.add_argument("--out")
     args = ap.parse_args()
     work = Path(args.workdir) / args.size
