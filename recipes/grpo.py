@@ -499,7 +499,9 @@ class GRPORecipe:
 
     def _memory_plan(self, kv_bytes: int | None) -> memory_plan.MemoryPlan | None:
         """The per-phase memory plan (:mod:`rollout_sleep.run.memory_check`), printed and written to memory_plan.json;
-        with ``train.memory_plan=refuse`` a phase that does not fit stops the run here, before vLLM starts."""
+        with ``train.memory_plan=refuse`` a phase that does not fit stops the run here, before vLLM starts. Made
+        again once vLLM has started (one copy fell back to two), it keeps the free memory measured before vLLM."""
+        before_engine = getattr(self, "plan_base_free", None)
         self.plan_base_free = None
         if self.cfg.train.memory_plan == "off":
             return None
@@ -511,7 +513,7 @@ class GRPORecipe:
             self.cfg, self.model_path, processes=self.acc.num_processes, shards=shards,
             longest_prompt=self._longest_prompt(), kv_bytes=kv_bytes, reward_bytes=reward_bytes,
             base_shared=self._shares_base(), weights_shared=self.one_copy.on,
-            distributed_type=self.acc.distributed_type.value)
+            distributed_type=self.acc.distributed_type.value, base_free=before_engine)
         self.acc.print(plan.table())
         if self.main:  # a resumed run keeps the comparison its first steps measured
             path = self.out / "memory_plan.json"

@@ -354,3 +354,30 @@ def test_the_plan_offers_no_optimizer_step_knob_where_deepspeed_or_fsdp_own_the_
 
     assert "train.step_per_tensor=true" in knobs("MULTI_GPU") and "train.offload_optimizer" in knobs("MULTI_GPU")
     assert "step_per_tensor" not in knobs(distributed_type) and "offload_optimizer" not in knobs(distributed_type)
+
+
+def test_a_plan_made_again_once_vllm_holds_its_memory_keeps_the_free_memory_measured_before_it(ckpts, monkeypatch):
+    """Pure logic (no GPU here: the free memory is faked). One copy falling back to two once vLLM has started
+    plans again (``_decide_one_copy``): measured then, the free memory lacks vLLM's weights and KV cache, which
+    the plan counts too, so vLLM counted twice (a bogus refusal on CUDA, and the phase peaks' baseline off by
+    vLLM's memory). The budget stays the free memory before vLLM started."""
+    from types import SimpleNamespace
+
+    from rollout_sleep.run import memory_check
+    from rollout_sleep.run.config import load_config
+
+    recipe = load_recipe()
+    free = {"now": 60 * GIB}
+    monkeypatch.setattr(memory_check.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(memory_check.torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(memory_check.torch.cuda, "mem_get_info", lambda *a: (free["now"], 80 * GIB))
+    cfg = load_config(None, ["train.memory_plan=warn"], device="cuda")
+    fake = SimpleNamespace(cfg=cfg, rewards=[], model_path=ckpts["tied0"], main=False, one_copy=SimpleNamespace(on=False),
+                           acc=SimpleNamespace(state=SimpleNamespace(), num_processes=1, print=lambda *a: None,
+                                               distributed_type=SimpleNamespace(value="NO")),
+                           _longest_prompt=lambda: 16, _shares_base=lambda: False)
+    first = recipe.GRPORecipe._memory_plan(fake, 1 << 20)
+    assert first.budget_bytes == fake.plan_base_free == 60 * GIB
+    free["now"] = 20 * GIB  # vLLM started: its weights, KV cache and workspace are taken
+    again = recipe.GRPORecipe._memory_plan(fake, 1 << 20)
+    assert again.budget_bytes == fake.plan_base_free == 60 * GIB
