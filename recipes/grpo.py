@@ -483,13 +483,16 @@ class GRPORecipe:
     def _kv_cache_bytes(self) -> int | None:
         """The engine's KV cache size: ``engine.kv_cache_bytes`` if set; on GPU with ``engine.kv_cache: step``,
         one step's sequences on this engine (longest prompt of the data + ``max_tokens`` each) plus 25%, so a
-        wake maps back only that; otherwise ``None`` (vLLM's share of the GPU, or the engine's CPU default)."""
+        wake maps back only that, and at least one sequence of the context vLLM runs with (``max_model_len``, or
+        the model's when null: vLLM refuses to start with less); otherwise ``None`` (vLLM's share of the GPU, or
+        the engine's CPU default)."""
         cfg, t = self.cfg.engine, self.cfg.train
         if cfg.kv_cache_bytes is not None or cfg.kv_cache != "step" or not torch.cuda.is_available():
             return cfg.kv_cache_bytes
         longest = self._longest_prompt()
         prompts = t.prompts_per_step if self.tp > 1 else -(-t.prompts_per_step // self.acc.num_processes)
-        tokens = max(prompts * t.generations * (longest + t.max_tokens + 16), cfg.max_model_len or 0)
+        context = engine_context(self.model_path, cfg.max_model_len)[0] or 0
+        tokens = max(prompts * t.generations * (longest + t.max_tokens + 16), context)
         return kv_cache_bytes_for(self.model_path, int(tokens * 1.25), self.cfg.model.dtype) // self.tp
 
     def _longest_prompt(self) -> int:

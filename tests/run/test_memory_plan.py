@@ -381,3 +381,27 @@ def test_a_plan_made_again_once_vllm_holds_its_memory_keeps_the_free_memory_meas
     free["now"] = 20 * GIB  # vLLM started: its weights, KV cache and workspace are taken
     again = recipe.GRPORecipe._memory_plan(fake, 1 << 20)
     assert again.budget_bytes == fake.plan_base_free == 60 * GIB
+
+
+def test_the_step_sized_kv_cache_holds_the_models_context_when_max_model_len_is_null(ckpts, monkeypatch):
+    """Pure logic (no GPU here: CUDA is faked). ``engine.kv_cache=step`` sizes the KV cache on CUDA from one step's
+    sequences, at least one sequence of the context vLLM runs with: with ``engine.max_model_len=null`` that is the
+    model's own (vLLM refuses to start with a KV cache that cannot hold one sequence of it), not none."""
+    from types import SimpleNamespace
+
+    from rollout_sleep.engine.memory import kv_cache_bytes_for
+    from rollout_sleep.grpo.data import model_context
+    from rollout_sleep.run.config import load_config
+
+    recipe = load_recipe()
+    monkeypatch.setattr(recipe.torch.cuda, "is_available", lambda: True)
+    path = ckpts["tied0"]
+    context = model_context(path)[0]
+    for max_model_len, want in ((None, context), (context // 2, context // 2)):
+        cfg = load_config(None, ["train.prompts_per_step=1", "train.generations=2", "train.max_tokens=8",
+                                 f"engine.max_model_len={'null' if max_model_len is None else max_model_len}"],
+                          device="cuda")
+        fake = SimpleNamespace(cfg=cfg, tp=1, model_path=path, acc=SimpleNamespace(num_processes=1),
+                               _longest_prompt=lambda: 16)
+        got = recipe.GRPORecipe._kv_cache_bytes(fake)
+        assert kv_cache_bytes_for(path, want, cfg.model.dtype) <= got < kv_cache_bytes_for(path, 2 * want, cfg.model.dtype)
