@@ -372,10 +372,10 @@ def test_a_plan_made_again_once_vllm_holds_its_memory_keeps_the_free_memory_meas
     monkeypatch.setattr(memory_check.torch.cuda, "empty_cache", lambda: None)
     monkeypatch.setattr(memory_check.torch.cuda, "mem_get_info", lambda *a: (free["now"], 80 * GIB))
     cfg = load_config(None, ["train.memory_plan=warn"], device="cuda")
-    fake = SimpleNamespace(cfg=cfg, rewards=[], model_path=ckpts["tied0"], main=False, one_copy=SimpleNamespace(on=False),
+    fake = SimpleNamespace(cfg=cfg, rewards=[], model_path=ckpts["tied0"], main=False,
+                           one_copy=SimpleNamespace(on=False), _longest_prompt=lambda: 16, _shares_base=lambda: False,
                            acc=SimpleNamespace(state=SimpleNamespace(), num_processes=1, print=lambda *a: None,
-                                               distributed_type=SimpleNamespace(value="NO")),
-                           _longest_prompt=lambda: 16, _shares_base=lambda: False)
+                                               distributed_type=SimpleNamespace(value="NO")))
     first = recipe.GRPORecipe._memory_plan(fake, 1 << 20)
     assert first.budget_bytes == fake.plan_base_free == 60 * GIB
     free["now"] = 20 * GIB  # vLLM started: its weights, KV cache and workspace are taken
@@ -404,4 +404,5 @@ def test_the_step_sized_kv_cache_holds_the_models_context_when_max_model_len_is_
         fake = SimpleNamespace(cfg=cfg, tp=1, model_path=path, acc=SimpleNamespace(num_processes=1),
                                _longest_prompt=lambda: 16)
         got = recipe.GRPORecipe._kv_cache_bytes(fake)
-        assert kv_cache_bytes_for(path, want, cfg.model.dtype) <= got < kv_cache_bytes_for(path, 2 * want, cfg.model.dtype)
+        one = kv_cache_bytes_for(path, want, cfg.model.dtype)
+        assert one <= got < 2 * one

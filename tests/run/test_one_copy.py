@@ -347,7 +347,8 @@ def test_a_one_copy_trainer_of_a_size_draws_the_weights_its_checkpoint_would_hol
     from rollout_sleep.weights.checkpoints import make_checkpoint, make_config_dir
 
     saved = {}
-    for f in Path(make_checkpoint(tmp_path / "ckpt", "tiny", seed=3, dtype="float32", device="cpu")).glob("*.safetensors"):
+    checkpoint = make_checkpoint(tmp_path / "ckpt", "tiny", seed=3, dtype="float32", device="cpu")
+    for f in Path(checkpoint).glob("*.safetensors"):
         saved.update(load_file(f))
     targets = {name: torch.zeros_like(t) for name, t in saved.items()}
     engine = SimpleNamespace(model_path=make_config_dir(tmp_path / "config", "tiny", dtype="float32"),
