@@ -483,13 +483,16 @@ class GRPORecipe:
     def _kv_cache_bytes(self) -> int | None:
         """The engine's KV cache size: ``engine.kv_cache_bytes`` if set; on GPU with ``engine.kv_cache: step``,
         one step's sequences on this engine (longest prompt of the data + ``max_tokens`` each) plus 25%, so a
-        wake maps back only that; otherwise ``None`` (vLLM's share of the GPU, or the engine's CPU default)."""
+        wake maps back only that, and at least one sequence of the context vLLM runs with (``max_model_len``, or
+        the model's when null: vLLM refuses to start with less); otherwise ``None`` (vLLM's share of the GPU, or
+        the engine's CPU default)."""
         cfg, t = self.cfg.engine, self.cfg.train
         if cfg.kv_cache_bytes is not None or cfg.kv_cache != "step" or not torch.cuda.is_available():
             return cfg.kv_cache_bytes
         longest = self._longest_prompt()
         prompts = t.prompts_per_step if self.tp > 1 else -(-t.prompts_per_step // self.acc.num_processes)
-        tokens = max(prompts * t.generations * (longest + t.max_tokens + 16), cfg.max_model_len or 0)
+        context = engine_context(self.model_path, cfg.max_model_len)[0] or 0
+        tokens = max(prompts * t.generations * (longest + t.max_tokens + 16), context)
         return kv_cache_bytes_for(self.model_path, int(tokens * 1.25), self.cfg.model.dtype) // self.tp
 
     def _longest_prompt(self) -> int:
@@ -499,7 +502,9 @@ class GRPORecipe:
 
     def _memory_plan(self, kv_bytes: int | None) -> memory_plan.MemoryPlan | None:
         """The per-phase memory plan (:mod:`rollout_sleep.run.memory_check`), printed and written to memory_plan.json;
-        with ``train.memory_plan=refuse`` a phase that does not fit stops the run here, before vLLM starts."""
+        with ``train.memory_plan=refuse`` a phase that does not fit stops the run here, before vLLM starts. Made
+        again once vLLM has started (one copy fell back to two), it keeps the free memory measured before vLLM."""
+        before_engine = getattr(self, "plan_base_free", None)
         self.plan_base_free = None
         if self.cfg.train.memory_plan == "off":
             return None
@@ -511,7 +516,7 @@ class GRPORecipe:
             self.cfg, self.model_path, processes=self.acc.num_processes, shards=shards,
             longest_prompt=self._longest_prompt(), kv_bytes=kv_bytes, reward_bytes=reward_bytes,
             base_shared=self._shares_base(), weights_shared=self.one_copy.on,
-            distributed_type=self.acc.distributed_type.value)
+            distributed_type=self.acc.distributed_type.value, base_free=before_engine)
         self.acc.print(plan.table())
         if self.main:  # a resumed run keeps the comparison its first steps measured
             path = self.out / "memory_plan.json"

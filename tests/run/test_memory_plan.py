@@ -377,3 +377,55 @@ def test_the_rollouts_measure_keeps_the_cache_training_left_before_the_wake(monk
     resident.note(model, opt, "cpu")
     resident.note_before_wake()
     assert "pytorch_cached_free_before_wake" not in memory_check.measured_gib(model, opt, "cpu", resident)["rollout"]
+
+
+def test_a_plan_made_again_once_vllm_holds_its_memory_keeps_the_free_memory_measured_before_it(ckpts, monkeypatch):
+    """Pure logic (no GPU here: the free memory is faked). One copy falling back to two once vLLM has started
+    plans again (``_decide_one_copy``): measured then, the free memory lacks vLLM's weights and KV cache, which
+    the plan counts too, so vLLM counted twice (a bogus refusal on CUDA, and the phase peaks' baseline off by
+    vLLM's memory). The budget stays the free memory before vLLM started."""
+    from types import SimpleNamespace
+
+    from rollout_sleep.run import memory_check
+    from rollout_sleep.run.config import load_config
+
+    recipe = load_recipe()
+    free = {"now": 60 * GIB}
+    monkeypatch.setattr(memory_check.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(memory_check.torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(memory_check.torch.cuda, "mem_get_info", lambda *a: (free["now"], 80 * GIB))
+    cfg = load_config(None, ["train.memory_plan=warn"], device="cuda")
+    fake = SimpleNamespace(cfg=cfg, rewards=[], model_path=ckpts["tied0"], main=False,
+                           one_copy=SimpleNamespace(on=False), _longest_prompt=lambda: 16, _shares_base=lambda: False,
+                           acc=SimpleNamespace(state=SimpleNamespace(), num_processes=1, print=lambda *a: None,
+                                               distributed_type=SimpleNamespace(value="NO")))
+    first = recipe.GRPORecipe._memory_plan(fake, 1 << 20)
+    assert first.budget_bytes == fake.plan_base_free == 60 * GIB
+    free["now"] = 20 * GIB  # vLLM started: its weights, KV cache and workspace are taken
+    again = recipe.GRPORecipe._memory_plan(fake, 1 << 20)
+    assert again.budget_bytes == fake.plan_base_free == 60 * GIB
+
+
+def test_the_step_sized_kv_cache_holds_the_models_context_when_max_model_len_is_null(ckpts, monkeypatch):
+    """Pure logic (no GPU here: CUDA is faked). ``engine.kv_cache=step`` sizes the KV cache on CUDA from one step's
+    sequences, at least one sequence of the context vLLM runs with: with ``engine.max_model_len=null`` that is the
+    model's own (vLLM refuses to start with a KV cache that cannot hold one sequence of it), not none."""
+    from types import SimpleNamespace
+
+    from rollout_sleep.engine.memory import kv_cache_bytes_for
+    from rollout_sleep.grpo.data import model_context
+    from rollout_sleep.run.config import load_config
+
+    recipe = load_recipe()
+    monkeypatch.setattr(recipe.torch.cuda, "is_available", lambda: True)
+    path = ckpts["tied0"]
+    context = model_context(path)[0]
+    for max_model_len, want in ((None, context), (context // 2, context // 2)):
+        cfg = load_config(None, ["train.prompts_per_step=1", "train.generations=2", "train.max_tokens=8",
+                                 f"engine.max_model_len={'null' if max_model_len is None else max_model_len}"],
+                          device="cuda")
+        fake = SimpleNamespace(cfg=cfg, tp=1, model_path=path, acc=SimpleNamespace(num_processes=1),
+                               _longest_prompt=lambda: 16)
+        got = recipe.GRPORecipe._kv_cache_bytes(fake)
+        one = kv_cache_bytes_for(path, want, cfg.model.dtype)
+        assert one <= got < 2 * one

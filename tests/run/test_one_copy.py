@@ -333,3 +333,26 @@ def test_expandable_segments_needs_an_engine_that_sleeps_at_level_0():
     assert with_expandable_segments("") == "expandable_segments:True"
     assert with_expandable_segments("garbage_collection_threshold:0.6, expandable_segments:False") == \
         "garbage_collection_threshold:0.6,expandable_segments:True"
+
+
+def test_a_one_copy_trainer_of_a_size_draws_the_weights_its_checkpoint_would_hold(tmp_path):
+    """Pure logic (no GPU here: the engine's weight tensors are faked by zeros on the host). One copy of a size
+    (CUDA only: vLLM draws placeholder weights from a config alone) draws its weights in place as
+    ``make_checkpoint`` of that size and seed writes them: ``tiny``'s wider init (std 0.3) included, so a tiny run
+    starts from the same model with one copy or two."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from rollout_sleep.weights.checkpoints import make_checkpoint, make_config_dir
+
+    saved = {}
+    checkpoint = make_checkpoint(tmp_path / "ckpt", "tiny", seed=3, dtype="float32", device="cpu")
+    for f in Path(checkpoint).glob("*.safetensors"):
+        saved.update(load_file(f))
+    targets = {name: torch.zeros_like(t) for name, t in saved.items()}
+    engine = SimpleNamespace(model_path=make_config_dir(tmp_path / "config", "tiny", dtype="float32"),
+                             loader=SimpleNamespace(direct_targets=lambda: targets), dtype=torch.float32,
+                             pin_weights=lambda why: None)
+    model = one_copy.trainer_on_engine(engine, init_seed=3)
+    assert [n for n, p in model.named_parameters() if not torch.equal(p.detach(), saved[n])] == []

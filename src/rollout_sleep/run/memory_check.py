@@ -34,16 +34,23 @@ def trainer_shards(processes: int, distributed_type: str, zero_stage: int = 0) -
 
 def plan_run(cfg: Any, model_path: str, *, processes: int, shards: tuple[int, int, int], longest_prompt: int,
              kv_bytes: int | None, reward_bytes: int, base_shared: bool,
-             weights_shared: bool = False, distributed_type: str = "NO") -> tuple[MemoryPlan, int | None]:
+             weights_shared: bool = False, distributed_type: str = "NO",
+             base_free: int | None = None) -> tuple[MemoryPlan, int | None]:
     """The per-phase plan of a run (``cfg``: a :class:`~rollout_sleep.run.schema.RecipeConfig`) before vLLM
     starts, and the free GPU memory it was planned against (``None`` off CUDA). ``distributed_type``:
-    accelerate's; under FSDP or DeepSpeed the plan offers no knob of the optimizer step (they own it)."""
+    accelerate's; under FSDP or DeepSpeed the plan offers no knob of the optimizer step (they own it).
+    ``base_free``: the free GPU memory measured before vLLM started, for a plan made again once it holds its
+    memory (measured then, vLLM's weights and KV cache would count twice: gone from the budget, and planned);
+    ``None``: measured here."""
     t, tp = cfg.train, cfg.engine.tensor_parallel_size
     cuda = torch.cuda.is_available()
-    notes, base_free, total = [], None, 0
+    notes, total = [], 0
     if cuda:
         torch.cuda.empty_cache()  # blocks cached while the checkpoint was built are not the run's
-        base_free, total = torch.cuda.mem_get_info()
+        free, total = torch.cuda.mem_get_info()
+        base_free = free if base_free is None else base_free
+    else:
+        base_free = None
     budget = int(t.memory_budget_gib * GIB) if t.memory_budget_gib is not None else base_free
     if budget is None:
         notes.append("no GPU: the plan is printed, not checked (train.memory_budget_gib checks it against a budget)")

@@ -77,15 +77,17 @@ def after_engine(decision: Decision, engine: Any) -> Decision:
 def trainer_on_engine(engine: Any, *, gradient_checkpointing: bool = False, init_seed: int | None = None) -> torch.nn.Module:
     """A trainable transformers model whose parameters are views of ``engine``'s weight tensors (nothing of the
     weights is allocated). ``init_seed``: draw the weights in place first (an engine started from a config alone,
-    ``load_format="dummy"``, holds vLLM's placeholder values), as a random checkpoint of that seed would hold them."""
+    ``load_format="dummy"``, holds vLLM's placeholder values), as a random checkpoint of that seed would hold them
+    (of the size :func:`~rollout_sleep.weights.checkpoints.make_config_dir` recorded in the config)."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(engine.model_path)
     model = model_on_views(config, engine.loader.direct_targets(), engine.dtype, trainable=True)
     if init_seed is not None:
-        from rollout_sleep.weights.checkpoints import fill_random_
+        from rollout_sleep.weights.checkpoints import fill_random_, size_init_std
 
-        fill_random_(model, config, seed=init_seed)
+        size = (getattr(config, "rollout_sleep", None) or {}).get("size")
+        fill_random_(model, config, seed=init_seed, std=size_init_std(size, config))
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()
     engine.pin_weights("the trainer's parameters are views of them (model.share_weights)")

@@ -262,7 +262,7 @@ def make_checkpoint(
 
     tokenizer = build_tokenizer()
     config = family_config(family, size, dtype, tie_word_embeddings, tokenizer)
-    std = init_std if init_std is not None else (0.3 if size == "tiny" else config.initializer_range)
+    std = init_std if init_std is not None else size_init_std(size, config)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = random_model(config, seed=seed, std=std, device=device, dtype=getattr(torch, dtype))
     out = Path(path)
@@ -274,6 +274,12 @@ def make_checkpoint(
     cfg["rollout_sleep"] = {"family": family, "size": size, "seed": seed, "random_weights": True}
     config_file.write_text(json.dumps(cfg, indent=2))
     return str(out)
+
+
+def size_init_std(size: str | None, config) -> float:
+    """The std of a size's random weights (:func:`make_checkpoint`): 0.3 for ``tiny``, so that its greedy outputs are
+    not a flat, tie-prone distribution; the config's ``initializer_range`` otherwise."""
+    return 0.3 if size == "tiny" else config.initializer_range
 
 
 def save_weights(weights, folder: str | os.PathLike, *, like: str | os.PathLike | None = None,
@@ -416,7 +422,7 @@ def make_reward_checkpoint(path: str | os.PathLike, size: str = "tiny", seed: in
     tokenizer = build_tokenizer()
     config = qwen3_config(size, dtype, False, tokenizer)
     config.num_labels = 1
-    std = 0.3 if size == "tiny" else config.initializer_range  # as make_checkpoint: tiny scores then spread
+    std = size_init_std(size, config)  # as make_checkpoint: tiny scores then spread
     torch_dtype = getattr(torch, dtype)
     with torch.device("meta"):
         model = Qwen3ForSequenceClassification(config)
