@@ -312,7 +312,9 @@ class AdapterSync:
                 self._copy_into_slots()  # warm-up outside the capture (the values are the current adapter's)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            # thread_local: a CUDA call of another thread meanwhile (the recipe's memory sampler, vLLM's own
+            # threads) neither breaks this capture nor is refused by it
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self._copy_into_slots()
             return graph
         except Exception as err:  # noqa: BLE001 - a capture that fails leaves the eager copies, said in the log
