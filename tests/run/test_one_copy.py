@@ -323,6 +323,8 @@ def test_expandable_segments_needs_an_engine_that_sleeps_at_level_0():
         with pytest.raises(ConfigError, match=rf"train.expandable_segments=true needs an engine that sleeps at level "
                                               rf"0 .*this run takes two copies \({why}"):
             load_config(None, ["train.expandable_segments=true", *two_copies], device="cuda")
+    with pytest.raises(ConfigError, match=r"set train.expandable_segments=false"):  # the fix is named
+        load_config(None, ["train.expandable_segments=true", "model.share_weights=false"], device="cuda")
     for ok in (["model.share_weights=null"], ["model.share_weights=false", "model.lora.rank=8"]):
         assert load_config(None, ["train.expandable_segments=true", *ok], device="cuda").train.expandable_segments
     # on CPU nothing changes (the recipe says so): not refused

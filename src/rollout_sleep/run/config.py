@@ -278,7 +278,8 @@ def _check_values(cfg: RecipeConfig, device: str) -> list[str]:
         if not decision.on:
             out.append(f"train.expandable_segments=true needs an engine that sleeps at level 0 (one copy of the "
                        f"weights, or model.lora), and this run takes two copies ({decision.why}): with two copies "
-                       "vLLM's wake allocates its weights in its sleep pool, which expandable segments break")
+                       "vLLM's wake allocates its weights in its sleep pool, which expandable segments break: set "
+                       "train.expandable_segments=false")
     if not any(t.offload_optimizer is m or (isinstance(m, str) and t.offload_optimizer == m) for m in OFFLOAD_MODES):
         out.append(f"train.offload_optimizer must be one of false, true, stream, got {t.offload_optimizer!r}")
     choice("train.memory_plan", t.memory_plan, MEMORY_PLAN_MODES)
