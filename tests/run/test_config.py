@@ -183,6 +183,23 @@ def test_yaml_mistakes_are_named_in_full(tmp_path):
     assert err.value.problems[2] == "data.system_prompt must be a string or null, got 42"
 
 
+def test_a_quoted_true_or_false_in_the_yaml_is_named_with_the_fix(tmp_path):
+    """``compile: "true"`` in a YAML file (a string: YAML reads quoted words as text) was refused as "train.compile
+    must be true or false, got 'true'", which reads as a contradiction; numbers in quotes are taken. The message
+    now says it is quoted text and to write the word without quotes, for the bool | str key too."""
+    path = tmp_path / "quoted.yaml"
+    path.write_text('train: {compile: "true", step_per_tensor: "false", offload_optimizer: "true"}\n'
+                    'engine: {keep_trainer_cache: "no"}\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert sorted(err.value.problems) == [
+        "engine.keep_trainer_cache must be true or false, got 'no' (quoted text: write no without quotes)",
+        "train.compile must be true or false, got 'true' (quoted text: write true without quotes)",
+        "train.offload_optimizer must be one of false, true, stream, got 'true' (quoted text: write true without "
+        "quotes)",
+        "train.step_per_tensor must be true or false, got 'false' (quoted text: write false without quotes)"]
+
+
 def test_a_key_given_twice_on_the_command_line_is_refused():
     """``train.lr=0.1 train.lr=0.2`` took the last value without a word (a key twice in the YAML was refused)."""
     with pytest.raises(ConfigError) as err:

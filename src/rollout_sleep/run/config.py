@@ -112,6 +112,14 @@ def _convert(value: Any, tp: Any) -> Any:
     raise TypeError
 
 
+def _quoted(value: Any) -> str:
+    """A note for text that YAML would read as true/false unquoted (``compile: "true"`` in a file: quoted, it is
+    a string), so that "must be true or false, got 'true'" says why and what to write; empty otherwise."""
+    if isinstance(value, str) and isinstance(_parse(value), bool):
+        return f" (quoted text: write {value} without quotes)"
+    return ""
+
+
 def _parse(text: str) -> Any:
     """An override's value as YAML: "3" -> 3, "true" -> True, "[a, b]" -> list, "null" -> None."""
     try:
@@ -197,7 +205,7 @@ def _set(obj: Any, dotted: str, value: Any, problems: list[str], from_text: bool
         if _union(tp):  # bool | str: the field's own value check names its choices
             setattr(obj, part, value)
         else:
-            problems.append(f"{dotted} must be {_describe(tp)}, got {value!r}")
+            problems.append(f"{dotted} must be {_describe(tp)}, got {value!r}{_quoted(value)}")
 
 
 # ------------------------------------------------------------------------------------- value checks
@@ -281,7 +289,8 @@ def _check_values(cfg: RecipeConfig, device: str) -> list[str]:
                        "vLLM's wake allocates its weights in its sleep pool, which expandable segments break: set "
                        "train.expandable_segments=false")
     if not any(t.offload_optimizer is m or (isinstance(m, str) and t.offload_optimizer == m) for m in OFFLOAD_MODES):
-        out.append(f"train.offload_optimizer must be one of false, true, stream, got {t.offload_optimizer!r}")
+        out.append(f"train.offload_optimizer must be one of false, true, stream, got {t.offload_optimizer!r}"
+                   f"{_quoted(t.offload_optimizer)}")
     choice("train.memory_plan", t.memory_plan, MEMORY_PLAN_MODES)
     at_least("train.update_check_every", t.update_check_every, 0)
     if t.memory_budget_gib is not None and not (math.isfinite(t.memory_budget_gib) and t.memory_budget_gib > 0):

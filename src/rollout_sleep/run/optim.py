@@ -164,15 +164,20 @@ def optimizer_mismatch(saved: dict | None, now: dict, checkpoint: str) -> str | 
 def optimizer_state_bytes(kind: str, tensors, state32=(), stochastic_rounding: bool = False) -> int:
     """Bytes of optimizer state for parameters given as ``(numel, element_size)`` pairs, one per tensor;
     ``state32``: the element counts of tensors among them whose 8-bit state bitsandbytes keeps in float32
-    (embeddings; torchao has no such exception). ``stochastic_rounding``: the kind comes from torchao."""
+    (embeddings; torchao's AdamW8bit keeps theirs unquantized, in the parameters' dtype). ``stochastic_rounding``:
+    the kind comes from torchao."""
     package = optimizer_package(kind, stochastic_rounding)
     tensors = list(tensors)
     if package == "torchao":
         block = TORCHAO_BLOCKS.get(kind)
+        plain = list(state32) if kind == "adamw8bit" else []  # AdamW8bit's embeddings: _plain_embedding_moments
         total = 0
         for numel, size in tensors:
             total += 4  # its float32 step (a host scalar, wherever the parameters are)
-            if block is not None and numel >= TORCHAO_MIN_QUANT_SIZE and numel % block == 0:
+            if numel in plain:
+                plain.remove(numel)
+                total += 2 * numel * size
+            elif block is not None and numel >= TORCHAO_MIN_QUANT_SIZE and numel % block == 0:
                 codes = numel if kind == "adamw8bit" else numel // 2  # 4-bit codes: two to a byte
                 total += 2 * (codes + 4 * (numel // block) + 4 * TORCHAO_MAPS[kind])
             else:
@@ -229,7 +234,8 @@ def set_hyperparameters(optimizer, values: dict[str, float]) -> list[tuple[str, 
 def build_optimizer(kind: str, params, *, lr: float, weight_decay: float, fused: bool | None = None,
                     model: torch.nn.Module | None = None, stochastic_rounding: bool = False) -> torch.optim.Optimizer:
     """The optimizer ``kind`` (see :data:`OPTIMIZERS`) over ``params`` (``fused``: PyTorch AdamW's). For
-    bitsandbytes' ``adamw8bit``, ``model``'s embeddings keep 32-bit state (transformers' Trainer does the same).
+    bitsandbytes' ``adamw8bit``, ``model``'s embeddings keep 32-bit state (transformers' Trainer does the same);
+    for torchao's, unquantized state in the parameters' dtype.
     ``stochastic_rounding``: torchao's kind with ``bf16_stochastic_round=True`` (bf16 parameters only; others
     are stepped as usual)."""
     problem = missing_package(kind, stochastic_rounding)  # also refuses an unknown kind
@@ -240,7 +246,10 @@ def build_optimizer(kind: str, params, *, lr: float, weight_decay: float, fused:
         import torchao.optim
 
         cls = getattr(torchao.optim, TORCHAO_CLASSES[kind])
-        return _eager_on_cpu(cls(params, lr=lr, weight_decay=weight_decay, bf16_stochastic_round=stochastic_rounding))
+        optimizer = cls(params, lr=lr, weight_decay=weight_decay, bf16_stochastic_round=stochastic_rounding)
+        if kind == "adamw8bit" and model is not None:
+            _plain_embedding_moments(optimizer, model)
+        return _eager_on_cpu(optimizer)
     if package == "bitsandbytes":
         import bitsandbytes as bnb
 
@@ -258,6 +267,30 @@ def build_optimizer(kind: str, params, *, lr: float, weight_decay: float, fused:
         # CUDA) compute in float32.
         fused = True
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
+
+
+def _plain_embedding_moments(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> None:
+    """torchao's AdamW8bit keeps ``model``'s input embeddings' moments unquantized, in the weights' dtype (as it
+    keeps a small tensor's). Why: its 8-bit map rounds a second moment under ~1e-7 of its block's largest to 0
+    while the first moment keeps its value, so an embedding row used with a small gradient element and not used
+    at the next step moved by ``lr * m / eps`` (measured: ~700 x lr in one step). bitsandbytes' path keeps them
+    in 32 bits for the same reason. The embeddings are looked up when a state is made (the first step): the
+    parameters the model holds then (FSDP2's, after accelerate prepared it)."""
+    embeddings = [m for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+    ref, new_buffer = weakref.ref(optimizer), type(optimizer)._new_buffer  # weakly, as _eager_on_cpu
+
+    def buffer(p: torch.Tensor, signed: bool) -> torch.Tensor:
+        opt = ref()
+        if not any(p is m.weight for m in embeddings):
+            return new_buffer(opt, p, signed)
+        block = opt.block_size  # a block that divides no tensor: torchao's own unquantized path (DTensor
+        opt.block_size = p.numel() + 1  # wrapping included)
+        try:
+            return new_buffer(opt, p, signed)
+        finally:
+            opt.block_size = block
+
+    optimizer._new_buffer = buffer
 
 
 def _eager_on_cpu(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
