@@ -80,6 +80,7 @@ from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, gath
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from rollout_sleep.engine.completion import temperature_problem  # noqa: E402
+from rollout_sleep.engine.loader import cpu_moe_problem  # noqa: E402
 from rollout_sleep.engine.memory import PhasePeaks, enable_expandable_segments, kv_cache_bytes_for  # noqa: E402
 from rollout_sleep.engine.phases import plot_timeline  # noqa: E402
 from rollout_sleep.grpo.data import (check_prompts, check_rows, completions_for_rewards,  # noqa: E402
@@ -161,6 +162,7 @@ class GRPORecipe:
         self._load_data_and_rewards()  # the rewards resolved once for the run: everything after uses self.rewards
         with self._model_files() as folder:  # the model's tokenizer (its chat template, its context) formats and
             self._prepare_prompts(folder)  # checks the prompts
+            self._check_syncable(folder)
         self._claim_output_dir()
         self.model_path = self._model_path()
         kv_bytes = self._kv_cache_bytes()  # the longest prompt sizes one step's KV cache
@@ -286,6 +288,15 @@ class GRPORecipe:
         with tempfile.TemporaryDirectory(prefix="rollout_sleep-model-") as folder:
             yield make_config_dir(folder, cfg.path, dtype=cfg.dtype, tie_word_embeddings=cfg.tie_word_embeddings)
 
+    def _check_syncable(self, model_files: str) -> None:
+        """Before anything is written: a model whose weights no sync can load into the running engine here (a
+        mixture of experts on vLLM CPU, trained whole) is refused from its config, not at the first sync."""
+        if torch.cuda.is_available() or self.cfg.model.lora.rank:  # LoRA moves only the adapter
+            return
+        config = json.loads(Path(model_files, "config.json").read_text())
+        if memory_plan.experts_per_token(config.get("text_config", config)):
+            raise ConfigError([f"model.path={self.cfg.model.path}: {cpu_moe_problem()}"])
+
     def _prepare_prompts(self, model_files: str) -> None:
         """Prompts in their format (chat template when conversational), checked against the context, and the reward
         models against that format: every mistake here is reported before anything is written or vLLM starts."""
@@ -322,7 +333,8 @@ class GRPORecipe:
                 self.acc.print(decided.describe())
             return
         if cfg.model.share_weights is True or self.model_built_here:
-            weights = "" if cfg.model.share_weights is True else                 " (the model folder holds a config alone: its random weights exist only in vLLM's memory)"
+            weights = "" if cfg.model.share_weights is True else \
+                " (the model folder holds a config alone: its random weights exist only in vLLM's memory)"
             raise ConfigError(f"model.share_weights: {decided.why}{weights}. Fix: model.share_weights=false")
         self.one_copy = decided
         self.acc.print(decided.describe())

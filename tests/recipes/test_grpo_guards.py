@@ -25,10 +25,14 @@ REWARDS = "examples/gsm8k/rewards.py"
 
 
 def test_recipe_refuses_bad_input_before_the_engine_starts(tmp_path):
-    """Four launches at once (each only imports and checks): a config with six problems, a dataset without
-    the column a reward reads, resume=false into a folder holding another run, and one copy of the weights asked
-    for on the CPU. Each exits non-zero with the problem named, no traceback, before vLLM starts (nothing
+    """Five launches at once (each only imports and checks): a config with six problems, a dataset without
+    the column a reward reads, resume=false into a folder holding another run, one copy of the weights asked
+    for on the CPU, and a mixture of experts trained whole on the CPU (no sync into vLLM CPU's prepacked experts
+    is right). Each exits non-zero with the problem named, no traceback, before vLLM starts (nothing
     written); the earlier run's files are untouched."""
+    from rollout_sleep.weights.checkpoints import make_checkpoint
+
+    moe = make_checkpoint(tmp_path / "moe", "tiny", family="mixtral", dtype="float32")
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{i}+1="}) + "\n" for i in range(16)))
     earlier = tmp_path / "earlier"
@@ -50,6 +54,9 @@ def test_recipe_refuses_bad_input_before_the_engine_starts(tmp_path):
         "one copy": ([f"output_dir={tmp_path / 'c'}", "model.share_weights=true"], 2,
                      ["model.share_weights=true on CPU: vLLM's CPU build repacks its linear weights",
                       "Fix: model.share_weights=null (two copies on CPU)"]),
+        "experts": ([f"output_dir={tmp_path / 'd'}", f"model.path={moe}"], 2,
+                    [f"model.path={moe}: loading weights into a running mixture-of-experts model is not supported "
+                     "on vLLM CPU", "or run on a GPU"]),
     }
     t0 = time.perf_counter()
     procs = {name: subprocess.Popen([sys.executable, str(RECIPE), "--config", str(CONFIG), "wandb.mode=disabled",
@@ -64,7 +71,7 @@ def test_recipe_refuses_bad_input_before_the_engine_starts(tmp_path):
             assert msg in out, (name, msg, out[-3000:])
         assert ENGINE_START not in out and "Traceback" not in out, (name, out[-3000:])
     assert not (tmp_path / "a").exists() and not (tmp_path / "b" / "model").exists()  # nothing built or written
-    assert not (tmp_path / "c").exists()
+    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
     assert (earlier / "metrics.jsonl").read_text() == log  # the earlier run is intact
     assert sorted(p.name for p in (earlier / "checkpoints").iterdir()) == ["step_2"]
     assert time.perf_counter() - t0 < 120  # imports only: no engine start (~30 s each) happened

@@ -41,6 +41,16 @@ class Prepared:
     method: str | None
 
 
+def cpu_moe_problem(example: str | None = None) -> str:
+    """Why no weight load into a running mixture-of-experts engine is right on vLLM CPU (``example``: an expert
+    tensor of the model, when known)."""
+    named = f"; e.g. {example!r}" if example else ""
+    return ("loading weights into a running mixture-of-experts model is not supported on vLLM CPU: its MoE kernel "
+            "prepacks the stacked experts when the engine starts, and reload_weights leaves them unpacked (the "
+            f"engine would silently compute garbage{named}). Start a fresh engine from a saved checkpoint instead, "
+            "or run on a GPU")
+
+
 def copy_all(pairs: Iterable[tuple[torch.Tensor | None, torch.Tensor]], flush_bytes: int = 256 << 20) -> int:
     """Copy each ``(dst, src)`` pair (``dst`` None: skipped), batched into ``torch._foreach_copy_`` calls of up
     to ``flush_bytes`` (a few kernel launches instead of one per tensor; sources are held no longer than one
@@ -332,11 +342,7 @@ class Loader:
             self._cpu_experts = [n for n, w in self._placements().items() if w.expert is not None]
         experts = self._cpu_experts
         if experts:
-            raise ValueError(
-                "loading weights into a running mixture-of-experts model is not supported on vLLM CPU: its MoE "
-                "kernel prepacks the stacked experts when the engine starts, and reload_weights leaves them "
-                f"unpacked (the engine would silently compute garbage; e.g. {experts[0]!r}). Start a fresh engine "
-                "from a saved checkpoint instead, or run on a GPU")
+            raise ValueError(cpu_moe_problem(experts[0]))
 
     def why_not_direct(self) -> str | None:
         """Why the ``direct`` route cannot map this model's weights exactly (``None``: it can)."""
