@@ -83,6 +83,37 @@ def test_8bit_embedding_rows_that_skip_a_step_move_by_about_lr_not_hundreds_of_t
                                                                        stochastic_rounding=True)
 
 
+def test_8bit_weights_move_by_about_lr_at_a_step_whose_gradient_is_zero():
+    """A GRPO step's gradient is 0 where every group's rewards tie (no advantage). torchao's AdamW8bit rounded a
+    second moment under ~1.6e-7 of its block's largest to 0 (its unsigned map has a zero code) while the first moment
+    kept its value, so the next step with a zero (or much smaller) gradient moved such weights of any quantized
+    tensor by lr * m / eps (measured: ~820 x lr on 0.1 % of a Linear's weights; the tiny bf16 recipe's linears up to
+    257 x lr after a step whose rewards all tied; the embeddings' plain moments did not cover them). Its second
+    moments now have no zero code: a state from a checkpoint saved before is mended when loaded."""
+    torch.manual_seed(0)  # float32 weights: the update shows whole
+    gen = torch.Generator().manual_seed(1)
+    w = torch.nn.Parameter(torch.randn(256, 1024) * 0.02)
+    emb = torch.nn.Embedding(320, 128)  # built without model=: its moments quantized as well
+    rows = torch.zeros(320, 128)  # the step's tokens
+    rows[torch.randint(320, (40,), generator=gen)] = torch.randn(40, 128, generator=gen) * 1e-2
+    opt = build_optimizer("adamw8bit", [w, emb.weight], lr=LR, weight_decay=0.0, stochastic_rounding=True)
+    worst = []
+    for step in range(3):  # a step with a gradient, then two whose rewards all tied
+        before = [w.detach().clone(), emb.weight.detach().clone()]
+        w.grad = torch.randn(256, 1024, generator=gen) * 1e-2 if step == 0 else torch.zeros_like(w)
+        emb.weight.grad = rows if step == 0 else torch.zeros_like(rows)
+        opt.step()
+        worst.append(max(float((p.detach() - b).abs().max()) / LR for p, b in zip((w, emb.weight), before)))
+    assert max(worst) < 2, f"weights moved by {worst} x lr"
+    # a state saved by the optimizer before (a zero code in its second moments' map) is mended on load
+    saved = opt.state_dict()
+    for state in saved["state"].values():
+        state["exp_avg_sq"].qmap[0] = 0.0
+    again = build_optimizer("adamw8bit", [w, emb.weight], lr=LR, weight_decay=0.0, stochastic_rounding=True)
+    again.load_state_dict(saved)
+    assert all(float(s["exp_avg_sq"].qmap[0]) > 0 for s in again.state.values())
+
+
 def test_state_bytes_estimate_is_exact_for_torchao_kinds():
     """After one step, on tensors chosen to hit each of torchao's cases: 4096 elements (quantized), 4224 (a multiple
     of 4-bit's block of 128 but not of 8-bit's 256), 100 (under 4096: moments in the parameters' dtype), and

@@ -249,6 +249,8 @@ def build_optimizer(kind: str, params, *, lr: float, weight_decay: float, fused:
         optimizer = cls(params, lr=lr, weight_decay=weight_decay, bf16_stochastic_round=stochastic_rounding)
         if kind == "adamw8bit" and model is not None:
             _plain_embedding_moments(optimizer, model)
+        if kind == "adamw8bit":
+            _second_moments_without_zero(optimizer)
         return _eager_on_cpu(optimizer)
     if package == "bitsandbytes":
         import bitsandbytes as bnb
@@ -291,6 +293,34 @@ def _plain_embedding_moments(optimizer: torch.optim.Optimizer, model: torch.nn.M
             opt.block_size = block
 
     optimizer._new_buffer = buffer
+
+
+def _second_moments_without_zero(optimizer: torch.optim.Optimizer) -> None:
+    """torchao's AdamW8bit quantizes its second moments with no zero code: one under the map's smallest code rounds
+    up to it, not to 0 (the zero-point fix of 4-bit Adam, Li et al. 2023, which torchao's AdamW4bit has). Why: a
+    second moment under ~1.6e-7 of its block's largest rounded to 0 while the first moment kept its value, so at the
+    next step with a zero gradient (a GRPO step whose rewards all tie) or a far smaller one such weights moved by
+    ``lr * m / eps`` (measured: ~800 x lr on 0.1 % of a Linear's weights; the tiny recipe's linears up to 257 x lr).
+    Set on each state as it is made, and on states loaded from a checkpoint saved before."""
+    ref = weakref.ref(optimizer)  # weakly, as _eager_on_cpu
+    made = optimizer.__dict__.get("_new_buffer")  # _plain_embedding_moments' (called without the optimizer)
+
+    def buffer(p: torch.Tensor, signed: bool) -> torch.Tensor:
+        out = made(p, signed) if made is not None else type(ref())._new_buffer(ref(), p, signed)
+        if not signed:
+            _no_zero_code(out)
+        return out
+
+    optimizer._new_buffer = buffer
+    optimizer.register_load_state_dict_post_hook(
+        lambda opt: [_no_zero_code(s["exp_avg_sq"]) for s in opt.state.values() if "exp_avg_sq" in s])
+
+
+def _no_zero_code(t: torch.Tensor) -> None:
+    """A quantized second moment's code 0 (value 0) made its smallest positive value (a DTensor's local shard)."""
+    local = t.to_local() if hasattr(t, "to_local") else t
+    if hasattr(local, "qmap") and not local.signed:
+        local.qmap[0] = local.qmap[1]
 
 
 def _eager_on_cpu(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
