@@ -366,11 +366,13 @@ def state_tensors(optimizer: torch.optim.Optimizer):
 def storage_tensors(t: torch.Tensor) -> list[torch.Tensor]:
     """The plain tensors holding ``t``'s data: ``t`` itself, or a tensor subclass's inner tensors (torchao's
     quantized moments: codes, block scales and code map; a DTensor: its local shard), whose own storage a
-    wrapper's ``untyped_storage()`` does not report."""
+    wrapper's ``untyped_storage()`` does not report. Only the inner tensors: torch 2.13's DTensor also names its
+    device mesh."""
     if not is_traceable_wrapper_subclass(t):
         return [t]
     names, _ = t.__tensor_flatten__()
-    return [leaf for name in names for leaf in storage_tensors(getattr(t, name))]
+    inner = [getattr(t, name) for name in names]
+    return [leaf for x in inner if isinstance(x, torch.Tensor) for leaf in storage_tensors(x)]
 
 
 def resident_state_bytes(optimizer: torch.optim.Optimizer, device_type: str = "cuda") -> int:
