@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from rollout_sleep.run.config import ConfigError, load_config
-from rollout_sleep.run.memory_plan import ModelShape, PlanInputs, knob_alternatives, plan_memory
+from rollout_sleep.run.memory_plan import (ModelShape, PlanInputs, knob_alternatives, per_tensor_step_peak,
+                                            plan_memory)
 from rollout_sleep.run.optim import (OPTIMIZERS, build_optimizer, missing_package, optimizer_state_bytes,
                                      resident_state_bytes, run_stochastic_rounding, stochastic_rounding_on)
 from rollout_sleep.run.schema import resume_classes
@@ -141,6 +142,24 @@ def test_state_bytes_estimate_is_exact_for_torchao_kinds():
     shape = _shape((8192, 100), embedding_numels=(8192,))
     plan = plan_memory(PlanInputs(shape, optimizer="adamw8bit", stochastic_rounding=True))
     assert plan.phases["training"]["optimizer_state"] == rounded
+
+
+def test_the_plan_steps_8bit_embeddings_in_place_and_keeps_an_untied_heads_state_8bit():
+    """torchao's AdamW8bit keeps the input embedding's moments plain: its step works in place (the plan's 0 for plain
+    moments), not with the 8 bytes per element of a quantized tensor's step; the plan counted those for a tied
+    embedding, the largest tensor (Qwen3-4B: 2.9 GiB for 0.19). Stepped per tensor, an untied head of the
+    embedding's size keeps 8-bit state: the streamed plan counted it plain and the embedding's step at 8 bytes per
+    element (Qwen3-8B with train.offload_optimizer=stream: a peak of 16 x its 622 M elements for ~12)."""
+    tied = plan_memory(PlanInputs(_shape((8192, 4096), embedding_numels=(8192,)), optimizer="adamw8bit",
+                                  stochastic_rounding=True))
+    assert tied.phases["training"]["optimizer_step"] == 8 * 4096  # the largest quantized tensor's
+    untied = plan_memory(PlanInputs(_shape((8192, 8192, 4096), embedding_numels=(8192,)), optimizer="adamw8bit",
+                                    stochastic_rounding=True))
+    assert untied.phases["training"]["optimizer_step"] == 8 * 8192  # the head's
+    # per tensor, the state streamed: 4096, the embedding (plain state, stepped in place), the head (8-bit)
+    head_state = optimizer_state_bytes("adamw8bit", [(8192, 2)], stochastic_rounding=True)
+    assert per_tensor_step_peak("adamw8bit", (8192, 8192, 4096), 2, True, (8192,), state_in="host") == \
+        (8192 * 2, head_state, 8 * 8192)
 
 
 def test_the_setting_decides_where_it_is_on():

@@ -81,13 +81,14 @@ def optimizer_package(kind: str, stochastic_rounding: bool = False) -> str | Non
     return "bitsandbytes" if kind == "adamw8bit" else None
 
 
-def optimizer_step_bytes(kind: str, numels, stochastic_rounding: bool = False) -> int:
+def optimizer_step_bytes(kind: str, numels, stochastic_rounding: bool = False, plain=()) -> int:
     """GPU memory the optimizer step takes beyond its state, at its peak. torchao steps one tensor at a time
     through one compiled kernel graph, whose buffers scale with the tensor: the largest tensor (an embedding) sets
     it. Its 8-bit step holds the two moments in float32 (8 bytes per element); its 4-bit step also the two
     moments' int64 code indices and packed codes (25 bytes per element: measured on the H100 at Qwen3-14B, and
     read from the compiled graph's buffers); with plain moments it works in place, as PyTorch's fused AdamW and
-    bitsandbytes' kernels do.
+    bitsandbytes' kernels do. ``plain``: the element counts of tensors among them whose moments torchao's
+    AdamW8bit keeps unquantized (the input embeddings, :func:`_plain_embedding_moments`): stepped in place too.
 
     >>> optimizer_step_bytes("adamw4bit", [4096, 1000])
     102400
@@ -95,11 +96,16 @@ def optimizer_step_bytes(kind: str, numels, stochastic_rounding: bool = False) -
     32768
     >>> optimizer_step_bytes("adamw", [4096, 1000])
     0
+    >>> optimizer_step_bytes("adamw8bit", [8192, 4096], stochastic_rounding=True, plain=[8192])  # a tied embedding
+    32768
     """
     numels = list(numels)
     if optimizer_package(kind, stochastic_rounding) != "torchao" or not numels:
         return 0
-    return TORCHAO_STEP_BYTES[kind] * max(numels)
+    for n in plain if kind == "adamw8bit" else ():
+        if n in numels:
+            numels.remove(n)
+    return TORCHAO_STEP_BYTES[kind] * max(numels, default=0)
 
 
 def missing_package(kind: str, stochastic_rounding: bool = False) -> str | None:
