@@ -73,7 +73,7 @@ def test_fsdp2s_dtensor_state_is_measured_and_the_8bit_embedding_stays_plain(mon
     mesh: resident_state_bytes (what the recipe measures of the state, memory_check) took the mesh for a tensor and
     failed with an AttributeError at the first measured rollout after a step of any FSDP2 run. It counts the local
     shards; torchao's AdamW8bit, built before the parameters became DTensors (as accelerate prepares it), keeps
-    the embedding's moments plain and its second moments' map without a zero code there too."""
+    the embedding's moments plain (loaded plain too) and its second moments' map without a zero code there too."""
     import socket
 
     import torch.distributed as dist
@@ -108,6 +108,12 @@ def test_fsdp2s_dtensor_state_is_measured_and_the_8bit_embedding_stays_plain(mon
         assert type(emb["exp_avg"].to_local()) is torch.Tensor
         assert type(linear["exp_avg"].to_local()).__name__ == "OptimState8bit"
         assert float(linear["exp_avg_sq"].to_local().qmap[0]) > 0
+        before = build_optimizer("adamw8bit", [m.weight for m in model], lr=1e-3, weight_decay=0.0,
+                                 stochastic_rounding=True)  # the code before the fix: the embedding's quantized
+        before.step()
+        opt.load_state_dict(before.state_dict())
+        emb = opt.state[model[0].weight]
+        assert type(emb["exp_avg_sq"]).__name__ == "DTensor" and type(emb["exp_avg_sq"].to_local()) is torch.Tensor
     finally:
         if created:
             dist.destroy_process_group()

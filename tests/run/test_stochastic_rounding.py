@@ -84,6 +84,29 @@ def test_8bit_embedding_rows_that_skip_a_step_move_by_about_lr_not_hundreds_of_t
                                                                        stochastic_rounding=True)
 
 
+def test_8bit_embedding_state_saved_quantized_before_the_fix_loads_plain():
+    """A checkpoint saved before the embeddings' moments stayed plain holds them quantized: loaded as they were, a
+    resumed run kept them so (the fix never reached it) while its plan counted them plain. They are loaded plain,
+    the values they held (dequantized), in the weights' dtype; the other tensors' stay quantized."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(320, 128), torch.nn.Linear(128, 128, bias=False))
+    emb, linear = model[0].weight, model[1].weight
+    before = build_optimizer("adamw8bit", model.parameters(), lr=LR, weight_decay=0.0, stochastic_rounding=True)
+    emb.grad, linear.grad = torch.randn(320, 128), torch.randn(128, 128)
+    before.step()  # built without model=: the embedding's moments quantized, as the code before the fix did
+    saved = before.state_dict()
+    assert type(saved["state"][0]["exp_avg"]).__name__ == "OptimState8bit"
+    opt = build_optimizer("adamw8bit", model.parameters(), lr=LR, weight_decay=0.0, model=model,
+                          stochastic_rounding=True)
+    opt.load_state_dict(saved)
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert type(opt.state[emb][key]) is torch.Tensor and opt.state[emb][key].dtype == emb.dtype
+        assert torch.equal(opt.state[emb][key], before.state[emb][key].dequantize())
+    assert type(opt.state[linear]["exp_avg"]).__name__ == "OptimState8bit"
+    assert resident_state_bytes(opt, "cpu") == optimizer_state_bytes("adamw8bit", [(320 * 128, 4), (128 * 128, 4)],
+                                                                       state32=(320 * 128,), stochastic_rounding=True)
+
+
 def test_8bit_weights_move_by_about_lr_at_a_step_whose_gradient_is_zero():
     """A GRPO step's gradient is 0 where every group's rewards tie (no advantage). torchao's AdamW8bit rounded a
     second moment under ~1.6e-7 of its block's largest to 0 (its unsigned map has a zero code) while the first moment

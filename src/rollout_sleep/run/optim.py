@@ -283,7 +283,9 @@ def _plain_embedding_moments(optimizer: torch.optim.Optimizer, model: torch.nn.M
     while the first moment keeps its value, so an embedding row used with a small gradient element and not used
     at the next step moved by ``lr * m / eps`` (measured: ~700 x lr in one step). bitsandbytes' path keeps them
     in 32 bits for the same reason. The embeddings are looked up when a state is made (the first step): the
-    parameters the model holds then (FSDP2's, after accelerate prepared it)."""
+    parameters the model holds then (FSDP2's, after accelerate prepared it). A state loaded quantized (a checkpoint
+    saved before) is made plain, with the values it held: a resumed run gets the fix, and holds what its plan
+    counts."""
     embeddings = [m for m in model.modules() if isinstance(m, torch.nn.Embedding)]
     ref, new_buffer = weakref.ref(optimizer), type(optimizer)._new_buffer  # weakly, as _eager_on_cpu
 
@@ -298,7 +300,26 @@ def _plain_embedding_moments(optimizer: torch.optim.Optimizer, model: torch.nn.M
         finally:
             opt.block_size = block
 
+    def plain(opt: torch.optim.Optimizer) -> None:
+        for m in embeddings:
+            state = opt.state.get(m.weight, {})
+            for key, value in list(state.items()):
+                local = value.to_local() if hasattr(value, "to_local") else value
+                if hasattr(local, "qmap"):  # torchao's quantized moment
+                    state[key] = _like(value, local.dequantize(m.weight.dtype))
+
     optimizer._new_buffer = buffer
+    optimizer.register_load_state_dict_post_hook(plain)
+
+
+def _like(value: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """``local`` as ``value`` holds its data: wrapped as its DTensor where it is one, on its device."""
+    if not hasattr(value, "to_local"):
+        return local
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(local, value.device_mesh, value.placements, run_check=False, shape=value.shape,
+                              stride=value.stride()).to(value.device)
 
 
 def _second_moments_without_zero(optimizer: torch.optim.Optimizer) -> None:
