@@ -187,15 +187,14 @@ def test_a_step_whose_rewards_all_tie_moves_the_8bit_runs_weights_by_about_lr(tm
     Before, its second moments rounded to 0 where the first moments did not, and that step moved the tiny model's
     linears by up to 257 x lr (0.77 at lr 3e-3; see optim._second_moments_without_zero). Now by about lr: one bf16
     spacing at most where that is larger (the norms' 1.0: 2.6 x lr)."""
-    import torch
     from safetensors.torch import load_file
 
     from helpers import run_recipe
 
-    rewards = tmp_path / "tie.py"
+    rewards = tmp_path / "tie.py"  # varied rewards at the first step, all equal (no advantage) after it
     rewards.write_text("import random\nCALLS = [0]\n\n\ndef first_step_only(prompts, completions, **kwargs):\n"
                        "    CALLS[0] += 1\n"
-                       "    return [random.Random(i).random() if CALLS[0] == 1 else 0.0 for i in range(len(completions))]\n")
+                       "    return [random.random() if CALLS[0] == 1 else 0.0 for _ in completions]\n")
     out = tmp_path / "tie"
     proc, log = run_recipe(CONFIG, f"output_dir={out}", "model.dtype=bfloat16", "train.optimizer=adamw8bit",
                            "train.stochastic_rounding=true", "train.steps=2", "save_every=1", "wandb.mode=disabled",
