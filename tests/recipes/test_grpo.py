@@ -180,3 +180,28 @@ def test_per_tensor_optimizer_step_trains_the_same_weights(tmp_path):
         assert opt["param_groups"] == other_opt["param_groups"] and opt["state"].keys() == other_opt["state"].keys()
         assert all(torch.equal(opt["state"][i][k], other_opt["state"][i][k])
                    for i in opt["state"] for k in opt["state"][i]), mode
+
+
+def test_a_step_whose_rewards_all_tie_moves_the_8bit_runs_weights_by_about_lr(tmp_path):
+    """torchao's AdamW8bit (bf16 weights, stochastic rounding): a step whose rewards all tie has a zero gradient.
+    Before, its second moments rounded to 0 where the first moments did not, and that step moved the tiny model's
+    linears by up to 257 x lr (0.77 at lr 3e-3; see optim._second_moments_without_zero). Now by about lr: one bf16
+    spacing at most where that is larger (the norms' 1.0: 2.6 x lr)."""
+    from safetensors.torch import load_file
+
+    from helpers import run_recipe
+
+    rewards = tmp_path / "tie.py"  # varied rewards at the first step, all equal (no advantage) after it
+    rewards.write_text("import random\nCALLS = [0]\n\n\ndef first_step_only(prompts, completions, **kwargs):\n"
+                       "    CALLS[0] += 1\n"
+                       "    return [random.random() if CALLS[0] == 1 else 0.0 for _ in completions]\n")
+    out = tmp_path / "tie"
+    proc, log = run_recipe(CONFIG, f"output_dir={out}", "model.dtype=bfloat16", "train.optimizer=adamw8bit",
+                           "train.stochastic_rounding=true", "train.steps=2", "save_every=1", "wandb.mode=disabled",
+                           f"rewards=[{rewards}:first_step_only]")
+    assert proc.returncode == 0, log[-4000:]
+    rows = metrics(out)
+    assert rows[0]["grad_norm"] > 0 and rows[1]["grad_norm"] == 0, rows
+    before, after = (load_file(out / "checkpoints" / f"step_{s}" / "model.safetensors") for s in (1, 2))
+    moved = {k: float((after[k].float() - before[k].float()).abs().max()) / 3e-3 for k in before}
+    assert max(moved.values()) < 3, sorted(moved.items(), key=lambda kv: -kv[1])[:5]

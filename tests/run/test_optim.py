@@ -66,3 +66,54 @@ def test_a_dropped_torchao_optimizer_frees_its_state_without_the_cycle_collector
         assert gone() is None
     finally:
         gc.enable()
+
+
+def test_fsdp2s_dtensor_state_is_measured_and_the_8bit_embedding_stays_plain(monkeypatch):
+    """FSDP2's optimizer state is DTensors, and torch 2.13's DTensor flattens to its local tensor and its device
+    mesh: resident_state_bytes (what the recipe measures of the state, memory_check) took the mesh for a tensor and
+    failed with an AttributeError at the first measured rollout after a step of any FSDP2 run. It counts the local
+    shards; torchao's AdamW8bit, built before the parameters became DTensors (as accelerate prepares it), keeps
+    the embedding's moments plain (loaded plain too) and its second moments' map without a zero code there too."""
+    import socket
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from rollout_sleep.run.optim import optimizer_state_bytes, resident_state_bytes
+
+    created = not dist.is_initialized()
+    if created:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+        monkeypatch.setenv("MASTER_PORT", str(port))
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        for kind, rounding in [("adamw", False), ("adamw8bit", True)]:
+            model = torch.nn.Sequential(torch.nn.Embedding(64, 128), torch.nn.Linear(128, 64, bias=False))
+            opt = build_optimizer(kind, list(model.parameters()), lr=1e-3, weight_decay=0.0, model=model,
+                                  stochastic_rounding=rounding)
+            for m in model:  # FSDP2's fully_shard, and accelerate switching the optimizer's parameters
+                m.weight = torch.nn.Parameter(distribute_tensor(m.weight.detach(), mesh, [Shard(0)]))
+            opt.param_groups[0]["params"] = [m.weight for m in model]
+            for m in model:
+                m.weight.grad = distribute_tensor(torch.randn(m.weight.shape), mesh, [Shard(0)])
+            opt.step()
+            sizes = [(64 * 128, 4), (128 * 64, 4)]
+            assert resident_state_bytes(opt, "cpu") == optimizer_state_bytes(kind, sizes, (64 * 128,), rounding), kind
+        emb, linear = (opt.state[m.weight] for m in model)
+        assert type(emb["exp_avg"].to_local()) is torch.Tensor
+        assert type(linear["exp_avg"].to_local()).__name__ == "OptimState8bit"
+        assert float(linear["exp_avg_sq"].to_local().qmap[0]) > 0
+        before = build_optimizer("adamw8bit", [m.weight for m in model], lr=1e-3, weight_decay=0.0,
+                                 stochastic_rounding=True)  # the code before the fix: the embedding's quantized
+        before.step()
+        opt.load_state_dict(before.state_dict())
+        emb = opt.state[model[0].weight]
+        assert type(emb["exp_avg_sq"]).__name__ == "DTensor" and type(emb["exp_avg_sq"].to_local()) is torch.Tensor
+    finally:
+        if created:
+            dist.destroy_process_group()

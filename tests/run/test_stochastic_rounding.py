@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from rollout_sleep.run.config import ConfigError, load_config
-from rollout_sleep.run.memory_plan import ModelShape, PlanInputs, knob_alternatives, plan_memory
+from rollout_sleep.run.memory_plan import (ModelShape, PlanInputs, knob_alternatives, per_tensor_step_peak,
+                                            plan_memory)
 from rollout_sleep.run.optim import (OPTIMIZERS, build_optimizer, missing_package, optimizer_state_bytes,
                                      resident_state_bytes, run_stochastic_rounding, stochastic_rounding_on)
 from rollout_sleep.run.schema import resume_classes
@@ -83,6 +84,60 @@ def test_8bit_embedding_rows_that_skip_a_step_move_by_about_lr_not_hundreds_of_t
                                                                        stochastic_rounding=True)
 
 
+def test_8bit_embedding_state_saved_quantized_before_the_fix_loads_plain():
+    """A checkpoint saved before the embeddings' moments stayed plain holds them quantized: loaded as they were, a
+    resumed run kept them so (the fix never reached it) while its plan counted them plain. They are loaded plain,
+    the values they held (dequantized), in the weights' dtype; the other tensors' stay quantized."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(320, 128), torch.nn.Linear(128, 128, bias=False))
+    emb, linear = model[0].weight, model[1].weight
+    before = build_optimizer("adamw8bit", model.parameters(), lr=LR, weight_decay=0.0, stochastic_rounding=True)
+    emb.grad, linear.grad = torch.randn(320, 128), torch.randn(128, 128)
+    before.step()  # built without model=: the embedding's moments quantized, as the code before the fix did
+    saved = before.state_dict()
+    assert type(saved["state"][0]["exp_avg"]).__name__ == "OptimState8bit"
+    opt = build_optimizer("adamw8bit", model.parameters(), lr=LR, weight_decay=0.0, model=model,
+                          stochastic_rounding=True)
+    opt.load_state_dict(saved)
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert type(opt.state[emb][key]) is torch.Tensor and opt.state[emb][key].dtype == emb.dtype
+        assert torch.equal(opt.state[emb][key], before.state[emb][key].dequantize())
+    assert type(opt.state[linear]["exp_avg"]).__name__ == "OptimState8bit"
+    assert resident_state_bytes(opt, "cpu") == optimizer_state_bytes("adamw8bit", [(320 * 128, 4), (128 * 128, 4)],
+                                                                       state32=(320 * 128,), stochastic_rounding=True)
+
+
+def test_8bit_weights_move_by_about_lr_at_a_step_whose_gradient_is_zero():
+    """A GRPO step's gradient is 0 where every group's rewards tie (no advantage). torchao's AdamW8bit rounded a
+    second moment under ~1.6e-7 of its block's largest to 0 (its unsigned map has a zero code) while the first moment
+    kept its value, so the next step with a zero (or much smaller) gradient moved such weights of any quantized
+    tensor by lr * m / eps (measured: ~820 x lr on 0.1 % of a Linear's weights; the tiny bf16 recipe's linears up to
+    257 x lr after a step whose rewards all tied; the embeddings' plain moments did not cover them). Its second
+    moments now have no zero code: a state from a checkpoint saved before is mended when loaded."""
+    torch.manual_seed(0)  # float32 weights: the update shows whole
+    gen = torch.Generator().manual_seed(1)
+    w = torch.nn.Parameter(torch.randn(256, 1024) * 0.02)
+    emb = torch.nn.Embedding(320, 128)  # built without model=: its moments quantized as well
+    rows = torch.zeros(320, 128)  # the step's tokens
+    rows[torch.randint(320, (40,), generator=gen)] = torch.randn(40, 128, generator=gen) * 1e-2
+    opt = build_optimizer("adamw8bit", [w, emb.weight], lr=LR, weight_decay=0.0, stochastic_rounding=True)
+    worst = []
+    for step in range(3):  # a step with a gradient, then two whose rewards all tied
+        before = [w.detach().clone(), emb.weight.detach().clone()]
+        w.grad = torch.randn(256, 1024, generator=gen) * 1e-2 if step == 0 else torch.zeros_like(w)
+        emb.weight.grad = rows if step == 0 else torch.zeros_like(rows)
+        opt.step()
+        worst.append(max(float((p.detach() - b).abs().max()) / LR for p, b in zip((w, emb.weight), before)))
+    assert max(worst) < 2, f"weights moved by {worst} x lr"
+    # a state saved by the optimizer before (a zero code in its second moments' map) is mended on load
+    saved = opt.state_dict()
+    for state in saved["state"].values():
+        state["exp_avg_sq"].qmap[0] = 0.0
+    again = build_optimizer("adamw8bit", [w, emb.weight], lr=LR, weight_decay=0.0, stochastic_rounding=True)
+    again.load_state_dict(saved)
+    assert all(float(s["exp_avg_sq"].qmap[0]) > 0 for s in again.state.values())
+
+
 def test_state_bytes_estimate_is_exact_for_torchao_kinds():
     """After one step, on tensors chosen to hit each of torchao's cases: 4096 elements (quantized), 4224 (a multiple
     of 4-bit's block of 128 but not of 8-bit's 256), 100 (under 4096: moments in the parameters' dtype), and
@@ -110,6 +165,24 @@ def test_state_bytes_estimate_is_exact_for_torchao_kinds():
     shape = _shape((8192, 100), embedding_numels=(8192,))
     plan = plan_memory(PlanInputs(shape, optimizer="adamw8bit", stochastic_rounding=True))
     assert plan.phases["training"]["optimizer_state"] == rounded
+
+
+def test_the_plan_steps_8bit_embeddings_in_place_and_keeps_an_untied_heads_state_8bit():
+    """torchao's AdamW8bit keeps the input embedding's moments plain: its step works in place (the plan's 0 for plain
+    moments), not with the 8 bytes per element of a quantized tensor's step; the plan counted those for a tied
+    embedding, the largest tensor (Qwen3-4B: 2.9 GiB for 0.19). Stepped per tensor, an untied head of the
+    embedding's size keeps 8-bit state: the streamed plan counted it plain and the embedding's step at 8 bytes per
+    element (Qwen3-8B with train.offload_optimizer=stream: a peak of 16 x its 622 M elements for ~12)."""
+    tied = plan_memory(PlanInputs(_shape((8192, 4096), embedding_numels=(8192,)), optimizer="adamw8bit",
+                                  stochastic_rounding=True))
+    assert tied.phases["training"]["optimizer_step"] == 8 * 4096  # the largest quantized tensor's
+    untied = plan_memory(PlanInputs(_shape((8192, 8192, 4096), embedding_numels=(8192,)), optimizer="adamw8bit",
+                                    stochastic_rounding=True))
+    assert untied.phases["training"]["optimizer_step"] == 8 * 8192  # the head's
+    # per tensor, the state streamed: 4096, the embedding (plain state, stepped in place), the head (8-bit)
+    head_state = optimizer_state_bytes("adamw8bit", [(8192, 2)], stochastic_rounding=True)
+    assert per_tensor_step_peak("adamw8bit", (8192, 8192, 4096), 2, True, (8192,), state_in="host") == \
+        (8192 * 2, head_state, 8 * 8192)
 
 
 def test_the_setting_decides_where_it_is_on():

@@ -81,13 +81,14 @@ def optimizer_package(kind: str, stochastic_rounding: bool = False) -> str | Non
     return "bitsandbytes" if kind == "adamw8bit" else None
 
 
-def optimizer_step_bytes(kind: str, numels, stochastic_rounding: bool = False) -> int:
+def optimizer_step_bytes(kind: str, numels, stochastic_rounding: bool = False, plain=()) -> int:
     """GPU memory the optimizer step takes beyond its state, at its peak. torchao steps one tensor at a time
     through one compiled kernel graph, whose buffers scale with the tensor: the largest tensor (an embedding) sets
     it. Its 8-bit step holds the two moments in float32 (8 bytes per element); its 4-bit step also the two
     moments' int64 code indices and packed codes (25 bytes per element: measured on the H100 at Qwen3-14B, and
     read from the compiled graph's buffers); with plain moments it works in place, as PyTorch's fused AdamW and
-    bitsandbytes' kernels do.
+    bitsandbytes' kernels do. ``plain``: the element counts of tensors among them whose moments torchao's
+    AdamW8bit keeps unquantized (the input embeddings, :func:`_plain_embedding_moments`): stepped in place too.
 
     >>> optimizer_step_bytes("adamw4bit", [4096, 1000])
     102400
@@ -95,11 +96,16 @@ def optimizer_step_bytes(kind: str, numels, stochastic_rounding: bool = False) -
     32768
     >>> optimizer_step_bytes("adamw", [4096, 1000])
     0
+    >>> optimizer_step_bytes("adamw8bit", [8192, 4096], stochastic_rounding=True, plain=[8192])  # a tied embedding
+    32768
     """
     numels = list(numels)
     if optimizer_package(kind, stochastic_rounding) != "torchao" or not numels:
         return 0
-    return TORCHAO_STEP_BYTES[kind] * max(numels)
+    for n in plain if kind == "adamw8bit" else ():
+        if n in numels:
+            numels.remove(n)
+    return TORCHAO_STEP_BYTES[kind] * max(numels, default=0)
 
 
 def missing_package(kind: str, stochastic_rounding: bool = False) -> str | None:
@@ -249,6 +255,8 @@ def build_optimizer(kind: str, params, *, lr: float, weight_decay: float, fused:
         optimizer = cls(params, lr=lr, weight_decay=weight_decay, bf16_stochastic_round=stochastic_rounding)
         if kind == "adamw8bit" and model is not None:
             _plain_embedding_moments(optimizer, model)
+        if kind == "adamw8bit":
+            _second_moments_without_zero(optimizer)
         return _eager_on_cpu(optimizer)
     if package == "bitsandbytes":
         import bitsandbytes as bnb
@@ -275,7 +283,9 @@ def _plain_embedding_moments(optimizer: torch.optim.Optimizer, model: torch.nn.M
     while the first moment keeps its value, so an embedding row used with a small gradient element and not used
     at the next step moved by ``lr * m / eps`` (measured: ~700 x lr in one step). bitsandbytes' path keeps them
     in 32 bits for the same reason. The embeddings are looked up when a state is made (the first step): the
-    parameters the model holds then (FSDP2's, after accelerate prepared it)."""
+    parameters the model holds then (FSDP2's, after accelerate prepared it). A state loaded quantized (a checkpoint
+    saved before) is made plain, with the values it held: a resumed run gets the fix, and holds what its plan
+    counts."""
     embeddings = [m for m in model.modules() if isinstance(m, torch.nn.Embedding)]
     ref, new_buffer = weakref.ref(optimizer), type(optimizer)._new_buffer  # weakly, as _eager_on_cpu
 
@@ -290,7 +300,54 @@ def _plain_embedding_moments(optimizer: torch.optim.Optimizer, model: torch.nn.M
         finally:
             opt.block_size = block
 
+    def plain(opt: torch.optim.Optimizer) -> None:
+        for m in embeddings:
+            state = opt.state.get(m.weight, {})
+            for key, value in list(state.items()):
+                local = value.to_local() if hasattr(value, "to_local") else value
+                if hasattr(local, "qmap"):  # torchao's quantized moment
+                    state[key] = _like(value, local.dequantize(m.weight.dtype))
+
     optimizer._new_buffer = buffer
+    optimizer.register_load_state_dict_post_hook(plain)
+
+
+def _like(value: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """``local`` as ``value`` holds its data: wrapped as its DTensor where it is one, on its device."""
+    if not hasattr(value, "to_local"):
+        return local
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(local, value.device_mesh, value.placements, run_check=False, shape=value.shape,
+                              stride=value.stride()).to(value.device)
+
+
+def _second_moments_without_zero(optimizer: torch.optim.Optimizer) -> None:
+    """torchao's AdamW8bit quantizes its second moments with no zero code: one under the map's smallest code rounds
+    up to it, not to 0 (the zero-point fix of 4-bit Adam, Li et al. 2023, which torchao's AdamW4bit has). Why: a
+    second moment under ~1.6e-7 of its block's largest rounded to 0 while the first moment kept its value, so at the
+    next step with a zero gradient (a GRPO step whose rewards all tie) or a far smaller one such weights moved by
+    ``lr * m / eps`` (measured: ~800 x lr on 0.1 % of a Linear's weights; the tiny recipe's linears up to 257 x lr).
+    Set on each state as it is made, and on states loaded from a checkpoint saved before."""
+    ref = weakref.ref(optimizer)  # weakly, as _eager_on_cpu
+    made = optimizer.__dict__.get("_new_buffer")  # _plain_embedding_moments' (called without the optimizer)
+
+    def buffer(p: torch.Tensor, signed: bool) -> torch.Tensor:
+        out = made(p, signed) if made is not None else type(ref())._new_buffer(ref(), p, signed)
+        if not signed:
+            _no_zero_code(out)
+        return out
+
+    optimizer._new_buffer = buffer
+    optimizer.register_load_state_dict_post_hook(
+        lambda opt: [_no_zero_code(s["exp_avg_sq"]) for s in opt.state.values() if "exp_avg_sq" in s])
+
+
+def _no_zero_code(t: torch.Tensor) -> None:
+    """A quantized second moment's code 0 (value 0) made its smallest positive value (a DTensor's local shard)."""
+    local = t.to_local() if hasattr(t, "to_local") else t
+    if hasattr(local, "qmap") and not local.signed:
+        local.qmap[0] = local.qmap[1]
 
 
 def _eager_on_cpu(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -336,11 +393,13 @@ def state_tensors(optimizer: torch.optim.Optimizer):
 def storage_tensors(t: torch.Tensor) -> list[torch.Tensor]:
     """The plain tensors holding ``t``'s data: ``t`` itself, or a tensor subclass's inner tensors (torchao's
     quantized moments: codes, block scales and code map; a DTensor: its local shard), whose own storage a
-    wrapper's ``untyped_storage()`` does not report."""
+    wrapper's ``untyped_storage()`` does not report. Only the inner tensors: torch 2.13's DTensor also names its
+    device mesh."""
     if not is_traceable_wrapper_subclass(t):
         return [t]
     names, _ = t.__tensor_flatten__()
-    return [leaf for name in names for leaf in storage_tensors(getattr(t, name))]
+    inner = [getattr(t, name) for name in names]
+    return [leaf for x in inner if isinstance(x, torch.Tensor) for leaf in storage_tensors(x)]
 
 
 def resident_state_bytes(optimizer: torch.optim.Optimizer, device_type: str = "cuda") -> int:
