@@ -393,15 +393,8 @@ def per_tensor_step_peak(optimizer: str, numels, dtype_bytes: int, stochastic_ro
     (120, 252, 0)
     """
     order = sorted(numels)
-    # the embeddings' own (float32 or plain state, an in-place step): the first tensor of each such size, as the
-    # step goes (stable: the embedding before an untied head of its size, which keeps 8-bit state)
-    left, own = list(state32), []
-    for n in order:
-        own.append([n] if n in left else [])
-        if own[-1]:
-            left.remove(n)
-    states = [optimizer_state_bytes(optimizer, [(n, dtype_bytes)], mine, stochastic_rounding=stochastic_rounding)
-              for n, mine in zip(order, own)]
+    states = [optimizer_state_bytes(optimizer, [(n, dtype_bytes)], [n] if n in state32 else (),
+                                    stochastic_rounding=stochastic_rounding) for n in order]
     # on the device: the plain optimizer's state, counted as the plain plan does (bitsandbytes' shared maps once,
     # float32 state for the embeddings only, not for a head of the same size)
     whole = optimizer_state_bytes(optimizer, [(n, dtype_bytes) for n in order], state32,
@@ -412,7 +405,7 @@ def per_tensor_step_peak(optimizer: str, numels, dtype_bytes: int, stochastic_ro
             state = whole
         else:
             state = sum(states[max(i - 1, 0):i + 2]) if overlap else states[i]
-        here = (held, state, optimizer_step_bytes(optimizer, [n], stochastic_rounding, own[i]))
+        here = (held, state, optimizer_step_bytes(optimizer, [n], stochastic_rounding))
         best = max(best, here, key=sum)
         held -= n * dtype_bytes
     return best
@@ -435,7 +428,7 @@ def plan_memory(i: PlanInputs, budget_bytes: int | None = None, headroom_bytes: 
         held = None
         state = optimizer_state_bytes(i.optimizer, [(n, b) for n in trained], state32,
                                       stochastic_rounding=i.stochastic_rounding)
-        step = optimizer_step_bytes(i.optimizer, trained, i.stochastic_rounding, state32) // gs
+        step = optimizer_step_bytes(i.optimizer, trained, i.stochastic_rounding) // gs
     state = -(-state // os_)
     ref = s.params * b if i.reference_model else 0
     workspace = estimate_engine_workspace(s, b) if i.engine_workspace_bytes is None else i.engine_workspace_bytes

@@ -81,14 +81,13 @@ def optimizer_package(kind: str, stochastic_rounding: bool = False) -> str | Non
     return "bitsandbytes" if kind == "adamw8bit" else None
 
 
-def optimizer_step_bytes(kind: str, numels, stochastic_rounding: bool = False, plain=()) -> int:
+def optimizer_step_bytes(kind: str, numels, stochastic_rounding: bool = False) -> int:
     """GPU memory the optimizer step takes beyond its state, at its peak. torchao steps one tensor at a time
     through one compiled kernel graph, whose buffers scale with the tensor: the largest tensor (an embedding) sets
     it. Its 8-bit step holds the two moments in float32 (8 bytes per element); its 4-bit step also the two
     moments' int64 code indices and packed codes (25 bytes per element: measured on the H100 at Qwen3-14B, and
     read from the compiled graph's buffers); with plain moments it works in place, as PyTorch's fused AdamW and
-    bitsandbytes' kernels do. ``plain``: the element counts of tensors among them whose moments torchao's
-    AdamW8bit keeps unquantized (the input embeddings, :func:`_plain_embedding_moments`): stepped in place too.
+    bitsandbytes' kernels do.
 
     >>> optimizer_step_bytes("adamw4bit", [4096, 1000])
     102400
@@ -96,16 +95,11 @@ def optimizer_step_bytes(kind: str, numels, stochastic_rounding: bool = False, p
     32768
     >>> optimizer_step_bytes("adamw", [4096, 1000])
     0
-    >>> optimizer_step_bytes("adamw8bit", [8192, 4096], stochastic_rounding=True, plain=[8192])  # a tied embedding
-    32768
     """
     numels = list(numels)
     if optimizer_package(kind, stochastic_rounding) != "torchao" or not numels:
         return 0
-    for n in plain if kind == "adamw8bit" else ():
-        if n in numels:
-            numels.remove(n)
-    return TORCHAO_STEP_BYTES[kind] * max(numels, default=0)
+    return TORCHAO_STEP_BYTES[kind] * max(numels)
 
 
 def missing_package(kind: str, stochastic_rounding: bool = False) -> str | None:
@@ -170,20 +164,15 @@ def optimizer_mismatch(saved: dict | None, now: dict, checkpoint: str) -> str | 
 def optimizer_state_bytes(kind: str, tensors, state32=(), stochastic_rounding: bool = False) -> int:
     """Bytes of optimizer state for parameters given as ``(numel, element_size)`` pairs, one per tensor;
     ``state32``: the element counts of tensors among them whose 8-bit state bitsandbytes keeps in float32
-    (embeddings; torchao's AdamW8bit keeps theirs unquantized, in the parameters' dtype). ``stochastic_rounding``:
-    the kind comes from torchao."""
+    (embeddings; torchao has no such exception). ``stochastic_rounding``: the kind comes from torchao."""
     package = optimizer_package(kind, stochastic_rounding)
     tensors = list(tensors)
     if package == "torchao":
         block = TORCHAO_BLOCKS.get(kind)
-        plain = list(state32) if kind == "adamw8bit" else []  # AdamW8bit's embeddings: _plain_embedding_moments
         total = 0
         for numel, size in tensors:
             total += 4  # its float32 step (a host scalar, wherever the parameters are)
-            if numel in plain:
-                plain.remove(numel)
-                total += 2 * numel * size
-            elif block is not None and numel >= TORCHAO_MIN_QUANT_SIZE and numel % block == 0:
+            if block is not None and numel >= TORCHAO_MIN_QUANT_SIZE and numel % block == 0:
                 codes = numel if kind == "adamw8bit" else numel // 2  # 4-bit codes: two to a byte
                 total += 2 * (codes + 4 * (numel // block) + 4 * TORCHAO_MAPS[kind])
             else:
@@ -240,8 +229,7 @@ def set_hyperparameters(optimizer, values: dict[str, float]) -> list[tuple[str, 
 def build_optimizer(kind: str, params, *, lr: float, weight_decay: float, fused: bool | None = None,
                     model: torch.nn.Module | None = None, stochastic_rounding: bool = False) -> torch.optim.Optimizer:
     """The optimizer ``kind`` (see :data:`OPTIMIZERS`) over ``params`` (``fused``: PyTorch AdamW's). For
-    bitsandbytes' ``adamw8bit``, ``model``'s embeddings keep 32-bit state (transformers' Trainer does the same);
-    for torchao's, unquantized state in the parameters' dtype.
+    bitsandbytes' ``adamw8bit``, ``model``'s embeddings keep 32-bit state (transformers' Trainer does the same).
     ``stochastic_rounding``: torchao's kind with ``bf16_stochastic_round=True`` (bf16 parameters only; others
     are stepped as usual)."""
     problem = missing_package(kind, stochastic_rounding)  # also refuses an unknown kind
@@ -253,8 +241,6 @@ def build_optimizer(kind: str, params, *, lr: float, weight_decay: float, fused:
 
         cls = getattr(torchao.optim, TORCHAO_CLASSES[kind])
         optimizer = cls(params, lr=lr, weight_decay=weight_decay, bf16_stochastic_round=stochastic_rounding)
-        if kind == "adamw8bit" and model is not None:
-            _plain_embedding_moments(optimizer, model)
         if kind == "adamw8bit":
             _second_moments_without_zero(optimizer)
         return _eager_on_cpu(optimizer)
@@ -277,51 +263,6 @@ def build_optimizer(kind: str, params, *, lr: float, weight_decay: float, fused:
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
 
 
-def _plain_embedding_moments(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> None:
-    """torchao's AdamW8bit keeps ``model``'s input embeddings' moments unquantized, in the weights' dtype (as it
-    keeps a small tensor's). Why: its 8-bit map rounds a second moment under ~1e-7 of its block's largest to 0
-    while the first moment keeps its value, so an embedding row used with a small gradient element and not used
-    at the next step moved by ``lr * m / eps`` (measured: ~700 x lr in one step). bitsandbytes' path keeps them
-    in 32 bits for the same reason. The embeddings are looked up when a state is made (the first step): the
-    parameters the model holds then (FSDP2's, after accelerate prepared it). A state loaded quantized (a checkpoint
-    saved before) is made plain, with the values it held: a resumed run gets the fix, and holds what its plan
-    counts."""
-    embeddings = [m for m in model.modules() if isinstance(m, torch.nn.Embedding)]
-    ref, new_buffer = weakref.ref(optimizer), type(optimizer)._new_buffer  # weakly, as _eager_on_cpu
-
-    def buffer(p: torch.Tensor, signed: bool) -> torch.Tensor:
-        opt = ref()
-        if not any(p is m.weight for m in embeddings):
-            return new_buffer(opt, p, signed)
-        block = opt.block_size  # a block that divides no tensor: torchao's own unquantized path (DTensor
-        opt.block_size = p.numel() + 1  # wrapping included)
-        try:
-            return new_buffer(opt, p, signed)
-        finally:
-            opt.block_size = block
-
-    def plain(opt: torch.optim.Optimizer) -> None:
-        for m in embeddings:
-            state = opt.state.get(m.weight, {})
-            for key, value in list(state.items()):
-                local = value.to_local() if hasattr(value, "to_local") else value
-                if hasattr(local, "qmap"):  # torchao's quantized moment
-                    state[key] = _like(value, local.dequantize(m.weight.dtype))
-
-    optimizer._new_buffer = buffer
-    optimizer.register_load_state_dict_post_hook(plain)
-
-
-def _like(value: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-    """``local`` as ``value`` holds its data: wrapped as its DTensor where it is one, on its device."""
-    if not hasattr(value, "to_local"):
-        return local
-    from torch.distributed.tensor import DTensor
-
-    return DTensor.from_local(local, value.device_mesh, value.placements, run_check=False, shape=value.shape,
-                              stride=value.stride()).to(value.device)
-
-
 def _second_moments_without_zero(optimizer: torch.optim.Optimizer) -> None:
     """torchao's AdamW8bit quantizes its second moments with no zero code: one under the map's smallest code rounds
     up to it, not to 0 (the zero-point fix of 4-bit Adam, Li et al. 2023, which torchao's AdamW4bit has). Why: a
@@ -330,10 +271,9 @@ def _second_moments_without_zero(optimizer: torch.optim.Optimizer) -> None:
     ``lr * m / eps`` (measured: ~800 x lr on 0.1 % of a Linear's weights; the tiny recipe's linears up to 257 x lr).
     Set on each state as it is made, and on states loaded from a checkpoint saved before."""
     ref = weakref.ref(optimizer)  # weakly, as _eager_on_cpu
-    made = optimizer.__dict__.get("_new_buffer")  # _plain_embedding_moments' (called without the optimizer)
 
     def buffer(p: torch.Tensor, signed: bool) -> torch.Tensor:
-        out = made(p, signed) if made is not None else type(ref())._new_buffer(ref(), p, signed)
+        out = type(ref())._new_buffer(ref(), p, signed)
         if not signed:
             _no_zero_code(out)
         return out
