@@ -230,3 +230,12 @@ def test_tie_word_embeddings_is_refused_for_a_checkpoint(tmp_path):
         f"null), or save a checkpoint tied the way you want"]
     assert load_config(None, [f"model.path={tmp_path}"]).model.tie_word_embeddings is None
     assert load_config(None, ["model.path=tiny", "model.tie_word_embeddings=false"]).model.tie_word_embeddings is False
+
+
+def test_lora_on_the_embedding_is_refused_naming_the_target_and_the_fix():
+    """LoRA on ``embed_tokens`` trained on log-probs ~6 off vLLM's from the second step while verify passed (the
+    adapter's tensors are equal; vLLM's embedding adapter computes differently): refused before anything starts."""
+    with pytest.raises(ConfigError, match=r"model.lora.targets: \['embed_tokens'\] adapt the embedding.*Target the "
+                                          r"linear layers"):
+        load_config(None, ["model.lora.rank=8", "model.lora.targets=[embed_tokens,q_proj]"])
+    assert load_config(None, ["model.lora.rank=8", "model.lora.targets=[q_proj,v_proj]"]).model.lora.rank == 8

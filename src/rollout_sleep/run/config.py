@@ -346,6 +346,13 @@ def _check_lora(cfg: RecipeConfig) -> list[str]:
         out.append(f"model.lora.alpha must be > 0, got {lora.alpha!r}")
     if not lora.targets:
         out.append("model.lora.targets must name at least one module (or all-linear)")
+    targets = [lora.targets] if isinstance(lora.targets, str) else list(lora.targets)
+    embeddings = [t for t in targets if "embed" in t or t == "wte"]
+    if embeddings:  # measured on CPU: sampling_logp_diff ~6 from the second step, tied or untied, verify passing
+        out.append(f"model.lora.targets: {embeddings} adapt the embedding, which this LoRA path does not support: "
+                   "vLLM's embedding adapter computes other log-probs than PEFT's trainer after the first update, "
+                   "and verify (which compares the adapter's tensors) cannot see it. Target the linear layers "
+                   "(all-linear, or names such as q_proj)")
     return out
 
 
