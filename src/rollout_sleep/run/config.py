@@ -348,7 +348,7 @@ def _check_lora(cfg: RecipeConfig) -> list[str]:
         out.append("model.lora.targets must name at least one module (or all-linear)")
     targets = [lora.targets] if isinstance(lora.targets, str) else list(lora.targets)
     embeddings = [t for t in targets if "embed" in t or t == "wte"]
-    if embeddings:  # measured on CPU: sampling_logp_diff ~6 from the second step, tied or untied, verify passing
+    if embeddings:  # measured on CPU: the rollouts' log-probs drift off the trainer's from step 2, verify passing
         out.append(f"model.lora.targets: {embeddings} adapt the embedding, which this LoRA path does not support: "
                    "vLLM's embedding adapter computes other log-probs than PEFT's trainer after the first update, "
                    "and verify (which compares the adapter's tensors) cannot see it. Target the linear layers "

@@ -51,7 +51,8 @@ def _section(cls: type, help: str) -> Any:
 class ModelLoraConfig:
     rank: int = _opt(0, "LoRA rank (0: train every parameter). With a rank only the adapter trains and moves: "
                         "vLLM serves it (enable_lora) from the one copy of the base it holds, and on CUDA the "
-                        "trainer's frozen base is a view of vLLM's weights; experimental (docs/lora.md)", resume=FIXED, mode=(0, 16))
+                        "trainer's frozen base is a view of vLLM's weights; experimental (docs/lora.md)",
+                     resume=FIXED, mode=(0, 16))
     alpha: float | None = _opt(None, "LoRA alpha: the adapter is scaled by alpha / rank (null: 2 x rank)", resume=FIXED)
     targets: list[str] = _opt_list(lambda: ["all-linear"], "modules the adapter adapts (PEFT's target_modules: "
                                                           "names such as q_proj, or all-linear)", resume=FIXED)
