@@ -71,6 +71,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -119,6 +120,32 @@ TUNED = {"qwen3-0.6b": ("train.micro_batch=128", "train.gradient_checkpointing=f
 
 WARMUP = 2
 TRL_ARMS = ("trl", "trl_plugin", "trl_tuned", "trl_compile")
+
+
+class Stopped(Exception):
+    """SIGTERM from outside (a device call's time limit): the arm in progress is recorded with the steps it
+    finished before this process exits."""
+
+
+def _stopped(signum, frame):
+    raise Stopped(f"stopped from outside (signal {signum}) while the arm ran")
+
+
+def progress_file(work: Path, arm: str) -> Path:
+    """Where an arm's child appends each finished step (JSON lines): the recipe's own metrics, or the TRL child's."""
+    return work / arm / "metrics.jsonl" if not arm.startswith("trl") else work / f"{arm}_steps.jsonl"
+
+
+def partial_arm(work: Path, arm: str, why: str, since: float) -> dict:
+    """An arm stopped from outside: its finished steps as its child wrote them (a file older than the arm's start
+    ``since`` is an earlier run's), with their median past the warm-up."""
+    path = progress_file(work, arm)
+    fresh = path.exists() and path.stat().st_mtime >= since
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if fresh else []
+    out = {"error": why, "steps_done": len(rows), "rows": rows, "step_s": [r["step_s"] for r in rows]}
+    if len(rows) > WARMUP:
+        out["median_step_s_partial"] = statistics.median(r["step_s"] for r in rows[WARMUP:])
+    return out
 
 
 def config_path(size: str) -> Path:
@@ -254,6 +281,9 @@ def run_trl(size: str, steps: int, workdir: Path, plugin: bool, optim: str | Non
         return [arithmetic_exact(c, {"answer": a}) for c, a in zip(completions, answer)]
 
     rows: list[dict] = []
+    arm = "trl" + ("_plugin" if plugin else "_tuned" if tuned else "_compile" if compiled else "")
+    progress = progress_file(workdir, arm)
+    progress.unlink(missing_ok=True)
     knobs = trl_knobs(size, optim, tuned)
     try:
         args = GRPOConfig(
@@ -300,6 +330,8 @@ def run_trl(size: str, steps: int, workdir: Path, plugin: bool, optim: str | Non
             rows.append({"step_s": time.perf_counter() - self.t0, **timers,
                          **({"cuda_peak_allocated_gib": gib(torch.cuda.max_memory_allocated())} if cuda else {})})
             print("STEP " + json.dumps(rows[-1]), flush=True)
+            with progress.open("a") as f:  # read back if this run is stopped from outside
+                f.write(json.dumps(rows[-1]) + "\n")
 
     try:
         tok = AutoTokenizer.from_pretrained(model)
@@ -371,6 +403,7 @@ def run_size(args, size: str, out_file: Path | None) -> dict:
         return result
     optim = OURS_OPTIM.get(args.optim, (f"train.optimizer={args.optim}",)) if args.optim else ()
     for arm in args.arms.split(","):
+        started = time.time()
         try:
             if arm in ("ours", "ours_tuned") or arm in ARM_OVERRIDES:
                 extra = optim + (TUNED.get(size, ()) if arm.startswith("ours_tuned") else ()) + ARM_OVERRIDES.get(arm, ())
@@ -381,6 +414,12 @@ def run_size(args, size: str, out_file: Path | None) -> dict:
                 result[arm] = run_trl_child(args, size, arm.removeprefix("trl_") if arm != "trl" else "stock", model)
             else:
                 result[arm] = {"error": f"unknown arm {arm!r}"}
+        except Stopped as err:  # the device call's limit: what the arm finished is kept, then this process ends
+            result[arm] = partial_arm(work, arm, str(err), started)
+            if out_file is not None:
+                write_json(out_file, result)
+            print(size, arm, "stopped:", json.dumps({k: v for k, v in result[arm].items() if k != "rows"}), flush=True)
+            raise SystemExit(143) from None
         except Exception as err:  # noqa: BLE001  (recorded; the other arms still run)
             result[arm] = {"error": f"{type(err).__name__}: {err}"}
         r = result[arm]
@@ -452,10 +491,14 @@ def main() -> None:
         work = Path(args.workdir) / args.size
         return run_trl(args.size, args.steps, work, args.trl_child == "plugin", args.optim, args.model,
                        tuned=args.trl_child == "tuned", compiled=args.trl_child == "compile")
+    signal.signal(signal.SIGTERM, _stopped)  # an outer timeout: the arm in progress is recorded (partial_arm)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if not args.sizes:
-        run_size(args, args.size, out)
+        try:
+            run_size(args, args.size, out)
+        except Stopped as err:  # between arms (the checkpoint's build): nothing of an arm to record
+            raise SystemExit(f"{err}; {out} holds the arms finished before") from None
         return
     combined = json.loads(out.read_text()) if out.exists() else {}
     combined.setdefault("sizes", {})
