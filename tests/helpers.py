@@ -4,6 +4,7 @@ weights. Imported explicitly (``from helpers import ...``; ``tests/`` is on pyte
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -207,3 +208,24 @@ def overridden(defaults: list[str] | tuple[str, ...], overrides: tuple[str, ...]
     given = {o.split("=", 1)[0] for o in overrides}
     return [d for d in defaults if d.split("=", 1)[0] not in given] + list(overrides)
 
+
+
+@contextlib.contextmanager
+def cpu_mesh(monkeypatch):
+    """A one-process gloo group and its CPU device mesh, for DTensors (FSDP2's parameters, gradients and optimizer
+    state) in a test; the group is destroyed afterwards unless one was already there."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from rollout_sleep.serve.server import free_port
+
+    created = not dist.is_initialized()
+    if created:
+        monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+        monkeypatch.setenv("MASTER_PORT", str(free_port()))
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (dist.get_world_size(),))
+    finally:
+        if created:
+            dist.destroy_process_group()

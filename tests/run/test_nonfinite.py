@@ -7,6 +7,8 @@ import torch
 
 from rollout_sleep.run.nonfinite import NonFiniteError, check_finite, guard_optimizer
 
+from helpers import cpu_mesh
+
 
 def test_non_finite_gradients_stop_the_step_before_the_optimizer():
     torch.manual_seed(0)
@@ -122,22 +124,9 @@ def test_fsdp2_dtensor_gradients_local_shards(monkeypatch):
     """FSDP2 gradients are DTensors: the guard norms each local shard (no collective per parameter) and tracks
     changes to the shard itself (FSDP2 accumulates into ``grad._local_tensor``, which the DTensor's own version
     counter does not see)."""
-    import socket
-
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    created = not dist.is_initialized()
-    if created:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-        monkeypatch.setenv("MASTER_PORT", str(port))
-        dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
-        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    with cpu_mesh(monkeypatch) as mesh:
         params = [torch.nn.Parameter(distribute_tensor(torch.randn(8, 2), mesh, [Shard(0)])) for _ in range(3)]
         opt = torch.optim.SGD(params, lr=0.1)
         guard = guard_optimizer(opt)
@@ -153,9 +142,6 @@ def test_fsdp2_dtensor_gradients_local_shards(monkeypatch):
         guard.clipping(torch.nn.utils.clip_grad_norm_)(params, 1.0)
         opt.step()
         assert guard.reused == 1
-    finally:
-        if created:
-            dist.destroy_process_group()
 
 
 def test_a_nan_on_one_rank_stops_the_step_on_every_rank(tmp_path):

@@ -10,6 +10,8 @@ import torch
 from rollout_sleep.run.config import ConfigError, load_config
 from rollout_sleep.run.optim import build_optimizer
 
+from helpers import cpu_mesh
+
 
 def test_optimizer_settings_are_checked_up_front(monkeypatch):
     assert load_config(None, ["train.optimizer=adamw", "train.offload_optimizer=true"]).train.offload_optimizer
@@ -74,24 +76,11 @@ def test_fsdp2s_dtensor_state_is_measured_and_the_8bit_maps_have_no_zero_code(mo
     failed with an AttributeError at the first measured rollout after a step of any FSDP2 run. It counts the local
     shards; torchao's AdamW8bit, built before the parameters became DTensors (as accelerate prepares it), keeps
     its second moments' map without a zero code there too."""
-    import socket
-
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
     from rollout_sleep.run.optim import optimizer_state_bytes, resident_state_bytes
 
-    created = not dist.is_initialized()
-    if created:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-        monkeypatch.setenv("MASTER_PORT", str(port))
-        dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
-        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    with cpu_mesh(monkeypatch) as mesh:
         for kind, rounding in [("adamw", False), ("adamw8bit", True)]:
             model = torch.nn.Sequential(torch.nn.Embedding(64, 128), torch.nn.Linear(128, 64, bias=False))
             opt = build_optimizer(kind, list(model.parameters()), lr=1e-3, weight_decay=0.0, model=model,
@@ -107,6 +96,3 @@ def test_fsdp2s_dtensor_state_is_measured_and_the_8bit_maps_have_no_zero_code(mo
         for state in (opt.state[m.weight] for m in model):
             assert type(state["exp_avg"].to_local()).__name__ == "OptimState8bit"
             assert float(state["exp_avg_sq"].to_local().qmap[0]) > 0
-    finally:
-        if created:
-            dist.destroy_process_group()
