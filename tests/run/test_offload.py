@@ -20,6 +20,8 @@ from rollout_sleep.run.per_tensor import PerTensorOptimizer
 from rollout_sleep.run.optim import build_optimizer, optimizer_state_bytes, resident_state_bytes, storage_tensors
 from rollout_sleep.run.update_check import innermost_optimizer
 
+from helpers import cpu_mesh
+
 # (optimizer, stochastic rounding, weights dtype): PyTorch's AdamW (unfused on CPU: one parameter's update does
 # not depend on the others'), torchao's 8- and 4-bit AdamW rounding stochastically into bf16
 KINDS = [("adamw", False, torch.float32), ("adamw8bit", True, torch.bfloat16), ("adamw4bit", True, torch.bfloat16)]
@@ -42,14 +44,6 @@ def _steps(model, opt, offload, n=3):
         opt.zero_grad(set_to_none=True)
         if offload is not None:
             assert resident_state_bytes(opt, g.device.type) == 0 or g.device.type == "cpu"
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_offload_is_a_no_op_where_the_parameters_live_on_the_host():
@@ -104,8 +98,6 @@ def test_offload_refuses_optimizers_it_cannot_move_with_the_knob_to_use(monkeypa
     """A wrapper holding no torch.optim.Optimizer (DeepSpeed's ZeRO optimizer) used to fail with an AttributeError
     (no step hooks), and FSDP2's DTensor state with 'mixed torch.Tensor and DTensor' at the first offload: both are
     refused where the offload (between steps or streamed) is set up, naming the knob."""
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
     class ZeroLike:  # DeepSpeed's optimizer: param_groups and state, but not a torch.optim.Optimizer
@@ -121,23 +113,14 @@ def test_offload_refuses_optimizers_it_cannot_move_with_the_knob_to_use(monkeypa
             offload(Wrapper(ZeroLike([torch.nn.Parameter(torch.zeros(2))])))
     with pytest.raises(ValueError, match="train.step_per_tensor=true .*ZeroLike.*train.step_per_tensor=false"):
         PerTensorOptimizer(Wrapper(ZeroLike([torch.nn.Parameter(torch.zeros(2))])))
-    # an in-process vLLM engine (the session's) may already hold this process's default group (world size 1)
-    created = not dist.is_initialized()
-    if created:
-        monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-        monkeypatch.setenv("MASTER_PORT", str(_free_port()))
-        dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
-        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    # an in-process vLLM engine (the session's) may already hold this process's default group (cpu_mesh keeps it)
+    with cpu_mesh(monkeypatch) as mesh:
         p = torch.nn.Parameter(distribute_tensor(torch.randn(8), mesh, [Shard(0)]))
         for offload in (OptimizerOffload, _streamed):
             with pytest.raises(ValueError, match="DTensor.*train.offload_optimizer=false"):
                 offload(torch.optim.AdamW([p]))
         with pytest.raises(ValueError, match="train.step_per_tensor=true .*DTensor.*train.step_per_tensor=false"):
             PerTensorOptimizer(torch.optim.AdamW([p]))
-    finally:
-        if created:
-            dist.destroy_process_group()
 
 
 

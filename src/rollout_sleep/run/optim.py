@@ -278,9 +278,13 @@ def _second_moments_without_zero(optimizer: torch.optim.Optimizer) -> None:
             _no_zero_code(out)
         return out
 
+    def mend(opt: torch.optim.Optimizer) -> None:  # a state saved before this fix
+        for state in opt.state.values():
+            if "exp_avg_sq" in state:
+                _no_zero_code(state["exp_avg_sq"])
+
     optimizer._new_buffer = buffer
-    optimizer.register_load_state_dict_post_hook(
-        lambda opt: [_no_zero_code(s["exp_avg_sq"]) for s in opt.state.values() if "exp_avg_sq" in s])
+    optimizer.register_load_state_dict_post_hook(mend)
 
 
 def _no_zero_code(t: torch.Tensor) -> None:
