@@ -77,6 +77,40 @@ def test_level1_keeps_weights(engine):
     assert greedy(engine) == before
 
 
+def test_level0_releases_the_kv_cache_through_vllms_own_call_where_it_has_one(engine, monkeypatch):
+    """Level 0 (CUDA only: one copy, LoRA with one base) releases the KV cache and leaves the weights. vLLM 0.32+
+    has a call for that (a pause, then a discard of its KV-cache memory; 0.34's extensible KV cache lies outside
+    the sleep allocator, where an unmap of the tag would free nothing); the engine takes it where it exists, else
+    (0.26) unmaps the tag on each worker. Run on the real engine with sleep mode claimed: vLLM's CPU build cannot
+    discard, so that one call is recorded, not run; the pause and the wake are vLLM's own."""
+    from rollout_sleep.engine.memory import map_kv_cache, release_kv_cache
+
+    before = greedy(engine)
+    llm, calls = engine.llm, []
+    monkeypatch.setattr(engine, "sleep_mode", True)
+    for name in ("sleep", "wake_up"):
+        real = getattr(llm, name)
+        monkeypatch.setattr(llm, name, lambda *a, _real=real, _name=name, **kw: (calls.append((_name, kw)),
+                                                                                 _real(*a, **kw))[1])
+    monkeypatch.setattr(llm, "release_kv_cache_memory", lambda: calls.append(("release_kv_cache_memory", {})))
+    engine.sleep(level=0)
+    assert calls == [("sleep", {"level": 0}), ("release_kv_cache_memory", {})]
+    engine.wake_up()
+    assert calls[2:] == [("wake_up", {"tags": ["kv_cache"]})] and engine.state == "awake"
+    assert greedy(engine) == before  # the scheduler resumed: vLLM generates again
+
+    # vLLM 0.26: no such call; each worker unmaps the KV cache's allocations, then maps them back
+    monkeypatch.delattr(type(llm), "release_kv_cache_memory")
+    monkeypatch.delattr(llm, "release_kv_cache_memory")
+    calls.clear()
+    real_rpc = llm.collective_rpc
+    monkeypatch.setattr(llm, "collective_rpc", lambda fn, *a, **kw: calls.append(fn) if fn in (
+        release_kv_cache, map_kv_cache) else real_rpc(fn, *a, **kw))
+    engine.sleep(level=0)
+    engine.wake_up()
+    assert calls == [release_kv_cache, map_kv_cache] and greedy(engine) == before
+
+
 def test_generate_while_asleep_is_refused_and_engine_recovers(engine):
     before = greedy(engine)
     engine.sleep(level=2)

@@ -298,8 +298,7 @@ class Engine(SleepState):
         report.memory_kind, report.memory_gib["before"] = memory_gib()
         with timed(report, "sleep"), keeping_cache(report, self.keep_trainer_cache):
             if level == 0 and self.sleep_mode:
-                self._reset_prefix_cache()  # the cached blocks are about to be unmapped
-                self.llm.collective_rpc(release_kv_cache)
+                self._release_kv_cache()
             else:  # on CPU level 0 is vLLM's level 1 (its scheduler pauses; no memory moves there)
                 self.llm.sleep(level=max(level, 1))
         self._level = level
@@ -345,8 +344,7 @@ class Engine(SleepState):
         def finish():
             with timed(report, "wake_kv_cache"), keeping_cache(report, self.keep_trainer_cache):
                 if kv_only:
-                    self.llm.collective_rpc(map_kv_cache)
-                    awake = True
+                    awake = self._map_kv_cache()
                 else:
                     awake = self.llm.wake_up(tags=["kv_cache"])
             self._level = None
@@ -384,6 +382,25 @@ class Engine(SleepState):
         """Drop cached prefixes (computed with the previous weights)."""
         self.require_awake("reset the prefix cache")
         self._reset_prefix_cache()
+
+    def _release_kv_cache(self) -> None:
+        """Level 0 on CUDA: release the KV cache's memory only; the weights stay where a trainer views them.
+        vLLM 0.32+ does this itself (a pause, then a discard of its ``kv_cache`` allocations; 0.34's extensible
+        KV cache lives outside the sleep allocator, where an unmap of that tag would miss it); 0.26 has no such
+        call, so each worker unmaps the tag."""
+        if hasattr(self.llm, "release_kv_cache_memory"):
+            self.llm.sleep(level=0)
+            self.llm.release_kv_cache_memory()
+        else:
+            self._reset_prefix_cache()  # the cached blocks are about to be unmapped
+            self.llm.collective_rpc(release_kv_cache)
+
+    def _map_kv_cache(self) -> bool:
+        """Undo :meth:`_release_kv_cache`; whether vLLM is fully awake."""
+        if hasattr(self.llm, "release_kv_cache_memory"):
+            return self.llm.wake_up(tags=["kv_cache"])  # resumes the scheduler once nothing sleeps
+        self.llm.collective_rpc(map_kv_cache)
+        return True
 
     def _reset_prefix_cache(self) -> None:
         ok = self.llm.reset_prefix_cache()
