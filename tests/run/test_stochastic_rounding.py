@@ -14,6 +14,7 @@ from rollout_sleep.run.config import ConfigError, load_config
 from rollout_sleep.run.memory_plan import ModelShape, PlanInputs, knob_alternatives, plan_memory
 from rollout_sleep.run.optim import (OPTIMIZERS, build_optimizer, missing_package, optimizer_state_bytes,
                                      resident_state_bytes, run_stochastic_rounding, stochastic_rounding_on)
+from rollout_sleep.run.output_dir import config_changes
 from rollout_sleep.run.schema import resume_classes
 
 LR = 1e-6  # RL's typical learning rate: far under half of bf16's spacing (1.2e-4) near |w| ~ 0.02
@@ -173,7 +174,18 @@ def test_config_refuses_rounding_without_bf16_and_unknown_optimizers(tmp_path):
         load_config(None, ["train.stochastic_rounding=yes please"])
     with pytest.raises(ValueError, match="unknown optimizer 'adam'"):
         build_optimizer("adam", [torch.nn.Parameter(torch.zeros(2))], lr=1e-3, weight_decay=0.0)
-    assert resume_classes()["train.stochastic_rounding"] == "fixed"
+    # the rounding is an update rule, not state (torchao keeps it out of its param groups): a resume may change
+    # it; a change of the optimizer's class it implies is refused against the checkpoint's record instead
+    assert resume_classes()["train.stochastic_rounding"] == "applied"
+    changes = config_changes({"train": {"stochastic_rounding": None}}, {"train": {"stochastic_rounding": False}})
+    assert changes["fixed"] == [] and changes["applied"] == [("train.stochastic_rounding", None, False)]
+    opt = build_optimizer("adamw4bit", [torch.nn.Parameter(torch.zeros(256, 256, dtype=torch.bfloat16))], lr=1e-3,
+                          weight_decay=0.0, stochastic_rounding=True)
+    state = opt.state_dict()
+    again = build_optimizer("adamw4bit", [torch.nn.Parameter(torch.zeros(256, 256, dtype=torch.bfloat16))],
+                            lr=1e-3, weight_decay=0.0, stochastic_rounding=False)
+    again.load_state_dict(state)
+    assert again.bf16_stochastic_round is False  # the run's setting, not the checkpoint's
 
 
 def test_missing_torchao_is_named_with_the_fix(monkeypatch):

@@ -159,7 +159,8 @@ class TrainConfig:
                                                   "float32 master copy a small lr's updates otherwise round away. "
                                                   "null: on only where the trainer steps vLLM's own bf16 weights "
                                                   "(one copy, no master possible); true: on (model.dtype=bfloat16 "
-                                                  "only); false: off", resume=FIXED)
+                                                  "only); false: off. On resume only the optimizer's class "
+                                                  "is fixed (checked against the checkpoint's)", resume=APPLIED)
     offload_optimizer: bool | str = _opt(False, "the optimizer state in pinned host memory: false: on the GPU / "
                                                 "true: off it except during the optimizer step (frees it for the "
                                                 "rollout and the activations) / stream: off it always, the step "
