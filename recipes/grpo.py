@@ -88,8 +88,9 @@ from rollout_sleep.grpo.data import (check_prompts, check_rows, completions_for_
                                      prompt_problems, prompt_token_ids, rows_fingerprint, step_rows)
 from rollout_sleep.grpo.errors import RewardError  # noqa: E402
 from rollout_sleep.grpo.loss import GRPOLoss  # noqa: E402
-from rollout_sleep.grpo.rewards import (check_row_values, combine, resolve_rewards, reward_metrics,  # noqa: E402
-                                        reward_summary, score_rewards, unscorable_report)
+from rollout_sleep.grpo.rewards import (absent_optional_columns, check_row_values, combine,  # noqa: E402
+                                        resolve_rewards, reward_metrics, reward_summary, score_rewards,
+                                        silent_rewards, unscorable_report)
 from rollout_sleep.integrations.wandb import credentials_problem, make_tracker  # noqa: E402
 from rollout_sleep.lora.adapter import AdapterSync, LoraSettings  # noqa: E402
 from rollout_sleep.lora.shared_base import trainer_from_engine  # noqa: E402
@@ -176,6 +177,7 @@ class GRPORecipe:
         self._build_trainer()  # a shared LoRA base is a view of the engine's weights: after the engine
         self.loss = GRPOLoss.from_config(self.cfg, pad_id=self.tokenizer.pad_token_id)
         self.sampling_check = SamplingCheck.from_config(self.cfg)  # warns when the correction drops most samples
+        self._silent_said: set[str] = set()  # rewards warned about for scoring none of a step's completions
         self.ref_model = self._reference_model()
         self.manager = self._rollout_manager()
         run_id = self._resume()  # after the manager: a restored state is pushed to the engine
@@ -236,6 +238,9 @@ class GRPORecipe:
             check_row_values(self.rewards, self.data, cfg.data.dataset)
         except RewardError as err:
             problems.append(str(err))
+        else:
+            for note in absent_optional_columns(self.rewards, list(self.data.column_names)) if self.main else ():
+                logging.getLogger("rollout_sleep.grpo.rewards").warning(note)
         problem = temperature_problem(cfg.train.temperature, "train.temperature")  # vLLM's own bounds
         if problem:
             problems.append(problem)
@@ -844,6 +849,13 @@ class GRPORecipe:
         report = unscorable_report(table, self.rewards, rows) if self.main else None
         if report:
             logging.getLogger("rollout_sleep.grpo.rewards").warning("step %d: %s", step, report)
+        for name in silent_rewards(table, self.rewards) if self.main else ():
+            if name not in self._silent_said:  # once per reward: its metric (NaN) says the rest
+                self._silent_said.add(name)
+                logging.getLogger("rollout_sleep.grpo.rewards").warning(
+                    "step %d: reward %r scored none of the %d completions (it returned None or NaN for each; the "
+                    "other rewards scored them): it adds nothing to their totals. Check the columns it reads and the "
+                    "format it expects (said once)", step, name, table.shape[0])
 
     @contextlib.contextmanager
     def _stop_on_non_finite(self):

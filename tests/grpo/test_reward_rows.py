@@ -134,3 +134,74 @@ def test_the_recipe_refuses_a_kwargs_reader_before_vllm(tmp_path):
     assert proc.returncode == 2 and "reward 'from_kwargs' reads column 'answer', which is missing, null or blank" in out, \
         out[-3000:]
     assert ENGINE_START not in out and "Traceback" not in out, out[-3000:]
+
+
+def test_a_column_read_where_present_that_the_dataset_lacks_is_warned_about_before_vllm(tmp_path, monkeypatch, caplog):
+    """A reward that reads its column where present (``solution=None``, ``kwargs.get``, ``"x" in kwargs``,
+    ``example.get``) over a dataset without that column got None for every completion: it never scored, and
+    the run trained on the other rewards without a word (its metric NaN). Now said before vLLM starts, naming
+    the reward, the column and the dataset's columns; over a dataset that has the column, nothing is said."""
+    from rollout_sleep.grpo.rewards import absent_optional_columns, resolve_rewards
+
+    rw = tmp_path / "readers.py"
+    rw.write_text(READERS)
+    _, exact = _task(tmp_path)
+    specs = [f"{exact}:exact_where_known"] + [f"{rw}:{n}" for n in ("kwargs_get", "guarded", "example_get")]
+    rewards = resolve_rewards(specs, load_models=False)
+    assert absent_optional_columns(rewards, ["prompt", "answer"]) == []
+    notes = absent_optional_columns(rewards, ["prompt", "solution"])
+    assert [n.split(" reads")[0] for n in notes] == [f"reward {r.name!r}" for r in rewards], notes
+    assert notes[0].startswith("reward 'exact_where_known' reads column(s) ['answer'] where present, and the dataset "
+                               "has none of them (its columns: ['prompt', 'solution'])"), notes[0]
+
+    data = tmp_path / "renamed.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i}+1=", "solution": str(i + 1)}) + "\n" for i in range(8)))
+    recipe = load_recipe()
+    stop_at_engine(monkeypatch, recipe)
+    cfg = recipe.load_config(str(CONFIG), [f"output_dir={tmp_path / 'run'}", f"data.dataset={data}",
+                                           f"rewards=[{exact}:exact_where_known, digits_format]",
+                                           "wandb.mode=disabled", "train.memory_plan=off"])
+    with caplog.at_level("WARNING", logger="rollout_sleep.grpo.rewards"), pytest.raises(EngineReached):
+        recipe.GRPORecipe(cfg).setup()
+    assert "reward 'exact_where_known' reads column(s) ['answer'] where present" in caplog.text, caplog.text
+
+
+def test_a_reward_reading_prompt_or_completion_by_name_is_refused(tmp_path):
+    """TRL passes a reward the prompt as ``prompts`` and the generated text as ``completions``; dataset columns
+    named ``prompt`` / ``completion`` are not passed. A reward that required one (a parameter, or
+    ``kwargs["completion"]``) passed the column check over a dataset holding it, then failed at the first step
+    after vLLM had started."""
+    from rollout_sleep.grpo.errors import RewardError
+    from rollout_sleep.grpo.rewards import check_columns, resolve_rewards
+
+    rw = tmp_path / "ref.py"
+    rw.write_text(textwrap.dedent("""
+        def by_param(completions, completion, **kwargs):
+            return [float(c == r) for c, r in zip(completions, completion)]
+
+        def by_kwargs(completions, **kwargs):
+            return [float(c == r) for c, r in zip(completions, kwargs["completion"])]
+
+        def by_prompt(prompt, completions, **kwargs):
+            return [0.0] * len(completions)
+    """))
+    for name, col in (("by_param", "completion"), ("by_kwargs", "completion"), ("by_prompt", "prompt")):
+        rewards = resolve_rewards([f"{rw}:{name}"], load_models=False)
+        with pytest.raises(RewardError, match=rf"reward '{name}' reads \['{col}'\], which a reward is never passed "
+                                              r"under that name .* rename the dataset column"):
+            check_columns(rewards, ["prompt", "completion"])
+
+
+def test_a_reward_that_scores_nothing_while_others_score_is_named():
+    """Per step, the rewards that returned None/NaN for every completion while another reward scored some (a
+    column read where present but never there, a format never matched): they add nothing, silently."""
+    import torch
+
+    from rollout_sleep.grpo.rewards import resolve_rewards, silent_rewards
+
+    rewards = resolve_rewards(["digits_format", "length_target"], load_models=False)
+    nan = float("nan")
+    assert silent_rewards(torch.tensor([[1.0, nan], [0.0, nan]]), rewards) == ["length_target"]
+    assert silent_rewards(torch.tensor([[1.0, nan], [0.0, 2.0]]), rewards) == []
+    assert silent_rewards(torch.tensor([[nan, nan], [nan, nan]]), rewards) == []  # the step stops on that instead
+    assert silent_rewards(torch.tensor([[nan], [nan]]), rewards[:1]) == []

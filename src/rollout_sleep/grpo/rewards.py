@@ -61,6 +61,7 @@ REWARDS: dict[str, RewardFn] = {}
 
 # Keyword arguments TRL's GRPOTrainer passes besides the dataset columns.
 TRL_ARGS = ("prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric", "environments")
+NOT_PASSED = ("prompt", "completion")  # dataset columns a TRL-style reward never receives (TRL 1.16 drops them)
 
 
 def register(fn: RewardFn) -> RewardFn:
@@ -117,6 +118,7 @@ class Reward:
     accepts_any_column: bool = True  # it takes **kwargs (TRL passes every column)
     accepted: tuple[str, ...] = field(default=())  # the keyword names it accepts, when not **kwargs
     read_through: str | None = None  # the **kwargs parameter it reads required columns from (kwargs["answer"])
+    optional_columns: tuple[str, ...] = ()  # columns it reads where present: a parameter defaulting to None, .get
 
 
 def _import(spec: str) -> Callable:
@@ -157,22 +159,22 @@ def _import(spec: str) -> Callable:
     return fn
 
 
-def _keys_read(fn: Callable, param: str) -> tuple[str, ...]:
-    """The keys ``fn``'s source reads from its parameter ``param`` (``**kwargs``, or the example dict) such that a
-    missing or null value is not handled: ``param["x"]`` and ``param.pop("x")``, but not ``param.get("x")``,
-    ``param.pop("x", default)`` nor a key tested with ``"x" in param`` first. Empty where the source cannot be read
-    (a builtin, a callable object, a lambda defined among others on one line)."""
+def _keys_read(fn: Callable, param: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The keys ``fn``'s source reads from its parameter ``param`` (``**kwargs``, or the example dict): those
+    whose missing or null value is not handled (``param["x"]``, ``param.pop("x")``), and those it reads where
+    present (``param.get("x")``, ``param.pop("x", default)``, a key tested with ``"x" in param`` first). Empty
+    where the source cannot be read (a builtin, a callable object, a lambda defined among others on one line)."""
     import ast
     import textwrap
 
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
     except (OSError, TypeError, SyntaxError, ValueError):
-        return ()
+        return (), ()
     func = next((n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
                  and n.name == getattr(fn, "__name__", None)), None)
     if func is None:
-        return ()
+        return (), ()
 
     def is_param(node) -> bool:
         return isinstance(node, ast.Name) and node.id == param
@@ -194,7 +196,7 @@ def _keys_read(fn: Callable, param: str) -> tuple[str, ...]:
         elif isinstance(node, ast.Compare) and key(node.left) and len(node.ops) == 1 and \
                 isinstance(node.ops[0], (ast.In, ast.NotIn)) and is_param(node.comparators[0]):
             handled.add(key(node.left))
-    return tuple(dict.fromkeys(k for k in read if k not in handled))
+    return tuple(dict.fromkeys(k for k in read if k not in handled)), tuple(sorted(handled))
 
 
 def _describe(name: str, fn: Callable, weight: float) -> Reward:
@@ -212,18 +214,22 @@ def _describe(name: str, fn: Callable, weight: float) -> Reward:
                          if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is p.empty
                          and n not in TRL_ARGS)
         kwargs = next((n for n, p in params.items() if p.kind is p.VAR_KEYWORD), None)
-        read = tuple(k for k in (_keys_read(fn, kwargs) if kwargs else ())  # columns only: TRL passes no 'prompt'
-                     if k not in TRL_ARGS and k not in params and k not in ("prompt", "completion"))
+        read, handled = _keys_read(fn, kwargs) if kwargs else ((), ())
+        read = tuple(k for k in read if k not in TRL_ARGS and k not in params)
+        optional = tuple(n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                         and p.default is None and n not in TRL_ARGS) + \
+            tuple(k for k in handled if k not in TRL_ARGS and k not in params)
         return Reward(name, fn, weight, batched=True, required_columns=required + read, accepts_any_column=var_kw,
-                      accepted=tuple(named), read_through=kwargs if read else None)
+                      accepted=tuple(named), read_through=kwargs if read else None, optional_columns=optional)
     positional = [n for n, p in params.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     required = [n for n, p in params.items() if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL,
                                                                                           p.VAR_KEYWORD)]
     if positional[:1] == ["completion"] and len(positional) >= 2 and len(required) <= 2:
         columns = getattr(fn, "columns", None)  # declared, or read from the example: example["answer"]
-        columns = tuple(columns) if columns is not None else \
-            tuple(k for k in _keys_read(fn, positional[1]) if k != "prompt")
-        return Reward(name, fn, weight, batched=False, required_columns=columns)
+        read, handled = _keys_read(fn, positional[1])
+        optional = tuple(k for k in handled if k != "prompt")
+        columns = tuple(columns) if columns is not None else tuple(k for k in read if k != "prompt")
+        return Reward(name, fn, weight, batched=False, required_columns=columns, optional_columns=optional)
     raise RewardError(f"reward {name!r} has signature {name.split(':')[-1]}{inspect.signature(fn)}; a reward takes "
                       f"TRL's `(prompts, completions, **kwargs) -> list[float | None]` (batched) or "
                       f"`(completion: str, example: dict) -> float`")
@@ -279,6 +285,12 @@ def check_columns(rewards: list[Reward], columns: list[str]) -> None:
                           f"trainer (prompts, completions, trainer_state, log_extra, log_metric); every column is "
                           f"passed by name too (as TRL does), so they would collide: rename them in the dataset")
     for r in rewards:
+        never = [c for c in r.required_columns if c in NOT_PASSED] if r.batched else []
+        if never:
+            raise RewardError(f"reward {r.name!r} reads {never}, which a reward is never passed under that name "
+                              f"(TRL's rule: the prompt comes as `prompts`, the generated text as `completions`, its "
+                              f"token ids as `completion_ids`; a dataset column of that name is not passed): rename "
+                              f"the dataset column (e.g. 'reference') and read it under its new name")
         missing = [c for c in r.required_columns if c not in columns]
         if missing:
             raise RewardError(f"reward {r.name!r} needs dataset column(s) {missing}; the dataset has {columns}")
@@ -287,6 +299,29 @@ def check_columns(rewards: list[Reward], columns: list[str]) -> None:
             if refused:
                 raise RewardError(f"reward {r.name!r} does not accept dataset column(s) {refused}, which are passed "
                                   f"to every reward by name (as TRL does): add `**kwargs` to its signature")
+
+
+def absent_optional_columns(rewards: list[Reward], columns: list[str]) -> list[str]:
+    """Warnings for the columns a reward reads where present (a parameter defaulting to ``None``, ``.get``) that
+    the dataset lacks: that reward gets ``None`` (or its default) for every completion, which TRL's rule reads as
+    "does not apply", so it never scores; often a column named otherwise (``answer`` for ``solution``)."""
+    out = []
+    for r in rewards:
+        absent = [c for c in r.optional_columns if c not in columns and c not in NOT_PASSED]
+        if absent:
+            out.append(f"reward {r.name!r} reads column(s) {absent} where present, and the dataset has none of them "
+                       f"(its columns: {list(columns)}): it gets None or its default for every completion. Rename the "
+                       "dataset column, or the reward's parameter, if they mean the same")
+    return out
+
+
+def silent_rewards(table: torch.Tensor, rewards: list[Reward]) -> list[str]:
+    """The rewards that scored none of a step's completions (every value ``None`` or NaN) while another reward
+    scored some: they add nothing to the total, silently (a column they read is missing, a format they never
+    match)."""
+    if len(rewards) < 2 or not table.numel() or bool(torch.isnan(table).all()):
+        return []
+    return [r.name for j, r in enumerate(rewards) if bool(torch.isnan(table[:, j]).all())]
 
 
 def _empty(value) -> bool:
