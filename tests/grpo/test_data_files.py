@@ -238,3 +238,44 @@ def test_a_column_of_text_and_numbers_is_refused_not_decoded(tmp_path):
     chats.write_text('{"prompt": [{"role": "user", "content": "hi"}], "meta": {"a": 1}}\n'
                      '{"prompt": [{"role": "user", "content": "yo", "name": "x"}], "meta": {"b": "z"}}\n')
     assert len(load_prompts(str(chats))) == 2
+
+
+CHANGED = {  # files whose values datasets would hand a reward changed: refused, naming the file, row and fix
+    "zip.csv": ("prompt,answer\nzip of Boston?,02108\n1+1=,2\n",
+                "column 'answer', data row 1 holds '02108', which pandas reads as the number 2108"),
+    "mixed.csv": ("prompt,answer\n3+9=,12\nhalf of 5=,2.5\n",
+                  "column 'answer', data row 1 holds '12', which pandas reads as the number 12.0"),
+    "na.csv": ("prompt,answer\n1+1=,NA\n2+2=,4\n", "column 'answer', data row 1 holds 'NA', which pandas reads as "
+                                                    "missing"),
+    "dup.csv": ("prompt,answer,answer\n1+1=,2,3\n", "the header names column(s) ['answer'] more than once"),
+    "mixed.jsonl": ('{"prompt": "3+9=", "answer": 12}\n{"prompt": "half of 5=", "answer": 2.5}\n',
+                    "dataset column 'answer' holds whole numbers (12 in mixed.jsonl line 1) and fractional ones "
+                    "(2.5 in mixed.jsonl line 2): datasets reads the column as floats, so 12 comes back as 12.0"),
+}
+
+
+@pytest.mark.parametrize("name", CHANGED)
+def test_values_datasets_would_change_are_refused(tmp_path, name):
+    """The built-in ``arithmetic_exact`` scored the correct completion "12" 0.0 against a JSON Lines answer 12 read
+    back as 12.0 (a 2.5 elsewhere in the column), "02108" against a CSV cell read as 2108; a repeated CSV header
+    was renamed ``answer.1`` and "NA" read as no value, each without a word."""
+    text, said = CHANGED[name]
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ValueError, match="Use JSON Lines with the value quoted as text|Write every value as text|"
+                                         "give every column its own name") as err:
+        load_prompts(str(tmp_path / name))
+    assert said in str(err.value), str(err.value)
+
+
+def test_a_folder_of_files_typing_a_column_apart_is_refused(tmp_path):
+    """Each file of a folder is typed alone, then cast to one type: ``"007"`` in one file beside ``1`` in another
+    came back 7. Files that agree load, numbers and text alike."""
+    (tmp_path / "a.jsonl").write_text('{"prompt": "1+0=", "answer": 1}\n')
+    (tmp_path / "b.jsonl").write_text('{"prompt": "James Bond?", "answer": "007"}\n')
+    with pytest.raises(ValueError, match=r"dataset column 'answer' holds text \('007' in b.jsonl line 1\) and numbers "
+                                         r"\(1 in a.jsonl line 1\) across the dataset's files"):
+        load_prompts(str(tmp_path))
+    (tmp_path / "b.jsonl").write_text('{"prompt": "2+0=", "answer": 2}\n')
+    assert load_prompts(str(tmp_path))["answer"] == [1, 2]
+    (tmp_path / "c.csv").write_text('prompt,answer,score\n"a, b",x,1.5\n1+1=,2,2.25\n')
+    assert load_prompts(str(tmp_path / "c.csv"))["score"] == [1.5, 2.25]

@@ -46,7 +46,8 @@ def load_prompts(source: str, *, prompt_column: str = "prompt", split: str = "tr
     kinds = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
     if path.is_file() and path.suffix.lower() not in kinds:  # data.JSONL is JSON Lines too
         raise ValueError(f"unsupported dataset file {path.name!r}; use one of {sorted(kinds)}")
-    for f in _text_files(path):  # pyarrow reads bytes that are not UTF-8 into the rows, to fail when one is read
+    files = _text_files(path)
+    for f in files:  # pyarrow reads bytes that are not UTF-8 into the rows, to fail when one is read
         problem = _decode_problem(f) or (_csv_problem(f) if f.suffix.lower() == ".csv" else None)  # pandas fills short rows
         if problem:
             raise ValueError(problem)
@@ -59,7 +60,8 @@ def load_prompts(source: str, *, prompt_column: str = "prompt", split: str = "tr
         raise
     except Exception as err:  # datasets' own messages name neither the file nor the line
         raise ValueError(file_problem(path, err)) from err
-    problem = mixed_column_problem(ds)
+    problem = mixed_column_problem(ds) or _json_types_problem(files) or \
+        next(filter(None, (_csv_values_problem(f) for f in files if f.suffix.lower() == ".csv")), None)
     if problem:
         raise ValueError(problem)
     if prompt_column not in ds.column_names:
@@ -93,6 +95,105 @@ def mixed_column_problem(ds) -> str | None:
                     f"a column as JSON and turns text that looks like a number into one (\"007\" becomes 7), "
                     f"silently. Give the column one type in every row: quote every value as text (\"{name}\": "
                     f"\"7\") or write every value as a number")
+    return None
+
+
+def _json_rows(path: Path):
+    """``(line, row)`` for each object of a JSON Lines file, or of a JSON file (one array, or one object per
+    line); rows that are not objects are skipped (the loader names them)."""
+    import json
+
+    text = path.read_text(encoding="utf-8-sig")
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        rows = json.loads(text)
+        return [(None, r) for r in rows if isinstance(r, dict)]
+    out = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            row = json.loads(line)
+            if isinstance(row, dict):
+                out.append((number, row))
+    return out
+
+
+def _json_types_problem(files: list[Path]) -> str | None:
+    """Why a column of the JSON / JSON Lines files would not come back as written, or ``None``: whole numbers
+    beside fractional ones (datasets reads the column as floats: ``12`` comes back ``12.0``), or text beside numbers
+    across the files of a folder (each file is typed alone, then cast: ``"007"`` comes back ``7``). A reward
+    comparing answers as text would score the changed values, silently."""
+    seen: dict[str, dict[str, tuple[Path, int | None, object]]] = {}  # column -> kind -> first (file, line, value)
+    for f in files:
+        if f.suffix.lower() not in (".json", ".jsonl"):
+            continue
+        try:
+            rows = _json_rows(f)
+        except ValueError:
+            return None  # not JSON: the loader's own check names the line
+        for line, row in rows:
+            for key, value in row.items():
+                kind = ("bool" if isinstance(value, bool) else "int" if isinstance(value, int) else
+                        "float" if isinstance(value, float) else "text" if isinstance(value, str) else None)
+                if kind:
+                    seen.setdefault(key, {}).setdefault(kind, (f, line, value))
+    for key, kinds in seen.items():
+        def where(kind):
+            f, line, value = kinds[kind]
+            return f"{value!r} in {f.name}" + (f" line {line}" if line else "")
+        if "int" in kinds and "float" in kinds:
+            return (f"dataset column {key!r} holds whole numbers ({where('int')}) and fractional ones "
+                    f"({where('float')}): datasets reads the column as floats, so {kinds['int'][2]!r} comes back "
+                    f"as {float(kinds['int'][2])!r} and a reward comparing it as text scores it wrong, silently. Write "
+                    f"every value as text (\"{key}\": \"{kinds['int'][2]}\") or every one with a decimal point")
+        number = next((k for k in ("int", "float", "bool") if k in kinds), None)
+        if "text" in kinds and number:
+            return (f"dataset column {key!r} holds text ({where('text')}) and numbers ({where(number)}) across the "
+                    f"dataset's files: datasets types each file alone, then casts them to one type, so text that "
+                    f"looks like a number changes (\"007\" becomes 7), silently. Give the column one type in every "
+                    f"file: quote every value as text, or write every value as a number")
+    return None
+
+
+def _csv_values_problem(path: Path) -> str | None:
+    """The first cell of a CSV file that would not come back as written, or ``None``: pandas (datasets' CSV
+    reader) parses cells that look like numbers (``02108`` becomes 2108, ``12`` beside ``2.5`` becomes 12.0) and
+    reads ``NA``, ``None``, ``null``, ``NaN`` as missing. A reward would see the changed value, silently."""
+    import csv
+
+    import pandas as pd
+
+    with open(path, encoding="utf-8-sig", newline="") as fh:
+        raw = list(csv.reader(fh))
+    if len(raw) < 2:
+        return None
+    header, parsed = raw[0], pd.read_csv(path, encoding="utf-8-sig")
+    if list(parsed.columns) != header:
+        dup = sorted({h for h in header if header.count(h) > 1})
+        if dup:
+            return (f"dataset file {str(path)!r}: the header names column(s) {dup} more than once (pandas would "
+                    f"rename the second to '{dup[0]}.1', and a reward reading '{dup[0]}' gets the first only): give "
+                    f"every column its own name")
+        return None
+    rows = [r for r in raw[1:] if r]
+    for j, name in enumerate(header):
+        column = parsed[name]
+        numeric = column.dtype.kind in "iuf"
+        for i, cell in enumerate(r[j] for r in rows):
+            value = column.iloc[i]
+            if pd.isna(value):
+                if cell.strip():
+                    return (f"dataset file {str(path)!r}: column {name!r}, data row {i + 1} holds {cell!r}, which "
+                            f"pandas reads as missing (it takes NA, None, null, NaN and the like for no value): a "
+                            f"reward would get None there. Use JSON Lines with the value quoted as text (\"{name}\": "
+                            f"\"{cell}\")")
+                continue
+            if numeric and cell.strip() != (str(int(value)) if column.dtype.kind in "iu" else repr(float(value))):
+                return (f"dataset file {str(path)!r}: column {name!r}, data row {i + 1} holds {cell!r}, which pandas "
+                        f"reads as the number {value.item()!r} (it parses cells that look like numbers): a reward "
+                        f"would see {value.item()!r}, not {cell!r}"
+                        + (" (an empty cell in the column makes pandas read all of it as floats)"
+                           if column.dtype.kind == "f" and column.isna().any() else "")
+                        + ". Use JSON Lines with the value quoted as text "
+                        f"(\"{name}\": \"{cell}\")")
     return None
 
 
