@@ -85,12 +85,13 @@ from rollout_sleep.engine.memory import PhasePeaks, enable_expandable_segments, 
 from rollout_sleep.engine.phases import plot_timeline  # noqa: E402
 from rollout_sleep.grpo.data import (check_prompts, check_rows, completions_for_rewards,  # noqa: E402
                                      engine_context, is_conversational, load_prompts, prepare_prompts,
-                                     prompt_problems, prompt_token_ids, rows_fingerprint, step_rows)
+                                     prompt_problems, prompt_token_ids, prompts_fingerprint, rows_fingerprint,
+                                     step_rows)
 from rollout_sleep.grpo.errors import RewardError  # noqa: E402
 from rollout_sleep.grpo.loss import GRPOLoss  # noqa: E402
 from rollout_sleep.grpo.rewards import (absent_optional_columns, check_row_values, combine,  # noqa: E402
-                                        resolve_rewards, reward_metrics, reward_summary, score_rewards,
-                                        silent_rewards, unscorable_report)
+                                        resolve_rewards, reward_metrics, reward_summary, rewards_fingerprint,
+                                        score_rewards, silent_rewards, unscorable_report)
 from rollout_sleep.integrations.wandb import credentials_problem, make_tracker  # noqa: E402
 from rollout_sleep.lora.adapter import AdapterSync, LoraSettings  # noqa: E402
 from rollout_sleep.lora.shared_base import trainer_from_engine  # noqa: E402
@@ -164,6 +165,7 @@ class GRPORecipe:
         with self._model_files() as folder:  # the model's tokenizer (its chat template, its context) formats and
             self._prepare_prompts(folder)  # checks the prompts
             self._check_syncable(folder)
+        output_dir.check_inputs(self.out, self.dataset_record, self.cfg.resume and not self.cfg.overwrite)
         self._claim_output_dir()
         self.model_path = self._model_path()
         kv_bytes = self._kv_cache_bytes()  # the longest prompt sizes one step's KV cache
@@ -247,7 +249,8 @@ class GRPORecipe:
         if problems:
             raise ConfigError(problems)
         self.reward_weights = [r.weight for r in self.rewards]
-        self.dataset_record = {"dataset_rows": len(self.data), "dataset_fingerprint": rows_fingerprint(self.data)}
+        self.dataset_record = {"dataset_rows": len(self.data), "dataset_fingerprint": rows_fingerprint(self.data),
+                               "rewards_fingerprint": rewards_fingerprint(self.rewards)}
         output_dir.check_dataset(self.out, len(self.data), self.dataset_record["dataset_fingerprint"],
                                  cfg.data.dataset, cfg.resume and not cfg.overwrite)
 
@@ -314,6 +317,9 @@ class GRPORecipe:
             check_prompts(self.data, self.prompt_tokenizer, context, cfg.train.max_tokens, context_from,
                           where=self._data_where())
             self.conversational = is_conversational(self.data)
+            ids = prompt_token_ids(self.prompt_tokenizer, list(self.data["prompt"]))
+            self._longest = max(len(i) for i in ids)  # sizes one step's KV cache
+            self.dataset_record["prompts_fingerprint"] = prompts_fingerprint(ids)
             for r in self.rewards:  # a reward model reads the prompts in their format
                 if hasattr(r.fn, "check_prompts"):
                     r.fn.check_prompts(self.conversational)
@@ -506,16 +512,11 @@ class GRPORecipe:
         cfg, t = self.cfg.engine, self.cfg.train
         if cfg.kv_cache_bytes is not None or cfg.kv_cache != "step" or not torch.cuda.is_available():
             return cfg.kv_cache_bytes
-        longest = self._longest_prompt()
+        longest = self._longest
         prompts = t.prompts_per_step if self.tp > 1 else -(-t.prompts_per_step // self.acc.num_processes)
         context = engine_context(self.model_path, cfg.max_model_len)[0] or 0
         tokens = max(prompts * t.generations * (longest + t.max_tokens + 16), context)
         return kv_cache_bytes_for(self.model_path, int(tokens * 1.25), self.cfg.model.dtype) // self.tp
-
-    def _longest_prompt(self) -> int:
-        if not hasattr(self, "_longest"):
-            self._longest = max(len(ids) for ids in prompt_token_ids(self.prompt_tokenizer, list(self.data["prompt"])))
-        return self._longest
 
     def _memory_plan(self, kv_bytes: int | None) -> memory_plan.MemoryPlan | None:
         """The per-phase memory plan (:mod:`rollout_sleep.run.memory_check`), printed and written to memory_plan.json;
@@ -531,7 +532,7 @@ class GRPORecipe:
         shards = memory_check.trainer_shards(self.acc.num_processes, self.acc.distributed_type.value, stage)
         plan, self.plan_base_free = memory_check.plan_run(
             self.cfg, self.model_path, processes=self.acc.num_processes, shards=shards,
-            longest_prompt=self._longest_prompt(), kv_bytes=kv_bytes, reward_bytes=reward_bytes,
+            longest_prompt=self._longest, kv_bytes=kv_bytes, reward_bytes=reward_bytes,
             base_shared=self._shares_base(), weights_shared=self.one_copy.on,
             distributed_type=self.acc.distributed_type.value, base_free=before_engine)
         self.acc.print(plan.table())

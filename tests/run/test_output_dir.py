@@ -305,6 +305,49 @@ def test_a_resume_over_rows_changed_in_place_is_refused(tmp_path):
     output_dir.check_dataset(tmp_path, 8, "f2", "data.jsonl", resume=True)
 
 
+def test_a_resume_with_other_prompt_tokens_or_reward_code_is_refused(tmp_path):
+    """A reward file edited between a run and its resume (``> 5`` made ``> 1000``: its mean went 0.94 -> 0.0 under
+    the same metric name), or the model folder's chat template: the old code resumed without a word. The run's
+    digests of its prompts' token ids and of each reward's code are compared; a reward the run did not record
+    (added since: ``rewards`` is a fixed key, refused elsewhere) and a run from before the digests are not."""
+    cfg = RecipeConfig().to_dict()
+    run = {"dataset_rows": 8, "dataset_fingerprint": "f1", "prompts_fingerprint": "p1",
+           "rewards_fingerprint": {"fmt": "r1", "exact": "e1"}}
+    output_dir.write_run_config(tmp_path, cfg, dataset=run)
+    changed = {**run, "prompts_fingerprint": "p2", "rewards_fingerprint": {"fmt": "r2", "exact": "e1"}}
+    output_dir.check_inputs(tmp_path, changed, resume=True)  # nothing trained yet
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    output_dir.check_inputs(tmp_path, run, resume=True)
+    output_dir.check_inputs(tmp_path, changed, resume=False)
+    with pytest.raises(output_dir.RunDirError) as err:
+        output_dir.check_inputs(tmp_path, changed, resume=True)
+    msg = str(err.value)
+    for said in ("holds a run trained with other inputs: the prompts' token ids", "code of reward 'fmt'",
+                 "restore them as they were", "a new output_dir, or resume=false overwrite=true"):
+        assert said in msg, (said, msg)
+    assert "'exact'" not in msg
+    with pytest.raises(output_dir.RunDirError, match="code of reward 'fmt'"):
+        output_dir.check_inputs(tmp_path, {**run, "rewards_fingerprint": {"fmt": "r2"}}, resume=True)
+    output_dir.write_run_config(tmp_path, cfg, dataset={"dataset_rows": 8, "dataset_fingerprint": "f1"})
+    output_dir.check_inputs(tmp_path, changed, resume=True)  # a run from before the digests
+
+
+def test_reward_and_prompt_digests_follow_the_code_and_the_tokens(tmp_path):
+    from rollout_sleep.grpo.data import prompts_fingerprint
+    from rollout_sleep.grpo.rewards import resolve_rewards, rewards_fingerprint
+
+    rw = tmp_path / "rw.py"
+    rw.write_text("def fmt(completions, **kw):\n    return [float(len(c) > 5) for c in completions]\n")
+    first = rewards_fingerprint(resolve_rewards([f"{rw}:fmt", "digits_format"], load_models=False))
+    assert list(first) == ["fmt"]  # the library's built-ins are the library's
+    rw.write_text("def fmt(completions, **kw):\n    return [float(len(c) > 1000) for c in completions]\n")
+    import sys
+    sys.modules.pop("rollout_sleep_user_rewards.rw", None)
+    assert rewards_fingerprint(resolve_rewards([f"{rw}:fmt"], load_models=False)) != first
+    assert prompts_fingerprint([[1, 2], [3]]) == prompts_fingerprint([[1, 2], [3]])
+    assert prompts_fingerprint([[1, 2], [3]]) != prompts_fingerprint([[1], [2, 3]])
+
+
 def test_a_checkpoint_that_cannot_be_set_aside_is_explained(tmp_path, monkeypatch):
     """A damaged step folder that cannot be moved (immutable, or another user's): the old code stopped the run
     with a raw PermissionError from os.replace, after the engine started. Now the error names the folder, why it

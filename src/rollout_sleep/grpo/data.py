@@ -607,6 +607,18 @@ def check_prompts(ds, tokenizer, max_model_len: int | None, max_tokens: int,
             ", ".join(f"row {i}: {n} prompt tokens" for i, n in cut[:5]) + (", ..." if len(cut) > 5 else ""))
 
 
+def prompts_fingerprint(token_ids: list[list[int]]) -> str:
+    """A digest of every prompt's token ids, in order: what vLLM generates from, after the chat template, the
+    system prompt and the tokenizer (a resume compares it with the run's)."""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=16)
+    for ids in token_ids:
+        digest.update(len(ids).to_bytes(4, "little"))
+        digest.update(b"".join(int(i).to_bytes(4, "little") for i in ids))
+    return digest.hexdigest()
+
+
 def prompt_token_ids(tokenizer, prompts: list) -> list[list[int]]:
     """Token ids of each prompt as TRL's GRPOTrainer makes them: the chat template with the generation
     prompt for conversations, the tokenizer alone for text."""

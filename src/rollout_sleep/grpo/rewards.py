@@ -275,6 +275,32 @@ def resolve_rewards(specs: list, weights: list[float] | None = None, *, columns:
     return out
 
 
+def rewards_fingerprint(rewards: list[Reward]) -> dict[str, str]:
+    """Reward name -> a digest of what computes it: the source file of a user's function (or of a callable
+    object's class), a reward model's config and the names and sizes of its files. The library's built-ins and
+    functions whose source cannot be read are left out. A resume compares them with the run's."""
+    import hashlib
+
+    out = {}
+    for r in rewards:
+        digest = hashlib.blake2b(digest_size=16)
+        folder = getattr(r.fn, "path", None)
+        if folder is not None and Path(folder, "config.json").is_file():  # a reward model's checkpoint
+            digest.update(Path(folder, "config.json").read_bytes())
+            for f in sorted(Path(folder).iterdir()):
+                digest.update(f"{f.name}:{f.stat().st_size}".encode())
+        else:
+            fn = r.fn if inspect.isfunction(r.fn) or inspect.ismethod(r.fn) else type(r.fn)
+            if getattr(fn, "__module__", "").startswith("rollout_sleep."):
+                continue
+            try:
+                digest.update(Path(inspect.getsourcefile(fn)).read_bytes())
+            except (OSError, TypeError):
+                continue
+        out[r.name] = digest.hexdigest()
+    return out
+
+
 def check_columns(rewards: list[Reward], columns: list[str]) -> None:
     """Each function's named columns are in the dataset, and TRL-style functions accept every column (TRL
     passes them all: one without ``**kwargs`` would fail at the first step)."""

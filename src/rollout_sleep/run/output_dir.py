@@ -38,7 +38,8 @@ logger = logging.getLogger(__name__)
 
 STATE_FILE = "recipe_state.json"
 RUN_CONFIG = "run_config.json"
-DATASET_KEYS = ("dataset_rows", "dataset_fingerprint")  # what the run read, beside its settings (check_dataset)
+DATASET_KEYS = ("dataset_rows", "dataset_fingerprint",  # what the run read, beside its settings (check_dataset,
+                "prompts_fingerprint", "rewards_fingerprint")  # check_inputs)
 LOG_FILE = "run.log"  # the main process's log, and the traceback of an error that stopped the run
 STAGING_PREFIX = ".partial-"
 _STEP = re.compile(r"step_(\d+)$")
@@ -224,6 +225,32 @@ def check_dataset(out: Path, rows: int, fingerprint: str, source: str, resume: b
         return
     raise RunDirError(f"output_dir {str(out)!r} holds a run over {what}. To resume, {restore}; to train on the "
                       "changed rows, start a new run (a new output_dir, or resume=false overwrite=true)")
+
+
+def check_inputs(out: Path, record: dict, resume: bool) -> None:
+    """Raise :class:`RunDirError` when resuming the run in ``out`` with other prompts than it generated from (the
+    token ids vLLM was given: a chat template, ``data.system_prompt`` or tokenizer edited in the model's folder) or
+    other reward code (a reward file or a reward model's checkpoint changed): the remaining steps would train
+    another objective under the same metric names, silently. ``record``: this run's ``prompts_fingerprint``
+    and ``rewards_fingerprint`` (reward name -> digest of its source file or checkpoint). Reads only; what a run
+    did not record is not checked."""
+    old = _previous_config(out)
+    if not resume or old is None or not (logged_steps(out / "metrics.jsonl") or saved_steps(out / "checkpoints")):
+        return
+    changed = []
+    if old.get("prompts_fingerprint") not in (None, record.get("prompts_fingerprint")):
+        changed.append("the prompts' token ids (the model folder's chat template or tokenizer, or how the prompts "
+                       "are formatted, changed since the run tokenized them)")
+    before, now = old.get("rewards_fingerprint"), record.get("rewards_fingerprint") or {}
+    if isinstance(before, dict):
+        changed += [f"code of reward {name!r} (its source file, or its checkpoint, changed since the run read it)"
+                    for name, digest in before.items() if name in now and now[name] != digest]
+    if changed:
+        raise RunDirError(f"output_dir {str(out)!r} holds a run trained with other inputs: {'; '.join(changed)}. "
+                          "Resuming "
+                          "would train the remaining steps on another objective than the saved steps, under the same "
+                          "metric names. To resume, restore them as they were; to train with the new ones, start a "
+                          "new run (a new output_dir, or resume=false overwrite=true)")
 
 
 def lock(out: Path):
