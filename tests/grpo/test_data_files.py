@@ -279,3 +279,48 @@ def test_a_folder_of_files_typing_a_column_apart_is_refused(tmp_path):
     assert load_prompts(str(tmp_path))["answer"] == [1, 2]
     (tmp_path / "c.csv").write_text('prompt,answer,score\n"a, b",x,1.5\n1+1=,2,2.25\n')
     assert load_prompts(str(tmp_path / "c.csv"))["score"] == [1.5, 2.25]
+
+
+def test_unclear_dataset_mistakes_are_named_with_the_cause_and_the_fix(tmp_path):
+    """Each raised before vLLM, but said as datasets' own words ("If using all scalar values, you must pass an
+    index", "Unknown split "train"", "New column name prompt already in the dataset"), or not at all: a CSV cell
+    holding a conversation written out as JSON was sent to the model as text, brackets and quotes included."""
+    from rollout_sleep.grpo.data import prompt_problems
+
+    (tmp_path / "k.jsonl").write_text('{"prompt": "1+1=", "answer": "2", "answer": "3"}\n')
+    with pytest.raises(ValueError, match=r"k.jsonl': line 1 gives key\(s\) \['answer'\] more than once"):
+        load_prompts(str(tmp_path / "k.jsonl"))
+    (tmp_path / "q.jsonl").write_text('{"prompt": "x", "question": "1+1=", "answer": "2"}\n')
+    with pytest.raises(ValueError, match="data.prompt_column='question' renames column 'question' to 'prompt'.*has a "
+                                         "'prompt' column already"):
+        load_prompts(str(tmp_path / "q.jsonl"), prompt_column="question")
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "data_eval.jsonl").write_text('{"prompt": "e"}\n')
+    with pytest.raises(ValueError, match="has no train split: datasets splits a folder's files by their names.*Point "
+                                         "data.dataset at the file to train on"):
+        load_prompts(str(tmp_path / "f"))
+    (tmp_path / "m.csv").write_text('prompt,answer\n"[{""role"": ""user"", ""content"": ""1+1=""}]",x\n'
+                                    '"what is [1, 2] in role play?",y\n')
+    (problem,) = prompt_problems(load_prompts(str(tmp_path / "m.csv")))
+    assert "1 of 2 prompt(s) cannot be used" in problem and "row 0 is text holding a list of messages written out" \
+        in problem and "in a JSON Lines or Parquet file" in problem, problem
+
+
+def test_a_prompt_the_chat_template_refuses_is_named_by_row(tmp_path, ckpts):
+    from transformers import AutoTokenizer
+
+    from rollout_sleep.grpo.data import check_prompts
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(ckpts["tied0"], model)
+    (model / "chat_template.jinja").write_text(
+        "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception("
+        "'Conversation roles must alternate') }}{% endif %}{{ m['content'] }}{% endfor %}")
+    rows = [[{"role": "user", "content": "hi"}]] * 3 + [[{"role": "user", "content": "a"}, {"role": "user",
+                                                                                          "content": "b"}]]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"prompt": r}) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"row 3 of the dataset \(\[\{'role': 'user', 'content': 'a'\}.* cannot be "
+                                         r"tokenized by the model's chat template \(model.path\): TemplateError: "
+                                         r"Conversation roles must alternate"):
+        check_prompts(load_prompts(str(tmp_path / "c.jsonl")), AutoTokenizer.from_pretrained(model), 1024, 8)

@@ -255,3 +255,13 @@ def test_huge_finite_rewards_keep_their_advantages():
                                                     r"the first for dataset row 5\): scale the rewards or "
                                                     r"reward_weights down"):
         recipe.GRPORecipe._check_rewards(step, combine(table, [10.0]), table, rows=[4, 5])
+
+
+def test_an_int_beyond_float64_is_a_reward_error_naming_the_reward(tmp_path):
+    """``10**400`` raised a bare OverflowError from float(), without the reward's name."""
+    from rollout_sleep.grpo.errors import RewardError
+
+    (tmp_path / "r.py").write_text("def big(completions, **kw):\n    return [10**400] * len(completions)\n")
+    with pytest.raises(RewardError, match=r"reward 'big' returned a number too large for a float64 for completion 0 "
+                                          r"\(10000000000000000000\.\.\., 401 digits\)"):
+        score_rewards(resolve_rewards([f"{tmp_path}/r.py:big"]), ["p"], ["c"], [{"prompt": "p"}])

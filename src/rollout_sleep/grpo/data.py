@@ -66,6 +66,10 @@ def load_prompts(source: str, *, prompt_column: str = "prompt", split: str = "tr
         raise ValueError(problem)
     if prompt_column not in ds.column_names:
         raise KeyError(f"dataset {source!r} has no column {prompt_column!r}; columns: {ds.column_names}")
+    if prompt_column != "prompt" and "prompt" in ds.column_names:
+        raise ValueError(f"data.prompt_column={prompt_column!r} renames column {prompt_column!r} to 'prompt' (rewards "
+                         f"receive it as `prompts`), and dataset {source!r} has a 'prompt' column already: drop or "
+                         f"rename that column, or set data.prompt_column=prompt")
     if prompt_column != "prompt":
         ds = ds.rename_column(prompt_column, "prompt")
     if n and n > len(ds):
@@ -272,12 +276,16 @@ def _format_problem(path: Path, text: str) -> str | None:
         for number, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
+            twice: list[str] = []
             try:
-                row = json.loads(line)
+                row = json.loads(line, object_pairs_hook=lambda pairs: _note_repeated(pairs, twice))
             except json.JSONDecodeError as err:
                 if suffix == ".json" and number == 1:
                     break  # one JSON document spread over lines: parsed whole below
                 return f"dataset file {str(path)!r}: line {number} is not valid JSON ({err.msg} at column {err.colno})"
+            if twice:
+                return (f"dataset file {str(path)!r}: line {number} gives key(s) {twice} more than once (JSON keeps "
+                        f"the last, the loader refuses the row): give each key once per line")
             if not isinstance(row, dict):
                 return (f"dataset file {str(path)!r}: line {number} is a JSON {type(row).__name__}, not an object "
                         f"(one {{\"prompt\": ...}} object per line)")
@@ -291,6 +299,13 @@ def _format_problem(path: Path, text: str) -> str | None:
     if suffix == ".csv":
         return _csv_problem(path)
     return None
+
+
+def _note_repeated(pairs: list, twice: list[str]) -> dict:
+    """``json.loads``' object hook: the object, with the keys given more than once noted in ``twice``."""
+    keys = [k for k, _ in pairs]
+    twice += [k for k in dict.fromkeys(keys) if keys.count(k) > 1 and k not in twice]
+    return dict(pairs)
 
 
 def _csv_problem(path: Path) -> str | None:
@@ -323,6 +338,10 @@ def file_problem(path: Path, err: Exception) -> str:
     while cause.__cause__ is not None or cause.__context__ is not None:  # datasets wraps the reader's error
         cause = cause.__cause__ or cause.__context__
     where = f"dataset file {str(path)!r}" if path.is_file() else f"dataset folder {str(path)!r}"
+    if not path.is_file() and "Unknown split" in str(cause):
+        return (f"{where} has no train split: datasets splits a folder's files by their names (a name holding test, "
+                f"eval or valid goes to that split, e.g. data_eval.jsonl), and none of its files is a train file "
+                f"({type(cause).__name__}: {cause}). Point data.dataset at the file to train on")
     return f"{where} cannot be read: {type(cause).__name__}: {cause}"
 
 
@@ -435,7 +454,9 @@ def _prompt_problem(prompt) -> str | None:
     hold visible text, and so must at least one message (a blank system or assistant message beside a user's
     question is harmless, a conversation with nothing visible is not a prompt)."""
     if isinstance(prompt, str):
-        return None if _visible(prompt) else _blank(prompt)
+        if not _visible(prompt):
+            return _blank(prompt)
+        return _encoded_messages(prompt)
     if prompt is None:
         return "is null (missing)"
     if not isinstance(prompt, list) or not prompt:
@@ -451,6 +472,27 @@ def _prompt_problem(prompt) -> str | None:
             return f"has a user message (message {i}) whose content {_blank(m['content'])}"
     if not any(_visible(m["content"]) for m in prompt):
         return "has no message with visible content (each is empty, whitespace or invisible characters)"
+    return None
+
+
+def _encoded_messages(text: str) -> str | None:
+    """Text that holds a conversation written out as JSON or as a Python literal (a CSV cell cannot hold a list):
+    the chat template would never see it, the model would read the brackets and quotes as the prompt."""
+    stripped = text.strip()
+    if not (stripped.startswith("[") and stripped.endswith("]") and "role" in stripped):
+        return None
+    import ast
+    import json
+
+    for parse in (json.loads, ast.literal_eval):
+        try:
+            value = parse(stripped)
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            continue
+        if isinstance(value, list) and value and all(isinstance(m, dict) and "role" in m for m in value):
+            return ("is text holding a list of messages written out ({!r:.60}...): it would be sent as text, brackets "
+                    "and quotes included, without the chat template. Give the messages as a list in a JSON Lines "
+                    "or Parquet file (a CSV cell holds text only)").format(stripped)
     return None
 
 
@@ -592,7 +634,14 @@ def check_prompts(ds, tokenizer, max_model_len: int | None, max_tokens: int,
     try:
         lengths = [len(ids) for ids in prompt_token_ids(tokenizer, list(ds["prompt"]))]
     except Exception as err:  # e.g. a chat template that refuses the roles' order (jinja2's TemplateError)
-        raise ValueError(f"the prompts cannot be tokenized: {type(err).__name__}: {err}") from err
+        prompts = list(ds["prompt"])
+        row = next((i for i, p in enumerate(prompts) if _fails(tokenizer, p)), None)
+        which = (f"row {row} of {where} ({prompts[row]!r:.120}) cannot be tokenized" if row is not None else
+                 f"the prompts of {where} cannot be tokenized")
+        template = " by the model's chat template (model.path)" if isinstance(prompts[row or 0], list) else ""
+        raise ValueError(f"{which}{template}: {type(err).__name__}: {err}. Fix or drop that row, or give a chat "
+                         f"template that takes it" + (" (data.system_prompt adds a system message, which some "
+                                                     "templates refuse)" if template else "")) from err
     long = [(i, n) for i, n in enumerate(lengths) if n >= max_model_len]
     if long:
         raise ValueError(f"{len(long)} prompt(s) have >= {context_from} ({max_model_len}) tokens, leaving no "
@@ -617,6 +666,14 @@ def prompts_fingerprint(token_ids: list[list[int]]) -> str:
         digest.update(len(ids).to_bytes(4, "little"))
         digest.update(b"".join(int(i).to_bytes(4, "little") for i in ids))
     return digest.hexdigest()
+
+
+def _fails(tokenizer, prompt) -> bool:
+    try:
+        prompt_token_ids(tokenizer, [prompt])
+    except Exception:
+        return True
+    return False
 
 
 def prompt_token_ids(tokenizer, prompts: list) -> list[list[int]]:

@@ -404,7 +404,12 @@ def _check_values(r: Reward, values, n: int) -> list[float]:
         if v is None:
             out.append(math.nan)
         elif isinstance(v, numbers.Real):
-            out.append(float(v))
+            try:
+                out.append(float(v))
+            except OverflowError as err:  # an int beyond float64 (10**400)
+                raise RewardError(f"reward {r.name!r} returned a number too large for a float64 for completion "
+                                  f"{i} ({str(v)[:20]}..., {len(str(v))} digits): rewards must be finite floats; "
+                                  f"scale it down") from err
         else:
             raise RewardError(f"reward {r.name!r} returned {v!r} (a {type(v).__name__}) for completion {i}; "
                               f"rewards must be numbers or None")
