@@ -76,7 +76,7 @@ def test_prompts_the_engine_cannot_take_are_refused_before_it_starts(ckpts, tmp_
     strict = AutoTokenizer.from_pretrained(ckpts["tied0"])  # a template that refuses system messages
     strict.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system "
                             "role') }}{% endif %}{{ m['content'] }}{% endfor %}")
-    with pytest.raises(ValueError, match="the prompts cannot be tokenized: TemplateError: no system role"):
+    with pytest.raises(ValueError, match=r"row 0 of the dataset .* cannot be tokenized by the model.s chat template \(model.path\): TemplateError: no system role"):
         check_prompts(Dataset.from_list([{"prompt": [{"role": "system", "content": "Be brief."}]}]), strict,
                       max_model_len=64, max_tokens=8)
     monkeypatch.setenv("HOME", str(tmp_path))  # data.dataset: ~/... as load_config's check reads it

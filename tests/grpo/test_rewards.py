@@ -265,3 +265,39 @@ def test_an_int_beyond_float64_is_a_reward_error_naming_the_reward(tmp_path):
     with pytest.raises(RewardError, match=r"reward 'big' returned a number too large for a float64 for completion 0 "
                                           r"\(10000000000000000000\.\.\., 401 digits\)"):
         score_rewards(resolve_rewards([f"{tmp_path}/r.py:big"]), ["p"], ["c"], [{"prompt": "p"}])
+
+
+def test_a_reward_file_whose_sibling_module_is_another_is_refused(tmp_path, monkeypatch):
+    """Two tasks' reward files each ``import shadow_helper`` from beside them: the second got the first's module
+    (Python imports a name once per process) and scored by the first task's rule, silently."""
+    import sys
+
+    for task in "AB":
+        (tmp_path / task).mkdir()
+        (tmp_path / task / "shadow_helper.py").write_text(f'TARGET = "{task}"\n')
+        (tmp_path / task / "rw.py").write_text(f'import shadow_helper\ndef r(completions, **kw):\n'
+                                               f'    return [float(shadow_helper.TARGET == "{task}")] * len(completions)\n')
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "shadow_helper", raising=False)
+    try:
+        (a,) = resolve_rewards([f"{tmp_path}/A/rw.py:r"])
+        with pytest.raises(RewardError, match=r"it imports 'shadow_helper', which beside it is .*B/shadow_helper.py, but "
+                                              r"a module 'shadow_helper' from .*A/shadow_helper.py is imported already"):
+            resolve_rewards([f"{tmp_path}/B/rw.py:r"])
+        assert resolve_rewards([f"{tmp_path}/A/rw.py:r"])[0].fn is a.fn  # the same file again: its own module
+    finally:
+        sys.modules.pop("shadow_helper", None)
+
+
+def test_all_zero_weights_and_a_blank_system_prompt_are_refused():
+    """``reward_weights=[0, 0]`` trained nothing at every step; ``data.system_prompt=''`` added an empty system
+    message to every prompt. Both said before anything starts."""
+    from rollout_sleep.grpo.data import prepare_prompts, synthetic_arithmetic
+
+    with pytest.raises(RewardError, match=r"reward_weights are all 0 \(\[0, 0.0\]\).*give at least one reward a "
+                                          r"weight"):
+        resolve_rewards(["digits_format", "length_target"], [0, 0.0])
+    assert [r.weight for r in resolve_rewards(["digits_format", "length_target"], [0, 1])] == [0.0, 1.0]
+    with pytest.raises(ValueError, match=r"data.system_prompt is ' ', which would add a system message holding "
+                                         r"nothing visible.*data.system_prompt=null"):
+        prepare_prompts(synthetic_arithmetic(4), tokenizer=None, system_prompt=" ")

@@ -419,6 +419,9 @@ def prepare_prompts(ds, tokenizer, *, chat_template: bool = False, system_prompt
     ``system_prompt`` asks for it; a clear error if it then needs a chat template the tokenizer lacks."""
     if system_prompt is not None and not isinstance(system_prompt, str):
         raise ValueError(f"data.system_prompt must be text, got {system_prompt!r} (quote it in YAML or overrides)")
+    if system_prompt is not None and not _visible(system_prompt):
+        raise ValueError(f"data.system_prompt is {system_prompt!r}, which would add a system message holding nothing "
+                         "visible to every prompt: set data.system_prompt=null for no system message")
     if chat_template or system_prompt is not None:
         ds = as_conversation(ds, system_prompt)
     if is_conversational(ds) and not getattr(tokenizer, "chat_template", None):

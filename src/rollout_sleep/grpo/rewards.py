@@ -133,6 +133,9 @@ def _import(spec: str) -> Callable:
         name = f"rollout_sleep_user_rewards.{path.stem}"
         module = sys.modules.get(name)
         if module is None or getattr(module, "__file__", None) != str(path.resolve()):
+            shadowed = _shadowed_sibling(path.resolve())
+            if shadowed:
+                raise RewardError(f"reward {spec!r}: {shadowed}")
             if str(path.resolve().parent) not in sys.path:  # as `python file.py`: modules beside it import
                 sys.path.insert(0, str(path.resolve().parent))
             loader = importlib.util.spec_from_file_location(name, path.resolve())
@@ -157,6 +160,28 @@ def _import(spec: str) -> Callable:
     if not callable(fn):
         raise RewardError(f"reward {spec!r}: {attr!r} is a {type(fn).__name__}, not a function")
     return fn
+
+
+def _shadowed_sibling(path: Path) -> str | None:
+    """Why a module the reward file imports from its own folder would be another one, or ``None``: Python imports a
+    name once per process, so ``import utils`` beside a second reward file gets the ``utils`` imported first (a
+    first reward file's sibling, or an installed module), silently."""
+    import ast
+
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, ValueError):
+        return None  # the import itself says what is wrong
+    names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names} | \
+        {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module and not n.level}
+    for name in sorted(names):
+        mine = next((f for f in (path.parent / f"{name}.py", path.parent / name / "__init__.py") if f.is_file()), None)
+        loaded = getattr(sys.modules.get(name), "__file__", None)
+        if mine is not None and loaded and Path(loaded).resolve() != mine.resolve():
+            return (f"it imports {name!r}, which beside it is {mine}, but a module {name!r} from {loaded} is imported "
+                    f"already (Python imports a name once per process, so it would get that one): rename one of "
+                    f"them (e.g. {path.parent.name}_{name}.py)")
+    return None
 
 
 def _keys_read(fn: Callable, param: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -247,6 +272,9 @@ def resolve_rewards(specs: list, weights: list[float] | None = None, *, columns:
     if weights is not None and len(weights) != len(specs):
         raise RewardError(f"reward_weights has {len(weights)} entries but rewards has {len(specs)} ({specs}); "
                           f"give one weight per reward")
+    if weights is not None and weights and all(isinstance(w, (int, float)) and w == 0 for w in weights):
+        raise RewardError(f"reward_weights are all 0 ({list(weights)}): every completion's total would be 0, so no "
+                          "step would train anything; give at least one reward a weight")
     out = []
     for i, spec in enumerate(specs):
         weight = 1.0 if weights is None else float(weights[i])
