@@ -301,3 +301,16 @@ def test_all_zero_weights_and_a_blank_system_prompt_are_refused():
     with pytest.raises(ValueError, match=r"data.system_prompt is ' ', which would add a system message holding "
                                          r"nothing visible.*data.system_prompt=null"):
         prepare_prompts(synthetic_arithmetic(4), tokenizer=None, system_prompt=" ")
+
+
+def test_a_text_reward_over_conversations_is_told_the_completions_format(tmp_path):
+    """A reward written for text (``c.strip()``) given conversational data failed at step 1 with an
+    AttributeError whose message showed the completion as text, hiding that it received a list of messages."""
+    (tmp_path / "r.py").write_text("def has_hash(completions, **kw):\n"
+                                   "    return [float('#' in c.strip()) for c in completions]\n")
+    msgs = [[{"role": "assistant", "content": "# 4"}]]
+    with pytest.raises(RewardError, match=r"reward 'has_hash' raised AttributeError: 'list' object has no attribute "
+                                          r"'strip' on completion 0: .*the data is conversational: each completion is "
+                                          r"a list of messages"):
+        score_rewards(resolve_rewards([f"{tmp_path}/r.py:has_hash"]), [[{"role": "user", "content": "2+2"}]], msgs,
+                      [{"prompt": "p"}])

@@ -453,7 +453,10 @@ def _check_values(r: Reward, values, n: int) -> list[float]:
 
 def _example_text(prompt, completion, example: dict) -> str:
     cols = {k: v for k, v in example.items() if k != "prompt"}
-    return f"prompt={prompt!r}, completion={_text(completion)!r}, columns={cols!r}"
+    form = (" (the data is conversational: each completion is a list of messages, [{'role': 'assistant', "
+            "'content': ...}], as TRL passes it; its text is completion[0]['content'])") if isinstance(completion, list) \
+        else ""
+    return f"prompt={prompt!r}, completion={_text(completion)!r}{form}, columns={cols!r}"
 
 
 def score_rewards(rewards: list[Reward], prompts: list, completions: list, examples: list[dict], *,
