@@ -86,7 +86,7 @@ from rollout_sleep.engine.phases import plot_timeline  # noqa: E402
 from rollout_sleep.grpo.data import (check_prompts, check_rows, completions_for_rewards,  # noqa: E402
                                      engine_context, is_conversational, load_prompts, prepare_prompts,
                                      prompt_problems, prompt_token_ids, prompts_fingerprint, rows_fingerprint,
-                                     step_rows)
+                                     step_rows, value_changes)
 from rollout_sleep.grpo.errors import RewardError  # noqa: E402
 from rollout_sleep.grpo.loss import GRPOLoss  # noqa: E402
 from rollout_sleep.grpo.rewards import (absent_optional_columns, check_row_values, combine,  # noqa: E402
@@ -241,6 +241,13 @@ class GRPORecipe:
         except RewardError as err:
             problems.append(str(err))
         else:
+            read = {"prompt"} | {c for r in self.rewards for c in r.required_columns + r.optional_columns + r.accepted}
+            for column, why in value_changes(cfg.data.dataset, cfg.data.prompt_column).items():
+                if column in read:  # a value a reward (or the model) would see changed
+                    problems.append(why)
+                elif self.main:
+                    logging.getLogger("rollout_sleep.grpo.data").warning(
+                        "%s (no reward names the column: only a reward reading it through **kwargs would see it)", why)
             for note in absent_optional_columns(self.rewards, list(self.data.column_names)) if self.main else ():
                 logging.getLogger("rollout_sleep.grpo.rewards").warning(note)
         problem = temperature_problem(cfg.train.temperature, "train.temperature")  # vLLM's own bounds
@@ -855,8 +862,8 @@ class GRPORecipe:
                 self._silent_said.add(name)
                 logging.getLogger("rollout_sleep.grpo.rewards").warning(
                     "step %d: reward %r scored none of the %d completions (it returned None or NaN for each; the "
-                    "other rewards scored them): it adds nothing to their totals. Check the columns it reads and the "
-                    "format it expects (said once)", step, name, table.shape[0])
+                    "other rewards scored them). Fine for a reward meant for other rows; otherwise check the columns "
+                    "it reads and the format it expects (said once)", step, name, table.shape[0])
 
     @contextlib.contextmanager
     def _stop_on_non_finite(self):

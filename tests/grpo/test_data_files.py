@@ -240,14 +240,14 @@ def test_a_column_of_text_and_numbers_is_refused_not_decoded(tmp_path):
     assert len(load_prompts(str(chats))) == 2
 
 
-CHANGED = {  # files whose values datasets would hand a reward changed: refused, naming the file, row and fix
+CHANGED = {  # values datasets would hand a reward changed: named by file, row or line, and the fix
     "zip.csv": ("prompt,answer\nzip of Boston?,02108\n1+1=,2\n",
                 "column 'answer', data row 1 holds '02108', which pandas reads as the number 2108"),
     "mixed.csv": ("prompt,answer\n3+9=,12\nhalf of 5=,2.5\n",
                   "column 'answer', data row 1 holds '12', which pandas reads as the number 12.0"),
     "na.csv": ("prompt,answer\n1+1=,NA\n2+2=,4\n", "column 'answer', data row 1 holds 'NA', which pandas reads as "
                                                     "missing"),
-    "dup.csv": ("prompt,answer,answer\n1+1=,2,3\n", "the header names column(s) ['answer'] more than once"),
+    "index.csv": (",prompt,answer\n0,q1,02108\n", "column 'answer', data row 1 holds '02108'"),  # pandas' to_csv
     "mixed.jsonl": ('{"prompt": "3+9=", "answer": 12}\n{"prompt": "half of 5=", "answer": 2.5}\n',
                     "dataset column 'answer' holds whole numbers (12 in mixed.jsonl line 1) and fractional ones "
                     "(2.5 in mixed.jsonl line 2): datasets reads the column as floats, so 12 comes back as 12.0"),
@@ -255,30 +255,73 @@ CHANGED = {  # files whose values datasets would hand a reward changed: refused,
 
 
 @pytest.mark.parametrize("name", CHANGED)
-def test_values_datasets_would_change_are_refused(tmp_path, name):
+def test_values_datasets_would_change_are_named(tmp_path, name):
     """The built-in ``arithmetic_exact`` scored the correct completion "12" 0.0 against a JSON Lines answer 12 read
-    back as 12.0 (a 2.5 elsewhere in the column), "02108" against a CSV cell read as 2108; a repeated CSV header
-    was renamed ``answer.1`` and "NA" read as no value, each without a word."""
+    back as 12.0 (a 2.5 elsewhere in the column), "02108" against a CSV cell read as 2108, and "NA" was read as no
+    value, each without a word (the recipe refuses such a column where a reward reads it)."""
+    from rollout_sleep.grpo.data import value_changes
+
     text, said = CHANGED[name]
     (tmp_path / name).write_text(text)
-    with pytest.raises(ValueError, match="Use JSON Lines with the value quoted as text|Write every value as text|"
-                                         "give every column its own name") as err:
-        load_prompts(str(tmp_path / name))
-    assert said in str(err.value), str(err.value)
+    assert said in value_changes(str(tmp_path / name))["answer"]
+    load_prompts(str(tmp_path / name))  # loads: which columns matter is the recipe's to say
 
 
-def test_a_folder_of_files_typing_a_column_apart_is_refused(tmp_path):
-    """Each file of a folder is typed alone, then cast to one type: ``"007"`` in one file beside ``1`` in another
-    came back 7. Files that agree load, numbers and text alike."""
-    (tmp_path / "a.jsonl").write_text('{"prompt": "1+0=", "answer": 1}\n')
-    (tmp_path / "b.jsonl").write_text('{"prompt": "James Bond?", "answer": "007"}\n')
-    with pytest.raises(ValueError, match=r"dataset column 'answer' holds text \('007' in b.jsonl line 1\) and numbers "
-                                         r"\(1 in a.jsonl line 1\) across the dataset's files"):
-        load_prompts(str(tmp_path))
-    (tmp_path / "b.jsonl").write_text('{"prompt": "2+0=", "answer": 2}\n')
-    assert load_prompts(str(tmp_path))["answer"] == [1, 2]
-    (tmp_path / "c.csv").write_text('prompt,answer,score\n"a, b",x,1.5\n1+1=,2,2.25\n')
-    assert load_prompts(str(tmp_path / "c.csv"))["score"] == [1.5, 2.25]
+def test_values_that_come_back_as_written_are_not_named(tmp_path):
+    """Ordinary floats, text, a single column with a whitespace-only line, an empty CSV, datasets' own metadata
+    beside the data: nothing to say."""
+    from rollout_sleep.grpo.data import value_changes
+
+    (tmp_path / "f.csv").write_text("prompt,answer,price\nq1,a,1.50\nq2,b,.5\nq3,c,1e-5\nq4,d,100.00\n")
+    (tmp_path / "w.csv").write_text("prompt\nhello\n   \n5x\n")
+    (tmp_path / "h.csv").write_text("prompt,answer\n")
+    (tmp_path / "ok.jsonl").write_text('{"prompt": "x", "answer": 1.0, "n": 1}\n{"prompt": "y", "answer": 2.5, "n": 2}\n')
+    for name in ("f.csv", "w.csv", "h.csv", "ok.jsonl"):
+        assert value_changes(str(tmp_path / name)) == {}, name
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text('{"prompt": "1+0=", "answer": 1}\n')
+    (folder / "b.jsonl").write_text('{"prompt": "James Bond?", "answer": "007"}\n')
+    (folder / "dataset_info.json").write_text('{\n "description": ""\n}\n')
+    assert "holds text ('007' in b.jsonl line 1) and numbers (1 in a.jsonl line 1)" in value_changes(str(folder))["answer"]
+    (folder / "b.jsonl").write_text('{"prompt": "2+0=", "answer": true}\n')
+    assert "holds booleans (True in b.jsonl line 1) and numbers" in value_changes(str(folder))["answer"]
+
+
+def test_a_csv_chunk_typed_apart_is_named(tmp_path):
+    """datasets reads a CSV 10,000 rows at a time and types each chunk: zero-padded numbers after 10,000 rows of
+    text came back "0", "1", ... from "0000", "0001"."""
+    from rollout_sleep.grpo.data import value_changes
+
+    rows = [f"s{i},w{i}" for i in range(10_000)] + [f"c{i},{i:04d}" for i in range(3)]
+    (tmp_path / "c.csv").write_text("prompt,answer\n" + "\n".join(rows) + "\n")
+    assert "data row 10001 holds '0000', which pandas reads as the number 0" in value_changes(str(tmp_path / "c.csv"))["answer"]
+
+
+def test_the_recipe_refuses_a_changed_column_a_reward_reads_and_warns_about_others(tmp_path, monkeypatch):
+    from helpers import EngineReached, load_recipe, stop_at_engine
+
+    data = tmp_path / "d.csv"
+    data.write_text("prompt,answer,price\n" + "".join(f"{i}+1=,0{i + 1},{i}\n" for i in range(8)))
+    recipe = load_recipe()
+    stop_at_engine(monkeypatch, recipe)
+    args = [f"output_dir={tmp_path / 'run'}", f"data.dataset={data}", "wandb.mode=disabled", "train.memory_plan=off"]
+    with pytest.raises(recipe.ConfigError, match="column 'answer', data row 1 holds '01', which pandas reads as the "
+                                                 "number 1"):
+        recipe.GRPORecipe(recipe.load_config(str(CONFIG), args + ["rewards=[arithmetic_exact]"])).setup()
+    import logging
+
+    said = []  # the recipe's logging does not propagate to pytest's root handler: listen on the logger itself
+    listener = logging.Handler(logging.WARNING)
+    listener.emit = lambda record: said.append(record.getMessage())
+    logger = logging.getLogger("rollout_sleep.grpo.data")
+    logger.addHandler(listener)
+    try:
+        with pytest.raises(EngineReached):
+            recipe.GRPORecipe(recipe.load_config(str(CONFIG), args + ["rewards=[digits_format]"])).setup()
+    finally:
+        logger.removeHandler(listener)
+    assert any("column 'answer', data row 1 holds '01'" in m and "no reward names the column" in m for m in said), said
 
 
 def test_unclear_dataset_mistakes_are_named_with_the_cause_and_the_fix(tmp_path):
@@ -290,6 +333,9 @@ def test_unclear_dataset_mistakes_are_named_with_the_cause_and_the_fix(tmp_path)
     (tmp_path / "k.jsonl").write_text('{"prompt": "1+1=", "answer": "2", "answer": "3"}\n')
     with pytest.raises(ValueError, match=r"k.jsonl': line 1 gives key\(s\) \['answer'\] more than once"):
         load_prompts(str(tmp_path / "k.jsonl"))
+    (tmp_path / "dup.csv").write_text("prompt,answer,answer\n1+1=,2,3\n")
+    with pytest.raises(ValueError, match=r"the header names column\(s\) \['answer'\] more than once"):
+        load_prompts(str(tmp_path / "dup.csv"))
     (tmp_path / "q.jsonl").write_text('{"prompt": "x", "question": "1+1=", "answer": "2"}\n')
     with pytest.raises(ValueError, match="data.prompt_column='question' renames column 'question' to 'prompt'.*has a "
                                          "'prompt' column already"):

@@ -146,24 +146,26 @@ def test_a_column_read_where_present_that_the_dataset_lacks_is_warned_about_befo
     rw = tmp_path / "readers.py"
     rw.write_text(READERS)
     _, exact = _task(tmp_path)
-    specs = [f"{exact}:exact_where_known"] + [f"{rw}:{n}" for n in ("kwargs_get", "guarded", "example_get")]
+    specs = [f"{rw}:{n}" for n in ("kwargs_get", "guarded", "example_get")]
     rewards = resolve_rewards(specs, load_models=False)
     assert absent_optional_columns(rewards, ["prompt", "answer"]) == []
     notes = absent_optional_columns(rewards, ["prompt", "solution"])
     assert [n.split(" reads")[0] for n in notes] == [f"reward {r.name!r}" for r in rewards], notes
-    assert notes[0].startswith("reward 'exact_where_known' reads column(s) ['answer'] where present, and the dataset "
+    assert notes[0].startswith("reward 'kwargs_get' reads column(s) ['answer'] where present, and the dataset "
                                "has none of them (its columns: ['prompt', 'solution'])"), notes[0]
+    # a parameter with a default may be a setting, not a column (TRL's reasoning_delimiters=None): not said
+    assert absent_optional_columns(resolve_rewards([f"{exact}:exact_where_known"]), ["prompt", "solution"]) == []
 
     data = tmp_path / "renamed.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{i}+1=", "solution": str(i + 1)}) + "\n" for i in range(8)))
     recipe = load_recipe()
     stop_at_engine(monkeypatch, recipe)
     cfg = recipe.load_config(str(CONFIG), [f"output_dir={tmp_path / 'run'}", f"data.dataset={data}",
-                                           f"rewards=[{exact}:exact_where_known, digits_format]",
+                                           f"rewards=[{rw}:kwargs_get, digits_format]",
                                            "wandb.mode=disabled", "train.memory_plan=off"])
     with caplog.at_level("WARNING", logger="rollout_sleep.grpo.rewards"), pytest.raises(EngineReached):
         recipe.GRPORecipe(cfg).setup()
-    assert "reward 'exact_where_known' reads column(s) ['answer'] where present" in caplog.text, caplog.text
+    assert "reward 'kwargs_get' reads column(s) ['answer'] where present" in caplog.text, caplog.text
 
 
 def test_a_reward_reading_prompt_or_completion_by_name_is_refused(tmp_path):

@@ -102,7 +102,7 @@ def test_scoring_follows_trl(in_root):
 
     for fn, message in [
         (fails_on_one, r"reward 'fails_on_one' raised ZeroDivisionError: .* on completion 2: "
-                       r"prompt=\[\{'role': 'user', 'content': 'q2'\}\], completion='2', "
+                       r"prompt=\[\{'role': 'user', 'content': 'q2'\}\], completion='2' \(the data is conversational.*\), "
                        r"columns=\{'answer': '2', 'level': 'skip'\}"),
         (lambda prompts, completions, **kw: [1.0], r"returned 1 rewards for 4 completions"),
         (lambda prompts, completions, **kw: ["1"] * 4, r"returned '1' \(a str\) for completion 0"),
@@ -285,6 +285,8 @@ def test_a_reward_file_whose_sibling_module_is_another_is_refused(tmp_path, monk
                                               r"a module 'shadow_helper' from .*A/shadow_helper.py is imported already"):
             resolve_rewards([f"{tmp_path}/B/rw.py:r"])
         assert resolve_rewards([f"{tmp_path}/A/rw.py:r"])[0].fn is a.fn  # the same file again: its own module
+        (tmp_path / "B" / "shadow_helper.py").write_text('TARGET = "A"\n')  # the same code: the same module
+        resolve_rewards([f"{tmp_path}/B/rw.py:r"])
     finally:
         sys.modules.pop("shadow_helper", None)
 

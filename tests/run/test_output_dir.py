@@ -340,8 +340,12 @@ def test_reward_and_prompt_digests_follow_the_code_and_the_tokens(tmp_path):
     rw.write_text("def fmt(completions, **kw):\n    return [float(len(c) > 5) for c in completions]\n")
     first = rewards_fingerprint(resolve_rewards([f"{rw}:fmt", "digits_format"], load_models=False))
     assert list(first) == ["fmt"]  # the library's built-ins are the library's
-    rw.write_text("def fmt(completions, **kw):\n    return [float(len(c) > 1000) for c in completions]\n")
     import sys
+    rw.write_text("# a comment\n\ndef other():\n    pass\n\n\ndef fmt(completions, **kw):  # the same code\n"
+                  "    return [float(len(c) > 5) for c in completions]\n")
+    sys.modules.pop("rollout_sleep_user_rewards.rw", None)
+    assert rewards_fingerprint(resolve_rewards([f"{rw}:fmt"], load_models=False)) == first  # comments, other code
+    rw.write_text("def fmt(completions, **kw):\n    return [float(len(c) > 1000) for c in completions]\n")
     sys.modules.pop("rollout_sleep_user_rewards.rw", None)
     assert rewards_fingerprint(resolve_rewards([f"{rw}:fmt"], load_models=False)) != first
     assert prompts_fingerprint([[1, 2], [3]]) == prompts_fingerprint([[1, 2], [3]])

@@ -15,6 +15,7 @@ text, or ``[{"role": "assistant", "content": text}]``.
 from __future__ import annotations
 
 import functools
+import math
 import random
 import unicodedata
 from pathlib import Path
@@ -46,8 +47,7 @@ def load_prompts(source: str, *, prompt_column: str = "prompt", split: str = "tr
     kinds = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
     if path.is_file() and path.suffix.lower() not in kinds:  # data.JSONL is JSON Lines too
         raise ValueError(f"unsupported dataset file {path.name!r}; use one of {sorted(kinds)}")
-    files = _text_files(path)
-    for f in files:  # pyarrow reads bytes that are not UTF-8 into the rows, to fail when one is read
+    for f in _text_files(path):  # pyarrow reads bytes that are not UTF-8 into the rows, to fail when one is read
         problem = _decode_problem(f) or (_csv_problem(f) if f.suffix.lower() == ".csv" else None)  # pandas fills short rows
         if problem:
             raise ValueError(problem)
@@ -60,8 +60,7 @@ def load_prompts(source: str, *, prompt_column: str = "prompt", split: str = "tr
         raise
     except Exception as err:  # datasets' own messages name neither the file nor the line
         raise ValueError(file_problem(path, err)) from err
-    problem = mixed_column_problem(ds) or _json_types_problem(files) or \
-        next(filter(None, (_csv_values_problem(f) for f in files if f.suffix.lower() == ".csv")), None)
+    problem = mixed_column_problem(ds)
     if problem:
         raise ValueError(problem)
     if prompt_column not in ds.column_names:
@@ -120,85 +119,108 @@ def _json_rows(path: Path):
     return out
 
 
-def _json_types_problem(files: list[Path]) -> str | None:
-    """Why a column of the JSON / JSON Lines files would not come back as written, or ``None``: whole numbers
-    beside fractional ones (datasets reads the column as floats: ``12`` comes back ``12.0``), or text beside numbers
-    across the files of a folder (each file is typed alone, then cast: ``"007"`` comes back ``7``). A reward
-    comparing answers as text would score the changed values, silently."""
+_DATASET_META = ("dataset_info.json", "state.json", "dataset_dict.json")  # datasets' own files beside the data
+
+
+def value_changes(source: str, prompt_column: str = "prompt") -> dict[str, str]:
+    """Column -> why its values would not reach a reward as the files hold them (the first cell found), for a
+    local dataset: datasets and pandas change some values without a word, and a reward comparing answers as text
+    then scores a correct completion 0, silently. JSON / JSON Lines: whole numbers beside fractional ones (``12``
+    comes back ``12.0``), text beside numbers or booleans beside numbers across a folder's files (``"007"`` comes
+    back ``7``). CSV: a cell pandas parses into another value (``02108`` -> 2108, ``12`` -> 12.0 in a column of
+    floats) or reads as missing (``NA``, ``None``, ``null``), chunk by chunk as datasets reads it. The recipe
+    refuses the columns a reward reads and the prompt, and warns about the others. ``prompt_column`` is named
+    ``prompt``, as :func:`load_prompts` renames it."""
+    path = Path(source).expanduser()
+    if source == "synthetic" or not path.exists():
+        return {}
+    files = _text_files(path)
+    out = _json_type_changes(files)
+    for f in files:
+        if f.suffix.lower() == ".csv":
+            for column, why in _csv_value_changes(f).items():
+                out.setdefault(column, why)
+    return {("prompt" if c == prompt_column else c): why for c, why in out.items()}
+
+
+def _json_type_changes(files: list[Path]) -> dict[str, str]:
     seen: dict[str, dict[str, tuple[Path, int | None, object]]] = {}  # column -> kind -> first (file, line, value)
     for f in files:
-        if f.suffix.lower() not in (".json", ".jsonl"):
+        if f.suffix.lower() not in (".json", ".jsonl") or f.name in _DATASET_META:
             continue
         try:
             rows = _json_rows(f)
         except ValueError:
-            return None  # not JSON: the loader's own check names the line
+            continue  # not JSON: the loader's own check names the line
         for line, row in rows:
             for key, value in row.items():
                 kind = ("bool" if isinstance(value, bool) else "int" if isinstance(value, int) else
-                        "float" if isinstance(value, float) else "text" if isinstance(value, str) else None)
+                        "float" if isinstance(value, float) and math.isfinite(value) else
+                        "text" if isinstance(value, str) else None)
                 if kind:
                     seen.setdefault(key, {}).setdefault(kind, (f, line, value))
+    out = {}
     for key, kinds in seen.items():
         def where(kind):
             f, line, value = kinds[kind]
             return f"{value!r} in {f.name}" + (f" line {line}" if line else "")
+        number = next((k for k in ("int", "float") if k in kinds), None)
         if "int" in kinds and "float" in kinds:
-            return (f"dataset column {key!r} holds whole numbers ({where('int')}) and fractional ones "
-                    f"({where('float')}): datasets reads the column as floats, so {kinds['int'][2]!r} comes back "
-                    f"as {float(kinds['int'][2])!r} and a reward comparing it as text scores it wrong, silently. Write "
-                    f"every value as text (\"{key}\": \"{kinds['int'][2]}\") or every one with a decimal point")
-        number = next((k for k in ("int", "float", "bool") if k in kinds), None)
-        if "text" in kinds and number:
-            return (f"dataset column {key!r} holds text ({where('text')}) and numbers ({where(number)}) across the "
-                    f"dataset's files: datasets types each file alone, then casts them to one type, so text that "
-                    f"looks like a number changes (\"007\" becomes 7), silently. Give the column one type in every "
-                    f"file: quote every value as text, or write every value as a number")
-    return None
+            out[key] = (f"dataset column {key!r} holds whole numbers ({where('int')}) and fractional ones "
+                        f"({where('float')}): datasets reads the column as floats, so {kinds['int'][2]!r} comes back "
+                        f"as {float(kinds['int'][2])!r}, and a reward comparing it as text scores it wrong. Write "
+                        f"every value as text (\"{key}\": \"{kinds['int'][2]}\") or every one with a decimal point")
+        elif "text" in kinds and (number or "bool" in kinds):
+            other = number or "bool"
+            out[key] = (f"dataset column {key!r} holds text ({where('text')}) and {'numbers' if number else 'booleans'} "
+                        f"({where(other)}) across the dataset's files: datasets types each file alone, then casts "
+                        f"them to one type, so text that looks like a number changes (\"007\" becomes 7). Give the "
+                        f"column one type in every file: quote every value as text, or write every value as a number")
+        elif "bool" in kinds and number:
+            out[key] = (f"dataset column {key!r} holds booleans ({where('bool')}) and numbers ({where(number)}): "
+                        f"datasets casts one to the other (true becomes 1, or 2 becomes true). Give the column one "
+                        f"type in every row")
+    return out
 
 
-def _csv_values_problem(path: Path) -> str | None:
-    """The first cell of a CSV file that would not come back as written, or ``None``: pandas (datasets' CSV
-    reader) parses cells that look like numbers (``02108`` becomes 2108, ``12`` beside ``2.5`` becomes 12.0) and
-    reads ``NA``, ``None``, ``null``, ``NaN`` as missing. A reward would see the changed value, silently."""
-    import csv
-
+def _csv_value_changes(path: Path) -> dict[str, str]:
     import pandas as pd
 
-    with open(path, encoding="utf-8-sig", newline="") as fh:
-        raw = list(csv.reader(fh))
-    if len(raw) < 2:
-        return None
-    header, parsed = raw[0], pd.read_csv(path, encoding="utf-8-sig")
-    if list(parsed.columns) != header:
-        dup = sorted({h for h in header if header.count(h) > 1})
-        if dup:
-            return (f"dataset file {str(path)!r}: the header names column(s) {dup} more than once (pandas would "
-                    f"rename the second to '{dup[0]}.1', and a reward reading '{dup[0]}' gets the first only): give "
-                    f"every column its own name")
-        return None
-    rows = [r for r in raw[1:] if r]
-    for j, name in enumerate(header):
-        column = parsed[name]
-        numeric = column.dtype.kind in "iuf"
-        for i, cell in enumerate(r[j] for r in rows):
-            value = column.iloc[i]
-            if pd.isna(value):
-                if cell.strip():
-                    return (f"dataset file {str(path)!r}: column {name!r}, data row {i + 1} holds {cell!r}, which "
-                            f"pandas reads as missing (it takes NA, None, null, NaN and the like for no value): a "
-                            f"reward would get None there. Use JSON Lines with the value quoted as text (\"{name}\": "
-                            f"\"{cell}\")")
-                continue
-            if numeric and cell.strip() != (str(int(value)) if column.dtype.kind in "iu" else repr(float(value))):
-                return (f"dataset file {str(path)!r}: column {name!r}, data row {i + 1} holds {cell!r}, which pandas "
-                        f"reads as the number {value.item()!r} (it parses cells that look like numbers): a reward "
-                        f"would see {value.item()!r}, not {cell!r}"
-                        + (" (an empty cell in the column makes pandas read all of it as floats)"
-                           if column.dtype.kind == "f" and column.isna().any() else "")
-                        + ". Use JSON Lines with the value quoted as text "
-                        f"(\"{name}\": \"{cell}\")")
-    return None
+    out: dict[str, str] = {}
+    kwargs = dict(encoding="utf-8-sig", chunksize=10_000)  # datasets' CSV reader: pandas, 10,000 rows a chunk
+    try:
+        chunks = zip(pd.read_csv(path, **kwargs), pd.read_csv(path, dtype=str, keep_default_na=False, **kwargs))
+        for parsed, text in chunks:
+            for name in parsed.columns:
+                if name in out:
+                    continue
+                column, cells = parsed[name], text[name].str.strip()
+                kind = column.dtype.kind
+                missing = column.isna() & (cells != "")
+                if kind in "iu":
+                    changed = cells != column.astype(str)
+                elif kind == "f":  # a cell written as a whole number, read as a float
+                    changed = column.notna() & ~cells.str.contains(r"[.eEnN]", regex=True)
+                else:
+                    changed = missing & False
+                if missing.any():
+                    row = int(missing.idxmax())
+                    out[name] = (f"dataset file {str(path)!r}: column {name!r}, data row {row + 1} holds "
+                                 f"{text[name][row]!r}, which pandas reads as missing (NA, None, null, NaN and the like "
+                                 f"count as no value): a reward would get None there. Use JSON Lines with the value "
+                                 f"quoted as text (\"{name}\": \"{text[name][row]}\")")
+                elif changed.any():
+                    row = int(changed.idxmax())
+                    value = column[row].item()
+                    out[name] = (f"dataset file {str(path)!r}: column {name!r}, data row {row + 1} holds "
+                                 f"{text[name][row]!r}, which pandas reads as the number {value!r} (it parses cells "
+                                 f"that look like numbers"
+                                 + ("; an empty cell makes the whole column floats" if column.isna().any() else "")
+                                 + f"): a reward would see {value!r}. Use JSON Lines with the value quoted as text "
+                                 f"(\"{name}\": \"{text[name][row]}\")")
+    except (ValueError, pd.errors.ParserError, UnicodeDecodeError):
+        return out  # the loader's own checks name what is wrong with the file
+    return out
 
 
 def rows_fingerprint(ds) -> str:
@@ -317,6 +339,11 @@ def _csv_problem(path: Path) -> str | None:
     with open(path, encoding="utf-8-sig", newline="") as fh:
         rows = csv.reader(fh)
         header = next(rows, [])
+        twice = sorted({h for h in header if header.count(h) > 1})
+        if twice:
+            return (f"dataset file {str(path)!r}: the header names column(s) {twice} more than once (pandas would "
+                    f"rename the second to '{twice[0]}.1', and a reward reading '{twice[0]}' gets the first only): give "
+                    f"every column its own name")
         start = rows.line_num + 1
         for row in rows:
             if row and len(row) != len(header):

@@ -118,7 +118,7 @@ class Reward:
     accepts_any_column: bool = True  # it takes **kwargs (TRL passes every column)
     accepted: tuple[str, ...] = field(default=())  # the keyword names it accepts, when not **kwargs
     read_through: str | None = None  # the **kwargs parameter it reads required columns from (kwargs["answer"])
-    optional_columns: tuple[str, ...] = ()  # columns it reads where present: a parameter defaulting to None, .get
+    optional_columns: tuple[str, ...] = ()  # columns it reads where present: kwargs.get("x"), "x" in kwargs
 
 
 def _import(spec: str) -> Callable:
@@ -177,7 +177,8 @@ def _shadowed_sibling(path: Path) -> str | None:
     for name in sorted(names):
         mine = next((f for f in (path.parent / f"{name}.py", path.parent / name / "__init__.py") if f.is_file()), None)
         loaded = getattr(sys.modules.get(name), "__file__", None)
-        if mine is not None and loaded and Path(loaded).resolve() != mine.resolve():
+        if mine is not None and loaded and Path(loaded).resolve() != mine.resolve() and \
+                Path(loaded).read_bytes() != mine.read_bytes():  # the same code twice is the same module
             return (f"it imports {name!r}, which beside it is {mine}, but a module {name!r} from {loaded} is imported "
                     f"already (Python imports a name once per process, so it would get that one): rename one of "
                     f"them (e.g. {path.parent.name}_{name}.py)")
@@ -241,9 +242,8 @@ def _describe(name: str, fn: Callable, weight: float) -> Reward:
         kwargs = next((n for n, p in params.items() if p.kind is p.VAR_KEYWORD), None)
         read, handled = _keys_read(fn, kwargs) if kwargs else ((), ())
         read = tuple(k for k in read if k not in TRL_ARGS and k not in params)
-        optional = tuple(n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-                         and p.default is None and n not in TRL_ARGS) + \
-            tuple(k for k in handled if k not in TRL_ARGS and k not in params)
+        # a parameter with a default may be a setting (max_len=None), not a column: only reads say "column"
+        optional = tuple(k for k in handled if k not in TRL_ARGS and k not in params)
         return Reward(name, fn, weight, batched=True, required_columns=required + read, accepts_any_column=var_kw,
                       accepted=tuple(named), read_through=kwargs if read else None, optional_columns=optional)
     positional = [n for n, p in params.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
@@ -304,10 +304,15 @@ def resolve_rewards(specs: list, weights: list[float] | None = None, *, columns:
 
 
 def rewards_fingerprint(rewards: list[Reward]) -> dict[str, str]:
-    """Reward name -> a digest of what computes it: the source file of a user's function (or of a callable
-    object's class), a reward model's config and the names and sizes of its files. The library's built-ins and
-    functions whose source cannot be read are left out. A resume compares them with the run's."""
+    """Reward name -> a digest of what computes it: a user's function's own code (its syntax tree: comments,
+    blank lines and the file's other functions do not count; a ``functools.partial`` with its arguments; a
+    callable object's class), a reward model's config and the names and sizes of its files. The library's
+    built-ins and functions whose source cannot be read are left out; what a function imports is not followed.
+    A resume compares them with the run's."""
+    import ast
+    import functools
     import hashlib
+    import textwrap
 
     out = {}
     for r in rewards:
@@ -318,12 +323,16 @@ def rewards_fingerprint(rewards: list[Reward]) -> dict[str, str]:
             for f in sorted(Path(folder).iterdir()):
                 digest.update(f"{f.name}:{f.stat().st_size}".encode())
         else:
-            fn = r.fn if inspect.isfunction(r.fn) or inspect.ismethod(r.fn) else type(r.fn)
+            fn = r.fn
+            while isinstance(fn, functools.partial):
+                digest.update(repr((fn.args, sorted(fn.keywords.items()))).encode())
+                fn = fn.func
+            fn = inspect.unwrap(fn) if inspect.isfunction(fn) or inspect.ismethod(fn) else type(fn)
             if getattr(fn, "__module__", "").startswith("rollout_sleep."):
                 continue
             try:
-                digest.update(Path(inspect.getsourcefile(fn)).read_bytes())
-            except (OSError, TypeError):
+                digest.update(ast.dump(ast.parse(textwrap.dedent(inspect.getsource(fn)))).encode())
+            except (OSError, TypeError, SyntaxError):
                 continue
         out[r.name] = digest.hexdigest()
     return out

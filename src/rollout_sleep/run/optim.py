@@ -143,9 +143,9 @@ def optimizer_mismatch(saved: dict | None, now: dict, checkpoint: str) -> str | 
     """Why this run cannot load the optimizer state of ``checkpoint`` (``saved``: its :func:`optimizer_record`,
     ``None`` for a checkpoint from before it was recorded: not checked), or ``None``. Only the class matters:
     another class takes the state silently and fails later (PyTorch's AdamW steps torchao's quantized moments
-    with an unimplemented operator; torchao refuses PyTorch's float lr at the first step). With
-    ``train.optimizer`` and an explicit ``train.stochastic_rounding`` fixed on resume, the class changes only where
-    ``train.stochastic_rounding=null`` follows another one-copy decision.
+    with an unimplemented operator; torchao refuses PyTorch's float lr at the first step). ``train.optimizer`` is
+    fixed on resume; the class changes where ``train.stochastic_rounding`` (applied on resume) is changed, or
+    where null follows another one-copy decision.
 
     >>> print(optimizer_mismatch(optimizer_record("adamw", True, True), optimizer_record("adamw"), "step_4"))
     ... # doctest: +ELLIPSIS
@@ -153,6 +153,12 @@ def optimizer_mismatch(saved: dict | None, now: dict, checkpoint: str) -> str | 
     """
     if not isinstance(saved, dict) or saved.get("class") in (None, now["class"]):
         return None
+    if "stochastic_rounding" in saved and saved["stochastic_rounding"] != now["stochastic_rounding"] and \
+            saved.get("weights_shared") == now["weights_shared"]:
+        return (f"checkpoint {checkpoint} holds the state of {_said(saved)}; this run builds {_said(now)}, which "
+                "cannot take that state: train.stochastic_rounding picks the optimizer's class here. Fix: resume with "
+                f"train.stochastic_rounding={str(bool(saved['stochastic_rounding'])).lower()}, or start a new run in "
+                "a new output_dir")
     return (f"checkpoint {checkpoint} holds the state of {_said(saved)}; this run builds {_said(now)}, which cannot "
             "take that state (it would fail at the first step, or step quantized moments it does not know). "
             "train.stochastic_rounding=null turns torchao's rounding on exactly where the trainer steps vLLM's own "
