@@ -370,3 +370,23 @@ def test_a_prompt_the_chat_template_refuses_is_named_by_row(tmp_path, ckpts):
                                          r"tokenized by the model's chat template \(model.path\): TemplateError: "
                                          r"Conversation roles must alternate"):
         check_prompts(load_prompts(str(tmp_path / "c.jsonl")), AutoTokenizer.from_pretrained(model), 1024, 8)
+
+
+def test_parquet_files_typed_apart_and_integers_beyond_64_bits_are_named(tmp_path):
+    """Parquet shards with ``answer`` int64 in one and ``"007"`` in the next loaded as [7, 7]; a JSON integer
+    beyond int64 came back as a float, its last digits lost."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from rollout_sleep.grpo.data import value_changes
+
+    pq.write_table(pa.table({"prompt": ["a"], "answer": [7]}), tmp_path / "train-0.parquet")
+    pq.write_table(pa.table({"prompt": ["b"], "answer": ["007"]}), tmp_path / "train-1.parquet")
+    assert value_changes(str(tmp_path))["answer"].startswith("dataset column 'answer' is int64 in train-0.parquet and "
+                                                             "string in train-1.parquet")
+    (tmp_path / "train-1.parquet").unlink()
+    pq.write_table(pa.table({"prompt": ["b"], "answer": [8]}), tmp_path / "train-1.parquet")
+    assert value_changes(str(tmp_path)) == {}
+    (tmp_path / "h.jsonl").write_text('{"prompt": "x", "answer": 123456789012345678901}\n')
+    assert "holds an integer beyond 64 bits (123456789012345678901 in h.jsonl line 1)" in \
+        value_changes(str(tmp_path / "h.jsonl"))["answer"]

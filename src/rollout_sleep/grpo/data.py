@@ -136,6 +136,8 @@ def value_changes(source: str, prompt_column: str = "prompt") -> dict[str, str]:
         return {}
     files = _text_files(path)
     out = _json_type_changes(files)
+    for column, why in _parquet_type_changes(path).items():
+        out.setdefault(column, why)
     for f in files:
         if f.suffix.lower() == ".csv":
             for column, why in _csv_value_changes(f).items():
@@ -154,6 +156,8 @@ def _json_type_changes(files: list[Path]) -> dict[str, str]:
             continue  # not JSON: the loader's own check names the line
         for line, row in rows:
             for key, value in row.items():
+                if isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**63:
+                    seen.setdefault(key, {}).setdefault("huge", (f, line, value))
                 kind = ("bool" if isinstance(value, bool) else "int" if isinstance(value, int) else
                         "float" if isinstance(value, float) and math.isfinite(value) else
                         "text" if isinstance(value, str) else None)
@@ -165,7 +169,10 @@ def _json_type_changes(files: list[Path]) -> dict[str, str]:
             f, line, value = kinds[kind]
             return f"{value!r} in {f.name}" + (f" line {line}" if line else "")
         number = next((k for k in ("int", "float") if k in kinds), None)
-        if "int" in kinds and "float" in kinds:
+        if "huge" in kinds:
+            out[key] = (f"dataset column {key!r} holds an integer beyond 64 bits ({where('huge')}): datasets reads it "
+                        f"as a float and loses its last digits. Write it as text (\"{key}\": \"{kinds['huge'][2]}\")")
+        elif "int" in kinds and "float" in kinds:
             out[key] = (f"dataset column {key!r} holds whole numbers ({where('int')}) and fractional ones "
                         f"({where('float')}): datasets reads the column as floats, so {kinds['int'][2]!r} comes back "
                         f"as {float(kinds['int'][2])!r}, and a reward comparing it as text scores it wrong. Write "
@@ -180,6 +187,31 @@ def _json_type_changes(files: list[Path]) -> dict[str, str]:
             out[key] = (f"dataset column {key!r} holds booleans ({where('bool')}) and numbers ({where(number)}): "
                         f"datasets casts one to the other (true becomes 1, or 2 becomes true). Give the column one "
                         f"type in every row")
+    return out
+
+
+def _parquet_type_changes(path: Path) -> dict[str, str]:
+    """Columns whose type differs between the Parquet files of a folder: datasets casts them to the first file's
+    type (an int64 column beside a string one: ``"007"`` becomes 7, or 7 becomes ``"7"``)."""
+    files = [path] if path.is_file() else sorted(f for f in path.rglob("*.parquet") if f.is_file())
+    if len(files) < 2:
+        return {}
+    import pyarrow.parquet as pq
+
+    first: dict[str, tuple[str, str]] = {}
+    out = {}
+    for f in files:
+        try:
+            schema = pq.read_schema(f)
+        except Exception:  # the loader names an unreadable file
+            continue
+        for field in schema:
+            kind = str(field.type)
+            seen = first.setdefault(field.name, (f.name, kind))
+            if seen[1] != kind and field.name not in out:
+                out[field.name] = (f"dataset column {field.name!r} is {seen[1]} in {seen[0]} and {kind} in {f.name}: "
+                                   f"datasets casts every file to one type, so values change (\"007\" becomes 7). "
+                                   f"Write the column with one type in every file")
     return out
 
 
