@@ -86,7 +86,8 @@ from rollout_sleep.engine.phases import plot_timeline  # noqa: E402
 from rollout_sleep.grpo.data import (check_prompts, check_rows, completions_for_rewards,  # noqa: E402
                                      engine_context, is_conversational, load_prompts, prepare_prompts,
                                      prompt_problems, prompt_token_ids, prompts_fingerprint, rows_fingerprint,
-                                     step_rows, value_changes)
+                                     step_rows)
+from rollout_sleep.grpo.files import value_changes  # noqa: E402
 from rollout_sleep.grpo.errors import RewardError  # noqa: E402
 from rollout_sleep.grpo.loss import GRPOLoss  # noqa: E402
 from rollout_sleep.grpo.rewards import (absent_optional_columns, check_row_values, combine,  # noqa: E402

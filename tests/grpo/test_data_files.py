@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-import rollout_sleep.grpo.data as data_module
+import rollout_sleep.grpo.files as files_module
 from rollout_sleep.grpo.data import load_prompts, model_context, rows_fingerprint, synthetic_arithmetic
 
 from helpers import ROOT, run_recipe
@@ -80,7 +80,7 @@ def test_the_encoding_check_reads_in_chunks_and_still_finds_the_line(tmp_path, m
     path = tmp_path / "d.jsonl"
     path.write_bytes(GOOD * 3 + '{"prompt": "\u00e9\u00e9'.encode() + b'\xe9"}\n')
     for chunk in (1, 2, 3, 7, 64):
-        monkeypatch.setattr(data_module, "_CHUNK", chunk)
+        monkeypatch.setattr(files_module, "_CHUNK", chunk)
         with pytest.raises(ValueError, match="line 4 has byte 0xe9 at byte 17 of the line"):
             load_prompts(str(path))
 
@@ -259,7 +259,7 @@ def test_values_datasets_would_change_are_named(tmp_path, name):
     """The built-in ``arithmetic_exact`` scored the correct completion "12" 0.0 against a JSON Lines answer 12 read
     back as 12.0 (a 2.5 elsewhere in the column), "02108" against a CSV cell read as 2108, and "NA" was read as no
     value, each without a word (the recipe refuses such a column where a reward reads it)."""
-    from rollout_sleep.grpo.data import value_changes
+    from rollout_sleep.grpo.files import value_changes
 
     text, said = CHANGED[name]
     (tmp_path / name).write_text(text)
@@ -270,7 +270,7 @@ def test_values_datasets_would_change_are_named(tmp_path, name):
 def test_values_that_come_back_as_written_are_not_named(tmp_path):
     """Ordinary floats, text, a single column with a whitespace-only line, an empty CSV, datasets' own metadata
     beside the data: nothing to say."""
-    from rollout_sleep.grpo.data import value_changes
+    from rollout_sleep.grpo.files import value_changes
 
     (tmp_path / "f.csv").write_text("prompt,answer,price\nq1,a,1.50\nq2,b,.5\nq3,c,1e-5\nq4,d,100.00\n")
     (tmp_path / "w.csv").write_text("prompt\nhello\n   \n5x\n")
@@ -291,7 +291,7 @@ def test_values_that_come_back_as_written_are_not_named(tmp_path):
 def test_a_csv_chunk_typed_apart_is_named(tmp_path):
     """datasets reads a CSV 10,000 rows at a time and types each chunk: zero-padded numbers after 10,000 rows of
     text came back "0", "1", ... from "0000", "0001"."""
-    from rollout_sleep.grpo.data import value_changes
+    from rollout_sleep.grpo.files import value_changes
 
     rows = [f"s{i},w{i}" for i in range(10_000)] + [f"c{i},{i:04d}" for i in range(3)]
     (tmp_path / "c.csv").write_text("prompt,answer\n" + "\n".join(rows) + "\n")
@@ -378,7 +378,7 @@ def test_parquet_files_typed_apart_and_integers_beyond_64_bits_are_named(tmp_pat
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from rollout_sleep.grpo.data import value_changes
+    from rollout_sleep.grpo.files import value_changes
 
     pq.write_table(pa.table({"prompt": ["a"], "answer": [7]}), tmp_path / "train-0.parquet")
     pq.write_table(pa.table({"prompt": ["b"], "answer": ["007"]}), tmp_path / "train-1.parquet")

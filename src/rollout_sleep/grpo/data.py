@@ -15,10 +15,11 @@ text, or ``[{"role": "assistant", "content": text}]``.
 from __future__ import annotations
 
 import functools
-import math
 import random
 import unicodedata
 from pathlib import Path
+
+from .files import file_problem, mixed_column_problem, unreadable_problem
 
 
 def synthetic_arithmetic(n: int = 1024, seed: int = 0, max_operand: int = 9):
@@ -47,10 +48,9 @@ def load_prompts(source: str, *, prompt_column: str = "prompt", split: str = "tr
     kinds = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
     if path.is_file() and path.suffix.lower() not in kinds:  # data.JSONL is JSON Lines too
         raise ValueError(f"unsupported dataset file {path.name!r}; use one of {sorted(kinds)}")
-    for f in _text_files(path):  # pyarrow reads bytes that are not UTF-8 into the rows, to fail when one is read
-        problem = _decode_problem(f) or (_csv_problem(f) if f.suffix.lower() == ".csv" else None)  # pandas fills short rows
-        if problem:
-            raise ValueError(problem)
+    problem = unreadable_problem(path)  # pyarrow reads bytes that are not UTF-8 into the rows, to fail when one is read
+    if problem:
+        raise ValueError(problem)
     try:
         if path.is_file():
             ds = load_dataset(kinds[path.suffix.lower()], data_files=str(path), split=split)
@@ -77,184 +77,6 @@ def load_prompts(source: str, *, prompt_column: str = "prompt", split: str = "tr
     return ds.select(range(n)) if n else ds
 
 
-def mixed_column_problem(ds) -> str | None:
-    """Why a column of plain values (no lists or mappings) holds several types (text in some rows, numbers or
-    booleans in others), or ``None``. datasets reads such a column as JSON (its ``Json`` feature) and decodes text
-    that looks like a number: ``"007"`` comes back as ``7``, and nothing can tell them apart afterwards, so a reward
-    comparing answers would score changed values silently. Columns of lists or mappings are left as they are."""
-    for name, feature in ds.features.items():
-        if type(feature).__name__ != "Json":
-            continue
-        kinds: dict[str, int] = {}  # the type of each value, with the first row holding it
-        for i, value in enumerate(ds[name]):
-            if isinstance(value, (list, dict)):
-                break
-            if value is not None:
-                kinds.setdefault(type(value).__name__, i)
-        else:
-            seen = ", ".join(f"{k} (e.g. row {i})" for k, i in sorted(kinds.items(), key=lambda kv: kv[1]))
-            return (f"column {name!r} holds values of several types in the file (text in some rows, numbers or "
-                    f"booleans in others; as datasets decoded them: {seen}, rows counted from 0): datasets reads such "
-                    f"a column as JSON and turns text that looks like a number into one (\"007\" becomes 7), "
-                    f"silently. Give the column one type in every row: quote every value as text (\"{name}\": "
-                    f"\"7\") or write every value as a number")
-    return None
-
-
-def _json_rows(path: Path):
-    """``(line, row)`` for each object of a JSON Lines file, or of a JSON file (one array, or one object per
-    line); rows that are not objects are skipped (the loader names them)."""
-    import json
-
-    text = path.read_text(encoding="utf-8-sig")
-    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
-        rows = json.loads(text)
-        return [(None, r) for r in rows if isinstance(r, dict)]
-    out = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            row = json.loads(line)
-            if isinstance(row, dict):
-                out.append((number, row))
-    return out
-
-
-_DATASET_META = ("dataset_info.json", "state.json", "dataset_dict.json")  # datasets' own files beside the data
-
-
-def value_changes(source: str, prompt_column: str = "prompt") -> dict[str, str]:
-    """Column -> why its values would not reach a reward as the files hold them (the first cell found), for a
-    local dataset: datasets and pandas change some values without a word, and a reward comparing answers as text
-    then scores a correct completion 0, silently. JSON / JSON Lines: whole numbers beside fractional ones (``12``
-    comes back ``12.0``), text beside numbers or booleans beside numbers across a folder's files (``"007"`` comes
-    back ``7``). CSV: a cell pandas parses into another value (``02108`` -> 2108, ``12`` -> 12.0 in a column of
-    floats) or reads as missing (``NA``, ``None``, ``null``), chunk by chunk as datasets reads it. The recipe
-    refuses the columns a reward reads and the prompt, and warns about the others. ``prompt_column`` is named
-    ``prompt``, as :func:`load_prompts` renames it."""
-    path = Path(source).expanduser()
-    if source == "synthetic" or not path.exists():
-        return {}
-    files = _text_files(path)
-    out = _json_type_changes(files)
-    for column, why in _parquet_type_changes(path).items():
-        out.setdefault(column, why)
-    for f in files:
-        if f.suffix.lower() == ".csv":
-            for column, why in _csv_value_changes(f).items():
-                out.setdefault(column, why)
-    return {("prompt" if c == prompt_column else c): why for c, why in out.items()}
-
-
-def _json_type_changes(files: list[Path]) -> dict[str, str]:
-    seen: dict[str, dict[str, tuple[Path, int | None, object]]] = {}  # column -> kind -> first (file, line, value)
-    for f in files:
-        if f.suffix.lower() not in (".json", ".jsonl") or f.name in _DATASET_META:
-            continue
-        try:
-            rows = _json_rows(f)
-        except ValueError:
-            continue  # not JSON: the loader's own check names the line
-        for line, row in rows:
-            for key, value in row.items():
-                if isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**63:
-                    seen.setdefault(key, {}).setdefault("huge", (f, line, value))
-                kind = ("bool" if isinstance(value, bool) else "int" if isinstance(value, int) else
-                        "float" if isinstance(value, float) and math.isfinite(value) else
-                        "text" if isinstance(value, str) else None)
-                if kind:
-                    seen.setdefault(key, {}).setdefault(kind, (f, line, value))
-    out = {}
-    for key, kinds in seen.items():
-        def where(kind):
-            f, line, value = kinds[kind]
-            return f"{value!r} in {f.name}" + (f" line {line}" if line else "")
-        number = next((k for k in ("int", "float") if k in kinds), None)
-        if "huge" in kinds:
-            out[key] = (f"dataset column {key!r} holds an integer beyond 64 bits ({where('huge')}): datasets reads it "
-                        f"as a float and loses its last digits. Write it as text (\"{key}\": \"{kinds['huge'][2]}\")")
-        elif "int" in kinds and "float" in kinds:
-            out[key] = (f"dataset column {key!r} holds whole numbers ({where('int')}) and fractional ones "
-                        f"({where('float')}): datasets reads the column as floats, so {kinds['int'][2]!r} comes back "
-                        f"as {float(kinds['int'][2])!r}, and a reward comparing it as text scores it wrong. Write "
-                        f"every value as text (\"{key}\": \"{kinds['int'][2]}\") or every one with a decimal point")
-        elif "text" in kinds and (number or "bool" in kinds):
-            other = number or "bool"
-            out[key] = (f"dataset column {key!r} holds text ({where('text')}) and {'numbers' if number else 'booleans'} "
-                        f"({where(other)}) across the dataset's files: datasets types each file alone, then casts "
-                        f"them to one type, so text that looks like a number changes (\"007\" becomes 7). Give the "
-                        f"column one type in every file: quote every value as text, or write every value as a number")
-        elif "bool" in kinds and number:
-            out[key] = (f"dataset column {key!r} holds booleans ({where('bool')}) and numbers ({where(number)}): "
-                        f"datasets casts one to the other (true becomes 1, or 2 becomes true). Give the column one "
-                        f"type in every row")
-    return out
-
-
-def _parquet_type_changes(path: Path) -> dict[str, str]:
-    """Columns whose type differs between the Parquet files of a folder: datasets casts them to the first file's
-    type (an int64 column beside a string one: ``"007"`` becomes 7, or 7 becomes ``"7"``)."""
-    files = [path] if path.is_file() else sorted(f for f in path.rglob("*.parquet") if f.is_file())
-    if len(files) < 2:
-        return {}
-    import pyarrow.parquet as pq
-
-    first: dict[str, tuple[str, str]] = {}
-    out = {}
-    for f in files:
-        try:
-            schema = pq.read_schema(f)
-        except Exception:  # the loader names an unreadable file
-            continue
-        for field in schema:
-            kind = str(field.type)
-            seen = first.setdefault(field.name, (f.name, kind))
-            if seen[1] != kind and field.name not in out:
-                out[field.name] = (f"dataset column {field.name!r} is {seen[1]} in {seen[0]} and {kind} in {f.name}: "
-                                   f"datasets casts every file to one type, so values change (\"007\" becomes 7). "
-                                   f"Write the column with one type in every file")
-    return out
-
-
-def _csv_value_changes(path: Path) -> dict[str, str]:
-    import pandas as pd
-
-    out: dict[str, str] = {}
-    kwargs = dict(encoding="utf-8-sig", chunksize=10_000)  # datasets' CSV reader: pandas, 10,000 rows a chunk
-    try:
-        chunks = zip(pd.read_csv(path, **kwargs), pd.read_csv(path, dtype=str, keep_default_na=False, **kwargs))
-        for parsed, text in chunks:
-            for name in parsed.columns:
-                if name in out:
-                    continue
-                column, cells = parsed[name], text[name].str.strip()
-                kind = column.dtype.kind
-                missing = column.isna() & (cells != "")
-                if kind in "iu":
-                    changed = cells != column.astype(str)
-                elif kind == "f":  # a cell written as a whole number, read as a float
-                    changed = column.notna() & ~cells.str.contains(r"[.eEnN]", regex=True)
-                else:
-                    changed = missing & False
-                if missing.any():
-                    row = int(missing.idxmax())
-                    out[name] = (f"dataset file {str(path)!r}: column {name!r}, data row {row + 1} holds "
-                                 f"{text[name][row]!r}, which pandas reads as missing (NA, None, null, NaN and the like "
-                                 f"count as no value): a reward would get None there. Use JSON Lines with the value "
-                                 f"quoted as text (\"{name}\": \"{text[name][row]}\")")
-                elif changed.any():
-                    row = int(changed.idxmax())
-                    value = column[row].item()
-                    out[name] = (f"dataset file {str(path)!r}: column {name!r}, data row {row + 1} holds "
-                                 f"{text[name][row]!r}, which pandas reads as the number {value!r} (it parses cells "
-                                 f"that look like numbers"
-                                 + ("; an empty cell makes the whole column floats" if column.isna().any() else "")
-                                 + f"): a reward would see {value!r}. Use JSON Lines with the value quoted as text "
-                                 f"(\"{name}\": \"{text[name][row]}\")")
-    except (ValueError, pd.errors.ParserError, UnicodeDecodeError):
-        return out  # the loader's own checks name what is wrong with the file
-    return out
-
-
 def rows_fingerprint(ds) -> str:
     """A digest of every row the run reads, every column, in order: a resume compares it with the run's, so that a
     dataset edited in place (rows reordered, prompts or answers changed, the row count kept) is refused, not
@@ -271,137 +93,6 @@ def rows_fingerprint(ds) -> str:
     for batch in ds.iter(batch_size=1024):
         digest.update(json.dumps(batch, sort_keys=True, default=str).encode())
     return digest.hexdigest()
-
-
-_CHUNK = 1 << 20  # bytes read at a time when checking a text file's encoding
-
-
-def _text_files(path: Path) -> list[Path]:
-    """The JSON Lines / JSON / CSV files of a dataset file or folder."""
-    if path.is_file():
-        return [path] if path.suffix.lower() in (".jsonl", ".json", ".csv") else []
-    return sorted(f for f in path.rglob("*") if f.suffix.lower() in (".jsonl", ".json", ".csv") and f.is_file()
-                  and not any(part.startswith(".") for part in f.relative_to(path).parts))
-
-
-def _decode_problem(path: Path) -> str | None:
-    """Where a text file stops being UTF-8 (line, column, byte), or ``None``; read in chunks."""
-    import codecs
-
-    with open(path, "rb") as fh:
-        head = fh.read(4)
-        for bom, name in ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"),
-                          (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16")):  # UTF-32 LE's mark starts as UTF-16 LE's
-            if head.startswith(bom):
-                return (f"dataset file {str(path)!r} is {name} text (it starts with a {name} byte-order mark), not "
-                        f"UTF-8: save it as UTF-8 (iconv -f {name} -t UTF-8 {path.name} > utf8-{path.name})")
-        fh.seek(0)
-        decoder = codecs.getincrementaldecoder("utf-8")()
-        line, line_start, offset = 1, 0, 0
-        while True:
-            chunk = fh.read(_CHUNK)
-            try:
-                decoder.decode(chunk, final=not chunk)
-            except UnicodeDecodeError as err:
-                data = decoder.getstate()[0] + chunk  # bytes the decoder still held come first
-                base = offset - len(decoder.getstate()[0])
-                bad = err.start
-                line += data.count(b"\n", 0, bad)
-                last = data.rfind(b"\n", 0, bad)
-                column = bad - last if last >= 0 else base + bad - line_start + 1
-                return (f"dataset file {str(path)!r} is not UTF-8 text: line {line} has byte 0x{data[bad]:02x} at "
-                        f"byte {column} of the line ({err.reason}). Save the file as UTF-8 (from Latin-1, for instance: "
-                        f"iconv -f latin1 -t utf-8 {path.name} > utf8-{path.name})")
-            if not chunk:
-                return None
-            newlines = chunk.count(b"\n")
-            if newlines:
-                line += newlines
-                line_start = offset + chunk.rfind(b"\n") + 1
-            offset += len(chunk)
-
-
-def _format_problem(path: Path, text: str) -> str | None:
-    """The first line a JSON Lines, JSON or CSV file cannot be parsed at, or ``None``."""
-    import json
-
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl" or (suffix == ".json" and not text.lstrip().startswith("[")):
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            twice: list[str] = []
-            try:
-                row = json.loads(line, object_pairs_hook=lambda pairs: _note_repeated(pairs, twice))
-            except json.JSONDecodeError as err:
-                if suffix == ".json" and number == 1:
-                    break  # one JSON document spread over lines: parsed whole below
-                return f"dataset file {str(path)!r}: line {number} is not valid JSON ({err.msg} at column {err.colno})"
-            if twice:
-                return (f"dataset file {str(path)!r}: line {number} gives key(s) {twice} more than once (JSON keeps "
-                        f"the last, the loader refuses the row): give each key once per line")
-            if not isinstance(row, dict):
-                return (f"dataset file {str(path)!r}: line {number} is a JSON {type(row).__name__}, not an object "
-                        f"(one {{\"prompt\": ...}} object per line)")
-        else:
-            return None
-    if suffix == ".json":
-        try:
-            json.loads(text)
-        except json.JSONDecodeError as err:
-            return f"dataset file {str(path)!r} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}"
-    if suffix == ".csv":
-        return _csv_problem(path)
-    return None
-
-
-def _note_repeated(pairs: list, twice: list[str]) -> dict:
-    """``json.loads``' object hook: the object, with the keys given more than once noted in ``twice``."""
-    keys = [k for k, _ in pairs]
-    twice += [k for k in dict.fromkeys(keys) if keys.count(k) > 1 and k not in twice]
-    return dict(pairs)
-
-
-def _csv_problem(path: Path) -> str | None:
-    """The first row of a CSV file with more or fewer fields than its header, named by the line it starts on (a
-    quoted field may hold newlines), or ``None``. pandas refuses a longer row but fills a shorter one with nulls
-    (a value left out in the middle moves the later ones a column left), without a word."""
-    import csv
-
-    with open(path, encoding="utf-8-sig", newline="") as fh:
-        rows = csv.reader(fh)
-        header = next(rows, [])
-        twice = sorted({h for h in header if header.count(h) > 1})
-        if twice:
-            return (f"dataset file {str(path)!r}: the header names column(s) {twice} more than once (pandas would "
-                    f"rename the second to '{twice[0]}.1', and a reward reading '{twice[0]}' gets the first only): give "
-                    f"every column its own name")
-        start = rows.line_num + 1
-        for row in rows:
-            if row and len(row) != len(header):
-                return (f"dataset file {str(path)!r}: line {start} has {len(row)} fields, the header has "
-                        f"{len(header)} ({', '.join(header)}); quote fields that hold commas, and give every row "
-                        f"every field (an empty one as nothing between two commas)")
-            start = rows.line_num + 1
-    return None
-
-
-def file_problem(path: Path, err: Exception) -> str:
-    """What is wrong with the dataset at ``path`` that ``load_dataset`` failed to read (``err``), named by file,
-    line and fix where the file shows it: not UTF-8, a line that is not JSON, a CSV row with other columns."""
-    for f in _text_files(path):
-        problem = _decode_problem(f) or _format_problem(f, f.read_text(encoding="utf-8"))
-        if problem:
-            return problem
-    cause = err
-    while cause.__cause__ is not None or cause.__context__ is not None:  # datasets wraps the reader's error
-        cause = cause.__cause__ or cause.__context__
-    where = f"dataset file {str(path)!r}" if path.is_file() else f"dataset folder {str(path)!r}"
-    if not path.is_file() and "Unknown split" in str(cause):
-        return (f"{where} has no train split: datasets splits a folder's files by their names (a name holding test, "
-                f"eval or valid goes to that split, e.g. data_eval.jsonl), and none of its files is a train file "
-                f"({type(cause).__name__}: {cause}). Point data.dataset at the file to train on")
-    return f"{where} cannot be read: {type(cause).__name__}: {cause}"
 
 
 def check_rows(ds, source: str, num_prompts: int | None, per_step: int) -> str | None:
