@@ -396,7 +396,7 @@ def test_a_plan_made_again_once_vllm_holds_its_memory_keeps_the_free_memory_meas
     monkeypatch.setattr(memory_check.torch.cuda, "mem_get_info", lambda *a: (free["now"], 80 * GIB))
     cfg = load_config(None, ["train.memory_plan=warn"], device="cuda")
     fake = SimpleNamespace(cfg=cfg, rewards=[], model_path=ckpts["tied0"], main=False,
-                           one_copy=SimpleNamespace(on=False), _longest_prompt=lambda: 16, _shares_base=lambda: False,
+                           one_copy=SimpleNamespace(on=False), _longest=16, _shares_base=lambda: False,
                            acc=SimpleNamespace(state=SimpleNamespace(), num_processes=1, print=lambda *a: None,
                                                distributed_type=SimpleNamespace(value="NO")))
     first = recipe.GRPORecipe._memory_plan(fake, 1 << 20)
@@ -425,7 +425,7 @@ def test_the_step_sized_kv_cache_holds_the_models_context_when_max_model_len_is_
                                  f"engine.max_model_len={'null' if max_model_len is None else max_model_len}"],
                           device="cuda")
         fake = SimpleNamespace(cfg=cfg, tp=1, model_path=path, acc=SimpleNamespace(num_processes=1),
-                               _longest_prompt=lambda: 16)
+                               _longest=16)
         got = recipe.GRPORecipe._kv_cache_bytes(fake)
         one = kv_cache_bytes_for(path, want, cfg.model.dtype)
         assert one <= got < 2 * one
