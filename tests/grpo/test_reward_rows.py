@@ -208,24 +208,3 @@ def test_a_reward_that_scores_nothing_while_others_score_is_named():
     assert silent_rewards(torch.tensor([[nan, nan], [nan, nan]]), rewards) == []  # the step stops on that instead
     assert silent_rewards(torch.tensor([[nan], [nan]]), rewards[:1]) == []
 
-
-def test_a_resume_after_the_reward_file_changed_is_refused_before_vllm(tmp_path):
-    """One step saved, then the reward's file edited (the same name, another objective): the resume is refused
-    before vLLM starts, naming the reward; restored, it resumes."""
-    data, _ = _task(tmp_path)
-    rows = [json.loads(line) for line in data.read_text().splitlines()]
-    data.write_text("".join(json.dumps({**r, "answer": str(i + 1)}) + "\n" for i, r in enumerate(rows)))
-    rw = tmp_path / "fmt.py"
-    original = "def fmt(completions, **kw):\n    return [float(len(c) > 5) for c in completions]\n"
-    rw.write_text(original)
-    args = [f"output_dir={tmp_path / 'run'}", f"data.dataset={data}", f"rewards=[{rw}:fmt]", "wandb.mode=disabled",
-            "save_final=true", "train.prompts_per_step=2"]
-    proc, out = run_recipe(CONFIG, *args, "train.steps=1")
-    assert proc.returncode == 0, out[-3000:]
-    rw.write_text(original.replace("> 5", "> 1000"))
-    proc, out = run_recipe(CONFIG, *args, "train.steps=2")
-    assert proc.returncode == 1 and "holds a run trained with other inputs: code of reward 'fmt'" in out, out[-3000:]
-    assert ENGINE_START not in out and "Traceback" not in out, out[-3000:]
-    rw.write_text(original)
-    proc, out = run_recipe(CONFIG, *args, "train.steps=2")
-    assert proc.returncode == 0 and "resumed from" in out, out[-3000:]

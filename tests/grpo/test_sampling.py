@@ -119,7 +119,8 @@ def test_a_resume_over_a_dataset_with_other_rows_is_refused_before_vllm(tmp_path
     """Each step's rows are drawn from the dataset's row count: a dataset file that grew (or shrank) between a run
     and its resume gives every later step another order (rows of the current epoch trained twice, others never).
     The old code resumed without a word; the count is recorded with the run and a resume over another is refused,
-    before vLLM starts, with both counts and the fix."""
+    before vLLM starts, with both counts and the fix. So is a resume after the reward's code changed (its metric
+    went 0.94 -> 0.0 under the same name, without a word)."""
     data, rec = _write_task(tmp_path, 8)
     first = _run(tmp_path / "run", tmp_path / "first.rows", data, rec, "train.steps=1", "train.prompts_per_step=4")
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
@@ -135,3 +136,11 @@ def test_a_resume_over_a_dataset_with_other_rows_is_refused_before_vllm(tmp_path
     assert not (tmp_path / "rest.rows").exists()  # no step ran
     assert output_dir.logged_steps(tmp_path / "run" / "metrics.jsonl") == [1]
     assert json.loads((tmp_path / "run" / output_dir.RUN_CONFIG).read_text())["dataset_rows"] == 8
+    # the rows restored, the reward's code edited (the same name, another objective): refused the same way
+    data.write_text("".join(json.dumps({"prompt": f"{i}+1=", "row_id": i}) + "\n" for i in range(8)))
+    rec.write_text(rec.read_text().replace("float(len(c))", "float(len(c) > 1000)"))
+    rest = _run(tmp_path / "run", tmp_path / "rest.rows", data, rec, "train.steps=2", "train.prompts_per_step=4",
+                timeout=300)
+    out = rest.stdout + rest.stderr
+    assert rest.returncode == 1 and "holds a run trained with other inputs: code of reward 'record'" in out, out[-3000:]
+    assert ENGINE_START not in out and not (tmp_path / "rest.rows").exists(), out[-3000:]
