@@ -46,6 +46,15 @@ def test_patched_trainer_verifies_every_sync(ckpts, tmp_path):
         assert row["sampling/sampling_logp_difference/mean"] < 0.05, row
 
 
+def test_a_second_train_syncs_before_its_first_rollout(ckpts, tmp_path):
+    """TRL syncs when ``global_step`` differs from the step it last synced at, set once when the trainer is built;
+    each ``train()`` starts again at step 0. After a one-step ``train()`` (last sync at step 0) the second call's
+    first rollout ran on the old weights, unverified. The patch makes each ``train()`` sync first."""
+    result = run(ckpts["tied0"], tmp_path / "twice", "patched_twice")
+    assert result["ok"], result["error"]
+    assert result["checks"] == [True, True], result["checks"]  # vLLM held the trainer's weights at both rollouts
+
+
 @pytest.mark.parametrize("args, match", [
     (SimpleNamespace(use_vllm=False, vllm_mode="colocate"), "use_vllm=True"),
     (SimpleNamespace(use_vllm=True, vllm_mode="server"), "colocate' only"),

@@ -45,6 +45,22 @@ if patched:
     from rollout_sleep.integrations.trl import patch
 
     patch(trainer)  # the one line
+checks = []
+if sys.argv[3] == "patched_twice":  # train() twice, one step each (a notebook's second call, a retry)
+    from rollout_sleep import WeightStream, verify
+    from rollout_sleep.integrations.trl import patch
+
+    args.max_steps = 1
+    patch(trainer)
+    llm, engine = trainer.vllm_generation.llm, trainer.rollout_sleep_engine
+    generate = llm.generate
+
+    def checked(*a, **k):  # does vLLM hold the trainer's weights at each rollout?
+        checks.append(verify(engine, WeightStream(trainer.model, dtype=engine.dtype)).ok)
+        return generate(*a, **k)
+
+    llm.generate = checked
+    trainer.train()
 try:
     trainer.train()
     ok, error = True, None
@@ -59,5 +75,6 @@ if hasattr(trainer, "rollout_sleep_adapter"):
              "base_untouched": __import__("rollout_sleep").verify(
                  trainer.rollout_sleep_engine, __import__("rollout_sleep").WeightStream(
                      trainer.model, dtype=trainer.rollout_sleep_engine.dtype, merge_adapters=False)).ok}
-print("RESULT " + json.dumps({"ok": ok, "error": error, "log": trainer.state.log_history, **extra}), flush=True)
+print("RESULT " + json.dumps({"ok": ok, "error": error, "log": trainer.state.log_history, "checks": checks, **extra}),
+      flush=True)
 os._exit(0)

@@ -94,6 +94,7 @@ def patch(trainer, *, sleep_level: int = 2, verify_every: int = 1, bucket_bytes:
     base = getattr(model, "module", model)
     path = getattr(getattr(base, "config", None), "_name_or_path", None) or gen.llm.llm_engine.model_config.model
     engine = Engine.attach(gen.llm, path, load_method=load_method)
+    _sync_at_every_train(trainer)
     if getattr(gen.llm.llm_engine.vllm_config, "lora_config", None) is not None:
         return _patch_lora(trainer, gen, engine, verify_every, fast_outputs)
     state = {"syncs": 0}
@@ -130,6 +131,21 @@ def patch(trainer, *, sleep_level: int = 2, verify_every: int = 1, bucket_bytes:
     trainer.rollout_sleep_engine = engine
     return trainer
 
+
+
+def _sync_at_every_train(trainer) -> None:
+    """TRL syncs before a rollout when ``global_step`` differs from the step it last synced at, which it sets
+    once, when the trainer is built. A second ``train()`` (a notebook's, a retry after an error) starts again
+    at step 0: where the previous call last synced at step 0, vLLM generated from the old weights, unverified.
+    Each ``train()`` now forgets that step, so its first rollout syncs (and verifies)."""
+    from transformers import TrainerCallback
+
+    class SyncAtTrainBegin(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            trainer._last_loaded_step = -1
+
+    if not any(type(c).__name__ == "SyncAtTrainBegin" for c in trainer.callback_handler.callbacks):  # patched twice
+        trainer.add_callback(SyncAtTrainBegin())
 
 
 def _check_arguments(sleep_level, verify_every, bucket_bytes, load_method) -> None:
