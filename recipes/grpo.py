@@ -434,6 +434,7 @@ class GRPORecipe:
     def _start_tracking(self, run_id: str | None) -> None:
         """W&B (continuing ``run_id``), the memory plan's tables, and the per-phase peaks of the first steps."""
         cfg = self.cfg
+        self._wandb_id = run_id  # kept through a resume that does not track (wandb.mode=disabled): saved again
         self.tracker = make_tracker(cfg.wandb.mode, main_process=self.main, project=cfg.wandb.project,
                                     config=cfg.to_dict(), name=cfg.wandb.run_name, directory=self.out,
                                     resume_id=run_id)
@@ -823,7 +824,8 @@ class GRPORecipe:
                                         f"{self.step} (their message says why); {self._last_saved()}")
         if self.main:
             # the settings it was trained with, beside it: a resume compares them with its own
-            state = {"step": self.step, "wandb_id": getattr(self.tracker, "id", None), "config": self.cfg.to_dict(),
+            state = {"step": self.step, "wandb_id": getattr(self.tracker, "id", None) or self._wandb_id,
+                     "config": self.cfg.to_dict(),
                      "optimizer": self._optimizer_record(), **self.dataset_record}
             with output_dir.saving(staging, path, self.step), self.watchdog.phase("save", f"the commit of {path}"):
                 output_dir.commit(staging, path, state)
@@ -935,8 +937,13 @@ def main() -> None:
     except (Exception, KeyboardInterrupt) as err:  # noqa: BLE001 - every error ends in one message (a step's:
         # traceback in the log); an interrupt too, with where a rerun goes on from (exit code 130, as a shell's)
         print(f"error: {failure_message(recipe, err)}", file=sys.stderr, flush=True)
+        code = 130 if isinstance(err, KeyboardInterrupt) else 2 if isinstance(err, ConfigError) else 1
+        tracker = getattr(recipe, "tracker", None)
+        if tracker is not None:  # os._exit skips wandb's own exit hook: what the run logged would be lost
+            with contextlib.suppress(Exception):
+                tracker.finish(exit_code=code)
         sys.stdout.flush()
-        os._exit(130 if isinstance(err, KeyboardInterrupt) else 2 if isinstance(err, ConfigError) else 1)
+        os._exit(code)
     os._exit(0)  # vLLM's in-process teardown is slow and would tear down accelerate's process group
 
 

@@ -36,7 +36,8 @@ SMALL = ("train.steps=2", "train.prompts_per_step=4", "data.num_prompts=8")
 
 def test_a_failing_reward_ends_the_run_with_one_message_and_its_traceback_in_the_log(tmp_path):
     """Three rewards that fail at step 1, one under ``accelerate launch``: each exits 1 with the reward and what
-    it did named after ``error: step 1:``, no traceback on the console, the reward's own traceback in run.log.
+    it did named after ``error: step 1:``, no traceback on the console, the reward's own traceback in run.log, and
+    (one tracked by W&B) what the run logged kept in its W&B file.
     A slow reward (started alongside, to share the engine start-up time) trips the watchdog in phase 'reward'
     after watchdog.reward_s, although watchdog.train_s is shorter: the old code had no reward phase and blamed
     "forward, backward, optimizer step"."""
@@ -45,7 +46,8 @@ def test_a_failing_reward_ends_the_run_with_one_message_and_its_traceback_in_the
              "too_few": ("error: step 1: reward 'too_few' returned 1 rewards for 32 completions",),
              "words": ("error: step 1: reward 'words' returned 'good' (a str) for completion 0",)}
     procs = {name: start(tmp_path / name, *SMALL, f"rewards=[{tmp_path / 'my_rewards.py'}:{name}]",
-                         accelerate=name == "raises") for name in cases}
+                         *(["wandb.mode=offline"] if name == "too_few" else []), accelerate=name == "raises")
+             for name in cases}
     slow = start(tmp_path / "slow", *SMALL, f"rewards=[{tmp_path / 'my_rewards.py'}:slow]", "watchdog.reward_s=25",
                  "watchdog.train_s=10")
     outs = {name: p.communicate(timeout=900)[0] for name, p in procs.items()}
@@ -60,6 +62,10 @@ def test_a_failing_reward_ends_the_run_with_one_message_and_its_traceback_in_the
         log = (tmp_path / name / "run.log").read_text()
         assert "Traceback (most recent call last)" in log and "rollout_sleep.grpo.errors.RewardError" in log
     assert "my_rewards.py" in (tmp_path / "raises" / "run.log").read_text()  # the user's line that raised
+    # the failed run's W&B file keeps what was logged (its config at least): the exit skipped wandb's own hook, and
+    # the file held its 7-byte header only
+    (run_file,) = (tmp_path / "too_few" / "wandb").glob("offline-run-*/run-*.wandb")
+    assert b"my_rewards.py" in run_file.read_bytes(), run_file.stat().st_size
     out = slow.communicate(timeout=900)[0]
     assert slow.returncode == EXIT_CODE, out[-3000:]
     assert "spent more than 25 s in phase 'reward' (waiting for the rewards (slow) to score the 32 completions of " \

@@ -239,3 +239,18 @@ def test_lora_on_the_embedding_is_refused_naming_the_target_and_the_fix():
                                           r"linear layers"):
         load_config(None, ["model.lora.rank=8", "model.lora.targets=[embed_tokens,q_proj]"])
     assert load_config(None, ["model.lora.rank=8", "model.lora.targets=[q_proj,v_proj]"]).model.lora.rank == 8
+
+
+def test_a_wandb_project_w_and_b_would_refuse_is_refused_at_load(tmp_path):
+    """``wandb.project=team/proj`` (the entity written into the project) passed the config, then failed in
+    wandb.init after vLLM and the model had loaded; an ``output_dir/wandb`` that is a file failed there too, as a
+    bare NotADirectoryError. Both said at load time; with W&B disabled neither matters."""
+    from rollout_sleep.run.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"wandb.project must be a W&B project name .* got 'team/proj': the entity "
+                                          r"\(team\) is not part of it; set it with WANDB_ENTITY"):
+        load_config(None, ["wandb.project=team/proj", "wandb.mode=offline"])
+    load_config(None, ["wandb.project=team/proj", "wandb.mode=disabled"])
+    (tmp_path / "wandb").write_text("")
+    with pytest.raises(ConfigError, match=r"wandb is a file: W&B writes its run there as a folder"):
+        load_config(None, [f"output_dir={tmp_path}", "wandb.mode=offline"])

@@ -23,7 +23,7 @@ class NullTracker:
     def update_summary(self, values: dict[str, Any]) -> None:
         pass
 
-    def finish(self) -> None:
+    def finish(self, exit_code: int = 0) -> None:
         pass
 
 
@@ -52,8 +52,9 @@ class WandbTracker:
     def update_summary(self, values: dict[str, Any]) -> None:
         self.run.summary.update(values)
 
-    def finish(self) -> None:
-        self.run.finish()
+    def finish(self, exit_code: int = 0) -> None:
+        """End the run; a run that failed (``exit_code`` != 0) is marked so and keeps what it logged."""
+        self.run.finish(exit_code=exit_code)
 
 
 def credentials_problem(mode: str) -> str | None:

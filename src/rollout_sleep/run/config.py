@@ -297,6 +297,13 @@ def _check_values(cfg: RecipeConfig, device: str) -> list[str]:
         out.append(f"train.memory_budget_gib must be > 0 (or null: the free GPU memory), got {t.memory_budget_gib!r}")
     at_least("train.memory_headroom_gib", t.memory_headroom_gib, 0)
     choice("wandb.mode", cfg.wandb.mode, WANDB_MODES)
+    bad = sorted(set(str(cfg.wandb.project)) & set("/\\#?%:"))
+    if cfg.wandb.mode != "disabled" and (bad or not str(cfg.wandb.project).strip() or len(str(cfg.wandb.project)) > 128):
+        out.append(f"wandb.project must be a W&B project name (1-128 characters, none of / \\ # ? % :), got "
+                   f"{cfg.wandb.project!r}" + (": the entity (team) is not part of it; set it with WANDB_ENTITY"
+                                               if "/" in bad else ""))
+    if cfg.wandb.mode != "disabled" and Path(cfg.output_dir, "wandb").expanduser().is_file():
+        out.append(f"{Path(cfg.output_dir, 'wandb')} is a file: W&B writes its run there as a folder; move the file")
     for f in dataclasses.fields(w):
         if f.name.endswith("_s"):
             at_least(f"watchdog.{f.name}", getattr(w, f.name), 0)
