@@ -35,7 +35,7 @@ from rollout_sleep.weights.spec import TensorSpec, read_checkpoint_spec, ties_he
 from .completion import Completion, fast_output_kwargs, sampled_logprobs
 from .contract import as_prompts, closing, operation
 from .loader import Loader
-from .memory import (WakeBudget, keeping_cache, map_kv_cache, memory_gib, release_kv_cache,
+from .memory import (WakeBudget, keeping_cache, map_kv_only, memory_gib, release_kv_only,
                      sleep_mode_available)
 from .phases import CycleReport, timed
 from .state import LEVELS, EngineStateError, IncompleteWeightsError, SleepState, load_then_finish
@@ -384,23 +384,10 @@ class Engine(SleepState):
         self._reset_prefix_cache()
 
     def _release_kv_cache(self) -> None:
-        """Level 0 on CUDA: release the KV cache's memory only; the weights stay where a trainer views them.
-        vLLM 0.32+ does this itself (a pause, then a discard of its ``kv_cache`` allocations; 0.34's extensible
-        KV cache lives outside the sleep allocator, where an unmap of that tag would miss it); 0.26 has no such
-        call, so each worker unmaps the tag."""
-        if hasattr(self.llm, "release_kv_cache_memory"):
-            self.llm.sleep(level=0)
-            self.llm.release_kv_cache_memory()
-        else:
-            self._reset_prefix_cache()  # the cached blocks are about to be unmapped
-            self.llm.collective_rpc(release_kv_cache)
+        release_kv_only(self.llm, reset=self._reset_prefix_cache)
 
     def _map_kv_cache(self) -> bool:
-        """Undo :meth:`_release_kv_cache`; whether vLLM is fully awake."""
-        if hasattr(self.llm, "release_kv_cache_memory"):
-            return self.llm.wake_up(tags=["kv_cache"])  # resumes the scheduler once nothing sleeps
-        self.llm.collective_rpc(map_kv_cache)
-        return True
+        return map_kv_only(self.llm)
 
     def _reset_prefix_cache(self) -> None:
         ok = self.llm.reset_prefix_cache()

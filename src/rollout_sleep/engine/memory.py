@@ -9,7 +9,7 @@ import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -234,6 +234,29 @@ class PhasePeaks:
             peak = torch.cuda.max_memory_allocated()
             self.allocated[name] = max(self.allocated.get(name, 0), peak)
             self.run_allocated_peak = max(self.run_allocated_peak, peak)
+
+
+def release_kv_only(llm: Any, *, pause: Callable | None = None, reset: Callable | None = None) -> None:
+    """Level 0 on CUDA: release ``llm``'s KV cache and nothing else (the weights stay where a trainer views them).
+    vLLM 0.32 on does this itself (a pause, then a discard of its KV-cache memory; 0.34's extensible KV cache lies
+    outside the sleep allocator, where an unmap of the tag would free nothing); 0.26 has no such call: the prefix
+    cache is reset (``reset``), then each worker unmaps the tag. ``pause``: ``llm.sleep`` where a caller replaced
+    it."""
+    if hasattr(llm, "release_kv_cache_memory"):
+        (pause or llm.sleep)(level=0)
+        llm.release_kv_cache_memory()
+    else:
+        (reset or llm.reset_prefix_cache)()  # the cached blocks are about to be unmapped
+        llm.collective_rpc(release_kv_cache)
+
+
+def map_kv_only(llm: Any, *, wake: Callable | None = None) -> bool:
+    """Undo :func:`release_kv_only`; whether vLLM is fully awake (its scheduler resumed). ``wake``: ``llm.wake_up``
+    where a caller replaced it."""
+    if hasattr(llm, "release_kv_cache_memory"):
+        return (wake or llm.wake_up)(tags=["kv_cache"])
+    llm.collective_rpc(map_kv_cache)
+    return True
 
 
 def release_kv_cache(worker: Any) -> int:

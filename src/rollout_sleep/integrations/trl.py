@@ -237,14 +237,14 @@ def unpark_base(model) -> None:
 
 def _patch_lora(trainer, gen, engine: Engine, verify_every: int, fast_outputs: bool):
     """The LoRA route of :func:`patch`: adapter-only syncs, level-0 sleep, the base viewed from vLLM on CUDA."""
-    from rollout_sleep.engine.memory import map_kv_cache, release_kv_cache
+    from rollout_sleep.engine.memory import map_kv_only, release_kv_only
     from rollout_sleep.lora.adapter import AdapterSync
     from rollout_sleep.lora.shared_base import share_base
 
     model = trainer.model_wrapped if getattr(trainer, "model_wrapped", None) is not None else trainer.model
     adapter = AdapterSync(engine, model)  # raises unless the trainer is a PEFT model
     llm = gen.llm
-    original_generate, original_wake = llm.generate, llm.wake_up
+    original_generate, original_sleep, original_wake = llm.generate, llm.sleep, llm.wake_up
     state = {"syncs": 0, "freed_bytes": 0}
     if gen.enable_sleep_mode:
         # TRL slept at level 2 right after building the engine: the base is gone. Map it back, fill it with the
@@ -262,14 +262,13 @@ def _patch_lora(trainer, gen, engine: Engine, verify_every: int, fast_outputs: b
 
         def sleep(level: int = 2, **kw):  # whatever level TRL asks for: the KV cache only
             if state["kv_mapped"]:
-                llm.reset_prefix_cache()
-                llm.collective_rpc(release_kv_cache)
+                release_kv_only(llm, pause=original_sleep)
                 state["kv_mapped"] = False
 
         def wake_up(tags=None, **kw):  # the weights never left; the KV cache is mapped back once
             if (tags is None or "kv_cache" in tags) and not state["kv_mapped"]:
                 release_cached_memory()
-                llm.collective_rpc(map_kv_cache)
+                map_kv_only(llm, wake=original_wake)
                 state["kv_mapped"] = True
                 llm.reset_prefix_cache()
 
