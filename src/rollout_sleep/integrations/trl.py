@@ -144,8 +144,9 @@ def _sync_at_every_train(trainer) -> None:
         def on_train_begin(self, args, state, control, **kwargs):
             trainer._last_loaded_step = -1
 
-    if not any(type(c).__name__ == "SyncAtTrainBegin" for c in trainer.callback_handler.callbacks):  # patched twice
-        trainer.add_callback(SyncAtTrainBegin())
+    handler = getattr(trainer, "callback_handler", None)  # every transformers Trainer has one
+    if handler is not None and not any(type(c).__name__ == "SyncAtTrainBegin" for c in handler.callbacks):
+        trainer.add_callback(SyncAtTrainBegin())  # once, if patched twice
 
 
 def _check_arguments(sleep_level, verify_every, bucket_bytes, load_method) -> None:
