@@ -87,8 +87,8 @@ from rollout_sleep.grpo.data import (check_prompts, check_rows, completions_for_
                                      engine_context, is_conversational, load_prompts, prepare_prompts,
                                      prompt_problems, prompt_token_ids, prompts_fingerprint, rows_fingerprint,
                                      step_rows)
-from rollout_sleep.grpo.files import value_changes  # noqa: E402
 from rollout_sleep.grpo.errors import RewardError  # noqa: E402
+from rollout_sleep.grpo.files import value_changes  # noqa: E402
 from rollout_sleep.grpo.loss import GRPOLoss  # noqa: E402
 from rollout_sleep.grpo.rewards import (absent_optional_columns, check_row_values, combine,  # noqa: E402
                                         resolve_rewards, reward_metrics, reward_summary, rewards_fingerprint,
