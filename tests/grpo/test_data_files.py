@@ -248,6 +248,8 @@ CHANGED = {  # values datasets would hand a reward changed: named by file, row o
     "na.csv": ("prompt,answer\n1+1=,NA\n2+2=,4\n", "column 'answer', data row 1 holds 'NA', which pandas reads as "
                                                     "missing"),
     "index.csv": (",prompt,answer\n0,q1,02108\n", "column 'answer', data row 1 holds '02108'"),  # pandas' to_csv
+    "bool.csv": ("prompt,answer\nis 2 even?,TRUE\nis 3 even?,false\n",
+                 "column 'answer', data row 1 holds 'TRUE', which pandas reads as the boolean True"),
     "mixed.jsonl": ('{"prompt": "3+9=", "answer": 12}\n{"prompt": "half of 5=", "answer": 2.5}\n',
                     "dataset column 'answer' holds whole numbers (12 in mixed.jsonl line 1) and fractional ones "
                     "(2.5 in mixed.jsonl line 2): datasets reads the column as floats, so 12 comes back as 12.0"),

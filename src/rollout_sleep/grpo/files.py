@@ -164,6 +164,8 @@ def _csv_value_changes(path: Path) -> dict[str, str]:
                     changed = cells != column.astype(str)
                 elif kind == "f":  # a cell written as a whole number, read as a float
                     changed = column.notna() & ~cells.str.contains(r"[.eEnN]", regex=True)
+                elif kind == "b":  # TRUE / false / True read as booleans: a reward comparing text sees True
+                    changed = column.notna()
                 else:
                     changed = missing & False
                 if missing.any():
@@ -175,9 +177,10 @@ def _csv_value_changes(path: Path) -> dict[str, str]:
                 elif changed.any():
                     row = int(changed.idxmax())
                     value = column[row].item()
+                    what = "the boolean" if kind == "b" else "the number"
                     out[name] = (f"dataset file {str(path)!r}: column {name!r}, data row {row + 1} holds "
-                                 f"{text[name][row]!r}, which pandas reads as the number {value!r} (it parses cells "
-                                 f"that look like numbers"
+                                 f"{text[name][row]!r}, which pandas reads as {what} {value!r} (it parses cells "
+                                 f"that look like numbers or booleans"
                                  + ("; an empty cell makes the whole column floats" if column.isna().any() else "")
                                  + f"): a reward would see {value!r}. Use JSON Lines with the value quoted as text "
                                  f"(\"{name}\": \"{text[name][row]}\")")
