@@ -38,16 +38,19 @@ class WandbTracker:
                               id=resume_id, resume="allow" if resume_id else None)
         self.run_dir = Path(self.run.dir).parent
         self.id = self.run.id
+        self._pending: dict[str, Any] = {}  # tables waiting for the next step's metrics
 
     def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
-        self.run.log(metrics, step=step)
+        self.run.log({**self._pending, **metrics}, step=step)
+        self._pending.clear()
 
     def log_image(self, key: str, path: str | Path, step: int | None = None) -> None:
         self.run.log({key: self._wandb.Image(str(path))}, step=step)
 
     def log_table(self, key: str, columns: list[str], rows: list[list]) -> None:
-        """A table (e.g. the memory plan), logged once with the next step's metrics."""
-        self.run.log({key: self._wandb.Table(columns=columns, data=rows)}, commit=False)
+        """A table (e.g. the memory plan), logged once with the next step's metrics (a ``commit=False`` log before
+        the first step's ``log(step=...)`` was a row of its own at step 0)."""
+        self._pending[key] = self._wandb.Table(columns=columns, data=rows)
 
     def update_summary(self, values: dict[str, Any]) -> None:
         self.run.summary.update(values)
