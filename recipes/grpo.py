@@ -322,10 +322,9 @@ class GRPORecipe:
             self.data = prepare_prompts(self.data, self.prompt_tokenizer, chat_template=cfg.data.chat_template,
                                         system_prompt=cfg.data.system_prompt)
             context, context_from = engine_context(model_files, cfg.engine.max_model_len)  # as vLLM will take it
-            check_prompts(self.data, self.prompt_tokenizer, context, cfg.train.max_tokens, context_from,
-                          where=self._data_where())
+            ids = check_prompts(self.data, self.prompt_tokenizer, context, cfg.train.max_tokens, context_from,
+                                where=self._data_where())
             self.conversational = is_conversational(self.data)
-            ids = prompt_token_ids(self.prompt_tokenizer, list(self.data["prompt"]))
             self._longest = max(len(i) for i in ids)  # sizes one step's KV cache
             self.dataset_record["prompts_fingerprint"] = prompts_fingerprint(ids)
             for r in self.rewards:  # a reward model reads the prompts in their format

@@ -298,7 +298,7 @@ class Engine(SleepState):
         report.memory_kind, report.memory_gib["before"] = memory_gib()
         with timed(report, "sleep"), keeping_cache(report, self.keep_trainer_cache):
             if level == 0 and self.sleep_mode:
-                self._release_kv_cache()
+                release_kv_only(self.llm, reset=self._reset_prefix_cache)
             else:  # on CPU level 0 is vLLM's level 1 (its scheduler pauses; no memory moves there)
                 self.llm.sleep(level=max(level, 1))
         self._level = level
@@ -344,7 +344,7 @@ class Engine(SleepState):
         def finish():
             with timed(report, "wake_kv_cache"), keeping_cache(report, self.keep_trainer_cache):
                 if kv_only:
-                    awake = self._map_kv_cache()
+                    awake = map_kv_only(self.llm)
                 else:
                     awake = self.llm.wake_up(tags=["kv_cache"])
             self._level = None
@@ -382,12 +382,6 @@ class Engine(SleepState):
         """Drop cached prefixes (computed with the previous weights)."""
         self.require_awake("reset the prefix cache")
         self._reset_prefix_cache()
-
-    def _release_kv_cache(self) -> None:
-        release_kv_only(self.llm, reset=self._reset_prefix_cache)
-
-    def _map_kv_cache(self) -> bool:
-        return map_kv_only(self.llm)
 
     def _reset_prefix_cache(self) -> None:
         ok = self.llm.reset_prefix_cache()

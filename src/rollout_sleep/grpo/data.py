@@ -365,13 +365,13 @@ def engine_context(model_path: str, max_model_len: int | None) -> tuple[int | No
 
 
 def check_prompts(ds, tokenizer, max_model_len: int | None, max_tokens: int,
-                  context_from: str = "engine.max_model_len", where: str = "the dataset") -> None:
-    """Raise ``ValueError`` naming the rows the recipe could not generate from, before the engine starts: an
-    empty dataset, a prompt :func:`prompt_problems` refuses (``where`` names the dataset there), a prompt
-    whose tokens leave no room for a completion within the context ``max_model_len`` (named ``context_from``
-    in the messages: the setting or the model config key it comes from; vLLM refuses a prompt longer than it),
-    or ``max_tokens`` beyond it. Prompts whose completions would be cut short of ``max_tokens`` get a warning
-    naming them."""
+                  context_from: str = "engine.max_model_len", where: str = "the dataset") -> list[list[int]]:
+    """Every prompt's token ids (:func:`prompt_token_ids`), or a ``ValueError`` naming the rows the recipe could
+    not generate from, before the engine starts: an empty dataset, a prompt :func:`prompt_problems` refuses
+    (``where`` names the dataset there), one the chat template refuses, a prompt whose tokens leave no room for a
+    completion within the context ``max_model_len`` (named ``context_from`` in the messages: the setting or the
+    model config key it comes from; vLLM refuses a prompt longer than it), or ``max_tokens`` beyond it. Prompts
+    whose completions would be cut short of ``max_tokens`` get a warning naming them."""
     import logging
 
     if len(ds) == 0:
@@ -379,13 +379,11 @@ def check_prompts(ds, tokenizer, max_model_len: int | None, max_tokens: int,
     problems = prompt_problems(ds, where)
     if problems:
         raise ValueError("; ".join(problems))
-    if max_model_len is None:
-        return
-    if max_tokens > max_model_len:
+    if max_model_len is not None and max_tokens > max_model_len:
         raise ValueError(f"train.max_tokens ({max_tokens}) exceeds the context, {context_from} ({max_model_len}): "
                          f"vLLM refuses such a request; lower train.max_tokens")
     try:
-        lengths = [len(ids) for ids in prompt_token_ids(tokenizer, list(ds["prompt"]))]
+        token_ids = prompt_token_ids(tokenizer, list(ds["prompt"]))
     except Exception as err:  # e.g. a chat template that refuses the roles' order (jinja2's TemplateError)
         prompts = list(ds["prompt"])
         row = next((i for i, p in enumerate(prompts) if _fails(tokenizer, p)), None)
@@ -395,6 +393,9 @@ def check_prompts(ds, tokenizer, max_model_len: int | None, max_tokens: int,
         raise ValueError(f"{which}{template}: {type(err).__name__}: {err}. Fix or drop that row, or give a chat "
                          f"template that takes it" + (" (data.system_prompt adds a system message, which some "
                                                      "templates refuse)" if template else "")) from err
+    if max_model_len is None:
+        return token_ids
+    lengths = [len(ids) for ids in token_ids]
     long = [(i, n) for i, n in enumerate(lengths) if n >= max_model_len]
     if long:
         raise ValueError(f"{len(long)} prompt(s) have >= {context_from} ({max_model_len}) tokens, leaving no "
@@ -407,6 +408,7 @@ def check_prompts(ds, tokenizer, max_model_len: int | None, max_tokens: int,
             "%d prompt(s) leave fewer than train.max_tokens=%d tokens for their completions within %s=%d, which cuts "
             "those completions short: %s", len(cut), max_tokens, context_from, max_model_len,
             ", ".join(f"row {i}: {n} prompt tokens" for i, n in cut[:5]) + (", ..." if len(cut) > 5 else ""))
+    return token_ids
 
 
 def prompts_fingerprint(token_ids: list[list[int]]) -> str:

@@ -206,11 +206,9 @@ def check_dataset(out: Path, rows: int, fingerprint: str, source: str, resume: b
     not at all; a file edited in place (rows reordered, answers changed) would train the remaining steps on
     other prompts or rewards than the saved steps, silently. Reads only; what a run did not record is not
     checked."""
-    old = _previous_config(out)
-    if not resume or old is None:
+    old = _trained_record(out, resume)
+    if old is None:
         return
-    if not (logged_steps(out / "metrics.jsonl") or saved_steps(out / "checkpoints")):
-        return  # nothing trained yet: no order to keep
     if old.get("dataset_rows") not in (None, rows):
         what = (f"{old['dataset_rows']} rows of data.dataset {source!r}, which now gives {rows}: each step's rows are "
                 "drawn from the row count (a fresh permutation of all rows per epoch), so resuming would train the "
@@ -234,8 +232,8 @@ def check_inputs(out: Path, record: dict, resume: bool) -> None:
     another objective under the same metric names, silently. ``record``: this run's ``prompts_fingerprint``
     and ``rewards_fingerprint`` (reward name -> digest of its source file or checkpoint). Reads only; what a run
     did not record is not checked."""
-    old = _previous_config(out)
-    if not resume or old is None or not (logged_steps(out / "metrics.jsonl") or saved_steps(out / "checkpoints")):
+    old = _trained_record(out, resume)
+    if old is None:
         return
     changed = []
     if old.get("prompts_fingerprint") not in (None, record.get("prompts_fingerprint")):
@@ -289,6 +287,15 @@ def _run_config_file(out: Path) -> dict | None:
         return json.loads((out / RUN_CONFIG).read_text())
     except (OSError, ValueError):
         return None
+
+
+def _trained_record(out: Path, resume: bool) -> dict | None:
+    """The settings and dataset record a resume in ``out`` continues (:func:`_previous_config`), or ``None``: not a
+    resume, nothing recorded, or nothing trained yet (no step logged or saved: nothing to keep consistent with)."""
+    old = _previous_config(out) if resume else None
+    if old is None or not (logged_steps(out / "metrics.jsonl") or saved_steps(out / "checkpoints")):
+        return None
+    return old
 
 
 def _previous_config(out: Path) -> dict | None:
