@@ -372,6 +372,11 @@ def test_a_prompt_the_chat_template_refuses_is_named_by_row(tmp_path, ckpts):
                                          r"tokenized by the model's chat template \(model.path\): TemplateError: "
                                          r"Conversation roles must alternate"):
         check_prompts(load_prompts(str(tmp_path / "c.jsonl")), AutoTokenizer.from_pretrained(model), 1024, 8)
+    with pytest.raises(ValueError, match=r"row 3 of the dataset .* cannot be tokenized"):  # no context known either
+        check_prompts(load_prompts(str(tmp_path / "c.jsonl")), AutoTokenizer.from_pretrained(model), None, 8)
+    ok = load_prompts(str(tmp_path / "c.jsonl")).select(range(3))
+    assert check_prompts(ok, AutoTokenizer.from_pretrained(model), None, 8) == \
+        check_prompts(ok, AutoTokenizer.from_pretrained(model), 1024, 8)  # the ids, whatever the context
 
 
 def test_parquet_files_typed_apart_and_integers_beyond_64_bits_are_named(tmp_path):
