@@ -172,6 +172,7 @@ class GRPORecipe:
         kv_bytes = self._kv_cache_bytes()  # the longest prompt sizes one step's KV cache
         self.plan = self._memory_plan(kv_bytes)  # printed; a phase that does not fit stops the run here
         self._note_low_precision_lr()
+        self._open_tracker()  # before vLLM starts: a W&B server that cannot be reached stops the run here
         # the engine first, while the GPU is empty: vLLM sizes its KV cache from the free memory it sees
         self._start_engine(kv_bytes)
         self._decide_one_copy(kv_bytes)  # what vLLM built can be viewed exactly, or the run takes two copies
@@ -183,10 +184,10 @@ class GRPORecipe:
         self._silent_said: set[str] = set()  # rewards warned about for scoring none of a step's completions
         self.ref_model = self._reference_model()
         self.manager = self._rollout_manager()
-        run_id = self._resume()  # after the manager: a restored state is pushed to the engine
+        self._resume()  # after the manager: a restored state is pushed to the engine
         if self.offload is not None:
             self.offload.offload()  # a resumed state is loaded onto the device: off it before the first rollout
-        self._start_tracking(run_id)  # after the resume: a resumed run continues its W&B run
+        self._start_measuring()
         # Everything loaded so far lives for the whole run: keep it out of Python's garbage collector,
         # as vLLM does for its own startup heap. vLLM runs a full collection at every sleep; with the
         # trainer's heap (model, optimizer, data, W&B) frozen it stays short.
@@ -430,13 +431,27 @@ class GRPORecipe:
                 self.acc.print("train.expandable_segments: PyTorch's allocator grows its segments in place from now on")
         return manager
 
-    def _start_tracking(self, run_id: str | None) -> None:
-        """W&B (continuing ``run_id``), the memory plan's tables, and the per-phase peaks of the first steps."""
+    def _open_tracker(self) -> None:
+        """W&B, continuing the run a resume continues (every checkpoint of a run holds its W&B id). Opened before
+        vLLM starts: ``wandb.init`` fails only after retrying for a minute or more when its server cannot be reached,
+        and that is said before the engine's start, not after it."""
         cfg = self.cfg
-        self._wandb_id = run_id  # kept through a resume that does not track (wandb.mode=disabled): saved again
-        self.tracker = make_tracker(cfg.wandb.mode, main_process=self.main, project=cfg.wandb.project,
-                                    config=cfg.to_dict(), name=cfg.wandb.run_name, directory=self.out,
-                                    resume_id=run_id)
+        _, state = output_dir.resume_point(self.out) if cfg.resume else (None, {})
+        self._wandb_id = state.get("wandb_id")  # kept through a resume that does not track (wandb.mode=disabled)
+        try:
+            self.tracker = make_tracker(cfg.wandb.mode, main_process=self.main, project=cfg.wandb.project,
+                                        config=cfg.to_dict(), name=cfg.wandb.run_name, directory=self.out,
+                                        resume_id=self._wandb_id)
+        except Exception as err:  # noqa: BLE001 - wandb's own errors (no server, a refused key, a bad project)
+            if not type(err).__module__.startswith("wandb"):
+                raise
+            raise ConfigError(f"wandb.mode={cfg.wandb.mode}: W&B could not start the run ({type(err).__name__}: "
+                              f"{str(err).strip()}). Check the server (WANDB_BASE_URL) and the network, or set "
+                              "wandb.mode=offline (sync later with `wandb sync`)") from err
+
+    def _start_measuring(self) -> None:
+        """The memory plan's tables (logged with the first step's metrics), and the per-phase peaks of the first
+        steps."""
         if self.plan is not None:
             self.tracker.log_table("memory_plan", ["component", *memory_plan.PHASES], self.plan.rows())
             self.tracker.update_summary({f"memory_plan/{p}_gib": self.plan.total(p) / 2**30 for p in memory_plan.PHASES})
@@ -563,8 +578,8 @@ class GRPORecipe:
         memory_check.enforce(self.plan, self.cfg.train.memory_plan, self.acc.print,
                            "with the engine's memory measured at its start")
 
-    def _resume(self) -> str | None:
-        """Load the newest complete saved state (if resuming); returns the W&B run id to continue. Newer
+    def _resume(self) -> None:
+        """Load the newest complete saved state (if resuming). Newer
         incomplete checkpoints, and one whose files changed since its save (checksums) or fail to load, are moved
         to ``checkpoints/incomplete`` (said in the log) and the one before is loaded; metrics lines of steps after
         the resumed one move to ``metrics.superseded.jsonl`` (those steps run again)."""
@@ -598,7 +613,7 @@ class GRPORecipe:
                 self.acc.print(f"moved {moved} metrics line(s) of steps after step {self.step} to "
                                "metrics.superseded.jsonl: those steps run again")
         if path is None:
-            return None
+            return
         # the restored optimizer holds the settings it was saved with: the config's win
         restored = set_hyperparameters(self.optimizer, hyperparameters(self.cfg.train))
         if self.manager.adapter is not None:
@@ -610,7 +625,6 @@ class GRPORecipe:
         self.acc.print(f"resumed from {path} (step {self.step})")
         self._say_applied(state.get("config") if isinstance(state.get("config"), dict) else self.trained_settings,
                           restored)
-        return state.get("wandb_id")
 
     def _choose_checkpoint(self, ckpts: Path) -> Path | None:
         """The main process picks the newest complete checkpoint, its files checked against the checksums recorded

@@ -87,6 +87,21 @@ def test_wandb_online_without_credentials_is_refused_before_the_engine_starts(tm
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+def test_a_wandb_server_that_cannot_be_reached_stops_the_run_before_the_engine_starts(tmp_path):
+    """A key, but no server behind WANDB_BASE_URL: wandb.init retries, then raises. The old code opened W&B after
+    vLLM had started (on a GPU, after the engine's minute of start-up) and ended in a raw CommError."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"HOME": str(home), "WANDB_CONFIG_DIR": str(home / ".config" / "wandb"), "NETRC": str(home / ".netrc"),
+           "WANDB_API_KEY": "a" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_INIT_TIMEOUT": "5"}
+    code, out = run(tmp_path / "run", *SMALL, "wandb.mode=online", timeout=300, **env)
+    assert code == 2, out[-3000:]
+    assert "error: wandb.mode=online: W&B could not start the run (CommError: " in out, out[-3000:]
+    assert "127.0.0.1:9" in out and "wandb.mode=offline" in out
+    assert ENGINE_START not in out and "Traceback" not in out
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 def test_a_reward_that_exits_or_is_interrupted_ends_in_one_message(tmp_path):
     """A reward calling ``sys.exit()`` at step 1: the old code ended the run with exit code 0 and no message (as if
     it had finished). A ``KeyboardInterrupt`` in a step (Ctrl-C while the rewards score): the old code printed a
