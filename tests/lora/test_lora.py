@@ -141,7 +141,7 @@ def test_model_on_views_holds_no_copy_and_computes_alike(ckpts):
 def test_level0_releases_the_kv_cache_only(monkeypatch):
     """Level 0 on CUDA (logic only; CPU has no sleep allocator): only the allocations vLLM's sleep allocator
     tagged ``kv_cache`` are unmapped, the weights (which the trainer views) stay mapped, with either allocator
-    generation (with ``discard`` / ``is_asleep``, or without), and the wake maps the KV cache back only."""
+    generation (with ``is_asleep`` or without), and the wake maps the KV cache back only."""
     from types import SimpleNamespace
 
     import vllm.device_allocator.cumem as cumem
@@ -161,16 +161,9 @@ def test_level0_releases_the_kv_cache_only(monkeypatch):
         if style != "old":
             for d in data.values():
                 d.is_asleep = False
-        if style == "discard":
-            def discard(tags):
-                for d in data.values():
-                    if d.tag in tags:
-                        unmapped.append(d.handle)
-                        d.is_asleep = True
-            alloc.discard = discard
         return alloc
 
-    for style in ("old", "is_asleep", "discard"):
+    for style in ("old", "is_asleep"):
         unmapped.clear()
         alloc = allocator(style)
         monkeypatch.setattr(cumem.CuMemAllocator, "get_instance", staticmethod(lambda: alloc))

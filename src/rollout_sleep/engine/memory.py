@@ -260,8 +260,8 @@ def map_kv_only(llm: Any, *, wake: Callable | None = None) -> bool:
 
 
 def release_kv_cache(worker: Any) -> int:
-    """On a worker: unmap the KV cache's memory (vLLM's sleep allocator, tag ``kv_cache``) and nothing else;
-    the weights stay mapped. vLLM's own ``sleep`` releases every allocation (level 1 copies the weights to
+    """On a worker (vLLM 0.26, which has no call for it: :func:`release_kv_only`): unmap the KV cache's memory
+    (vLLM's sleep allocator, tag ``kv_cache``) and nothing else; the weights stay mapped. vLLM's own ``sleep`` releases every allocation (level 1 copies the weights to
     host memory first), which would pull the memory from under a trainer that views the weights. Returns
     the bytes released."""
     from vllm.device_allocator.cumem import CuMemAllocator, unmap_and_release
@@ -269,11 +269,6 @@ def release_kv_cache(worker: Any) -> int:
     allocator = CuMemAllocator.get_instance()
     torch.cuda.synchronize()
     released = 0
-    if hasattr(allocator, "discard"):  # newer vLLM: a tag-wise release of its own
-        released = sum(d.handle[1] for d in allocator.pointer_to_data.values()
-                       if d.tag == "kv_cache" and not getattr(d, "is_asleep", False))
-        allocator.discard(("kv_cache",))
-        return released
     for data in allocator.pointer_to_data.values():
         if data.tag != "kv_cache" or getattr(data, "is_asleep", False):
             continue
