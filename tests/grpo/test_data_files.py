@@ -252,7 +252,13 @@ CHANGED = {  # values datasets would hand a reward changed: named by file, row o
                  "column 'answer', data row 1 holds 'TRUE', which pandas reads as the boolean True"),
     "mixed.jsonl": ('{"prompt": "3+9=", "answer": 12}\n{"prompt": "half of 5=", "answer": 2.5}\n',
                     "dataset column 'answer' holds whole numbers (12 in mixed.jsonl line 1) and fractional ones "
-                    "(2.5 in mixed.jsonl line 2): datasets reads the column as floats, so 12 comes back as 12.0"),
+                    "(2.5 in mixed.jsonl line 2): datasets reads them all as floats, so 12 comes back as 12.0"),
+    # nested: datasets types every field of a mapping, and a list's items, as it does a column
+    "nested.jsonl": ('{"prompt": "q1", "answer": {"value": "007"}}\n{"prompt": "q2", "answer": {"value": 7}}\n',
+                     "dataset column 'answer' (its field 'value') holds text ('007' in nested.jsonl line 1) and "
+                     "numbers (7 in nested.jsonl line 2)"),
+    "list.jsonl": ('{"prompt": "q1", "answer": [1, 2.5]}\n{"prompt": "q2", "answer": [3]}\n',
+                   "dataset column 'answer' (its list's items) holds whole numbers (1 in list.jsonl line 1)"),
 }
 
 

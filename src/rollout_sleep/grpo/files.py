@@ -86,39 +86,60 @@ def _json_type_changes(files: list[Path]) -> dict[str, str]:
         except ValueError:
             continue  # not JSON: the loader's own check names the line
         for line, row in rows:
-            for key, value in row.items():
-                if isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**63:
-                    seen.setdefault(key, {}).setdefault("huge", (f, line, value))
-                kind = ("bool" if isinstance(value, bool) else "int" if isinstance(value, int) else
-                        "float" if isinstance(value, float) and math.isfinite(value) else
-                        "text" if isinstance(value, str) else None)
-                if kind:
-                    seen.setdefault(key, {}).setdefault(kind, (f, line, value))
+            for column, value in row.items():
+                for field, leaf in _leaves(value):
+                    kinds = seen.setdefault((column, field), {})
+                    if isinstance(leaf, int) and not isinstance(leaf, bool) and not -2**63 <= leaf < 2**63:
+                        kinds.setdefault("huge", (f, line, leaf))
+                    kind = ("bool" if isinstance(leaf, bool) else "int" if isinstance(leaf, int) else
+                            "float" if isinstance(leaf, float) and math.isfinite(leaf) else
+                            "text" if isinstance(leaf, str) else None)
+                    if kind:
+                        kinds.setdefault(kind, (f, line, leaf))
     out = {}
-    for key, kinds in seen.items():
+    for (column, field), kinds in seen.items():
+        if column in out:
+            continue
+        key = field.rstrip("[]").rsplit(".", 1)[-1] or column  # the key a value is written under
+        name = f"dataset column {column!r}" + ("" if not field else " (its list's items)" if field == "[]" else
+                                               f" (its field {field!r})")
+
         def where(kind):
             f, line, value = kinds[kind]
             return f"{value!r} in {f.name}" + (f" line {line}" if line else "")
         number = next((k for k in ("int", "float") if k in kinds), None)
         if "huge" in kinds:
-            out[key] = (f"dataset column {key!r} holds an integer beyond 64 bits ({where('huge')}): datasets reads it "
-                        f"as a float and loses its last digits. Write it as text (\"{key}\": \"{kinds['huge'][2]}\")")
+            out[column] = (f"{name} holds an integer beyond 64 bits ({where('huge')}): datasets reads it as a float "
+                           f"and loses its last digits. Write it as text (\"{key}\": \"{kinds['huge'][2]}\")")
         elif "int" in kinds and "float" in kinds:
-            out[key] = (f"dataset column {key!r} holds whole numbers ({where('int')}) and fractional ones "
-                        f"({where('float')}): datasets reads the column as floats, so {kinds['int'][2]!r} comes back "
-                        f"as {float(kinds['int'][2])!r}, and a reward comparing it as text scores it wrong. Write "
-                        f"every value as text (\"{key}\": \"{kinds['int'][2]}\") or every one with a decimal point")
+            out[column] = (f"{name} holds whole numbers ({where('int')}) and fractional ones ({where('float')}): "
+                           f"datasets reads them all as floats, so {kinds['int'][2]!r} comes back as "
+                           f"{float(kinds['int'][2])!r}, and a reward comparing it as text scores it wrong. Write "
+                           f"every value as text (\"{key}\": \"{kinds['int'][2]}\") or every one with a decimal point")
         elif "text" in kinds and (number or "bool" in kinds):
             other = number or "bool"
-            out[key] = (f"dataset column {key!r} holds text ({where('text')}) and {'numbers' if number else 'booleans'} "
-                        f"({where(other)}) across the dataset's files: datasets types each file alone, then casts "
-                        f"them to one type, so text that looks like a number changes (\"007\" becomes 7). Give the "
-                        f"column one type in every file: quote every value as text, or write every value as a number")
+            out[column] = (f"{name} holds text ({where('text')}) and {'numbers' if number else 'booleans'} "
+                           f"({where(other)}): datasets gives a column one type, reading such values as JSON or "
+                           f"casting one file's type to another's, so text that looks like a number changes (\"007\" "
+                           f"becomes 7). Give it one type everywhere: quote every value as text, or write every value "
+                           f"as a number")
         elif "bool" in kinds and number:
-            out[key] = (f"dataset column {key!r} holds booleans ({where('bool')}) and numbers ({where(number)}): "
-                        f"datasets casts one to the other (true becomes 1, or 2 becomes true). Give the column one "
-                        f"type in every row")
+            out[column] = (f"{name} holds booleans ({where('bool')}) and numbers ({where(number)}): datasets casts "
+                           f"one to the other (true becomes 1, or 2 becomes true). Give it one type in every row")
     return out
+
+
+def _leaves(value, field: str = ""):
+    """``(field, value)`` for each plain value in ``value``, through mappings (``answer.value``) and lists
+    (``answer[]``): datasets gives every place one type, as it does a column."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _leaves(v, f"{field}.{k}" if field else str(k))
+    elif isinstance(value, list):
+        for v in value:
+            yield from _leaves(v, f"{field}[]")
+    else:
+        yield field, value
 
 
 def _parquet_type_changes(path: Path) -> dict[str, str]:
