@@ -52,6 +52,7 @@ from typing import Callable
 
 import torch
 
+from .code_digest import code_digest
 from .errors import RewardError
 
 logger = logging.getLogger(__name__)
@@ -304,96 +305,23 @@ def resolve_rewards(specs: list, weights: list[float] | None = None, *, columns:
 
 
 def rewards_fingerprint(rewards: list[Reward]) -> dict[str, str]:
-    """Reward name -> a digest of what computes it: a user's function's code (its syntax tree: comments and blank
-    lines do not count) and, following the names it reads, the user's own functions, classes, modules and
-    module-level values it uses (a helper beside it, an imported ``utils.py``, a threshold); a ``functools.partial``
-    with its arguments; a callable object's class; a reward model's config and the names and sizes of its files.
-    The library's built-ins and functions whose source cannot be read are left out, and the standard library's
-    and installed packages' code is not followed. A resume compares them with the run's."""
-    import functools
+    """Reward name -> a digest of what computes it: a user's function with the code of its own it uses
+    (:mod:`rollout_sleep.grpo.code_digest`), a reward model's config and the names and sizes of its files. The
+    library's built-ins and functions whose source cannot be read are left out. A resume compares them with the
+    run's."""
     import hashlib
 
     out = {}
     for r in rewards:
-        digest = hashlib.blake2b(digest_size=16)
         folder = getattr(r.fn, "path", None)
         if folder is not None and Path(folder, "config.json").is_file():  # a reward model's checkpoint
-            digest.update(Path(folder, "config.json").read_bytes())
+            digest = hashlib.blake2b(Path(folder, "config.json").read_bytes(), digest_size=16)
             for f in sorted(Path(folder).iterdir()):
                 digest.update(f"{f.name}:{f.stat().st_size}".encode())
-        else:
-            fn = r.fn
-            while isinstance(fn, functools.partial):
-                digest.update(repr((fn.args, sorted(fn.keywords.items()))).encode())
-                fn = fn.func
-            fn = inspect.unwrap(fn) if inspect.isfunction(fn) or inspect.ismethod(fn) else type(fn)
-            if getattr(fn, "__module__", "").startswith("rollout_sleep.") or not _digest_code(fn, digest, set()):
-                continue
-        out[r.name] = digest.hexdigest()
+            out[r.name] = digest.hexdigest()
+        elif (found := code_digest(r.fn)) is not None:
+            out[r.name] = found
     return out
-
-
-def _user_code(obj) -> bool:
-    """Whether ``obj`` (a function, class or module) is defined in a file of the user's own: not this library's,
-    the standard library's or an installed package's."""
-    import os
-    import sysconfig
-
-    try:
-        file = inspect.getsourcefile(obj)
-    except TypeError:  # a builtin
-        return False
-    if not file:
-        return False
-    file = os.path.realpath(file)
-    roots = {os.path.realpath(p) for k, p in sysconfig.get_paths().items() if k.endswith(("stdlib", "lib"))}
-    roots.add(os.path.realpath(Path(__file__).parents[1]))  # rollout_sleep itself
-    return not any(file.startswith(root + os.sep) for root in roots)
-
-
-def _digest_code(obj, digest, seen: set[int]) -> bool:
-    """Add ``obj``'s syntax tree to ``digest``, then what it reads from its module by name (depth first, each once):
-    the user's functions, classes and modules whole, other values by the module's statements that bind them and
-    their value where it is a plain constant. False where ``obj``'s source cannot be read."""
-    import ast
-    import textwrap
-
-    if id(obj) in seen:
-        return True
-    seen.add(id(obj))
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(obj)))
-    except (OSError, TypeError, SyntaxError, ValueError):
-        return False
-    digest.update(ast.dump(tree).encode())
-    if inspect.ismodule(obj):
-        return True
-    module = sys.modules.get(getattr(obj, "__module__", None) or "")
-    namespace = getattr(obj, "__globals__", None) or (vars(module) if module is not None else {})
-    statements = None
-    for name in sorted({n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} - {getattr(obj, "__name__", "")}):
-        if name not in namespace:  # a local, an argument, a builtin
-            continue
-        value = namespace[name]
-        if inspect.isfunction(value) or inspect.isclass(value) or inspect.ismodule(value):
-            if _user_code(value):
-                _digest_code(inspect.unwrap(value) if inspect.isfunction(value) else value, digest, seen)
-            continue
-        if isinstance(value, (int, float, str, bytes, bool, type(None), tuple, frozenset)):
-            digest.update(f"{name}={value!r}".encode())
-        if statements is None:
-            try:
-                statements = ast.parse(inspect.getsource(module)).body if module is not None else []
-            except (OSError, TypeError, SyntaxError, ValueError):
-                statements = []
-        for stmt in statements:  # e.g. a compiled pattern: the statement that builds it
-            if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                continue
-            bound = [t for n in ast.walk(stmt) if isinstance(n, (ast.Assign, ast.AnnAssign, ast.AugAssign))
-                     for t in (n.targets if isinstance(n, ast.Assign) else [n.target])]
-            if any(isinstance(t, ast.Name) and t.id == name for b in bound for t in ast.walk(b)):
-                digest.update(ast.dump(stmt).encode())
-    return True
 
 
 def check_columns(rewards: list[Reward], columns: list[str]) -> None:

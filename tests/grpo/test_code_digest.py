@@ -1,0 +1,123 @@
+"""The digest of a reward's code (what a resume compares): it changes with what computes the reward, wherever the
+user wrote it (a helper, a constant, a class, a module beside the reward file), and with nothing else (comments,
+unrelated code, the process, the folder)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+
+import pytest
+
+from rollout_sleep.grpo.code_digest import code_digest
+from rollout_sleep.grpo.rewards import resolve_rewards
+
+HELPERS = "task_helpers_cd"  # a module beside the reward file, imported by name
+
+
+def _digest(folder, text: str, helpers: str | None = None, name: str = "reward") -> str:
+    (folder / "rw.py").write_text(text)
+    if helpers is not None:
+        (folder / f"{HELPERS}.py").write_text(helpers)
+    for m in [m for m in sys.modules if m.startswith("rollout_sleep_user_rewards") or m.startswith(HELPERS)]:
+        sys.modules.pop(m)
+    (reward,) = resolve_rewards([f"{folder / 'rw.py'}:{name}"], load_models=False)
+    return code_digest(reward.fn)
+
+
+BASE = """import re
+PATTERN = re.compile(r'[0-9]+')
+LIMIT = 5
+
+
+def _count(c):
+    return len(PATTERN.findall(c))
+
+
+def reward(completions, **kw):
+    return [float(_count(c) > LIMIT) for c in completions]
+"""
+EDITS = {  # each changes what computes the reward
+    "constant": ("LIMIT = 5", "LIMIT = 6"), "pattern": ("[0-9]+", "[0-9]"),
+    "helper": ("return len(", "return 1 + len("),
+}
+
+
+@pytest.mark.parametrize("edit", EDITS)
+def test_an_edit_of_what_computes_the_reward_changes_its_digest(tmp_path, edit):
+    first = _digest(tmp_path, BASE)
+    assert _digest(tmp_path, "# a comment\n" + BASE + "\n\ndef unrelated():\n    return 1\n") == first
+    assert _digest(tmp_path, BASE.replace(*EDITS[edit])) != first
+
+
+SHAPES = {  # code shapes that reach the user's own code: (reward file, whether the helpers' unused code counts)
+    "from-import": (f"from {HELPERS} import helper\n\n\ndef reward(completions, **kw):\n"
+                    "    return [float(helper(c)) for c in completions]\n", False),
+    "module attribute": (f"import {HELPERS}\n\n\ndef reward(completions, **kw):\n"
+                         f"    return [float({HELPERS}.helper(c)) for c in completions]\n", False),
+    "star import": (f"from {HELPERS} import *\n\n\ndef reward(completions, **kw):\n"
+                    "    return [float(helper(c)) for c in completions]\n", False),
+    "dispatch table": (f"from {HELPERS} import helper\nCHECKS = {{'len': helper}}\n\n\n"
+                       "def reward(completions, **kw):\n    return [float(CHECKS['len'](c)) for c in completions]\n", False),
+    "cached helper": ("import functools\n\n\n@functools.lru_cache\ndef cached(c):\n"
+                      f"    from {HELPERS} import helper\n    return helper(c)\n\n\n"
+                      "def reward(completions, **kw):\n    return [float(cached(c)) for c in completions]\n", True),
+}
+HELPER = "def helper(c):\n    return len(c) > 3\n\n\ndef other():\n    return 0\n"
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_a_module_beside_the_reward_is_followed_to_what_the_reward_uses(tmp_path, shape):
+    text, whole = SHAPES[shape]  # whole: imported inside a function that has not run yet, so read as a file
+    first = _digest(tmp_path, text, HELPER)
+    assert _digest(tmp_path, text, HELPER + "\n# a comment\n") == first
+    assert (_digest(tmp_path, text, HELPER.replace("return 0", "return 1")) == first) != whole  # unused code
+    assert _digest(tmp_path, text, HELPER.replace("> 3", "> 4")) != first
+
+
+def test_objects_closures_and_partials_are_digested_by_what_they_hold(tmp_path):
+    """A callable object's attributes, a closure's cells, a partial's arguments (functions by their code, sets in
+    order), a bound method's class: each changes the digest when what it holds changes."""
+    made = ("def make(n):\n    def reward(completions, **kw):\n        return [float(len(c) > n) for c in completions]\n"
+            "    return reward\n\n\nreward = make({})\n")
+    assert _digest(tmp_path, made.format(3)) != _digest(tmp_path, made.format(4))
+    obj = ("class Score:\n    def __init__(self, n):\n        self.n = n\n\n    def __call__(self, completions, **kw):\n"
+           "        return [float(len(c) > self.n) for c in completions]\n\n\nreward = Score({})\n")
+    assert _digest(tmp_path, obj.format(3)) != _digest(tmp_path, obj.format(4))
+    method = ("class Score:\n    T = {}\n\n    def _inner(self, c):\n        return len(c) > self.T\n\n"
+              "    def score(self, completions, **kw):\n        return [float(self._inner(c)) for c in completions]\n\n\n"
+              "reward = Score().score\n")
+    assert _digest(tmp_path, method.format(3)) != _digest(tmp_path, method.format(4))
+    part = ("import functools\n\n\ndef check(c):\n    return len(c) > {}\n\n\n"
+            "def base(completions, scorer, stop, **kw):\n    return [float(scorer(c)) for c in completions]\n\n\n"
+            "reward = functools.partial(base, scorer=check, stop=frozenset({{'a', 'b', 'c', 'd'}}))\n")
+    first = _digest(tmp_path, part.format(3))
+    assert _digest(tmp_path, part.format(3)) == first and _digest(tmp_path, part.format(4)) != first
+    assert code_digest(functools.partial(len)) is None  # a builtin: nothing to read
+
+
+def test_a_digest_is_the_same_in_another_process_and_another_folder(tmp_path):
+    """Sets of strings (their order changes with PYTHONHASHSEED), a path computed at import, deep code (a long
+    elif chain: a syntax tree's dump would exhaust the recursion limit), helper chains longer than it."""
+    text = ("import os\nHERE = os.path.dirname(os.path.abspath(__file__))\nSTOP = frozenset({'alpha', 'beta', "
+            "'gamma', 'delta', 'epsilon'})\n\n\ndef deep(c):\n    if c == '0':\n        return 0\n"
+            + "".join(f"    elif c == '{i}':\n        return {i}\n" for i in range(1, 400))
+            + "    return -1\n\n\n"
+            + "".join(f"def h{i}(c):\n    return h{i + 1}(c)\n\n\n" for i in range(1200))
+            + "def h1200(c):\n    return deep(c)\n\n\n"
+            "def reward(completions, **kw):\n    return [float(h0(c) > 0 and c not in STOP) for c in completions]\n")
+    digests = set()
+    for seed, folder in (("1", "a"), ("2", "b")):
+        where = tmp_path / folder
+        where.mkdir()
+        (where / "rw.py").write_text(text)
+        code = ("import sys\nfrom rollout_sleep.grpo.code_digest import code_digest\n"
+                "from rollout_sleep.grpo.rewards import resolve_rewards\n"
+                f"print(code_digest(resolve_rewards([{str(where / 'rw.py') + ':reward'!r}], load_models=False)[0].fn))")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "PYTHONHASHSEED": seed})
+        assert out.returncode == 0, out.stderr[-2000:]
+        digests.add(out.stdout.strip())
+    assert len(digests) == 1, digests
