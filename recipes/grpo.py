@@ -431,12 +431,12 @@ class GRPORecipe:
                 self.acc.print("train.expandable_segments: PyTorch's allocator grows its segments in place from now on")
         return manager
 
-    def _open_tracker(self) -> None:
-        """W&B, continuing the run a resume continues (every checkpoint of a run holds its W&B id). Opened before
-        vLLM starts: ``wandb.init`` fails only after retrying for a minute or more when its server cannot be reached,
-        and that is said before the engine's start, not after it."""
+    def _open_tracker(self, continued: bool = True) -> None:
+        """W&B, continuing the run a resume continues (every checkpoint of a run holds its W&B id; ``continued``:
+        false for a new W&B run). Opened before vLLM starts: ``wandb.init`` fails only after retrying for a minute
+        or more when its server cannot be reached, and that is said before the engine's start, not after it."""
         cfg = self.cfg
-        _, state = output_dir.resume_point(self.out) if cfg.resume else (None, {})
+        _, state = output_dir.resume_point(self.out) if cfg.resume and continued else (None, {})
         self._wandb_id = state.get("wandb_id")  # kept through a resume that does not track (wandb.mode=disabled)
         try:
             self.tracker = make_tracker(cfg.wandb.mode, main_process=self.main, project=cfg.wandb.project,
@@ -613,6 +613,9 @@ class GRPORecipe:
                 self.acc.print(f"moved {moved} metrics line(s) of steps after step {self.step} to "
                                "metrics.superseded.jsonl: those steps run again")
         if path is None:
+            if self._wandb_id is not None:  # every checkpoint was set aside: steps from 1 again, in a new W&B run
+                self.tracker.finish()  # (W&B drops a step below its run's last: they would be lost, silently)
+                self._open_tracker(continued=False)
             return
         # the restored optimizer holds the settings it was saved with: the config's win
         restored = set_hyperparameters(self.optimizer, hyperparameters(self.cfg.train))

@@ -106,6 +106,17 @@ def test_accelerate_launch_learns_and_writes_wandb_run_metrics_and_checkpoints(t
     tables = sorted(p.name.rsplit("_", 2)[0] for p in runs[0].glob("files/media/table/*.table.json"))
     assert tables == ["memory_plan", "memory_plan_vs_actual"], tables
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_12", "step_6"]
+    # every checkpoint damaged: the resume sets them aside and trains from step 0 again, in a new W&B run (the old
+    # code went on in the old one, which drops steps below its last: they would be lost without a word)
+    for step in ("step_6", "step_12"):
+        weights = out / "checkpoints" / step / "model.safetensors"
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 0xFF
+        weights.write_bytes(bytes(data))
+    log = finish(launch(out, "train.seed=1", "model.seed=1", "save_every=6", "train.steps=1"))
+    assert "no complete checkpoint to resume from: starting at step 0" in log, log[-3000:]
+    ids = {p.name.rsplit("-", 1)[-1] for p in (out / "wandb").glob("offline-run-*")}
+    assert len(ids) == 2, ids
 
 
 @pytest.mark.parametrize("tp", [1, 2])
