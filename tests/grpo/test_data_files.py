@@ -255,8 +255,12 @@ CHANGED = {  # values datasets would hand a reward changed: named by file, row o
                     "(2.5 in mixed.jsonl line 2): datasets reads them all as floats, so 12 comes back as 12.0"),
     # nested: datasets types every field of a mapping, and a list's items, as it does a column
     "nested.jsonl": ('{"prompt": "q1", "answer": {"value": "007"}}\n{"prompt": "q2", "answer": {"value": 7}}\n',
-                     "dataset column 'answer' (its field 'value') holds text ('007' in nested.jsonl line 1) and "
-                     "numbers (7 in nested.jsonl line 2)"),
+                     "dataset column 'answer' (its field 'value') holds text that reads as JSON ('007' in "
+                     "nested.jsonl line 1) beside numbers: datasets stores such a place as JSON and decodes that text, "
+                     "so '007' comes back as 7"),
+    "container.jsonl": ('{"prompt": "q1", "answer": ["x"]}\n{"prompt": "q2", "answer": "12"}\n',
+                        "dataset column 'answer' holds text that reads as JSON ('12' in container.jsonl line 2) beside "
+                        "lists or mappings"),
     "list.jsonl": ('{"prompt": "q1", "answer": [1, 2.5]}\n{"prompt": "q2", "answer": [3]}\n',
                    "dataset column 'answer' (its list's items) holds whole numbers (1 in list.jsonl line 1)"),
 }
@@ -284,7 +288,10 @@ def test_values_that_come_back_as_written_are_not_named(tmp_path):
     (tmp_path / "w.csv").write_text("prompt\nhello\n   \n5x\n")
     (tmp_path / "h.csv").write_text("prompt,answer\n")
     (tmp_path / "ok.jsonl").write_text('{"prompt": "x", "answer": 1.0, "n": 1}\n{"prompt": "y", "answer": 2.5, "n": 2}\n')
-    for name in ("f.csv", "w.csv", "h.csv", "ok.jsonl"):
+    # nested places of several types that datasets stores as JSON and hands back as written
+    (tmp_path / "nested.jsonl").write_text('{"prompt": "x", "m": {"v": "Paris", "b": true, "l": [1, "a"]}}\n'
+                                           '{"prompt": "y", "m": {"v": 7, "b": 2, "l": [2.5]}, "k": [[1, 2], [3]]}\n')
+    for name in ("f.csv", "w.csv", "h.csv", "ok.jsonl", "nested.jsonl"):
         assert value_changes(str(tmp_path / name)) == {}, name
     folder = tmp_path / "folder"
     folder.mkdir()

@@ -77,7 +77,8 @@ def value_changes(source: str, prompt_column: str = "prompt") -> dict[str, str]:
 
 
 def _json_type_changes(files: list[Path]) -> dict[str, str]:
-    seen: dict[str, dict[str, tuple[Path, int | None, object]]] = {}  # column -> kind -> first (file, line, value)
+    seen: dict[tuple[str, str], dict[str, tuple]] = {}  # (column, field) -> kind -> first (file, line, value)
+    names: dict = {}
     for f in files:
         if f.suffix.lower() not in (".json", ".jsonl") or f.name in _DATASET_META:
             continue
@@ -87,59 +88,123 @@ def _json_type_changes(files: list[Path]) -> dict[str, str]:
             continue  # not JSON: the loader's own check names the line
         for line, row in rows:
             for column, value in row.items():
-                for field, leaf in _leaves(value):
-                    kinds = seen.setdefault((column, field), {})
-                    if isinstance(leaf, int) and not isinstance(leaf, bool) and not -2**63 <= leaf < 2**63:
-                        kinds.setdefault("huge", (f, line, leaf))
-                    kind = ("bool" if isinstance(leaf, bool) else "int" if isinstance(leaf, int) else
-                            "float" if isinstance(leaf, float) and math.isfinite(leaf) else
-                            "text" if isinstance(leaf, str) else None)
-                    if kind:
-                        kinds.setdefault(kind, (f, line, leaf))
+                _collect(value, column, "", seen, (f, line), names)
     out = {}
     for (column, field), kinds in seen.items():
-        if column in out:
-            continue
-        key = field.rstrip("[]").rsplit(".", 1)[-1] or column  # the key a value is written under
-        name = f"dataset column {column!r}" + ("" if not field else " (its list's items)" if field == "[]" else
-                                               f" (its field {field!r})")
-
-        def where(kind):
-            f, line, value = kinds[kind]
-            return f"{value!r} in {f.name}" + (f" line {line}" if line else "")
-        number = next((k for k in ("int", "float") if k in kinds), None)
-        if "huge" in kinds:
-            out[column] = (f"{name} holds an integer beyond 64 bits ({where('huge')}): datasets reads it as a float "
-                           f"and loses its last digits. Write it as text (\"{key}\": \"{kinds['huge'][2]}\")")
-        elif "int" in kinds and "float" in kinds:
-            out[column] = (f"{name} holds whole numbers ({where('int')}) and fractional ones ({where('float')}): "
-                           f"datasets reads them all as floats, so {kinds['int'][2]!r} comes back as "
-                           f"{float(kinds['int'][2])!r}, and a reward comparing it as text scores it wrong. Write "
-                           f"every value as text (\"{key}\": \"{kinds['int'][2]}\") or every one with a decimal point")
-        elif "text" in kinds and (number or "bool" in kinds):
-            other = number or "bool"
-            out[column] = (f"{name} holds text ({where('text')}) and {'numbers' if number else 'booleans'} "
-                           f"({where(other)}): datasets gives a column one type, reading such values as JSON or "
-                           f"casting one file's type to another's, so text that looks like a number changes (\"007\" "
-                           f"becomes 7). Give it one type everywhere: quote every value as text, or write every value "
-                           f"as a number")
-        elif "bool" in kinds and number:
-            out[column] = (f"{name} holds booleans ({where('bool')}) and numbers ({where(number)}): datasets casts "
-                           f"one to the other (true becomes 1, or 2 becomes true). Give it one type in every row")
+        if column not in out:
+            why = _json_change(column, field, kinds)
+            if why:
+                out[column] = why
     return out
 
 
-def _leaves(value, field: str = ""):
-    """``(field, value)`` for each plain value in ``value``, through mappings (``answer.value``) and lists
-    (``answer[]``): datasets gives every place one type, as it does a column."""
-    if isinstance(value, dict):
-        for k, v in value.items():
-            yield from _leaves(v, f"{field}.{k}" if field else str(k))
-    elif isinstance(value, list):
-        for v in value:
-            yield from _leaves(v, f"{field}[]")
-    else:
-        yield field, value
+def _json_change(column: str, field: str, kinds: dict[str, tuple]) -> str | None:
+    """Why the values at one place of a JSON column (``field``: ``""`` for the column's own values) would come
+    back changed, from the kinds of value found there."""
+    key = field.rstrip("[]").rsplit(".", 1)[-1] or column  # the key a value is written under
+    name = f"dataset column {column!r}" + ("" if not field else " (its list's items)" if field == "[]" else
+                                           f" (its field {field!r})")
+
+    def where(kind):
+        f, line, value = kinds[kind]
+        return f"{value!r} in {f.name}" + (f" line {line}" if line else "")
+    number = next((k for k in ("int", "float") if k in kinds), None)
+    if "huge" in kinds:
+        return (f"{name} holds an integer beyond 64 bits ({where('huge')}): datasets reads it as a float and loses "
+                f"its last digits. Write it as text (\"{key}\": \"{kinds['huge'][2]}\")")
+    if "int" in kinds and "float" in kinds and (not field or kinds.keys() <= {"int", "float"}):
+        return (f"{name} holds whole numbers ({where('int')}) and fractional ones ({where('float')}): datasets reads "
+                f"them all as floats, so {kinds['int'][2]!r} comes back as {float(kinds['int'][2])!r}, and a reward "
+                f"comparing it as text scores it wrong. Write every value as text (\"{key}\": \"{kinds['int'][2]}\") "
+                f"or every one with a decimal point")
+    if not field and "text" in kinds and (number or "bool" in kinds):
+        other = number or "bool"
+        return (f"{name} holds text ({where('text')}) and {'numbers' if number else 'booleans'} ({where(other)}) "
+                f"across the dataset's files: datasets types each file alone, then casts them to one type, so text "
+                f"that looks like a number changes (\"007\" becomes 7). Give the column one type in every file: quote "
+                f"every value as text, or write every value as a number")
+    if not field and "bool" in kinds and number:
+        return (f"{name} holds booleans ({where('bool')}) and numbers ({where(number)}): datasets casts one to the "
+                f"other (true becomes 1, or 2 becomes true). Give the column one type in every row")
+    if "decodes" in kinds and (number or "bool" in kinds or "container" in kinds):
+        f, line, text = kinds["decodes"]
+        return (f"{name} holds text that reads as JSON ({where('decodes')}) beside "
+                f"{'numbers' if number else 'booleans' if 'bool' in kinds else 'lists or mappings'}: datasets stores "
+                f"such a place as JSON and decodes that text, so {text!r} comes back as {_decoded(text)!r}. Give it "
+                f"one type everywhere: quote every value as text, or write every value as a number")
+    return None  # elsewhere a place of several types is stored as JSON: its values come back as written
+
+
+_JSON_START = frozenset('-0123456789[{"tfnNI')  # how text that reads as JSON starts (ujson: NaN, Infinity too)
+
+
+def _decoded(text: str):
+    """What datasets' JSON decoding makes of ``text`` (``"007"`` -> 7), or ``text`` where it reads as no JSON."""
+    from datasets.utils.json import ujson_loads
+
+    try:
+        return ujson_loads(text)
+    except (ValueError, TypeError, OverflowError):
+        return text
+
+
+_KINDS = {bool: "bool", int: "int", float: "float", str: "text"}
+
+
+def _collect(value, column: str, field: str, seen: dict, where: tuple, names: dict | None = None) -> None:
+    """Record the kinds of value at each place of ``value`` (through mappings, ``answer.value``, and lists,
+    ``answer[]``): datasets gives every place one type, as it does a column. A list of plain values is recorded
+    by one value of each type (and its first few texts), not item by item. Iterative, and each place's name is
+    made once (``names``): a file of 200k nested rows is read in seconds."""
+    names = {} if names is None else names
+    todo = [(field, value)]
+    while todo:
+        field, value = todo.pop()
+        kinds = seen.get((column, field))
+        if kinds is None:
+            kinds = seen[(column, field)] = {}
+        kind = type(value)
+        if kind is dict or kind is list:
+            if "container" not in kinds:
+                kinds["container"] = (*where, "{...}" if kind is dict else "[...]")
+            if kind is dict:
+                for k, v in value.items():
+                    name = names.get((field, k))
+                    if name is None:
+                        name = names[(field, k)] = f"{field}.{k}" if field else str(k)
+                    todo.append((name, v))
+                continue
+            items = names.get((field, "[]"))
+            if items is None:
+                items = names[(field, "[]")] = f"{field}[]"
+            by_type = {type(v): v for v in reversed(value)}  # the first value of each type
+            if dict in by_type or list in by_type:
+                todo.extend((items, v) for v in value)
+                continue
+            todo.extend((items, v) for v in by_type.values())
+            if str in by_type:
+                texts = seen.setdefault((column, items), {})
+                for v in value[:8]:
+                    if "decodes" in texts:
+                        break
+                    if isinstance(v, str):
+                        _note_text(v, texts, where)
+            continue
+        name = _KINDS.get(kind)
+        if name is None or (name == "float" and not math.isfinite(value)):
+            continue
+        if name not in kinds:
+            kinds[name] = (*where, value)
+        if name == "int" and not -2**63 <= value < 2**63 and "huge" not in kinds:
+            kinds["huge"] = (*where, value)
+        elif name == "text" and "decodes" not in kinds:
+            _note_text(value, kinds, where)
+
+
+def _note_text(text: str, kinds: dict, where: tuple) -> None:
+    stripped = text.lstrip()
+    if stripped and stripped[0] in _JSON_START and not isinstance(_decoded(text), str):
+        kinds["decodes"] = (*where, text)
 
 
 def _parquet_type_changes(path: Path) -> dict[str, str]:
