@@ -328,6 +328,8 @@ def test_a_resume_with_other_prompt_tokens_or_reward_code_is_refused(tmp_path):
     assert "'exact'" not in msg
     with pytest.raises(output_dir.RunDirError, match="code of reward 'fmt'"):
         output_dir.check_inputs(tmp_path, {**run, "rewards_fingerprint": {"fmt": "r2"}}, resume=True)
+    # a digest of another scheme (a run saved by a version that digested code otherwise) is not compared
+    output_dir.check_inputs(tmp_path, {**run, "rewards_fingerprint": {"fmt": "code2:r1"}}, resume=True)
     output_dir.write_run_config(tmp_path, cfg, dataset={"dataset_rows": 8, "dataset_fingerprint": "f1"})
     output_dir.check_inputs(tmp_path, changed, resume=True)  # a run from before the digests
 

@@ -25,6 +25,7 @@ _SKIPPED_TOKENS = (tokenize.COMMENT, tokenize.NL, tokenize.ENCODING)
 _LIBRARY_DIRS = ("site-packages", "dist-packages")
 _DEPTH = 4  # how deep a partial's arguments and an object's attributes are followed
 _LONG = 100_000  # characters: a statement longer is digested by its text
+SCHEME = "code2"  # a digest's prefix: a resume compares digests of one scheme only (a run saved by an older version)
 
 
 def code_digest(fn) -> str | None:
@@ -32,7 +33,7 @@ def code_digest(fn) -> str | None:
     ``None`` where its source cannot be read (a builtin, code made by ``exec``) and for this library's own rewards
     (the library's version stands for them)."""
     digest = _Digest()
-    return digest.hexdigest() if digest.add_callable(fn) else None
+    return f"{SCHEME}:{digest.hexdigest()}" if digest.add_callable(fn) else None
 
 
 def _tokens(text: str) -> bytes:

@@ -241,8 +241,10 @@ def check_inputs(out: Path, record: dict, resume: bool) -> None:
                        "are formatted, changed since the run tokenized them)")
     before, now = old.get("rewards_fingerprint"), record.get("rewards_fingerprint") or {}
     if isinstance(before, dict):
+        scheme = lambda digest: str(digest).rpartition(":")[0]  # noqa: E731 - digests of one scheme compare
         changed += [f"code of reward {name!r} (its source file, or its checkpoint, changed since the run read it)"
-                    for name, digest in before.items() if name in now and now[name] != digest]
+                    for name, digest in before.items()
+                    if name in now and now[name] != digest and scheme(now[name]) == scheme(digest)]
     if changed:
         raise RunDirError(f"output_dir {str(out)!r} holds a run trained with other inputs: {'; '.join(changed)}. "
                           "Resuming "
