@@ -100,6 +100,8 @@ ARM_OVERRIDES = {"ours_adamw": ("train.optimizer=adamw",), "ours_8bit": ("train.
                  # the trainer's decoder layers compiled in place (regional torch.compile), and not (the 8B
                  # config compiles: its eager pair with stock TRL)
                  "ours_compile": ("train.compile=true",), "ours_eager": ("train.compile=false",),
+                 # the config with PyTorch's cache kept through the rollout: what its return before each wake costs
+                 "ours_keep_cache": ("engine.keep_trainer_cache=true",),
                  # the tuned knobs with TRL's optimizer (PyTorch's fused AdamW rounding to nearest into the bf16
                  # weights, as TRL's does): ``trl_tuned``'s equal-optimizer pair (ours_tuned's one copy takes
                  # stochastic rounding by default)
