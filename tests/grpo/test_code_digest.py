@@ -96,18 +96,41 @@ def test_objects_closures_and_partials_are_digested_by_what_they_hold(tmp_path):
     first = _digest(tmp_path, part.format(3))
     assert _digest(tmp_path, part.format(3)) == first and _digest(tmp_path, part.format(4)) != first
     assert code_digest(functools.partial(len)) is None  # a builtin: nothing to read
+    pattern = ("import functools\nimport re\n\n\ndef base(completions, pattern, **kw):\n"
+               "    return [float(bool(pattern.search(c))) for c in completions]\n\n\n"
+               "reward = functools.partial(base, pattern=re.compile({}))\n")
+    assert _digest(tmp_path, pattern.format("r'[0-9]+'")) != _digest(tmp_path, pattern.format("r'[0-9]'"))
+    wrapped = ("import functools\n\n\ndef scale(k):\n    def deco(fn):\n        @functools.wraps(fn)\n"
+               "        def wrapper(completions, **kw):\n            return [k * r for r in fn(completions)]\n"
+               "        return wrapper\n    return deco\n\n\ndef base(completions, **kw):\n"
+               "    return [1.0 for c in completions]\n\n\nreward = scale({})(base)\n")
+    assert _digest(tmp_path, wrapped.format(2.0)) != _digest(tmp_path, wrapped.format(3.0))
+    cyclic = ("import functools\n\n\ndef base(completions, table, **kw):\n    return [0.0 for c in completions]\n\n\n"
+              "a = [1, 2**20000]\na.append(a)\ng = {{i: {{}} for i in range(20)}}\nfor i in g:\n    for j in g:\n"
+              "        g[i][j] = g[j]\nreward = functools.partial(base, table=({}, a, g))\n")
+    assert _digest(tmp_path, cyclic.format(1)) != _digest(tmp_path, cyclic.format(2))  # no hang, no crash
+    lazy = ("import task_lazy_cd\n\n\ndef reward(completions, **kw):\n    try:\n"
+            "        t = task_lazy_cd.threshold\n    except KeyError:\n        t = 3\n"
+            "    return [float(len(c) > t) for c in completions]\n")
+    (tmp_path / "task_lazy_cd.py").write_text("_T = {}\n\n\ndef __getattr__(name):\n    return _T[name]\n")
+    sys.modules.pop("task_lazy_cd", None)
+    assert _digest(tmp_path, lazy).startswith("code2:")  # a module-level __getattr__ that raises is not run
 
 
 def test_a_digest_is_the_same_in_another_process_and_another_folder(tmp_path):
     """Sets of strings (their order changes with PYTHONHASHSEED), a path computed at import, deep code (a long
     elif chain: a syntax tree's dump would exhaust the recursion limit), helper chains longer than it."""
-    text = ("import os\nHERE = os.path.dirname(os.path.abspath(__file__))\nSTOP = frozenset({'alpha', 'beta', "
-            "'gamma', 'delta', 'epsilon'})\n\n\ndef deep(c):\n    if c == '0':\n        return 0\n"
+    text = ("import functools\nimport os\nHERE = os.path.dirname(os.path.abspath(__file__))\n"
+            "STOP = frozenset({'alpha', 'beta', 'gamma', 'delta', 'epsilon'})\n\n\nclass Rule:\n"
+            "    def __init__(self, word):\n        self.word = word\n\n\n"
+            "RULES = {Rule('a'), Rule('b'), Rule('c'), frozenset({'yes', 'y', 'ok'})}\n\n\n"
+            "def deep(c):\n    if c == '0':\n        return 0\n"
             + "".join(f"    elif c == '{i}':\n        return {i}\n" for i in range(1, 400))
             + "    return -1\n\n\n"
             + "".join(f"def h{i}(c):\n    return h{i + 1}(c)\n\n\n" for i in range(1200))
             + "def h1200(c):\n    return deep(c)\n\n\n"
-            "def reward(completions, **kw):\n    return [float(h0(c) > 0 and c not in STOP) for c in completions]\n")
+            "def scored(completions, rules, **kw):\n    return [float(h0(c) > 0 and c not in STOP) for c in completions]\n"
+            "\n\nreward = functools.partial(scored, rules=RULES)\n")
     digests = set()
     for seed, folder in (("1", "a"), ("2", "b")):
         where = tmp_path / folder
