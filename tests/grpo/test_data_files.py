@@ -258,6 +258,10 @@ CHANGED = {  # values datasets would hand a reward changed: named by file, row o
                      "dataset column 'answer' (its field 'value') holds text that reads as JSON ('007' in "
                      "nested.jsonl line 1) beside numbers: datasets stores such a place as JSON and decodes that text, "
                      "so '007' comes back as 7"),
+    "nan.jsonl": ('{"prompt": "q1", "answer": {"v": 1}}\n{"prompt": "q2", "answer": {"v": NaN}}\n',
+                  "dataset column 'answer' (its field 'v') holds whole numbers (1 in nan.jsonl line 1)"),
+    "quoted.jsonl": ('{"prompt": "q1", "answer": ["x"]}\n{"prompt": "q2", "answer": "\\"yes\\""}\n',
+                     "so '\"yes\"' comes back as 'yes'"),
     "container.jsonl": ('{"prompt": "q1", "answer": ["x"]}\n{"prompt": "q2", "answer": "12"}\n',
                         "dataset column 'answer' holds text that reads as JSON ('12' in container.jsonl line 2) beside "
                         "lists or mappings"),
@@ -290,7 +294,9 @@ def test_values_that_come_back_as_written_are_not_named(tmp_path):
     (tmp_path / "ok.jsonl").write_text('{"prompt": "x", "answer": 1.0, "n": 1}\n{"prompt": "y", "answer": 2.5, "n": 2}\n')
     # nested places of several types that datasets stores as JSON and hands back as written
     (tmp_path / "nested.jsonl").write_text('{"prompt": "x", "m": {"v": "Paris", "b": true, "l": [1, "a"]}}\n'
-                                           '{"prompt": "y", "m": {"v": 7, "b": 2, "l": [2.5]}, "k": [[1, 2], [3]]}\n')
+                                           '{"prompt": "y", "m": {"v": 7, "b": 2, "l": [2.5]}, "k": [[1, 2], [3]]}\n'
+                                           '{"prompt": "z", "j": {"v": {"x": 1}}}\n{"prompt": "w", "j": {"v": 5}}\n'
+                                           '{"prompt": "u", "j": {"v": {"x": 2.5}}}\n')  # below a JSON place
     for name in ("f.csv", "w.csv", "h.csv", "ok.jsonl", "nested.jsonl"):
         assert value_changes(str(tmp_path / name)) == {}, name
     folder = tmp_path / "folder"

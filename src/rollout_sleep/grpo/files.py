@@ -4,7 +4,6 @@ hand a reward changed (:func:`value_changes`: ``"007"`` read as 7, ``12`` as ``1
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 
@@ -89,9 +88,14 @@ def _json_type_changes(files: list[Path]) -> dict[str, str]:
         for line, row in rows:
             for column, value in row.items():
                 _collect(value, column, "", seen, (f, line), names)
+    # a place holding mappings, lists or plain values, more than one of them: datasets stores it as JSON, and what
+    # lies below it comes back as written
+    stored = [(c, f) for (c, f), k in seen.items()
+              if ("dict" in k) + ("list" in k) + bool(k.keys() & {"bool", "int", "float", "text"}) > 1]
     out = {}
     for (column, field), kinds in seen.items():
-        if column not in out:
+        if column not in out and not any(c == column and field != f and (not f or field.startswith((f + ".", f + "[")))
+                                         for c, f in stored):
             why = _json_change(column, field, kinds)
             if why:
                 out[column] = why
@@ -126,7 +130,7 @@ def _json_change(column: str, field: str, kinds: dict[str, tuple]) -> str | None
     if not field and "bool" in kinds and number:
         return (f"{name} holds booleans ({where('bool')}) and numbers ({where(number)}): datasets casts one to the "
                 f"other (true becomes 1, or 2 becomes true). Give the column one type in every row")
-    if "decodes" in kinds and (number or "bool" in kinds or "container" in kinds):
+    if "decodes" in kinds and (number or "bool" in kinds or "dict" in kinds or "list" in kinds):
         f, line, text = kinds["decodes"]
         return (f"{name} holds text that reads as JSON ({where('decodes')}) beside "
                 f"{'numbers' if number else 'booleans' if 'bool' in kinds else 'lists or mappings'}: datasets stores "
@@ -165,8 +169,9 @@ def _collect(value, column: str, field: str, seen: dict, where: tuple, names: di
             kinds = seen[(column, field)] = {}
         kind = type(value)
         if kind is dict or kind is list:
-            if "container" not in kinds:
-                kinds["container"] = (*where, "{...}" if kind is dict else "[...]")
+            container = "dict" if kind is dict else "list"
+            if container not in kinds:
+                kinds[container] = (*where, "{...}" if kind is dict else "[...]")
             if kind is dict:
                 for k, v in value.items():
                     name = names.get((field, k))
@@ -182,16 +187,20 @@ def _collect(value, column: str, field: str, seen: dict, where: tuple, names: di
                 todo.extend((items, v) for v in value)
                 continue
             todo.extend((items, v) for v in by_type.values())
+            places = seen.setdefault((column, items), {})
+            if int in by_type and "huge" not in places:
+                huge = next((v for v in value if type(v) is int and not -2**63 <= v < 2**63), None)
+                if huge is not None:
+                    places["huge"] = (*where, huge)
             if str in by_type:
-                texts = seen.setdefault((column, items), {})
-                for v in value[:8]:
-                    if "decodes" in texts:
+                for v in value:
+                    if "decodes" in places:
                         break
-                    if isinstance(v, str):
-                        _note_text(v, texts, where)
+                    if type(v) is str:
+                        _note_text(v, places, where)
             continue
-        name = _KINDS.get(kind)
-        if name is None or (name == "float" and not math.isfinite(value)):
+        name = _KINDS.get(kind)  # NaN and Infinity too: beside them 1 comes back 1.0
+        if name is None:
             continue
         if name not in kinds:
             kinds[name] = (*where, value)
@@ -203,8 +212,10 @@ def _collect(value, column: str, field: str, seen: dict, where: tuple, names: di
 
 def _note_text(text: str, kinds: dict, where: tuple) -> None:
     stripped = text.lstrip()
-    if stripped and stripped[0] in _JSON_START and not isinstance(_decoded(text), str):
-        kinds["decodes"] = (*where, text)
+    if stripped and stripped[0] in _JSON_START:
+        decoded = _decoded(text)
+        if type(decoded) is not str or decoded != text:  # '"yes"' comes back 'yes'
+            kinds["decodes"] = (*where, text)
 
 
 def _parquet_type_changes(path: Path) -> dict[str, str]:
