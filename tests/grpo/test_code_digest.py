@@ -77,38 +77,43 @@ def test_a_module_beside_the_reward_is_followed_to_what_the_reward_uses(tmp_path
     assert _digest(tmp_path, text, HELPER.replace("> 3", "> 4")) != first
 
 
-def test_objects_closures_and_partials_are_digested_by_what_they_hold(tmp_path):
+HELD = {  # a reward whose template's {} is what it holds: (template, one value, another)
+    "closure": ("def make(n):\n    def reward(completions, **kw):\n        return [float(len(c) > n) for c in completions]\n"
+                "    return reward\n\n\nreward = make({})\n", 3, 4),
+    "object": ("class Score:\n    def __init__(self, n):\n        self.n = n\n\n    def __call__(self, completions, **kw):\n"
+               "        return [float(len(c) > self.n) for c in completions]\n\n\nreward = Score({})\n", 3, 4),
+    "bound method": ("class Score:\n    T = {}\n\n    def _inner(self, c):\n        return len(c) > self.T\n\n"
+                     "    def score(self, completions, **kw):\n        return [float(self._inner(c)) for c in completions]\n"
+                     "\n\nreward = Score().score\n", 3, 4),
+    "partial of a function": ("import functools\n\n\ndef check(c):\n    return len(c) > {}\n\n\n"
+                              "def base(completions, scorer, stop, **kw):\n    return [float(scorer(c)) for c in completions]\n"
+                              "\n\nreward = functools.partial(base, scorer=check, stop=frozenset({{'a', 'b', 'c', 'd'}}))\n", 3, 4),
+    "compiled pattern": ("import functools\nimport re\n\n\ndef base(completions, pattern, **kw):\n"
+                         "    return [float(bool(pattern.search(c))) for c in completions]\n\n\n"
+                         "reward = functools.partial(base, pattern=re.compile({}))\n", "r'[0-9]+'", "r'[0-9]'"),
+    "wrapper's closure": ("import functools\n\n\ndef scale(k):\n    def deco(fn):\n        @functools.wraps(fn)\n"
+                          "        def wrapper(completions, **kw):\n            return [k * r for r in fn(completions)]\n"
+                          "        return wrapper\n    return deco\n\n\ndef base(completions, **kw):\n"
+                          "    return [1.0 for c in completions]\n\n\nreward = scale({})(base)\n", 2.0, 3.0),
+    # cycles, an int of 6000 digits, 20^16 paths through a dict graph: no hang, no crash
+    "cyclic values": ("import functools\n\n\ndef base(completions, table, **kw):\n    return [0.0 for c in completions]\n"
+                      "\n\na = [1, 2**20000]\na.append(a)\ng = {{i: {{}} for i in range(20)}}\nfor i in g:\n    for j in g:\n"
+                      "        g[i][j] = g[j]\nreward = functools.partial(base, table=({}, a, g))\n", 1, 2),
+}
+
+
+@pytest.mark.parametrize("held", HELD)
+def test_objects_closures_and_partials_are_digested_by_what_they_hold(tmp_path, held):
     """A callable object's attributes, a closure's cells, a partial's arguments (functions by their code, sets in
-    order), a bound method's class: each changes the digest when what it holds changes."""
-    made = ("def make(n):\n    def reward(completions, **kw):\n        return [float(len(c) > n) for c in completions]\n"
-            "    return reward\n\n\nreward = make({})\n")
-    assert _digest(tmp_path, made.format(3)) != _digest(tmp_path, made.format(4))
-    obj = ("class Score:\n    def __init__(self, n):\n        self.n = n\n\n    def __call__(self, completions, **kw):\n"
-           "        return [float(len(c) > self.n) for c in completions]\n\n\nreward = Score({})\n")
-    assert _digest(tmp_path, obj.format(3)) != _digest(tmp_path, obj.format(4))
-    method = ("class Score:\n    T = {}\n\n    def _inner(self, c):\n        return len(c) > self.T\n\n"
-              "    def score(self, completions, **kw):\n        return [float(self._inner(c)) for c in completions]\n\n\n"
-              "reward = Score().score\n")
-    assert _digest(tmp_path, method.format(3)) != _digest(tmp_path, method.format(4))
-    part = ("import functools\n\n\ndef check(c):\n    return len(c) > {}\n\n\n"
-            "def base(completions, scorer, stop, **kw):\n    return [float(scorer(c)) for c in completions]\n\n\n"
-            "reward = functools.partial(base, scorer=check, stop=frozenset({{'a', 'b', 'c', 'd'}}))\n")
-    first = _digest(tmp_path, part.format(3))
-    assert _digest(tmp_path, part.format(3)) == first and _digest(tmp_path, part.format(4)) != first
+    order, a compiled pattern by what pickling keeps), a bound method's class, a decorator's closure: each changes
+    the digest when what it holds changes, and the same code gives the same digest."""
+    template, one, another = HELD[held]
+    first = _digest(tmp_path, template.format(one))
+    assert _digest(tmp_path, template.format(one)) == first and _digest(tmp_path, template.format(another)) != first
+
+
+def test_a_builtin_or_a_module_getattr_is_no_failure(tmp_path):
     assert code_digest(functools.partial(len)) is None  # a builtin: nothing to read
-    pattern = ("import functools\nimport re\n\n\ndef base(completions, pattern, **kw):\n"
-               "    return [float(bool(pattern.search(c))) for c in completions]\n\n\n"
-               "reward = functools.partial(base, pattern=re.compile({}))\n")
-    assert _digest(tmp_path, pattern.format("r'[0-9]+'")) != _digest(tmp_path, pattern.format("r'[0-9]'"))
-    wrapped = ("import functools\n\n\ndef scale(k):\n    def deco(fn):\n        @functools.wraps(fn)\n"
-               "        def wrapper(completions, **kw):\n            return [k * r for r in fn(completions)]\n"
-               "        return wrapper\n    return deco\n\n\ndef base(completions, **kw):\n"
-               "    return [1.0 for c in completions]\n\n\nreward = scale({})(base)\n")
-    assert _digest(tmp_path, wrapped.format(2.0)) != _digest(tmp_path, wrapped.format(3.0))
-    cyclic = ("import functools\n\n\ndef base(completions, table, **kw):\n    return [0.0 for c in completions]\n\n\n"
-              "a = [1, 2**20000]\na.append(a)\ng = {{i: {{}} for i in range(20)}}\nfor i in g:\n    for j in g:\n"
-              "        g[i][j] = g[j]\nreward = functools.partial(base, table=({}, a, g))\n")
-    assert _digest(tmp_path, cyclic.format(1)) != _digest(tmp_path, cyclic.format(2))  # no hang, no crash
     lazy = ("import task_lazy_cd\n\n\ndef reward(completions, **kw):\n    try:\n"
             "        t = task_lazy_cd.threshold\n    except KeyError:\n        t = 3\n"
             "    return [float(len(c) > t) for c in completions]\n")
