@@ -102,6 +102,9 @@ ARM_OVERRIDES = {"ours_adamw": ("train.optimizer=adamw",), "ours_8bit": ("train.
                  "ours_compile": ("train.compile=true",), "ours_eager": ("train.compile=false",),
                  # the config with PyTorch's cache kept through the rollout: what its return before each wake costs
                  "ours_keep_cache": ("engine.keep_trainer_cache=true",),
+                 # the config with PyTorch's plain segments: what the cache's return costs when the allocator
+                 # maps one segment per block instead of one per 20 MiB page
+                 "ours_plain_segments": ("train.expandable_segments=false",),
                  # the tuned knobs with TRL's optimizer (PyTorch's fused AdamW rounding to nearest into the bf16
                  # weights, as TRL's does): ``trl_tuned``'s equal-optimizer pair (ours_tuned's one copy takes
                  # stochastic rounding by default)

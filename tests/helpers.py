@@ -5,11 +5,13 @@ weights. Imported explicitly (``from helpers import ...``; ``tests/`` is on pyte
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import importlib
 import importlib.util
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -82,6 +84,21 @@ def clear_cpu_tp_shm() -> None:
         f.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def two_ranks():
+    """Around a launch of several processes (torchrun): one such launch at a time across the suite's workers
+    (pytest-xdist), vLLM's CPU tensor-parallel files cleared before and after. Those files have fixed names, so
+    two launches at once would share them and one's clearing would break the other; and each launch keeps both
+    cores busy by itself."""
+    with open(Path(tempfile.gettempdir()) / "rollout-sleep-tests-ranks.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        clear_cpu_tp_shm()
+        try:
+            yield
+        finally:
+            clear_cpu_tp_shm()
+
+
 def run_recipe(config, *args: str, timeout: float = 300):
     """``recipes/grpo.py --config CONFIG ARGS`` in a child process, vLLM's log at WARNING: (the finished process,
     its stdout and stderr together)."""
@@ -97,12 +114,9 @@ def run_recipe_ranks(config, *args: str, timeout: float = 600):
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), str(RECIPE), "--config", str(config), *args]
-    clear_cpu_tp_shm()
-    try:
+    with two_ranks():
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                               env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
-    finally:
-        clear_cpu_tp_shm()
     return proc, proc.stdout + proc.stderr
 
 
@@ -154,11 +168,8 @@ def torchrun(script: list[str], ckpts, out: Path) -> str:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            *script, ckpts["tied0"], ckpts["tied1"], str(out)]
-    clear_cpu_tp_shm()
-    try:
+    with two_ranks():
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    finally:
-        clear_cpu_tp_shm()
     return proc.stdout[-2000:] + proc.stderr[-4000:]
 
 

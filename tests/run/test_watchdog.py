@@ -15,7 +15,7 @@ import pytest
 from rollout_sleep.run.watchdog import EXIT_CODE, STALL_ENV
 from rollout_sleep.serve.server import free_port
 
-from helpers import RECIPE, ROOT, WORKERS
+from helpers import RECIPE, ROOT, WORKERS, two_ranks
 
 
 WORKER = WORKERS / "watchdog_worker.py"
@@ -27,9 +27,10 @@ def torchrun(generate_s: float, collective_s: float, stall: str | None) -> tuple
     env = {k: v for k, v in os.environ.items() if k != STALL_ENV}
     if stall:
         env[STALL_ENV] = stall
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    return proc, time.perf_counter() - t0
+    with two_ranks():
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+        return proc, time.perf_counter() - t0
 
 
 @pytest.mark.parametrize("generate_s, collective_s, rank, phase, waited_for", [
@@ -57,18 +58,13 @@ def test_recipe_rank_stalled_in_generate_stops_the_run(tmp_path, request):
     within watchdog.generate_s (plus start-up) with the phase named, instead of rank 0 waiting forever."""
     if "slow" not in (request.config.getoption("-m") or ""):
         pytest.skip("slow (two engines start): run with -m slow")
-    from helpers import clear_cpu_tp_shm
-
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), str(RECIPE), "--config",
            str(ROOT / "configs" / "tiny-cpu.yaml"), f"output_dir={tmp_path / 'run'}", "train.steps=3",
            "wandb.mode=disabled", "watchdog.generate_s=60"]
-    clear_cpu_tp_shm()
-    try:
+    with two_ranks():
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
                               env={**os.environ, STALL_ENV: "1:generate:900", "VLLM_LOGGING_LEVEL": "WARNING"})
-    finally:
-        clear_cpu_tp_shm()
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-3000:]
     assert "watchdog: rank 1 of 2 spent more than 60 s in phase 'generate' (waiting for vLLM to generate for " \
