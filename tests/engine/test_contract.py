@@ -1,6 +1,6 @@
 """The engine contract (:mod:`rollout_sleep.engine.contract`), one suite run on every implementation against
-real vLLM: ``Engine`` (the session's engine) and ``RemoteEngine`` (a real ``vllm serve`` on loopback, one per
-module, serving the untied tiny model: on CPU a path reload of a tied model keeps a stale LM head). Every method,
+real vLLM: ``Engine`` (the session's engine) and ``RemoteEngine`` (the session's real ``vllm serve`` on loopback,
+serving the untied tiny model: on CPU a path reload of a tied model keeps a stale LM head). Every method,
 every state transition and refusal, the prompt forms, close, and two threads calling one engine."""
 
 from __future__ import annotations
@@ -12,12 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import DTYPE, PROMPTS, hf_greedy, hf_model, hf_scores
+from helpers import PROMPTS, hf_greedy, hf_model, hf_scores
 from rollout_sleep.engine.contract import EngineClosedError, RolloutEngine, UnsupportedOperation, as_prompts
 from rollout_sleep.engine.engine import Engine
 from rollout_sleep.engine.state import EngineStateError
 from rollout_sleep.serve.remote import RemoteEngine
-from rollout_sleep.serve.server import ServerProcess
 from rollout_sleep.weights.stream import WeightStream
 from rollout_sleep.weights.verify import verify
 
@@ -26,13 +25,6 @@ N = 6  # greedy tokens compared with transformers' (fp32: the first 8 are identi
 P = PROMPTS[:3]
 LONG = [[(11 * j) % 240 + 3 for j in range(300)]]  # full KV blocks (128 tokens each on CPU): the prefix cache keeps them
 CONTRACT = ("generate", "score", "sleep", "wake_up", "load_weights", "reset_prefix_cache", "verify_weights", "close")
-
-
-@pytest.fixture(scope="module")
-def server(ckpts):
-    srv = ServerProcess(ckpts["untied0"], dtype=DTYPE).start()
-    yield srv
-    srv.stop()
 
 
 @pytest.fixture(scope="module")

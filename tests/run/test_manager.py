@@ -9,7 +9,7 @@ from rollout_sleep.engine.contract import UnsupportedOperation
 from rollout_sleep.engine.state import EngineStateError
 from rollout_sleep.run.manager import RolloutManager
 
-from helpers import DTYPE, PROMPTS, assert_follows, hf_greedy, hf_model
+from helpers import PROMPTS, assert_follows, hf_greedy, hf_model
 
 
 def test_loop_metrics(engine, ckpts):
@@ -94,16 +94,6 @@ def test_each_phase_is_watched(engine, ckpts):
         pass
     mgr.sync()
     assert watchdog.phases == ["generate", "sleep", "train", "wake", "verify"]
-
-
-@pytest.fixture(scope="module")
-def server(ckpts):
-    """A real ``vllm serve`` of the untied tiny model (on CPU a path reload of a tied one keeps a stale head)."""
-    from rollout_sleep.serve.server import ServerProcess
-
-    srv = ServerProcess(ckpts["untied0"], dtype=DTYPE).start()
-    yield srv
-    srv.stop()
 
 
 def test_over_a_remote_engine_the_cycle_runs_through_a_weights_folder(server, ckpts, tmp_path):

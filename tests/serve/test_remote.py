@@ -10,9 +10,8 @@ import signal
 import pytest
 
 from rollout_sleep.engine.state import EngineStateError
-from rollout_sleep.serve.procgroup import group_alive
 from rollout_sleep.serve.remote import RemoteEngine
-from rollout_sleep.serve.server import ServerProcess, ServerUnreachableError
+from rollout_sleep.serve.server import ServerUnreachableError
 from rollout_sleep.weights.spec import WeightMismatchError
 
 from helpers import PROMPTS, hf_greedy, hf_model
@@ -20,15 +19,6 @@ from helpers import PROMPTS, hf_greedy, hf_model
 
 N = 12
 LONG = [[(11 * j) % 240 + 3 for j in range(100)]]  # several full KV blocks: the prefix cache keeps them
-
-
-@pytest.fixture(scope="module")
-def server(ckpts):
-    srv = ServerProcess(ckpts["untied0"], dtype="float32").start()
-    yield srv
-    pgid = srv.pid
-    srv.stop()
-    assert not group_alive(pgid), "the server left processes behind"
 
 
 def greedy(engine, prompts):
@@ -89,7 +79,7 @@ def test_bad_reload_paths_are_refused_before_the_server_sees_them(server, ckpts,
 
 
 def test_server_killed_mid_run_is_reported_with_its_exit(server, ckpts):
-    """Last in this module: it kills the shared server."""
+    """It kills the session's shared server (the next test that needs one starts another)."""
     engine = RemoteEngine(server.client(timeout=30, retries=1), ckpts["untied0"])
     os.kill(server.pid, signal.SIGKILL)
     server.proc.wait(10)
