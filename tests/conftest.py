@@ -11,15 +11,22 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import sys
 
-import pytest
+if os.environ.get("PYTEST_XDIST_WORKER") and "torch" not in sys.modules:
+    # the workers share the cores: one compute thread per process (torch's, vLLM's CPU kernels'), inherited by
+    # every process a test starts (two each would put four on two cores). Set before torch loads OpenMP: a
+    # thread started later takes its count from the environment read then, and vLLM's CPU attention refuses a
+    # count other than the one its metadata was built with
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from helpers import DTYPE, ROOT, hf_model
+import pytest  # noqa: E402
+
+from helpers import DTYPE, ROOT, hf_model  # noqa: E402
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
 collect_ignore = ["workers"]  # scripts the tests launch (and what they import), not test modules
 
 
@@ -125,10 +132,10 @@ def _session_server():
 
 
 @pytest.fixture()
-def server(_session_server, ckpts):
+def server(_session_server, ckpts, request):
     """A real ``vllm serve`` of the untied tiny model on loopback (on CPU a path reload of a tied one keeps a stale
     head), shared by the session like ``engine``: each test that uses it puts it back awake with the checkpoint's
-    weights. A test may kill it (the next one starts another); one left asleep is replaced, since a client cannot
+    weights (after a test that failed, they are reloaded here). A test may kill it (the next one starts another); one left asleep is replaced, since a client cannot
     know the level it sleeps at."""
     from rollout_sleep.serve.server import ServerProcess
 
@@ -140,3 +147,15 @@ def server(_session_server, ckpts):
     yield srv
     if srv.returncode is None and srv.client().is_sleeping():
         srv.stop()
+    elif srv.returncode is None and getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed:
+        from rollout_sleep.serve.remote import RemoteEngine  # a test that failed midway may leave other weights
+
+        RemoteEngine(srv.client(timeout=180), ckpts["untied0"]).load_weights(ckpts["untied0"])
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Each phase's report on the test's node (``rep_setup``, ``rep_call``): fixtures read it at teardown."""
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report

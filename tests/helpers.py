@@ -112,9 +112,9 @@ def run_recipe_ranks(config, *args: str, timeout: float = 600):
     after: (the finished launcher, its stdout and stderr together)."""
     from rollout_sleep.serve.server import free_port
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(RECIPE), "--config", str(config), *args]
-    with two_ranks():
+    with two_ranks():  # the port is taken inside the lock: a port chosen before a wait may be gone after it
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), str(RECIPE), "--config", str(config), *args]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                               env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
     return proc, proc.stdout + proc.stderr
@@ -165,10 +165,10 @@ def torchrun(script: list[str], ckpts, out: Path) -> str:
     output's tail (for failure messages)."""
     from rollout_sleep.serve.server import free_port
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           *script, ckpts["tied0"], ckpts["tied1"], str(out)]
     with two_ranks():
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+               *script, ckpts["tied0"], ckpts["tied1"], str(out)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     return proc.stdout[-2000:] + proc.stderr[-4000:]
 

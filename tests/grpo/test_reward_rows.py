@@ -4,6 +4,7 @@ refused before vLLM starts (the old code scored those rows without it: 0.0 for a
 from __future__ import annotations
 
 import json
+import logging
 import textwrap
 from pathlib import Path
 
@@ -160,6 +161,9 @@ def test_a_column_read_where_present_that_the_dataset_lacks_is_warned_about_befo
     data.write_text("".join(json.dumps({"prompt": f"{i}+1=", "solution": str(i + 1)}) + "\n" for i in range(8)))
     recipe = load_recipe()
     stop_at_engine(monkeypatch, recipe)
+    # loading the recipe configured the package's logger not to propagate, and caplog listens at the root
+    # (whether an earlier test in this process had loaded it decided what caplog saw)
+    monkeypatch.setattr(logging.getLogger("rollout_sleep"), "propagate", True)
     cfg = recipe.load_config(str(CONFIG), [f"output_dir={tmp_path / 'run'}", f"data.dataset={data}",
                                            f"rewards=[{rw}:kwargs_get, digits_format]",
                                            "wandb.mode=disabled", "train.memory_plan=off"])

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 from rollout_sleep.integrations.trl import patch
+from rollout_sleep.serve.server import free_port
 from rollout_sleep.weights.verify import verify
 
 from helpers import WORKERS, hf_model
@@ -23,7 +24,10 @@ WORKER = WORKERS / "trl_worker.py"
 
 def run(ckpt: str, out: Path, mode: str) -> dict:
     proc = subprocess.run([sys.executable, str(WORKER), ckpt, str(out), mode], capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
+                          timeout=600, env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING",
+                                            # TRL's colocate mode takes the first free port of a fixed list
+                                            # otherwise: two runs at once (the suite's workers) would share one
+                                            "MASTER_PORT": str(free_port())})
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert line, proc.stdout[-2000:] + proc.stderr[-4000:]
     return json.loads(line[-1][len("RESULT "):])

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import ROOT
+from helpers import ROOT, two_ranks
 
 
 SCRIPT = ROOT / "benchmarks" / "trl_plugin_dist.py"
@@ -32,7 +32,8 @@ needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is No
 def run_cases(cases: list[str], ckpt: str, out: Path, timeout: int = 300) -> dict[str, dict]:
     cmd = [sys.executable, str(SCRIPT), "--out", str(out), "--workdir", str(out / "work"), "--cases", ",".join(cases),
            "--ckpt", str(ckpt), "--timeout", str(timeout)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout * len(cases) + 120)
+    with two_ranks():
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout * len(cases) + 120)
     report = out / "trl_plugin_dist.json"
     assert report.exists(), proc.stdout[-2000:] + proc.stderr[-4000:]
     return {c["case"]: c for c in json.loads(report.read_text())["cases"]}

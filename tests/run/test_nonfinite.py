@@ -154,10 +154,10 @@ def test_a_nan_on_one_rank_stops_the_step_on_every_rank(tmp_path):
     from helpers import ROOT, WORKERS, two_ranks
     from rollout_sleep.serve.server import free_port
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(WORKERS / "nonfinite_worker.py"), str(tmp_path)]
     env = {**__import__("os").environ, "PYTHONPATH": str(ROOT / "src")}
     with two_ranks():
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), str(WORKERS / "nonfinite_worker.py"), str(tmp_path)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     rows = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]

@@ -22,12 +22,12 @@ WORKER = WORKERS / "watchdog_worker.py"
 
 
 def torchrun(generate_s: float, collective_s: float, stall: str | None) -> tuple[subprocess.CompletedProcess, float]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(WORKER), str(generate_s), str(collective_s)]
     env = {k: v for k, v in os.environ.items() if k != STALL_ENV}
     if stall:
         env[STALL_ENV] = stall
     with two_ranks():
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), str(WORKER), str(generate_s), str(collective_s)]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
         return proc, time.perf_counter() - t0
