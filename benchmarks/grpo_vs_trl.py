@@ -33,7 +33,9 @@ the optimizer stepped one tensor at a time, and ``engine.keep_trainer_cache=fals
 ``train.compile`` too), ``ours_compile``
 (``train.compile``: the trainer's decoder layers compiled in place, regional) against ``trl_compile`` (stock TRL
 with ``torch_compile=True``: compile on both sides, equal knobs; ``compile_speedup`` per side,
-``both_compiled_trl_over_ours``), ``ours_eager`` (``train.compile=false``). Every ``ours*`` arm is the size's config
+``both_compiled_trl_over_ours``), ``ours_eager`` (``train.compile=false``), ``ours_keep_cache``
+(``engine.keep_trainer_cache=true``: PyTorch's cache kept through the rollout), ``ours_plain_segments``
+(``train.expandable_segments=false``: the cache's return with one segment per block). Every ``ours*`` arm is the size's config
 plus the arm's overrides: the 8B config compiles and takes the lean memory knobs, so there ``ours`` pairs with
 ``trl_compile`` and ``ours_eager`` with ``trl``. ``--optim adamw8bit_sr``: torchao's AdamW8bit with
 bf16 stochastic rounding on both sides (TRL's ``adamw_torch_8bit`` with ``optim_args``). Each recipe arm records its memory plan against what it measured (``memory_plan.json``),
