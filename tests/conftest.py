@@ -27,6 +27,7 @@ from helpers import DTYPE, ROOT, hf_model  # noqa: E402
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
 collect_ignore = ["workers"]  # scripts the tests launch (and what they import), not test modules
 
 
@@ -135,8 +136,8 @@ def _session_server():
 def server(_session_server, ckpts, request):
     """A real ``vllm serve`` of the untied tiny model on loopback (on CPU a path reload of a tied one keeps a stale
     head), shared by the session like ``engine``: each test that uses it puts it back awake with the checkpoint's
-    weights (after a test that failed, they are reloaded here). A test may kill it (the next one starts another); one left asleep is replaced, since a client cannot
-    know the level it sleeps at."""
+    weights (after a test that failed, they are reloaded here). A test may kill it (the next one starts another);
+    one left asleep is replaced, since a client cannot know the level it sleeps at."""
     from rollout_sleep.serve.server import ServerProcess
 
     srv = _session_server.get("server")
@@ -147,7 +148,7 @@ def server(_session_server, ckpts, request):
     yield srv
     if srv.returncode is None and srv.client().is_sleeping():
         srv.stop()
-    elif srv.returncode is None and getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed:
+    elif srv.returncode is None and getattr(getattr(request.node, "rep_call", None), "failed", False):
         from rollout_sleep.serve.remote import RemoteEngine  # a test that failed midway may leave other weights
 
         RemoteEngine(srv.client(timeout=180), ckpts["untied0"]).load_weights(ckpts["untied0"])

@@ -86,15 +86,19 @@ def clear_cpu_tp_shm() -> None:
 
 @contextlib.contextmanager
 def two_ranks():
-    """Around a launch of several processes (torchrun): one such launch at a time across the suite's workers
-    (pytest-xdist), vLLM's CPU tensor-parallel files cleared before and after. Those files have fixed names, so
-    two launches at once would share them and one's clearing would break the other; and each launch keeps both
-    cores busy by itself."""
+    """Around a launch of several processes: one such launch at a time across the suite's workers (pytest-xdist),
+    vLLM's CPU tensor-parallel files cleared before and after. Those files have fixed names, so two launches at
+    once would share them and one's clearing would break the other; and each launch keeps both cores busy by
+    itself. Yields torchrun's command for 2 processes over gloo on loopback, its port chosen inside the lock (one
+    chosen before a wait may be taken after it)."""
+    from rollout_sleep.serve.server import free_port
+
     with open(Path(tempfile.gettempdir()) / "rollout-sleep-tests-ranks.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         clear_cpu_tp_shm()
         try:
-            yield
+            yield [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                   "127.0.0.1", "--master_port", str(free_port())]
         finally:
             clear_cpu_tp_shm()
 
@@ -110,13 +114,9 @@ def run_recipe(config, *args: str, timeout: float = 300):
 def run_recipe_ranks(config, *args: str, timeout: float = 600):
     """:func:`run_recipe` in 2 processes over gloo (torchrun), vLLM's CPU tensor-parallel files cleared before and
     after: (the finished launcher, its stdout and stderr together)."""
-    from rollout_sleep.serve.server import free_port
-
-    with two_ranks():  # the port is taken inside the lock: a port chosen before a wait may be gone after it
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(free_port()), str(RECIPE), "--config", str(config), *args]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
+    with two_ranks() as torchrun:
+        proc = subprocess.run([*torchrun, str(RECIPE), "--config", str(config), *args], capture_output=True,
+                              text=True, timeout=timeout, env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
     return proc, proc.stdout + proc.stderr
 
 
@@ -163,13 +163,9 @@ def items_of(sd, skip=(), stop_after=None, error_after=None, error=None):
 def torchrun(script: list[str], ckpts, out: Path) -> str:
     """``script`` under torchrun, 2 processes over gloo, given the tied checkpoints and ``out``; returns the
     output's tail (for failure messages)."""
-    from rollout_sleep.serve.server import free_port
-
-    with two_ranks():
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-               *script, ckpts["tied0"], ckpts["tied1"], str(out)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    with two_ranks() as launcher:
+        proc = subprocess.run([*launcher, *script, ckpts["tied0"], ckpts["tied1"], str(out)], capture_output=True,
+                              text=True, timeout=600)
     return proc.stdout[-2000:] + proc.stderr[-4000:]
 
 

@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import functools
 import subprocess
-import sys
 
 import pytest
 import torch
 
 from rollout_sleep.grpo.loss import LOSS_TYPES, GRPOLoss, group_advantages, grpo_loss, pad_batch
-from rollout_sleep.serve.server import free_port
 
 from helpers import WORKERS, two_ranks
 from workers import grpo_case as case
@@ -105,10 +103,9 @@ def test_two_processes_equal_trl(setup, tmp_path, tmp_path_factory):
     each rank holds TRL's full-batch gradient, and the mean of the ranks' losses is TRL's loss, for each loss type;
     with ``no_sync`` (as the recipe passes accelerate's) DDP all-reduces once per optimizer step, not per micro-batch."""
     path, _ = setup
-    with two_ranks():
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(free_port()), str(DIST_WORKER), path, str(tmp_path)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    with two_ranks() as torchrun:
+        proc = subprocess.run([*torchrun, str(DIST_WORKER), path, str(tmp_path)], capture_output=True, text=True,
+                              timeout=600)
     ranks = [tmp_path / f"rank{r}.pt" for r in range(2)]
     assert all(p.exists() for p in ranks), proc.stdout[-2000:] + proc.stderr[-4000:]
     rows = [torch.load(p) for p in ranks]

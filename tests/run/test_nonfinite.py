@@ -149,16 +149,13 @@ def test_a_nan_on_one_rank_stops_the_step_on_every_rank(tmp_path):
     both refuse the step, rank 1 saying the NaN is another rank's."""
     import json
     import subprocess
-    import sys
 
     from helpers import ROOT, WORKERS, two_ranks
-    from rollout_sleep.serve.server import free_port
 
     env = {**__import__("os").environ, "PYTHONPATH": str(ROOT / "src")}
-    with two_ranks():
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(free_port()), str(WORKERS / "nonfinite_worker.py"), str(tmp_path)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    with two_ranks() as torchrun:
+        proc = subprocess.run([*torchrun, str(WORKERS / "nonfinite_worker.py"), str(tmp_path)], capture_output=True,
+                              text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     rows = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for err in rows[0]["errors"]:

@@ -13,7 +13,6 @@ import time
 import pytest
 
 from rollout_sleep.run.watchdog import EXIT_CODE, STALL_ENV
-from rollout_sleep.serve.server import free_port
 
 from helpers import RECIPE, ROOT, WORKERS, two_ranks
 
@@ -25,11 +24,10 @@ def torchrun(generate_s: float, collective_s: float, stall: str | None) -> tuple
     env = {k: v for k, v in os.environ.items() if k != STALL_ENV}
     if stall:
         env[STALL_ENV] = stall
-    with two_ranks():
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(free_port()), str(WORKER), str(generate_s), str(collective_s)]
+    with two_ranks() as torchrun:
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+        proc = subprocess.run([*torchrun, str(WORKER), str(generate_s), str(collective_s)], capture_output=True,
+                              text=True, timeout=300, env=env)
         return proc, time.perf_counter() - t0
 
 
@@ -58,11 +56,9 @@ def test_recipe_rank_stalled_in_generate_stops_the_run(tmp_path, request):
     within watchdog.generate_s (plus start-up) with the phase named, instead of rank 0 waiting forever."""
     if "slow" not in (request.config.getoption("-m") or ""):
         pytest.skip("slow (two engines start): run with -m slow")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(RECIPE), "--config",
-           str(ROOT / "configs" / "tiny-cpu.yaml"), f"output_dir={tmp_path / 'run'}", "train.steps=3",
-           "wandb.mode=disabled", "watchdog.generate_s=60"]
-    with two_ranks():
+    with two_ranks() as torchrun:
+        cmd = [*torchrun, str(RECIPE), "--config", str(ROOT / "configs" / "tiny-cpu.yaml"),
+               f"output_dir={tmp_path / 'run'}", "train.steps=3", "wandb.mode=disabled", "watchdog.generate_s=60"]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
                               env={**os.environ, STALL_ENV: "1:generate:900", "VLLM_LOGGING_LEVEL": "WARNING"})
     out = proc.stdout + proc.stderr
