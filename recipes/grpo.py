@@ -939,8 +939,11 @@ def failure_message(recipe: GRPORecipe | None, err: BaseException) -> str:
     return text
 
 
-def main() -> None:
-    args = build_parser().parse_args()
+def run(argv: list[str] | None = None) -> int:
+    """One run from the command line (``argv``: the arguments after the script's name): its exit code. 0: trained
+    (or nothing left to train); 2: the config or its inputs refused; 1: a failure; 130: an interrupt. Every error
+    ends in one message on the console (a step's traceback in the run's log)."""
+    args = build_parser().parse_args(argv)
     recipe = None
     try:
         recipe = GRPORecipe(load_config(args.config, args.overrides))
@@ -949,18 +952,23 @@ def main() -> None:
         recipe.cleanup()
     except output_dir.NothingToTrain as done:
         print(done, flush=True)
-        os._exit(0)
-    except (Exception, KeyboardInterrupt) as err:  # noqa: BLE001 - every error ends in one message (a step's:
-        # traceback in the log); an interrupt too, with where a rerun goes on from (exit code 130, as a shell's)
+    except (Exception, KeyboardInterrupt) as err:  # noqa: BLE001 - an interrupt too, with where a rerun goes on
+        # from (exit code 130, as a shell's)
         print(f"error: {failure_message(recipe, err)}", file=sys.stderr, flush=True)
         code = 130 if isinstance(err, KeyboardInterrupt) else 2 if isinstance(err, ConfigError) else 1
         tracker = getattr(recipe, "tracker", None)
-        if tracker is not None:  # os._exit skips wandb's own exit hook: what the run logged would be lost
+        if tracker is not None:  # main's os._exit skips wandb's own exit hook: what the run logged would be lost
             with contextlib.suppress(Exception):
                 tracker.finish(exit_code=code)
-        sys.stdout.flush()
-        os._exit(code)
-    os._exit(0)  # vLLM's in-process teardown is slow and would tear down accelerate's process group
+        return code
+    return 0
+
+
+def main() -> None:
+    code = run()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # vLLM's in-process teardown is slow and would tear down accelerate's process group
 
 
 if __name__ == "__main__":

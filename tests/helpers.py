@@ -8,6 +8,7 @@ import contextlib
 import fcntl
 import importlib
 import importlib.util
+import io
 import os
 import subprocess
 import sys
@@ -120,8 +121,9 @@ def run_recipe_ranks(config, *args: str, timeout: float = 600):
     return proc, proc.stdout + proc.stderr
 
 
-class EngineReached(Exception):
-    """Raised where the recipe would start vLLM (:func:`stop_at_engine`): every check before it has passed."""
+class EngineReached(BaseException):
+    """Raised where the recipe would start vLLM (:func:`stop_at_engine`): every check before it has passed. A
+    ``BaseException``, as ``SystemExit`` is, so that no handler for errors (the recipe's own ``run``) reports it."""
 
 
 def stop_at_engine(monkeypatch, recipe) -> None:
@@ -138,6 +140,25 @@ def load_recipe():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def run_until_engine(monkeypatch, config, *args: str) -> tuple[int, str]:
+    """``recipes/grpo.py --config CONFIG ARGS`` in this process (the recipe's own ``run``), stopped where it would
+    start vLLM: (the exit code it would end with, what it printed). For the refusals that come before vLLM, without a
+    child process's ~11 s of imports. A run that passes every check raises :class:`EngineReached`. The launch itself
+    (the exit code reaching the shell, the message printed once) is tested in child processes elsewhere."""
+    from rollout_sleep import log
+
+    recipe = load_recipe()
+    stop_at_engine(monkeypatch, recipe)
+    out = io.StringIO()
+    log.configure(stream=out)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            code = recipe.run(["--config", str(config), *args])
+    finally:
+        log.configure()  # the console again
+    return code, out.getvalue()
 
 
 def benchmark(name: str):
@@ -214,7 +235,6 @@ def overridden(defaults: list[str] | tuple[str, ...], overrides: tuple[str, ...]
     """
     given = {o.split("=", 1)[0] for o in overrides}
     return [d for d in defaults if d.split("=", 1)[0] not in given] + list(overrides)
-
 
 
 @contextlib.contextmanager

@@ -12,7 +12,7 @@ import pytest
 import rollout_sleep.grpo.files as files_module
 from rollout_sleep.grpo.data import load_prompts, model_context, rows_fingerprint, synthetic_arithmetic
 
-from helpers import ROOT, run_recipe
+from helpers import ROOT, run_until_engine
 
 
 CONFIG = ROOT / "configs" / "tiny-cpu.yaml"
@@ -85,12 +85,12 @@ def test_the_encoding_check_reads_in_chunks_and_still_finds_the_line(tmp_path, m
             load_prompts(str(path))
 
 
-def test_a_non_utf8_file_is_refused_by_the_recipe_before_vllm(tmp_path):
+def test_a_non_utf8_file_is_refused_by_the_recipe_before_vllm(tmp_path, monkeypatch):
     path = tmp_path / "latin1.jsonl"
     path.write_bytes(CASES["latin1.jsonl"][0])
-    proc, out = run_recipe(CONFIG, f"output_dir={tmp_path / 'run'}",
-                           f"data.dataset={path}", "wandb.mode=disabled")
-    assert proc.returncode == 2, out[-3000:]
+    code, out = run_until_engine(monkeypatch, CONFIG, f"output_dir={tmp_path / 'run'}",
+                                 f"data.dataset={path}", "wandb.mode=disabled")
+    assert code == 2, out[-3000:]
     assert f"data.dataset {str(path)!r} cannot be used: dataset file {str(path)!r} is not UTF-8 text: line 2" in out
     assert ENGINE_START not in out and "Traceback" not in out, out[-3000:]
 
@@ -120,16 +120,16 @@ def test_the_context_rule_is_vllms(engine, ckpts):
                                              "max_position_embeddings")
 
 
-def test_a_prompt_longer_than_the_models_context_is_refused_before_vllm(tmp_path):
+def test_a_prompt_longer_than_the_models_context_is_refused_before_vllm(tmp_path, monkeypatch):
     """``engine.max_model_len=null``: the context is the model's (1024 tokens for the tiny model); a longer prompt
     made vLLM refuse the request at step 1, after its start."""
     path = tmp_path / "long.jsonl"
     rows = [{"prompt": "1+1="}] * 7 + [{"prompt": "1+1= " * 400}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    proc, out = run_recipe(CONFIG, f"output_dir={tmp_path / 'run'}",
-                           f"data.dataset={path}", "engine.max_model_len=null", "rewards=[digits_format]",
-                           "wandb.mode=disabled")
-    assert proc.returncode == 2, out[-3000:]
+    code, out = run_until_engine(monkeypatch, CONFIG, f"output_dir={tmp_path / 'run'}",
+                                 f"data.dataset={path}", "engine.max_model_len=null", "rewards=[digits_format]",
+                                 "wandb.mode=disabled")
+    assert code == 2, out[-3000:]
     assert "1 prompt(s) have >= the model's max_position_embeddings (1024) tokens, leaving no room for a completion, " \
            "e.g. row 7: " in out, out[-3000:]
     assert ENGINE_START not in out, out[-3000:]
@@ -181,14 +181,14 @@ def test_the_context_of_a_rope_scaled_model_is_the_one_vllm_derives(rope_models,
     assert key.startswith("max_position_embeddings")
 
 
-def test_a_prompt_longer_than_a_rope_scaled_context_is_refused_before_vllm(tmp_path, rope_models):
+def test_a_prompt_longer_than_a_rope_scaled_context_is_refused_before_vllm(tmp_path, rope_models, monkeypatch):
     path = tmp_path / "long.jsonl"
     rows = [{"prompt": "1+1="}] * 7 + [{"prompt": "1+1= " * 400}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    proc, out = run_recipe(CONFIG, f"output_dir={tmp_path / 'run'}",
-                           f"model.path={rope_models['yarn']}", f"data.dataset={path}", "engine.max_model_len=null",
-                           "rewards=[digits_format]", "wandb.mode=disabled")
-    assert proc.returncode == 2, out[-3000:]
+    code, out = run_until_engine(monkeypatch, CONFIG, f"output_dir={tmp_path / 'run'}",
+                                 f"model.path={rope_models['yarn']}", f"data.dataset={path}",
+                                 "engine.max_model_len=null", "rewards=[digits_format]", "wandb.mode=disabled")
+    assert code == 2, out[-3000:]
     assert "1 prompt(s) have >= the model's max_position_embeddings (1024) tokens" in out, out[-3000:]
     assert ENGINE_START not in out, out[-3000:]
 
@@ -200,12 +200,12 @@ def test_a_csv_with_quoted_newlines_a_bom_and_blank_lines_loads(tmp_path):
     assert ds["prompt"] == ["two\nlines", "a, b"] and ds["note"] == [None, 'x "y"']
 
 
-def test_a_max_model_len_beyond_the_models_context_is_refused_before_vllm(tmp_path):
+def test_a_max_model_len_beyond_the_models_context_is_refused_before_vllm(tmp_path, monkeypatch):
     """engine.max_model_len=2048 for the tiny model (1024 positions): vLLM refuses to start with it, and the old
     code let it try (a pydantic ValidationError traceback after 'starting the vLLM engine')."""
-    proc, out = run_recipe(CONFIG, f"output_dir={tmp_path / 'run'}",
-                           "engine.max_model_len=2048", "wandb.mode=disabled")
-    assert proc.returncode == 2, out[-3000:]
+    code, out = run_until_engine(monkeypatch, CONFIG, f"output_dir={tmp_path / 'run'}",
+                                 "engine.max_model_len=2048", "wandb.mode=disabled")
+    assert code == 2, out[-3000:]
     assert ("engine.max_model_len (2048) exceeds the model's context, its max_position_embeddings (1024): vLLM "
             "refuses to start with it") in out, out[-3000:]
     assert ENGINE_START not in out and "Traceback" not in out, out[-3000:]

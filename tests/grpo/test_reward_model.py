@@ -12,7 +12,7 @@ from rollout_sleep.grpo.errors import RewardError
 from rollout_sleep.grpo.reward_model import RewardModel
 from rollout_sleep.weights.checkpoints import make_reward_checkpoint
 
-from helpers import ROOT, run_recipe
+from helpers import ROOT, run_until_engine
 
 
 CONFIG = ROOT / "configs" / "tiny-cpu.yaml"
@@ -33,10 +33,10 @@ def headless(tmp_path) -> Path:
     return path
 
 
-def test_a_reward_model_without_its_score_head_is_refused_before_vllm(tmp_path, headless):
-    proc, out = run_recipe(CONFIG, f"output_dir={tmp_path / 'run'}",
-                           f"rewards=[digits_format, {headless}]", "wandb.mode=disabled")
-    assert proc.returncode == 2, out[-3000:]
+def test_a_reward_model_without_its_score_head_is_refused_before_vllm(tmp_path, headless, monkeypatch):
+    code, out = run_until_engine(monkeypatch, CONFIG, f"output_dir={tmp_path / 'run'}",
+                                 f"rewards=[digits_format, {headless}]", "wandb.mode=disabled")
+    assert code == 2, out[-3000:]
     assert f"reward model {str(headless)!r}: its checkpoint files have no weights for score.weight" in out, out[-3000:]
     assert "starting the vLLM engine" not in out and not (tmp_path / "run").exists()
 

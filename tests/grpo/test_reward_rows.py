@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, EngineReached, load_recipe, run_recipe, stop_at_engine
+from helpers import ROOT, EngineReached, load_recipe, run_until_engine, stop_at_engine
 
 
 CONFIG = ROOT / "configs" / "tiny-cpu.yaml"
@@ -38,13 +38,12 @@ def _task(tmp_path: Path) -> tuple[Path, Path]:
     ("arithmetic_exact", "Fill in 'answer' in those rows or remove them"),
     ("{rw}:exact", "give its parameter a default (answer=None) and return None for them"),
 ])
-def test_rows_without_the_column_a_reward_reads_are_refused_before_vllm(tmp_path, reward, fix):
+def test_rows_without_the_column_a_reward_reads_are_refused_before_vllm(tmp_path, monkeypatch, reward, fix):
     data, rw = _task(tmp_path)
     name = reward.split(":")[-1]
-    proc, out = run_recipe(CONFIG, f"output_dir={tmp_path / 'run'}",
-                           f"data.dataset={data}", f"rewards=[digits_format, {reward.format(rw=rw)}]",
-                           "wandb.mode=disabled")
-    assert proc.returncode == 2, out[-3000:]
+    code, out = run_until_engine(monkeypatch, CONFIG, f"output_dir={tmp_path / 'run'}", f"data.dataset={data}",
+                                 f"rewards=[digits_format, {reward.format(rw=rw)}]", "wandb.mode=disabled")
+    assert code == 2, out[-3000:]
     assert (f"reward {name!r} reads column 'answer', which is missing, null or blank in 3 of 8 rows of "
             f"data.dataset {str(data)!r}: row(s) 3, 5, 6 (counted from 0)") in out, out[-3000:]
     assert fix in out and ENGINE_START not in out and not (tmp_path / "run").exists(), out[-3000:]
@@ -126,13 +125,13 @@ def test_a_column_read_through_kwargs_or_the_example_is_checked_too(tmp_path, na
         assert validate_rewards([f"{rw}:{optional}"], columns=ds.column_names, data=ds, source=str(data)) == []
 
 
-def test_the_recipe_refuses_a_kwargs_reader_before_vllm(tmp_path):
+def test_the_recipe_refuses_a_kwargs_reader_before_vllm(tmp_path, monkeypatch):
     data, _ = _task(tmp_path)
     rw = tmp_path / "readers.py"
     rw.write_text(READERS)
-    proc, out = run_recipe(CONFIG, f"output_dir={tmp_path / 'run'}",
-                           f"data.dataset={data}", f"rewards=[{rw}:from_kwargs]", "wandb.mode=disabled")
-    assert proc.returncode == 2 and "reward 'from_kwargs' reads column 'answer', which is missing, null or blank" in out, \
+    code, out = run_until_engine(monkeypatch, CONFIG, f"output_dir={tmp_path / 'run'}", f"data.dataset={data}",
+                                 f"rewards=[{rw}:from_kwargs]", "wandb.mode=disabled")
+    assert code == 2 and "reward 'from_kwargs' reads column 'answer', which is missing, null or blank" in out, \
         out[-3000:]
     assert ENGINE_START not in out and "Traceback" not in out, out[-3000:]
 

@@ -17,7 +17,7 @@ from rollout_sleep.grpo.data import epoch_order, step_rows
 from rollout_sleep.run import output_dir
 from rollout_sleep.run.schema import RecipeConfig
 
-from helpers import RECIPE, ROOT, overridden
+from helpers import RECIPE, ROOT, overridden, run_until_engine
 
 
 CONFIG = ROOT / "configs" / "tiny-cpu.yaml"
@@ -53,11 +53,14 @@ def _write_task(tmp_path: Path, rows: int) -> tuple[Path, Path]:
     return data, rec
 
 
+def _args(out: Path, data: Path, rec: Path, overrides) -> list[str]:
+    return overridden([f"output_dir={out}", f"data.dataset={data}", f"rewards=[{rec}:record]", "train.generations=2",
+                       "train.max_tokens=2", "engine.verify_every=0", "wandb.mode=disabled", "save_every=0",
+                       "train.update_check_every=0", "train.memory_plan=off"], overrides)
+
+
 def _run(out: Path, record: Path, data: Path, rec: Path, *overrides: str, timeout: int = 600):
-    cmd = [sys.executable, str(RECIPE), "--config", str(CONFIG), *overridden([
-        f"output_dir={out}", f"data.dataset={data}", f"rewards=[{rec}:record]", "train.generations=2",
-        "train.max_tokens=2", "engine.verify_every=0", "wandb.mode=disabled", "save_every=0",
-        "train.update_check_every=0", "train.memory_plan=off"], overrides)]
+    cmd = [sys.executable, str(RECIPE), "--config", str(CONFIG), *_args(out, data, rec, overrides)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING", "RECORD_ROWS": str(record)})
 
@@ -89,13 +92,12 @@ def test_recipe_draws_from_the_whole_dataset_and_a_resume_draws_the_same_rows(tm
     (["train.prompts_per_step=4", "data.num_prompts=6"],
      "data.dataset {data!r} cannot be used: it has 5 rows, fewer than data.num_prompts=6"),
 ])
-def test_a_dataset_too_small_is_refused_before_vllm_starts(tmp_path, overrides, message):
+def test_a_dataset_too_small_is_refused_before_vllm_starts(tmp_path, monkeypatch, overrides, message):
     """The old code trained on it, each step holding some prompts two or three times (a row per position
     modulo the dataset), or took data.num_prompts larger than the dataset as all rows without a word."""
     data, rec = _write_task(tmp_path, 5)
-    proc = _run(tmp_path / "run", tmp_path / "r.rows", data, rec, *overrides, timeout=300)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 2 and message.format(data=str(data)) in out, out[-3000:]
+    code, out = run_until_engine(monkeypatch, CONFIG, *_args(tmp_path / "run", data, rec, overrides))
+    assert code == 2 and message.format(data=str(data)) in out, out[-3000:]
     assert ENGINE_START not in out and not (tmp_path / "run").exists()
 
 

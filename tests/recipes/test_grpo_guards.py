@@ -14,8 +14,8 @@ import torch
 
 from rollout_sleep.run import output_dir
 
-from helpers import RECIPE, ROOT, load_recipe
-from workers.recipe_cli import CONFIG, ENGINE_START, run
+from helpers import RECIPE, ROOT, load_recipe, run_until_engine
+from workers.recipe_cli import CONFIG, ENGINE_START
 
 
 EXAMPLE_CONFIG = ROOT / "configs" / "example-gsm8k.yaml"  # the shipped GSM8K example
@@ -139,10 +139,10 @@ def test_bad_rewards_fail_before_the_engine_starts(in_root, tmp_path, monkeypatc
                                                                         *overrides])).setup()
 
 
-def test_the_recipe_refuses_a_temperature_below_the_floor_before_the_engine_starts(tmp_path):
+def test_the_recipe_refuses_a_temperature_below_the_floor_before_the_engine_starts(tmp_path, monkeypatch):
     """The old code trained on: vLLM sampled at 0.01, the trainer scored at 1e-4."""
-    code, out = run(tmp_path / "run", "train.steps=1", "train.prompts_per_step=4", "train.temperature=1e-4",
-                    timeout=600)
+    code, out = run_until_engine(monkeypatch, CONFIG, f"output_dir={tmp_path / 'run'}", "wandb.mode=disabled",
+                                 "train.steps=1", "train.prompts_per_step=4", "train.temperature=1e-4")
     assert code == 2, out[-3000:]
     assert "error: train.temperature=0.0001 is below vLLM's lowest sampling temperature: vLLM would sample at 0.01" \
            in out, out[-3000:]

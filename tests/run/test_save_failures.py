@@ -19,7 +19,8 @@ import torch
 from rollout_sleep.run import output_dir
 from rollout_sleep.run.schema import RecipeConfig
 
-from workers.recipe_cli import ENGINE_START, command, env, run
+from helpers import run_until_engine
+from workers.recipe_cli import CONFIG, ENGINE_START, command, env, run
 
 
 def _save(final: Path, step: int) -> Path:
@@ -87,14 +88,14 @@ def test_a_write_into_a_path_under_a_file_is_named(tmp_path):
         output_dir.check_writable(tmp_path / "checkpoints")
 
 
-def test_a_checkpoints_folder_that_cannot_be_written_is_refused_before_the_engine_starts(tmp_path):
+def test_a_checkpoints_folder_that_cannot_be_written_is_refused_before_the_engine_starts(tmp_path, monkeypatch):
     """A run folder whose ``checkpoints`` is a file: the old code started vLLM, trained, and failed at the first
     save with a raw FileExistsError."""
     out = tmp_path / "run"
     out.mkdir()
     output_dir.write_run_config(out, RecipeConfig().to_dict())
     (out / "checkpoints").write_text("not a folder")
-    code, text = run(out, "train.steps=2", timeout=300)
+    code, text = run_until_engine(monkeypatch, CONFIG, f"output_dir={out}", "wandb.mode=disabled", "train.steps=2")
     assert code == 1, text[-3000:]
     assert f"error: cannot write into {out / 'checkpoints'}: file exists (errno EEXIST)" in text, text[-3000:]
     assert ENGINE_START not in text and "Traceback" not in text
