@@ -104,6 +104,9 @@ ARM_OVERRIDES = {"ours_adamw": ("train.optimizer=adamw",), "ours_8bit": ("train.
                  "ours_compile": ("train.compile=true",), "ours_eager": ("train.compile=false",),
                  # the config with PyTorch's cache kept through the rollout: what its return before each wake costs
                  "ours_keep_cache": ("engine.keep_trainer_cache=true",),
+                 # and the KV cache sized to exactly one step (no margin): the rollout's peak is the trainer's
+                 # kept blocks plus the KV cache, so its 0.25 margin is what puts the kept cache above 55 GiB at 8B
+                 "ours_keep_cache_exact_kv": ("engine.keep_trainer_cache=true", "engine.kv_cache_margin=0"),
                  # the config with PyTorch's plain segments: what the cache's return costs when the allocator
                  # maps one segment per block instead of one per 20 MiB page
                  "ours_plain_segments": ("train.expandable_segments=false",),

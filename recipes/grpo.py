@@ -81,7 +81,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from rollout_sleep.engine.completion import temperature_problem  # noqa: E402
 from rollout_sleep.engine.loader import cpu_moe_problem  # noqa: E402
-from rollout_sleep.engine.memory import PhasePeaks, enable_expandable_segments, kv_cache_bytes_for  # noqa: E402
+from rollout_sleep.engine.memory import PhasePeaks, enable_expandable_segments, step_kv_cache_bytes  # noqa: E402
 from rollout_sleep.engine.phases import plot_timeline  # noqa: E402
 from rollout_sleep.grpo.data import (check_prompts, check_rows, completions_for_rewards,  # noqa: E402
                                      engine_context, is_conversational, load_prompts, prepare_prompts,
@@ -528,18 +528,16 @@ class GRPORecipe:
 
     def _kv_cache_bytes(self) -> int | None:
         """The engine's KV cache size: ``engine.kv_cache_bytes`` if set; on GPU with ``engine.kv_cache: step``,
-        one step's sequences on this engine (longest prompt of the data + ``max_tokens`` each) plus 25%, so a
-        wake maps back only that, and at least one sequence of the context vLLM runs with (``max_model_len``, or
-        the model's when null: vLLM refuses to start with less); otherwise ``None`` (vLLM's share of the GPU, or
-        the engine's CPU default)."""
+        one step's sequences on this engine (:func:`step_kv_cache_bytes`: the longest prompt of the data +
+        ``max_tokens`` each, plus ``engine.kv_cache_margin``), so a wake maps back only that; otherwise ``None``
+        (vLLM's share of the GPU, or the engine's CPU default)."""
         cfg, t = self.cfg.engine, self.cfg.train
         if cfg.kv_cache_bytes is not None or cfg.kv_cache != "step" or not torch.cuda.is_available():
             return cfg.kv_cache_bytes
-        longest = self._longest
         prompts = t.prompts_per_step if self.tp > 1 else -(-t.prompts_per_step // self.acc.num_processes)
         context = engine_context(self.model_path, cfg.max_model_len)[0] or 0
-        tokens = max(prompts * t.generations * (longest + t.max_tokens + 16), context)
-        return kv_cache_bytes_for(self.model_path, int(tokens * 1.25), self.cfg.model.dtype) // self.tp
+        return step_kv_cache_bytes(self.model_path, prompts * t.generations, self._longest, t.max_tokens, context,
+                                   cfg.kv_cache_margin, self.cfg.model.dtype, self.tp)
 
     def _memory_plan(self, kv_bytes: int | None) -> memory_plan.MemoryPlan | None:
         """The per-phase memory plan (:mod:`rollout_sleep.run.memory_check`), printed and written to memory_plan.json;

@@ -429,3 +429,31 @@ def test_the_step_sized_kv_cache_holds_the_models_context_when_max_model_len_is_
         got = recipe.GRPORecipe._kv_cache_bytes(fake)
         one = kv_cache_bytes_for(path, want, cfg.model.dtype)
         assert one <= got < 2 * one
+
+
+def test_the_step_sized_kv_cache_takes_its_margin_and_holds_every_sequences_blocks(ckpts, monkeypatch):
+    """Pure logic (CUDA faked). ``engine.kv_cache_margin=0``: the KV cache holds exactly one step's sequences, each
+    in whole 16-token blocks (vLLM's on CUDA) with the slot the scheduler reserves ahead; the default adds 25 %;
+    a negative margin is refused by the config check."""
+    from types import SimpleNamespace
+
+    from rollout_sleep.engine.memory import kv_cache_bytes_for, step_kv_cache_bytes
+    from rollout_sleep.run.config import ConfigError, load_config
+
+    recipe = load_recipe()
+    monkeypatch.setattr(recipe.torch.cuda, "is_available", lambda: True)
+    path = ckpts["tied0"]
+    per_token = kv_cache_bytes_for(path, 16, "float32") // 16
+    got = {}
+    for margin in ("0", "0.25"):
+        cfg = load_config(None, ["train.prompts_per_step=4", "train.generations=2", "train.max_tokens=100",
+                                 "engine.max_model_len=64", f"engine.kv_cache_margin={margin}"], device="cuda")
+        fake = SimpleNamespace(cfg=cfg, tp=1, model_path=path, acc=SimpleNamespace(num_processes=1), _longest=20)
+        got[margin] = recipe.GRPORecipe._kv_cache_bytes(fake)
+    assert got["0"] == 8 * (20 + 100 + 16) * per_token  # 8 sequences of 136 tokens: 1088, a whole number of blocks
+    assert got["0.25"] == kv_cache_bytes_for(path, int(8 * 136 * 1.25), "float32")
+    for longest in range(1, 80):  # every sequence's own blocks, however its prompt and completion fall on them
+        blocks = 8 * -(-(longest + 100 + 1) // 16)
+        assert step_kv_cache_bytes(path, 8, longest, 100, margin=0, dtype="float32") >= blocks * 16 * per_token
+    with pytest.raises(ConfigError, match="engine.kv_cache_margin must be >= 0"):
+        load_config(None, ["engine.kv_cache_margin=-0.1"])

@@ -124,6 +124,18 @@ def kv_cache_bytes_for(model_path: str | os.PathLike, tokens: int, dtype: torch.
     return -(-tokens // block_size) * block_size * per_token
 
 
+def step_kv_cache_bytes(model_path: str | os.PathLike, sequences: int, longest: int, max_tokens: int,
+                        context: int = 0, margin: float = 0.25, dtype: torch.dtype | str = "auto",
+                        shards: int = 1) -> int:
+    """Bytes of a KV cache for one step's ``sequences`` on one engine (``engine.kv_cache: step``): each as long as
+    the ``longest`` prompt plus ``max_tokens``, plus a block of 16 tokens (vLLM's on CUDA: each sequence's last
+    one part-filled, and the slot the scheduler reserves ahead), at least one sequence of ``context`` tokens (vLLM
+    refuses to start with less), plus ``margin`` of it (room for attention backends with larger blocks); split
+    over ``shards`` tensor-parallel ranks."""
+    tokens = max(sequences * (longest + max_tokens + 16), context)
+    return kv_cache_bytes_for(model_path, int(tokens * (1 + margin)), dtype) // shards
+
+
 def sleep_mode_available() -> bool:
     """Whether this machine's vLLM build has sleep mode, the allocator that gives memory back at sleep (CUDA:
     yes; the CPU build: no, and it refuses ``enable_sleep_mode``)."""

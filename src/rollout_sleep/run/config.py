@@ -247,6 +247,7 @@ def _check_values(cfg: RecipeConfig, device: str) -> list[str]:
         out.append(f"engine.gpu_memory_utilization must be in (0, 1], got {e.gpu_memory_utilization!r}")
     choice("engine.kv_cache", e.kv_cache, KV_CACHE_SIZING)
     at_least("engine.kv_cache_bytes", e.kv_cache_bytes, 1, optional=True)
+    at_least("engine.kv_cache_margin", e.kv_cache_margin, 0)
     at_least("engine.max_model_len", e.max_model_len, 1, optional=True)
     try:
         check_level(e.sleep_level, what="engine.sleep_level")

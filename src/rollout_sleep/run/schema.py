@@ -80,10 +80,15 @@ class ModelConfig:
 class EngineConfig:
     gpu_memory_utilization: float = _opt(0.35, "share of the GPU vLLM may take (its weights, KV cache, "
                                                "activations)", resume=FREE)
-    kv_cache: str = _opt("step", "KV cache size on GPU: step = what one step's sequences need (+25%), so vLLM "
-                                 "maps back only that at every wake; gpu_share = vLLM's own sizing from "
-                                 "gpu_memory_utilization; kv_cache_bytes wins over both", resume=FREE,
+    kv_cache: str = _opt("step", "KV cache size on GPU: step = what one step's sequences need (+ "
+                                 "kv_cache_margin), so vLLM maps back only that at every wake; gpu_share = vLLM's "
+                                 "own sizing from gpu_memory_utilization; kv_cache_bytes wins over both", resume=FREE,
                          mode=KV_CACHE_SIZING)
+    kv_cache_margin: float = _opt(0.25, "with kv_cache=step, the share added to one step's sequences (each as long "
+                                        "as the longest prompt + max_tokens, in vLLM's 16-token blocks): room for "
+                                        "attention backends with larger blocks. 0: exactly one step's, the lowest "
+                                        "peak (a sequence that finds no room waits for another to finish)",
+                                  resume=FREE)
     kv_cache_bytes: int | None = _opt(None, "KV cache size in bytes (null: from kv_cache; 256 MiB on CPU)", resume=FREE)
     max_model_len: int | None = _opt(1024, "longest prompt + completion, in tokens (null: the model's)", resume=FREE)
     sleep_level: int = _opt(2, "sleep level while training: 2 discards weights and KV cache, 1 offloads the "
