@@ -958,6 +958,9 @@ def run(argv: list[str] | None = None) -> int:
         if tracker is not None:  # main's os._exit skips wandb's own exit hook: what the run logged would be lost
             with contextlib.suppress(Exception):
                 tracker.finish(exit_code=code)
+        watchdog = getattr(recipe, "watchdog", None)
+        if watchdog is not None:  # its thread and helper process end with the run, in a process that goes on too
+            watchdog.close()
         return code
     return 0
 

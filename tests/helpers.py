@@ -9,6 +9,7 @@ import fcntl
 import importlib
 import importlib.util
 import io
+import logging
 import os
 import subprocess
 import sys
@@ -144,20 +145,42 @@ def load_recipe():
 
 def run_until_engine(monkeypatch, config, *args: str) -> tuple[int, str]:
     """``recipes/grpo.py --config CONFIG ARGS`` in this process (the recipe's own ``run``), stopped where it would
-    start vLLM: (the exit code it would end with, what it printed). For the refusals that come before vLLM, without a
-    child process's ~11 s of imports. A run that passes every check raises :class:`EngineReached`. The launch itself
-    (the exit code reaching the shell, the message printed once) is tested in child processes elsewhere."""
+    start vLLM: (the exit code it would end with, what it printed: stdout, stderr, the logs at WARNING and up, and
+    Python's warnings). For the refusals that come before vLLM, without a child process's ~11 s of imports. A run
+    that passes every check raises :class:`EngineReached`. The launch itself (the exit code reaching the shell, the
+    message printed once) is tested in child processes elsewhere. What the run sets process-wide (the loggers,
+    the environment, accelerate's state) is put back after it."""
+    import warnings
+
+    from accelerate.state import AcceleratorState
+
     from rollout_sleep import log
 
-    recipe = load_recipe()
-    stop_at_engine(monkeypatch, recipe)
+    loggers = {name: logging.getLogger(name) for name in ("", "rollout_sleep", "vllm")}
+    saved = {name: (lg.handlers[:], lg.level, lg.propagate) for name, lg in loggers.items()}
+    env = dict(os.environ)
     out = io.StringIO()
-    log.configure(stream=out)
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out), \
+                warnings.catch_warnings(record=True) as caught:
+            recipe = load_recipe()  # configures the library's logging at import, as the script does
+            stop_at_engine(monkeypatch, recipe)
+            log.configure(stream=out)
+            other = logging.StreamHandler(out)  # what other libraries log reaches a user's console too
+            other.setLevel(logging.WARNING)
+            loggers[""].addHandler(other)
             code = recipe.run(["--config", str(config), *args])
+        out.writelines(f"{w.category.__name__}: {w.message}\n" for w in caught)
     finally:
-        log.configure()  # the console again
+        for name, (handlers, level, propagate) in saved.items():
+            loggers[name].handlers[:] = handlers
+            loggers[name].setLevel(level)
+            loggers[name].propagate = propagate
+        os.environ.clear()
+        os.environ.update(env)
+        AcceleratorState._reset_state(reset_partial_state=True)
+    if code == 130:  # Ctrl-C during the test: the recipe said it and returned; the test run stops too
+        raise KeyboardInterrupt
     return code, out.getvalue()
 
 

@@ -71,18 +71,18 @@ def _steps(record: Path) -> list[Counter]:
 
 def test_recipe_draws_from_the_whole_dataset_and_a_resume_draws_the_same_rows(tmp_path):
     """40 rows, 3 steps of 8 prompts, data.num_prompts unset (all rows): the old code drew only from rows 0-23
-    (steps x prompts_per_step) and, resumed with more steps, from another set again."""
+    (steps x prompts_per_step) and, resumed with more steps, from another set again. Steps 1-2 run in one go,
+    step 3 after a resume that extends train.steps: together they draw the same rows as 3 steps in one go."""
     data, rec = _write_task(tmp_path, 40)
-    whole = _run(tmp_path / "whole", tmp_path / "whole.rows", data, rec, "train.steps=3", "save_final=false")
-    assert whole.returncode == 0, whole.stdout[-2000:] + whole.stderr[-3000:]
     expected = [Counter(step_rows(s, 40, 8, seed=0) * 2) for s in range(3)]  # 2 completions per prompt
-    assert _steps(tmp_path / "whole.rows") == expected
-    first = _run(tmp_path / "resumed", tmp_path / "first.rows", data, rec, "train.steps=1")
+    first = _run(tmp_path / "run", tmp_path / "first.rows", data, rec, "train.steps=2")
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
-    rest = _run(tmp_path / "resumed", tmp_path / "rest.rows", data, rec, "train.steps=3")
-    assert rest.returncode == 0 and "(step 1)" in rest.stdout, rest.stdout[-2000:] + rest.stderr[-3000:]
+    rest = _run(tmp_path / "run", tmp_path / "rest.rows", data, rec, "train.steps=3")
+    assert rest.returncode == 0 and "(step 2)" in rest.stdout, rest.stdout[-2000:] + rest.stderr[-3000:]
     assert "data order" not in rest.stdout + rest.stderr  # extending the run no longer changes the order
-    assert _steps(tmp_path / "first.rows") + _steps(tmp_path / "rest.rows") == expected
+    assert _steps(tmp_path / "first.rows") == expected[:2]  # uninterrupted: step by step as drawn up front
+    assert _steps(tmp_path / "rest.rows") == expected[2:]
+    assert len(set().union(*expected)) == 24 and max(set().union(*expected)) >= 24  # beyond rows 0-23
 
 
 @pytest.mark.parametrize("overrides, message", [
