@@ -33,9 +33,11 @@ the optimizer stepped one tensor at a time, and ``engine.keep_trainer_cache=fals
 ``train.compile`` too), ``ours_compile``
 (``train.compile``: the trainer's decoder layers compiled in place, regional) against ``trl_compile`` (stock TRL
 with ``torch_compile=True``: compile on both sides, equal knobs; ``compile_speedup`` per side,
-``both_compiled_trl_over_ours``), ``ours_eager`` (``train.compile=false``), ``ours_keep_cache``
+``both_compiled_trl_over_ours``), ``ours_eager`` (``train.compile=false``), ``ours_eager_fast`` (eager with the
+cache kept and the optimizer stepped whole: the eager side of the 8B equal-knob pair), ``ours_keep_cache``
 (``engine.keep_trainer_cache=true``: PyTorch's cache kept through the rollout), ``ours_plain_segments``
-(``train.expandable_segments=false``: the cache's return with one segment per block). Every ``ours*`` arm is the size's config
+(``train.expandable_segments=false``: the cache's return with one segment per block), ``ours_keep_cache_exact_kv``
+(the cache kept, ``engine.kv_cache_margin=0``). Every ``ours*`` arm is the size's config
 plus the arm's overrides: the 8B config compiles and takes the lean memory knobs, so there ``ours`` pairs with
 ``trl_compile`` and ``ours_eager`` with ``trl``. ``--optim adamw8bit_sr``: torchao's AdamW8bit with
 bf16 stochastic rounding on both sides (TRL's ``adamw_torch_8bit`` with ``optim_args``). Each recipe arm records its memory plan against what it measured (``memory_plan.json``),
@@ -87,7 +89,8 @@ ARM_OVERRIDES = {"ours_adamw": ("train.optimizer=adamw",), "ours_8bit": ("train.
                  "ours_no_ckpt": ("train.gradient_checkpointing=false",),
                  # one copy of the weights (the default on CUDA) against two, the same optimizer on both sides
                  "ours_one_copy": ("model.share_weights=true", "train.stochastic_rounding=true"),
-                 "ours_two_copies": ("model.share_weights=false", "train.stochastic_rounding=true"),
+                 "ours_two_copies": ("model.share_weights=false", "train.stochastic_rounding=true",
+                                     "train.expandable_segments=false"),  # two copies refuse them (level-2 wake)
                  # one copy with PyTorch's cached blocks returned before each wake (the device-wide peak)
                  "ours_one_copy_release": ("model.share_weights=true", "train.stochastic_rounding=true",
                                            "engine.keep_trainer_cache=false"),
@@ -102,6 +105,10 @@ ARM_OVERRIDES = {"ours_adamw": ("train.optimizer=adamw",), "ours_8bit": ("train.
                  # the trainer's decoder layers compiled in place (regional torch.compile), and not (the 8B
                  # config compiles: its eager pair with stock TRL)
                  "ours_compile": ("train.compile=true",), "ours_eager": ("train.compile=false",),
+                 # eager with the faster of the memory knobs (the cache kept, the optimizer stepped whole): the
+                 # equal-knob pair's fastest side (optimizer, micro-batch and checkpointing stay the config's)
+                 "ours_eager_fast": ("train.compile=false", "engine.keep_trainer_cache=true",
+                                     "train.step_per_tensor=false"),
                  # the config with PyTorch's cache kept through the rollout: what its return before each wake costs
                  "ours_keep_cache": ("engine.keep_trainer_cache=true",),
                  # and the KV cache sized to exactly one step (no margin): the rollout's peak is the trainer's

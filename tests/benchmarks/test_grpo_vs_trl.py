@@ -1,10 +1,13 @@
-"""`benchmarks/grpo_vs_trl.py`'s record of an arm stopped from outside (a device call's time limit)."""
+"""`benchmarks/grpo_vs_trl.py`: its record of an arm stopped from outside (a device call's time limit), and its
+arms' overrides checked by the recipe's config (a misspelt key would cost a GPU lease its arm)."""
 
 from __future__ import annotations
 
 import json
 import os
 import time
+
+import pytest
 
 from helpers import benchmark
 
@@ -26,3 +29,24 @@ def test_an_arm_stopped_from_outside_keeps_the_steps_its_child_finished(tmp_path
         assert bench.partial_arm(tmp_path, arm, "stopped", time.time() - 5)["steps_done"] == 0
     assert bench.partial_arm(tmp_path, "trl", "stopped", 0.0) == {"error": "stopped", "steps_done": 0, "rows": [],
                                                                   "step_s": []}
+
+
+@pytest.mark.parametrize("size", ["qwen3-0.6b", "qwen3-4b", "qwen3-8b"])
+def test_every_arm_is_a_config_the_recipe_accepts_on_cuda(size):
+    """Each arm as the benchmark builds it (``--optim adamw8bit_sr``), checked as on the GPU. Only a missing optional
+    package (bitsandbytes, a CUDA build here) is let through."""
+    from rollout_sleep.run.config import ConfigError, load_config
+
+    bench = benchmark("grpo_vs_trl")
+    optim = bench.OURS_OPTIM["adamw8bit_sr"]
+    refused = {}
+    for arm, overrides in bench.ARM_OVERRIDES.items():
+        extra = (*optim, *bench.TUNED.get(size, ()), *overrides) if arm.startswith("ours_tuned") else (*optim, *overrides)
+        extra = tuple({o.split("=", 1)[0]: o for o in extra}.values())  # the arm's own last, as the benchmark does
+        try:
+            load_config(str(bench.config_path(size)), list(extra), device="cuda")
+        except ConfigError as err:
+            problems = [p for p in err.problems if "is not installed" not in p]
+            if problems:
+                refused[arm] = problems
+    assert not refused, refused
