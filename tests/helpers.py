@@ -11,6 +11,7 @@ import importlib.util
 import io
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -105,6 +106,22 @@ def two_ranks():
             clear_cpu_tp_shm()
 
 
+def run_group(cmd: list[str], *, timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, capture_output=True, text=True)`` in a process group of its own, killed whole if it
+    runs past ``timeout`` (then ``TimeoutExpired`` as ``subprocess.run`` raises it): a launcher's children (torchrun's
+    ranks, their engines) would otherwise outlive it and hold the cores and ports the next tests need."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def run_recipe(config, *args: str, timeout: float = 300):
     """``recipes/grpo.py --config CONFIG ARGS`` in a child process, vLLM's log at WARNING: (the finished process,
     its stdout and stderr together)."""
@@ -117,8 +134,8 @@ def run_recipe_ranks(config, *args: str, timeout: float = 600):
     """:func:`run_recipe` in 2 processes over gloo (torchrun), vLLM's CPU tensor-parallel files cleared before and
     after: (the finished launcher, its stdout and stderr together)."""
     with two_ranks() as torchrun:
-        proc = subprocess.run([*torchrun, str(RECIPE), "--config", str(config), *args], capture_output=True,
-                              text=True, timeout=timeout, env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
+        proc = run_group([*torchrun, str(RECIPE), "--config", str(config), *args], timeout=timeout,
+                         env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
     return proc, proc.stdout + proc.stderr
 
 
@@ -208,8 +225,7 @@ def torchrun(script: list[str], ckpts, out: Path) -> str:
     """``script`` under torchrun, 2 processes over gloo, given the tied checkpoints and ``out``; returns the
     output's tail (for failure messages)."""
     with two_ranks() as launcher:
-        proc = subprocess.run([*launcher, *script, ckpts["tied0"], ckpts["tied1"], str(out)], capture_output=True,
-                              text=True, timeout=600)
+        proc = run_group([*launcher, *script, ckpts["tied0"], ckpts["tied1"], str(out)], timeout=600)
     return proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
