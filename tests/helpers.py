@@ -11,6 +11,7 @@ import importlib.util
 import io
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -120,6 +121,26 @@ def run_group(cmd: list[str], *, timeout: float, env: dict | None = None) -> sub
         proc.communicate()
         raise
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """A folder ``build(folder)`` fills once per test session: under pytest-xdist the workers share it (the first
+    builds it while the others wait on a lock), so a costly module fixture is not built again by each worker that
+    runs one of the module's tests. Returns the folder."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:  # one process: its own temp folder
+        folder = tmp_path_factory.mktemp(name)
+        build(folder)
+        return folder
+    shared = tmp_path_factory.getbasetemp().parent  # this session's, shared by its workers
+    folder = shared / name
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / ".built").exists():
+            shutil.rmtree(folder, ignore_errors=True)  # a build that failed part-way
+            folder.mkdir()
+            build(folder)
+            (folder / ".built").touch()
+    return folder
 
 
 def run_recipe(config, *args: str, timeout: float = 300):

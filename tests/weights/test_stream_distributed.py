@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from helpers import WORKERS, torchrun
+from helpers import WORKERS, built_once, torchrun
 
 
 WORKER = WORKERS / "dist_worker.py"
@@ -30,8 +30,12 @@ def wrapped_runs(request, ckpts, tmp_path_factory):
                 if getattr(item, "module", None) is not None and item.module.__name__ == __name__
                 and "mode" in getattr(getattr(item, "callspec", None), "params", {})]
     selected = [m for m in ("ddp", "fsdp2", "zero3") if m in selected and (m != "zero3" or _has_deepspeed())]
-    out = tmp_path_factory.mktemp("wrapped")
-    tail = torchrun([str(WORKER), ",".join(selected)], ckpts, out)
+
+    def launch(out):
+        (out / "tail.txt").write_text(torchrun([str(WORKER), ",".join(selected)], ckpts, out))
+
+    out = built_once(tmp_path_factory, "wrapped", launch)  # one launch for the session's workers
+    tail = (out / "tail.txt").read_text()
     return {m: ([json.loads(p.read_text()) for p in sorted(out.glob(f"{m}_rank*.json"))], tail) for m in selected}
 
 
