@@ -434,7 +434,8 @@ def test_the_step_sized_kv_cache_holds_the_models_context_when_max_model_len_is_
 def test_the_step_sized_kv_cache_takes_its_margin_and_holds_every_sequences_blocks(ckpts, monkeypatch):
     """Pure logic (CUDA faked). ``engine.kv_cache_margin=0``: the KV cache holds exactly one step's sequences, each
     in whole 16-token blocks (vLLM's on CUDA) with the slot the scheduler reserves ahead; the default adds 25 %;
-    a negative margin is refused by the config check."""
+    a negative margin, and a margin beside another sizing (where it would be ignored), are refused by the config
+    check."""
     from types import SimpleNamespace
 
     from rollout_sleep.engine.memory import kv_cache_bytes_for, step_kv_cache_bytes
@@ -457,3 +458,7 @@ def test_the_step_sized_kv_cache_takes_its_margin_and_holds_every_sequences_bloc
         assert step_kv_cache_bytes(path, 8, longest, 100, margin=0, dtype="float32") >= blocks * 16 * per_token
     with pytest.raises(ConfigError, match="engine.kv_cache_margin must be >= 0"):
         load_config(None, ["engine.kv_cache_margin=-0.1"])
+    for other in ("engine.kv_cache=gpu_share", "engine.kv_cache_bytes=1000000"):  # another sizing: said, not ignored
+        with pytest.raises(ConfigError, match=r"engine.kv_cache_margin=0.0 sizes the step-sized KV cache only, and "
+                                              + other.split("=")[0].replace(".", r"\.")):
+            load_config(None, ["engine.kv_cache_margin=0", other])

@@ -32,7 +32,7 @@ from typing import Any
 import yaml
 
 from .modes import REPLACES_PARAMETERS
-from .schema import DTYPES, KV_CACHE_SIZING, OFFLOAD_MODES, RecipeConfig
+from .schema import DTYPES, KV_CACHE_SIZING, OFFLOAD_MODES, EngineConfig, RecipeConfig
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 WANDB_MODES = ("offline", "online", "disabled")
@@ -248,6 +248,11 @@ def _check_values(cfg: RecipeConfig, device: str) -> list[str]:
     choice("engine.kv_cache", e.kv_cache, KV_CACHE_SIZING)
     at_least("engine.kv_cache_bytes", e.kv_cache_bytes, 1, optional=True)
     at_least("engine.kv_cache_margin", e.kv_cache_margin, 0)
+    if e.kv_cache_margin != EngineConfig.kv_cache_margin and (e.kv_cache != "step" or e.kv_cache_bytes is not None):
+        sized_by = "engine.kv_cache_bytes" if e.kv_cache_bytes is not None else f"engine.kv_cache={e.kv_cache}"
+        out.append(f"engine.kv_cache_margin={e.kv_cache_margin} sizes the step-sized KV cache only, and {sized_by} "
+                   "sizes this one: drop engine.kv_cache_margin, or use engine.kv_cache=step without "
+                   "engine.kv_cache_bytes")
     at_least("engine.max_model_len", e.max_model_len, 1, optional=True)
     try:
         check_level(e.sleep_level, what="engine.sleep_level")
