@@ -135,6 +135,17 @@ TUNED = {"qwen3-0.6b": ("train.micro_batch=128", "train.gradient_checkpointing=f
          "qwen3-8b": ("train.micro_batch=16", "train.gradient_checkpointing=false")}
 
 
+OURS_ARMS = ("ours", "ours_tuned", *ARM_OVERRIDES)
+
+
+def arm_overrides(arm: str, size: str, optim: str | None) -> tuple[str, ...]:
+    """The recipe overrides of one of our arms (``OURS_ARMS``): ``--optim``'s, the tuned knobs for ``ours_tuned*``,
+    then the arm's own, each key once with the last value (the recipe refuses a key given twice)."""
+    extra = OURS_OPTIM.get(optim, (f"train.optimizer={optim}",)) if optim else ()
+    extra += (TUNED.get(size, ()) if arm.startswith("ours_tuned") else ()) + ARM_OVERRIDES.get(arm, ())
+    return tuple({o.split("=", 1)[0]: o for o in extra}.values())
+
+
 WARMUP = 2
 TRL_ARMS = ("trl", "trl_plugin", "trl_tuned", "trl_compile")
 
@@ -418,15 +429,12 @@ def run_size(args, size: str, out_file: Path | None) -> dict:
     except (subprocess.SubprocessError, OSError) as err:
         result["error"] = f"building the {size} checkpoint failed: {err}"
         return result
-    optim = OURS_OPTIM.get(args.optim, (f"train.optimizer={args.optim}",)) if args.optim else ()
     for arm in args.arms.split(","):
         started = time.time()
         try:
-            if arm in ("ours", "ours_tuned") or arm in ARM_OVERRIDES:
-                extra = optim + (TUNED.get(size, ()) if arm.startswith("ours_tuned") else ()) + ARM_OVERRIDES.get(arm, ())
-                extra = tuple({o.split("=", 1)[0]: o for o in extra}.values())  # the arm's own last (the recipe
-                # refuses a key given twice with two values)
-                result[arm] = run_ours(size, args.steps, work, arm, extra, model, args.verify_every, args.arm_timeout)
+            if arm in OURS_ARMS:
+                result[arm] = run_ours(size, args.steps, work, arm, arm_overrides(arm, size, args.optim), model,
+                                       args.verify_every, args.arm_timeout)
             elif arm in TRL_ARMS:
                 result[arm] = run_trl_child(args, size, arm.removeprefix("trl_") if arm != "trl" else "stock", model)
             else:

@@ -78,13 +78,13 @@ def make_engine(path: str, w: dict, lora, args, dummy: bool):
     import torch
 
     from rollout_sleep.engine.engine import Engine
-    from rollout_sleep.engine.memory import kv_cache_bytes_for
+    from rollout_sleep.engine.memory import step_kv_cache_bytes
 
     cuda = torch.cuda.is_available()
     kw = dict(lora.engine_kwargs() if lora is not None else {})
     if cuda:
-        tokens = int(w["prompts"] * w["generations"] * (64 + w["max_tokens"] + 16) * 1.25)
-        kw.update(kv_cache_bytes=kv_cache_bytes_for(path, tokens, "bfloat16"),
+        kw.update(kv_cache_bytes=step_kv_cache_bytes(path, w["prompts"] * w["generations"], 64, w["max_tokens"],
+                                                     dtype="bfloat16"),  # prompts of at most 64 tokens
                   gpu_memory_utilization=SIZES[args.size]["util"], enforce_eager=args.eager,
                   max_num_seqs=max(256, w["prompts"] * w["generations"]))
     if dummy:

@@ -11,8 +11,6 @@ import importlib.util
 import io
 import logging
 import os
-import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -107,38 +105,63 @@ def two_ranks():
             clear_cpu_tp_shm()
 
 
-def run_group(cmd: list[str], *, timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
-    """``subprocess.run(cmd, capture_output=True, text=True)`` in a process group of its own, killed whole if it
-    runs past ``timeout`` (then ``TimeoutExpired`` as ``subprocess.run`` raises it): a launcher's children (torchrun's
-    ranks, their engines) would otherwise outlive it and hold the cores and ports the next tests need."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
+def run_launch(cmd: list[str], *, timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)`` for a launcher of several processes
+    (torchrun): when it runs past ``timeout``, or the test is interrupted (Ctrl-C, pytest-timeout), every process
+    it started is stopped too. torchrun starts each rank in a session of its own, so killing the launcher alone, as
+    ``subprocess.run`` does, leaves the ranks holding the cores, ports and shared-memory files the next launch
+    needs. SIGTERM first (torchrun stops its ranks), then SIGKILL to whatever of the tree is left."""
+    import psutil
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+    except BaseException as stopped:
+        try:
+            tree = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            tree = []
+        proc.terminate()  # torchrun stops its ranks
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        _, alive = psutil.wait_procs(tree, timeout=5)
+        for p in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        try:
+            out, err = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:  # a pipe still held by a process outside the tree: give up on it
+            out, err = "", ""
+        if isinstance(stopped, subprocess.TimeoutExpired):
+            raise subprocess.TimeoutExpired(cmd, timeout, output=out, stderr=err) from None
         raise
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-def built_once(tmp_path_factory, name: str, build) -> Path:
+def built_once(tmp_path_factory, config, name: str, build) -> Path:
     """A folder ``build(folder)`` fills once per test session: under pytest-xdist the workers share it (the first
     builds it while the others wait on a lock), so a costly module fixture is not built again by each worker that
-    runs one of the module's tests. Returns the folder."""
-    if os.environ.get("PYTEST_XDIST_WORKER") is None:  # one process: its own temp folder
+    runs one of the module's tests. A build that raised is not tried again by the next worker: it raises the
+    same error. Returns the folder. ``config``: pytest's (``request.config``)."""
+    if not hasattr(config, "workerinput"):  # one process: its own temp folder
         folder = tmp_path_factory.mktemp(name)
         build(folder)
         return folder
     shared = tmp_path_factory.getbasetemp().parent  # this session's, shared by its workers
-    folder = shared / name
+    folder, failed = shared / name, shared / f"{name}.failed"
     with open(shared / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        if failed.exists():
+            raise RuntimeError(f"building {name} failed in another worker: {failed.read_text()}")
         if not (folder / ".built").exists():
-            shutil.rmtree(folder, ignore_errors=True)  # a build that failed part-way
             folder.mkdir()
-            build(folder)
+            try:
+                build(folder)
+            except BaseException as err:
+                failed.write_text(f"{type(err).__name__}: {err}")
+                raise
             (folder / ".built").touch()
     return folder
 
@@ -155,7 +178,7 @@ def run_recipe_ranks(config, *args: str, timeout: float = 600):
     """:func:`run_recipe` in 2 processes over gloo (torchrun), vLLM's CPU tensor-parallel files cleared before and
     after: (the finished launcher, its stdout and stderr together)."""
     with two_ranks() as torchrun:
-        proc = run_group([*torchrun, str(RECIPE), "--config", str(config), *args], timeout=timeout,
+        proc = run_launch([*torchrun, str(RECIPE), "--config", str(config), *args], timeout=timeout,
                          env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
     return proc, proc.stdout + proc.stderr
 
@@ -246,7 +269,7 @@ def torchrun(script: list[str], ckpts, out: Path) -> str:
     """``script`` under torchrun, 2 processes over gloo, given the tied checkpoints and ``out``; returns the
     output's tail (for failure messages)."""
     with two_ranks() as launcher:
-        proc = run_group([*launcher, *script, ckpts["tied0"], ckpts["tied1"], str(out)], timeout=600)
+        proc = run_launch([*launcher, *script, ckpts["tied0"], ckpts["tied1"], str(out)], timeout=600)
     return proc.stdout[-2000:] + proc.stderr[-4000:]
 
 

@@ -32,19 +32,17 @@ def test_an_arm_stopped_from_outside_keeps_the_steps_its_child_finished(tmp_path
 
 
 @pytest.mark.parametrize("size", ["qwen3-0.6b", "qwen3-4b", "qwen3-8b"])
-def test_every_arm_is_a_config_the_recipe_accepts_on_cuda(size):
-    """Each arm as the benchmark builds it (``--optim adamw8bit_sr``), checked as on the GPU. Only a missing optional
+@pytest.mark.parametrize("optim", [None, "adamw", "adamw8bit_sr"])
+def test_every_arm_is_a_config_the_recipe_accepts_on_cuda(size, optim):
+    """Each of our arms with the overrides the benchmark gives it, checked as on the GPU. Only a missing optional
     package (bitsandbytes, a CUDA build here) is let through."""
     from rollout_sleep.run.config import ConfigError, load_config
 
     bench = benchmark("grpo_vs_trl")
-    optim = bench.OURS_OPTIM["adamw8bit_sr"]
     refused = {}
-    for arm, overrides in bench.ARM_OVERRIDES.items():
-        extra = (*optim, *bench.TUNED.get(size, ()), *overrides) if arm.startswith("ours_tuned") else (*optim, *overrides)
-        extra = tuple({o.split("=", 1)[0]: o for o in extra}.values())  # the arm's own last, as the benchmark does
+    for arm in bench.OURS_ARMS:
         try:
-            load_config(str(bench.config_path(size)), list(extra), device="cuda")
+            load_config(str(bench.config_path(size)), list(bench.arm_overrides(arm, size, optim)), device="cuda")
         except ConfigError as err:
             problems = [p for p in err.problems if "is not installed" not in p]
             if problems:

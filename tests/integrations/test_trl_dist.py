@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import ROOT, run_group, two_ranks
+from helpers import ROOT, run_launch, two_ranks
 
 
 SCRIPT = ROOT / "benchmarks" / "trl_plugin_dist.py"
@@ -32,7 +32,7 @@ def run_cases(cases: list[str], ckpt: str, out: Path, timeout: int = 300) -> dic
     cmd = [sys.executable, str(SCRIPT), "--out", str(out), "--workdir", str(out / "work"), "--cases", ",".join(cases),
            "--ckpt", str(ckpt), "--timeout", str(timeout)]
     with two_ranks():
-        proc = run_group(cmd, timeout=timeout * len(cases) + 120)
+        proc = run_launch(cmd, timeout=timeout * len(cases) + 120)
     report = out / "trl_plugin_dist.json"
     assert report.exists(), proc.stdout[-2000:] + proc.stderr[-4000:]
     return {c["case"]: c for c in json.loads(report.read_text())["cases"]}

@@ -433,7 +433,7 @@ def test_the_step_sized_kv_cache_holds_the_models_context_when_max_model_len_is_
 
 def test_the_step_sized_kv_cache_takes_its_margin_and_holds_every_sequences_blocks(ckpts, monkeypatch):
     """Pure logic (CUDA faked). ``engine.kv_cache_margin=0``: the KV cache holds exactly one step's sequences, each
-    in whole 16-token blocks (vLLM's on CUDA) with the slot the scheduler reserves ahead; the default adds 25 %;
+    in whole 16-token blocks (vLLM's default on CUDA), and vLLM's null block; the default adds 25 %;
     a negative margin, and a margin beside another sizing (where it would be ignored), are refused by the config
     check."""
     from types import SimpleNamespace
@@ -453,11 +453,13 @@ def test_the_step_sized_kv_cache_takes_its_margin_and_holds_every_sequences_bloc
         got[margin] = recipe.GRPORecipe._kv_cache_bytes(fake)
     assert got["0"] == 8 * (20 + 100 + 16) * per_token  # 8 sequences of 136 tokens: 1088, a whole number of blocks
     assert got["0.25"] == kv_cache_bytes_for(path, int(8 * 136 * 1.25), "float32")
-    for longest in range(1, 80):  # every sequence's own blocks, however its prompt and completion fall on them
-        blocks = 8 * -(-(longest + 100 + 1) // 16)
+    for longest in range(1, 80):  # every sequence's own blocks, however its prompt and completion fall on them,
+        blocks = 8 * -(-(longest + 100) // 16) + 1  # and the null block
         assert step_kv_cache_bytes(path, 8, longest, 100, margin=0, dtype="float32") >= blocks * 16 * per_token
     with pytest.raises(ConfigError, match="engine.kv_cache_margin must be >= 0"):
         load_config(None, ["engine.kv_cache_margin=-0.1"])
+    with pytest.raises(ConfigError, match="engine.kv_cache_margin must be <= 10"):
+        load_config(None, ["engine.kv_cache_margin=1e308"])
     for other in ("engine.kv_cache=gpu_share", "engine.kv_cache_bytes=1000000"):  # another sizing: said, not ignored
         with pytest.raises(ConfigError, match=r"engine.kv_cache_margin=0.0 sizes the step-sized KV cache only, and "
                                               + other.split("=")[0].replace(".", r"\.")):

@@ -14,7 +14,7 @@ import pytest
 
 from rollout_sleep.run.watchdog import EXIT_CODE, STALL_ENV
 
-from helpers import RECIPE, ROOT, WORKERS, run_group, two_ranks
+from helpers import RECIPE, ROOT, WORKERS, run_launch, two_ranks
 
 
 WORKER = WORKERS / "watchdog_worker.py"
@@ -26,7 +26,7 @@ def torchrun(generate_s: float, collective_s: float, stall: str | None) -> tuple
         env[STALL_ENV] = stall
     with two_ranks() as torchrun:
         t0 = time.perf_counter()
-        proc = run_group([*torchrun, str(WORKER), str(generate_s), str(collective_s)], timeout=300, env=env)
+        proc = run_launch([*torchrun, str(WORKER), str(generate_s), str(collective_s)], timeout=300, env=env)
         return proc, time.perf_counter() - t0
 
 
@@ -58,7 +58,7 @@ def test_recipe_rank_stalled_in_generate_stops_the_run(tmp_path, request):
     with two_ranks() as torchrun:
         cmd = [*torchrun, str(RECIPE), "--config", str(ROOT / "configs" / "tiny-cpu.yaml"),
                f"output_dir={tmp_path / 'run'}", "train.steps=3", "wandb.mode=disabled", "watchdog.generate_s=60"]
-        proc = run_group(cmd, timeout=900,
+        proc = run_launch(cmd, timeout=900,
                          env={**os.environ, STALL_ENV: "1:generate:900", "VLLM_LOGGING_LEVEL": "WARNING"})
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-3000:]

@@ -34,7 +34,7 @@ def wrapped_runs(request, ckpts, tmp_path_factory):
     def launch(out):
         (out / "tail.txt").write_text(torchrun([str(WORKER), ",".join(selected)], ckpts, out))
 
-    out = built_once(tmp_path_factory, "wrapped", launch)  # one launch for the session's workers
+    out = built_once(tmp_path_factory, request.config, "wrapped", launch)  # one launch for the session's workers
     tail = (out / "tail.txt").read_text()
     return {m: ([json.loads(p.read_text()) for p in sorted(out.glob(f"{m}_rank*.json"))], tail) for m in selected}
 

@@ -128,10 +128,10 @@ def step_kv_cache_bytes(model_path: str | os.PathLike, sequences: int, longest: 
                         context: int = 0, margin: float = 0.25, dtype: torch.dtype | str = "auto",
                         shards: int = 1) -> int:
     """Bytes of a KV cache for one step's ``sequences`` on one engine (``engine.kv_cache: step``): each as long as
-    the ``longest`` prompt plus ``max_tokens``, plus a block of 16 tokens (vLLM's on CUDA: each sequence's last
-    one part-filled, and the slot the scheduler reserves ahead), at least one sequence of ``context`` tokens (vLLM
-    refuses to start with less), plus ``margin`` of it (room for attention backends with larger blocks); split
-    over ``shards`` tensor-parallel ranks."""
+    the ``longest`` prompt plus ``max_tokens``, plus a block of 16 tokens (vLLM's default on CUDA: each sequence's
+    last block part-filled, and the one block vLLM keeps as its null block), at least one sequence of ``context``
+    tokens (vLLM refuses to start with less), plus ``margin`` of it (room for attention backends with larger
+    blocks); split over ``shards`` tensor-parallel ranks."""
     tokens = max(sequences * (longest + max_tokens + 16), context)
     return kv_cache_bytes_for(model_path, int(tokens * (1 + margin)), dtype) // shards
 

@@ -248,6 +248,9 @@ def _check_values(cfg: RecipeConfig, device: str) -> list[str]:
     choice("engine.kv_cache", e.kv_cache, KV_CACHE_SIZING)
     at_least("engine.kv_cache_bytes", e.kv_cache_bytes, 1, optional=True)
     at_least("engine.kv_cache_margin", e.kv_cache_margin, 0)
+    if isinstance(e.kv_cache_margin, (int, float)) and e.kv_cache_margin > 10:
+        out.append(f"engine.kv_cache_margin must be <= 10 (the share added to one step's KV cache), got "
+                   f"{e.kv_cache_margin!r}: for a cache of a given size set engine.kv_cache_bytes")
     if e.kv_cache_margin != EngineConfig.kv_cache_margin and (e.kv_cache != "step" or e.kv_cache_bytes is not None):
         sized_by = "engine.kv_cache_bytes" if e.kv_cache_bytes is not None else f"engine.kv_cache={e.kv_cache}"
         out.append(f"engine.kv_cache_margin={e.kv_cache_margin} sizes the step-sized KV cache only, and {sized_by} "

@@ -506,8 +506,8 @@ def problems(plan: MemoryPlan) -> list[str]:
             kv = plan.phases["rollout"]["kv_cache"]
             if kv > over:
                 knobs.append(f"a KV cache of at most {(kv - over) / GIB:.2f} GiB (now {kv / GIB:.2f}: "
-                             "engine.kv_cache_bytes, or fewer train.prompts_per_step / train.max_tokens with "
-                             "engine.kv_cache=step)")
+                             "engine.kv_cache_bytes, or with engine.kv_cache=step fewer train.prompts_per_step / "
+                             "train.max_tokens, or a lower engine.kv_cache_margin)")
         out.append(f"{phase} needs {plan.total(phase) / GIB:.2f} GiB of the "
                    f"{plan.budget_bytes / GIB:.2f} GiB available with {plan.headroom_bytes / GIB:.1f} GiB of headroom "
                    f"kept ({over / GIB:.2f} GiB over). Knobs: " + ("; ".join(knobs) or "none lowers it")
