@@ -156,7 +156,7 @@ def built_once(tmp_path_factory, config, name: str, build) -> Path:
         if failed.exists():
             raise RuntimeError(f"building {name} failed in another worker: {failed.read_text()}")
         if not (folder / ".built").exists():
-            folder.mkdir()
+            folder.mkdir(exist_ok=True)  # left by a worker that died mid-build: built again over it
             try:
                 build(folder)
             except BaseException as err:
