@@ -140,6 +140,13 @@ def run_launch(cmd: list[str], *, timeout: float, env: dict | None = None) -> su
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+def run_ranks(args: list[str], *, timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``args`` (a script and its arguments) under torchrun in 2 processes, inside :func:`two_ranks`, through
+    :func:`run_launch`."""
+    with two_ranks() as torchrun:
+        return run_launch([*torchrun, *args], timeout=timeout, env=env)
+
+
 def built_once(tmp_path_factory, config, name: str, build) -> Path:
     """A folder ``build(folder)`` fills once per test session: under pytest-xdist the workers share it (the first
     builds it while the others wait on a lock), so a costly module fixture is not built again by each worker that
@@ -177,9 +184,8 @@ def run_recipe(config, *args: str, timeout: float = 300):
 def run_recipe_ranks(config, *args: str, timeout: float = 600):
     """:func:`run_recipe` in 2 processes over gloo (torchrun), vLLM's CPU tensor-parallel files cleared before and
     after: (the finished launcher, its stdout and stderr together)."""
-    with two_ranks() as torchrun:
-        proc = run_launch([*torchrun, str(RECIPE), "--config", str(config), *args], timeout=timeout,
-                         env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
+    proc = run_ranks([str(RECIPE), "--config", str(config), *args], timeout=timeout,
+                     env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
     return proc, proc.stdout + proc.stderr
 
 
@@ -268,8 +274,7 @@ def items_of(sd, skip=(), stop_after=None, error_after=None, error=None):
 def torchrun(script: list[str], ckpts, out: Path) -> str:
     """``script`` under torchrun, 2 processes over gloo, given the tied checkpoints and ``out``; returns the
     output's tail (for failure messages)."""
-    with two_ranks() as launcher:
-        proc = run_launch([*launcher, *script, ckpts["tied0"], ckpts["tied1"], str(out)], timeout=600)
+    proc = run_ranks([*script, ckpts["tied0"], ckpts["tied1"], str(out)], timeout=600)
     return proc.stdout[-2000:] + proc.stderr[-4000:]
 
 

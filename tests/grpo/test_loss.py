@@ -11,7 +11,7 @@ import torch
 
 from rollout_sleep.grpo.loss import LOSS_TYPES, GRPOLoss, group_advantages, grpo_loss, pad_batch
 
-from helpers import WORKERS, run_launch, two_ranks
+from helpers import WORKERS, run_ranks
 from workers import grpo_case as case
 
 
@@ -102,8 +102,7 @@ def test_two_processes_equal_trl(setup, tmp_path, tmp_path_factory):
     each rank holds TRL's full-batch gradient, and the mean of the ranks' losses is TRL's loss, for each loss type;
     with ``no_sync`` (as the recipe passes accelerate's) DDP all-reduces once per optimizer step, not per micro-batch."""
     path, _ = setup
-    with two_ranks() as torchrun:
-        proc = run_launch([*torchrun, str(DIST_WORKER), path, str(tmp_path)], timeout=600)
+    proc = run_ranks([str(DIST_WORKER), path, str(tmp_path)], timeout=600)
     ranks = [tmp_path / f"rank{r}.pt" for r in range(2)]
     assert all(p.exists() for p in ranks), proc.stdout[-2000:] + proc.stderr[-4000:]
     rows = [torch.load(p) for p in ranks]

@@ -149,11 +149,10 @@ def test_a_nan_on_one_rank_stops_the_step_on_every_rank(tmp_path):
     both refuse the step, rank 1 saying the NaN is another rank's."""
     import json
 
-    from helpers import ROOT, WORKERS, run_launch, two_ranks
+    from helpers import ROOT, WORKERS, run_ranks
 
     env = {**__import__("os").environ, "PYTHONPATH": str(ROOT / "src")}
-    with two_ranks() as torchrun:
-        proc = run_launch([*torchrun, str(WORKERS / "nonfinite_worker.py"), str(tmp_path)], timeout=300, env=env)
+    proc = run_ranks([str(WORKERS / "nonfinite_worker.py"), str(tmp_path)], timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     rows = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for err in rows[0]["errors"]:

@@ -14,7 +14,7 @@ import pytest
 
 from rollout_sleep.run.watchdog import EXIT_CODE, STALL_ENV
 
-from helpers import RECIPE, ROOT, WORKERS, run_launch, two_ranks
+from helpers import RECIPE, ROOT, WORKERS, run_launch, run_ranks, two_ranks
 
 
 WORKER = WORKERS / "watchdog_worker.py"
@@ -55,11 +55,10 @@ def test_recipe_rank_stalled_in_generate_stops_the_run(tmp_path, request):
     within watchdog.generate_s (plus start-up) with the phase named, instead of rank 0 waiting forever."""
     if "slow" not in (request.config.getoption("-m") or ""):
         pytest.skip("slow (two engines start): run with -m slow")
-    with two_ranks() as torchrun:
-        cmd = [*torchrun, str(RECIPE), "--config", str(ROOT / "configs" / "tiny-cpu.yaml"),
-               f"output_dir={tmp_path / 'run'}", "train.steps=3", "wandb.mode=disabled", "watchdog.generate_s=60"]
-        proc = run_launch(cmd, timeout=900,
-                         env={**os.environ, STALL_ENV: "1:generate:900", "VLLM_LOGGING_LEVEL": "WARNING"})
+    proc = run_ranks([str(RECIPE), "--config", str(ROOT / "configs" / "tiny-cpu.yaml"),
+                      f"output_dir={tmp_path / 'run'}", "train.steps=3", "wandb.mode=disabled",
+                      "watchdog.generate_s=60"], timeout=900,
+                     env={**os.environ, STALL_ENV: "1:generate:900", "VLLM_LOGGING_LEVEL": "WARNING"})
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-3000:]
     assert "watchdog: rank 1 of 2 spent more than 60 s in phase 'generate' (waiting for vLLM to generate for " \

@@ -151,8 +151,8 @@ class TrainConfig:
                                 "SiLU x up, casts). Parameter names and tensors stay the model's own (one copy's "
                                 "views, LoRA, the sync, checkpoints); the first steps compile, and once more when "
                                 "the sequence lengths change. Plain, one copy, LoRA, DDP, FSDP2 and CPU; refused "
-                                "with DeepSpeed and FSDP1 (docs/design.md). On the H100 at 8B it took 0.55 s off a 2.6 s "
-                                "training phase (docs/benchmarks.md)",
+                                "with DeepSpeed and FSDP1 (docs/design.md). On the H100 at 8B it took 0.55 s off "
+                                "a 2.6 s training phase (docs/benchmarks.md)",
                          resume=FREE)
     optimizer: str = _opt("adamw", "adamw: PyTorch's AdamW (fused on GPU; its moments take the weights' dtype: 4 "
                                    "bytes of state per bf16 parameter) / adamw8bit: bitsandbytes' AdamW8bit (~2 "
