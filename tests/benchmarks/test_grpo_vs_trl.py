@@ -31,7 +31,7 @@ def test_an_arm_stopped_from_outside_keeps_the_steps_its_child_finished(tmp_path
                                                                   "step_s": []}
 
 
-@pytest.mark.parametrize("size", ["qwen3-0.6b", "qwen3-4b", "qwen3-8b"])
+@pytest.mark.parametrize("size", ["qwen3-0.6b", "qwen3-4b", "qwen3-8b", "qwen3-14b"])
 @pytest.mark.parametrize("optim", [None, "adamw", "adamw8bit_sr"])
 def test_every_arm_is_a_config_the_recipe_accepts_on_cuda(size, optim):
     """Each of our arms with the overrides the benchmark gives it, checked as on the GPU. Only a missing optional

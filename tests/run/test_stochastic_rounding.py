@@ -112,6 +112,31 @@ def test_8bit_weights_move_by_about_lr_at_a_step_whose_gradient_is_zero():
     assert all(float(s["exp_avg_sq"].qmap[0]) > 0 for s in again.state.values())
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bitsandbytes' 8-bit step)")
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
+def test_bitsandbytes_8bit_weights_move_by_about_lr_at_a_step_whose_gradient_is_zero():
+    """The same steps with bitsandbytes' AdamW8bit (``adamw8bit`` without stochastic rounding: the two-copy path's
+    8-bit optimizer): a step with a gradient, then two whose rewards all tied. A second moment its map rounds to 0
+    while the first moment keeps its value would move weights by lr * m / eps, as torchao's did."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    w = torch.nn.Parameter((torch.randn(256, 1024) * 0.02).cuda())  # float32: the update shows whole
+    emb = torch.nn.Parameter((torch.randn(320, 128) * 0.02).cuda())
+    rows = torch.zeros(320, 128)
+    rows[torch.randint(320, (40,), generator=gen)] = torch.randn(40, 128, generator=gen) * 1e-2
+    opt = build_optimizer("adamw8bit", [w, emb], lr=LR, weight_decay=0.0, stochastic_rounding=False)
+    assert type(opt).__module__.startswith("bitsandbytes"), type(opt)
+    worst = []
+    for step in range(3):
+        before = [w.detach().clone(), emb.detach().clone()]
+        w.grad = (torch.randn(256, 1024, generator=gen) * 1e-2 if step == 0 else torch.zeros(256, 1024)).cuda()
+        emb.grad = (rows if step == 0 else torch.zeros_like(rows)).cuda()
+        opt.step()
+        worst.append(max(float((p.detach() - b).abs().max()) / LR for p, b in zip((w, emb), before)))
+    assert max(worst) < 2, f"weights moved by {worst} x lr"
+
+
 def test_state_bytes_estimate_is_exact_for_torchao_kinds():
     """After one step, on tensors chosen to hit each of torchao's cases: 4096 elements (quantized), 4224 (a multiple
     of 4-bit's block of 128 but not of 8-bit's 256), 100 (under 4096: moments in the parameters' dtype), and

@@ -376,18 +376,18 @@ class MemoryPlan:
 
 
 def per_tensor_step_peak(optimizer: str, numels, dtype_bytes: int, stochastic_rounding: bool = False,
-                         state32=(), state_in: str = "device", overlap: bool = False) -> tuple[int, int, int]:
+                         state32=(), state_in: str = "device", overlap: bool | None = None) -> tuple[int, int, int]:
     """The per-tensor step's peak (:class:`~rollout_sleep.run.per_tensor.PerTensorOptimizer`: smallest tensor
     first, each gradient freed after its tensor steps), for tensors of ``numels`` elements: ``(gradients still
     held, the state on the device, that tensor's step's temporaries)`` at the tensor where their sum is largest
     (``state32``: numels whose state bitsandbytes keeps in 32 bits). ``state_in="device"`` (the optimizer's
     default): all of the state, throughout. ``"host"`` (``stream``): with the copies overlapping the step
-    (``overlap``; the default is the optimizer's, off) up to three tensors': the previous one's still going back,
-    this one's, and the next one's already coming in; serially, this one's alone.
+    (``overlap``: ``None``, the optimizer's default, is on with host state) up to three tensors': the previous
+    one's still going back, this one's, and the next one's already coming in; serially, this one's alone.
 
-    >>> per_tensor_step_peak("adamw", [10, 30, 20], 2, state_in="host", overlap=True)  # at the 20: 50 gradients
+    >>> per_tensor_step_peak("adamw", [10, 30, 20], 2, state_in="host")  # at the 20: 50 gradients
     (100, 252, 0)
-    >>> per_tensor_step_peak("adamw", [10, 30, 20], 2, state_in="host")  # serially: the 20's state alone
+    >>> per_tensor_step_peak("adamw", [10, 30, 20], 2, state_in="host", overlap=False)  # serially: the 20's state
     (100, 84, 0)
     >>> per_tensor_step_peak("adamw", [10, 30, 20], 2)  # on the device: every state, at the first (all gradients)
     (120, 252, 0)
@@ -404,7 +404,7 @@ def per_tensor_step_peak(optimizer: str, numels, dtype_bytes: int, stochastic_ro
         if state_in == "device":
             state = whole
         else:
-            state = sum(states[max(i - 1, 0):i + 2]) if overlap else states[i]
+            state = sum(states[max(i - 1, 0):i + 2]) if overlap or overlap is None else states[i]
         here = (held, state, optimizer_step_bytes(optimizer, [n], stochastic_rounding))
         best = max(best, here, key=sum)
         held -= n * dtype_bytes

@@ -69,12 +69,12 @@ class PerTensorOptimizer(StateInHost, torch.optim.Optimizer):
     plain optimizer keeps it; nothing moves. ``"host"`` (``train.offload_optimizer=stream``): in pinned host
     memory for good, each parameter's state brought to the device before its step and sent back after it, so the
     step holds one tensor's state, not all of it (:class:`~rollout_sleep.run.offload.HostCopies`). With
-    ``overlap=True`` (host only; off by default until its CUDA test and probe have run on a GPU) the copies
+    ``overlap`` (host only, and the default there: ``None`` means on with host state, off without) the copies
     overlap the compute: while parameter ``i`` steps on the compute stream, a copy stream brings parameter
     ``i+1``'s state from pinned host memory and another sends parameter ``i-1``'s back, so the step costs about
     the largest of the three instead of their sum. The look-ahead is one tensor: at most three states are on the
     device at once (the one going out, the one stepping, the one coming in; smallest first, the last two are the
-    largest), beside one step's temporaries. ``overlap=False`` (the default) copies on the compute stream, in
+    largest), beside one step's temporaries. ``overlap=False`` copies on the compute stream, in
     order with the steps (one state at a time).
 
     Accelerate prepares it like any optimizer. The param groups, the state and the defaults are ``optimizer``'s
@@ -94,12 +94,13 @@ class PerTensorOptimizer(StateInHost, torch.optim.Optimizer):
     ([None, None], 2)
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, state_in: str = "device", overlap: bool = False):
+    def __init__(self, optimizer: torch.optim.Optimizer, state_in: str = "device", overlap: bool | None = None):
         if state_in not in STATE_IN:
             raise ValueError(f"state_in must be one of {', '.join(STATE_IN)}, got {state_in!r}")
         self.said, off = STATE_IN[state_in]
         if overlap and state_in != "host":
             raise ValueError("overlap overlaps the state's copies with the step: state_in='host' only")
+        overlap = state_in == "host" if overlap is None else overlap
         inner = torch_optimizer(optimizer, self.said, off)
         params = [p for g in inner.param_groups for p in g["params"]]
         if len({id(p) for p in params}) != len(params):
