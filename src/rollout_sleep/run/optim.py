@@ -254,6 +254,7 @@ def build_optimizer(kind: str, params, *, lr: float, weight_decay: float, fused:
         import bitsandbytes as bnb
 
         optimizer = bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
+        _second_moments_without_zero(optimizer)
         if model is not None:
             manager = bnb.optim.GlobalOptimManager.get_instance()
             for module in model.modules():
@@ -270,13 +271,35 @@ def build_optimizer(kind: str, params, *, lr: float, weight_decay: float, fused:
 
 
 def _second_moments_without_zero(optimizer: torch.optim.Optimizer) -> None:
-    """torchao's AdamW8bit quantizes its second moments with no zero code: one under the map's smallest code rounds
-    up to it, not to 0 (the zero-point fix of 4-bit Adam, Li et al. 2023, which torchao's AdamW4bit has). Why: a
-    second moment under ~1.6e-7 of its block's largest rounded to 0 while the first moment kept its value, so at the
-    next step with a zero gradient (a GRPO step whose rewards all tie) or a far smaller one such weights moved by
-    ``lr * m / eps`` (measured: ~800 x lr on 0.1 % of a Linear's weights; the tiny recipe's linears up to 257 x lr).
-    Set on each state as it is made, and on states loaded from a checkpoint saved before."""
+    """An 8-bit AdamW (torchao's, bitsandbytes') quantizes its second moments with no zero code: one under the
+    map's smallest code rounds up to it, not to 0 (the zero-point fix of 4-bit Adam, Li et al. 2023, which
+    torchao's AdamW4bit has). Why: a second moment under ~1.6e-7 of its block's largest rounded to 0 while the
+    first moment kept its value, so at the next step with a zero gradient (a GRPO step whose rewards all tie) or a
+    far smaller one such weights moved by ``lr * m / eps`` (measured: torchao's ~800 x lr on 0.1 % of a Linear's
+    weights, the tiny recipe's linears up to 257 x lr; bitsandbytes' 0.50.2 CUDA step 733 x lr on a Linear's,
+    713 x lr on an embedding's). Set on each state as it is made, and on states loaded from a checkpoint saved
+    before."""
     ref = weakref.ref(optimizer)  # weakly, as _eager_on_cpu
+    if hasattr(optimizer, "name2qmap"):  # bitsandbytes: one unsigned map, copied into each state as its qmap2
+        fill, load = optimizer.fill_qmap, optimizer.load_state_dict  # its own loader: PyTorch's hooks do not run
+
+        def mend_maps() -> None:
+            opt = ref()
+            for q in [opt.name2qmap.get("udynamic"), *(s.get("qmap2") for s in opt.state.values())]:
+                if q is not None:  # sorted codes, 0 first: the smallest positive in its place
+                    q[0] = q[1]
+
+        def fill_qmap() -> None:
+            fill()
+            mend_maps()
+
+        def load_state_dict(state_dict, *args, **kwargs) -> None:
+            load(state_dict, *args, **kwargs)
+            mend_maps()
+
+        optimizer.fill_qmap, optimizer.load_state_dict = fill_qmap, load_state_dict
+        mend_maps()
+        return
 
     def buffer(p: torch.Tensor, signed: bool) -> torch.Tensor:
         out = type(ref())._new_buffer(ref(), p, signed)
