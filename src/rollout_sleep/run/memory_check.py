@@ -62,7 +62,8 @@ def plan_run(cfg: Any, model_path: str, *, processes: int, shards: tuple[int, in
         notes.append("train.offload_optimizer=stream: the optimizer state lives in host memory; the step brings "
                      "one tensor's state to the GPU at a time, smallest first, and frees each gradient after its "
                      "tensor steps. Training's total: the larger of gradients + activations and, at the tensor "
-                     "where it peaks, gradients_at_step (still held) + optimizer_state (that tensor's) + "
+                     "where it peaks, gradients_at_step (still held) + optimizer_state (that tensor's, the next "
+                     "one's coming in and the previous one's going back: the copies overlap the step) + "
                      "optimizer_step")
     if t.step_per_tensor and offload != "stream":
         notes.append("train.step_per_tensor: the step goes one tensor at a time, smallest first, and frees each "
