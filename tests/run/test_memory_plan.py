@@ -309,7 +309,8 @@ def test_the_per_tensor_plan_counts_bitsandbytes_state_as_the_plain_plan_does(lo
 
 def test_the_plan_walks_the_per_tensor_step_the_optimizer_takes():
     """One default for both: where the state lives between the per-tensor steps, the copies overlapped with the
-    step or not, and the plan's walk of it."""
+    step or not (by default overlapped with the state in host memory, as the recipe builds it), and the plan's walk
+    of it; overlap with the state on the device is refused by both."""
     import inspect
 
     from rollout_sleep.run.per_tensor import PerTensorOptimizer
@@ -319,6 +320,15 @@ def test_the_plan_walks_the_per_tensor_step_the_optimizer_takes():
             return inspect.signature(f).parameters[name].default
 
         assert default(PerTensorOptimizer.__init__) == default(per_tensor_step_peak)
+    params = list(torch.nn.Linear(4, 4).parameters())
+    assert PerTensorOptimizer(torch.optim.AdamW(params), "host").overlap is True
+    assert PerTensorOptimizer(torch.optim.AdamW(params), "device").overlap is False
+    numels = [10, 30, 20]
+    overlapped = per_tensor_step_peak("adamw", numels, 2, state_in="host", overlap=True)
+    assert per_tensor_step_peak("adamw", numels, 2, state_in="host") == overlapped \
+        != per_tensor_step_peak("adamw", numels, 2, state_in="host", overlap=False)
+    with pytest.raises(ValueError, match="state_in='host' only"):
+        per_tensor_step_peak("adamw", numels, 2, state_in="device", overlap=True)
 
 
 @pytest.mark.parametrize("targets, fused", [(["q_proj", "v_proj"], True), ("all-linear", True), (["lm_head"], False),

@@ -630,6 +630,45 @@ def test_per_tensor_step_on_cuda_keeps_the_state_on_the_device_and_its_peak_no_h
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.skipif(os.environ.get("CUDA_LAUNCH_BLOCKING") == "1", reason="kernels synchronous: nothing in flight")
+def test_overlapped_step_holds_three_states_when_python_runs_ahead_of_the_copies():
+    """24 equal float32 tensors of 4M elements (PyTorch's fused AdamW: 32 MiB of state each), the copies each held
+    up by ``torch.cuda._sleep``: Python queues the steps far faster than the copies run. A state sent back stays
+    held until its copy is done (``record_stream``), so without a bound every state queued would be on the device
+    at once; the step's peak of active memory (what ``max_memory_allocated`` does not see: blocks waiting on a copy
+    stream) stays within four states' bytes (three, plus one state's worth of slack)."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(4 << 20, device="cuda")) for _ in range(24)]
+    opt = _streamed(torch.optim.AdamW(params, lr=1e-3, fused=True))  # the default: copies overlapped
+    assert opt.overlap
+    for step in range(2):  # the first makes the state; the second is measured
+        for p in params:
+            p.grad = torch.randn_like(p)
+        held = opt.host.bring, opt.host.send
+
+        def slow(copy):
+            def wrapped(p, state, stream):
+                if stream is not None:
+                    with torch.cuda.stream(stream):
+                        torch.cuda._sleep(2_000_000)
+                return copy(p, state, stream)
+            return wrapped
+
+        opt.host.bring, opt.host.send = slow(held[0]), slow(held[1])
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_stats()["active_bytes.all.current"]
+        try:
+            opt.step()
+        finally:
+            opt.host.bring, opt.host.send = held
+        peak = torch.cuda.memory_stats()["active_bytes.all.peak"] - start
+    state = 2 * 4 * (4 << 20)  # two float32 moments
+    assert peak <= 4 * state, f"{peak / state:.1f} states on the device at once"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(os.environ.get("CUDA_LAUNCH_BLOCKING") == "1", reason="kernels synchronous: nothing in flight")
 @pytest.mark.parametrize("kind,rounding,dtype", KINDS[:2], ids=[k for k, *_ in KINDS[:2]])
 def test_overlapped_copies_wait_for_each_other_and_no_buffer_is_reused_in_flight(kind, rounding, dtype):
     """Each copy stream is held up (``torch.cuda._sleep`` queued on it before each copy). Before a state comes in,

@@ -271,7 +271,7 @@ def test_the_plan_refuses_14b_where_the_h100_ran_out_of_memory_and_passes_8b(tmp
     torchao's step buffers (25 bytes per element of the embedding at 4 bits) the 14B config with its optimizer state on
     the GPU does not fit, as measured (out of memory at its first optimizer step: results/h100/one_copy/), nor
     does it with the state offloaded between steps (the step brings all of it back beside all the gradients);
-    streamed (train.offload_optimizer=stream, the config's setting) it fits: the step holds one tensor's state, and
+    streamed (train.offload_optimizer=stream, the config's setting) it fits: the step holds three tensors' state, and
     the largest tensors step last, when the other gradients are freed. The 8B config, which ran, fits. Planned here
     without a GPU: the budget makes it the GPU's plan, the configured setting included."""
     from helpers import ROOT

@@ -392,6 +392,8 @@ def per_tensor_step_peak(optimizer: str, numels, dtype_bytes: int, stochastic_ro
     >>> per_tensor_step_peak("adamw", [10, 30, 20], 2)  # on the device: every state, at the first (all gradients)
     (120, 252, 0)
     """
+    if overlap and state_in != "host":
+        raise ValueError("overlap overlaps the state's copies with the step: state_in='host' only")
     order = sorted(numels)
     states = [optimizer_state_bytes(optimizer, [(n, dtype_bytes)], [n] if n in state32 else (),
                                     stochastic_rounding=stochastic_rounding) for n in order]

@@ -68,13 +68,15 @@ class PerTensorOptimizer(StateInHost, torch.optim.Optimizer):
     ``state_in``: where the state lives between the per-tensor steps. ``"device"``: beside the parameters, as the
     plain optimizer keeps it; nothing moves. ``"host"`` (``train.offload_optimizer=stream``): in pinned host
     memory for good, each parameter's state brought to the device before its step and sent back after it, so the
-    step holds one tensor's state, not all of it (:class:`~rollout_sleep.run.offload.HostCopies`). With
+    step holds a few tensors' state, not all of it (:class:`~rollout_sleep.run.offload.HostCopies`). With
     ``overlap`` (host only, and the default there: ``None`` means on with host state, off without) the copies
     overlap the compute: while parameter ``i`` steps on the compute stream, a copy stream brings parameter
     ``i+1``'s state from pinned host memory and another sends parameter ``i-1``'s back, so the step costs about
     the largest of the three instead of their sum. The look-ahead is one tensor: at most three states are on the
     device at once (the one going out, the one stepping, the one coming in; smallest first, the last two are the
-    largest), beside one step's temporaries. ``overlap=False`` copies on the compute stream, in
+    largest), beside one step's temporaries. A state sent back stays held until its copy is done (the allocator
+    reuses its memory only then), and Python queues the steps faster than the GPU runs them, so before bringing a
+    state the host waits until the one two back is home. ``overlap=False`` copies on the compute stream, in
     order with the steps (one state at a time).
 
     Accelerate prepares it like any optimizer. The param groups, the state and the defaults are ``optimizer``'s
@@ -249,6 +251,8 @@ class PerTensorOptimizer(StateInHost, torch.optim.Optimizer):
                 here, ready = coming
                 nxt = params[i + 1] if i + 1 < len(params) else None
                 if self.overlap and nxt is not None:  # the next state's copy, queued before this step: overlaps it
+                    if len(c.sent) > 1:  # the host waits until the state two back is home: a state sent back is
+                        c.sent[-2][1].synchronize()  # held for its copy (record_stream), and Python runs ahead
                     coming = bring(nxt)
                     unstepped.append(nxt)
                 if ready is not None:  # this state's copy is done before its step reads it
