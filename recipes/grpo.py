@@ -81,7 +81,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from rollout_sleep.engine.completion import temperature_problem  # noqa: E402
 from rollout_sleep.engine.loader import cpu_moe_problem  # noqa: E402
-from rollout_sleep.engine.memory import PhasePeaks, enable_expandable_segments, step_kv_cache_bytes  # noqa: E402
+from rollout_sleep.engine.memory import (PhasePeaks, enable_expandable_segments, step_kv_cache_bytes,  # noqa: E402
+                                         step_kv_cache_shortfall)
 from rollout_sleep.engine.phases import plot_timeline  # noqa: E402
 from rollout_sleep.grpo.data import (check_prompts, check_rows, completions_for_rewards,  # noqa: E402
                                      engine_context, is_conversational, load_prompts, prepare_prompts,
@@ -340,6 +341,11 @@ class GRPORecipe:
         self.acc.print(f"starting the vLLM engine ({self.model_path})")
         self.engine = build_engine(self.cfg, self.model_path, rank=self.acc.process_index, kv_cache_bytes=kv_bytes)
         self.tokenizer = self.prompt_tokenizer
+        if kv_bytes is not None and self.cfg.engine.kv_cache_bytes is None:  # sized to one step: did it fit?
+            short = step_kv_cache_shortfall(getattr(self.engine, "llm", None), self._step_sequences(),
+                                            self._longest, self.cfg.train.max_tokens)
+            if short:
+                logging.getLogger("rollout_sleep.engine.memory").warning(short)
 
     def _decide_one_copy(self, kv_bytes: int | None) -> None:
         """The one-copy decision once vLLM holds the weights, logged with its reason. ``model.share_weights=true``
@@ -534,10 +540,16 @@ class GRPORecipe:
         cfg, t = self.cfg.engine, self.cfg.train
         if cfg.kv_cache_bytes is not None or cfg.kv_cache != "step" or not torch.cuda.is_available():
             return cfg.kv_cache_bytes
-        prompts = t.prompts_per_step if self.tp > 1 else -(-t.prompts_per_step // self.acc.num_processes)
         context = engine_context(self.model_path, cfg.max_model_len)[0] or 0
-        return step_kv_cache_bytes(self.model_path, prompts * t.generations, self._longest, t.max_tokens, context,
+        return step_kv_cache_bytes(self.model_path, self._step_sequences(), self._longest, t.max_tokens, context,
                                    cfg.kv_cache_margin, self.cfg.model.dtype, self.tp)
+
+    def _step_sequences(self) -> int:
+        """The sequences one step generates on this process's engine (all of a step's prompts with tensor
+        parallelism, this rank's share otherwise), each ``train.generations`` times."""
+        t = self.cfg.train
+        prompts = t.prompts_per_step if self.tp > 1 else -(-t.prompts_per_step // self.acc.num_processes)
+        return prompts * t.generations
 
     def _memory_plan(self, kv_bytes: int | None) -> memory_plan.MemoryPlan | None:
         """The per-phase memory plan (:mod:`rollout_sleep.run.memory_check`), printed and written to memory_plan.json;

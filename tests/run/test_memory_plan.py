@@ -416,12 +416,19 @@ def test_a_plan_made_again_once_vllm_holds_its_memory_keeps_the_free_memory_meas
     assert again.budget_bytes == fake.plan_base_free == 60 * GIB
 
 
+def _sizing_recipe(recipe, cfg, path, longest: int):
+    """What the recipe's KV cache sizing reads, on one process without tensor parallelism."""
+    from types import SimpleNamespace
+
+    fake = SimpleNamespace(cfg=cfg, tp=1, model_path=path, acc=SimpleNamespace(num_processes=1), _longest=longest)
+    fake._step_sequences = lambda: recipe.GRPORecipe._step_sequences(fake)
+    return fake
+
+
 def test_the_step_sized_kv_cache_holds_the_models_context_when_max_model_len_is_null(ckpts, monkeypatch):
     """Pure logic (no GPU here: CUDA is faked). ``engine.kv_cache=step`` sizes the KV cache on CUDA from one step's
     sequences, at least one sequence of the context vLLM runs with: with ``engine.max_model_len=null`` that is the
     model's own (vLLM refuses to start with a KV cache that cannot hold one sequence of it), not none."""
-    from types import SimpleNamespace
-
     from rollout_sleep.engine.memory import kv_cache_bytes_for
     from rollout_sleep.grpo.data import model_context
     from rollout_sleep.run.config import load_config
@@ -434,20 +441,16 @@ def test_the_step_sized_kv_cache_holds_the_models_context_when_max_model_len_is_
         cfg = load_config(None, ["train.prompts_per_step=1", "train.generations=2", "train.max_tokens=8",
                                  f"engine.max_model_len={'null' if max_model_len is None else max_model_len}"],
                           device="cuda")
-        fake = SimpleNamespace(cfg=cfg, tp=1, model_path=path, acc=SimpleNamespace(num_processes=1),
-                               _longest=16)
-        got = recipe.GRPORecipe._kv_cache_bytes(fake)
+        got = recipe.GRPORecipe._kv_cache_bytes(_sizing_recipe(recipe, cfg, path, longest=16))
         one = kv_cache_bytes_for(path, want, cfg.model.dtype)
         assert one <= got < 2 * one
 
 
 def test_the_step_sized_kv_cache_takes_its_margin_and_holds_every_sequences_blocks(ckpts, monkeypatch):
-    """Pure logic (CUDA faked). ``engine.kv_cache_margin=0``: the KV cache holds exactly one step's sequences, each
-    in whole 16-token blocks (vLLM's default on CUDA), and vLLM's null block; the default adds 25 %;
-    a negative margin, and a margin beside another sizing (where it would be ignored), are refused by the config
-    check."""
-    from types import SimpleNamespace
-
+    """Pure logic (CUDA faked). By default (``engine.kv_cache_margin=0``) the KV cache holds exactly one step's
+    sequences, each in whole 16-token blocks (vLLM's default on CUDA), and vLLM's null block, and at least one whole
+    context and the null block (what vLLM checks at its start); a margin adds its share; a negative margin, and a
+    margin beside another sizing (where it would be ignored), are refused by the config check."""
     from rollout_sleep.engine.memory import kv_cache_bytes_for, step_kv_cache_bytes
     from rollout_sleep.run.config import ConfigError, load_config
 
@@ -456,21 +459,45 @@ def test_the_step_sized_kv_cache_takes_its_margin_and_holds_every_sequences_bloc
     path = ckpts["tied0"]
     per_token = kv_cache_bytes_for(path, 16, "float32") // 16
     got = {}
-    for margin in ("0", "0.25"):
+    for margin in (None, "0.25"):
         cfg = load_config(None, ["train.prompts_per_step=4", "train.generations=2", "train.max_tokens=100",
-                                 "engine.max_model_len=64", f"engine.kv_cache_margin={margin}"], device="cuda")
-        fake = SimpleNamespace(cfg=cfg, tp=1, model_path=path, acc=SimpleNamespace(num_processes=1), _longest=20)
-        got[margin] = recipe.GRPORecipe._kv_cache_bytes(fake)
-    assert got["0"] == 8 * (20 + 100 + 16) * per_token  # 8 sequences of 136 tokens: 1088, a whole number of blocks
+                                 "engine.max_model_len=64"] + ([f"engine.kv_cache_margin={margin}"] if margin else []),
+                          device="cuda")
+        got[margin] = recipe.GRPORecipe._kv_cache_bytes(_sizing_recipe(recipe, cfg, path, longest=20))
+    assert got[None] == 8 * (20 + 100 + 16) * per_token  # 8 sequences of 136 tokens: 1088, a whole number of blocks
     assert got["0.25"] == kv_cache_bytes_for(path, int(8 * 136 * 1.25), "float32")
     for longest in range(1, 80):  # every sequence's own blocks, however its prompt and completion fall on them,
-        blocks = 8 * -(-(longest + 100) // 16) + 1  # and the null block
-        assert step_kv_cache_bytes(path, 8, longest, 100, margin=0, dtype="float32") >= blocks * 16 * per_token
+        for n in (1, 3, 8):  # and the null block
+            blocks = n * -(-(longest + 100) // 16) + 1
+            assert step_kv_cache_bytes(path, n, longest, 100, dtype="float32") >= blocks * 16 * per_token
+    for context in (100, 128, 129, 4096):  # a small step: one whole context and the null block (vLLM's start)
+        blocks = -(-context // 16) + 1
+        assert step_kv_cache_bytes(path, 1, 4, 12, context, dtype="float32") == blocks * 16 * per_token
     with pytest.raises(ConfigError, match="engine.kv_cache_margin must be >= 0"):
         load_config(None, ["engine.kv_cache_margin=-0.1"])
     with pytest.raises(ConfigError, match="engine.kv_cache_margin must be <= 10"):
         load_config(None, ["engine.kv_cache_margin=1e308"])
     for other in ("engine.kv_cache=gpu_share", "engine.kv_cache_bytes=1000000"):  # another sizing: said, not ignored
-        with pytest.raises(ConfigError, match=r"engine.kv_cache_margin=0.0 sizes the step-sized KV cache only, and "
+        with pytest.raises(ConfigError, match=r"engine.kv_cache_margin=0.25 \(in the config file or an override\) "
+                                              r"sizes the step-sized KV cache only, and "
                                               + other.split("=")[0].replace(".", r"\.")):
-            load_config(None, ["engine.kv_cache_margin=0", other])
+            load_config(None, ["engine.kv_cache_margin=0.25", other])
+
+
+def test_a_step_sized_kv_cache_vllm_made_too_small_is_said_with_the_margin_that_fits(engine):
+    """The real engine (vLLM's CPU build makes blocks of 128 tokens, not the 16 the size assumes): a step that
+    fits its blocks is not reported; one that does not is, with the blocks made and needed and the margin that
+    would give them; an engine that does not say its blocks (``None``) is not reported either."""
+    from rollout_sleep.engine.memory import step_kv_cache_shortfall
+
+    cache = engine.llm.llm_engine.vllm_config.cache_config
+    size, blocks = cache.block_size, cache.num_gpu_blocks
+    assert size and blocks
+    assert step_kv_cache_shortfall(engine.llm, 1, 4, 8) is None
+    sequences = blocks  # each needs a block of its own: one more than there are (the null block)
+    said = step_kv_cache_shortfall(engine.llm, sequences, 4, 8)
+    need = sequences + 1
+    assert said and f"vLLM made {blocks} blocks of {size} tokens, and one step needs {need}" in said, said
+    margin = float(said.split("engine.kv_cache_margin=")[1].split()[0])
+    assert int(sequences * (4 + 8 + 16) * (1 + margin)) >= need * size  # the margin named gives the blocks needed
+    assert step_kv_cache_shortfall(None, 1, 4, 8) is None

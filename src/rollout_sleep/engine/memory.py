@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -125,15 +126,34 @@ def kv_cache_bytes_for(model_path: str | os.PathLike, tokens: int, dtype: torch.
 
 
 def step_kv_cache_bytes(model_path: str | os.PathLike, sequences: int, longest: int, max_tokens: int,
-                        context: int = 0, margin: float = 0.25, dtype: torch.dtype | str = "auto",
-                        shards: int = 1) -> int:
+                        context: int = 0, margin: float = 0.0, dtype: torch.dtype | str = "auto",
+                        shards: int = 1, block: int = 16) -> int:
     """Bytes of a KV cache for one step's ``sequences`` on one engine (``engine.kv_cache: step``): each as long as
-    the ``longest`` prompt plus ``max_tokens``, plus a block of 16 tokens (vLLM's default on CUDA: each sequence's
+    the ``longest`` prompt plus ``max_tokens``, plus one ``block`` of tokens (vLLM's 16 on CUDA: each sequence's
     last block part-filled, and the one block vLLM keeps as its null block), at least one sequence of ``context``
-    tokens (vLLM refuses to start with less), plus ``margin`` of it (room for attention backends with larger
-    blocks); split over ``shards`` tensor-parallel ranks."""
-    tokens = max(sequences * (longest + max_tokens + 16), context)
-    return kv_cache_bytes_for(model_path, int(tokens * (1 + margin)), dtype) // shards
+    tokens and the null block (vLLM refuses to start with less), plus ``margin`` of it (room for an attention
+    backend with larger blocks: :func:`step_kv_cache_shortfall` tells after the start); split over ``shards``
+    tensor-parallel ranks."""
+    tokens = max(sequences * (longest + max_tokens + block), -(-context // block) * block + block)
+    return kv_cache_bytes_for(model_path, int(tokens * (1 + margin)), dtype, block) // shards
+
+
+def step_kv_cache_shortfall(llm: Any, sequences: int, longest: int, max_tokens: int) -> str | None:
+    """After vLLM started with a step-sized KV cache: why one step's ``sequences`` (each up to ``longest`` +
+    ``max_tokens`` tokens, plus vLLM's null block) do not fit in the blocks it made, or ``None`` (they fit, or
+    this vLLM does not say). Too few blocks are not wrong, only slower: the sequences that do not fit wait."""
+    cache = getattr(getattr(getattr(llm, "llm_engine", None), "vllm_config", None), "cache_config", None)
+    size, blocks = getattr(cache, "block_size", None), getattr(cache, "num_gpu_blocks", None)
+    if not size or not blocks:
+        return None
+    need = sequences * -(-(longest + max_tokens) // size) + 1
+    if blocks >= need:
+        return None
+    margin = math.ceil(100 * (need * size / (sequences * (longest + max_tokens + 16)) - 1)) / 100
+    return (f"engine.kv_cache=step: vLLM made {blocks} blocks of {size} tokens, and one step needs {need} "
+            f"({sequences} sequences of up to {longest + max_tokens} tokens, and the null block): the sequences that "
+            f"do not fit wait for blocks, and generate is slower. Set engine.kv_cache_margin={max(margin, 0.01):g} "
+            "(this attention backend's blocks are larger than the 16 tokens the size assumed)")
 
 
 def sleep_mode_available() -> bool:

@@ -253,9 +253,9 @@ def _check_values(cfg: RecipeConfig, device: str) -> list[str]:
                    f"{e.kv_cache_margin!r}: for a cache of a given size set engine.kv_cache_bytes")
     if e.kv_cache_margin != EngineConfig.kv_cache_margin and (e.kv_cache != "step" or e.kv_cache_bytes is not None):
         sized_by = "engine.kv_cache_bytes" if e.kv_cache_bytes is not None else f"engine.kv_cache={e.kv_cache}"
-        out.append(f"engine.kv_cache_margin={e.kv_cache_margin} sizes the step-sized KV cache only, and {sized_by} "
-                   "sizes this one: drop engine.kv_cache_margin, or use engine.kv_cache=step without "
-                   "engine.kv_cache_bytes")
+        out.append(f"engine.kv_cache_margin={e.kv_cache_margin} (in the config file or an override) sizes the "
+                   f"step-sized KV cache only, and {sized_by} sizes this one: drop engine.kv_cache_margin, or use "
+                   "engine.kv_cache=step without engine.kv_cache_bytes")
     at_least("engine.max_model_len", e.max_model_len, 1, optional=True)
     try:
         check_level(e.sleep_level, what="engine.sleep_level")

@@ -84,10 +84,11 @@ class EngineConfig:
                                  "kv_cache_margin), so vLLM maps back only that at every wake; gpu_share = vLLM's "
                                  "own sizing from gpu_memory_utilization; kv_cache_bytes wins over both", resume=FREE,
                          mode=KV_CACHE_SIZING)
-    kv_cache_margin: float = _opt(0.25, "with kv_cache=step, the share added to one step's sequences (each as long "
+    kv_cache_margin: float = _opt(0.0, "with kv_cache=step, the share added to one step's sequences (each as long "
                                         "as the longest prompt + max_tokens, in vLLM's 16-token blocks): room for "
-                                        "attention backends with larger blocks. 0: exactly one step's, the lowest "
-                                        "peak (a sequence that finds no room waits for another to finish)",
+                                        "attention backends with larger blocks, which the run warns of after vLLM "
+                                        "starts, naming the margin that fits. 0: exactly one step's (a sequence "
+                                        "that finds no room would wait for another to finish)",
                                   resume=FREE)
     kv_cache_bytes: int | None = _opt(None, "KV cache size in bytes (null: from kv_cache; 256 MiB on CPU)", resume=FREE)
     max_model_len: int | None = _opt(1024, "longest prompt + completion, in tokens (null: the model's)", resume=FREE)
