@@ -35,9 +35,10 @@ the optimizer stepped one tensor at a time, and ``engine.keep_trainer_cache=fals
 with ``torch_compile=True``: compile on both sides, equal knobs; ``compile_speedup`` per side,
 ``both_compiled_trl_over_ours``), ``ours_eager`` (``train.compile=false``), ``ours_eager_fast`` (eager with the
 cache kept and the optimizer stepped whole: the eager side of the 8B equal-knob pair), ``ours_release_cache``
-(PyTorch's cache returned before each wake, the KV cache's default margin), ``ours_keep_cache`` (the cache kept, that
-margin), ``ours_keep_cache_exact_kv`` (the cache kept, ``engine.kv_cache_margin=0``), ``ours_plain_segments``
-(``ours_release_cache`` with ``train.expandable_segments=false``: the cache's return with one segment per block).
+(PyTorch's cache returned before each wake, the KV cache with a 25 % margin: the default then), ``ours_keep_cache``
+(the cache kept, that margin), ``ours_keep_cache_exact_kv`` (the cache kept, ``engine.kv_cache_margin=0``),
+``ours_plain_segments`` (``ours_release_cache`` with ``train.expandable_segments=false``: the cache's return with
+one segment per block).
 Every ``ours*`` arm is the size's config plus the arm's overrides: the 8B config compiles, so there ``ours`` pairs
 with ``trl_compile`` and ``ours_eager`` with ``trl``. ``--optim adamw8bit_sr``: torchao's AdamW8bit with
 bf16 stochastic rounding on both sides (TRL's ``adamw_torch_8bit`` with ``optim_args``). Each recipe arm records its memory plan against what it measured (``memory_plan.json``),
@@ -109,13 +110,14 @@ ARM_OVERRIDES = {"ours_adamw": ("train.optimizer=adamw",), "ours_8bit": ("train.
                  # equal-knob pair's fastest side (optimizer, micro-batch and checkpointing stay the config's)
                  "ours_eager_fast": ("train.compile=false", "engine.keep_trainer_cache=true",
                                      "train.step_per_tensor=false"),
-                 # PyTorch's cache returned before each wake, the KV cache with the default margin (the 8B
-                 # config before it kept the cache): the lowest rollout peak, ~40 ms more cycle
+                 # PyTorch's cache returned before each wake, the KV cache with a 25 % margin (the 8B config
+                 # before it kept the cache, and the margin's default then): the lowest rollout peak, ~40 ms more
                  "ours_release_cache": ("engine.keep_trainer_cache=false", "engine.kv_cache_margin=0.25"),
-                 # the cache kept through the rollout, the KV cache with the default 25 % margin: the margin is
-                 # what put the kept cache above 55 GiB at 8B
+                 # the cache kept through the rollout, the KV cache with a 25 % margin: the margin is what put
+                 # the kept cache above 55 GiB at 8B
                  "ours_keep_cache": ("engine.keep_trainer_cache=true", "engine.kv_cache_margin=0.25"),
-                 # the cache kept and the KV cache sized to exactly one step (the 8B config's knobs since)
+                 # the cache kept and the KV cache sized to exactly one step (the 8B config's knobs, and the
+                 # margin's default, since)
                  "ours_keep_cache_exact_kv": ("engine.keep_trainer_cache=true", "engine.kv_cache_margin=0"),
                  # the cache's return with PyTorch's plain segments: what it costs when the allocator maps one
                  # segment per block instead of one per 20 MiB page

@@ -125,16 +125,20 @@ def kv_cache_bytes_for(model_path: str | os.PathLike, tokens: int, dtype: torch.
     return -(-tokens // block_size) * block_size * per_token
 
 
+FLOOR_BLOCK = 128  # the largest block of the attention backends vLLM commonly takes (its CPU build's)
+
+
 def step_kv_cache_bytes(model_path: str | os.PathLike, sequences: int, longest: int, max_tokens: int,
                         context: int = 0, margin: float = 0.0, dtype: torch.dtype | str = "auto",
                         shards: int = 1, block: int = 16) -> int:
     """Bytes of a KV cache for one step's ``sequences`` on one engine (``engine.kv_cache: step``): each as long as
     the ``longest`` prompt plus ``max_tokens``, plus one ``block`` of tokens (vLLM's 16 on CUDA: each sequence's
     last block part-filled, and the one block vLLM keeps as its null block), at least one sequence of ``context``
-    tokens and the null block (vLLM refuses to start with less), plus ``margin`` of it (room for an attention
-    backend with larger blocks: :func:`step_kv_cache_shortfall` tells after the start); split over ``shards``
-    tensor-parallel ranks."""
-    tokens = max(sequences * (longest + max_tokens + block), -(-context // block) * block + block)
+    tokens and the null block in blocks of up to 128 tokens (vLLM refuses to start with less, counted in its
+    attention backend's blocks), plus ``margin`` of it (room for an attention backend with larger blocks:
+    :func:`step_kv_cache_shortfall` tells after the start); split over ``shards`` tensor-parallel ranks."""
+    floor = max(block, FLOOR_BLOCK)
+    tokens = max(sequences * (longest + max_tokens + block), -(-context // floor) * floor + floor)
     return kv_cache_bytes_for(model_path, int(tokens * (1 + margin)), dtype, block) // shards
 
 
@@ -149,11 +153,14 @@ def step_kv_cache_shortfall(llm: Any, sequences: int, longest: int, max_tokens: 
     need = sequences * -(-(longest + max_tokens) // size) + 1
     if blocks >= need:
         return None
-    margin = math.ceil(100 * (need * size / (sequences * (longest + max_tokens + 16)) - 1)) / 100
-    return (f"engine.kv_cache=step: vLLM made {blocks} blocks of {size} tokens, and one step needs {need} "
+    margin = max(math.ceil(100 * (need * size / (sequences * (longest + max_tokens + 16)) - 1)) / 100, 0.01)
+    fix = (f"Set engine.kv_cache_margin={margin:g}" if margin <= 10 else
+           f"Set engine.kv_cache_bytes to hold {need * size} tokens (engine.kv_cache_margin would need {margin:g}, "
+           "over its limit of 10)")
+    return (f"engine.kv_cache=step: vLLM made {blocks} blocks of {size} tokens, and one step needs up to {need} "
             f"({sequences} sequences of up to {longest + max_tokens} tokens, and the null block): the sequences that "
-            f"do not fit wait for blocks, and generate is slower. Set engine.kv_cache_margin={max(margin, 0.01):g} "
-            "(this attention backend's blocks are larger than the 16 tokens the size assumed)")
+            f"do not fit wait for blocks, and generate is slower. {fix} (this attention backend's blocks are larger "
+            "than the 16 tokens the size assumed)")
 
 
 def sleep_mode_available() -> bool:

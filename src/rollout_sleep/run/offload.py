@@ -4,7 +4,7 @@ or always (``stream``: the per-tensor step, :class:`~rollout_sleep.run.per_tenso
 
 ``true`` gives the rollout the state's memory and keeps the state apart from the activations, but the step brings
 all of it back (beside all the gradients, unless the step goes per tensor too: ``train.step_per_tensor``).
-``stream`` keeps the state in host memory for good: the step holds a tensor's state at a time.
+``stream`` keeps the state in host memory for good: the step holds up to three tensors' state at a time.
 
 Host copies are allocated once per state tensor and reused, pinned where the parameters are on CUDA. torchao's
 quantized moments (tensor subclasses) are copied leaf by leaf (codes, block scales, code map: see

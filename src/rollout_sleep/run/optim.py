@@ -277,24 +277,24 @@ def _second_moments_without_zero(optimizer: torch.optim.Optimizer) -> None:
     first moment kept its value, so at the next step with a zero gradient (a GRPO step whose rewards all tie) or a
     far smaller one such weights moved by ``lr * m / eps`` (measured: torchao's ~800 x lr on 0.1 % of a Linear's
     weights, the tiny recipe's linears up to 257 x lr; bitsandbytes' 0.50.2 CUDA step 733 x lr on a Linear's,
-    713 x lr on an embedding's). Set on each state as it is made, and on states loaded from a checkpoint saved
-    before."""
+    713 x lr on an embedding-shaped tensor with 8-bit state: the recipe keeps its embeddings' in 32 bits). Set on
+    each state as it is made, and on states loaded from a checkpoint saved before."""
     ref = weakref.ref(optimizer)  # weakly, as _eager_on_cpu
     if hasattr(optimizer, "name2qmap"):  # bitsandbytes: one unsigned map, copied into each state as its qmap2
-        fill, load = optimizer.fill_qmap, optimizer.load_state_dict  # its own loader: PyTorch's hooks do not run
+        cls = type(optimizer)  # its own loader (PyTorch's hooks do not run), called unbound: no reference cycle
 
         def mend_maps() -> None:
             opt = ref()
             for q in [opt.name2qmap.get("udynamic"), *(s.get("qmap2") for s in opt.state.values())]:
-                if q is not None:  # sorted codes, 0 first: the smallest positive in its place
+                if q is not None and float(q[0]) == 0.0:  # sorted codes, 0 first: the smallest positive there
                     q[0] = q[1]
 
         def fill_qmap() -> None:
-            fill()
+            cls.fill_qmap(ref())
             mend_maps()
 
         def load_state_dict(state_dict, *args, **kwargs) -> None:
-            load(state_dict, *args, **kwargs)
+            cls.load_state_dict(ref(), state_dict, *args, **kwargs)
             mend_maps()
 
         optimizer.fill_qmap, optimizer.load_state_dict = fill_qmap, load_state_dict
