@@ -166,8 +166,8 @@ def measured_gib(model: torch.nn.Module, optimizer: Any, device_type: str, resid
                  weights_shared: bool = False) -> dict[str, dict[str, float]]:
     """Per phase, what the run measured (GiB), in the plan's component names. ``offloaded_gib``: the optimizer
     state on the device during a step when it lives in host memory otherwise (``train.offload_optimizer``: true,
-    the whole state; stream, the most the step held at once: up to three parameters'); ``peaks``: a started :class:`~rollout_sleep.engine.memory.PhasePeaks`
-    (stopped here); ``engine_taken``: bytes vLLM took at its start; ``engine_freed_gib``: what its sleep gave
+    the whole state; stream, the most the step held at once: up to three parameters'); ``peaks``: a started
+    :class:`~rollout_sleep.engine.memory.PhasePeaks` (stopped here); ``engine_taken``: bytes vLLM took at its start; ``engine_freed_gib``: what its sleep gave
     back; ``activations``: measure them (not while the optimizer state moves in and out); ``weights_shared``: the
     trainer's parameters are views of the engine's weights (counted there, not again)."""
     weights = 0 if weights_shared else sum(local_shard(p).numel() * p.element_size() for p in model.parameters())
