@@ -109,8 +109,11 @@ def keeping_cache(report: CycleReport, keep: bool):
                        report.kind)
 
 
+BLOCK = 16  # vLLM's KV cache block on CUDA (its attention backends for the dense models here), in tokens
+
+
 def kv_cache_bytes_for(model_path: str | os.PathLike, tokens: int, dtype: torch.dtype | str = "auto",
-                       block_size: int = 16) -> int:
+                       block_size: int = BLOCK) -> int:
     """Bytes of a KV cache holding ``tokens`` tokens of the checkpoint's model (full attention, K and V per
     layer), rounded up to whole blocks of ``block_size`` tokens; ``dtype="auto"``: the checkpoint's."""
     cfg = json.loads(Path(model_path, "config.json").read_text())
@@ -130,7 +133,7 @@ FLOOR_BLOCK = 128  # the largest block of the attention backends vLLM commonly t
 
 def step_kv_cache_bytes(model_path: str | os.PathLike, sequences: int, longest: int, max_tokens: int,
                         context: int = 0, margin: float = 0.0, dtype: torch.dtype | str = "auto",
-                        shards: int = 1, block: int = 16) -> int:
+                        shards: int = 1, block: int = BLOCK) -> int:
     """Bytes of a KV cache for one step's ``sequences`` on one engine (``engine.kv_cache: step``): each as long as
     the ``longest`` prompt plus ``max_tokens``, plus one ``block`` of tokens (vLLM's 16 on CUDA: each sequence's
     last block part-filled, and the one block vLLM keeps as its null block), at least one sequence of ``context``
@@ -153,14 +156,14 @@ def step_kv_cache_shortfall(llm: Any, sequences: int, longest: int, max_tokens: 
     need = sequences * -(-(longest + max_tokens) // size) + 1
     if blocks >= need:
         return None
-    margin = max(math.ceil(100 * (need * size / (sequences * (longest + max_tokens + 16)) - 1)) / 100, 0.01)
+    margin = max(math.ceil(100 * (need * size / (sequences * (longest + max_tokens + BLOCK)) - 1)) / 100, 0.01)
     fix = (f"Set engine.kv_cache_margin={margin:g}" if margin <= 10 else
            f"Set engine.kv_cache_bytes to hold {need * size} tokens (engine.kv_cache_margin would need {margin:g}, "
            "over its limit of 10)")
     return (f"engine.kv_cache=step: vLLM made {blocks} blocks of {size} tokens, and one step needs up to {need} "
             f"({sequences} sequences of up to {longest + max_tokens} tokens, and the null block): the sequences that "
             f"do not fit wait for blocks, and generate is slower. {fix} (this attention backend's blocks are larger "
-            "than the 16 tokens the size assumed)")
+            f"than the {BLOCK} tokens the size assumed)")
 
 
 def sleep_mode_available() -> bool:

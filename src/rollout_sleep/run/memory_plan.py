@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import ConfigError
+from .offload import overlapped
 from .optim import optimizer_state_bytes, optimizer_step_bytes
 
 GIB = 2**30
@@ -392,8 +393,7 @@ def per_tensor_step_peak(optimizer: str, numels, dtype_bytes: int, stochastic_ro
     >>> per_tensor_step_peak("adamw", [10, 30, 20], 2)  # on the device: every state, at the first (all gradients)
     (120, 252, 0)
     """
-    if overlap and state_in != "host":
-        raise ValueError("overlap overlaps the state's copies with the step: state_in='host' only")
+    overlap = overlapped(state_in, overlap)
     order = sorted(numels)
     states = [optimizer_state_bytes(optimizer, [(n, dtype_bytes)], [n] if n in state32 else (),
                                     stochastic_rounding=stochastic_rounding) for n in order]
@@ -406,7 +406,7 @@ def per_tensor_step_peak(optimizer: str, numels, dtype_bytes: int, stochastic_ro
         if state_in == "device":
             state = whole
         else:
-            state = sum(states[max(i - 1, 0):i + 2]) if overlap or overlap is None else states[i]
+            state = sum(states[max(i - 1, 0):i + 2]) if overlap else states[i]
         here = (held, state, optimizer_step_bytes(optimizer, [n], stochastic_rounding))
         best = max(best, here, key=sum)
         held -= n * dtype_bytes

@@ -28,6 +28,14 @@ logger = logging.getLogger(__name__)
 METRICS = ("optimizer_offload_s", "optimizer_reload_s", "optimizer_offload_gib")
 
 
+def overlapped(state_in: str, overlap: bool | None) -> bool:
+    """Whether a per-tensor step with its state ``state_in`` (``"device"`` / ``"host"``) overlaps the state's copies
+    with its compute: ``None`` (the default) on with host state, off without; overlap without host state refused."""
+    if overlap and state_in != "host":
+        raise ValueError("overlap overlaps the state's copies with the step: state_in='host' only")
+    return state_in == "host" if overlap is None else bool(overlap)
+
+
 def torch_optimizer(optimizer, said: str, off: str) -> torch.optim.Optimizer:
     """The ``torch.optim.Optimizer`` that setting ``said`` (``train.offload_optimizer=true``, ...) wraps or moves
     (inside accelerate's wrapper), or a ``ValueError`` naming the setting and the fix (``off``: the setting that

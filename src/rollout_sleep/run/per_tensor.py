@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from .offload import METRICS, StateInHost, load_one_at_a_time, torch_optimizer
+from .offload import METRICS, StateInHost, load_one_at_a_time, overlapped, torch_optimizer
 
 # where the state lives between the per-tensor steps, and the settings that say so (and turn it off)
 STATE_IN = {"device": ("train.step_per_tensor=true", "train.step_per_tensor=false"),
@@ -100,9 +100,7 @@ class PerTensorOptimizer(StateInHost, torch.optim.Optimizer):
         if state_in not in STATE_IN:
             raise ValueError(f"state_in must be one of {', '.join(STATE_IN)}, got {state_in!r}")
         self.said, off = STATE_IN[state_in]
-        if overlap and state_in != "host":
-            raise ValueError("overlap overlaps the state's copies with the step: state_in='host' only")
-        overlap = state_in == "host" if overlap is None else overlap
+        overlap = overlapped(state_in, overlap)
         inner = torch_optimizer(optimizer, self.said, off)
         params = [p for g in inner.param_groups for p in g["params"]]
         if len({id(p) for p in params}) != len(params):
