@@ -32,8 +32,10 @@ rounding on both), ``ours_one_copy_release`` (PyTorch's cache returned before ea
 the optimizer stepped one tensor at a time, and ``engine.keep_trainer_cache=false``; ``ours_lean_compile`` with
 ``train.compile`` too), ``ours_compile``
 (``train.compile``: the trainer's decoder layers compiled in place, regional) against ``trl_compile`` (stock TRL
-with ``torch_compile=True``: compile on both sides, equal knobs; ``compile_speedup`` per side,
-``both_compiled_trl_over_ours``), ``ours_eager`` (``train.compile=false``), ``ours_eager_fast`` (eager with the
+with ``torch_compile=True``: compile on both sides, equal knobs; ``compile_speedup`` per compiled arm,
+``both_compiled_trl_over_ours``) and ``trl_compile_layers`` (TRL's decoder layers compiled in place, regional, by
+the same function as ``train.compile``: TRL's whole-model compile recompiles for minutes a step at 8B;
+``both_compiled_layers_trl_over_ours``), ``ours_eager`` (``train.compile=false``), ``ours_eager_fast`` (eager with the
 cache kept and the optimizer stepped whole: the eager side of the 8B equal-knob pair), ``ours_release_cache``
 (PyTorch's cache returned before each wake, the KV cache with a 25 % margin: the default then), ``ours_keep_cache``
 (the cache kept, that margin), ``ours_keep_cache_exact_kv`` (the cache kept, ``engine.kv_cache_margin=0``),
@@ -153,7 +155,7 @@ def arm_overrides(arm: str, size: str, optim: str | None) -> tuple[str, ...]:
 
 
 WARMUP = 2
-TRL_ARMS = ("trl", "trl_plugin", "trl_tuned", "trl_compile")
+TRL_ARMS = ("trl", "trl_plugin", "trl_tuned", "trl_compile", "trl_compile_layers")
 
 
 class Stopped(Exception):
@@ -281,11 +283,11 @@ def trl_knobs(size: str, optim: str | None, tuned: bool = False) -> dict:
             "vllm_gpu_memory_utilization": cfg.engine.gpu_memory_utilization}
 
 
-def run_trl(size: str, steps: int, workdir: Path, plugin: bool, optim: str | None, model: str,
-            tuned: bool = False, compiled: bool = False) -> None:
-    """In a child process: TRL GRPOTrainer on the same work (``plugin``: with our patch; ``compiled``: with
-    ``torch_compile=True``, transformers' whole-model compile); prints a STEP line per step, then one RESULT line,
-    or a FAILED line with where it failed (an out-of-memory included)."""
+def run_trl(size: str, steps: int, workdir: Path, mode: str, optim: str | None, model: str) -> None:
+    """In a child process: TRL GRPOTrainer on the same work (``mode``: ``stock``; ``plugin``, with our patch;
+    ``tuned``, our tuned arm's knobs; ``compile``, ``torch_compile=True``, transformers' whole-model compile;
+    ``compile_layers``, its model's decoder layers compiled in place as ``train.compile`` compiles ours); prints a
+    STEP line per step, then one RESULT line, or a FAILED line with where it failed (an out-of-memory included)."""
     import traceback
 
     import torch
@@ -315,17 +317,17 @@ def run_trl(size: str, steps: int, workdir: Path, plugin: bool, optim: str | Non
         return [arithmetic_exact(c, {"answer": a}) for c, a in zip(completions, answer)]
 
     rows: list[dict] = []
-    arm = "trl" + ("_plugin" if plugin else "_tuned" if tuned else "_compile" if compiled else "")
+    arm = "trl" if mode == "stock" else f"trl_{mode}"
     progress = progress_file(workdir, arm)
     progress.unlink(missing_ok=True)
-    knobs = trl_knobs(size, optim, tuned)
+    knobs = trl_knobs(size, optim, tuned=mode == "tuned")
     try:
         args = GRPOConfig(
             output_dir=str(workdir / "trl_out"), num_generations=8, max_completion_length=128, learning_rate=1e-6,
             temperature=1.0, beta=0.0, num_iterations=1, bf16=False, model_init_kwargs={"dtype": torch.bfloat16},
             use_vllm=True, vllm_mode="colocate", vllm_enable_sleep_mode=True, vllm_max_model_length=1024,
             max_steps=steps, logging_steps=1, report_to="none", save_strategy="no", seed=0, use_cpu=not cuda,
-            **({"torch_compile": True} if compiled else {}), **knobs)
+            **({"torch_compile": True} if mode == "compile" else {}), **knobs)
     except Exception as err:  # noqa: BLE001  (recorded: a knob this TRL does not take)
         failed(err)
     timers: dict[str, float] = {}
@@ -374,7 +376,11 @@ def run_trl(size: str, steps: int, workdir: Path, plugin: bool, optim: str | Non
         trainer = GRPOTrainer(model=model, reward_funcs=[reward_digits, reward_exact], args=args, train_dataset=ds,
                               processing_class=tok, callbacks=[StepTimer()])
         init_s = time.perf_counter() - t_init
-        if plugin:
+        if mode == "compile_layers":  # the same regional compile as ours, in place: TRL's names and sync unchanged
+            from rollout_sleep.run.compiled import compile_model
+
+            print(compile_model(trainer.model), flush=True)
+        if mode == "plugin":
             from rollout_sleep.integrations.trl import patch
 
             patch(trainer, verify_every=0)
@@ -470,12 +476,14 @@ def run_size(args, size: str, out_file: Path | None) -> dict:
             print(f"both tuned, TRL step time / {ours}:", round(result[f"both_tuned_trl_over_{ours}"], 3), flush=True)
     # the compiled and the eager arm of ours: the config's own ("ours") is one of them
     compiled, eager = ("ours", "ours_eager") if t.compile else ("ours_compile", "ours")
-    if compiled in ok and "trl_compile" in ok:  # the both-compiled pair
-        result["both_compiled_trl_over_ours"] = ok["trl_compile"]["median_step_s"] / ok[compiled]["median_step_s"]
-        print("both compiled, TRL step time / ours:", round(result["both_compiled_trl_over_ours"], 3), flush=True)
-    for side, base in ((compiled, eager), ("trl_compile", "trl")):  # what compile gives each side
+    for trl_arm, key in (("trl_compile", "both_compiled_trl_over_ours"),
+                         ("trl_compile_layers", "both_compiled_layers_trl_over_ours")):  # the both-compiled pairs
+        if compiled in ok and trl_arm in ok:
+            result[key] = ok[trl_arm]["median_step_s"] / ok[compiled]["median_step_s"]
+            print(f"both compiled ({trl_arm}), TRL step time / ours:", round(result[key], 3), flush=True)
+    for side, base in ((compiled, eager), ("trl_compile", "trl"), ("trl_compile_layers", "trl")):  # compile's gain
         if side in ok and base in ok:
-            result.setdefault("compile_speedup", {})[base] = ok[base]["median_step_s"] / ok[side]["median_step_s"]
+            result.setdefault("compile_speedup", {})[side] = ok[base]["median_step_s"] / ok[side]["median_step_s"]
     if "trl" in ok:
         t = ok["trl"]
         result["trl_step_s_over"] = {a: t["median_step_s"] / r["median_step_s"] for a, r in ok.items()}
@@ -507,7 +515,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--out", required=True)
     ap.add_argument("--workdir", default="/tmp/rs-grpo-bench")
-    ap.add_argument("--trl-child", choices=["stock", "plugin", "tuned", "compile"])
+    ap.add_argument("--trl-child", choices=["stock", "plugin", "tuned", "compile", "compile_layers"])
     ap.add_argument("--model", help="(TRL child) the shared checkpoint")
     ap.add_argument("--arms", default="ours,ours_tuned,trl,trl_plugin")
     ap.add_argument("--optim", choices=sorted(TRL_OPTIM), help="both sides' optimizer (default: the config's)")
@@ -520,8 +528,7 @@ def main() -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     if args.trl_child:
         work = Path(args.workdir) / args.size
-        return run_trl(args.size, args.steps, work, args.trl_child == "plugin", args.optim, args.model,
-                       tuned=args.trl_child == "tuned", compiled=args.trl_child == "compile")
+        return run_trl(args.size, args.steps, work, args.trl_child, args.optim, args.model)
     signal.signal(signal.SIGTERM, _stopped)  # an outer timeout: the arm in progress is recorded (partial_arm)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
