@@ -157,10 +157,10 @@ class GRPORecipe:
         self._check_launch()
         # one copy of the weights where it applies (model.share_weights): known before the model folder is built
         self.one_copy = one_copy.before_engine(self.cfg, detect_device(), self.acc.num_processes,
-                                               self.acc.distributed_type.value)
-        missing = missing_package(self.cfg.train.optimizer, run_stochastic_rounding(self.cfg, self.one_copy.on))
-        if missing:  # one copy in bf16 rounds stochastically (torchao): said before anything starts
-            raise ConfigError(missing)
+                                               self.acc.distributed_type.value, self._model_type())
+        if not self.one_copy.on and self.cfg.model.lora.rank == 0:
+            self.acc.print(self.one_copy.describe())  # before the plan and vLLM: both count two copies
+        self._check_copies()
         self._check_saved_optimizer()  # the checkpoint a resume loads holds this optimizer's kind of state
         # read-only until the output dir is claimed: bad data, rewards or prompts stop the run with nothing written
         self._load_data_and_rewards()  # the rewards resolved once for the run: everything after uses self.rewards
@@ -194,6 +194,30 @@ class GRPORecipe:
         # trainer's heap (model, optimizer, data, W&B) frozen it stays short.
         gc.collect()
         gc.freeze()
+
+    def _model_type(self) -> str | None:
+        """The model's transformers ``model_type``, read from its config before anything starts (``None`` where
+        ``model.path`` holds no local config: vLLM's, once it has read it, decides)."""
+        path = self.cfg.model.path
+        if path in SHAPES:
+            return "qwen3"
+        config = Path(path, "config.json")
+        return json.loads(config.read_text()).get("model_type") if config.is_file() else None
+
+    def _check_copies(self) -> None:
+        """What the one-copy decision (before vLLM starts, and again where it falls back to two copies) asks of the
+        config: the optimizer's package (one copy in bf16 rounds stochastically with torchao's optimizers; two
+        copies take the optimizer's own), and with two copies no expandable segments (the engine sleeps at level 2).
+        ``load_config`` checked both for the decision it could foresee; the model's type or vLLM's layout may
+        decide otherwise."""
+        cfg, two = self.cfg, not self.one_copy.on
+        missing = missing_package(cfg.train.optimizer, run_stochastic_rounding(cfg, self.one_copy.on))
+        if missing:
+            raise ConfigError(missing + (f" (two copies of the weights: {self.one_copy.why})" if two else ""))
+        if two and cfg.train.expandable_segments and not cfg.model.lora.rank and detect_device() == "cuda":
+            raise ConfigError([f"train.expandable_segments=true needs an engine that sleeps at level 0, and this run "
+                               f"takes two copies of the weights ({self.one_copy.why}): set "
+                               "train.expandable_segments=false"])
 
     def _optimizer_record(self) -> dict:
         """The optimizer this run builds, as a checkpoint records it (the one-copy decision picks its kind where
@@ -351,11 +375,12 @@ class GRPORecipe:
         """The one-copy decision once vLLM holds the weights, logged with its reason. ``model.share_weights=true``
         refuses to go on where the trainer cannot view them exactly; ``null`` takes two copies (and plans again)."""
         cfg = self.cfg
+        if not self.one_copy.on:  # said before vLLM started
+            return
         decided = one_copy.after_engine(self.one_copy, self.engine)
-        if decided.on or not self.one_copy.on:
+        if decided.on:
             self.one_copy = decided
-            if cfg.model.lora.rank == 0:
-                self.acc.print(decided.describe())
+            self.acc.print(decided.describe())
             return
         if cfg.model.share_weights is True or self.model_built_here:
             weights = "" if cfg.model.share_weights is True else \
@@ -363,6 +388,8 @@ class GRPORecipe:
             raise ConfigError(f"model.share_weights: {decided.why}{weights}. Fix: model.share_weights=false")
         self.one_copy = decided
         self.acc.print(decided.describe())
+        self._check_copies()  # what one copy allowed and two copies may not, before the trainer is built
+        self._note_low_precision_lr()  # bf16 weights now stepped without stochastic rounding
         self.plan = self._memory_plan(kv_bytes)  # planned with one copy: now two
 
     def _load_reward_models(self) -> None:
@@ -429,7 +456,7 @@ class GRPORecipe:
         if self.cfg.train.expandable_segments:
             if self.acc.device.type != "cuda":
                 self.acc.print("train.expandable_segments: no GPU, nothing to change")
-            elif not keeps_weights:  # one copy fell back to two after vLLM started (its layout has no exact view)
+            elif not keeps_weights:  # refused before vLLM started or at the fallback (_check_copies); kept as a guard
                 raise ConfigError(["train.expandable_segments=true needs an engine that sleeps at level 0, and this "
                                    "run takes two copies of the weights (see why above): set "
                                    "train.expandable_segments=false"])

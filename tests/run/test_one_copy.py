@@ -42,12 +42,28 @@ def _cfg(**overrides) -> RecipeConfig:
     # broken invariant)
     ({}, "cuda", 1, False, "accelerate runs the trainer with DEEPSPEED, which replaces its parameters"),
     ({}, "cuda", 1, False, "accelerate runs the trainer with FSDP"),
+    # a model type whose vLLM layout no test checked: vLLM's loader may reorder a tensor under its name and shape
+    ({}, "cuda", 1, False, "vLLM's layout of model type 'falcon' is not one this project checked"),
+    ({}, "cuda", 1, True, "CUDA, one process"),  # a type not known before vLLM reads it: vLLM's decides (after)
 ])
 def test_where_one_copy_applies_before_the_engine_starts(overrides, device, processes, on, why):
     distributed = next((d for d in ("DEEPSPEED", "FSDP") if d in why), "NO")
-    decision = one_copy.before_engine(_cfg(**overrides), device, processes, distributed)
+    model_type = "falcon" if "falcon" in why else None if on and not overrides else "qwen3"
+    decision = one_copy.before_engine(_cfg(**overrides), device, processes, distributed, model_type)
     assert decision.on is on and why in decision.why, decision
     assert ("one copy" if on else "two copies") in decision.describe()
+
+
+def test_the_checked_layouts_are_the_families_the_tests_check():
+    """One copy and the ``direct`` route trust vLLM's layout name by name only for the model types whose every
+    view tests/weights/test_families.py compares with what vLLM's loader holds: the model factory's families."""
+    from rollout_sleep.weights.checkpoints import FAMILIES
+    from rollout_sleep.weights.layout import CHECKED_MODEL_TYPES, unchecked_problem
+
+    assert CHECKED_MODEL_TYPES == {f.model_type for f in FAMILIES.values()}
+    assert all(unchecked_problem(t) is None for t in CHECKED_MODEL_TYPES)
+    assert "'bloom'" in unchecked_problem("bloom") and "query_key_value" in unchecked_problem("bloom")
+    assert unchecked_problem(None)
 
 
 def test_after_the_engine_starts_an_exact_view_is_required():
@@ -239,6 +255,20 @@ def test_the_recipe_falls_back_to_two_copies_when_vllm_holds_no_exact_view(tmp_p
         assert "two copies of the weights" in capsys.readouterr().out
     finally:
         run.engine.close()
+    # the fallback turns stochastic rounding (torchao) off: the two-copy optimizer's package is checked again
+    _without_bitsandbytes(monkeypatch)
+    bf16 = recipe.GRPORecipe(recipe.load_config(config, [f"output_dir={tmp_path / 'c'}", f"model.path={ckpts['tied0']}",
+                                                         "model.dtype=bfloat16", "train.optimizer=adamw8bit", *common],
+                                                 device="cuda"))  # as on CUDA: one copy foreseen, torchao's rounding
+    try:
+        with pytest.raises(ConfigError, match="needs bitsandbytes.*two copies of the weights.*cannot view"):
+            bf16.setup()
+        assert getattr(bf16, "model", None) is None  # before the trainer is built
+    finally:
+        if getattr(bf16, "engine", None) is not None:
+            bf16.engine.close()
+    monkeypatch.undo()
+    monkeypatch.setattr(recipe, "detect_device", lambda: "cuda")
     sized = recipe.GRPORecipe(recipe.load_config(config, [f"output_dir={tmp_path / 'b'}", *common]))
     with pytest.raises(ConfigError, match="the model folder holds a config alone.*Fix: model.share_weights=false"):
         try:
@@ -248,16 +278,84 @@ def test_the_recipe_falls_back_to_two_copies_when_vllm_holds_no_exact_view(tmp_p
                 sized.engine.close()
 
 
-def test_one_copy_needs_torchao_not_bitsandbytes_for_its_8bit_optimizer(monkeypatch):
-    """With one copy (null on CUDA) adamw8bit rounds stochastically through torchao: a missing bitsandbytes is not a
-    problem there (the 8B config was refused for it on the H100), and is named where two copies take it."""
-    import importlib.util
+def _falcon(path) -> str:
+    """A tiny Falcon checkpoint (transformers' own class): vLLM's loader regroups its fused query_key_value's
+    per-head interleaved rows into q, k, v, under the same name and shape."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from helpers import ROOT
+    from rollout_sleep.weights.checkpoints import build_tokenizer
+
+    tok = build_tokenizer()
+    cfg = AutoConfig.for_model("falcon", vocab_size=-(-len(tok) // 64) * 64, hidden_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, new_decoder_architecture=False, multi_query=False, alibi=False,
+                               parallel_attn=True, bias=False, tie_word_embeddings=False,
+                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def test_a_model_type_whose_layout_is_unchecked_takes_vllms_loader_and_says_so(tmp_path, monkeypatch, capsys):
+    """Falcon's fused query_key_value is held by vLLM reordered under its checkpoint name and shape: a view of it
+    (one copy, the ``direct`` route) would train or write the wrong rows while every name and shape check and
+    ``verify`` passed. Its type is not among the checked layouts: one copy is off before vLLM starts (said before
+    the plan and the engine), ``direct`` is not taken, and a verify mismatch says it may be the comparison."""
+    from helpers import ROOT, load_recipe
+    from transformers import AutoModelForCausalLM
+
+    from rollout_sleep.weights.verify import verify
+
+    path = _falcon(tmp_path / "falcon")
+    recipe = load_recipe()
+    monkeypatch.setattr(recipe, "detect_device", lambda: "cuda")  # where one copy would otherwise apply
+    run = recipe.GRPORecipe(recipe.load_config(str(ROOT / "configs" / "tiny-cpu.yaml"), [
+        f"output_dir={tmp_path / 'out'}", f"model.path={path}", "wandb.mode=disabled", "train.steps=1",
+        "engine.verify_every=0"]))
+    try:
+        run.setup()
+        out = capsys.readouterr().out
+        assert not run.one_copy.on and "model type 'falcon'" in run.one_copy.why
+        said = out.index("two copies of the weights")
+        assert said < out.index("starting the vLLM engine") and out.count("two copies of the weights") == 1
+        why = run.engine.loader.why_not_direct()
+        assert "model type 'falcon'" in why and run.engine.loader.resolve_method("auto", strict=True) != "direct"
+        report = verify(run.engine, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))
+        assert not report.ok and any("query_key_value" in n for n in report.mismatched)
+        assert "model type 'falcon'" in report.note and "engine.verify_every=0" in report.note
+        with pytest.raises(AssertionError, match="This comparison may be wrong rather than the weights"):
+            report.raise_if_failed()
+    finally:
+        run.engine.close()
+    # what two copies cannot take is refused before vLLM starts, with the decision's reason
+    for extra, said in ((["train.expandable_segments=true"], "train.expandable_segments=true needs an engine"),
+                        (["model.dtype=bfloat16", "train.optimizer=adamw8bit"], "needs bitsandbytes")):
+        run = recipe.GRPORecipe(recipe.load_config(str(ROOT / "configs" / "tiny-cpu.yaml"), [
+            f"output_dir={tmp_path / 'refused'}", f"model.path={path}", "wandb.mode=disabled", *extra], device="cuda"))
+        _without_bitsandbytes(monkeypatch)
+        with pytest.raises(ConfigError, match=rf"{said}.*two copies of the weights.*model type 'falcon'"):
+            run.setup()
+        assert getattr(run, "engine", None) is None and not (tmp_path / "refused").exists()
+
+
+def _without_bitsandbytes(monkeypatch) -> None:
+    import importlib.util
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+
+
+def test_one_copy_needs_torchao_not_bitsandbytes_for_its_8bit_optimizer(monkeypatch):
+    """With one copy (null on CUDA) adamw8bit rounds stochastically through torchao: a missing bitsandbytes is not a
+    problem there (the 8B config was refused for it on the H100), and is named where two copies take it."""
+    from helpers import ROOT
+
+    _without_bitsandbytes(monkeypatch)
     config = str(ROOT / "configs" / "qwen3-8b.yaml")
     load_config(config, [], device="cuda")
     with pytest.raises(ConfigError, match="train.optimizer=adamw8bit needs bitsandbytes"):
@@ -332,6 +430,10 @@ def test_expandable_segments_needs_an_engine_that_sleeps_at_level_0():
     cfg = load_config(None, ["train.expandable_segments=true"], device="cuda")
     (problem,) = check_processes(cfg, 2)
     assert problem.startswith("train.expandable_segments=true needs an engine that sleeps at level 0, and with 2")
+    for launch in ("FSDP", "DEEPSPEED"):  # one process, whose parameters the launch replaces: two copies too
+        (problem,) = check_processes(cfg, 1, launch)
+        assert f"under accelerate's {launch} the run takes two copies" in problem
+    assert check_processes(cfg, 1) == []
     assert with_expandable_segments("") == "expandable_segments:True"
     assert with_expandable_segments("garbage_collection_threshold:0.6, expandable_segments:False") == \
         "garbage_collection_threshold:0.6,expandable_segments:True"

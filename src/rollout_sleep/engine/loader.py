@@ -344,6 +344,10 @@ class Loader:
         if experts:
             raise ValueError(cpu_moe_problem(experts[0]))
 
+    def model_type(self) -> str | None:
+        """The transformers ``model_type`` vLLM built its model for."""
+        return getattr(self.llm.llm_engine.vllm_config.model_config.hf_config, "model_type", None)
+
     def why_not_direct(self) -> str | None:
         """Why the ``direct`` route cannot map this model's weights exactly (``None``: it can)."""
         cfg = self.llm.llm_engine.vllm_config
@@ -351,6 +355,9 @@ class Loader:
             return "tensor parallel > 1"
         if cfg.model_config.quantization is not None:
             return f"quantized weights ({cfg.model_config.quantization})"
+        unchecked = layout.unchecked_problem(self.model_type())
+        if unchecked:
+            return unchecked
         plan = self._placements()
         engine = {n: s for n, (s, _) in self._engine_params.items()}
         unplaced = sorted(set(self.spec) - self.optional() - set(plan))

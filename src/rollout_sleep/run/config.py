@@ -404,6 +404,10 @@ def check_processes(cfg: RecipeConfig, processes: int, distributed_type: str = "
         out.append(f"train.expandable_segments=true needs an engine that sleeps at level 0, and with {processes} "
                    "processes the run takes two copies of the weights (one copy needs one process): launch one "
                    "process, or set train.expandable_segments=false")
+    elif cfg.train.expandable_segments and not cfg.model.lora.rank and distributed_type in REPLACES_PARAMETERS:
+        out.append(f"train.expandable_segments=true needs an engine that sleeps at level 0, and under accelerate's "
+                   f"{distributed_type} the run takes two copies of the weights "
+                   f"({REPLACES_PARAMETERS[distributed_type]}): launch without it, or set train.expandable_segments=false")
     if cfg.train.compile:
         from .compiled import launch_problem
 

@@ -3,7 +3,7 @@ tensors, the optimizer updates them in place, the engine releases only its KV ca
 (sleep level 0), and a sync moves nothing: it maps the KV cache back and resets the prefix cache.
 
 Where it applies is decided in two steps, each logged with its reason: :func:`before_engine` (what the config and
-the launch say: CUDA, one process, one engine, no LoRA) and :func:`after_engine` (what vLLM built: every
+the launch say: CUDA, one process, one engine, no LoRA, a model type whose vLLM layout is checked) and :func:`after_engine` (what vLLM built: every
 checkpoint tensor has an exact view, :meth:`~rollout_sleep.engine.loader.Loader.why_not_direct`). ``null`` takes
 the copy path where it does not apply; ``true`` refuses to start instead.
 
@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from rollout_sleep.run.modes import REPLACES_PARAMETERS
+from rollout_sleep.weights.layout import unchecked_problem
 from rollout_sleep.weights.views import (coverage_problems, load_in_place, model_on_views, model_spans, partial_views,
                                          span, whole_views)
 
@@ -38,12 +39,16 @@ class Decision:
                 f"two copies of the weights (the trainer's and vLLM's, synced each step): {self.why}")
 
 
-def before_engine(cfg: Any, device: str, processes: int, distributed_type: str = "NO") -> Decision:
-    """What the config and the launch decide before vLLM starts (``device``: ``cpu`` / ``cuda``;
-    ``distributed_type``: accelerate's, e.g. ``NO``, ``MULTI_GPU``, ``FSDP``, ``DEEPSPEED``)."""
+def before_engine(cfg: Any, device: str, processes: int, distributed_type: str = "NO",
+                  model_type: str | None = None) -> Decision:
+    """What the config, the launch and the model's type decide before vLLM starts (``device``: ``cpu`` /
+    ``cuda``; ``distributed_type``: accelerate's, e.g. ``NO``, ``MULTI_GPU``, ``FSDP``, ``DEEPSPEED``;
+    ``model_type``: the checkpoint's transformers type, ``None`` where it is not known before vLLM reads it)."""
     if cfg.model.share_weights is False:
         return Decision(False, "model.share_weights=false")
     why = []
+    if model_type is not None and unchecked_problem(model_type):
+        why.append(unchecked_problem(model_type))
     if cfg.model.lora.rank:
         why.append("model.lora trains an adapter (its frozen base is already a view of the engine's weights)")
     if device != "cuda":

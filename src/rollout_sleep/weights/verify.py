@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .layout import EngineLayout
+from .layout import EngineLayout, unchecked_problem
 from .stream import WeightStream
 
 
@@ -29,6 +29,7 @@ class VerifyReport:
     unplaced: dict[str, str] = field(default_factory=dict)
     max_abs_diff: float = 0.0
     seconds: float = 0.0
+    note: str = ""  # what else a mismatch may mean (a model type whose vLLM layout is not checked)
 
     def raise_if_failed(self) -> "VerifyReport":
         if not self.ok:
@@ -40,7 +41,7 @@ class VerifyReport:
             if self.unplaced:
                 parts.append(f"{len(self.unplaced)} tensor(s) could not be placed in vLLM's layout: "
                              + ", ".join(f"{n} ({why})" for n, why in list(self.unplaced.items())[:10]))
-            raise AssertionError("; ".join(parts))
+            raise AssertionError("; ".join(parts) + (f". {self.note}" if self.note else ""))
         return self
 
 
@@ -91,5 +92,9 @@ def verify_in_process(engine, model: nn.Module | WeightStream | list[tuple[str, 
 
     report = engine.run_on_model(compare)
     report.seconds = time.perf_counter() - t0
+    unchecked = unchecked_problem(engine.loader.model_type()) if report.mismatched else None
+    if unchecked:  # the weights were loaded through vLLM's own loader there ('auto' takes no view of them)
+        report.note = (f"This comparison may be wrong rather than the weights: {unchecked}. Verify compares "
+                       "through that layout: turn it off for this model (engine.verify_every=0)")
     return report
 
