@@ -202,7 +202,13 @@ class GRPORecipe:
         if path in SHAPES:
             return "qwen3"
         config = Path(path, "config.json")
-        return json.loads(config.read_text()).get("model_type") if config.is_file() else None
+        if not config.is_file():
+            return None
+        try:
+            return json.loads(config.read_text()).get("model_type")
+        except (OSError, ValueError, AttributeError) as err:
+            raise ConfigError([f"model.path={path}: {config} cannot be read as a model config "
+                               f"({type(err).__name__}: {err}); point model.path at a transformers model folder"]) from err
 
     def _check_copies(self) -> None:
         """What the one-copy decision (before vLLM starts, and again where it falls back to two copies) asks of the
