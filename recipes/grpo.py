@@ -158,6 +158,9 @@ class GRPORecipe:
         # one copy of the weights where it applies (model.share_weights): known before the model folder is built
         self.one_copy = one_copy.before_engine(self.cfg, detect_device(), self.acc.num_processes,
                                                self.acc.distributed_type.value, self._model_type())
+        if not self.one_copy.on and self.cfg.model.share_weights is True:  # a reason load_config could not see
+            raise ConfigError(f"model.share_weights=true: {self.one_copy.why}. Fix: model.share_weights=null (two "
+                              "copies where one cannot be) or false")
         if not self.one_copy.on and self.cfg.model.lora.rank == 0:
             self.acc.print(self.one_copy.describe())  # before the plan and vLLM: both count two copies
         self._check_copies()

@@ -331,13 +331,15 @@ def test_a_model_type_whose_layout_is_unchecked_takes_vllms_loader_and_says_so(t
             report.raise_if_failed()
     finally:
         run.engine.close()
-    # what two copies cannot take is refused before vLLM starts, with the decision's reason
-    for extra, said in ((["train.expandable_segments=true"], "train.expandable_segments=true needs an engine"),
+    # what two copies cannot take is refused before vLLM starts, with the decision's reason, and so is a one copy
+    # asked for
+    for extra, said in ((["model.share_weights=true"], "model.share_weights=true: "),
+                        (["train.expandable_segments=true"], "train.expandable_segments=true needs an engine"),
                         (["model.dtype=bfloat16", "train.optimizer=adamw8bit"], "needs bitsandbytes")):
         run = recipe.GRPORecipe(recipe.load_config(str(ROOT / "configs" / "tiny-cpu.yaml"), [
             f"output_dir={tmp_path / 'refused'}", f"model.path={path}", "wandb.mode=disabled", *extra], device="cuda"))
         _without_bitsandbytes(monkeypatch)
-        with pytest.raises(ConfigError, match=rf"{said}.*two copies of the weights.*model type 'falcon'"):
+        with pytest.raises(ConfigError, match=rf"{said}.*model type 'falcon'"):
             run.setup()
         assert getattr(run, "engine", None) is None and not (tmp_path / "refused").exists()
 
