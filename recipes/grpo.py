@@ -113,6 +113,7 @@ from rollout_sleep.run.schema import RecipeConfig  # noqa: E402
 from rollout_sleep.run.update_check import UpdateCheck, checkpoint_magnitude, lr_note  # noqa: E402
 from rollout_sleep.run.watchdog import Watchdog  # noqa: E402
 from rollout_sleep.weights.checkpoints import SHAPES, make_checkpoint, make_config_dir  # noqa: E402
+from rollout_sleep.weights.layout import unchecked_problem  # noqa: E402
 
 
 class GRPORecipe:
@@ -156,8 +157,9 @@ class GRPORecipe:
         set_seed(self.cfg.train.seed)
         self._check_launch()
         # one copy of the weights where it applies (model.share_weights): known before the model folder is built
+        self.model_type = self._model_type()  # where vLLM's layout is checked (one copy, a LoRA base's views)
         self.one_copy = one_copy.before_engine(self.cfg, detect_device(), self.acc.num_processes,
-                                               self.acc.distributed_type.value, self._model_type())
+                                               self.acc.distributed_type.value, self.model_type)
         if not self.one_copy.on and self.cfg.model.share_weights is True:  # a reason load_config could not see
             raise ConfigError(f"model.share_weights=true: {self.one_copy.why}. Fix: model.share_weights=null (two "
                               "copies where one cannot be) or false")
@@ -188,6 +190,7 @@ class GRPORecipe:
         self._silent_said: set[str] = set()  # rewards warned about for scoring none of a step's completions
         self.ref_model = self._reference_model()
         self.manager = self._rollout_manager()
+        self._check_verifiable()  # both sides hold the checkpoint: a layout verify cannot read is found here
         self._resume()  # after the manager: a restored state is pushed to the engine
         if self.offload is not None:
             self.offload.offload()  # a resumed state is loaded onto the device: off it before the first rollout
@@ -208,10 +211,32 @@ class GRPORecipe:
         if not config.is_file():
             return None
         try:
-            return json.loads(config.read_text()).get("model_type")
+            kind = json.loads(config.read_text()).get("model_type")
         except (OSError, ValueError, AttributeError) as err:
             raise ConfigError([f"model.path={path}: {config} cannot be read as a model config "
                                f"({type(err).__name__}: {err}); point model.path at a transformers model folder"]) from err
+        if kind is not None and not isinstance(kind, str):
+            raise ConfigError([f"model.path={path}: {config} has model_type {kind!r}, not a string; point model.path "
+                               "at a transformers model folder"])
+        return kind
+
+    def _check_verifiable(self) -> None:
+        """With ``engine.verify_every`` on and a model type whose vLLM layout the tests do not check, verify once
+        before any step, while the engine and the trainer hold the same checkpoint: a mismatch then is verify's
+        comparison, not a sync (vLLM's loader holds a tensor reordered under its name and shape), and the run is
+        refused here, not after its first rollout and step."""
+        if not self.cfg.engine.verify_every or self.lora is not None or unchecked_problem(self.model_type) is None:
+            return
+        from rollout_sleep.weights.verify import verify
+
+        report = verify(self.engine, self.model)
+        if not report.ok:
+            names = list(report.mismatched) + list(report.unplaced)
+            raise ConfigError([f"engine.verify_every={self.cfg.engine.verify_every}: before any step, with the engine "
+                               f"and the trainer loaded from the same checkpoint, verify finds {len(names)} tensor(s) "
+                               f"different, e.g. {names[:3]}: {unchecked_problem(self.model_type)}, and verify compares "
+                               "through that layout. Fix: engine.verify_every=0 for this model (the weights reach "
+                               "vLLM through its own loader)"])
 
     def _check_copies(self) -> None:
         """What the one-copy decision (before vLLM starts, and again where it falls back to two copies) asks of the
@@ -513,6 +538,8 @@ class GRPORecipe:
         if self._shares_base():
             self.acc.print("LoRA: the trainer's base is a view of the engine's weights (one copy on the GPU)")
             return trainer_from_engine(self.engine, self.lora, gradient_checkpointing=checkpointing)
+        if self.lora is not None and torch.cuda.is_available() and unchecked_problem(self.model_type):
+            self.acc.print(f"LoRA: the trainer loads its own base ({unchecked_problem(self.model_type)})")
         if self.one_copy.on:  # a size's random weights are drawn in place, into vLLM's memory
             return one_copy.trainer_on_engine(self.engine, gradient_checkpointing=checkpointing,
                                               init_seed=cfg.model.seed if self.model_built_here else None)
@@ -528,8 +555,10 @@ class GRPORecipe:
         return get_peft_model(model, self.lora.peft_config())
 
     def _shares_base(self) -> bool:
-        """LoRA on CUDA with an engine per process: the trainer's base will be a view of the engine's weights."""
-        return bool(self.cfg.model.lora.rank) and torch.cuda.is_available() and self.cfg.engine.tensor_parallel_size == 1
+        """LoRA on CUDA with an engine per process, of a model type whose vLLM layout the tests check: the trainer's
+        base will be a view of the engine's weights (elsewhere it loads its own, and the plan counts it)."""
+        return bool(self.cfg.model.lora.rank) and torch.cuda.is_available() \
+            and self.cfg.engine.tensor_parallel_size == 1 and unchecked_problem(self.model_type) is None
 
     def _note_low_precision_lr(self) -> None:
         """Before vLLM starts: a warning when the trainer steps bf16/fp16 weights in place (one process or DDP;

@@ -326,11 +326,23 @@ def test_a_model_type_whose_layout_is_unchecked_takes_vllms_loader_and_says_so(t
         assert "model type 'falcon'" in why and run.engine.loader.resolve_method("auto", strict=True) != "direct"
         report = verify(run.engine, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))
         assert not report.ok and any("query_key_value" in n for n in report.mismatched)
-        assert "model type 'falcon'" in report.note and "engine.verify_every=0" in report.note
+        assert "model type 'falcon'" in report.note and "turn verify off" in report.note
         with pytest.raises(AssertionError, match="This comparison may be wrong rather than the weights"):
             report.raise_if_failed()
     finally:
         run.engine.close()
+    # with verify on, the comparison that cannot read this layout is found before any step (both sides hold the
+    # checkpoint), and the run is refused naming the fix
+    run = recipe.GRPORecipe(recipe.load_config(str(ROOT / "configs" / "tiny-cpu.yaml"), [
+        f"output_dir={tmp_path / 'verified'}", f"model.path={path}", "wandb.mode=disabled", "engine.verify_every=1"]))
+    try:
+        with pytest.raises(ConfigError, match=r"engine.verify_every=1: before any step.*query_key_value.*model type "
+                                              r"'falcon'.*Fix: engine.verify_every=0"):
+            run.setup()
+        assert getattr(run, "step", 0) == 0
+    finally:
+        if getattr(run, "engine", None) is not None:
+            run.engine.close()
     # what two copies cannot take is refused before vLLM starts, with the decision's reason, and so is a one copy
     # asked for
     for extra, said in ((["model.share_weights=true"], "model.share_weights=true: "),
@@ -462,3 +474,25 @@ def test_a_one_copy_trainer_of_a_size_draws_the_weights_its_checkpoint_would_hol
                              pin_weights=lambda why: None)
     model = one_copy.trainer_on_engine(engine, init_seed=3)
     assert [n for n, p in model.named_parameters() if not torch.equal(p.detach(), saved[n])] == []
+
+
+def test_a_lora_base_is_viewed_only_where_the_layout_is_checked_and_a_resume_names_the_optimizer_that_fits(
+        monkeypatch):
+    """A LoRA trainer built on views of vLLM's weights (no value compared) takes them only for a checked model type;
+    elsewhere it loads its own base (two copies of the base, planned), as on CPU, instead of stopping after vLLM
+    started. A resume refused because the one-copy decision changed (here: the model's type) names the fix that
+    keeps the saved optimizer."""
+    from helpers import load_recipe
+
+    from rollout_sleep.run.optim import optimizer_mismatch, optimizer_record
+
+    recipe = load_recipe()
+    run = recipe.GRPORecipe.__new__(recipe.GRPORecipe)
+    run.cfg = load_config(None, ["model.lora.rank=8"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for kind, shares in (("llama", True), ("qwen3", True), ("granite", False), ("falcon", False), (None, False)):
+        run.model_type = kind
+        assert run._shares_base() is shares, kind
+    saved = optimizer_record("adamw", True, True)  # one copy, torchao's rounding
+    problem = optimizer_mismatch(saved, optimizer_record("adamw", False, False), "step_2")
+    assert "keep its optimizer with train.stochastic_rounding=true" in problem

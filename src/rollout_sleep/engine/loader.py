@@ -349,15 +349,19 @@ class Loader:
         return getattr(self.llm.llm_engine.vllm_config.model_config.hf_config, "model_type", None)
 
     def why_not_direct(self) -> str | None:
-        """Why the ``direct`` route cannot map this model's weights exactly (``None``: it can)."""
+        """Why the ``direct`` route (and a view of vLLM's weights) cannot map this model's weights exactly
+        (``None``: it can): :meth:`why_no_views`, or a model type whose layout the tests do not check, where a
+        name and a shape that match prove nothing (:func:`~rollout_sleep.weights.layout.unchecked_problem`)."""
+        return layout.unchecked_problem(self.model_type()) or self.why_no_views()
+
+    def why_no_views(self) -> str | None:
+        """Why some checkpoint tensor has no place of its name and shape in vLLM's parameters (``None``: every one
+        has). Enough where the values are compared before they are trusted (a LoRA base rebound to them)."""
         cfg = self.llm.llm_engine.vllm_config
         if cfg.parallel_config.tensor_parallel_size != 1:
             return "tensor parallel > 1"
         if cfg.model_config.quantization is not None:
             return f"quantized weights ({cfg.model_config.quantization})"
-        unchecked = layout.unchecked_problem(self.model_type())
-        if unchecked:
-            return unchecked
         plan = self._placements()
         engine = {n: s for n, (s, _) in self._engine_params.items()}
         unplaced = sorted(set(self.spec) - self.optional() - set(plan))

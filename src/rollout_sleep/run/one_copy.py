@@ -50,7 +50,7 @@ def before_engine(cfg: Any, device: str, processes: int, distributed_type: str =
     if model_type is not None and unchecked_problem(model_type):
         why.append(unchecked_problem(model_type))
     if cfg.model.lora.rank:
-        why.append("model.lora trains an adapter (its frozen base is already a view of the engine's weights)")
+        why.append("model.lora trains an adapter (its frozen base is held once already where vLLM's layout allows)")
     if device != "cuda":
         why.append("vLLM's CPU build repacks its linear weights (the trainer cannot view them)")
     if cfg.engine.tensor_parallel_size > 1:

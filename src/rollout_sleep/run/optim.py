@@ -164,7 +164,10 @@ def optimizer_mismatch(saved: dict | None, now: dict, checkpoint: str) -> str | 
             "train.stochastic_rounding=null turns torchao's rounding on exactly where the trainer steps vLLM's own "
             "bf16 weights (one copy). Fix: resume as the run was trained ("
             + ("model.share_weights=null or true, on a CUDA GPU, one process" if saved.get("weights_shared") else
-               "model.share_weights=false") + "), or start a new run in a new output_dir")
+               "model.share_weights=false") + ")"
+            + (f", keep its optimizer with train.stochastic_rounding={str(bool(saved['stochastic_rounding'])).lower()}"
+               if "stochastic_rounding" in saved else "")
+            + ", or start a new run in a new output_dir")
 
 
 def optimizer_state_bytes(kind: str, tensors, state32=(), stochastic_rounding: bool = False) -> int:

@@ -95,6 +95,7 @@ def verify_in_process(engine, model: nn.Module | WeightStream | list[tuple[str, 
     unchecked = unchecked_problem(engine.loader.model_type()) if report.mismatched else None
     if unchecked:  # the weights were loaded through vLLM's own loader there ('auto' takes no view of them)
         report.note = (f"This comparison may be wrong rather than the weights: {unchecked}. Verify compares "
-                       "through that layout: turn it off for this model (engine.verify_every=0)")
+                       "through that layout: where the weights were equal before training (the same checkpoint "
+                       "on both sides), turn verify off for this model")
     return report
 
