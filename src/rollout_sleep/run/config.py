@@ -231,10 +231,11 @@ def _check_values(cfg: RecipeConfig, device: str) -> list[str]:
             out.append(f"{key} must be >= {low}, got {value!r}")
 
     m, e, d, t, w = cfg.model, cfg.engine, cfg.data, cfg.train, cfg.watchdog
-    if m.path not in SHAPES and not Path(m.path).expanduser().is_dir() and \
-            (m.path.startswith(("/", ".", "~")) or m.path.count("/") != 1):
+    if m.path not in SHAPES and not Path(m.path).expanduser().joinpath("config.json").is_file():
+        what = "a folder without a config.json" if Path(m.path).expanduser().is_dir() else "no such folder"
         out.append(f"model.path {m.path!r} is neither a size ({', '.join(SHAPES)}) nor a local checkpoint "
-                   "folder (nor a hub id like org/name)")
+                   f"folder ({what}): vLLM and the trainer load the model from a local folder. A hub model: "
+                   "download it first (huggingface-cli download org/name --local-dir DIR) and give model.path=DIR")
     if m.tie_word_embeddings is not None and m.path not in SHAPES:  # a checkpoint's config.json decides
         out.append(f"model.tie_word_embeddings={str(m.tie_word_embeddings).lower()} applies only to a size this "
                    f"project builds (model.path one of {', '.join(SHAPES)}); model.path {m.path!r} is a checkpoint, "
@@ -461,7 +462,7 @@ def _from_folder(spec: str, folder: Path, must_exist: bool = False) -> str:
 def resolve_yaml_paths(cfg: RecipeConfig, folder: Path) -> dict[str, str]:
     """Read the input paths a YAML config gave relative to its own ``folder`` (so a config runs from any working
     directory): ``data.dataset`` (but ``synthetic``), reward files (``path/x.py:fn``) and reward-model folders,
-    and ``model.path`` where it names a folder there (else it stays a size or hub id). ``output_dir`` stays
+    and ``model.path`` where it names a folder there (else it stays as written: a size, or refused). ``output_dir`` stays
     relative to the working directory, as the run's output. Returns ``{resolved: as written}``.
 
     >>> from rollout_sleep.run.schema import DataConfig
