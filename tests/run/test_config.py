@@ -54,6 +54,8 @@ def test_unreadable_and_non_mapping_files(tmp_path):
     ("engine.gpu_memory_utilization=1.5", r"engine.gpu_memory_utilization must be in \(0, 1\]"),
     ("data.dataset=no/such/file.jsonl", "data.dataset 'no/such/file.jsonl' not found"),
     ("model.path=./no-such-model", "model.path './no-such-model' is neither a size"),
+    # a hub id: the engine loads a local folder only (it used to pass here and fail after the output folder)
+    ("model.path=org/name", r"model.path 'org/name' is neither a size .*huggingface-cli download"),
     ("watchdog.generate_s=-5", "watchdog.generate_s must be >= 0"),
     ("train.update_check_every=-1", "train.update_check_every must be >= 0, got -1"),
     ("rewards=arithmetic_exact", "rewards must be a list of strings"),
