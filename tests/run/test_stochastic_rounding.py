@@ -297,6 +297,8 @@ def test_offload_moves_torchao_state_and_keeps_it_quantized():
     host buffer dequantized it)."""
     from rollout_sleep.run.offload import OptimizerOffload
 
+    pytest.importorskip("torchao")
+
     def run(offload: bool):
         torch.manual_seed(0)
         p = torch.nn.Parameter((torch.randn(64, 128, device="cuda") * 0.02).bfloat16())
