@@ -365,11 +365,20 @@ class GRPORecipe:
             yield make_config_dir(folder, cfg.path, dtype=cfg.dtype, tie_word_embeddings=cfg.tie_word_embeddings)
 
     def _check_syncable(self, model_files: str) -> None:
-        """Before anything is written: a model whose weights no sync can load into the running engine here (a
-        mixture of experts on vLLM CPU, trained whole) is refused from its config, not at the first sync."""
+        """Before anything is written: a model whose weights no sync can load into the running engine here is
+        refused from its config, not at the first sync: a quantized checkpoint (the trainer trains float weights and
+        the sync writes float tensors under the checkpoint's names), and a mixture of experts on vLLM CPU, trained
+        whole."""
+        config = json.loads(Path(model_files, "config.json").read_text())
+        quant = config.get("quantization_config") or config.get("text_config", {}).get("quantization_config")
+        if quant:
+            method = quant.get("quant_method", "unnamed") if isinstance(quant, dict) else "unnamed"
+            raise ConfigError([f"model.path={self.cfg.model.path}: a quantized checkpoint ({method}, config.json's "
+                               "quantization_config): the trainer trains float weights, and a sync writes them into "
+                               "vLLM under the float checkpoint's names. Give the model's bf16 (or float32) "
+                               "checkpoint"])
         if torch.cuda.is_available() or self.cfg.model.lora.rank:  # LoRA moves only the adapter
             return
-        config = json.loads(Path(model_files, "config.json").read_text())
         if memory_plan.experts_per_token(config.get("text_config", config)):
             raise ConfigError([f"model.path={self.cfg.model.path}: {cpu_moe_problem()}"])
 

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,14 +26,17 @@ REWARDS = "examples/gsm8k/rewards.py"
 
 
 def test_recipe_refuses_bad_input_before_the_engine_starts(tmp_path):
-    """Five launches at once (each only imports and checks): a config with six problems, a dataset without
+    """Six launches at once (each only imports and checks): a config with six problems, a dataset without
     the column a reward reads, resume=false into a folder holding another run, one copy of the weights asked
-    for on the CPU, and a mixture of experts trained whole on the CPU (no sync into vLLM CPU's prepacked experts
-    is right). Each exits non-zero with the problem named, no traceback, before vLLM starts (nothing
+    for on the CPU, a mixture of experts trained whole on the CPU (no sync into vLLM CPU's prepacked experts
+    is right), and a quantized checkpoint (the trainer trains float weights). Each exits non-zero with the problem named, no traceback, before vLLM starts (nothing
     written); the earlier run's files are untouched."""
     from rollout_sleep.weights.checkpoints import make_checkpoint
 
     moe = make_checkpoint(tmp_path / "moe", "tiny", family="mixtral", dtype="float32")
+    quantized = make_checkpoint(tmp_path / "fp8", "tiny", dtype="float32")  # a config that says its weights are FP8
+    config = json.loads((Path(quantized) / "config.json").read_text())
+    (Path(quantized) / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "fp8"}}))
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{i}+1="}) + "\n" for i in range(16)))
     earlier = tmp_path / "earlier"
@@ -57,6 +61,9 @@ def test_recipe_refuses_bad_input_before_the_engine_starts(tmp_path):
         "experts": ([f"output_dir={tmp_path / 'd'}", f"model.path={moe}"], 2,
                     [f"model.path={moe}: loading weights into a running mixture-of-experts model is not supported "
                      "on vLLM CPU", "or run on a GPU"]),
+        "quantized": ([f"output_dir={tmp_path / 'e'}", f"model.path={quantized}"], 2,
+                      [f"model.path={quantized}: a quantized checkpoint (fp8, config.json's quantization_config)",
+                       "Give the model's bf16 (or float32) checkpoint"]),
     }
     t0 = time.perf_counter()
     procs = {name: subprocess.Popen([sys.executable, str(RECIPE), "--config", str(CONFIG), "wandb.mode=disabled",
@@ -71,7 +78,7 @@ def test_recipe_refuses_bad_input_before_the_engine_starts(tmp_path):
             assert msg in out, (name, msg, out[-3000:])
         assert ENGINE_START not in out and "Traceback" not in out, (name, out[-3000:])
     assert not (tmp_path / "a").exists() and not (tmp_path / "b" / "model").exists()  # nothing built or written
-    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
+    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists() and not (tmp_path / "e").exists()
     assert (earlier / "metrics.jsonl").read_text() == log  # the earlier run is intact
     assert sorted(p.name for p in (earlier / "checkpoints").iterdir()) == ["step_2"]
     assert time.perf_counter() - t0 < 300  # imports only (beside the other worker's tests): no engine started
