@@ -366,20 +366,22 @@ class GRPORecipe:
 
     def _check_syncable(self, model_files: str) -> None:
         """Before anything is written: a model whose weights no sync can load into the running engine here is
-        refused from its config, not at the first sync: a quantized checkpoint (the trainer trains float weights and
-        the sync writes float tensors under the checkpoint's names), and a mixture of experts on vLLM CPU, trained
-        whole."""
+        refused from its config, not at the first sync: a quantized checkpoint trained whole (the trainer trains
+        float weights and the sync writes float tensors under the checkpoint's names), and a mixture of experts on
+        vLLM CPU, trained whole."""
         config = json.loads(Path(model_files, "config.json").read_text())
-        quant = config.get("quantization_config") or config.get("text_config", {}).get("quantization_config")
-        if quant:
+        text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+        key, quant = next(((k, c[k]) for c in (config, text) for k in ("quantization_config", "compression_config")
+                           if c.get(k)), (None, None))  # vLLM reads either as the quantization
+        if quant and not self.cfg.model.lora.rank:  # LoRA trains an adapter beside the base (and syncs only it)
             method = quant.get("quant_method", "unnamed") if isinstance(quant, dict) else "unnamed"
             raise ConfigError([f"model.path={self.cfg.model.path}: a quantized checkpoint ({method}, config.json's "
-                               "quantization_config): the trainer trains float weights, and a sync writes them into "
+                               f"{key}): the trainer trains float weights, and a sync writes them into "
                                "vLLM under the float checkpoint's names. Give the model's bf16 (or float32) "
                                "checkpoint"])
         if torch.cuda.is_available() or self.cfg.model.lora.rank:  # LoRA moves only the adapter
             return
-        if memory_plan.experts_per_token(config.get("text_config", config)):
+        if memory_plan.experts_per_token(text or config):
             raise ConfigError([f"model.path={self.cfg.model.path}: {cpu_moe_problem()}"])
 
     def _prepare_prompts(self, model_files: str) -> None:
@@ -432,7 +434,8 @@ class GRPORecipe:
         self.one_copy = decided
         self.acc.print(decided.describe())
         self._check_copies()  # what one copy allowed and two copies may not, before the trainer is built
-        self._note_low_precision_lr()  # bf16 weights now stepped without stochastic rounding
+        if run_stochastic_rounding(cfg, True):  # bf16 weights now stepped without it (said before otherwise)
+            self._note_low_precision_lr()
         self.plan = self._memory_plan(kv_bytes)  # planned with one copy: now two
 
     def _load_reward_models(self) -> None:

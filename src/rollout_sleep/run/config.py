@@ -232,7 +232,9 @@ def _check_values(cfg: RecipeConfig, device: str) -> list[str]:
 
     m, e, d, t, w = cfg.model, cfg.engine, cfg.data, cfg.train, cfg.watchdog
     if m.path not in SHAPES and not Path(m.path).expanduser().joinpath("config.json").is_file():
-        what = "a folder without a config.json" if Path(m.path).expanduser().is_dir() else "no such folder"
+        given = Path(m.path).expanduser()
+        what = ("a file, not a folder: give the folder holding it" if given.is_file() else
+                "a folder without a config.json" if given.is_dir() and m.path else "no such folder")
         out.append(f"model.path {m.path!r} is neither a size ({', '.join(SHAPES)}) nor a local checkpoint "
                    f"folder ({what}): vLLM and the trainer load the model from a local folder. A hub model: "
                    "download it first (huggingface-cli download org/name --local-dir DIR) and give model.path=DIR")
