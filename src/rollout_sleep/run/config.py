@@ -410,7 +410,8 @@ def check_processes(cfg: RecipeConfig, processes: int, distributed_type: str = "
     elif cfg.train.expandable_segments and not cfg.model.lora.rank and distributed_type in REPLACES_PARAMETERS:
         out.append(f"train.expandable_segments=true needs an engine that sleeps at level 0, and under accelerate's "
                    f"{distributed_type} the run takes two copies of the weights "
-                   f"({REPLACES_PARAMETERS[distributed_type]}): launch without it, or set train.expandable_segments=false")
+                   f"({REPLACES_PARAMETERS[distributed_type]}): launch without it, or set "
+                   "train.expandable_segments=false")
     if cfg.train.compile:
         from .compiled import launch_problem
 
@@ -464,8 +465,8 @@ def _from_folder(spec: str, folder: Path, must_exist: bool = False) -> str:
 def resolve_yaml_paths(cfg: RecipeConfig, folder: Path) -> dict[str, str]:
     """Read the input paths a YAML config gave relative to its own ``folder`` (so a config runs from any working
     directory): ``data.dataset`` (but ``synthetic``), reward files (``path/x.py:fn``) and reward-model folders,
-    and ``model.path`` where it names a folder there (else it stays as written: a size, or refused). ``output_dir`` stays
-    relative to the working directory, as the run's output. Returns ``{resolved: as written}``.
+    and ``model.path`` where it names a folder there (else it stays as written: a size, or refused).
+    ``output_dir`` stays relative to the working directory, as the run's output. Returns ``{resolved: as written}``.
 
     >>> from rollout_sleep.run.schema import DataConfig
     >>> cfg = RecipeConfig(data=DataConfig(dataset="../d.jsonl"), rewards=["digits_format", "r/x.py:f", "pkg.m:f"])

@@ -3,8 +3,9 @@ tensors, the optimizer updates them in place, the engine releases only its KV ca
 (sleep level 0), and a sync moves nothing: it maps the KV cache back and resets the prefix cache.
 
 Where it applies is decided in two steps, each logged with its reason: :func:`before_engine` (what the config and
-the launch say: CUDA, one process, one engine, no LoRA, a model type whose vLLM layout is checked) and :func:`after_engine` (what vLLM built: every
-checkpoint tensor has an exact view, :meth:`~rollout_sleep.engine.loader.Loader.why_not_direct`). ``null`` takes
+the launch say: CUDA, one process, one engine, no LoRA, a model type whose vLLM layout is checked) and
+:func:`after_engine` (what vLLM built: every checkpoint tensor has an exact view,
+:meth:`~rollout_sleep.engine.loader.Loader.why_not_direct`). ``null`` takes
 the copy path where it does not apply; ``true`` refuses to start instead.
 
 :class:`SharedWeights` is the invariant checked at every sync, from addresses alone: every byte of vLLM's weights
