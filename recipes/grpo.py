@@ -225,7 +225,8 @@ class GRPORecipe:
         before any step, while the engine and the trainer hold the same checkpoint: a mismatch then is verify's
         comparison, not a sync (vLLM's loader holds a tensor reordered under its name and shape), and the run is
         refused here, not after its first rollout and step."""
-        if not self.cfg.engine.verify_every or self.lora is not None or unchecked_problem(self.model_type) is None:
+        unchecked = unchecked_problem(self.model_type)
+        if not self.cfg.engine.verify_every or self.lora is not None or unchecked is None:
             return
         from rollout_sleep.weights.verify import verify
 
@@ -234,7 +235,7 @@ class GRPORecipe:
             names = list(report.mismatched) + list(report.unplaced)
             raise ConfigError([f"engine.verify_every={self.cfg.engine.verify_every}: before any step, with the engine "
                                f"and the trainer loaded from the same checkpoint, verify finds {len(names)} tensor(s) "
-                               f"different, e.g. {names[:3]}: {unchecked_problem(self.model_type)}, and verify compares "
+                               f"different, e.g. {names[:3]}: {unchecked}, and verify compares "
                                "through that layout. Fix: engine.verify_every=0 for this model (the weights reach "
                                "vLLM through its own loader)"])
 
@@ -550,8 +551,8 @@ class GRPORecipe:
         if self._shares_base():
             self.acc.print("LoRA: the trainer's base is a view of the engine's weights (one copy on the GPU)")
             return trainer_from_engine(self.engine, self.lora, gradient_checkpointing=checkpointing)
-        if self.lora is not None and torch.cuda.is_available() and unchecked_problem(self.model_type):
-            self.acc.print(f"LoRA: the trainer loads its own base ({unchecked_problem(self.model_type)})")
+        if self.lora is not None and torch.cuda.is_available() and (unchecked := unchecked_problem(self.model_type)):
+            self.acc.print(f"LoRA: the trainer loads its own base ({unchecked})")
         if self.one_copy.on:  # a size's random weights are drawn in place, into vLLM's memory
             return one_copy.trainer_on_engine(self.engine, gradient_checkpointing=checkpointing,
                                               init_seed=cfg.model.seed if self.model_built_here else None)

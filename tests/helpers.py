@@ -202,6 +202,12 @@ def stop_at_engine(monkeypatch, recipe) -> None:
     monkeypatch.setattr(recipe, "build_engine", engine)
 
 
+def without_package(monkeypatch, package: str) -> None:
+    """``importlib.util.find_spec`` finds no ``package`` for the rest of the test (as on a machine without it)."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == package else real(name, *a))
+
+
 def load_recipe():
     """``recipes/grpo.py`` as a module (the recipe is a script, not part of the package)."""
     spec = importlib.util.spec_from_file_location("grpo_recipe", RECIPE)

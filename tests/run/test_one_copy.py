@@ -15,7 +15,7 @@ from rollout_sleep.run.config import ConfigError, check_processes, load_config
 from rollout_sleep.run.schema import RecipeConfig
 from rollout_sleep.weights.views import coverage_problems, model_spans, span
 
-from helpers import views_on_fused_layout
+from helpers import views_on_fused_layout, without_package
 
 
 def _cfg(**overrides) -> RecipeConfig:
@@ -256,7 +256,7 @@ def test_the_recipe_falls_back_to_two_copies_when_vllm_holds_no_exact_view(tmp_p
     finally:
         run.engine.close()
     # the fallback turns stochastic rounding (torchao) off: the two-copy optimizer's package is checked again
-    _without_bitsandbytes(monkeypatch)
+    without_package(monkeypatch, "bitsandbytes")
     bf16 = recipe.GRPORecipe(recipe.load_config(config, [f"output_dir={tmp_path / 'c'}", f"model.path={ckpts['tied0']}",
                                                          "model.dtype=bfloat16", "train.optimizer=adamw8bit", *common],
                                                  device="cuda"))  # as on CUDA: one copy foreseen, torchao's rounding
@@ -350,18 +350,10 @@ def test_a_model_type_whose_layout_is_unchecked_takes_vllms_loader_and_says_so(t
                         (["model.dtype=bfloat16", "train.optimizer=adamw8bit"], "needs bitsandbytes")):
         run = recipe.GRPORecipe(recipe.load_config(str(ROOT / "configs" / "tiny-cpu.yaml"), [
             f"output_dir={tmp_path / 'refused'}", f"model.path={path}", "wandb.mode=disabled", *extra], device="cuda"))
-        _without_bitsandbytes(monkeypatch)
+        without_package(monkeypatch, "bitsandbytes")
         with pytest.raises(ConfigError, match=rf"{said}.*model type 'falcon'"):
             run.setup()
         assert getattr(run, "engine", None) is None and not (tmp_path / "refused").exists()
-
-
-def _without_bitsandbytes(monkeypatch) -> None:
-    import importlib.util
-
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
 
 
 def test_one_copy_needs_torchao_not_bitsandbytes_for_its_8bit_optimizer(monkeypatch):
@@ -369,7 +361,7 @@ def test_one_copy_needs_torchao_not_bitsandbytes_for_its_8bit_optimizer(monkeypa
     problem there (the 8B config was refused for it on the H100), and is named where two copies take it."""
     from helpers import ROOT
 
-    _without_bitsandbytes(monkeypatch)
+    without_package(monkeypatch, "bitsandbytes")
     config = str(ROOT / "configs" / "qwen3-8b.yaml")
     load_config(config, [], device="cuda")
     with pytest.raises(ConfigError, match="train.optimizer=adamw8bit needs bitsandbytes"):

@@ -10,7 +10,7 @@ import torch
 from rollout_sleep.run.config import ConfigError, load_config
 from rollout_sleep.run.optim import build_optimizer
 
-from helpers import cpu_mesh
+from helpers import cpu_mesh, without_package
 
 
 def test_optimizer_settings_are_checked_up_front(monkeypatch):
@@ -21,8 +21,7 @@ def test_optimizer_settings_are_checked_up_front(monkeypatch):
                               ("train.memory_headroom_gib=-1", "train.memory_headroom_gib must be >= 0")]:
         with pytest.raises(ConfigError, match=message):
             load_config(None, [override])
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    without_package(monkeypatch, "bitsandbytes")
     with pytest.raises(ConfigError, match=r"needs bitsandbytes, which is not installed: pip install bitsandbytes"):
         load_config(None, ["train.optimizer=adamw8bit"])
     with pytest.raises(ImportError, match="pip install bitsandbytes"):

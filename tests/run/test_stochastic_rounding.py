@@ -17,6 +17,8 @@ from rollout_sleep.run.optim import (OPTIMIZERS, build_optimizer, missing_packag
 from rollout_sleep.run.output_dir import config_changes
 from rollout_sleep.run.schema import resume_classes
 
+from helpers import without_package
+
 LR = 1e-6  # RL's typical learning rate: far under half of bf16's spacing (1.2e-4) near |w| ~ 0.02
 
 
@@ -272,8 +274,7 @@ def test_missing_torchao_is_named_with_the_fix(monkeypatch):
     """Without torchao: ``adamw4bit`` and any kind with rounding are refused at load time naming the key and
     ``pip install torchao``; ``build_optimizer`` raises the same; plain ``adamw`` needs nothing; the memory plan's
     knob says what the leaner optimizer needs."""
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a))
+    without_package(monkeypatch, "torchao")
     with pytest.raises(ConfigError, match=r"train.optimizer=adamw4bit takes torchao's AdamW4bit, and torchao is not "
                                           r"installed: pip install torchao"):
         load_config(None, ["train.optimizer=adamw4bit"])

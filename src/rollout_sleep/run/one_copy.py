@@ -48,8 +48,8 @@ def before_engine(cfg: Any, device: str, processes: int, distributed_type: str =
     if cfg.model.share_weights is False:
         return Decision(False, "model.share_weights=false")
     why = []
-    if model_type is not None and unchecked_problem(model_type):
-        why.append(unchecked_problem(model_type))
+    if model_type is not None and (unchecked := unchecked_problem(model_type)):
+        why.append(unchecked)
     if cfg.model.lora.rank:
         why.append("model.lora trains an adapter (its frozen base is held once already where vLLM's layout allows)")
     if device != "cuda":
