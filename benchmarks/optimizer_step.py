@@ -7,9 +7,10 @@ torchao's AdamW8bit (bf16 stochastic rounding, as ``train.optimizer=adamw8bit tr
 builds it) steps one tensor at a time through ``torch.compile(single_param_adam, ...)(...)``: a new compile
 wrapper at every call, whose graphs are cached but whose wrapper is built each time on the CPU. Arms, each on
 the same bf16 parameters and random gradients (``--steps`` timed steps after 2 warm-up ones, CUDA synchronized,
-median): ``stock`` (torchao as it is), ``wrapper_once`` (the same function, its compile wrapper built once and
-reused: what the per-call wrapper costs), ``per_tensor`` (``run.per_tensor.PerTensorOptimizer``, state on the
-device: the lean arm's step), ``torch_fused`` (PyTorch's fused AdamW with float32 state, where it fits). The
+median): ``torchao`` (torchao's AdamW8bit as it is), ``torchao_wrapper_once`` (the same function, its compile
+wrapper built once and reused: what the per-call wrapper costs), ``fused`` (what ``build_optimizer`` builds: the
+same optimizer stepped by one Triton kernel per tensor, ``run.fused_adamw8bit``), ``per_tensor``
+(``run.per_tensor.PerTensorOptimizer`` over it, state on the device: the lean arm's step), ``torch_fused`` (PyTorch's fused AdamW with float32 state, where it fits). The
 floor: a device-to-device copy of the bytes the 8-bit step must move (parameters, gradients and both moments
 read, parameters and moments written: ~10 bytes per parameter, a copy of 5), timed on 1 GiB and scaled. The JSON also has the step's
 CPU time (the host's clock around an unsynchronized step, the GPU queue drained before).
@@ -84,6 +85,7 @@ def main() -> None:
     ap.add_argument("--size", default="qwen3-8b", choices=sorted(SHAPES))
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--arms", default="torchao,torchao_wrapper_once,fused,per_tensor,torch_fused")
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
     dev = "cuda" if cuda else "cpu"
@@ -120,13 +122,23 @@ def main() -> None:
         write_json(args.out, result)
 
     def ao():
+        import torchao.optim
+
+        return torchao.optim.AdamW8bit(params, lr=1e-6, weight_decay=0.0, bf16_stochastic_round=True)
+
+    def ours():
         return build_optimizer("adamw8bit", params, lr=1e-6, weight_decay=0.0, stochastic_rounding=True)
 
-    arm("stock", ao)
-    arm("wrapper_once", ao, wrapper_built_once)
-    arm("per_tensor", lambda: PerTensorOptimizer(ao()))
-    arm("per_tensor_wrapper_once", lambda: PerTensorOptimizer(ao()), wrapper_built_once)
-    if not cuda or torch.cuda.mem_get_info()[0] > 10 * numel:
+    arms = args.arms.split(",")
+    if "torchao" in arms:
+        arm("torchao", ao)
+    if "torchao_wrapper_once" in arms:
+        arm("torchao_wrapper_once", ao, wrapper_built_once)
+    if "fused" in arms:
+        arm("fused", ours)
+    if "per_tensor" in arms:
+        arm("per_tensor", lambda: PerTensorOptimizer(ours()))
+    if "torch_fused" in arms and (not cuda or torch.cuda.mem_get_info()[0] > 10 * numel):
         arm("torch_fused", lambda: build_optimizer("adamw", params, lr=1e-6, weight_decay=0.0, fused=True))
     if cuda:  # last, with the arms' memory given back: a 1 GiB copy, scaled to the step's bytes
         floor = d2d_floor(1 << 30)

@@ -249,6 +249,8 @@ def build_optimizer(kind: str, params, *, lr: float, weight_decay: float, fused:
         import torchao.optim
 
         cls = getattr(torchao.optim, TORCHAO_CLASSES[kind])
+        if kind == "adamw8bit" and stochastic_rounding:  # the same optimizer, stepped by one kernel per tensor
+            from .fused_adamw8bit import FusedAdamW8bit as cls
         optimizer = cls(params, lr=lr, weight_decay=weight_decay, bf16_stochastic_round=stochastic_rounding)
         if kind == "adamw8bit":
             _second_moments_without_zero(optimizer)
