@@ -142,6 +142,10 @@ def test_the_per_tensor_step_on_the_device_makes_the_backward_the_8b_training_pe
     assert both.total("training") == rest + max(b["gradients"] + b["activations"], held + state + step)
     streamed = dataclasses.replace(base, offload_optimizer="stream")
     assert plan_memory(streamed).phases == plan_memory(dataclasses.replace(streamed, step_per_tensor=True)).phases
+    # the 8-bit step in one kernel per tensor (run.fused_adamw8bit, where CUDA and Triton are) holds no temporaries
+    fused = plan_memory(dataclasses.replace(base, fused_step=True))
+    assert "optimizer_step" not in fused.phases["training"] or fused.phases["training"]["optimizer_step"] == 0
+    assert plain.total("training") - fused.total("training") == p["optimizer_step"] - p["activations"]
     labels = [label for label, _ in knob_alternatives(base)]
     assert labels.index("train.step_per_tensor=true") < labels.index("train.offload_optimizer=true") \
         < labels.index("train.offload_optimizer=stream")

@@ -17,7 +17,7 @@ from rollout_sleep.weights.stream import local_shard
 
 from . import memory_plan
 from .memory_plan import GIB, MemoryPlan
-from .optim import resident_state_bytes, run_stochastic_rounding
+from .optim import fused_step_runs, resident_state_bytes, run_stochastic_rounding
 from .per_tensor import state_in
 
 MEASURED_STEPS = 2  # the plan is compared with steps 1-2: the optimizer's state appears at step 1's update
@@ -81,7 +81,8 @@ def plan_run(cfg: Any, model_path: str, *, processes: int, shards: tuple[int, in
         autocast=t.mixed_precision != "no" and b == 4, reference_model=t.kl_coef > 0,
         reward_model_bytes=reward_bytes, kv_cache_bytes=kv_bytes if kv_bytes is not None else 0,
         shards=shards, engine_shards=tp, weights_shared=weights_shared,
-        fused_head=fused_head(model_path, shards, cfg.model.lora))
+        fused_head=fused_head(model_path, shards, cfg.model.lora),
+        fused_step=cuda and fused_step_runs() and distributed_type not in ("FSDP", "DEEPSPEED"))
     lora = cfg.model.lora
     if lora.rank:  # only the adapter trains; the base is vLLM's (a view) on CUDA, the trainer's own elsewhere
         from transformers import AutoConfig

@@ -217,6 +217,8 @@ class PlanInputs:
     # The trainer's LM head fused with the log-softmax (``grpo.logprobs.linear_selected_logprobs``, the default where
     # ``grpo.logprobs.fused_head_problem`` allows): no full logits or logits gradient; False: the model's own logits.
     fused_head: bool = True
+    # ``adamw8bit`` with rounding stepped by one kernel per tensor (``run.optim.fused_step_runs``): no temporaries
+    fused_step: bool = False
 
     @property
     def per_tensor(self) -> bool:
@@ -377,7 +379,8 @@ class MemoryPlan:
 
 
 def per_tensor_step_peak(optimizer: str, numels, dtype_bytes: int, stochastic_rounding: bool = False,
-                         state32=(), state_in: str = "device", overlap: bool | None = None) -> tuple[int, int, int]:
+                         state32=(), state_in: str = "device", overlap: bool | None = None,
+                         fused_step: bool = False) -> tuple[int, int, int]:
     """The per-tensor step's peak (:class:`~rollout_sleep.run.per_tensor.PerTensorOptimizer`: smallest tensor
     first, each gradient freed after its tensor steps), for tensors of ``numels`` elements: ``(gradients still
     held, the state on the device, that tensor's step's temporaries)`` at the tensor where their sum is largest
@@ -407,7 +410,7 @@ def per_tensor_step_peak(optimizer: str, numels, dtype_bytes: int, stochastic_ro
             state = whole
         else:
             state = sum(states[max(i - 1, 0):i + 2]) if overlap else states[i]
-        here = (held, state, optimizer_step_bytes(optimizer, [n], stochastic_rounding))
+        here = (held, state, optimizer_step_bytes(optimizer, [n], stochastic_rounding, fused_step))
         best = max(best, here, key=sum)
         held -= n * dtype_bytes
     return best
@@ -425,12 +428,13 @@ def plan_memory(i: PlanInputs, budget_bytes: int | None = None, headroom_bytes: 
     state32 = s.embedding_numels if i.adapter_numels is None else ()
     if i.per_tensor:  # one tensor steps at a time; stream: its state brought from host memory for the step
         state_in = "host" if i.offload_optimizer == "stream" else "device"
-        held, state, step = per_tensor_step_peak(i.optimizer, trained, b, i.stochastic_rounding, state32, state_in)
+        held, state, step = per_tensor_step_peak(i.optimizer, trained, b, i.stochastic_rounding, state32, state_in,
+                                                 fused_step=i.fused_step)
     else:
         held = None
         state = optimizer_state_bytes(i.optimizer, [(n, b) for n in trained], state32,
                                       stochastic_rounding=i.stochastic_rounding)
-        step = optimizer_step_bytes(i.optimizer, trained, i.stochastic_rounding) // gs
+        step = optimizer_step_bytes(i.optimizer, trained, i.stochastic_rounding, i.fused_step) // gs
     state = -(-state // os_)
     ref = s.params * b if i.reference_model else 0
     workspace = estimate_engine_workspace(s, b) if i.engine_workspace_bytes is None else i.engine_workspace_bytes

@@ -81,23 +81,34 @@ def optimizer_package(kind: str, stochastic_rounding: bool = False) -> str | Non
     return "bitsandbytes" if kind == "adamw8bit" else None
 
 
-def optimizer_step_bytes(kind: str, numels, stochastic_rounding: bool = False) -> int:
+def fused_step_runs() -> bool:
+    """Whether ``adamw8bit`` with stochastic rounding steps in :mod:`rollout_sleep.run.fused_adamw8bit`'s kernels
+    on this machine (a CUDA device and Triton; a sharded trainer's DTensors take torchao's step still)."""
+    return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
+
+
+def optimizer_step_bytes(kind: str, numels, stochastic_rounding: bool = False, fused_step: bool = False) -> int:
     """GPU memory the optimizer step takes beyond its state, at its peak. torchao steps one tensor at a time
     through one compiled kernel graph, whose buffers scale with the tensor: the largest tensor (an embedding) sets
     it. Its 8-bit step holds the two moments in float32 (8 bytes per element); its 4-bit step also the two
     moments' int64 code indices and packed codes (25 bytes per element: measured on the H100 at Qwen3-14B, and
     read from the compiled graph's buffers); with plain moments it works in place, as PyTorch's fused AdamW and
-    bitsandbytes' kernels do.
+    bitsandbytes' kernels do, and so does the 8-bit step in one kernel per tensor (``fused_step``:
+    :func:`fused_step_runs`).
 
     >>> optimizer_step_bytes("adamw4bit", [4096, 1000])
     102400
     >>> optimizer_step_bytes("adamw8bit", [4096, 1000], stochastic_rounding=True)
     32768
+    >>> optimizer_step_bytes("adamw8bit", [4096, 1000], stochastic_rounding=True, fused_step=True)
+    0
     >>> optimizer_step_bytes("adamw", [4096, 1000])
     0
     """
     numels = list(numels)
     if optimizer_package(kind, stochastic_rounding) != "torchao" or not numels:
+        return 0
+    if fused_step and kind == "adamw8bit":
         return 0
     return TORCHAO_STEP_BYTES[kind] * max(numels)
 
