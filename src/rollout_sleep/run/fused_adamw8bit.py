@@ -1,20 +1,19 @@
-"""torchao's AdamW8bit with bf16 stochastic rounding, each quantized tensor stepped by one Triton kernel.
+"""torchao's AdamW8bit with bf16 stochastic rounding, each tensor stepped by one Triton kernel.
 
-torchao steps every parameter through a compiled graph that reads and writes the tensor several times (its
-moments dequantized to float32 buffers, their block scales, an eight-step search of the code map, the rounding):
-measured on the H100 at the Qwen3-8B shape, its step takes ~0.3 s, about ten times what the bytes it must move
-take. :class:`FusedAdamW8bit` is the same optimizer (class, state and checkpoint format: torchao's
-``OptimState8bit`` moments, 256-element blocks, the same code maps, the same arithmetic) whose step reads each
-element once: the bf16 weight and gradient, the two uint8 codes and their blocks' scales, and writes the weight
-and the codes back. Nothing beyond the state is allocated (torchao's step holds 8 bytes per element of the
-largest tensor in float32 moments).
+torchao steps every parameter through a compiled graph called anew from Python for each tensor, which reads and
+writes the tensor several times (its moments dequantized to float32 buffers, their block scales, the search of
+the code map, the rounding). :class:`FusedAdamW8bit` is the same optimizer (class, state and checkpoint format:
+torchao's ``OptimState8bit`` moments, 256-element blocks, the same code maps, the same arithmetic) whose step
+reads each element once (the bf16 weight and gradient, the two uint8 codes and their blocks' scales) and writes
+the weight and the codes back; the small tensors whose moments torchao keeps in bf16 take a second kernel. Nothing
+beyond the state is allocated (torchao's step holds 8 bytes per element of the largest tensor).
 
-The kernel runs where Triton does (a CUDA tensor, or Triton's interpreter, ``TRITON_INTERPRET=1``, which the CPU
-tests use) on a bf16, contiguous parameter whose two moments are quantized; any other tensor (small ones, whose
-moments torchao keeps unquantized, a DTensor shard, a CPU tensor) takes torchao's own compiled step. The random
-bits of the rounding come from Triton's Philox, seeded per tensor and step from PyTorch's CPU generator
-(``torch.manual_seed`` makes a run repeatable), so they differ from torchao's ``torch.randint`` draws: the
-rounding is unbiased alike, not equal bit for bit.
+The kernels run where Triton does (a CUDA tensor, or Triton's interpreter, ``TRITON_INTERPRET=1``, which the CPU
+tests use) on a bf16, contiguous parameter with a bf16 gradient; any other tensor (a DTensor shard, a CPU tensor,
+float32 weights) takes torchao's own compiled step. The random bits of the rounding come from Triton's Philox,
+seeded per tensor and step from PyTorch's CPU generator (``torch.manual_seed`` makes a run repeatable), so they
+differ from torchao's ``torch.randint`` draws: the rounding is unbiased alike, not equal bit for bit. Philox's
+32-bit counter is the element's index: tensors past 2^32 elements reuse draws 2^32 apart.
 """
 
 from __future__ import annotations
@@ -30,17 +29,16 @@ from torchao.optim.subclass_8bit import OptimState8bit
 BLOCK = 256  # torchao's AdamW8bit block: one float32 scale per 256 elements of each moment
 ROWS = 4  # blocks per program of the 8-bit kernel
 PLAIN = 1024  # elements per program of the plain kernel
+TRITON = importlib.util.find_spec("triton") is not None
 
 
 def triton_runs(t: torch.Tensor) -> bool:
-    """Whether the fused kernel can run on ``t``'s device here: Triton is installed and ``t`` is a CUDA tensor,
-    or Triton's interpreter is on (CPU tensors)."""
-    if importlib.util.find_spec("triton") is None:
-        return False
-    return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    """Whether the kernels can run on ``t``'s device here: Triton is installed and ``t`` is a CUDA tensor, or
+    Triton's interpreter is on (CPU tensors)."""
+    return TRITON and (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
 
 
-if importlib.util.find_spec("triton") is not None:
+if TRITON:
     import triton
     import triton.language as tl
 
