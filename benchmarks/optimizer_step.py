@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from rollout_sleep.run.optim import build_optimizer
+from rollout_sleep.run.optim import _second_moments_without_zero, build_optimizer
 from rollout_sleep.run.per_tensor import PerTensorOptimizer
 from rollout_sleep.weights.checkpoints import SHAPES
 
@@ -124,7 +124,9 @@ def main() -> None:
     def ao():
         import torchao.optim
 
-        return torchao.optim.AdamW8bit(params, lr=1e-6, weight_decay=0.0, bf16_stochastic_round=True)
+        opt = torchao.optim.AdamW8bit(params, lr=1e-6, weight_decay=0.0, bf16_stochastic_round=True)
+        _second_moments_without_zero(opt)  # the same optimizer as ours but for the step's code
+        return opt
 
     def ours():
         return build_optimizer("adamw8bit", params, lr=1e-6, weight_decay=0.0, stochastic_rounding=True)

@@ -3,21 +3,28 @@
 torchao steps every parameter through a compiled graph called anew from Python for each tensor, which reads and
 writes the tensor several times (its moments dequantized to float32 buffers, their block scales, the search of
 the code map, the rounding). :class:`FusedAdamW8bit` is the same optimizer (class, state and checkpoint format:
-torchao's ``OptimState8bit`` moments, 256-element blocks, the same code maps, the same arithmetic) whose step
+torchao's ``OptimState8bit`` moments, 256-element blocks, the same code maps) whose step
 reads each element once (the bf16 weight and gradient, the two uint8 codes and their blocks' scales) and writes
 the weight and the codes back; the small tensors whose moments torchao keeps in bf16 take a second kernel. Nothing
 beyond the state is allocated (torchao's step holds 8 bytes per element of the largest tensor).
 
+The arithmetic is torchao's, operation for operation, for AdamW's betas over 0.5 (past a weight of 0.5
+``torch.lerp`` takes another formula: other betas take torchao's step), with float32 division and square root
+rounded as PyTorch rounds them. Where PyTorch fuses a multiply-add (its CPU ``lerp``) a moment may differ by one
+float32 rounding, which now and then moves a code or a bf16 moment across a rounding boundary. A NaN gradient
+(which the recipe's non-finite guard stops first) makes its block's scales NaN, as torchao's.
+
 The kernels run where Triton does (a CUDA tensor, or Triton's interpreter, ``TRITON_INTERPRET=1``, which the CPU
 tests use) on a bf16, contiguous parameter with a bf16 gradient; any other tensor (a DTensor shard, a CPU tensor,
 float32 weights) takes torchao's own compiled step. The random bits of the rounding come from Triton's Philox,
-seeded per tensor and step from PyTorch's CPU generator (``torch.manual_seed`` makes a run repeatable), so they
+keyed per tensor and step from PyTorch's CPU generator (``torch.manual_seed`` makes a run repeatable), so they
 differ from torchao's ``torch.randint`` draws: the rounding is unbiased alike, not equal bit for bit. Philox's
-32-bit counter is the element's index: tensors past 2^32 elements reuse draws 2^32 apart.
+32-bit counter is the element's index: a tensor past 2^32 elements reuses its draws 2^32 apart.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 
@@ -29,6 +36,7 @@ from torchao.optim.subclass_8bit import OptimState8bit
 BLOCK = 256  # torchao's AdamW8bit block: one float32 scale per 256 elements of each moment
 ROWS = 4  # blocks per program of the 8-bit kernel
 PLAIN = 1024  # elements per program of the plain kernel
+SEED_STRIDE = 0x9E3779B97F4A7C15 % 2**62  # odd: successive tensors' Philox keys never meet within 2^62 tensors
 TRITON = importlib.util.find_spec("triton") is not None
 
 
@@ -59,7 +67,7 @@ if TRITON:
         up_value = tl.load(qmap + up)
         return tl.where(x - down_value >= (up_value - down_value) * 0.5, up, codes)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["seed"])
     def _adamw8bit_step(p_ptr, g_ptr, m_codes, m_scales, m_qmap, v_codes, v_scales, v_qmap, n_blocks,
              lr, lr_decay, one_minus_beta1, one_minus_beta2, eps, bias1, bias2_sqrt, seed,
              BLOCK_SIZE: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr):
@@ -75,11 +83,13 @@ if TRITON:
         v = v * tl.load(v_scales + rows, mask=live, other=0.0)[:, None]
 
         p = p - lr_decay * p  # AdamW's decoupled weight decay
-        m = m + one_minus_beta1 * (g - m)  # torch.lerp's formula for weights under 0.5, as torchao's step
+        m = m + one_minus_beta1 * (g - m)  # torch.lerp's formula for weights under 0.5 (betas over 0.5 only)
         v = v + one_minus_beta2 * (g * g - v)
 
-        m_scale = tl.maximum(tl.max(tl.abs(m), axis=1), 1e-12)  # torchao's scale_tensor: absmax per block
-        v_scale = tl.maximum(tl.max(tl.abs(v), axis=1), 1e-12)
+        # torchao's scale_tensor: the absmax per block, at least 1e-12; a NaN kept, as torch's amax and clip keep
+        # it (Triton's max and maximum drop it)
+        m_scale = tl.maximum(tl.reduce(tl.abs(m), 1, _max_keeping_nan), 1e-12, propagate_nan=tl.PropagateNan.ALL)
+        v_scale = tl.maximum(tl.reduce(tl.abs(v), 1, _max_keeping_nan), 1e-12, propagate_nan=tl.PropagateNan.ALL)
         tl.store(m_codes + offs, _quantize(tl.div_rn(m, m_scale[:, None]), m_qmap).to(tl.uint8), mask=mask)
         tl.store(v_codes + offs, _quantize(tl.div_rn(v, v_scale[:, None]), v_qmap).to(tl.uint8), mask=mask)
         tl.store(m_scales + rows, m_scale, mask=live)
@@ -91,6 +101,10 @@ if TRITON:
         p = p - tl.div_rn(lr * tl.div_rn(m, bias1), denom)
 
         _round_into(p_ptr, p, offs, mask, seed)
+
+    @triton.jit
+    def _max_keeping_nan(a, b):
+        return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
     @triton.jit
     def _bf16_nearest(x):
@@ -109,7 +123,7 @@ if TRITON:
         bits = tl.where(rand < (bits & 0xFFFF), kept + 65536, kept)
         tl.store(p_ptr + offs, bits.to(tl.float32, bitcast=True).to(tl.bfloat16), mask=mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["seed"])
     def _adamw_step(p_ptr, g_ptr, m_ptr, v_ptr, n, lr, lr_decay, one_minus_beta1, one_minus_beta2, eps, bias1,
                     bias2_sqrt, seed, SIZE: tl.constexpr):
         # the tensors whose moments torchao keeps in the parameter's dtype (under 4096 elements, or not a multiple
@@ -156,7 +170,7 @@ class FusedAdamW8bit(AdamW8bit):
             with torch.enable_grad():
                 loss = closure()
         scalars: dict = {}  # the host-side scalars, once per (group, step count) in this call
-        seed = None  # drawn at the first kernel (a step of torchao's alone draws what torchao's draws)
+        seed = None  # drawn at the first kernel: a step with no kernel takes no draw from PyTorch's generator
         with torch._dynamo.utils.disable_cache_limit():
             for g_index, group in enumerate(self.param_groups):
                 for p in group["params"]:
@@ -188,24 +202,27 @@ class FusedAdamW8bit(AdamW8bit):
                     if key not in scalars:
                         scalars[key] = _scalars(group, state["step"])
                     if seed is None:  # PyTorch's CPU generator: torch.manual_seed repeats a run
-                        seed = int(torch.randint(0, 2**31 - 1, ()))
-                    seed = (seed + 1_000_003) % (2**31 - 1)  # another Philox stream for each tensor
+                        seed = int(torch.randint(0, 2**62, ()))
+                    seed = (seed + SEED_STRIDE) % 2**62  # another Philox key (64 bits) for each tensor
                     m, v = state["exp_avg"], state["exp_avg_sq"]
-                    if kernel == "8bit":
-                        n_blocks = p.numel() // BLOCK
-                        _adamw8bit_step[(-(-n_blocks // ROWS),)](
-                            p, p.grad, m.codes, m.scale, m.qmap, v.codes, v.scale, v.qmap, n_blocks,
-                            *scalars[key], seed, BLOCK_SIZE=BLOCK, ROWS_PER_PROGRAM=ROWS)
-                    else:
-                        _adamw_step[(-(-p.numel() // PLAIN),)](p, p.grad, m, v, p.numel(), *scalars[key], seed,
-                                                               SIZE=PLAIN)
+                    # Triton launches on the current device: the parameter's, said outright
+                    with torch.cuda.device(p.device) if p.is_cuda else contextlib.nullcontext():
+                        if kernel == "8bit":
+                            n_blocks = p.numel() // BLOCK
+                            _adamw8bit_step[(-(-n_blocks // ROWS),)](
+                                p, p.grad, m.codes, m.scale, m.qmap, v.codes, v.scale, v.qmap, n_blocks,
+                                *scalars[key], seed, BLOCK_SIZE=BLOCK, ROWS_PER_PROGRAM=ROWS)
+                        else:
+                            _adamw_step[(-(-p.numel() // PLAIN),)](p, p.grad, m, v, p.numel(), *scalars[key],
+                                                                   seed, SIZE=PLAIN)
         return loss
 
     def _kernel_of(self, p: torch.Tensor, state: dict, group: dict) -> str | None:
         """``"8bit"`` or ``"plain"``: the kernel that steps ``p`` (a plain bf16 tensor and its gradient, both
-        contiguous, rounded stochastically, no AMSGrad, on a device Triton runs on, both moments one kind), or
-        ``None``: torchao's step."""
+        contiguous, rounded stochastically, AdamW's betas over 0.5, no AMSGrad, on a device Triton runs on, both
+        moments one kind), or ``None``: torchao's step."""
         if not (self.bf16_stochastic_round and self.is_adamw and not group["amsgrad"]
+                and min(group["betas"]) > 0.5  # torch.lerp's other formula above a weight of 0.5: not the kernels
                 and type(p) in (torch.Tensor, torch.nn.Parameter) and p.dtype is torch.bfloat16
                 and p.grad.dtype is torch.bfloat16 and p.is_contiguous() and p.grad.is_contiguous()
                 and triton_runs(p)):

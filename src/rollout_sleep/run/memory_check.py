@@ -82,7 +82,9 @@ def plan_run(cfg: Any, model_path: str, *, processes: int, shards: tuple[int, in
         reward_model_bytes=reward_bytes, kv_cache_bytes=kv_bytes if kv_bytes is not None else 0,
         shards=shards, engine_shards=tp, weights_shared=weights_shared,
         fused_head=fused_head(model_path, shards, cfg.model.lora),
-        fused_step=cuda and fused_step_runs() and distributed_type not in ("FSDP", "DEEPSPEED"))
+        # a preview of a GPU's budget (train.memory_budget_gib) without one: PyTorch's CUDA builds bring Triton
+        fused_step=(fused_step_runs() if cuda else t.memory_budget_gib is not None)
+        and distributed_type not in ("FSDP", "DEEPSPEED"))
     lora = cfg.model.lora
     if lora.rank:  # only the adapter trains; the base is vLLM's (a view) on CUDA, the trainer's own elsewhere
         from transformers import AutoConfig
