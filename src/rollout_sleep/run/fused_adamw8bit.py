@@ -17,7 +17,7 @@ float32 rounding, which now and then moves a code or a bf16 moment across a roun
 The kernels run where Triton does (a CUDA tensor, or Triton's interpreter, ``TRITON_INTERPRET=1``, which the CPU
 tests use) on a bf16, contiguous parameter with a bf16 gradient; any other tensor (a DTensor shard, a CPU tensor,
 float32 weights) takes torchao's own compiled step. The random bits of the rounding come from Triton's Philox,
-keyed per tensor and step from PyTorch's CPU generator (``torch.manual_seed`` makes a run repeatable), so they
+keyed by a seed drawn from PyTorch's CPU generator (``torch.manual_seed`` makes a run repeatable), the tensor and its step count, so they
 differ from torchao's ``torch.randint`` draws: the rounding is unbiased alike, not equal bit for bit. Philox's
 32-bit counter is the element's index: a tensor past 2^32 elements reuses its draws 2^32 apart.
 """
@@ -36,7 +36,7 @@ from torchao.optim.subclass_8bit import OptimState8bit
 BLOCK = 256  # torchao's AdamW8bit block: one float32 scale per 256 elements of each moment
 ROWS = 4  # blocks per program of the 8-bit kernel
 PLAIN = 1024  # elements per program of the plain kernel
-SEED_STRIDE = 0x9E3779B97F4A7C15 % 2**62  # odd: successive tensors' Philox keys never meet within 2^62 tensors
+SEED_STRIDE = 0x9E3779B97F4A7C15 % 2**62  # odd: distinct (place, step) pairs never share a key
 TRITON = importlib.util.find_spec("triton") is not None
 
 
@@ -110,7 +110,7 @@ if TRITON:
     def _bf16_nearest(x):
         # float32 to bf16, to nearest even (torchao's copy_), in bits: Triton's interpreter truncates a plain cast
         bits = x.to(tl.int32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+        bits = tl.where(x != x, bits, (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536)  # a NaN stays one
         return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
 
     @triton.jit
@@ -120,7 +120,8 @@ if TRITON:
         bits = p.to(tl.int32, bitcast=True)
         rand = tl.randint(seed, offs.to(tl.int32)) & 0xFFFF
         kept = bits & -65536  # 0xFFFF0000
-        bits = tl.where(rand < (bits & 0xFFFF), kept + 65536, kept)
+        # (a NaN kept as it is: CUDA's NaN, 0x7FFFFFFF, would round away into 0x80000000, a -0.0)
+        bits = tl.where(p != p, bits, tl.where(rand < (bits & 0xFFFF), kept + 65536, kept))
         tl.store(p_ptr + offs, bits.to(tl.float32, bitcast=True).to(tl.bfloat16), mask=mask)
 
     @triton.jit(do_not_specialize=["seed"])
@@ -159,7 +160,21 @@ def _plain(t, p: torch.Tensor) -> bool:
 
 class FusedAdamW8bit(AdamW8bit):
     """torchao's :class:`~torchao.optim.AdamW8bit` (``bf16_stochastic_round=True``) whose tensors step in one
-    Triton kernel each (see the module). Same constructor, state and ``state_dict`` as torchao's."""
+    Triton kernel each (see the module). Same constructor, state and ``state_dict`` as torchao's.
+
+    The rounding's Philox key is the optimizer's seed (drawn from PyTorch's CPU generator when it is built), the
+    parameter's place in the groups it was given and the parameter's step count: the draws do not depend on how
+    the steps are grouped (a step of every tensor, or one tensor at a time, ``run.per_tensor``)."""
+
+    def __init__(self, *args, **kwargs):
+        self._places: dict[int, int] = {}  # id(parameter) -> its place among the parameters given, in order
+        super().__init__(*args, **kwargs)
+        self._seed = int(torch.randint(0, 2**62, ()))
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        for p in self.param_groups[-1]["params"]:
+            self._places.setdefault(id(p), len(self._places))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -170,7 +185,6 @@ class FusedAdamW8bit(AdamW8bit):
             with torch.enable_grad():
                 loss = closure()
         scalars: dict = {}  # the host-side scalars, once per (group, step count) in this call
-        seed = None  # drawn at the first kernel: a step with no kernel takes no draw from PyTorch's generator
         with torch._dynamo.utils.disable_cache_limit():
             for g_index, group in enumerate(self.param_groups):
                 for p in group["params"]:
@@ -201,9 +215,8 @@ class FusedAdamW8bit(AdamW8bit):
                     key = (g_index, float(state["step"]))
                     if key not in scalars:
                         scalars[key] = _scalars(group, state["step"])
-                    if seed is None:  # PyTorch's CPU generator: torch.manual_seed repeats a run
-                        seed = int(torch.randint(0, 2**62, ()))
-                    seed = (seed + SEED_STRIDE) % 2**62  # another Philox key (64 bits) for each tensor
+                    # another Philox key (64 bits) for each tensor and step
+                    seed = (self._seed + ((self._places.get(id(p), -1) + 1) * 2**24 + int(key[1])) * SEED_STRIDE) % 2**62
                     m, v = state["exp_avg"], state["exp_avg_sq"]
                     # Triton launches on the current device: the parameter's, said outright
                     with torch.cuda.device(p.device) if p.is_cuda else contextlib.nullcontext():
