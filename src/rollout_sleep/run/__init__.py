@@ -5,7 +5,8 @@
   refuses; :mod:`.factory`: the engine a config asks for; :mod:`.output_dir`: the run's folder, atomic
   checkpoints, resuming;
 - :mod:`.memory_plan` (arithmetic) + :mod:`.memory_check` (the plan of a run, checked and measured),
-  :mod:`.optim` (lean optimizers, what their state weighs), :mod:`.offload` (their state in host memory);
+  :mod:`.optim` (lean optimizers, what their state weighs), :mod:`.fused_adamw8bit` (the 8-bit AdamW's step in
+  one kernel per tensor), :mod:`.offload` (their state in host memory);
 - :mod:`.update_check`, :mod:`.watchdog`, :mod:`.nonfinite`, :mod:`.sampling_check`: guards against silent
   failures.
 
