@@ -36,14 +36,16 @@ from torchao.optim.subclass_8bit import OptimState8bit
 BLOCK = 256  # torchao's AdamW8bit block: one float32 scale per 256 elements of each moment
 ROWS = 4  # blocks per program of the 8-bit kernel
 PLAIN = 1024  # elements per program of the plain kernel
-SEED_STRIDE = 0x9E3779B97F4A7C15 % 2**62  # odd: distinct (place, step) pairs never share a key
+SEED_STRIDE = 0x9E3779B97F4A7C15 % 2**62  # odd: distinct (place, step < 2^24) pairs never share a key
 TRITON = importlib.util.find_spec("triton") is not None
+# Triton's interpreter is chosen when its kernels are defined (at import): read here once, as Triton reads it
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
 def triton_runs(t: torch.Tensor) -> bool:
     """Whether the kernels can run on ``t``'s device here: Triton is installed and ``t`` is a CUDA tensor, or
     Triton's interpreter is on (CPU tensors)."""
-    return TRITON and (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+    return TRITON and (t.is_cuda if not INTERPRET else t.device.type == "cpu")
 
 
 if TRITON:
@@ -69,8 +71,8 @@ if TRITON:
 
     @triton.jit(do_not_specialize=["seed"])
     def _adamw8bit_step(p_ptr, g_ptr, m_codes, m_scales, m_qmap, v_codes, v_scales, v_qmap, n_blocks,
-             lr, lr_decay, one_minus_beta1, one_minus_beta2, eps, bias1, bias2_sqrt, seed,
-             BLOCK_SIZE: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr):
+             lr_ptr, lr_value, decay, one_minus_beta1, one_minus_beta2, eps, bias1, bias2_sqrt, seed,
+             LR_ON_DEVICE: tl.constexpr, BLOCK_SIZE: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr):
         rows = tl.program_id(0) * ROWS_PER_PROGRAM + tl.arange(0, ROWS_PER_PROGRAM)
         live = rows < n_blocks
         offs = rows[:, None].to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)[None, :]
@@ -82,7 +84,8 @@ if TRITON:
         v = tl.load(v_qmap + tl.load(v_codes + offs, mask=mask, other=0).to(tl.int32))
         v = v * tl.load(v_scales + rows, mask=live, other=0.0)[:, None]
 
-        p = p - lr_decay * p  # AdamW's decoupled weight decay
+        lr = _lr(lr_ptr, lr_value, LR_ON_DEVICE)
+        p = p - (lr * decay) * p  # AdamW's decoupled weight decay
         m = m + one_minus_beta1 * (g - m)  # torch.lerp's formula for weights under 0.5 (betas over 0.5 only)
         v = v + one_minus_beta2 * (g * g - v)
 
@@ -101,6 +104,13 @@ if TRITON:
         p = p - tl.div_rn(lr * tl.div_rn(m, bias1), denom)
 
         _round_into(p_ptr, p, offs, mask, seed)
+
+    @triton.jit
+    def _lr(lr_ptr, lr_value, LR_ON_DEVICE: tl.constexpr):
+        # the group's lr tensor read where it lives: on the device (accelerate moves it there) with no sync
+        if LR_ON_DEVICE:
+            return tl.load(lr_ptr).to(tl.float32)
+        return lr_value
 
     @triton.jit
     def _max_keeping_nan(a, b):
@@ -125,8 +135,8 @@ if TRITON:
         tl.store(p_ptr + offs, bits.to(tl.float32, bitcast=True).to(tl.bfloat16), mask=mask)
 
     @triton.jit(do_not_specialize=["seed"])
-    def _adamw_step(p_ptr, g_ptr, m_ptr, v_ptr, n, lr, lr_decay, one_minus_beta1, one_minus_beta2, eps, bias1,
-                    bias2_sqrt, seed, SIZE: tl.constexpr):
+    def _adamw_step(p_ptr, g_ptr, m_ptr, v_ptr, n, lr_ptr, lr_value, decay, one_minus_beta1, one_minus_beta2, eps,
+                    bias1, bias2_sqrt, seed, LR_ON_DEVICE: tl.constexpr, SIZE: tl.constexpr):
         # the tensors whose moments torchao keeps in the parameter's dtype (under 4096 elements, or not a multiple
         # of the block): rounded to nearest when stored, as torchao's copy_ does
         offs = tl.program_id(0).to(tl.int64) * SIZE + tl.arange(0, SIZE)
@@ -135,7 +145,8 @@ if TRITON:
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        p = p - lr_decay * p
+        lr = _lr(lr_ptr, lr_value, LR_ON_DEVICE)
+        p = p - (lr * decay) * p
         m = m + one_minus_beta1 * (g - m)
         v = v + one_minus_beta2 * (g * g - v)
         tl.store(m_ptr + offs, _bf16_nearest(m), mask=mask)  # bf16 moments (the parameter's dtype)
@@ -144,6 +155,18 @@ if TRITON:
         p = p - tl.div_rn(lr * tl.div_rn(m, bias1), denom)
         _round_into(p_ptr, p, offs, mask, seed)
 
+
+
+def _shared_seed() -> int:
+    """A 62-bit seed from PyTorch's CPU generator; in an initialized process group, rank 0's (each rank's
+    generator may be seeded apart: vLLM seeds each rank's engine with its own seed)."""
+    seed = torch.randint(0, 2**62, (1,))
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        seed = seed.to(device)
+        dist.broadcast(seed, src=0)
+    return int(seed)
 
 
 def _quantized(t, p: torch.Tensor) -> bool:
@@ -162,14 +185,15 @@ class FusedAdamW8bit(AdamW8bit):
     """torchao's :class:`~torchao.optim.AdamW8bit` (``bf16_stochastic_round=True``) whose tensors step in one
     Triton kernel each (see the module). Same constructor, state and ``state_dict`` as torchao's.
 
-    The rounding's Philox key is the optimizer's seed (drawn from PyTorch's CPU generator when it is built), the
-    parameter's place in the groups it was given and the parameter's step count: the draws do not depend on how
-    the steps are grouped (a step of every tensor, or one tensor at a time, ``run.per_tensor``)."""
+    The rounding's Philox key is the optimizer's seed (drawn from PyTorch's CPU generator when it is built, rank
+    0's in a process group: DDP's replicas round alike and stay equal), the parameter's place in the groups it
+    was given and the parameter's step count: the draws do not depend on how the steps are grouped (a step of every
+    tensor, or one tensor at a time, ``run.per_tensor``)."""
 
     def __init__(self, *args, **kwargs):
         self._places: dict[int, int] = {}  # id(parameter) -> its place among the parameters given, in order
         super().__init__(*args, **kwargs)
-        self._seed = int(torch.randint(0, 2**62, ()))
+        self._seed = _shared_seed()
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -215,19 +239,24 @@ class FusedAdamW8bit(AdamW8bit):
                     key = (g_index, float(state["step"]))
                     if key not in scalars:
                         scalars[key] = _scalars(group, state["step"])
-                    # another Philox key (64 bits) for each tensor and step
-                    seed = (self._seed + ((self._places.get(id(p), -1) + 1) * 2**24 + int(key[1])) * SEED_STRIDE) % 2**62
+                    lr = group["lr"]
+                    on_device = lr.device == p.device
+                    lr_args = (lr, 0.0) if on_device else (p, float(lr.float()))  # (a pointer, a value)
+                    place = self._places.setdefault(id(p), len(self._places))  # one swapped in after: a new place
+                    # a 62-bit Philox key for each tensor and step
+                    seed = (self._seed + (place * 2**24 + int(key[1])) * SEED_STRIDE) % 2**62
                     m, v = state["exp_avg"], state["exp_avg_sq"]
                     # Triton launches on the current device: the parameter's, said outright
                     with torch.cuda.device(p.device) if p.is_cuda else contextlib.nullcontext():
                         if kernel == "8bit":
                             n_blocks = p.numel() // BLOCK
                             _adamw8bit_step[(-(-n_blocks // ROWS),)](
-                                p, p.grad, m.codes, m.scale, m.qmap, v.codes, v.scale, v.qmap, n_blocks,
-                                *scalars[key], seed, BLOCK_SIZE=BLOCK, ROWS_PER_PROGRAM=ROWS)
+                                p, p.grad, m.codes, m.scale, m.qmap, v.codes, v.scale, v.qmap, n_blocks, *lr_args,
+                                *scalars[key], seed, LR_ON_DEVICE=on_device, BLOCK_SIZE=BLOCK, ROWS_PER_PROGRAM=ROWS)
                         else:
-                            _adamw_step[(-(-p.numel() // PLAIN),)](p, p.grad, m, v, p.numel(), *scalars[key],
-                                                                   seed, SIZE=PLAIN)
+                            _adamw_step[(-(-p.numel() // PLAIN),)](p, p.grad, m, v, p.numel(), *lr_args,
+                                                                   *scalars[key], seed, LR_ON_DEVICE=on_device,
+                                                                   SIZE=PLAIN)
         return loss
 
     def _kernel_of(self, p: torch.Tensor, state: dict, group: dict) -> str | None:
@@ -247,12 +276,10 @@ class FusedAdamW8bit(AdamW8bit):
 
 
 def _scalars(group: dict, step: torch.Tensor) -> tuple[float, ...]:
-    """The kernels' scalar arguments, computed in float32 as torchao's step computes them (``step`` and the lr
-    are CPU tensors: no device sync): lr, lr x weight decay, 1 - beta1, 1 - beta2, eps, and the two bias
-    corrections (the second's square root)."""
-    lr = group["lr"].float().cpu()
+    """The kernels' scalar arguments but the lr, computed in float32 as torchao's step computes them (``step`` is
+    a CPU tensor: no device sync): weight decay, 1 - beta1, 1 - beta2, eps, and the two bias corrections (the
+    second's square root)."""
     beta1, beta2 = group["betas"]
     n = step.float().cpu()
-    return (float(lr), float(lr * group["weight_decay"]), float(torch.tensor(1 - beta1)),
-            float(torch.tensor(1 - beta2)), float(group["eps"]), float(1 - beta1 ** n),
-            float((1 - beta2 ** n).sqrt()))
+    return (float(group["weight_decay"]), float(torch.tensor(1 - beta1)), float(torch.tensor(1 - beta2)),
+            float(group["eps"]), float(1 - beta1 ** n), float((1 - beta2 ** n).sqrt()))

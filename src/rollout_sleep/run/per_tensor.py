@@ -62,8 +62,9 @@ class PerTensorOptimizer(StateInHost, torch.optim.Optimizer):
     aside, then for each parameter, smallest first, gives its gradient back, steps ``optimizer`` over that
     parameter alone and frees the gradient. The largest tensors step last, when the other gradients are freed, so
     their step's temporaries (torchao's: up to 25 bytes per element) never meet all the gradients. (With
-    stochastic rounding the order changes which random draws each tensor takes, not what they keep in
-    expectation.)
+    stochastic rounding, torchao's own step takes its random draws in the order the tensors step, so the order
+    changes which draws each tensor takes, not what they keep in expectation; ``run.fused_adamw8bit``'s draws
+    do not depend on the order.)
 
     ``state_in``: where the state lives between the per-tensor steps. ``"device"``: beside the parameters, as the
     plain optimizer keeps it; nothing moves. ``"host"`` (``train.offload_optimizer=stream``): in pinned host
