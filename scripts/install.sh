@@ -23,8 +23,9 @@ echo "rollout-sleep: installing with the '$EXTRA' engine into $VENV (a few minut
 "$VENV/bin/python" -m pip install -q -e ".[$EXTRA,test,bench]"
 if [ "$EXTRA" = cpu ]; then
   # The torchvision/torchaudio wheels that come along are CUDA builds that break `import transformers`
-  # beside the CPU torch; triton (pulled by xgrammar) is unused on CPU. None is needed for text models.
-  "$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
+  # beside the CPU torch; none is needed for text models. Triton (pulled by xgrammar) stays: its interpreter
+  # runs the fused optimizer step's kernels in the CPU tests (tests/run/test_fused_adamw8bit.py).
+  "$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 fi
 echo "$WANT" > "$STAMP"
 echo "rollout-sleep: ready ($EXTRA engine) in $VENV"
