@@ -105,8 +105,8 @@ from rollout_sleep.run.modes import detect_device  # noqa: E402
 from rollout_sleep.run.nonfinite import NonFiniteError, check_finite, guard_optimizer  # noqa: E402
 from rollout_sleep.run.offload import OptimizerOffload  # noqa: E402
 from rollout_sleep.run.per_tensor import PerTensorOptimizer, state_in  # noqa: E402
-from rollout_sleep.run.optim import (build_optimizer, hyperparameters, missing_package,  # noqa: E402
-                                     fused_step_runs, optimizer_mismatch, optimizer_record,
+from rollout_sleep.run.optim import (TORCHAO_CLASSES, build_optimizer, hyperparameters,  # noqa: E402
+                                     fused_step_runs, missing_package, optimizer_mismatch, optimizer_record,
                                      run_stochastic_rounding, set_hyperparameters)
 from rollout_sleep.run.sampling_check import SamplingCheck  # noqa: E402
 from rollout_sleep.run.schema import RecipeConfig  # noqa: E402
@@ -460,9 +460,9 @@ class GRPORecipe:
                                     **hyperparameters(cfg.train), fused=torch.cuda.is_available() or None,
                                     model=model, stochastic_rounding=rounding)
         if rounding:
-            name = type(optimizer).__name__
-            fused = ", its step one Triton kernel per tensor" if name.startswith("Fused") and fused_step_runs() else ""
-            self.acc.print(f"optimizer: torchao's {name.removeprefix('Fused')} with bf16 stochastic rounding{fused}")
+            kernel = cfg.train.optimizer == "adamw8bit" and fused_step_runs()
+            self.acc.print(f"optimizer: torchao's {TORCHAO_CLASSES[cfg.train.optimizer]} with bf16 stochastic "
+                           f"rounding{', its step one Triton kernel per tensor' if kernel else ''}")
         # per tensor (stream: with the state in host memory, moved one parameter's at a time); wrapped before
         # accelerate, so that the guard and the update check below hook the per-tensor step (once per step)
         where = state_in(cfg.train)

@@ -71,8 +71,8 @@ if TRITON:
 
     @triton.jit(do_not_specialize=["seed"])
     def _adamw8bit_step(p_ptr, g_ptr, m_codes, m_scales, m_qmap, v_codes, v_scales, v_qmap, n_blocks,
-             lr_ptr, lr_value, decay, one_minus_beta1, one_minus_beta2, eps, bias1, bias2_sqrt, seed,
-             LR_ON_DEVICE: tl.constexpr, BLOCK_SIZE: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr):
+                        lr_ptr, lr_value, decay, one_minus_beta1, one_minus_beta2, eps, bias1, bias2_sqrt, seed,
+                        LR_ON_DEVICE: tl.constexpr, BLOCK_SIZE: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr):
         rows = tl.program_id(0) * ROWS_PER_PROGRAM + tl.arange(0, ROWS_PER_PROGRAM)
         live = rows < n_blocks
         offs = rows[:, None].to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)[None, :]
@@ -85,9 +85,7 @@ if TRITON:
         v = v * tl.load(v_scales + rows, mask=live, other=0.0)[:, None]
 
         lr = _lr(lr_ptr, lr_value, LR_ON_DEVICE)
-        p = p - (lr * decay) * p  # AdamW's decoupled weight decay
-        m = m + one_minus_beta1 * (g - m)  # torch.lerp's formula for weights under 0.5 (betas over 0.5 only)
-        v = v + one_minus_beta2 * (g * g - v)
+        p, m, v = _decay_and_moments(p, g, m, v, lr, decay, one_minus_beta1, one_minus_beta2)
 
         # torchao's scale_tensor: the absmax per block, at least 1e-12; a NaN kept, as torch's amax and clip keep
         # it (Triton's max and maximum drop it)
@@ -97,13 +95,20 @@ if TRITON:
         tl.store(v_codes + offs, _quantize(tl.div_rn(v, v_scale[:, None]), v_qmap).to(tl.uint8), mask=mask)
         tl.store(m_scales + rows, m_scale, mask=live)
         tl.store(v_scales + rows, v_scale, mask=live)
+        _update_and_round(p_ptr, p, m, v, lr, eps, bias1, bias2_sqrt, offs, mask, seed)
 
-        # the new moments before quantization, as torchao's step; IEEE division and square root (Triton's
-        # defaults are approximate)
+    @triton.jit
+    def _decay_and_moments(p, g, m, v, lr, decay, one_minus_beta1, one_minus_beta2):
+        # AdamW's decoupled weight decay and the two moments, by torch.lerp's formula for weights under 0.5
+        # (betas over 0.5 only)
+        return p - (lr * decay) * p, m + one_minus_beta1 * (g - m), v + one_minus_beta2 * (g * g - v)
+
+    @triton.jit
+    def _update_and_round(p_ptr, p, m, v, lr, eps, bias1, bias2_sqrt, offs, mask, seed):
+        # the update from the new moments before any quantization, as torchao's step, in IEEE division and square
+        # root (Triton's defaults are approximate); then the weight rounded stochastically into bf16 and stored
         denom = tl.div_rn(tl.sqrt_rn(v), bias2_sqrt) + eps
-        p = p - tl.div_rn(lr * tl.div_rn(m, bias1), denom)
-
-        _round_into(p_ptr, p, offs, mask, seed)
+        _round_into(p_ptr, p - tl.div_rn(lr * tl.div_rn(m, bias1), denom), offs, mask, seed)
 
     @triton.jit
     def _lr(lr_ptr, lr_value, LR_ON_DEVICE: tl.constexpr):
@@ -146,15 +151,10 @@ if TRITON:
         m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         lr = _lr(lr_ptr, lr_value, LR_ON_DEVICE)
-        p = p - (lr * decay) * p
-        m = m + one_minus_beta1 * (g - m)
-        v = v + one_minus_beta2 * (g * g - v)
+        p, m, v = _decay_and_moments(p, g, m, v, lr, decay, one_minus_beta1, one_minus_beta2)
         tl.store(m_ptr + offs, _bf16_nearest(m), mask=mask)  # bf16 moments (the parameter's dtype)
         tl.store(v_ptr + offs, _bf16_nearest(v), mask=mask)
-        denom = tl.div_rn(tl.sqrt_rn(v), bias2_sqrt) + eps
-        p = p - tl.div_rn(lr * tl.div_rn(m, bias1), denom)
-        _round_into(p_ptr, p, offs, mask, seed)
-
+        _update_and_round(p_ptr, p, m, v, lr, eps, bias1, bias2_sqrt, offs, mask, seed)
 
 
 def _shared_seed() -> int:
